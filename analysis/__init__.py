@@ -1,0 +1,1 @@
+"""Analysis: responses, scores, statistics, figures and the report."""

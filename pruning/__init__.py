@@ -1,0 +1,1 @@
+"""Pruning: data, models, the training engine, pruning methods, schedules and evaluation."""

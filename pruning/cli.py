@@ -1,0 +1,143 @@
+"""``sparsight data synth``, ``sparsight train`` and ``sparsight evaluate``."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from sparsight.clitools import study_options, resolve_from_cli
+
+
+@click.group("data")
+def data_group():
+    """Datasets: generate the embedded concept-shapes data."""
+
+
+@data_group.command("synth")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--profile", type=click.Choice(["quick", "default"]), default="default", show_default=True,
+              help="take image counts and size from this profile")
+@click.option("--seed", type=int, default=0, show_default=True, help="same seed → identical files")
+@click.option("--train-per-class", type=int, default=None, help="training images per class")
+@click.option("--val-per-class", type=int, default=None, help="validation images per class")
+@click.option("--image-size", type=int, default=None, help="image side in pixels")
+def synth(out: Path, profile: str, seed: int, train_per_class, val_per_class, image_size):
+    """Generate concept-shapes into OUT: 10 shape classes with colour, texture and background,
+    ImageFolder layout (OUT/train/<class>/, OUT/val/<class>/) and per-pixel concept masks
+    (OUT/masks/...), deterministic by --seed."""
+    from sparsight.config import load_study
+
+    from .data import concept_shapes
+
+    d = load_study(profile=profile).data
+    info = concept_shapes.generate(out, seed=seed, train_per_class=train_per_class or d.train_per_class,
+                                   val_per_class=val_per_class or d.val_per_class,
+                                   image_size=image_size or d.image_size)
+    click.echo(f"wrote {info['n_train']} training and {info['n_val']} validation images "
+               f"({info['image_size']} px, {len(info['classes'])} classes) with concept masks to {out}")
+
+
+@click.command("train")
+@study_options
+@click.option("--data", "data_path", type=click.Path(exists=True, file_okay=False), default=None,
+              help="ImageFolder root with train/ and val/ (default: the study's data)")
+@click.option("--arch", default=None, help="model name (see `sparsight train --list-models`)")
+@click.option("--weights", default=None, help="local weights file or cached torchvision weights name")
+@click.option("--epochs", type=int, default=None, help="training epochs")
+@click.option("--lr", type=float, default=None, help="peak learning rate")
+@click.option("--batch-size", type=int, default=None, help="batch size per process")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="output folder for model.pt and meta.json (default: <run_dir>/models/<model-id>)")
+@click.option("--model-id", default="base", show_default=True, help="id written to meta.json")
+@click.option("--no-resume", is_flag=True, help="ignore a saved train_state.pt and start over")
+@click.option("--list-models", is_flag=True, help="list the registered models and exit")
+def train_cmd(study_file, profile, overrides, device, data_path, arch, weights, epochs, lr, batch_size, out,
+              model_id, no_resume, list_models):
+    """Train a model (from scratch or from weights) and write model.pt + meta.json.
+
+    Runs on CPU or a GPU (bf16 autocast, channels_last); under `torchrun --nproc_per_node=N`
+    it trains with DistributedDataParallel and rank 0 writes the files. An interrupted run
+    resumes from its last finished epoch. Example:
+
+      sparsight train --data /data/imagenet --arch resnet50 --epochs 90 --set data.image_size=224
+    """
+    from .models import MODELS
+
+    if list_models:
+        for name, spec in MODELS.items():
+            click.echo(f"{name:18s} input {spec.input_size:4d} px  {spec.description}")
+        return
+    extra = [f"model.arch={json.dumps(arch)}"] if arch else []
+    extra += [f"model.weights={json.dumps(weights)}"] if weights is not None else []
+    extra += [f"train.epochs={epochs}"] if epochs is not None else []
+    extra += [f"train.lr={lr}"] if lr is not None else []
+    extra += [f"data.batch_size={batch_size}"] if batch_size is not None else []
+    if data_path:
+        extra += ['data.source="folder"', f"data.path={json.dumps(str(data_path))}"]
+    cfg = resolve_from_cli(study_file, profile, overrides + tuple(extra), device)
+
+    from .stages import data_root
+    from .training import TrainSettings, init_distributed
+    from .workflows import train_and_save
+
+    root = Path(data_path) if data_path else data_root(_StudyView(cfg))
+    if not data_path and cfg.data.source == "concept-shapes" and not (root / "train").is_dir():
+        raise click.UsageError(f"no data at {root}; run `sparsight data synth {root}` or pass --data")
+    ctx = init_distributed(cfg.study.device)
+    try:
+        out = out or cfg.run_dir / "models" / model_id
+        if no_resume and (out / "train_state.pt").exists() and ctx.is_main:
+            (out / "train_state.pt").unlink()
+        meta = train_and_save(cfg, root, out, ctx, model_id=model_id, arch=cfg.model.arch,
+                              weights=cfg.model.weights, settings=TrainSettings.from_section(cfg.train,
+                                                                                             seed=cfg.study.seed))
+        if ctx.is_main:
+            click.echo(f"{model_id}: val top1 {meta['top1']['after']:.4f}, top5 {meta['top5']['after']:.4f} "
+                       f"→ {out / 'model.pt'}")
+    finally:
+        ctx.close()
+
+
+class _StudyView:
+    """The bits of a Study that ``data_root`` reads, for commands run outside a study."""
+
+    def __init__(self, cfg):
+        self.config = cfg
+
+    def path(self, *parts):
+        return self.config.run_dir.joinpath(*parts)
+
+
+@click.command("evaluate")
+@click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
+@click.option("--data", "data_path", type=click.Path(exists=True, file_okay=False), required=True,
+              help="ImageFolder root holding the split to evaluate")
+@click.option("--split", type=click.Choice(["val", "train"]), default="val", show_default=True)
+@click.option("--image-size", type=int, default=None, help="input size (default: the architecture's)")
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
+@click.option("--on-corrupt", type=click.Choice(["skip", "error"]), default="skip", show_default=True)
+@click.option("--write-meta", is_flag=True, help="store the result in the checkpoint's meta.json")
+def evaluate_cmd(checkpoint: Path, data_path, split, image_size, batch_size, device, on_corrupt, write_meta):
+    """Top-1/top-5 accuracy of CHECKPOINT (a model.pt or its folder) on a data split; prints JSON."""
+    from .data.folders import make_loader
+    from .models import get_spec, load_checkpoint, read_meta
+    from .models import write_meta as save_meta
+    from .training import evaluate, resolve_device
+
+    dev = resolve_device(device)
+    ckpt = load_checkpoint(checkpoint, map_location=dev)
+    size = image_size or get_spec(ckpt.arch).input_size
+    loader = make_loader(data_path, split, image_size=size, batch_size=batch_size, train=False,
+                         on_corrupt=on_corrupt, device="cpu")
+    result = evaluate(ckpt.model, loader, device=dev)
+    result.update(checkpoint=str(ckpt.path), arch=ckpt.arch, split=split)
+    click.echo(json.dumps(result, indent=2))
+    if write_meta:
+        meta = read_meta(ckpt.path.parent)
+        meta.setdefault("evaluations", {})[f"{Path(data_path).resolve()}:{split}"] = result
+        save_meta(ckpt.path.parent, meta)
+
+
+COMMANDS = [data_group, train_cmd, evaluate_cmd]

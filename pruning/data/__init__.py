@@ -1,0 +1,1 @@
+"""Datasets: concept-shapes generator and ImageFolder loaders."""

@@ -1,0 +1,302 @@
+"""ImageFolder datasets (ImageNet layout included), transforms, and loaders for CPU and GPU.
+
+Corrupt files never surface as an unexplained traceback: with ``on_corrupt="error"`` a
+:class:`CorruptImageError` names the file; with ``"skip"`` the file is dropped with a warning that
+names it, and the loaders count the skips.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision import datasets, transforms
+from torchvision.transforms import functional as TF
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SPLITS = ("train", "val")
+
+
+class CorruptImageError(RuntimeError):
+    """An image file could not be decoded; the message names the file."""
+
+
+class DataLayoutError(FileNotFoundError):
+    """A data folder does not have the expected ImageFolder layout."""
+
+
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """Decode an image fully as RGB, or raise CorruptImageError naming the file."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise CorruptImageError(f"cannot decode image {path}: {err}") from None
+
+
+class ImageFolderDataset(datasets.ImageFolder):
+    """torchvision ImageFolder whose corrupt files raise a named error or yield ``None``."""
+
+    def __init__(self, root: str | os.PathLike, transform=None, on_corrupt: str = "skip"):
+        root = Path(root)
+        if not root.is_dir():
+            raise DataLayoutError(f"image folder {root} does not exist")
+        try:
+            super().__init__(str(root), transform=transform, loader=open_image)
+        except FileNotFoundError as err:
+            raise DataLayoutError(f"image folder {root}: {err} (expected {root}/<class>/<image>)") from None
+        if on_corrupt not in ("skip", "error"):
+            raise ValueError(f"unknown on_corrupt {on_corrupt!r}; choose from ['error', 'skip']")
+        self.on_corrupt = on_corrupt
+
+    def __getitem__(self, index: int):
+        try:
+            return super().__getitem__(index)
+        except CorruptImageError as err:
+            if self.on_corrupt == "error":
+                raise
+            warnings.warn(f"skipping corrupt image: {err}", stacklevel=2)
+            return None
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor
+    targets: torch.Tensor
+    skipped: int = 0
+
+
+def collate_skipping(items) -> Batch:
+    """Stack the decodable samples and count the corrupt ones (``None``)."""
+    good = [it for it in items if it is not None]
+    skipped = len(items) - len(good)
+    if not good:
+        return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), skipped)
+    images = torch.stack([g[0] for g in good])
+    targets = torch.as_tensor([g[1] for g in good], dtype=torch.long)
+    return Batch(images, targets, skipped)
+
+
+def pick_augment(augment: str, image_size: int) -> str:
+    if augment == "auto":
+        return "shift-flip" if image_size < 128 else "imagenet"
+    return augment
+
+
+def build_transform(image_size: int, train: bool, augment: str = "auto") -> transforms.Compose:
+    """Standard transforms: ImageNet RandomResizedCrop/flip or resize/centre-crop; small-image shifts."""
+    augment = pick_augment(augment, image_size)
+    norm = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if not train or augment == "none":
+        if augment == "imagenet" or image_size >= 128:
+            resize = int(round(image_size / 0.875))
+            return transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(image_size), *norm])
+        return transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size), *norm])
+    if augment == "imagenet":
+        return transforms.Compose([transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(),
+                                   *norm])
+    return transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size),
+                               transforms.RandomCrop(image_size, padding=image_size // 8, padding_mode="reflect"),
+                               transforms.RandomHorizontalFlip(), *norm])
+
+
+def split_dir(root: str | os.PathLike, split: str) -> Path:
+    """``root/split``, or a clear error listing what the folder holds."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose from {list(SPLITS)}")
+    path = Path(root) / split
+    if not path.is_dir():
+        found = sorted(p.name for p in Path(root).iterdir()) if Path(root).is_dir() else []
+        raise DataLayoutError(f"data folder {root} has no {split}/ folder (found: {found}); expected "
+                              f"{root}/train/<class>/*.jpg and {root}/val/<class>/*.jpg")
+    return path
+
+
+def default_workers(num_workers: int) -> int:
+    if num_workers >= 0:
+        return num_workers
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
+
+
+class FolderLoader:
+    """Batches from an ImageFolder through a DataLoader (workers, pinned memory, DDP sharding)."""
+
+    def __init__(self, dataset: ImageFolderDataset, batch_size: int, *, train: bool, seed: int = 0,
+                 num_workers: int = -1, pin_memory: bool = False, rank: int = 0, world_size: int = 1):
+        self.dataset, self.train, self.seed = dataset, train, seed
+        workers = default_workers(num_workers)
+        self.sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=train, seed=seed,
+                                          drop_last=False) if world_size > 1 else None
+        self.generator = torch.Generator()
+        self.loader = DataLoader(
+            dataset, batch_size=batch_size, shuffle=train and self.sampler is None, sampler=self.sampler,
+            num_workers=workers, pin_memory=pin_memory, drop_last=train, collate_fn=collate_skipping,
+            persistent_workers=False, prefetch_factor=4 if workers else None, generator=self.generator)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator.manual_seed(_epoch_seed(self.seed, epoch))
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
+class MemoryLoader:
+    """Batches from images decoded once into one uint8 tensor; augmentation done per batch.
+
+    Suits small datasets (the embedded default): no worker processes competing with the model
+    for two CPU cores, and on a GPU the whole set can live in device memory.
+    """
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, batch_size: int, *, train: bool,
+                 seed: int = 0, augment: str = "shift-flip", rank: int = 0, world_size: int = 1,
+                 skipped: int = 0, device: torch.device | str = "cpu"):
+        self.images, self.targets = images.to(device), targets.to(device)
+        self.batch_size, self.train, self.seed = batch_size, train, seed
+        self.augment = augment if train else "none"
+        self.rank, self.world_size = rank, world_size
+        self.skipped = skipped
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+        self.generator = torch.Generator(device="cpu")
+        self.epoch = 0
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.targets)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _order(self) -> torch.Tensor:
+        n = len(self.targets)
+        if self.train:
+            self.generator.manual_seed(_epoch_seed(self.seed, self.epoch))
+            order = torch.randperm(n, generator=self.generator)
+        else:
+            order = torch.arange(n)
+        if self.world_size > 1:  # pad to a multiple of the world size, then take this rank's share
+            total = math.ceil(n / self.world_size) * self.world_size
+            order = torch.cat([order, order[: total - n]])[self.rank::self.world_size]
+        return order
+
+    def __len__(self) -> int:
+        per_rank = math.ceil(len(self.targets) / self.world_size)
+        return per_rank // self.batch_size if self.train else math.ceil(per_rank / self.batch_size)
+
+    def __iter__(self):
+        order = self._order()
+        for b in range(len(self)):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size].to(self.images.device)
+            x = self.images.index_select(0, idx).float().div_(255)
+            if self.augment == "shift-flip":
+                x = shift_flip(x, self.generator)
+            elif self.augment == "imagenet":
+                x = random_resized_crop(x, self.generator)
+            yield Batch((x - self.mean) / self.std, self.targets.index_select(0, idx), self.skipped if b == 0 else 0)
+
+
+def shift_flip(x: torch.Tensor, generator: torch.Generator, pad_fraction: float = 0.125) -> torch.Tensor:
+    """Per-image random translation (reflect padding) and horizontal flip, vectorized."""
+    n, _, h, w = x.shape
+    pad = max(1, int(round(h * pad_fraction)))
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device)[None])  # (n, h)
+    cols = (dx[:, None] + torch.arange(w, device=x.device)[None])  # (n, w)
+    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    idx_r = rows[:, None, :, None].expand(n, x.shape[1], h, padded.shape[3])
+    out = padded.gather(2, idx_r)
+    idx_c = cols[:, None, None, :].expand(n, x.shape[1], h, w)
+    return out.gather(3, idx_c)
+
+
+def random_resized_crop(x: torch.Tensor, generator: torch.Generator, scale=(0.35, 1.0)) -> torch.Tensor:
+    """Per-image random-resized crop and flip on a batch via affine grids (GPU friendly)."""
+    n = x.shape[0]
+    area = torch.empty(n).uniform_(*scale, generator=generator)
+    log_ratio = torch.empty(n).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator)
+    ratio = torch.exp(log_ratio)
+    sw = torch.sqrt(area * ratio).clamp(max=1.0)
+    sh = torch.sqrt(area / ratio).clamp(max=1.0)
+    cx = (torch.rand(n, generator=generator) * 2 - 1) * (1 - sw)
+    cy = (torch.rand(n, generator=generator) * 2 - 1) * (1 - sh)
+    flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2] = sw * flip, cx
+    theta[:, 1, 1], theta[:, 1, 2] = sh, cy
+    grid = torch.nn.functional.affine_grid(theta.to(x), list(x.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7919 + 17) % (2 ** 63)
+
+
+def decode_to_memory(dataset: ImageFolderDataset, image_size: int, progress: bool = False):
+    """Decode every image of an ImageFolder once (resize + centre crop) into uint8 (N, 3, S, S)."""
+    from tqdm import tqdm
+
+    prep = transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size)])
+    images = torch.empty(len(dataset.samples), 3, image_size, image_size, dtype=torch.uint8)
+    targets = torch.empty(len(dataset.samples), dtype=torch.long)
+    keep, skipped = [], 0
+    for i, (path, target) in enumerate(tqdm(dataset.samples, desc="decode", disable=None if progress else True, leave=False)):
+        try:
+            img = prep(open_image(path))
+        except CorruptImageError as err:
+            if dataset.on_corrupt == "error":
+                raise
+            warnings.warn(f"skipping corrupt image: {err}", stacklevel=2)
+            skipped += 1
+            continue
+        images[i] = TF.pil_to_tensor(img)
+        targets[i] = target
+        keep.append(i)
+    if skipped:
+        keep_t = torch.as_tensor(keep, dtype=torch.long)
+        images, targets = images[keep_t], targets[keep_t]
+    return images, targets, skipped
+
+
+MEMORY_CACHE_LIMIT_BYTES = 2 * 1024 ** 3
+
+
+def make_loader(root: str | os.PathLike, split: str, *, image_size: int, batch_size: int, train: bool,
+                seed: int = 0, cache: str = "auto", augment: str = "auto", on_corrupt: str = "skip",
+                num_workers: int = -1, device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1,
+                progress: bool = False):
+    """A loader over ``root/split``: in memory when small (``cache='auto'``), else a DataLoader."""
+    path = split_dir(root, split)
+    augment = pick_augment(augment, image_size)
+    dataset = ImageFolderDataset(path, transform=build_transform(image_size, train, augment), on_corrupt=on_corrupt)
+    if len(dataset) == 0:
+        raise DataLayoutError(f"image folder {path} holds no images")
+    in_memory = cache == "memory" or (
+        cache == "auto" and len(dataset) * 3 * image_size ** 2 <= MEMORY_CACHE_LIMIT_BYTES and image_size <= 128)
+    if in_memory:
+        images, targets, skipped = decode_to_memory(dataset, image_size, progress)
+        loader = MemoryLoader(images, targets, batch_size, train=train, seed=seed, augment=augment, rank=rank,
+                              world_size=world_size, skipped=skipped, device=device)
+    else:
+        loader = FolderLoader(dataset, batch_size, train=train, seed=seed, num_workers=num_workers,
+                              pin_memory=torch.device(device).type == "cuda", rank=rank, world_size=world_size)
+    loader.classes = dataset.classes
+    return loader

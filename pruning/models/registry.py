@@ -1,0 +1,208 @@
+"""Model registry: one factory, ``create_model(name, num_classes, weights=None)``.
+
+``weights`` is a local file (a sparsight checkpoint or a plain state_dict) or a torchvision
+weights name such as ``"IMAGENET1K_V1"`` that is resolved only from the local ``TORCH_HOME``
+cache; nothing is downloaded.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .small import InceptionSmall, ObserverNet
+
+
+class WeightsError(ValueError):
+    """A weights file is missing, unreadable, or does not fit the requested architecture."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    builder: Callable[..., nn.Module]
+    input_size: int
+    stem: tuple[str, ...] = ()             # layers excluded from pruning by default
+    unit_layers: tuple[str, ...] = ()      # default layers whose units are studied
+    torchvision_name: str | None = None    # for torchvision weights names
+    description: str = ""
+    defaults: dict = field(default_factory=dict)
+
+
+MODELS: dict[str, ModelSpec] = {}
+
+
+def register_model(spec: ModelSpec) -> ModelSpec:
+    if spec.name in MODELS:
+        raise ValueError(f"model {spec.name!r} is registered already")
+    MODELS[spec.name] = spec
+    return spec
+
+
+def get_spec(name: str) -> ModelSpec:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}") from None
+
+
+def _torchvision(name: str, **fixed):
+    def build(num_classes: int = 1000, **kw):
+        import torchvision
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **{**fixed, **kw})
+    return build
+
+
+def _googlenet(num_classes: int = 1000, aux_logits: bool = False, transform_input: bool = False, **kw):
+    import torchvision
+    return torchvision.models.googlenet(weights=None, num_classes=num_classes, aux_logits=aux_logits,
+                                        transform_input=transform_input, init_weights=True, **kw)
+
+
+GOOGLENET_BLOCKS = ("inception3a", "inception3b", "inception4a", "inception4b", "inception4c", "inception4d",
+                    "inception4e", "inception5a", "inception5b")
+
+register_model(ModelSpec("inception-small", InceptionSmall, 64, stem=("conv1", "conv2", "conv3"),
+                         unit_layers=("inception3a", "inception3b", "inception4a", "inception4b", "inception5a"),
+                         description="small GoogLeNet-shaped net of the embedded default study"))
+register_model(ModelSpec("observer-small", ObserverNet, 64, stem=("stem.0",), unit_layers=("layers.1", "layers.2"),
+                         description="independent residual observer net (MIS embedding of the default study)"))
+register_model(ModelSpec("googlenet", _googlenet, 224, stem=("conv1", "conv2", "conv3"), unit_layers=GOOGLENET_BLOCKS,
+                         torchvision_name="googlenet", description="torchvision GoogLeNet (aux heads optional)"))
+register_model(ModelSpec("resnet18", _torchvision("resnet18"), 224, stem=("conv1",),
+                         unit_layers=("layer1", "layer2", "layer3", "layer4"), torchvision_name="resnet18",
+                         description="torchvision ResNet-18"))
+register_model(ModelSpec("resnet50", _torchvision("resnet50"), 224, stem=("conv1",),
+                         unit_layers=("layer1", "layer2", "layer3", "layer4"), torchvision_name="resnet50",
+                         description="torchvision ResNet-50"))
+register_model(ModelSpec("vgg16", _torchvision("vgg16"), 224, stem=("features.0",),
+                         unit_layers=("features.16", "features.23", "features.30"), torchvision_name="vgg16",
+                         description="torchvision VGG-16"))
+register_model(ModelSpec("alexnet", _torchvision("alexnet"), 224, stem=("features.0",),
+                         unit_layers=("features.3", "features.6", "features.8", "features.10"),
+                         torchvision_name="alexnet", description="torchvision AlexNet"))
+
+
+# ---- weights ---------------------------------------------------------------------------------
+def torchvision_weights(arch: str, name: str):
+    """The torchvision weights enum member for ``name`` (``IMAGENET1K_V1``, ``DEFAULT``, or qualified)."""
+    import torchvision
+
+    spec = get_spec(arch)
+    if spec.torchvision_name is None:
+        raise WeightsError(f"model {arch!r} has no torchvision weights; give a local weights file instead")
+    enum = torchvision.models.get_model_weights(spec.torchvision_name)
+    member = name.split(".")[-1]
+    valid = ["DEFAULT"] + [w.name for w in enum]
+    if member not in valid:
+        raise WeightsError(f"unknown weights {name!r} for {arch}; choose from {valid} or give a local file path")
+    return enum.DEFAULT if member == "DEFAULT" else enum[member]
+
+
+def looks_like_path(weights: str) -> bool:
+    return os.sep in weights or weights.endswith((".pt", ".pth", ".bin", ".ckpt")) or Path(weights).exists()
+
+
+def resolve_weights(arch: str, weights: str | os.PathLike) -> tuple[Path, dict]:
+    """Find the local file behind ``weights``; return it and the builder kwargs the weights need."""
+    weights = str(weights)
+    if looks_like_path(weights):
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise WeightsError(f"weights file {path} does not exist (model {arch})")
+        return path, _known_file_kwargs(arch, path)
+    member = torchvision_weights(arch, weights)
+    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(member.url)
+    if not path.is_file():
+        raise WeightsError(
+            f"torchvision weights {type(member).__name__}.{member.name} for {arch} are not in the local cache: "
+            f"expected {path}. Nothing is downloaded at run time: copy the file there (or set TORCH_HOME) "
+            f"or pass the path of a local weights file.")
+    return path, _weights_kwargs(arch, member)
+
+
+def _weights_kwargs(arch: str, member) -> dict:
+    # torchvision's GoogLeNet weights were converted from TensorFlow and expect transform_input
+    return {"transform_input": True} if arch == "googlenet" else {}
+
+
+def _known_file_kwargs(arch: str, path: Path) -> dict:
+    spec = get_spec(arch)
+    if spec.torchvision_name is None:
+        return {}
+    import torchvision
+    for member in torchvision.models.get_model_weights(spec.torchvision_name):
+        if os.path.basename(member.url) == path.name:
+            return _weights_kwargs(arch, member)
+    return {}
+
+
+def read_state_dict(path: Path, arch: str) -> tuple[dict, dict]:
+    """Tensors of a weights file and, for a sparsight checkpoint, its header (arch, kwargs, masks)."""
+    from .checkpoint import CHECKPOINT_FORMAT
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a damaged file
+        raise WeightsError(f"cannot read weights file {path}: {type(err).__name__}: {err}") from None
+    if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
+        if obj.get("arch") != arch:
+            raise WeightsError(f"weights file {path} holds a {obj.get('arch')!r} checkpoint, "
+                               f"but model {arch!r} was requested")
+        return obj["state_dict"], obj
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"weights file {path} is not a state_dict or sparsight checkpoint")
+    return {k.removeprefix("module."): v for k, v in obj.items()}, {}
+
+
+def load_state_checked(model: nn.Module, state: dict, path: Path, arch: str, num_classes: int) -> None:
+    """``load_state_dict(strict=True)`` with an error that names the file, arch and mismatches."""
+    own = model.state_dict()
+    state = {k: v for k, v in state.items() if k in own or not k.startswith(("aux1.", "aux2."))}
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if shapes:
+            parts.append("shape mismatch " + "; ".join(shapes[:4]) + (" ..." if len(shapes) > 4 else ""))
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+        raise WeightsError(f"weights file {path} does not fit model {arch!r} with num_classes={num_classes}: "
+                           + ", ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+def create_model(name: str, num_classes: int = 1000, weights: str | os.PathLike | None = None,
+                 **kwargs) -> nn.Module:
+    """Build a registered model; load ``weights`` (local file or cached torchvision name) if given."""
+    spec = get_spec(name)
+    path, weight_kwargs = (None, {}) if not weights else resolve_weights(name, weights)
+    state, header = ({}, {}) if path is None else read_state_dict(path, name)
+    build_kwargs = {**spec.defaults, **header.get("model_kwargs", {}), **weight_kwargs, **kwargs}
+    model = spec.builder(num_classes=num_classes, **build_kwargs)
+    model.arch = name
+    model.build_kwargs = build_kwargs
+    if path is not None:
+        load_state_checked(model, state, path, name, num_classes)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module behind DistributedDataParallel and/or torch.compile wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model

@@ -1,0 +1,41 @@
+"""Top-1 / top-5 evaluation, summed over processes under DDP."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .distributed import DistContext
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, *, ctx: DistContext | None = None, amp: torch.dtype | None = None,
+             channels_last: bool = False, device: torch.device | str | None = None) -> dict:
+    """Top-1, top-5, mean loss and image count of ``model`` over ``loader``."""
+    ctx = ctx or DistContext(device=torch.device(device) if device else next(model.parameters()).device)
+    dev = ctx.device
+    was_training = model.training
+    model.eval()
+    correct1 = correct5 = loss_sum = n = skipped = 0.0
+    for batch in loader:
+        skipped += batch.skipped
+        if len(batch.targets) == 0:
+            continue
+        x = batch.images.to(dev, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = batch.targets.to(dev, non_blocking=True)
+        with torch.autocast(device_type=dev.type, dtype=amp) if amp else torch.autocast(dev.type, enabled=False):
+            logits = model(x)
+        logits = logits.float()
+        loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        hit = top == y[:, None]
+        correct1 += float(hit[:, 0].sum())
+        correct5 += float(hit.any(dim=1).sum())
+        n += len(y)
+    model.train(was_training)
+    correct1, correct5, loss_sum, n, skipped = ctx.all_reduce_sum([correct1, correct5, loss_sum, n, skipped])
+    n_safe = max(n, 1.0)
+    return {"top1": correct1 / n_safe, "top5": correct5 / n_safe, "loss": loss_sum / n_safe, "n": int(n),
+            "skipped": int(skipped)}

@@ -1,0 +1,414 @@
+"""Study configuration: a TOML file validated against a complete built-in default.
+
+Resolution order, later wins: built-in defaults → profile overrides → study file →
+``--set section.key=value`` overrides.  Unknown sections or keys and bad values raise
+:class:`ConfigError` naming the key and the valid choices.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A study file or override names an unknown key or holds a bad value."""
+
+
+def option(default: Any, doc: str = "", *, choices=None, each=None, lo=None, hi=None,
+           hi_open: bool = False, pattern: str | None = None):
+    """A config field: default, one-line doc and the constraints it is checked against."""
+    meta = dict(doc=doc, choices=choices, each=each, lo=lo, hi=hi, hi_open=hi_open, pattern=pattern)
+    return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+
+
+# Names later packages register implementations for.  Kept here so a study file can be
+# validated without importing torch.
+MODEL_NAMES = ("inception-small", "observer-small", "googlenet", "resnet18", "resnet50", "vgg16", "alexnet")
+PRUNING_METHODS = ("unstructured-local", "unstructured-global", "random", "structured", "connection",
+                   "lrp", "weight", "gradient", "taylor", "imp")
+CORRUPTIONS = ("gaussian_noise", "gaussian_blur", "contrast", "jpeg", "brightness", "shot_noise", "pixelate")
+DEVICE_PATTERN = r"auto|cpu|cuda|cuda:\d+|mps"
+
+
+@dataclass
+class StudySection:
+    name: str = option("default", "study name; outputs go to <output_dir>/<name>/", pattern=r"[A-Za-z0-9_.-]+")
+    profile: str = option("default", "size profile the defaults come from", choices=("quick", "default"))
+    seed: int = option(0, "master seed; every random choice derives from it", lo=0)
+    device: str = option("auto", "auto | cpu | cuda | cuda:N", pattern=DEVICE_PATTERN)
+    output_dir: str = option("runs", "parent folder of study directories")
+    progress: bool = option(True, "show progress bars")
+
+
+@dataclass
+class DataSection:
+    source: str = option("concept-shapes", "generated concept-shapes data, or an ImageFolder tree",
+                         choices=("concept-shapes", "folder"))
+    path: str = option("", "for source='folder': root holding train/ and val/ class folders")
+    image_size: int = option(64, "side length of the network input in pixels", lo=16, hi=1024)
+    train_per_class: int = option(500, "concept-shapes: training images per class", lo=1)
+    val_per_class: int = option(100, "concept-shapes: validation images per class", lo=1)
+    batch_size: int = option(64, "training batch size (per process)", lo=1)
+    eval_batch_size: int = option(256, "evaluation batch size", lo=1)
+    num_workers: int = option(-1, "DataLoader workers; -1 picks from the CPU count", lo=-1)
+    cache: str = option("auto", "decode the dataset once into memory ('auto': when it is small)",
+                        choices=("auto", "memory", "none"))
+    on_corrupt: str = option("skip", "a file that cannot be decoded: skip with a warning, or fail",
+                             choices=("skip", "error"))
+    augment: str = option("auto", "training augmentation ('auto': shift-flip below 128 px, else imagenet)",
+                          choices=("auto", "imagenet", "shift-flip", "none"))
+
+
+@dataclass
+class ModelSection:
+    arch: str = option("inception-small", "network to study", choices=MODEL_NAMES)
+    weights: str = option("", "local weights file, or a torchvision weights name found in the TORCH_HOME cache")
+    num_classes: int = option(0, "classifier outputs; 0 takes the number of classes in the data", lo=0)
+
+
+@dataclass
+class TrainSection:
+    epochs: int = option(8, "epochs of base training (0 with weights: evaluate only)", lo=0)
+    optimizer: str = option("sgd", "optimizer", choices=("sgd", "adam", "adamw"))
+    lr: float = option(0.1, "peak learning rate", lo=0.0)
+    momentum: float = option(0.9, "SGD momentum", lo=0.0, hi=1.0, hi_open=True)
+    nesterov: bool = option(True, "Nesterov momentum (SGD)")
+    weight_decay: float = option(5e-4, "L2 weight decay", lo=0.0)
+    scheduler: str = option("onecycle", "learning-rate schedule",
+                            choices=("none", "cosine", "onecycle", "exponential", "step"))
+    gamma: float = option(0.9, "decay factor for exponential/step schedules", lo=0.0, hi=1.0)
+    step_size: int = option(10, "epochs between decays for the step schedule", lo=1)
+    warmup_epochs: float = option(0.0, "linear warm-up epochs (cosine)", lo=0.0)
+    label_smoothing: float = option(0.0, "cross-entropy label smoothing", lo=0.0, hi=1.0, hi_open=True)
+    grad_clip: float = option(0.0, "clip gradient norm to this value; 0 disables", lo=0.0)
+    amp: str = option("auto", "mixed precision ('auto': bf16 on a GPU, off on CPU)",
+                      choices=("auto", "bf16", "fp16", "off"))
+    channels_last: str = option("auto", "channels_last memory format ('auto': on; measured faster on CPU and GPU)",
+                                choices=("auto", "on", "off"))
+    compile: bool = option(False, "wrap the model in torch.compile")
+
+
+@dataclass
+class ObserverSection:
+    arch: str = option("observer-small", "observer network for the MIS embedding", choices=MODEL_NAMES)
+    weights: str = option("", "local weights; empty trains it on the study data (embedded default)")
+    epochs: int = option(8, "training epochs for the observer", lo=0)
+    lr: float = option(0.1, "peak learning rate for the observer", lo=0.0)
+
+
+@dataclass
+class PruneSection:
+    methods: list = option(["unstructured-global", "structured", "connection", "lrp"],
+                           "pruning methods", each=PRUNING_METHODS)
+    rates: list = option([0.2, 0.4, 0.6, 0.8], "requested pruning rates", lo=0.0, hi=1.0, hi_open=True)
+    schedules: list = option(["oneshot", "iterative"], "schedules", each=("oneshot", "iterative"))
+    iterative_steps: int = option(4, "steps of the iterative schedule", lo=1)
+    norm: str = option("l1", "filter norm of structured pruning", choices=("l1", "l2"))
+    physical: bool = option(False, "physically remove pruned channels (Torch-Pruning)")
+    exclude: list = option([], "layers never pruned; empty takes the architecture's stem")
+    lrp_images_per_class: int = option(10, "reference images per class for LRP relevance", lo=1)
+    imp_rewind_epoch: int = option(1, "epoch whose weights IMP rewinds to", lo=0)
+    retrain_epochs: int = option(3, "retraining epochs after pruning (per step when iterative)", lo=0)
+    retrain_optimizer: str = option("sgd", "retraining optimizer", choices=("sgd", "adam", "adamw"))
+    retrain_lr: float = option(0.01, "retraining learning rate", lo=0.0)
+    retrain_momentum: float = option(0.9, "retraining SGD momentum", lo=0.0, hi=1.0, hi_open=True)
+    retrain_weight_decay: float = option(1e-4, "retraining weight decay", lo=0.0)
+    retrain_scheduler: str = option("exponential", "retraining schedule",
+                                    choices=("none", "cosine", "onecycle", "exponential", "step"))
+    retrain_gamma: float = option(0.9, "ExponentialLR factor while retraining", lo=0.0, hi=1.0)
+
+
+@dataclass
+class EvaluateSection:
+    corruptions: list = option(["gaussian_noise", "gaussian_blur", "contrast", "jpeg"],
+                               "corruptions for robustness accuracy", each=CORRUPTIONS)
+    severities: list = option([1, 2, 3, 4, 5], "corruption severities", each=(1, 2, 3, 4, 5))
+    noise_levels: int = option(15, "noise-similarity levels in linspace(0, noise_eps_max)", lo=2)
+    noise_eps_max: float = option(0.7, "largest noise-similarity epsilon", lo=0.0)
+    prune_potential_delta: float = option(0.005, "error margin of prune potential", lo=0.0, hi=1.0)
+    max_images: int = option(0, "evaluate on at most this many validation images; 0 = all", lo=0)
+
+
+@dataclass
+class UnitsSection:
+    layers: list = option([], "layers whose units are studied; empty takes the architecture's default")
+    units_per_layer: int = option(8, "units sampled per layer (seeded)", lo=1)
+    sampling: str = option("per-layer", "per-layer sample, or IMI-style (layer uniformly, then channel)",
+                           choices=("per-layer", "imi", "all"))
+    skip_dead: bool = option(True, "skip units whose activation is constant")
+
+
+@dataclass
+class StimuliSection:
+    kinds: list = option(["natural", "synthetic"], "stimulus kinds", each=("natural", "synthetic"))
+    n_tasks: int = option(20, "tasks per unit (N)", lo=1)
+    n_references: int = option(9, "references per side (K)", lo=1)
+    query_percentile: float = option(0.0, "0 takes queries from the least extreme ranks of the top set; "
+                                          "else the activation percentile (e.g. 99, 95, 85)", lo=0.0, hi=100.0)
+    fv_steps: int = option(512, "feature-visualization optimization steps", lo=1)
+    fv_lr: float = option(0.05, "feature-visualization Adam learning rate", lo=0.0)
+    fv_image_size: int = option(0, "feature-visualization size; 0 = model input size", lo=0)
+    fv_batch_units: int = option(64, "units optimized at once", lo=1)
+    fv_diversity: float = option(1.0, "weight of the diversity term for the diverse images", lo=0.0)
+
+
+@dataclass
+class MisSection:
+    embedding: str = option("observer", "'observer', a torchvision model name, or 'dreamsim'")
+    alpha: float = option(16.0, "slope turning similarity differences into P(correct) until fitted on humans",
+                          lo=0.0)
+    bootstrap: int = option(1000, "bootstrap resamples over units", lo=0)
+
+
+@dataclass
+class DissectionSection:
+    quantile: float = option(0.995, "activation threshold quantile", lo=0.0, hi=1.0, hi_open=True)
+    iou_threshold: float = option(0.04, "a unit is interpretable above this IoU", lo=0.0, hi=1.0)
+
+
+@dataclass
+class SurveySection:
+    database: str = option("", "SQLAlchemy URL; empty = sqlite in the study directory")
+    practice_trials: int = option(5, "practice trials", lo=0)
+    practice_attempts: int = option(3, "practice repetitions allowed", lo=1)
+    main_trials: int = option(40, "main trials per participant", lo=1)
+    catch_trials: int = option(5, "catch trials per participant", lo=0)
+    min_response_ms: int = option(1500, "responses accepted after this many ms", lo=0)
+    completion_code: str = option("", "Prolific completion code")
+    machine_participants: int = option(1, "machine participants run by the study", lo=0)
+
+
+@dataclass
+class AnalysisSection:
+    tost_margin: float = option(0.05, "equivalence margin on the accuracy/MIS scale", lo=0.0)
+    bootstrap: int = option(10000, "bootstrap resamples for per-unit CIs", lo=0)
+    alpha_level: float = option(0.05, "significance level", lo=0.0, hi=1.0, hi_open=True)
+
+
+@dataclass
+class StudyConfig:
+    study: StudySection = field(default_factory=StudySection)
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    observer: ObserverSection = field(default_factory=ObserverSection)
+    prune: PruneSection = field(default_factory=PruneSection)
+    evaluate: EvaluateSection = field(default_factory=EvaluateSection)
+    units: UnitsSection = field(default_factory=UnitsSection)
+    stimuli: StimuliSection = field(default_factory=StimuliSection)
+    mis: MisSection = field(default_factory=MisSection)
+    dissection: DissectionSection = field(default_factory=DissectionSection)
+    survey: SurveySection = field(default_factory=SurveySection)
+    analysis: AnalysisSection = field(default_factory=AnalysisSection)
+
+    # ---- views -------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        return dump_toml(self.to_dict())
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.study.output_dir) / self.study.name
+
+    def section(self, name: str):
+        return getattr(self, name)
+
+
+# ---- profiles ---------------------------------------------------------------------------
+PROFILES: dict[str, dict] = {
+    "default": {},
+    "quick": {
+        "study": {"name": "quick"},
+        "data": {"train_per_class": 200, "val_per_class": 30, "batch_size": 32},
+        "train": {"epochs": 7, "lr": 0.05},
+        "observer": {"epochs": 5, "lr": 0.1},
+        "prune": {"rates": [0.3, 0.6, 0.9], "schedules": ["oneshot"], "iterative_steps": 2,
+                  "retrain_epochs": 1, "lrp_images_per_class": 2},
+        "evaluate": {"severities": [1, 3, 5], "noise_levels": 5, "max_images": 200},
+        "units": {"units_per_layer": 2},
+        "stimuli": {"n_tasks": 4, "n_references": 3, "fv_steps": 16, "fv_batch_units": 16},
+        "mis": {"bootstrap": 200},
+        "survey": {"practice_trials": 2, "main_trials": 6, "catch_trials": 1},
+        "analysis": {"bootstrap": 500},
+    },
+}
+
+
+def _sections() -> dict[str, type]:
+    hints = typing.get_type_hints(StudyConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(StudyConfig)}
+
+
+def _check_value(where: str, value: Any, kind: type, meta: dict) -> Any:
+    """Coerce and check one value; raise ConfigError naming ``where``."""
+    def fail(msg: str):
+        raise ConfigError(f"{where}: {msg}")
+
+    if kind is bool:
+        if not isinstance(value, bool):
+            fail(f"expected true or false, got {value!r}")
+    elif kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail(f"expected an integer, got {value!r}")
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail(f"expected a number, got {value!r}")
+        value = float(value)
+    elif kind is str:
+        if not isinstance(value, str):
+            fail(f"expected a string, got {value!r}")
+    elif kind is list:
+        if not isinstance(value, list):
+            fail(f"expected a list, got {value!r}")
+        if meta.get("each"):
+            bad = [v for v in value if v not in meta["each"]]
+            if bad:
+                fail(f"{bad[0]!r} is not valid; choose from {list(meta['each'])}")
+        if len(set(map(repr, value))) != len(value):
+            fail(f"duplicate entries in {value!r}")
+        for v in value:
+            _check_range(where, v, meta, fail)
+        return list(value)
+    if meta.get("choices") is not None and value not in meta["choices"]:
+        fail(f"{value!r} is not valid; choose from {list(meta['choices'])}")
+    if meta.get("pattern") and not re.fullmatch(meta["pattern"], value):
+        fail(f"{value!r} is not valid; expected {meta['pattern'].replace('|', ' | ')}")
+    _check_range(where, value, meta, fail)
+    return value
+
+
+def _check_range(where, value, meta, fail):
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        if meta.get("lo") is not None or meta.get("hi") is not None:
+            if not isinstance(value, (int, float)):
+                fail(f"expected a number, got {value!r}")
+        return
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if lo is not None and value < lo:
+        fail(f"{value!r} is below the minimum {lo}")
+    if hi is not None and (value >= hi if meta.get("hi_open") else value > hi):
+        bound = f"below {hi}" if meta.get("hi_open") else f"at most {hi}"
+        fail(f"{value!r} is out of range; it must be {bound}")
+
+
+def _apply(cfg: StudyConfig, tree: dict, origin: str) -> None:
+    sections = _sections()
+    for sec_name, values in tree.items():
+        if sec_name not in sections:
+            raise ConfigError(f"{origin}: unknown section [{sec_name}]; valid sections: {sorted(sections)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{origin}: [{sec_name}] must be a table of keys")
+        sec_cls = sections[sec_name]
+        section = getattr(cfg, sec_name)
+        fields = {f.name: f for f in dataclasses.fields(sec_cls)}
+        hints = typing.get_type_hints(sec_cls)
+        for key, value in values.items():
+            if key not in fields:
+                raise ConfigError(f"{origin}: unknown key {sec_name}.{key}; valid keys in [{sec_name}]: "
+                                  f"{sorted(fields)}")
+            checked = _check_value(f"{origin}: {sec_name}.{key}", value, hints[key], fields[key].metadata)
+            setattr(section, key, checked)
+
+
+def parse_override(text: str) -> dict:
+    """``"train.epochs=3"`` → ``{"train": {"epochs": 3}}``; the value is parsed as TOML."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    dotted, raw = text.split("=", 1)
+    section, key = dotted.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()  # a bare word is a string
+    return {section: {key: value}}
+
+
+def load_study(path: str | Path | None = None, profile: str | None = None,
+               overrides: typing.Iterable[str] = ()) -> StudyConfig:
+    """Resolve a study: defaults, profile, study file, then ``section.key=value`` overrides."""
+    file_tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"study file {path} does not exist")
+        try:
+            file_tree = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"study file {path} is not valid TOML: {err}") from None
+    file_profile = file_tree.get("study", {}).get("profile") if isinstance(file_tree.get("study"), dict) else None
+    chosen = profile or file_profile or "default"
+    if chosen not in PROFILES:
+        raise ConfigError(f"unknown profile {chosen!r}; choose from {sorted(PROFILES)}")
+    cfg = StudyConfig()
+    _apply(cfg, PROFILES[chosen], f"profile {chosen}")
+    cfg.study.profile = chosen
+    _apply(cfg, file_tree, str(path) if path else "study")
+    for text in overrides:
+        _apply(cfg, parse_override(text), f"override {text!r}")
+    if profile:
+        cfg.study.profile = profile
+    validate_study(cfg)
+    return cfg
+
+
+def validate_study(cfg: StudyConfig) -> None:
+    """Checks that span several keys."""
+    if cfg.data.source == "folder" and not cfg.data.path:
+        raise ConfigError("data.path: required when data.source = 'folder' (a folder with train/ and val/)")
+    if not cfg.prune.rates:
+        raise ConfigError("prune.rates: give at least one rate in [0, 1)")
+
+
+def write_study(cfg: StudyConfig, run_dir: str | Path) -> Path:
+    """Write the complete resolved configuration to ``run_dir/study.toml``."""
+    path = Path(run_dir) / "study.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".toml.tmp")
+    tmp.write_text("# resolved sparsight study configuration (complete)\n" + cfg.to_toml())
+    tmp.replace(path)
+    return path
+
+
+def describe_options() -> str:
+    """Every section and key with its default and doc: the reference behind ``--help``."""
+    lines = []
+    for sec_name, sec_cls in _sections().items():
+        lines.append(f"[{sec_name}]")
+        default = sec_cls()
+        for f in dataclasses.fields(sec_cls):
+            lines.append(f"  {f.name} = {_toml_value(getattr(default, f.name))}    # {f.metadata['doc']}")
+    return "\n".join(lines)
+
+
+# ---- a small TOML writer (the config holds only scalars and flat lists) -------------------
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def dump_toml(tree: dict) -> str:
+    out = []
+    for sec_name, values in tree.items():
+        out.append(f"\n[{sec_name}]")
+        out.extend(f"{k} = {_toml_value(v)}" for k, v in values.items())
+    return "\n".join(out).lstrip() + "\n"

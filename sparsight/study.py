@@ -1,0 +1,124 @@
+"""The study runner: ordered stages, each skipped when its inputs and outputs are unchanged.
+
+A stage declares what it depends on (``inputs``: config values and upstream records) and what it
+writes (``outputs``).  After a run its record — an input fingerprint and the sha256 of every
+output — lands in ``<run_dir>/.stages/<name>.json``; a later run skips the stage only when the
+fingerprint matches and every output still has the recorded content.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from .config import StudyConfig, write_study
+
+
+class Stage(Protocol):
+    name: str
+    description: str
+
+    def inputs(self, study: "Study") -> dict: ...
+
+    def run(self, study: "Study") -> list[Path]: ...
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class Study:
+    config: StudyConfig
+    ctx: object = None                    # pruning.training.DistContext, set by run_study
+    records: dict = field(default_factory=dict)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.config.run_dir
+
+    @property
+    def is_main(self) -> bool:
+        return getattr(self.ctx, "is_main", True)
+
+    def path(self, *parts: str) -> Path:
+        return self.run_dir.joinpath(*parts)
+
+    def record_path(self, name: str) -> Path:
+        return self.path(".stages", f"{name}.json")
+
+    def load_record(self, name: str) -> dict | None:
+        try:
+            return json.loads(self.record_path(name).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+
+def fingerprint(stage: Stage, study: Study) -> str:
+    blob = json.dumps({"stage": stage.name, "inputs": stage.inputs(study)}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def is_current(stage: Stage, study: Study, fp: str) -> bool:
+    rec = study.load_record(stage.name)
+    if not rec or rec.get("fingerprint") != fp:
+        return False
+    for rel, digest in rec.get("outputs", {}).items():
+        path = study.path(rel)
+        if not path.is_file() or sha256_file(path) != digest:
+            return False
+    return True
+
+
+def default_stages() -> list[Stage]:
+    """The pipeline, in order; each package contributes its own stages."""
+    from pruning.stages import STAGES as pruning_stages
+    return list(pruning_stages)
+
+
+def run_study(config: StudyConfig, *, force: tuple[str, ...] = (), stages: list[Stage] | None = None,
+              log=print) -> Study:
+    """Run (or skip) every stage of the study; return the study with each stage's record."""
+    from pruning.training import init_distributed
+
+    stages = stages if stages is not None else default_stages()
+    names = [s.name for s in stages]
+    unknown = [f for f in force if f not in names and f != "all"]
+    if unknown:
+        raise ValueError(f"unknown stage {unknown[0]!r} for --force; choose from {names + ['all']}")
+    ctx = init_distributed(config.study.device)
+    study = Study(config, ctx)
+    if study.is_main:
+        write_study(config, study.run_dir)
+    try:
+        for stage in stages:
+            fp = fingerprint(stage, study)
+            forced = "all" in force or stage.name in force
+            if not forced and is_current(stage, study, fp):
+                study.records[stage.name] = study.load_record(stage.name)
+                log(f"[{stage.name}] up to date, skipped")
+                continue
+            log(f"[{stage.name}] {stage.description}")
+            t0 = time.perf_counter()
+            outputs = stage.run(study)
+            ctx.barrier()
+            rec = {"fingerprint": fp, "seconds": round(time.perf_counter() - t0, 2),
+                   "outputs": {str(Path(p).relative_to(study.run_dir)): sha256_file(Path(p)) for p in outputs}}
+            study.records[stage.name] = rec
+            if study.is_main:
+                path = study.record_path(stage.name)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.with_suffix(".tmp").write_text(json.dumps(rec, indent=2))
+                os.replace(path.with_suffix(".tmp"), path)
+            log(f"[{stage.name}] done in {rec['seconds']:.1f} s")
+    finally:
+        ctx.close()
+    return study

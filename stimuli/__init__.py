@@ -1,0 +1,1 @@
+"""Stimuli: activation mining, exemplar selection, feature visualization, the stimulus bank."""

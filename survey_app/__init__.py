@@ -1,0 +1,1 @@
+"""Survey app: forced-choice trials for people (Flask) and the machine-participant API."""
