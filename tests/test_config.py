@@ -1,0 +1,72 @@
+import dataclasses
+import tomllib
+
+import pytest
+
+from sparsight.config import (PROFILES, ConfigError, StudyConfig, describe_options, load_study, parse_override,
+                              write_study)
+
+
+def test_default_is_complete_and_round_trips(tmp_path):
+    cfg = load_study()
+    path = write_study(cfg, tmp_path)
+    written = tomllib.loads(path.read_text())
+    assert written == cfg.to_dict()
+    # every section and key of the schema is present in the written file
+    for section in dataclasses.fields(StudyConfig):
+        assert set(written[section.name]) == {f.name for f in dataclasses.fields(getattr(cfg, section.name))}
+    again = load_study(path)
+    assert again.to_dict() == cfg.to_dict()
+
+
+def test_profile_quick_overrides_defaults_and_file_wins(tmp_path):
+    quick = load_study(profile="quick")
+    assert quick.study.profile == "quick"
+    assert quick.data.train_per_class == PROFILES["quick"]["data"]["train_per_class"]
+    study = tmp_path / "s.toml"
+    study.write_text('[study]\nprofile = "quick"\nname = "mine"\n[train]\nepochs = 2\n')
+    cfg = load_study(study, overrides=["train.lr=0.5"])
+    assert (cfg.study.profile, cfg.study.name, cfg.train.epochs, cfg.train.lr) == ("quick", "mine", 2, 0.5)
+    assert cfg.data.train_per_class == quick.data.train_per_class
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("[trian]\nepochs = 3\n", "unknown section [trian]; valid sections: ["),
+    ("[train]\nepoch = 3\n", "unknown key train.epoch; valid keys in [train]: ["),
+    ('[train]\noptimizer = "lion"\n', "train.optimizer: 'lion' is not valid; choose from ['sgd', 'adam', 'adamw']"),
+    ('[model]\narch = "vit"\n', "model.arch: 'vit' is not valid; choose from ['inception-small'"),
+    ("[prune]\nrates = [0.5, 1.0]\n", "prune.rates: 1.0 is out of range; it must be below 1.0"),
+    ('[prune]\nmethods = ["magic"]\n', "prune.methods: 'magic' is not valid; choose from ['unstructured-local'"),
+    ('[train]\nepochs = "ten"\n', "train.epochs: expected an integer, got 'ten'"),
+    ('[study]\ndevice = "gpu"\n', "study.device: 'gpu' is not valid; expected auto | cpu | cuda"),
+    ('[data]\nsource = "folder"\n', "data.path: required when data.source = 'folder'"),
+])
+def test_bad_study_files_name_the_key_and_choices(tmp_path, text, fragment):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_study(path)
+    assert fragment in str(err.value)
+
+
+def test_overrides_parse_toml_values_and_reject_bad_form():
+    assert parse_override("prune.rates=[0.1, 0.2]") == {"prune": {"rates": [0.1, 0.2]}}
+    assert parse_override("model.arch=resnet50") == {"model": {"arch": "resnet50"}}
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_override("epochs=3")
+    with pytest.raises(ConfigError, match="unknown key train.nope"):
+        load_study(overrides=["train.nope=1"])
+
+
+def test_unknown_profile_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown profile 'huge'; choose from \['default', 'quick'\]"):
+        load_study(profile="huge")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_study(tmp_path / "none.toml")
+
+
+def test_describe_options_lists_every_key():
+    text = describe_options()
+    for section in dataclasses.fields(StudyConfig):
+        assert f"[{section.name}]" in text
+    assert "retrain_gamma = 0.9" in text

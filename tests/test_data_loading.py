@@ -1,0 +1,109 @@
+import shutil
+
+import pytest
+import torch
+
+from pruning.data.folders import (CorruptImageError, DataLayoutError, FolderLoader, ImageFolderDataset,
+                                  MemoryLoader, build_transform, make_loader, shift_flip)
+
+
+@pytest.fixture
+def data_with_corrupt(tiny_data, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(tiny_data / "train", root / "train")
+    shutil.copytree(tiny_data / "val", root / "val")
+    bad = root / "train" / "circle" / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    return root, bad
+
+
+@pytest.mark.parametrize("cache", ["memory", "none"])
+def test_corrupt_image_fails_with_its_name(data_with_corrupt, cache):
+    root, bad = data_with_corrupt
+    with pytest.raises(CorruptImageError, match="broken.png"):
+        loader = make_loader(root, "train", image_size=32, batch_size=400, train=False, cache=cache,
+                             on_corrupt="error", num_workers=0)
+        for _ in loader:
+            pass
+
+
+@pytest.mark.parametrize("cache", ["memory", "none"])
+def test_corrupt_image_is_skipped_named_and_counted(data_with_corrupt, cache):
+    root, bad = data_with_corrupt
+    with pytest.warns(UserWarning, match="broken.png"):
+        loader = make_loader(root, "train", image_size=32, batch_size=400, train=False, cache=cache,
+                             on_corrupt="skip", num_workers=0)
+        batches = list(loader)
+    assert sum(b.skipped for b in batches) == 1
+    assert sum(len(b.targets) for b in batches) == 160
+
+
+def test_missing_split_lists_what_is_there(tmp_path):
+    (tmp_path / "training").mkdir()
+    with pytest.raises(DataLayoutError, match=r"no val/ folder \(found: \['training'\]\)"):
+        make_loader(tmp_path, "val", image_size=32, batch_size=4, train=False)
+    with pytest.raises(DataLayoutError, match="does not exist"):
+        ImageFolderDataset(tmp_path / "nowhere")
+
+
+def test_memory_and_folder_loaders_agree_on_validation(tiny_data):
+    mem = make_loader(tiny_data, "val", image_size=32, batch_size=16, train=False, cache="memory")
+    disk = make_loader(tiny_data, "val", image_size=32, batch_size=16, train=False, cache="none", num_workers=0)
+    assert isinstance(mem, MemoryLoader) and isinstance(disk, FolderLoader)
+    xm = torch.cat([b.images for b in mem])
+    xd = torch.cat([b.images for b in disk])
+    assert torch.allclose(xm, xd, atol=1e-5)
+    assert torch.equal(torch.cat([b.targets for b in mem]), torch.cat([b.targets for b in disk]))
+
+
+def _shift_flip_reference(x, generator, pad_fraction=0.125):
+    n, _, h, w = x.shape
+    pad = max(1, int(round(h * pad_fraction)))
+    padded = torch.nn.functional.pad(x, (pad,) * 4, mode="reflect")
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    flip = torch.rand(n, generator=generator) < 0.5
+    out = []
+    for i in range(n):
+        crop = padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w]
+        out.append(crop.flip(-1) if flip[i] else crop)
+    return torch.stack(out)
+
+
+def test_shift_flip_matches_a_per_image_reference():
+    x = torch.rand(7, 3, 16, 16)
+    fast = shift_flip(x, torch.Generator().manual_seed(5))
+    slow = _shift_flip_reference(x, torch.Generator().manual_seed(5))
+    assert torch.equal(fast, slow)
+
+
+def test_memory_loader_shards_cover_every_image_once_per_epoch():
+    images = torch.zeros(10, 3, 4, 4, dtype=torch.uint8)
+    targets = torch.arange(10)
+    seen = []
+    for rank in range(3):
+        loader = MemoryLoader(images, targets, 1, train=True, seed=1, augment="none", rank=rank, world_size=3)
+        loader.set_epoch(2)
+        seen += [int(b.targets) for b in loader]
+    assert set(seen) == set(range(10)) and len(seen) == 12  # padded to a multiple of the world size
+
+
+def test_epoch_order_is_a_function_of_seed_and_epoch():
+    images = torch.zeros(20, 3, 4, 4, dtype=torch.uint8)
+    a = MemoryLoader(images, torch.arange(20), 5, train=True, seed=1, augment="none")
+    b = MemoryLoader(images, torch.arange(20), 5, train=True, seed=1, augment="none")
+    a.set_epoch(3)
+    first = [b_.targets.tolist() for b_ in a]
+    for e in (0, 1, 3):
+        b.set_epoch(e)
+        order = [x.targets.tolist() for x in b]
+    assert order == first
+    a.set_epoch(4)
+    assert [x.targets.tolist() for x in a] != first
+
+
+def test_imagenet_transforms_have_the_standard_shape():
+    from PIL import Image
+    img = Image.new("RGB", (300, 260), (10, 20, 30))
+    assert build_transform(224, train=True, augment="imagenet")(img).shape == (3, 224, 224)
+    assert build_transform(224, train=False)(img).shape == (3, 224, 224)

@@ -1,0 +1,112 @@
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from pruning.models import (MODELS, WeightsError, count_flops, create_model, load_checkpoint, measure_sparsity,
+                            save_checkpoint)
+from pruning.models.registry import torchvision_weights
+
+ROUND_TRIP = ["inception-small", "observer-small", "googlenet", "resnet18", "resnet50"]
+
+
+@pytest.mark.parametrize("arch", ROUND_TRIP)
+def test_save_load_round_trip_gives_identical_outputs(arch, tmp_path, seeded):
+    model = create_model(arch, num_classes=7).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+    save_checkpoint(tmp_path / "model.pt", model, num_classes=7)
+    raw = torch.load(tmp_path / "model.pt", weights_only=True)  # the DESIGN §3 contract
+    assert raw["arch"] == arch
+    loaded = load_checkpoint(tmp_path).model.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), expected)
+    # the same weights through the factory
+    again = create_model(arch, num_classes=7, weights=tmp_path / "model.pt").eval()
+    with torch.no_grad():
+        assert torch.equal(again(x), expected)
+
+
+@pytest.mark.parametrize("arch", ["vgg16", "alexnet"])
+def test_large_torchvision_models_build_and_run(arch):
+    model = create_model(arch, num_classes=5).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 5)
+
+
+def test_unknown_model_lists_choices():
+    with pytest.raises(ValueError, match=r"unknown model 'vit'; choose from \['alexnet', 'googlenet'"):
+        create_model("vit")
+
+
+def test_missing_and_corrupt_weights_name_the_file(tmp_path):
+    with pytest.raises(WeightsError, match=r"weights file .*nope\.pt does not exist \(model resnet18\)"):
+        create_model("resnet18", weights=tmp_path / "nope.pt")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a torch file")
+    with pytest.raises(WeightsError, match=r"cannot read weights file .*junk\.pt"):
+        create_model("resnet18", weights=junk)
+    with pytest.raises(WeightsError, match=r"cannot read checkpoint .*junk\.pt"):
+        load_checkpoint(junk)
+
+
+def test_shape_mismatch_and_wrong_arch_are_explained(tmp_path):
+    save_checkpoint(tmp_path / "m.pt", create_model("inception-small", num_classes=10), num_classes=10)
+    with pytest.raises(WeightsError, match=r"holds a 'inception-small' checkpoint, but model 'observer-small'"):
+        create_model("observer-small", num_classes=10, weights=tmp_path / "m.pt")
+    torch.save(create_model("resnet18", num_classes=10).state_dict(), tmp_path / "plain.pt")
+    with pytest.raises(WeightsError, match=r"plain\.pt does not fit model 'resnet18' with num_classes=1000: "
+                                           r"shape mismatch fc\.weight: file \(10, 512\) vs model \(1000, 512\)"):
+        create_model("resnet18", num_classes=1000, weights=tmp_path / "plain.pt")
+    with pytest.raises(WeightsError, match=r"does not fit model 'resnet50'.*missing keys"):
+        create_model("resnet50", num_classes=10, weights=tmp_path / "plain.pt")
+
+
+def test_torchvision_weights_come_only_from_the_local_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    member = torchvision_weights("resnet18", "IMAGENET1K_V1")
+    expected = tmp_path / "hub" / "checkpoints" / os.path.basename(member.url)
+    with pytest.raises(WeightsError, match=f"not in the local cache: expected {expected}"):
+        create_model("resnet18", weights="IMAGENET1K_V1")
+    reference = create_model("resnet18").eval()
+    expected.parent.mkdir(parents=True)
+    torch.save(reference.state_dict(), expected)
+    model = create_model("resnet18", weights="ResNet18_Weights.DEFAULT").eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), reference(x))
+    with pytest.raises(WeightsError, match=r"unknown weights 'IMAGENET9K' for resnet18; choose from \['DEFAULT'"):
+        create_model("resnet18", weights="IMAGENET9K")
+
+
+def test_googlenet_imagenet_state_dict_with_aux_heads_loads_into_aux_free_model(tmp_path):
+    with_aux = create_model("googlenet", num_classes=10, aux_logits=True)
+    assert any(k.startswith("aux1.") for k in with_aux.state_dict())
+    torch.save(with_aux.state_dict(), tmp_path / "g.pt")
+    plain = create_model("googlenet", num_classes=10, weights=tmp_path / "g.pt").eval()
+    assert plain.aux1 is None
+    with_aux.eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(plain(x), with_aux(x))
+
+
+def test_flops_and_sparsity_measurements():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.Flatten(), nn.Linear(4 * 8 * 8, 2))
+    model.arch = "custom"
+    assert count_flops(model, 8) == 2 * (3 * 4 * 9 * 64) + 2 * (256 * 2)
+    with torch.no_grad():
+        model[0].weight[:2] = 0  # 54 of 108 conv weights
+        model[2].weight[0, :128] = 0  # 128 of 512
+    s = measure_sparsity(model)
+    assert s["per_layer"] == {"0": 0.5, "2": 0.25}
+    assert s["total"] == pytest.approx((54 + 128) / (108 + 512), abs=1e-6)
+
+
+def test_registry_metadata_is_consistent():
+    for name, spec in MODELS.items():
+        model = create_model(name, num_classes=3)
+        modules = dict(model.named_modules())
+        assert all(layer in modules for layer in spec.stem + spec.unit_layers), name
