@@ -8,6 +8,8 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
+
 from .data.folders import make_loader
 from .models import base_meta, create_model, get_spec, save_checkpoint, write_meta
 from .training import DistContext, Trainer, TrainSettings, evaluate
@@ -32,6 +34,7 @@ def train_and_save(cfg, data_root: str | Path, out_dir: str | Path, ctx: DistCon
     out_dir = Path(out_dir)
     train_loader, val_loader = build_loaders(cfg, data_root, ctx, train=settings.epochs > 0)
     num_classes = cfg.model.num_classes or len(val_loader.classes)
+    torch.manual_seed(settings.seed)  # the initial weights are a function of the seed, on every rank
     model = create_model(arch, num_classes=num_classes, weights=weights or None)
     amp, cl = amp_dtype(settings.amp, ctx.device), use_channels_last(settings.channels_last)
     before = evaluate(model.to(ctx.device), val_loader, ctx=ctx, amp=amp) if weights else None
@@ -40,7 +43,7 @@ def train_and_save(cfg, data_root: str | Path, out_dir: str | Path, ctx: DistCon
     after = history[-1]["val"] if history else evaluate(trainer.model, val_loader, ctx=ctx, amp=amp, channels_last=cl)
     meta = None
     if ctx.is_main:
-        model = trainer.model.float().to(memory_format=__import__("torch").contiguous_format)
+        model = trainer.model.float().to(memory_format=torch.contiguous_format)
         save_checkpoint(out_dir / "model.pt", model, num_classes=num_classes,
                         args={"settings": json.dumps(asdict(settings)), "data": str(data_root),
                               "weights": weights, "classes": json.dumps(val_loader.classes)})

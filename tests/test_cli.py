@@ -1,0 +1,74 @@
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from sparsight.cli import main
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+@pytest.mark.parametrize("command", [["--help"], ["run", "--help"], ["train", "--help"], ["evaluate", "--help"],
+                                     ["data", "synth", "--help"]])
+def test_every_command_has_informative_help(runner, command):
+    result = runner.invoke(main, command)
+    assert result.exit_code == 0
+    assert "Usage:" in result.output and len(result.output.splitlines()) > 6
+
+
+def test_data_synth_writes_the_dataset(runner, tmp_path):
+    result = runner.invoke(main, ["data", "synth", str(tmp_path / "d"), "--train-per-class", "2",
+                                  "--val-per-class", "1", "--image-size", "24", "--seed", "5"])
+    assert result.exit_code == 0, result.output
+    assert "wrote 20 training and 10 validation images (24 px, 10 classes)" in result.output
+    assert len(list((tmp_path / "d" / "masks" / "train").rglob("*.png"))) == 20
+
+
+def test_train_then_evaluate_agree(runner, tiny_data, tmp_path):
+    out = tmp_path / "m"
+    result = runner.invoke(main, ["train", "--data", str(tiny_data), "--arch", "observer-small", "--epochs", "1",
+                                  "--out", str(out), "--set", "data.image_size=32", "--set", "study.progress=false",
+                                  "--set", f'study.output_dir="{tmp_path}"'])
+    assert result.exit_code == 0, result.output
+    meta = json.loads((out / "meta.json").read_text())
+    for key in ("model_id", "arch", "parent", "method", "criterion", "schedule", "rate_requested", "sparsity",
+                "params_total", "params_nonzero", "flops", "top1", "top5", "retrain", "robustness", "seed",
+                "created", "software_version"):
+        assert key in meta
+    assert meta["arch"] == "observer-small" and meta["sparsity"]["total"] == 0.0
+    assert not (out / "train_state.pt").exists()
+    result = runner.invoke(main, ["evaluate", str(out), "--data", str(tiny_data), "--image-size", "32",
+                                  "--device", "cpu", "--write-meta"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["top1"] == pytest.approx(meta["top1"]["after"])
+    assert report["n"] == 60
+    assert "evaluations" in json.loads((out / "meta.json").read_text())
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["train", "--arch", "vit"], "model.arch: 'vit' is not valid; choose from ['inception-small'"),
+    (["run", "--set", "trian.epochs=3"], "unknown section [trian]; valid sections:"),
+    (["run", "--set", "train.optimizer=lion"], "choose from ['sgd', 'adam', 'adamw']"),
+    (["evaluate", "{ckpt}", "--data", "{data}"], "is not a sparsight checkpoint"),
+])
+def test_bad_input_is_a_clear_usage_error(runner, tiny_data, tmp_path, args, fragment):
+    ckpt = tmp_path / "x.pt"
+    torch.save({"w": torch.zeros(1)}, ckpt)
+    args = [a.format(ckpt=ckpt, data=tiny_data) for a in args]
+    result = runner.invoke(main, args)
+    assert result.exit_code != 0
+    text = result.output + (str(result.exception) if result.exception else "")
+    assert fragment in text
+
+
+def test_unknown_force_stage_lists_stages(runner, tmp_path):
+    result = runner.invoke(main, ["run", "--profile", "quick", "--force", "bogus",
+                                  "--set", f'study.output_dir="{tmp_path}"'])
+    assert result.exit_code == 2
+    assert "unknown stage 'bogus' for --force; choose from ['data', 'base', 'observer', 'evaluate', 'all']" \
+        in result.output

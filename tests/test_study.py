@@ -1,0 +1,61 @@
+"""The quick study end to end, and stage skipping by content."""
+import json
+import tomllib
+
+import pytest
+from click.testing import CliRunner
+
+from sparsight.cli import main
+from sparsight.config import load_study
+from sparsight.study import default_stages, fingerprint, is_current, Study
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    result = CliRunner().invoke(main, ["run", "--profile", "quick", "--set", f'study.output_dir="{out}"',
+                                       "--set", "study.progress=false"])
+    assert result.exit_code == 0, result.output
+    return out / "quick", result.output
+
+
+@pytest.mark.slow
+def test_quick_study_writes_data_models_and_resolved_config(quick_run):
+    run_dir, output = quick_run
+    written = tomllib.loads((run_dir / "study.toml").read_text())
+    assert written == load_study(profile="quick", overrides=[f'study.output_dir="{run_dir.parent}"',
+                                                              "study.progress=false"]).to_dict()
+    assert len(list((run_dir / "data" / "train").rglob("*.png"))) == 10 * written["data"]["train_per_class"]
+    base = json.loads((run_dir / "models" / "base" / "meta.json").read_text())
+    assert base["top1"]["after"] >= 0.8
+    assert (run_dir / "models" / "observer" / "model.pt").is_file()
+    assert "base" in (run_dir / "evaluation.csv").read_text()
+    assert "study directory:" in output
+
+
+@pytest.mark.slow
+def test_rerun_skips_current_stages_and_detects_changed_outputs(quick_run):
+    run_dir, _ = quick_run
+    result = CliRunner().invoke(main, ["run", "--profile", "quick", "--set", f'study.output_dir="{run_dir.parent}"',
+                                       "--set", "study.progress=false"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("up to date, skipped") == len(default_stages())
+
+    cfg = load_study(profile="quick", overrides=[f'study.output_dir="{run_dir.parent}"'])
+    study = Study(cfg)
+    stages = {s.name: s for s in default_stages()}
+    for name in ("data", "base", "observer"):
+        study.records[name] = study.load_record(name)
+    base = stages["base"]
+    assert is_current(base, study, fingerprint(base, study))
+    meta = run_dir / "models" / "base" / "meta.json"
+    original = meta.read_text()
+    meta.write_text(original.replace('"model_id"', '"model_id" ', 1))  # same existence, other content
+    try:
+        assert not is_current(base, study, fingerprint(base, study))
+    finally:
+        meta.write_text(original)
+    changed = Study(load_study(profile="quick", overrides=[f'study.output_dir="{run_dir.parent}"',
+                                                          "train.epochs=2"]))
+    changed.records = study.records
+    assert not is_current(base, changed, fingerprint(base, changed))
