@@ -70,3 +70,12 @@ def test_describe_options_lists_every_key():
     for section in dataclasses.fields(StudyConfig):
         assert f"[{section.name}]" in text
     assert "retrain_gamma = 0.9" in text
+
+
+def test_example_study_files_are_valid():
+    from pathlib import Path
+    files = sorted((Path(__file__).parent.parent / "studies").glob("*.toml"))
+    assert len(files) >= 2
+    for path in files:
+        cfg = load_study(path)
+        assert cfg.study.name == path.stem
