@@ -1,0 +1,64 @@
+"""One mechanism for applying pruning masks, reversible or enforced through training.
+
+Masks are boolean tensors keyed by parameter name (``"inception3a.branch1.conv.weight"``);
+``False`` marks a pruned entry.  ``masked(model, masks)`` zeroes the entries for the duration of a
+``with`` block and restores the original values afterwards; ``MaskEnforcer`` re-zeroes them after
+every optimizer step so pruned connections never regrow during retraining.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+
+def _params(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, nn.Parameter]:
+    params = dict(model.named_parameters())
+    unknown = [k for k in masks if k not in params]
+    if unknown:
+        raise KeyError(f"mask for unknown parameter {unknown[0]!r}; parameters include {sorted(params)[:8]} ...")
+    for name, mask in masks.items():
+        if mask.shape != params[name].shape:
+            raise ValueError(f"mask {name!r} has shape {tuple(mask.shape)}, parameter {tuple(params[name].shape)}")
+    return {k: params[k] for k in masks}
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Zero the pruned entries in place (permanently)."""
+    for name, p in _params(model, masks).items():
+        p.mul_(masks[name].to(device=p.device, dtype=p.dtype))
+
+
+@contextlib.contextmanager
+def masked(model: nn.Module, masks: dict[str, torch.Tensor]) -> Iterator[nn.Module]:
+    """Within the block the model computes with pruned entries zeroed; afterwards it is unchanged."""
+    params = _params(model, masks)
+    saved = {k: p.detach().clone() for k, p in params.items()}
+    try:
+        apply_masks(model, masks)
+        yield model
+    finally:
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(saved[k])
+
+
+class MaskEnforcer:
+    """A training step hook: keeps pruned entries at zero after each optimizer step."""
+
+    def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor]):
+        params = _params(model, masks)
+        self.pairs = [(p, masks[k].to(device=p.device, dtype=p.dtype)) for k, p in params.items()]
+
+    @torch.no_grad()
+    def __call__(self, trainer=None) -> None:
+        for p, m in self.pairs:
+            p.mul_(m)
+
+
+def mask_sparsity(masks: dict[str, torch.Tensor]) -> float:
+    total = sum(m.numel() for m in masks.values())
+    return sum(int((~m.bool()).sum()) for m in masks.values()) / max(total, 1)

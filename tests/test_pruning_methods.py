@@ -1,0 +1,150 @@
+"""Pruning methods against torch.nn.utils.prune, and the mask mechanism."""
+import functools
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from pruning.masks import MaskEnforcer, apply_masks, mask_sparsity, masked
+from pruning.methods import METHODS, PruningError, create_method, prunable_layers
+from pruning.models import create_model, get_spec
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 12, 3, padding=1)
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.fixture
+def tiny():
+    torch.manual_seed(0)
+    return Tiny().double()
+
+
+def _reference(model, fn):
+    """Masks produced by torch.nn.utils.prune on a copy of ``model``."""
+    ref = Tiny().double()
+    ref.load_state_dict(model.state_dict())
+    fn(ref)
+    return {f"{n}.weight": m.weight_mask.bool() for n, m in ref.named_modules() if hasattr(m, "weight_mask")}
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.3, 0.75])
+def test_local_magnitude_equals_l1_unstructured(tiny, rate):
+    ours = create_method("unstructured-local").masks(tiny, rate)
+    ref = _reference(tiny, lambda m: [prune.l1_unstructured(mod, "weight", amount=rate)
+                                      for mod in (m.conv1, m.conv2, m.fc)])
+    assert ours.keys() == ref.keys()
+    assert all(torch.equal(ours[k], ref[k]) for k in ref)
+
+
+@pytest.mark.parametrize("rate", [0.2, 0.6])
+def test_global_magnitude_equals_global_unstructured(tiny, rate):
+    ours = create_method("unstructured-global").masks(tiny, rate)
+    ref = _reference(tiny, lambda m: prune.global_unstructured(
+        [(m.conv1, "weight"), (m.conv2, "weight"), (m.fc, "weight")], prune.L1Unstructured, amount=rate))
+    assert all(torch.equal(ours[k], ref[k]) for k in ref)
+    assert mask_sparsity(ours) == pytest.approx(rate, abs=1 / 1000)
+
+
+@pytest.mark.parametrize("norm, n", [("l1", 1), ("l2", 2)])
+def test_filter_norm_equals_ln_structured(tiny, norm, n):
+    ours = create_method("structured", norm=norm).masks(tiny, 0.5)
+    ref = _reference(tiny, lambda m: [prune.ln_structured(mod, "weight", amount=0.5, n=n, dim=0)
+                                      for mod in (m.conv1, m.conv2)])
+    assert ours.keys() == ref.keys()  # convs only: output classes are never pruned
+    assert all(torch.equal(ours[k], ref[k]) for k in ref)
+
+
+def test_connection_sparsity_zeroes_exactly_the_lowest_l1_input_slices(tiny):
+    masks = create_method("connection").masks(tiny, 0.5)
+    for name in ("conv1", "conv2"):
+        w = getattr(tiny, name).weight.detach()
+        norms = [float(w[:, c].abs().sum()) for c in range(w.shape[1])]
+        k = round(0.5 * w.shape[1])
+        lowest = sorted(range(len(norms)), key=norms.__getitem__)[:k]
+        for c in range(w.shape[1]):
+            assert bool(masks[f"{name}.weight"][:, c].any()) == (c not in lowest)
+        ref = _reference(tiny, lambda m: prune.ln_structured(getattr(m, name), "weight", amount=0.5, n=1, dim=1))
+        assert torch.equal(masks[f"{name}.weight"], ref[f"{name}.weight"])
+
+
+def test_random_control_prunes_the_exact_count_and_depends_on_seed(tiny):
+    a = create_method("random", seed=1).masks(tiny, 0.4)
+    b = create_method("random", seed=2).masks(tiny, 0.4)
+    for k, m in a.items():
+        assert int((~m).sum()) == round(0.4 * m.numel())
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+@functools.lru_cache(maxsize=None)
+def _model(arch):
+    torch.manual_seed(0)
+    return create_model(arch, num_classes=10)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("arch", ["inception-small", "googlenet", "resnet50"])
+def test_every_method_prunes_every_architecture(method, arch):
+    model = _model(arch)  # shared: masked() leaves it unchanged
+    masks = create_method(method).masks(model, 0.5, exclude=get_spec(arch).stem)
+    assert masks and all(not k.startswith(get_spec(arch).stem) for k in masks)
+    assert 0.4 < mask_sparsity(masks) < 0.6
+    x = torch.randn(1, 3, 64, 64)
+    model.eval()
+    with masked(model, masks):
+        out = model(x)
+    assert torch.isfinite(out).all()
+
+
+def test_masked_context_restores_weights_and_leaves_no_hooks(tiny):
+    before = {k: v.clone() for k, v in tiny.state_dict().items()}
+    masks = create_method("unstructured-local").masks(tiny, 0.5)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with masked(tiny, masks):
+        assert int((tiny.conv1.weight == 0).sum()) == round(0.5 * tiny.conv1.weight.numel())
+        inside = tiny(x)
+    assert all(torch.equal(before[k], v) for k, v in tiny.state_dict().items())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in tiny.modules())
+    manual = Tiny().double()
+    manual.load_state_dict(before)
+    apply_masks(manual, masks)
+    assert torch.equal(manual(x), inside)
+
+
+def test_mask_enforcer_keeps_pruned_weights_at_zero_through_sgd(tiny):
+    masks = create_method("connection").masks(tiny, 0.5)
+    apply_masks(tiny, masks)
+    enforce = MaskEnforcer(tiny, masks)
+    opt = torch.optim.SGD(tiny.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    for _ in range(5):
+        loss = tiny(torch.randn(4, 3, 8, 8, dtype=torch.float64)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        enforce()
+    for name, m in masks.items():
+        w = dict(tiny.named_parameters())[name]
+        assert torch.all(w[~m] == 0) and torch.any(w[m] != 0)
+
+
+@pytest.mark.parametrize("call, fragment", [
+    (lambda m: create_method("magic"), "unknown method 'magic'; choose from ['connection', 'random'"),
+    (lambda m: create_method("unstructured-local").masks(m, 1.0), "rate 1.0 is outside [0, 1)"),
+    (lambda m: create_method("unstructured-local").masks(m, -0.1), "rate -0.1 is outside [0, 1)"),
+    (lambda m: prunable_layers(m, ["conv9"]), "layer 'conv9' does not exist; valid layers: ['conv1', 'conv2', 'fc']"),
+    (lambda m: prunable_layers(m, ["conv1", "conv2", "fc"]), "leaves no layer to prune"),
+    (lambda m: create_method("structured", norm="l3"), "unknown norm 'l3'; choose from ['l1', 'l2']"),
+])
+def test_bad_input_lists_valid_choices(tiny, call, fragment):
+    with pytest.raises(PruningError) as err:
+        call(tiny)
+    assert fragment in str(err.value)
