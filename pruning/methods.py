@@ -98,16 +98,59 @@ class RandomUnstructured(PruningMethod):
                 .to(m.weight.device) for n, m in layers.items()}
 
 
+@torch.no_grad()
+def following_batchnorms(model: nn.Module, input_size: int = 64) -> dict[str, str]:
+    """Map each conv to the BatchNorm that directly consumes its output (traced with hooks)."""
+    model = unwrap(model)
+    produced: dict[int, str] = {}
+    pairs: dict[str, str] = {}
+    handles = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            handles.append(m.register_forward_hook(
+                lambda mod, inp, out, name=name: produced.__setitem__(id(out), name)))
+        elif isinstance(m, nn.BatchNorm2d):
+            handles.append(m.register_forward_pre_hook(
+                lambda mod, inp, name=name: pairs.__setitem__(produced[id(inp[0])], name)
+                if id(inp[0]) in produced else None))
+    was_training = model.training
+    try:
+        model.eval()
+        p = next(model.parameters())
+        model(torch.zeros(1, 3, input_size, input_size, device=p.device, dtype=p.dtype))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return pairs
+
+
 class FilterNorm(PruningMethod):
-    """Structured: in every conv remove the ``rate`` share of output filters with the lowest Lp norm."""
+    """Structured: in every conv remove the ``rate`` share of output filters with the lowest Lp norm.
+
+    The BatchNorm that follows a pruned filter has its γ and β masked too, so the channel is
+    exactly zero after the nonlinearity and not a constant β.
+    """
     name = "structured"
     structured = True
     kinds = (nn.Conv2d,)
 
-    def __init__(self, norm: str = "l1"):
+    def __init__(self, norm: str = "l1", input_size: int = 64):
         if norm not in ("l1", "l2"):
             raise PruningError(f"unknown norm {norm!r}; choose from ['l1', 'l2']")
         self.p = 1 if norm == "l1" else 2
+        self.input_size = input_size
+
+    def masks(self, model, rate, exclude=()):
+        masks = super().masks(model, rate, exclude)
+        bns = following_batchnorms(model, self.input_size)
+        for key in list(masks):
+            conv = key.removesuffix(".weight")
+            if conv in bns:
+                keep = masks[key].reshape(masks[key].shape[0], -1)[:, 0].clone()
+                masks[f"{bns[conv]}.weight"] = keep
+                masks[f"{bns[conv]}.bias"] = keep.clone()
+        return masks
 
     def compute(self, layers, rate):
         out = {}

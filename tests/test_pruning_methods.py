@@ -57,11 +57,29 @@ def test_global_magnitude_equals_global_unstructured(tiny, rate):
 
 @pytest.mark.parametrize("norm, n", [("l1", 1), ("l2", 2)])
 def test_filter_norm_equals_ln_structured(tiny, norm, n):
-    ours = create_method("structured", norm=norm).masks(tiny, 0.5)
+    ours = create_method("structured", norm=norm, input_size=8).masks(tiny, 0.5)
     ref = _reference(tiny, lambda m: [prune.ln_structured(mod, "weight", amount=0.5, n=n, dim=0)
                                       for mod in (m.conv1, m.conv2)])
-    assert ours.keys() == ref.keys()  # convs only: output classes are never pruned
+    assert ours.keys() == ref.keys()  # convs only: output classes are never pruned; no BatchNorm here
     assert all(torch.equal(ours[k], ref[k]) for k in ref)
+
+
+def test_structured_masks_the_following_batchnorm_and_silences_the_channel():
+    torch.manual_seed(0)
+    model = create_model("inception-small", num_classes=10).eval()
+    for m in model.modules():  # make β non-zero so an unmasked BN would leak a constant
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.bias, 0.5, 1.0)
+    masks = create_method("structured").masks(model, 0.5, exclude=("conv1",))
+    assert "inception3a.branch2.1.bn.weight" in masks and "conv1.bn.bias" not in masks
+    keep = masks["inception3a.branch1.bn.weight"]
+    assert torch.equal(keep, masks["inception3a.branch1.conv.weight"][:, 0, 0, 0])
+    seen = {}
+    hook = model.inception3a.branch1.register_forward_hook(lambda m, i, o: seen.setdefault("out", o))
+    with masked(model, masks):
+        model(torch.randn(2, 3, 64, 64))
+    hook.remove()
+    assert torch.all(seen["out"][:, ~keep] == 0) and torch.any(seen["out"][:, keep] != 0)
 
 
 def test_connection_sparsity_zeroes_exactly_the_lowest_l1_input_slices(tiny):
