@@ -374,12 +374,9 @@ def validate_study(cfg: StudyConfig) -> None:
 
 def write_study(cfg: StudyConfig, run_dir: str | Path) -> Path:
     """Write the complete resolved configuration to ``run_dir/study.toml``."""
-    path = Path(run_dir) / "study.toml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".toml.tmp")
-    tmp.write_text("# resolved sparsight study configuration (complete)\n" + cfg.to_toml())
-    tmp.replace(path)
-    return path
+    from .files import atomic_write_text
+    return atomic_write_text(Path(run_dir) / "study.toml",
+                             "# resolved sparsight study configuration (complete)\n" + cfg.to_toml())
 
 
 def describe_options() -> str:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from .config import StudyConfig, write_study
+from .files import atomic_write_text, sha256_file
 
 
 class Stage(Protocol):
@@ -25,14 +25,6 @@ class Stage(Protocol):
     def inputs(self, study: "Study") -> dict: ...
 
     def run(self, study: "Study") -> list[Path]: ...
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass
@@ -114,10 +106,7 @@ def run_study(config: StudyConfig, *, force: tuple[str, ...] = (), stages: list[
                    "outputs": {str(Path(p).relative_to(study.run_dir)): sha256_file(Path(p)) for p in outputs}}
             study.records[stage.name] = rec
             if study.is_main:
-                path = study.record_path(stage.name)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.with_suffix(".tmp").write_text(json.dumps(rec, indent=2))
-                os.replace(path.with_suffix(".tmp"), path)
+                atomic_write_text(study.record_path(stage.name), json.dumps(rec, indent=2))
             log(f"[{stage.name}] done in {rec['seconds']:.1f} s")
     finally:
         ctx.close()

@@ -17,7 +17,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -293,9 +293,10 @@ class _InlineExecutor:
     def __exit__(self, *exc):
         return False
 
-    def submit(self, fn, *args):
-        result = fn(*args)
-        return type("Done", (), {"result": staticmethod(lambda: result)})()
+    def submit(self, fn, *args) -> Future:
+        future = Future()
+        future.set_result(fn(*args))
+        return future
 
 
 def _save_png(path: Path, array: np.ndarray, mode: str) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 from torchvision import datasets, transforms
 from torchvision.transforms import functional as TF
 

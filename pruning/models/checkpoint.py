@@ -6,7 +6,6 @@ A checkpoint is a plain dict of tensors, strings and numbers, so it loads with
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from sparsight.files import atomic_write_text, sha256_file
 
 from .registry import MODELS, WeightsError, create_model, load_state_checked, unwrap
 
@@ -28,12 +29,7 @@ def software_version() -> str:
         return "0+unknown"
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+file_sha256 = sha256_file
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -158,12 +154,7 @@ def base_meta(model: nn.Module, *, model_id: str, input_size: int, seed: int, pa
 
 
 def write_meta(model_dir: str | os.PathLike, meta: dict) -> Path:
-    path = Path(model_dir) / "meta.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("meta.json.tmp")
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=False))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(Path(model_dir) / "meta.json", json.dumps(meta, indent=2))
 
 
 def read_meta(model_dir: str | os.PathLike) -> dict:
