@@ -77,11 +77,13 @@ def train_cmd(study_file, profile, overrides, device, data_path, arch, weights, 
         extra += ['data.source="folder"', f"data.path={json.dumps(str(data_path))}"]
     cfg = resolve_from_cli(study_file, profile, overrides + tuple(extra), device)
 
+    from sparsight.study import Study
+
     from .stages import data_root
     from .training import TrainSettings, init_distributed
     from .workflows import train_and_save
 
-    root = Path(data_path) if data_path else data_root(_StudyView(cfg))
+    root = Path(data_path) if data_path else data_root(Study(cfg))
     if not data_path and cfg.data.source == "concept-shapes" and not (root / "train").is_dir():
         raise click.UsageError(f"no data at {root}; run `sparsight data synth {root}` or pass --data")
     ctx = init_distributed(cfg.study.device)
@@ -97,16 +99,6 @@ def train_cmd(study_file, profile, overrides, device, data_path, arch, weights, 
                        f"→ {out / 'model.pt'}")
     finally:
         ctx.close()
-
-
-class _StudyView:
-    """The bits of a Study that ``data_root`` reads, for commands run outside a study."""
-
-    def __init__(self, cfg):
-        self.config = cfg
-
-    def path(self, *parts):
-        return self.config.run_dir.joinpath(*parts)
 
 
 @click.command("evaluate")
