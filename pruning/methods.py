@@ -52,7 +52,10 @@ class PruningMethod:
     structured = False
     kinds: tuple = (nn.Conv2d, nn.Linear)
 
-    def masks(self, model: nn.Module, rate: float, exclude: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+    needs_data = False   # scores filters on reference images (``data=`` batches)
+    rewinds = False      # weights are rewound to an early checkpoint after pruning (IMP)
+
+    def masks(self, model: nn.Module, rate: float, exclude: Iterable[str] = (), data=None) -> dict[str, torch.Tensor]:
         rate = check_rate(rate)
         layers = prunable_layers(model, exclude, self.kinds)
         return self.compute(layers, rate)
@@ -94,8 +97,12 @@ class RandomUnstructured(PruningMethod):
 
     def compute(self, layers, rate):
         g = torch.Generator().manual_seed(self.seed)
-        return {f"{n}.weight": _lowest(torch.rand(m.weight.shape, generator=g), round(rate * m.weight.numel()))
-                .to(m.weight.device) for n, m in layers.items()}
+        out = {}
+        for n, m in layers.items():
+            scores = torch.rand(m.weight.shape, generator=g)
+            scores[m.weight.detach().cpu() == 0] = -1.0  # already pruned entries go first (nested masks)
+            out[f"{n}.weight"] = _lowest(scores, round(rate * m.weight.numel())).to(m.weight.device)
+        return out
 
 
 @torch.no_grad()
@@ -125,6 +132,22 @@ def following_batchnorms(model: nn.Module, input_size: int = 64) -> dict[str, st
     return pairs
 
 
+def filter_masks(model: nn.Module, layers: dict[str, nn.Conv2d], keep: dict[str, torch.Tensor],
+                 input_size: int = 64) -> dict[str, torch.Tensor]:
+    """Weight masks from per-filter keep vectors, plus γ/β masks of the BatchNorm after each conv."""
+    bns = following_batchnorms(model, input_size)
+    masks = {}
+    for n, k in keep.items():
+        w = layers[n].weight
+        masks[f"{n}.weight"] = k.view(-1, *([1] * (w.dim() - 1))).expand_as(w).clone()
+        if layers[n].bias is not None:
+            masks[f"{n}.bias"] = k.clone()
+        if n in bns:
+            masks[f"{bns[n]}.weight"] = k.clone()
+            masks[f"{bns[n]}.bias"] = k.clone()
+    return masks
+
+
 class FilterNorm(PruningMethod):
     """Structured: in every conv remove the ``rate`` share of output filters with the lowest Lp norm.
 
@@ -141,25 +164,14 @@ class FilterNorm(PruningMethod):
         self.p = 1 if norm == "l1" else 2
         self.input_size = input_size
 
-    def masks(self, model, rate, exclude=()):
-        masks = super().masks(model, rate, exclude)
-        bns = following_batchnorms(model, self.input_size)
-        for key in list(masks):
-            conv = key.removesuffix(".weight")
-            if conv in bns:
-                keep = masks[key].reshape(masks[key].shape[0], -1)[:, 0].clone()
-                masks[f"{bns[conv]}.weight"] = keep
-                masks[f"{bns[conv]}.bias"] = keep.clone()
-        return masks
-
-    def compute(self, layers, rate):
-        out = {}
+    def masks(self, model, rate, exclude=(), data=None):
+        rate = check_rate(rate)
+        layers = prunable_layers(model, exclude, self.kinds)
+        keep = {}
         for n, m in layers.items():
             w = m.weight.detach()
-            norms = w.reshape(w.shape[0], -1).norm(p=self.p, dim=1)
-            keep = _lowest(norms, round(rate * w.shape[0]))
-            out[f"{n}.weight"] = keep.view(-1, *([1] * (w.dim() - 1))).expand_as(w).clone()
-        return out
+            keep[n] = _lowest(w.reshape(w.shape[0], -1).norm(p=self.p, dim=1), round(rate * w.shape[0]))
+        return filter_masks(model, layers, keep, self.input_size)
 
 
 class ConnectionSparsity(PruningMethod):
@@ -177,6 +189,13 @@ class ConnectionSparsity(PruningMethod):
         return out
 
 
+class IterativeMagnitude(GlobalMagnitude):
+    """Lottery-ticket IMP (Frankle & Carbin 2019; Frankle & Bau 2019): global magnitude pruning whose
+    surviving weights are rewound to an early checkpoint before each retraining."""
+    name = "imp"
+    rewinds = True
+
+
 METHODS: dict[str, type[PruningMethod]] = {}
 
 
@@ -185,7 +204,7 @@ def register_method(cls: type[PruningMethod]) -> type[PruningMethod]:
     return cls
 
 
-for _cls in (LocalMagnitude, GlobalMagnitude, RandomUnstructured, FilterNorm, ConnectionSparsity):
+for _cls in (LocalMagnitude, GlobalMagnitude, RandomUnstructured, FilterNorm, ConnectionSparsity, IterativeMagnitude):
     register_method(_cls)
 
 
@@ -195,3 +214,17 @@ def create_method(name: str, **kwargs) -> PruningMethod:
     except KeyError:
         raise PruningError(f"unknown method {name!r}; choose from {sorted(METHODS)}") from None
     return cls(**kwargs)
+
+
+def method_options(name: str, *, norm: str = "l1", input_size: int = 64, seed: int = 0) -> dict:
+    """The constructor arguments a registered method takes, picked from common settings."""
+    import inspect
+
+    if name not in METHODS:
+        raise PruningError(f"unknown method {name!r}; choose from {sorted(METHODS)}")
+    offered = {"norm": norm, "input_size": input_size, "seed": seed}
+    params = inspect.signature(METHODS[name].__init__).parameters
+    return {k: v for k, v in offered.items() if k in params}
+
+
+from . import criteria  # noqa: E402,F401  (registers the filter-relevance criteria)

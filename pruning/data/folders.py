@@ -300,3 +300,26 @@ def make_loader(root: str | os.PathLike, split: str, *, image_size: int, batch_s
                               pin_memory=torch.device(device).type == "cuda", rank=rank, world_size=world_size)
     loader.classes = dataset.classes
     return loader
+
+
+def reference_batches(root: str | os.PathLike, split: str, *, image_size: int, per_class: int, seed: int = 0,
+                      batch_size: int = 64, on_corrupt: str = "skip") -> list[Batch]:
+    """A seeded sample of ``per_class`` images of every class, decoded without augmentation.
+
+    Data-driven pruning criteria (LRP, gradient, Taylor) score filters on this reference set.
+    """
+    dataset = ImageFolderDataset(split_dir(root, split), transform=build_transform(image_size, train=False),
+                                 on_corrupt=on_corrupt)
+    targets = torch.as_tensor(dataset.targets)
+    g = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c in range(len(dataset.classes)):
+        idx = (targets == c).nonzero().flatten()
+        chosen += idx[torch.randperm(len(idx), generator=g)[:per_class]].tolist()
+    chosen.sort()
+    batches = []
+    for start in range(0, len(chosen), batch_size):
+        batch = collate_skipping([dataset[i] for i in chosen[start:start + batch_size]])
+        if len(batch.targets):
+            batches.append(batch)
+    return batches

@@ -1,0 +1,130 @@
+"""Pruning schedules: one-shot and iterative, with retraining that never lets pruned entries regrow.
+
+``prune_and_retrain`` takes a trained model and a ``PruneJob`` and returns the pruned, retrained
+model with its masks.  Each step computes masks at the step's cumulative target rate on the
+current (already pruned and retrained) weights, intersects them with the previous masks, applies
+them, optionally rewinds the surviving weights (IMP), and retrains with a ``MaskEnforcer`` step
+hook.  Physical channel removal, when asked for, happens once after the last step; the smaller
+model computes the same function as the masked one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .masks import MaskEnforcer, apply_masks, mask_sparsity
+from .methods import METHODS, PruningError, check_rate, create_method, method_options
+from .training import DistContext, Trainer, TrainSettings, evaluate
+
+SCHEDULES = ("oneshot", "iterative")
+
+
+def step_rates(rate: float, schedule: str, steps: int = 1) -> list[float]:
+    """Cumulative target rates: ``[rate]`` one-shot; S steps each removing the same share of what is left."""
+    rate = check_rate(rate)
+    if schedule == "oneshot":
+        return [rate]
+    if schedule == "iterative":
+        if steps < 1:
+            raise PruningError(f"iterative schedule needs at least one step, got {steps}")
+        return [1.0 - (1.0 - rate) ** (s / steps) for s in range(1, steps + 1)]
+    raise PruningError(f"unknown schedule {schedule!r}; choose from {list(SCHEDULES)}")
+
+
+@dataclass(frozen=True)
+class PruneJob:
+    """One pruned model of a study: method × schedule × rate (and how it is done)."""
+    method: str
+    rate: float
+    schedule: str = "oneshot"
+    steps: int = 1
+    exclude: tuple[str, ...] = ()
+    physical: bool = False
+    norm: str = "l1"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise PruningError(f"unknown method {self.method!r}; choose from {sorted(METHODS)}")
+        check_rate(self.rate)
+        step_rates(self.rate, self.schedule, self.steps)
+
+    @property
+    def is_physical(self) -> bool:
+        return self.physical and METHODS[self.method].structured
+
+    @property
+    def model_id(self) -> str:
+        suffix = "-physical" if self.is_physical else ""
+        return f"{self.method}-{self.schedule}-r{self.rate:.2f}{suffix}"
+
+    def method_instance(self, input_size: int):
+        return create_method(self.method, **method_options(self.method, norm=self.norm, input_size=input_size,
+                                                           seed=self.seed))
+
+
+def intersect(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Masks that keep only what both keep: an entry pruned once stays pruned."""
+    out = dict(old)
+    for k, m in new.items():
+        out[k] = m & old[k].to(m.device) if k in old else m
+    return out
+
+
+@dataclass
+class PruneOutcome:
+    model: nn.Module
+    masks: dict[str, torch.Tensor]
+    steps: list[dict] = field(default_factory=list)
+    physical: object = None   # pruning.physical.PhysicalResult when channels were removed
+
+    @property
+    def before(self) -> dict | None:
+        """Accuracy right after the last pruning step, before its retraining."""
+        return self.steps[-1]["before"] if self.steps else None
+
+    @property
+    def after(self) -> dict | None:
+        return self.steps[-1]["after"] if self.steps else None
+
+
+def prune_and_retrain(model: nn.Module, job: PruneJob, *, settings: TrainSettings, train_loader, val_loader,
+                      ctx: DistContext | None = None, reference=None, rewind_state: dict | None = None,
+                      work_dir: str | Path | None = None, progress: bool = True,
+                      input_size: int = 64) -> PruneOutcome:
+    """Run ``job`` on ``model`` (modified in place) and return it with its masks and per-step records."""
+    ctx = ctx or DistContext(device=next(model.parameters()).device)
+    method = job.method_instance(input_size)
+    if method.rewinds and rewind_state is None:
+        raise PruningError(f"method {job.method!r} rewinds weights; pass rewind_state (an early state_dict)")
+    masks: dict[str, torch.Tensor] = {}
+    outcome = PruneOutcome(model, masks)
+    for i, target in enumerate(step_rates(job.rate, job.schedule, job.steps)):
+        new = method.masks(model, target, job.exclude, data=reference)
+        masks = intersect(masks, new)
+        if method.rewinds:
+            model.load_state_dict(rewind_state)
+        apply_masks(model, masks)
+        before = evaluate(model, val_loader, ctx=ctx) if val_loader is not None else None
+        history = []
+        if settings.epochs > 0:
+            out = Path(work_dir) / f"step{i + 1}" if work_dir else None
+            trainer = Trainer(model, settings, ctx=ctx, out_dir=out, progress=progress)
+            trainer.step_hooks.append(MaskEnforcer(trainer.model, masks))
+            history = trainer.fit(train_loader, val_loader)
+            trainer.clear_state()
+            model = trainer.model.to(memory_format=torch.contiguous_format)
+        after = history[-1]["val"] if history else before
+        outcome.steps.append({"step": i + 1, "target_rate": round(target, 6),
+                              "mask_sparsity": round(mask_sparsity(masks), 6), "before": before, "after": after,
+                              "history": history})
+    if job.is_physical:
+        from .physical import remove_pruned_filters
+
+        result = remove_pruned_filters(model, masks, input_size=input_size)
+        masks, outcome.physical = result.masks, result
+    outcome.model, outcome.masks = model, masks
+    return outcome
