@@ -110,9 +110,21 @@ def train_cmd(study_file, profile, overrides, device, data_path, arch, weights, 
 @click.option("--batch-size", type=int, default=256, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
 @click.option("--on-corrupt", type=click.Choice(["skip", "error"]), default="skip", show_default=True)
+@click.option("--robustness", is_flag=True, help="add corruption accuracy (and noise similarity with --parent)")
+@click.option("--parent", type=click.Path(exists=True, path_type=Path), default=None,
+              help="parent checkpoint: noise similarity is top-1 agreement with it")
+@click.option("--corruption", "corruptions", multiple=True, help="corruption (repeatable; default: the study's)")
+@click.option("--severity", "severities", multiple=True, type=click.IntRange(1, 5), help="severity 1-5 (repeatable)")
+@click.option("--max-images", type=int, default=None, help="robustness on at most this many images (0 = all)")
 @click.option("--write-meta", is_flag=True, help="store the result in the checkpoint's meta.json")
-def evaluate_cmd(checkpoint: Path, data_path, split, image_size, batch_size, device, on_corrupt, write_meta):
-    """Top-1/top-5 accuracy of CHECKPOINT (a model.pt or its folder) on a data split; prints JSON."""
+def evaluate_cmd(checkpoint: Path, data_path, split, image_size, batch_size, device, on_corrupt, robustness, parent,
+                 corruptions, severities, max_images, write_meta):
+    """Top-1/top-5 accuracy of CHECKPOINT (a model.pt or its folder) on a data split; prints JSON.
+
+    With --robustness also top-1 under corruptions (severities 1-5, applied to tensors) and, given
+    --parent, noise similarity (x + 2ε(U - 0.5), top-1 agreement with the parent); --write-meta
+    stores it as meta.json["robustness"].
+    """
     from .data.folders import make_loader
     from .models import get_spec, load_checkpoint, read_meta
     from .models import write_meta as save_meta
@@ -125,11 +137,119 @@ def evaluate_cmd(checkpoint: Path, data_path, split, image_size, batch_size, dev
                          on_corrupt=on_corrupt, device="cpu")
     result = evaluate(ckpt.model, loader, device=dev)
     result.update(checkpoint=str(ckpt.path), arch=ckpt.arch, split=split)
+    robust = None
+    if robustness or parent:
+        from dataclasses import replace
+
+        from sparsight.config import EvaluateSection
+
+        from .robustness import check_corruption, robustness_report
+        section = EvaluateSection()
+        try:
+            [check_corruption(c) for c in corruptions]
+        except ValueError as err:
+            raise click.UsageError(str(err)) from None
+        section = replace(section, **{k: v for k, v in {"corruptions": list(corruptions), "severities":
+                                      list(severities)}.items() if v},
+                          **({"max_images": max_images} if max_images is not None else {}))
+        par = load_checkpoint(parent, map_location=dev).model if parent else None
+        robust = robustness_report(ckpt.model, par, loader, section, device=dev)
+        result["robustness"] = robust
     click.echo(json.dumps(result, indent=2))
     if write_meta:
         meta = read_meta(ckpt.path.parent)
-        meta.setdefault("evaluations", {})[f"{Path(data_path).resolve()}:{split}"] = result
+        meta.setdefault("evaluations", {})[f"{Path(data_path).resolve()}:{split}"] = {
+            k: v for k, v in result.items() if k != "robustness"}
+        if robust is not None:
+            meta["robustness"] = robust
         save_meta(ckpt.path.parent, meta)
 
 
-COMMANDS = [data_group, train_cmd, evaluate_cmd]
+@click.command("prune")
+@study_options
+@click.option("--parent", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="folder of the model to prune (default: <run_dir>/models/base)")
+@click.option("--data", "data_path", type=click.Path(exists=True, file_okay=False), default=None,
+              help="ImageFolder root with train/ and val/ (default: the study's data)")
+@click.option("--method", "methods", multiple=True, help="pruning method (repeatable; default: the study's)")
+@click.option("--rate", "rates", multiple=True, type=float, help="pruning rate in [0, 1) (repeatable)")
+@click.option("--schedule", "schedules", multiple=True, type=click.Choice(["oneshot", "iterative"]),
+              help="schedule (repeatable; default: the study's)")
+@click.option("--steps", type=int, default=None, help="steps of the iterative schedule")
+@click.option("--epochs", type=int, default=None, help="retraining epochs (one-shot; per step when iterative)")
+@click.option("--exclude", multiple=True, help="layer never pruned (repeatable; default: the stem)")
+@click.option("--physical", is_flag=True, help="physically remove pruned channels (structured methods)")
+@click.option("--no-robustness", is_flag=True, help="skip corruption accuracy and noise similarity")
+@click.option("--out-root", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="parent folder of the pruned model folders (default: <run_dir>/models)")
+@click.option("--list-methods", is_flag=True, help="list the registered pruning methods and exit")
+def prune_cmd(study_file, profile, overrides, device, parent, data_path, methods, rates, schedules, steps, epochs,
+              exclude, physical, no_robustness, out_root, list_methods):
+    """Prune a trained model by every (method, schedule, rate), retrain, and write models/<model_id>/.
+
+    meta.json reports the requested rate, the measured sparsity after retraining (total and per
+    layer), params, FLOPs, top-1/top-5 of the parent and before/after retraining, and robustness.
+    Example:
+
+      sparsight prune --method lrp --method structured --rate 0.2 --rate 0.4 --epochs 3
+    """
+    from .methods import METHODS
+
+    if list_methods:
+        for name, cls in sorted(METHODS.items()):
+            doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+            click.echo(f"{name:20s} {'structured' if cls.structured else 'unstructured':12s} {doc}")
+        return
+    extra = [f"prune.methods={json.dumps(list(methods))}"] if methods else []
+    extra += [f"prune.rates={json.dumps(list(rates))}"] if rates else []
+    extra += [f"prune.schedules={json.dumps(list(schedules))}"] if schedules else []
+    extra += [f"prune.iterative_steps={steps}"] if steps is not None else []
+    extra += [f"prune.retrain_epochs={epochs}", f"prune.iterative_epochs={epochs}"] if epochs is not None else []
+    extra += [f"prune.exclude={json.dumps(list(exclude))}"] if exclude else []
+    extra += ["prune.physical=true"] if physical else []
+    if data_path:
+        extra += ['data.source="folder"', f"data.path={json.dumps(str(data_path))}"]
+    cfg = resolve_from_cli(study_file, profile, overrides + tuple(extra), device)
+
+    from sparsight.study import Study
+
+    from .methods import PruningError
+    from .models import WeightsError, read_meta
+    from .stages import data_root, prune_jobs
+    from .training import init_distributed
+    from .workflows import build_loaders, prune_and_save
+
+    parent = parent or cfg.run_dir / "models" / "base"
+    if not (parent / "model.pt").is_file():
+        raise click.UsageError(f"no model.pt in {parent}; train one (`sparsight train`) or pass --parent")
+    try:
+        arch = read_meta(parent)["arch"]
+    except (FileNotFoundError, ValueError, KeyError):
+        from .models import load_checkpoint
+        arch = load_checkpoint(parent).arch
+    if not cfg.prune.exclude:
+        cfg.model.arch = arch  # the default exclusion list is the parent architecture's stem
+    try:
+        jobs = prune_jobs(cfg)
+        from .methods import prunable_layers
+        from .models import load_checkpoint
+        prunable_layers(load_checkpoint(parent).model, jobs[0].exclude)  # bad layer names fail before any work
+    except (PruningError, WeightsError) as err:
+        raise click.UsageError(str(err)) from None
+    root = Path(data_path) if data_path else data_root(Study(cfg))
+    out_root = out_root or cfg.run_dir / "models"
+    ctx = init_distributed(cfg.study.device)
+    try:
+        loaders, cache = build_loaders(cfg, root, ctx), {}
+        for job in jobs:
+            meta = prune_and_save(cfg, root, parent, out_root / job.model_id, ctx, job, loaders=loaders, cache=cache,
+                                  robustness=not no_robustness)
+            if ctx.is_main:
+                click.echo(f"{job.model_id}: sparsity {meta['sparsity']['total']:.4f} (requested {job.rate}), "
+                           f"top1 {meta['top1']['parent']:.4f} → {meta['top1']['before']:.4f} → "
+                           f"{meta['top1']['after']:.4f}, params {meta['params_nonzero']}/{meta['params_total']}")
+    finally:
+        ctx.close()
+
+
+COMMANDS = [data_group, train_cmd, prune_cmd, evaluate_cmd]

@@ -84,6 +84,7 @@ class FilterCriterion(PruningMethod):
 
 
 class WeightCriterion(FilterCriterion):
+    """Baseline: filters ranked globally by their L1 norm (no data)."""
     name = "weight"
 
     def filter_scores(self, model, layers, data):
@@ -148,6 +149,7 @@ class ActivationCriterion(FilterCriterion):
 
 
 class GradientCriterion(ActivationCriterion):
+    """Baseline: filters ranked globally by Σ_hw |∂y/∂a| over the reference images."""
     name = "gradient"
 
     def channel_scores(self, act, grad):
@@ -155,6 +157,7 @@ class GradientCriterion(ActivationCriterion):
 
 
 class TaylorCriterion(ActivationCriterion):
+    """Baseline: filters ranked globally by the first-order Taylor score |Σ_hw a·∂y/∂a|."""
     name = "taylor"
 
     def channel_scores(self, act, grad):

@@ -24,7 +24,8 @@ def check_rate(rate: float) -> float:
     return float(rate)
 
 
-def prunable_layers(model: nn.Module, exclude: Iterable[str] = (), kinds=(nn.Conv2d, nn.Linear)) -> dict[str, nn.Module]:
+def prunable_layers(model: nn.Module, exclude: Iterable[str] = (),
+                    kinds=(nn.Conv2d, nn.Linear)) -> dict[str, nn.Module]:
     """Conv/linear layers by module name, minus ``exclude`` (a name excludes its submodules too)."""
     model = unwrap(model)
     all_layers = {n: m for n, m in model.named_modules() if isinstance(m, kinds)}
@@ -190,8 +191,11 @@ class ConnectionSparsity(PruningMethod):
 
 
 class IterativeMagnitude(GlobalMagnitude):
-    """Lottery-ticket IMP (Frankle & Carbin 2019; Frankle & Bau 2019): global magnitude pruning whose
-    surviving weights are rewound to an early checkpoint before each retraining."""
+    """Iterative magnitude pruning (lottery tickets): global |w| masks, survivors rewound to an early epoch.
+
+    After Frankle & Carbin (2019) and Frankle & Bau (2019); the schedule rewinds the surviving
+    weights to the parent's early checkpoint before each retraining.
+    """
     name = "imp"
     rewinds = True
 

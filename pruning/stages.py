@@ -1,4 +1,4 @@
-"""Study stages owned by the pruning package: data → base model → observer → evaluation."""
+"""Study stages owned by the pruning package: data → base → observer → prune → robustness → evaluation."""
 from __future__ import annotations
 
 import csv
@@ -10,7 +10,9 @@ from pathlib import Path
 from .data import concept_shapes
 from .data.folders import split_dir
 from .models import read_meta
+from .schedule import PruneJob
 from .training import TrainSettings
+from .workflows import build_loaders, default_exclude, prune_and_save, retrain_settings, train_and_save
 
 
 def data_root(study) -> Path:
@@ -59,6 +61,10 @@ class ModelStage:
     def __init__(self, name: str, model_id: str, description: str):
         self.name, self.model_id, self.description = name, model_id, description
 
+    @property
+    def is_base(self) -> bool:
+        return self.model_id == "base"
+
     def _spec(self, study) -> tuple[str, str, TrainSettings]:
         cfg = study.config
         seed = cfg.study.seed
@@ -70,37 +76,121 @@ class ModelStage:
     def inputs(self, study) -> dict:
         arch, weights, settings = self._spec(study)
         d = study.config.data
+        extra = {"rewind_epoch": study.config.prune.imp_rewind_epoch,
+                 "evaluate": asdict(study.config.evaluate)} if self.is_base else {}
         return {"data": _upstream(study, "data"), "arch": arch, "weights": weights,
                 "num_classes": study.config.model.num_classes, "settings": asdict(settings),
-                "loader": {"image_size": d.image_size, "batch_size": d.batch_size, "augment": d.augment}}
+                "loader": {"image_size": d.image_size, "batch_size": d.batch_size, "augment": d.augment}, **extra}
 
     def run(self, study) -> list[Path]:
-        from .workflows import train_and_save
 
         arch, weights, settings = self._spec(study)
         out = study.path("models", self.model_id)
+        base = self.is_base
         train_and_save(study.config, data_root(study), out, study.ctx, model_id=self.model_id, arch=arch,
-                       weights=weights, settings=settings)
+                       weights=weights, settings=settings, rewind_epoch=study.config.prune.imp_rewind_epoch
+                       if base and settings.epochs > 0 else None, robustness=base, reuse=not study.forced)
         return [out / "model.pt", out / "meta.json"]
+
+
+def prune_jobs(cfg) -> list[PruneJob]:
+    """Every (method, schedule, rate) of the study, in a stable order."""
+    p = cfg.prune
+    exclude = default_exclude(cfg, cfg.model.arch)
+    return [PruneJob(method=m, rate=float(r), schedule=s, steps=p.iterative_steps if s == "iterative" else 1,
+                     exclude=exclude, physical=p.physical, norm=p.norm, seed=cfg.study.seed)
+            for m in p.methods for s in p.schedules for r in sorted(p.rates)]
+
+
+def study_model_ids(study) -> list[str]:
+    return ["base", "observer"] + [job.model_id for job in prune_jobs(study.config)]
+
+
+class PruneStage:
+    name = "prune"
+    description = "prune the base model by every method × schedule × rate, retrain, evaluate robustness"
+
+    def inputs(self, study) -> dict:
+        cfg = study.config
+        d = cfg.data
+        return {"base": _upstream(study, "base"), "jobs": [asdict(j) for j in prune_jobs(cfg)],
+                "retrain": asdict(retrain_settings(cfg)), "iterative_epochs": cfg.prune.iterative_epochs,
+                "evaluate": asdict(cfg.evaluate),
+                "reference_per_class": cfg.prune.lrp_images_per_class,
+                "loader": {"image_size": d.image_size, "batch_size": d.batch_size, "augment": d.augment}}
+
+    def run(self, study) -> list[Path]:
+        from tqdm import tqdm
+
+        cfg = study.config
+        jobs = prune_jobs(cfg)
+        outputs, cache, loaders = [], {}, None
+        for i, job in enumerate(jobs):
+            out = study.path("models", job.model_id)
+            if cfg.study.progress and study.is_main:
+                tqdm.write(f"[{i + 1}/{len(jobs)}] {job.model_id}")
+            if loaders is None and (study.forced or not _is_finished(out)):
+                loaders = build_loaders(cfg, data_root(study), study.ctx)
+            meta = prune_and_save(cfg, data_root(study), study.path("models", "base"), out, study.ctx, job,
+                                  loaders=loaders, cache=cache, reuse=not study.forced)
+            if cfg.study.progress and study.is_main and meta:
+                tqdm.write(f"    sparsity {meta['sparsity']['total']:.3f} · top-1 {meta['top1']['before']:.3f} "
+                           f"→ {meta['top1']['after']:.3f} (parent {meta['top1']['parent']:.3f})")
+            outputs += [out / "model.pt", out / "meta.json"]
+        return outputs
+
+
+def _is_finished(model_dir: Path) -> bool:
+    return (model_dir / "meta.json").is_file() and (model_dir / "model.pt").is_file()
+
+
+def _study_metas(study) -> list[dict]:
+    return [read_meta(study.path("models", mid)) for mid in study_model_ids(study)
+            if (study.path("models", mid) / "meta.json").is_file()]
+
+
+class RobustnessStage:
+    name = "robustness"
+    description = "study tables: corruption accuracy, noise similarity, prune potential, excess error"
+
+    def inputs(self, study) -> dict:
+        return {"models": {k: _upstream(study, k) for k in ("base", "prune")},
+                "delta": study.config.evaluate.prune_potential_delta}
+
+    def run(self, study) -> list[Path]:
+        from .robustness import write_study_tables
+
+        metas = [m for m in _study_metas(study) if m["model_id"] != "observer"]
+        if not study.is_main:
+            return []
+        return list(write_study_tables(study.run_dir, metas, study.config.evaluate.prune_potential_delta))
+
+
+def _mean_corruption_top1(meta: dict) -> float | None:
+    """Top-1 averaged over every corruption and severity (None without robustness results)."""
+    per = meta.get("robustness", {}).get("corruptions") or {}
+    values = [v for sev in per.values() for v in sev.values()]
+    return round(sum(values) / len(values), 4) if values else None
 
 
 class EvaluateStage:
     name = "evaluate"
     description = "summarize every model of the study (evaluation.csv)"
-    columns = ("model_id", "arch", "method", "rate_requested", "sparsity", "params_total", "params_nonzero",
-               "flops", "top1", "top5")
+    columns = ("model_id", "arch", "method", "schedule", "rate_requested", "sparsity", "params_total",
+               "params_nonzero", "flops", "top1_before", "top1", "top5", "corruption_top1")
 
     def inputs(self, study) -> dict:
-        return {"models": {k: _upstream(study, k) for k in ("base", "observer")}}
+        return {"models": {k: _upstream(study, k) for k in ("base", "observer", "prune")}}
 
     def run(self, study) -> list[Path]:
         rows = []
-        for model_dir in sorted(p for p in study.path("models").iterdir() if (p / "meta.json").is_file()):
-            meta = read_meta(model_dir)
+        for meta in _study_metas(study):
             rows.append({"model_id": meta["model_id"], "arch": meta["arch"], "method": meta.get("method") or "",
-                         "rate_requested": meta.get("rate_requested", 0.0), "sparsity": meta["sparsity"]["total"],
-                         "params_total": meta["params_total"], "params_nonzero": meta["params_nonzero"],
-                         "flops": meta["flops"], "top1": meta["top1"].get("after"), "top5": meta["top5"].get("after")})
+                         "schedule": meta.get("schedule") or "", "rate_requested": meta.get("rate_requested", 0.0),
+                         "sparsity": meta["sparsity"]["total"], "params_total": meta["params_total"],
+                         "params_nonzero": meta["params_nonzero"], "flops": meta["flops"],
+                         "top1_before": meta["top1"].get("before"), "top1": meta["top1"].get("after"),
+                         "top5": meta["top5"].get("after"), "corruption_top1": _mean_corruption_top1(meta)})
         out = study.path("evaluation.csv")
         if study.is_main:
             with open(out, "w", newline="") as fh:
@@ -114,5 +204,7 @@ STAGES = [
     DataStage(),
     ModelStage("base", "base", "train the base model"),
     ModelStage("observer", "observer", "train the observer network (MIS embedding)"),
+    PruneStage(),
+    RobustnessStage(),
     EvaluateStage(),
 ]

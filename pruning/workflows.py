@@ -1,19 +1,67 @@
-"""Train-or-load a model from a study configuration and write ``model.pt`` + ``meta.json``.
+"""Train, prune and evaluate models from a study configuration; write ``model.pt`` + ``meta.json``.
 
-Shared by the ``sparsight train`` / ``evaluate`` commands and the study stages.
+Shared by the ``sparsight train`` / ``prune`` / ``evaluate`` commands and the study stages.  A model
+directory whose ``meta.json`` records the same job fingerprint and whose ``model.pt`` still has the
+recorded hash is reused, so an interrupted study resumes model by model.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from .data.folders import make_loader
-from .models import base_meta, create_model, get_spec, save_checkpoint, write_meta
+from .data.folders import make_loader, reference_batches
+from .models import base_meta, create_model, file_sha256, get_spec, load_checkpoint, save_checkpoint, write_meta
+from .models.checkpoint import atomic_save, layer_sizes, measure_sparsity
 from .training import DistContext, Trainer, TrainSettings, evaluate
 from .training.engine import amp_dtype, use_channels_last
+
+REWIND_FILE = "rewind.pt"
+
+
+def job_fingerprint(spec: dict) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def reusable_meta(out_dir: Path, fingerprint: str) -> dict | None:
+    """The meta of a finished model with this job fingerprint whose checkpoint is unchanged, else None."""
+    try:
+        meta = json.loads((out_dir / "meta.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    ckpt = out_dir / "model.pt"
+    if meta.get("job_fingerprint") != fingerprint or not ckpt.is_file():
+        return None
+    return meta if meta.get("checkpoint_sha256") == file_sha256(ckpt) else None
+
+
+def eval_loader(cfg, data_root, ctx: DistContext):
+    """The validation loader used for robustness (``evaluate.max_images`` caps its use)."""
+    return build_loaders(cfg, data_root, ctx, train=False)[1]
+
+
+def robustness_of(model, parent, loader, cfg, ctx: DistContext) -> dict:
+    from .robustness import robustness_report
+    return robustness_report(model, parent, loader, cfg.evaluate, device=ctx.device, seed=cfg.study.seed)
+
+
+class RewindSaver:
+    """A batch hook that saves the weights at the start of epoch ``epoch`` (IMP rewinding target)."""
+
+    def __init__(self, path: Path, epoch: int):
+        self.path, self.epoch = path, epoch
+
+    def __call__(self, trainer, epoch: int, batch: int) -> None:
+        if epoch == self.epoch and batch == 0 and trainer.ctx.is_main and not self.path.exists():
+            self.save(trainer.model)
+
+    def save(self, model) -> None:
+        from .models.registry import unwrap
+        state = {k: v.detach().cpu().clone().contiguous() for k, v in unwrap(model).state_dict().items()}
+        atomic_save({"epoch": self.epoch, "state_dict": state}, self.path)
 
 
 def build_loaders(cfg, data_root: str | Path, ctx: DistContext, *, train: bool = True, val: bool = True):
@@ -28,33 +76,184 @@ def build_loaders(cfg, data_root: str | Path, ctx: DistContext, *, train: bool =
     return train_loader, val_loader
 
 
+def _robustness_fingerprint(cfg, parent_sha: str | None) -> str:
+    return job_fingerprint({"evaluate": asdict(cfg.evaluate), "parent": parent_sha, "seed": cfg.study.seed})
+
+
+def refresh_robustness(cfg, data_root, out_dir: Path, meta: dict, ctx: DistContext, parent=None,
+                       parent_sha: str | None = None) -> dict:
+    """Recompute ``meta["robustness"]`` of a finished model when the evaluation settings changed."""
+    fp = _robustness_fingerprint(cfg, parent_sha)
+    if meta.get("robustness", {}).get("fingerprint") == fp:
+        return meta
+    model = load_checkpoint(out_dir / "model.pt", map_location=ctx.device).model
+    meta["robustness"] = {**robustness_of(model, parent, eval_loader(cfg, data_root, ctx), cfg, ctx),
+                          "fingerprint": fp}
+    if ctx.is_main:
+        write_meta(out_dir, meta)
+    return meta
+
+
 def train_and_save(cfg, data_root: str | Path, out_dir: str | Path, ctx: DistContext, *, model_id: str,
-                   arch: str, weights: str = "", settings: TrainSettings) -> dict:
-    """Build (or load) ``arch``, train ``settings.epochs`` epochs, save checkpoint and meta; return meta."""
+                   arch: str, weights: str = "", settings: TrainSettings, rewind_epoch: int | None = None,
+                   robustness: bool = False, reuse: bool = True) -> dict:
+    """Build (or load) ``arch``, train ``settings.epochs`` epochs, save checkpoint and meta; return meta.
+
+    ``rewind_epoch`` also saves the weights at the start of that epoch (``rewind.pt``, for IMP);
+    ``robustness`` adds corruption accuracy to the meta.
+    """
     out_dir = Path(out_dir)
+    d = cfg.data
+    fp = job_fingerprint({"arch": arch, "weights": weights, "settings": asdict(settings), "data": str(data_root),
+                          "loader": [d.image_size, d.batch_size, d.augment, d.cache], "rewind": rewind_epoch,
+                          "num_classes": cfg.model.num_classes})
+    meta = reusable_meta(out_dir, fp) if reuse else None
+    if meta is not None:
+        return refresh_robustness(cfg, data_root, out_dir, meta, ctx) if robustness else meta
     train_loader, val_loader = build_loaders(cfg, data_root, ctx, train=settings.epochs > 0)
     num_classes = cfg.model.num_classes or len(val_loader.classes)
     torch.manual_seed(settings.seed)  # the initial weights are a function of the seed, on every rank
     model = create_model(arch, num_classes=num_classes, weights=weights or None)
     amp, cl = amp_dtype(settings.amp, ctx.device), use_channels_last(settings.channels_last)
     before = evaluate(model.to(ctx.device), val_loader, ctx=ctx, amp=amp) if weights else None
-    trainer = Trainer(model, settings, ctx=ctx, out_dir=out_dir, progress=cfg.study.progress)
+    rewind = RewindSaver(out_dir / REWIND_FILE, rewind_epoch) if rewind_epoch is not None else None
+    if rewind is not None and rewind.path.exists():
+        rewind.path.unlink()
+    trainer = Trainer(model, settings, ctx=ctx, out_dir=out_dir, progress=cfg.study.progress,
+                      batch_hooks=[rewind] if rewind else ())
     history = trainer.fit(train_loader, val_loader) if settings.epochs > 0 else []
+    if rewind is not None and ctx.is_main and not rewind.path.exists():
+        rewind.save(trainer.model)  # the rewind epoch is past the end: the trained weights
     after = history[-1]["val"] if history else evaluate(trainer.model, val_loader, ctx=ctx, amp=amp, channels_last=cl)
-    meta = None
+    model = trainer.model.float().to(memory_format=torch.contiguous_format)
+    robust = {}
+    if robustness:
+        robust = {**robustness_of(model, None, val_loader, cfg, ctx), "fingerprint": _robustness_fingerprint(cfg, None)}
     if ctx.is_main:
-        model = trainer.model.float().to(memory_format=torch.contiguous_format)
-        save_checkpoint(out_dir / "model.pt", model, num_classes=num_classes,
-                        args={"settings": json.dumps(asdict(settings)), "data": str(data_root),
-                              "weights": weights, "classes": json.dumps(val_loader.classes)})
+        sha = save_checkpoint(out_dir / "model.pt", model, num_classes=num_classes,
+                              args={"settings": json.dumps(asdict(settings)), "data": str(data_root),
+                                    "weights": weights, "classes": json.dumps(val_loader.classes)})
         meta = base_meta(model.cpu(), model_id=model_id, input_size=cfg.data.image_size, seed=settings.seed,
                          top1={"before": before and before["top1"], "after": after["top1"]},
                          top5={"before": before and before["top5"], "after": after["top5"]},
                          retrain={k: getattr(settings, k) for k in ("epochs", "optimizer", "lr", "momentum",
                                                                     "weight_decay", "scheduler")},
                          weights=weights or None, classes=val_loader.classes, history=history,
-                         stem=list(get_spec(arch).stem))
+                         stem=list(get_spec(arch).stem), robustness=robust, job_fingerprint=fp,
+                         checkpoint_sha256=sha, rewind_epoch=rewind_epoch)
         write_meta(out_dir, meta)
         trainer.clear_state()
     ctx.barrier()
     return meta
+
+
+def retrain_settings(cfg, epochs: int | None = None) -> TrainSettings:
+    """Retraining settings from ``cfg.prune`` (seed-paper defaults: SGD 0.01, momentum 0.9, wd 1e-4, γ 0.9)."""
+    p = cfg.prune
+    return TrainSettings.from_section(cfg.train, epochs=p.retrain_epochs if epochs is None else epochs,
+                                      optimizer=p.retrain_optimizer, lr=p.retrain_lr, momentum=p.retrain_momentum,
+                                      nesterov=False, weight_decay=p.retrain_weight_decay,
+                                      scheduler=p.retrain_scheduler, gamma=p.retrain_gamma,
+                                      seed=cfg.study.seed + 2)
+
+
+def default_exclude(cfg, arch: str) -> tuple[str, ...]:
+    return tuple(cfg.prune.exclude) or tuple(get_spec(arch).stem)
+
+
+def prune_and_save(cfg, data_root: str | Path, parent_dir: str | Path, out_dir: str | Path, ctx: DistContext,
+                   job, *, robustness: bool = True, loaders=None, cache: dict | None = None,
+                   reuse: bool = True) -> dict:
+    """Prune the model in ``parent_dir`` by ``job`` (a ``PruneJob``), retrain, evaluate; write model and meta.
+
+    ``loaders`` (train, val) and ``cache`` (a dict kept across calls) let a study share decoded data,
+    the parent's accuracy and the reference set between its jobs.
+    """
+    cache = {} if cache is None else cache
+    from .schedule import prune_and_retrain
+
+    parent_dir, out_dir = Path(parent_dir), Path(out_dir)
+    parent_ckpt = load_checkpoint(parent_dir / "model.pt", map_location=ctx.device)
+    settings = retrain_settings(cfg, cfg.prune.iterative_epochs if job.schedule == "iterative" else None)
+    p, d = cfg.prune, cfg.data
+    method_cls = job.method_instance(d.image_size)
+    fp = job_fingerprint({"job": asdict(job), "parent": parent_ckpt.sha256, "settings": asdict(settings),
+                          "data": str(data_root), "loader": [d.image_size, d.batch_size, d.augment, d.cache],
+                          "reference": p.lrp_images_per_class if method_cls.needs_data else None})
+    meta = reusable_meta(out_dir, fp) if reuse else None
+    if meta is not None:
+        if robustness:
+            meta = refresh_robustness(cfg, data_root, out_dir, meta, ctx, parent_ckpt.model, parent_ckpt.sha256)
+        return meta
+    train_loader, val_loader = loaders or build_loaders(cfg, data_root, ctx, train=settings.epochs > 0)
+    if ("parent_eval", parent_ckpt.sha256) not in cache:
+        cache[("parent_eval", parent_ckpt.sha256)] = evaluate(parent_ckpt.model, val_loader, ctx=ctx)
+    parent_eval = cache[("parent_eval", parent_ckpt.sha256)]
+    reference = None
+    if method_cls.needs_data:
+        if "reference" not in cache:
+            cache["reference"] = reference_batches(data_root, "train", image_size=d.image_size,
+                                                   per_class=p.lrp_images_per_class, seed=cfg.study.seed,
+                                                   batch_size=d.eval_batch_size, on_corrupt=d.on_corrupt)
+        reference = cache["reference"]
+    rewind_state, rewind_source = None, None
+    if method_cls.rewinds:
+        rewind_path = parent_dir / REWIND_FILE
+        if rewind_path.is_file():
+            rewind_state = torch.load(rewind_path, map_location=ctx.device, weights_only=True)["state_dict"]
+            epoch = json.loads((parent_dir / "meta.json").read_text()).get("rewind_epoch")
+            rewind_source = f"{REWIND_FILE} (epoch {epoch})"
+        else:  # a parent from a weights file has no training history: rewind to the parent itself
+            rewind_state = {k: v.clone() for k, v in parent_ckpt.model.state_dict().items()}
+            rewind_source = "parent weights"
+    torch.manual_seed(settings.seed)
+    model = load_checkpoint(parent_dir / "model.pt", map_location=ctx.device).model
+    sizes = layer_sizes(model)
+    outcome = prune_and_retrain(model, job, settings=settings, train_loader=train_loader, val_loader=val_loader,
+                                ctx=ctx, reference=reference, rewind_state=rewind_state, work_dir=out_dir,
+                                progress=cfg.study.progress, input_size=d.image_size)
+    model = outcome.model.float().to(memory_format=torch.contiguous_format)
+    scope = [k.removesuffix(".weight") for k in _scope_keys(model, job, d.image_size)]
+    robust = {}
+    if robustness:
+        robust = {**robustness_of(model, parent_ckpt.model, val_loader, cfg, ctx),
+                  "fingerprint": _robustness_fingerprint(cfg, parent_ckpt.sha256)}
+    if ctx.is_main:
+        sha = save_checkpoint(out_dir / "model.pt", model, num_classes=parent_ckpt.num_classes, masks=outcome.masks,
+                              args={"job": json.dumps(asdict(job)), "settings": json.dumps(asdict(settings)),
+                                    "parent": parent_ckpt.sha256, "classes": parent_ckpt.args.get("classes", "")},
+                              physical=job.is_physical)
+        before, after = outcome.before or {}, outcome.after or {}
+        physical = outcome.physical
+        meta = base_meta(model.cpu(), model_id=job.model_id, input_size=d.image_size, seed=settings.seed,
+                         parent=parent_ckpt.sha256, parent_model=parent_dir.name, method=job.method,
+                         criterion=criterion_name(job), schedule=job.schedule, rate_requested=job.rate,
+                         steps=[{k: v for k, v in st.items() if k != "history"} for st in outcome.steps],
+                         history=[h for st in outcome.steps for h in st["history"]],
+                         sparsity=measure_sparsity(model, scope=scope, reference=sizes),
+                         top1={"parent": parent_eval["top1"], "before": before.get("top1"), "after": after.get("top1")},
+                         top5={"parent": parent_eval["top5"], "before": before.get("top5"), "after": after.get("top5")},
+                         retrain={k: getattr(settings, k) for k in ("epochs", "optimizer", "lr", "momentum",
+                                                                    "weight_decay", "scheduler", "gamma")},
+                         exclude=list(job.exclude), physical=job.is_physical,
+                         physical_removal=physical.summary() if physical is not None else None,
+                         rewind=rewind_source, robustness=robust, job_fingerprint=fp, checkpoint_sha256=sha)
+        write_meta(out_dir, meta)
+    ctx.barrier()
+    return meta
+
+
+def _scope_keys(model, job, input_size: int) -> list[str]:
+    """Weight names of the layers ``job``'s method prunes (the scope of the measured sparsity)."""
+    from .methods import prunable_layers
+    method = job.method_instance(input_size)
+    return [f"{n}.weight" for n in prunable_layers(model, job.exclude, method.kinds)]
+
+
+def criterion_name(job) -> str:
+    names = {"unstructured-local": "l1-magnitude (per layer)", "unstructured-global": "l1-magnitude (global)",
+             "random": "random", "structured": f"{job.norm}-filter-norm (per layer)",
+             "connection": "l1 input-channel slices (per layer)", "imp": "l1-magnitude (global) + rewinding",
+             "weight": "l1-filter-norm (global)", "gradient": "|dy/da| (global)", "taylor": "|a·dy/da| (global)",
+             "lrp": "LRP EpsilonPlusFlat |R| (global)"}
+    return names.get(job.method, job.method)

@@ -113,13 +113,14 @@ class PruneSection:
                            "pruning methods", each=PRUNING_METHODS)
     rates: list = option([0.2, 0.4, 0.6, 0.8], "requested pruning rates", lo=0.0, hi=1.0, hi_open=True)
     schedules: list = option(["oneshot", "iterative"], "schedules", each=("oneshot", "iterative"))
-    iterative_steps: int = option(4, "steps of the iterative schedule", lo=1)
+    iterative_steps: int = option(3, "steps of the iterative schedule", lo=1)
     norm: str = option("l1", "filter norm of structured pruning", choices=("l1", "l2"))
     physical: bool = option(False, "physically remove pruned channels (Torch-Pruning)")
     exclude: list = option([], "layers never pruned; empty takes the architecture's stem")
     lrp_images_per_class: int = option(10, "reference images per class for LRP relevance", lo=1)
     imp_rewind_epoch: int = option(1, "epoch whose weights IMP rewinds to", lo=0)
-    retrain_epochs: int = option(3, "retraining epochs after pruning (per step when iterative)", lo=0)
+    retrain_epochs: int = option(2, "retraining epochs after one-shot pruning", lo=0)
+    iterative_epochs: int = option(1, "retraining epochs after each step of the iterative schedule", lo=0)
     retrain_optimizer: str = option("sgd", "retraining optimizer", choices=("sgd", "adam", "adamw"))
     retrain_lr: float = option(0.01, "retraining learning rate", lo=0.0)
     retrain_momentum: float = option(0.9, "retraining SGD momentum", lo=0.0, hi=1.0, hi_open=True)
@@ -137,7 +138,7 @@ class EvaluateSection:
     noise_levels: int = option(15, "noise-similarity levels in linspace(0, noise_eps_max)", lo=2)
     noise_eps_max: float = option(0.7, "largest noise-similarity epsilon", lo=0.0)
     prune_potential_delta: float = option(0.005, "error margin of prune potential", lo=0.0, hi=1.0)
-    max_images: int = option(0, "evaluate on at most this many validation images; 0 = all", lo=0)
+    max_images: int = option(500, "robustness on at most this many validation images; 0 = all", lo=0)
 
 
 @dataclass
@@ -235,9 +236,10 @@ PROFILES: dict[str, dict] = {
         "data": {"train_per_class": 200, "val_per_class": 30, "batch_size": 32},
         "train": {"epochs": 7, "lr": 0.05},
         "observer": {"epochs": 5, "lr": 0.1},
-        "prune": {"rates": [0.3, 0.6, 0.9], "schedules": ["oneshot"], "iterative_steps": 2,
-                  "retrain_epochs": 1, "lrp_images_per_class": 2},
-        "evaluate": {"severities": [1, 3, 5], "noise_levels": 5, "max_images": 200},
+        "prune": {"methods": list(PRUNING_METHODS), "rates": [0.3, 0.6, 0.9], "schedules": ["oneshot"],
+                  "iterative_steps": 2,
+                  "retrain_epochs": 1, "iterative_epochs": 1, "lrp_images_per_class": 2},
+        "evaluate": {"severities": [1, 3, 5], "noise_levels": 5, "max_images": 100},
         "units": {"units_per_layer": 2},
         "stimuli": {"n_tasks": 4, "n_references": 3, "fv_steps": 16, "fv_batch_units": 16},
         "mis": {"bootstrap": 200},

@@ -32,6 +32,7 @@ class Study:
     config: StudyConfig
     ctx: object = None                    # pruning.training.DistContext, set by run_study
     records: dict = field(default_factory=dict)
+    forced: bool = False                  # the running stage was forced: redo work it could reuse
 
     @property
     def run_dir(self) -> Path:
@@ -99,6 +100,7 @@ def run_study(config: StudyConfig, *, force: tuple[str, ...] = (), stages: list[
                 log(f"[{stage.name}] up to date, skipped")
                 continue
             log(f"[{stage.name}] {stage.description}")
+            study.forced = forced
             t0 = time.perf_counter()
             outputs = stage.run(study)
             ctx.barrier()

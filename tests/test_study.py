@@ -34,6 +34,32 @@ def test_quick_study_writes_data_models_and_resolved_config(quick_run):
 
 
 @pytest.mark.slow
+def test_quick_study_prunes_with_every_method_at_three_rates_with_robustness(quick_run):
+    import pandas as pd
+
+    from pruning.methods import METHODS
+
+    run_dir, _ = quick_run
+    table = pd.read_csv(run_dir / "evaluation.csv")
+    pruned = table[table["method"].notna() & (table["method"] != "")]
+    assert set(pruned["method"]) == set(METHODS)
+    assert (pruned.groupby("method")["rate_requested"].nunique() >= 3).all()
+    assert (pruned["sparsity"] >= pruned["rate_requested"] - 0.005).all()
+    for mid in pruned["model_id"]:
+        meta = json.loads((run_dir / "models" / mid / "meta.json").read_text())
+        assert meta["robustness"]["corruptions"] and meta["robustness"]["noise_similarity"]["agreement"]
+    potential = pd.read_csv(run_dir / "robustness" / "prune_potential.csv")
+    assert set(potential["method"]) == set(METHODS) and "clean" in set(potential["distribution"])
+
+
+def test_default_profile_covers_the_seed_paper_design():
+    cfg = load_study(profile="default")
+    assert cfg.prune.rates == [0.2, 0.4, 0.6, 0.8]
+    assert {"unstructured-global", "structured", "connection", "lrp"} <= set(cfg.prune.methods)
+    assert set(cfg.prune.schedules) == {"oneshot", "iterative"}
+
+
+@pytest.mark.slow
 def test_rerun_skips_current_stages_and_detects_changed_outputs(quick_run):
     run_dir, _ = quick_run
     result = CliRunner().invoke(main, ["run", "--profile", "quick", "--set", f'study.output_dir="{run_dir.parent}"',

@@ -258,7 +258,8 @@ def decode_to_memory(dataset: ImageFolderDataset, image_size: int, progress: boo
     images = torch.empty(len(dataset.samples), 3, image_size, image_size, dtype=torch.uint8)
     targets = torch.empty(len(dataset.samples), dtype=torch.long)
     keep, skipped = [], 0
-    for i, (path, target) in enumerate(tqdm(dataset.samples, desc="decode", disable=None if progress else True, leave=False)):
+    bar = tqdm(dataset.samples, desc="decode", disable=None if progress else True, leave=False)
+    for i, (path, target) in enumerate(bar):
         try:
             img = prep(open_image(path))
         except CorruptImageError as err:

@@ -40,9 +40,16 @@ def atomic_save(obj, path: Path) -> None:
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, num_classes: int, masks: dict | None = None,
-                    args: dict | None = None) -> str:
-    """Write ``model.pt`` atomically; return its sha256."""
+                    args: dict | None = None, physical: bool | None = None) -> str:
+    """Write ``model.pt`` atomically; return its sha256.
+
+    ``physical`` marks a model whose channels were physically removed (``pruning.physical``), so
+    ``load_checkpoint`` resizes the rebuilt arch to the stored shapes; ``None`` takes the mark the
+    model carries (``remove_pruned_filters`` / ``load_checkpoint`` set ``model.physically_pruned``).
+    """
     model = unwrap(model)
+    if physical is None:
+        physical = bool(getattr(model, "physically_pruned", False))
     path = Path(path)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     obj = {
@@ -53,6 +60,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, num_classes: i
         "state_dict": state,
         "masks": {k: v.detach().cpu().to(torch.bool) for k, v in (masks or {}).items()},
         "args": args or {},
+        "physical": bool(physical),
     }
     atomic_save(obj, path)
     return file_sha256(path)
@@ -87,6 +95,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if arch not in MODELS:
         raise WeightsError(f"checkpoint {path} names unknown arch {arch!r}; known: {sorted(MODELS)}")
     model = create_model(arch, num_classes=header["num_classes"], **header.get("model_kwargs", {}))
+    if header.get("physical"):  # channels were removed: give the layers the stored shapes first
+        from ..physical import resize_to_state
+        resize_to_state(model, header["state_dict"])
     load_state_checked(model, header["state_dict"], path, arch, header["num_classes"])
     masks = header.get("masks", {})
     params = dict(model.named_parameters())
@@ -107,15 +118,28 @@ def prunable_weights(model: nn.Module) -> dict[str, torch.Tensor]:
             if isinstance(m, (nn.Conv2d, nn.Linear)) and m.weight is not None}
 
 
-def measure_sparsity(model: nn.Module) -> dict:
-    """Fraction of exactly-zero weights over prunable layers, total and per layer."""
-    per_layer, zeros, total = {}, 0, 0
+def measure_sparsity(model: nn.Module, scope=None, reference: dict[str, int] | None = None) -> dict:
+    """Fraction of zero weights in conv/linear layers: over ``scope`` (the pruned layers; all if None),
+    over all layers, and per layer.  ``reference`` (layer → weight count of the parent) counts weights
+    that physical pruning removed as zeros."""
+    per_layer, counts = {}, {}
     for name, w in prunable_weights(model).items():
-        z = int((w == 0).sum())
-        per_layer[name.removesuffix(".weight")] = round(z / w.numel(), 6)
-        zeros += z
-        total += w.numel()
-    return {"total": round(zeros / max(total, 1), 6), "per_layer": per_layer}
+        layer = name.removesuffix(".weight")
+        n = (reference or {}).get(layer, w.numel())
+        z = n - int((w != 0).sum())
+        per_layer[layer] = round(z / n, 6)
+        counts[layer] = (z, n)
+    scope = list(counts) if scope is None else [s for s in scope if s in counts]
+
+    def share(names):
+        zeros, total = sum(counts[k][0] for k in names), sum(counts[k][1] for k in names)
+        return round(zeros / max(total, 1), 6)
+    return {"total": share(scope), "all_layers": share(list(counts)), "per_layer": per_layer, "scope": scope}
+
+
+def layer_sizes(model: nn.Module) -> dict[str, int]:
+    """Weight count of every conv/linear layer (the reference for physically pruned children)."""
+    return {n.removesuffix(".weight"): w.numel() for n, w in prunable_weights(model).items()}
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:

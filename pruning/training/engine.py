@@ -122,7 +122,8 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def classification_loss(output, targets: torch.Tensor, label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def classification_loss(output, targets: torch.Tensor,
+                        label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy; GoogLeNet's auxiliary heads (a namedtuple in training) add 0.3 × their losses."""
     ce = nn.functional.cross_entropy
     if isinstance(output, tuple):

@@ -1,0 +1,390 @@
+"""Physical removal of masked-out filters (DESIGN §4), so parameters and FLOPs really drop.
+
+Structured masks leave the model's shapes alone: a pruned filter is a row of zeros in the conv
+weight and zero γ, β in the BatchNorm after it, so its channel is exactly 0.  ``remove_pruned_filters``
+cuts such channels out with Torch-Pruning's dependency graph, which also shrinks the following
+BatchNorm, the consumers' input channels and the bookkeeping of ``torch.cat``.  The smaller model
+computes exactly what the masked model computed:
+
+* a filter is removed only if its channel is exactly 0 wherever it goes: its BatchNorm has γ and
+  β masked (or, without a BatchNorm, the conv has no bias or a masked one);
+* a filter whose channel is coupled to other layers' outputs (a ResNet ``conv3``/``downsample``
+  feeding a residual add, where the group would also cut output channels of other convs) is left
+  in place as masked zeros and counted in ``PhysicalResult.kept_masked``.
+
+The masks still needed afterwards (those coupled filters, unstructured or input-channel parts)
+are re-indexed exactly to the new shapes.  ``resize_to_state`` rebuilds the shapes of a
+physically pruned checkpoint before its state_dict is loaded.
+
+Assumption (true of the registered CNNs): the operations between a BatchNorm and the consumers
+of its output map 0 to 0 (ReLU, pooling, concatenation, flatten, dropout).  ``verify=True``
+checks the result on a random input and raises if the output changed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .methods import PruningError
+from .models.registry import unwrap
+
+
+@dataclass
+class PhysicalResult:
+    masks: dict[str, torch.Tensor]             # masks still needed by the smaller model (new shapes)
+    removed: dict[str, int]                    # conv name -> filters physically removed
+    kept_masked: dict[str, int]                # conv name -> fully masked filters left in place
+    reasons: dict[str, str]                    # conv name -> why its filters were left masked
+    params_before: int
+    params_after: int
+    flops_before: int
+    flops_after: int
+    input_size: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def removed_total(self) -> int:
+        return sum(self.removed.values())
+
+    @property
+    def kept_masked_total(self) -> int:
+        return sum(self.kept_masked.values())
+
+    def summary(self) -> dict:
+        """JSON-friendly numbers for meta.json."""
+        return {"removed": dict(self.removed), "kept_masked": dict(self.kept_masked),
+                "removed_total": self.removed_total, "kept_masked_total": self.kept_masked_total,
+                "params_before": self.params_before, "params_after": self.params_after,
+                "flops_before": self.flops_before, "flops_after": self.flops_after,
+                "input_size": self.input_size}
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+def _dead_filters(mask: torch.Tensor) -> list[int]:
+    """Output filters (rows along dim 0) whose weight mask is all False."""
+    rows = mask.reshape(mask.shape[0], -1).bool()
+    return [int(i) for i in torch.nonzero(~rows.any(dim=1)).flatten()]
+
+
+def _all_false(masks: dict[str, torch.Tensor], name: str, idxs: list[int]) -> bool:
+    """``masks[name]`` exists and is False at every index of ``idxs`` (along dim 0)."""
+    m = masks.get(name)
+    return m is not None and not bool(m.reshape(m.shape[0], -1).bool()[idxs].any())
+
+
+def _flatten_outputs(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _flatten_outputs(o)]
+    if isinstance(out, dict):
+        return [t for o in out.values() for t in _flatten_outputs(o)]
+    return []
+
+
+def _example_input(model: nn.Module, input_size: int, seed: int = 0) -> torch.Tensor:
+    p = next(model.parameters())
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 3, input_size, input_size, generator=g, dtype=torch.float64).to(p.device, p.dtype)
+
+
+def _eval_mode(model: nn.Module) -> None:
+    model.eval()
+
+
+def _structure_mode(model: nn.Module) -> None:
+    """Training-only paths (auxiliary heads) switched on, BatchNorm statistics and dropout frozen."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, (_BatchNorm, nn.modules.dropout._DropoutNd)):
+            m.eval()
+
+
+def _trace(tp, model: nn.Module, x: torch.Tensor, mode):
+    """Torch-Pruning's dependency graph, traced with ``model`` in ``mode``.
+
+    (Torch-Pruning's own tracer calls ``model.eval()`` and leaves it so; ``mode`` is applied again
+    inside the forward function it calls.)
+    """
+    def forward(m, inputs):
+        mode(m)
+        return m(inputs)
+
+    with torch.enable_grad():
+        return tp.DependencyGraph().build_dependency(model, example_inputs=x, forward_fn=forward, verbose=False)
+
+
+def _untraced(model: nn.Module, graph) -> list[str]:
+    return [n for n, m in model.named_modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear, _BatchNorm)) and m not in graph.module2node]
+
+
+class _Index:
+    """Original indices still present along the channel dims of conv / linear / BatchNorm layers."""
+
+    def __init__(self, model: nn.Module):
+        self.names = {m: n for n, m in model.named_modules()}
+        self.out: dict[str, list[int]] = {}
+        self.inp: dict[str, list[int]] = {}
+        for n, m in model.named_modules():
+            if isinstance(m, nn.Conv2d):
+                self.out[n], self.inp[n] = list(range(m.weight.shape[0])), list(range(m.weight.shape[1]))
+            elif isinstance(m, nn.Linear):
+                self.out[n], self.inp[n] = list(range(m.out_features)), list(range(m.in_features))
+            elif isinstance(m, _BatchNorm):
+                self.out[n] = list(range(m.num_features))
+
+    def drop(self, table: dict[str, list[int]], name: str, idxs) -> None:
+        gone = set(int(i) for i in idxs)
+        table[name] = [orig for pos, orig in enumerate(table[name]) if pos not in gone]
+
+
+def _param_dims(module: nn.Module, attr: str) -> tuple[str | None, str | None]:
+    """Which index table (``out`` / ``inp``) each dim (0, 1) of ``module.<attr>`` follows."""
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        return ("out", "inp") if attr == "weight" else ("out", None)
+    if isinstance(module, _BatchNorm):
+        return ("out", None)
+    return (None, None)
+
+
+# ---- the removal ------------------------------------------------------------------------------
+def remove_pruned_filters(model: nn.Module, masks: dict[str, torch.Tensor], input_size: int = 64,
+                          verify: bool = True) -> PhysicalResult:
+    """Physically remove, in place, the conv output filters that ``masks`` prune entirely.
+
+    Returns the masks the smaller model still needs (re-indexed to its shapes), per-layer counts
+    of removed filters and of fully masked filters left in place (coupled, or whose channel is not
+    exactly zero), and parameters / FLOPs before and after.  The model's unmasked values are not
+    changed; apply the returned masks (``pruning.masks``) as before.
+
+    Raises ``PruningError`` if a mask prunes every filter of a conv, or (``verify``) if the smaller
+    model does not compute what the masked model computed on a random input.
+    """
+    import torch_pruning as tp
+
+    from .masks import _params, masked
+    from .models.checkpoint import count_flops, count_params
+
+    model = unwrap(model)
+    params = _params(model, masks)  # unknown names / wrong shapes raise here, before any change
+    masks = {k: v.detach().bool().to(params[k].device) for k, v in masks.items()}
+    modules = dict(model.named_modules())
+
+    # refuse before touching anything: a conv whose every filter is masked
+    candidates: dict[str, list[int]] = {}
+    for name, m in modules.items():
+        key = f"{name}.weight"
+        if isinstance(m, nn.Conv2d) and key in masks:
+            dead = _dead_filters(masks[key])
+            if len(dead) == m.weight.shape[0]:
+                raise PruningError(f"the mask of {name} prunes all {len(dead)} of its filters; "
+                                   f"removing them would disconnect the network: lower the rate or exclude {name}")
+            if dead:
+                candidates[name] = dead
+
+    was_training = model.training
+    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    params_before = count_params(model)[0]
+    flops_before = count_flops(model, input_size, device=next(model.parameters()).device)
+    removed: dict[str, int] = {}
+    kept: dict[str, int] = {}
+    reasons: dict[str, str] = {}
+    notes: list[str] = []
+    index = _Index(model)
+    try:
+        x = _example_input(model, input_size)
+        mode = _eval_mode
+        graph = _trace(tp, model, x[:1], mode)
+        untraced = _untraced(model, graph)
+        if untraced:  # e.g. GoogLeNet's aux heads run only in training: trace that path too
+            mode = _structure_mode
+            graph = _trace(tp, model, x[:1], mode)
+            untraced = _untraced(model, graph)
+            if untraced:
+                notes.append(f"layers not reached by a forward pass keep their shapes: {untraced[:8]}")
+        reference = None
+        if verify:
+            mode(model)
+            with torch.no_grad(), masked(model, masks):
+                reference = [t.detach().clone() for t in _flatten_outputs(model(x))]
+
+        for name, dead in candidates.items():
+            conv = modules[name]
+            if conv not in graph.module2node:
+                kept[name], reasons[name] = len(dead), "not reached by a forward pass"
+                continue
+            if conv.groups != 1:
+                kept[name], reasons[name] = len(dead), "grouped convolution"
+                continue
+            positions = [index.out[name].index(i) for i in dead]
+            group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, positions)
+            why, alive = _check_group(graph, group, conv, name, index, masks)
+            if why is None and alive:
+                dead = [i for i in dead if i not in alive]
+                kept[name], reasons[name] = len(alive), "channel not exactly zero (BatchNorm γ/β or bias not masked)"
+                if not dead:
+                    continue
+                positions = [index.out[name].index(i) for i in dead]
+                group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, positions)
+                why, _ = _check_group(graph, group, conv, name, index, masks)
+            if why is not None:
+                kept[name] = kept.get(name, 0) + len(dead)
+                reasons[name] = why
+                continue
+            if not graph.check_pruning_group(group):
+                raise PruningError(f"removing {len(dead)} filters of {name} would empty a coupled layer "
+                                   f"(layers handled before it were already cut in place)")
+            changes = [(index.names[dep.target.module], dep, idxs) for dep, idxs in group.items
+                       if isinstance(dep.target.module, (nn.Conv2d, nn.Linear, _BatchNorm))]
+            group.prune()
+            for mod_name, dep, idxs in changes:
+                module = dep.target.module
+                if isinstance(module, _BatchNorm) or graph.is_out_channel_pruning_fn(dep.handler):
+                    index.drop(index.out, mod_name, idxs)
+                else:
+                    index.drop(index.inp, mod_name, idxs)
+            removed[name] = len(dead)
+
+        new_masks = _reindex(model, masks, index)
+        if verify:
+            mode(model)
+            with torch.no_grad(), masked(model, new_masks):
+                outputs = _flatten_outputs(model(x))
+            _compare(reference, outputs)
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(requires_grad.get(n, p.requires_grad))
+        model.train(was_training)
+
+    if removed:
+        model.physically_pruned = True
+    if kept:
+        notes.append(f"{sum(kept.values())} fully masked filters in {len(kept)} layers stay as masked zeros")
+    return PhysicalResult(new_masks, removed, kept, reasons, params_before, count_params(model)[0],
+                          flops_before, count_flops(model, input_size, device=next(model.parameters()).device),
+                          input_size, notes)
+
+
+def _check_group(graph, group, conv: nn.Conv2d, name: str, index: _Index,
+                 masks: dict[str, torch.Tensor]) -> tuple[str | None, set[int]]:
+    """Why the group cannot be cut (None if it can), and the root filters whose channel is not zero."""
+    alive: set[int] = set()
+    has_bn = False
+    for item in group.items:
+        dep, idxs = item.dep, item.idxs
+        module = dep.target.module
+        if module is conv:
+            continue
+        if isinstance(module, _BatchNorm):
+            has_bn = True
+            bn = index.names[module]
+            orig = [index.out[bn][i] for i in idxs]
+            roots = [index.out[name][r] for r in item.root_idxs]
+            if not module.affine:
+                return f"BatchNorm {bn} without affine parameters keeps the channel non-zero", alive
+            for o, r in zip(orig, roots):
+                if not (_all_false(masks, f"{bn}.weight", [o]) and _all_false(masks, f"{bn}.bias", [o])):
+                    alive.add(r)
+            continue
+        if isinstance(module, nn.Conv2d) and module.groups != 1:
+            return f"feeds grouped convolution {index.names[module]}", alive
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            if graph.is_out_channel_pruning_fn(dep.handler):
+                return f"coupled with the outputs of {index.names[module]} (e.g. a residual add)", alive
+            continue
+        if isinstance(module, nn.Parameter) or (isinstance(module, nn.Module) and
+                                                any(True for _ in module.parameters(recurse=False))):
+            return f"coupled with {type(module).__name__} {index.names.get(module, '')}".rstrip(), alive
+    if not has_bn and conv.bias is not None:
+        orig = [index.out[name][r] for r in group.items[0].root_idxs]
+        alive.update(o for o in orig if not _all_false(masks, f"{name}.bias", [o]))
+    return None, alive
+
+
+def _reindex(model: nn.Module, masks: dict[str, torch.Tensor], index: _Index) -> dict[str, torch.Tensor]:
+    """Old masks restricted to the kept indices; masks that became all True are dropped."""
+    params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
+    out = {}
+    for key, mask in masks.items():
+        mod_name, _, attr = key.rpartition(".")
+        if key not in params:
+            raise PruningError(f"parameter {key} disappeared during physical pruning")
+        new = mask
+        for dim, table in enumerate(_param_dims(modules[mod_name], attr)):
+            if table is None or dim >= new.dim():
+                continue
+            keep = getattr(index, table)[mod_name]
+            if len(keep) != new.shape[dim]:
+                new = new.index_select(dim, torch.tensor(keep, dtype=torch.long, device=new.device))
+        if new.shape != params[key].shape:
+            raise PruningError(f"mask {key} has shape {tuple(new.shape)} after removal, "
+                               f"parameter {tuple(params[key].shape)}")
+        if not bool(new.all()):
+            out[key] = new.contiguous()
+    return out
+
+
+def _compare(reference: list[torch.Tensor], outputs: list[torch.Tensor]) -> None:
+    if len(reference) != len(outputs):
+        raise PruningError("physical pruning changed the structure of the model's output")
+    for ref, out in zip(reference, outputs):
+        if ref.shape != out.shape:
+            raise PruningError(f"physical pruning changed an output shape {tuple(ref.shape)} -> {tuple(out.shape)}")
+        tight = ref.dtype == torch.float64
+        scale = float(ref.abs().max()) if ref.numel() else 0.0
+        atol = (1e-9 if tight else 1e-4) * max(scale, 1e-12)
+        if not torch.allclose(out, ref, rtol=1e-7 if tight else 1e-3, atol=atol):
+            diff = float((out - ref).abs().max())
+            raise PruningError(f"physical pruning changed the model's output (max |diff| {diff:.3g}, "
+                               f"scale {scale:.3g}); the model was modified in place and is not usable")
+
+
+# ---- rebuilding shapes from a state_dict ------------------------------------------------------
+def resize_to_state(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Module:
+    """Give every Conv2d / BatchNorm / Linear of ``model`` the shapes its entries in ``state_dict`` have.
+
+    Parameters and buffers are replaced by uninitialised tensors of the stored shapes (dtype and
+    device kept), and ``in_channels``/``out_channels``/``num_features``/``in_features``/
+    ``out_features`` updated, so ``load_state_dict(state_dict, strict=True)`` then fits.
+    Modules without entries in ``state_dict`` are left alone.
+    """
+    model = unwrap(model)
+
+    def fresh(old: torch.Tensor, shape, param: bool):
+        t = torch.empty(tuple(shape), dtype=old.dtype, device=old.device)
+        return nn.Parameter(t, requires_grad=old.requires_grad) if param else t
+
+    for name, m in model.named_modules():
+        prefix = f"{name}." if name else ""
+        w = state_dict.get(prefix + "weight")
+        if isinstance(m, nn.Conv2d) and w is not None and w.dim() == 4:
+            if tuple(w.shape) != tuple(m.weight.shape):
+                m.out_channels, m.in_channels = int(w.shape[0]), int(w.shape[1]) * m.groups
+                m.weight = fresh(m.weight, w.shape, True)
+                if m.bias is not None:
+                    m.bias = fresh(m.bias, (w.shape[0],), True)
+        elif isinstance(m, nn.Linear) and w is not None and w.dim() == 2:
+            if tuple(w.shape) != tuple(m.weight.shape):
+                m.out_features, m.in_features = int(w.shape[0]), int(w.shape[1])
+                m.weight = fresh(m.weight, w.shape, True)
+                if m.bias is not None:
+                    m.bias = fresh(m.bias, (w.shape[0],), True)
+        elif isinstance(m, _BatchNorm):
+            ref = w if w is not None else state_dict.get(prefix + "running_mean")
+            if ref is None or ref.dim() != 1 or int(ref.shape[0]) == m.num_features:
+                continue
+            n = int(ref.shape[0])
+            m.num_features = n
+            if m.affine:
+                m.weight = fresh(m.weight, (n,), True)
+                m.bias = fresh(m.bias, (n,), True)
+            if m.track_running_stats and m.running_mean is not None:
+                m.running_mean = torch.zeros(n, dtype=m.running_mean.dtype, device=m.running_mean.device)
+                m.running_var = torch.ones(n, dtype=m.running_var.dtype, device=m.running_var.device)
+    model.physically_pruned = True
+    return model

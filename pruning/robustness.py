@@ -1,0 +1,502 @@
+"""Robustness beyond test accuracy (DESIGN.md §5, after Liebenwein et al. 2021).
+
+* Corruptions in pixel space [0, 1] on batches (N×3×H×W), severities 1–5 in the spirit of
+  ImageNet-C (Hendrycks & Dietterich 2019), seeded through a ``torch.Generator``.
+* :func:`corruption_accuracy` — top-1 on clean and corrupted validation images, one loader pass.
+* :func:`noise_similarity` — top-1 agreement of a pruned model with its parent on
+  ``x + 2ε(U − 0.5)`` in the network's (normalized) input space.
+* :func:`robustness_report` — both, JSON-ready for ``meta["robustness"]``.
+* Study tables from meta dicts: :func:`accuracy_table` (with excess error), :func:`noise_table`,
+  :func:`prune_potential`, :func:`write_study_tables`.
+"""
+from __future__ import annotations
+
+import io
+import math
+import numbers
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from sparsight.files import atomic_write_text
+
+from .data.folders import IMAGENET_MEAN, IMAGENET_STD
+
+SEVERITIES = (1, 2, 3, 4, 5)
+
+# Severity tables (index = severity − 1), ImageNet-C values unless noted.
+GAUSSIAN_NOISE_SIGMA = (0.08, 0.12, 0.18, 0.26, 0.38)
+SHOT_NOISE_PHOTONS = (60.0, 25.0, 12.0, 5.0, 3.0)
+BLUR_SIGMA_AT_224 = (1.0, 2.0, 3.0, 4.0, 6.0)  # scaled by min(H, W) / 224
+BLUR_TRUNCATE = 4.0  # kernel radius = ceil(truncate · σ), as scipy/skimage
+CONTRAST_FACTOR = (0.4, 0.3, 0.2, 0.1, 0.05)
+BRIGHTNESS_SHIFT = (0.1, 0.2, 0.3, 0.4, 0.5)  # added to HSV value
+JPEG_QUALITY = (25, 18, 15, 10, 7)
+PIXELATE_FACTOR = (0.6, 0.5, 0.4, 0.3, 0.25)
+
+
+# ---- normalization ---------------------------------------------------------------------
+def _stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return mean, std
+
+
+def denormalize(x: torch.Tensor) -> torch.Tensor:
+    """Network input (ImageNet-normalized) → pixel space; not clamped."""
+    mean, std = _stats(x)
+    return x * std + mean
+
+
+def normalize(x01: torch.Tensor) -> torch.Tensor:
+    """Pixel space [0, 1] → network input (ImageNet-normalized)."""
+    mean, std = _stats(x01)
+    return (x01 - mean) / std
+
+
+# ---- corruptions -----------------------------------------------------------------------
+def _noise_like(x: torch.Tensor, generator: torch.Generator, kind: str) -> torch.Tensor:
+    """Standard normal (``kind='normal'``) or uniform [0, 1) noise drawn on the generator's device."""
+    draw = torch.randn if kind == "normal" else torch.rand
+    return draw(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
+
+
+def gaussian_noise(x01: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
+    """Additive i.i.d. Gaussian noise with σ from :data:`GAUSSIAN_NOISE_SIGMA`."""
+    sigma = GAUSSIAN_NOISE_SIGMA[severity - 1]
+    return (x01 + sigma * _noise_like(x01, generator, "normal")).clamp_(0, 1)
+
+
+def shot_noise(x01: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
+    """Poisson photon noise: ``Poisson(x · λ) / λ`` with λ from :data:`SHOT_NOISE_PHOTONS`."""
+    lam = SHOT_NOISE_PHOTONS[severity - 1]
+    rate = (x01.clamp(0, 1) * lam).to(generator.device)
+    return (torch.poisson(rate, generator=generator).to(x01.device) / lam).clamp_(0, 1)
+
+
+def gaussian_kernel1d(sigma: float, radius: int, dtype=torch.float32, device=None) -> torch.Tensor:
+    """Normalized 1-D Gaussian of length ``2·radius + 1``."""
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    return (k / k.sum()).to(dtype=dtype, device=device)
+
+
+def blur_params(severity: int, height: int, width: int) -> tuple[float, int]:
+    """σ scaled from 224 px to the image size, and the kernel radius (reflect padding needs < side)."""
+    sigma = BLUR_SIGMA_AT_224[severity - 1] * min(height, width) / 224
+    radius = max(1, math.ceil(BLUR_TRUNCATE * sigma))
+    return sigma, min(radius, min(height, width) - 1)
+
+
+def gaussian_blur(x01: torch.Tensor, severity: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Separable Gaussian blur with reflect padding; σ per :data:`BLUR_SIGMA_AT_224`."""
+    n, c, h, w = x01.shape
+    sigma, radius = blur_params(severity, h, w)
+    k = gaussian_kernel1d(sigma, radius, x01.dtype, x01.device)
+    y = x01.reshape(n * c, 1, h, w)
+    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="reflect"), k.view(1, 1, -1, 1))
+    return y.reshape(n, c, h, w).clamp_(0, 1)
+
+
+def contrast(x01: torch.Tensor, severity: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Blend towards each image's mean intensity (over channels and pixels): ``(x − m)·c + m``."""
+    c = CONTRAST_FACTOR[severity - 1]
+    mean = x01.mean(dim=(1, 2, 3), keepdim=True)
+    return ((x01 - mean) * c + mean).clamp_(0, 1)
+
+
+def brightness(x01: torch.Tensor, severity: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Add a shift to the HSV value (V = max(R, G, B)), clipped to 1, keeping hue and saturation.
+
+    With H and S fixed, RGB is proportional to V, so the result is ``x · V'/V``; black pixels
+    (V = 0, S = 0 by convention) become grey ``V'``.  Same as ImageNet-C's HSV round trip.
+    """
+    shift = BRIGHTNESS_SHIFT[severity - 1]
+    x01 = x01.clamp(0, 1)
+    v = x01.amax(dim=1, keepdim=True)
+    v_new = (v + shift).clamp(max=1)
+    scaled = x01 * (v_new / v.clamp(min=1e-12))
+    return torch.where(v > 0, scaled, v_new.expand_as(x01)).clamp_(0, 1)
+
+
+def jpeg(x01: torch.Tensor, severity: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """JPEG round trip per image through Pillow (libjpeg, uint8, CPU) at :data:`JPEG_QUALITY`.
+
+    Pillow, as ImageNet-C uses; torchvision's ``encode_jpeg`` is deprecated since 0.29.
+    """
+    quality = JPEG_QUALITY[severity - 1]
+    out = []
+    for img in to_uint8(x01).permute(0, 2, 3, 1).cpu().numpy():
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=quality)
+        out.append(torch.from_numpy(np.asarray(Image.open(buf).convert("RGB")).copy()))
+    return torch.stack(out).permute(0, 3, 1, 2).to(device=x01.device, dtype=x01.dtype).div_(255)
+
+
+def to_uint8(x01: torch.Tensor) -> torch.Tensor:
+    """Round pixel values in [0, 1] to uint8."""
+    return (x01.clamp(0, 1) * 255).round_().to(torch.uint8)
+
+
+def box_resample_matrix(n_out: int, n_in: int) -> torch.Tensor:
+    """Row-stochastic (n_out × n_in) matrix of PIL's BOX resampling along one axis.
+
+    Mirrors Pillow's ``precompute_coeffs``: output pixel ``i`` averages the input pixels whose
+    centres fall in a box of width ``max(n_in / n_out, 1)`` around ``(i + 0.5) · n_in / n_out``.
+    """
+    scale = n_in / n_out
+    filterscale = max(scale, 1.0)
+    support = 0.5 * filterscale
+    center = (torch.arange(n_out, dtype=torch.float64) + 0.5)[:, None] * scale
+    x = torch.arange(n_in, dtype=torch.float64)[None]
+    t = (x - center + 0.5) / filterscale
+    xmin = (center - support + 0.5).floor().clamp(min=0)
+    xmax = (center + support + 0.5).floor().clamp(max=n_in)
+    w = ((t > -0.5) & (t <= 0.5) & (x >= xmin) & (x < xmax)).double()
+    nearest = (center.floor().clamp(max=n_in - 1) == x).double()  # never an empty row
+    w = torch.where(w.sum(1, keepdim=True) > 0, w, nearest)
+    return w / w.sum(1, keepdim=True)
+
+
+def box_resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Resize the last two axes with PIL's BOX filter (in float, without uint8 rounding)."""
+    rows = box_resample_matrix(height, x.shape[-2]).to(x)
+    cols = box_resample_matrix(width, x.shape[-1]).to(x)
+    return rows @ x @ cols.T
+
+
+def pixelate(x01: torch.Tensor, severity: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """BOX-downsample to ``factor · size``, then BOX-upsample back, as ImageNet-C does with PIL."""
+    factor = PIXELATE_FACTOR[severity - 1]
+    h, w = x01.shape[-2:]
+    small = box_resize(x01, max(1, int(h * factor)), max(1, int(w * factor)))
+    return box_resize(small, h, w).clamp_(0, 1)
+
+
+Corruption = Callable[[torch.Tensor, int, torch.Generator], torch.Tensor]
+
+CORRUPTIONS: dict[str, Corruption] = {
+    "gaussian_noise": gaussian_noise,
+    "gaussian_blur": gaussian_blur,
+    "contrast": contrast,
+    "jpeg": jpeg,
+    "brightness": brightness,
+    "shot_noise": shot_noise,
+    "pixelate": pixelate,
+}
+
+
+def check_corruption(name: str) -> Corruption:
+    if name not in CORRUPTIONS:
+        raise ValueError(f"unknown corruption {name!r}; choose from {sorted(CORRUPTIONS)}")
+    return CORRUPTIONS[name]
+
+
+def check_severity(severity) -> int:
+    if isinstance(severity, bool) or not isinstance(severity, numbers.Integral) or severity not in SEVERITIES:
+        raise ValueError(f"unknown severity {severity!r}; choose from {list(SEVERITIES)}")
+    return int(severity)
+
+
+def corrupt(x01: torch.Tensor, name: str, severity: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Apply corruption ``name`` at ``severity`` (1–5) to a pixel-space batch N×3×H×W.
+
+    Without a generator, a fresh CPU generator seeded 0 is used, so calls are reproducible.
+    The input is never modified; the output is a new tensor clamped to [0, 1].
+    """
+    fn = check_corruption(name)
+    severity = check_severity(severity)
+    if x01.dim() != 4 or x01.shape[1] != 3:
+        raise ValueError(f"expected a batch N×3×H×W, got shape {tuple(x01.shape)}")
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
+    return fn(x01, severity, generator)
+
+
+# ---- evaluation ------------------------------------------------------------------------
+def derived_seed(seed: int, *parts: int) -> int:
+    """A stable 63-bit seed from ``seed`` and integer parts (batch index, corruption, severity …)."""
+    s = seed % (2 ** 63)
+    for p in parts:
+        s = (s * 1_000_003 + int(p) + 7919) % (2 ** 63)
+    return s
+
+
+def _device(model: nn.Module, device) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _batches(loader, max_images: int, device: torch.device):
+    """(index, images, targets) on ``device``; empty batches skipped, truncated at ``max_images``."""
+    seen = 0
+    for b, batch in enumerate(loader):
+        if len(batch.targets) == 0:
+            continue
+        take = len(batch.targets) if max_images <= 0 else min(len(batch.targets), max_images - seen)
+        if take <= 0:
+            break
+        yield b, batch.images[:take].to(device), batch.targets[:take].to(device)
+        seen += take
+
+
+def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    return int((model(x).argmax(dim=1) == y).sum())
+
+
+def corruption_accuracy(model: nn.Module, loader, corruptions, severities, *, device=None, max_images: int = 0,
+                        seed: int = 0) -> dict:
+    """Clean top-1 and top-1 under every (corruption, severity) in one pass over ``loader``.
+
+    The noise of batch ``b`` under (corruption, severity) is seeded from ``(seed, b, corruption,
+    severity)``, so a result does not depend on which other corruptions are evaluated.
+    Returns ``{"clean": top1, "corruptions": {name: {str(severity): top1}}, "n": images}``
+    (top-1 values are ``None`` when the loader yields no images).
+    """
+    names = list(corruptions)
+    for c in names:
+        check_corruption(c)
+    sevs = [check_severity(s) for s in severities]
+    dev = _device(model, device)
+    gen = torch.Generator(device=dev)
+    clean = 0
+    hits = {(c, s): 0 for c in names for s in sevs}
+    n = 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for b, x, y in _batches(loader, max_images, dev):
+                clean += _correct(model, x, y)
+                x01 = denormalize(x).clamp_(0, 1)
+                for c in names:
+                    for s in sevs:
+                        gen.manual_seed(derived_seed(seed, b, list(CORRUPTIONS).index(c), s))
+                        hits[c, s] += _correct(model, normalize(CORRUPTIONS[c](x01, s, gen)), y)
+                n += len(y)
+    finally:
+        model.train(was_training)
+    share = (lambda k: k / n) if n else (lambda k: None)  # None (JSON null) without images
+    return {"clean": share(clean), "corruptions": {c: {str(s): share(hits[c, s]) for s in sevs} for c in names},
+            "n": n}
+
+
+def noise_levels(levels: int, eps_max: float) -> list[float]:
+    """``linspace(0, eps_max, levels)`` as Python floats."""
+    if levels < 1:
+        raise ValueError(f"noise levels must be ≥ 1, got {levels}")
+    if levels == 1:
+        return [0.0]
+    return [eps_max * i / (levels - 1) for i in range(levels)]
+
+
+def noise_similarity(model: nn.Module, parent: nn.Module, loader, *, levels: int = 15, eps_max: float = 0.7,
+                     device=None, max_images: int = 0, seed: int = 0) -> dict:
+    """Top-1 agreement of ``model`` and ``parent`` on ``x + 2ε(U − 0.5)`` (normalized input space).
+
+    Both networks see the same noisy image; ε runs over ``linspace(0, eps_max, levels)``.
+    Returns ``{"eps": [...], "agreement": [...], "n": images}`` (Liebenwein et al. 2021).
+    """
+    eps = noise_levels(levels, eps_max)
+    dev = _device(model, device)
+    gen = torch.Generator(device=dev)
+    agree = [0] * len(eps)
+    n = 0
+    modes = (model.training, parent.training)
+    model.eval()
+    parent.eval()
+    try:
+        with torch.no_grad():
+            for b, x, _ in _batches(loader, max_images, dev):
+                for i, e in enumerate(eps):
+                    gen.manual_seed(derived_seed(seed, b, i))
+                    xn = x + 2 * e * (_noise_like(x, gen, "uniform") - 0.5) if e > 0 else x
+                    agree[i] += int((model(xn).argmax(dim=1) == parent(xn).argmax(dim=1)).sum())
+                n += len(x)
+    finally:
+        model.train(modes[0])
+        parent.train(modes[1])
+    return {"eps": eps, "agreement": [a / n if n else None for a in agree], "n": n}
+
+
+def _setting(section, key: str):
+    return section[key] if isinstance(section, dict) else getattr(section, key)
+
+
+def robustness_report(model: nn.Module, parent: nn.Module | None, loader, section, *, device=None,
+                      seed: int = 0) -> dict:
+    """Corruption accuracy and (with a parent) noise similarity, ready for ``meta["robustness"]``.
+
+    ``section`` is the study's ``evaluate`` section (or a dict with the same keys).
+    """
+    corruptions = list(_setting(section, "corruptions"))
+    severities = [int(s) for s in _setting(section, "severities")]
+    max_images = int(_setting(section, "max_images"))
+    acc = corruption_accuracy(model, loader, corruptions, severities, device=device, max_images=max_images,
+                              seed=seed)
+    report = {
+        "clean": acc["clean"], "corruptions": acc["corruptions"], "n": acc["n"],
+        "settings": {"corruptions": corruptions, "severities": severities, "max_images": max_images, "seed": seed,
+                     "noise_levels": int(_setting(section, "noise_levels")),
+                     "noise_eps_max": float(_setting(section, "noise_eps_max"))},
+    }
+    if parent is not None:
+        report["noise_similarity"] = noise_similarity(
+            model, parent, loader, levels=report["settings"]["noise_levels"],
+            eps_max=report["settings"]["noise_eps_max"], device=device, max_images=max_images, seed=seed)
+    return report
+
+
+# ---- study tables ----------------------------------------------------------------------
+KEY_COLUMNS = ["model_id", "arch", "method", "schedule", "rate_requested", "sparsity"]
+ACCURACY_COLUMNS = KEY_COLUMNS + ["distribution", "severity", "top1", "error", "excess_error"]
+NOISE_COLUMNS = ["model_id", "arch", "method", "schedule", "rate_requested", "eps", "agreement"]
+POTENTIAL_COLUMNS = ["arch", "method", "schedule", "distribution", "potential", "parent_error", "potential_drop",
+                     "n_rates"]
+
+
+def is_base(meta: dict) -> bool:
+    """The unpruned parent of a study: no pruning method."""
+    return not meta.get("method")
+
+
+def has_report(meta: dict) -> bool:
+    """Whether ``meta`` holds a robustness report with a clean top-1."""
+    return (meta.get("robustness") or {}).get("clean") is not None
+
+
+def _sparsity(meta: dict) -> float:
+    s = meta.get("sparsity")
+    if isinstance(s, dict):
+        s = s.get("total")
+    return float("nan") if s is None else float(s)
+
+
+def _keys(meta: dict) -> dict:
+    return {"model_id": meta.get("model_id"), "arch": meta.get("arch"), "method": meta.get("method") or None,
+            "schedule": meta.get("schedule") or None, "rate_requested": float(meta.get("rate_requested") or 0.0),
+            "sparsity": _sparsity(meta)}
+
+
+def base_for(meta: dict, metas: list[dict]) -> dict | None:
+    """The base model of ``meta``: the only base in ``metas``, else the only one of the same arch."""
+    bases = [m for m in metas if is_base(m) and has_report(m)]
+    if len(bases) > 1:
+        bases = [m for m in bases if m.get("arch") == meta.get("arch")]
+    if len(bases) > 1:
+        raise ValueError(f"several base models for {meta.get('model_id')!r}: "
+                         f"{sorted(str(m.get('model_id')) for m in bases)}")
+    return bases[0] if bases else None
+
+
+def top1_by_distribution(robustness: dict) -> dict[tuple[str, int], float]:
+    """``{("clean", 0): top1, (corruption, severity): top1, …}`` from a robustness report (``None`` left out)."""
+    out = {} if robustness.get("clean") is None else {("clean", 0): float(robustness["clean"])}
+    for name, by_sev in (robustness.get("corruptions") or {}).items():
+        for sev, top1 in by_sev.items():
+            if top1 is not None:
+                out[name, int(sev)] = float(top1)
+    return out
+
+
+def accuracy_table(metas: list[dict]) -> pd.DataFrame:
+    """Long table of top-1/error per model and distribution, with excess error against the base.
+
+    ``excess_error = (e_shift(model) − e_shift(base)) − (e_clean(model) − e_clean(base))``; NaN where
+    the base lacks that distribution.  Models without a robustness report are skipped.
+    """
+    rows = []
+    for meta in metas:
+        if not has_report(meta):
+            continue
+        mine = top1_by_distribution(meta["robustness"])
+        base = base_for(meta, metas)
+        ref = top1_by_distribution(base["robustness"]) if base else {}
+        for (dist, sev), top1 in mine.items():
+            excess = float("nan")
+            if (dist, sev) in ref:
+                e, e0 = 1 - top1, 1 - ref[dist, sev]
+                excess = (e - e0) - ((1 - mine["clean", 0]) - (1 - ref["clean", 0]))
+            rows.append({**_keys(meta), "distribution": dist, "severity": sev, "top1": top1, "error": 1 - top1,
+                         "excess_error": excess})
+    return pd.DataFrame(rows, columns=ACCURACY_COLUMNS)
+
+
+def noise_table(metas: list[dict]) -> pd.DataFrame:
+    """Long table of noise-similarity agreement per model and ε (models with a parent report only)."""
+    rows = []
+    for meta in metas:
+        ns = (meta.get("robustness") or {}).get("noise_similarity")
+        if not ns:
+            continue
+        keys = {k: v for k, v in _keys(meta).items() if k in NOISE_COLUMNS}
+        rows += [{**keys, "eps": float(e), "agreement": float("nan") if a is None else float(a)}
+                 for e, a in zip(ns["eps"], ns["agreement"])]
+    return pd.DataFrame(rows, columns=NOISE_COLUMNS)
+
+
+def mean_errors(robustness: dict) -> dict[str, float]:
+    """Error per distribution: clean, and each corruption averaged over its severities."""
+    by_dist: dict[str, list[float]] = {}
+    for (dist, _), top1 in top1_by_distribution(robustness).items():
+        by_dist.setdefault(dist, []).append(1 - top1)
+    return {d: sum(v) / len(v) for d, v in by_dist.items()}
+
+
+def paired_mean_errors(robustness: dict, reference: dict) -> dict[str, tuple[float, float]]:
+    """Per distribution, (model error, reference error) averaged over the severities both have."""
+    mine, ref = top1_by_distribution(robustness), top1_by_distribution(reference)
+    pairs: dict[str, list[tuple[float, float]]] = {}
+    for key in mine.keys() & ref.keys():
+        pairs.setdefault(key[0], []).append((1 - mine[key], 1 - ref[key]))
+    return {d: (sum(p[0] for p in v) / len(v), sum(p[1] for p in v) / len(v)) for d, v in pairs.items()}
+
+
+def prune_potential(metas: list[dict], delta: float = 0.005) -> pd.DataFrame:
+    """Prune potential per (arch, method, schedule) and distribution (Liebenwein et al. 2021).
+
+    The potential is the largest requested rate whose error (corruptions: averaged over severities)
+    stays within ``base error + delta`` on that distribution, 0.0 if no rate does.
+    ``potential_drop`` = clean potential − potential on the distribution.
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for meta in metas:
+        if is_base(meta) or not has_report(meta):
+            continue
+        k = _keys(meta)
+        groups.setdefault((k["arch"], k["method"], k["schedule"]), []).append(meta)
+    rows = []
+    for (arch, method, schedule), members in groups.items():
+        base = base_for(members[0], metas)
+        if base is None:
+            continue
+        base_err = mean_errors(base["robustness"])
+        errors = [(float(m.get("rate_requested") or 0.0), paired_mean_errors(m["robustness"], base["robustness"]))
+                  for m in members]
+        potentials = {}
+        for dist in sorted(base_err, key=lambda d: (d != "clean", d)):
+            rates = [r for r, err in errors if dist in err and err[dist][0] <= err[dist][1] + delta + 1e-12]
+            potentials[dist] = max(rates, default=0.0)
+        for dist, pot in potentials.items():
+            rows.append({"arch": arch, "method": method, "schedule": schedule, "distribution": dist,
+                         "potential": pot, "parent_error": base_err[dist], "potential_drop": potentials["clean"] - pot,
+                         "n_rates": sum(dist in err for _, err in errors)})
+    return pd.DataFrame(rows, columns=POTENTIAL_COLUMNS)
+
+
+def write_study_tables(out_dir: str | os.PathLike, metas: list[dict], delta: float = 0.005) -> list[Path]:
+    """Write ``robustness/{accuracy,noise_similarity,prune_potential}.csv`` under ``out_dir``."""
+    folder = Path(out_dir) / "robustness"
+    tables = {"accuracy.csv": accuracy_table(metas), "noise_similarity.csv": noise_table(metas),
+              "prune_potential.csv": prune_potential(metas, delta)}
+    return [atomic_write_text(folder / name, df.to_csv(index=False)) for name, df in tables.items()]

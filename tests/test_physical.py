@@ -1,0 +1,219 @@
+"""Physical removal of structurally pruned filters: same function, fewer parameters and FLOPs."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from pruning.masks import masked
+from pruning.methods import PruningError, create_method
+from pruning.models import WeightsError, create_model, get_spec, load_checkpoint, save_checkpoint
+from pruning.models.checkpoint import count_flops, count_params
+from pruning.physical import remove_pruned_filters
+
+SIZE = 64
+
+
+def _randomize_batchnorms(model: nn.Module) -> None:
+    """Non-trivial running stats and affine parameters, so an unmasked BN would leak a constant."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.5, 0.5)
+
+
+def _inputs() -> torch.Tensor:
+    return torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+def _outputs(model, masks, x=None):
+    model.eval()
+    x = _inputs() if x is None else x
+    with torch.no_grad(), masked(model, masks):
+        return model(x.to(next(model.parameters()).dtype))
+
+
+@pytest.fixture(scope="module", params=["inception-small", "googlenet", "resnet50"])
+def pruned(request):
+    arch = request.param
+    torch.manual_seed(0)
+    model = create_model(arch, num_classes=10).double()
+    with torch.no_grad():
+        _randomize_batchnorms(model)
+    masks = create_method("structured").masks(model, 0.5, exclude=get_spec(arch).stem)
+    if arch == "inception-small":  # unstructured parts on top: they must be re-indexed exactly
+        extra = create_method("random", seed=1).masks(model, 0.3, exclude=get_spec(arch).stem)
+        for k, m in extra.items():
+            masks[k] = masks[k] & m if k in masks else m
+    reference = _outputs(model, masks)
+    model.train()
+    result = remove_pruned_filters(model, masks, input_size=SIZE)
+    return arch, model, masks, reference, result
+
+
+def test_physical_model_computes_what_the_masked_model_computed(pruned):
+    arch, model, _, reference, result = pruned
+    assert model.training  # the training flag is restored
+    assert result.removed_total > 0
+    out = _outputs(model, result.masks)
+    assert out.shape == reference.shape
+    assert torch.allclose(out, reference, rtol=1e-10, atol=1e-12), float((out - reference).abs().max())
+    assert result.params_after < result.params_before and result.flops_after < result.flops_before
+    assert result.params_after == count_params(model)[0]
+    assert result.flops_after == count_flops(model, SIZE)
+    for key, mask in result.masks.items():  # masks fit the new shapes; all-True ones are dropped
+        assert mask.shape == dict(model.named_parameters())[key].shape and not mask.all()
+
+
+def test_coupled_filters_are_kept_masked_only_where_needed(pruned):
+    arch, model, masks, _, result = pruned
+    if arch == "resnet50":  # conv3 / downsample feed residual adds: left as masked zeros
+        assert {"layer1.0.conv3", "layer1.0.downsample.0", "layer4.2.conv3"} <= set(result.kept_masked)
+        assert all(n.endswith(("conv3", "downsample.0")) for n in result.kept_masked)
+        assert "layer1.0.conv1" in result.removed and "layer4.2.conv2" in result.removed
+        assert model.layer1[0].conv3.out_channels == 256 and model.layer1[0].conv1.out_channels == 32
+        assert "coupled" in result.reasons["layer1.0.conv3"]
+        kept = result.masks["layer1.0.conv3.weight"]
+        assert (~kept.reshape(256, -1).any(1)).sum() == result.kept_masked["layer1.0.conv3"]
+    else:  # inception branches are concatenated: every fully masked filter goes
+        assert result.kept_masked == {}
+        convs = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+        assert not any(k in convs and not m.reshape(m.shape[0], -1).any(1).all() for k, m in result.masks.items())
+    if arch == "googlenet":
+        assert model.inception3a.branch1.conv.out_channels == 32  # 64 filters, half removed
+        assert model.fc.in_features < 1024
+
+
+def test_physical_checkpoint_round_trip(pruned, tmp_path):
+    arch, model, _, _, result = pruned
+    save_checkpoint(tmp_path / "model.pt", model, num_classes=10, masks=result.masks)
+    raw = torch.load(tmp_path / "model.pt", map_location="cpu", weights_only=True)
+    assert raw["physical"] is True
+    loaded = load_checkpoint(tmp_path)
+    assert loaded.model.fc.in_features == model.fc.in_features
+    assert count_params(loaded.model)[0] == result.params_after
+    # load_checkpoint rebuilds a float32 model and bakes the masks in: compare with the same in float32
+    expected = _outputs(copy.deepcopy(model).float(), result.masks)
+    got = _outputs(loaded.model, {})
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
+    if arch == "resnet50":
+        assert set(loaded.masks) == set(result.masks)
+    if arch == "inception-small":  # a reloaded physical model is saved as physical again
+        save_checkpoint(tmp_path / "again.pt", loaded.model, num_classes=10)
+        again = load_checkpoint(tmp_path / "again.pt")
+        assert torch.equal(_outputs(again.model, {}), got)
+
+
+def test_plain_checkpoint_with_removed_channels_fails_clearly(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("inception-small", num_classes=10)
+    masks = create_method("structured").masks(model, 0.5, exclude=get_spec("inception-small").stem)
+    remove_pruned_filters(model, masks)
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, model, num_classes=10, physical=False)
+    with pytest.raises(WeightsError, match="shape mismatch") as err:
+        load_checkpoint(path)
+    assert str(path) in str(err.value)
+
+
+def test_refuses_to_remove_every_filter_of_a_layer():
+    torch.manual_seed(0)
+    model = create_model("inception-small", num_classes=10)
+    masks = create_method("structured").masks(model, 0.5, exclude=get_spec("inception-small").stem)
+    masks["inception3a.branch1.conv.weight"][:] = False
+    before = count_params(model)[0]
+    with pytest.raises(PruningError, match="inception3a.branch1.*all 16 of its filters"):
+        remove_pruned_filters(model, masks)
+    assert count_params(model)[0] == before  # refused before anything changed
+
+
+class Plain(nn.Module):
+    """Convs with biases and no BatchNorm: a pruned filter still outputs relu(bias)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 12, 3, padding=1)
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def _filter_masks(model, biases: bool) -> dict:
+    """Half the filters of each conv masked by hand, with or without their biases."""
+    masks = {}
+    for name in ("conv1", "conv2"):
+        keep = torch.arange(getattr(model, name).out_channels) % 2 == 0
+        masks[f"{name}.weight"] = keep.view(-1, 1, 1, 1).expand_as(getattr(model, name).weight).clone()
+        if biases:
+            masks[f"{name}.bias"] = keep.clone()
+    return masks
+
+
+def test_filter_whose_bias_is_not_masked_stays():
+    torch.manual_seed(0)
+    model = Plain().double()
+    with torch.no_grad():
+        model.conv1.bias.uniform_(0.1, 0.5)
+    masks = _filter_masks(model, biases=False)
+    reference = _outputs(model, masks)
+    result = remove_pruned_filters(model, masks, input_size=16)
+    assert result.removed == {} and result.kept_masked == {"conv1": 4, "conv2": 6}
+    assert "not exactly zero" in result.reasons["conv1"]
+    assert torch.equal(_outputs(model, result.masks), reference)
+
+    model = Plain().double()
+    masks = _filter_masks(model, biases=True)
+    reference = _outputs(model, masks)
+    result = remove_pruned_filters(model, masks, input_size=16)
+    assert result.removed == {"conv1": 4, "conv2": 6} and result.masks == {}
+    assert model.conv2.in_channels == 4 and model.fc.in_features == 6
+    assert torch.allclose(_outputs(model, {}), reference, rtol=1e-12, atol=1e-14)
+
+
+class WithAux(nn.Module):
+    """An auxiliary head that runs only in training (as GoogLeNet's aux1/aux2) reads a pruned conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 6, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.aux = nn.Conv2d(8, 4, 1)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        out = self.fc(torch.relu(self.bn2(self.conv2(x))).mean((2, 3)))
+        return (out, self.aux(x).mean((2, 3))) if self.training else out
+
+
+def test_training_only_branches_are_pruned_too():
+    torch.manual_seed(0)
+    model = WithAux().double()
+    with torch.no_grad():
+        _randomize_batchnorms(model)
+    masks = create_method("structured").masks(model, 0.5, exclude=("fc", "aux"))
+    x = _inputs()[:, :, :8, :8]
+
+    def aux_mode():  # the training path, with BatchNorm statistics frozen
+        model.train()
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+
+    aux_mode()
+    with torch.no_grad(), masked(model, masks):
+        reference = model(x)
+    result = remove_pruned_filters(model, masks, input_size=8)
+    assert result.removed == {"conv1": 4, "conv2": 3}
+    assert model.aux.in_channels == 4 and model.training
+    aux_mode()
+    with torch.no_grad(), masked(model, result.masks):
+        out = model(x)
+    assert all(torch.allclose(o, r, rtol=1e-12, atol=1e-14) for o, r in zip(out, reference))

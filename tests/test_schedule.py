@@ -1,0 +1,191 @@
+"""Schedules, retraining with masks, IMP rewinding, the prune workflow and its command."""
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pruning.data.folders import make_loader, reference_batches
+from pruning.methods import METHODS, PruningError, create_method
+from pruning.models import count_params, create_model, get_spec, load_checkpoint, measure_sparsity, read_meta
+from pruning.schedule import PruneJob, prune_and_retrain, step_rates
+from pruning.training import TrainSettings
+from sparsight.cli import main
+
+STEM = get_spec("inception-small").stem
+
+
+@pytest.fixture(scope="module")
+def loaders(tiny_data):
+    common = {"image_size": 32, "cache": "memory", "augment": "shift-flip", "device": "cpu", "seed": 0}
+    return (make_loader(tiny_data, "train", batch_size=32, train=True, **common),
+            make_loader(tiny_data, "val", batch_size=64, train=False, **common))
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_data):
+    return reference_batches(tiny_data, "train", image_size=32, per_class=2, seed=0)
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return create_model("inception-small", num_classes=10)
+
+
+SETTINGS = TrainSettings(epochs=1, lr=0.01, scheduler="exponential", weight_decay=1e-4, nesterov=False, seed=5)
+
+
+def test_step_rates_compound_to_the_requested_rate():
+    assert step_rates(0.6, "oneshot") == [0.6]
+    rates = step_rates(0.8, "iterative", 3)
+    assert rates[-1] == pytest.approx(0.8)
+    kept = [1 - r for r in rates]
+    assert kept[1] / kept[0] == pytest.approx(kept[0]) and kept[2] / kept[1] == pytest.approx(kept[0])
+    with pytest.raises(PruningError, match=r"unknown schedule 'gradual'; choose from \['oneshot', 'iterative'\]"):
+        step_rates(0.5, "gradual")
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_measured_sparsity_after_retraining_meets_the_requested_rate(method, loaders, reference):
+    model = _model()
+    job = PruneJob(method, 0.5, exclude=STEM)
+    rewind = {k: v.clone() for k, v in model.state_dict().items()} if METHODS[method].rewinds else None
+    out = prune_and_retrain(model, job, settings=SETTINGS, train_loader=loaders[0], val_loader=loaders[1],
+                            reference=reference, rewind_state=rewind, progress=False, input_size=32)
+    assert out.steps[0]["history"], "retraining ran"
+    scope = [n.removesuffix(".weight") for n in out.masks if n.endswith(".weight") and out.masks[n].dim() > 1
+             and not any(n.startswith(s + ".") for s in STEM)]
+    measured = measure_sparsity(out.model, scope=scope)
+    assert measured["total"] >= 0.5 - 0.005
+    params = dict(out.model.named_parameters())
+    for name, mask in out.masks.items():  # nothing regrew during SGD with momentum and weight decay
+        assert torch.all(params[name].detach()[~mask.bool()] == 0), name
+
+
+@pytest.mark.parametrize("method", ["random", "structured", "lrp"])
+def test_iterative_masks_are_nested_and_reach_the_rate(method, loaders, reference):
+    model = _model(1)
+    seen = []
+    job = PruneJob(method, 0.6, schedule="iterative", steps=3, exclude=STEM)
+    import pruning.schedule as schedule
+    real = schedule.apply_masks
+
+    def spy(m, masks):
+        seen.append({k: v.clone() for k, v in masks.items()})
+        real(m, masks)
+    schedule.apply_masks = spy
+    try:
+        out = prune_and_retrain(model, job, settings=SETTINGS, train_loader=loaders[0], val_loader=loaders[1],
+                                reference=reference, progress=False, input_size=32)
+    finally:
+        schedule.apply_masks = real
+    assert [s["step"] for s in out.steps] == [1, 2, 3]
+    for earlier, later in zip(seen, seen[1:]):
+        for k in earlier:
+            assert not torch.any(later[k] & ~earlier[k]), f"{k} regrew between steps"
+    sparsity = [s["mask_sparsity"] for s in out.steps]
+    assert sparsity == sorted(sparsity) and sparsity[0] < sparsity[-1]
+
+
+def test_imp_rewinds_surviving_weights_to_the_early_state(loaders):
+    early = _model(2)
+    rewind = {k: v.clone() for k, v in early.state_dict().items()}
+    trained = _model(3)  # stands in for the trained parent: different weights
+    job = PruneJob("imp", 0.5, exclude=STEM)
+    no_training = TrainSettings(epochs=0)
+    out = prune_and_retrain(trained, job, settings=no_training, train_loader=loaders[0], val_loader=loaders[1],
+                            rewind_state=rewind, progress=False, input_size=32)
+    params = dict(out.model.named_parameters())
+    expected = create_method("unstructured-global").masks(_model(3), 0.5, exclude=STEM)  # ranked on trained weights
+    assert out.masks.keys() == expected.keys()
+    for name, mask in out.masks.items():
+        assert torch.equal(mask, expected[name])
+        assert torch.equal(params[name].detach(), rewind[name] * mask)
+    with pytest.raises(PruningError, match="rewinds weights"):
+        prune_and_retrain(_model(), job, settings=no_training, train_loader=loaders[0], val_loader=loaders[1])
+
+
+def test_physical_job_gives_a_smaller_model_with_the_masked_function(loaders):
+    model = _model(4)
+    job = PruneJob("structured", 0.5, exclude=STEM, physical=True)
+    assert job.model_id == "structured-oneshot-r0.50-physical"
+    masked_twin = _model(4)
+    out = prune_and_retrain(model, job, settings=TrainSettings(epochs=0), train_loader=loaders[0],
+                            val_loader=loaders[1], progress=False, input_size=32)
+    assert out.physical is not None and out.physical.removed_total > 0
+    assert count_params(out.model)[0] < count_params(masked_twin)[0]
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"method": "prune-all", "rate": 0.5}, "unknown method 'prune-all'; choose from ['connection'"),
+    ({"method": "structured", "rate": 1.0}, "rate 1.0 is outside [0, 1)"),
+    ({"method": "structured", "rate": 0.5, "schedule": "later"}, "unknown schedule 'later'"),
+])
+def test_bad_jobs_are_clear_errors(kwargs, fragment):
+    with pytest.raises(PruningError) as err:
+        PruneJob(**kwargs)
+    assert fragment in str(err.value)
+
+
+@pytest.fixture(scope="module")
+def trained_base(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    common = ["--set", f'study.output_dir="{out}"', "--set", 'study.name="t"', "--set", "data.image_size=32",
+              "--set", "study.progress=false", "--set", 'data.source="folder"',
+              "--set", f'data.path="{tiny_data}"', "--device", "cpu"]
+    result = CliRunner().invoke(main, ["train", "--epochs", "1", *common])
+    assert result.exit_code == 0, result.output
+    return out / "t", common
+
+
+def test_prune_command_writes_models_with_measured_sparsity_and_robustness(trained_base):
+    run_dir, common = trained_base
+    args = ["prune", "--method", "unstructured-global", "--method", "lrp", "--rate", "0.4", "--epochs", "1",
+            "--set", "prune.lrp_images_per_class=2", "--set", "evaluate.max_images=30",
+            "--set", "evaluate.severities=[1]", "--set", "evaluate.noise_levels=3", *common]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    parent_sha = load_checkpoint(run_dir / "models" / "base").sha256
+    for mid in ("unstructured-global-oneshot-r0.40", "lrp-oneshot-r0.40"):
+        meta = read_meta(run_dir / "models" / mid)
+        ckpt = load_checkpoint(run_dir / "models" / mid)
+        assert meta["parent"] == parent_sha and meta["rate_requested"] == 0.4
+        assert meta["sparsity"]["total"] >= 0.4 - 0.005
+        assert meta["sparsity"]["total"] == measure_sparsity(ckpt.model, scope=meta["sparsity"]["scope"])["total"]
+        assert set(meta["top1"]) == {"parent", "before", "after"}
+        assert meta["robustness"]["noise_similarity"]["eps"][0] == 0.0
+        assert set(meta["robustness"]["corruptions"]) == {"gaussian_noise", "gaussian_blur", "contrast", "jpeg"}
+        assert json.loads(ckpt.args["job"])["method"] == meta["method"]
+    # a rerun reuses finished models (same job fingerprint, unchanged checkpoint)
+    before = (run_dir / "models" / "lrp-oneshot-r0.40" / "model.pt").stat().st_mtime_ns
+    assert CliRunner().invoke(main, args).exit_code == 0
+    assert (run_dir / "models" / "lrp-oneshot-r0.40" / "model.pt").stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--method", "shrink"], "prune.methods"),
+    (["--rate", "1.5"], "prune.rates"),
+    (["--exclude", "conv9"], "layer 'conv9' does not exist; valid layers: ['conv1.conv'"),
+    (["--exclude", "conv1", "--exclude", "conv2", "--exclude", "conv3", "--exclude", "inception3a",
+      "--exclude", "inception3b", "--exclude", "inception4a", "--exclude", "inception4b", "--exclude", "inception5a",
+      "--exclude", "fc"], "leaves no layer to prune"),
+])
+def test_prune_command_rejects_bad_input_with_the_valid_choices(trained_base, extra, fragment):
+    run_dir, common = trained_base
+    result = CliRunner().invoke(main, ["prune", *extra, *common])
+    assert result.exit_code == 2 and fragment in result.output, result.output
+
+
+def test_evaluate_command_reports_robustness_against_a_parent(trained_base, tiny_data):
+    run_dir, _ = trained_base
+    base = str(run_dir / "models" / "base")
+    args = ["evaluate", base, "--data", str(tiny_data), "--image-size", "32", "--device", "cpu", "--parent", base,
+            "--corruption", "contrast", "--severity", "2", "--max-images", "20"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    robust = json.loads(result.stdout)["robustness"]
+    assert robust["noise_similarity"]["agreement"] == [1.0] * 15  # a model always agrees with itself
+    assert robust["corruptions"].keys() == {"contrast"} and robust["corruptions"]["contrast"].keys() == {"2"}
+    assert robust["n"] == 20
+    bad = CliRunner().invoke(main, args[:-6] + ["--corruption", "fog"])
+    assert bad.exit_code == 2 and "unknown corruption 'fog'" in bad.output
