@@ -51,9 +51,12 @@ def synth(out: Path, profile: str, seed: int, train_per_class, val_per_class, im
               help="output folder for model.pt and meta.json (default: <run_dir>/models/<model-id>)")
 @click.option("--model-id", default="base", show_default=True, help="id written to meta.json")
 @click.option("--no-resume", is_flag=True, help="ignore a saved train_state.pt and start over")
+@click.option("--rewind-epoch", type=int, default=None,
+              help="also save the weights at the start of this epoch as rewind.pt, for IMP "
+                   "(default: prune.imp_rewind_epoch; -1: none)")
 @click.option("--list-models", is_flag=True, help="list the registered models and exit")
 def train_cmd(study_file, profile, overrides, device, data_path, arch, weights, epochs, lr, batch_size, out,
-              model_id, no_resume, list_models):
+              model_id, no_resume, rewind_epoch, list_models):
     """Train a model (from scratch or from weights) and write model.pt + meta.json.
 
     Runs on CPU or a GPU (bf16 autocast, channels_last); under `torchrun --nproc_per_node=N`
@@ -91,9 +94,12 @@ def train_cmd(study_file, profile, overrides, device, data_path, arch, weights, 
         out = out or cfg.run_dir / "models" / model_id
         if no_resume and (out / "train_state.pt").exists() and ctx.is_main:
             (out / "train_state.pt").unlink()
+        rewind = cfg.prune.imp_rewind_epoch if rewind_epoch is None else rewind_epoch
         meta = train_and_save(cfg, root, out, ctx, model_id=model_id, arch=cfg.model.arch,
                               weights=cfg.model.weights, settings=TrainSettings.from_section(cfg.train,
-                                                                                             seed=cfg.study.seed))
+                                                                                             seed=cfg.study.seed),
+                              rewind_epoch=rewind if rewind >= 0 and cfg.train.epochs > 0 else None,
+                              reuse=not no_resume)
         if ctx.is_main:
             click.echo(f"{model_id}: val top1 {meta['top1']['after']:.4f}, top5 {meta['top5']['after']:.4f} "
                        f"→ {out / 'model.pt'}")

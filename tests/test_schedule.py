@@ -189,3 +189,23 @@ def test_evaluate_command_reports_robustness_against_a_parent(trained_base, tiny
     assert robust["n"] == 20
     bad = CliRunner().invoke(main, args[:-6] + ["--corruption", "fog"])
     assert bad.exit_code == 2 and "unknown corruption 'fog'" in bad.output
+
+
+def test_training_saves_the_imp_rewind_point(trained_base):
+    run_dir, _ = trained_base  # trained with the default prune.imp_rewind_epoch = 1 and 1 epoch
+    base = run_dir / "models" / "base"
+    saved = torch.load(base / "rewind.pt", weights_only=True)
+    assert saved["epoch"] == 1 and read_meta(base)["rewind_epoch"] == 1
+    final = load_checkpoint(base).model.state_dict()  # epoch 1 is past the end: the trained weights
+    assert all(torch.equal(saved["state_dict"][k], v) for k, v in final.items())
+
+
+def test_rewind_point_at_epoch_zero_is_the_initialization(tiny_data, tmp_path):
+    args = ["train", "--epochs", "1", "--rewind-epoch", "0", "--set", f'study.output_dir="{tmp_path}"',
+            "--set", "data.image_size=32", "--set", "study.progress=false", "--set", 'data.source="folder"',
+            "--set", f'data.path="{tiny_data}"', "--device", "cpu", "--set", "study.seed=7"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    saved = torch.load(tmp_path / "default" / "models" / "base" / "rewind.pt", weights_only=True)["state_dict"]
+    torch.manual_seed(7)
+    init = create_model("inception-small", num_classes=10).state_dict()
+    assert all(torch.equal(saved[k], v) for k, v in init.items())
