@@ -144,6 +144,7 @@ class EvaluateSection:
 @dataclass
 class UnitsSection:
     layers: list = option([], "layers whose units are studied; empty takes the architecture's default")
+    units: list = option([], "explicit units instead of a sample, e.g. ['inception4a:3', 'inception4b:0-7']")
     units_per_layer: int = option(8, "units sampled per layer (seeded)", lo=1)
     sampling: str = option("per-layer", "per-layer sample, or IMI-style (layer uniformly, then channel)",
                            choices=("per-layer", "imi", "all"))
@@ -153,6 +154,8 @@ class UnitsSection:
 @dataclass
 class StimuliSection:
     kinds: list = option(["natural", "synthetic"], "stimulus kinds", each=("natural", "synthetic"))
+    split: str = option("val", "data split the natural exemplars are mined from", choices=("val", "train"))
+    models: list = option([], "models that get stimuli (model ids); empty = every model of the study")
     n_tasks: int = option(20, "tasks per unit (N)", lo=1)
     n_references: int = option(9, "references per side (K)", lo=1)
     query_percentile: float = option(0.0, "0 takes queries from the least extreme ranks of the top set; "

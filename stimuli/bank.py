@@ -1,0 +1,149 @@
+"""The stimulus bank: content-addressed images and the manifest that gives them meaning (DESIGN §3).
+
+Images are PNG files named by the sha256 of their bytes (``stimuli/images/<sha>.png``), so no file
+name or URL reveals a unit, a side (max/min) or a rank, and an exemplar shared by several models is
+stored once.  The meaning lives in ``stimuli/manifest.parquet``: one row per (model, unit, kind,
+task, role, image).  Each finished (model, kind, unit) is first written as its own small part file,
+so a rerun skips finished units and an interrupted run loses at most the unit in progress; the
+manifest is assembled from the parts atomically.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from sparsight.files import atomic_write_bytes, atomic_write_text
+
+MANIFEST_COLUMNS = ["model_id", "layer", "unit", "task", "role", "kind", "image", "source", "activation", "rank"]
+ROLES = ("query_max", "query_min", "ref_max", "ref_min")
+KINDS = ("natural", "synthetic")
+STATUS_COLUMNS = ["model_id", "kind", "layer", "unit", "status", "reason"]
+_IMAGE_NAME = re.compile(r"^images/[0-9a-f]{64}\.png$")
+
+
+def to_pil(image) -> Image.Image:
+    """A PIL RGB image from a PIL image, a uint8 HWC array, or a CHW tensor in [0, 1] or uint8."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, torch.Tensor):
+        t = image.detach().cpu()
+        if t.dtype != torch.uint8:
+            t = (t.float().clamp(0, 1) * 255).round().to(torch.uint8)
+        image = t.permute(1, 2, 0).numpy()
+    return Image.fromarray(np.ascontiguousarray(image), "RGB")
+
+
+def png_bytes(image) -> bytes:
+    buf = io.BytesIO()
+    to_pil(image).save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def _atomic_parquet(df: pd.DataFrame, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+    return path
+
+
+class StimulusBank:
+    """Images and manifest parts under ``root`` (a study's ``stimuli/`` folder)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.images = self.root / "images"
+        self.parts = self.root / "parts"
+
+    # ---- images -------------------------------------------------------------------------
+    def add_image(self, image) -> str:
+        """Store ``image`` as PNG under its content hash; return the bank-relative path."""
+        data = png_bytes(image)
+        name = f"images/{hashlib.sha256(data).hexdigest()}.png"
+        path = self.root / name
+        if not path.exists():
+            atomic_write_bytes(path, data)
+        return name
+
+    # ---- per-unit parts -----------------------------------------------------------------
+    def part_path(self, model_id: str, kind: str, layer: str, unit: int) -> Path:
+        return self.parts / model_id / kind / f"{layer}__{unit}.parquet"
+
+    def is_done(self, model_id: str, kind: str, layer: str, unit: int) -> bool:
+        return self.part_path(model_id, kind, layer, unit).is_file()
+
+    def write_unit(self, model_id: str, kind: str, layer: str, unit: int, rows: list[dict]) -> Path:
+        """Record one finished unit (its rows; an empty list records a skipped unit via ``status``)."""
+        df = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+        return _atomic_parquet(df, self.part_path(model_id, kind, layer, unit))
+
+    def write_status(self, model_id: str, rows: list[dict]) -> Path:
+        """Per model: every unit with status ``ok`` / ``dead`` / ``pruned`` and why."""
+        return _atomic_parquet(pd.DataFrame(rows, columns=STATUS_COLUMNS), self.parts / model_id / "status.parquet")
+
+    # ---- the manifest -------------------------------------------------------------------
+    def assemble(self, model_ids: list[str] | None = None) -> tuple[Path, Path]:
+        """Write ``manifest.parquet`` and ``units.csv`` from the parts (of ``model_ids``, default all)."""
+        models = model_ids if model_ids is not None else sorted(p.name for p in self.parts.iterdir() if p.is_dir())
+        frames, status = [], []
+        for mid in models:
+            frames += [pd.read_parquet(p) for p in sorted((self.parts / mid).glob("*/*.parquet"))]
+            if (self.parts / mid / "status.parquet").is_file():
+                status.append(pd.read_parquet(self.parts / mid / "status.parquet"))
+        frames = [f for f in frames if len(f)]
+        manifest = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=MANIFEST_COLUMNS)
+        manifest = manifest.sort_values(["model_id", "kind", "layer", "unit", "task", "role", "rank"],
+                                        kind="stable", ignore_index=True)
+        manifest["unit"] = manifest["unit"].astype("int64")
+        manifest["task"] = manifest["task"].astype("int64")
+        manifest["rank"] = manifest["rank"].astype("int64")
+        manifest["activation"] = manifest["activation"].astype("float64")
+        validate_manifest(manifest, self.root)
+        out = _atomic_parquet(manifest, self.root / "manifest.parquet")
+        units = pd.concat(status, ignore_index=True) if status else pd.DataFrame(columns=STATUS_COLUMNS)
+        units_csv = atomic_write_text(self.root / "units.csv", units.to_csv(index=False))
+        return out, units_csv
+
+    def manifest(self) -> pd.DataFrame:
+        path = self.root / "manifest.parquet"
+        if not path.is_file():
+            raise FileNotFoundError(f"no stimulus manifest at {path}; run `sparsight stimuli` first")
+        return pd.read_parquet(path)
+
+
+def validate_manifest(df: pd.DataFrame, root: str | os.PathLike | None = None) -> None:
+    """Check the DESIGN §3 contract: columns, roles, kinds, one query per side per task, K refs, names."""
+    missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"manifest lacks columns {missing}; required: {MANIFEST_COLUMNS}")
+    if len(df) == 0:
+        return
+    bad_roles = sorted(set(df["role"]) - set(ROLES))
+    if bad_roles:
+        raise ValueError(f"manifest has unknown roles {bad_roles}; valid: {list(ROLES)}")
+    bad_kinds = sorted(set(df["kind"]) - set(KINDS))
+    if bad_kinds:
+        raise ValueError(f"manifest has unknown kinds {bad_kinds}; valid: {list(KINDS)}")
+    bad_names = [n for n in df["image"].unique() if not _IMAGE_NAME.match(n)]
+    if bad_names:
+        raise ValueError(f"image {bad_names[0]!r} is not content-addressed (images/<sha256>.png)")
+    counts = df.groupby(["model_id", "kind", "layer", "unit", "task", "role"]).size().unstack(fill_value=0)
+    for role in ROLES:
+        if role not in counts.columns:
+            raise ValueError(f"manifest has no {role!r} rows")
+    if not ((counts["query_max"] == 1) & (counts["query_min"] == 1)).all():
+        raise ValueError("every task needs exactly one max query and one min query")
+    if not (counts["ref_max"] == counts["ref_min"]).all() or (counts["ref_max"] == 0).any():
+        raise ValueError("every task needs the same positive number of max and min references")
+    if root is not None:
+        absent = [n for n in df["image"].unique() if not (Path(root) / n).is_file()]
+        if absent:
+            raise ValueError(f"manifest names {len(absent)} images missing from {root}, e.g. {absent[0]}")

@@ -1,0 +1,108 @@
+"""Units: one channel of a named layer, written ``"inception4a:3"``; parsing and seeded sampling.
+
+Strings are parsed here and nowhere else.  A unit list in a study is either explicit
+(``"inception4a:3"``, ``"inception4a:0-7"``), or sampled with a seed: ``per-layer`` draws
+``units_per_layer`` channels from every layer, ``imi`` repeats "pick a layer uniformly, then a
+channel" (Zimmermann et al. 2023) until it has ``units_per_layer × layers`` distinct units, and
+``all`` takes every channel.  Sampling uses the *parent's* channel counts, so every model of a
+study is probed at the same units; units that are dead in a model are skipped there and recorded.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pruning.models.registry import unwrap
+
+SAMPLINGS = ("per-layer", "imi", "all")
+
+
+@dataclass(frozen=True, order=True)
+class Unit:
+    layer: str
+    unit: int
+
+    def __str__(self) -> str:
+        return f"{self.layer}:{self.unit}"
+
+
+_UNIT = re.compile(r"^(?P<layer>[A-Za-z_][\w.]*):(?P<start>\d+)(?:-(?P<stop>\d+))?$")
+
+
+def parse_units(text: str) -> list[Unit]:
+    """``"layer:3"`` → one unit; ``"layer:0-7"`` → units 0..7 (inclusive)."""
+    m = _UNIT.match(text.strip())
+    if not m:
+        raise ValueError(f"cannot parse unit {text!r}; write LAYER:INDEX or LAYER:FIRST-LAST, e.g. 'inception4a:3'")
+    start = int(m["start"])
+    stop = int(m["stop"]) if m["stop"] is not None else start
+    if stop < start:
+        raise ValueError(f"unit range {text!r} ends before it starts")
+    return [Unit(m["layer"], u) for u in range(start, stop + 1)]
+
+
+@torch.no_grad()
+def layer_channels(model: nn.Module, layers: list[str], input_size: int) -> dict[str, int]:
+    """Output channels of each named layer (traced with one forward pass on a blank image)."""
+    model = unwrap(model)
+    modules = dict(model.named_modules())
+    missing = [name for name in layers if name not in modules]
+    if missing:
+        valid = [n for n in modules if n]
+        raise ValueError(f"layer {missing[0]!r} does not exist; valid layers: {valid}")
+    channels, handles = {}, []
+    for name in layers:
+        handles.append(modules[name].register_forward_hook(
+            lambda mod, inp, out, name=name: channels.__setitem__(name, int(out.shape[1]))))
+    was_training = model.training
+    try:
+        model.eval()
+        p = next(model.parameters())
+        model(torch.zeros(1, 3, input_size, input_size, device=p.device, dtype=p.dtype))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return channels
+
+
+def _rng(seed: int, *parts) -> random.Random:
+    digest = hashlib.sha256(":".join(map(str, (seed, *parts))).encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "little"))
+
+
+def sample_units(channels: dict[str, int], *, sampling: str = "per-layer", per_layer: int = 8,
+                 seed: int = 0) -> list[Unit]:
+    """A seeded, sorted unit sample over ``channels`` (layer → channel count)."""
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"unknown sampling {sampling!r}; choose from {list(SAMPLINGS)}")
+    if sampling == "all":
+        return [Unit(layer, u) for layer, n in channels.items() for u in range(n)]
+    if sampling == "per-layer":
+        return sorted(Unit(layer, u) for layer, n in channels.items()
+                      for u in _rng(seed, "units", layer).sample(range(n), min(per_layer, n)))
+    wanted = min(per_layer * len(channels), sum(channels.values()))
+    rng, chosen = _rng(seed, "imi"), set()
+    layers = list(channels)
+    while len(chosen) < wanted:
+        layer = rng.choice(layers)
+        chosen.add(Unit(layer, rng.randrange(channels[layer])))
+    return sorted(chosen)
+
+
+def resolve_units(model: nn.Module, *, layers: list[str], explicit: list[str] = (), sampling: str = "per-layer",
+                  per_layer: int = 8, seed: int = 0, input_size: int = 64) -> list[Unit]:
+    """The study's units: explicit strings if given (checked against the model), else a seeded sample."""
+    if explicit:
+        units = sorted({u for text in explicit for u in parse_units(text)})
+        channels = layer_channels(model, sorted({u.layer for u in units}), input_size)
+        bad = [u for u in units if u.unit >= channels[u.layer]]
+        if bad:
+            raise ValueError(f"unit {bad[0]} is out of range: {bad[0].layer} has {channels[bad[0].layer]} channels")
+        return units
+    return sample_units(layer_channels(model, layers, input_size), sampling=sampling, per_layer=per_layer, seed=seed)

@@ -1,0 +1,126 @@
+"""Unit strings and sampling, the content-addressed stimulus bank, its manifest contract, the preview."""
+import hashlib
+import zlib
+
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from pruning.models import create_model
+from stimuli.bank import MANIFEST_COLUMNS, StimulusBank, validate_manifest
+from stimuli.preview import task_sheet
+from stimuli.units import Unit, layer_channels, parse_units, resolve_units, sample_units
+
+
+def test_parse_units_reads_single_units_and_ranges():
+    assert parse_units("inception4a:3") == [Unit("inception4a", 3)]
+    assert parse_units(" layer1.0.conv2:2-4 ") == [Unit("layer1.0.conv2", u) for u in (2, 3, 4)]
+    for bad in ("inception4a", "inception4a:x", "4a:3", "inception4a:5-2"):
+        with pytest.raises(ValueError):
+            parse_units(bad)
+
+
+def test_layer_channels_and_a_wrong_layer_lists_the_valid_ones():
+    model = create_model("inception-small", num_classes=10)
+    channels = layer_channels(model, ["inception3a", "inception4a"], 64)
+    assert channels["inception3a"] == model.inception3a.out_channels
+    with pytest.raises(ValueError, match=r"layer 'inception9z' does not exist; valid layers: \['conv1'"):
+        layer_channels(model, ["inception9z"], 64)
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_sampling_is_seeded_in_range_and_layer_independent():
+    channels = {"a": 16, "b": 40, "c": 3}
+    one = sample_units(channels, per_layer=5, seed=1)
+    assert one == sample_units(channels, per_layer=5, seed=1) != sample_units(channels, per_layer=5, seed=2)
+    assert [sum(u.layer == name for u in one) for name in channels] == [5, 5, 3]
+    assert all(0 <= u.unit < channels[u.layer] for u in one)
+    # a layer's sample does not depend on which other layers are sampled
+    assert [u for u in one if u.layer == "b"] == sample_units({"b": 40}, per_layer=5, seed=1)
+    imi = sample_units(channels, sampling="imi", per_layer=4, seed=0)
+    assert len(imi) == len(set(imi)) == 12
+    assert len(sample_units(channels, sampling="all")) == 59
+    with pytest.raises(ValueError, match=r"unknown sampling 'some'; choose from \['per-layer', 'imi', 'all'\]"):
+        sample_units(channels, sampling="some")
+
+
+def test_explicit_units_are_checked_against_the_model():
+    model = create_model("inception-small", num_classes=10)
+    units = resolve_units(model, layers=[], explicit=["inception4a:0-2", "inception3a:1"])
+    assert units == [Unit("inception3a", 1)] + [Unit("inception4a", u) for u in range(3)]
+    with pytest.raises(ValueError, match="out of range"):
+        resolve_units(model, layers=[], explicit=["inception4a:9999"])
+
+
+def _img(value):
+    return torch.full((3, 8, 8), value / 255, dtype=torch.float32)
+
+
+def _task_rows(bank, model_id="m", layer="l", unit=0, n_tasks=2, k=3, kind="natural"):
+    rows = []
+    for t in range(n_tasks):
+        for role, n in (("query_max", 1), ("query_min", 1), ("ref_max", k), ("ref_min", k)):
+            for r in range(n):
+                value = zlib.crc32(f'{t}{role}{r}'.encode()) % 200 + 20
+                rows.append({"model_id": model_id, "layer": layer, "unit": unit, "task": t, "role": role,
+                             "kind": kind, "image": bank.add_image(_img(value)), "source": f"val/c/{value}.png",
+                             "activation": float(value), "rank": r + 1})
+    return rows
+
+
+def test_images_are_content_addressed_and_stored_once(tmp_path):
+    bank = StimulusBank(tmp_path)
+    a, b, c = bank.add_image(_img(10)), bank.add_image(_img(10)), bank.add_image(_img(11))
+    assert a == b != c
+    data = (tmp_path / a).read_bytes()
+    assert a == f"images/{hashlib.sha256(data).hexdigest()}.png"
+    assert Image.open(tmp_path / a).getpixel((0, 0)) == (10, 10, 10)
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == sorted({a.split("/")[1], c.split("/")[1]})
+
+
+def test_assembled_manifest_meets_the_contract_and_names_reveal_nothing(tmp_path):
+    bank = StimulusBank(tmp_path)
+    bank.write_unit("m", "natural", "l", 0, _task_rows(bank))
+    bank.write_unit("m", "natural", "l", 1, [])  # a skipped (dead) unit leaves no rows
+    bank.write_status("m", [{"model_id": "m", "kind": "natural", "layer": "l", "unit": 1, "status": "dead",
+                             "reason": "constant activation 0"}])
+    manifest_path, units_csv = bank.assemble()
+    manifest = pd.read_parquet(manifest_path)
+    assert list(manifest.columns) == MANIFEST_COLUMNS and len(manifest) == 2 * (2 + 6)
+    validate_manifest(manifest, tmp_path)
+    assert pd.read_csv(units_csv).status.tolist() == ["dead"]
+    for name in manifest.image:
+        stem = name.split("/")[1].removesuffix(".png")
+        assert all(word not in name for word in ("max", "min", "rank", "query", "ref"))
+        assert set(stem) <= set("0123456789abcdef") and len(stem) == 64
+    assert bank.is_done("m", "natural", "l", 0) and not bank.is_done("m", "synthetic", "l", 0)
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (lambda df: df.drop(columns=["rank"]), "lacks columns"),
+    (lambda df: df.assign(role=df.role.replace("ref_min", "reference")), "unknown roles"),
+    (lambda df: df[~((df.role == "query_max") & (df.task == 1))], "exactly one max query"),
+    (lambda df: df.drop(index=df[df.role == "ref_min"].index[:1]), "same positive number"),
+    (lambda df: df.assign(image=df.image.str.replace("images/", "images/max_", n=1)), "not content-addressed"),
+])
+def test_manifest_validation_rejects_broken_contracts(tmp_path, breakage, message):
+    bank = StimulusBank(tmp_path)
+    df = pd.DataFrame(_task_rows(bank), columns=MANIFEST_COLUMNS)
+    validate_manifest(df, tmp_path)
+    with pytest.raises(ValueError, match=message):
+        validate_manifest(breakage(df))
+
+
+def test_preview_lays_out_min_left_queries_centre_max_right(tmp_path):
+    bank = StimulusBank(tmp_path)
+    rows = _task_rows(bank, k=9)
+    manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+    sheet, order = task_sheet(manifest, tmp_path, model_id="m", layer="l", unit=0, task=1)
+    assert sorted(order) == ["query_max", "query_min"]
+    assert sheet.width > 7 * 96 and sheet.height > 3 * 96
+    left = sheet.getpixel((16 + 5, 16 + 28 + 5))
+    first_min = manifest[(manifest.task == 1) & (manifest.role == "ref_min") & (manifest["rank"] == 1)].activation
+    assert left == (int(first_min.iloc[0]),) * 3
+    with pytest.raises(ValueError, match="units with stimuli"):
+        task_sheet(manifest, tmp_path, model_id="m", layer="l", unit=5)
