@@ -164,7 +164,8 @@ class StimuliSection:
     fv_lr: float = option(0.05, "feature-visualization Adam learning rate", lo=0.0)
     fv_image_size: int = option(0, "feature-visualization size; 0 = model input size", lo=0)
     fv_batch_units: int = option(64, "units optimized at once", lo=1)
-    fv_diversity: float = option(1.0, "weight of the diversity term for the diverse images", lo=0.0)
+    fv_diversity: float = option(10.0, "weight of the Gram-similarity diversity term of the diverse images "
+                                       "(absolute; lucid used 1e2 for GoogLeNet)", lo=0.0)
 
 
 @dataclass

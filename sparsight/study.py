@@ -74,7 +74,8 @@ def is_current(stage: Stage, study: Study, fp: str) -> bool:
 def default_stages() -> list[Stage]:
     """The pipeline, in order; each package contributes its own stages."""
     from pruning.stages import STAGES as pruning_stages
-    return list(pruning_stages)
+    from stimuli.stages import STAGES as stimuli_stages
+    return list(pruning_stages) + list(stimuli_stages)
 
 
 def run_study(config: StudyConfig, *, force: tuple[str, ...] = (), stages: list[Stage] | None = None,

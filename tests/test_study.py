@@ -52,6 +52,22 @@ def test_quick_study_prunes_with_every_method_at_three_rates_with_robustness(qui
     assert set(potential["method"]) == set(METHODS) and "clean" in set(potential["distribution"])
 
 
+@pytest.mark.slow
+def test_quick_study_writes_a_stimulus_bank_for_every_model(quick_run):
+    import pandas as pd
+
+    from stimuli.bank import validate_manifest
+
+    run_dir, _ = quick_run
+    manifest = pd.read_parquet(run_dir / "stimuli" / "manifest.parquet")
+    validate_manifest(manifest, run_dir / "stimuli")
+    models = set(pd.read_csv(run_dir / "evaluation.csv").model_id) - {"observer"}
+    assert set(manifest.model_id) == models
+    assert set(manifest.kind) == {"natural", "synthetic"}
+    status = pd.read_csv(run_dir / "stimuli" / "units.csv")
+    assert set(status.model_id) == models and set(status.status) <= {"ok", "dead", "pruned"}
+
+
 def test_default_profile_covers_the_seed_paper_design():
     cfg = load_study(profile="default")
     assert cfg.prune.rates == [0.2, 0.4, 0.6, 0.8]

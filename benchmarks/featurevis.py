@@ -1,0 +1,136 @@
+"""Feature visualization speed: seconds per unit of lucent's ``render_vis`` (one unit at a time) vs ``render_units``.
+
+Both produce the same images per unit (DESIGN §6): for each direction, ``--n-plain`` plain images
+and ``--n-diverse`` images with lucent's diversity term.  lucent needs two ``render_vis`` calls per
+unit and direction (a plain batch and a diverse batch); ``render_units`` packs all units into
+batches of ``--batch-size`` images.  Same run, model, image size, steps and transform amounts.
+lucent gets a fresh copy of the model with frozen parameters for every call (``render_vis``
+leaves hooks on every module and would otherwise accumulate weight gradients), so the ratio
+measures batching, not lucent's side effects.  The mean final activation of the plain max images
+is printed for both, to show the work is comparable.
+
+    python benchmarks/featurevis.py                        # GoogLeNet, 224 px, 512 steps, GPU if present
+    python benchmarks/featurevis.py --arch inception-small --image-size 64 --steps 64 --units 16 --device cpu
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import numpy as np
+import torch
+from lucent.optvis import objectives, param, render, transform
+from lucent.optvis.param import spatial
+
+from pruning.models import create_model
+from pruning.training import resolve_device
+from stimuli.featurevis import (ANGLES, JITTER1, JITTER2, PAD, PAD_MODE, REFERENCE_SIZE, SCALES, FeatureVisSettings,
+                                _hooked, _LayerForward, find_layer, render_units)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="googlenet")
+    p.add_argument("--layer", default="inception4a")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--steps", type=int, default=512)
+    p.add_argument("--units", type=int, default=8, help="units 0..N-1 of the layer")
+    p.add_argument("--batch-size", type=int, default=64, help="images optimized at once by render_units")
+    p.add_argument("--n-plain", type=int, default=1)
+    p.add_argument("--n-diverse", type=int, default=8)
+    p.add_argument("--diversity", type=float, default=1.0)
+    p.add_argument("--directions", nargs="+", default=["max", "min"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def lucent_transforms(image_size: int) -> list:
+    r = image_size / REFERENCE_SIZE
+    return [transform.pad(round(PAD * r), mode=PAD_MODE, constant_value=0.5), transform.jitter(round(JITTER1 * r)),
+            transform.random_scale(list(SCALES)), transform.random_rotate(list(ANGLES)),
+            transform.jitter(max(2, round(JITTER2 * r)))]
+
+
+def lucent_unit(model, layer: str, unit: int, args, sync) -> tuple[float, torch.Tensor]:
+    """Seconds for one unit with ``render_vis`` (two calls per direction) and its plain max image."""
+    name = layer.replace(".", "_")     # lucent names modules by path joined with "_"
+    seconds, plain_max = 0.0, None
+    for direction in args.directions:
+        sign = 1 if direction == "max" else -1
+        for batch, weight in ((args.n_plain, 0.0), (args.n_diverse, args.diversity)):
+            if batch == 0:
+                continue
+            objective = sign * objectives.channel(name, unit)
+            if weight and batch > 1:
+                objective = objective - weight * objectives.diversity(name)
+            fresh = copy.deepcopy(model).requires_grad_(False)
+            sync()
+            t0 = time.perf_counter()
+            images = render.render_vis(fresh, objective, lambda b=batch: param.image(args.image_size, batch=b),
+                                       transforms=lucent_transforms(args.image_size), thresholds=(args.steps,),
+                                       show_image=False, progress=False, fixed_image_size=args.image_size)[-1]
+            sync()
+            seconds += time.perf_counter() - t0
+            if direction == "max" and weight == 0.0:
+                plain_max = torch.from_numpy(images[:1]).permute(0, 3, 1, 2)
+    return seconds, plain_max
+
+
+def unit_means(model, layer: str, images: torch.Tensor, units: list[int], device) -> torch.Tensor:
+    with _hooked(find_layer(model, layer)) as store, torch.no_grad():
+        acts = _LayerForward(model, store, layer, torch.float32, device)(images.to(device))
+    return acts[torch.arange(len(units)), torch.tensor(units)].mean((-2, -1)).cpu()
+
+
+def main(args) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    if device != spatial.device:
+        raise SystemExit(f"lucent renders on {spatial.device} only (its module-level device); got {device}")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    model = create_model(args.arch).to(device).eval()
+    units = list(range(args.units))
+    settings = FeatureVisSettings(steps=args.steps, image_size=args.image_size, batch_size=args.batch_size,
+                                  n_diverse=args.n_diverse, n_plain=args.n_plain, diversity=args.diversity,
+                                  seed=args.seed)
+    per_unit = args.n_plain + args.n_diverse
+    print(f"device: {name}; torch {torch.__version__}; {args.arch} {args.layer}; {args.image_size} px; "
+          f"{args.steps} steps; {args.units} units × {len(args.directions)} directions × {per_unit} images; "
+          f"batch {args.batch_size}")
+    # warm-up (allocator, kernels) for both
+    lucent_unit(model, args.layer, 0, argparse.Namespace(**{**vars(args), "steps": 2}), sync)
+    render_units(model, args.layer, units[:1], FeatureVisSettings(**{**vars(settings), "steps": 2}),
+                 directions=args.directions)
+
+    lucent_seconds, lucent_images = 0.0, []
+    for unit in units:
+        seconds, image = lucent_unit(model, args.layer, unit, args, sync)
+        lucent_seconds += seconds
+        lucent_images.append(image)
+    sync()
+    t0 = time.perf_counter()
+    rendered = render_units(model, args.layer, units, settings, directions=args.directions)
+    sync()
+    ours_seconds = time.perf_counter() - t0
+
+    print(f"{'renderer':28s} {'s/unit':>8s} {'images/s':>9s} {'act (plain max)':>16s}")
+    rows = [("lucent render_vis, per unit", lucent_seconds, lucent_images),
+            ("render_units, batched", ours_seconds, [r.images[:1] for r in rendered if r.direction == "max"])]
+    n_images = args.units * len(args.directions) * per_unit
+    for label, seconds, images in rows:
+        act = float("nan")
+        if "max" in args.directions and args.n_plain:
+            act = unit_means(model, args.layer, torch.cat(images), units, device).mean().item()
+        print(f"{label:28s} {seconds / args.units:8.3f} {n_images / seconds:9.1f} {act:16.3f}")
+    print(f"speed-up (lucent s/unit ÷ render_units s/unit): {lucent_seconds / ours_seconds:.2f}×")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

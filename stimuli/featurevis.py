@@ -1,0 +1,341 @@
+"""Feature visualizations: many units rendered at once with lucent's image parameterization.
+
+The image is lucent's (``lucent.optvis.param``): a Fourier-parameterized (``fft_image``),
+colour-decorrelated (``to_valid_rgb(..., decorrelate=True)``) batch, one image per
+(unit, direction, slot), optimized with Adam under the Lucid transforms
+pad 16 → jitter 16 → scale {1, .975, 1.025, .95, 1.05} → rotate −5…5° → jitter 8 → crop.
+
+Choices (DESIGN §6):
+
+- Transforms are drawn per image and applied to the whole batch in one ``affine_grid`` /
+  ``grid_sample`` call: jitter, scale and rotation compose into one affine map per image, so the
+  image is resampled once (lucent resamples at every step of the chain).  The image is padded
+  first (``PAD_MODE``: reflect, as lucid's ``pad``; ``"constant"`` pads with 0.5); the model sees
+  the centred ``image_size`` window of the transformed canvas (a crop, not a resize, so the scale
+  augmentation is not undone).  Samples beyond the padded canvas (rotated corners) continue the
+  padding.  Jitters are integer offsets and angles integer degrees, as in lucid.
+- Amounts are defined at 224 px and scaled by ``image_size / 224`` (pad 16 → 5 px at 64 px).
+- Model inputs are ImageNet-normalized; the loss is −Σ_b s_b · mean_hw(act[b, u_b]) plus
+  ``diversity`` · Σ_{i≠j} cos(Gram_i, Gram_j) over the diverse images of each (unit, direction):
+  lucent's ``channel − diversity · objectives.diversity`` per group, up to lucent's 1/n factor.
+- Seeds: every image has its own seed from (seed, layer, unit, direction, slot); its
+  initialization and all its transform draws come from that seed alone, so a plain image does not
+  depend on the rest of its batch (up to floating-point differences of batched kernels).
+  Diverse images interact with their group by design.
+- One forward hook on the target layer; the forward stops there (a private exception).
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from lucent.optvis.param import color, spatial
+from torch import nn
+from tqdm import tqdm
+
+from pruning.data.folders import IMAGENET_MEAN, IMAGENET_STD
+from pruning.models.registry import unwrap
+
+REFERENCE_SIZE = 224                       # the size the transform amounts below are defined at
+PAD, JITTER1, JITTER2 = 16, 16, 8
+SCALES = (1.0, 0.975, 1.025, 0.95, 1.05)
+ANGLES = tuple(range(-5, 6))               # degrees
+PAD_MODE = "reflect"                       # or "constant" (0.5 grey)
+INIT_SD = 0.01                             # lucent's default initial spectrum scale
+DIRECTIONS = {"max": 1.0, "min": -1.0}
+
+
+@dataclass
+class FeatureVisSettings:
+    """How feature visualizations are optimized (defaults: the fast 512-step lucid recipe)."""
+    steps: int = 512
+    lr: float = 0.05
+    image_size: int = 224
+    batch_size: int = 64       # images optimized at once (whole diverse groups are kept together)
+    n_diverse: int = 8
+    n_plain: int = 1
+    diversity: float = 1.0
+    seed: int = 0
+    decorrelate: bool = True
+    fft: bool = True
+
+
+@dataclass
+class Rendered:
+    """Images for one (layer, unit, direction); plain images first."""
+    layer: str
+    unit: int
+    direction: str              # "max" | "min"
+    images: torch.Tensor        # [n_plain + n_diverse, 3, H, W] in [0, 1], CPU
+    activations: torch.Tensor   # [n] final mean activation of the unit (untransformed image)
+    seeds: list[int]            # per-image seed (source "fv:<seed>")
+
+
+def render_units(model: nn.Module, layer: str, units: list[int], settings: FeatureVisSettings, *,
+                 directions=("max", "min"), device=None, progress: bool = False) -> list[Rendered]:
+    """Render ``settings.n_plain + n_diverse`` images per unit and direction, many units at once.
+
+    Returns one ``Rendered`` per (unit, direction), units outer.  The model is left as it was
+    (training flags, ``requires_grad``, device, no hooks), also when rendering fails.
+    """
+    model = unwrap(model)
+    module = find_layer(model, layer)
+    bad = [d for d in directions if d not in DIRECTIONS]
+    if bad or not directions:
+        raise ValueError(f"unknown directions {bad}; choose from {sorted(DIRECTIONS)}")
+    if any(u < 0 for u in units):
+        raise ValueError(f"units must be non-negative, got {units}")
+    if settings.n_plain < 0 or settings.n_diverse < 0 or settings.n_plain + settings.n_diverse < 1:
+        raise ValueError("need n_plain + n_diverse >= 1 images per unit and direction")
+    groups = _plan(layer, units, directions, settings)
+    batches = _pack(groups, settings)
+    first = next(model.parameters(), None)
+    home = first.device if first is not None else torch.device("cpu")
+    device = _canonical(torch.device(device) if device is not None else home)
+    results: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    bar = tqdm(total=len(batches) * settings.steps, desc=f"featurevis {layer}", disable=not progress, leave=False)
+    moved = device != _canonical(home)
+    try:
+        if moved:
+            model.to(device)
+        with _frozen(model), _hooked(module) as store:
+            forward = _LayerForward(model, store, layer, first.dtype if first is not None else torch.float32, device)
+            for batch in batches:
+                images, acts = _optimize(forward, batch, settings, device, bar)
+                for spec, img, act in zip(batch, images, acts):
+                    results[spec.group, spec.index] = img, act
+    finally:
+        if moved:
+            model.to(home)
+        bar.close()
+    out = []
+    for g, group in enumerate(groups):
+        images, acts = zip(*(results[g, s.index] for s in group))
+        out.append(Rendered(layer, group[0].unit, group[0].direction, torch.stack(images), torch.stack(acts),
+                            [s.seed for s in group]))
+    return out
+
+
+def find_layer(model: nn.Module, layer: str) -> nn.Module:
+    """The module called ``layer`` in ``model.named_modules()``; an error lists the valid names."""
+    modules = dict(unwrap(model).named_modules())
+    modules.pop("", None)
+    if layer not in modules:
+        raise ValueError(f"unknown layer {layer!r}; choose from {list(modules)}")
+    return modules[layer]
+
+
+class _Spec(NamedTuple):
+    group: int        # index of the (unit, direction) group
+    index: int        # position in the group (plain images first)
+    unit: int
+    direction: str
+    diverse: bool
+    seed: int
+
+
+def _image_seed(seed: int, layer: str, unit: int, direction: str, slot: str) -> int:
+    key = f"{seed}/{layer}/{unit}/{direction}/{slot}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+
+
+def _plan(layer, units, directions, settings) -> list[list[_Spec]]:
+    slots = [(f"plain{i}", False) for i in range(settings.n_plain)]
+    slots += [(f"diverse{i}", True) for i in range(settings.n_diverse)]
+    return [[_Spec(g, i, unit, d, diverse, _image_seed(settings.seed, layer, unit, d, slot))
+             for i, (slot, diverse) in enumerate(slots)]
+            for g, (unit, d) in enumerate(itertools.product(units, directions))]
+
+
+def _pack(groups: list[list[_Spec]], settings) -> list[list[_Spec]]:
+    """Batches of at most ``batch_size`` images; whole groups when diverse images interact."""
+    size = max(1, settings.batch_size)
+    if settings.diversity == 0 or settings.n_diverse < 2:
+        flat = [s for g in groups for s in g]
+        return [flat[i:i + size] for i in range(0, len(flat), size)]
+    batches: list[list[_Spec]] = []
+    for group in groups:     # a group larger than batch_size gets a batch of its own
+        if batches and len(batches[-1]) + len(group) <= size:
+            batches[-1].extend(group)
+        else:
+            batches.append(list(group))
+    return batches
+
+
+class _Stop(Exception):
+    """Raised by the hook to end the forward pass at the target layer."""
+
+
+@contextmanager
+def _hooked(module: nn.Module):
+    store: dict = {}
+
+    def hook(mod, inputs, output):
+        store["out"] = output
+        raise _Stop
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
+class _LayerForward:
+    """ImageNet-normalize images in [0, 1] and return the target layer's output."""
+
+    def __init__(self, model, store, layer, dtype, device="cpu"):
+        self.model, self.store, self.layer, self.dtype = model, store, layer, dtype
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images - self.mean) / self.std
+        self.store.pop("out", None)
+        try:
+            self.model(x.to(self.dtype))
+        except _Stop:
+            pass
+        out = self.store.pop("out", None)
+        if not isinstance(out, torch.Tensor) or out.dim() != 4:
+            raise RuntimeError(f"layer {self.layer!r} did not produce a [N, C, H, W] tensor in the forward pass")
+        return out
+
+
+@contextmanager
+def _frozen(model: nn.Module):
+    """Eval mode and no parameter gradients for the duration; exact flags restored afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        model.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _canonical(device: torch.device) -> torch.device:
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+@contextmanager
+def _lucent_device(device: torch.device):
+    """lucent's ``spatial`` module puts its tensors on a module-level device (cuda:0 or cpu)."""
+    old = spatial.device
+    spatial.device = device
+    try:
+        yield
+    finally:
+        spatial.device = old
+
+
+def _lucent_image(batch: int, settings: FeatureVisSettings, device: torch.device):
+    """lucent's parameterization for a batch: (parameter tensor, function → images in [0, 1])."""
+    shape = (batch, 3, settings.image_size, settings.image_size)
+    make = spatial.fft_image if settings.fft else spatial.pixel_image
+    with torch.random.fork_rng(devices=[]), _lucent_device(device):   # lucent draws from the global RNG
+        (param,), image_f = make(shape, sd=INIT_SD)
+    decorrelate = settings.decorrelate
+    lucent_color_device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if decorrelate and device != lucent_color_device:
+        # lucent's colour step hard-codes that device too; apply its matrix on ours instead
+        matrix = torch.tensor(color.color_correlation_normalized.T, device=device)
+        image_f = _decorrelated(image_f, matrix)
+        decorrelate = False
+    return param, color.to_valid_rgb(image_f, decorrelate=decorrelate)
+
+
+def _decorrelated(image_f, matrix):
+    return lambda: (image_f().permute(0, 2, 3, 1) @ matrix).permute(0, 3, 1, 2)
+
+
+def _draw_transforms(generator: torch.Generator, steps: int) -> torch.Tensor:
+    """[steps, 6] integer draws: jitter1 x, y; scale index; angle index; jitter2 x, y."""
+    high = torch.tensor([JITTER1, JITTER1, len(SCALES), len(ANGLES), JITTER2, JITTER2], dtype=torch.float64)
+    return (torch.rand(steps, 6, generator=generator, dtype=torch.float64) * high).long()
+
+
+def _random_views(images: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """Apply one lucid transform chain per image (``draws`` [B, 6] from ``_draw_transforms``)."""
+    b, _, size, _ = images.shape
+    r = size / REFERENCE_SIZE
+    pad = math.ceil(PAD * r)
+    if PAD_MODE == "reflect":
+        canvas, fill, padding_mode = F.pad(images, [pad] * 4, mode="reflect"), 0.0, "reflection"
+    else:
+        canvas, fill, padding_mode = F.pad(images - 0.5, [pad] * 4), 0.5, "zeros"
+    d = draws.to(images.dtype)
+    shift1 = (d[:, 0:2] - JITTER1 // 2) * r                      # [B, 2] (x, y) pixels
+    shift2 = (d[:, 4:6] - JITTER2 // 2) * r
+    scale = torch.tensor(SCALES, dtype=images.dtype, device=images.device)[draws[:, 2]]
+    angle = torch.deg2rad(torch.tensor(ANGLES, dtype=images.dtype, device=images.device)[draws[:, 3]])
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    # output pixel x (centred) reads input pixel  R(-angle) (x + shift2) / scale + shift1
+    a = torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2)   # [B, 2, 2]
+    t = (a @ shift2.unsqueeze(-1)).squeeze(-1) + shift1
+    full = size + 2 * pad
+    theta = torch.cat([a * (size / full), (t * (2 / full)).unsqueeze(-1)], -1)
+    grid = F.affine_grid(theta, [b, 3, size, size], align_corners=False)
+    return F.grid_sample(canvas, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False) + fill
+
+
+def _unit_means(acts: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+    return acts[torch.arange(len(units), device=acts.device), units].mean((-2, -1))
+
+
+def _pairs(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the images with a group (≥ 0) and the mask of their same-group pairs i ≠ j."""
+    idx = torch.nonzero(groups >= 0).squeeze(1)
+    same = groups[idx, None] == groups[None, idx]
+    return idx, same.fill_diagonal_(False)
+
+
+def _diversity(acts: torch.Tensor, groups: torch.Tensor, pairs=None) -> torch.Tensor:
+    """Σ over ordered pairs i ≠ j of the same group of cos(Gram_i, Gram_j) (lucent's, negated)."""
+    idx, same = pairs if pairs is not None else _pairs(groups)
+    flat = acts[idx].flatten(2).float()
+    grams = F.normalize((flat @ flat.transpose(1, 2)).flatten(1), dim=1)
+    return ((grams @ grams.T) * same).sum()
+
+
+def _optimize(forward: _LayerForward, batch: list[_Spec], settings: FeatureVisSettings, device, bar):
+    param, image_f = _lucent_image(len(batch), settings, device)
+    generators = [torch.Generator().manual_seed(s.seed) for s in batch]
+    with torch.no_grad():   # each image's start and transforms come from its own seed
+        param.copy_(torch.stack([torch.randn(param.shape[1:], generator=g) for g in generators]) * INIT_SD)
+    draws = torch.stack([_draw_transforms(g, settings.steps) for g in generators], 1).to(device)  # [steps, B, 6]
+    units = torch.tensor([s.unit for s in batch], device=device)
+    signs = torch.tensor([DIRECTIONS[s.direction] for s in batch], device=device)
+    groups = torch.tensor([s.group if s.diverse else -1 for s in batch], device=device)
+    diverse = settings.diversity != 0 and any(s.diverse for s in batch)
+    pairs = _pairs(groups) if diverse else None
+    optimizer = torch.optim.Adam([param], lr=settings.lr)
+    for step in range(settings.steps):
+        optimizer.zero_grad(set_to_none=True)
+        acts = forward(_random_views(image_f(), draws[step]))
+        if step == 0 and max(s.unit for s in batch) >= acts.shape[1]:
+            raise ValueError(f"unit {max(s.unit for s in batch)} out of range: {forward.layer!r} has "
+                             f"{acts.shape[1]} channels")
+        loss = -(signs * _unit_means(acts, units).float()).sum()
+        if diverse:
+            loss = loss + settings.diversity * _diversity(acts, groups, pairs)
+        loss.backward()
+        optimizer.step()
+        bar.update()
+    with torch.no_grad():
+        images = image_f()
+        acts = _unit_means(forward(images), units).float()
+    return images.cpu(), acts.cpu()

@@ -1,0 +1,492 @@
+"""Streamed activation mining: the top-k and bottom-k images of every unit of chosen layers.
+
+A unit is one channel of a layer; its activation for an image is the spatial mean of that channel
+of the layer's output.  :class:`ActivationMiner` hooks the chosen layers, runs ONE forward pass per
+batch for all of them, and merges each batch into running top-k / bottom-k buffers that stay on
+the model's device (one ``torch.topk`` over ``[running, batch]`` per layer and side) — no pass per
+unit and no copy of all activations.  It also keeps per-channel count, min, max, sum and sum of
+squares (float64) to find dead units (constant over the dataset: ``max == min``).
+
+Ordering is exact and deterministic.  Activations are ranked as float32 values; ties are broken by
+the smaller dataset index, on both sides.  Each (activation, index) pair is packed into one int64
+key (an order-preserving integer image of the float32 value in the high 32 bits, the index in the
+low 32 bits), so ``topk`` never meets a tie and the result does not depend on the batch size or on
+the order in which batches arrive.  Dataset indices must lie in ``[0, 2**32)``.
+
+:func:`mine` streams one split of an ImageFolder tree through the miner, resumably.
+
+    with ActivationMiner(model, ["inception4a"], k=200) as miner:
+        for images, indices in batches:
+            miner.update(images, indices)
+    top = miner.result()["inception4a"].top_indices      # [C, 200], most activating first
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from pruning.data.folders import DataLayoutError, ImageFolderDataset, build_transform, split_dir
+from pruning.models.registry import unwrap
+from sparsight.files import atomic_write_bytes
+
+STATE_FORMAT = "sparsight-mining-state/1"
+RESULT_FORMAT = "sparsight-mining/1"
+_LOW = 2 ** 32          # the dataset index lives in the low 32 bits of a key
+_LOW_MASK = _LOW - 1
+
+
+# ---- order-preserving keys ---------------------------------------------------------------------
+def _ordered_int(values: torch.Tensor) -> torch.Tensor:
+    """float32 → int64 with the same order (``-0.0`` folded onto ``+0.0``)."""
+    bits = (values.float() + 0.0).view(torch.int32)
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).long()
+
+
+def _from_ordered_int(ordered: torch.Tensor) -> torch.Tensor:
+    bits = torch.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered).to(torch.int32)
+    return bits.view(torch.float32)
+
+
+def _keys(values: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys of ``values [B, C]`` for images ``indices [B]``, as ``[C, B]``: (top, bottom).
+
+    Top: larger key = larger value, then smaller index (for ``topk(largest=True)``).
+    Bottom: smaller key = smaller value, then smaller index (for ``topk(largest=False)``).
+    """
+    high = _ordered_int(values) * _LOW
+    indices = indices[:, None]
+    return (high + (_LOW_MASK - indices)).t(), (high + indices).t()
+
+
+def _decode(keys: torch.Tensor, top: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    low = keys & _LOW_MASK
+    return _from_ordered_int(keys >> 32), (_LOW_MASK - low) if top else low
+
+
+def spatial_mean(output: torch.Tensor) -> torch.Tensor:
+    """``[B, C, ...]`` → ``[B, C]`` float32 unit activations (averaged in float64 for float64 models)."""
+    if output.dim() < 2:
+        raise ValueError(f"cannot take units of an output of shape {tuple(output.shape)}; need [B, C, ...]")
+    x = output.detach()
+    if x.dim() > 2:
+        x = x.mean(dim=tuple(range(2, x.dim())), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return x.float()
+
+
+# ---- results -----------------------------------------------------------------------------------
+@dataclass
+class LayerMining:
+    """Mined exemplars and statistics of every channel of one layer (all tensors on the CPU).
+
+    ``top_*`` are sorted most activating first, ``bottom_*`` least activating (most negative) first;
+    ties go to the smaller dataset index.  ``k`` is the number of columns: the requested k, or the
+    number of images seen if that was smaller.  ``std`` is the population standard deviation.
+    ``recorded[unit]`` holds a unit's activation for every dataset index (``NaN`` for an index
+    that was not seen, e.g. a corrupt image); only units named in ``record`` are present.
+    """
+    layer: str
+    top_values: torch.Tensor        # [C, k] float32, descending
+    top_indices: torch.Tensor       # [C, k] int64
+    bottom_values: torch.Tensor     # [C, k] float32, ascending
+    bottom_indices: torch.Tensor    # [C, k] int64
+    count: torch.Tensor             # [C] int64
+    min: torch.Tensor               # [C] float32
+    max: torch.Tensor               # [C] float32
+    mean: torch.Tensor              # [C] float64
+    std: torch.Tensor               # [C] float64
+    dead: torch.Tensor              # [C] bool: constant over the dataset
+    recorded: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def k(self) -> int:
+        return self.top_indices.shape[1]
+
+    @property
+    def num_channels(self) -> int:
+        return self.top_indices.shape[0]
+
+    def to_dict(self) -> dict:
+        d = {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "recorded"}
+        d["recorded"] = {int(u): v for u, v in self.recorded.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LayerMining:
+        return cls(**d)
+
+
+@dataclass
+class MiningResult:
+    """The outcome of :func:`mine`: per-layer mining, image counts, and the index → file map."""
+    layers: dict[str, LayerMining]
+    n_images: int                   # images mined
+    skipped: int                    # corrupt images skipped
+    files: list[str]                # dataset index → image path
+    meta: dict = field(default_factory=dict)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Atomically write a file loadable with ``torch.load(..., weights_only=True)``."""
+        obj = {"format": RESULT_FORMAT, "layers": {n: lm.to_dict() for n, lm in self.layers.items()},
+               "n_images": int(self.n_images), "skipped": int(self.skipped), "files": list(self.files),
+               "meta": dict(self.meta)}
+        return _atomic_torch_save(obj, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> MiningResult:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises many types for a damaged file
+            raise ValueError(f"cannot read mining result {path}: {type(err).__name__}: {err}") from None
+        if not isinstance(obj, dict) or obj.get("format") != RESULT_FORMAT:
+            raise ValueError(f"{path} is not a sparsight mining result")
+        return cls({n: LayerMining.from_dict(d) for n, d in obj["layers"].items()}, obj["n_images"], obj["skipped"],
+                   obj["files"], obj.get("meta", {}))
+
+
+# ---- the miner ---------------------------------------------------------------------------------
+class _LayerState:
+    """Running buffers of one layer, on the device (created at the first batch)."""
+
+    def __init__(self, channels: int, device: torch.device):
+        # top / bottom: packed keys of the running top-k / bottom-k, unordered within a row
+        empty = torch.empty(channels, 0, dtype=torch.long, device=device)
+        self.top, self.bottom = empty, empty.clone()
+        self.min = torch.full((channels,), float("inf"), device=device)
+        self.max = torch.full((channels,), float("-inf"), device=device)
+        self.sum = torch.zeros(channels, dtype=torch.float64, device=device)
+        self.sumsq = torch.zeros(channels, dtype=torch.float64, device=device)
+        self.rec_indices: list[torch.Tensor] = []
+        self.rec_values: list[torch.Tensor] = []
+
+    def merge(self, acts: torch.Tensor, indices: torch.Tensor, k: int, units: list[int]) -> None:
+        """Fold a batch (``acts [B, C]`` float32, ``indices [B]``) into the running buffers."""
+        top_keys, bottom_keys = _keys(acts, indices)
+        top = torch.cat([self.top, top_keys], dim=1)
+        bottom = torch.cat([self.bottom, bottom_keys], dim=1)
+        m = min(k, top.shape[1])
+        self.top = torch.topk(top, m, dim=1, largest=True, sorted=False).values    # sorted in result()
+        self.bottom = torch.topk(bottom, m, dim=1, largest=False, sorted=False).values
+        torch.minimum(self.min, acts.amin(0), out=self.min)
+        torch.maximum(self.max, acts.amax(0), out=self.max)
+        a64 = acts.double()
+        self.sum += a64.sum(0)
+        self.sumsq += a64.square().sum(0)
+        if units:
+            self.rec_indices.append(indices)
+            self.rec_values.append(acts[:, units])
+
+    def state(self) -> dict:
+        def cat(chunks, shape):
+            return torch.cat(chunks).cpu() if chunks else torch.empty(shape)
+        return {"top": self.top.cpu(), "bottom": self.bottom.cpu(), "min": self.min.cpu(), "max": self.max.cpu(),
+                "sum": self.sum.cpu(), "sumsq": self.sumsq.cpu(),
+                "rec_indices": cat(self.rec_indices, (0,)).long(),
+                "rec_values": cat(self.rec_values, (0, 0))}
+
+    @classmethod
+    def from_state(cls, s: dict, device: torch.device) -> _LayerState:
+        st = cls(s["top"].shape[0], device)
+        for name in ("top", "bottom", "min", "max", "sum", "sumsq"):
+            setattr(st, name, s[name].to(device))
+        if s["rec_indices"].numel():
+            st.rec_indices, st.rec_values = [s["rec_indices"].to(device)], [s["rec_values"].to(device)]
+        return st
+
+
+class ActivationMiner:
+    """Running top-k / bottom-k images and statistics for every channel of ``layers``.
+
+    One forward hook per layer; hooks only collect while :meth:`update` runs, and are removed by
+    :meth:`close` or on leaving a ``with`` block.  ``update`` runs under ``no_grad`` but does not
+    change train/eval mode (:func:`mine` puts the model in eval mode).  ``record`` maps a layer to a
+    few units whose full activation vectors are kept (for percentile-based query selection).
+    If fewer than ``k`` images are seen, the result has as many columns as images seen.
+    """
+
+    def __init__(self, model: nn.Module, layers: list[str], k: int, *, device=None,
+                 record: dict[str, list[int]] | None = None):
+        if isinstance(layers, str):
+            layers = [layers]
+        layers = list(dict.fromkeys(layers))
+        if not layers:
+            raise ValueError("no layers to mine")
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        modules = dict(unwrap(model).named_modules())
+        for name in layers:
+            if name not in modules or not name:
+                raise ValueError(f"unknown layer {name!r}; valid layers: {[n for n in modules if n]}")
+        extra = sorted(set(record or {}) - set(layers))
+        if extra:
+            raise ValueError(f"record names layer {extra[0]!r}, which is not mined; choose from {layers}")
+        params = [p for p in model.parameters() if p.is_floating_point()]
+        self.model, self.layers, self.k = model, layers, int(k)
+        self.device = torch.device(device) if device is not None else (params[0].device if params else
+                                                                         torch.device("cpu"))
+        self.dtype = params[0].dtype if params else None
+        self.record = {name: sorted({int(u) for u in units}) for name, units in (record or {}).items()}
+        self.n_seen = 0
+        self._states: dict[str, _LayerState] = {}
+        self._batch: dict[str, torch.Tensor] | None = None
+        self._handles = [modules[name].register_forward_hook(self._hook(name)) for name in layers]
+
+    # hooks
+    def _hook(self, name: str):
+        def hook(module, inputs, output):
+            if self._batch is None:     # a forward pass outside update(): not ours
+                return
+            if not isinstance(output, torch.Tensor):
+                raise TypeError(f"layer {name!r} returns {type(output).__name__}, not a tensor; mine a "
+                                f"submodule that returns one")
+            if name in self._batch:
+                raise RuntimeError(f"layer {name!r} ran more than once in one forward pass; mine a module that "
+                                   f"is called once")
+            self._batch[name] = spatial_mean(output)
+        return hook
+
+    def close(self) -> None:
+        """Remove the hooks (idempotent)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __enter__(self) -> ActivationMiner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # mining
+    @torch.no_grad()
+    def update(self, images: torch.Tensor, indices) -> None:
+        """Mine one batch; ``indices`` are the dataset indices of ``images`` (distinct over the dataset)."""
+        if not self._handles:
+            raise RuntimeError("this ActivationMiner is closed")
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        if indices.dim() != 1 or len(indices) != len(images):
+            raise ValueError(f"got {len(images)} images but indices of shape {tuple(indices.shape)}")
+        if len(indices) == 0:
+            return
+        if indices.device.type == "cpu" and (int(indices.min()) < 0 or int(indices.max()) >= _LOW):
+            raise ValueError(f"dataset indices must lie in [0, 2**32); got {int(indices.min())}..{int(indices.max())}")
+        images = images.to(self.device, dtype=self.dtype if images.is_floating_point() and self.dtype else None,
+                           non_blocking=True)
+        self._batch = {}
+        try:
+            self.model(images)
+            batch = self._batch
+        finally:
+            self._batch = None
+        missing = [name for name in self.layers if name not in batch]
+        if missing:
+            raise RuntimeError(f"layer {missing[0]!r} did not run in the forward pass (is it used in eval mode?)")
+        indices = indices.to(self.device, non_blocking=True)
+        for name in self.layers:
+            acts = batch[name]
+            if name not in self._states:
+                self._states[name] = _LayerState(acts.shape[1], self.device)
+                bad = [u for u in self.record.get(name, []) if not 0 <= u < acts.shape[1]]
+                if bad:
+                    raise ValueError(f"cannot record unit {bad[0]} of {name!r}: it has {acts.shape[1]} channels")
+            self._states[name].merge(acts, indices, self.k, self.record.get(name, []))
+        self.n_seen += len(indices)
+
+    # checkpointing
+    def _config(self) -> dict:
+        return {"layers": list(self.layers), "k": self.k, "record": {n: list(u) for n, u in self.record.items()}}
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue mining later (CPU tensors, lists, numbers)."""
+        return {"config": self._config(), "n_seen": self.n_seen,
+                "layers": {name: st.state() for name, st in self._states.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("config") != self._config():
+            raise ValueError(f"mining state is for {state.get('config')}, not {self._config()}")
+        self.n_seen = int(state["n_seen"])
+        self._states = {name: _LayerState.from_state(s, self.device) for name, s in state["layers"].items()}
+
+    def result(self) -> dict[str, LayerMining]:
+        """Per-layer :class:`LayerMining` on the CPU."""
+        if self.n_seen == 0:
+            raise RuntimeError("no images have been mined yet")
+        return {name: self._layer_result(name, self._states[name]) for name in self.layers}
+
+    def _layer_result(self, name: str, st: _LayerState) -> LayerMining:
+        s = st.state()
+        n = self.n_seen
+        top_values, top_indices = _decode(s["top"].sort(dim=1, descending=True).values, top=True)
+        bottom_values, bottom_indices = _decode(s["bottom"].sort(dim=1).values, top=False)
+        mean = s["sum"] / n
+        std = (s["sumsq"] / n - mean.square()).clamp_min(0).sqrt()
+        recorded = {}
+        if s["rec_indices"].numel():
+            size = int(s["rec_indices"].max()) + 1
+            for j, unit in enumerate(self.record.get(name, [])):
+                vec = torch.full((size,), float("nan"))
+                vec[s["rec_indices"]] = s["rec_values"][:, j]
+                recorded[unit] = vec
+        return LayerMining(name, top_values, top_indices, bottom_values, bottom_indices,
+                           torch.full((len(mean),), n, dtype=torch.long), s["min"], s["max"], mean, std,
+                           s["max"] == s["min"], recorded)
+
+
+# ---- streaming a folder ------------------------------------------------------------------------
+class IndexedImages(Dataset):
+    """``(image, dataset index)`` pairs of an ImageFolder; ``None`` for a corrupt image."""
+
+    def __init__(self, dataset: ImageFolderDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        item = self.dataset[index]
+        return None if item is None else (item[0], index)
+
+
+@dataclass
+class IndexedBatch:
+    images: torch.Tensor
+    indices: torch.Tensor
+    positions: int                  # dataset positions covered, corrupt ones included
+    skipped: int
+
+    def pin_memory(self) -> IndexedBatch:
+        return IndexedBatch(self.images.pin_memory(), self.indices.pin_memory(), self.positions, self.skipped)
+
+
+def collate_indexed(items) -> IndexedBatch:
+    good = [it for it in items if it is not None]
+    images = torch.stack([g[0] for g in good]) if good else torch.empty(0)
+    indices = torch.as_tensor([g[1] for g in good], dtype=torch.long)
+    return IndexedBatch(images, indices, len(items), len(items) - len(good))
+
+
+def _weights_digest(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in unwrap(model).state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _fingerprint(model: nn.Module, split_root: Path, files: list[str], *, split: str, layers: list[str], k: int,
+                 image_size: int, record) -> str:
+    rel = [Path(f).relative_to(split_root).as_posix() for f in files]
+    blob = json.dumps({"arch": getattr(unwrap(model), "arch", type(unwrap(model)).__name__),
+                       "weights": _weights_digest(model), "split": split, "layers": list(layers), "k": int(k),
+                       "image_size": int(image_size), "record": record,
+                       "files": hashlib.sha256("\n".join(rel).encode()).hexdigest()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _atomic_torch_save(obj, path: str | os.PathLike) -> Path:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def _read_state(path: Path, fingerprint: str) -> dict | None:
+    """A saved state written for these arguments, or ``None`` (with a warning when one is ignored)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a damaged file
+        warnings.warn(f"ignoring unreadable mining state {path}: {type(err).__name__}: {err}", stacklevel=3)
+        return None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("fingerprint") != fingerprint:
+        warnings.warn(f"ignoring mining state {path}: it was written for other arguments (model, layers, k, "
+                      f"split, image size, record or files differ); starting from the beginning", stacklevel=3)
+        return None
+    return state
+
+
+class _EvalMode:
+    """Eval mode inside the block; every module's own training flag restored afterwards."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self.flags = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        for m, flag in self.flags:
+            m.training = flag
+
+
+def mine(model: nn.Module, root: str | os.PathLike, split: str, layers: list[str], k: int, *, image_size: int,
+         batch_size: int = 256, device=None, num_workers: int = 0, state_path: str | os.PathLike | None = None,
+         save_every: int = 50, record: dict[str, list[int]] | None = None, progress: bool = False,
+         on_corrupt: str = "skip") -> MiningResult:
+    """Top-k / bottom-k images and statistics of every channel of ``layers`` over ``root/split``.
+
+    One pass in the dataset's sorted order (eval mode, no gradients; training flags restored),
+    resize/centre-crop to ``image_size`` with ImageNet normalization.  Corrupt images are skipped
+    and counted (``on_corrupt="skip"``) or raise (``"error"``).  With ``state_path`` the miner state
+    and the number of dataset positions done are saved atomically every ``save_every`` batches and
+    at the end; a rerun with the same model weights, layers, k, split, image size, record and files
+    continues where it stopped and gives the same result as an uninterrupted run.  A state written
+    for other arguments is ignored with a warning.
+    """
+    if batch_size < 1 or save_every < 1:
+        raise ValueError(f"batch_size and save_every must be at least 1, got {batch_size} and {save_every}")
+    split_root = split_dir(root, split)
+    dataset = ImageFolderDataset(split_root, transform=build_transform(image_size, train=False), on_corrupt=on_corrupt)
+    files = [path for path, _ in dataset.samples]
+    if not files:
+        raise DataLayoutError(f"image folder {split_root} holds no images")
+    record = {name: sorted({int(u) for u in units}) for name, units in (record or {}).items()} or None
+    fingerprint = _fingerprint(model, split_root, files, split=split, layers=list(layers), k=k,
+                               image_size=image_size, record=record)
+    params = list(model.parameters())
+    home = params[0].device if params else torch.device("cpu")
+    device = torch.device(device) if device is not None else home
+    state_path = Path(state_path) if state_path is not None else None
+
+    def save_state(miner, position, skipped):
+        if state_path is not None:
+            _atomic_torch_save({"format": STATE_FORMAT, "fingerprint": fingerprint, "position": position,
+                                "skipped": skipped, "miner": miner.state_dict()}, state_path)
+
+    model.to(device)
+    try:
+        with ActivationMiner(model, list(layers), k, device=device, record=record) as miner, _EvalMode(model):
+            position, skipped = 0, 0
+            saved = _read_state(state_path, fingerprint) if state_path is not None and state_path.is_file() else None
+            if saved is not None:
+                miner.load_state_dict(saved["miner"])
+                position, skipped = int(saved["position"]), int(saved["skipped"])
+            loader = DataLoader(Subset(IndexedImages(dataset), range(position, len(files))), batch_size=batch_size,
+                                shuffle=False, num_workers=num_workers, collate_fn=collate_indexed,
+                                pin_memory=device.type == "cuda")
+            from tqdm import tqdm
+
+            bar = tqdm(loader, desc=f"mine {split}", disable=None if progress else True, leave=False)
+            for b, batch in enumerate(bar, start=1):
+                miner.update(batch.images, batch.indices)
+                position += batch.positions
+                skipped += batch.skipped
+                if b % save_every == 0 and position < len(files):
+                    save_state(miner, position, skipped)
+            save_state(miner, position, skipped)
+            layers_result = miner.result()
+            n_images = miner.n_seen
+    finally:
+        model.to(home)
+    meta = {"arch": getattr(unwrap(model), "arch", type(unwrap(model)).__name__), "split": split,
+            "image_size": int(image_size), "k": int(k), "layers": list(layers), "fingerprint": fingerprint}
+    return MiningResult(layers_result, n_images, skipped, files, meta)

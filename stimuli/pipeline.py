@@ -1,0 +1,188 @@
+"""Stimuli for every unit of a model: mine → select tasks → natural rows → feature visualizations.
+
+``make_stimuli`` fills the bank for one model.  Natural tasks (IMI/MIS protocol) take references
+and queries from the mined exemplars; synthetic tasks keep the same natural queries and replace
+the references by feature visualizations (K per side: 1 plain + K−1 diverse).  Units that are
+constant over the dataset are skipped and recorded as ``dead`` (``pruned`` when they are exactly
+zero in a pruned model), never silently dropped.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torchvision import transforms
+from tqdm import tqdm
+
+from pruning.data.folders import open_image
+
+from .bank import StimulusBank
+from .exemplars import select_tasks
+from .featurevis import FeatureVisSettings, render_units
+from .mining import mine
+from .units import Unit
+
+
+@dataclass
+class StimuliSettings:
+    """What ``make_stimuli`` needs from a study's ``stimuli`` section (plus data and seed)."""
+    split: str = "val"
+    kinds: tuple[str, ...] = ("natural", "synthetic")
+    n_tasks: int = 20
+    n_references: int = 9
+    query_percentile: float = 0.0
+    image_size: int = 64
+    batch_size: int = 256
+    fv_steps: int = 512
+    fv_lr: float = 0.05
+    fv_image_size: int = 0
+    fv_batch_units: int = 64
+    fv_diversity: float = 1.0
+    skip_dead: bool = True
+    seed: int = 0
+    on_corrupt: str = "skip"
+
+    @classmethod
+    def from_config(cls, cfg) -> StimuliSettings:
+        s = cfg.stimuli
+        return cls(split=s.split, kinds=tuple(s.kinds), n_tasks=s.n_tasks, n_references=s.n_references,
+                   query_percentile=s.query_percentile, image_size=cfg.data.image_size,
+                   batch_size=cfg.data.eval_batch_size, fv_steps=s.fv_steps, fv_lr=s.fv_lr,
+                   fv_image_size=s.fv_image_size, fv_batch_units=s.fv_batch_units, fv_diversity=s.fv_diversity,
+                   skip_dead=cfg.units.skip_dead, seed=cfg.study.seed, on_corrupt=cfg.data.on_corrupt)
+
+    @property
+    def k(self) -> int:
+        return self.n_tasks * (self.n_references + 1)
+
+
+@dataclass
+class ExemplarImages:
+    """Dataset images shown as exemplars: decoded, resized and centre-cropped once, stored once."""
+    files: list[str]
+    bank: StimulusBank
+    image_size: int
+    names: dict[int, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.display = transforms.Compose([transforms.Resize(self.image_size), transforms.CenterCrop(self.image_size)])
+
+    def name(self, index: int) -> str:
+        if index not in self.names:
+            img: Image.Image = self.display(open_image(self.files[index]))
+            self.names[index] = self.bank.add_image(img)
+        return self.names[index]
+
+
+def _row(model_id, unit: Unit, task: int, role: str, kind: str, image: str, source: str, activation: float,
+         rank: int) -> dict:
+    return {"model_id": model_id, "layer": unit.layer, "unit": unit.unit, "task": task, "role": role, "kind": kind,
+            "image": image, "source": source, "activation": float(activation), "rank": int(rank)}
+
+
+def _source(images: ExemplarImages, index: int, root: Path) -> str:
+    """The exemplar's file relative to the split folder (e.g. ``circle/00012.png``)."""
+    return Path(os.path.relpath(images.files[index], root)).as_posix()
+
+
+def natural_rows(model_id: str, unit: Unit, tasks, images: ExemplarImages, root: Path) -> list[dict]:
+    rows = []
+    for t in tasks:
+        for role, idx, rank, act in t.items():
+            rows.append(_row(model_id, unit, t.task, role, "natural", images.name(idx), _source(images, idx, root),
+                             act, rank))
+    return rows
+
+
+def _dead_reason(layer_mining, unit: int, pruned_model: bool) -> str | None:
+    if not bool(layer_mining.dead[unit]):
+        return None
+    zero = float(layer_mining.max[unit]) == 0.0 and float(layer_mining.min[unit]) == 0.0
+    return "pruned" if zero and pruned_model else "dead"
+
+
+def make_stimuli(model, model_id: str, units: list[Unit], data_root: str | Path, bank: StimulusBank,
+                 settings: StimuliSettings, *, device=None, pruned_model: bool = False, work_dir: Path | None = None,
+                 progress: bool = False, exemplar_cache: dict | None = None) -> list[dict]:
+    """Fill ``bank`` with the stimuli of ``units`` for one model; return the per-unit status rows."""
+    device = torch.device(device) if device else next(model.parameters()).device
+    pending = {kind: [u for u in units if not bank.is_done(model_id, kind, u.layer, u.unit)]
+               for kind in settings.kinds}
+    layers = sorted({u.layer for u in units})
+    record = ({layer: [u.unit for u in units if u.layer == layer] for layer in layers}
+              if settings.query_percentile > 0 else None)
+    mining_path = work_dir / f"{model_id}.mining.pt" if work_dir else None
+    result = mine(model, data_root, settings.split, layers, settings.k, image_size=settings.image_size,
+                  batch_size=settings.batch_size, device=device, record=record, progress=progress,
+                  state_path=work_dir / f"{model_id}.state.pt" if work_dir else None, on_corrupt=settings.on_corrupt)
+    if mining_path is not None:
+        result.save(mining_path)
+    split_root = Path(data_root) / settings.split
+    cache = exemplar_cache if exemplar_cache is not None else {}
+    images = cache.setdefault(("exemplars", str(split_root), settings.image_size),
+                              ExemplarImages(result.files, bank, settings.image_size))
+    status, tasks_of, alive = [], {}, []
+    for u in units:
+        lm = result.layers[u.layer]
+        reason = _dead_reason(lm, u.unit, pruned_model) if settings.skip_dead else None
+        for kind in settings.kinds:
+            status.append({"model_id": model_id, "kind": kind, "layer": u.layer, "unit": u.unit,
+                           "status": reason or "ok",
+                           "reason": "" if reason is None else f"constant activation {float(lm.max[u.unit]):.4g}"})
+        if reason is not None:
+            for kind in settings.kinds:
+                if u in pending[kind]:
+                    bank.write_unit(model_id, kind, u.layer, u.unit, [])
+            continue
+        alive.append(u)
+        tasks_of[u] = select_tasks(lm, u.unit, n_tasks=settings.n_tasks, n_references=settings.n_references,
+                                   seed=settings.seed, query_percentile=settings.query_percentile,
+                                   recorded=lm.recorded.get(u.unit))
+    if "natural" in settings.kinds:
+        for u in tqdm([u for u in alive if u in pending["natural"]], desc=f"{model_id} exemplars",
+                      disable=None if progress else True, leave=False):
+            bank.write_unit(model_id, "natural", u.layer, u.unit, natural_rows(model_id, u, tasks_of[u], images,
+                                                                                split_root))
+    if "synthetic" in settings.kinds:
+        todo = [u for u in alive if u in pending["synthetic"]]
+        fv = FeatureVisSettings(steps=settings.fv_steps, lr=settings.fv_lr,
+                                image_size=settings.fv_image_size or settings.image_size,
+                                batch_size=max(1, settings.fv_batch_units) * 2 * settings.n_references,
+                                n_diverse=settings.n_references - 1, n_plain=1, diversity=settings.fv_diversity,
+                                seed=settings.seed)
+        for layer in sorted({u.layer for u in todo}):
+            chunk = [u for u in todo if u.layer == layer]
+            for start in range(0, len(chunk), settings.fv_batch_units):
+                part = chunk[start:start + settings.fv_batch_units]
+                rendered = render_units(model, layer, [u.unit for u in part], fv, device=device, progress=progress)
+                by_unit: dict[int, dict] = {}
+                for r in rendered:
+                    by_unit.setdefault(r.unit, {})[r.direction] = r
+                for u in part:
+                    bank.write_unit(model_id, "synthetic", u.layer, u.unit,
+                                    synthetic_rows(model_id, u, tasks_of[u], by_unit[u.unit], images, bank,
+                                                   split_root))
+    return status
+
+
+def synthetic_rows(model_id: str, unit: Unit, tasks, rendered: dict, images: ExemplarImages, bank: StimulusBank,
+                   root: Path) -> list[dict]:
+    """Feature-visualization references (the same for every task) with each task's natural queries."""
+    refs = {}
+    for direction in ("max", "min"):
+        r = rendered[direction]
+        refs[direction] = [(bank.add_image(img), f"fv:{seed}", float(act), slot + 1)
+                           for slot, (img, act, seed) in enumerate(zip(r.images, r.activations, r.seeds))]
+    rows = []
+    for t in tasks:
+        for role, idx, rank, act in t.items():
+            if role.startswith("query"):
+                rows.append(_row(model_id, unit, t.task, role, "synthetic", images.name(idx),
+                                 _source(images, idx, root), act, rank))
+        for direction in ("max", "min"):
+            for name, source, act, rank in refs[direction]:
+                rows.append(_row(model_id, unit, t.task, f"ref_{direction}", "synthetic", name, source, act, rank))
+    return rows

@@ -1,0 +1,196 @@
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from lucent.optvis import objectives, param, render, transform
+from lucent.optvis.param import color, spatial
+from torch import nn
+
+from pruning.models import create_model
+from stimuli.featurevis import (JITTER1, JITTER2, PAD, FeatureVisSettings, _diversity, _hooked, _LayerForward,
+                                _decorrelated, _pack, _plan, _random_views, find_layer, render_units)
+
+LAYER, UNITS, SIZE, STEPS = "inception4a", [5, 40, 100], 64, 48
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny convolutions: one thread is fastest, and other processes share the two cores
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return create_model("inception-small", num_classes=10).eval()
+
+
+@pytest.fixture(scope="module")
+def rendered(model):
+    settings = FeatureVisSettings(steps=STEPS, image_size=SIZE, batch_size=9, n_plain=1, n_diverse=2)
+    return render_units(model, LAYER, UNITS, settings)
+
+
+def unit_means(model, images, units):
+    with _hooked(find_layer(model, LAYER)) as store, torch.no_grad():
+        acts = _LayerForward(model, store, LAYER, torch.float32)(images)
+    return acts[torch.arange(len(units)), torch.tensor(units)].mean((-2, -1))
+
+
+def gram_similarity(model, images):
+    """Mean cosine similarity of the layer's Gram matrices over pairs of distinct images."""
+    with _hooked(find_layer(model, LAYER)) as store, torch.no_grad():
+        flat = _LayerForward(model, store, LAYER, torch.float32)(images).flatten(2)
+    grams = F.normalize((flat @ flat.transpose(1, 2)).flatten(1), dim=1)
+    n = len(images)
+    return ((grams @ grams.T).sum() - n) / (n * (n - 1))
+
+
+def hooks(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_shapes_ranges_and_order(rendered):
+    assert [(r.unit, r.direction) for r in rendered] == [(u, d) for u in UNITS for d in ("max", "min")]
+    for r in rendered:
+        assert r.layer == LAYER and r.images.shape == (3, 3, SIZE, SIZE) and r.activations.shape == (3,)
+        assert r.images.device.type == "cpu" and 0 <= r.images.min() and r.images.max() <= 1
+        assert len(set(r.seeds)) == 3
+    assert len({s for r in rendered for s in r.seeds}) == 18
+
+
+def test_max_images_activate_more_than_min_images(rendered):
+    for mx, mn in zip(rendered[::2], rendered[1::2]):
+        assert mx.activations.min() > mn.activations.max(), mx.unit
+
+
+def test_reported_activations_are_those_of_the_returned_images(model, rendered):
+    images = torch.stack([r.images[0] for r in rendered])
+    expected = torch.stack([r.activations[0] for r in rendered])
+    assert torch.allclose(unit_means(model, images, [r.unit for r in rendered]), expected, atol=1e-4)
+
+
+def test_reaches_at_least_lucents_render_vis(model, rendered):
+    r = SIZE / 224   # lucent's transforms at the same pixel scale as the renderer's
+    transforms = [transform.pad(round(PAD * r), mode="reflect"), transform.jitter(round(JITTER1 * r)),
+                  transform.random_scale([1, .975, 1.025, .95, 1.05]), transform.random_rotate(list(range(-5, 6))),
+                  transform.jitter(max(2, round(JITTER2 * r)))]
+    reference = []
+    for unit in UNITS:
+        lucent_model = copy.deepcopy(model).to(spatial.device).requires_grad_(False)  # render_vis leaves hooks
+        np.random.seed(0)
+        torch.manual_seed(0)
+        out = render.render_vis(lucent_model, f"{LAYER}:{unit}", lambda: param.image(SIZE, fft=True, decorrelate=True),
+                                transforms=transforms, thresholds=(STEPS,), show_image=False, progress=False,
+                                fixed_image_size=SIZE)
+        reference.append(torch.from_numpy(out[-1]).permute(0, 3, 1, 2))
+    lucent = unit_means(model, torch.cat(reference), UNITS)
+    ours = unit_means(model, torch.stack([r.images[0] for r in rendered if r.direction == "max"]), UNITS)
+    assert lucent.mean() > 0.5          # the reference did optimize
+    assert ours.mean() >= 0.95 * lucent.mean(), (ours, lucent)
+
+
+def test_model_left_as_it_was(model):
+    model = copy.deepcopy(model).train()
+    model.fc.weight.requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    render_units(model, LAYER, [5], FeatureVisSettings(steps=3, image_size=SIZE, n_plain=1, n_diverse=2))
+    assert hooks(model) == 0
+    assert all(m.training for m in model.modules())
+    assert [p.requires_grad for p in model.parameters()] == [n != "fc.weight" for n, _ in model.named_parameters()]
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+class Boom(nn.Module):
+    def forward(self, x):
+        raise RuntimeError("boom")
+
+
+def test_no_hooks_or_flags_left_when_rendering_fails(model):
+    broken = nn.Sequential(nn.Conv2d(3, 4, 3), Boom(), nn.Conv2d(4, 4, 3)).train()
+    with pytest.raises(RuntimeError, match="boom"):
+        render_units(broken, "2", [0], FeatureVisSettings(steps=2, image_size=16))
+    assert hooks(broken) == 0 and broken.training and all(p.requires_grad for p in broken.parameters())
+    model = copy.deepcopy(model).train()
+    with pytest.raises(ValueError, match="unit 999 out of range"):
+        render_units(model, LAYER, [999], FeatureVisSettings(steps=2, image_size=SIZE))
+    assert hooks(model) == 0 and model.training and all(p.requires_grad for p in model.parameters())
+
+
+def test_unknown_layer_lists_valid_names(model):
+    with pytest.raises(ValueError, match=r"unknown layer 'inception9'; choose from \['conv1', .*'inception4a'"):
+        render_units(model, "inception9", [0], FeatureVisSettings(steps=1, image_size=SIZE))
+
+
+def test_seeded_determinism_and_batch_independence(model):
+    settings = FeatureVisSettings(steps=8, image_size=SIZE, n_plain=1, n_diverse=2, diversity=5.0)
+    rng = torch.random.get_rng_state()
+    alone = render_units(model, LAYER, [40], settings, directions=("max",))[0]
+    assert torch.equal(torch.random.get_rng_state(), rng)   # the global RNG is not used
+    again = render_units(model, LAYER, [40], settings, directions=("max",))[0]
+    assert torch.equal(alone.images, again.images) and alone.seeds == again.seeds
+    other = render_units(model, LAYER, [40], FeatureVisSettings(**{**vars(settings), "seed": 1}), directions=("max",))
+    assert (other[0].images - alone.images).abs().amax((1, 2, 3)).min() > 0.1
+    # the same unit among others, in a smaller batch: the same images
+    crowd = render_units(model, LAYER, [5, 40], FeatureVisSettings(**{**vars(settings), "batch_size": 4}))
+    assert crowd[2].unit == 40 and crowd[2].direction == "max" and crowd[2].seeds == alone.seeds
+    assert torch.allclose(crowd[2].images, alone.images, atol=1e-4)
+
+
+def test_diversity_makes_diverse_images_less_similar(model):
+    def diverse_images(weight):
+        settings = FeatureVisSettings(steps=32, image_size=SIZE, n_plain=1, n_diverse=4, diversity=weight)
+        r = render_units(model, LAYER, [40], settings, directions=("max",))[0]
+        return r.images
+    plain, diverse = diverse_images(0.0), diverse_images(10.0)
+    assert torch.equal(plain[0], diverse[0])            # the plain slot has no diversity term
+    assert gram_similarity(model, diverse[1:]) < gram_similarity(model, plain[1:]) - 0.05
+
+
+def test_diversity_matches_lucents_objective():
+    torch.manual_seed(0)
+    acts = torch.rand(7, 5, 3, 3)
+    groups = torch.tensor([-1, 0, 0, 0, 1, 1, 1])
+    lucent = sum(objectives.diversity("x")(lambda _, a=acts[i:i + 3]: a) for i in (1, 4))   # −Σcos / n per group
+    assert torch.allclose(_diversity(acts, groups), -3 * lucent)
+
+
+def test_groups_are_not_split_across_batches():
+    settings = FeatureVisSettings(batch_size=10, n_plain=1, n_diverse=3, diversity=1.0)
+    batches = _pack(_plan(LAYER, [0, 1, 2], ("max", "min"), settings), settings)
+    assert [len(b) for b in batches] == [8, 8, 8]
+    assert all(len({s.group for s in b}) == 2 for b in batches)
+    flat = _pack(_plan(LAYER, [0, 1, 2], ("max", "min"), settings), FeatureVisSettings(batch_size=10, diversity=0))
+    assert [len(b) for b in flat] == [10, 10, 4]
+
+
+def test_views_are_lucid_crops_at_224_px():
+    torch.manual_seed(0)
+    images = torch.rand(4, 3, 224, 224)
+    draws = torch.tensor([[8, 8, 0, 5, 4, 4], [0, 15, 0, 5, 7, 0], [3, 11, 0, 5, 1, 6], [8, 8, 3, 0, 4, 4]])
+    views = _random_views(images, draws)
+    canvas = F.pad(images, [PAD] * 4, mode="reflect")
+    for view, image, (x1, y1, _, _, x2, y2) in zip(views[:3], canvas, draws[:3].tolist()):
+        top, left = PAD + y1 - JITTER1 // 2 + y2 - JITTER2 // 2, PAD + x1 - JITTER1 // 2 + x2 - JITTER2 // 2
+        assert torch.allclose(view, image[:, top:top + 224, left:left + 224], atol=1e-4)
+    assert not torch.allclose(views[3], images[3], atol=0.05)   # scaled 0.95 and rotated by -5°
+
+
+def test_pixel_parameterization_without_decorrelation(model):
+    settings = FeatureVisSettings(steps=2, image_size=SIZE, n_plain=2, n_diverse=0, fft=False, decorrelate=False)
+    (r,) = render_units(model, LAYER, [40], settings, directions=("min",))
+    assert r.images.shape == (2, 3, SIZE, SIZE) and r.direction == "min"
+
+
+def test_colour_decorrelation_off_lucents_device_matches_lucent():
+    # lucent decorrelates on cuda:0 (or the CPU without CUDA) only; other devices use its matrix directly
+    image = torch.randn(2, 3, 5, 5)
+    matrix = torch.tensor(color.color_correlation_normalized.T)
+    assert torch.allclose(_decorrelated(lambda: image, matrix)(), color._linear_decorrelate_color(image.to(
+        spatial.device)).cpu(), atol=1e-6)
