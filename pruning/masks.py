@@ -55,12 +55,8 @@ class MaskEnforcer:
 
     def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor]):
         params = _params(model, masks)
-        self.params = [p for p in params.values()]
+        self.params = list(params.values())
         self.masks = [masks[k].to(device=p.device, dtype=p.dtype) for k, p in params.items()]
-
-    @property
-    def pairs(self):
-        return list(zip(self.params, self.masks))
 
     @torch.no_grad()
     def __call__(self, trainer=None) -> None:

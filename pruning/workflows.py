@@ -6,6 +6,7 @@ recorded hash is reused, so an interrupted study resumes model by model.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from dataclasses import asdict
@@ -207,7 +208,7 @@ def prune_and_save(cfg, data_root: str | Path, parent_dir: str | Path, out_dir: 
             rewind_state = {k: v.clone() for k, v in parent_ckpt.model.state_dict().items()}
             rewind_source = "parent weights"
     torch.manual_seed(settings.seed)
-    model = load_checkpoint(parent_dir / "model.pt", map_location=ctx.device).model
+    model = copy.deepcopy(parent_ckpt.model)  # the parent stays intact for noise similarity
     sizes = layer_sizes(model)
     outcome = prune_and_retrain(model, job, settings=settings, train_loader=train_loader, val_loader=val_loader,
                                 ctx=ctx, reference=reference, rewind_state=rewind_state, work_dir=out_dir,
