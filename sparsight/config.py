@@ -184,13 +184,35 @@ class DissectionSection:
 
 @dataclass
 class SurveySection:
-    database: str = option("", "SQLAlchemy URL; empty = sqlite in the study directory")
+    database: str = option("", "SQLAlchemy URL (e.g. postgresql+psycopg://user:pw@host/db); empty = "
+                               "sqlite <run_dir>/survey.db")
+    condition_by: str = option("model-kind", "what one participant's trials share: one model and one reference "
+                                             "kind (IMI), one kind, one model, or nothing",
+                               choices=("model-kind", "kind", "model", "none"))
+    models: list = option([], "models whose stimuli are served; empty = every model in the stimulus bank")
+    kinds: list = option(["natural", "synthetic"], "reference kinds served", each=("natural", "synthetic"))
     practice_trials: int = option(5, "practice trials", lo=0)
     practice_attempts: int = option(3, "practice repetitions allowed", lo=1)
     main_trials: int = option(40, "main trials per participant", lo=1)
-    catch_trials: int = option(5, "catch trials per participant", lo=0)
+    catch_trials: int = option(5, "catch trials per participant (a query that also appears among the references)",
+                               lo=0)
     min_response_ms: int = option(1500, "responses accepted after this many ms", lo=0)
-    completion_code: str = option("", "Prolific completion code")
+    feedback_delay_ms: int = option(350, "ms between the chosen image's frame and the correct one's", lo=0)
+    feedback_ms: int = option(1150, "ms the correct/incorrect frame stays on screen", lo=0)
+    min_window_width: int = option(1000, "smallest browser window (CSS px) a participant may use", lo=0)
+    min_window_height: int = option(600, "smallest browser window height (CSS px)", lo=0)
+    slot_timeout_min: int = option(60, "an unfinished session stops counting towards unit balance after this many "
+                                       "idle minutes", lo=1)
+    completion_code: str = option("", "Prolific completion code; empty = a thank-you page without redirect")
+    completion_url: str = option("https://app.prolific.com/submissions/complete?cc={code}",
+                                 "where a finished participant is sent ({code} = completion_code)")
+    screenout_code: str = option("", "Prolific code for participants who fail practice; empty = no redirect")
+    catch_min_accuracy: float = option(0.8, "exclusion: least catch-trial accuracy", lo=0.0, hi=1.0)
+    min_answers_per_position: int = option(5, "exclusion: least answers on each query position (upper, lower)",
+                                           lo=0)
+    min_instruction_s: float = option(15.0, "exclusion: least seconds on the instructions", lo=0.0)
+    min_total_s: float = option(135.0, "exclusion: least seconds for the whole session", lo=0.0)
+    max_total_s: float = option(2500.0, "exclusion: most seconds for the whole session", lo=0.0)
     machine_participants: int = option(1, "machine participants run by the study", lo=0)
 
 
@@ -247,7 +269,8 @@ PROFILES: dict[str, dict] = {
         "units": {"units_per_layer": 2},
         "stimuli": {"n_tasks": 4, "n_references": 3, "fv_steps": 16, "fv_batch_units": 16},
         "mis": {"bootstrap": 200},
-        "survey": {"practice_trials": 2, "main_trials": 6, "catch_trials": 1},
+        "survey": {"practice_trials": 2, "main_trials": 6, "catch_trials": 1, "min_answers_per_position": 1,
+                   "min_total_s": 10.0},
         "analysis": {"bootstrap": 500},
     },
 }
@@ -329,6 +352,13 @@ def _apply(cfg: StudyConfig, tree: dict, origin: str) -> None:
             setattr(section, key, checked)
 
 
+def apply_settings(cfg: StudyConfig, tree: dict, origin: str = "settings") -> StudyConfig:
+    """Apply ``{section: {key: value}}`` to ``cfg`` with the same checks as a study file."""
+    _apply(cfg, tree, origin)
+    validate_study(cfg)
+    return cfg
+
+
 def parse_override(text: str) -> dict:
     """``"train.epochs=3"`` → ``{"train": {"epochs": 3}}``; the value is parsed as TOML."""
     if "=" not in text or "." not in text.split("=", 1)[0]:
@@ -376,6 +406,11 @@ def validate_study(cfg: StudyConfig) -> None:
         raise ConfigError("data.path: required when data.source = 'folder' (a folder with train/ and val/)")
     if not cfg.prune.rates:
         raise ConfigError("prune.rates: give at least one rate in [0, 1)")
+    if cfg.survey.min_total_s > cfg.survey.max_total_s:
+        raise ConfigError(f"survey.min_total_s ({cfg.survey.min_total_s:g}) must not exceed survey.max_total_s "
+                          f"({cfg.survey.max_total_s:g})")
+    if "{code}" not in cfg.survey.completion_url:
+        raise ConfigError("survey.completion_url: must contain {code}, where the completion code goes")
 
 
 def write_study(cfg: StudyConfig, run_dir: str | Path) -> Path:

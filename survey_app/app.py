@@ -1,0 +1,92 @@
+"""The Flask application factory.
+
+``create_app(config)`` reads the study (``RUN_DIR/study.toml``, its ``[survey]`` section, optionally
+overridden by ``config["SURVEY"]``), opens the database (``DATABASE_URL``, else ``survey.database``,
+else SQLite at ``RUN_DIR/survey.db``), loads the stimulus bank and registers three blueprints:
+participant pages, the admin area and the JSON API.  Environment variables fill what ``config``
+leaves out: ``SPARSIGHT_RUN_DIR``, ``SPARSIGHT_DATABASE_URL``, ``SPARSIGHT_ADMIN_PASSWORD``,
+``SPARSIGHT_API_TOKEN`` (this is how gunicorn workers are configured).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from flask import Flask, jsonify, render_template, request
+from sqlalchemy.orm import sessionmaker
+from werkzeug.exceptions import HTTPException
+
+from sparsight.config import StudyConfig, apply_settings, load_study
+
+from .db import init_schema, make_engine
+from .material import Material
+from .security import csrf_token, load_secrets
+from .service import SurveyError, SurveyService
+
+ENV = {"RUN_DIR": "SPARSIGHT_RUN_DIR", "DATABASE_URL": "SPARSIGHT_DATABASE_URL",
+       "ADMIN_PASSWORD": "SPARSIGHT_ADMIN_PASSWORD", "API_TOKEN": "SPARSIGHT_API_TOKEN"}
+
+
+def study_config(run_dir: Path, survey_overrides: dict | None = None) -> StudyConfig:
+    toml = run_dir / "study.toml"
+    cfg = load_study(toml) if toml.is_file() else load_study()
+    if survey_overrides:
+        apply_settings(cfg, {"survey": dict(survey_overrides)}, "app config SURVEY")
+    return cfg
+
+
+def database_url(run_dir: Path, cfg: StudyConfig, explicit: str | None = None) -> str:
+    return explicit or cfg.survey.database or f"sqlite:///{(run_dir / 'survey.db').resolve()}"
+
+
+def create_app(test_config: dict | None = None) -> Flask:
+    app = Flask(__name__)
+    app.config.update({k: os.environ.get(v) for k, v in ENV.items()})
+    app.config.update(test_config or {})
+    if not app.config.get("RUN_DIR"):
+        raise ValueError("create_app needs RUN_DIR (a study directory with stimuli/manifest.parquet); "
+                         "set it in the config or SPARSIGHT_RUN_DIR")
+    run_dir = Path(app.config["RUN_DIR"])
+    cfg = study_config(run_dir, app.config.get("SURVEY"))
+    settings = cfg.survey
+    url = database_url(run_dir, cfg, app.config.get("DATABASE_URL"))
+    engine = make_engine(url)
+    init_schema(engine)
+    sessions = sessionmaker(engine, expire_on_commit=False)
+    material = Material(run_dir / "stimuli", models=list(settings.models) or None, kinds=list(settings.kinds))
+    service = SurveyService(sessions, material, settings, cfg.study.name)
+
+    app.config["SECRETS"] = load_secrets(sessions)
+    app.secret_key = app.config.get("SECRET_KEY") or app.config["SECRETS"]["cookie_key"]
+    app.config.update(SESSION_COOKIE_HTTPONLY=True, SESSION_COOKIE_SAMESITE="Lax", MAX_CONTENT_LENGTH=256 * 1024,
+                      STUDY=cfg, SETTINGS=settings, ENGINE=engine, SESSIONS=sessions, DATABASE=url)
+    app.extensions["survey"] = service
+    app.jinja_env.globals["csrf_token"] = csrf_token
+
+    from .admin import bp as admin_bp
+    from .api import bp as api_bp
+    from .participant import bp as participant_bp
+    app.register_blueprint(participant_bp)
+    app.register_blueprint(admin_bp)
+    app.register_blueprint(api_bp)
+    _error_handlers(app)
+    return app
+
+
+def _wants_json() -> bool:
+    return request.path.startswith("/api/") or request.is_json
+
+
+def _error_handlers(app: Flask) -> None:
+    @app.errorhandler(SurveyError)
+    def survey_error(err: SurveyError):
+        if _wants_json():
+            return jsonify(error=err.reason), err.status
+        return render_template("message.html", title="Cannot continue", message=err.reason), err.status
+
+    @app.errorhandler(HTTPException)
+    def http_error(err: HTTPException):
+        reason = err.description or err.name
+        if _wants_json():
+            return jsonify(error=reason), err.code
+        return render_template("message.html", title=err.name, message=reason), err.code

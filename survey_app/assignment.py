@@ -1,0 +1,120 @@
+"""Which trials a participant gets: a pure function of the material, the balance counts and a seed.
+
+The condition (e.g. one model and one reference kind, as in IMI) with the fewest counted
+participants is chosen; within it the items (units) and then the tasks with the fewest counted
+assignments come first.  Ties, the trial order, the query positions (exactly balanced) and the
+catch and practice material are decided by a random generator seeded from (study, bank hash,
+participant seed), so a trial list can be re-derived from what is stored.
+"""
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass
+
+from .material import Item, Material
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    block: str          # practice | main
+    attempt: int        # practice attempt (1..); 0 in the main block
+    position: int
+    trial_type: str     # practice | main | catch
+    item: Item
+    task: int
+    max_position: str   # upper | lower
+    catch_ref: int | None = None
+
+
+@dataclass
+class BalanceCounts:
+    """Counted assignments of the participants that hold or filled a slot."""
+    conditions: Counter
+    items: Counter      # Item -> main trials assigned
+    tasks: Counter      # (Item, task) -> main trials assigned
+
+
+def make_rng(study: str, bank_hash: str, seed: int, purpose: str) -> random.Random:
+    return random.Random(f"{study}:{bank_hash}:{seed}:{purpose}")
+
+
+def balanced_positions(n: int, rng: random.Random) -> list[str]:
+    """``n`` query positions, half upper and half lower (a coin decides an odd one), shuffled."""
+    positions = ["upper", "lower"] * (n // 2) + ([rng.choice(["upper", "lower"])] if n % 2 else [])
+    rng.shuffle(positions)
+    return positions
+
+
+def least_used(keys: list, counts: Counter, rng: random.Random) -> list:
+    """``keys`` ordered by ascending count, ties in a seeded random order."""
+    rank = {k: i for i, k in enumerate(rng.sample(keys, len(keys)))}
+    return sorted(keys, key=lambda k: (counts.get(k, 0), rank[k]))
+
+
+def choose_condition(conditions: list[str], counts: BalanceCounts, rng: random.Random) -> str:
+    return least_used(sorted(conditions), counts.conditions, rng)[0]
+
+
+def choose_main(material: Material, items: list[Item], n: int, counts: BalanceCounts,
+                rng: random.Random) -> list[tuple[Item, int]]:
+    """``n`` (item, task) pairs: least-assigned items first; an item repeats (with another task) only
+    after every item of the condition was used."""
+    chosen: list[tuple[Item, int]] = []
+    taken: dict[Item, set[int]] = {}
+    item_counts = Counter(counts.items)
+    while len(chosen) < n:
+        for item in least_used(items, item_counts, rng):
+            if len(chosen) == n:
+                break
+            n_tasks = len(material.tasks[item])
+            free = [t for t in range(n_tasks) if t not in taken.get(item, set())] or list(range(n_tasks))
+            task = least_used(free, Counter({t: counts.tasks.get((item, t), 0) for t in free}), rng)[0]
+            taken.setdefault(item, set()).add(task)
+            chosen.append((item, task))
+            item_counts[item] += 1
+    return chosen
+
+
+def _spare(items: list[Item], used: set[Item], n: int, rng: random.Random) -> list[Item]:
+    """``n`` items preferring those not in ``used``, seeded; cycles when there are too few."""
+    fresh = [i for i in rng.sample(items, len(items)) if i not in used]
+    pool = fresh + [i for i in rng.sample(items, len(items)) if i in used]
+    return [pool[k % len(pool)] for k in range(n)]
+
+
+def practice_block(material: Material, items: list[Item], avoid: set[Item], n: int, attempt: int,
+                   rng_of) -> list[TrialSpec]:
+    """Practice trials of one attempt: the same material every attempt, fresh query positions."""
+    rng = rng_of("practice")
+    picks = _spare(items, avoid, n, rng)
+    tasks = [rng.randrange(len(material.tasks[i])) for i in picks]
+    positions = balanced_positions(n, rng_of(f"practice-positions-{attempt}"))
+    order = list(range(n))
+    rng_of(f"practice-order-{attempt}").shuffle(order)
+    return [TrialSpec("practice", attempt, pos, "practice", picks[k], tasks[k], positions[pos])
+            for pos, k in enumerate(order)]
+
+
+def main_block(material: Material, items: list[Item], n_main: int, n_catch: int, counts: BalanceCounts,
+               rng_of) -> list[TrialSpec]:
+    """Main trials (balanced items and tasks) with catch trials mixed in at seeded positions."""
+    main = choose_main(material, items, n_main, counts, rng_of("main"))
+    rng = rng_of("catch")
+    catch_items = _spare(items, {i for i, _ in main}, n_catch, rng)
+    catch = []
+    for item in catch_items:
+        task = rng.randrange(len(material.tasks[item]))
+        catch.append((item, task, rng.randrange(len(material.task(item, task).ref_max))))
+    kinds = [("main", i, t, None) for i, t in main] + [("catch", i, t, r) for i, t, r in catch]
+    rng_of("order").shuffle(kinds)
+    positions = balanced_positions(len(kinds), rng_of("positions"))
+    return [TrialSpec("main", 0, pos, ttype, item, task, positions[pos], ref)
+            for pos, (ttype, item, task, ref) in enumerate(kinds)]
+
+
+def exhaustive_block(material: Material, items: list[Item], rng_of) -> list[TrialSpec]:
+    """Every task of every item once (machine observers measuring a whole bank), seeded positions."""
+    pairs = [(item, t) for item in items for t in range(len(material.tasks[item]))]
+    positions = balanced_positions(len(pairs), rng_of("positions"))
+    return [TrialSpec("main", 0, pos, "main", item, task, positions[pos]) for pos, (item, task) in enumerate(pairs)]

@@ -1,0 +1,96 @@
+"""Engines and transactions: SQLite by default (WAL, busy timeout, serialized writers), any
+SQLAlchemy URL (PostgreSQL) instead.
+
+Every request runs in one short transaction (:func:`transaction`).  On SQLite each transaction
+starts with ``BEGIN IMMEDIATE`` — it takes the single write lock up front, so concurrent requests
+queue on the busy timeout instead of failing with "database is locked" half-way through.  On
+PostgreSQL, rows that must not be raced (the study row while a participant's trials are chosen, a
+participant while a response is saved) are locked with ``SELECT … FOR UPDATE``.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+
+from sqlalchemy import create_engine, event, select, text
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.orm import Session, sessionmaker
+
+from .models import Base, Secret
+
+SQLITE_BUSY_MS = 30_000
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``; SQLite gets WAL, a busy timeout, foreign keys and immediate transactions."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_MS / 1000, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn, _record):
+            dbapi_conn.isolation_level = None   # we issue BEGIN ourselves
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _begin(conn):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+
+
+def init_schema(engine: Engine, attempts: int = 5) -> None:
+    """Create missing tables; safe when several server workers start at once."""
+    for attempt in range(attempts):
+        try:
+            with engine.begin() as conn:
+                if engine.dialect.name == "postgresql":
+                    conn.execute(text("SELECT pg_advisory_xact_lock(7242031)"))
+                Base.metadata.create_all(conn)
+            return
+        except (OperationalError, ProgrammingError, IntegrityError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
+def get_or_create_secret(sessions: sessionmaker, name: str, make) -> str:
+    """The stored secret ``name``, creating it with ``make()`` if absent (first writer wins)."""
+    with sessions() as s:
+        found = s.get(Secret, name)
+        if found is not None:
+            return found.value
+    try:
+        with sessions.begin() as s:
+            s.add(Secret(name=name, value=make()))
+    except IntegrityError:
+        pass
+    with sessions() as s:
+        return s.scalars(select(Secret.value).where(Secret.name == name)).one()
+
+
+def set_secret(sessions: sessionmaker, name: str, value: str) -> None:
+    with sessions.begin() as s:
+        found = s.get(Secret, name)
+        if found is None:
+            s.add(Secret(name=name, value=value))
+        else:
+            found.value = value
+
+
+@contextlib.contextmanager
+def transaction(sessions: sessionmaker):
+    """One unit of work: commit on success, roll back on any error."""
+    with sessions.begin() as session:
+        yield session
+
+
+def lock(session: Session, model, pk) -> object:
+    """Load a row and lock it until the transaction ends (FOR UPDATE; SQLite already holds the write lock)."""
+    return session.execute(select(model).where(model.id == pk).with_for_update()).scalar_one()

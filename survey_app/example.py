@@ -1,0 +1,47 @@
+"""The instructions' example screenshot: one task from the bank drawn in the trial layout, the query
+that matches the right examples framed green."""
+from __future__ import annotations
+
+import io
+import math
+
+from PIL import Image, ImageDraw
+
+from .material import Material
+
+TILE, GAP, PAD, HEAD = 88, 6, 18, 30
+GREEN, GREY = (22, 150, 60), (90, 90, 90)
+
+
+def _grid(material: Material, images: tuple[str, ...] | list[str], cols: int = 0) -> Image.Image:
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    sheet = Image.new("RGB", (cols * TILE + (cols - 1) * GAP, rows * TILE + (rows - 1) * GAP), "white")
+    for i, name in enumerate(images):
+        img = Image.open(material.image_path(name)).convert("RGB").resize((TILE, TILE), Image.Resampling.BICUBIC)
+        sheet.paste(img, ((i % cols) * (TILE + GAP), (i // cols) * (TILE + GAP)))
+    return sheet
+
+
+def example_png(material: Material) -> bytes:
+    """PNG bytes of an example trial (the last natural item's last task; the answer is the upper image)."""
+    natural = [i for i in material.items if i.kind == "natural"] or material.items
+    item = natural[-1]
+    task = material.tasks[item][-1]
+    left, right = _grid(material, task.ref_min), _grid(material, task.ref_max)
+    centre = _grid(material, [task.query_max, task.query_min], cols=1)
+    body = max(left.height, right.height, centre.height)
+    width = left.width + right.width + TILE + 4 * PAD + 2 * GAP
+    sheet = Image.new("RGB", (width, body + HEAD + 2 * PAD), "white")
+    draw = ImageDraw.Draw(sheet)
+    x = PAD
+    for title, part in (("Left examples", left), ("Centre", centre), ("Right examples", right)):
+        draw.text((x, PAD // 2), title, fill=GREY)
+        y = HEAD + PAD + (body - part.height) // 2
+        sheet.paste(part, (x, y))
+        if part is centre:
+            draw.rectangle((x - 4, y - 4, x + TILE + 3, y + TILE + 3), outline=GREEN, width=4)
+        x += part.width + PAD + GAP
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,57 @@
+"""The tidy responses table (``responses.csv``, DESIGN §3): one row per trial response, human and machine."""
+from __future__ import annotations
+
+import pandas as pd
+from sqlalchemy import select
+from sqlalchemy.orm import sessionmaker
+
+from .models import Exclusion, Participant, Response, SurveyStudy, Trial
+
+RESPONSE_COLUMNS = ["study", "bank_hash", "participant", "external_id", "is_machine", "observer", "condition",
+                    "block", "attempt", "position", "trial_type", "trial", "model_id", "kind", "layer", "unit",
+                    "task", "max_position", "choice", "confidence", "correct", "rt_ms", "responded_at",
+                    "participant_stage", "excluded", "exclusion_reasons"]
+
+
+def responses_frame(sessions: sessionmaker, study_name: str | None = None) -> pd.DataFrame:
+    """Every stored response joined with its trial, participant and exclusion verdict."""
+    q = (select(SurveyStudy.name, SurveyStudy.bank_hash, Participant.public_id, Participant.external_id,
+                Participant.is_machine, Participant.observer, Participant.condition, Trial.block, Trial.attempt,
+                Trial.position, Trial.trial_type, Trial.public_id, Trial.model_id, Trial.kind, Trial.layer,
+                Trial.unit, Trial.task, Trial.max_position, Response.choice, Response.confidence, Response.correct,
+                Response.rt_ms, Response.created_at, Participant.stage, Participant.excluded, Participant.id)
+         .join(Trial, Response.trial_id == Trial.id)
+         .join(Participant, Response.participant_id == Participant.id)
+         .join(SurveyStudy, Participant.study_id == SurveyStudy.id)
+         .order_by(Participant.id, Response.id))
+    if study_name is not None:
+        q = q.where(SurveyStudy.name == study_name)
+    with sessions() as s:
+        rows = s.execute(q).all()
+        failed = s.execute(select(Exclusion.participant_id, Exclusion.rule).where(Exclusion.passed.is_(False))
+                           .order_by(Exclusion.id)).all()
+    reasons: dict[int, list[str]] = {}
+    for pid, rule in failed:
+        reasons.setdefault(pid, []).append(rule)
+    df = pd.DataFrame([tuple(r[:-1]) + (";".join(reasons.get(r[-1], [])),) for r in rows], columns=RESPONSE_COLUMNS)
+    df["is_machine"] = df["is_machine"].astype(bool)
+    df["correct"] = df["correct"].astype(bool)
+    for col in ("unit", "task", "attempt", "position", "confidence"):
+        df[col] = df[col].astype("int64")
+    return df
+
+
+def participants_frame(sessions: sessionmaker) -> pd.DataFrame:
+    """One row per participant with stage, timing and the exclusion verdict."""
+    with sessions() as s:
+        ps = s.scalars(select(Participant).order_by(Participant.id)).all()
+        excl = s.execute(select(Exclusion.participant_id, Exclusion.rule, Exclusion.passed, Exclusion.reason)).all()
+    by_p: dict[int, list] = {}
+    for pid, rule, passed, reason in excl:
+        by_p.setdefault(pid, []).append((rule, passed, reason))
+    return pd.DataFrame([{
+        "participant": p.public_id, "external_id": p.external_id, "is_machine": p.is_machine, "observer": p.observer,
+        "condition": p.condition, "stage": p.stage, "practice_attempt": p.practice_attempt,
+        "created_at": p.created_at, "finished_at": p.finished_at, "excluded": p.excluded,
+        "failed_rules": ";".join(r for r, ok, _ in by_p.get(p.id, []) if not ok),
+        "reasons": " | ".join(why for _, ok, why in by_p.get(p.id, []) if not ok)} for p in ps])

@@ -1,0 +1,112 @@
+"""The trial material a survey serves, read once from the stimulus bank (DESIGN §3).
+
+An *item* is one unit under one reference kind of one model (``model_id, kind, layer, unit``); it
+has ``n_tasks`` tasks, each with one max and one min query and K references per side.  Images are
+addressed by their content hash only, so nothing a participant receives names a side or a rank.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from sparsight.files import sha256_file
+from stimuli.bank import StimulusBank, validate_manifest
+
+IMAGE_ID = re.compile(r"^[0-9a-f]{64}$")
+CONDITION_KEYS = {"model-kind": ("model_id", "kind"), "kind": ("kind",), "model": ("model_id",), "none": ()}
+
+
+@dataclass(frozen=True, order=True)
+class Item:
+    model_id: str
+    kind: str
+    layer: str
+    unit: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.model_id}|{self.kind}|{self.layer}:{self.unit}"
+
+    @classmethod
+    def from_key(cls, key: str) -> Item:
+        model_id, kind, unit = key.split("|")
+        layer, index = unit.rsplit(":", 1)
+        return cls(model_id, kind, layer, int(index))
+
+    def condition(self, condition_by: str) -> str:
+        return "|".join(str(getattr(self, k)) for k in CONDITION_KEYS[condition_by]) or "all"
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task's images (content ids, references in rank order)."""
+    query_max: str
+    query_min: str
+    ref_max: tuple[str, ...]
+    ref_min: tuple[str, ...]
+
+
+def image_id(bank_path: str) -> str:
+    """``images/<sha>.png`` → ``<sha>``."""
+    return Path(bank_path).stem
+
+
+class Material:
+    """Every servable task of a stimulus bank, optionally restricted to some models and kinds."""
+
+    def __init__(self, bank_root: str | Path, *, models: list[str] | None = None, kinds: list[str] | None = None):
+        self.bank = StimulusBank(bank_root)
+        manifest_path = self.bank.root / "manifest.parquet"
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"no stimulus manifest at {manifest_path}; run `sparsight stimuli` first")
+        self.bank_hash = sha256_file(manifest_path)
+        manifest = pd.read_parquet(manifest_path)
+        validate_manifest(manifest)
+        if models:
+            unknown = sorted(set(models) - set(manifest["model_id"]))
+            if unknown:
+                raise ValueError(f"survey.models names {unknown[0]!r}, which has no stimuli; models in the bank: "
+                                 f"{sorted(set(manifest['model_id']))}")
+            manifest = manifest[manifest["model_id"].isin(models)]
+        if kinds:
+            manifest = manifest[manifest["kind"].isin(kinds)]
+        if manifest.empty:
+            raise ValueError(f"the stimulus bank {self.bank.root} holds no tasks for models {models or 'all'} "
+                             f"and kinds {kinds or 'all'}")
+        self.tasks: dict[Item, list[Task]] = {}
+        manifest = manifest.sort_values(["model_id", "kind", "layer", "unit", "task", "role", "rank"], kind="stable")
+        for (model_id, kind, layer, unit, task), rows in manifest.groupby(
+                ["model_id", "kind", "layer", "unit", "task"], sort=True):
+            by_role = {role: [image_id(p) for p in r["image"]] for role, r in rows.groupby("role")}
+            item = Item(model_id, kind, layer, int(unit))
+            self.tasks.setdefault(item, []).append(Task(by_role["query_max"][0], by_role["query_min"][0],
+                                                        tuple(by_role["ref_max"]), tuple(by_role["ref_min"])))
+        self.images = {image_id(p) for p in manifest["image"].unique()}
+        self.manifest = manifest
+
+    @property
+    def items(self) -> list[Item]:
+        return sorted(self.tasks)
+
+    def task(self, item: Item, task: int) -> Task:
+        try:
+            return self.tasks[item][task]
+        except (KeyError, IndexError):
+            raise KeyError(f"no task {task} of {item.key} in the stimulus bank") from None
+
+    def conditions(self, condition_by: str) -> dict[str, list[Item]]:
+        if condition_by not in CONDITION_KEYS:
+            raise ValueError(f"unknown condition_by {condition_by!r}; choose from {sorted(CONDITION_KEYS)}")
+        out: dict[str, list[Item]] = {}
+        for item in self.items:
+            out.setdefault(item.condition(condition_by), []).append(item)
+        return out
+
+    def image_path(self, image: str) -> Path:
+        """The file of a content id; ``KeyError`` for anything not in this material."""
+        if not IMAGE_ID.match(image) or image not in self.images:
+            raise KeyError(image)
+        return self.bank.images / f"{image}.png"

@@ -1,0 +1,152 @@
+"""Participant pages: consent → instructions → trials (practice, main) → completion.
+
+The browser holds only a signed cookie with its session id and token; where a participant is in
+the study is always read from the server, so a reload or a new tab resumes at the next trial.
+Prolific's ``PROLIFIC_PID``, ``STUDY_ID`` and ``SESSION_ID`` are recorded; one participant ID
+takes the study once (the same Prolific session may resume on another browser).
+"""
+from __future__ import annotations
+
+from flask import (Blueprint, Response, current_app, redirect, render_template, request, session, url_for)
+
+from .security import CSRF_FIELD, check_csrf
+from .service import SurveyError
+
+bp = Blueprint("participant", __name__)
+PROMPT = "Which image in the centre matches the Right examples better?"
+PROLIFIC = ("PROLIFIC_PID", "STUDY_ID", "SESSION_ID")
+STAGE_PAGES = {"instructions": "participant.instructions", "practice": "participant.trials",
+               "main": "participant.trials", "complete": "participant.complete",
+               "screened_out": "participant.screened_out"}
+
+
+def _service():
+    return current_app.extensions["survey"]
+
+
+def _settings():
+    return current_app.config["SETTINGS"]
+
+
+def _current() -> str | None:
+    """This browser's session id, if its cookie still matches a stored session."""
+    pid = session.get("pid")
+    if not pid:
+        return None
+    try:
+        _service().authenticate(pid, session.get("tok"))
+    except SurveyError:
+        session.pop("pid", None)
+        session.pop("tok", None)
+        return None
+    return pid
+
+
+def _to_stage(pid: str):
+    return redirect(url_for(STAGE_PAGES[_service().stage(pid)]))
+
+
+@bp.get("/")
+def start():
+    pid = _current()
+    if pid:
+        return _to_stage(pid)
+    params = {k: request.args.get(k, "") for k in PROLIFIC}
+    return render_template("consent.html", params=params, settings=_settings())
+
+
+@bp.post("/consent")
+def consent():
+    check_csrf(request.form.get(CSRF_FIELD))
+    if request.form.get("consent") != "yes":
+        raise SurveyError(400, "consent is required to take part; tick the box to agree")
+    pid = _current()
+    if pid:
+        return _to_stage(pid)
+    external = request.form.get("PROLIFIC_PID", "").strip()[:128] or None
+    study_id = request.form.get("STUDY_ID", "").strip()[:128] or None
+    session_id = request.form.get("SESSION_ID", "").strip()[:128] or None
+    service = _service()
+    if external:
+        found = service.find_by_external(external)
+        if found is not None:
+            public_id, prolific_session, stage = found
+            if session_id and session_id == prolific_session and stage not in ("complete", "screened_out"):
+                session.update(pid=public_id, tok=service.reissue_token(public_id))
+                return _to_stage(public_id)
+            raise SurveyError(409, "this participant ID has already taken part in the study")
+    public_id, token = service.create_participant(
+        external_id=external, prolific_study_id=study_id, prolific_session_id=session_id,
+        user_agent=request.headers.get("User-Agent"), window=request.form.get("window", ""))
+    session.update(pid=public_id, tok=token)
+    return redirect(url_for("participant.instructions"))
+
+
+def _require_session() -> str:
+    pid = _current()
+    if not pid:
+        raise SurveyError(401, "no study session in this browser; open the study link again")
+    return pid
+
+
+@bp.get("/instructions")
+def instructions():
+    pid = _require_session()
+    if _service().stage(pid) != "instructions":
+        return _to_stage(pid)
+    _service().instructions_seen(pid)
+    s = _settings()
+    return render_template("instructions.html", settings=s, prompt=PROMPT)
+
+
+@bp.post("/instructions")
+def instructions_done():
+    check_csrf(request.form.get(CSRF_FIELD))
+    pid = _require_session()
+    _service().instructions_done(pid)
+    return _to_stage(pid)
+
+
+@bp.get("/instructions/example.png")
+def example_image():
+    cache = current_app.extensions.setdefault("survey_example", {})
+    if "png" not in cache:
+        from .example import example_png
+        cache["png"] = example_png(_service().material)
+    return Response(cache["png"], mimetype="image/png")
+
+
+@bp.get("/trials")
+def trials():
+    pid = _require_session()
+    if _service().stage(pid) not in ("practice", "main"):
+        return _to_stage(pid)
+    s = _settings()
+    timing = {"min_response_ms": s.min_response_ms, "feedback_delay_ms": s.feedback_delay_ms,
+              "feedback_ms": s.feedback_ms, "min_width": s.min_window_width, "min_height": s.min_window_height}
+    return render_template("trials.html", session_id=pid, timing=timing, prompt=PROMPT, settings=s)
+
+
+@bp.get("/complete")
+def complete():
+    pid = _require_session()
+    state = _service().completion(pid)
+    if state["stage"] != "complete":
+        return _to_stage(pid)
+    code = _settings().completion_code
+    if code:
+        return redirect(_settings().completion_url.format(code=code))
+    return render_template("message.html", title="Thank you", message="You have finished the study. "
+                           "Your answers are saved; you may close this window.")
+
+
+@bp.get("/screened-out")
+def screened_out():
+    pid = _require_session()
+    if _service().stage(pid) != "screened_out":
+        return _to_stage(pid)
+    code = _settings().screenout_code
+    if code:
+        return redirect(_settings().completion_url.format(code=code))
+    return render_template("message.html", title="Thank you", message="The practice trials were not passed, so "
+                           "the study ends here. Thank you for your time.")

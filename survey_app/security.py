@@ -1,0 +1,96 @@
+"""Who may do what: CSRF tokens for cookie-authenticated requests, session tokens for the API,
+the admin password and the machine-participant API token."""
+from __future__ import annotations
+
+import hmac
+import secrets
+from functools import wraps
+
+from flask import current_app, redirect, request, session, url_for
+
+from .db import get_or_create_secret
+from .service import SurveyError, token_hash
+
+CSRF_FIELD, CSRF_HEADER = "csrf_token", "X-CSRF-Token"
+
+
+def csrf_token() -> str:
+    """This browser's CSRF token (created on first use, kept in the signed session cookie)."""
+    if "csrf" not in session:
+        session["csrf"] = secrets.token_urlsafe(24)
+    return session["csrf"]
+
+
+def check_csrf(sent: str | None) -> None:
+    expected = session.get("csrf")
+    if not sent:
+        raise SurveyError(400, "missing CSRF token; reload the page and try again")
+    if not expected or not hmac.compare_digest(expected, sent):
+        raise SurveyError(400, "invalid CSRF token; reload the page and try again")
+
+
+def bearer_token() -> str | None:
+    auth = request.headers.get("Authorization", "")
+    return auth[7:].strip() if auth.startswith("Bearer ") else None
+
+
+def authorize_session(public_id: str) -> None:
+    """The request may act for session ``public_id``: a bearer token of that session, or this browser's
+    session cookie (then state-changing requests also need the CSRF header)."""
+    service = current_app.extensions["survey"]
+    token = bearer_token()
+    if token is None and session.get("pid"):
+        if session["pid"] != public_id:
+            raise SurveyError(403, "this browser belongs to another session")
+        if request.method not in ("GET", "HEAD"):
+            check_csrf(request.headers.get(CSRF_HEADER))
+        token = session.get("tok")
+    service.authenticate(public_id, token)
+
+
+def check_api_token() -> None:
+    """Creating machine sessions needs the study's API token."""
+    token = bearer_token()
+    if not token:
+        raise SurveyError(401, "missing API token (Authorization: Bearer <token>; `sparsight serve` prints it)")
+    configured = current_app.config.get("API_TOKEN")
+    if configured:
+        ok = hmac.compare_digest(configured, token)
+    else:
+        stored = current_app.config["SECRETS"].get("api_token_hash")
+        ok = bool(stored) and hmac.compare_digest(stored, token_hash(token))
+    if not ok:
+        raise SurveyError(403, "wrong API token")
+
+
+def check_admin_password(password: str) -> bool:
+    configured = current_app.config.get("ADMIN_PASSWORD")
+    if configured:
+        return hmac.compare_digest(configured.encode(), password.encode())
+    stored = current_app.config["SECRETS"].get("admin_password_hash")
+    return bool(stored) and hmac.compare_digest(stored, token_hash(password))
+
+
+def admin_configured() -> bool:
+    return bool(current_app.config.get("ADMIN_PASSWORD") or current_app.config["SECRETS"].get("admin_password_hash"))
+
+
+def admin_required(view):
+    @wraps(view)
+    def wrapped(*args, **kwargs):
+        if not session.get("admin"):
+            return redirect(url_for("admin.login", next=request.path))
+        return view(*args, **kwargs)
+    return wrapped
+
+
+def load_secrets(sessions) -> dict:
+    """The cookie key (created once per database, shared by every worker) and stored hashes."""
+    from sqlalchemy import select
+
+    from .models import Secret
+    key = get_or_create_secret(sessions, "cookie_key", lambda: secrets.token_hex(32))
+    with sessions() as s:
+        stored = dict(s.execute(select(Secret.name, Secret.value)).all())
+    return {"cookie_key": key, "api_token_hash": stored.get("api_token_hash"),
+            "admin_password_hash": stored.get("admin_password_hash")}

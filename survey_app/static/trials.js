@@ -1,0 +1,194 @@
+// The trial loop. The server decides everything (trial order, positions, the answer); the page shows
+// the current trial once all its images have decoded, measures the reaction time with
+// performance.now(), saves each answer immediately (retrying with the same idempotency key) and
+// only then shows feedback and moves on. A reload asks the server where the session stands.
+(function () {
+  const S = window.SURVEY;
+  const api = "/api/sessions/" + encodeURIComponent(S.session);
+  const $ = (id) => document.getElementById(id);
+  const buttons = Array.from(document.querySelectorAll("button.answer"));
+  const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+  const preloaded = new Map();
+  let pendingEvents = [];
+
+  // ---- events (focus, blur, fullscreen, resize) --------------------------------------------
+  function logEvent(kind, detail) {
+    pendingEvents.push({kind: kind, detail: detail || "", t: performance.now()});
+    if (pendingEvents.length >= 20) flushEvents();
+  }
+  function flushEvents(keepalive) {
+    if (!pendingEvents.length) return;
+    const batch = pendingEvents.splice(0, 100);
+    fetch(api + "/events", {method: "POST", keepalive: !!keepalive, credentials: "same-origin",
+      headers: {"Content-Type": "application/json", "X-CSRF-Token": S.csrf},
+      body: JSON.stringify({events: batch})}).catch(() => { pendingEvents = batch.concat(pendingEvents); });
+  }
+  window.addEventListener("focus", () => logEvent("focus"));
+  window.addEventListener("blur", () => logEvent("blur"));
+  document.addEventListener("visibilitychange", () => logEvent("visibility", document.visibilityState));
+  document.addEventListener("fullscreenchange", () =>
+    logEvent(document.fullscreenElement ? "fullscreen_enter" : "fullscreen_exit"));
+  window.addEventListener("resize", () => { logEvent("resize", window.innerWidth + "x" + window.innerHeight); checkSize(); });
+  window.addEventListener("pagehide", () => flushEvents(true));
+  setInterval(flushEvents, 3000);
+  if (performance.getEntriesByType && (performance.getEntriesByType("navigation")[0] || {}).type === "reload")
+    logEvent("reload");
+
+  function checkSize() {
+    const small = window.innerWidth < S.timing.min_width || window.innerHeight < S.timing.min_height;
+    $("too-small").hidden = !small;
+    return !small;
+  }
+
+  // ---- server calls ---------------------------------------------------------------------------
+  async function getState() {
+    for (let attempt = 0; ; attempt++) {
+      let r = null;
+      try { r = await fetch(api, {credentials: "same-origin", cache: "no-store"}); } catch (e) { r = null; }
+      if (r && r.ok) return await r.json();
+      if (r && r.status >= 400 && r.status < 500) {
+        const err = await r.json().catch(() => ({error: r.statusText}));
+        $("status").textContent = err.error;
+        if (r.status === 401 || r.status === 403) location.assign("/");
+        throw new Error(err.error);
+      }
+      $("status").textContent = "Connection problem — retrying…";
+      await sleep(Math.min(8000, 500 * 2 ** attempt));
+    }
+  }
+  async function postResponse(body) {
+    // The same key on every retry: the server stores one response however often this arrives.
+    for (let attempt = 0; ; attempt++) {
+      let r = null;
+      try {
+        r = await fetch(api + "/responses", {method: "POST", credentials: "same-origin",
+          headers: {"Content-Type": "application/json", "X-CSRF-Token": S.csrf}, body: JSON.stringify(body)});
+      } catch (e) { r = null; }
+      if (r && r.ok) { $("status").textContent = ""; return await r.json(); }
+      if (r && r.status >= 400 && r.status < 500 && r.status !== 408 && r.status !== 429) {
+        const err = await r.json().catch(() => ({error: r.statusText}));
+        return {error: err.error, status: r.status};
+      }
+      $("status").textContent = "Saving your answer — connection problem, retrying…";
+      await sleep(Math.min(8000, 300 * 2 ** attempt));
+    }
+  }
+
+  // ---- images ---------------------------------------------------------------------------------
+  function load(url) {
+    if (!preloaded.has(url)) {
+      const img = new Image();
+      img.src = url;
+      preloaded.set(url, img.decode().then(() => img).catch(() => { logEvent("preload_error", url); return img; }));
+    }
+    return preloaded.get(url);
+  }
+  function prefetch(urls) { (urls || []).forEach(load); }
+
+  function fillGrid(el, urls) {
+    el.replaceChildren(...urls.map((u) => { const i = document.createElement("img"); i.src = u; i.alt = ""; return i; }));
+  }
+
+  // ---- one trial --------------------------------------------------------------------------------
+  function setButtons(on) { buttons.forEach((b) => { b.disabled = !on; }); }
+
+  function waitForAnswer() {
+    return new Promise((resolve) => {
+      function finish(choice, confidence) {
+        if (buttons[0].disabled || !checkSize()) return;
+        setButtons(false);
+        document.removeEventListener("keydown", onKey);
+        buttons.forEach((b) => b.removeEventListener("click", onClick));
+        resolve({choice: choice, confidence: confidence, t: performance.now()});
+      }
+      function onClick(e) { finish(e.currentTarget.dataset.choice, +e.currentTarget.dataset.confidence); }
+      function onKey(e) {
+        const b = buttons.find((x) => x.dataset.key === e.key);
+        if (b) finish(b.dataset.choice, +b.dataset.confidence);
+      }
+      buttons.forEach((b) => b.addEventListener("click", onClick));
+      document.addEventListener("keydown", onKey);
+    });
+  }
+
+  async function runTrial(state) {
+    const t = state.trial;
+    const urls = t.left.concat(t.right, [t.upper, t.lower]);
+    $("status").textContent = "Loading…";
+    await Promise.all(urls.map(load));
+    fillGrid($("left"), t.left);
+    fillGrid($("right"), t.right);
+    ["upper", "lower"].forEach((k) => { $(k).className = "query"; $(k).src = t[k]; });
+    $("block-label").textContent = (t.block === "practice" ? "Practice " : "Trial ") + t.number + " of " + t.of;
+    $("progress").max = state.progress.total;
+    $("progress").value = state.progress.done;
+    $("trial").hidden = false;
+    $("status").textContent = "";
+    await new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)));  // painted
+    const shown = performance.now();
+    prefetch(state.prefetch);
+    setButtons(false);
+    const unlock = setTimeout(() => setButtons(true), S.timing.min_response_ms);
+    const answer = await waitForAnswer();
+    clearTimeout(unlock);
+    $(answer.choice).classList.add("chosen");
+    const key = S.session.slice(0, 8) + "-" + t.id + "-" + Math.random().toString(36).slice(2, 10);
+    const result = await postResponse({trial: t.id, choice: answer.choice, confidence: answer.confidence,
+                                       rt_ms: Math.round((answer.t - shown) * 10) / 10, key: key});
+    if (result.error) {
+      $("status").textContent = result.error;
+      await sleep(1500);
+      return result;
+    }
+    await sleep(S.timing.feedback_delay_ms);
+    const chosen = $(answer.choice), right = $(result.correct_position);
+    chosen.classList.remove("chosen");
+    chosen.classList.add(result.correct ? "right" : "wrong");
+    if (!result.correct) right.classList.add("right");
+    await sleep(S.timing.feedback_ms);
+    return result;
+  }
+
+  function overlay(text, label) {
+    return new Promise((resolve) => {
+      $("trial").hidden = true;
+      $("overlay-text").textContent = text;
+      $("overlay-button").textContent = label;
+      $("overlay").hidden = false;
+      $("overlay-button").onclick = () => { $("overlay").hidden = true; resolve(); };
+    });
+  }
+
+  function requestFullscreen() {
+    const el = document.documentElement;
+    if (el.requestFullscreen && !document.fullscreenElement)
+      el.requestFullscreen().catch(() => logEvent("note", "fullscreen refused"));
+  }
+
+  async function main() {
+    checkSize();
+    let state = await getState();
+    await overlay(state.stage === "practice" ? "The practice trials start now. The study switches to full-screen mode."
+                                             : "Press the button to continue. The study switches to full-screen mode.",
+                  state.stage === "practice" ? "Start practice" : "Continue");
+    requestFullscreen();
+    while (true) {
+      if (state.stage === "complete") { flushEvents(true); location.assign("/complete"); return; }
+      if (state.stage === "screened_out") { flushEvents(true); location.assign("/screened-out"); return; }
+      if (!state.trial) { location.assign("/"); return; }
+      const before = {stage: state.stage, attempt: state.practice_attempt};
+      const result = await runTrial(state);
+      state = await getState();
+      if (before.stage === "practice" && state.stage === "main") {
+        await overlay("Well done — the practice is over. The main trials start now.", "Start");
+        requestFullscreen();
+      } else if (state.stage === "practice" && state.practice_attempt !== before.attempt) {
+        await overlay("Not all practice answers were right. Please look carefully at the examples and try again " +
+                      "(attempt " + state.practice_attempt + " of " + S.practiceAttempts + ").", "Practice again");
+        requestFullscreen();
+      }
+      if (result && result.error && result.status === 401) { location.assign("/"); return; }
+    }
+  }
+  main();
+})();
