@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny generated dataset and a skip rule for CUDA-only tests."""
+"""Shared fixtures: a tiny generated dataset, a skip rule for CUDA-only tests, and for the survey app a
+database per backend (SQLite, PostgreSQL) and the Chromium path."""
 from __future__ import annotations
 
 import pytest
@@ -28,3 +29,53 @@ def tiny_data(tmp_path_factory):
 def seeded():
     torch.manual_seed(0)
     return 0
+
+
+# --- Databases and browsers for the survey-app tests ------------------------------------------------
+
+DATABASE_URL_ENV = "SPARSIGHT_TEST_DATABASE_URL"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"], ids=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    """SQLAlchemy URL of an empty database, once per backend.
+
+    sqlite: a file under tmp_path. postgresql: a fresh scratch database created through the server
+    named by $SPARSIGHT_TEST_DATABASE_URL (skipped when unset) and dropped after the test.
+    """
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/survey.db"
+        return
+
+    import os
+    import uuid
+
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    admin_url = os.environ.get(DATABASE_URL_ENV)
+    if not admin_url:
+        pytest.skip(f"PostgreSQL tests need {DATABASE_URL_ENV} (e.g. postgresql+psycopg://user:pw@127.0.0.1:5432/db)")
+    name = f"sparsight_t_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(make_url(admin_url), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        try:
+            yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+        finally:  # WITH (FORCE) (PostgreSQL 13+) also ends connections the test left open
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def chromium_path():
+    """Path of Debian's Chromium for the Playwright browser tests; skips when it is not installed."""
+    import os
+
+    path = "/usr/bin/chromium"
+    if not os.access(path, os.X_OK):
+        pytest.skip(f"browser tests need Chromium at {path} (apt-get install chromium chromium-driver)")
+    return path

@@ -1,0 +1,31 @@
+"""Survey-app fixtures: a synthetic study directory and app/client factories on every database backend."""
+from __future__ import annotations
+
+import pytest
+
+from survey_app import create_app
+from survey_app.testing import make_study_dir
+from survey_helpers import ADMIN_PASSWORD, API_TOKEN
+
+FAST = {"practice_trials": 2, "practice_attempts": 3, "main_trials": 6, "catch_trials": 2, "min_response_ms": 1500,
+        "min_answers_per_position": 1, "min_instruction_s": 0.0, "min_total_s": 0.0, "completion_code": "DONE42"}
+
+
+@pytest.fixture
+def make_app(tmp_path, database_url):
+    """``make_app(**survey_settings)`` → a Flask app on a fresh study directory and database."""
+    def factory(**survey):
+        run_dir = make_study_dir(tmp_path / "study", {**FAST, **survey})
+        return create_app({"RUN_DIR": str(run_dir), "DATABASE_URL": database_url, "TESTING": True,
+                           "API_TOKEN": API_TOKEN, "ADMIN_PASSWORD": ADMIN_PASSWORD})
+    return factory
+
+
+@pytest.fixture
+def app(make_app):
+    return make_app()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()

@@ -1,0 +1,102 @@
+"""Trial assignment: seeded derivation, balance across participants (also when they arrive at once),
+machine sessions outside the human counts."""
+from __future__ import annotations
+
+import threading
+from collections import Counter
+
+from sqlalchemy import select
+
+from survey_app import assignment
+from survey_app.material import Item
+from survey_app.models import Participant, Trial
+
+
+def stored_main_trials(app, human: bool = True) -> list[Trial]:
+    with app.config["SESSIONS"]() as s:
+        return list(s.scalars(select(Trial).join(Participant).where(Participant.is_machine.is_(not human),
+                                                                    Trial.trial_type == "main")))
+
+
+def spread(counter: Counter, keys) -> int:
+    values = [counter.get(k, 0) for k in keys]
+    return max(values) - min(values)
+
+
+def test_the_stored_trial_list_is_the_seeded_derivation(app):
+    service = app.extensions["survey"]
+    public_id, _ = service.create_participant()
+    with app.config["SESSIONS"]() as s:
+        p = s.scalars(select(Participant).where(Participant.public_id == public_id)).one()
+        stored = [(t.block, t.attempt, t.position, t.trial_type, Item(t.model_id, t.kind, t.layer, t.unit), t.task,
+                   t.max_position, t.catch_ref) for t in s.scalars(select(Trial).order_by(Trial.id))]
+        seed, condition = p.seed, p.condition
+
+    def rng_of(purpose):
+        return assignment.make_rng(service.study_name, service.material.bank_hash, seed, purpose)
+    empty = assignment.BalanceCounts(Counter(), Counter(), Counter())
+    assert condition == assignment.choose_condition(list(service.conditions), empty, rng_of("condition"))
+    items = service.conditions[condition]
+    specs = assignment.main_block(service.material, items, 6, 2, empty, rng_of)
+    specs += assignment.practice_block(service.material, items, {sp.item for sp in specs}, 2, 1, rng_of)
+    assert stored == [(sp.block, sp.attempt, sp.position, sp.trial_type, sp.item, sp.task, sp.max_position,
+                       sp.catch_ref) for sp in specs]
+    main = [sp for sp in specs if sp.block == "main"]
+    assert Counter(sp.max_position for sp in main) == {"upper": 4, "lower": 4}
+    assert Counter(sp.trial_type for sp in main) == {"main": 6, "catch": 2}
+
+
+def test_units_and_tasks_stay_balanced_when_participants_arrive_at_once(app):
+    service = app.extensions["survey"]
+    n_threads, errors = 16, []
+    barrier = threading.Barrier(n_threads)
+
+    def arrive():
+        try:
+            barrier.wait()
+            service.create_participant()
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+    threads = [threading.Thread(target=arrive) for _ in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    with app.config["SESSIONS"]() as s:
+        conditions = Counter(s.scalars(select(Participant.condition)))
+    assert set(conditions) == set(service.conditions) and set(conditions.values()) == {4}   # 16 over 4 conditions
+    trials = stored_main_trials(app)
+    assert len(trials) == 16 * 6
+    for condition, items in service.conditions.items():
+        mine = [t for t in trials if Item(t.model_id, t.kind, t.layer, t.unit).condition("model-kind") == condition]
+        per_item = Counter(Item(t.model_id, t.kind, t.layer, t.unit) for t in mine)
+        per_task = Counter((Item(t.model_id, t.kind, t.layer, t.unit), t.task) for t in mine)
+        assert spread(per_item, items) == 0                                        # 24 trials over 4 units
+        assert spread(per_task, [(i, k) for i in items for k in range(4)]) <= 1
+    by_participant = Counter((t.participant_id, t.model_id, t.kind, t.layer, t.unit, t.task) for t in trials)
+    assert max(by_participant.values()) == 1                                       # no task twice for one person
+
+
+def test_machine_sessions_do_not_count_towards_the_human_balance(app):
+    service = app.extensions["survey"]
+    for _ in range(5):
+        service.create_participant(is_machine=True, observer="m")
+    with app.config["SESSIONS"]() as s:
+        counts = service.balance_counts(s)
+    assert sum(counts.conditions.values()) == 0 and sum(counts.items.values()) == 0
+    service.create_participant()
+    with app.config["SESSIONS"]() as s:
+        counts = service.balance_counts(s)
+    assert sum(counts.conditions.values()) == 1 and sum(counts.items.values()) == 6
+
+
+def test_least_used_and_balanced_positions_are_seeded():
+    rng = assignment.make_rng("s", "h", 1, "x")
+    order = assignment.least_used(list("abcd"), Counter({"a": 2, "b": 0, "c": 1, "d": 0}), rng)
+    assert set(order[:2]) == {"b", "d"} and order[2:] == ["c", "a"]
+    for n in range(1, 12):
+        pos = assignment.balanced_positions(n, assignment.make_rng("s", "h", n, "p"))
+        assert len(pos) == n and abs(pos.count("upper") - pos.count("lower")) <= 1
+    assert (assignment.balanced_positions(10, assignment.make_rng("s", "h", 3, "p"))
+            == assignment.balanced_positions(10, assignment.make_rng("s", "h", 3, "p")))
