@@ -65,7 +65,8 @@ def _print_summary(study) -> None:
 def _register() -> None:
     from pruning.cli import COMMANDS as pruning_commands
     from stimuli.cli import COMMANDS as stimuli_commands
-    for command in pruning_commands + stimuli_commands:
+    from survey_app.cli import COMMANDS as survey_commands
+    for command in pruning_commands + stimuli_commands + survey_commands:
         main.add_command(command)
 
 

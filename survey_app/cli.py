@@ -1,0 +1,208 @@
+"""``sparsight serve``, ``sparsight participant`` and ``sparsight responses``."""
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+import click
+
+from sparsight.config import ConfigError, parse_override
+
+RUN_DIR = click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+DATABASE = click.option("--database", default=None, metavar="URL",
+                        help="SQLAlchemy URL, e.g. postgresql+psycopg://user:pw@host/db (default: the study's "
+                             "survey.database, else sqlite RUN_DIR/survey.db)")
+OBSERVERS = ("observer", "pixels")
+
+
+def _survey_overrides(overrides) -> dict:
+    tree: dict = {}
+    for text in overrides:
+        try:
+            parsed = parse_override(text)
+        except ConfigError as err:
+            raise click.UsageError(str(err)) from None
+        if set(parsed) != {"survey"}:
+            raise click.UsageError(f"--set {text!r}: only survey.KEY=VALUE settings can be changed here")
+        tree.update(parsed["survey"])
+    return tree
+
+
+def _build_app(run_dir: Path, database: str | None, survey: dict, **extra):
+    from .app import create_app
+    try:
+        return create_app({"RUN_DIR": str(run_dir), "DATABASE_URL": database, "SURVEY": survey, **extra})
+    except (FileNotFoundError, ValueError) as err:
+        raise click.UsageError(str(err)) from None
+
+
+def api_token_file(run_dir: Path) -> Path:
+    return run_dir / "survey" / "api_token"
+
+
+def ensure_credentials(run_dir: Path, database: str | None, *, reset_admin: bool = False) -> dict:
+    """Store the API token's hash (token kept in RUN_DIR/survey/api_token, mode 600) and, unless
+    SPARSIGHT_ADMIN_PASSWORD is set, an admin password hash; return what should be shown once."""
+    from sqlalchemy.orm import sessionmaker
+
+    from .app import database_url, study_config
+    from .db import init_schema, make_engine, set_secret
+    from .models import Secret
+    from .service import token_hash
+
+    url = database_url(run_dir, study_config(run_dir), database)
+    engine = make_engine(url)
+    init_schema(engine)
+    sessions = sessionmaker(engine)
+    shown = {"database": url}
+    token = os.environ.get("SPARSIGHT_API_TOKEN")
+    if not token:
+        path = api_token_file(run_dir)
+        if path.is_file():
+            token = path.read_text().strip()
+        else:
+            token = secrets.token_urlsafe(24)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(token + "\n")
+        set_secret(sessions, "api_token_hash", token_hash(token))
+        shown["api_token_file"] = str(path)
+    if not os.environ.get("SPARSIGHT_ADMIN_PASSWORD"):
+        with sessions() as s:
+            has = s.get(Secret, "admin_password_hash") is not None
+        if reset_admin or not has:
+            password = secrets.token_urlsafe(12)
+            set_secret(sessions, "admin_password_hash", token_hash(password))
+            shown["admin_password"] = password
+    engine.dispose()
+    return shown
+
+
+@click.command("serve")
+@RUN_DIR
+@DATABASE
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=5000, show_default=True, type=int)
+@click.option("--set", "overrides", multiple=True, metavar="survey.KEY=VALUE",
+              help="change a survey setting for this server, e.g. --set survey.main_trials=20")
+@click.option("--reset-admin-password", is_flag=True, help="make and print a new admin password")
+def serve_cmd(run_dir, database, host, port, overrides, reset_admin_password):
+    """Serve the 2-AFC survey of a study (RUN_DIR holds stimuli/manifest.parquet).
+
+    This is Flask's development server, for trying the study locally. For a real study run several
+    workers behind a proxy, with the settings passed through the environment:
+
+      SPARSIGHT_RUN_DIR=RUN_DIR SPARSIGHT_DATABASE_URL=postgresql+psycopg://u:pw@db/survey \\
+        gunicorn -w 4 -k gthread --threads 8 -b 0.0.0.0:8000 survey_app.wsgi:app
+
+    Participants open http://HOST:PORT/ (Prolific: append ?PROLIFIC_PID={{%PROLIFIC_PID%}}&STUDY_ID=
+    {{%STUDY_ID%}}&SESSION_ID={{%SESSION_ID%}}); the admin area is /admin.
+    """
+    survey = _survey_overrides(overrides)
+    shown = ensure_credentials(run_dir, database, reset_admin=reset_admin_password)
+    app = _build_app(run_dir, database, survey)
+    click.echo(f"survey of {run_dir} on http://{host}:{port}/  (database {app.config['DATABASE']})")
+    if "admin_password" in shown:
+        click.echo(f"admin password (shown once): {shown['admin_password']}")
+    if "api_token_file" in shown:
+        click.echo(f"machine-participant API token in {shown['api_token_file']}")
+    app.run(host=host, port=port, threaded=True, debug=False)
+
+
+def make_observer(name: str, run_dir: Path, alpha: float, device: str):
+    from .machine import SimilarityObserver, network_embedding, pixel_embedding
+    if name == "pixels":
+        return SimilarityObserver(pixel_embedding(), alpha, name="pixels")
+    if name == "observer":
+        from pruning.models import load_checkpoint
+
+        from .app import study_config
+        path = run_dir / "models" / "observer"
+        if not (path / "model.pt").is_file():
+            raise click.UsageError(f"no observer network at {path}; train it (`sparsight run`) or use --observer pixels")
+        model = load_checkpoint(path, map_location=device).model
+        size = study_config(run_dir).data.image_size
+        return SimilarityObserver(network_embedding(model, size, device), alpha, name="observer")
+    raise click.UsageError(f"unknown observer {name!r}; choose from {list(OBSERVERS)}")
+
+
+@click.command("participant")
+@RUN_DIR
+@click.option("--url", default=None, help="a running survey (http://host:port); default: in-process on RUN_DIR")
+@DATABASE
+@click.option("--observer", "observer_name", type=click.Choice(OBSERVERS), default="observer", show_default=True,
+              help="embedding of the decision rule: the study's observer network, or raw pixels")
+@click.option("--alpha", type=float, default=None, help="slope of P = σ(α·Δ) (default: the study's mis.alpha)")
+@click.option("--mode", type=click.Choice(["exhaustive", "participant"]), default="exhaustive", show_default=True,
+              help="every task of the bank, or one participant's trial list")
+@click.option("--condition", default=None, help="restrict to one condition (e.g. 'base|natural')")
+@click.option("--token", default=None, help="API token (default: $SPARSIGHT_API_TOKEN, else RUN_DIR/survey/api_token)")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="CSV of the decisions (default: RUN_DIR/survey/machine-<observer>-<session>.csv)")
+def participant_cmd(run_dir, url, database, observer_name, alpha, mode, condition, token, device, out):
+    """Let a model observer answer survey trials through the survey's API, like a participant.
+
+    Its answers are stored as a machine session (kept out of the human balance) and appear in the
+    responses export next to the human ones.
+    """
+    import pandas as pd
+
+    from .app import study_config
+    from .machine import FlaskTransport, HttpTransport, SurveyClient, run_session
+    alpha = study_config(run_dir).mis.alpha if alpha is None else alpha
+    observer = make_observer(observer_name, run_dir, alpha, device)
+    if url:
+        token = token or os.environ.get("SPARSIGHT_API_TOKEN") or (
+            api_token_file(run_dir).read_text().strip() if api_token_file(run_dir).is_file() else None)
+        if not token:
+            raise click.UsageError("no API token: pass --token, set SPARSIGHT_API_TOKEN, or start the server with "
+                                   "`sparsight serve` (it writes RUN_DIR/survey/api_token)")
+        transport = HttpTransport(url)
+    else:
+        token = secrets.token_urlsafe(24)
+        transport = FlaskTransport(_build_app(run_dir, database, {}, API_TOKEN=token))
+    from .machine import SurveyRequestError
+    try:
+        summary = run_session(SurveyClient(transport), observer, api_token=token, mode=mode, condition=condition)
+    except SurveyRequestError as err:
+        raise click.ClickException(f"the survey refused the machine participant: {err}") from None
+    out = out or run_dir / "survey" / f"machine-{observer.name}-{summary['session']}.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(summary["decisions"]).to_csv(out, index=False)
+    click.echo(f"{observer.name}: {summary['trials']} trials, accuracy {summary['accuracy']:.3f} "
+               f"(session {summary['session']}); decisions in {out}")
+
+
+@click.command("responses")
+@RUN_DIR
+@DATABASE
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="output file, .csv or .parquet (default: RUN_DIR/responses.csv)")
+def responses_cmd(run_dir, database, out):
+    """Export every stored response (human and machine) as the tidy responses table."""
+    from sqlalchemy.orm import sessionmaker
+
+    from sparsight.files import atomic_write_text
+
+    from .app import database_url, study_config
+    from .db import init_schema, make_engine
+    from .export import responses_frame
+    cfg = study_config(run_dir)
+    engine = make_engine(database_url(run_dir, cfg, database))
+    init_schema(engine)
+    df = responses_frame(sessionmaker(engine), cfg.study.name)
+    out = out or run_dir / "responses.csv"
+    if out.suffix == ".parquet":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        df.to_parquet(out, index=False)
+    elif out.suffix == ".csv":
+        atomic_write_text(out, df.to_csv(index=False))
+    else:
+        raise click.UsageError(f"--out {out}: choose a .csv or .parquet file")
+    click.echo(f"{out}: {len(df)} responses from {df['participant'].nunique() if len(df) else 0} sessions")
+
+
+COMMANDS = [serve_cmd, participant_cmd, responses_cmd]

@@ -1,0 +1,301 @@
+"""The participant's whole journey in a real browser (Chromium through Playwright).
+
+Consent with Prolific parameters → instructions → a failed practice attempt and its repeat → the
+main and catch trials with a page reload half-way → the redirect to the completion URL; then what
+the database holds is checked against what was clicked.  The app is served by a real threaded
+werkzeug server on a free local port; the answers come from the stored trials (``max_position``),
+and the images on screen are checked against the stored trial before each answer.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import pytest
+from flask import request
+from sqlalchemy import select
+from werkzeug.serving import make_server
+
+from survey_app import create_app
+from survey_app.models import Event, Participant, Response, Trial
+from survey_app.testing import make_study_dir
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+expect = playwright_api.expect
+
+pytestmark = pytest.mark.slow
+
+PROLIFIC = {"PROLIFIC_PID": "p1", "STUDY_ID": "s1", "SESSION_ID": "x1"}
+SETTINGS = {"min_response_ms": 300, "feedback_delay_ms": 50, "feedback_ms": 100, "practice_trials": 2,
+            "practice_attempts": 3, "main_trials": 6, "catch_trials": 2, "min_window_width": 800,
+            "min_window_height": 600, "completion_code": "TESTCODE",
+            # exclusion thresholds a fast scripted participant can meet, so `excluded` is checked too
+            "min_instruction_s": 0.0, "min_total_s": 0.0, "min_answers_per_position": 1}
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+VIEWPORT = {"width": 1280, "height": 900}
+N_PRACTICE, N_MAIN = 2, 6 + 2          # practice trials per attempt; main + catch trials
+RELOAD_AFTER = 3                       # main trials answered before the page is reloaded
+
+# Records every feedback frame (class "right"/"wrong") put on the centre images, so a test can wait
+# for the feedback of its answer however briefly it is shown.
+FEEDBACK_RECORDER = """
+window.__feedback = [];
+document.addEventListener("DOMContentLoaded", () => {
+  const seen = new MutationObserver((records) => records.forEach((r) => {
+    if (/\\b(right|wrong)\\b/.test(r.target.className))
+      window.__feedback.push({id: r.target.id, cls: r.target.className});
+  }));
+  ["upper", "lower"].forEach((id) => {
+    const el = document.getElementById(id);
+    if (el) seen.observe(el, {attributes: true, attributeFilter: ["class"]});
+  });
+});
+"""
+BUTTONS_READY = """() => {
+  const overlay = document.getElementById("overlay"), trial = document.getElementById("trial");
+  const buttons = Array.from(document.querySelectorAll("button.answer"));
+  return overlay.hidden && !trial.hidden && buttons.length === 6 && buttons.every((b) => !b.disabled);
+}"""
+
+
+@dataclass
+class Answer:
+    """One answer the browser gave, and the stored trial it was for."""
+    trial_id: str
+    block: str
+    attempt: int
+    position: int
+    choice: str
+    confidence: int
+    correct: bool
+    by_key: bool
+
+
+class _LateApp:
+    """A WSGI callable forwarding to an app assigned after the server (and so its port) exists."""
+    app = None
+
+    def __call__(self, environ, start_response):
+        return self.app(environ, start_response)
+
+
+# ---- fixtures --------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def live_survey(tmp_path, database_url):
+    """The survey served on a free local port; its completion URL is a route of the same server."""
+    late = _LateApp()
+    server = make_server("127.0.0.1", 0, late, threaded=True)
+    base = f"http://127.0.0.1:{server.server_port}"
+    run_dir = make_study_dir(tmp_path / "study", {**SETTINGS, "completion_url": base + "/prolific-done?cc={code}"})
+    app = create_app({"RUN_DIR": str(run_dir), "DATABASE_URL": database_url, "TESTING": True})
+    app.add_url_rule("/prolific-done", "prolific_done", lambda: f"Prolific would now record code {request.args['cc']}")
+    late.app = app
+    thread = threading.Thread(target=server.serve_forever, name="survey-server", daemon=True)
+    thread.start()
+    try:
+        yield SimpleNamespace(app=app, base=base, sessions=app.config["SESSIONS"], service=app.extensions["survey"])
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+        server.server_close()
+        app.config["ENGINE"].dispose()
+
+
+@pytest.fixture
+def page(chromium_path):
+    """A fresh Chromium page (1280×900) that records page errors and failed HTTP requests."""
+    with playwright_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium_path, headless=True, args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(viewport=VIEWPORT)
+            context.set_default_timeout(15_000)
+            context.add_init_script(FEEDBACK_RECORDER)
+            pg = context.new_page()
+            pg.problems = []
+            pg.on("pageerror", lambda err: pg.problems.append(f"page error: {err}"))
+            pg.on("response", lambda r: r.status >= 400 and not r.url.endswith("/favicon.ico")
+                  and pg.problems.append(f"HTTP {r.status} {r.request.method} {r.url}"))
+            yield pg
+        finally:
+            browser.close()
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------
+
+def wait_until(predicate, timeout: float = 10.0, what: str = "condition"):
+    """Poll ``predicate`` (a database read) until it returns something truthy; return that."""
+    deadline = time.monotonic() + timeout
+    while not (result := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+    return result
+
+
+def participant(live, external_id: str = "p1") -> Participant:
+    with live.sessions() as s:
+        return s.scalars(select(Participant).where(Participant.external_id == external_id)).one()
+
+
+def current_trial(live, external_id: str = "p1") -> Trial:
+    """The trial the server serves now: the first unanswered one of the participant's current block."""
+    with live.sessions() as s:
+        p = s.scalars(select(Participant).where(Participant.external_id == external_id)).one()
+        assert p.stage in ("practice", "main"), p.stage
+        block, attempt = ("practice", p.practice_attempt) if p.stage == "practice" else ("main", 0)
+        answered = select(Response.trial_id)
+        return s.scalars(select(Trial).where(Trial.participant_id == p.id, Trial.block == block,
+                                             Trial.attempt == attempt, Trial.id.not_in(answered))
+                         .order_by(Trial.position).limit(1)).one()
+
+
+def wait_for_trial(page) -> None:
+    """Wait until a trial is on screen (no overlay) and its answer buttons have unlocked."""
+    page.wait_for_function(BUTTONS_READY)
+
+
+def continue_past_overlay(page, text: str, button: str) -> None:
+    """Check the overlay's message contains ``text``, then press its button once it is wired up."""
+    expect(page.locator("#overlay")).to_be_visible()
+    expect(page.locator("#overlay-text")).to_contain_text(text)
+    expect(page.locator("#overlay-button")).to_have_text(button)   # label and handler are set together
+    page.locator("#overlay-button").click()
+    expect(page.locator("#overlay")).to_be_hidden()
+
+
+def answer_key(choice: str, confidence: int) -> str:
+    """Keys 1–3 answer 'upper' with confidence 1–3, keys 4–6 'lower'."""
+    return str(confidence + (0 if choice == "upper" else 3))
+
+
+def answer_trial(page, live, *, correct: bool, confidence: int, by_key: bool) -> Answer:
+    """Answer the trial on screen (click or key) right or wrong, and wait for its feedback frame.
+
+    The answer is looked up in the database; the centre images on screen are first checked to be
+    the stored trial's (so the page shows what the server thinks is current).
+    """
+    wait_for_trial(page)
+    trial = current_trial(live)
+    shown = live.service.payload(trial)
+    expect(page.locator("#upper")).to_have_attribute("src", shown["upper"])
+    expect(page.locator("#lower")).to_have_attribute("src", shown["lower"])
+    choice = trial.max_position if correct else {"upper": "lower", "lower": "upper"}[trial.max_position]
+    before = page.evaluate("window.__feedback.length")
+    if by_key:
+        page.keyboard.press(answer_key(choice, confidence))
+    else:
+        page.locator(f'button.answer[data-choice="{choice}"][data-confidence="{confidence}"]').click()
+    # the chosen image is framed green or red; after a wrong answer the right one is framed green too
+    frames = [(choice, "right" if correct else "wrong")] + ([] if correct else [(trial.max_position, "right")])
+    page.wait_for_function("([n, frames]) => frames.every(([id, frame]) => window.__feedback.slice(n).some("
+                           "(f) => f.id === id && f.cls.split(' ').includes(frame)))", arg=[before, frames])
+    return Answer(trial.public_id, trial.block, trial.attempt, trial.position, choice, confidence, correct, by_key)
+
+
+def answer_many(page, live, n: int, start: int = 0) -> list[Answer]:
+    """Answer ``n`` trials correctly, alternating clicks and keys and cycling the confidence 1–3."""
+    return [answer_trial(page, live, correct=True, confidence=1 + (start + i) % 3, by_key=(start + i) % 2 == 1)
+            for i in range(n)]
+
+
+# ---- the test --------------------------------------------------------------------------------------------
+
+def test_participant_completes_the_study_in_chromium(live_survey, page):
+    live = live_survey
+    query = "&".join(f"{k}={v}" for k, v in PROLIFIC.items())
+
+    # Consent: the Prolific parameters travel in hidden fields; Continue unlocks with the box ticked.
+    page.goto(f"{live.base}/?{query}")
+    for key, value in PROLIFIC.items():
+        expect(page.locator(f'#consent-form input[name="{key}"]')).to_have_value(value)
+    expect(page.locator("#consent-submit")).to_be_disabled()
+    page.locator("#consent-box").check()
+    expect(page.locator("#consent-submit")).to_be_enabled()
+    page.locator("#consent-submit").click()
+
+    # Instructions, with the example screenshot actually decoded.
+    page.wait_for_url(f"{live.base}/instructions")
+    page.wait_for_function("() => { const i = document.getElementById('example-image');"
+                           " return i.complete && i.naturalWidth > 0; }")
+    page.locator("#start-practice").click()
+    page.wait_for_url(f"{live.base}/trials")
+
+    # Practice attempt 1: the first answer wrong, so the practice is repeated.
+    continue_past_overlay(page, "practice trials start now", "Start practice")
+    answers = [answer_trial(page, live, correct=False, confidence=1, by_key=False),
+               answer_trial(page, live, correct=True, confidence=2, by_key=True)]
+    continue_past_overlay(page, "try again (attempt 2 of 3)", "Practice again")
+
+    # Practice attempt 2: all right.
+    answers += [answer_trial(page, live, correct=True, confidence=3, by_key=False),
+                answer_trial(page, live, correct=True, confidence=1, by_key=True)]
+    continue_past_overlay(page, "practice is over", "Start")
+
+    # Main and catch trials, with a reload while the next trial is on screen (not yet answered).
+    answers += answer_many(page, live, RELOAD_AFTER)
+    wait_for_trial(page)
+    before_reload = current_trial(live)
+    page.reload()
+    continue_past_overlay(page, "Press the button to continue", "Continue")
+    wait_for_trial(page)
+    expect(page.locator("#block-label")).to_have_text(f"Trial {RELOAD_AFTER + 1} of {N_MAIN}")
+    progress = page.evaluate("(p => [p.value, p.max])(document.getElementById('progress'))")
+    assert progress == [N_PRACTICE + RELOAD_AFTER, N_PRACTICE + N_MAIN]       # practice counts as done
+    after_reload = answer_trial(page, live, correct=True, confidence=2, by_key=True)
+    assert after_reload.trial_id == before_reload.public_id
+    assert after_reload.position == RELOAD_AFTER
+    assert after_reload.trial_id not in {a.trial_id for a in answers}
+    answers.append(after_reload)
+    answers += answer_many(page, live, N_MAIN - RELOAD_AFTER - 1, start=1)
+
+    # The last answer sends the browser through /complete to the completion URL.
+    page.wait_for_url(f"{live.base}/prolific-done?cc=TESTCODE")
+    expect(page.locator("body")).to_contain_text("TESTCODE")
+    assert page.problems == []
+
+    check_database(live, answers)
+
+
+def check_database(live, answers: list[Answer]) -> None:
+    """Everything the browser did is stored once, exactly as it was clicked."""
+    p = participant(live)
+    assert (p.external_id, p.prolific_study_id, p.prolific_session_id) == ("p1", "s1", "x1")
+    assert p.stage == "complete" and p.finished_at is not None
+    assert p.practice_attempt == 2
+    assert p.window == f"{VIEWPORT['width']}x{VIEWPORT['height']}"
+    assert p.excluded is False
+
+    with live.sessions() as s:
+        rows = s.execute(select(Trial, Response).join(Response, Response.trial_id == Trial.id)
+                         .where(Trial.participant_id == p.id)).all()
+        trials = s.scalars(select(Trial).where(Trial.participant_id == p.id)).all()
+    assert len(answers) == len(rows) == 2 * N_PRACTICE + N_MAIN == 12
+    stored = {t.public_id: (t, r) for t, r in rows}
+    assert len(stored) == len(rows)                               # one response per trial
+    for a in answers:
+        t, r = stored[a.trial_id]
+        assert (r.choice, r.confidence, r.correct) == (a.choice, a.confidence, a.correct), a
+        assert r.rt_ms >= SETTINGS["min_response_ms"], (a, r.rt_ms)
+        assert t.served_at is not None
+    assert {a.by_key for a in answers} == {True, False}
+    assert {a.confidence for a in answers} == {1, 2, 3}
+
+    practice = [stored[a.trial_id][1] for a in answers if a.block == "practice"]
+    assert [(a.attempt, r.correct) for a, r in zip(answers[:4], practice)] == [(1, False), (1, True),
+                                                                              (2, True), (2, True)]
+    main = [t for t in trials if t.block == "main"]
+    assert len(main) == N_MAIN and {t.trial_type for t in main} == {"main", "catch"}
+    assert all(t.public_id in stored for t in main)
+    assert [a.position for a in answers if a.block == "main"] == list(range(N_MAIN))
+
+    # Browser events arrive in batches (every 3 s, and with keepalive when the page is left).
+    def event_kinds_once_reload_logged():
+        with live.sessions() as s:
+            kinds = set(s.scalars(select(Event.kind).where(Event.participant_id == p.id)))
+        return kinds if "reload" in kinds else None
+    kinds = wait_until(event_kinds_once_reload_logged, what="the reload event")
+    assert kinds & {"fullscreen_enter", "note"}       # full screen entered, or its refusal noted

@@ -1,0 +1,120 @@
+"""The machine participant answers through the API exactly the trials the bank defines; CLI commands."""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pandas as pd
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from sqlalchemy import select
+
+from sparsight.cli import main
+from survey_app.machine import (FlaskTransport, SimilarityObserver, SurveyClient, TrialImages, network_embedding,
+                                pixel_embedding, run_session)
+from survey_app.material import Item
+from survey_app.models import Trial
+from survey_helpers import API_TOKEN
+
+
+def offline_delta(observer, material, item: Item, task: int) -> float:
+    """Δ with the max query in the upper place, straight from the bank (no API)."""
+    t = material.task(item, task)
+    load = lambda name: Image.open(material.image_path(name)).convert("RGB")  # noqa: E731
+    return observer.delta(TrialImages([load(i) for i in t.ref_min], [load(i) for i in t.ref_max],
+                                      load(t.query_max), load(t.query_min)))
+
+
+def test_machine_accuracy_through_the_api_equals_the_offline_decision_rule(app):
+    observer = SimilarityObserver(pixel_embedding(8), alpha=4.0, name="pixels")
+    summary = run_session(SurveyClient(FlaskTransport(app)), observer, api_token=API_TOKEN, mode="exhaustive")
+    material = app.extensions["survey"].material
+    assert summary["stage"] == "complete" and summary["trials"] == sum(len(t) for t in material.tasks.values())
+    with app.config["SESSIONS"]() as s:
+        served = {t.public_id: t for t in s.scalars(select(Trial))}
+    hard = []
+    for d in summary["decisions"]:
+        t = served[d["trial"]]
+        delta = offline_delta(observer, material, Item(t.model_id, t.kind, t.layer, t.unit), t.task)
+        sign = 1 if t.max_position == "upper" else -1
+        assert abs(d["delta"] - sign * delta) < 1e-9                    # the same images, by position
+        hard.append(delta > 0)
+    assert summary["accuracy"] == sum(hard) / len(hard)                # = mis_hard over the same tasks
+    assert summary["accuracy"] > 0.9                                   # bright max vs dark min is easy
+
+
+def brightness_embedding(images):
+    """A perfectly informative embedding for the synthetic bank (max images bright, min images dark)."""
+    return torch.tensor([[float(np.asarray(im, dtype=np.float64).mean()) - 127.5, 1.0] for im in images])
+
+
+def random_embedding(images):
+    """An uninformative embedding: a fixed random vector per image content."""
+    rows = []
+    for im in images:
+        gen = torch.Generator().manual_seed(int(hashlib.sha256(im.tobytes()).hexdigest()[:12], 16))
+        rows.append(torch.randn(32, generator=gen))
+    return torch.stack(rows)
+
+
+def test_an_informative_embedding_is_always_right_and_a_random_one_near_chance(make_app):
+    app = make_app()
+    good = run_session(SurveyClient(FlaskTransport(app)), SimilarityObserver(brightness_embedding, 50.0, "bright"),
+                       api_token=API_TOKEN)
+    assert good["accuracy"] == 1.0 and all(d["confidence"] == 3 for d in good["decisions"])
+    noise = run_session(SurveyClient(FlaskTransport(app)), SimilarityObserver(random_embedding, 50.0, "random"),
+                        api_token=API_TOKEN)
+    assert noise["trials"] == 64 and 0.3 <= noise["accuracy"] <= 0.7
+
+
+def test_network_embedding_reads_the_input_of_the_last_linear_layer():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                              torch.nn.Linear(4, 2))
+    embed = network_embedding(net, 8)
+    img = Image.new("RGB", (12, 12), (200, 10, 30))
+    feats = embed([img, img])
+    x = (torch.tensor([200, 10, 30]).float() / 255 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor(
+        [0.229, 0.224, 0.225])
+    expected = net[:3](x.view(1, 3, 1, 1).expand(1, 3, 8, 8))
+    assert feats.shape == (2, 4) and torch.allclose(feats[0], expected[0], atol=1e-5)
+    assert not net[3]._forward_hooks
+
+
+def test_cli_participant_and_responses_export(tmp_path):
+    from survey_app.testing import make_study_dir
+    run_dir = make_study_dir(tmp_path / "study", {"main_trials": 4, "catch_trials": 1})
+    runner = CliRunner()
+    r = runner.invoke(main, ["participant", str(run_dir), "--observer", "pixels", "--mode", "participant",
+                             "--condition", "base|natural"])
+    assert r.exit_code == 0, r.output
+    assert "5 trials" in r.output
+    r = runner.invoke(main, ["participant", str(run_dir), "--observer", "observer"])
+    assert r.exit_code != 0 and "no observer network" in r.output
+    r = runner.invoke(main, ["responses", str(run_dir)])
+    assert r.exit_code == 0, r.output
+    df = pd.read_csv(run_dir / "responses.csv")
+    assert len(df) == 5 and set(df["condition"]) == {"base|natural"} and df["is_machine"].all()
+    r = runner.invoke(main, ["serve", str(run_dir), "--set", "train.epochs=3"])
+    assert r.exit_code != 0 and "only survey.KEY=VALUE" in r.output
+
+
+def test_credentials_are_made_once_and_open_the_admin_area(tmp_path, monkeypatch):
+    from survey_app import create_app
+    from survey_app.cli import ensure_credentials
+    from survey_app.testing import make_study_dir
+    from survey_helpers import csrf_from
+    monkeypatch.delenv("SPARSIGHT_ADMIN_PASSWORD", raising=False)
+    monkeypatch.delenv("SPARSIGHT_API_TOKEN", raising=False)
+    run_dir = make_study_dir(tmp_path / "study")
+    shown = ensure_credentials(run_dir, None)
+    again = ensure_credentials(run_dir, None)
+    assert "admin_password" in shown and "admin_password" not in again      # shown once
+    token = (run_dir / "survey" / "api_token").read_text().strip()
+    assert (run_dir / "survey" / "api_token").stat().st_mode & 0o077 == 0
+    client = create_app({"RUN_DIR": str(run_dir)}).test_client()
+    assert client.post("/api/sessions", json={"observer": "x"},
+                       headers={"Authorization": f"Bearer {token}"}).status_code == 201
+    field = csrf_from(client.get("/admin/login").text)
+    r = client.post("/admin/login", data={"csrf_token": field, "password": shown["admin_password"]})
+    assert r.status_code == 302 and client.get("/admin/").status_code == 200
