@@ -77,7 +77,8 @@ def _redacted(url: str) -> str:
 def export(name: str):
     sessions = current_app.config["SESSIONS"]
     study = current_app.extensions["survey"].study_name
-    tables = {"responses": lambda: responses_frame(sessions, study), "participants": lambda: participants_frame(sessions)}
+    tables = {"responses": lambda: responses_frame(sessions, study),
+              "participants": lambda: participants_frame(sessions)}
     stem, _, fmt = name.partition(".")
     if stem not in tables or fmt not in ("csv", "parquet"):
         raise SurveyError(404, f"unknown export {name!r}; choose from "

@@ -121,7 +121,8 @@ def make_observer(name: str, run_dir: Path, alpha: float, device: str):
         from .app import study_config
         path = run_dir / "models" / "observer"
         if not (path / "model.pt").is_file():
-            raise click.UsageError(f"no observer network at {path}; train it (`sparsight run`) or use --observer pixels")
+            raise click.UsageError(f"no observer network at {path}; train it (`sparsight run`) "
+                                   "or use --observer pixels")
         model = load_checkpoint(path, map_location=device).model
         size = study_config(run_dir).data.image_size
         return SimilarityObserver(network_embedding(model, size, device), alpha, name="observer")

@@ -9,7 +9,7 @@ from .models import Exclusion, Participant, Response, SurveyStudy, Trial
 
 RESPONSE_COLUMNS = ["study", "bank_hash", "participant", "external_id", "is_machine", "observer", "condition",
                     "block", "attempt", "position", "trial_type", "trial", "model_id", "kind", "layer", "unit",
-                    "task", "max_position", "choice", "confidence", "correct", "rt_ms", "responded_at",
+                    "task", "max_position", "choice", "confidence", "correct", "rt_ms", "server_ms", "responded_at",
                     "participant_stage", "excluded", "exclusion_reasons"]
 
 
@@ -19,7 +19,8 @@ def responses_frame(sessions: sessionmaker, study_name: str | None = None) -> pd
                 Participant.is_machine, Participant.observer, Participant.condition, Trial.block, Trial.attempt,
                 Trial.position, Trial.trial_type, Trial.public_id, Trial.model_id, Trial.kind, Trial.layer,
                 Trial.unit, Trial.task, Trial.max_position, Response.choice, Response.confidence, Response.correct,
-                Response.rt_ms, Response.created_at, Participant.stage, Participant.excluded, Participant.id)
+                Response.rt_ms, Response.server_ms, Response.created_at, Participant.stage, Participant.excluded,
+                Participant.id)
          .join(Trial, Response.trial_id == Trial.id)
          .join(Participant, Response.participant_id == Participant.id)
          .join(SurveyStudy, Participant.study_id == SurveyStudy.id)

@@ -103,7 +103,8 @@ class Response(Base):
     choice: Mapped[str] = mapped_column(String(8))          # upper | lower
     confidence: Mapped[int] = mapped_column(Integer)        # 1..3
     correct: Mapped[bool] = mapped_column(Boolean)
-    rt_ms: Mapped[float] = mapped_column(Float)
+    rt_ms: Mapped[float] = mapped_column(Float)                       # client: performance.now(), images decoded
+    server_ms: Mapped[float | None] = mapped_column(Float, nullable=True)  # server: first served → saved
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
     trial: Mapped[Trial] = relationship(back_populates="response")

@@ -307,8 +307,11 @@ class SurveyService:
             if not p.is_machine and rt_ms < self.settings.min_response_ms:
                 raise SurveyError(422, f"responses are accepted after {self.settings.min_response_ms} ms "
                                        f"(rt_ms was {rt_ms:g})")
+            now = utcnow()
+            server_ms = (now - t.served_at).total_seconds() * 1000 if t.served_at else None
             r = Response(trial_id=t.id, participant_id=p.id, idempotency_key=key, choice=choice,
-                         confidence=confidence, correct=(choice == t.max_position), rt_ms=rt_ms)
+                         confidence=confidence, correct=(choice == t.max_position), rt_ms=rt_ms, server_ms=server_ms,
+                         created_at=now)
             s.add(r)
             s.flush()
             p.last_seen_at = utcnow()

@@ -1,0 +1,682 @@
+"""Simulated participants over real HTTP against a multi-worker gunicorn server, and the database
+checks that follow: shared by ``benchmarks/survey_load.py`` and ``tests/survey/test_load.py``.
+
+A simulated participant behaves like the browser page: it opens the study link, consents,
+reads the instructions, loads the trial page (and its stylesheet), then loops GET state → fetch
+the trial's images (each URL once, as a browser cache would; ``prefetch`` too) → answer → POST the
+response, until the session is complete, and finally follows ``/complete`` to the completion
+redirect.  It answers by brightness (max images are bright in :mod:`survey_app.testing` banks), so
+practice passes; it claims ``rt_ms`` ≥ ``min_response_ms`` instead of waiting (``think_ms`` adds a
+real delay).  To exercise idempotency it re-sends some responses with the same key — half of
+them after the first reply, half at the same moment on a second connection (a browser retry
+whose first reply was lost) — and once per session sends an already-answered trial with a new
+key and reuses a key for a different answer (both must be refused with 409).
+
+Each participant keeps a ledger of the responses the server acknowledged; :func:`verify` compares
+the database with it (nothing lost, nothing duplicated) and checks condition and unit balance.
+"""
+from __future__ import annotations
+
+import contextlib
+import http.client
+import io
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+import uuid
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Survey settings of the load runs: exclusions that only a too-fast robot would fail are relaxed
+# (min_instruction_s, min_total_s), since excluded participants stop holding balance slots.
+LOAD_SURVEY = {"practice_trials": 5, "main_trials": 40, "catch_trials": 5, "min_response_ms": 1500,
+               "completion_code": "LOAD", "min_instruction_s": 0.0, "min_total_s": 0.0,
+               "min_answers_per_position": 1}
+CLAIMED_RT_MS = 1600.0
+
+CSRF_RE = re.compile(r'name="csrf_token" value="([^"]+)"')
+SESSION_RE = re.compile(r'session:\s*"([^"]+)"')
+STATIC_RE = re.compile(r'(?:href|src)="(/static/[^"]+)"')
+ROUTES = ("state", "response", "response_retry", "response_conflict", "image", "page", "static", "events")
+
+
+class LoadError(RuntimeError):
+    """A simulated participant got an answer it should not have."""
+
+
+# ---- HTTP ------------------------------------------------------------------------------------
+@dataclass
+class Reply:
+    status: int
+    headers: http.client.HTTPMessage
+    body: bytes
+    seconds: float
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", "replace")
+
+    def json(self):
+        return json.loads(self.body)
+
+    @property
+    def location(self) -> str:
+        return self.headers.get("Location", "")
+
+
+class Latencies:
+    """Seconds per route label, appended from many threads (list.append is atomic)."""
+
+    def __init__(self):
+        self.by_route: dict[str, list[float]] = defaultdict(list)
+
+    def add(self, route: str, seconds: float) -> None:
+        self.by_route[route].append(seconds)
+
+    def summary(self) -> dict[str, dict]:
+        return {route: percentiles(v) for route, v in sorted(self.by_route.items()) if v}
+
+
+def percentiles(values: list[float]) -> dict:
+    """n, mean, p50, p90, p99 and max in milliseconds (nearest-rank percentiles)."""
+    v = sorted(values)
+    n = len(v)
+
+    def rank(q):
+        return v[min(n - 1, max(0, int(-(-q * n // 1)) - 1))]
+    return {"n": n, "mean_ms": 1000 * sum(v) / n, "p50_ms": 1000 * rank(0.50), "p90_ms": 1000 * rank(0.90),
+            "p99_ms": 1000 * rank(0.99), "max_ms": 1000 * v[-1]}
+
+
+class Browser:
+    """One keep-alive connection with a cookie jar; a connection the server closed is reopened once."""
+
+    def __init__(self, host: str, port: int, latencies: Latencies, *, timeout: float = 120.0,
+                 cookies: dict | None = None):
+        self.host, self.port, self.timeout, self.latencies = host, port, timeout, latencies
+        self.cookies = cookies if cookies is not None else {}
+        self.conn: http.client.HTTPConnection | None = None
+        self.reconnects = 0
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+    def request(self, method: str, path: str, route: str, *, body: bytes | None = None,
+                headers: dict | None = None) -> Reply:
+        hdrs = {"User-Agent": "sparsight-loadsim/1", "Accept-Encoding": "identity", **(headers or {})}
+        if self.cookies:
+            hdrs["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
+        for attempt in (0, 1):
+            if self.conn is None:
+                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            t0 = time.perf_counter()
+            try:
+                self.conn.request(method, path, body=body, headers=hdrs)
+                resp = self.conn.getresponse()
+                data = resp.read()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
+                    http.client.CannotSendRequest, http.client.BadStatusLine):
+                # The server closed an idle keep-alive connection: nothing was processed, send again
+                # (responses carry an idempotency key, so even a processed POST would be safe).
+                self.close()
+                if attempt:
+                    raise
+                self.reconnects += 1
+                continue
+            seconds = time.perf_counter() - t0
+            self.latencies.add(route, seconds)
+            for header in resp.headers.get_all("Set-Cookie") or []:
+                name, _, value = header.split(";", 1)[0].partition("=")
+                if value and "expires=thu, 01 jan 1970" not in header.lower():
+                    self.cookies[name.strip()] = value.strip()
+                else:
+                    self.cookies.pop(name.strip(), None)
+            if resp.will_close:
+                self.close()
+            return Reply(resp.status, resp.headers, data, seconds)
+        raise AssertionError("unreachable")
+
+    def get(self, path: str, route: str) -> Reply:
+        return self.request("GET", path, route)
+
+    def post_form(self, path: str, fields: dict, route: str = "page") -> Reply:
+        return self.request("POST", path, route, body=urllib.parse.urlencode(fields).encode(),
+                            headers={"Content-Type": "application/x-www-form-urlencoded"})
+
+    def post_json(self, path: str, payload, route: str, csrf: str) -> Reply:
+        return self.request("POST", path, route, body=json.dumps(payload).encode(),
+                            headers={"Content-Type": "application/json", "X-CSRF-Token": csrf})
+
+
+def expect(reply: Reply, status: int, what: str) -> Reply:
+    if reply.status != status:
+        raise LoadError(f"{what}: HTTP {reply.status} (expected {status}): {reply.text[:300]}")
+    return reply
+
+
+def brightness(png: bytes) -> float:
+    from PIL import Image
+    with Image.open(io.BytesIO(png)) as im:
+        data = im.convert("L").tobytes()
+    return sum(data) / max(1, len(data))
+
+
+# ---- one participant -------------------------------------------------------------------------
+@dataclass
+class SimConfig:
+    think_ms: float = 0.0             # real delay before each answer (the claimed rt_ms is separate)
+    rt_ms: float = CLAIMED_RT_MS      # the reaction time the participant claims
+    retry_rate: float = 0.1           # share of responses re-sent with the same key (at least one per session)
+    practice_fail_rate: float = 0.0   # share of participants answering their first practice trial wrong
+    fetch_images: bool = True         # fetch every trial image (as a browser does); False: the two queries only
+    completion_code: str = "LOAD"
+    timeout_s: float = 120.0
+
+
+@dataclass
+class ParticipantLog:
+    index: int
+    external_id: str
+    session: str | None = None
+    ledger: dict = field(default_factory=dict)     # trial id -> {"key", "choice", "confidence", "correct"}
+    retries: int = 0
+    retries_ok: int = 0
+    conflicts: int = 0
+    conflicts_ok: int = 0
+    practice_attempts: int = 0
+    final_stage: str | None = None
+    completion_location: str | None = None
+    reconnects: int = 0
+    error: str | None = None
+    seconds: float = 0.0
+
+
+class SimParticipant:
+    def __init__(self, index: int, host: str, port: int, latencies: Latencies, cfg: SimConfig, seed: int):
+        self.cfg, self.latencies = cfg, latencies
+        self.rng = random.Random(f"{seed}:{index}")
+        self.log = ParticipantLog(index, external_id=f"load-{seed}-{index}-{uuid.uuid4().hex[:8]}")
+        self.browser = Browser(host, port, latencies, timeout=cfg.timeout_s)
+        self.host, self.port = host, port
+        self.images: dict[str, bytes] = {}
+        self.fail_practice = self.rng.random() < cfg.practice_fail_rate
+        self.csrf = ""
+        self.api = ""
+        self.n_keys = 0
+
+    # -- pieces ----------------------------------------------------------------------------
+    def image(self, url: str) -> bytes:
+        if url not in self.images:
+            self.images[url] = expect(self.browser.get(url, "image"), 200, f"GET {url}").body
+        return self.images[url]
+
+    def state(self) -> dict:
+        return expect(self.browser.get(self.api, "state"), 200, f"GET {self.api}").json()
+
+    def new_key(self) -> str:
+        self.n_keys += 1
+        return f"{self.log.session[:8]}-{self.n_keys}-{self.rng.getrandbits(32):08x}"
+
+    def post_response(self, body: dict, route: str, browser: Browser | None = None) -> Reply:
+        return (browser or self.browser).post_json(self.api + "/responses", body, route, self.csrf)
+
+    def start(self) -> None:
+        b, log = self.browser, self.log
+        query = urllib.parse.urlencode({"PROLIFIC_PID": log.external_id, "STUDY_ID": "load-study",
+                                        "SESSION_ID": f"s-{log.external_id}"})
+        html = expect(b.get(f"/?{query}", "page"), 200, "GET /").text
+        csrf = CSRF_RE.search(html)
+        if not csrf:
+            raise LoadError("no CSRF token in the consent page")
+        self.csrf = csrf.group(1)
+        r = expect(b.post_form("/consent", {"csrf_token": self.csrf, "consent": "yes", "PROLIFIC_PID": log.external_id,
+                                            "STUDY_ID": "load-study", "SESSION_ID": f"s-{log.external_id}",
+                                            "window": "1280x900"}), 302, "POST /consent")
+        if not r.location.endswith("/instructions"):
+            raise LoadError(f"consent redirected to {r.location!r}, expected /instructions")
+        expect(b.get("/instructions", "page"), 200, "GET /instructions")
+        r = expect(b.post_form("/instructions", {"csrf_token": self.csrf}), 302, "POST /instructions")
+        if not r.location.endswith("/trials"):
+            raise LoadError(f"instructions redirected to {r.location!r}, expected /trials")
+        html = expect(b.get("/trials", "page"), 200, "GET /trials").text
+        sid = SESSION_RE.search(html)
+        if not sid:
+            raise LoadError("no session id in the trial page")
+        log.session = sid.group(1)
+        self.api = f"/api/sessions/{urllib.parse.quote(log.session)}"
+        for asset in sorted(set(STATIC_RE.findall(html))):
+            expect(b.get(asset, "static"), 200, f"GET {asset}")
+        expect(b.post_json(self.api + "/events", {"events": [{"kind": "page", "detail": "trials", "t": 0.0},
+                                                             {"kind": "fullscreen_enter", "t": 5.0}]},
+                           "events", self.csrf), 200, "POST events")
+
+    def answer(self, state: dict) -> tuple[str, int]:
+        t = state["trial"]
+        if self.cfg.fetch_images:
+            for url in t["left"] + t["right"]:
+                self.image(url)
+        upper, lower = brightness(self.image(t["upper"])), brightness(self.image(t["lower"]))
+        if self.cfg.fetch_images:
+            for url in state.get("prefetch", []):
+                self.image(url)
+        choice = "upper" if upper > lower else "lower"
+        if self.fail_practice and t["block"] == "practice" and t["attempt"] == 1 and t["number"] == 1:
+            choice = "lower" if choice == "upper" else "upper"
+        return choice, self.rng.randint(1, 3)
+
+    def retry(self, body: dict, first: dict | None) -> dict:
+        """Send ``body`` again with the same key; when ``first`` is None, send the original and the retry
+        at the same moment on two connections. Returns the (non-replayed) feedback."""
+        log = self.log
+        log.retries += 1
+        if first is not None:
+            r = expect(self.post_response(body, "response_retry"), 200, "retry with the same key").json()
+            replies = [first, r]
+        else:
+            other = Browser(self.host, self.port, self.latencies, timeout=self.cfg.timeout_s, cookies=self.browser.cookies)
+            out: dict = {}
+
+            def send_twin():
+                try:
+                    out["twin"] = self.post_response(body, "response_retry", browser=other)
+                except Exception as err:  # noqa: BLE001 - re-raised below
+                    out["twin_error"] = err
+            th = threading.Thread(target=send_twin)
+            th.start()
+            main = self.post_response(body, "response")
+            th.join()
+            other.close()
+            if "twin_error" in out:
+                raise LoadError(f"concurrent retry failed: {out['twin_error']!r}")
+            replies = [expect(main, 200, "POST response (concurrent pair)").json(),
+                       expect(out["twin"], 200, "concurrent retry with the same key").json()]
+        fresh = [x for x in replies if not x["replayed"]]
+        if len(fresh) != 1 or len({(x["correct"], x["correct_position"], x["trial"]) for x in replies}) != 1:
+            raise LoadError(f"a retry with the same key was not replayed identically: {replies}")
+        log.retries_ok += 1
+        return fresh[0]
+
+    def conflicts(self, body: dict) -> None:
+        """An answered trial under a new key, and the used key for a different answer: both 409."""
+        log = self.log
+        for variant in ({**body, "key": self.new_key()},
+                        {**body, "choice": "lower" if body["choice"] == "upper" else "upper"}):
+            log.conflicts += 1
+            r = self.post_response(variant, "response_conflict")
+            if r.status != 409:
+                raise LoadError(f"a duplicate answer got HTTP {r.status}, expected 409: {r.text[:200]}")
+            log.conflicts_ok += 1
+
+    # -- the session -----------------------------------------------------------------------
+    def run(self) -> ParticipantLog:
+        log, t0 = self.log, time.perf_counter()
+        try:
+            self.start()
+            state = self.state()
+            concurrent_next, conflicted = True, False
+            while state["stage"] in ("practice", "main"):
+                if "trial" not in state:
+                    raise LoadError(f"stage {state['stage']!r} but no trial in the state: {state}")
+                trial = state["trial"]
+                log.practice_attempts = max(log.practice_attempts, state.get("practice_attempt") or 0)
+                choice, confidence = self.answer(state)
+                if self.cfg.think_ms:
+                    time.sleep(self.cfg.think_ms / 1000)
+                body = {"trial": trial["id"], "choice": choice, "confidence": confidence,
+                        "rt_ms": self.cfg.rt_ms, "key": self.new_key()}
+                retry = self.rng.random() < self.cfg.retry_rate
+                if retry and concurrent_next:
+                    feedback = self.retry(body, None)
+                else:
+                    feedback = expect(self.post_response(body, "response"), 200, "POST response").json()
+                    if feedback["replayed"]:
+                        raise LoadError(f"a first response came back replayed: {feedback}")
+                    if retry or (feedback["stage"] not in ("practice", "main") and not log.retries):
+                        feedback = self.retry(body, feedback)
+                        retry = True
+                if retry:
+                    concurrent_next = not concurrent_next
+                if feedback["trial"] != trial["id"]:
+                    raise LoadError(f"feedback for {feedback['trial']!r}, expected {trial['id']!r}")
+                log.ledger[trial["id"]] = {"key": body["key"], "choice": choice, "confidence": confidence,
+                                           "correct": feedback["correct"], "block": trial["block"]}
+                if trial["block"] == "main" and not conflicted:
+                    self.conflicts(body)
+                    conflicted = True
+                state = self.state()
+            log.final_stage = state["stage"]
+            if state["stage"] == "complete":
+                r = expect(self.browser.get("/complete", "page"), 302, "GET /complete")
+                log.completion_location = r.location
+        except Exception as err:  # noqa: BLE001 - reported by verify()
+            log.error = f"{type(err).__name__}: {err}"
+        finally:
+            log.reconnects = self.browser.reconnects
+            self.browser.close()
+            log.seconds = time.perf_counter() - t0
+        return log
+
+
+@dataclass
+class LoadRun:
+    logs: list[ParticipantLog]
+    latencies: Latencies
+    wall_s: float
+
+    def requests(self) -> int:
+        return sum(len(v) for v in self.latencies.by_route.values())
+
+    def summary(self) -> dict:
+        accepted = sum(len(log.ledger) for log in self.logs)
+        return {"participants": len(self.logs), "wall_s": self.wall_s, "requests": self.requests(),
+                "requests_per_s": self.requests() / self.wall_s, "responses_saved": accepted,
+                "responses_per_s": accepted / self.wall_s,
+                "sessions_per_min": 60 * sum(log.final_stage == "complete" for log in self.logs) / self.wall_s,
+                "reconnects": sum(log.reconnects for log in self.logs), "routes": self.latencies.summary()}
+
+
+def run_participants(base_url: str, n: int, cfg: SimConfig | None = None, *, seed: int = 0,
+                     ramp_s: float = 0.0) -> LoadRun:
+    """``n`` simulated participants at once (one thread each; ``ramp_s`` spreads their arrival)."""
+    cfg = cfg or SimConfig()
+    parsed = urllib.parse.urlsplit(base_url)
+    latencies = Latencies()
+    sims = [SimParticipant(i, parsed.hostname, parsed.port, latencies, cfg, seed) for i in range(n)]
+    barrier = threading.Barrier(n + 1)
+
+    def go(sim: SimParticipant):
+        barrier.wait()
+        if ramp_s:
+            time.sleep(ramp_s * sim.log.index / max(1, n - 1))
+        sim.run()
+    threads = [threading.Thread(target=go, args=(s,), name=f"participant-{s.log.index}", daemon=True) for s in sims]
+    for th in threads:
+        th.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for th in threads:
+        th.join()
+    return LoadRun([s.log for s in sims], latencies, time.perf_counter() - t0)
+
+
+# ---- the server ------------------------------------------------------------------------------
+GUNICORN_HOOKS = '''\
+import os
+from pathlib import Path
+
+
+def post_worker_init(worker):
+    # called once the worker has imported the app: the load starts when every worker answers
+    Path(os.environ["SPARSIGHT_LOADSIM_READY"], str(worker.pid)).touch()
+'''
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def gunicorn_server(run_dir: str | Path, *, database_url: str | None = None, workers: int = 4, threads: int = 4,
+                    port: int | None = None, boot_timeout_s: float = 180.0, extra_args: tuple = (),
+                    log_path: str | Path | None = None):
+    """``gunicorn -k gthread survey_app.wsgi:app`` on a free loopback port; yields its base URL once
+    every worker has loaded the app and the consent page answers; stops it (SIGTERM) afterwards."""
+    port = port or free_port()
+    scratch = Path(tempfile.mkdtemp(prefix="sparsight-gunicorn-"))
+    ready = scratch / "ready"
+    ready.mkdir()
+    hooks = scratch / "hooks.py"
+    hooks.write_text(GUNICORN_HOOKS)
+    log_path = Path(log_path) if log_path else scratch / "gunicorn.log"
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "SPARSIGHT_RUN_DIR": str(run_dir), "SPARSIGHT_LOADSIM_READY": str(ready),
+           "PYTHONPATH": os.pathsep.join([str(repo)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+    env.pop("SPARSIGHT_DATABASE_URL", None)
+    if database_url:
+        env["SPARSIGHT_DATABASE_URL"] = database_url
+    cmd = [sys.executable, "-m", "gunicorn", "-c", str(hooks), "-w", str(workers), "-k", "gthread",
+           "--threads", str(threads), "-b", f"127.0.0.1:{port}", "--log-level", "warning", *extra_args,
+           "survey_app.wsgi:app"]
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(repo),
+                            start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + boot_timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"gunicorn exited with {proc.returncode}:\n{_tail(log_path)}")
+            if len(list(ready.iterdir())) >= workers and _answers(port):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"gunicorn did not get {workers} workers ready in {boot_timeout_s:g} s:\n"
+                                   f"{_tail(log_path)}")
+            time.sleep(0.2)
+        yield base
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.close()
+        server_log = _tail(log_path)
+        if server_log.strip():
+            print(f"--- gunicorn log ({log_path}) ---\n{server_log}", file=sys.stderr)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _answers(port: int) -> bool:
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("GET", "/")
+        ok = conn.getresponse().status == 200
+        conn.close()
+        return ok
+    except OSError:
+        return False
+
+
+def _tail(path: Path, n: int = 4000) -> str:
+    try:
+        return Path(path).read_bytes()[-n:].decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+@contextlib.contextmanager
+def scratch_postgres(admin_url: str, prefix: str = "sparsight_load"):
+    """A fresh database on the server of ``admin_url`` (a role with CREATEDB); dropped afterwards."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(make_url(admin_url), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        try:
+            yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+        finally:
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
+
+
+# ---- checks ----------------------------------------------------------------------------------
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    required: bool = True
+
+    def line(self) -> str:
+        mark = "ok  " if self.ok else ("FAIL" if self.required else "warn")
+        return f"[{mark}] {self.name}: {self.detail}"
+
+
+def _spread(counter: Counter, keys) -> int:
+    values = [counter.get(k, 0) for k in keys]
+    return max(values) - min(values) if values else 0
+
+
+def verify(database_url: str, logs: list[ParticipantLog], survey: dict) -> list[Check]:
+    """Compare the database with what the simulated participants were told (see the module docstring)."""
+    from sqlalchemy import create_engine, func, select
+
+    from .models import Participant, Response, Trial
+    practice_n, main_n = survey["practice_trials"], survey["main_trials"] + survey["catch_trials"]
+    code = survey.get("completion_code", "")
+    checks: list[Check] = []
+
+    errors = [f"#{log.index}: {log.error}" for log in logs if log.error]
+    checks.append(Check("client", not errors, f"{len(logs) - len(errors)}/{len(logs)} participants finished without "
+                        f"an unexpected reply" + (f"; first: {errors[:3]}" if errors else "")))
+
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            participants = {r.public_id: r for r in conn.execute(select(
+                Participant.id, Participant.public_id, Participant.stage, Participant.excluded,
+                Participant.condition, Participant.practice_attempt, Participant.is_machine))}
+            trials = conn.execute(select(Trial.id, Trial.public_id, Trial.participant_id, Trial.block, Trial.attempt,
+                                         Trial.trial_type, Trial.model_id, Trial.kind, Trial.layer, Trial.unit,
+                                         Trial.task)).all()
+            responses = conn.execute(select(Response.trial_id, Response.participant_id, Response.idempotency_key,
+                                            Response.choice, Response.confidence)).all()
+            per_trial = conn.execute(select(Response.trial_id, func.count()).group_by(Response.trial_id)
+                                     .having(func.count() > 1)).all()
+    finally:
+        engine.dispose()
+
+    client_ids = {log.session for log in logs if log.session}
+    missing, extra = client_ids - set(participants), set(participants) - client_ids
+    complete = [p for p in participants.values() if p.stage == "complete"]
+    excluded = [p for p in participants.values() if p.excluded]
+    checks.append(Check("participants", not missing and not extra and len(complete) == len(logs) == len(participants),
+                        f"{len(participants)} in the database for {len(logs)} simulated, {len(complete)} complete"
+                        + (f", {len(missing)} missing" if missing else "") + (f", {len(extra)} unexpected" if extra else "")))
+    checks.append(Check("not excluded", not excluded, f"{len(excluded)} excluded (excluded sessions stop holding "
+                        "balance slots)"))
+
+    trials_of: dict[int, list] = defaultdict(list)
+    for t in trials:
+        trials_of[t.participant_id].append(t)
+    resp_by_trial = {r.trial_id: r for r in responses}
+    resp_count = Counter(r.participant_id for r in responses)
+    lost, wrong_count, mismatched, unacked = [], [], [], []
+    expected_total = 0
+    for log in logs:
+        p = participants.get(log.session)
+        if p is None:
+            continue
+        mine = trials_of[p.id]
+        # every trial of every practice attempt that was served, and of the main block, is answered
+        should = [t for t in mine if t.block == "main" or t.attempt <= p.practice_attempt]
+        lost += [(log.index, t.public_id) for t in should if t.id not in resp_by_trial]
+        expect_n = practice_n * p.practice_attempt + main_n
+        expected_total += expect_n
+        if resp_count[p.id] != expect_n:
+            wrong_count.append((log.index, resp_count[p.id], expect_n))
+        by_public = {t.public_id: t for t in mine}
+        for trial_id, entry in log.ledger.items():
+            t = by_public.get(trial_id)
+            r = resp_by_trial.get(t.id) if t is not None else None
+            if r is None or (r.idempotency_key, r.choice, r.confidence) != (entry["key"], entry["choice"],
+                                                                           entry["confidence"]):
+                mismatched.append((log.index, trial_id))
+        acked = set(log.ledger)
+        unacked += [(log.index, t.public_id) for t in mine if t.id in resp_by_trial and t.public_id not in acked]
+    checks.append(Check("no lost responses", not lost and not wrong_count and not mismatched,
+                        f"every served trial answered ({len(lost)} without a response), per-participant counts "
+                        f"= {practice_n} × practice attempts + {main_n} ({len(wrong_count)} off), every "
+                        f"acknowledged response stored as sent ({len(mismatched)} missing or different)"
+                        + (f"; e.g. {(lost + wrong_count + mismatched)[:3]}" if lost or wrong_count or mismatched else "")))
+    acked_total = sum(len(log.ledger) for log in logs)
+    checks.append(Check("no duplicated responses", not per_trial and not unacked and len(responses) == expected_total
+                        == acked_total, f"{len(responses)} stored = {expected_total} expected = {acked_total} "
+                        f"acknowledged; {len(per_trial)} trials with >1 response, {len(unacked)} stored responses "
+                        "never acknowledged"))
+
+    retries = sum(log.retries for log in logs)
+    retries_ok = sum(log.retries_ok for log in logs)
+    conflicts = sum(log.conflicts for log in logs)
+    conflicts_ok = sum(log.conflicts_ok for log in logs)
+    no_retry = [log.index for log in logs if not log.error and not log.retries]
+    checks.append(Check("idempotency", retries == retries_ok and conflicts == conflicts_ok and not no_retry
+                        and retries > 0, f"{retries_ok}/{retries} same-key retries replayed (half of them sent "
+                        f"concurrently with the original), {conflicts_ok}/{conflicts} conflicting duplicates "
+                        "refused with 409"))
+
+    if code:
+        bad = [log.index for log in logs if f"cc={code}" not in (log.completion_location or "")]
+        checks.append(Check("completion redirect", not bad, f"{len(logs) - len(bad)}/{len(logs)} redirected to the "
+                            f"completion URL with code {code!r}"))
+
+    humans = [p for p in participants.values() if not p.is_machine and p.stage == "complete" and not p.excluded]
+    conditions = Counter(p.condition for p in humans)
+    all_conditions = sorted({f"{t.model_id}|{t.kind}" for t in trials}) if conditions else []
+    spread_c = _spread(conditions, all_conditions or list(conditions))
+    checks.append(Check("condition balance", spread_c <= 1, f"participants per condition "
+                        f"{dict(sorted(conditions.items()))} (spread {spread_c}, allowed 1)"))
+
+    ids = {p.id for p in humans}
+    by_cond_item: dict[str, Counter] = defaultdict(Counter)
+    by_item_task: dict[tuple, Counter] = defaultdict(Counter)
+    per_participant_pair: Counter = Counter()
+    items_of: dict[str, set] = defaultdict(set)
+    cond_of = {p.id: p.condition for p in humans}
+    for t in trials:
+        item = (t.model_id, t.kind, t.layer, t.unit)
+        cond = f"{t.model_id}|{t.kind}"
+        items_of[cond].add(item)
+        if t.participant_id in ids and t.trial_type == "main" and cond_of[t.participant_id] == cond:
+            by_cond_item[cond][item] += 1
+            by_item_task[item][t.task] += 1
+            per_participant_pair[(t.participant_id, item, t.task)] += 1
+    worst_item = max((_spread(c, items_of[k]) for k, c in by_cond_item.items()), default=0)
+    checks.append(Check("unit balance", worst_item <= 1, f"per condition, main trials per unit differ by at most "
+                        f"{worst_item} (allowed 1); {sum(sum(c.values()) for c in by_cond_item.values())} main trials"))
+    worst_task = max((max(c.values()) - min(c.values()) for c in by_item_task.values() if c), default=0)
+    n_tasks = {item: len(c) for item, c in by_item_task.items()}
+    repeats = max(per_participant_pair.values(), default=0)
+    checks.append(Check("task balance", worst_task <= 1,
+                        f"per unit, main trials per task differ by up to {worst_task}; the same (unit, task) "
+                        f"is shown up to {repeats}× to one participant; tasks used per unit "
+                        f"{sorted(set(n_tasks.values()))} (informational: assignment balances units, see "
+                        "assignment.choose_main)", required=False))
+    return checks
+
+
+def print_summary(run: LoadRun, *, title: str = "", file=None) -> None:
+    file = file or sys.stdout
+    s = run.summary()
+    if title:
+        print(title, file=file)
+    print(f"  {s['participants']} participants in {s['wall_s']:.1f} s: {s['requests']} requests "
+          f"({s['requests_per_s']:.0f}/s), {s['responses_saved']} responses saved ({s['responses_per_s']:.1f}/s), "
+          f"{s['sessions_per_min']:.1f} sessions/min, {s['reconnects']} reconnects", file=file)
+    print(f"  {'route':<18}{'n':>7}{'mean':>9}{'p50':>9}{'p90':>9}{'p99':>9}{'max':>9}  (ms)", file=file)
+    for route in ROUTES:
+        if route in s["routes"]:
+            r = s["routes"][route]
+            print(f"  {route:<18}{r['n']:>7}{r['mean_ms']:>9.1f}{r['p50_ms']:>9.1f}{r['p90_ms']:>9.1f}"
+                  f"{r['p99_ms']:>9.1f}{r['max_ms']:>9.1f}", file=file)
