@@ -538,11 +538,21 @@ def _spread(counter: Counter, keys) -> int:
     return max(values) - min(values) if values else 0
 
 
-def verify(database_url: str, logs: list[ParticipantLog], survey: dict) -> list[Check]:
-    """Compare the database with what the simulated participants were told (see the module docstring)."""
+def verify(database_url: str, logs: list[ParticipantLog], survey: dict, run_dir: str | Path) -> list[Check]:
+    """Compare the database with what the simulated participants were told (see the module docstring).
+
+    Balance: the condition with the fewest participants is chosen for each new one, so participants
+    per condition differ by at most 1; within a condition the least-assigned units come first, so
+    main trials per unit (over every participant of the condition) differ by at most 1.
+    """
     from sqlalchemy import create_engine, func, select
 
+    from .material import Material
     from .models import Participant, Response, Trial
+    material = Material(Path(run_dir) / "stimuli", models=list(survey.get("models", [])) or None,
+                        kinds=list(survey.get("kinds", ["natural", "synthetic"])))
+    material_conditions = {cond: {(i.model_id, i.kind, i.layer, i.unit) for i in items} for cond, items in
+                           material.conditions(survey.get("condition_by", "model-kind")).items()}
     practice_n, main_n = survey["practice_trials"], survey["main_trials"] + survey["catch_trials"]
     code = survey.get("completion_code", "")
     checks: list[Check] = []
@@ -633,28 +643,27 @@ def verify(database_url: str, logs: list[ParticipantLog], survey: dict) -> list[
 
     humans = [p for p in participants.values() if not p.is_machine and p.stage == "complete" and not p.excluded]
     conditions = Counter(p.condition for p in humans)
-    all_conditions = sorted({f"{t.model_id}|{t.kind}" for t in trials}) if conditions else []
-    spread_c = _spread(conditions, all_conditions or list(conditions))
+    spread_c = _spread(conditions, list(material_conditions))
     checks.append(Check("condition balance", spread_c <= 1, f"participants per condition "
                         f"{dict(sorted(conditions.items()))} (spread {spread_c}, allowed 1)"))
 
-    ids = {p.id for p in humans}
+    cond_of = {p.id: p.condition for p in humans}
     by_cond_item: dict[str, Counter] = defaultdict(Counter)
     by_item_task: dict[tuple, Counter] = defaultdict(Counter)
     per_participant_pair: Counter = Counter()
-    items_of: dict[str, set] = defaultdict(set)
-    cond_of = {p.id: p.condition for p in humans}
     for t in trials:
-        item = (t.model_id, t.kind, t.layer, t.unit)
-        cond = f"{t.model_id}|{t.kind}"
-        items_of[cond].add(item)
-        if t.participant_id in ids and t.trial_type == "main" and cond_of[t.participant_id] == cond:
-            by_cond_item[cond][item] += 1
+        if t.participant_id in cond_of and t.trial_type == "main":
+            item = (t.model_id, t.kind, t.layer, t.unit)
+            by_cond_item[cond_of[t.participant_id]][item] += 1
             by_item_task[item][t.task] += 1
             per_participant_pair[(t.participant_id, item, t.task)] += 1
-    worst_item = max((_spread(c, items_of[k]) for k, c in by_cond_item.items()), default=0)
-    checks.append(Check("unit balance", worst_item <= 1, f"per condition, main trials per unit differ by at most "
-                        f"{worst_item} (allowed 1); {sum(sum(c.values()) for c in by_cond_item.values())} main trials"))
+    foreign = sum(1 for cond, c in by_cond_item.items() for item in c if item not in material_conditions.get(cond, ()))
+    worst_item = max((_spread(by_cond_item[cond], items) for cond, items in material_conditions.items()
+                      if conditions.get(cond)), default=0)
+    checks.append(Check("unit balance", worst_item <= 1 and not foreign,
+                        f"per condition, main trials per unit differ by at most {worst_item} (allowed 1); "
+                        f"{sum(sum(c.values()) for c in by_cond_item.values())} main trials, {foreign} units outside "
+                        "their participant's condition"))
     worst_task = max((max(c.values()) - min(c.values()) for c in by_item_task.values() if c), default=0)
     n_tasks = {item: len(c) for item, c in by_item_task.items()}
     repeats = max(per_participant_pair.values(), default=0)

@@ -178,8 +178,8 @@ class SurveyService:
             raise SurveyError(410, "this session belongs to an earlier version of the stimulus bank")
         return p
 
-    def find_by_external(self, external_id: str) -> tuple[str, str | None] | None:
-        """``(public_id, prolific_session_id)`` of a participant ID that already started, else None."""
+    def find_by_external(self, external_id: str) -> tuple[str, str | None, str] | None:
+        """``(public_id, prolific_session_id, stage)`` of a participant ID that already started, else None."""
         with self.sessions() as s:
             row = s.execute(select(Participant.public_id, Participant.prolific_session_id, Participant.stage)
                             .where(Participant.study_name == self.study_name,

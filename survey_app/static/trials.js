@@ -103,6 +103,7 @@
       }
       function onClick(e) { finish(e.currentTarget.dataset.choice, +e.currentTarget.dataset.confidence); }
       function onKey(e) {
+        if (e.repeat || e.ctrlKey || e.metaKey || e.altKey) return;   // a held key must not answer the next trial
         const b = buttons.find((x) => x.dataset.key === e.key);
         if (b) finish(b.dataset.choice, +b.dataset.confidence);
       }
@@ -154,6 +155,7 @@
       $("trial").hidden = true;
       $("overlay-text").textContent = text;
       $("overlay-button").textContent = label;
+      $("overlay-button").disabled = false;
       $("overlay").hidden = false;
       $("overlay-button").onclick = () => { $("overlay").hidden = true; resolve(); };
     });

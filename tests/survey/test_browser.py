@@ -116,9 +116,12 @@ def page(chromium_path):
             context.add_init_script(FEEDBACK_RECORDER)
             pg = context.new_page()
             pg.problems = []
+
+            def failed(response):
+                if response.status >= 400 and not response.url.endswith("/favicon.ico"):
+                    pg.problems.append(f"HTTP {response.status} {response.request.method} {response.url}")
+            pg.on("response", failed)
             pg.on("pageerror", lambda err: pg.problems.append(f"page error: {err}"))
-            pg.on("response", lambda r: r.status >= 400 and not r.url.endswith("/favicon.ico")
-                  and pg.problems.append(f"HTTP {r.status} {r.request.method} {r.url}"))
             yield pg
         finally:
             browser.close()
@@ -137,6 +140,7 @@ def wait_until(predicate, timeout: float = 10.0, what: str = "condition"):
 
 
 def participant(live, external_id: str = "p1") -> Participant:
+    """The stored participant with this Prolific ID."""
     with live.sessions() as s:
         return s.scalars(select(Participant).where(Participant.external_id == external_id)).one()
 
@@ -191,8 +195,12 @@ def answer_trial(page, live, *, correct: bool, confidence: int, by_key: bool) ->
         page.locator(f'button.answer[data-choice="{choice}"][data-confidence="{confidence}"]').click()
     # the chosen image is framed green or red; after a wrong answer the right one is framed green too
     frames = [(choice, "right" if correct else "wrong")] + ([] if correct else [(trial.max_position, "right")])
-    page.wait_for_function("([n, frames]) => frames.every(([id, frame]) => window.__feedback.slice(n).some("
-                           "(f) => f.id === id && f.cls.split(' ').includes(frame)))", arg=[before, frames])
+    try:
+        page.wait_for_function("([n, frames]) => frames.every(([id, frame]) => window.__feedback.slice(n).some("
+                               "(f) => f.id === id && f.cls.split(' ').includes(frame)))", arg=[before, frames])
+    except playwright_api.Error as err:   # say why: the page's status line and any failed request
+        raise AssertionError(f"no feedback {frames} for trial {trial.public_id}; status line "
+                             f"{page.text_content('#status')!r}; problems {page.problems}") from err
     return Answer(trial.public_id, trial.block, trial.attempt, trial.position, choice, confidence, correct, by_key)
 
 
