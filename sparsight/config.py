@@ -170,10 +170,20 @@ class StimuliSection:
 
 @dataclass
 class MisSection:
-    embedding: str = option("observer", "'observer', a torchvision model name, or 'dreamsim'")
+    embedding: str = option("observer", "similarity embedding: 'observer' (the study's observer net), a registered "
+                                        "model name with local weights, 'dreamsim', or 'pixels'")
+    embedding_weights: str = option("", "weights of a model-name embedding (file or torchvision name in the "
+                                        "TORCH_HOME cache); for 'dreamsim' its local checkpoint folder")
+    embedding_size: int = option(0, "embedding input size in pixels; 0 = the backbone's own", lo=0)
     alpha: float = option(16.0, "slope turning similarity differences into P(correct) until fitted on humans",
                           lo=0.0)
+    alpha_source: str = option("auto", "'auto': fit α on the study's human responses once there are "
+                                       "min_human_responses of them, else use mis.alpha; 'configured': "
+                                       "always mis.alpha",
+                               choices=("auto", "configured"))
+    min_human_responses: int = option(200, "human main-trial responses needed before α is fitted", lo=2)
     bootstrap: int = option(1000, "bootstrap resamples over units", lo=0)
+    batch_size: int = option(128, "images embedded per batch", lo=1)
 
 
 @dataclass

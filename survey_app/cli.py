@@ -7,13 +7,13 @@ from pathlib import Path
 
 import click
 
+from sparsight.clitools import resolve_from_cli, study_options
 from sparsight.config import ConfigError, parse_override
 
 RUN_DIR = click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
 DATABASE = click.option("--database", default=None, metavar="URL",
                         help="SQLAlchemy URL, e.g. postgresql+psycopg://user:pw@host/db (default: the study's "
                              "survey.database, else sqlite RUN_DIR/survey.db)")
-OBSERVERS = ("observer", "pixels")
 
 
 def _survey_overrides(overrides) -> dict:
@@ -111,30 +111,24 @@ def serve_cmd(run_dir, database, host, port, overrides, reset_admin_password):
     app.run(host=host, port=port, threaded=True, debug=False)
 
 
-def make_observer(name: str, run_dir: Path, alpha: float, device: str):
-    from .machine import SimilarityObserver, network_embedding, pixel_embedding
-    if name == "pixels":
-        return SimilarityObserver(pixel_embedding(), alpha, name="pixels")
-    if name == "observer":
-        from pruning.models import load_checkpoint
-
-        from .app import study_config
-        path = run_dir / "models" / "observer"
-        if not (path / "model.pt").is_file():
-            raise click.UsageError(f"no observer network at {path}; train it (`sparsight run`) "
-                                   "or use --observer pixels")
-        model = load_checkpoint(path, map_location=device).model
-        size = study_config(run_dir).data.image_size
-        return SimilarityObserver(network_embedding(model, size, device), alpha, name="observer")
-    raise click.UsageError(f"unknown observer {name!r}; choose from {list(OBSERVERS)}")
+def make_observer(name: str, run_dir: Path, alpha: float, device: str, weights: str = ""):
+    from .embeddings import create_embedding
+    from .machine import SimilarityObserver
+    try:
+        embedding = create_embedding(name, run_dir, weights=weights, device=device)
+    except (FileNotFoundError, ValueError) as err:
+        raise click.UsageError(str(err)) from None
+    return SimilarityObserver(embedding, alpha, name=name)
 
 
 @click.command("participant")
 @RUN_DIR
 @click.option("--url", default=None, help="a running survey (http://host:port); default: in-process on RUN_DIR")
 @DATABASE
-@click.option("--observer", "observer_name", type=click.Choice(OBSERVERS), default="observer", show_default=True,
-              help="embedding of the decision rule: the study's observer network, or raw pixels")
+@click.option("--observer", "observer_name", default=None,
+              help="embedding of the decision rule (default: the study's mis.embedding): observer, pixels, "
+                   "dreamsim, or a model name with --weights")
+@click.option("--weights", default=None, help="weights of a model-name embedding (default: mis.embedding_weights)")
 @click.option("--alpha", type=float, default=None, help="slope of P = σ(α·Δ) (default: the study's mis.alpha)")
 @click.option("--mode", type=click.Choice(["exhaustive", "participant"]), default="exhaustive", show_default=True,
               help="every task of the bank, or one participant's trial list")
@@ -143,7 +137,7 @@ def make_observer(name: str, run_dir: Path, alpha: float, device: str):
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="CSV of the decisions (default: RUN_DIR/survey/machine-<observer>-<session>.csv)")
-def participant_cmd(run_dir, url, database, observer_name, alpha, mode, condition, token, device, out):
+def participant_cmd(run_dir, url, database, observer_name, weights, alpha, mode, condition, token, device, out):
     """Let a model observer answer survey trials through the survey's API, like a participant.
 
     Its answers are stored as a machine session (kept out of the human balance) and appear in the
@@ -153,8 +147,10 @@ def participant_cmd(run_dir, url, database, observer_name, alpha, mode, conditio
 
     from .app import study_config
     from .machine import FlaskTransport, HttpTransport, SurveyClient, run_session
-    alpha = study_config(run_dir).mis.alpha if alpha is None else alpha
-    observer = make_observer(observer_name, run_dir, alpha, device)
+    mis = study_config(run_dir).mis
+    alpha = mis.alpha if alpha is None else alpha
+    observer = make_observer(observer_name or mis.embedding, run_dir, alpha, device,
+                             mis.embedding_weights if weights is None else weights)
     if url:
         token = token or os.environ.get("SPARSIGHT_API_TOKEN") or (
             api_token_file(run_dir).read_text().strip() if api_token_file(run_dir).is_file() else None)
@@ -206,4 +202,33 @@ def responses_cmd(run_dir, database, out):
     click.echo(f"{out}: {len(df)} responses from {df['participant'].nunique() if len(df) else 0} sessions")
 
 
-COMMANDS = [serve_cmd, participant_cmd, responses_cmd]
+@click.command("mis")
+@study_options
+def mis_cmd(study_file, profile, overrides, device):
+    """Machine Interpretability Score of every unit in the study's stimulus bank.
+
+    Writes mis/tasks.csv (Δ per task), mis/units.csv, mis/models.csv (mean MIS per model and reference
+    kind with a bootstrap CI over units) and, with mis.alpha_source = "auto" and enough human
+    responses in the survey database, mis/calibration.json with the fitted α. Example:
+
+      sparsight mis --set mis.embedding=resnet50 --set mis.embedding_weights=IMAGENET1K_V2
+    """
+    import pandas as pd
+
+    from pruning.training.distributed import resolve_device
+
+    from .stages import measure_mis
+    cfg = resolve_from_cli(study_file, profile, overrides, device)
+    run_dir = cfg.run_dir
+    try:
+        files = measure_mis(run_dir, cfg, device=str(resolve_device(cfg.study.device)), log=click.echo)
+    except (FileNotFoundError, ValueError) as err:
+        raise click.UsageError(str(err)) from None
+    models = pd.read_csv(run_dir / "mis" / "models.csv")
+    for r in models.itertuples():
+        click.echo(f"{r.model_id:24s} {r.kind:9s} MIS {r.mis:.3f} [{r.mis_ci_low:.3f}, {r.mis_ci_high:.3f}] "
+                   f"over {r.units} units (dead {r.dead}, pruned {r.pruned}); α {r.alpha:.3g} ({r.alpha_source})")
+    click.echo(f"written: {', '.join(str(f) for f in files)}")
+
+
+COMMANDS = [serve_cmd, participant_cmd, responses_cmd, mis_cmd]

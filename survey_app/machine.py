@@ -6,7 +6,9 @@ with s(q, E) the mean cosine similarity of q to the examples E,
 
     Δ = [s(upper, right) − s(upper, left)] − [s(lower, right) − s(lower, left)],
 
-it answers "upper" when Δ > 0, with confidence from P = σ(α·|Δ|).
+it answers "upper" when Δ > 0, with confidence from P = σ(α·|Δ|).  Embeddings come from
+:mod:`survey_app.embeddings`, so the machine participant and the offline MIS (:mod:`survey_app.mis`)
+see the same features.
 """
 from __future__ import annotations
 
@@ -171,42 +173,6 @@ class SimilarityObserver:
         d = self.delta(t)
         p = 1.0 / (1.0 + math.exp(-self.alpha * abs(d)))
         return Decision("upper" if d > 0 else "lower", confidence_from(p), d, p)
-
-
-def pixel_embedding(size: int = 16) -> Embedding:
-    """Raw pixels at ``size``×``size``, centred on mid-grey (a model-free baseline observer)."""
-    def embed(images):
-        rows = [torch.frombuffer(bytearray(im.resize((size, size), Image.Resampling.BILINEAR).tobytes()),
-                                 dtype=torch.uint8).float() / 255 - 0.5 for im in images]
-        return torch.stack(rows)
-    return embed
-
-
-def network_embedding(model: torch.nn.Module, image_size: int, device: str | torch.device = "cpu",
-                      mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)) -> Embedding:
-    """Penultimate features of a classifier (the input of its last ``nn.Linear``)."""
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    if not linears:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear layer whose input could serve as the embedding")
-    head = linears[-1]
-    model = model.eval().to(device)
-    mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
-
-    @torch.no_grad()
-    def embed(images):
-        batch = torch.stack([torch.frombuffer(bytearray(im.resize((image_size, image_size), Image.Resampling.BILINEAR)
-                                                        .tobytes()), dtype=torch.uint8)
-                             .view(image_size, image_size, 3).permute(2, 0, 1) for im in images]).to(device)
-        x = (batch.float() / 255 - mean_t) / std_t
-        captured = []
-        handle = head.register_forward_hook(lambda _m, inputs, _out: captured.append(inputs[0].flatten(1)))
-        try:
-            model(x)
-        finally:
-            handle.remove()
-        return captured[0].cpu()
-    return embed
 
 
 def run_session(client: SurveyClient, observer, *, api_token: str, mode: str = "exhaustive",

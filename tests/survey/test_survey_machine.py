@@ -11,8 +11,8 @@ from PIL import Image
 from sqlalchemy import select
 
 from sparsight.cli import main
-from survey_app.machine import (FlaskTransport, SimilarityObserver, SurveyClient, TrialImages, network_embedding,
-                                pixel_embedding, run_session)
+from survey_app.embeddings import create_embedding, penultimate
+from survey_app.machine import FlaskTransport, SimilarityObserver, SurveyClient, TrialImages, run_session
 from survey_app.material import Item
 from survey_app.models import Trial
 from survey_helpers import API_TOKEN
@@ -27,7 +27,7 @@ def offline_delta(observer, material, item: Item, task: int) -> float:
 
 
 def test_machine_accuracy_through_the_api_equals_the_offline_decision_rule(app):
-    observer = SimilarityObserver(pixel_embedding(8), alpha=4.0, name="pixels")
+    observer = SimilarityObserver(create_embedding("pixels", size=8), alpha=4.0, name="pixels")
     summary = run_session(SurveyClient(FlaskTransport(app)), observer, api_token=API_TOKEN, mode="exhaustive")
     material = app.extensions["survey"].material
     assert summary["stage"] == "complete" and summary["trials"] == sum(len(t) for t in material.tasks.values())
@@ -71,9 +71,8 @@ def test_an_informative_embedding_is_always_right_and_a_random_one_near_chance(m
 def test_network_embedding_reads_the_input_of_the_last_linear_layer():
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
                               torch.nn.Linear(4, 2))
-    embed = network_embedding(net, 8)
-    img = Image.new("RGB", (12, 12), (200, 10, 30))
-    feats = embed([img, img])
+    embed = penultimate(net, "cpu")
+    feats = embed(torch.tensor([200, 10, 30], dtype=torch.uint8).view(1, 3, 1, 1).expand(2, 3, 8, 8))
     x = (torch.tensor([200, 10, 30]).float() / 255 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor(
         [0.229, 0.224, 0.225])
     expected = net[:3](x.view(1, 3, 1, 1).expand(1, 3, 8, 8))

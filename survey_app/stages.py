@@ -1,0 +1,99 @@
+"""Study stage and driver for the MIS of every unit of every model in the stimulus bank.
+
+Writes ``mis/tasks.csv`` (Δ per task), ``mis/units.csv`` (DESIGN §3), ``mis/models.csv`` (mean with a
+bootstrap CI per model and reference kind) and, once enough human responses exist,
+``mis/calibration.json`` (fitted α with its CI and the held-out check).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import pandas as pd
+
+from sparsight.files import atomic_write_text
+
+from .embeddings import EmbeddingCache, create_embedding
+from .material import Material
+from .mis import UNIT_COLUMNS, calibration, human_trials, model_scores, task_deltas, unit_scores, with_status
+
+
+def read_responses(run_dir: Path, cfg) -> pd.DataFrame:
+    """Every stored response of the study's survey database (empty when no database exists yet)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.orm import sessionmaker
+
+    from .app import database_url
+    from .db import make_engine
+    from .export import RESPONSE_COLUMNS, responses_frame
+    url = database_url(run_dir, cfg)
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and not Path(parsed.database or "").is_file():
+        return pd.DataFrame(columns=RESPONSE_COLUMNS)
+    engine = make_engine(url)
+    try:
+        from sqlalchemy import inspect
+        if not inspect(engine).has_table("responses"):
+            return pd.DataFrame(columns=RESPONSE_COLUMNS)
+        return responses_frame(sessionmaker(engine), cfg.study.name)
+    finally:
+        engine.dispose()
+
+
+def measure_mis(run_dir: Path, cfg, *, device: str = "cpu", log=print, progress: bool = False) -> list[Path]:
+    """MIS of every unit in ``run_dir/stimuli`` under the study's ``[mis]`` settings; returns the files written."""
+    mis = cfg.mis
+    out = run_dir / "mis"
+    material = Material(run_dir / "stimuli")
+    embedding = create_embedding(mis.embedding, run_dir, weights=mis.embedding_weights, device=device,
+                                 size=mis.embedding_size)
+    cache = EmbeddingCache(embedding, out / "embeddings" / f"{embedding.key}.pt", batch_size=mis.batch_size,
+                           progress=progress)
+    deltas = task_deltas(material, cache)
+    files = [atomic_write_text(out / "tasks.csv", deltas.to_csv(index=False))]
+    alpha, source = mis.alpha, "configured"
+    if mis.alpha_source == "auto":
+        trials = human_trials(read_responses(run_dir, cfg), deltas)
+        if len(trials) >= mis.min_human_responses:
+            report = calibration(trials, seed=cfg.study.seed)
+            report.update(embedding=embedding.key, configured_alpha=mis.alpha)
+            files.append(atomic_write_text(out / "calibration.json", json.dumps(report, indent=2)))
+            alpha, source = report["alpha"], "fitted"
+            log(f"[mis] α fitted on {report['responses']} human responses: {alpha:.3g} "
+                f"(95% CI {report['alpha_ci'][0]:.3g}–{report['alpha_ci'][1]:.3g})")
+    status_csv = run_dir / "stimuli" / "units.csv"
+    status = pd.read_csv(status_csv) if status_csv.is_file() and status_csv.stat().st_size > 1 else None
+    units = with_status(unit_scores(deltas, alpha), status).assign(alpha=alpha, alpha_source=source,
+                                                                    embedding=embedding.key)
+    files.append(atomic_write_text(out / "units.csv", units[UNIT_COLUMNS].to_csv(index=False)))
+    models = model_scores(units, mis.bootstrap, cfg.study.seed).assign(alpha=alpha, alpha_source=source,
+                                                                        embedding=embedding.key)
+    files.append(atomic_write_text(out / "models.csv", models.to_csv(index=False)))
+    return files
+
+
+def human_response_count(run_dir: Path, cfg) -> int:
+    r = read_responses(run_dir, cfg)
+    return int(((~r["is_machine"].astype(bool)) & (r["trial_type"] == "main")).sum()) if len(r) else 0
+
+
+class MisStage:
+    name = "mis"
+    description = "Machine Interpretability Score of every unit (MIS surrogate on the stimulus bank)"
+
+    def inputs(self, study) -> dict:
+        from pruning.stages import _upstream
+        cfg = study.config
+        humans = human_response_count(study.run_dir, cfg) if cfg.mis.alpha_source == "auto" else 0
+        return {"upstream": {k: _upstream(study, k) for k in ("observer", "stimuli")}, "mis": asdict(cfg.mis),
+                "seed": cfg.study.seed, "human_responses": humans}
+
+    def run(self, study) -> list[Path]:
+        if not study.is_main:
+            return []
+        device = str(study.ctx.device) if study.ctx is not None else "cpu"
+        return measure_mis(study.run_dir, study.config, device=device, progress=study.config.study.progress)
+
+
+STAGES = [MisStage()]
