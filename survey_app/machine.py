@@ -160,14 +160,13 @@ class SimilarityObserver:
         self.embed, self.alpha, self.name = embed, alpha, name
 
     def delta(self, t: TrialImages) -> float:
-        feats = torch.nn.functional.normalize(self.embed(t.left + t.right + [t.upper, t.lower]).double(), dim=1)
-        k_left = len(t.left)
-        left, right = feats[:k_left], feats[k_left:k_left + len(t.right)]
-        upper, lower = feats[-2], feats[-1]
-
-        def s(q, refs):
-            return float((refs @ q).mean())
-        return (s(upper, right) - s(upper, left)) - (s(lower, right) - s(lower, left))
+        """Δ with the upper query in the max role (the formula of :func:`survey_app.mis.similarity_deltas`)."""
+        from .mis import similarity_deltas
+        feats = self.embed(t.left + t.right + [t.upper, t.lower])
+        k_left, k_right = len(t.left), len(t.right)
+        n = k_left + k_right
+        return float(similarity_deltas(feats, torch.tensor([n]), torch.tensor([n + 1]),
+                                       torch.arange(k_left, n).view(1, -1), torch.arange(k_left).view(1, -1))[0])
 
     def decide(self, t: TrialImages) -> Decision:
         d = self.delta(t)

@@ -37,12 +37,16 @@ def sigmoid(x):
 
 
 def similarity_deltas(feats: torch.Tensor, q_max, q_min, r_max, r_min) -> torch.Tensor:
-    """Δ per task from features ``[N, D]`` and index tensors ``q_* [T]``, ``r_* [T, K]``."""
-    f = torch.nn.functional.normalize(feats.double(), dim=1)
-
-    def s(q, refs):                                    # mean cosine similarity of q to each of its refs
-        return torch.einsum("td,tkd->tk", f[q], f[refs]).mean(dim=1)
-    return (s(q_max, r_max) - s(q_max, r_min)) - (s(q_min, r_max) - s(q_min, r_min))
+    """Δ per task from features ``[N, D]`` and index tensors ``q_* [T]``, ``r_* [T, K]`` (float64)."""
+    t, k = r_max.shape
+    used, local = torch.cat([q_max, q_min, r_max.flatten(), r_min.flatten()]).unique(return_inverse=True)
+    f = torch.nn.functional.normalize(feats[used].double(), dim=1)
+    q_max, q_min = local[:t], local[t:2 * t]
+    r_max, r_min = local[2 * t:2 * t + t * k].view(t, k), local[2 * t + t * k:].view(t, k)
+    queries = torch.stack([f[q_max], f[q_min]], dim=2)               # [T, D, 2]
+    to_max = torch.bmm(f[r_max], queries).mean(dim=1)                # [T, 2]: s(q⁺, E⁺), s(q⁻, E⁺)
+    to_min = torch.bmm(f[r_min], queries).mean(dim=1)                # [T, 2]: s(q⁺, E⁻), s(q⁻, E⁻)
+    return (to_max[:, 0] - to_min[:, 0]) - (to_max[:, 1] - to_min[:, 1])
 
 
 def task_deltas(material: Material, cache: EmbeddingCache) -> pd.DataFrame:
