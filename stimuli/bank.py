@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from PIL import Image
 
 from sparsight.files import atomic_write_bytes, atomic_write_text
@@ -33,7 +32,8 @@ def to_pil(image) -> Image.Image:
     """A PIL RGB image from a PIL image, a uint8 HWC array, or a CHW tensor in [0, 1] or uint8."""
     if isinstance(image, Image.Image):
         return image.convert("RGB")
-    if isinstance(image, torch.Tensor):
+    if type(image).__module__.startswith("torch"):   # a tensor (torch is not imported by readers of the bank)
+        import torch
         t = image.detach().cpu()
         if t.dtype != torch.uint8:
             t = (t.float().clamp(0, 1) * 255).round().to(torch.uint8)
