@@ -188,8 +188,16 @@ class MisSection:
 
 @dataclass
 class DissectionSection:
-    quantile: float = option(0.995, "activation threshold quantile", lo=0.0, hi=1.0, hi_open=True)
+    quantile: float = option(0.995, "activation threshold quantile (0.995: a unit's top 0.5 % of activations over "
+                                    "the probe set)", lo=0.0, hi=1.0, hi_open=True)
     iou_threshold: float = option(0.04, "a unit is interpretable above this IoU", lo=0.0, hi=1.0)
+    units: str = option("all", "'all': every channel of the unit layers (units.layers, else the architecture's), as "
+                               "Frankle & Bau; 'study': the study's sampled units", choices=("all", "study"))
+    probe: str = option("", "Broden-style probe folder (concepts.json, images/, masks/); empty = the study data's "
+                            "concept masks")
+    split: str = option("val", "split of the study data used as the probe set (when probe is empty)",
+                        choices=("val", "train"))
+    max_images: int = option(0, "dissect on a seeded sample of at most this many probe images; 0 = all", lo=0)
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""``sparsight stimuli``: natural exemplars and feature visualizations into the study's stimulus bank."""
+"""``sparsight stimuli``: natural exemplars and feature visualizations into the study's stimulus bank;
+``sparsight dissect``: Network Dissection of every model of the study."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -73,4 +74,46 @@ def stimuli_cmd(what, study_file, profile, overrides, device, models, units, fre
     click.echo(f"{manifest}: {len(table)} rows, {table['image'].nunique()} images; unit status in {status}")
 
 
-COMMANDS = [stimuli_cmd]
+@click.command("dissect")
+@study_options
+@click.option("--model", "models", multiple=True,
+              help="model id under <run_dir>/models (repeatable; default: every model but the observer)")
+@click.option("--probe", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Broden-style probe folder: concepts.json, images/**, masks/** (default: dissection.probe, "
+                   "else the study data's concept masks)")
+@click.option("--fresh", is_flag=True, help="dissect every model again, even if its results are current")
+def dissect_cmd(study_file, profile, overrides, device, models, probe, fresh):
+    """Network Dissection: label every unit with the concept its top activations overlap best.
+
+    Per unit, the threshold is the dissection.quantile (0.995) of its activations over the probe
+    set; activation maps are upsampled to the label maps and IoU = Σ|M ∩ L| / Σ|M ∪ L| over the
+    set; a unit is interpretable when its best IoU exceeds dissection.iou_threshold (0.04). Writes
+    <run_dir>/dissection/units.csv (one row per model and unit), models.csv (interpretable units
+    and unique concepts per model) and iou.parquet (unit × concept). Example:
+
+      sparsight dissect --model base --set dissection.units=study
+      sparsight dissect --probe /data/probe --set data.image_size=224
+    """
+    cfg = resolve_from_cli(study_file, profile, overrides, device)
+    from pruning.training import init_distributed
+    from sparsight.study import Study
+
+    from .stages import build_dissection
+    study = Study(cfg)
+    study.ctx = init_distributed(cfg.study.device)
+    try:
+        units_csv, models_csv, _ = build_dissection(study, model_ids=list(models) or None, probe=probe, fresh=fresh)
+    except ValueError as err:   # ProbeError is a ValueError
+        raise click.UsageError(str(err)) from None
+    finally:
+        study.ctx.close()
+    import pandas as pd
+    table = pd.read_csv(models_csv)
+    click.echo(f"{'model':28s} {'units':>6s} {'interpretable':>13s} {'unique concepts':>15s}")
+    for r in table.itertuples():
+        shown = "skipped" if r.status == "skipped" else f"{r.interpretable:d}"
+        click.echo(f"{r.model_id:28s} {r.units:6d} {shown:>13s} {r.unique_concepts:15d}")
+    click.echo(f"per-unit results in {units_csv}")
+
+
+COMMANDS = [stimuli_cmd, dissect_cmd]

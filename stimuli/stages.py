@@ -3,30 +3,39 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
 from tqdm import tqdm
 
-from pruning.models import get_spec, load_checkpoint, read_meta
+from pruning.models import file_sha256, get_spec, load_checkpoint, read_meta
 
 from .bank import StimulusBank
 from .pipeline import StimuliSettings, make_stimuli
-from .units import Unit, resolve_units
+from .units import Unit, layer_channels, resolve_units, sample_units
+
+
+def _base_model(study):
+    base_dir = study.path("models", "base")
+    if not (base_dir / "model.pt").is_file():
+        raise ValueError(f"no base model in {base_dir}; train it first (`sparsight train` or `sparsight run`)")
+    return load_checkpoint(base_dir).model
+
+
+def _unit_layers(cfg) -> list[str]:
+    return list(cfg.units.layers) or list(get_spec(cfg.model.arch).unit_layers)
 
 
 def study_units(study, explicit: list[str] | None = None) -> list[Unit]:
     """The study's units (or ``explicit`` ones), resolved on the base model so every model is probed at
     the same units."""
     cfg = study.config
-    base_dir = study.path("models", "base")
-    if not (base_dir / "model.pt").is_file():
-        raise ValueError(f"no base model in {base_dir}; train it first (`sparsight train` or `sparsight run`)")
-    base = load_checkpoint(base_dir).model
-    layers = list(cfg.units.layers) or list(get_spec(cfg.model.arch).unit_layers)
-    return resolve_units(base, layers=layers, explicit=explicit or list(cfg.units.units), sampling=cfg.units.sampling,
-                         per_layer=cfg.units.units_per_layer, seed=cfg.study.seed, input_size=cfg.data.image_size)
+    return resolve_units(_base_model(study), layers=_unit_layers(cfg), explicit=explicit or list(cfg.units.units),
+                         sampling=cfg.units.sampling, per_layer=cfg.units.units_per_layer, seed=cfg.study.seed,
+                         input_size=cfg.data.image_size)
 
 
 def stimulus_models(study, ids: list[str] | None = None) -> list[str]:
@@ -107,4 +116,149 @@ class StimuliStage:
         return list(build_stimuli(study, fresh=study.forced))
 
 
-STAGES = [StimuliStage()]
+# ---- Network Dissection -------------------------------------------------------------------------
+PHYSICAL_REASON = "physically pruned: channels renumbered"
+
+
+def dissection_units(study) -> list[Unit]:
+    """``dissection.units = "all"``: every channel of the unit layers (counted on the base model, so a
+    physically pruned child is probed at its parent's units); ``"study"``: the study's sampled units."""
+    cfg = study.config
+    if cfg.dissection.units == "study":
+        return study_units(study)
+    channels = layer_channels(_base_model(study), _unit_layers(cfg), cfg.data.image_size)
+    return sample_units(channels, sampling="all")
+
+
+def dissection_models(study, ids: list[str] | None = None) -> list[str]:
+    """``ids`` (default: every model of the study but the observer), each checked for a checkpoint."""
+    from pruning.stages import study_model_ids
+
+    ids = list(ids or []) or [m for m in study_model_ids(study) if m != "observer"]
+    missing = [m for m in ids if not (study.path("models", m) / "model.pt").is_file()]
+    if missing:
+        have = sorted(p.name for p in study.path("models").iterdir()) if study.path("models").is_dir() else []
+        raise ValueError(f"model {missing[0]!r} has no checkpoint in {study.path('models')}; models: {have}")
+    return ids
+
+
+def study_probe(study, probe: str | os.PathLike | None = None):
+    """The probe set: ``probe`` (a Broden-style folder; default ``dissection.probe``), else the concept masks
+    of the study data's ``dissection.split``."""
+    from pruning.stages import data_root
+
+    from .dissection import open_probe
+
+    cfg = study.config.dissection
+    return open_probe(probe or cfg.probe, data_root(study), cfg.split)
+
+
+def _atomic_frame(df, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    if path.suffix == ".csv":
+        df.to_csv(tmp, index=False)
+    else:
+        df.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+    return path
+
+
+def build_dissection(study, *, model_ids: list[str] | None = None, probe: str | os.PathLike | None = None,
+                     fresh: bool = False) -> list[Path]:
+    """Network Dissection of the study's dissection units for ``model_ids`` (default: every model but the
+    observer) on the study's probe set (``probe``: a Broden-style folder instead of ``dissection.probe``).
+
+    Each model's tables are kept under ``dissection/parts/<model_id>/`` with a fingerprint of the
+    checkpoint, settings, units and probe files, so a rerun redoes only models that changed (all with
+    ``fresh``).  Physically pruned models are recorded as ``skipped``.  Returns the paths of
+    ``dissection/units.csv``, ``dissection/models.csv`` and ``dissection/iou.parquet``.
+    """
+    import pandas as pd
+
+    from pruning.data.folders import default_workers
+
+    from .dissection import IOU_COLUMNS, ProbeLoader, summarize
+
+    cfg = study.config
+    d = cfg.dissection
+    probe_set = study_probe(study, probe).sample(d.max_images, cfg.study.seed)
+    units = dissection_units(study)
+    model_ids = dissection_models(study, model_ids)
+    loader = ProbeLoader(probe_set, cfg.data.image_size, cfg.data.eval_batch_size, progress=cfg.study.progress,
+                         num_workers=default_workers(cfg.data.num_workers))
+    settings = {"quantile": d.quantile, "iou_threshold": d.iou_threshold, "image_size": cfg.data.image_size,
+                "probe": probe_set.fingerprint(), "units": [str(u) for u in units]}
+    out = study.path("dissection")
+    parts = [_dissect_model(study, mid, loader, units, settings, out / "parts" / mid, fresh)
+             for mid in tqdm(model_ids, desc="dissect", disable=None if cfg.study.progress else True)]
+    units_all = pd.concat([pd.read_parquet(p / "units.parquet") for p in parts], ignore_index=True)
+    iou_parts = [t for t in (pd.read_parquet(p / "iou.parquet") for p in parts) if len(t)]
+    iou_all = pd.concat(iou_parts, ignore_index=True) if iou_parts else pd.DataFrame(columns=IOU_COLUMNS)
+    models = summarize(units_all, n_images=len(probe_set), quantile=d.quantile, iou_threshold=d.iou_threshold)
+    return [_atomic_frame(units_all, out / "units.csv"), _atomic_frame(models, out / "models.csv"),
+            _atomic_frame(iou_all, out / "iou.parquet")]
+
+
+def _dissect_model(study, model_id: str, loader, units: list[Unit], settings: dict, part: Path, fresh: bool) -> Path:
+    """Dissect one model into ``part`` (units.parquet, iou.parquet) unless its fingerprint is current."""
+    import pandas as pd
+
+    from .dissection import IOU_COLUMNS, dissect, skipped_units
+
+    model_dir = study.path("models", model_id)
+    meta = read_meta(model_dir)
+    fp = hashlib.sha256(json.dumps({**settings, "checkpoint": file_sha256(model_dir / "model.pt"),
+                                    "method": meta.get("method"), "physical": bool(meta.get("physical"))},
+                                   sort_keys=True).encode()).hexdigest()
+    stamp = part / "fingerprint.txt"
+    if not fresh and stamp.is_file() and stamp.read_text() == fp and (part / "iou.parquet").is_file():
+        return part
+    if meta.get("physical"):
+        units_df, iou_df = skipped_units(model_id, units, PHYSICAL_REASON), pd.DataFrame(columns=IOU_COLUMNS)
+    else:
+        device = study.ctx.device if study.ctx else "cpu"
+        d = study.config.dissection
+        model = load_checkpoint(model_dir, map_location=device).model
+        result = dissect(model, loader, units, quantile=d.quantile, iou_threshold=d.iou_threshold, device=device,
+                         pruned_model=bool(meta.get("method")), progress=study.config.study.progress)
+        units_df, iou_df = result.unit_table(model_id), result.iou_table(model_id)
+    shutil.rmtree(part, ignore_errors=True)
+    _atomic_frame(units_df, part / "units.parquet")
+    _atomic_frame(iou_df, part / "iou.parquet")
+    stamp.write_text(fp)
+    return part
+
+
+class DissectionStage:
+    name = "dissection"
+    description = "Network Dissection: each unit's best concept, IoU and interpretability (dissection/)"
+
+    def inputs(self, study) -> dict:
+        from pruning.stages import _upstream
+
+        from .dissection import ProbeError
+
+        cfg = study.config
+        try:
+            probe = study_probe(study).fingerprint()
+        except (ProbeError, OSError) as err:
+            probe = f"unavailable: {err}"
+        return {"models": {k: _upstream(study, k) for k in ("data", "base", "prune")},
+                "dissection": asdict(cfg.dissection), "probe": probe, "seed": cfg.study.seed,
+                "units": asdict(cfg.units) if cfg.dissection.units == "study" else {"layers": _unit_layers(cfg)},
+                "image_size": cfg.data.image_size}
+
+    def run(self, study) -> list[Path]:
+        from pruning.stages import data_root
+
+        if not study.is_main:
+            return []
+        if not study.config.dissection.probe and not (data_root(study) / "masks").is_dir():
+            warnings.warn(f"skipping Network Dissection: the study data {data_root(study)} has no concept masks; "
+                          f"set dissection.probe to a Broden-style probe folder", stacklevel=2)
+            return []
+        return build_dissection(study, fresh=study.forced)
+
+
+STAGES = [StimuliStage(), DissectionStage()]
