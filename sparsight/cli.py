@@ -65,8 +65,9 @@ def _print_summary(study) -> None:
 def _register() -> None:
     from pruning.cli import COMMANDS as pruning_commands
     from stimuli.cli import COMMANDS as stimuli_commands
+    from analysis.cli import COMMANDS as analysis_commands
     from survey_app.cli import COMMANDS as survey_commands
-    for command in pruning_commands + stimuli_commands + survey_commands:
+    for command in pruning_commands + stimuli_commands + survey_commands + analysis_commands:
         main.add_command(command)
 
 

@@ -75,8 +75,9 @@ def default_stages() -> list[Stage]:
     """The pipeline, in order; each package contributes its own stages."""
     from pruning.stages import STAGES as pruning_stages
     from stimuli.stages import STAGES as stimuli_stages
+    from analysis.stages import STAGES as analysis_stages
     from survey_app.stages import STAGES as survey_stages
-    return list(pruning_stages) + list(stimuli_stages) + list(survey_stages)
+    return list(pruning_stages) + list(stimuli_stages) + list(survey_stages) + list(analysis_stages)
 
 
 def run_study(config: StudyConfig, *, force: tuple[str, ...] = (), stages: list[Stage] | None = None,

@@ -1,0 +1,263 @@
+"""The report's figures: one function per figure, each writing a PNG and returning its path.
+
+A function whose data are missing draws nothing and returns ``None``.  Figures are made with
+``matplotlib.figure.Figure`` directly (Agg canvas, no pyplot state), so they are safe in a server
+or a test process.  Curves are one per ``series`` (pruning method, with the schedule when a method
+has several); the unpruned base model starts every curve.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .load import BASE_METHOD
+
+DPI = 110
+CHANCE = 0.5
+KIND_STYLE = {"natural": "-", "synthetic": "--"}
+
+
+def _figure(nrows: int = 1, ncols: int = 1, size=(5.2, 3.8), squeeze_unused: int | None = None, **kw):
+    """A figure with an ``nrows × ncols`` grid of axes; with ``squeeze_unused = n`` the panels of the
+    last block of columns beyond ``n`` panels per row-group are hidden (wrapped panel layouts)."""
+    fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False, **kw)
+    if squeeze_unused is not None and squeeze_unused % ncols:
+        blocks = -(-squeeze_unused // ncols)
+        rows_per_block = nrows // blocks
+        for r in range(nrows - rows_per_block, nrows):
+            for c in range(squeeze_unused % ncols, ncols):
+                axes[r][c].set_visible(False)
+    return fig, axes
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, format="png")
+    return path
+
+
+def series_colors(series) -> dict[str, tuple]:
+    """A stable colour per series (tab10 in sorted order; the base model black)."""
+    from matplotlib import colormaps
+    cmap = colormaps["tab10"]
+    names = sorted({s for s in series if s != BASE_METHOD and isinstance(s, str)})
+    colors = {s: cmap(i % 10) for i, s in enumerate(names)}
+    colors[BASE_METHOD] = (0.0, 0.0, 0.0, 1.0)
+    return colors
+
+
+def _curves(frame: pd.DataFrame):
+    """``(series, rows)`` for every pruned series, the base rows prepended and sorted by sparsity."""
+    if frame.empty or "series" not in frame:
+        return
+    base = frame[frame["series"] == BASE_METHOD]
+    for s in sorted(x for x in frame["series"].dropna().unique() if x != BASE_METHOD):
+        rows = pd.concat([base, frame[frame["series"] == s]]).sort_values("sparsity")
+        yield s, rows
+    if not (frame["series"] != BASE_METHOD).any() and len(base):
+        yield BASE_METHOD, base
+
+
+def _finite(frame: pd.DataFrame, *cols) -> pd.DataFrame:
+    if frame is None or frame.empty or any(c not in frame for c in cols):
+        return pd.DataFrame()
+    return frame[np.isfinite(frame[list(cols)].astype(float)).all(axis=1)]
+
+
+def _errorbar(ax, x, y, lo, hi, **kw):
+    y, lo, hi = (np.asarray(v, dtype=float) for v in (y, lo, hi))
+    err = np.vstack([np.clip(y - lo, 0, None), np.clip(hi - y, 0, None)])
+    err = np.where(np.isfinite(err), err, 0.0)
+    ax.errorbar(x, y, yerr=err, capsize=3, **kw)
+
+
+def _chance(ax, label: bool = True):
+    ax.axhline(CHANCE, color="0.5", lw=1, ls=":", label="chance" if label else None, zorder=0)
+
+
+def interpretability_vs_sparsity(mis_models: pd.DataFrame, human: pd.DataFrame | None, path) -> Path | None:
+    """MIS (bootstrap 95 % CI over units) and human accuracy (Wilson 95 % CI) vs measured sparsity, one
+    panel per reference kind, one curve per series, with the 0.5 chance line."""
+    mis = _finite(mis_models, "mis", "sparsity")
+    hum = _finite(human if human is not None else pd.DataFrame(), "accuracy", "sparsity")
+    if mis.empty and hum.empty:
+        return None
+    kinds = sorted(set(mis.get("kind", pd.Series(dtype=str))) | set(hum.get("kind", pd.Series(dtype=str))))
+    colors = series_colors(list(mis.get("series", [])) + list(hum.get("series", [])))
+    fig, axes = _figure(1, len(kinds), sharey=True)
+    for ax, kind in zip(axes[0], kinds):
+        for s, rows in _curves(mis[mis["kind"] == kind] if len(mis) else mis):
+            _errorbar(ax, rows["sparsity"], rows["mis"], rows.get("mis_ci_low", rows["mis"]),
+                      rows.get("mis_ci_high", rows["mis"]), color=colors[s], marker="o", label=f"MIS · {s}")
+        for s, rows in _curves(hum[hum["kind"] == kind] if len(hum) else hum):
+            _errorbar(ax, rows["sparsity"], rows["accuracy"], rows.get("wilson_low", rows["accuracy"]),
+                      rows.get("wilson_high", rows["accuracy"]), color=colors[s], marker="s", ls="--", mfc="white",
+                      label=f"humans · {s}")
+        _chance(ax)
+        ax.set(title=f"{kind} references", xlabel="sparsity (measured, after retraining)",
+               ylim=(0.3, 1.02), xlim=(-0.03, 1.0))
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("proportion correct  /  MIS")
+    axes[0][-1].legend(fontsize=7, loc="lower left")
+    return _save(fig, path)
+
+
+def top1_vs_sparsity(models: pd.DataFrame, path) -> Path | None:
+    """Top-1 accuracy vs sparsity per series: after retraining (solid), before retraining (dotted)."""
+    data = _finite(models, "top1", "sparsity")
+    if data.empty:
+        return None
+    colors = series_colors(data["series"])
+    fig, axes = _figure()
+    ax = axes[0][0]
+    for s, rows in _curves(data):
+        ax.plot(rows["sparsity"], rows["top1"], marker="o", color=colors[s], label=f"{s}")
+        before = _finite(rows, "top1_before")
+        before = before[before["method"] != BASE_METHOD] if len(before) else before
+        if len(before):
+            ax.plot(before["sparsity"], before["top1_before"], marker=".", ls=":", color=colors[s], alpha=0.7)
+    ax.set(xlabel="sparsity (measured)", ylabel="top-1 accuracy (validation)",
+           title="accuracy after retraining (dotted: before)", xlim=(-0.03, 1.0))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def layer_mis_vs_sparsity(units: pd.DataFrame, path, max_cols: int = 4) -> Path | None:
+    """Per-layer panels: mean MIS over the layer's units (± SEM) vs sparsity, per series and kind."""
+    data = _finite(units, "mis", "sparsity")
+    if data.empty or "layer" not in data:
+        return None
+    layers = list(dict.fromkeys(data["layer"]))
+    ncols = min(max_cols, len(layers))
+    nrows = -(-len(layers) // ncols)
+    fig, axes = _figure(nrows, ncols, size=(4.0, 3.2), sharey=True)
+    colors = series_colors(data["series"])
+    keys = ["model_id", "series", "sparsity", "kind", "layer"]
+    per = data.groupby(keys, dropna=False)["mis"].agg(["mean", "sem", "size"]).reset_index()
+    per["sem"] = per["sem"].fillna(0.0)
+    for i, layer in enumerate(layers):
+        ax = axes[i // ncols][i % ncols]
+        for kind in sorted(per["kind"].unique()):
+            rows = per[(per["layer"] == layer) & (per["kind"] == kind)]
+            for s, curve in _curves(rows):
+                ax.errorbar(curve["sparsity"], curve["mean"], yerr=curve["sem"], color=colors[s], marker="o",
+                            ms=3, capsize=2, ls=KIND_STYLE.get(kind, "-."), label=f"{s} · {kind}")
+        _chance(ax, label=False)
+        ax.set_title(layer, fontsize=9)
+        ax.grid(alpha=0.3)
+    for j in range(len(layers), nrows * ncols):
+        axes[j // ncols][j % ncols].set_visible(False)
+    for row in axes:
+        row[0].set_ylabel("MIS (mean ± SEM over units)")
+    for ax in axes[-1]:
+        ax.set_xlabel("sparsity")
+    axes[0][0].legend(fontsize=6)
+    return _save(fig, path)
+
+
+def mis_vs_human(per_unit: pd.DataFrame, path) -> Path | None:
+    """Each unit's MIS against its human accuracy (one point per model × unit × kind), identity line."""
+    data = _finite(per_unit, "mis", "accuracy")
+    if data.empty:
+        return None
+    fig, axes = _figure(size=(4.6, 4.4))
+    ax = axes[0][0]
+    colors = series_colors(data.get("series", pd.Series([BASE_METHOD] * len(data))))
+    markers = {"natural": "o", "synthetic": "^"}
+    for (s, kind), g in data.groupby([data.get("series", pd.Series(BASE_METHOD, index=data.index)), "kind"]):
+        ax.scatter(g["mis"], g["accuracy"], s=18, alpha=0.75, color=colors.get(s, "0.3"),
+                   marker=markers.get(kind, "s"), label=f"{s} · {kind}")
+    ax.plot([0, 1], [0, 1], color="0.3", lw=1, label="identity")
+    ax.axhline(CHANCE, color="0.6", lw=0.8, ls=":")
+    ax.axvline(CHANCE, color="0.6", lw=0.8, ls=":")
+    ax.set(xlim=(0, 1.02), ylim=(0, 1.02), xlabel="MIS (machine)", ylabel="human accuracy",
+           title="per unit: MIS vs human accuracy", aspect="equal")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc="lower right")
+    return _save(fig, path)
+
+
+def interpretable_vs_sparsity(dissection: pd.DataFrame, path) -> Path | None:
+    """Network Dissection: interpretable units and unique concepts vs sparsity, per series."""
+    data = _finite(dissection, "interpretable", "sparsity")
+    if data.empty:
+        return None
+    has_concepts = "unique_concepts" in data
+    fig, axes = _figure(1, 2 if has_concepts else 1)
+    colors = series_colors(data["series"])
+    for s, rows in _curves(data):
+        axes[0][0].plot(rows["sparsity"], rows["interpretable"], marker="o", color=colors[s], label=s)
+        if has_concepts:
+            axes[0][1].plot(rows["sparsity"], rows["unique_concepts"], marker="o", color=colors[s], label=s)
+    axes[0][0].set(xlabel="sparsity", ylabel="interpretable units", title="interpretable units (IoU > threshold)")
+    if has_concepts:
+        axes[0][1].set(xlabel="sparsity", ylabel="unique concepts", title="unique concepts")
+    for ax in axes[0]:
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _robust_series(table: pd.DataFrame, models: pd.DataFrame) -> pd.DataFrame:
+    """Add ``series``/``rate`` from the model table (robustness tables leave the base's method empty)."""
+    table = table.copy()
+    table["model_id"] = table["model_id"].astype(str)
+    if models is not None and len(models):
+        meta = models.set_index("model_id")
+        table["series"] = table["model_id"].map(meta["series"])
+        table["rate"] = table["model_id"].map(meta["rate"])
+    else:
+        table["series"] = table["method"].fillna(BASE_METHOD).replace("", BASE_METHOD)
+        table["rate"] = table["rate_requested"].fillna(0.0)
+    return table.dropna(subset=["series"])
+
+
+def robustness_curves(robustness: dict, models: pd.DataFrame, path, max_cols: int = 4) -> Path | None:
+    """One column per series: top-1 under corruption (mean over corruptions) vs severity, and noise
+    similarity (top-1 agreement with the parent) vs ε; one line per pruning rate, the base in black."""
+    acc = robustness.get("accuracy")
+    noise = robustness.get("noise_similarity")
+    rows = [(name, _robust_series(t, models)) for name, t in (("accuracy", acc), ("noise", noise))
+            if t is not None and len(t)]
+    if not rows:
+        return None
+    series = sorted({s for _, t in rows for s in t["series"] if s != BASE_METHOD}) or [BASE_METHOD]
+    ncols = min(max_cols, len(series))
+    blocks = -(-len(series) // ncols)
+    fig, axes = _figure(len(rows) * blocks, ncols, size=(3.8, 3.1), squeeze_unused=len(series))
+    from matplotlib import colormaps
+    cmap = colormaps["viridis"]
+    for r, (name, table) in enumerate(rows):
+        rates = sorted(x for x in table["rate"].dropna().unique() if x > 0)
+        shade = {rate: cmap(0.1 + 0.8 * i / max(len(rates) - 1, 1)) for i, rate in enumerate(rates)}
+        for i, s in enumerate(series):
+            ax = axes[(i // ncols) * len(rows) + r][i % ncols]
+            for mid, g in table[(table["series"] == s) | (table["series"] == BASE_METHOD)].groupby("model_id"):
+                is_base = g["series"].iloc[0] == BASE_METHOD
+                if name == "noise" and is_base:
+                    continue
+                color = "black" if is_base else shade.get(g["rate"].iloc[0], "0.5")
+                label = "base" if is_base else f"rate {g['rate'].iloc[0]:.2f}"
+                if name == "accuracy":
+                    curve = g.groupby("severity")["top1"].mean()
+                    ax.plot(curve.index, curve.values, marker="o", ms=3, color=color, ls="--" if is_base else "-",
+                            label=label)
+                else:
+                    g = g.sort_values("eps")
+                    ax.plot(g["eps"], g["agreement"], marker=".", color=color, label=label)
+            ax.grid(alpha=0.3)
+            if name == "accuracy":
+                ax.set(title=s, xlabel="corruption severity (0 = clean)", ylabel="top-1 (mean over corruptions)")
+            else:
+                ax.set(title=s if r == 0 else None, xlabel="noise ε", ylabel="agreement with parent")
+            if i % ncols == ncols - 1 or i == len(series) - 1:
+                ax.legend(fontsize=6)
+    return _save(fig, path)

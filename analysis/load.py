@@ -1,0 +1,533 @@
+"""Loading a study for analysis: the canonical trial frame, the unit table and the model table.
+
+Everything the analysis reads comes through here, from the files of DESIGN §3:
+
+* **model metadata** — ``models/<id>/meta.json`` (``evaluation.csv`` for models without one): one row
+  per model with ``method`` (``"base"`` for the unpruned parent), ``schedule``, ``rate`` (the
+  requested rate), ``sparsity`` (measured, after retraining) and ``top1`` (after retraining);
+* **trial frame** — one row per response (:data:`TRIAL_COLUMNS`) from ``responses.csv`` (or
+  ``responses.parquet``), else from the survey database, joined with the model metadata; or an
+  external trial-level CSV through :func:`import_trials`;
+* **unit table** — ``mis/units.csv`` with the model metadata, ``unit_id`` and the unit's Network
+  Dissection label when ``dissection/units.csv`` exists;
+* **model table** — one row per model: metadata, MIS per reference kind with its CI, interpretable
+  units and unique concepts, and human accuracy per kind.
+
+Units are named ``"layer:unit"`` (``unit_id``), the same string in every table.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from sparsight.config import StudyConfig, load_study
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+TRIAL_COLUMNS = ["participant", "unit_id", "model_id", "method", "schedule", "rate", "sparsity", "kind",
+                 "correct", "confidence", "rt_ms", "trial_type", "is_machine", "excluded", "exclusion_reasons",
+                 "layer", "unit", "task", "observer", "condition"]
+MODEL_COLUMNS = ["model_id", "arch", "method", "schedule", "series", "rate", "sparsity", "top1", "top1_before",
+                 "top1_parent", "top5", "params_total", "params_nonzero", "flops", "corruption_top1", "physical"]
+BASE_METHOD = "base"
+
+# Canonical names an external CSV can map (``--map canonical=column``); the first two are required.
+REQUIRED_IMPORT = ("participant", "correct")
+IMPORT_NAMES = ("participant", "correct", "unit", "condition", "confidence", "rt", "catch", "trial_type",
+                "model_id", "method", "rate", "sparsity", "kind", "layer", "task", "is_machine", "excluded")
+TRUE_WORDS = {"1", "1.0", "true", "t", "yes", "y", "correct", "hit"}
+FALSE_WORDS = {"0", "0.0", "false", "f", "no", "n", "incorrect", "wrong", "error", "miss"}
+
+
+# ---- small helpers --------------------------------------------------------------------------------
+def unit_id(layer, unit) -> str:
+    """``("inception4a", 3)`` → ``"inception4a:3"`` (the one place unit names are built)."""
+    return f"{layer}:{int(unit)}"
+
+
+def split_unit_id(text: str) -> tuple[str, int | None]:
+    """``"inception4a:3"`` → ``("inception4a", 3)``; a name without ``:INDEX`` gives ``(name, None)``."""
+    layer, sep, index = str(text).rpartition(":")
+    if sep and index.strip().lstrip("-").isdigit():
+        return layer, int(index)
+    return str(text), None
+
+
+def to_bool(values: pd.Series, name: str = "value", missing=np.nan) -> pd.Series:
+    """Booleans from bools, 0/1 numbers or words (true/false, yes/no, correct/incorrect); an empty cell
+    becomes ``missing`` (NaN by default; a bool gives a bool Series).
+
+    Anything else raises ValueError naming the column and the offending values."""
+    def one(v):
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return missing
+        if isinstance(v, (bool, np.bool_)):
+            return bool(v)
+        if isinstance(v, (int, float, np.integer, np.floating)) and v in (0, 1):
+            return bool(v)
+        word = str(v).strip().lower()
+        if word in TRUE_WORDS:
+            return True
+        if word in FALSE_WORDS:
+            return False
+        return "?"
+    out = values.map(one)
+    bad = sorted({str(v) for v, o in zip(values, out) if isinstance(o, str)})
+    if bad:
+        raise ValueError(f"column {name!r} holds values that are not 0/1, true/false or correct/incorrect: "
+                         f"{bad[:5]}")
+    return out.astype(bool) if isinstance(missing, bool) else out.astype(object)
+
+
+def study_config(run_dir: str | Path) -> StudyConfig:
+    """The resolved configuration in ``run_dir/study.toml`` (the built-in default when there is none)."""
+    toml = Path(run_dir) / "study.toml"
+    return load_study(toml) if toml.is_file() else load_study()
+
+
+def _read_table(path: Path) -> pd.DataFrame | None:
+    """A CSV or parquet table, ``None`` when the file is missing, an empty frame when it has no rows."""
+    if not path.is_file():
+        return None
+    if path.suffix == ".parquet":
+        return pd.read_parquet(path)
+    try:
+        return pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
+
+
+# ---- model metadata -------------------------------------------------------------------------------
+def _sparsity(value) -> float:
+    if isinstance(value, dict):
+        value = value.get("total")
+    return float("nan") if value is None else float(value)
+
+
+def _number(value) -> float:
+    try:
+        return float("nan") if value is None or value == "" else float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _mean_corruption(meta: dict) -> float:
+    per = (meta.get("robustness") or {}).get("corruptions") or {}
+    values = [v for sev in per.values() for v in sev.values() if v is not None]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def meta_row(meta: dict) -> dict:
+    """One model-table row from a ``meta.json`` dict (sparsity a dict with ``total`` or a number)."""
+    top1, top5 = meta.get("top1") or {}, meta.get("top5") or {}
+    if not isinstance(top1, dict):
+        top1 = {"after": top1}
+    if not isinstance(top5, dict):
+        top5 = {"after": top5}
+    return {"model_id": str(meta.get("model_id")), "arch": meta.get("arch") or "",
+            "method": meta.get("method") or BASE_METHOD, "schedule": meta.get("schedule") or "",
+            "rate": _number(meta.get("rate_requested", meta.get("rate", 0.0))) if meta.get("method") else 0.0,
+            "sparsity": _sparsity(meta.get("sparsity")), "top1": _number(top1.get("after")),
+            "top1_before": _number(top1.get("before")), "top1_parent": _number(top1.get("parent")),
+            "top5": _number(top5.get("after")), "params_total": _number(meta.get("params_total")),
+            "params_nonzero": _number(meta.get("params_nonzero")), "flops": _number(meta.get("flops")),
+            "corruption_top1": _mean_corruption(meta), "physical": bool(meta.get("physical"))}
+
+
+def _with_series(models: pd.DataFrame) -> pd.DataFrame:
+    """``series`` names a curve: the method, with the schedule when a method has several."""
+    models = models.copy()
+    pruned = models["method"] != BASE_METHOD
+    several = models[pruned].groupby("method")["schedule"].nunique()
+    models["series"] = [m if m == BASE_METHOD or several.get(m, 1) <= 1 else f"{m} ({s})"
+                        for m, s in zip(models["method"], models["schedule"])]
+    return models
+
+
+def load_models(run_dir: str | Path) -> pd.DataFrame:
+    """One row per model of the study (:data:`MODEL_COLUMNS`), the observer network left out.
+
+    ``models/<id>/meta.json`` is read first; ``evaluation.csv`` adds models without a meta file."""
+    run_dir = Path(run_dir)
+    rows = []
+    for meta_file in sorted(run_dir.glob("models/*/meta.json")):
+        try:
+            meta = json.loads(meta_file.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{meta_file} is not valid JSON: {err}") from None
+        meta.setdefault("model_id", meta_file.parent.name)
+        rows.append(meta_row(meta))
+    have = {r["model_id"] for r in rows}
+    evaluation = _read_table(run_dir / "evaluation.csv")
+    if evaluation is not None and len(evaluation):
+        for r in evaluation.to_dict("records"):
+            if str(r["model_id"]) in have:
+                continue
+            method = r.get("method")
+            method = method if isinstance(method, str) and method else None
+            rows.append(meta_row({"model_id": r["model_id"], "arch": r.get("arch"), "method": method,
+                                  "schedule": r.get("schedule") if isinstance(r.get("schedule"), str) else "",
+                                  "rate_requested": r.get("rate_requested"), "sparsity": r.get("sparsity"),
+                                  "top1": {"after": r.get("top1"), "before": r.get("top1_before")},
+                                  "top5": {"after": r.get("top5")}, "params_total": r.get("params_total"),
+                                  "params_nonzero": r.get("params_nonzero"), "flops": r.get("flops")}))
+            rows[-1]["corruption_top1"] = _number(r.get("corruption_top1"))
+    models = pd.DataFrame(rows, columns=[c for c in MODEL_COLUMNS if c != "series"])
+    models = models[models["model_id"] != "observer"].reset_index(drop=True)
+    models = _with_series(models) if len(models) else models.assign(series=pd.Series(dtype=str))
+    return models[MODEL_COLUMNS].sort_values(["method", "schedule", "rate"], key=_base_first,
+                                             ignore_index=True)
+
+
+def _base_first(col: pd.Series) -> pd.Series:
+    return col.map(lambda v: "" if v == BASE_METHOD else v) if col.name == "method" else col
+
+
+def _attach_models(frame: pd.DataFrame, models: pd.DataFrame, keys=("method", "schedule", "series", "rate",
+                                                                      "sparsity", "top1")) -> pd.DataFrame:
+    """Join model metadata on ``model_id`` (columns already in ``frame`` are filled, not duplicated)."""
+    keys = [k for k in keys if k in models.columns]
+    if frame.empty or models.empty or "model_id" not in frame:
+        for k in keys:
+            if k not in frame:
+                frame[k] = np.nan
+        return frame
+    meta = models.set_index("model_id")[keys]
+    ids = frame["model_id"].astype(str)
+    for k in keys:
+        mapped = ids.map(meta[k])
+        frame[k] = mapped if k not in frame else frame[k].where(frame[k].notna(), mapped)
+    return frame
+
+
+# ---- trials ----------------------------------------------------------------------------------------
+def empty_trials() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype="float64" if c in ("rate", "sparsity", "rt_ms", "confidence")
+                                      else "object") for c in TRIAL_COLUMNS})
+
+
+def read_responses(run_dir: str | Path, cfg: StudyConfig | None = None) -> tuple[pd.DataFrame, str]:
+    """The tidy responses table and where it came from: ``RUN_DIR/responses.csv`` (or ``.parquet``) when
+    present, else the study's survey database; an empty table (source ``"none"``) when neither exists."""
+    run_dir = Path(run_dir)
+    for name in ("responses.csv", "responses.parquet"):
+        table = _read_table(run_dir / name)
+        if table is not None:
+            return table, name
+    cfg = cfg or study_config(run_dir)
+    from survey_app.stages import read_responses as read_database
+    table = read_database(run_dir, cfg)
+    return table, ("survey database" if len(table) else "none")
+
+
+def trials_from_responses(responses: pd.DataFrame, models: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The canonical trial frame (:data:`TRIAL_COLUMNS`) from a tidy responses table (survey export)."""
+    if responses is None or responses.empty:
+        return empty_trials()
+    r = responses.reset_index(drop=True)
+    missing = [c for c in ("participant", "correct") if c not in r]
+    if missing:
+        raise ValueError(f"the responses table lacks column {missing[0]!r}; its columns are {list(r.columns)}")
+
+    def col(name, default=np.nan):
+        return r[name] if name in r else pd.Series([default] * len(r))
+
+    layer = col("layer", "").astype(str)
+    unit = pd.to_numeric(col("unit"), errors="coerce")
+    out = pd.DataFrame({
+        "participant": r["participant"].astype(str),
+        "unit_id": [f"{lay}:{int(u)}" if not math.isnan(u) else lay for lay, u in zip(layer, unit)],
+        "model_id": col("model_id", "").astype(str),
+        "kind": col("kind", "").astype(str),
+        "correct": to_bool(r["correct"], "correct").astype(float),
+        "confidence": pd.to_numeric(col("confidence"), errors="coerce"),
+        "rt_ms": pd.to_numeric(col("rt_ms"), errors="coerce"),
+        "trial_type": col("trial_type", "main").fillna("main").astype(str),
+        "is_machine": to_bool(col("is_machine", False), "is_machine", missing=False),
+        "excluded": to_bool(col("excluded", False), "excluded", missing=False),
+        "exclusion_reasons": col("exclusion_reasons", "").fillna("").astype(str),
+        "layer": layer, "unit": unit, "task": pd.to_numeric(col("task"), errors="coerce"),
+        "observer": col("observer", "").fillna("").astype(str),
+        "condition": col("condition", "").fillna("").astype(str),
+    })
+    if out["correct"].isna().any():
+        raise ValueError(f"{int(out['correct'].isna().sum())} responses have no 'correct' value")
+    out["correct"] = out["correct"].astype(int)
+    out.loc[out["is_machine"] & (out["observer"] == ""), "observer"] = "machine"
+    out.loc[~out["is_machine"] & (out["observer"] == ""), "observer"] = "human"
+    for extra in ("method", "schedule", "rate", "sparsity"):
+        if extra in r:
+            out[extra] = r[extra]
+    out = _attach_models(out, models if models is not None else pd.DataFrame(),
+                         keys=("method", "schedule", "rate", "sparsity"))
+    return out[TRIAL_COLUMNS]
+
+
+def load_trials(run_dir: str | Path, cfg: StudyConfig | None = None,
+                models: pd.DataFrame | None = None) -> tuple[pd.DataFrame, str]:
+    """The study's trial frame and its source (see :func:`read_responses`)."""
+    responses, source = read_responses(run_dir, cfg)
+    models = load_models(run_dir) if models is None else models
+    return trials_from_responses(responses, models), source
+
+
+def human_main(trials: pd.DataFrame) -> pd.DataFrame:
+    """Main (non-practice, non-catch) trials of human participants — excluded participants still in."""
+    if trials.empty:
+        return trials
+    return trials[(~trials["is_machine"].astype(bool)) & (trials["trial_type"] == "main")].reset_index(drop=True)
+
+
+# ---- external trial-level data --------------------------------------------------------------------
+def parse_mapping(items) -> dict[str, str]:
+    """``["participant=subj", "correct=acc"]`` → ``{"participant": "subj", "correct": "acc"}``."""
+    mapping = {}
+    for item in items:
+        canonical, sep, column = str(item).partition("=")
+        if not sep or not canonical.strip() or not column.strip():
+            raise ValueError(f"--map {item!r} must look like canonical=column, e.g. participant=subj")
+        mapping[canonical.strip()] = column.strip()
+    return mapping
+
+
+def read_mapping(path: str | Path) -> dict[str, str]:
+    """Column mapping from a TOML file with a ``[columns]`` table (``participant = "subj"``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"mapping file {path} does not exist")
+    try:
+        tree = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"mapping file {path} is not valid TOML: {err}") from None
+    columns = tree.get("columns")
+    if not isinstance(columns, dict) or not columns:
+        raise ValueError(f"mapping file {path} needs a [columns] table, e.g. [columns] participant = \"subj\"")
+    bad = [k for k, v in columns.items() if not isinstance(v, str)]
+    if bad:
+        raise ValueError(f"mapping file {path}: columns.{bad[0]} must be a column name (a string)")
+    return dict(columns)
+
+
+def import_trials(csv_path: str | Path, mapping: dict[str, str], models: pd.DataFrame | None = None
+                  ) -> pd.DataFrame:
+    """A trial frame from an external trial-level CSV whose columns ``mapping`` names.
+
+    ``mapping`` maps canonical names (:data:`IMPORT_NAMES`; ``participant`` and ``correct`` required)
+    to the CSV's columns.  ``condition`` becomes the trial's ``kind`` (the condition descriptives group
+    by) unless ``kind`` is mapped too; ``unit`` may be ``"layer:unit"``; ``rt`` is in milliseconds;
+    ``correct`` accepts 0/1, true/false and correct/incorrect; a true ``catch`` flag makes the trial a
+    catch trial.  A missing column raises ValueError naming it and the columns the CSV has."""
+    csv_path = Path(csv_path)
+    unknown = sorted(set(mapping) - set(IMPORT_NAMES))
+    if unknown:
+        raise ValueError(f"unknown canonical name {unknown[0]!r} in the column mapping; choose from "
+                         f"{list(IMPORT_NAMES)}")
+    absent = [c for c in REQUIRED_IMPORT if c not in mapping]
+    if absent:
+        raise ValueError(f"the column mapping must name the {absent[0]!r} column (e.g. --map {absent[0]}=COLUMN)")
+    if not csv_path.is_file():
+        raise ValueError(f"trial file {csv_path} does not exist")
+    try:
+        raw = pd.read_csv(csv_path)
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"trial file {csv_path} is empty") from None
+    for canonical, column in mapping.items():
+        if column not in raw.columns:
+            raise ValueError(f"column {column!r} (mapped to {canonical!r}) is not in {csv_path.name}; "
+                             f"its columns are {list(raw.columns)}")
+    n = len(raw)
+
+    def get(name, default=np.nan):
+        return raw[mapping[name]] if name in mapping else pd.Series([default] * n)
+
+    correct = to_bool(get("correct"), mapping["correct"])
+    if correct.isna().any():
+        raise ValueError(f"column {mapping['correct']!r} (correct) has {int(correct.isna().sum())} empty cells")
+    units = get("unit", "").fillna("").astype(str)
+    parsed = [split_unit_id(u) for u in units]
+    layer = get("layer").astype(str) if "layer" in mapping else pd.Series([p[0] for p in parsed])
+    unit_index = pd.Series([p[1] for p in parsed], dtype="float64")
+    condition = get("condition", "").fillna("").astype(str)
+    trial_type = get("trial_type", "main").fillna("main").astype(str)
+    if "catch" in mapping:
+        catch = to_bool(get("catch"), mapping["catch"], missing=False)
+        trial_type = trial_type.where(~catch, "catch")
+    out = pd.DataFrame({
+        "participant": get("participant").astype(str),
+        "unit_id": units.where(units != "", "unit"),
+        "model_id": get("model_id", "external").fillna("external").astype(str),
+        "method": get("method", np.nan),
+        "schedule": pd.Series([np.nan] * n, dtype="object"),
+        "rate": pd.to_numeric(get("rate"), errors="coerce"),
+        "sparsity": pd.to_numeric(get("sparsity"), errors="coerce"),
+        "kind": get("kind").astype(str) if "kind" in mapping else condition,
+        "correct": correct.astype(int),
+        "confidence": pd.to_numeric(get("confidence"), errors="coerce"),
+        "rt_ms": pd.to_numeric(get("rt"), errors="coerce"),
+        "trial_type": trial_type,
+        "is_machine": to_bool(get("is_machine", False), "is_machine", missing=False),
+        "excluded": to_bool(get("excluded", False), "excluded", missing=False),
+        "exclusion_reasons": "",
+        "layer": layer, "unit": unit_index, "task": pd.to_numeric(get("task"), errors="coerce"),
+        "observer": "human", "condition": condition,
+    })
+    if models is not None and len(models):
+        out = _attach_models(out, models, keys=("method", "schedule", "rate", "sparsity"))
+    return out[TRIAL_COLUMNS]
+
+
+# ---- units, dissection, MIS per model, robustness --------------------------------------------------
+def load_units(run_dir: str | Path, models: pd.DataFrame | None = None,
+               dissection: pd.DataFrame | None = None) -> pd.DataFrame:
+    """``mis/units.csv`` with ``unit_id``, the model metadata (method, schedule, series, rate, sparsity,
+    top1) and, where dissected, the unit's ``concept``, ``iou`` and ``interpretable`` flag."""
+    units = _read_table(Path(run_dir) / "mis" / "units.csv")
+    if units is None or units.empty:
+        return pd.DataFrame(columns=["model_id", "kind", "layer", "unit", "unit_id", "status", "mis", "method",
+                                     "schedule", "series", "rate", "sparsity", "top1"])
+    units = units.copy()
+    units["model_id"] = units["model_id"].astype(str)
+    units["unit_id"] = [unit_id(lay, u) for lay, u in zip(units["layer"], units["unit"])]
+    if "status" not in units:
+        units["status"] = np.where(units["mis"].notna(), "ok", "missing")
+    units = _attach_models(units, models if models is not None else load_models(run_dir))
+    if dissection is not None and len(dissection):
+        d = dissection[["model_id", "layer", "unit", "concept", "iou", "interpretable"]].copy()
+        d["model_id"] = d["model_id"].astype(str)
+        d["interpretable"] = d["interpretable"].fillna(False).astype(bool)
+        units = units.merge(d, on=["model_id", "layer", "unit"], how="left")
+    return units
+
+
+def load_dissection(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``dissection/units.csv`` and ``dissection/models.csv`` (empty frames when absent)."""
+    base = Path(run_dir) / "dissection"
+    units = _read_table(base / "units.csv")
+    models = _read_table(base / "models.csv")
+    units = pd.DataFrame() if units is None else units
+    models = pd.DataFrame() if models is None else models
+    if len(models) and "unique_concepts" not in models and len(units):
+        from stimuli.dissection import summarize  # pragma: no cover - older tables
+        models = summarize(units)
+    return units, models
+
+
+def load_mis_models(run_dir: str | Path, models: pd.DataFrame | None = None) -> pd.DataFrame:
+    """``mis/models.csv`` (one row per model and reference kind, MIS with its bootstrap CI) plus metadata."""
+    table = _read_table(Path(run_dir) / "mis" / "models.csv")
+    if table is None or table.empty:
+        return pd.DataFrame(columns=["model_id", "kind", "units", "mis", "mis_ci_low", "mis_ci_high", "method",
+                                     "schedule", "series", "rate", "sparsity", "top1"])
+    table = table.copy()
+    table["model_id"] = table["model_id"].astype(str)
+    return _attach_models(table, models if models is not None else load_models(run_dir))
+
+
+def load_robustness(run_dir: str | Path) -> dict[str, pd.DataFrame]:
+    """``robustness/{accuracy,noise_similarity,prune_potential}.csv`` that exist and have rows."""
+    out = {}
+    for name in ("accuracy", "noise_similarity", "prune_potential"):
+        table = _read_table(Path(run_dir) / "robustness" / f"{name}.csv")
+        if table is not None and len(table):
+            out[name] = table
+    return out
+
+
+def load_calibration(run_dir: str | Path) -> dict | None:
+    path = Path(run_dir) / "mis" / "calibration.json"
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+# ---- the model table ------------------------------------------------------------------------------
+def human_by_model(trials: pd.DataFrame) -> pd.DataFrame:
+    """Accuracy per model and kind of included human main trials (``condition_summary`` columns)."""
+    from .descriptives import apply_exclusions, condition_summary
+    main = human_main(trials)
+    if main.empty:
+        return pd.DataFrame()
+    included, _ = apply_exclusions(main)
+    included = human_main(included)
+    return condition_summary(included, by=("model_id", "kind")) if len(included) else pd.DataFrame()
+
+
+def model_table(models: pd.DataFrame, mis_models: pd.DataFrame | None = None,
+                dissection_models: pd.DataFrame | None = None, human: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per model: metadata; ``mis_<kind>`` with ``_ci_low``/``_ci_high``/``_units`` per reference
+    kind; ``interpretable`` and ``unique_concepts`` (dissection); ``human_<kind>`` accuracy with its
+    Wilson interval, participants and trials (from :func:`human_by_model`)."""
+    table = models.copy()
+    if mis_models is not None and len(mis_models):
+        for kind, g in mis_models.groupby("kind", sort=True):
+            g = g.set_index("model_id")
+            for src, dst in (("mis", ""), ("mis_ci_low", "_ci_low"), ("mis_ci_high", "_ci_high"),
+                             ("units", "_units")):
+                if src in g:
+                    table[f"mis_{kind}{dst}"] = table["model_id"].map(g[src])
+    if dissection_models is not None and len(dissection_models):
+        d = dissection_models.assign(model_id=dissection_models["model_id"].astype(str)).set_index("model_id")
+        for col in ("interpretable", "unique_concepts", "alive", "units"):
+            if col in d:
+                table[f"dissection_{col}" if col in ("alive", "units") else col] = table["model_id"].map(d[col])
+    if human is not None and len(human):
+        for kind, g in human.groupby("kind", sort=True):
+            g = g.assign(model_id=g["model_id"].astype(str)).set_index("model_id")
+            for src, dst in (("accuracy", ""), ("wilson_low", "_low"), ("wilson_high", "_high"),
+                             ("participants", "_participants"), ("trials", "_trials")):
+                if src in g:
+                    table[f"human_{kind}{dst}"] = table["model_id"].map(g[src])
+    return table
+
+
+# ---- everything at once ---------------------------------------------------------------------------
+@dataclass
+class StudyData:
+    """Every table of a study the analysis uses (frames are empty where the files do not exist)."""
+    run_dir: Path
+    config: StudyConfig
+    models: pd.DataFrame
+    trials: pd.DataFrame
+    units: pd.DataFrame
+    mis_models: pd.DataFrame
+    dissection_units: pd.DataFrame
+    dissection_models: pd.DataFrame
+    robustness: dict = field(default_factory=dict)
+    calibration: dict | None = None
+    responses_source: str = "none"
+
+    @property
+    def human(self) -> pd.DataFrame:
+        return human_main(self.trials)
+
+    @property
+    def has_responses(self) -> bool:
+        return len(self.human) > 0
+
+
+def load_study_data(run_dir: str | Path, cfg: StudyConfig | None = None, trials: pd.DataFrame | None = None,
+                    source: str | None = None) -> StudyData:
+    """Read every table of ``run_dir``; ``trials`` (e.g. from :func:`import_trials`) replaces the responses."""
+    run_dir = Path(run_dir)
+    cfg = cfg or study_config(run_dir)
+    models = load_models(run_dir)
+    if trials is None:
+        trials, source = load_trials(run_dir, cfg, models)
+    else:
+        trials = _attach_models(trials.copy(), models, keys=("method", "schedule", "rate", "sparsity"))
+        source = source or "imported trials"
+    d_units, d_models = load_dissection(run_dir)
+    return StudyData(run_dir=run_dir, config=cfg, models=models, trials=trials,
+                     units=load_units(run_dir, models, d_units), mis_models=load_mis_models(run_dir, models),
+                     dissection_units=d_units, dissection_models=d_models, robustness=load_robustness(run_dir),
+                     calibration=load_calibration(run_dir), responses_source=source or "none")

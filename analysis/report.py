@@ -1,0 +1,818 @@
+"""The study report: every analysis that its data allow, as ``report/index.html`` and ``report/results.json``.
+
+:func:`analyze` reads a study directory (:mod:`analysis.load`), runs
+
+* **model side** (needs ``mis/units.csv``): per reference kind, a linear mixed model of unit MIS on
+  pruning rate (``mis ~ rate + top1``, random intercept per unit) pooled over methods and per method,
+  the dose–response shape (line vs hinge), equivalence of the MIS change over the studied rates
+  within ``analysis.tost_margin`` (TOST), and per pruned model a paired TOST of its units' MIS
+  against the same units in the base model; top-1 and Network Dissection counts per model;
+* **human side** (needs human main trials): exclusions, accuracy per condition (± 2 SEM over
+  participants, Wilson intervals, d′), per-unit bootstrap CIs, RTs, accuracy by confidence, the
+  natural-vs-synthetic paired comparison, the rate slope by a crossed mixed logistic model (primary)
+  with GEE and two-way cluster-robust logistic regression as checks, per-model equivalence to the
+  base, and MIS ↔ human calibration per unit;
+
+and writes the figures (:mod:`analysis.figures`), a self-contained HTML page (figures embedded as
+base64 PNG) with a plain-language sentence generated from the numbers of every test, and a
+machine-readable JSON file.  Slope tests (MIS per kind × scope, human primary slope per kind) form
+one Holm family.  Each analysis runs only when its data exist; one that cannot run (too few
+participants, no variation in rate, a fit that fails) becomes an entry saying why — never a crash.
+"""
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import itertools
+import json
+import math
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from sparsight.config import StudyConfig
+from sparsight.files import atomic_write_text
+
+from . import figures as fig
+from .load import BASE_METHOD, StudyData, human_main, load_study_data, model_table, study_config
+
+PER_STEP = 0.1          # slopes are reported per 10 percentage points of pruning rate
+MIXED_BOOT = 200        # parametric-bootstrap refits of the mixed logistic model (at most analysis.bootstrap)
+DOSE_BOOT = 1000        # bootstrap resamples of the dose–response breakpoint (at most analysis.bootstrap)
+NO_RESPONSES = "No responses exist yet"
+FIGURE_CAPTIONS = {
+    "interpretability": "MIS (circles, bootstrap CI over units) and human accuracy (squares, Wilson CI) vs "
+                        "measured sparsity, per pruning method; dotted line: chance (0.5).",
+    "top1": "Top-1 validation accuracy vs sparsity after retraining (dotted: before retraining).",
+    "layers": "MIS per layer (mean ± SEM over the layer's units) vs sparsity; solid natural, dashed synthetic.",
+    "mis_vs_human": "Per unit: MIS against human accuracy, with the identity line.",
+    "dissection": "Network Dissection: interpretable units and unique concepts vs sparsity.",
+    "robustness": "Robustness: top-1 under corruption vs severity, and noise similarity to the parent vs ε, "
+                  "one line per pruning rate (base in black).",
+}
+
+
+class Skip(Exception):
+    """An analysis whose data do not exist: reported with the reason, not run."""
+
+
+@dataclass
+class Outcome:
+    sentence: str
+    result: dict = field(default_factory=dict)
+    p: float | None = None
+    table: pd.DataFrame | None = None
+
+
+@dataclass
+class Entry:
+    id: str
+    title: str
+    group: str
+    family: bool = False
+    status: str = "ok"
+    reason: str = ""
+    sentence: str = ""
+    result: dict = field(default_factory=dict)
+    p: float | None = None
+    p_holm: float | None = None
+    table: pd.DataFrame | None = None
+    warnings: list = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        out = {k: getattr(self, k) for k in ("id", "title", "group", "status", "reason", "sentence", "p", "p_holm")}
+        out["holm_family"] = self.family
+        out["result"] = self.result
+        if self.table is not None:
+            out["table"] = self.table
+        out["warnings"] = self.warnings
+        return out
+
+
+def skipped(reason: str):
+    """An analysis function that only reports why it cannot run."""
+    def fn():
+        raise Skip(reason)
+    return fn
+
+
+def run_analysis(entries: list, id: str, title: str, group: str, fn, *, family: bool = False) -> Entry:
+    """Run ``fn() -> Outcome`` into an :class:`Entry`; Skip and any error become an explained entry."""
+    entry = Entry(id, title, group, family=family)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            out = fn()
+            entry.sentence, entry.result, entry.p, entry.table = out.sentence, out.result, out.p, out.table
+        except Skip as why:
+            entry.status, entry.reason = "skipped", str(why)
+        except Exception as err:  # noqa: BLE001 - a failed analysis is reported, never fatal
+            entry.status, entry.reason = "failed", f"{type(err).__name__}: {err}"
+            entry.result = {"traceback": traceback.format_exc(limit=4)}
+    entry.warnings = sorted({f"{w.category.__name__}: {w.message}" for w in caught}
+                            | set(entry.result.get("warnings", []) if isinstance(entry.result, dict) else []))
+    entries.append(entry)
+    return entry
+
+
+# ---- number formatting -----------------------------------------------------------------------------
+def fmt_p(p) -> str:
+    if p is None or not np.isfinite(p):
+        return "p = n/a"
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
+def fmt(x, digits: int = 3) -> str:
+    return "n/a" if x is None or not np.isfinite(x) else f"{x:.{digits}f}".replace("-", "−")
+
+
+def _pct(level: float) -> str:
+    return f"{100 * level:g} %"
+
+
+def _rate_term(res: dict, term: str = "rate") -> dict:
+    if term not in res.get("terms", {}):
+        raise ValueError(f"the fit has no {term!r} term; terms: {sorted(res.get('terms', {}))}")
+    return res["terms"][term]
+
+
+def slope_sentence(subject: str, t: dict, level: float, alpha: float, unit: str = "") -> str:
+    """E.g. "MIS decreased by 0.040 per 10 % pruning rate (95 % CI −0.052 to −0.028; p < 0.001)"."""
+    b, lo, hi = (t[k] * PER_STEP for k in ("coef", "ci_low", "ci_high"))
+    direction = "decreased" if b < 0 else "increased"
+    sig = t["p"] < alpha
+    tail = "" if sig else f" — not significant at α = {alpha:g}"
+    return (f"{subject} {direction} by {fmt(abs(b))}{unit} per 10 % pruning rate ({_pct(level)} CI {fmt(lo)} to "
+            f"{fmt(hi)}; {fmt_p(t['p'])}){tail}.")
+
+
+def tost_sentence(subject: str, tost: dict) -> str:
+    verdict = (f"equivalent within ±{tost['margin']:g}" if tost["equivalent"]
+               else f"not shown to be equivalent within ±{tost['margin']:g}")
+    level = 1 - 2 * tost["alpha"]
+    return (f"{subject}: {fmt(tost['estimate'])} ({_pct(level)} CI {fmt(tost['ci_low'])} to {fmt(tost['ci_high'])}), "
+            f"{verdict} (TOST {fmt_p(tost['p'])}).")
+
+
+# ---- model side ------------------------------------------------------------------------------------
+def _ok_units(units: pd.DataFrame) -> pd.DataFrame:
+    if units.empty or "mis" not in units:
+        return units
+    ok = units["mis"].notna() & units["rate"].notna()
+    if "status" in units:
+        ok &= units["status"] == "ok"
+    return units[ok]
+
+
+def _mis_formula(d: pd.DataFrame) -> str:
+    """``mis ~ rate + top1`` when top-1 is known and not collinear with rate across models, else ``mis ~ rate``."""
+    per_model = d.drop_duplicates("model_id")[["rate", "top1"]]
+    if per_model["top1"].isna().any() or len(per_model) < 3:
+        return "mis ~ rate"
+    design = np.column_stack([np.ones(len(per_model)), per_model["rate"], per_model["top1"]]).astype(float)
+    return "mis ~ rate + top1" if np.linalg.matrix_rank(design, tol=1e-9) == 3 else "mis ~ rate"
+
+
+def _scope(units: pd.DataFrame, kind: str, series: str | None) -> pd.DataFrame:
+    d = units[units["kind"] == kind]
+    if series is not None:
+        d = d[d["series"].isin([series, BASE_METHOD])]
+    if d["rate"].nunique() < 2:
+        raise Skip(f"MIS exists at {d['rate'].nunique()} pruning rate(s) only; a slope needs two or more")
+    return d
+
+
+def mis_slope(units, kind, series, cfg: StudyConfig) -> Outcome:
+    from .statistics import tost_estimate, unit_mixed_model
+    a = cfg.analysis
+    level = 1 - a.alpha_level
+    d = _scope(units, kind, series)
+    formula = _mis_formula(d)
+    res = unit_mixed_model(d, formula=formula, group="unit_id", level=level)
+    t = _rate_term(res)
+    span = float(d["rate"].max() - d["rate"].min())
+    scope = "all methods" if series is None else series
+    adjusted = "; adjusted for top-1" if "top1" in formula else ""
+    sentence = slope_sentence(f"MIS ({kind}, {scope}{adjusted})", t, level, a.alpha_level)
+    result = {k: v for k, v in res.items() if k != "table"}
+    result.update(kind=kind, scope=scope, rate_span=span, slope_per_10pct=t["coef"] * PER_STEP)
+    if a.tost_margin > 0 and t["se"] > 0:
+        tost = tost_estimate(t["coef"] * span, t["se"] * span, a.tost_margin, alpha=a.alpha_level)
+        result["tost"] = tost
+        sentence += " " + tost_sentence(f"The predicted MIS change from rate {d['rate'].min():g} to "
+                                        f"{d['rate'].max():g}", tost)
+    return Outcome(sentence, result, p=t["p"], table=res["table"].reset_index())
+
+
+def mis_dose(units, kind, cfg: StudyConfig) -> Outcome:
+    from .statistics import dose_response
+    d = units[units["kind"] == kind]
+    if d["rate"].nunique() < 4:
+        raise Skip(f"a dose–response shape needs MIS at 4 or more rates; {kind} has {d['rate'].nunique()}")
+    res = dose_response(d["rate"].to_numpy(), d["mis"].to_numpy(), n_boot=min(DOSE_BOOT, cfg.analysis.bootstrap),
+                        seed=cfg.study.seed, level=1 - cfg.analysis.alpha_level)
+    lin, hin = res["linear"], res["hinge"]
+    if res["preferred"] == "hinge":
+        lo, hi = res["breakpoint_ci"]
+        sentence = (f"MIS ({kind}) follows a hinge better than a line (ΔAIC = {fmt(res['delta_aic'], 1)}): slope "
+                    f"{fmt(hin['slope'] * PER_STEP)} per 10 % before rate {hin['breakpoint']:.2f} (bootstrap "
+                    f"{_pct(1 - cfg.analysis.alpha_level)} CI {fmt(lo, 2)} to {fmt(hi, 2)}) and "
+                    f"{fmt(hin['slope_after'] * PER_STEP)} per 10 % after it.")
+    else:
+        sentence = (f"MIS ({kind}) is described by a straight line at least as well as by a hinge "
+                    f"(ΔAIC = {fmt(res['delta_aic'], 1)}): {fmt(lin['slope'] * PER_STEP)} per 10 % pruning rate.")
+    result = {k: v for k, v in res.items() if k not in ("breakpoint_boot", "profile_rss", "grid")}
+    return Outcome(sentence, result)
+
+
+def _need_margin(cfg: StudyConfig):
+    if not cfg.analysis.tost_margin > 0:
+        raise Skip("analysis.tost_margin is 0: without an equivalence margin no equivalence is tested")
+
+
+def mis_equivalence(units, kind, cfg: StudyConfig) -> Outcome:
+    """Per pruned model: paired TOST of its units' MIS against the same units in the base model."""
+    from .statistics import tost_paired
+    _need_margin(cfg)
+    d = units[units["kind"] == kind]
+    base = d[d["method"] == BASE_METHOD].set_index("unit_id")["mis"]
+    if base.empty:
+        raise Skip("no base-model MIS to compare the pruned models with")
+    rows = []
+    for model_id, g in d[d["method"] != BASE_METHOD].groupby("model_id", sort=False):
+        g = g.set_index("unit_id")["mis"]
+        common = g.index.intersection(base.index)
+        row = {"model_id": model_id, "rate": float(d.loc[d["model_id"] == model_id, "rate"].iloc[0]),
+               "units": len(common)}
+        try:
+            t = tost_paired(g[common].to_numpy(), base[common].to_numpy(), cfg.analysis.tost_margin,
+                            alpha=cfg.analysis.alpha_level)
+            row.update(difference=t["estimate"], ci_low=t["ci_low"], ci_high=t["ci_high"], p_tost=t["p"],
+                       equivalent=t["equivalent"])
+        except ValueError as err:
+            row.update(difference=np.nan, ci_low=np.nan, ci_high=np.nan, p_tost=np.nan, equivalent=None,
+                       note=str(err))
+        rows.append(row)
+    if not rows:
+        raise Skip("no pruned model has MIS")
+    table = pd.DataFrame(rows).sort_values(["rate", "model_id"], ignore_index=True)
+    n_eq = int((table["equivalent"] == True).sum())  # noqa: E712 - None stays out
+    sentence = (f"{n_eq} of {len(table)} pruned models have {kind} MIS equivalent to the base model's within "
+                f"±{cfg.analysis.tost_margin:g} (paired TOST over units, α = {cfg.analysis.alpha_level:g}).")
+    return Outcome(sentence, {"models": table}, table=table)
+
+
+def top1_summary(models: pd.DataFrame) -> Outcome:
+    d = models[np.isfinite(models["top1"].astype(float))]
+    if d.empty:
+        raise Skip("no model has a top-1 accuracy")
+    base = d[d["method"] == BASE_METHOD]
+    pruned = d[d["method"] != BASE_METHOD]
+    parts = [f"base top-1 {fmt(float(base['top1'].iloc[0]))}" if len(base) else "no base model"]
+    for s, g in pruned.groupby("series"):
+        top = g.sort_values("rate").iloc[-1]
+        parts.append(f"{s}: {fmt(float(top['top1']))} at rate {top['rate']:g} (sparsity {fmt(top['sparsity'])})")
+    table = d[["model_id", "series", "rate", "sparsity", "top1", "top1_before"]]
+    return Outcome("Top-1 after retraining — " + "; ".join(parts) + ".", {"models": table}, table=table)
+
+
+def dissection_summary(table: pd.DataFrame) -> Outcome:
+    if "interpretable" not in table or table["interpretable"].isna().all():
+        raise Skip("no Network Dissection results (dissection/models.csv) exist")
+    d = table[table["interpretable"].notna()]
+    base = d[d["method"] == BASE_METHOD]
+    parts = [f"base {int(base['interpretable'].iloc[0])} interpretable units, "
+             f"{int(base['unique_concepts'].iloc[0])} unique concepts" if len(base) else "no base model"]
+    for s, g in d[d["method"] != BASE_METHOD].groupby("series"):
+        top = g.sort_values("rate").iloc[-1]
+        parts.append(f"{s} at rate {top['rate']:g}: {int(top['interpretable'])} and {int(top['unique_concepts'])}")
+    cols = [c for c in ("model_id", "series", "rate", "sparsity", "interpretable", "unique_concepts",
+                        "dissection_units", "dissection_alive") if c in d]
+    return Outcome("Network Dissection — " + "; ".join(parts) + ".", {"models": d[cols]}, table=d[cols])
+
+
+# ---- human side ------------------------------------------------------------------------------------
+@dataclass
+class Humans:
+    """Human main trials: every participant, and the included ones (after exclusions)."""
+    all: pd.DataFrame
+    included: pd.DataFrame
+    reasons: pd.DataFrame
+
+
+def split_humans(trials: pd.DataFrame) -> Humans:
+    from .descriptives import apply_exclusions
+    if trials.empty:
+        return Humans(trials, trials, pd.DataFrame(columns=["reason", "participants"]))
+    people = trials[~trials["is_machine"].astype(bool)]
+    if people.empty:
+        return Humans(human_main(trials), human_main(trials), pd.DataFrame(columns=["reason", "participants"]))
+    kept, reasons = apply_exclusions(people)
+    return Humans(human_main(people), human_main(kept), reasons)
+
+
+def _need_participants(d: pd.DataFrame, n: int = 2):
+    have = d["participant"].nunique() if len(d) else 0
+    if have < n:
+        raise Skip(f"{have} included participant(s); this analysis needs at least {n}")
+
+
+def human_slope(humans: pd.DataFrame, kind: str, model: str, cfg: StudyConfig) -> Outcome:
+    from .statistics import clustered_logistic, gee_logistic, mixed_logistic
+    level, alpha = 1 - cfg.analysis.alpha_level, cfg.analysis.alpha_level
+    d = humans[humans["kind"] == kind]
+    if d["rate"].isna().all():
+        raise Skip("the trials carry no pruning rate (import a 'rate' column, or use model ids of the study)")
+    d = d[d["rate"].notna()]
+    _need_participants(d, 3)
+    if d["rate"].nunique() < 2:
+        raise Skip(f"human {kind} trials cover {d['rate'].nunique()} pruning rate(s); a slope needs two or more")
+    if model == "mixed":
+        res = mixed_logistic(d, "correct ~ rate", groups=("participant", "unit_id"),
+                             n_boot=min(MIXED_BOOT, cfg.analysis.bootstrap), seed=cfg.study.seed, level=level)
+        what = "conditional (crossed random intercepts, parametric-bootstrap CI)"
+    elif model == "gee":
+        res = gee_logistic(d, "correct ~ rate", group="participant", level=level)
+        what = "marginal (GEE, exchangeable within participant)"
+    else:
+        res = clustered_logistic(d, "correct ~ rate", clusters=("participant", "unit_id"), level=level)
+        what = "marginal (logistic, two-way cluster-robust SEs)"
+    t, b0 = _rate_term(res), res["terms"]["Intercept"]["coef"]
+    odds = {k: math.exp(t[k] * PER_STEP) for k in ("coef", "ci_low", "ci_high")}
+    lo_rate, hi_rate = float(d["rate"].min()), float(d["rate"].max())
+    p_lo, p_hi = (1 / (1 + math.exp(-(b0 + t["coef"] * r))) for r in (lo_rate, hi_rate))
+    change = "fell" if t["coef"] < 0 else "rose"
+    sig = "" if t["p"] < alpha else f" — not significant at α = {alpha:g}"
+    sentence = (f"Human accuracy ({kind}) {change}: odds ratio {fmt(odds['coef'])} per 10 % pruning rate "
+                f"({_pct(level)} CI {fmt(odds['ci_low'])} to {fmt(odds['ci_high'])}; {fmt_p(t['p'])}){sig}; "
+                f"predicted accuracy {fmt(p_lo)} at rate {lo_rate:g} and {fmt(p_hi)} at rate {hi_rate:g} — {what}.")
+    result = {k: v for k, v in res.items() if k != "table"}
+    result.update(kind=kind, odds_ratio_per_10pct=odds)
+    return Outcome(sentence, result, p=t["p"], table=res["table"].reset_index())
+
+
+def human_equivalence(by_model: pd.DataFrame, kind: str, cfg: StudyConfig) -> Outcome:
+    """Per pruned model: TOST of (accuracy − base accuracy), SE from the participant-level SEMs."""
+    from .statistics import tost_estimate
+    _need_margin(cfg)
+    d = by_model[by_model["kind"] == kind]
+    base = d[d["method"] == BASE_METHOD]
+    if base.empty or not np.isfinite(base["sem"].iloc[0]):
+        raise Skip(f"no human {kind} accuracy on the base model from two or more participants")
+    b = base.iloc[0]
+    rows = []
+    for _, m in d[d["method"] != BASE_METHOD].iterrows():
+        se = math.hypot(m["sem"], b["sem"]) if np.isfinite(m["sem"]) else float("nan")
+        row = {"model_id": m["model_id"], "rate": m["rate"], "participants": m["participants"],
+               "difference": m["accuracy"] - b["accuracy"], "se": se}
+        if np.isfinite(se) and se > 0:
+            t = tost_estimate(row["difference"], se, cfg.analysis.tost_margin, alpha=cfg.analysis.alpha_level)
+            row.update(ci_low=t["ci_low"], ci_high=t["ci_high"], p_tost=t["p"], equivalent=t["equivalent"])
+        rows.append(row)
+    if not rows:
+        raise Skip(f"no pruned model has human {kind} responses")
+    table = pd.DataFrame(rows)
+    n_eq = int((table.get("equivalent", pd.Series(dtype=object)) == True).sum())  # noqa: E712
+    sentence = (f"{n_eq} of {len(table)} pruned models have human {kind} accuracy equivalent to the base model's "
+                f"within ±{cfg.analysis.tost_margin:g} (TOST on the difference of participant means).")
+    return Outcome(sentence, {"models": table}, table=table)
+
+
+def condition_pairs(kinds) -> list[tuple[str, str]]:
+    """The condition contrasts to test: natural vs synthetic when both exist, else every pair (sorted)."""
+    kinds = sorted(set(kinds))
+    if {"natural", "synthetic"} <= set(kinds):
+        return [("natural", "synthetic")]
+    return list(itertools.combinations(kinds, 2))
+
+
+def kind_comparison(humans: pd.DataFrame, a: str, b: str, cfg: StudyConfig) -> Outcome:
+    """Paired comparison of accuracy in conditions ``a`` and ``b`` (by participant; by unit when the
+    condition varied between participants)."""
+    from .descriptives import paired_comparison
+    level = 1 - cfg.analysis.alpha_level
+    res = paired_comparison(humans, pair="participant", condition="kind", a=a, b=b, level=level)
+    pair_by = "participant"
+    if res["n_pairs"] < 2 and humans["unit_id"].nunique() > 1:   # between-participant conditions
+        res = paired_comparison(humans, pair="unit_id", condition="kind", a=a, b=b, level=level)
+        pair_by = "unit"
+    if res["n_pairs"] < 2:
+        raise Skip(f"fewer than two participants or units have trials in both {a!r} and {b!r}")
+    sentence = (f"Condition {a} gave {fmt(res['mean_a'])} and {b} {fmt(res['mean_b'])} accuracy "
+                f"(paired by {pair_by}, n = {res['n_pairs']}): difference {fmt(res['mean_diff'])} "
+                f"({_pct(1 - cfg.analysis.alpha_level)} CI {fmt(res['ci_low'])} to {fmt(res['ci_high'])}; "
+                f"t({res['df']}) = {fmt(res['t'], 2)}, {fmt_p(res['p_t'])}).")
+    table = res.pop("per_pair")
+    return Outcome(sentence, {**res, "paired_by": pair_by}, p=res["p_t"], table=table)
+
+
+def pearson_ci(x: np.ndarray, y: np.ndarray, level: float) -> tuple[float, float, tuple[float, float]]:
+    """Pearson r, its p-value and a Fisher-z interval (NaN when either variable is constant)."""
+    from scipy import stats
+    if len(x) < 4 or np.std(x) == 0 or np.std(y) == 0:
+        return float("nan"), float("nan"), (float("nan"), float("nan"))
+    r, p = stats.pearsonr(x, y)
+    z, half = np.arctanh(np.clip(r, -0.999999, 0.999999)), stats.norm.ppf(0.5 + level / 2) / math.sqrt(len(x) - 3)
+    return float(r), float(p), (float(np.tanh(z - half)), float(np.tanh(z + half)))
+
+
+def calibration_check(per_unit: pd.DataFrame, calibration: dict | None, cfg: StudyConfig) -> Outcome:
+    d = per_unit.dropna(subset=["mis", "accuracy"])
+    if len(d) < 3:
+        raise Skip(f"{len(d)} unit(s) have both MIS and human responses; a calibration needs at least 3")
+    level = 1 - cfg.analysis.alpha_level
+    r, p, (lo, hi) = pearson_ci(d["mis"].to_numpy(), d["accuracy"].to_numpy(), level)
+    diff = float((d["accuracy"] - d["mis"]).mean())
+    result = {"units": len(d), "pearson_r": r, "r_ci": (lo, hi), "p": p, "mean_human_minus_mis": diff,
+              "mean_abs_difference": float((d["accuracy"] - d["mis"]).abs().mean())}
+    sentence = (f"Across {len(d)} units, MIS and human accuracy correlate with r = {fmt(r, 2)} "
+                f"({_pct(level)} CI {fmt(lo, 2)} to {fmt(hi, 2)}; {fmt_p(p)}); humans score {fmt(abs(diff))} "
+                f"{'above' if diff >= 0 else 'below'} the MIS on average.")
+    if calibration:
+        result["fitted_alpha"] = calibration
+        sentence += (f" The MIS slope α was fitted on {calibration.get('responses', '?')} human responses: "
+                     f"α = {fmt(calibration.get('alpha'), 2)}.")
+    return Outcome(sentence, result, table=d)
+
+
+# ---- assembling --------------------------------------------------------------------------------------
+def _kinds(*frames) -> list[str]:
+    return sorted({k for f in frames if len(f) and "kind" in f for k in f["kind"].dropna().unique()})
+
+
+def model_side(data: StudyData, entries: list) -> None:
+    cfg = data.config
+    units = _ok_units(data.units)
+    if units.empty:
+        run_analysis(entries, "mis", "MIS vs pruning rate", "model",
+                     skipped("no MIS results (mis/units.csv) exist yet"))
+    for kind in _kinds(units):
+        run_analysis(entries, f"mis_slope.{kind}.all", f"MIS vs pruning rate ({kind}, all methods)", "model",
+                     lambda kind=kind: mis_slope(units, kind, None, cfg), family=True)
+        series = sorted(s for s in units.loc[units["kind"] == kind, "series"].dropna().unique() if s != BASE_METHOD)
+        if len(series) > 1:
+            for s in series:
+                run_analysis(entries, f"mis_slope.{kind}.{s}", f"MIS vs pruning rate ({kind}, {s})", "model",
+                             lambda kind=kind, s=s: mis_slope(units, kind, s, cfg), family=True)
+        run_analysis(entries, f"mis_dose.{kind}", f"Dose–response shape of MIS ({kind})", "model",
+                     lambda kind=kind: mis_dose(units, kind, cfg))
+        run_analysis(entries, f"mis_equivalence.{kind}", f"MIS of each pruned model vs the base ({kind})", "model",
+                     lambda kind=kind: mis_equivalence(units, kind, cfg))
+    run_analysis(entries, "top1", "Top-1 accuracy", "model", lambda: top1_summary(data.models))
+    table = model_table(data.models, None, data.dissection_models)
+    run_analysis(entries, "dissection", "Network Dissection", "model", lambda: dissection_summary(table))
+
+
+def human_side(data: StudyData, humans: Humans, by_model: pd.DataFrame, per_unit: pd.DataFrame,
+               entries: list) -> None:
+    cfg = data.config
+    d = humans.included
+    if not data.has_responses:
+        run_analysis(entries, "humans", "Human 2-AFC trials", "human",
+                     skipped(f"{NO_RESPONSES}: the survey has stored no human responses, so every human "
+                             f"analysis waits for data"))
+        return
+    for a, b in condition_pairs(d["kind"]):
+        run_analysis(entries, f"conditions.{a}-vs-{b}", f"Accuracy: {a} vs {b}", "human",
+                     lambda a=a, b=b: kind_comparison(d, a, b, cfg))
+    for kind in _kinds(d):
+        for model, title, family in (("mixed", "mixed logistic, primary", True), ("gee", "GEE", False),
+                                     ("clustered", "two-way clustered logistic", False)):
+            run_analysis(entries, f"human_slope.{kind}.{model}", f"Human accuracy vs pruning rate ({kind}; {title})",
+                         "human", lambda kind=kind, model=model: human_slope(d, kind, model, cfg), family=family)
+        run_analysis(entries, f"human_equivalence.{kind}", f"Human accuracy of each pruned model vs the base "
+                     f"({kind})", "human", lambda kind=kind: human_equivalence(by_model, kind, cfg))
+    run_analysis(entries, "calibration", "MIS ↔ human accuracy per unit", "human",
+                 lambda: calibration_check(per_unit, data.calibration, cfg))
+
+
+def apply_holm(entries: list[Entry]) -> dict:
+    from .statistics import holm
+    family = [e for e in entries if e.family and e.status == "ok" and e.p is not None and np.isfinite(e.p)]
+    adjusted = holm([e.p for e in family]) if family else []
+    for e, p in zip(family, adjusted):
+        e.p_holm = float(p)
+        e.sentence += f" Holm-adjusted over {len(family)} slope tests: {fmt_p(float(p))}."
+    return {"tests": [e.id for e in family], "p": [e.p for e in family], "p_holm": [e.p_holm for e in family]}
+
+
+def descriptives(data: StudyData, humans: Humans) -> dict:
+    """Human and machine descriptive tables (empty dict without human responses)."""
+    from .descriptives import accuracy_by_confidence, condition_summary, rt_summary, unit_accuracy
+    cfg = data.config
+    level = 1 - cfg.analysis.alpha_level
+    out: dict = {}
+    machines = data.trials[data.trials["is_machine"].astype(bool)] if len(data.trials) else data.trials
+    if len(machines) and (machines["trial_type"] == "main").any():
+        out["machine_by_model"] = condition_summary(machines, by=("observer", "model_id", "kind"), level=level)
+    d = humans.included
+    if d.empty:
+        return out
+    out["by_kind"] = condition_summary(d, by=("kind",), level=level)
+    out["by_model"] = _with_meta(condition_summary(d, by=("model_id", "kind"), level=level), data.models)
+    out["per_unit"] = unit_accuracy(d, n_boot=cfg.analysis.bootstrap, seed=cfg.study.seed,
+                                    by=("model_id", "kind", "unit_id"), level=level)
+    out["rt"] = rt_summary(d, by=("kind",))
+    if d["confidence"].notna().any():
+        out["confidence"] = accuracy_by_confidence(d, by=("kind",), level=level)
+    return out
+
+
+def _with_meta(frame: pd.DataFrame, models: pd.DataFrame) -> pd.DataFrame:
+    if frame.empty or models.empty:
+        return frame
+    meta = models.set_index("model_id")
+    frame = frame.copy()
+    for col in ("method", "series", "rate", "sparsity"):
+        frame[col] = frame["model_id"].astype(str).map(meta[col])
+    return frame
+
+
+def per_unit_scores(data: StudyData, desc: dict) -> pd.DataFrame:
+    """Human accuracy per (model, kind, unit) next to the unit's MIS."""
+    if "per_unit" not in desc or data.units.empty:
+        return pd.DataFrame(columns=["model_id", "kind", "unit_id", "mis", "accuracy", "series"])
+    units = data.units[["model_id", "kind", "unit_id", "mis", "series"]]
+    return desc["per_unit"].merge(units, on=["model_id", "kind", "unit_id"], how="inner")
+
+
+def make_figures(data: StudyData, table: pd.DataFrame, desc: dict, per_unit: pd.DataFrame, out: Path) -> dict:
+    """Every figure whose data exist, as ``{name: path}``; stale PNGs of figures not drawn are removed."""
+    folder = out / "figures"
+    jobs = {
+        "interpretability": lambda p: fig.interpretability_vs_sparsity(data.mis_models, desc.get("by_model"), p),
+        "top1": lambda p: fig.top1_vs_sparsity(data.models, p),
+        "layers": lambda p: fig.layer_mis_vs_sparsity(_ok_units(data.units), p),
+        "mis_vs_human": lambda p: fig.mis_vs_human(per_unit, p),
+        "dissection": lambda p: fig.interpretable_vs_sparsity(table, p),
+        "robustness": lambda p: fig.robustness_curves(data.robustness, data.models, p),
+    }
+    made = {}
+    for name, draw in jobs.items():
+        path = folder / f"{name}.png"
+        try:
+            result = draw(path)
+        except Exception as err:  # noqa: BLE001 - a figure that fails is reported, the report goes on
+            warnings.warn(f"figure {name!r} failed: {type(err).__name__}: {err}", stacklevel=2)
+            result = None
+        if result is None:
+            path.unlink(missing_ok=True)
+        else:
+            made[name] = Path(result)
+    return made
+
+
+def analyze(run_dir: str | Path, cfg: StudyConfig | None = None, out: str | Path | None = None, *,
+            trials: pd.DataFrame | None = None, source: str | None = None) -> dict:
+    """Analyse the study in ``run_dir``; write ``<out>/index.html``, ``<out>/results.json`` and the figures
+    under ``<out>/figures/`` (``out`` defaults to ``run_dir/report``).  ``trials`` (e.g. from
+    :func:`analysis.load.import_trials`) replaces the study's own responses.  Returns the results dict
+    (what results.json holds) with ``files``: the paths written."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"study directory {run_dir} does not exist")
+    cfg = cfg or study_config(run_dir)
+    out = Path(out) if out is not None else run_dir / "report"
+    data = load_study_data(run_dir, cfg, trials=trials, source=source)
+    humans = split_humans(data.trials)
+    entries: list[Entry] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        desc = _safe_descriptives(data, humans, entries)
+    by_model = desc.get("by_model", pd.DataFrame())
+    table = model_table(data.models, data.mis_models, data.dissection_models, by_model)
+    per_unit = per_unit_scores(data, desc)
+    model_side(data, entries)
+    human_side(data, humans, by_model, per_unit, entries)
+    holm_family = apply_holm(entries)
+    figures = make_figures(data, table, desc, per_unit, out)
+    results = assemble(data, humans, table, desc, entries, holm_family, figures, out)
+    results["warnings"] = sorted({f"{w.category.__name__}: {w.message}" for w in caught})
+    files = {"html": out / "index.html", "json": out / "results.json"}
+    payload = plain(results)
+    atomic_write_text(files["json"], json.dumps(payload, indent=2, allow_nan=False))
+    atomic_write_text(files["html"], render(results, figures, cfg))
+    payload["files"] = {**{k: str(v) for k, v in files.items()}, **{f"figure:{k}": str(v) for k, v in figures.items()}}
+    return payload
+
+
+def _safe_descriptives(data: StudyData, humans: Humans, entries: list) -> dict:
+    holder: dict = {}
+
+    def run():
+        holder.update(descriptives(data, humans))
+        if humans.included.empty:
+            raise Skip(f"{NO_RESPONSES}." if not data.has_responses else "every participant was excluded")
+        return Outcome(f"{humans.included['participant'].nunique()} included participants, "
+                       f"{len(humans.included)} main trials.", {})
+    run_analysis(entries, "descriptives", "Descriptive statistics", "human", run)
+    return holder
+
+
+def assemble(data: StudyData, humans: Humans, table: pd.DataFrame, desc: dict, entries: list, holm_family: dict,
+             figures: dict, out: Path) -> dict:
+    """The results dict behind results.json and index.html."""
+    cfg = data.config
+    people = data.trials[~data.trials["is_machine"].astype(bool)] if len(data.trials) else data.trials
+    n_all = people["participant"].nunique() if len(people) else 0
+    n_kept = humans.included["participant"].nunique() if len(humans.included) else 0
+    from sparsight import __version__ as version
+    notes = []
+    if not data.has_responses:
+        notes.append(f"{NO_RESPONSES} from human participants: the report shows the model-side results only "
+                     f"(MIS, top-1, dissection).")
+    return {
+        "study": {"name": cfg.study.name, "profile": cfg.study.profile, "run_dir": str(data.run_dir),
+                  "generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                  "software_version": version, "responses_source": data.responses_source},
+        "notes": notes,
+        "settings": cfg.to_dict(),
+        "settings_toml": cfg.to_toml(),
+        "models": table,
+        "responses": {"trials": len(data.trials), "human_main_trials": len(humans.all),
+                      "participants": int(n_all), "included_participants": int(n_kept),
+                      "machine_trials": int(data.trials["is_machine"].astype(bool).sum()) if len(data.trials) else 0},
+        "exclusions": {"participants": int(n_all), "excluded": int(n_all - n_kept), "reasons": humans.reasons},
+        "descriptives": desc,
+        "statistics": [e.to_json() for e in entries],
+        "holm": holm_family,
+        "robustness": {k: v for k, v in data.robustness.items() if k == "prune_potential"},
+        "figures": {k: str(Path(v).relative_to(out)) for k, v in figures.items()},
+    }
+
+
+def plain(obj):
+    """JSON-ready copy: DataFrames → lists of records, numpy scalars → Python, NaN/inf → None."""
+    if isinstance(obj, pd.DataFrame):
+        return [plain(r) for r in obj.to_dict("records")]
+    if isinstance(obj, pd.Series):
+        return [plain(v) for v in obj.tolist()]
+    if isinstance(obj, dict):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [plain(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return [plain(v) for v in obj.tolist()]
+    if isinstance(obj, (np.bool_, bool)):
+        return bool(obj)
+    if isinstance(obj, (np.integer, int)):
+        return int(obj)
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, str):
+        return obj
+    if obj is pd.NA or obj is pd.NaT:
+        return None
+    return str(obj)
+
+
+def figure_data_uri(path: str | Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def escape(text) -> str:
+    return html.escape(str(text))
+
+
+# ---- HTML ----------------------------------------------------------------------------------------------
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;max-width:1180px;margin:2em auto;padding:0 1em;
+color:#1d1d1f}
+h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
+h3{font-size:1.05em;margin:.2em 0}.meta{color:#666}
+table{border-collapse:collapse;font-size:12px;margin:.5em 0}th,td{border:1px solid #ddd;padding:2px 6px;
+text-align:right}th{background:#f3f3f3}td.s{text-align:left}
+figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}figcaption{color:#555;font-size:12px}
+.entry{border-left:4px solid #4a8;padding:.3em .8em;margin:.8em 0;background:#fafafa}
+.entry.skipped{border-color:#bbb}.entry.failed{border-color:#d55}.why{color:#666}
+pre{background:#f6f6f6;padding:.8em;overflow:auto;font-size:12px}details summary{cursor:pointer;color:#357}
+.notes li{font-weight:600}
+"""
+
+
+def _cell(v) -> tuple[str, bool]:
+    """Formatted cell text and whether it is text (left-aligned)."""
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "", False
+    if isinstance(v, (bool, np.bool_)):
+        return ("yes" if v else "no"), True
+    if isinstance(v, (int, np.integer)):
+        return str(int(v)), False
+    if isinstance(v, (float, np.floating)):
+        return (f"{v:.3f}" if abs(v) < 1e4 else f"{v:.3g}").replace("-", "−"), False
+    if isinstance(v, (dict, list, tuple)):
+        return json.dumps(plain(v))[:120], True
+    return str(v), True
+
+
+def table_html(frame: pd.DataFrame | None, max_rows: int = 300) -> str:
+    if frame is None or len(frame) == 0:
+        return "<p class='why'>(no rows)</p>"
+    frame = frame.head(max_rows)
+    head = "".join(f"<th>{escape(c)}</th>" for c in frame.columns)
+    rows = []
+    for rec in frame.itertuples(index=False):
+        cells = [_cell(v) for v in rec]
+        rows.append("<tr>" + "".join(f"<td class='s'>{escape(t)}</td>" if is_text else f"<td>{escape(t)}</td>"
+                                     for t, is_text in cells) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+
+
+def _models_display(table: pd.DataFrame) -> pd.DataFrame:
+    cols = {"model_id": "model", "method": "method", "schedule": "schedule", "rate": "rate", "sparsity": "sparsity",
+            "top1": "top-1"}
+    show = table[[c for c in cols if c in table]].rename(columns=cols)
+    for col in table.columns:
+        for prefix, label, low, high in (("mis_", "MIS", "_ci_low", "_ci_high"), ("human_", "humans", "_low", "_high")):
+            kind = col[len(prefix):]
+            if not col.startswith(prefix) or f"{col}{low}" not in table or "_" in kind:
+                continue
+            show[f"{label} {kind}"] = [
+                "" if not np.isfinite(v) else f"{v:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if np.isfinite(lo) else "")
+                for v, lo, hi in zip(table[col].astype(float), table[f"{col}{low}"].astype(float),
+                                     table[f"{col}{high}"].astype(float))]
+    for col, label in (("interpretable", "interpretable units"), ("unique_concepts", "unique concepts")):
+        if col in table:
+            show[label] = table[col]
+    return show
+
+
+def _entry_html(e: dict) -> str:
+    body = (f"<p>{escape(e['sentence'])}</p>" if e["status"] == "ok"
+            else f"<p class='why'>{escape(e['status'])}: {escape(e['reason'])}</p>")
+    details = ""
+    if e["status"] == "ok" and isinstance(e.get("table"), pd.DataFrame):
+        details = f"<details><summary>numbers</summary>{table_html(e['table'])}</details>"
+    if e.get("warnings"):
+        details += ("<details><summary>warnings</summary><ul>" +
+                    "".join(f"<li>{escape(w)}</li>" for w in e["warnings"][:20]) + "</ul></details>")
+    return (f"<div class='entry {escape(e['status'])}' id='{escape(e['id'])}'><h3>{escape(e['title'])}</h3>"
+            f"{body}{details}</div>")
+
+
+def _human_html(results: dict) -> str:
+    desc, excl = results["descriptives"], results["exclusions"]
+    if not results["responses"]["human_main_trials"]:
+        parts = [f"<p><strong>{NO_RESPONSES}.</strong> The survey has stored no human responses for this study "
+                 f"(source: {escape(results['study']['responses_source'])}); the human analyses run once "
+                 f"participants have taken part.</p>"]
+    else:
+        parts = [f"<p>{excl['participants']} participants, {excl['excluded']} excluded, "
+                 f"{results['responses']['included_participants']} included.</p>", "<h3>Exclusions</h3>",
+                 table_html(excl["reasons"])]
+        for key, title in (("by_kind", "Accuracy per reference kind (mean of participants ± 2 SEM; Wilson CI on "
+                                        "pooled trials; d′)"),
+                           ("by_model", "Accuracy per model and kind"), ("rt", "Response times (ms)"),
+                           ("confidence", "Accuracy by confidence"),
+                           ("per_unit", "Accuracy per unit (bootstrap CI over trials)")):
+            if key in desc:
+                parts.append(f"<h3>{escape(title)}</h3>{table_html(desc[key])}")
+    if "machine_by_model" in desc:
+        parts.append(f"<h3>Machine participants</h3>{table_html(desc['machine_by_model'])}")
+    return "".join(parts)
+
+
+def render(results: dict, figures: dict, cfg: StudyConfig) -> str:
+    """The self-contained HTML page (figures embedded as base64 PNG)."""
+    s = results["study"]
+    stats = results["statistics"]
+    key = [e["sentence"] for e in stats if e["status"] == "ok" and e["group"] == "model" and e["sentence"]
+           and (e["id"].endswith(".all") or e["id"].startswith(("top1", "dissection")))]
+    key += [e["sentence"] for e in stats if e["status"] == "ok" and e["group"] == "human" and e["holm_family"]]
+    notes = "".join(f"<li>{escape(n)}</li>" for n in results["notes"])
+    summary = "".join(f"<li>{escape(t)}</li>" for t in key)
+    figs = "".join(f"<figure><img alt='{escape(name)}' src='{figure_data_uri(path)}'>"
+                   f"<figcaption>{escape(FIGURE_CAPTIONS.get(name, name))}</figcaption></figure>"
+                   for name, path in figures.items()) or "<p class='why'>No figure has data yet.</p>"
+    groups = []
+    for group, title in (("model", "Model side (MIS, accuracy, dissection)"), ("human", "Human side")):
+        items = "".join(_entry_html(e) for e in stats if e["group"] == group)
+        groups.append(f"<h3>{escape(title)}</h3>{items}")
+    robust = results["robustness"].get("prune_potential")
+    robust_html = (f"<section id='robustness'><h2>Prune potential</h2>{table_html(robust)}</section>"
+                   if robust is not None else "")
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>sparsight report — {escape(s['name'])}</title>
+<style>{CSS}</style></head><body>
+<h1>sparsight report: {escape(s['name'])}</h1>
+<p class="meta">Does pruning a vision network change how interpretable its units are? ·
+generated {escape(s['generated'])} · sparsight {escape(s['software_version'])} ·
+study directory {escape(s['run_dir'])} · responses from
+{escape(s['responses_source'])}</p>
+<section id="summary"><h2>Summary</h2><ul class="notes">{notes}</ul><ul>{summary}</ul></section>
+<section id="models"><h2>Models</h2>{table_html(_models_display(results['models']))}</section>
+<section id="figures"><h2>Figures</h2>{figs}</section>
+<section id="statistics"><h2>Statistics</h2>
+<p class="meta">Intervals at {_pct(1 - cfg.analysis.alpha_level)}; α = {cfg.analysis.alpha_level:g}; equivalence margin
+±{cfg.analysis.tost_margin:g}; {cfg.analysis.bootstrap} bootstrap resamples. Slope tests marked as a Holm family:
+{len(results['holm']['tests'])}.</p>{''.join(groups)}</section>
+<section id="humans"><h2>Human responses</h2>{_human_html(results)}</section>
+{robust_html}
+<section id="settings"><h2>Settings (study.toml)</h2><pre>{escape(results['settings_toml'])}</pre></section>
+</body></html>
+"""

@@ -1,0 +1,396 @@
+"""The analysis report on a small fake study with known effects: files, figures, statistics, imports.
+
+The study directory is built by hand (no training): a base model and two pruning methods at rates
+.2/.4/.6/.8, per-unit MIS falling by a known 0.15 per unit rate, dissection counts, robustness
+tables and a responses table of simulated humans whose accuracy falls with the rate.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from scipy import stats
+
+from analysis import figures
+from analysis.cli import analyze_cmd
+from analysis.load import import_trials, load_models, load_study_data
+from analysis.report import NO_RESPONSES, analyze
+from analysis.stages import AnalysisStage
+from sparsight.config import load_study, write_study
+from sparsight.study import Study
+from survey_app.export import RESPONSE_COLUMNS
+
+PNG = b"\x89PNG\r\n\x1a\n"
+METHODS = ("unstructured-global", "structured")
+RATES = (0.2, 0.4, 0.6, 0.8)
+KINDS = ("natural", "synthetic")
+UNITS = [("inception3a", i) for i in range(4)] + [("inception4a", i) for i in range(4)]
+MIS_SLOPE = -0.15            # MIS per unit pruning rate, both kinds
+FIGURES = ("interpretability", "top1", "layers", "mis_vs_human", "dissection", "robustness")
+
+
+def _models() -> list[dict]:
+    rows = [{"model_id": "base", "method": None, "schedule": None, "rate": 0.0, "top1": 0.95}]
+    for m in METHODS:
+        drop = 0.05 if m == "unstructured-global" else 0.3
+        rows += [{"model_id": f"{m}-oneshot-r{r:.2f}", "method": m, "schedule": "oneshot", "rate": r,
+                  "top1": 0.95 - drop * r ** 2} for r in RATES]
+    return rows
+
+
+def _write_models(run_dir, models):
+    for m in models:
+        meta = {"model_id": m["model_id"], "arch": "inception-small", "parent": None if m["method"] is None else "ab",
+                "method": m["method"], "criterion": None, "schedule": m["schedule"], "rate_requested": m["rate"],
+                "sparsity": {"total": round(m["rate"] * 0.98, 4), "all_layers": m["rate"] * 0.9, "per_layer": {}},
+                "params_total": 1000, "params_nonzero": int(1000 * (1 - m["rate"])), "flops": 5e6,
+                "top1": {"before": m["top1"] - 0.1, "after": m["top1"], "parent": 0.95}, "top5": {"after": 0.99},
+                "robustness": {}, "seed": 0}
+        folder = run_dir / "models" / m["model_id"]
+        folder.mkdir(parents=True)
+        (folder / "meta.json").write_text(json.dumps(meta))
+
+
+def _write_mis(run_dir, models, rng):
+    unit_effect = rng.normal(0, 0.04, len(UNITS))
+    rows = []
+    for m in models:
+        for kind in KINDS:
+            for i, (layer, unit) in enumerate(UNITS):
+                mis = 0.80 - (0.05 if kind == "synthetic" else 0) + MIS_SLOPE * m["rate"] + unit_effect[i]
+                rows.append({"model_id": m["model_id"], "kind": kind, "layer": layer, "unit": unit, "status": "ok",
+                             "mis": mis + rng.normal(0, 0.01), "mis_hard": 0.8, "n_tasks": 4, "delta_mean": 0.1,
+                             "alpha": 16.0, "alpha_source": "configured", "embedding": "observer"})
+    units = pd.DataFrame(rows)
+    (run_dir / "mis").mkdir()
+    units.to_csv(run_dir / "mis" / "units.csv", index=False)
+    g = units.groupby(["model_id", "kind"])["mis"]
+    models_csv = g.agg(mis="mean", sd="std", units="size").reset_index()
+    half = 1.96 * models_csv.pop("sd") / np.sqrt(models_csv["units"])
+    models_csv["mis_ci_low"], models_csv["mis_ci_high"] = models_csv["mis"] - half, models_csv["mis"] + half
+    models_csv.to_csv(run_dir / "mis" / "models.csv", index=False)
+    return units
+
+
+def _write_dissection_and_robustness(run_dir, models):
+    rows = [{"model_id": m["model_id"], "status": "ok", "reason": "", "units": 64, "alive": 64,
+             "dead": 0, "pruned": 0, "interpretable": int(30 - 20 * m["rate"]),
+             "interpretable_fraction": (30 - 20 * m["rate"]) / 64, "interpretable_fraction_alive": 0.4,
+             "unique_concepts": int(12 - 6 * m["rate"]), "n_images": 100, "quantile": 0.995, "iou_threshold": 0.04}
+            for m in models]
+    (run_dir / "dissection").mkdir()
+    pd.DataFrame(rows).to_csv(run_dir / "dissection" / "models.csv", index=False)
+    acc, noise = [], []
+    for m in models:
+        keys = {"model_id": m["model_id"], "arch": "inception-small", "method": m["method"] or "",
+                "schedule": m["schedule"] or "", "rate_requested": m["rate"], "sparsity": m["rate"]}
+        acc.append({**keys, "distribution": "clean", "severity": 0, "top1": m["top1"], "error": 1 - m["top1"],
+                    "excess_error": 0.0})
+        for c in ("gaussian_noise", "contrast"):
+            for sev in (1, 3, 5):
+                top1 = m["top1"] - 0.08 * sev * (1 + m["rate"])
+                acc.append({**keys, "distribution": c, "severity": sev, "top1": top1, "error": 1 - top1,
+                            "excess_error": 0.01 * sev})
+        if m["method"]:
+            noise += [{k: keys[k] for k in ("model_id", "arch", "method", "schedule", "rate_requested")}
+                      | {"eps": e, "agreement": 1 - e * (0.5 + m["rate"]) / 1.5} for e in np.linspace(0, 0.7, 5)]
+    (run_dir / "robustness").mkdir()
+    pd.DataFrame(acc).to_csv(run_dir / "robustness" / "accuracy.csv", index=False)
+    pd.DataFrame(noise).to_csv(run_dir / "robustness" / "noise_similarity.csv", index=False)
+
+
+def human_p(kind: str, rate: float) -> float:
+    """True accuracy of the simulated humans."""
+    return (0.88 if kind == "natural" else 0.78) - 0.3 * rate
+
+
+def _responses(models, rng, participants: int = 12) -> pd.DataFrame:
+    """Each participant answers one task of every model × kind × unit; participant p11 is excluded;
+    a machine participant answers too; each human has two catch trials."""
+    rows = []
+    for p in range(participants):
+        pid, skill = f"p{p:02d}", rng.normal(0, 0.03)
+        excluded = p == participants - 1
+        for m in models:
+            for kind in KINDS:
+                for layer, unit in UNITS:
+                    correct = rng.random() < human_p(kind, m["rate"]) + skill
+                    rows.append(dict(participant=pid, model_id=m["model_id"], kind=kind, layer=layer, unit=unit,
+                                     correct=bool(correct), trial_type="main", excluded=excluded,
+                                     exclusion_reasons="catch_accuracy" if excluded else ""))
+        rows += [dict(participant=pid, model_id="base", kind="natural", layer="inception3a", unit=0,
+                      correct=not excluded, trial_type="catch", excluded=excluded,
+                      exclusion_reasons="catch_accuracy" if excluded else "") for _ in range(2)]
+    for m in models:
+        rows += [dict(participant="m0", model_id=m["model_id"], kind="natural", layer=layer, unit=unit, correct=True,
+                      trial_type="main", excluded=False, exclusion_reasons="", is_machine=True, observer="observer")
+                 for layer, unit in UNITS]
+    df = pd.DataFrame(rows)
+    n = len(df)
+    df = df.assign(study="fake", bank_hash="h", external_id="", condition="all", block="main", attempt=0,
+                   position=np.arange(n) % 45, trial=[f"t{i}" for i in range(n)], task=0, max_position="upper",
+                   choice="upper", confidence=rng.integers(1, 4, n), rt_ms=rng.normal(2500, 400, n).round(),
+                   server_ms=2600, responded_at="2024-01-01T00:00:00", participant_stage="done")
+    df["is_machine"] = df["is_machine"].fillna(False).astype(bool) if "is_machine" in df else False
+    df["observer"] = df["observer"].fillna("") if "observer" in df else ""
+    return df[RESPONSE_COLUMNS]
+
+
+def build_study(root, responses: bool = True):
+    """A fake study directory under ``root``; returns ``(run_dir, cfg)``."""
+    rng = np.random.default_rng(7)
+    cfg = load_study(None, "quick", [f'study.output_dir="{root}"', 'study.name="fake"', "analysis.bootstrap=10"])
+    run_dir = cfg.run_dir
+    write_study(cfg, run_dir)
+    models = _models()
+    _write_models(run_dir, models)
+    _write_mis(run_dir, models, rng)
+    _write_dissection_and_robustness(run_dir, models)
+    table = _responses(models, rng) if responses else pd.DataFrame(columns=RESPONSE_COLUMNS)
+    table.to_csv(run_dir / "responses.csv", index=False)
+    return run_dir, cfg
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    run_dir, cfg = build_study(tmp_path_factory.mktemp("study"))
+    results = analyze(run_dir, cfg)
+    return run_dir, results
+
+
+def _entry(results, id_):
+    found = [e for e in results["statistics"] if e["id"] == id_]
+    assert found, f"no entry {id_!r}; have {[e['id'] for e in results['statistics']]}"
+    return found[0]
+
+
+def test_report_files_and_embedded_figures(report):
+    run_dir, results = report
+    html = (run_dir / "report" / "index.html").read_text()
+    assert set(results["figures"]) == set(FIGURES)
+    for name in FIGURES:
+        png = run_dir / "report" / results["figures"][name]
+        data = png.read_bytes()
+        assert data.startswith(PNG) and len(data) > 1024, name
+        assert f"alt='{name}'" in html
+    assert html.count("src='data:image/png;base64,") == len(FIGURES)
+    assert "<script" not in html and "src='figures/" not in html      # self-contained
+    assert "[analysis]" in html and "tost_margin = 0.05" in html       # the exact settings
+    assert "MIS (natural, all methods" in html and "per 10 % pruning rate" in html
+
+
+def test_results_json_holds_models_and_statistics(report):
+    run_dir, results = report
+    saved = json.loads((run_dir / "report" / "results.json").read_text())
+    assert saved["statistics"] == results["statistics"]
+    models = pd.DataFrame(saved["models"]).set_index("model_id")
+    assert len(models) == 9 and "observer" not in models.index
+    top = models.loc["structured-oneshot-r0.80"]
+    assert top["rate"] == 0.8 and top["sparsity"] == pytest.approx(0.784)
+    assert top["top1"] == pytest.approx(0.95 - 0.3 * 0.64)
+    mis = pd.read_csv(run_dir / "mis" / "models.csv").set_index(["model_id", "kind"])
+    assert top["mis_natural"] == pytest.approx(mis.loc[("structured-oneshot-r0.80", "natural"), "mis"])
+    assert models.loc["base", "interpretable"] == 30 and models.loc["base", "unique_concepts"] == 12
+    assert np.isfinite(top["human_natural"])
+
+    slope = _entry(saved, "mis_slope.natural.all")
+    assert slope["status"] == "ok" and slope["holm_family"]
+    rate = slope["result"]["terms"]["rate"]
+    assert rate["ci_low"] < MIS_SLOPE < rate["ci_high"] and rate["p"] < 0.001
+    assert slope["p_holm"] >= slope["p"]
+    assert "MIS (natural, all methods; adjusted for top-1) decreased by" in slope["sentence"]
+    assert "not shown to be equivalent within ±0.05" in slope["sentence"]      # a real drop of 0.12
+    assert set(saved["holm"]["tests"]) >= {"mis_slope.natural.all", "mis_slope.synthetic.all",
+                                           "human_slope.natural.mixed"}
+    assert _entry(saved, "mis_dose.natural")["status"] == "ok"
+    assert _entry(saved, "mis_equivalence.natural")["status"] == "ok"
+
+    human = _entry(saved, "human_slope.natural.gee")
+    assert human["status"] == "ok", human["reason"]
+    assert human["result"]["terms"]["rate"]["coef"] < 0 and "Human accuracy (natural) fell" in human["sentence"]
+    assert _entry(saved, "human_slope.natural.mixed")["status"] == "ok"
+    assert _entry(saved, "human_slope.natural.clustered")["status"] == "ok"
+    assert _entry(saved, "conditions.natural-vs-synthetic")["status"] == "ok"
+    assert _entry(saved, "calibration")["status"] == "ok"
+    assert saved["exclusions"]["excluded"] == 1 and saved["exclusions"]["participants"] == 12
+    assert saved["responses"]["included_participants"] == 11
+
+
+def test_trial_frame_is_canonical(report):
+    run_dir, _ = report
+    data = load_study_data(run_dir)
+    t = data.trials
+    assert {"participant", "unit_id", "model_id", "method", "rate", "sparsity", "kind", "correct", "confidence",
+            "rt_ms", "trial_type", "is_machine", "excluded", "exclusion_reasons"} <= set(t.columns)
+    assert set(t["correct"].unique()) <= {0, 1}
+    row = t[t["model_id"] == "structured-oneshot-r0.40"].iloc[0]
+    assert row["rate"] == 0.4 and row["method"] == "structured" and row["sparsity"] == pytest.approx(0.392)
+    assert t.loc[t["model_id"] == "base", "method"].eq("base").all()
+    assert set(t["unit_id"]) >= {"inception3a:0", "inception4a:3"}
+    assert t["is_machine"].sum() == 9 * len(UNITS)
+    assert {"unit_id", "rate", "top1", "series"} <= set(data.units.columns)
+
+
+def test_no_responses_still_reports_model_side(tmp_path):
+    """Through the study stage: an empty responses table still gives the model-side report."""
+    run_dir, cfg = build_study(tmp_path, responses=False)
+    stage = AnalysisStage()
+    study = Study(cfg)
+    assert stage.inputs(study)["analysis"] == {"tost_margin": 0.05, "bootstrap": 10, "alpha_level": 0.05}
+    outputs = stage.run(study)
+    assert {p.name for p in outputs} >= {"index.html", "results.json", "interpretability.png", "top1.png"}
+    assert all(p.is_file() and p.is_relative_to(run_dir) for p in outputs)
+    results = json.loads((run_dir / "report" / "results.json").read_text())
+    html = (run_dir / "report" / "index.html").read_text()
+    assert NO_RESPONSES in html and "no responses exist yet" in " ".join(results["notes"]).lower()
+    assert _entry(results, "mis_slope.natural.all")["status"] == "ok"
+    assert _entry(results, "mis_equivalence.synthetic")["status"] == "ok"
+    assert _entry(results, "humans")["status"] == "skipped"
+    assert not any(e["group"] == "human" and e["status"] == "failed" for e in results["statistics"])
+    assert "mis_vs_human" not in results["figures"] and "interpretability" in results["figures"]
+    assert not (run_dir / "report" / "figures" / "mis_vs_human.png").exists()
+    assert {m["model_id"] for m in results["models"]} >= {"base", "structured-oneshot-r0.80"}
+
+
+def _external_csv(path, rng, participants: int = 10):
+    """Two within-participant conditions with known accuracies; catch trials that must not count."""
+    true = {"A": 0.8, "B": 0.6}
+    rows = []
+    for p in range(participants):
+        for cond, acc in true.items():
+            for i in range(20):
+                ok = rng.random() < acc
+                rows.append({"subj": f"s{p}", "cond": cond, "stim": f"layer{i % 2}:{i}",
+                             "acc": "correct" if ok else "incorrect", "rt": 900 + 10 * i, "conf": 1 + i % 3,
+                             "is_catch": 0})
+        rows.append({"subj": f"s{p}", "cond": "A", "stim": "layer0:0", "acc": "incorrect", "rt": 500, "conf": 3,
+                     "is_catch": 1})
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return pd.DataFrame(rows)
+
+
+MAPPING = {"participant": "subj", "condition": "cond", "unit": "stim", "correct": "acc", "rt": "rt",
+           "confidence": "conf", "catch": "is_catch"}
+
+
+def test_import_reproduces_condition_accuracy_and_paired_test(tmp_path):
+    rng = np.random.default_rng(3)
+    raw = _external_csv(tmp_path / "ext.csv", rng)
+    run_dir = tmp_path / "empty"
+    write_study(load_study(None, "quick", ["analysis.bootstrap=40"]), run_dir)
+    trials = import_trials(tmp_path / "ext.csv", MAPPING)
+    assert (trials["trial_type"] == "catch").sum() == 10
+    results = analyze(run_dir, trials=trials, source="imported ext.csv")
+
+    main = raw[raw["is_catch"] == 0].assign(ok=lambda d: (d["acc"] == "correct").astype(float))
+    per = main.groupby(["cond", "subj"])["ok"].mean().unstack("cond")
+    summary = pd.DataFrame(results["descriptives"]["by_kind"]).set_index("kind")
+    for cond in ("A", "B"):
+        mean, sem = per[cond].mean(), per[cond].std(ddof=1) / math.sqrt(len(per))
+        assert summary.loc[cond, "accuracy"] == pytest.approx(mean, abs=1e-12)
+        assert summary.loc[cond, "lo_2sem"] == pytest.approx(mean - 2 * sem, abs=1e-12)
+        assert summary.loc[cond, "hi_2sem"] == pytest.approx(mean + 2 * sem, abs=1e-12)
+        assert summary.loc[cond, "participants"] == 10
+    test = stats.ttest_rel(per["A"], per["B"])
+    paired = _entry(results, "conditions.A-vs-B")
+    assert paired["result"]["t"] == pytest.approx(test.statistic, abs=1e-10)
+    assert paired["result"]["p_t"] == pytest.approx(test.pvalue, abs=1e-12)
+    assert paired["result"]["mean_diff"] == pytest.approx((per["A"] - per["B"]).mean(), abs=1e-12)
+    assert "t(9)" in paired["sentence"]
+    assert _entry(results, "human_slope.A.mixed")["status"] == "skipped"     # no rate in external data
+    assert _entry(results, "mis")["status"] == "skipped"
+
+
+def test_import_missing_column_names_it(tmp_path):
+    _external_csv(tmp_path / "ext.csv", np.random.default_rng(0), participants=2)
+    with pytest.raises(ValueError, match=r"'accuracy'.*'correct'.*columns are \['subj', 'cond'"):
+        import_trials(tmp_path / "ext.csv", {**MAPPING, "correct": "accuracy"})
+    with pytest.raises(ValueError, match="'participant'"):
+        import_trials(tmp_path / "ext.csv", {"correct": "acc"})
+    with pytest.raises(ValueError, match="unknown canonical name 'subject'"):
+        import_trials(tmp_path / "ext.csv", {**MAPPING, "subject": "subj"})
+
+
+def test_import_accepts_boolean_spellings(tmp_path):
+    pd.DataFrame({"who": ["a", "a", "b", "b"], "hit": ["true", "False", 1, 0]}).to_csv(tmp_path / "t.csv", index=False)
+    t = import_trials(tmp_path / "t.csv", {"participant": "who", "correct": "hit"})
+    assert t["correct"].tolist() == [1, 0, 1, 0] and (t["trial_type"] == "main").all()
+    pd.DataFrame({"who": ["a"], "hit": ["maybe"]}).to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(ValueError, match="'hit'.*maybe"):
+        import_trials(tmp_path / "bad.csv", {"participant": "who", "correct": "hit"})
+
+
+def test_cli_import_and_usage_errors(tmp_path):
+    _external_csv(tmp_path / "ext.csv", np.random.default_rng(1), participants=4)
+    run_dir = tmp_path / "study"
+    write_study(load_study(None, "quick", ["analysis.bootstrap=20"]), run_dir)
+    (tmp_path / "map.toml").write_text("[columns]\n" + "".join(f'{k} = "{v}"\n' for k, v in MAPPING.items()))
+    runner = CliRunner()
+    ok = runner.invoke(analyze_cmd, [str(run_dir), "--import", str(tmp_path / "ext.csv"), "--mapping",
+                                     str(tmp_path / "map.toml"), "--out", str(tmp_path / "rep")])
+    assert ok.exit_code == 0, ok.output
+    assert (tmp_path / "rep" / "index.html").is_file() and "report:" in ok.output
+    bad = runner.invoke(analyze_cmd, [str(run_dir), "--import", str(tmp_path / "ext.csv"), "--map",
+                                      "participant=subj", "--map", "correct=score"])
+    assert bad.exit_code == 2 and "'score'" in bad.output and "subj" in bad.output
+    no_map = runner.invoke(analyze_cmd, [str(run_dir), "--import", str(tmp_path / "ext.csv")])
+    assert no_map.exit_code == 2 and "--map" in no_map.output
+    wrong_set = runner.invoke(analyze_cmd, [str(run_dir), "--set", "train.epochs=3"])
+    assert wrong_set.exit_code == 2 and "analysis.KEY=VALUE" in wrong_set.output
+
+
+def test_models_fall_back_to_evaluation_csv(tmp_path):
+    run_dir = tmp_path / "ev"
+    run_dir.mkdir()
+    pd.DataFrame([{"model_id": "base", "arch": "x", "method": "", "schedule": "", "rate_requested": 0.0,
+                   "sparsity": 0.0, "top1": 0.9},
+                  {"model_id": "connection-oneshot-r0.50", "arch": "x", "method": "connection",
+                   "schedule": "oneshot", "rate_requested": 0.5, "sparsity": 0.49, "top1": 0.8},
+                  {"model_id": "observer", "arch": "y", "method": "", "schedule": "", "rate_requested": 0.0,
+                   "sparsity": 0.0, "top1": 0.7}]).to_csv(run_dir / "evaluation.csv", index=False)
+    models = load_models(run_dir).set_index("model_id")
+    assert list(models.index) == ["base", "connection-oneshot-r0.50"]
+    assert models.loc["base", "method"] == "base" and models.loc["connection-oneshot-r0.50", "rate"] == 0.5
+
+
+def test_trials_come_from_the_survey_database_without_responses_csv(tmp_path):
+    from survey_app import create_app
+    from survey_app.testing import make_study_dir
+
+    from analysis.load import load_trials
+
+    run_dir = make_study_dir(tmp_path / "survey", {"main_trials": 4, "catch_trials": 1})
+    token = "token-for-the-analysis-test-0123"
+    app = create_app({"RUN_DIR": str(run_dir), "TESTING": True, "API_TOKEN": token, "ADMIN_PASSWORD": "pw"})
+    client = app.test_client()
+    head = {"Authorization": f"Bearer {token}"}
+    created = client.post("/api/sessions", json={"observer": "bright"}, headers=head).json
+    sid, auth = created["session"], {"Authorization": f"Bearer {created['token']}"}
+    for n in range(10):
+        state = client.get(f"/api/sessions/{sid}", headers=auth).json
+        if state["stage"] == "complete":
+            break
+        client.post(f"/api/sessions/{sid}/responses", headers=auth,
+                    json={"trial": state["trial"]["id"], "choice": "upper", "confidence": 2, "rt_ms": 1700.0,
+                          "key": f"key-{n:04d}"})
+    trials, source = load_trials(run_dir)
+    assert source == "survey database" and len(trials) == 5
+    assert trials["is_machine"].all() and (trials["observer"] == "bright").all()
+    assert set(trials["trial_type"]) == {"main", "catch"} and set(trials["correct"]) <= {0, 1}
+    assert trials["unit_id"].str.fullmatch(r"inception\da:\d").all()
+
+
+@pytest.mark.parametrize("draw", [
+    lambda p: figures.interpretability_vs_sparsity(pd.DataFrame(), None, p),
+    lambda p: figures.top1_vs_sparsity(pd.DataFrame(columns=["top1", "sparsity", "series"]), p),
+    lambda p: figures.layer_mis_vs_sparsity(pd.DataFrame(), p),
+    lambda p: figures.mis_vs_human(pd.DataFrame(columns=["mis", "accuracy"]), p),
+    lambda p: figures.interpretable_vs_sparsity(pd.DataFrame(), p),
+    lambda p: figures.robustness_curves({}, pd.DataFrame(), p),
+], ids=["interpretability", "top1", "layers", "mis_vs_human", "dissection", "robustness"])
+def test_figures_without_data_draw_nothing(draw, tmp_path):
+    assert draw(tmp_path / "f.png") is None and not (tmp_path / "f.png").exists()
