@@ -47,19 +47,43 @@ def run_cmd(study_path, study_file, profile, overrides, device, name, force, sho
 
 
 def _print_summary(study) -> None:
-    import csv
+    """One line per model: method, rate, measured sparsity, top-1, MIS ± CI per reference kind,
+    interpretable units; then where the report is and how to serve the survey."""
+    import pandas as pd
 
-    table = study.path("evaluation.csv")
-    rows = list(csv.DictReader(open(table))) if table.is_file() else []
-    for r in rows:
-        r["rate_requested"], r["sparsity"] = float(r["rate_requested"]), float(r["sparsity"])
-        r["top1"] = float(r["top1"]) if r["top1"] else None
-    if rows:
-        click.echo(f"\n{'model':10s} {'arch':16s} {'method':12s} {'rate':>5s} {'sparsity':>8s} {'top1':>6s}")
-        for r in rows:
-            click.echo(f"{r['model_id']:10s} {r['arch']:16s} {r['method'] or '-':12s} {r['rate_requested']:5.2f} "
-                       f"{r['sparsity']:8.3f} {r['top1'] if r['top1'] is None else format(r['top1'], '.3f'):>6}")
+    def read(*parts):
+        path = study.path(*parts)
+        return pd.read_csv(path) if path.is_file() and path.stat().st_size > 1 else None
+    models = read("evaluation.csv")
+    if models is not None:
+        mis, dis = read("mis", "models.csv"), read("dissection", "models.csv")
+        kinds = sorted(mis["kind"].unique()) if mis is not None else []
+        w = max(5, int(models["model_id"].str.len().max()))
+        mw = max(6, int(models["method"].fillna("-").astype(str).str.len().max()))
+        head = f"{'model':{w}s} {'method':{mw}s} {'rate':>5s} {'sparsity':>8s} {'top1':>6s}"
+        head += "".join(f" {'MIS ' + k[:5]:>17s}" for k in kinds) + (f" {'interp.':>9s}" if dis is not None else "")
+        click.echo("\n" + head)
+        for r in models.itertuples():
+            top1 = "" if pd.isna(r.top1) else f"{r.top1:.3f}"
+            method = "" if pd.isna(r.method) else str(r.method)
+            line = f"{r.model_id:{w}s} {method or '-':{mw}s} {r.rate_requested:5.2f} {r.sparsity:8.3f} {top1:>6s}"
+            for k in kinds:
+                m = mis[(mis.model_id == r.model_id) & (mis.kind == k)]
+                cell = "" if m.empty or pd.isna(m.mis.iloc[0]) else (
+                    f"{m.mis.iloc[0]:.2f} [{m.mis_ci_low.iloc[0]:.2f},{m.mis_ci_high.iloc[0]:.2f}]")
+                line += f" {cell:>17s}"
+            if dis is not None:
+                d = dis[dis.model_id == r.model_id]
+                line += f" {'' if d.empty else f'{int(d.interpretable.iloc[0])}/{int(d.units.iloc[0])}':>9s}"
+            click.echo(line)
+        if mis is not None:
+            click.echo(f"MIS: mean over units with a 95 % bootstrap CI; α = {mis.alpha.iloc[0]:.3g} "
+                       f"({mis.alpha_source.iloc[0]}), embedding {mis.embedding.iloc[0]}")
     click.echo(f"\nstudy directory: {study.run_dir}")
+    if study.path("report", "index.html").is_file():
+        click.echo(f"report: {study.path('report', 'index.html')}")
+    if study.path("stimuli", "manifest.parquet").is_file():
+        click.echo(f"survey for people: sparsight serve {study.run_dir}")
 
 
 def _register() -> None:

@@ -370,6 +370,20 @@ class SurveyService:
             p.last_seen_at = utcnow()
         return len(rows)
 
+    def delete_machine_sessions(self, observer: str) -> int:
+        """Remove the machine sessions of ``observer`` with everything they stored (human data is never touched)."""
+        from sqlalchemy import delete
+        with transaction(self.sessions) as s:
+            ids = list(s.scalars(select(Participant.id).where(Participant.is_machine.is_(True),
+                                                               Participant.observer == observer)))
+            if ids:
+                trial_ids = select(Trial.id).where(Trial.participant_id.in_(ids))
+                s.execute(delete(Response).where(Response.trial_id.in_(trial_ids)))
+                for model in (Event, Exclusion, Trial):
+                    s.execute(delete(model).where(model.participant_id.in_(ids)))
+                s.execute(delete(Participant).where(Participant.id.in_(ids)))
+            return len(ids)
+
     def completion(self, public_id: str) -> dict:
         with self.sessions() as s:
             p = self._participant(s, public_id)

@@ -96,4 +96,50 @@ class MisStage:
         return measure_mis(study.run_dir, study.config, device=device, progress=study.config.study.progress)
 
 
-STAGES = [MisStage()]
+def run_machine_participants(run_dir: Path, cfg, *, device: str = "cpu", log=print) -> Path:
+    """``survey.machine_participants`` machine sessions per condition, answered through the app's API
+    (in-process) by the MIS observer; earlier sessions of the same observer are replaced."""
+    import secrets
+
+    from .app import create_app
+    from .machine import FlaskTransport, SimilarityObserver, SurveyClient, run_session
+    token = secrets.token_urlsafe(24)
+    app = create_app({"RUN_DIR": str(run_dir), "API_TOKEN": token})
+    service = app.extensions["survey"]
+    mis = cfg.mis
+    embedding = create_embedding(mis.embedding, run_dir, weights=mis.embedding_weights, device=device,
+                                 size=mis.embedding_size)
+    name = f"study:{mis.embedding}"
+    removed = service.delete_machine_sessions(name)
+    observer = SimilarityObserver(embedding, mis.alpha, name=name)
+    rows = []
+    for condition in sorted(service.conditions):
+        for _ in range(cfg.survey.machine_participants):
+            summary = run_session(SurveyClient(FlaskTransport(app)), observer, api_token=token, mode="participant",
+                                  condition=condition)
+            rows.append({"session": summary["session"], "observer": name, "condition": condition,
+                         "trials": summary["trials"], "accuracy": summary["accuracy"]})
+    app.config["ENGINE"].dispose()
+    log(f"[participants] {len(rows)} machine sessions ({name}) over {len(service.conditions)} conditions"
+        + (f"; replaced {removed} earlier ones" if removed else ""))
+    return atomic_write_text(run_dir / "survey" / "machine_participants.csv", pd.DataFrame(rows).to_csv(index=False))
+
+
+class ParticipantsStage:
+    name = "participants"
+    description = "machine participants answer survey trials through the app's API (survey.machine_participants)"
+
+    def inputs(self, study) -> dict:
+        from pruning.stages import _upstream
+        cfg = study.config
+        return {"upstream": {k: _upstream(study, k) for k in ("observer", "stimuli")}, "mis": asdict(cfg.mis),
+                "survey": asdict(cfg.survey)}
+
+    def run(self, study) -> list[Path]:
+        if not study.is_main or study.config.survey.machine_participants == 0:
+            return []
+        device = str(study.ctx.device) if study.ctx is not None else "cpu"
+        return [run_machine_participants(study.run_dir, study.config, device=device)]
+
+
+STAGES = [MisStage(), ParticipantsStage()]
