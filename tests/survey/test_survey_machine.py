@@ -117,3 +117,29 @@ def test_credentials_are_made_once_and_open_the_admin_area(tmp_path, monkeypatch
     field = csrf_from(client.get("/admin/login").text)
     r = client.post("/admin/login", data={"csrf_token": field, "password": shown["admin_password"]})
     assert r.status_code == 302 and client.get("/admin/").status_code == 200
+
+
+def test_machine_participants_stage_replaces_its_own_sessions_and_keeps_human_data(tmp_path):
+    from sparsight.config import load_study
+    from survey_app import create_app
+    from survey_app.export import responses_frame
+    from survey_app.stages import run_machine_participants
+    from survey_app.testing import make_study_dir
+    from survey_helpers import human_session
+    run_dir = make_study_dir(tmp_path / "study", {"main_trials": 3, "catch_trials": 1, "machine_participants": 2})
+    cfg = load_study(run_dir / "study.toml", overrides=['mis.embedding="pixels"'])
+    app = create_app({"RUN_DIR": str(run_dir)})
+    client = app.test_client()
+    sid = human_session(client)
+    with client.session_transaction() as s:
+        csrf = s["csrf"]
+    trial = client.get(f"/api/sessions/{sid}").json["trial"]
+    assert client.post(f"/api/sessions/{sid}/responses", headers={"X-CSRF-Token": csrf},
+                       json={"trial": trial["id"], "choice": "upper", "confidence": 3, "rt_ms": 2000,
+                             "key": "human-key-1"}).status_code == 200
+    for _ in range(2):
+        table = pd.read_csv(run_machine_participants(run_dir, cfg, log=lambda *_: None))
+        assert len(table) == 2 * 4 and set(table["trials"]) == {4}             # 2 per condition, 3 main + 1 catch
+    df = responses_frame(app.config["SESSIONS"])
+    assert (~df["is_machine"]).sum() == 1 and df.loc[~df["is_machine"], "trial"].item() == trial["id"]
+    assert df["is_machine"].sum() == 8 * 4                                     # the second run replaced the first
