@@ -70,5 +70,6 @@ def test_unknown_force_stage_lists_stages(runner, tmp_path):
     result = runner.invoke(main, ["run", "--profile", "quick", "--force", "bogus",
                                   "--set", f'study.output_dir="{tmp_path}"'])
     assert result.exit_code == 2
-    stages = "['data', 'base', 'observer', 'prune', 'robustness', 'evaluate', 'stimuli', 'all']"
+    stages = ("['data', 'base', 'observer', 'prune', 'robustness', 'evaluate', 'stimuli', 'dissection', 'mis', "
+              "'participants', 'analysis', 'all']")
     assert f"unknown stage 'bogus' for --force; choose from {stages}" in result.output

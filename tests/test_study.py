@@ -68,6 +68,33 @@ def test_quick_study_writes_a_stimulus_bank_for_every_model(quick_run):
     assert set(status.model_id) == models and set(status.status) <= {"ok", "dead", "pruned"}
 
 
+def test_quick_study_scores_dissects_runs_machines_and_reports_every_model(quick_run):
+    import json
+
+    import pandas as pd
+
+    run_dir, output = quick_run
+    models = set(pd.read_csv(run_dir / "evaluation.csv").model_id) - {"observer"}
+    mis = pd.read_csv(run_dir / "mis" / "units.csv")
+    assert set(mis.model_id) == models and set(mis.kind) == {"natural", "synthetic"}
+    ok = mis[mis.status == "ok"]
+    assert ok["mis"].between(0, 1).all() and ok["mis"].notna().all() and mis[mis.status != "ok"]["mis"].isna().all()
+    assert set(pd.read_csv(run_dir / "dissection" / "units.csv").model_id) == models
+    machines = pd.read_csv(run_dir / "survey" / "machine_participants.csv")
+    assert len(machines) == 2 * len(models) and (machines["trials"] > 0).all()
+    results = json.loads((run_dir / "report" / "results.json").read_text())
+    by_model = {m["model_id"]: m for m in results["models"]}
+    assert models <= set(by_model)
+    assert all({"mis_natural", "top1", "sparsity"} <= set(by_model[m]) for m in models)
+    assert any(s["status"] == "ok" and s["p"] is not None for s in results["statistics"])
+    for png in (run_dir / "report" / "figures").glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
+    assert len(list((run_dir / "report" / "figures").glob("*.png"))) >= 4
+    html = (run_dir / "report" / "index.html").read_text()
+    assert html.count("data:image/png;base64,") >= 4 and "No responses exist yet" in html
+    assert "MIS natur" in output and "report:" in output and "sparsight serve" in output
+
+
 def test_default_profile_covers_the_seed_paper_design():
     cfg = load_study(profile="default")
     assert cfg.prune.rates == [0.2, 0.4, 0.6, 0.8]
