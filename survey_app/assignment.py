@@ -46,8 +46,8 @@ def balanced_positions(n: int, rng: random.Random) -> list[str]:
     return positions
 
 
-def least_used(keys: list, counts: Counter, rng: random.Random) -> list:
-    """``keys`` ordered by ascending count, ties in a seeded random order."""
+def least_used(keys: list, counts, rng: random.Random) -> list:
+    """``keys`` ordered by ascending count (any comparable value; missing = 0), ties in a seeded random order."""
     rank = {k: i for i, k in enumerate(rng.sample(keys, len(keys)))}
     return sorted(keys, key=lambda k: (counts.get(k, 0), rank[k]))
 
@@ -58,20 +58,22 @@ def choose_condition(conditions: list[str], counts: BalanceCounts, rng: random.R
 
 def choose_main(material: Material, items: list[Item], n: int, counts: BalanceCounts,
                 rng: random.Random) -> list[tuple[Item, int]]:
-    """``n`` (item, task) pairs: least-assigned items first; an item repeats (with another task) only
-    after every item of the condition was used."""
+    """``n`` (item, task) pairs: least-assigned items first; within an item the task this participant has
+    used least, then the least-assigned one.  Every pick is counted at once, so an item repeats only after
+    every item of the condition was used, and its tasks rotate."""
     chosen: list[tuple[Item, int]] = []
-    taken: dict[Item, set[int]] = {}
-    item_counts = Counter(counts.items)
+    mine: Counter = Counter()
+    item_counts, task_counts = Counter(counts.items), Counter(counts.tasks)
     while len(chosen) < n:
         for item in least_used(items, item_counts, rng):
             if len(chosen) == n:
                 break
-            n_tasks = len(material.tasks[item])
-            free = [t for t in range(n_tasks) if t not in taken.get(item, set())] or list(range(n_tasks))
-            task = least_used(free, Counter({t: counts.tasks.get((item, t), 0) for t in free}), rng)[0]
-            taken.setdefault(item, set()).add(task)
+            tasks = list(range(len(material.tasks[item])))
+            score = {t: (mine[(item, t)], task_counts[(item, t)]) for t in tasks}
+            task = least_used(tasks, score, rng)[0]
             chosen.append((item, task))
+            mine[(item, task)] += 1
+            task_counts[(item, task)] += 1
             item_counts[item] += 1
     return chosen
 

@@ -100,3 +100,15 @@ def test_least_used_and_balanced_positions_are_seeded():
         assert len(pos) == n and abs(pos.count("upper") - pos.count("lower")) <= 1
     assert (assignment.balanced_positions(10, assignment.make_rng("s", "h", 3, "p"))
             == assignment.balanced_positions(10, assignment.make_rng("s", "h", 3, "p")))
+
+
+def test_long_sessions_rotate_tasks_and_keep_task_counts_balanced(make_app):
+    app = make_app(main_trials=40, catch_trials=0)
+    service = app.extensions["survey"]
+    for _ in range(8):
+        service.create_participant(condition="base|natural")
+    trials = stored_main_trials(app)
+    per_person = Counter((t.participant_id, t.layer, t.unit, t.task) for t in trials)
+    assert max(per_person.values()) == 3                  # 40 trials over 16 (unit, task) pairs: at most ⌈40/16⌉
+    per_task = Counter((t.layer, t.unit, t.task) for t in trials)
+    assert max(per_task.values()) - min(per_task.values()) <= 1 and sum(per_task.values()) == 320
