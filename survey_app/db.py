@@ -1,9 +1,11 @@
 """Engines and transactions: SQLite by default (WAL, busy timeout, serialized writers), any
 SQLAlchemy URL (PostgreSQL) instead.
 
-Every request runs in one short transaction (:func:`transaction`).  On SQLite each transaction
+Every write runs in one short transaction (:func:`transaction`).  On SQLite each write transaction
 starts with ``BEGIN IMMEDIATE`` — it takes the single write lock up front, so concurrent requests
-queue on the busy timeout instead of failing with "database is locked" half-way through.  On
+queue on the busy timeout instead of failing with "database is locked" half-way through; reads
+(sessions bound with the execution option ``read_only``) start a deferred ``BEGIN`` and never wait
+for the write lock (WAL lets them read while one writer writes).  On
 PostgreSQL, rows that must not be raced (the study row while a participant's trials are chosen, a
 participant while a response is saved) are locked with ``SELECT … FOR UPDATE``.
 """
@@ -40,9 +42,10 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _begin(conn):
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # readers (execution option read_only) do not take the write lock
+            conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get("read_only") else "BEGIN IMMEDIATE")
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+    return create_engine(url, pool_recycle=1800, pool_size=10, max_overflow=10)
 
 
 def init_schema(engine: Engine, attempts: int = 5) -> None:

@@ -51,6 +51,8 @@ class SurveyService:
 
     def __init__(self, sessions: sessionmaker, material: Material, settings, study_name: str):
         self.sessions, self.material, self.settings, self.study_name = sessions, material, settings, study_name
+        # reads start a deferred transaction (SQLite: no write lock); writes go through ``transaction``
+        self.readers = sessionmaker(sessions.kw["bind"].execution_options(read_only=True), expire_on_commit=False)
         self.conditions = material.conditions(settings.condition_by)
         self.study_id = self._study_row()
 
@@ -160,7 +162,7 @@ class SurveyService:
         """Raise 401 without a token, 403 when the token does not belong to ``public_id``."""
         if not token:
             raise SurveyError(401, "missing session token (Authorization: Bearer <token>)")
-        with self.sessions() as s:
+        with self.readers() as s:
             stored = s.scalars(select(Participant.token_hash).where(Participant.public_id == public_id)).first()
         if stored is None:
             raise SurveyError(404, f"no session {public_id!r}")
@@ -180,7 +182,7 @@ class SurveyService:
 
     def find_by_external(self, external_id: str) -> tuple[str, str | None, str] | None:
         """``(public_id, prolific_session_id, stage)`` of a participant ID that already started, else None."""
-        with self.sessions() as s:
+        with self.readers() as s:
             row = s.execute(select(Participant.public_id, Participant.prolific_session_id, Participant.stage)
                             .where(Participant.study_name == self.study_name,
                                    Participant.external_id == external_id)).first()
@@ -195,7 +197,7 @@ class SurveyService:
 
     # ---- stages -------------------------------------------------------------------------
     def stage(self, public_id: str) -> str:
-        with self.sessions() as s:
+        with self.readers() as s:
             return self._participant(s, public_id).stage
 
     def instructions_seen(self, public_id: str) -> None:
@@ -253,11 +255,14 @@ class SurveyService:
         return payload["left"] + payload["right"] + [payload["upper"], payload["lower"]]
 
     def state(self, public_id: str, *, serve: bool = True) -> dict:
-        """The session's stage, progress and (during practice/main) the current trial plus the next one's images."""
-        with transaction(self.sessions) as s:
-            p = self._participant(s, public_id, for_update=serve)
+        """The session's stage, progress and (during practice/main) the current trial plus the next one's images.
+
+        A read; it writes only to stamp a trial's first serving and, at most every 30 s, the last-seen time."""
+        with self.readers() as s:
+            p = self._participant(s, public_id)
             out = {"session": p.public_id, "stage": p.stage, "progress": self._progress(s, p),
                    "practice_attempt": p.practice_attempt, "practice_attempts": self.settings.practice_attempts}
+            first_serve = None
             if p.stage in ("practice", "main"):
                 block = self._block_trials(s, p)
                 answered = self._answered_ids(s, block)
@@ -271,11 +276,18 @@ class SurveyService:
                     if upcoming is None and p.stage == "practice":
                         upcoming = self._first_main(s, p)
                     out["prefetch"] = self._urls(self.payload(upcoming)) if upcoming is not None else []
-                    if serve and current.served_at is None:
-                        current.served_at = utcnow()
-            if serve:
-                p.last_seen_at = utcnow()
-            return out
+                    first_serve = current.id if current.served_at is None else None
+            stale = p.last_seen_at < utcnow() - dt.timedelta(seconds=30)
+            pid = p.id
+        if serve and (first_serve is not None or stale):
+            from sqlalchemy import update
+            now = utcnow()
+            with transaction(self.sessions) as s:
+                if first_serve is not None:
+                    s.execute(update(Trial).where(Trial.id == first_serve, Trial.served_at.is_(None))
+                              .values(served_at=now))
+                s.execute(update(Participant).where(Participant.id == pid).values(last_seen_at=now))
+        return out
 
     def _first_main(self, s, p: Participant) -> Trial | None:
         return s.scalars(select(Trial).where(Trial.participant_id == p.id, Trial.block == "main")
@@ -385,7 +397,7 @@ class SurveyService:
             return len(ids)
 
     def completion(self, public_id: str) -> dict:
-        with self.sessions() as s:
+        with self.readers() as s:
             p = self._participant(s, public_id)
             return {"stage": p.stage, "excluded": p.excluded}
 
