@@ -12,6 +12,7 @@ participant while a response is saved) are locked with ``SELECT … FOR UPDATE``
 from __future__ import annotations
 
 import contextlib
+import random
 import time
 
 from sqlalchemy import create_engine, event, select, text
@@ -42,10 +43,33 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _begin(conn):
-            # readers (execution option read_only) do not take the write lock
-            conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get("read_only") else "BEGIN IMMEDIATE")
+            if conn.get_execution_options().get("read_only"):   # readers never take the write lock
+                conn.exec_driver_sql("BEGIN")
+                return
+            _begin_immediate(conn)
         return engine
     return create_engine(url, pool_recycle=1800, pool_size=10, max_overflow=10)
+
+
+def _begin_immediate(conn) -> None:
+    """``BEGIN IMMEDIATE``, retried every 0.5–2 ms while another writer holds the lock.
+
+    SQLite's own busy handler sleeps 1, 2, 5, … up to 100 ms between tries, so under load a waiter
+    sleeps through many releases of a lock held for about a millisecond; a short busy timeout plus
+    this loop wakes waiters promptly.  Gives up after ``SQLITE_BUSY_MS``."""
+    deadline = time.monotonic() + SQLITE_BUSY_MS / 1000
+    conn.exec_driver_sql("PRAGMA busy_timeout=2")
+    try:
+        while True:
+            try:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+                return
+            except OperationalError as err:
+                if "locked" not in str(err) or time.monotonic() > deadline:
+                    raise
+                time.sleep(random.uniform(0.0005, 0.002))
+    finally:
+        conn.exec_driver_sql(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
 
 
 def init_schema(engine: Engine, attempts: int = 5) -> None:

@@ -76,16 +76,26 @@ class Reply:
 
 
 class Latencies:
-    """Seconds per route label, appended from many threads (list.append is atomic)."""
+    """Per route label, ``(started, seconds)`` of every request (``perf_counter`` start, to separate the
+    arrival burst from the steady state); appended from many threads (list.append is atomic)."""
 
     def __init__(self):
-        self.by_route: dict[str, list[float]] = defaultdict(list)
+        self.samples: dict[str, list[tuple[float, float]]] = defaultdict(list)
 
-    def add(self, route: str, seconds: float) -> None:
-        self.by_route[route].append(seconds)
+    def add(self, route: str, seconds: float, started: float) -> None:
+        self.samples[route].append((started, seconds))
 
-    def summary(self) -> dict[str, dict]:
-        return {route: percentiles(v) for route, v in sorted(self.by_route.items()) if v}
+    @property
+    def by_route(self) -> dict[str, list[float]]:
+        return {route: [sec for _, sec in v] for route, v in self.samples.items()}
+
+    def summary(self, since: float | None = None) -> dict[str, dict]:
+        out = {}
+        for route in sorted(self.samples):
+            v = [sec for t, sec in self.samples[route] if since is None or t >= since]
+            if v:
+                out[route] = percentiles(v)
+        return out
 
 
 def percentiles(values: list[float]) -> dict:
@@ -137,7 +147,7 @@ class Browser:
                 self.reconnects += 1
                 continue
             seconds = time.perf_counter() - t0
-            self.latencies.add(route, seconds)
+            self.latencies.add(route, seconds, t0)
             for header in resp.headers.get_all("Set-Cookie") or []:
                 name, _, value = header.split(";", 1)[0].partition("=")
                 if value and "expires=thu, 01 jan 1970" not in header.lower():
@@ -178,6 +188,7 @@ def brightness(png: bytes) -> float:
 @dataclass
 class SimConfig:
     think_ms: float = 0.0             # real delay before each answer (the claimed rt_ms is separate)
+    think_jitter: float = 0.5         # each delay is think_ms × uniform(1 - jitter, 1 + jitter)
     rt_ms: float = CLAIMED_RT_MS      # the reaction time the participant claims
     retry_rate: float = 0.1           # share of responses re-sent with the same key (at least one per session)
     practice_fail_rate: float = 0.0   # share of participants answering their first practice trial wrong
@@ -202,6 +213,7 @@ class ParticipantLog:
     reconnects: int = 0
     error: str | None = None
     seconds: float = 0.0
+    first_trial_at: float | None = None             # perf_counter when the first trial state arrived
 
 
 class SimParticipant:
@@ -286,7 +298,8 @@ class SimParticipant:
             r = expect(self.post_response(body, "response_retry"), 200, "retry with the same key").json()
             replies = [first, r]
         else:
-            other = Browser(self.host, self.port, self.latencies, timeout=self.cfg.timeout_s, cookies=self.browser.cookies)
+            other = Browser(self.host, self.port, self.latencies, timeout=self.cfg.timeout_s,
+                            cookies=self.browser.cookies)
             out: dict = {}
 
             def send_twin():
@@ -326,6 +339,7 @@ class SimParticipant:
         try:
             self.start()
             state = self.state()
+            log.first_trial_at = time.perf_counter()
             concurrent_next, conflicted = True, False
             while state["stage"] in ("practice", "main"):
                 if "trial" not in state:
@@ -334,7 +348,8 @@ class SimParticipant:
                 log.practice_attempts = max(log.practice_attempts, state.get("practice_attempt") or 0)
                 choice, confidence = self.answer(state)
                 if self.cfg.think_ms:
-                    time.sleep(self.cfg.think_ms / 1000)
+                    j = self.cfg.think_jitter
+                    time.sleep(self.cfg.think_ms / 1000 * self.rng.uniform(1 - j, 1 + j))
                 body = {"trial": trial["id"], "choice": choice, "confidence": confidence,
                         "rt_ms": self.cfg.rt_ms, "key": self.new_key()}
                 retry = self.rng.random() < self.cfg.retry_rate
@@ -375,17 +390,27 @@ class LoadRun:
     logs: list[ParticipantLog]
     latencies: Latencies
     wall_s: float
+    t0: float = 0.0
 
     def requests(self) -> int:
-        return sum(len(v) for v in self.latencies.by_route.values())
+        return sum(len(v) for v in self.latencies.samples.values())
+
+    def steady_since(self) -> float | None:
+        """When the last participant reached its first trial: later requests are the steady state
+        (no consent/assignment burst); None if some never did."""
+        marks = [log.first_trial_at for log in self.logs]
+        return None if not marks or None in marks else max(marks)
 
     def summary(self) -> dict:
         accepted = sum(len(log.ledger) for log in self.logs)
+        since = self.steady_since()
         return {"participants": len(self.logs), "wall_s": self.wall_s, "requests": self.requests(),
                 "requests_per_s": self.requests() / self.wall_s, "responses_saved": accepted,
                 "responses_per_s": accepted / self.wall_s,
                 "sessions_per_min": 60 * sum(log.final_stage == "complete" for log in self.logs) / self.wall_s,
-                "reconnects": sum(log.reconnects for log in self.logs), "routes": self.latencies.summary()}
+                "reconnects": sum(log.reconnects for log in self.logs), "routes": self.latencies.summary(),
+                "arrival_s": None if since is None else since - self.t0,
+                "steady_routes": self.latencies.summary(since) if since is not None else {}}
 
 
 def run_participants(base_url: str, n: int, cfg: SimConfig | None = None, *, seed: int = 0,
@@ -408,8 +433,87 @@ def run_participants(base_url: str, n: int, cfg: SimConfig | None = None, *, see
     barrier.wait()
     t0 = time.perf_counter()
     for th in threads:
-        th.join()
-    return LoadRun([s.log for s in sims], latencies, time.perf_counter() - t0)
+        while th.is_alive():       # a timed join keeps Ctrl-C working
+            th.join(0.5)
+    return LoadRun([s.log for s in sims], latencies, time.perf_counter() - t0, t0)
+
+
+# ---- other load on the machine ---------------------------------------------------------------
+class CpuMonitor:
+    """CPU seconds used during a run by this process tree (client and server) and by every other
+    process (another test run on the same cores distorts latencies).  Processes whose command line
+    contains one of ``mine`` (e.g. the PostgreSQL backends serving a scratch database) count as ours.
+    Samples ``/proc`` every ``interval_s`` in a thread; Linux only (elsewhere it reports nothing)."""
+
+    def __init__(self, mine: tuple[str, ...] = (), interval_s: float = 1.0):
+        self.mine, self.interval_s = tuple(m for m in mine if m), interval_s
+        self.last: dict[int, tuple[bool, float]] = {}
+        self.ours = self.others = 0.0
+        self.wall = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def _sample(self) -> None:
+        procs = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                fields = stat[stat.rindex(")") + 2:].split()
+                procs[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / self._tick)
+            except (OSError, ValueError, IndexError):
+                continue
+        root = os.getpid()
+        ours = {root}
+        changed = True
+        while changed:
+            changed = False
+            for pid, (ppid, _) in procs.items():
+                if ppid in ours and pid not in ours:
+                    ours.add(pid)
+                    changed = True
+        for pid, (_, cpu) in procs.items():
+            mine = pid in ours
+            if not mine and self.mine:
+                with contextlib.suppress(OSError):
+                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode("utf-8", "replace")
+                    mine = any(m in cmd for m in self.mine)
+            prev = self.last.get(pid)
+            if prev is not None:
+                delta = max(0.0, cpu - prev[1])
+                if mine or prev[0]:
+                    self.ours += delta
+                else:
+                    self.others += delta
+            self.last[pid] = (mine or (prev[0] if prev else False), cpu)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def __enter__(self):
+        if os.path.isdir("/proc"):
+            self._sample()
+            self._t0 = time.perf_counter()
+            self._thread = threading.Thread(target=self._run, daemon=True, name="cpu-monitor")
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._sample()
+            self.wall = time.perf_counter() - self._t0
+        return False
+
+    def report(self) -> dict:
+        if not self.wall:
+            return {}
+        return {"wall_s": self.wall, "ours_cores": self.ours / self.wall, "others_cores": self.others / self.wall,
+                "cpus": os.cpu_count()}
 
 
 # ---- the server ------------------------------------------------------------------------------
@@ -424,6 +528,31 @@ def post_worker_init(worker):
 '''
 
 
+ACCESS_FORMAT = "%(m)s %(U)s %(s)s %(D)s"
+
+
+def server_times(access_log: str | Path) -> dict[str, dict]:
+    """Percentiles of the time gunicorn's worker spent per request (``%(D)s``, from parsing the request
+    to the last byte written: no accept queue, no client), by route as the client labels them
+    (retries and conflicts count as ``response``)."""
+    lat = Latencies()
+    for line in Path(access_log).read_text().splitlines():
+        parts = line.split()
+        if len(parts) != 4 or not parts[3].isdigit():
+            continue
+        method, path, _, micros = parts
+        if path.startswith("/api/sessions/"):
+            route = "response" if path.endswith("/responses") else "events" if path.endswith("/events") else "state"
+        elif path.startswith("/stimuli/"):
+            route = "image"
+        elif path.startswith("/static/"):
+            route = "static"
+        else:
+            route = "page"
+        lat.add(route, int(micros) / 1e6, 0.0)
+    return lat.summary()
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -433,9 +562,12 @@ def free_port() -> int:
 @contextlib.contextmanager
 def gunicorn_server(run_dir: str | Path, *, database_url: str | None = None, workers: int = 4, threads: int = 4,
                     port: int | None = None, boot_timeout_s: float = 180.0, extra_args: tuple = (),
-                    log_path: str | Path | None = None):
+                    log_path: str | Path | None = None, access_log: str | Path | None = None):
     """``gunicorn -k gthread survey_app.wsgi:app`` on a free loopback port; yields its base URL once
-    every worker has loaded the app and the consent page answers; stops it (SIGTERM) afterwards."""
+    every worker has loaded the app and the consent page answers; stops it (SIGTERM) afterwards.
+
+    ``access_log``: a file for one line per request with the time the worker spent on it (see
+    :func:`server_times`)."""
     port = port or free_port()
     scratch = Path(tempfile.mkdtemp(prefix="sparsight-gunicorn-"))
     ready = scratch / "ready"
@@ -450,18 +582,20 @@ def gunicorn_server(run_dir: str | Path, *, database_url: str | None = None, wor
     if database_url:
         env["SPARSIGHT_DATABASE_URL"] = database_url
     cmd = [sys.executable, "-m", "gunicorn", "-c", str(hooks), "-w", str(workers), "-k", "gthread",
-           "--threads", str(threads), "-b", f"127.0.0.1:{port}", "--log-level", "warning", *extra_args,
-           "survey_app.wsgi:app"]
+           "--threads", str(threads), "-b", f"127.0.0.1:{port}", "--log-level", "warning", *extra_args]
+    if access_log:
+        cmd += ["--access-logfile", str(access_log), "--access-logformat", ACCESS_FORMAT]
+    cmd.append("survey_app.wsgi:app")
     log = open(log_path, "wb")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(repo),
-                            start_new_session=True)
+    # same process group as the caller: Ctrl-C stops the server too, even if the caller dies first
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(repo))
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + boot_timeout_s
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"gunicorn exited with {proc.returncode}:\n{_tail(log_path)}")
-            if len(list(ready.iterdir())) >= workers and _answers(port):
+            if len(list(ready.iterdir())) >= workers and _answers(port, access_log):
                 break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"gunicorn did not get {workers} workers ready in {boot_timeout_s:g} s:\n"
@@ -483,15 +617,19 @@ def gunicorn_server(run_dir: str | Path, *, database_url: str | None = None, wor
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _answers(port: int) -> bool:
+def _answers(port: int, access_log: str | Path | None = None) -> bool:
     try:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
         conn.request("GET", "/")
         ok = conn.getresponse().status == 200
         conn.close()
-        return ok
     except OSError:
         return False
+    if ok and access_log:   # the readiness probe is not part of the load
+        with contextlib.suppress(OSError):
+            time.sleep(0.2)
+            Path(access_log).write_text("")
+    return ok
 
 
 def _tail(path: Path, n: int = 4000) -> str:
@@ -583,7 +721,8 @@ def verify(database_url: str, logs: list[ParticipantLog], survey: dict, run_dir:
     excluded = [p for p in participants.values() if p.excluded]
     checks.append(Check("participants", not missing and not extra and len(complete) == len(logs) == len(participants),
                         f"{len(participants)} in the database for {len(logs)} simulated, {len(complete)} complete"
-                        + (f", {len(missing)} missing" if missing else "") + (f", {len(extra)} unexpected" if extra else "")))
+                        + (f", {len(missing)} missing" if missing else "")
+                        + (f", {len(extra)} unexpected" if extra else "")))
     checks.append(Check("not excluded", not excluded, f"{len(excluded)} excluded (excluded sessions stop holding "
                         "balance slots)"))
 
@@ -619,7 +758,8 @@ def verify(database_url: str, logs: list[ParticipantLog], survey: dict, run_dir:
                         f"every served trial answered ({len(lost)} without a response), per-participant counts "
                         f"= {practice_n} × practice attempts + {main_n} ({len(wrong_count)} off), every "
                         f"acknowledged response stored as sent ({len(mismatched)} missing or different)"
-                        + (f"; e.g. {(lost + wrong_count + mismatched)[:3]}" if lost or wrong_count or mismatched else "")))
+                        + (f"; e.g. {(lost + wrong_count + mismatched)[:3]}"
+                           if lost or wrong_count or mismatched else "")))
     acked_total = sum(len(log.ledger) for log in logs)
     checks.append(Check("no duplicated responses", not per_trial and not unacked and len(responses) == expected_total
                         == acked_total, f"{len(responses)} stored = {expected_total} expected = {acked_total} "
@@ -683,9 +823,17 @@ def print_summary(run: LoadRun, *, title: str = "", file=None) -> None:
     print(f"  {s['participants']} participants in {s['wall_s']:.1f} s: {s['requests']} requests "
           f"({s['requests_per_s']:.0f}/s), {s['responses_saved']} responses saved ({s['responses_per_s']:.1f}/s), "
           f"{s['sessions_per_min']:.1f} sessions/min, {s['reconnects']} reconnects", file=file)
-    print(f"  {'route':<18}{'n':>7}{'mean':>9}{'p50':>9}{'p90':>9}{'p99':>9}{'max':>9}  (ms)", file=file)
+    print(f"  {'route':<18}{'n':>7}{'mean':>9}{'p50':>9}{'p90':>9}{'p99':>9}{'max':>9}  (ms, whole run)", file=file)
     for route in ROUTES:
         if route in s["routes"]:
             r = s["routes"][route]
             print(f"  {route:<18}{r['n']:>7}{r['mean_ms']:>9.1f}{r['p50_ms']:>9.1f}{r['p90_ms']:>9.1f}"
                   f"{r['p99_ms']:>9.1f}{r['max_ms']:>9.1f}", file=file)
+    if s["steady_routes"]:
+        print(f"  steady state (after every participant reached its first trial, {s['arrival_s']:.1f} s in):",
+              file=file)
+        for route in ("state", "response"):
+            if route in s["steady_routes"]:
+                r = s["steady_routes"][route]
+                print(f"  {route:<18}{r['n']:>7}{r['mean_ms']:>9.1f}{r['p50_ms']:>9.1f}{r['p90_ms']:>9.1f}"
+                      f"{r['p99_ms']:>9.1f}{r['max_ms']:>9.1f}", file=file)
