@@ -5,20 +5,12 @@ from pathlib import Path
 
 import click
 
-from sparsight.config import ConfigError, apply_settings, parse_override
+from sparsight.clitools import section_overrides
+from sparsight.config import ConfigError, apply_settings
 
 
 def _analysis_overrides(overrides) -> dict:
-    tree: dict = {}
-    for text in overrides:
-        try:
-            parsed = parse_override(text)
-        except ConfigError as err:
-            raise click.UsageError(str(err)) from None
-        if set(parsed) != {"analysis"}:
-            raise click.UsageError(f"--set {text!r}: only analysis.KEY=VALUE settings can be changed here")
-        tree.update(parsed["analysis"])
-    return tree
+    return section_overrides(overrides, "analysis")
 
 
 @click.command("analyze")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .config import ConfigError, load_study
+from .config import ConfigError, load_study, parse_override
 
 
 def study_options(fn):
@@ -31,3 +31,17 @@ def resolve_from_cli(study_file, profile, overrides, device):
         return load_study(study_file, profile, extra)
     except ConfigError as err:
         raise click.UsageError(str(err)) from None
+
+
+def section_overrides(overrides, section: str) -> dict:
+    """``--set SECTION.KEY=VALUE`` options of one section as ``{key: value}``; other sections are refused."""
+    tree: dict = {}
+    for text in overrides:
+        try:
+            parsed = parse_override(text)
+        except ConfigError as err:
+            raise click.UsageError(str(err)) from None
+        if set(parsed) != {section}:
+            raise click.UsageError(f"--set {text!r}: only {section}.KEY=VALUE settings can be changed here")
+        tree.update(parsed[section])
+    return tree

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import click
 
-from sparsight.clitools import resolve_from_cli, study_options
-from sparsight.config import ConfigError, parse_override
+from sparsight.clitools import resolve_from_cli, section_overrides, study_options
 
 RUN_DIR = click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
 DATABASE = click.option("--database", default=None, metavar="URL",
@@ -17,16 +16,7 @@ DATABASE = click.option("--database", default=None, metavar="URL",
 
 
 def _survey_overrides(overrides) -> dict:
-    tree: dict = {}
-    for text in overrides:
-        try:
-            parsed = parse_override(text)
-        except ConfigError as err:
-            raise click.UsageError(str(err)) from None
-        if set(parsed) != {"survey"}:
-            raise click.UsageError(f"--set {text!r}: only survey.KEY=VALUE settings can be changed here")
-        tree.update(parsed["survey"])
-    return tree
+    return section_overrides(overrides, "survey")
 
 
 def _build_app(run_dir: Path, database: str | None, survey: dict, **extra):

@@ -118,6 +118,25 @@ def transaction(sessions: sessionmaker):
         yield session
 
 
+@contextlib.contextmanager
+def scratch_postgres(admin_url: str, prefix: str = "sparsight_scratch"):
+    """A fresh, uniquely named database on the server of ``admin_url`` (a role with CREATEDB), dropped
+    afterwards — ``WITH (FORCE)`` (PostgreSQL 13+) also ends connections left open."""
+    import uuid
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(make_url(admin_url), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        try:
+            yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+        finally:
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
+
+
 def lock(session: Session, model, pk) -> object:
     """Load a row and lock it until the transaction ends (FOR UPDATE; SQLite already holds the write lock)."""
     return session.execute(select(model).where(model.id == pk).with_for_update()).scalar_one()

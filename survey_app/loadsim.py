@@ -38,6 +38,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .db import scratch_postgres  # noqa: F401  (used by benchmarks/survey_load.py)
+
 # Survey settings of the load runs: exclusions that only a too-fast robot would fail are relaxed
 # (min_instruction_s, min_total_s), since excluded participants stop holding balance slots.
 LOAD_SURVEY = {"practice_trials": 5, "main_trials": 40, "catch_trials": 5, "min_response_ms": 1500,
@@ -637,25 +639,6 @@ def _tail(path: Path, n: int = 4000) -> str:
         return Path(path).read_bytes()[-n:].decode("utf-8", "replace")
     except OSError:
         return ""
-
-
-@contextlib.contextmanager
-def scratch_postgres(admin_url: str, prefix: str = "sparsight_load"):
-    """A fresh database on the server of ``admin_url`` (a role with CREATEDB); dropped afterwards."""
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(make_url(admin_url), isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        try:
-            yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-        finally:
-            with admin.connect() as conn:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    finally:
-        admin.dispose()
 
 
 # ---- checks ----------------------------------------------------------------------------------

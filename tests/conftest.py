@@ -48,26 +48,14 @@ def database_url(request, tmp_path):
         return
 
     import os
-    import uuid
 
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
+    from survey_app.db import scratch_postgres
 
     admin_url = os.environ.get(DATABASE_URL_ENV)
     if not admin_url:
         pytest.skip(f"PostgreSQL tests need {DATABASE_URL_ENV} (e.g. postgresql+psycopg://user:pw@127.0.0.1:5432/db)")
-    name = f"sparsight_t_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(make_url(admin_url), isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        try:
-            yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-        finally:  # WITH (FORCE) (PostgreSQL 13+) also ends connections the test left open
-            with admin.connect() as conn:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    finally:
-        admin.dispose()
+    with scratch_postgres(admin_url, prefix="sparsight_t") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
