@@ -37,10 +37,11 @@ def sigmoid(x):
 
 
 def similarity_deltas(feats: torch.Tensor, q_max, q_min, r_max, r_min) -> torch.Tensor:
-    """Δ per task from features ``[N, D]`` and index tensors ``q_* [T]``, ``r_* [T, K]`` (float64)."""
+    """Δ per task from features ``[N, D]`` and index tensors ``q_* [T]``, ``r_* [T, K]`` (in float32, the
+    precision of the embeddings themselves)."""
     t, k = r_max.shape
     used, local = torch.cat([q_max, q_min, r_max.flatten(), r_min.flatten()]).unique(return_inverse=True)
-    f = torch.nn.functional.normalize(feats[used].double(), dim=1)
+    f = torch.nn.functional.normalize(feats[used].float(), dim=1)
     q_max, q_min = local[:t], local[t:2 * t]
     r_max, r_min = local[2 * t:2 * t + t * k].view(t, k), local[2 * t + t * k:].view(t, k)
     queries = torch.stack([f[q_max], f[q_min]], dim=2)               # [T, D, 2]
