@@ -140,7 +140,7 @@ def evaluate_cmd(checkpoint: Path, data_path, split, image_size, batch_size, dev
     ckpt = load_checkpoint(checkpoint, map_location=dev)
     size = image_size or get_spec(ckpt.arch).input_size
     loader = make_loader(data_path, split, image_size=size, batch_size=batch_size, train=False,
-                         on_corrupt=on_corrupt, device="cpu")
+                         on_corrupt=on_corrupt, device=dev)
     result = evaluate(ckpt.model, loader, device=dev)
     result.update(checkpoint=str(ckpt.path), arch=ckpt.arch, split=split)
     robust = None

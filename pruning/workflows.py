@@ -69,7 +69,7 @@ def build_loaders(cfg, data_root: str | Path, ctx: DistContext, *, train: bool =
     """Train and validation loaders for ``data_root`` according to ``cfg.data``."""
     d = cfg.data
     common = dict(image_size=d.image_size, cache=d.cache, augment=d.augment, on_corrupt=d.on_corrupt,
-                  num_workers=d.num_workers, device=ctx.device if d.cache == "memory" else "cpu",
+                  num_workers=d.num_workers, device=ctx.device, decode=d.decode,
                   rank=ctx.rank, world_size=ctx.world_size, progress=cfg.study.progress and ctx.is_main,
                   seed=cfg.study.seed)
     train_loader = make_loader(data_root, "train", batch_size=d.batch_size, train=True, **common) if train else None

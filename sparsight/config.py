@@ -64,6 +64,8 @@ class DataSection:
     num_workers: int = option(-1, "DataLoader workers; -1 picks from the CPU count", lo=-1)
     cache: str = option("auto", "decode the dataset once into memory ('auto': when it is small)",
                         choices=("auto", "memory", "none"))
+    decode: str = option("auto", "image folders too large for memory: decode JPEGs on the GPU ('auto': when "
+                                 "the study runs on one), in CPU workers, or on the device", choices=("auto", "cpu", "device"))
     on_corrupt: str = option("skip", "a file that cannot be decoded: skip with a warning, or fail",
                              choices=("skip", "error"))
     augment: str = option("auto", "training augmentation ('auto': shift-flip below 128 px, else imagenet)",

@@ -34,7 +34,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from pruning.data.folders import DataLayoutError, ImageFolderDataset, build_transform, split_dir
+from pruning.data.folders import DataLayoutError, ImageFolderDataset, build_transform, decodes_on_device, split_dir
+from pruning.data.jpeg import decoded_spans
 from pruning.models.registry import unwrap
 from sparsight.files import atomic_write_bytes
 
@@ -431,7 +432,7 @@ class _EvalMode:
 def mine(model: nn.Module, root: str | os.PathLike, split: str, layers: list[str], k: int, *, image_size: int,
          batch_size: int = 256, device=None, num_workers: int = 0, state_path: str | os.PathLike | None = None,
          save_every: int = 50, record: dict[str, list[int]] | None = None, progress: bool = False,
-         on_corrupt: str = "skip") -> MiningResult:
+         on_corrupt: str = "skip", decode: str = "auto") -> MiningResult:
     """Top-k / bottom-k images and statistics of every channel of ``layers`` over ``root/split``.
 
     One pass in the dataset's sorted order (eval mode, no gradients; training flags restored),
@@ -470,9 +471,13 @@ def mine(model: nn.Module, root: str | os.PathLike, split: str, layers: list[str
             if saved is not None:
                 miner.load_state_dict(saved["miner"])
                 position, skipped = int(saved["position"]), int(saved["skipped"])
-            loader = DataLoader(Subset(IndexedImages(dataset), range(position, len(files))), batch_size=batch_size,
-                                shuffle=False, num_workers=num_workers, collate_fn=collate_indexed,
-                                pin_memory=device.type == "cuda")
+            if decodes_on_device(decode, device):
+                loader = decoded_spans(dataset.samples, position, image_size=image_size, batch_size=batch_size,
+                                       device=device, on_corrupt=on_corrupt, num_workers=num_workers)
+            else:
+                loader = DataLoader(Subset(IndexedImages(dataset), range(position, len(files))),
+                                    batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                    collate_fn=collate_indexed, pin_memory=device.type == "cuda")
             from tqdm import tqdm
 
             bar = tqdm(loader, desc=f"mine {split}", disable=None if progress else True, leave=False)

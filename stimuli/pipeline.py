@@ -44,6 +44,7 @@ class StimuliSettings:
     skip_dead: bool = True
     seed: int = 0
     on_corrupt: str = "skip"
+    decode: str = "auto"
 
     @classmethod
     def from_config(cls, cfg) -> StimuliSettings:
@@ -52,7 +53,8 @@ class StimuliSettings:
                    query_percentile=s.query_percentile, image_size=cfg.data.image_size,
                    batch_size=cfg.data.eval_batch_size, fv_steps=s.fv_steps, fv_lr=s.fv_lr,
                    fv_image_size=s.fv_image_size, fv_batch_units=s.fv_batch_units, fv_diversity=s.fv_diversity,
-                   skip_dead=cfg.units.skip_dead, seed=cfg.study.seed, on_corrupt=cfg.data.on_corrupt)
+                   skip_dead=cfg.units.skip_dead, seed=cfg.study.seed, on_corrupt=cfg.data.on_corrupt,
+                   decode=cfg.data.decode)
 
     @property
     def k(self) -> int:
@@ -117,7 +119,8 @@ def make_stimuli(model, model_id: str, units: list[Unit], data_root: str | Path,
     mining_path = work_dir / f"{model_id}.mining.pt" if work_dir else None
     result = mine(model, data_root, settings.split, layers, settings.k, image_size=settings.image_size,
                   batch_size=settings.batch_size, device=device, record=record, progress=progress,
-                  state_path=work_dir / f"{model_id}.state.pt" if work_dir else None, on_corrupt=settings.on_corrupt)
+                  state_path=work_dir / f"{model_id}.state.pt" if work_dir else None, on_corrupt=settings.on_corrupt,
+                  decode=settings.decode)
     if mining_path is not None:
         result.save(mining_path)
     split_root = Path(data_root) / settings.split

@@ -280,11 +280,26 @@ def decode_to_memory(dataset: ImageFolderDataset, image_size: int, progress: boo
 MEMORY_CACHE_LIMIT_BYTES = 2 * 1024 ** 3
 
 
+DECODE_CHOICES = ("auto", "cpu", "device")
+
+
+def decodes_on_device(decode: str, device: torch.device | str) -> bool:
+    """Whether JPEG folders are decoded on ``device`` ('auto': on a CUDA GPU)."""
+    if decode not in DECODE_CHOICES:
+        raise ValueError(f"unknown decode {decode!r}; choose from {list(DECODE_CHOICES)}")
+    return decode == "device" or (decode == "auto" and torch.device(device).type == "cuda")
+
+
 def make_loader(root: str | os.PathLike, split: str, *, image_size: int, batch_size: int, train: bool,
                 seed: int = 0, cache: str = "auto", augment: str = "auto", on_corrupt: str = "skip",
                 num_workers: int = -1, device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1,
-                progress: bool = False):
-    """A loader over ``root/split``: in memory when small (``cache='auto'``), else a DataLoader."""
+                progress: bool = False, decode: str = "auto"):
+    """A loader over ``root/split`` for a model on ``device``.
+
+    Small sets (``cache='auto'``) are decoded once into memory (kept on ``device`` with
+    ``cache='memory'``); larger ones stream from the files, decoded by PIL in DataLoader workers or,
+    on a GPU (``decode='auto'`` or ``'device'``), by the device itself (:mod:`pruning.data.jpeg`).
+    """
     path = split_dir(root, split)
     augment = pick_augment(augment, image_size)
     dataset = ImageFolderDataset(path, transform=build_transform(image_size, train, augment), on_corrupt=on_corrupt)
@@ -295,7 +310,12 @@ def make_loader(root: str | os.PathLike, split: str, *, image_size: int, batch_s
     if in_memory:
         images, targets, skipped = decode_to_memory(dataset, image_size, progress)
         loader = MemoryLoader(images, targets, batch_size, train=train, seed=seed, augment=augment, rank=rank,
-                              world_size=world_size, skipped=skipped, device=device)
+                              world_size=world_size, skipped=skipped, device=device if cache == "memory" else "cpu")
+    elif decodes_on_device(decode, device):
+        from .jpeg import JpegFolderLoader
+        loader = JpegFolderLoader(dataset, batch_size, train=train, image_size=image_size, augment=augment,
+                                  seed=seed, num_workers=num_workers, device=device, rank=rank,
+                                  world_size=world_size)
     else:
         loader = FolderLoader(dataset, batch_size, train=train, seed=seed, num_workers=num_workers,
                               pin_memory=torch.device(device).type == "cuda", rank=rank, world_size=world_size)

@@ -1,0 +1,323 @@
+"""Folders of JPEGs decoded on the accelerator.
+
+Worker processes only read file bytes; the device decodes them in batches
+(``torchvision.io.decode_jpeg(..., device=...)``, nvJPEG on a CUDA GPU), then crops, resizes, flips
+and normalizes each image there.  The transforms reproduce the PIL path of
+:func:`pruning.data.folders.build_transform` (same resize rule, antialiased bilinear, same crop
+sampling), so the two paths give the same tensors up to decoder rounding.
+
+Files that are not JPEGs (PNG, …) or that the device decoder refuses (CMYK, …) are decoded on the
+CPU instead; a file no decoder can read is skipped with a warning that names it, or raises
+:class:`~pruning.data.folders.CorruptImageError` with ``on_corrupt="error"``.
+"""
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision import io as tvio
+from torchvision.transforms import functional as TF
+
+from .folders import (IMAGENET_MEAN, IMAGENET_STD, Batch, CorruptImageError, _epoch_seed, default_workers,
+                      open_image, pick_augment, shift_flip)
+
+JPEG_MAGIC = (0xFF, 0xD8)
+RRC_SCALE = (0.08, 1.0)
+RRC_RATIO = (3 / 4, 4 / 3)
+
+
+class EncodedImages(Dataset):
+    """``(file bytes, target, index)`` of ``samples``; bytes are ``None`` when the file cannot be read."""
+
+    def __init__(self, samples: list[tuple[str, int]]):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, target = self.samples[index]
+        try:
+            data = tvio.read_file(path)
+        except (OSError, RuntimeError):
+            data = None
+        return data, target, index
+
+
+def collate_encoded(items):
+    return list(items)
+
+
+def is_jpeg(data: torch.Tensor | None) -> bool:
+    return data is not None and data.numel() > 2 and int(data[0]) == JPEG_MAGIC[0] and int(data[1]) == JPEG_MAGIC[1]
+
+
+class DeviceDecoder:
+    """Encoded images → uint8 RGB ``(3, H, W)`` tensors on ``device``, JPEGs batched on the device."""
+
+    def __init__(self, device: torch.device | str = "cpu", on_corrupt: str = "skip"):
+        if on_corrupt not in ("skip", "error"):
+            raise ValueError(f"unknown on_corrupt {on_corrupt!r}; choose from ['error', 'skip']")
+        self.device = torch.device(device)
+        self.on_corrupt = on_corrupt
+
+    def __call__(self, datas: list, paths: list[str]) -> list[torch.Tensor | None]:
+        """One tensor per input, ``None`` for a skipped corrupt file."""
+        out: list[torch.Tensor | None] = [None] * len(datas)
+        jpegs = [i for i, d in enumerate(datas) if is_jpeg(d)]
+        if jpegs:
+            try:
+                decoded = tvio.decode_jpeg([datas[i] for i in jpegs], mode=tvio.ImageReadMode.RGB, device=self.device)
+                for i, img in zip(jpegs, decoded):
+                    out[i] = img
+            except RuntimeError:  # one bad file fails the batch: decode them one by one
+                for i in jpegs:
+                    out[i] = self._one_on_device(datas[i])
+        for i, img in enumerate(out):
+            if img is None:
+                out[i] = self._fallback(datas[i], paths[i])
+        return out
+
+    def _one_on_device(self, data: torch.Tensor) -> torch.Tensor | None:
+        try:
+            return tvio.decode_jpeg(data, mode=tvio.ImageReadMode.RGB, device=self.device)
+        except RuntimeError:
+            return None
+
+    def _fallback(self, data, path: str) -> torch.Tensor | None:
+        """CPU decoders: torchvision's, then PIL's; a file neither reads is corrupt."""
+        img = None
+        if data is not None:
+            try:
+                img = tvio.decode_image(data, mode=tvio.ImageReadMode.RGB)
+            except RuntimeError:
+                img = None
+        if img is None:
+            try:
+                img = TF.pil_to_tensor(open_image(path))
+            except CorruptImageError:
+                if self.on_corrupt == "error":
+                    raise
+                warnings.warn(f"skipping corrupt image: cannot decode image {path}", stacklevel=3)
+                return None
+        return img.to(self.device, non_blocking=True)
+
+
+# ---- per-image geometry, matching the PIL transforms -----------------------------------------------
+def eval_resize(image_size: int, augment: str) -> int:
+    """Shorter-side size before the centre crop, as :func:`build_transform` (``size/0.875`` for ImageNet)."""
+    return int(round(image_size / 0.875)) if augment == "imagenet" or image_size >= 128 else image_size
+
+
+def center_crop(img: torch.Tensor, image_size: int, augment: str) -> torch.Tensor:
+    img = TF.resize(img, [eval_resize(image_size, augment)], antialias=True)
+    return TF.center_crop(img, [image_size, image_size])
+
+
+def sample_resized_crop(height: int, width: int, generator: torch.Generator,
+                        scale=RRC_SCALE, ratio=RRC_RATIO) -> tuple[int, int, int, int]:
+    """``(top, left, h, w)`` drawn as torchvision's RandomResizedCrop draws them, from ``generator``."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
+        aspect = math.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator).item())
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
+            left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def random_resized_crop_flip(img: torch.Tensor, image_size: int, generator: torch.Generator) -> torch.Tensor:
+    top, left, h, w = sample_resized_crop(img.shape[-2], img.shape[-1], generator)
+    out = TF.resized_crop(img, top, left, h, w, [image_size, image_size], antialias=True)
+    if torch.rand(1, generator=generator).item() < 0.5:
+        out = out.flip(-1)
+    return out
+
+
+class DeviceTransform:
+    """A list of decoded uint8 images → one normalized float batch, augmented as the PIL path is."""
+
+    def __init__(self, image_size: int, *, train: bool, augment: str, device: torch.device):
+        self.image_size, self.train = image_size, train
+        self.augment = pick_augment(augment, image_size)
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+
+    def __call__(self, images: list[torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        if self.train and self.augment == "imagenet":
+            crops = [random_resized_crop_flip(img, self.image_size, generator) for img in images]
+        else:
+            crops = [center_crop(img, self.image_size, self.augment) for img in images]
+        x = torch.stack(crops).float().div_(255)
+        if self.train and self.augment == "shift-flip":
+            x = shift_flip(x, generator)
+        return (x - self.mean) / self.std
+
+
+# ---- loaders --------------------------------------------------------------------------------------
+class JpegFolderLoader:
+    """Training/evaluation batches from an ImageFolder, decoded and augmented on ``device``.
+
+    Same interface as :class:`~pruning.data.folders.FolderLoader` (``set_epoch``, ``len``,
+    iteration over :class:`Batch`).  On a CUDA device a background thread decodes the next batches
+    on a side stream while the model works on the current one.
+    """
+
+    def __init__(self, dataset, batch_size: int, *, train: bool, image_size: int, augment: str = "auto",
+                 seed: int = 0, num_workers: int = -1, device: torch.device | str = "cuda", rank: int = 0,
+                 world_size: int = 1, prefetch: int = 3):
+        self.dataset, self.train, self.seed = dataset, train, seed
+        self.device = torch.device(device)
+        self.decoder = DeviceDecoder(self.device, dataset.on_corrupt)
+        self.transform = DeviceTransform(image_size, train=train, augment=augment, device=self.device)
+        self.prefetch = prefetch
+        self.epoch = 0
+        workers = default_workers(num_workers)
+        encoded = EncodedImages(dataset.samples)
+        self.sampler = DistributedSampler(encoded, num_replicas=world_size, rank=rank, shuffle=train, seed=seed,
+                                          drop_last=False) if world_size > 1 else None
+        self.order_generator = torch.Generator()
+        self.loader = DataLoader(
+            encoded, batch_size=batch_size, shuffle=train and self.sampler is None, sampler=self.sampler,
+            num_workers=workers, drop_last=train, collate_fn=collate_encoded,
+            prefetch_factor=4 if workers else None, generator=self.order_generator,
+            persistent_workers=False)
+        self.aug_generator = torch.Generator()
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.order_generator.manual_seed(_epoch_seed(self.seed, epoch))
+        self.aug_generator.manual_seed(_epoch_seed(self.seed + 1, epoch))
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def _prepare(self, items) -> Batch:
+        datas = [it[0] for it in items]
+        paths = [self.dataset.samples[it[2]][0] for it in items]
+        decoded = self.decoder(datas, paths)
+        keep = [i for i, img in enumerate(decoded) if img is not None]
+        skipped = len(items) - len(keep)
+        if not keep:
+            return Batch(torch.empty(0, device=self.device), torch.empty(0, dtype=torch.long, device=self.device),
+                         skipped)
+        images = self.transform([decoded[i] for i in keep], self.aug_generator)
+        targets = torch.as_tensor([items[i][1] for i in keep], dtype=torch.long).to(self.device, non_blocking=True)
+        return Batch(images, targets, skipped)
+
+    def __iter__(self):
+        if self.device.type == "cuda" and self.prefetch > 0:
+            yield from _prefetched(self.loader, self._prepare, self.device, self.prefetch)
+        else:
+            for items in self.loader:
+                yield self._prepare(items)
+
+
+def _prefetched(source, prepare, device: torch.device, depth: int):
+    """Run ``prepare`` over ``source`` in a thread on a side CUDA stream, ``depth`` results ahead."""
+    side = torch.cuda.Stream(device=device)
+    results: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def work():
+        try:
+            with torch.cuda.device(device), torch.cuda.stream(side):
+                for items in source:
+                    if stop.is_set():
+                        return
+                    out = prepare(items)
+                    event = torch.cuda.Event()
+                    event.record(side)
+                    results.put((out, event))
+            results.put((done, None))
+        except BaseException as err:  # surfaced in the consumer
+            results.put((err, None))
+
+    thread = threading.Thread(target=work, daemon=True, name="jpeg-decode")
+    thread.start()
+    current = torch.cuda.current_stream(device)
+    try:
+        while True:
+            out, event = results.get()
+            if out is done:
+                return
+            if isinstance(out, BaseException):
+                raise out
+            current.wait_event(event)
+            for t in _tensors(out):
+                t.record_stream(current)
+            yield out
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                results.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        thread.join()
+
+
+def _tensors(out):
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [v for v in vars(out).values() if isinstance(v, torch.Tensor)]
+
+
+# ---- sequential pass for activation mining --------------------------------------------------------
+@dataclass
+class DecodedSpan:
+    images: torch.Tensor          # normalized (n, 3, S, S) on the device
+    indices: torch.Tensor         # dataset indices of the kept images
+    positions: int                # dataset positions covered, corrupt ones included
+    skipped: int
+
+
+def decoded_spans(samples: list[tuple[str, int]], start: int, *, image_size: int, batch_size: int,
+                  device: torch.device | str, on_corrupt: str = "skip", num_workers: int = -1,
+                  prefetch: int = 3):
+    """Positions ``start, start+1, …`` of ``samples`` in order, decoded and centre-cropped on ``device``."""
+    device = torch.device(device)
+    decoder = DeviceDecoder(device, on_corrupt)
+    transform = DeviceTransform(image_size, train=False, augment="auto", device=device)
+    workers = default_workers(num_workers)
+    encoded = torch.utils.data.Subset(EncodedImages(samples), range(start, len(samples)))
+    loader = DataLoader(encoded, batch_size=batch_size, shuffle=False, num_workers=workers,
+                        collate_fn=collate_encoded, prefetch_factor=4 if workers else None)
+
+    def prepare(items) -> DecodedSpan:
+        decoded = decoder([it[0] for it in items], [samples[it[2]][0] for it in items])
+        keep = [i for i, img in enumerate(decoded) if img is not None]
+        indices = torch.as_tensor([items[i][2] for i in keep], dtype=torch.long)
+        images = (transform([decoded[i] for i in keep], None) if keep
+                  else torch.empty(0, 3, image_size, image_size, device=device))
+        return DecodedSpan(images, indices, len(items), len(items) - len(keep))
+
+    if device.type == "cuda" and prefetch > 0:
+        yield from _prefetched(loader, prepare, device, prefetch)
+    else:
+        for items in loader:
+            yield prepare(items)

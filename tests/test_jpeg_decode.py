@@ -1,0 +1,169 @@
+"""The device JPEG path (pruning.data.jpeg) against the PIL DataLoader path it replaces on a GPU.
+
+On the CPU ``decode_jpeg`` runs libjpeg-turbo, so these tests check the batching, geometry,
+augmentation sampling, fallbacks and corrupt-file handling of the same code a GPU runs; the
+``cuda`` test checks nvJPEG against the CPU decoder.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
+from torchvision.transforms import functional as TF
+
+from pruning.data.folders import (IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, FolderLoader, ImageFolderDataset,
+                                  build_transform, make_loader)
+from pruning.data.jpeg import DeviceDecoder, DeviceTransform, JpegFolderLoader, decoded_spans, sample_resized_crop
+
+LEVEL = 1 / 255 / min(IMAGENET_STD)  # one 8-bit grey level in normalized units
+
+
+def _photo(rng, h, w):
+    """A smooth random image with some texture (compresses like a photo, not like noise)."""
+    small = rng.integers(0, 256, (max(2, h // 16), max(2, w // 16), 3), dtype=np.uint8)
+    img = np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC), dtype=np.int16)
+    img = np.clip(img + rng.integers(-12, 13, img.shape), 0, 255).astype(np.uint8)
+    return Image.fromarray(img)
+
+
+@pytest.fixture(scope="module")
+def jpeg_folder(tmp_path_factory):
+    """train/ and val/ with 2 classes of JPEGs of varied sizes, one greyscale JPEG and one PNG."""
+    root = tmp_path_factory.mktemp("jpegs")
+    rng = np.random.default_rng(0)
+    sizes = [(60, 80), (90, 50), (75, 75), (120, 96), (41, 130), (64, 64)]
+    for split in ("train", "val"):
+        for c, cls in enumerate(("cat", "dog")):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i, (h, w) in enumerate(sizes):
+                _photo(rng, h, w).save(folder / f"{i}.jpg", quality=90)
+        _photo(rng, 70, 52).convert("L").save(root / split / "cat" / "grey.jpg", quality=90)
+        _photo(rng, 48, 66).save(root / split / "dog" / "lossless.png")
+    return root
+
+
+def _all(loader):
+    batches = list(loader)
+    return torch.cat([b.images for b in batches]), torch.cat([b.targets for b in batches])
+
+
+@pytest.mark.parametrize("image_size", [32, 128])
+def test_validation_batches_match_the_pil_loader(jpeg_folder, image_size):
+    """Same resize rule (size/0.875 from 128 px), antialiased resize and centre crop as PIL."""
+    ds = ImageFolderDataset(jpeg_folder / "val", transform=build_transform(image_size, train=False))
+    ref_x, ref_y = _all(FolderLoader(ds, 5, train=False, num_workers=0))
+    dev_x, dev_y = _all(JpegFolderLoader(ds, 5, train=False, image_size=image_size, num_workers=0, device="cpu"))
+    assert torch.equal(ref_y, dev_y)
+    assert dev_x.shape == ref_x.shape == (14, 3, image_size, image_size)
+    diff = (dev_x - ref_x).abs()
+    assert diff.max() <= 2 * LEVEL, diff.max() / LEVEL
+    assert diff.mean() <= 0.5 * LEVEL
+
+
+def test_make_loader_picks_device_decoding_only_when_asked_or_on_a_gpu(jpeg_folder):
+    common = dict(image_size=32, batch_size=4, train=False, cache="none", num_workers=0)
+    assert isinstance(make_loader(jpeg_folder, "val", **common), FolderLoader)
+    assert isinstance(make_loader(jpeg_folder, "val", decode="device", **common), JpegFolderLoader)
+    with pytest.raises(ValueError, match=r"choose from \['auto', 'cpu', 'device'\]"):
+        make_loader(jpeg_folder, "val", decode="gpu", **common)
+
+
+def test_resized_crop_parameters_are_drawn_as_torchvision_draws_them():
+    for seed in range(40):
+        h, w = [(375, 500), (500, 333), (40, 900), (900, 40)][seed % 4]
+        torch.manual_seed(seed)
+        expected = transforms.RandomResizedCrop.get_params(torch.empty(3, h, w), (0.08, 1.0), (3 / 4, 4 / 3))
+        got = sample_resized_crop(h, w, torch.Generator().manual_seed(seed))
+        assert got == tuple(expected)
+
+
+def test_training_augmentation_matches_pil_crop_flip_and_normalization(jpeg_folder):
+    path = jpeg_folder / "train" / "dog" / "3.jpg"
+    pil = Image.open(path).convert("RGB")
+    transform = DeviceTransform(96, train=True, augment="imagenet", device=torch.device("cpu"))
+    decoded = DeviceDecoder("cpu")([torch.from_numpy(np.fromfile(path, dtype=np.uint8))], [str(path)])
+    flips = set()
+    for seed in range(6):
+        out = transform(decoded, torch.Generator().manual_seed(seed))[0]
+        g = torch.Generator().manual_seed(seed)
+        top, left, h, w = sample_resized_crop(pil.height, pil.width, g)
+        flip = torch.rand(1, generator=g).item() < 0.5
+        flips.add(flip)
+        ref = TF.resized_crop(pil, top, left, h, w, [96, 96])
+        ref = TF.normalize(TF.to_tensor(TF.hflip(ref) if flip else ref), IMAGENET_MEAN, IMAGENET_STD)
+        assert (out - ref).abs().max() <= 3 * LEVEL + 1e-5
+    assert flips == {True, False}
+
+
+def test_training_epochs_are_seeded_and_shards_partition_the_data(jpeg_folder):
+    ds = ImageFolderDataset(jpeg_folder / "train")
+
+    def epoch(loader, e):
+        loader.set_epoch(e)
+        return _all(loader)
+
+    a = JpegFolderLoader(ds, 4, train=True, image_size=32, num_workers=0, device="cpu", seed=5)
+    b = JpegFolderLoader(ds, 4, train=True, image_size=32, num_workers=0, device="cpu", seed=5)
+    xa, ya = epoch(a, 1)
+    xb, yb = epoch(b, 1)
+    assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert not torch.equal(epoch(a, 2)[0], xa)
+    seen = []
+    for rank in range(2):
+        shard = JpegFolderLoader(ds, 1, train=False, image_size=32, num_workers=0, device="cpu", rank=rank,
+                                 world_size=2)
+        seen += [int(i) for items in shard.loader for _, _, i in items]
+    assert sorted(seen) == list(range(len(ds)))
+
+
+def test_corrupt_file_is_named_skipped_or_raised(jpeg_folder, tmp_path):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(jpeg_folder / "val", root / "val")
+    bad = root / "val" / "cat" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 truncated, not a JPEG body")
+    ds = ImageFolderDataset(root / "val")
+    with pytest.warns(UserWarning, match="broken.jpg"):
+        batches = list(JpegFolderLoader(ds, 6, train=False, image_size=32, num_workers=0, device="cpu"))
+    assert sum(b.skipped for b in batches) == 1
+    assert sum(len(b.targets) for b in batches) == 14
+    strict = ImageFolderDataset(root / "val", on_corrupt="error")
+    with pytest.raises(CorruptImageError, match="broken.jpg"):
+        list(JpegFolderLoader(strict, 6, train=False, image_size=32, num_workers=0, device="cpu"))
+
+
+def test_mining_spans_cover_every_position_in_order(jpeg_folder):
+    ds = ImageFolderDataset(jpeg_folder / "val")
+    spans = list(decoded_spans(ds.samples, 3, image_size=32, batch_size=4, device="cpu", num_workers=0))
+    assert torch.equal(torch.cat([s.indices for s in spans]), torch.arange(3, len(ds)))
+    assert sum(s.positions for s in spans) == len(ds) - 3
+
+
+def test_mining_on_device_decoded_images_matches_the_pil_path(jpeg_folder):
+    from pruning.models import create_model
+    from stimuli.mining import mine
+
+    torch.manual_seed(0)
+    model = create_model("inception-small", num_classes=2)
+    layers = ["inception3a", "inception4a"]
+    ref = mine(model, jpeg_folder, "val", layers, k=4, image_size=32, batch_size=5, decode="cpu")
+    dev = mine(model, jpeg_folder, "val", layers, k=4, image_size=32, batch_size=5, decode="device")
+    for layer in layers:
+        r, d = ref.layers[layer], dev.layers[layer]
+        assert torch.allclose(r.top_values, d.top_values, rtol=0.05, atol=0.05)
+        agree = (r.top_indices[:, 0] == d.top_indices[:, 0]).float().mean()
+        assert agree >= 0.9
+
+
+@pytest.mark.cuda
+def test_nvjpeg_decoding_matches_the_cpu_decoder(jpeg_folder):
+    ds = ImageFolderDataset(jpeg_folder / "val")
+    cpu_x, _ = _all(JpegFolderLoader(ds, 7, train=False, image_size=128, num_workers=0, device="cpu"))
+    gpu_x, _ = _all(JpegFolderLoader(ds, 7, train=False, image_size=128, num_workers=2, device="cuda"))
+    diff = (gpu_x.cpu() - cpu_x).abs()
+    assert diff.mean() <= 2 * LEVEL
+    assert diff.max() <= 16 * LEVEL
