@@ -64,11 +64,13 @@ def stimuli_cmd(what, study_file, profile, overrides, device, models, units, fre
     study.ctx = init_distributed(cfg.study.device)
     try:
         manifest, status = build_stimuli(study, kinds=WHAT[what], model_ids=list(models) or None, units=list(units),
-                                         fresh=fresh)
+                                         fresh=fresh) or (None, None)
     except ValueError as err:
         raise click.UsageError(str(err)) from None
     finally:
         study.ctx.close()
+    if manifest is None:    # another rank of a torchrun job: rank 0 reports
+        return
     import pandas as pd
     table = pd.read_parquet(manifest)
     click.echo(f"{manifest}: {len(table)} rows, {table['image'].nunique()} images; unit status in {status}")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -196,8 +197,8 @@ class _LayerState:
     @classmethod
     def from_state(cls, s: dict, device: torch.device) -> _LayerState:
         st = cls(s["top"].shape[0], device)
-        for name in ("top", "bottom", "min", "max", "sum", "sumsq"):
-            setattr(st, name, s[name].to(device))
+        for name in ("top", "bottom", "min", "max", "sum", "sumsq"):   # copies: merging updates them in place
+            setattr(st, name, s[name].to(device, copy=True))
         if s["rec_indices"].numel():
             st.rec_indices, st.rec_values = [s["rec_indices"].to(device)], [s["rec_values"].to(device)]
         return st
@@ -316,6 +317,31 @@ class ActivationMiner:
         self.n_seen = int(state["n_seen"])
         self._states = {name: _LayerState.from_state(s, self.device) for name, s in state["layers"].items()}
 
+    def absorb(self, state: dict) -> None:
+        """Fold in another miner's :meth:`state_dict` (e.g. another rank's share of the images).
+
+        Top-k keys, minima, maxima and sums combine exactly as if one miner had seen both shares.
+        """
+        if state.get("config") != self._config():
+            raise ValueError(f"mining state is for {state.get('config')}, not {self._config()}")
+        for name, s in state["layers"].items():
+            other = _LayerState.from_state(s, self.device)
+            mine = self._states.get(name)
+            if mine is None:
+                self._states[name] = other
+                continue
+            m = min(self.k, mine.top.shape[1] + other.top.shape[1])
+            mine.top = torch.topk(torch.cat([mine.top, other.top], 1), m, dim=1, sorted=False).values
+            mine.bottom = torch.topk(torch.cat([mine.bottom, other.bottom], 1), m, dim=1, largest=False,
+                                     sorted=False).values
+            torch.minimum(mine.min, other.min, out=mine.min)
+            torch.maximum(mine.max, other.max, out=mine.max)
+            mine.sum += other.sum
+            mine.sumsq += other.sumsq
+            mine.rec_indices += other.rec_indices
+            mine.rec_values += other.rec_values
+        self.n_seen += int(state["n_seen"])
+
     def result(self) -> dict[str, LayerMining]:
         """Per-layer :class:`LayerMining` on the CPU."""
         if self.n_seen == 0:
@@ -429,10 +455,23 @@ class _EvalMode:
             m.training = flag
 
 
+def shard_positions(n: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[int]:
+    """Dataset positions of ``rank``'s share: every ``world_size``-th batch of ``batch_size``, from batch ``rank``.
+
+    Whole batches keep each image's batch (and so its floating-point result) the same as in a
+    single-process pass.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside a world of {world_size} processes")
+    return [p for b in range(rank, math.ceil(n / batch_size), world_size)
+            for p in range(b * batch_size, min((b + 1) * batch_size, n))]
+
+
 def mine(model: nn.Module, root: str | os.PathLike, split: str, layers: list[str], k: int, *, image_size: int,
          batch_size: int = 256, device=None, num_workers: int = 0, state_path: str | os.PathLike | None = None,
          save_every: int = 50, record: dict[str, list[int]] | None = None, progress: bool = False,
-         on_corrupt: str = "skip", decode: str = "auto") -> MiningResult:
+         on_corrupt: str = "skip", decode: str = "auto", shard: tuple[int, int] = (0, 1),
+         gather=None) -> MiningResult:
     """Top-k / bottom-k images and statistics of every channel of ``layers`` over ``root/split``.
 
     One pass in the dataset's sorted order (eval mode, no gradients; training flags restored),
@@ -441,7 +480,13 @@ def mine(model: nn.Module, root: str | os.PathLike, split: str, layers: list[str
     and the number of dataset positions done are saved atomically every ``save_every`` batches and
     at the end; a rerun with the same model weights, layers, k, split, image size, record and files
     continues where it stopped and gives the same result as an uninterrupted run.  A state written
-    for other arguments is ignored with a warning.
+    for other arguments is ignored with a warning.  On a GPU (``decode='auto'`` or ``'device'``) the
+    files are decoded and cropped on the device (:func:`pruning.data.jpeg.decoded_spans`).
+
+    Under ``torchrun`` give ``shard=(rank, world_size)`` and ``gather`` (a collective returning
+    every rank's object in rank order, e.g. ``DistContext.all_gather_object``): each rank mines its
+    :func:`shard_positions`, then every rank combines all shares into the full result, equal to a
+    single-process pass.
     """
     if batch_size < 1 or save_every < 1:
         raise ValueError(f"batch_size and save_every must be at least 1, got {batch_size} and {save_every}")
@@ -451,8 +496,14 @@ def mine(model: nn.Module, root: str | os.PathLike, split: str, layers: list[str
     if not files:
         raise DataLayoutError(f"image folder {split_root} holds no images")
     record = {name: sorted({int(u) for u in units}) for name, units in (record or {}).items()} or None
+    rank, world = shard
+    if world > 1 and gather is None:
+        raise ValueError("a sharded pass needs gather, the collective that collects every rank's share")
+    positions = shard_positions(len(files), batch_size, rank, world)
     fingerprint = _fingerprint(model, split_root, files, split=split, layers=list(layers), k=k,
                                image_size=image_size, record=record)
+    if world > 1:
+        fingerprint = hashlib.sha256(f"{fingerprint}/{rank}/{world}/{batch_size}".encode()).hexdigest()
     params = list(model.parameters())
     home = params[0].device if params else torch.device("cpu")
     device = torch.device(device) if device is not None else home
@@ -471,13 +522,14 @@ def mine(model: nn.Module, root: str | os.PathLike, split: str, layers: list[str
             if saved is not None:
                 miner.load_state_dict(saved["miner"])
                 position, skipped = int(saved["position"]), int(saved["skipped"])
+            todo = positions[position:]
             if decodes_on_device(decode, device):
-                loader = decoded_spans(dataset.samples, position, image_size=image_size, batch_size=batch_size,
+                loader = decoded_spans(dataset.samples, todo, image_size=image_size, batch_size=batch_size,
                                        device=device, on_corrupt=on_corrupt, num_workers=num_workers)
             else:
-                loader = DataLoader(Subset(IndexedImages(dataset), range(position, len(files))),
-                                    batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                    collate_fn=collate_indexed, pin_memory=device.type == "cuda")
+                loader = DataLoader(Subset(IndexedImages(dataset), todo), batch_size=batch_size, shuffle=False,
+                                    num_workers=num_workers, collate_fn=collate_indexed,
+                                    pin_memory=device.type == "cuda")
             from tqdm import tqdm
 
             bar = tqdm(loader, desc=f"mine {split}", disable=None if progress else True, leave=False)
@@ -485,9 +537,15 @@ def mine(model: nn.Module, root: str | os.PathLike, split: str, layers: list[str
                 miner.update(batch.images, batch.indices)
                 position += batch.positions
                 skipped += batch.skipped
-                if b % save_every == 0 and position < len(files):
+                if b % save_every == 0 and position < len(positions):
                     save_state(miner, position, skipped)
             save_state(miner, position, skipped)
+            if world > 1:
+                shares = gather({"miner": miner.state_dict(), "skipped": skipped})
+                miner.load_state_dict(shares[0]["miner"])
+                for share in shares[1:]:
+                    miner.absorb(share["miner"])
+                skipped = sum(int(share["skipped"]) for share in shares)
             layers_result = miner.result()
             n_images = miner.n_seen
     finally:

@@ -108,26 +108,36 @@ def _dead_reason(layer_mining, unit: int, pruned_model: bool) -> str | None:
 
 def make_stimuli(model, model_id: str, units: list[Unit], data_root: str | Path, bank: StimulusBank,
                  settings: StimuliSettings, *, device=None, pruned_model: bool = False, work_dir: Path | None = None,
-                 progress: bool = False, exemplar_cache: dict | None = None) -> list[dict]:
-    """Fill ``bank`` with the stimuli of ``units`` for one model; return the per-unit status rows."""
+                 progress: bool = False, exemplar_cache: dict | None = None, shard: tuple[int, int] = (0, 1),
+                 gather=None) -> list[dict]:
+    """Fill ``bank`` with the stimuli of ``units`` for one model; return the per-unit status rows.
+
+    Under ``torchrun`` (``shard=(rank, world_size)`` with the ``gather`` collective) the ranks mine
+    shares of the images and combine them, then each rank renders its own units: exemplars of
+    every ``world_size``-th unit and every ``world_size``-th feature-visualization batch.  The
+    batches are the single-process ones, so the bank ends up the same; the status rows (every
+    unit) are the same on every rank.
+    """
     device = torch.device(device) if device else next(model.parameters()).device
     pending = {kind: [u for u in units if not bank.is_done(model_id, kind, u.layer, u.unit)]
                for kind in settings.kinds}
     layers = sorted({u.layer for u in units})
     record = ({layer: [u.unit for u in units if u.layer == layer] for layer in layers}
               if settings.query_percentile > 0 else None)
-    mining_path = work_dir / f"{model_id}.mining.pt" if work_dir else None
+    rank, world = shard
+    state_name = f"{model_id}.state.pt" if world == 1 else f"{model_id}.state.rank{rank}-of-{world}.pt"
     result = mine(model, data_root, settings.split, layers, settings.k, image_size=settings.image_size,
                   batch_size=settings.batch_size, device=device, record=record, progress=progress,
-                  state_path=work_dir / f"{model_id}.state.pt" if work_dir else None, on_corrupt=settings.on_corrupt,
-                  decode=settings.decode)
-    if mining_path is not None:
-        result.save(mining_path)
+                  state_path=work_dir / state_name if work_dir else None, on_corrupt=settings.on_corrupt,
+                  decode=settings.decode, shard=shard, gather=gather)
+    if work_dir is not None and rank == 0:
+        result.save(work_dir / f"{model_id}.mining.pt")
     split_root = Path(data_root) / settings.split
     cache = exemplar_cache if exemplar_cache is not None else {}
     images = cache.setdefault(("exemplars", str(split_root), settings.image_size),
                               ExemplarImages(result.files, bank, settings.image_size))
     status, tasks_of, alive = [], {}, []
+    own_units = set(units[rank::world])
     for u in units:
         lm = result.layers[u.layer]
         reason = _dead_reason(lm, u.unit, pruned_model) if settings.skip_dead else None
@@ -137,7 +147,7 @@ def make_stimuli(model, model_id: str, units: list[Unit], data_root: str | Path,
                            "reason": "" if reason is None else f"constant activation {float(lm.max[u.unit]):.4g}"})
         if reason is not None:
             for kind in settings.kinds:
-                if u in pending[kind]:
+                if u in pending[kind] and u in own_units:
                     bank.write_unit(model_id, kind, u.layer, u.unit, [])
             continue
         alive.append(u)
@@ -145,8 +155,8 @@ def make_stimuli(model, model_id: str, units: list[Unit], data_root: str | Path,
                                    seed=settings.seed, query_percentile=settings.query_percentile,
                                    recorded=lm.recorded.get(u.unit))
     if "natural" in settings.kinds:
-        for u in tqdm([u for u in alive if u in pending["natural"]], desc=f"{model_id} exemplars",
-                      disable=None if progress else True, leave=False):
+        own_pending = [u for u in alive if u in pending["natural"] and u in own_units]
+        for u in tqdm(own_pending, desc=f"{model_id} exemplars", disable=None if progress else True, leave=False):
             bank.write_unit(model_id, "natural", u.layer, u.unit, natural_rows(model_id, u, tasks_of[u], images,
                                                                                 split_root))
     if "synthetic" in settings.kinds:
@@ -156,18 +166,19 @@ def make_stimuli(model, model_id: str, units: list[Unit], data_root: str | Path,
                                 batch_size=max(1, settings.fv_batch_units) * 2 * settings.n_references,
                                 n_diverse=settings.n_references - 1, n_plain=1, diversity=settings.fv_diversity,
                                 seed=settings.seed)
-        for layer in sorted({u.layer for u in todo}):
-            chunk = [u for u in todo if u.layer == layer]
-            for start in range(0, len(chunk), settings.fv_batch_units):
-                part = chunk[start:start + settings.fv_batch_units]
-                rendered = render_units(model, layer, [u.unit for u in part], fv, device=device, progress=progress)
-                by_unit: dict[int, dict] = {}
-                for r in rendered:
-                    by_unit.setdefault(r.unit, {})[r.direction] = r
-                for u in part:
-                    bank.write_unit(model_id, "synthetic", u.layer, u.unit,
-                                    synthetic_rows(model_id, u, tasks_of[u], by_unit[u.unit], images, bank,
-                                                   split_root))
+        chunks = [(layer, [u for u in todo if u.layer == layer]) for layer in sorted({u.layer for u in todo})]
+        parts = [(layer, chunk[start:start + settings.fv_batch_units]) for layer, chunk in chunks
+                 for start in range(0, len(chunk), settings.fv_batch_units)]
+        if world > 1:   # equal shares: the ranks cut the same units into the same batches
+            parts = parts[rank::world]
+        for layer, part in parts:
+            rendered = render_units(model, layer, [u.unit for u in part], fv, device=device, progress=progress)
+            by_unit: dict[int, dict] = {}
+            for r in rendered:
+                by_unit.setdefault(r.unit, {})[r.direction] = r
+            for u in part:
+                bank.write_unit(model_id, "synthetic", u.layer, u.unit,
+                                synthetic_rows(model_id, u, tasks_of[u], by_unit[u.unit], images, bank, split_root))
     return status
 
 

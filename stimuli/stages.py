@@ -58,14 +58,19 @@ def _model_fingerprint(settings: StimuliSettings, checkpoint_sha: str, units: li
 
 
 def build_stimuli(study, *, kinds: tuple[str, ...] | None = None, model_ids: list[str] | None = None,
-                  units: list[str] | None = None, fresh: bool = False) -> tuple[Path, Path]:
+                  units: list[str] | None = None, fresh: bool = False) -> tuple[Path, Path] | None:
     """Stimuli of ``units`` (unit strings; default: the study's) for ``model_ids`` (default: the study's).
 
-    Returns the paths of ``stimuli/manifest.parquet`` and ``stimuli/units.csv``.
+    Returns the paths of ``stimuli/manifest.parquet`` and ``stimuli/units.csv`` (``None`` on the
+    other ranks under ``torchrun``, where every rank mines a share of the images and renders a
+    share of the units; rank 0 keeps the books and assembles the manifest).
     """
     from pruning.stages import data_root
+    from pruning.training import DistContext
 
     cfg = study.config
+    ctx = study.ctx or DistContext()
+    shard = (ctx.rank, ctx.world_size)
     settings = StimuliSettings.from_config(cfg)
     if kinds:
         settings.kinds = tuple(kinds)
@@ -74,28 +79,34 @@ def build_stimuli(study, *, kinds: tuple[str, ...] | None = None, model_ids: lis
     bank = StimulusBank(study.path("stimuli"))
     work = study.path("stimuli", "mining")
     cache: dict = {}
-    for mid in tqdm(model_ids, desc="stimuli", disable=None if cfg.study.progress else True):
-        ckpt = load_checkpoint(study.path("models", mid), map_location=study.ctx.device if study.ctx else "cpu")
+    for mid in tqdm(model_ids, desc="stimuli", disable=None if cfg.study.progress and ctx.is_main else True):
+        ckpt = load_checkpoint(study.path("models", mid), map_location=ctx.device)
         meta = read_meta(study.path("models", mid))
         fp = _model_fingerprint(settings, ckpt.sha256, units)
         stamp = bank.parts / mid / "fingerprint.txt"
-        if fresh or not stamp.is_file() or stamp.read_text() != fp:
-            shutil.rmtree(bank.parts / mid, ignore_errors=True)
-            for stale in work.glob(f"{mid}.*"):
-                stale.unlink()
-        stamp.parent.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(fp)
+        if ctx.is_main:
+            if fresh or not stamp.is_file() or stamp.read_text() != fp:
+                shutil.rmtree(bank.parts / mid, ignore_errors=True)
+                for stale in work.glob(f"{mid}.*"):
+                    stale.unlink()
+            stamp.parent.mkdir(parents=True, exist_ok=True)
+            stamp.write_text(fp)
+            work.mkdir(parents=True, exist_ok=True)
+        ctx.barrier()
         if meta.get("physical"):
-            bank.write_status(mid, [{"model_id": mid, "kind": k, "layer": u.layer, "unit": u.unit,
-                                     "status": "skipped", "reason": "physically pruned: channels renumbered"}
-                                    for k in settings.kinds for u in units])
+            if ctx.is_main:
+                bank.write_status(mid, [{"model_id": mid, "kind": k, "layer": u.layer, "unit": u.unit,
+                                         "status": "skipped", "reason": "physically pruned: channels renumbered"}
+                                        for k in settings.kinds for u in units])
             continue
-        work.mkdir(parents=True, exist_ok=True)
         status = make_stimuli(ckpt.model, mid, units, data_root(study), bank, settings,
                               device=ckpt.model.parameters().__next__().device, pruned_model=bool(meta.get("method")),
-                              work_dir=work, progress=cfg.study.progress, exemplar_cache=cache)
-        bank.write_status(mid, status)
-    return bank.assemble(model_ids)
+                              work_dir=work, progress=cfg.study.progress and ctx.is_main, exemplar_cache=cache,
+                              shard=shard, gather=ctx.all_gather_object)
+        if ctx.is_main:
+            bank.write_status(mid, status)
+    ctx.barrier()
+    return bank.assemble(model_ids) if ctx.is_main else None
 
 
 class StimuliStage:
@@ -111,9 +122,7 @@ class StimuliStage:
                 "image_size": cfg.data.image_size}
 
     def run(self, study) -> list[Path]:
-        if not study.is_main:
-            return []
-        return list(build_stimuli(study, fresh=study.forced))
+        return list(build_stimuli(study, fresh=study.forced) or [])
 
 
 # ---- Network Dissection -------------------------------------------------------------------------

@@ -59,7 +59,7 @@ def test_overrides_parse_toml_values_and_reject_bad_form():
 
 
 def test_unknown_profile_and_missing_file(tmp_path):
-    with pytest.raises(ConfigError, match=r"unknown profile 'huge'; choose from \['default', 'quick'\]"):
+    with pytest.raises(ConfigError, match=r"unknown profile 'huge'; choose from \['default', 'paper', 'quick'\]"):
         load_study(profile="huge")
     with pytest.raises(ConfigError, match="does not exist"):
         load_study(tmp_path / "none.toml")

@@ -1,5 +1,6 @@
 """The DDP code path under torchrun: one process must train exactly like the plain run."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -45,3 +46,54 @@ def test_torchrun_on_cuda_with_bf16_and_channels_last(tiny_data, tmp_path, arch)
     proc = _torchrun(args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / arch / "model.pt").is_file()
+
+
+def _torchrun_n(n, args):
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m", "sparsight",
+           *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.slow
+def test_stimuli_sharded_over_two_gloo_processes_equal_the_single_process_run(tiny_data, tmp_path):
+    """Two ranks mine shares of the images and render shares of the units; the bank is the plain run's."""
+    import pandas as pd
+
+    from stimuli.mining import MiningResult
+
+    def common(name):
+        return ["--set", f'study.output_dir="{tmp_path}"', "--set", f'study.name="{name}"', "--set",
+                "data.image_size=32", "--set", "study.progress=false", "--set", 'data.source="folder"',
+                "--set", f'data.path="{tiny_data}"', "--set", "data.eval_batch_size=16", "--device", "cpu"]
+
+    stim = ["--model", "base", "--unit", "inception3a:0-3", "--unit", "inception4a:0-4", "--set", "stimuli.n_tasks=2",
+            "--set", "stimuli.n_references=2", "--set", "stimuli.fv_steps=4", "--set", "stimuli.fv_batch_units=2"]
+    trained = CliRunner().invoke(main, ["train", "--epochs", "1", *common("plain")])
+    assert trained.exit_code == 0, trained.output
+    (tmp_path / "sharded" / "models").mkdir(parents=True)
+    shutil.copytree(tmp_path / "plain" / "models" / "base", tmp_path / "sharded" / "models" / "base")
+
+    plain = CliRunner().invoke(main, ["stimuli", *stim, *common("plain")])
+    assert plain.exit_code == 0, plain.output
+    proc = _torchrun_n(2, ["stimuli", *stim, *common("sharded")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "sharded" / "stimuli" / "mining" / "base.state.rank1-of-2.pt").is_file()
+
+    key = ["model_id", "kind", "layer", "unit", "task", "role", "rank"]
+    a, b = (pd.read_parquet(tmp_path / run / "stimuli" / "manifest.parquet").sort_values(key, ignore_index=True)
+            for run in ("plain", "sharded"))
+    assert len(a) == len(b) and set(a.kind) == {"natural", "synthetic"} and a.unit.nunique() == 5
+    pd.testing.assert_frame_equal(a.drop(columns="activation"), b.drop(columns="activation"))
+    assert (a.activation - b.activation).abs().max() <= 1e-5
+    images = sorted(p.name for p in (tmp_path / "plain" / "stimuli" / "images").iterdir())
+    assert images == sorted(p.name for p in (tmp_path / "sharded" / "stimuli" / "images").iterdir())
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "plain" / "stimuli" / "units.csv"),
+                                  pd.read_csv(tmp_path / "sharded" / "stimuli" / "units.csv"))
+    ma, mb = (MiningResult.load(tmp_path / run / "stimuli" / "mining" / "base.mining.pt")
+              for run in ("plain", "sharded"))
+    assert ma.n_images == mb.n_images == 60
+    for layer in ma.layers:
+        assert torch.equal(ma.layers[layer].top_indices, mb.layers[layer].top_indices)
+        assert torch.equal(ma.layers[layer].bottom_values, mb.layers[layer].bottom_values)
+        assert torch.allclose(ma.layers[layer].std, mb.layers[layer].std, rtol=1e-9)

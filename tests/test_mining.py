@@ -307,3 +307,31 @@ def test_training_flags_are_restored(net, tiny_data):
     net.inception3a.branch1.bn.eval()
     mine(net, tiny_data, "val", ["inception3a"], K, image_size=SIZE, batch_size=64)
     assert net.training and net.inception4a.training and not net.inception3a.branch1.bn.training
+
+
+def test_shards_cover_whole_batches_once():
+    from stimuli.mining import shard_positions
+
+    for n, bs, world in [(60, 7, 2), (60, 7, 3), (5, 8, 2), (64, 16, 4)]:
+        shares = [shard_positions(n, bs, r, world) for r in range(world)]
+        assert sorted(p for s in shares for p in s) == list(range(n))
+        for r, share in enumerate(shares):
+            assert all((p // bs) % world == r for p in share)
+    with pytest.raises(ValueError, match="outside a world of 2"):
+        shard_positions(10, 2, 2, 2)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_mining_combines_to_the_single_pass(net, tiny_data, world):
+    """Each rank mines its share; combining the shares (in rank order) gives the plain result."""
+    record = {"inception4a": [0, 7]}
+    plain = mine(net, tiny_data, "val", LAYERS, K, image_size=SIZE, batch_size=7, record=record)
+    shares = []
+    for rank in range(1, world):   # the other ranks' shares, collected as the collective would
+        mine(net, tiny_data, "val", LAYERS, K, image_size=SIZE, batch_size=7, record=record, shard=(rank, world),
+             gather=lambda share: shares.append(share) or [share] * world)
+    sharded = mine(net, tiny_data, "val", LAYERS, K, image_size=SIZE, batch_size=7, record=record,
+                   shard=(0, world), gather=lambda own: [own, *shares])
+    assert_same_result(plain, sharded)
+    with pytest.raises(ValueError, match="needs gather"):
+        mine(net, tiny_data, "val", LAYERS, K, image_size=SIZE, batch_size=7, shard=(0, 2))

@@ -1,6 +1,7 @@
 """The quick study end to end, and stage skipping by content."""
 import json
 import tomllib
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -95,11 +96,28 @@ def test_quick_study_scores_dissects_runs_machines_and_reports_every_model(quick
     assert "MIS natur" in output and "report:" in output and "sparsight serve" in output
 
 
-def test_default_profile_covers_the_seed_paper_design():
-    cfg = load_study(profile="default")
+def _covers_the_seed_paper_design(cfg):
     assert cfg.prune.rates == [0.2, 0.4, 0.6, 0.8]
     assert {"unstructured-global", "structured", "connection", "lrp"} <= set(cfg.prune.methods)
     assert set(cfg.prune.schedules) == {"oneshot", "iterative"}
+
+
+def test_default_profile_covers_the_seed_paper_design():
+    _covers_the_seed_paper_design(load_study(profile="default"))
+
+
+def test_example_study_files_resolve_to_their_designs():
+    studies = Path(__file__).resolve().parents[1] / "studies"
+    default = load_study(studies / "default.toml")
+    assert default.to_dict() == load_study(profile="default").to_dict()
+    gnet = load_study(studies / "googlenet-imagenet.toml")
+    _covers_the_seed_paper_design(gnet)
+    assert (gnet.model.arch, gnet.data.source, gnet.data.image_size) == ("googlenet", "folder", 224)
+    assert gnet.prune.exclude == ["conv1", "conv2", "conv3"]
+    assert (gnet.prune.retrain_epochs, gnet.prune.retrain_lr, gnet.prune.retrain_gamma) == (50, 0.01, 0.9)
+    # the published stimulus protocol, not the demo's smaller one
+    assert (gnet.stimuli.n_tasks, gnet.stimuli.n_references, gnet.stimuli.fv_steps) == (20, 9, 512)
+    assert gnet.study.profile == "paper"
 
 
 @pytest.mark.slow

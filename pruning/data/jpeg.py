@@ -296,15 +296,15 @@ class DecodedSpan:
     skipped: int
 
 
-def decoded_spans(samples: list[tuple[str, int]], start: int, *, image_size: int, batch_size: int,
+def decoded_spans(samples: list[tuple[str, int]], positions, *, image_size: int, batch_size: int,
                   device: torch.device | str, on_corrupt: str = "skip", num_workers: int = -1,
                   prefetch: int = 3):
-    """Positions ``start, start+1, …`` of ``samples`` in order, decoded and centre-cropped on ``device``."""
+    """The images at ``positions`` of ``samples``, in that order, decoded and centre-cropped on ``device``."""
     device = torch.device(device)
     decoder = DeviceDecoder(device, on_corrupt)
     transform = DeviceTransform(image_size, train=False, augment="auto", device=device)
     workers = default_workers(num_workers)
-    encoded = torch.utils.data.Subset(EncodedImages(samples), range(start, len(samples)))
+    encoded = torch.utils.data.Subset(EncodedImages(samples), list(positions))
     loader = DataLoader(encoded, batch_size=batch_size, shuffle=False, num_workers=workers,
                         collate_fn=collate_encoded, prefetch_factor=4 if workers else None)
 

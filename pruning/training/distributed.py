@@ -49,6 +49,14 @@ class DistContext:
         dist.all_reduce(t)
         return t.tolist()
 
+    def all_gather_object(self, obj) -> list:
+        """Every process's ``obj`` (picklable), in rank order (``[obj]`` in a single process)."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def close(self) -> None:
         if self.initialized_here and self.distributed:
             dist.destroy_process_group()
