@@ -25,18 +25,27 @@ def main():
 @click.option("--force", multiple=True, metavar="STAGE", help="rerun this stage even if it is up to date "
               "(repeatable; 'all' reruns everything)")
 @click.option("--show-options", is_flag=True, help="print every study setting with its default and exit")
-def run_cmd(study_path, study_file, profile, overrides, device, name, force, show_options):
-    """Run a study: data → base model → observer → evaluation (more stages as they exist).
+@click.option("--plan", is_flag=True, help="print the resolved study and which stages would run, then exit")
+def run_cmd(study_path, study_file, profile, overrides, device, name, force, show_options, plan):
+    """Run a study: data → base and observer models → pruning and retraining → robustness and
+    evaluation → stimuli → dissection → MIS → machine participants → analysis report.
 
     STUDY_PATH (or --study) is a TOML study file; without one the built-in embedded study runs.
     Outputs go to runs/<name>/ (study.toml holds the resolved configuration). A stage whose
-    inputs and outputs are unchanged is skipped; --force STAGE reruns it.
+    inputs and outputs are unchanged is skipped; --force STAGE reruns it. Under torchrun every
+    rank runs the same command (training with DDP, stimuli sharded); rank 0 writes the files.
     """
     if show_options:
         click.echo(describe_options())
         return
     overrides = tuple(overrides) + ((f'study.name="{name}"',) if name else ())
     cfg = resolve_from_cli(study_path or study_file, profile, overrides, device)
+    if plan:
+        from .study import plan_study
+        click.echo(cfg.to_toml())
+        for stage, state in plan_study(cfg, force=tuple(force)):
+            click.echo(f"{stage.name:13s} {state:11s} {stage.description}")
+        return
     from .study import run_study
     try:
         study = run_study(cfg, force=tuple(force), log=click.echo)

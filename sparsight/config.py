@@ -45,7 +45,7 @@ DEVICE_PATTERN = r"auto|cpu|cuda|cuda:\d+|mps"
 class StudySection:
     name: str = option("default", "study name; outputs go to <output_dir>/<name>/", pattern=r"[A-Za-z0-9_.-]+")
     profile: str = option("default", "size profile the defaults come from: 'paper' (the published protocol), "
-                                          "'default' (the demo), 'quick' (tests)", choices=("quick", "default", "paper"))
+                                     "'default' (the demo), 'quick' (tests)", choices=("quick", "default", "paper"))
     seed: int = option(0, "master seed; every random choice derives from it", lo=0)
     device: str = option("auto", "auto | cpu | cuda | cuda:N", pattern=DEVICE_PATTERN)
     output_dir: str = option("runs", "parent folder of study directories")
@@ -65,8 +65,8 @@ class DataSection:
     num_workers: int = option(-1, "DataLoader workers; -1 picks from the CPU count", lo=-1)
     cache: str = option("auto", "decode the dataset once into memory ('auto': when it is small)",
                         choices=("auto", "memory", "none"))
-    decode: str = option("auto", "image folders too large for memory: decode JPEGs on the GPU ('auto': when "
-                                 "the study runs on one), in CPU workers, or on the device", choices=("auto", "cpu", "device"))
+    decode: str = option("auto", "image folders too large for memory: JPEGs decoded by PIL in CPU workers, or on "
+                                 "the device ('auto': on a GPU)", choices=("auto", "cpu", "device"))
     on_corrupt: str = option("skip", "a file that cannot be decoded: skip with a warning, or fail",
                              choices=("skip", "error"))
     augment: str = option("auto", "training augmentation ('auto': shift-flip below 128 px, else imagenet)",
@@ -163,6 +163,8 @@ class StimuliSection:
     n_references: int = option(9, "references per side (K)", lo=1)
     query_percentile: float = option(0.0, "0 takes queries from the least extreme ranks of the top set; "
                                           "else the activation percentile (e.g. 99, 95, 85)", lo=0.0, hi=100.0)
+    mining_precision: str = option("fp32", "activation mining arithmetic: fp32, or bf16 autocast (faster on a GPU; "
+                                           "near-ties may swap)", choices=("fp32", "bf16"))
     fv_steps: int = option(512, "feature-visualization optimization steps", lo=1)
     fv_lr: float = option(0.05, "feature-visualization Adam learning rate", lo=0.0)
     fv_image_size: int = option(0, "feature-visualization size; 0 = model input size", lo=0)
@@ -282,16 +284,16 @@ PROFILES: dict[str, dict] = {
     # The demo: the whole design (4 methods × 4 rates × one-shot and iterative) on the embedded
     # default, sized to finish in under 10 minutes on 2 CPU cores (measured in README.md).
     "default": {
-        "data": {"train_per_class": 200, "val_per_class": 40, "batch_size": 32},
+        "data": {"train_per_class": 200, "val_per_class": 30, "batch_size": 32},
         "train": {"epochs": 8, "lr": 0.05},
         "observer": {"epochs": 5, "lr": 0.1},
         "prune": {"iterative_steps": 2, "retrain_epochs": 1, "iterative_epochs": 1, "lrp_images_per_class": 4},
-        "evaluate": {"severities": [1, 3, 5], "noise_levels": 7, "max_images": 200},
-        "units": {"units_per_layer": 3},
-        "stimuli": {"n_tasks": 10, "n_references": 5, "fv_steps": 48, "fv_batch_units": 32},
+        "evaluate": {"severities": [2, 4], "noise_levels": 5, "max_images": 100},
+        "units": {"units_per_layer": 2},
+        "stimuli": {"n_tasks": 8, "n_references": 3, "fv_steps": 32, "fv_batch_units": 16},
         "mis": {"bootstrap": 500},
-        "survey": {"practice_trials": 2, "main_trials": 20, "catch_trials": 2, "min_answers_per_position": 2,
-                   "min_total_s": 10.0, "machine_participants": 2},
+        "survey": {"practice_trials": 2, "main_trials": 12, "catch_trials": 2, "min_answers_per_position": 2,
+                   "min_total_s": 10.0},
         "analysis": {"bootstrap": 1000},
     },
     # The test suite: every pruning method at three rates, one-shot, on less data.

@@ -80,6 +80,28 @@ def default_stages() -> list[Stage]:
     return list(pruning_stages) + list(stimuli_stages) + list(survey_stages) + list(analysis_stages)
 
 
+def plan_study(config: StudyConfig, *, force: tuple[str, ...] = (), stages: list[Stage] | None = None):
+    """``(stage, "up to date" | "runs")`` for every stage, from the records on disk; nothing runs.
+
+    A stage after one that runs is reported from its current record: it may still be skipped when
+    its upstream outputs come out unchanged.
+    """
+    from pruning.training import DistContext
+
+    study = Study(config, DistContext())
+    plan = []
+    for stage in stages if stages is not None else default_stages():
+        try:
+            current = is_current(stage, study, fingerprint(stage, study))
+        except (OSError, ValueError):
+            current = False
+        current = current and "all" not in force and stage.name not in force
+        if current:
+            study.records[stage.name] = study.load_record(stage.name)
+        plan.append((stage, "up to date" if current else "runs"))
+    return plan
+
+
 def run_study(config: StudyConfig, *, force: tuple[str, ...] = (), stages: list[Stage] | None = None,
               log=print) -> Study:
     """Run (or skip) every stage of the study; return the study with each stage's record."""

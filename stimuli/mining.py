@@ -41,6 +41,7 @@ from pruning.models.registry import unwrap
 from sparsight.files import atomic_write_bytes
 
 STATE_FORMAT = "sparsight-mining-state/1"
+PRECISIONS = ("fp32", "bf16")
 RESULT_FORMAT = "sparsight-mining/1"
 _LOW = 2 ** 32          # the dataset index lives in the low 32 bits of a key
 _LOW_MASK = _LOW - 1
@@ -470,7 +471,7 @@ def shard_positions(n: int, batch_size: int, rank: int = 0, world_size: int = 1)
 def mine(model: nn.Module, root: str | os.PathLike, split: str, layers: list[str], k: int, *, image_size: int,
          batch_size: int = 256, device=None, num_workers: int = 0, state_path: str | os.PathLike | None = None,
          save_every: int = 50, record: dict[str, list[int]] | None = None, progress: bool = False,
-         on_corrupt: str = "skip", decode: str = "auto", shard: tuple[int, int] = (0, 1),
+         on_corrupt: str = "skip", decode: str = "auto", precision: str = "fp32", shard: tuple[int, int] = (0, 1),
          gather=None) -> MiningResult:
     """Top-k / bottom-k images and statistics of every channel of ``layers`` over ``root/split``.
 
@@ -482,6 +483,8 @@ def mine(model: nn.Module, root: str | os.PathLike, split: str, layers: list[str
     continues where it stopped and gives the same result as an uninterrupted run.  A state written
     for other arguments is ignored with a warning.  On a GPU (``decode='auto'`` or ``'device'``) the
     files are decoded and cropped on the device (:func:`pruning.data.jpeg.decoded_spans`).
+    ``precision="bf16"`` runs the model under bf16 autocast on channels_last batches (unit means
+    still accumulate in fp32): faster on a GPU, at the cost of near-ties changing order.
 
     Under ``torchrun`` give ``shard=(rank, world_size)`` and ``gather`` (a collective returning
     every rank's object in rank order, e.g. ``DistContext.all_gather_object``): each rank mines its
@@ -490,6 +493,8 @@ def mine(model: nn.Module, root: str | os.PathLike, split: str, layers: list[str
     """
     if batch_size < 1 or save_every < 1:
         raise ValueError(f"batch_size and save_every must be at least 1, got {batch_size} and {save_every}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose from {list(PRECISIONS)}")
     split_root = split_dir(root, split)
     dataset = ImageFolderDataset(split_root, transform=build_transform(image_size, train=False), on_corrupt=on_corrupt)
     files = [path for path, _ in dataset.samples]
@@ -502,6 +507,8 @@ def mine(model: nn.Module, root: str | os.PathLike, split: str, layers: list[str
     positions = shard_positions(len(files), batch_size, rank, world)
     fingerprint = _fingerprint(model, split_root, files, split=split, layers=list(layers), k=k,
                                image_size=image_size, record=record)
+    if precision != "fp32":
+        fingerprint = hashlib.sha256(f"{fingerprint}/{precision}".encode()).hexdigest()
     if world > 1:
         fingerprint = hashlib.sha256(f"{fingerprint}/{rank}/{world}/{batch_size}".encode()).hexdigest()
     params = list(model.parameters())
@@ -534,7 +541,12 @@ def mine(model: nn.Module, root: str | os.PathLike, split: str, layers: list[str
 
             bar = tqdm(loader, desc=f"mine {split}", disable=None if progress else True, leave=False)
             for b, batch in enumerate(bar, start=1):
-                miner.update(batch.images, batch.indices)
+                if precision == "bf16":
+                    with torch.autocast(device.type, dtype=torch.bfloat16):
+                        miner.update(batch.images.to(device, non_blocking=True).contiguous(
+                            memory_format=torch.channels_last), batch.indices)
+                else:
+                    miner.update(batch.images, batch.indices)
                 position += batch.positions
                 skipped += batch.skipped
                 if b % save_every == 0 and position < len(positions):

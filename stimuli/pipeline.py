@@ -45,6 +45,7 @@ class StimuliSettings:
     seed: int = 0
     on_corrupt: str = "skip"
     decode: str = "auto"
+    mining_precision: str = "fp32"
 
     @classmethod
     def from_config(cls, cfg) -> StimuliSettings:
@@ -54,7 +55,7 @@ class StimuliSettings:
                    batch_size=cfg.data.eval_batch_size, fv_steps=s.fv_steps, fv_lr=s.fv_lr,
                    fv_image_size=s.fv_image_size, fv_batch_units=s.fv_batch_units, fv_diversity=s.fv_diversity,
                    skip_dead=cfg.units.skip_dead, seed=cfg.study.seed, on_corrupt=cfg.data.on_corrupt,
-                   decode=cfg.data.decode)
+                   decode=cfg.data.decode, mining_precision=s.mining_precision)
 
     @property
     def k(self) -> int:
@@ -129,7 +130,7 @@ def make_stimuli(model, model_id: str, units: list[Unit], data_root: str | Path,
     result = mine(model, data_root, settings.split, layers, settings.k, image_size=settings.image_size,
                   batch_size=settings.batch_size, device=device, record=record, progress=progress,
                   state_path=work_dir / state_name if work_dir else None, on_corrupt=settings.on_corrupt,
-                  decode=settings.decode, shard=shard, gather=gather)
+                  decode=settings.decode, precision=settings.mining_precision, shard=shard, gather=gather)
     if work_dir is not None and rank == 0:
         result.save(work_dir / f"{model_id}.mining.pt")
     split_root = Path(data_root) / settings.split

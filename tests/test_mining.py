@@ -335,3 +335,20 @@ def test_sharded_mining_combines_to_the_single_pass(net, tiny_data, world):
     assert_same_result(plain, sharded)
     with pytest.raises(ValueError, match="needs gather"):
         mine(net, tiny_data, "val", LAYERS, K, image_size=SIZE, batch_size=7, shard=(0, 2))
+
+
+def test_bf16_mining_agrees_with_fp32_on_most_top_images(tiny_data):
+    torch.manual_seed(0)
+    model = create_model("inception-small", num_classes=10).eval()
+    fp32 = mine(model, tiny_data, "val", LAYERS, K, image_size=SIZE, batch_size=16)
+    bf16 = mine(model, tiny_data, "val", LAYERS, K, image_size=SIZE, batch_size=16, precision="bf16")
+    for name in LAYERS:
+        a, b = fp32.layers[name], bf16.layers[name]
+        assert not torch.equal(a.top_values, b.top_values)          # it did run in bf16
+        assert torch.allclose(a.top_values[:, 0], b.top_values[:, 0], rtol=0.05, atol=0.1)
+        live = a.max > a.min
+        overlap = [len(set(x.tolist()) & set(y.tolist())) / K
+                   for x, y in zip(a.top_indices[live], b.top_indices[live])]
+        assert sum(overlap) / len(overlap) >= 0.8
+    with pytest.raises(ValueError, match=r"choose from \['fp32', 'bf16'\]"):
+        mine(model, tiny_data, "val", LAYERS, K, image_size=SIZE, precision="fp16")

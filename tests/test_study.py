@@ -121,6 +121,27 @@ def test_example_study_files_resolve_to_their_designs():
 
 
 @pytest.mark.slow
+def test_plan_reports_current_stages_without_running_them(quick_run):
+    run_dir, _ = quick_run
+    args = ["run", "--profile", "quick", "--set", f'study.output_dir="{run_dir.parent}"', "--set",
+            "study.progress=false", "--plan"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "[prune]" in result.output and 'name = "quick"' in result.output    # the resolved study
+    names = {s.name for s in default_stages()}
+    states = {line.split()[0]: line.split()[1] for line in result.output.splitlines()
+              if len(line.split()) > 1 and line.split()[0] in names and line.split()[1] in ("up", "runs")}
+    assert set(states) == names and set(states.values()) == {"up"}
+    record = run_dir / ".stages" / "mis.json"
+    before = record.stat().st_mtime_ns
+    forced = CliRunner().invoke(main, args + ["--force", "mis"])
+    states = {line.split()[0]: line.split()[1] for line in forced.output.splitlines()
+              if len(line.split()) > 1 and line.split()[0] in names and line.split()[1] in ("up", "runs")}
+    assert states["mis"] == "runs" and states["base"] == "up"
+    assert record.stat().st_mtime_ns == before        # nothing ran
+
+
+@pytest.mark.slow
 def test_rerun_skips_current_stages_and_detects_changed_outputs(quick_run):
     run_dir, _ = quick_run
     result = CliRunner().invoke(main, ["run", "--profile", "quick", "--set", f'study.output_dir="{run_dir.parent}"',

@@ -19,6 +19,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import io as tvio
 from torchvision.transforms import functional as TF
@@ -43,14 +44,40 @@ class EncodedImages(Dataset):
     def __getitem__(self, index: int):
         path, target = self.samples[index]
         try:
-            data = tvio.read_file(path)
-        except (OSError, RuntimeError):
+            with open(path, "rb") as fh:
+                data = fh.read()
+        except OSError:
             data = None
         return data, target, index
 
 
-def collate_encoded(items):
-    return list(items)
+@dataclass
+class EncodedBatch:
+    """A batch of files' bytes packed into one uint8 tensor (one shared-memory block from a worker)."""
+    data: torch.Tensor
+    offsets: list[int]
+    lengths: list[int]          # -1: the file could not be read
+    targets: list[int]
+    indices: list[int]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def items(self) -> list[tuple[torch.Tensor | None, int, int]]:
+        """``(bytes tensor or None, target, index)`` per file; the tensors are views of ``data``."""
+        return [(self.data[o:o + n] if n >= 0 else None, t, i)
+                for o, n, t, i in zip(self.offsets, self.lengths, self.targets, self.indices)]
+
+
+def collate_encoded(items) -> EncodedBatch:
+    blobs = [d or b"" for d, _, _ in items]
+    lengths = [len(d) if d is not None else -1 for d, _, _ in items]
+    offsets = [0]
+    for blob in blobs[:-1]:
+        offsets.append(offsets[-1] + len(blob))
+    joined = b"".join(blobs)
+    data = torch.frombuffer(bytearray(joined), dtype=torch.uint8) if joined else torch.empty(0, dtype=torch.uint8)
+    return EncodedBatch(data, offsets, lengths, [t for _, t, _ in items], [i for _, _, i in items])
 
 
 def is_jpeg(data: torch.Tensor | None) -> bool:
@@ -114,9 +141,24 @@ def eval_resize(image_size: int, augment: str) -> int:
     return int(round(image_size / 0.875)) if augment == "imagenet" or image_size >= 128 else image_size
 
 
+def resized_shape(height: int, width: int, shorter: int) -> tuple[int, int]:
+    """torchvision's ``Resize(shorter)`` output size: the shorter side to ``shorter``, the other truncated."""
+    if height <= width:
+        return shorter, int(shorter * width / height)
+    return int(shorter * height / width), shorter
+
+
+def _resize(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 ``(3, h, w)`` → float ``(1, 3, *size)`` in [0, 255], antialiased bilinear (PIL's filter)."""
+    return F.interpolate(img[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+
+
 def center_crop(img: torch.Tensor, image_size: int, augment: str) -> torch.Tensor:
-    img = TF.resize(img, [eval_resize(image_size, augment)], antialias=True)
-    return TF.center_crop(img, [image_size, image_size])
+    """Resize the shorter side, then take the centre ``image_size`` square (float, 0–255)."""
+    h, w = resized_shape(img.shape[-2], img.shape[-1], eval_resize(image_size, augment))
+    x = _resize(img, (h, w))
+    top, left = int(round((h - image_size) / 2.0)), int(round((w - image_size) / 2.0))
+    return x[..., top:top + image_size, left:left + image_size]
 
 
 def sample_resized_crop(height: int, width: int, generator: torch.Generator,
@@ -143,32 +185,35 @@ def sample_resized_crop(height: int, width: int, generator: torch.Generator,
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def random_resized_crop_flip(img: torch.Tensor, image_size: int, generator: torch.Generator) -> torch.Tensor:
-    top, left, h, w = sample_resized_crop(img.shape[-2], img.shape[-1], generator)
-    out = TF.resized_crop(img, top, left, h, w, [image_size, image_size], antialias=True)
-    if torch.rand(1, generator=generator).item() < 0.5:
-        out = out.flip(-1)
-    return out
-
-
 class DeviceTransform:
-    """A list of decoded uint8 images → one normalized float batch, augmented as the PIL path is."""
+    """A list of decoded uint8 images → one normalized float batch, augmented as the PIL path is.
+
+    Per image one crop view and one antialiased resize (no uint8 round trip); flips, scaling and
+    normalization run once on the whole batch.
+    """
 
     def __init__(self, image_size: int, *, train: bool, augment: str, device: torch.device):
         self.image_size, self.train = image_size, train
         self.augment = pick_augment(augment, image_size)
-        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+        self.scale = (255 * torch.tensor(IMAGENET_STD, device=device)).view(1, 3, 1, 1)
+        self.shift = (255 * torch.tensor(IMAGENET_MEAN, device=device)).view(1, 3, 1, 1)
 
     def __call__(self, images: list[torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        size = self.image_size
         if self.train and self.augment == "imagenet":
-            crops = [random_resized_crop_flip(img, self.image_size, generator) for img in images]
+            crops, flips = [], []
+            for img in images:
+                top, left, h, w = sample_resized_crop(img.shape[-2], img.shape[-1], generator)
+                crops.append(_resize(img[:, top:top + h, left:left + w], (size, size)))
+                flips.append(torch.rand(1, generator=generator).item() < 0.5)
+            x = torch.cat(crops)
+            flip = torch.tensor(flips, device=x.device)
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
         else:
-            crops = [center_crop(img, self.image_size, self.augment) for img in images]
-        x = torch.stack(crops).float().div_(255)
-        if self.train and self.augment == "shift-flip":
-            x = shift_flip(x, generator)
-        return (x - self.mean) / self.std
+            x = torch.cat([center_crop(img, size, self.augment) for img in images])
+            if self.train and self.augment == "shift-flip":
+                x = shift_flip(x, generator)
+        return (x - self.shift) / self.scale
 
 
 # ---- loaders --------------------------------------------------------------------------------------
@@ -215,7 +260,8 @@ class JpegFolderLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
-    def _prepare(self, items) -> Batch:
+    def _prepare(self, batch: EncodedBatch) -> Batch:
+        items = batch.items()
         datas = [it[0] for it in items]
         paths = [self.dataset.samples[it[2]][0] for it in items]
         decoded = self.decoder(datas, paths)
@@ -308,7 +354,8 @@ def decoded_spans(samples: list[tuple[str, int]], positions, *, image_size: int,
     loader = DataLoader(encoded, batch_size=batch_size, shuffle=False, num_workers=workers,
                         collate_fn=collate_encoded, prefetch_factor=4 if workers else None)
 
-    def prepare(items) -> DecodedSpan:
+    def prepare(batch: EncodedBatch) -> DecodedSpan:
+        items = batch.items()
         decoded = decoder([it[0] for it in items], [samples[it[2]][0] for it in items])
         keep = [i for i, img in enumerate(decoded) if img is not None]
         indices = torch.as_tensor([items[i][2] for i in keep], dtype=torch.long)
