@@ -278,41 +278,43 @@ class StudyConfig:
 
 
 # ---- profiles ---------------------------------------------------------------------------
+def _overlay(base: dict, changes: dict) -> dict:
+    """``base`` with ``changes`` applied section by section (a new dict)."""
+    return {sec: {**base.get(sec, {}), **changes.get(sec, {})} for sec in {**base, **changes}}
+
+
+# The demo: the whole design (4 methods × 4 rates × one-shot and iterative) on the embedded
+# default, sized to finish in under 10 minutes on 2 CPU cores (measured in benchmarks/RESULTS.md).
+_DEMO = {
+    "data": {"train_per_class": 200, "val_per_class": 30, "batch_size": 32},
+    "train": {"epochs": 8, "lr": 0.05},
+    "observer": {"epochs": 5, "lr": 0.1},
+    "prune": {"iterative_steps": 2, "retrain_epochs": 1, "iterative_epochs": 1, "lrp_images_per_class": 4},
+    "evaluate": {"severities": [2, 4], "noise_levels": 5, "max_images": 100},
+    "units": {"units_per_layer": 2},
+    "stimuli": {"n_tasks": 8, "n_references": 3, "fv_steps": 32, "fv_batch_units": 16},
+    "mis": {"bootstrap": 500},
+    "survey": {"practice_trials": 2, "main_trials": 12, "catch_trials": 2, "min_answers_per_position": 2,
+               "min_total_s": 10.0},
+    "analysis": {"bootstrap": 1000},
+}
+
 PROFILES: dict[str, dict] = {
     # The protocol numbers of the papers (DESIGN §4, §6, §7): the built-in defaults unchanged.
     "paper": {},
-    # The demo: the whole design (4 methods × 4 rates × one-shot and iterative) on the embedded
-    # default, sized to finish in under 10 minutes on 2 CPU cores (measured in README.md).
-    "default": {
-        "data": {"train_per_class": 200, "val_per_class": 30, "batch_size": 32},
-        "train": {"epochs": 8, "lr": 0.05},
-        "observer": {"epochs": 5, "lr": 0.1},
-        "prune": {"iterative_steps": 2, "retrain_epochs": 1, "iterative_epochs": 1, "lrp_images_per_class": 4},
-        "evaluate": {"severities": [2, 4], "noise_levels": 5, "max_images": 100},
-        "units": {"units_per_layer": 2},
-        "stimuli": {"n_tasks": 8, "n_references": 3, "fv_steps": 32, "fv_batch_units": 16},
-        "mis": {"bootstrap": 500},
-        "survey": {"practice_trials": 2, "main_trials": 12, "catch_trials": 2, "min_answers_per_position": 2,
-                   "min_total_s": 10.0},
-        "analysis": {"bootstrap": 1000},
-    },
-    # The test suite: every pruning method at three rates, one-shot, on less data.
-    "quick": {
+    "default": _DEMO,
+    # The test suite: the demo's data, every pruning method at three rates, one-shot, fewer tasks.
+    "quick": _overlay(_DEMO, {
         "study": {"name": "quick"},
-        "data": {"train_per_class": 200, "val_per_class": 30, "batch_size": 32},
-        "train": {"epochs": 7, "lr": 0.05},
-        "observer": {"epochs": 5, "lr": 0.1},
+        "train": {"epochs": 7},
         "prune": {"methods": list(PRUNING_METHODS), "rates": [0.3, 0.6, 0.9], "schedules": ["oneshot"],
-                  "iterative_steps": 2,
-                  "retrain_epochs": 1, "iterative_epochs": 1, "lrp_images_per_class": 2},
-        "evaluate": {"severities": [1, 3, 5], "noise_levels": 5, "max_images": 100},
-        "units": {"units_per_layer": 2},
-        "stimuli": {"n_tasks": 4, "n_references": 3, "fv_steps": 16, "fv_batch_units": 16},
+                  "lrp_images_per_class": 2},
+        "evaluate": {"severities": [1, 3, 5]},
+        "stimuli": {"n_tasks": 4, "fv_steps": 16},
         "mis": {"bootstrap": 200},
-        "survey": {"practice_trials": 2, "main_trials": 6, "catch_trials": 1, "min_answers_per_position": 1,
-                   "min_total_s": 10.0},
+        "survey": {"main_trials": 6, "catch_trials": 1, "min_answers_per_position": 1},
         "analysis": {"bootstrap": 500},
-    },
+    }),
 }
 
 

@@ -1,6 +1,7 @@
 """Device choice and the DistributedDataParallel context (one code path for 1..N processes)."""
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -63,6 +64,9 @@ class DistContext:
             self.initialized_here = False
 
 
+STAGE_WAIT_HOURS = 12
+
+
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
 
@@ -77,6 +81,8 @@ def init_distributed(device_preference: str = "auto") -> DistContext:
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # generous timeout: other ranks wait at a barrier while rank 0 alone runs a long stage (dissection, MIS)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(hours=STAGE_WAIT_HOURS))
         here = True
     return DistContext(rank, world, local, device, here)
