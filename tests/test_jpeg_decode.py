@@ -175,3 +175,39 @@ def test_worker_processes_hand_over_packed_bytes(jpeg_folder):
     inline, _ = _all(JpegFolderLoader(ds, 4, train=False, image_size=32, num_workers=0, device="cpu"))
     workers, _ = _all(JpegFolderLoader(ds, 4, train=False, image_size=32, num_workers=2, device="cpu"))
     assert torch.equal(inline, workers)
+
+
+def _decode_threads():
+    import threading
+    return [t for t in threading.enumerate() if t.name == "jpeg-decode" and t.is_alive()]
+
+
+def test_background_decoding_gives_the_inline_batches_and_stops_cleanly(jpeg_folder, tmp_path):
+    """The thread the GPU path decodes in (here without CUDA streams): same batches, early exit, errors."""
+    ds = ImageFolderDataset(jpeg_folder / "train")
+
+    def epochs(loader):
+        out = []
+        for e in (0, 1):
+            loader.set_epoch(e)
+            out.append(_all(loader))
+        return out
+
+    common = dict(train=True, image_size=48, augment="imagenet", num_workers=0, device="cpu", seed=3)
+    inline = epochs(JpegFolderLoader(ds, 3, **common))
+    background = epochs(JpegFolderLoader(ds, 3, background=True, prefetch=2, **common))
+    for (xa, ya), (xb, yb) in zip(inline, background):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+    loader = JpegFolderLoader(ds, 1, background=True, prefetch=1, **common)
+    for _ in loader:      # leave after one batch while the thread has more queued
+        break
+    assert not _decode_threads()
+
+    import shutil
+    shutil.copytree(jpeg_folder / "val", tmp_path / "val")
+    (tmp_path / "val" / "cat" / "broken.jpg").write_bytes(b"\xff\xd8 not a JPEG")
+    strict = ImageFolderDataset(tmp_path / "val", on_corrupt="error")
+    with pytest.raises(CorruptImageError, match="broken.jpg"):
+        list(JpegFolderLoader(strict, 4, train=False, image_size=32, num_workers=0, device="cpu", background=True))
+    assert not _decode_threads()

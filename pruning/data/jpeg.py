@@ -12,6 +12,7 @@ CPU instead; a file no decoder can read is skipped with a warning that names it,
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import queue
 import threading
@@ -227,12 +228,13 @@ class JpegFolderLoader:
 
     def __init__(self, dataset, batch_size: int, *, train: bool, image_size: int, augment: str = "auto",
                  seed: int = 0, num_workers: int = -1, device: torch.device | str = "cuda", rank: int = 0,
-                 world_size: int = 1, prefetch: int = 3):
+                 world_size: int = 1, prefetch: int = 3, background: bool | None = None):
         self.dataset, self.train, self.seed = dataset, train, seed
         self.device = torch.device(device)
         self.decoder = DeviceDecoder(self.device, dataset.on_corrupt)
         self.transform = DeviceTransform(image_size, train=train, augment=augment, device=self.device)
         self.prefetch = prefetch
+        self.background = self.device.type == "cuda" if background is None else background
         self.epoch = 0
         workers = default_workers(num_workers)
         encoded = EncodedImages(dataset.samples)
@@ -275,7 +277,7 @@ class JpegFolderLoader:
         return Batch(images, targets, skipped)
 
     def __iter__(self):
-        if self.device.type == "cuda" and self.prefetch > 0:
+        if self.background and self.prefetch > 0:
             yield from _prefetched(self.loader, self._prepare, self.device, self.prefetch)
         else:
             for items in self.loader:
@@ -283,29 +285,38 @@ class JpegFolderLoader:
 
 
 def _prefetched(source, prepare, device: torch.device, depth: int):
-    """Run ``prepare`` over ``source`` in a thread on a side CUDA stream, ``depth`` results ahead."""
-    side = torch.cuda.Stream(device=device)
+    """Run ``prepare`` over ``source`` in a background thread, ``depth`` results ahead, in order.
+
+    On a CUDA device the thread works on a side stream; each result is handed over with an event
+    the consumer's stream waits for.  An error in the thread is raised in the consumer; a consumer
+    that stops early stops the thread.
+    """
+    cuda = device.type == "cuda"
+    side = torch.cuda.Stream(device=device) if cuda else None
     results: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
     done = object()
 
     def work():
         try:
-            with torch.cuda.device(device), torch.cuda.stream(side):
+            with (torch.cuda.device(device) if cuda else contextlib.nullcontext()), \
+                    (torch.cuda.stream(side) if cuda else contextlib.nullcontext()):
                 for items in source:
                     if stop.is_set():
                         return
                     out = prepare(items)
-                    event = torch.cuda.Event()
-                    event.record(side)
-                    results.put((out, event))
-            results.put((done, None))
+                    event = None
+                    if cuda:
+                        event = torch.cuda.Event()
+                        event.record(side)
+                    _put(results, (out, event), stop)
+            _put(results, (done, None), stop)
         except BaseException as err:  # surfaced in the consumer
-            results.put((err, None))
+            _put(results, (err, None), stop)
 
     thread = threading.Thread(target=work, daemon=True, name="jpeg-decode")
     thread.start()
-    current = torch.cuda.current_stream(device)
+    current = torch.cuda.current_stream(device) if cuda else None
     try:
         while True:
             out, event = results.get()
@@ -313,18 +324,24 @@ def _prefetched(source, prepare, device: torch.device, depth: int):
                 return
             if isinstance(out, BaseException):
                 raise out
-            current.wait_event(event)
-            for t in _tensors(out):
-                t.record_stream(current)
+            if cuda:
+                current.wait_event(event)
+                for t in _tensors(out):
+                    t.record_stream(current)
             yield out
     finally:
         stop.set()
-        while thread.is_alive():
-            try:
-                results.get(timeout=0.05)
-            except queue.Empty:
-                pass
         thread.join()
+
+
+def _put(results: queue.Queue, item, stop: threading.Event) -> None:
+    """Put ``item`` unless the consumer has gone (``stop``): never block forever on a full queue."""
+    while not stop.is_set():
+        try:
+            results.put(item, timeout=0.05)
+            return
+        except queue.Full:
+            continue
 
 
 def _tensors(out):
@@ -344,7 +361,7 @@ class DecodedSpan:
 
 def decoded_spans(samples: list[tuple[str, int]], positions, *, image_size: int, batch_size: int,
                   device: torch.device | str, on_corrupt: str = "skip", num_workers: int = -1,
-                  prefetch: int = 3):
+                  prefetch: int = 3, background: bool | None = None):
     """The images at ``positions`` of ``samples``, in that order, decoded and centre-cropped on ``device``."""
     device = torch.device(device)
     decoder = DeviceDecoder(device, on_corrupt)
@@ -363,7 +380,7 @@ def decoded_spans(samples: list[tuple[str, int]], positions, *, image_size: int,
                   else torch.empty(0, 3, image_size, image_size, device=device))
         return DecodedSpan(images, indices, len(items), len(items) - len(keep))
 
-    if device.type == "cuda" and prefetch > 0:
+    if (device.type == "cuda" if background is None else background) and prefetch > 0:
         yield from _prefetched(loader, prepare, device, prefetch)
     else:
         for items in loader:
