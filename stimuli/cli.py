@@ -31,10 +31,14 @@ def stimuli_cmd(what, study_file, profile, overrides, device, models, units, fre
     Natural exemplars come from one streamed pass over the data split (top and bottom
     N·(K+1) images per unit, fair batches); feature visualizations are optimized many units at a
     time. Images are stored content-addressed in <run_dir>/stimuli/images/ and described by
-    stimuli/manifest.parquet; finished units are skipped on a rerun. Example:
+    stimuli/manifest.parquet; finished units are skipped on a rerun. Under torchrun the ranks share
+    the work (mining: every world_size-th batch of images; rendering: every world_size-th unit or
+    feature-visualization batch) and the bank equals a single-process run's. Examples:
 
+    \b
       sparsight stimuli exemplars --model base --unit inception4a:0-7
       sparsight stimuli --preview base:inception4a:3 --task 2
+      torchrun --nproc_per_node=8 -m sparsight stimuli --study studies/googlenet-imagenet.toml
     """
     cfg = resolve_from_cli(study_file, profile, overrides, device)
     from sparsight.study import Study
