@@ -15,7 +15,8 @@ from torchvision.transforms import functional as TF
 
 from pruning.data.folders import (IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, FolderLoader, ImageFolderDataset,
                                   build_transform, make_loader)
-from pruning.data.jpeg import DeviceDecoder, DeviceTransform, JpegFolderLoader, decoded_spans, sample_resized_crop
+from pruning.data.jpeg import (DeviceDecoder, DeviceTransform, JpegFolderLoader, decoded_spans, jpeg_components,
+                               sample_resized_crop)
 
 LEVEL = 1 / 255 / min(IMAGENET_STD)  # one 8-bit grey level in normalized units
 
@@ -84,7 +85,7 @@ def test_training_augmentation_matches_pil_crop_flip_and_normalization(jpeg_fold
     path = jpeg_folder / "train" / "dog" / "3.jpg"
     pil = Image.open(path).convert("RGB")
     transform = DeviceTransform(96, train=True, augment="imagenet", device=torch.device("cpu"))
-    decoded = DeviceDecoder("cpu")([torch.from_numpy(np.fromfile(path, dtype=np.uint8))], [str(path)])
+    decoded = DeviceDecoder("cpu")([torch.from_numpy(np.fromfile(path, dtype=np.uint8))], [str(path)], [True])
     flips = set()
     for seed in range(6):
         out = transform(decoded, torch.Generator().manual_seed(seed))[0]
@@ -211,3 +212,27 @@ def test_background_decoding_gives_the_inline_batches_and_stops_cleanly(jpeg_fol
     with pytest.raises(CorruptImageError, match="broken.jpg"):
         list(JpegFolderLoader(strict, 4, train=False, image_size=32, num_workers=0, device="cpu", background=True))
     assert not _decode_threads()
+
+
+def test_only_greyscale_and_colour_jpegs_go_to_the_device_decoder(jpeg_folder, tmp_path):
+    """CMYK (4 components), PNGs and garbage are decoded on the CPU; the frame header tells them apart."""
+    import io
+
+    def encoded(img, **kw):
+        buf = io.BytesIO()
+        img.save(buf, **kw)
+        return buf.getvalue()
+
+    rgb = _photo(np.random.default_rng(1), 40, 60)
+    assert jpeg_components(encoded(rgb, format="JPEG")) == 3
+    assert jpeg_components(encoded(rgb, format="JPEG", progressive=True)) == 3
+    assert jpeg_components(encoded(rgb.convert("L"), format="JPEG")) == 1
+    assert jpeg_components(encoded(rgb.convert("CMYK"), format="JPEG")) == 4
+    assert jpeg_components(encoded(rgb, format="PNG")) is None
+    assert jpeg_components(b"\xff\xd8\xff") is None and jpeg_components(b"") is None
+    import shutil
+    shutil.copytree(jpeg_folder / "val", tmp_path / "val")
+    rgb.convert("CMYK").save(tmp_path / "val" / "dog" / "print.jpg", format="JPEG")
+    ds = ImageFolderDataset(tmp_path / "val", on_corrupt="error")
+    batches = list(JpegFolderLoader(ds, 8, train=False, image_size=32, num_workers=0, device="cpu"))
+    assert sum(len(b.targets) for b in batches) == 15 and not any(b.skipped for b in batches)

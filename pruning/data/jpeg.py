@@ -60,6 +60,7 @@ class EncodedBatch:
     lengths: list[int]          # -1: the file could not be read
     targets: list[int]
     indices: list[int]
+    device_ok: list[bool]       # a baseline/progressive JPEG with 1 or 3 components (the GPU decoder's kind)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -78,11 +79,38 @@ def collate_encoded(items) -> EncodedBatch:
         offsets.append(offsets[-1] + len(blob))
     joined = b"".join(blobs)
     data = torch.frombuffer(bytearray(joined), dtype=torch.uint8) if joined else torch.empty(0, dtype=torch.uint8)
-    return EncodedBatch(data, offsets, lengths, [t for _, t, _ in items], [i for _, _, i in items])
+    return EncodedBatch(data, offsets, lengths, [t for _, t, _ in items], [i for _, _, i in items],
+                        [jpeg_components(b) in (1, 3) for b in blobs])
 
 
-def is_jpeg(data: torch.Tensor | None) -> bool:
-    return data is not None and data.numel() > 2 and int(data[0]) == JPEG_MAGIC[0] and int(data[1]) == JPEG_MAGIC[1]
+SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+
+
+def jpeg_components(blob: bytes) -> int | None:
+    """Colour components of a JPEG, read from its frame header; ``None`` for anything else.
+
+    Greyscale (1) and YCbCr (3) JPEGs go to the device decoder; CMYK (4) and files that are not
+    JPEGs are decoded on the CPU (nvJPEG may turn CMYK into garbage instead of refusing it).
+    """
+    if len(blob) < 4 or blob[0] != JPEG_MAGIC[0] or blob[1] != JPEG_MAGIC[1]:
+        return None
+    i = 2
+    while i + 4 <= len(blob):
+        if blob[i] != 0xFF:
+            return None
+        marker = blob[i + 1]
+        if marker == 0xFF:                          # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+            continue
+        if marker in SOF_MARKERS:
+            return blob[i + 9] if i + 9 < len(blob) else None
+        if marker == 0xDA:                          # scan data before any frame header
+            return None
+        i += 2 + ((blob[i + 2] << 8) | blob[i + 3])
+    return None
 
 
 class DeviceDecoder:
@@ -94,11 +122,16 @@ class DeviceDecoder:
         self.device = torch.device(device)
         self.on_corrupt = on_corrupt
 
-    def __call__(self, datas: list, paths: list[str]) -> list[torch.Tensor | None]:
-        """One tensor per input, ``None`` for a skipped corrupt file."""
+    def __call__(self, datas: list, paths: list[str], device_ok: list[bool]) -> list[torch.Tensor | None]:
+        """One tensor per input, ``None`` for a skipped corrupt file; ``device_ok`` marks the inputs the
+        device decoder may take (see :func:`jpeg_components`)."""
         out: list[torch.Tensor | None] = [None] * len(datas)
-        jpegs = [i for i, d in enumerate(datas) if is_jpeg(d)]
+        jpegs = [i for i, (d, ok) in enumerate(zip(datas, device_ok)) if ok and d is not None]
         if jpegs:
+            if self.device.type == "cuda":
+                # nvJPEG writes its outputs on a stream of its own, without waiting for this one: memory
+                # freed here but still read by queued kernels must not be handed to it yet
+                torch.cuda.current_stream(self.device).synchronize()
             try:
                 decoded = tvio.decode_jpeg([datas[i] for i in jpegs], mode=tvio.ImageReadMode.RGB, device=self.device)
                 for i, img in zip(jpegs, decoded):
@@ -208,7 +241,8 @@ class DeviceTransform:
                 crops.append(_resize(img[:, top:top + h, left:left + w], (size, size)))
                 flips.append(torch.rand(1, generator=generator).item() < 0.5)
             x = torch.cat(crops)
-            flip = torch.tensor(flips, device=x.device)
+            flip = torch.tensor(flips)
+            flip = flip.pin_memory().to(x.device, non_blocking=True) if x.is_cuda else flip
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
         else:
             x = torch.cat([center_crop(img, size, self.augment) for img in images])
@@ -243,9 +277,8 @@ class JpegFolderLoader:
         self.order_generator = torch.Generator()
         self.loader = DataLoader(
             encoded, batch_size=batch_size, shuffle=train and self.sampler is None, sampler=self.sampler,
-            num_workers=workers, drop_last=train, collate_fn=collate_encoded,
-            prefetch_factor=4 if workers else None, generator=self.order_generator,
-            persistent_workers=False)
+            drop_last=train, collate_fn=collate_encoded, generator=self.order_generator,
+            **_worker_options(workers, self.device, persistent=True))
         self.aug_generator = torch.Generator()
 
     @property
@@ -266,7 +299,7 @@ class JpegFolderLoader:
         items = batch.items()
         datas = [it[0] for it in items]
         paths = [self.dataset.samples[it[2]][0] for it in items]
-        decoded = self.decoder(datas, paths)
+        decoded = self.decoder(datas, paths, batch.device_ok)
         keep = [i for i, img in enumerate(decoded) if img is not None]
         skipped = len(items) - len(keep)
         if not keep:
@@ -282,6 +315,16 @@ class JpegFolderLoader:
         else:
             for items in self.loader:
                 yield self._prepare(items)
+
+
+def _worker_options(workers: int, device: torch.device, persistent: bool = False) -> dict:
+    """DataLoader worker settings.  With CUDA in use the workers (which only read files) start from a
+    fork server: they are started from the decode thread, and forking a process whose other threads
+    hold CUDA or allocator locks can deadlock the child."""
+    if not workers:
+        return {"num_workers": 0}
+    return {"num_workers": workers, "prefetch_factor": 4, "persistent_workers": persistent,
+            "multiprocessing_context": "forkserver" if device.type == "cuda" else None}
 
 
 def _prefetched(source, prepare, device: torch.device, depth: int):
@@ -316,7 +359,6 @@ def _prefetched(source, prepare, device: torch.device, depth: int):
 
     thread = threading.Thread(target=work, daemon=True, name="jpeg-decode")
     thread.start()
-    current = torch.cuda.current_stream(device) if cuda else None
     try:
         while True:
             out, event = results.get()
@@ -325,6 +367,7 @@ def _prefetched(source, prepare, device: torch.device, depth: int):
             if isinstance(out, BaseException):
                 raise out
             if cuda:
+                current = torch.cuda.current_stream(device)
                 current.wait_event(event)
                 for t in _tensors(out):
                     t.record_stream(current)
@@ -345,9 +388,9 @@ def _put(results: queue.Queue, item, stop: threading.Event) -> None:
 
 
 def _tensors(out):
-    if isinstance(out, torch.Tensor):
-        return [out]
-    return [v for v in vars(out).values() if isinstance(v, torch.Tensor)]
+    """The CUDA tensors of a result (``record_stream`` exists only for them)."""
+    values = [out] if isinstance(out, torch.Tensor) else list(vars(out).values())
+    return [v for v in values if isinstance(v, torch.Tensor) and v.is_cuda]
 
 
 # ---- sequential pass for activation mining --------------------------------------------------------
@@ -368,12 +411,12 @@ def decoded_spans(samples: list[tuple[str, int]], positions, *, image_size: int,
     transform = DeviceTransform(image_size, train=False, augment="auto", device=device)
     workers = default_workers(num_workers)
     encoded = torch.utils.data.Subset(EncodedImages(samples), list(positions))
-    loader = DataLoader(encoded, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        collate_fn=collate_encoded, prefetch_factor=4 if workers else None)
+    loader = DataLoader(encoded, batch_size=batch_size, shuffle=False, collate_fn=collate_encoded,
+                        **_worker_options(workers, device))
 
     def prepare(batch: EncodedBatch) -> DecodedSpan:
         items = batch.items()
-        decoded = decoder([it[0] for it in items], [samples[it[2]][0] for it in items])
+        decoded = decoder([it[0] for it in items], [samples[it[2]][0] for it in items], batch.device_ok)
         keep = [i for i, img in enumerate(decoded) if img is not None]
         indices = torch.as_tensor([items[i][2] for i in keep], dtype=torch.long)
         images = (transform([decoded[i] for i in keep], None) if keep
