@@ -102,6 +102,10 @@ def plan_study(config: StudyConfig, *, force: tuple[str, ...] = (), stages: list
     return plan
 
 
+def _quiet(*_args, **_kwargs) -> None:
+    pass
+
+
 def run_study(config: StudyConfig, *, force: tuple[str, ...] = (), stages: list[Stage] | None = None,
               log=print) -> Study:
     """Run (or skip) every stage of the study; return the study with each stage's record."""
@@ -114,6 +118,8 @@ def run_study(config: StudyConfig, *, force: tuple[str, ...] = (), stages: list[
         raise ValueError(f"unknown stage {unknown[0]!r} for --force; choose from {names + ['all']}")
     ctx = init_distributed(config.study.device)
     study = Study(config, ctx)
+    if not study.is_main:     # one log for the whole job: rank 0's
+        log = _quiet
     if study.is_main:
         write_study(config, study.run_dir)
     try:

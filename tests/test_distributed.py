@@ -97,3 +97,35 @@ def test_stimuli_sharded_over_two_gloo_processes_equal_the_single_process_run(ti
         assert torch.equal(ma.layers[layer].top_indices, mb.layers[layer].top_indices)
         assert torch.equal(ma.layers[layer].bottom_values, mb.layers[layer].bottom_values)
         assert torch.allclose(ma.layers[layer].std, mb.layers[layer].std, rtol=1e-9)
+
+
+TINY_STUDY = ["--profile", "quick", "--set", "study.progress=false", "--set", "data.train_per_class=20",
+              "--set", "data.val_per_class=15", "--set", "data.image_size=32", "--set",
+              'prune.methods=["structured","lrp"]', "--set", "prune.rates=[0.5]", "--set",
+              'prune.schedules=["oneshot","iterative"]', "--set", "train.epochs=1", "--set", "observer.epochs=1",
+              "--device", "cpu"]
+
+
+@pytest.mark.slow
+def test_whole_study_runs_under_torchrun_with_two_gloo_processes(tmp_path):
+    """Every stage under torchrun: DDP training, sharded stimuli, rank-0 stages behind barriers; one log."""
+    import pandas as pd
+
+    from sparsight.study import default_stages
+
+    args = ["run", *TINY_STUDY, "--set", f'study.output_dir="{tmp_path}"']
+    proc = _torchrun_n(2, args)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    run_dir = tmp_path / "quick"
+    for stage in default_stages():
+        assert proc.stdout.count(f"[{stage.name}] done in") == 1, stage.name     # rank 0 logs, once
+    assert proc.stdout.count("study directory:") == 1
+    models = pd.read_csv(run_dir / "evaluation.csv")
+    assert len(models) == 6 and set(models.method.dropna()) == {"structured", "lrp"}
+    manifest = pd.read_parquet(run_dir / "stimuli" / "manifest.parquet")
+    assert set(manifest.model_id) == set(models.model_id) - {"observer"}
+    assert list((run_dir / "stimuli" / "mining").glob("*.rank1-of-2.pt"))            # rank 1 did mine
+    assert (run_dir / "report" / "index.html").is_file()
+    again = _torchrun_n(2, args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("up to date, skipped") == len(default_stages())
