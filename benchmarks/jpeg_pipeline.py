@@ -10,7 +10,8 @@ Measured, in images/s, in one run on one device:
    flip in ``--workers`` DataLoader workers) vs the device path (``JpegFolderLoader``: workers read
    bytes, the device decodes in batches and crops, flips and normalizes);
 2. training ``--arch`` (SGD; bf16 autocast + channels_last, ``--compile`` optional) fed by each loader,
-   and fed one batch already in device memory (the ceiling no loader can beat);
+   and fed one batch already in device memory (the ceiling no loader can beat); then sparsight's own
+   retraining engine (``Trainer.fit``, second epoch) fed by each loader;
 3. activation mining of every unit layer of ``--arch`` over val/ (``stimuli.mining.mine``, k = 200)
    with ``decode="cpu"`` (PIL in workers) vs ``decode="device"``, in fp32 and bf16.
 
@@ -58,7 +59,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=60, help="timed training steps per measurement")
     p.add_argument("--warmup", type=int, default=15, help="untimed training steps first")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for the training runs")
-    p.add_argument("--skip", nargs="*", default=[], choices=["loader", "train", "mining"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["loader", "train", "trainer", "mining"])
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None, help="also write the results to this file")
     return p
@@ -152,6 +153,19 @@ def train_rate(args, source, device, size: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def trainer_rate(args, loader, device) -> float:
+    """Images/s of sparsight's retraining engine (``Trainer.fit``: bf16, channels_last, the retraining
+    optimizer and schedule) in the second of two epochs over the loader (the first pays for warm-up)."""
+    from pruning.training import DistContext, Trainer, TrainSettings
+
+    torch.manual_seed(0)
+    settings = TrainSettings(epochs=2, lr=0.01, weight_decay=1e-4, scheduler="exponential", amp="bf16",
+                             channels_last="on", compile=args.compile)
+    model = create_model(args.arch, num_classes=CLASSES)
+    history = Trainer(model, settings, ctx=DistContext(device=device), progress=False).fit(loader)
+    return float(history[-1]["images_per_s"])
+
+
 def mining_rate(args, root: Path, device, size: int, decode: str, precision: str) -> float:
     from stimuli.mining import mine
 
@@ -208,6 +222,11 @@ def main(args) -> dict:
             for label, source in (("device decode", dev()), ("batch in device memory", None)):
                 ips = train_rate(args, source, device, size)
                 rows += [("training", label, ips, ips / base)]
+        if "trainer" not in args.skip:
+            base = trainer_rate(args, pil(), device)
+            rows += [("retraining", "PIL DataLoader", base, 1.0)]
+            ips = trainer_rate(args, dev(), device)
+            rows += [("retraining", "device decode", ips, ips / base)]
         if "mining" not in args.skip:
             base = mining_rate(args, root, device, size, "cpu", "fp32")
             rows += [("mining", "PIL DataLoader, fp32", base, 1.0)]
