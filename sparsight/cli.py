@@ -78,15 +78,20 @@ def _print_summary(study) -> None:
             line = f"{r.model_id:{w}s} {method or '-':{mw}s} {r.rate_requested:5.2f} {r.sparsity:8.3f} {top1:>6s}"
             for k in kinds:
                 m = mis[(mis.model_id == r.model_id) & (mis.kind == k)]
-                cell = "" if m.empty or pd.isna(m.mis.iloc[0]) else (
-                    f"{m.mis.iloc[0]:.2f} [{m.mis_ci_low.iloc[0]:.2f},{m.mis_ci_high.iloc[0]:.2f}]")
+                if m.empty or pd.isna(m.mis.iloc[0]):
+                    cell = ""
+                elif pd.isna(m.mis_ci_low.iloc[0]):      # too few live units for a bootstrap interval
+                    cell = f"{m.mis.iloc[0]:.2f} ({int(m.units.iloc[0])} unit{'s' * (int(m.units.iloc[0]) != 1)})"
+                else:
+                    cell = f"{m.mis.iloc[0]:.2f} [{m.mis_ci_low.iloc[0]:.2f},{m.mis_ci_high.iloc[0]:.2f}]"
                 line += f" {cell:>17s}"
             if dis is not None:
                 d = dis[dis.model_id == r.model_id]
                 line += f" {'' if d.empty else f'{int(d.interpretable.iloc[0])}/{int(d.units.iloc[0])}':>9s}"
             click.echo(line)
         if mis is not None:
-            click.echo(f"MIS: mean over units with a 95 % bootstrap CI; α = {mis.alpha.iloc[0]:.3g} "
+            click.echo(f"MIS: mean over live units with a 95 % bootstrap CI (the unit count where too few live "
+                       f"units are left for one); α = {mis.alpha.iloc[0]:.3g} "
                        f"({mis.alpha_source.iloc[0]}), embedding {mis.embedding.iloc[0]}")
     click.echo(f"\nstudy directory: {study.run_dir}")
     if study.path("report", "index.html").is_file():
