@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from sparsight.clitools import section_overrides
+from sparsight.clitools import RUN_DIR_ARGUMENT, section_overrides
 from sparsight.config import ConfigError, apply_settings
 
 
@@ -14,15 +14,15 @@ def _analysis_overrides(overrides) -> dict:
 
 
 @click.command("analyze")
-@click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+@RUN_DIR_ARGUMENT
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path, resolve_path=True), default=None,
               help="report folder (default: RUN_DIR/report)")
-@click.option("--import", "import_csv", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--import", "import_csv", type=click.Path(dir_okay=False, path_type=Path, resolve_path=True), default=None,
               help="analyse this external trial-level CSV instead of the study's responses")
 @click.option("--map", "maps", multiple=True, metavar="CANONICAL=COLUMN",
               help="with --import: which CSV column holds participant, correct, unit, condition, confidence, rt, "
                    "catch, trial_type (also model_id, rate, kind, …); repeatable")
-@click.option("--mapping", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--mapping", type=click.Path(dir_okay=False, path_type=Path, resolve_path=True), default=None,
               help="with --import: a TOML file whose [columns] table maps canonical names to CSV columns")
 @click.option("--set", "overrides", multiple=True, metavar="analysis.KEY=VALUE",
               help="change an analysis setting for this report, e.g. --set analysis.tost_margin=0.03")
@@ -32,9 +32,10 @@ def analyze_cmd(run_dir, out, import_csv, maps, mapping, overrides):
     Reads RUN_DIR (models/*/meta.json, evaluation.csv, mis/, dissection/, robustness/ and
     responses.csv or the survey database) and writes RUN_DIR/report/index.html (self-contained),
     report/results.json and report/figures/*.png. Analyses whose data do not exist yet are listed
-    with the reason. External trial data (see --map for the canonical names):
+    with the reason. Examples, the second for external trial data (see --map for the canonical names):
 
     \b
+      sparsight analyze runs/default
       sparsight analyze runs/default --import trials.csv --map participant=subj \\
           --map correct=acc --map condition=cond --map rt=rt_ms
     """

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sparsight.config import StudyConfig, load_study
+from sparsight.config import StudyConfig, study_from_run_dir
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -90,8 +90,7 @@ def to_bool(values: pd.Series, name: str = "value", missing=np.nan) -> pd.Series
 
 def study_config(run_dir: str | Path) -> StudyConfig:
     """The resolved configuration in ``run_dir/study.toml`` (the built-in default when there is none)."""
-    toml = Path(run_dir) / "study.toml"
-    return load_study(toml) if toml.is_file() else load_study()
+    return study_from_run_dir(run_dir)
 
 
 def _read_table(path: Path) -> pd.DataFrame | None:

@@ -13,9 +13,12 @@ def responses_fingerprint(study) -> dict:
         path = study.path(name)
         if path.is_file():
             return {name: sha256_file(path)}
+    from sparsight.study import NotKnownWhilePlanning
+    from survey_app.stages import read_responses
     try:
-        from survey_app.stages import read_responses
-        return {"database_responses": len(read_responses(study.run_dir, study.config))}
+        return {"database_responses": len(read_responses(study.run_dir, study.config, connect=not study.planning))}
+    except NotKnownWhilePlanning:
+        raise
     except Exception as err:  # noqa: BLE001 - an unreachable database leaves the report to say so
         return {"database": f"unavailable: {type(err).__name__}"}
 

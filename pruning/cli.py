@@ -6,17 +6,22 @@ from pathlib import Path
 
 import click
 
-from sparsight.clitools import study_options, resolve_from_cli
+from sparsight.clitools import OPTIONAL_RUN_DIR, profile_choice, resolve_from_cli, resolve_study, study_options
+from sparsight.config import CORRUPTIONS, MODEL_NAMES, PRUNING_METHODS, SCHEDULES
 
 
 @click.group("data")
 def data_group():
-    """Datasets: generate the embedded concept-shapes data."""
+    """Datasets: generate the embedded concept-shapes data. Example:
+
+    \b
+      sparsight data synth data/shapes --seed 1
+    """
 
 
 @data_group.command("synth")
-@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--profile", type=click.Choice(["quick", "default"]), default="default", show_default=True,
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path, resolve_path=True))
+@click.option("--profile", type=profile_choice(), default="default", show_default=True,
               help="take image counts and size from this profile")
 @click.option("--seed", type=int, default=0, show_default=True, help="same seed → identical files")
 @click.option("--train-per-class", type=int, default=None, help="training images per class")
@@ -25,7 +30,12 @@ def data_group():
 def synth(out: Path, profile: str, seed: int, train_per_class, val_per_class, image_size):
     """Generate concept-shapes into OUT: 10 shape classes with colour, texture and background,
     ImageFolder layout (OUT/train/<class>/, OUT/val/<class>/) and per-pixel concept masks
-    (OUT/masks/...), deterministic by --seed."""
+    (OUT/masks/...), deterministic by --seed. Examples:
+
+    \b
+      sparsight data synth data/shapes
+      sparsight data synth data/tiny --train-per-class 20 --val-per-class 5 --image-size 32
+    """
     from sparsight.config import load_study
 
     from .data import concept_shapes
@@ -40,14 +50,15 @@ def synth(out: Path, profile: str, seed: int, train_per_class, val_per_class, im
 
 @click.command("train")
 @study_options
-@click.option("--data", "data_path", type=click.Path(exists=True, file_okay=False), default=None,
+@click.option("--data", "data_path", type=click.Path(exists=True, file_okay=False, resolve_path=True), default=None,
               help="ImageFolder root with train/ and val/ (default: the study's data)")
-@click.option("--arch", default=None, help="model name (see `sparsight train --list-models`)")
+@click.option("--arch", type=click.Choice(list(MODEL_NAMES)), default=None,
+              help="model name (see `sparsight train --list-models`)")
 @click.option("--weights", default=None, help="local weights file or cached torchvision weights name")
 @click.option("--epochs", type=int, default=None, help="training epochs")
 @click.option("--lr", type=float, default=None, help="peak learning rate")
 @click.option("--batch-size", type=int, default=None, help="batch size per process")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path, resolve_path=True), default=None,
               help="output folder for model.pt and meta.json (default: <run_dir>/models/<model-id>)")
 @click.option("--model-id", default="base", show_default=True, help="id written to meta.json")
 @click.option("--no-resume", is_flag=True, help="ignore a saved train_state.pt and start over")
@@ -61,9 +72,11 @@ def train_cmd(study_file, profile, overrides, device, data_path, arch, weights, 
 
     Runs on CPU or a GPU (bf16 autocast, channels_last); under `torchrun --nproc_per_node=N`
     it trains with DistributedDataParallel and rank 0 writes the files. An interrupted run
-    resumes from its last finished epoch. Example:
+    resumes from its last finished epoch. Examples:
 
+    \b
       sparsight train --data /data/imagenet --arch resnet50 --epochs 90 --set data.image_size=224
+      torchrun --nproc_per_node=8 -m sparsight train --data /data/imagenet --arch googlenet --epochs 90
     """
     from .models import MODELS
 
@@ -108,8 +121,8 @@ def train_cmd(study_file, profile, overrides, device, data_path, arch, weights, 
 
 
 @click.command("evaluate")
-@click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
-@click.option("--data", "data_path", type=click.Path(exists=True, file_okay=False), required=True,
+@click.argument("checkpoint", type=click.Path(exists=True, path_type=Path, resolve_path=True))
+@click.option("--data", "data_path", type=click.Path(exists=True, file_okay=False, resolve_path=True), required=True,
               help="ImageFolder root holding the split to evaluate")
 @click.option("--split", type=click.Choice(["val", "train"]), default="val", show_default=True)
 @click.option("--image-size", type=int, default=None, help="input size (default: the architecture's)")
@@ -117,9 +130,10 @@ def train_cmd(study_file, profile, overrides, device, data_path, arch, weights, 
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
 @click.option("--on-corrupt", type=click.Choice(["skip", "error"]), default="skip", show_default=True)
 @click.option("--robustness", is_flag=True, help="add corruption accuracy (and noise similarity with --parent)")
-@click.option("--parent", type=click.Path(exists=True, path_type=Path), default=None,
+@click.option("--parent", type=click.Path(exists=True, path_type=Path, resolve_path=True), default=None,
               help="parent checkpoint: noise similarity is top-1 agreement with it")
-@click.option("--corruption", "corruptions", multiple=True, help="corruption (repeatable; default: the study's)")
+@click.option("--corruption", "corruptions", multiple=True, type=click.Choice(list(CORRUPTIONS)),
+              help="corruption (repeatable; default: the study's)")
 @click.option("--severity", "severities", multiple=True, type=click.IntRange(1, 5), help="severity 1-5 (repeatable)")
 @click.option("--max-images", type=int, default=None, help="robustness on at most this many images (0 = all)")
 @click.option("--write-meta", is_flag=True, help="store the result in the checkpoint's meta.json")
@@ -129,7 +143,12 @@ def evaluate_cmd(checkpoint: Path, data_path, split, image_size, batch_size, dev
 
     With --robustness also top-1 under corruptions (severities 1-5, applied to tensors) and, given
     --parent, noise similarity (x + 2ε(U - 0.5), top-1 agreement with the parent); --write-meta
-    stores it as meta.json["robustness"].
+    stores it as meta.json["robustness"]. Examples:
+
+    \b
+      sparsight evaluate runs/default/models/base --data runs/default/data
+      sparsight evaluate runs/default/models/structured-oneshot-r0.4 --data runs/default/data \\
+          --robustness --parent runs/default/models/base --corruption contrast --severity 3
     """
     from .data.folders import make_loader
     from .models import get_spec, load_checkpoint, read_meta
@@ -172,32 +191,39 @@ def evaluate_cmd(checkpoint: Path, data_path, split, image_size, batch_size, dev
 
 
 @click.command("prune")
+@OPTIONAL_RUN_DIR
 @study_options
-@click.option("--parent", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="folder of the model to prune (default: <run_dir>/models/base)")
-@click.option("--data", "data_path", type=click.Path(exists=True, file_okay=False), default=None,
+@click.option("--parent", type=click.Path(exists=True, file_okay=False, path_type=Path, resolve_path=True),
+              default=None, help="folder of the model to prune (default: <run_dir>/models/base)")
+@click.option("--data", "data_path", type=click.Path(exists=True, file_okay=False, resolve_path=True), default=None,
               help="ImageFolder root with train/ and val/ (default: the study's data)")
-@click.option("--method", "methods", multiple=True, help="pruning method (repeatable; default: the study's)")
+@click.option("--method", "methods", multiple=True, type=click.Choice(list(PRUNING_METHODS)),
+              help="pruning method (repeatable; default: the study's)")
 @click.option("--rate", "rates", multiple=True, type=float, help="pruning rate in [0, 1) (repeatable)")
-@click.option("--schedule", "schedules", multiple=True, type=click.Choice(["oneshot", "iterative"]),
+@click.option("--schedule", "schedules", multiple=True, type=click.Choice(list(SCHEDULES)),
               help="schedule (repeatable; default: the study's)")
 @click.option("--steps", type=int, default=None, help="steps of the iterative schedule")
 @click.option("--epochs", type=int, default=None, help="retraining epochs (one-shot; per step when iterative)")
 @click.option("--exclude", multiple=True, help="layer never pruned (repeatable; default: the stem)")
 @click.option("--physical", is_flag=True, help="physically remove pruned channels (structured methods)")
 @click.option("--no-robustness", is_flag=True, help="skip corruption accuracy and noise similarity")
-@click.option("--out-root", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--out-root", type=click.Path(file_okay=False, path_type=Path, resolve_path=True), default=None,
               help="parent folder of the pruned model folders (default: <run_dir>/models)")
 @click.option("--list-methods", is_flag=True, help="list the registered pruning methods and exit")
-def prune_cmd(study_file, profile, overrides, device, parent, data_path, methods, rates, schedules, steps, epochs,
-              exclude, physical, no_robustness, out_root, list_methods):
+def prune_cmd(run_dir, study_file, profile, overrides, device, parent, data_path, methods, rates, schedules, steps,
+              epochs, exclude, physical, no_robustness, out_root, list_methods):
     """Prune a trained model by every (method, schedule, rate), retrain, and write models/<model_id>/.
+
+    RUN_DIR is a study directory (its study.toml is used); without it the study comes from --study,
+    --profile and --set.
 
     meta.json reports the requested rate, the measured sparsity after retraining (total and per
     layer), params, FLOPs, top-1/top-5 of the parent and before/after retraining, and robustness.
-    Example:
+    Examples:
 
-      sparsight prune --method lrp --method structured --rate 0.2 --rate 0.4 --epochs 3
+    \b
+      sparsight prune runs/default --method lrp --method structured --rate 0.2 --rate 0.4 --epochs 3
+      sparsight prune runs/default --method structured --rate 0.5 --physical
     """
     from .methods import METHODS
 
@@ -215,7 +241,7 @@ def prune_cmd(study_file, profile, overrides, device, parent, data_path, methods
     extra += ["prune.physical=true"] if physical else []
     if data_path:
         extra += ['data.source="folder"', f"data.path={json.dumps(str(data_path))}"]
-    cfg = resolve_from_cli(study_file, profile, overrides + tuple(extra), device)
+    cfg = resolve_study(run_dir, study_file, profile, overrides + tuple(extra), device)
 
     from sparsight.study import Study
 

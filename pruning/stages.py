@@ -120,7 +120,7 @@ class PruneStage:
                 "loader": {"image_size": d.image_size, "batch_size": d.batch_size, "augment": d.augment}}
 
     def run(self, study) -> list[Path]:
-        from tqdm import tqdm
+        from sparsight.progress import note
 
         cfg = study.config
         jobs = prune_jobs(cfg)
@@ -128,13 +128,13 @@ class PruneStage:
         for i, job in enumerate(jobs):
             out = study.path("models", job.model_id)
             if cfg.study.progress and study.is_main:
-                tqdm.write(f"[{i + 1}/{len(jobs)}] {job.model_id}")
+                note(f"[{i + 1}/{len(jobs)}] {job.model_id}")
             if loaders is None and (study.forced or not _is_finished(out)):
                 loaders = build_loaders(cfg, data_root(study), study.ctx)
             meta = prune_and_save(cfg, data_root(study), study.path("models", "base"), out, study.ctx, job,
                                   loaders=loaders, cache=cache, reuse=not study.forced)
             if cfg.study.progress and study.is_main and meta:
-                tqdm.write(f"    sparsity {meta['sparsity']['total']:.3f} · top-1 {meta['top1']['before']:.3f} "
+                note(f"    sparsity {meta['sparsity']['total']:.3f} · top-1 {meta['top1']['before']:.3f} "
                            f"→ {meta['top1']['after']:.3f} (parent {meta['top1']['parent']:.3f})")
             outputs += [out / "model.pt", out / "meta.json"]
         return outputs

@@ -1,25 +1,73 @@
-"""The ``sparsight`` command; each package contributes its subcommands from its own ``cli.py``."""
+"""The ``sparsight`` command; each package contributes its subcommands from its own ``cli.py``.
+
+This is also the command line's one error boundary: an error the user can fix (bad input, a missing
+file, an unreachable database) ends the command with one line ``Error: …`` and a non-zero exit; the
+traceback is shown only with ``sparsight --debug …`` or ``SPARSIGHT_DEBUG=1``.
+"""
 from __future__ import annotations
+
+import os
+import sys
 
 import click
 
 from .clitools import resolve_from_cli, study_options
 from .config import describe_options
+from .errors import user_error_message
+
+DEBUG_ENV = "SPARSIGHT_DEBUG"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class ErrorBoundary(click.Group):
+    """A click group whose errors end in one ``Error:`` line instead of a traceback."""
+
+    debug = False
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        type(self).debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
+        try:
+            super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Exit as stop:
+            sys.exit(stop.exit_code)
+        except click.Abort:
+            click.echo("Error: aborted", err=True)
+            sys.exit(1)
+        except click.ClickException as err:
+            message = " ".join(err.format_message().split())
+            if isinstance(err, click.UsageError) and err.ctx is not None:
+                message += f" (see `{err.ctx.command_path} --help`)"
+            click.echo(f"Error: {message}", err=True)
+            sys.exit(err.exit_code)
+        except Exception as err:    # noqa: BLE001 - sorted into fixable errors and bugs below
+            message = user_error_message(err)
+            if message is None or type(self).debug:
+                raise
+            click.echo(f"Error: {message}", err=True)
+            sys.exit(1)
+        sys.exit(0)
+
+
+@click.group(cls=ErrorBoundary, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="sparsight")
-def main():
+@click.option("--debug", is_flag=True, help=f"show the full traceback of an error (also: {DEBUG_ENV}=1)")
+def main(debug):
     """sparsight — does pruning a vision network change how interpretable its units are?
 
     Prune trained CNNs, render stimuli per unit, run forced-choice trials with people and a
     machine observer, and relate the scores to pruning rate. `sparsight run` drives the whole
-    study; with no study file it runs the embedded default (no downloads).
+    study; with no study file it runs the embedded default (no downloads). Examples:
+
+    \b
+      sparsight run                                  # the embedded default study (the demo)
+      sparsight run studies/googlenet-imagenet.toml --plan
+      sparsight serve runs/default                   # its survey for people
     """
+    if debug:
+        ErrorBoundary.debug = True
 
 
 @main.command("run")
-@click.argument("study_path", required=False, type=click.Path(dir_okay=False))
+@click.argument("study_path", required=False, type=click.Path(dir_okay=False, resolve_path=True))
 @study_options
 @click.option("--name", default=None, help="study name (output folder under study.output_dir)")
 @click.option("--force", multiple=True, metavar="STAGE", help="rerun this stage even if it is up to date "
@@ -34,6 +82,13 @@ def run_cmd(study_path, study_file, profile, overrides, device, name, force, sho
     Outputs go to runs/<name>/ (study.toml holds the resolved configuration). A stage whose
     inputs and outputs are unchanged is skipped; --force STAGE reruns it. Under torchrun every
     rank runs the same command (training with DDP, stimuli sharded); rank 0 writes the files.
+    Relative paths in a study file or --set are taken from the working directory. Examples:
+
+    \b
+      sparsight run                                   # the embedded default study (the demo)
+      sparsight run --profile quick --set units.units_per_layer=4
+      sparsight run studies/googlenet-imagenet.toml --plan
+      torchrun --nproc_per_node=8 -m sparsight run studies/googlenet-imagenet.toml
     """
     if show_options:
         click.echo(describe_options())
@@ -44,13 +99,13 @@ def run_cmd(study_path, study_file, profile, overrides, device, name, force, sho
         from .study import plan_study
         click.echo(cfg.to_toml())
         for stage, state in plan_study(cfg, force=tuple(force)):
+            state, _, why = state.partition(" (")
             click.echo(f"{stage.name:13s} {state:11s} {stage.description}")
+            if why:
+                click.echo(f"{'':25s} ({why}")
         return
     from .study import run_study
-    try:
-        study = run_study(cfg, force=tuple(force), log=click.echo)
-    except ValueError as err:
-        raise click.UsageError(str(err)) from None
+    study = run_study(cfg, force=tuple(force), log=click.echo)
     if study.is_main:
         _print_summary(study)
 

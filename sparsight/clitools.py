@@ -6,14 +6,26 @@ from pathlib import Path
 
 import click
 
-from .config import ConfigError, load_study, parse_override
+from .config import PROFILES, ConfigError, load_study, parse_override, study_from_run_dir
+
+#: A study directory given on the command line: made absolute where it enters.
+RUN_DIR_ARGUMENT = click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path,
+                                                             resolve_path=True))
+#: The same, optional: commands that can also build the study from --study/--profile/--set.
+OPTIONAL_RUN_DIR = click.argument("run_dir", required=False,
+                                  type=click.Path(file_okay=False, exists=True, path_type=Path, resolve_path=True))
+
+
+def profile_choice() -> click.Choice:
+    """Every profile that exists (the registry in ``sparsight.config.PROFILES``)."""
+    return click.Choice(list(PROFILES))
 
 
 def study_options(fn):
     """--study FILE, --profile, --set section.key=value (repeatable), --device."""
-    @click.option("--study", "study_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                  help="study TOML file (default: the built-in embedded study)")
-    @click.option("--profile", type=click.Choice(["quick", "default"]), default=None,
+    @click.option("--study", "study_file", type=click.Path(dir_okay=False, path_type=Path, resolve_path=True),
+                  default=None, help="study TOML file (default: the built-in embedded study)")
+    @click.option("--profile", type=profile_choice(), default=None,
                   help="size profile (default: the study file's, else 'default')")
     @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
                   help="override one setting, e.g. --set train.epochs=3 (repeatable)")
@@ -29,6 +41,20 @@ def resolve_from_cli(study_file, profile, overrides, device):
     extra = tuple(overrides) + ((f'study.device="{device}"',) if device else ())
     try:
         return load_study(study_file, profile, extra)
+    except ConfigError as err:
+        raise click.UsageError(str(err)) from None
+
+
+def resolve_study(run_dir, study_file, profile, overrides, device):
+    """The study of an existing RUN_DIR (its study.toml with --set/--device), else as
+    :func:`resolve_from_cli` builds it from --study/--profile/--set."""
+    if run_dir is None:
+        return resolve_from_cli(study_file, profile, overrides, device)
+    if study_file is not None or profile is not None:
+        raise click.UsageError("give either RUN_DIR (its study.toml is used) or --study/--profile, not both")
+    extra = tuple(overrides) + ((f'study.device="{device}"',) if device else ())
+    try:
+        return study_from_run_dir(run_dir, extra)
     except ConfigError as err:
         raise click.UsageError(str(err)) from None
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .files import absolute
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -26,9 +28,15 @@ class ConfigError(ValueError):
 
 
 def option(default: Any, doc: str = "", *, choices=None, each=None, lo=None, hi=None,
-           hi_open: bool = False, pattern: str | None = None):
-    """A config field: default, one-line doc and the constraints it is checked against."""
-    meta = dict(doc=doc, choices=choices, each=each, lo=lo, hi=hi, hi_open=hi_open, pattern=pattern)
+           hi_open: bool = False, pattern: str | None = None, path: str | None = None):
+    """A config field: default, one-line doc and the constraints it is checked against.
+
+    ``choices`` may be a callable returning them (a registry read when the value is checked).
+    ``path``: ``"always"`` (a filesystem path), ``"file-or-name"`` (a path when it looks like one,
+    else a registry name such as a torchvision weights name) or ``"database"`` (an SQLAlchemy URL
+    whose SQLite file is a path); such values are made absolute when a study is loaded.
+    """
+    meta = dict(doc=doc, choices=choices, each=each, lo=lo, hi=hi, hi_open=hi_open, pattern=pattern, path=path)
     return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
 
 
@@ -38,17 +46,24 @@ MODEL_NAMES = ("inception-small", "observer-small", "googlenet", "resnet18", "re
 PRUNING_METHODS = ("unstructured-local", "unstructured-global", "random", "structured", "connection",
                    "lrp", "weight", "gradient", "taylor", "imp")
 CORRUPTIONS = ("gaussian_noise", "gaussian_blur", "contrast", "jpeg", "brightness", "shot_noise", "pixelate")
+SCHEDULES = ("oneshot", "iterative")
+STIMULUS_KINDS = ("natural", "synthetic")
 DEVICE_PATTERN = r"auto|cpu|cuda|cuda:\d+|mps"
+
+
+def _profile_names() -> tuple[str, ...]:
+    return tuple(PROFILES)
 
 
 @dataclass
 class StudySection:
     name: str = option("default", "study name; outputs go to <output_dir>/<name>/", pattern=r"[A-Za-z0-9_.-]+")
     profile: str = option("default", "size profile the defaults come from: 'paper' (the published protocol), "
-                                     "'default' (the demo), 'quick' (tests)", choices=("quick", "default", "paper"))
+                                     "'default' (the demo), 'quick' (tests)", choices=_profile_names)
     seed: int = option(0, "master seed; every random choice derives from it", lo=0)
     device: str = option("auto", "auto | cpu | cuda | cuda:N", pattern=DEVICE_PATTERN)
-    output_dir: str = option("runs", "parent folder of study directories")
+    output_dir: str = option("runs", "parent folder of study directories (relative: to the working directory)",
+                             path="always")
     progress: bool = option(True, "show progress bars")
 
 
@@ -56,7 +71,7 @@ class StudySection:
 class DataSection:
     source: str = option("concept-shapes", "generated concept-shapes data, or an ImageFolder tree",
                          choices=("concept-shapes", "folder"))
-    path: str = option("", "for source='folder': root holding train/ and val/ class folders")
+    path: str = option("", "for source='folder': root holding train/ and val/ class folders", path="always")
     image_size: int = option(64, "side length of the network input in pixels", lo=16, hi=1024)
     train_per_class: int = option(500, "concept-shapes: training images per class", lo=1)
     val_per_class: int = option(100, "concept-shapes: validation images per class", lo=1)
@@ -76,7 +91,8 @@ class DataSection:
 @dataclass
 class ModelSection:
     arch: str = option("inception-small", "network to study", choices=MODEL_NAMES)
-    weights: str = option("", "local weights file, or a torchvision weights name found in the TORCH_HOME cache")
+    weights: str = option("", "local weights file, or a torchvision weights name found in the TORCH_HOME cache",
+                          path="file-or-name")
     num_classes: int = option(0, "classifier outputs; 0 takes the number of classes in the data", lo=0)
 
 
@@ -105,7 +121,8 @@ class TrainSection:
 @dataclass
 class ObserverSection:
     arch: str = option("observer-small", "observer network for the MIS embedding", choices=MODEL_NAMES)
-    weights: str = option("", "local weights; empty trains it on the study data (embedded default)")
+    weights: str = option("", "local weights; empty trains it on the study data (embedded default)",
+                          path="file-or-name")
     epochs: int = option(8, "training epochs for the observer", lo=0)
     lr: float = option(0.1, "peak learning rate for the observer", lo=0.0)
 
@@ -115,7 +132,7 @@ class PruneSection:
     methods: list = option(["unstructured-global", "structured", "connection", "lrp"],
                            "pruning methods", each=PRUNING_METHODS)
     rates: list = option([0.2, 0.4, 0.6, 0.8], "requested pruning rates", lo=0.0, hi=1.0, hi_open=True)
-    schedules: list = option(["oneshot", "iterative"], "schedules", each=("oneshot", "iterative"))
+    schedules: list = option(["oneshot", "iterative"], "schedules", each=SCHEDULES)
     iterative_steps: int = option(3, "steps of the iterative schedule", lo=1)
     norm: str = option("l1", "filter norm of structured pruning", choices=("l1", "l2"))
     physical: bool = option(False, "physically remove pruned channels (Torch-Pruning)")
@@ -156,7 +173,7 @@ class UnitsSection:
 
 @dataclass
 class StimuliSection:
-    kinds: list = option(["natural", "synthetic"], "stimulus kinds", each=("natural", "synthetic"))
+    kinds: list = option(["natural", "synthetic"], "stimulus kinds", each=STIMULUS_KINDS)
     split: str = option("val", "data split the natural exemplars are mined from", choices=("val", "train"))
     models: list = option([], "models that get stimuli (model ids); empty = every model of the study")
     n_tasks: int = option(20, "tasks per unit (N)", lo=1)
@@ -178,7 +195,8 @@ class MisSection:
     embedding: str = option("observer", "similarity embedding: 'observer' (the study's observer net), a registered "
                                         "model name with local weights, 'dreamsim', or 'pixels'")
     embedding_weights: str = option("", "weights of a model-name embedding (file or torchvision name in the "
-                                        "TORCH_HOME cache); for 'dreamsim' its local checkpoint folder")
+                                        "TORCH_HOME cache); for 'dreamsim' its local checkpoint folder",
+                                    path="file-or-name")
     embedding_size: int = option(0, "embedding input size in pixels; 0 = the backbone's own", lo=0)
     alpha: float = option(16.0, "slope turning similarity differences into P(correct) until fitted on humans",
                           lo=0.0)
@@ -208,12 +226,12 @@ class DissectionSection:
 @dataclass
 class SurveySection:
     database: str = option("", "SQLAlchemy URL (e.g. postgresql+psycopg://user:pw@host/db); empty = "
-                               "sqlite <run_dir>/survey.db")
+                               "sqlite <run_dir>/survey.db", path="database")
     condition_by: str = option("model-kind", "what one participant's trials share: one model and one reference "
                                              "kind (IMI), one kind, one model, or nothing",
                                choices=("model-kind", "kind", "model", "none"))
     models: list = option([], "models whose stimuli are served; empty = every model in the stimulus bank")
-    kinds: list = option(["natural", "synthetic"], "reference kinds served", each=("natural", "synthetic"))
+    kinds: list = option(["natural", "synthetic"], "reference kinds served", each=STIMULUS_KINDS)
     practice_trials: int = option(5, "practice trials", lo=0)
     practice_attempts: int = option(3, "practice repetitions allowed", lo=1)
     main_trials: int = option(40, "main trials per participant", lo=1)
@@ -261,6 +279,7 @@ class StudyConfig:
     dissection: DissectionSection = field(default_factory=DissectionSection)
     survey: SurveySection = field(default_factory=SurveySection)
     analysis: AnalysisSection = field(default_factory=AnalysisSection)
+    location = None     # the study directory when the study was opened from one (not a setting)
 
     # ---- views -------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -271,7 +290,8 @@ class StudyConfig:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.study.output_dir) / self.study.name
+        """The study directory: the one it was opened from, else ``<output_dir>/<name>``."""
+        return Path(self.location) if self.location else Path(self.study.output_dir) / self.study.name
 
     def section(self, name: str):
         return getattr(self, name)
@@ -353,8 +373,10 @@ def _check_value(where: str, value: Any, kind: type, meta: dict) -> Any:
         for v in value:
             _check_range(where, v, meta, fail)
         return list(value)
-    if meta.get("choices") is not None and value not in meta["choices"]:
-        fail(f"{value!r} is not valid; choose from {list(meta['choices'])}")
+    choices = meta.get("choices")
+    choices = choices() if callable(choices) else choices
+    if choices is not None and value not in choices:
+        fail(f"{value!r} is not valid; choose from {list(choices)}")
     if meta.get("pattern") and not re.fullmatch(meta["pattern"], value):
         fail(f"{value!r} is not valid; expected {meta['pattern'].replace('|', ' | ')}")
     _check_range(where, value, meta, fail)
@@ -397,6 +419,7 @@ def _apply(cfg: StudyConfig, tree: dict, origin: str) -> None:
 def apply_settings(cfg: StudyConfig, tree: dict, origin: str = "settings") -> StudyConfig:
     """Apply ``{section: {key: value}}`` to ``cfg`` with the same checks as a study file."""
     _apply(cfg, tree, origin)
+    absolutize_paths(cfg)
     validate_study(cfg)
     return cfg
 
@@ -438,7 +461,51 @@ def load_study(path: str | Path | None = None, profile: str | None = None,
         _apply(cfg, parse_override(text), f"override {text!r}")
     if profile:
         cfg.study.profile = profile
+    absolutize_paths(cfg)
     validate_study(cfg)
+    return cfg
+
+
+def study_from_run_dir(run_dir: str | Path, overrides: typing.Iterable[str] = ()) -> StudyConfig:
+    """The study of an existing study directory: its ``study.toml`` (the built-in default when it has
+    none) with ``overrides``, located at ``run_dir`` itself, so a moved or copied folder keeps working
+    (its study name, which its survey responses are filed under, stays the recorded one)."""
+    run_dir = absolute(run_dir)
+    toml = run_dir / "study.toml"
+    cfg = load_study(toml if toml.is_file() else None, overrides=overrides)
+    cfg.location = run_dir
+    return cfg
+
+
+_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".tar")
+_RELATIVE_SQLITE = re.compile(r"^(sqlite(?:\+\w+)?:///)(?!/)(.+)$")
+
+
+def _looks_like_path(value: str) -> bool:
+    return ("/" in value or value.startswith(("~", ".")) or value.lower().endswith(_WEIGHT_SUFFIXES)
+            or Path(value).exists())
+
+
+def absolutize_paths(cfg: StudyConfig) -> StudyConfig:
+    """Make every path-valued setting absolute, relative ones taken against the working directory.
+
+    Paths in a study file, in ``--set`` and on the command line are all relative to the directory the
+    command runs in (not to the study file), so one study file works the same from any option; the
+    resolved ``study.toml`` written into the study directory records the absolute paths.
+    """
+    for sec_name in _sections():
+        section = getattr(cfg, sec_name)
+        for f in dataclasses.fields(section):
+            kind, value = f.metadata.get("path"), getattr(section, f.name)
+            if not kind or not value:
+                continue
+            if kind == "always" or (kind == "file-or-name" and _looks_like_path(value)):
+                setattr(section, f.name, str(absolute(value)))
+            elif kind == "database":
+                m = _RELATIVE_SQLITE.match(value)
+                if m and not m.group(2).startswith(":memory:"):
+                    path, _, query = m.group(2).partition("?")
+                    setattr(section, f.name, m.group(1) + str(absolute(path)) + (f"?{query}" if query else ""))
     return cfg
 
 
@@ -469,7 +536,10 @@ def describe_options() -> str:
         lines.append(f"[{sec_name}]")
         default = sec_cls()
         for f in dataclasses.fields(sec_cls):
-            lines.append(f"  {f.name} = {_toml_value(getattr(default, f.name))}    # {f.metadata['doc']}")
+            choices = f.metadata.get("choices")
+            choices = choices() if callable(choices) else choices
+            hint = f" (one of {', '.join(map(str, choices))})" if choices else ""
+            lines.append(f"  {f.name} = {_toml_value(getattr(default, f.name))}    # {f.metadata['doc']}{hint}")
     return "\n".join(lines)
 
 

@@ -6,6 +6,15 @@ import os
 from pathlib import Path
 
 
+def absolute(path: str | os.PathLike) -> Path:
+    """``path`` with ``~`` expanded, made absolute against the working directory (symlinks kept).
+
+    Every path that enters the program (command line, study file, app config, environment) passes
+    through here once, where it enters; components below receive absolute paths only.
+    """
+    return Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -18,6 +18,11 @@ from .config import StudyConfig, write_study
 from .files import atomic_write_text, sha256_file
 
 
+class NotKnownWhilePlanning(Exception):
+    """Raised by a stage's ``inputs`` under ``--plan`` when knowing them would mean connecting to a
+    service (e.g. a database server); the plan then says the stage may run, and why."""
+
+
 class Stage(Protocol):
     name: str
     description: str
@@ -33,6 +38,7 @@ class Study:
     ctx: object = None                    # pruning.training.DistContext, set by run_study
     records: dict = field(default_factory=dict)
     forced: bool = False                  # the running stage was forced: redo work it could reuse
+    planning: bool = False                # --plan: inputs read files only and connect to nothing
 
     @property
     def run_dir(self) -> Path:
@@ -81,18 +87,22 @@ def default_stages() -> list[Stage]:
 
 
 def plan_study(config: StudyConfig, *, force: tuple[str, ...] = (), stages: list[Stage] | None = None):
-    """``(stage, "up to date" | "runs")`` for every stage, from the records on disk; nothing runs.
+    """``(stage, state)`` for every stage from the records on disk, state ``"up to date"``, ``"runs"``
+    or ``"may run (…why…)"``; nothing runs, only files are read and nothing is connected to.
 
     A stage after one that runs is reported from its current record: it may still be skipped when
     its upstream outputs come out unchanged.
     """
-    from pruning.training import DistContext
-
-    study = Study(config, DistContext())
+    stages = stages if stages is not None else default_stages()
+    check_force(stages, force)
+    study = Study(config, planning=True)
     plan = []
-    for stage in stages if stages is not None else default_stages():
+    for stage in stages:
         try:
             current = is_current(stage, study, fingerprint(stage, study))
+        except NotKnownWhilePlanning as why:
+            plan.append((stage, f"may run ({why})"))
+            continue
         except (OSError, ValueError):
             current = False
         current = current and "all" not in force and stage.name not in force
@@ -100,6 +110,13 @@ def plan_study(config: StudyConfig, *, force: tuple[str, ...] = (), stages: list
             study.records[stage.name] = study.load_record(stage.name)
         plan.append((stage, "up to date" if current else "runs"))
     return plan
+
+
+def check_force(stages: list[Stage], force: tuple[str, ...]) -> None:
+    names = [s.name for s in stages]
+    unknown = [f for f in force if f not in names and f != "all"]
+    if unknown:
+        raise ValueError(f"unknown stage {unknown[0]!r} for --force; choose from {names + ['all']}")
 
 
 def _quiet(*_args, **_kwargs) -> None:
@@ -112,10 +129,7 @@ def run_study(config: StudyConfig, *, force: tuple[str, ...] = (), stages: list[
     from pruning.training import init_distributed
 
     stages = stages if stages is not None else default_stages()
-    names = [s.name for s in stages]
-    unknown = [f for f in force if f not in names and f != "all"]
-    if unknown:
-        raise ValueError(f"unknown stage {unknown[0]!r} for --force; choose from {names + ['all']}")
+    check_force(stages, force)
     ctx = init_distributed(config.study.device)
     study = Study(config, ctx)
     if not study.is_main:     # one log for the whole job: rank 0's

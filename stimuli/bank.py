@@ -85,14 +85,51 @@ class StimulusBank:
         df = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
         return _atomic_parquet(df, self.part_path(model_id, kind, layer, unit))
 
-    def write_status(self, model_id: str, rows: list[dict]) -> Path:
-        """Per model: every unit with status ``ok`` / ``dead`` / ``pruned`` and why."""
-        return _atomic_parquet(pd.DataFrame(rows, columns=STATUS_COLUMNS), self.parts / model_id / "status.parquet")
+    def write_status(self, model_id: str, rows: list[dict], *, merge: bool = False) -> Path:
+        """Per model: every unit with status ``ok`` / ``dead`` / ``pruned`` and why; with ``merge`` these
+        rows replace only the same (kind, layer, unit) rows of the stored table."""
+        path = self.parts / model_id / "status.parquet"
+        table = pd.DataFrame(rows, columns=STATUS_COLUMNS)
+        if merge and path.is_file():
+            old = pd.read_parquet(path)
+            new_keys = set(zip(table["kind"], table["layer"], table["unit"].astype(int)))
+            keep = [k not in new_keys for k in zip(old["kind"], old["layer"], old["unit"].astype(int))]
+            table = pd.concat([old[keep], table], ignore_index=True) if len(old[keep]) else table
+            table = table.sort_values(["kind", "layer", "unit"], kind="stable", ignore_index=True)
+        return _atomic_parquet(table, path)
+
+    def _unit_parts(self, model_id: str):
+        """``(path, kind, layer, unit)`` of every stored part of ``model_id``."""
+        for path in sorted((self.parts / model_id).glob("*/*.parquet")):
+            layer, _, unit = path.stem.rpartition("__")
+            yield path, path.parent.name, layer, int(unit)
+
+    def drop_units(self, model_id: str, units, kinds) -> None:
+        """Forget the parts of ``units`` × ``kinds`` of one model (to make them again)."""
+        wanted = {(u.layer, u.unit) for u in units}
+        for path, kind, layer, unit in self._unit_parts(model_id):
+            if kind in kinds and (layer, unit) in wanted:
+                path.unlink()
+
+    def keep_only(self, model_id: str, units, kinds) -> None:
+        """Drop the parts of one model that are not among ``units`` × ``kinds`` (the study's now)."""
+        wanted = {(u.layer, u.unit) for u in units}
+        for path, kind, layer, unit in self._unit_parts(model_id):
+            if kind not in kinds or (layer, unit) not in wanted:
+                path.unlink()
+        status = self.parts / model_id / "status.parquet"
+        if status.is_file():
+            table = pd.read_parquet(status)
+            keep = [k in kinds and (la, int(u)) in wanted for k, la, u in zip(table["kind"], table["layer"],
+                                                                                table["unit"])]
+            if not all(keep):
+                _atomic_parquet(table[keep].reset_index(drop=True), status)
 
     # ---- the manifest -------------------------------------------------------------------
     def assemble(self, model_ids: list[str] | None = None) -> tuple[Path, Path]:
         """Write ``manifest.parquet`` and ``units.csv`` from the parts (of ``model_ids``, default all)."""
-        models = model_ids if model_ids is not None else sorted(p.name for p in self.parts.iterdir() if p.is_dir())
+        present = sorted(p.name for p in self.parts.iterdir() if p.is_dir()) if self.parts.is_dir() else []
+        models = model_ids if model_ids is not None else present
         frames, status = [], []
         for mid in models:
             frames += [pd.read_parquet(p) for p in sorted((self.parts / mid).glob("*/*.parquet"))]

@@ -6,13 +6,29 @@ from pathlib import Path
 
 import click
 
-from sparsight.clitools import resolve_from_cli, study_options
+from sparsight.clitools import OPTIONAL_RUN_DIR, resolve_study, study_options
+from sparsight.config import STIMULUS_KINDS
+from sparsight.files import absolute
 
 WHAT = {"exemplars": ("natural",), "featurevis": ("synthetic",), "all": ("natural", "synthetic")}
 
 
+def _what_and_run_dir(ctx, _param, values: tuple[str, ...]):
+    """``[exemplars|featurevis|all] [RUN_DIR]``, either one optional."""
+    values = list(values)
+    what = values.pop(0) if values and values[0] in WHAT else "all"
+    if len(values) > 1:
+        raise click.BadParameter(f"expected [{'|'.join(WHAT)}] [RUN_DIR], got {' '.join(values)!r}", ctx=ctx)
+    run_dir = None
+    if values:
+        run_dir = absolute(values[0])
+        if not run_dir.is_dir():
+            raise click.BadParameter(f"{values[0]!r} is neither one of {list(WHAT)} nor a study directory", ctx=ctx)
+    return what, run_dir
+
+
 @click.command("stimuli")
-@click.argument("what", type=click.Choice(list(WHAT)), default="all")
+@click.argument("what_and_run_dir", nargs=-1, metavar=f"[{'|'.join(WHAT)}] [RUN_DIR]", callback=_what_and_run_dir)
 @study_options
 @click.option("--model", "models", multiple=True, help="model id under <run_dir>/models (repeatable; default: all)")
 @click.option("--unit", "units", multiple=True, metavar="LAYER:INDEX[-LAST]",
@@ -21,12 +37,17 @@ WHAT = {"exemplars": ("natural",), "featurevis": ("synthetic",), "all": ("natura
 @click.option("--preview", metavar="MODEL:LAYER:UNIT", default=None,
               help="only write a contact sheet of one task of this unit (from the existing bank)")
 @click.option("--task", type=int, default=0, show_default=True, help="task shown by --preview")
-@click.option("--kind", type=click.Choice(["natural", "synthetic"]), default="natural", show_default=True,
+@click.option("--kind", type=click.Choice(list(STIMULUS_KINDS)), default="natural", show_default=True,
               help="reference kind shown by --preview")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path, resolve_path=True), default=None,
               help="preview file (default: <run_dir>/stimuli/preview-<model>-<layer>-<unit>-<task>.png)")
-def stimuli_cmd(what, study_file, profile, overrides, device, models, units, fresh, preview, task, kind, out):
-    """Make stimuli (WHAT: exemplars, featurevis, or all) for every model and unit of a study.
+def stimuli_cmd(what_and_run_dir, study_file, profile, overrides, device, models, units, fresh, preview, task, kind,
+                out):
+    """Make stimuli (exemplars, featurevis, or all) for every model and unit of a study.
+
+    RUN_DIR is a study directory (its study.toml is used); without it the study comes from --study,
+    --profile and --set. With --model or --unit only those models or units are made again; every
+    other model's and unit's stimuli stay in the bank and the manifest.
 
     Natural exemplars come from one streamed pass over the data split (top and bottom
     N·(K+1) images per unit, fair batches); feature visualizations are optimized many units at a
@@ -36,11 +57,12 @@ def stimuli_cmd(what, study_file, profile, overrides, device, models, units, fre
     feature-visualization batch) and the bank equals a single-process run's. Examples:
 
     \b
-      sparsight stimuli exemplars --model base --unit inception4a:0-7
-      sparsight stimuli --preview base:inception4a:3 --task 2
+      sparsight stimuli exemplars runs/default --model base --unit inception4a:0-7
+      sparsight stimuli runs/default --preview base:inception4a:3 --task 2
       torchrun --nproc_per_node=8 -m sparsight stimuli --study studies/googlenet-imagenet.toml
     """
-    cfg = resolve_from_cli(study_file, profile, overrides, device)
+    what, run_dir = what_and_run_dir
+    cfg = resolve_study(run_dir, study_file, profile, overrides, device)
     from sparsight.study import Study
 
     from .bank import StimulusBank
@@ -81,26 +103,30 @@ def stimuli_cmd(what, study_file, profile, overrides, device, models, units, fre
 
 
 @click.command("dissect")
+@OPTIONAL_RUN_DIR
 @study_options
 @click.option("--model", "models", multiple=True,
               help="model id under <run_dir>/models (repeatable; default: every model but the observer)")
-@click.option("--probe", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--probe", type=click.Path(file_okay=False, path_type=Path, resolve_path=True), default=None,
               help="Broden-style probe folder: concepts.json, images/**, masks/** (default: dissection.probe, "
                    "else the study data's concept masks)")
 @click.option("--fresh", is_flag=True, help="dissect every model again, even if its results are current")
-def dissect_cmd(study_file, profile, overrides, device, models, probe, fresh):
+def dissect_cmd(run_dir, study_file, profile, overrides, device, models, probe, fresh):
     """Network Dissection: label every unit with the concept its top activations overlap best.
 
+    RUN_DIR is a study directory (its study.toml is used); without it the study comes from --study,
+    --profile and --set.
     Per unit, the threshold is the dissection.quantile (0.995) of its activations over the probe
     set; activation maps are upsampled to the label maps and IoU = Σ|M ∩ L| / Σ|M ∪ L| over the
     set; a unit is interpretable when its best IoU exceeds dissection.iou_threshold (0.04). Writes
     <run_dir>/dissection/units.csv (one row per model and unit), models.csv (interpretable units
-    and unique concepts per model) and iou.parquet (unit × concept). Example:
+    and unique concepts per model) and iou.parquet (unit × concept). Examples:
 
-      sparsight dissect --model base --set dissection.units=study
-      sparsight dissect --probe /data/probe --set data.image_size=224
+    \b
+      sparsight dissect runs/default --model base --set dissection.units=study
+      sparsight dissect runs/googlenet-imagenet --probe /data/probe
     """
-    cfg = resolve_from_cli(study_file, profile, overrides, device)
+    cfg = resolve_study(run_dir, study_file, profile, overrides, device)
     from pruning.training import init_distributed
     from sparsight.study import Study
 

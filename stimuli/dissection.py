@@ -314,11 +314,11 @@ class ProbeLoader:
 
     def _decode_all(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
         if self._memory is None:
-            from tqdm import tqdm
+            from sparsight.progress import progress_bar
 
             images, labels = [], []
-            for imgs, labs, _ in tqdm(self._loader(True), desc="decode probe", leave=False,
-                                      disable=None if self.progress else True):
+            for imgs, labs, _ in progress_bar(self._loader(True), desc="decode probe", leave=False,
+                                              enabled=self.progress):
                 images.append(imgs)
                 labels += labs
             self._memory = torch.cat(images), labels
@@ -609,11 +609,11 @@ class _Run:
 
     def _batches(self, capture: _Capture, desc: str, labels: bool):
         """``(batch, {layer: [B, U, H, W] maps of the dissected channels})``, one forward pass per batch."""
-        from tqdm import tqdm
+        from sparsight.progress import progress_bar
 
         index = {layer: torch.as_tensor(ch, dtype=torch.long, device=self.device) for layer, ch in self.targets.items()}
-        for batch in tqdm(self.loader.batches(labels=labels), total=len(self.loader), desc=desc, leave=False,
-                          disable=None if self.progress else True):
+        for batch in progress_bar(self.loader.batches(labels=labels), total=len(self.loader), desc=desc, leave=False,
+                                  enabled=self.progress):
             capture.outputs.clear()
             self.model(self.loader.prepare(batch.images, self.device, self.dtype))
             missing = [layer for layer in self.targets if layer not in capture.outputs]

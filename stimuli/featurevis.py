@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from lucent.optvis.param import color, spatial
 from torch import nn
-from tqdm import tqdm
+from sparsight.progress import progress_bar
 
 from pruning.data.folders import IMAGENET_MEAN, IMAGENET_STD
 from pruning.models.registry import unwrap
@@ -99,7 +99,8 @@ def render_units(model: nn.Module, layer: str, units: list[int], settings: Featu
     home = first.device if first is not None else torch.device("cpu")
     device = _canonical(torch.device(device) if device is not None else home)
     results: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-    bar = tqdm(total=len(batches) * settings.steps, desc=f"featurevis {layer}", disable=not progress, leave=False)
+    bar = progress_bar(total=len(batches) * settings.steps, desc=f"featurevis {layer}", enabled=progress,
+                       leave=False)
     moved = device != _canonical(home)
     try:
         if moved:

@@ -537,9 +537,9 @@ def mine(model: nn.Module, root: str | os.PathLike, split: str, layers: list[str
                 loader = DataLoader(Subset(IndexedImages(dataset), todo), batch_size=batch_size, shuffle=False,
                                     num_workers=num_workers, collate_fn=collate_indexed,
                                     pin_memory=device.type == "cuda")
-            from tqdm import tqdm
+            from sparsight.progress import progress_bar
 
-            bar = tqdm(loader, desc=f"mine {split}", disable=None if progress else True, leave=False)
+            bar = progress_bar(loader, desc=f"mine {split}", enabled=progress, leave=False)
             for b, batch in enumerate(bar, start=1):
                 if precision == "bf16":
                     with torch.autocast(device.type, dtype=torch.bfloat16):

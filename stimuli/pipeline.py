@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 from torchvision import transforms
-from tqdm import tqdm
+from sparsight.progress import progress_bar
 
 from pruning.data.folders import open_image
 
@@ -157,7 +157,7 @@ def make_stimuli(model, model_id: str, units: list[Unit], data_root: str | Path,
                                    recorded=lm.recorded.get(u.unit))
     if "natural" in settings.kinds:
         own_pending = [u for u in alive if u in pending["natural"] and u in own_units]
-        for u in tqdm(own_pending, desc=f"{model_id} exemplars", disable=None if progress else True, leave=False):
+        for u in progress_bar(own_pending, desc=f"{model_id} exemplars", enabled=progress, leave=False):
             bank.write_unit(model_id, "natural", u.layer, u.unit, natural_rows(model_id, u, tasks_of[u], images,
                                                                                 split_root))
     if "synthetic" in settings.kinds:

@@ -9,9 +9,9 @@ import warnings
 from dataclasses import asdict
 from pathlib import Path
 
-from tqdm import tqdm
-
 from pruning.models import file_sha256, get_spec, load_checkpoint, read_meta
+
+from sparsight.progress import note, on_terminal, progress_bar
 
 from .bank import StimulusBank
 from .pipeline import StimuliSettings, make_stimuli
@@ -51,9 +51,11 @@ def stimulus_models(study, ids: list[str] | None = None) -> list[str]:
     return ids
 
 
-def _model_fingerprint(settings: StimuliSettings, checkpoint_sha: str, units: list[Unit]) -> str:
-    blob = json.dumps({"settings": asdict(settings), "checkpoint": checkpoint_sha, "units": [str(u) for u in units]},
-                      sort_keys=True)
+def _model_fingerprint(settings: StimuliSettings, checkpoint_sha: str) -> str:
+    """What every stored unit of a model depends on (not which units or kinds are asked for now: those
+    are per-unit parts, so a run for some of them leaves the others in place)."""
+    blob = json.dumps({"settings": {k: v for k, v in asdict(settings).items() if k != "kinds"},
+                       "checkpoint": checkpoint_sha}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -61,6 +63,9 @@ def build_stimuli(study, *, kinds: tuple[str, ...] | None = None, model_ids: lis
                   units: list[str] | None = None, fresh: bool = False) -> tuple[Path, Path] | None:
     """Stimuli of ``units`` (unit strings; default: the study's) for ``model_ids`` (default: the study's).
 
+    Without ``kinds``, ``model_ids`` and ``units`` the bank becomes exactly the study's (parts of models,
+    units or kinds the study no longer has are dropped).  With any of them only those parts are made
+    again and every other model's, unit's and kind's stimuli stay in the bank and the manifest.
     Returns the paths of ``stimuli/manifest.parquet`` and ``stimuli/units.csv`` (``None`` on the
     other ranks under ``torchrun``, where every rank mines a share of the images and renders a
     share of the units; rank 0 keeps the books and assembles the manifest).
@@ -71,6 +76,7 @@ def build_stimuli(study, *, kinds: tuple[str, ...] | None = None, model_ids: lis
     cfg = study.config
     ctx = study.ctx or DistContext()
     shard = (ctx.rank, ctx.world_size)
+    partial = bool(kinds or model_ids or units)
     settings = StimuliSettings.from_config(cfg)
     if kinds:
         settings.kinds = tuple(kinds)
@@ -79,16 +85,24 @@ def build_stimuli(study, *, kinds: tuple[str, ...] | None = None, model_ids: lis
     bank = StimulusBank(study.path("stimuli"))
     work = study.path("stimuli", "mining")
     cache: dict = {}
-    for mid in tqdm(model_ids, desc="stimuli", disable=None if cfg.study.progress and ctx.is_main else True):
+    log_models = cfg.study.progress and ctx.is_main and not on_terminal()
+    for i, mid in enumerate(progress_bar(model_ids, desc="stimuli", enabled=cfg.study.progress and ctx.is_main)):
+        if log_models:
+            note(f"[stimuli] {i + 1}/{len(model_ids)} {mid}")
         ckpt = load_checkpoint(study.path("models", mid), map_location=ctx.device)
         meta = read_meta(study.path("models", mid))
-        fp = _model_fingerprint(settings, ckpt.sha256, units)
+        fp = _model_fingerprint(settings, ckpt.sha256)
         stamp = bank.parts / mid / "fingerprint.txt"
         if ctx.is_main:
             if fresh or not stamp.is_file() or stamp.read_text() != fp:
-                shutil.rmtree(bank.parts / mid, ignore_errors=True)
+                if fresh and partial:
+                    bank.drop_units(mid, units, settings.kinds)
+                else:
+                    shutil.rmtree(bank.parts / mid, ignore_errors=True)
                 for stale in work.glob(f"{mid}.*"):
                     stale.unlink()
+            if not partial:
+                bank.keep_only(mid, units, settings.kinds)
             stamp.parent.mkdir(parents=True, exist_ok=True)
             stamp.write_text(fp)
             work.mkdir(parents=True, exist_ok=True)
@@ -97,16 +111,18 @@ def build_stimuli(study, *, kinds: tuple[str, ...] | None = None, model_ids: lis
             if ctx.is_main:
                 bank.write_status(mid, [{"model_id": mid, "kind": k, "layer": u.layer, "unit": u.unit,
                                          "status": "skipped", "reason": "physically pruned: channels renumbered"}
-                                        for k in settings.kinds for u in units])
+                                        for k in settings.kinds for u in units], merge=partial)
             continue
         status = make_stimuli(ckpt.model, mid, units, data_root(study), bank, settings,
                               device=ckpt.model.parameters().__next__().device, pruned_model=bool(meta.get("method")),
                               work_dir=work, progress=cfg.study.progress and ctx.is_main, exemplar_cache=cache,
                               shard=shard, gather=ctx.all_gather_object)
         if ctx.is_main:
-            bank.write_status(mid, status)
+            bank.write_status(mid, status, merge=partial)
     ctx.barrier()
-    return bank.assemble(model_ids) if ctx.is_main else None
+    if not ctx.is_main:
+        return None
+    return bank.assemble(None if partial else model_ids)
 
 
 class StimuliStage:
@@ -199,8 +215,12 @@ def build_dissection(study, *, model_ids: list[str] | None = None, probe: str | 
     settings = {"quantile": d.quantile, "iou_threshold": d.iou_threshold, "image_size": cfg.data.image_size,
                 "probe": probe_set.fingerprint(), "units": [str(u) for u in units]}
     out = study.path("dissection")
-    parts = [_dissect_model(study, mid, loader, units, settings, out / "parts" / mid, fresh)
-             for mid in tqdm(model_ids, desc="dissect", disable=None if cfg.study.progress else True)]
+    log_models = cfg.study.progress and not on_terminal()
+    parts = []
+    for i, mid in enumerate(progress_bar(model_ids, desc="dissect", enabled=cfg.study.progress)):
+        if log_models:
+            note(f"[dissection] {i + 1}/{len(model_ids)} {mid}")
+        parts.append(_dissect_model(study, mid, loader, units, settings, out / "parts" / mid, fresh))
     units_all = pd.concat([pd.read_parquet(p / "units.parquet") for p in parts], ignore_index=True)
     iou_parts = [t for t in (pd.read_parquet(p / "iou.parquet") for p in parts) if len(t)]
     iou_all = pd.concat(iou_parts, ignore_index=True) if iou_parts else pd.DataFrame(columns=IOU_COLUMNS)

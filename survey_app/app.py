@@ -16,7 +16,8 @@ from flask import Flask, jsonify, render_template, request
 from sqlalchemy.orm import sessionmaker
 from werkzeug.exceptions import HTTPException
 
-from sparsight.config import StudyConfig, apply_settings, load_study
+from sparsight.config import StudyConfig, apply_settings, study_from_run_dir
+from sparsight.files import absolute
 
 from .db import init_schema, make_engine
 from .material import Material
@@ -28,8 +29,7 @@ ENV = {"RUN_DIR": "SPARSIGHT_RUN_DIR", "DATABASE_URL": "SPARSIGHT_DATABASE_URL",
 
 
 def study_config(run_dir: Path, survey_overrides: dict | None = None) -> StudyConfig:
-    toml = run_dir / "study.toml"
-    cfg = load_study(toml) if toml.is_file() else load_study()
+    cfg = study_from_run_dir(run_dir)
     if survey_overrides:
         apply_settings(cfg, {"survey": dict(survey_overrides)}, "app config SURVEY")
     return cfg
@@ -46,7 +46,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     if not app.config.get("RUN_DIR"):
         raise ValueError("create_app needs RUN_DIR (a study directory with stimuli/manifest.parquet); "
                          "set it in the config or SPARSIGHT_RUN_DIR")
-    run_dir = Path(app.config["RUN_DIR"])
+    run_dir = app.config["RUN_DIR"] = absolute(app.config["RUN_DIR"])   # send_file resolves against the package
     cfg = study_config(run_dir, app.config.get("SURVEY"))
     settings = cfg.survey
     url = database_url(run_dir, cfg, app.config.get("DATABASE_URL"))

@@ -7,12 +7,17 @@ from pathlib import Path
 
 import click
 
-from sparsight.clitools import resolve_from_cli, section_overrides, study_options
+from sparsight.clitools import OPTIONAL_RUN_DIR, RUN_DIR_ARGUMENT, resolve_study, section_overrides, study_options
 
-RUN_DIR = click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+RUN_DIR = RUN_DIR_ARGUMENT
 DATABASE = click.option("--database", default=None, metavar="URL",
                         help="SQLAlchemy URL, e.g. postgresql+psycopg://user:pw@host/db (default: the study's "
                              "survey.database, else sqlite RUN_DIR/survey.db)")
+
+
+def _absolute(_ctx, _param, value):
+    from sparsight.files import absolute
+    return None if value is None else absolute(value)
 
 
 def _survey_overrides(overrides) -> dict:
@@ -81,14 +86,22 @@ def ensure_credentials(run_dir: Path, database: str | None, *, reset_admin: bool
 def serve_cmd(run_dir, database, host, port, overrides, reset_admin_password):
     """Serve the 2-AFC survey of a study (RUN_DIR holds stimuli/manifest.parquet).
 
-    This is Flask's development server, for trying the study locally. For a real study run several
-    workers behind a proxy, with the settings passed through the environment:
+    This is Flask's development server, for trying the study locally. Participants open
+    http://HOST:PORT/; on Prolific they get the study link with the IDs appended; the admin area is
+    /admin. Examples:
 
+    \b
+      sparsight serve runs/default --port 5000
+      sparsight serve runs/default --set survey.main_trials=20
+    \b
+    Prolific study URL:
+      http://HOST:PORT/?PROLIFIC_PID={{%PROLIFIC_PID%}}&STUDY_ID={{%STUDY_ID%}}&SESSION_ID={{%SESSION_ID%}}
+
+    For a real study run several workers behind a proxy, with the settings in the environment:
+
+    \b
       SPARSIGHT_RUN_DIR=RUN_DIR SPARSIGHT_DATABASE_URL=postgresql+psycopg://u:pw@db/survey \\
         gunicorn -w 4 -k gthread --threads 8 -b 0.0.0.0:8000 survey_app.wsgi:app
-
-    Participants open http://HOST:PORT/ (Prolific: append ?PROLIFIC_PID={{%PROLIFIC_PID%}}&STUDY_ID=
-    {{%STUDY_ID%}}&SESSION_ID={{%SESSION_ID%}}); the admin area is /admin.
     """
     survey = _survey_overrides(overrides)
     shown = ensure_credentials(run_dir, database, reset_admin=reset_admin_password)
@@ -126,12 +139,17 @@ def make_observer(name: str, run_dir: Path, alpha: float, device: str, weights: 
 @click.option("--token", default=None, help="API token (default: $SPARSIGHT_API_TOKEN, else RUN_DIR/survey/api_token)")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="CSV of the decisions (default: RUN_DIR/survey/machine-<observer>-<session>.csv)")
+              help="CSV of the decisions (default: RUN_DIR/survey/machine-<observer>-<session>.csv)", callback=_absolute)
 def participant_cmd(run_dir, url, database, observer_name, weights, alpha, mode, condition, token, device, out):
     """Let a model observer answer survey trials through the survey's API, like a participant.
 
     Its answers are stored as a machine session (kept out of the human balance) and appear in the
-    responses export next to the human ones.
+    responses export next to the human ones. Examples:
+
+    \b
+      sparsight participant runs/default                       # every task, in-process
+      sparsight participant runs/default --mode participant --observer pixels
+      sparsight participant runs/default --url http://127.0.0.1:5000
     """
     import pandas as pd
 
@@ -167,9 +185,14 @@ def participant_cmd(run_dir, url, database, observer_name, weights, alpha, mode,
 @RUN_DIR
 @DATABASE
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="output file, .csv or .parquet (default: RUN_DIR/responses.csv)")
+              help="output file, .csv or .parquet (default: RUN_DIR/responses.csv)", callback=_absolute)
 def responses_cmd(run_dir, database, out):
-    """Export every stored response (human and machine) as the tidy responses table."""
+    """Export every stored response (human and machine) as the tidy responses table. Examples:
+
+    \b
+      sparsight responses runs/default                          # runs/default/responses.csv
+      sparsight responses runs/default --out answers.parquet
+    """
     from sqlalchemy.orm import sessionmaker
 
     from sparsight.files import atomic_write_text
@@ -193,27 +216,32 @@ def responses_cmd(run_dir, database, out):
 
 
 @click.command("mis")
+@OPTIONAL_RUN_DIR
 @study_options
-def mis_cmd(study_file, profile, overrides, device):
+def mis_cmd(run_dir, study_file, profile, overrides, device):
     """Machine Interpretability Score of every unit in the study's stimulus bank.
 
-    Writes mis/tasks.csv (Δ per task), mis/units.csv, mis/models.csv (mean MIS per model and reference
-    kind with a bootstrap CI over units) and, with mis.alpha_source = "auto" and enough human
-    responses in the survey database, mis/calibration.json with the fitted α. Example:
+    RUN_DIR is a study directory (its study.toml is used); without it the study comes from --study,
+    --profile and --set. Writes mis/tasks.csv (Δ per task), mis/units.csv, mis/models.csv (mean MIS
+    per model and reference kind with a bootstrap CI over units) and, with mis.alpha_source = "auto"
+    and enough human responses in the survey database, mis/calibration.json with the fitted α.
+    Examples:
 
-      sparsight mis --set mis.embedding=resnet50 --set mis.embedding_weights=IMAGENET1K_V2
+    \b
+      sparsight mis runs/default
+      sparsight mis runs/default --set mis.embedding=resnet50 --set mis.embedding_weights=IMAGENET1K_V2
     """
     import pandas as pd
 
     from pruning.training.distributed import resolve_device
 
     from .stages import measure_mis
-    cfg = resolve_from_cli(study_file, profile, overrides, device)
+    cfg = resolve_study(run_dir, study_file, profile, overrides, device)
     run_dir = cfg.run_dir
-    try:
-        files = measure_mis(run_dir, cfg, device=str(resolve_device(cfg.study.device)), log=click.echo)
-    except (FileNotFoundError, ValueError) as err:
-        raise click.UsageError(str(err)) from None
+    if not (run_dir / "stimuli" / "manifest.parquet").is_file():
+        raise click.ClickException(f"no stimulus bank in {run_dir / 'stimuli'}; run `sparsight stimuli` "
+                                   f"(or `sparsight run`) for this study first")
+    files = measure_mis(run_dir, cfg, device=str(resolve_device(cfg.study.device)), log=click.echo)
     models = pd.read_csv(run_dir / "mis" / "models.csv")
     for r in models.itertuples():
         click.echo(f"{r.model_id:24s} {r.kind:9s} MIS {r.mis:.3f} [{r.mis_ci_low:.3f}, {r.mis_ci_high:.3f}] "

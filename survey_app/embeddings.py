@@ -160,10 +160,10 @@ class EmbeddingCache:
 
     def features(self, ids: list[str], load: Callable[[str], Image.Image]) -> torch.Tensor:
         """``[len(ids), D]`` features; images not cached yet are loaded with ``load(id)`` and embedded."""
-        from tqdm import tqdm
+        from sparsight.progress import progress_bar
         missing = list(dict.fromkeys(i for i in ids if i not in self.vectors))
-        for start in tqdm(range(0, len(missing), self.batch_size), desc=f"embed ({self.embedding.name})",
-                          unit="batch", disable=None if self.progress and missing else True, leave=False):
+        for start in progress_bar(range(0, len(missing), self.batch_size), desc=f"embed ({self.embedding.name})",
+                                  unit="batch", enabled=bool(self.progress and missing), leave=False):
             chunk = missing[start:start + self.batch_size]
             feats = self.embedding([load(i) for i in chunk])
             self.vectors.update(zip(chunk, feats))

@@ -19,24 +19,33 @@ from .material import Material
 from .mis import UNIT_COLUMNS, calibration, human_trials, model_scores, task_deltas, unit_scores, with_status
 
 
-def read_responses(run_dir: Path, cfg) -> pd.DataFrame:
-    """Every stored response of the study's survey database (empty when no database exists yet)."""
+def read_responses(run_dir: Path, cfg, *, every_study: bool = False, connect: bool = True) -> pd.DataFrame:
+    """Every stored response of the study's survey database (empty when no database exists yet), of this
+    study only unless ``every_study``.  With ``connect=False`` only a local SQLite file is read (opened
+    read-only); a database server raises :class:`NotKnownWhilePlanning`."""
+    from sqlalchemy import create_engine
     from sqlalchemy.engine import make_url
     from sqlalchemy.orm import sessionmaker
+
+    from sparsight.study import NotKnownWhilePlanning
 
     from .app import database_url
     from .db import make_engine
     from .export import RESPONSE_COLUMNS, responses_frame
     url = database_url(run_dir, cfg)
     parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite" and not Path(parsed.database or "").is_file():
+    sqlite = parsed.get_backend_name() == "sqlite"
+    if sqlite and not Path(parsed.database or "").is_file():
         return pd.DataFrame(columns=RESPONSE_COLUMNS)
-    engine = make_engine(url)
+    if not connect and not sqlite:
+        raise NotKnownWhilePlanning(f"depends on the human responses in the survey database "
+                                    f"{parsed.render_as_string(hide_password=True)}, which --plan does not connect to")
+    engine = make_engine(url) if connect else create_engine(f"sqlite:///file:{parsed.database}?mode=ro&uri=true")
     try:
         from sqlalchemy import inspect
         if not inspect(engine).has_table("responses"):
             return pd.DataFrame(columns=RESPONSE_COLUMNS)
-        return responses_frame(sessionmaker(engine), cfg.study.name)
+        return responses_frame(sessionmaker(engine), None if every_study else cfg.study.name)
     finally:
         engine.dispose()
 
@@ -54,7 +63,8 @@ def measure_mis(run_dir: Path, cfg, *, device: str = "cpu", log=print, progress:
     files = [atomic_write_text(out / "tasks.csv", deltas.to_csv(index=False))]
     alpha, source = mis.alpha, "configured"
     if mis.alpha_source == "auto":
-        trials = human_trials(read_responses(run_dir, cfg), deltas)
+        responses = read_responses(run_dir, cfg)
+        trials = human_trials(responses, deltas)
         if len(trials) >= mis.min_human_responses:
             report = calibration(trials, seed=cfg.study.seed)
             report.update(embedding=embedding.key, configured_alpha=mis.alpha)
@@ -62,6 +72,12 @@ def measure_mis(run_dir: Path, cfg, *, device: str = "cpu", log=print, progress:
             alpha, source = report["alpha"], "fitted"
             log(f"[mis] α fitted on {report['responses']} human responses: {alpha:.3g} "
                 f"(95% CI {report['alpha_ci'][0]:.3g}–{report['alpha_ci'][1]:.3g})")
+        else:
+            log(f"[mis] {_why_not_fitted(run_dir, cfg, responses, len(trials))}; α stays the configured {alpha:.3g}")
+    stale = out / "calibration.json"
+    if source != "fitted" and stale.is_file():
+        stale.unlink()
+        log(f"[mis] removed the earlier {stale.name}: it no longer describes this MIS (α {alpha:.3g}, {source})")
     status_csv = run_dir / "stimuli" / "units.csv"
     status = pd.read_csv(status_csv) if status_csv.is_file() and status_csv.stat().st_size > 1 else None
     units = with_status(unit_scores(deltas, alpha), status).assign(alpha=alpha, alpha_source=source,
@@ -73,9 +89,31 @@ def measure_mis(run_dir: Path, cfg, *, device: str = "cpu", log=print, progress:
     return files
 
 
-def human_response_count(run_dir: Path, cfg) -> int:
-    r = read_responses(run_dir, cfg)
-    return int(((~r["is_machine"].astype(bool)) & (r["trial_type"] == "main")).sum()) if len(r) else 0
+def _why_not_fitted(run_dir: Path, cfg, responses: pd.DataFrame, usable: int) -> str:
+    """Why α was not fitted on human responses, naming responses filed under another study."""
+    mine = len(human_main_responses(responses))
+    need = cfg.mis.min_human_responses
+    if mine == 0:
+        others = human_main_responses(read_responses(run_dir, cfg, every_study=True))
+        if len(others):
+            names = ", ".join(repr(n) for n in sorted(others["study"].astype(str).unique()))
+            return (f"no human responses for study {cfg.study.name!r}, although the survey database holds "
+                    f"{len(others)} for {names} (run under that study name to use them)")
+        return "no human responses yet"
+    if usable < mine:
+        return (f"{usable} of the study's {mine} human main-trial responses match tasks of the current stimulus bank, "
+                f"fewer than mis.min_human_responses = {need}")
+    return f"{usable} human responses, fewer than mis.min_human_responses = {need}"
+
+
+def human_main_responses(responses: pd.DataFrame) -> pd.DataFrame:
+    if not len(responses):
+        return responses
+    return responses[(~responses["is_machine"].astype(bool)) & (responses["trial_type"] == "main")]
+
+
+def human_response_count(run_dir: Path, cfg, *, connect: bool = True) -> int:
+    return len(human_main_responses(read_responses(run_dir, cfg, connect=connect)))
 
 
 class MisStage:
@@ -85,7 +123,8 @@ class MisStage:
     def inputs(self, study) -> dict:
         from pruning.stages import _upstream
         cfg = study.config
-        humans = human_response_count(study.run_dir, cfg) if cfg.mis.alpha_source == "auto" else 0
+        humans = (human_response_count(study.run_dir, cfg, connect=not study.planning)
+                  if cfg.mis.alpha_source == "auto" else 0)
         return {"upstream": {k: _upstream(study, k) for k in ("observer", "stimuli")}, "mis": asdict(cfg.mis),
                 "seed": cfg.study.seed, "human_responses": humans}
 

@@ -25,6 +25,21 @@ def tiny_data(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def quick_study(tmp_path_factory):
+    """``sparsight run --profile quick`` exactly as a user types it: a separate process, run from a fresh
+    working directory with the default relative output folder (``runs/``), no terminal attached.
+    Returns ``(working directory, run directory, printed output)``."""
+    import subprocess
+    import sys
+
+    cwd = tmp_path_factory.mktemp("newcomer")
+    proc = subprocess.run([sys.executable, "-m", "sparsight", "run", "--profile", "quick"], cwd=cwd,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return cwd, cwd / "runs" / "quick", proc.stdout + proc.stderr
+
+
 @pytest.fixture
 def seeded():
     torch.manual_seed(0)

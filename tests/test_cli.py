@@ -12,12 +12,31 @@ def runner():
     return CliRunner()
 
 
-@pytest.mark.parametrize("command", [["--help"], ["run", "--help"], ["train", "--help"], ["evaluate", "--help"],
-                                     ["data", "synth", "--help"]])
-def test_every_command_has_informative_help(runner, command):
-    result = runner.invoke(main, command)
-    assert result.exit_code == 0
+def _commands(group, path=()):
+    """Every command path of the CLI, groups included."""
+    import click
+    yield list(path)
+    if isinstance(group, click.Group):
+        for name, command in group.commands.items():
+            yield from _commands(command, path + (name,))
+
+
+@pytest.mark.parametrize("command", list(_commands(main)), ids=lambda c: " ".join(c) or "sparsight")
+def test_every_command_has_help_with_a_verbatim_example(runner, command):
+    result = runner.invoke(main, command + ["--help"], terminal_width=80)
+    assert result.exit_code == 0, result.output
     assert "Usage:" in result.output and len(result.output.splitlines()) > 6
+    examples = [line.strip() for line in result.output.splitlines()
+                if line.startswith("    ") and line.strip().startswith(("sparsight ", "torchrun "))]
+    assert examples, f"`sparsight {' '.join(command)} --help` shows no example"
+    usage_name = " ".join(command)
+    assert any(e.startswith(f"sparsight {usage_name}") or "-m sparsight" in e for e in examples)
+
+
+def test_serve_help_keeps_the_production_command_verbatim(runner):
+    result = runner.invoke(main, ["serve", "--help"], terminal_width=60)
+    assert "gunicorn -w 4 -k gthread --threads 8 -b 0.0.0.0:8000 survey_app.wsgi:app" in result.output
+    assert "SPARSIGHT_RUN_DIR=RUN_DIR SPARSIGHT_DATABASE_URL=postgresql+psycopg://u:pw@db/survey \\" in result.output
 
 
 def test_data_synth_writes_the_dataset(runner, tmp_path):
@@ -51,7 +70,7 @@ def test_train_then_evaluate_agree(runner, tiny_data, tmp_path):
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["train", "--arch", "vit"], "model.arch: 'vit' is not valid; choose from ['inception-small'"),
+    (["train", "--arch", "vit"], "'vit' is not one of 'inception-small'"),
     (["run", "--set", "trian.epochs=3"], "unknown section [trian]; valid sections:"),
     (["run", "--set", "train.optimizer=lion"], "choose from ['sgd', 'adam', 'adamw']"),
     (["evaluate", "{ckpt}", "--data", "{data}"], "is not a sparsight checkpoint"),
@@ -69,7 +88,7 @@ def test_bad_input_is_a_clear_usage_error(runner, tiny_data, tmp_path, args, fra
 def test_unknown_force_stage_lists_stages(runner, tmp_path):
     result = runner.invoke(main, ["run", "--profile", "quick", "--force", "bogus",
                                   "--set", f'study.output_dir="{tmp_path}"'])
-    assert result.exit_code == 2
+    assert result.exit_code != 0
     stages = ("['data', 'base', 'observer', 'prune', 'robustness', 'evaluate', 'stimuli', 'dissection', 'mis', "
               "'participants', 'analysis', 'all']")
     assert f"unknown stage 'bogus' for --force; choose from {stages}" in result.output

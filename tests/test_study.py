@@ -12,20 +12,18 @@ from sparsight.study import default_stages, fingerprint, is_current, Study
 
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    result = CliRunner().invoke(main, ["run", "--profile", "quick", "--set", f'study.output_dir="{out}"',
-                                       "--set", "study.progress=false"])
-    assert result.exit_code == 0, result.output
-    return out / "quick", result.output
+def quick_run(quick_study):
+    _, run_dir, output = quick_study
+    return run_dir, output
 
 
 @pytest.mark.slow
 def test_quick_study_writes_data_models_and_resolved_config(quick_run):
     run_dir, output = quick_run
     written = tomllib.loads((run_dir / "study.toml").read_text())
-    assert written == load_study(profile="quick", overrides=[f'study.output_dir="{run_dir.parent}"',
-                                                              "study.progress=false"]).to_dict()
+    # the relative default output folder was made absolute where it entered: the working directory's runs/
+    assert written["study"]["output_dir"] == str(run_dir.parent) and Path(written["study"]["output_dir"]).is_absolute()
+    assert written == load_study(profile="quick", overrides=[f'study.output_dir="{run_dir.parent}"']).to_dict()
     assert len(list((run_dir / "data" / "train").rglob("*.png"))) == 10 * written["data"]["train_per_class"]
     base = json.loads((run_dir / "models" / "base" / "meta.json").read_text())
     assert base["top1"]["after"] >= 0.8

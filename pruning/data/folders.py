@@ -252,13 +252,13 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 
 def decode_to_memory(dataset: ImageFolderDataset, image_size: int, progress: bool = False):
     """Decode every image of an ImageFolder once (resize + centre crop) into uint8 (N, 3, S, S)."""
-    from tqdm import tqdm
+    from sparsight.progress import progress_bar
 
     prep = transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size)])
     images = torch.empty(len(dataset.samples), 3, image_size, image_size, dtype=torch.uint8)
     targets = torch.empty(len(dataset.samples), dtype=torch.long)
     keep, skipped = [], 0
-    bar = tqdm(dataset.samples, desc="decode", disable=None if progress else True, leave=False)
+    bar = progress_bar(dataset.samples, desc="decode", enabled=progress, leave=False)
     for i, (path, target) in enumerate(bar):
         try:
             img = prep(open_image(path))

@@ -87,7 +87,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         header = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise WeightsError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from None
+        first = str(err).strip().split("\n")[0].split(". ")[0][:160]
+        raise WeightsError(f"cannot read checkpoint {path}: not a readable PyTorch file ({type(err).__name__}: "
+                           f"{first}); give a model.pt written by sparsight") from None
     if not isinstance(header, dict) or header.get("format") != CHECKPOINT_FORMAT:
         raise WeightsError(f"{path} is not a sparsight checkpoint (no '{CHECKPOINT_FORMAT}' header); "
                            f"use create_model(arch, weights=...) for a plain state_dict")

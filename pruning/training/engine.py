@@ -19,7 +19,7 @@ from typing import Callable, Iterable
 
 import torch
 from torch import nn
-from tqdm import tqdm
+from sparsight.progress import note, progress_bar
 
 from ..models.checkpoint import atomic_save
 from ..models.registry import unwrap
@@ -257,7 +257,7 @@ class Trainer:
         net.train()
         loss_sum, correct, seen, skipped = 0.0, 0, 0, 0
         t0 = time.perf_counter()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{s.epochs}", disable=None if self.progress else True, leave=False,
+        bar = progress_bar(loader, desc=f"epoch {epoch + 1}/{s.epochs}", enabled=self.progress, leave=False,
                    dynamic_ncols=True)
         for b, batch in enumerate(bar):
             for hook in self.batch_hooks:
@@ -302,8 +302,8 @@ class Trainer:
         if self.progress:
             val = f" val top1 {m.val['top1']:.3f}" if m.val else ""
             skip = f" ({m.skipped} corrupt images skipped)" if m.skipped else ""
-            tqdm.write(f"epoch {m.epoch + 1}/{self.settings.epochs}: loss {m.train_loss:.3f} "
-                       f"train top1 {m.train_top1:.3f}{val} · {m.images_per_s:.0f} img/s{skip}")
+            note(f"epoch {m.epoch + 1}/{self.settings.epochs}: loss {m.train_loss:.3f} "
+                 f"train top1 {m.train_top1:.3f}{val} · {m.images_per_s:.0f} img/s{skip}")
 
     def clear_state(self) -> None:
         """Remove the resumable state once the final checkpoint is written."""

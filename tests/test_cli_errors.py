@@ -1,0 +1,90 @@
+"""The command line's error boundary: bad input ends in one ``Error:`` line, never a traceback."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from sparsight.cli import main
+
+
+@pytest.fixture
+def places(tmp_path, tiny_data, monkeypatch):
+    """A working directory with an empty study folder, a corrupt checkpoint and a broken study file."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.delenv("SPARSIGHT_DEBUG", raising=False)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "corrupt.pt").write_bytes(os.urandom(512))
+    torch.save({"w": torch.zeros(1)}, tmp_path / "foreign.pt")
+    (tmp_path / "broken.toml").write_text("[study\nname = 1\n")
+    (tmp_path / "unknown-key.toml").write_text("[train]\nepoch = 3\n")
+    return {"data": str(tiny_data), "tmp": str(tmp_path)}
+
+
+BAD_INPUTS = {
+    "run: data folder that does not exist": (["run", "--set", "data.source=folder", "--set", "data.path=/nonexistent"],
+                                             "/nonexistent"),
+    "run: unknown profile": (["run", "--profile", "huge"], "'huge' is not one of"),
+    "run: unknown section": (["run", "--set", "trian.epochs=3"], "unknown section [trian]"),
+    "run: bad choice": (["run", "--set", "train.optimizer=lion"], "choose from ['sgd', 'adam', 'adamw']"),
+    "run: missing study file": (["run", "missing.toml"], "missing.toml"),
+    "run: study file not TOML": (["run", "broken.toml"], "is not valid TOML"),
+    "run: unknown key in study file": (["run", "unknown-key.toml"], "unknown key train.epoch"),
+    "run: unknown --force stage": (["run", "--plan", "--force", "bogus"], "unknown stage 'bogus'"),
+    "evaluate: not a checkpoint": (["evaluate", "/etc/passwd", "--data", "{data}"], "/etc/passwd"),
+    "evaluate: corrupt checkpoint": (["evaluate", "corrupt.pt", "--data", "{data}"], "corrupt.pt"),
+    "evaluate: foreign checkpoint": (["evaluate", "foreign.pt", "--data", "{data}"], "is not a sparsight checkpoint"),
+    "train: missing weights file": (["train", "--data", "{data}", "--weights", "/nonexistent/w.pt", "--epochs", "0",
+                                     "--set", "data.image_size=32"], "/nonexistent/w.pt"),
+    "train: torchvision weights not cached": (["train", "--data", "{data}", "--arch", "resnet18", "--weights",
+                                               "IMAGENET1K_V1", "--epochs", "0", "--set", "data.image_size=32"],
+                                              "torch-home"),
+    "serve: no stimulus bank": (["serve", "empty"], "manifest"),
+    "participant: no observer network": (["participant", "empty"], "no observer network"),
+    "participant: no stimulus bank": (["participant", "empty", "--observer", "pixels"], "manifest"),
+    "responses: database unreachable": (["responses", "empty", "--database",
+                                         "postgresql+psycopg://nobody@127.0.0.1:9/none"], "cannot use the survey database"),
+    "analyze: import file missing": (["analyze", "empty", "--import", "missing.csv", "--map", "participant=p",
+                                      "--map", "correct=c"], "missing.csv"),
+    "mis: no stimulus bank": (["mis", "empty"], "no stimulus bank"),
+    "stimuli: no base model": (["stimuli", "empty"], "no base model"),
+    "stimuli: bad preview": (["stimuli", "empty", "--preview", "base"], "MODEL:LAYER:UNIT"),
+    "prune: no parent model": (["prune", "empty"], "no model.pt"),
+    "dissect: missing probe folder": (["dissect", "empty", "--probe", "no-probe"], "no-probe"),
+    "serve: bad survey setting": (["serve", "empty", "--set", "survey.main_trials=0"], "survey.main_trials"),
+}
+
+
+@pytest.mark.parametrize("args, fragment", list(BAD_INPUTS.values()), ids=list(BAD_INPUTS))
+def test_bad_input_ends_in_one_error_line_without_traceback(places, args, fragment):
+    result = CliRunner().invoke(main, [a.format(**places) for a in args])
+    assert result.exit_code != 0, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)   # nothing escaped the boundary
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, result.output
+    assert result.output.rstrip().splitlines()[-1] == errors[0]
+    assert fragment in errors[0], errors[0]
+    print(errors[0])
+
+
+def test_debug_shows_the_traceback(places):
+    result = CliRunner().invoke(main, ["--debug", "evaluate", "corrupt.pt", "--data", places["data"]])
+    assert result.exit_code != 0 and not isinstance(result.exception, SystemExit)   # the error itself escapes
+    env = {**os.environ, "SPARSIGHT_DEBUG": "1"}
+    proc = subprocess.run([sys.executable, "-m", "sparsight", "evaluate", "corrupt.pt", "--data", places["data"]],
+                          capture_output=True, text=True, env=env, cwd=places["tmp"])
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_a_real_process_prints_one_line_and_fails(places):
+    proc = subprocess.run([sys.executable, "-m", "sparsight", "run", "--set", "data.source=folder",
+                           "--set", "data.path=/nonexistent"], capture_output=True, text=True, cwd=places["tmp"])
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.strip()][-1].startswith("Error: ")

@@ -1,0 +1,167 @@
+"""What a new user does, done the way the README writes it: relative paths, separate processes, no terminal."""
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from sparsight.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, tries: int = 100) -> tuple[int, bytes]:
+    for _ in range(tries):
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read()
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError(f"no answer from {url}")
+
+
+@pytest.fixture
+def study_copy(quick_study, tmp_path):
+    """A copy of the finished quick study under a new working directory (``runs/quick`` there)."""
+    _, run_dir, _ = quick_study
+    cwd = tmp_path / "work"
+    shutil.copytree(run_dir, cwd / "runs" / "quick")
+    return cwd
+
+
+def test_the_log_of_a_run_without_terminal_has_lines_not_progress_bars(quick_study):
+    _, _, output = quick_study
+    assert "\r" not in output                                   # no bar redraws in a log file
+    assert "epoch 1/" in output                                 # a line per epoch
+    assert "[stimuli] 1/" in output and "[dissection] 1/" in output    # a line per model
+    assert "[prune] done in" in output                          # a line per stage
+
+
+def test_serve_with_a_relative_run_dir_serves_the_consent_page_and_stimulus_images(quick_study):
+    cwd, run_dir, _ = quick_study
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "sparsight", "serve", "runs/quick", "--port", str(port)],
+                              cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        status, page = _get(f"http://127.0.0.1:{port}/")
+        assert status == 200 and b"consent" in page.lower()
+        names = pd.read_parquet(run_dir / "stimuli" / "manifest.parquet")["image"].drop_duplicates()
+        for name in names.sample(3, random_state=0):
+            status, body = _get(f"http://127.0.0.1:{port}/stimuli/{Path(name).name}")
+            assert status == 200 and body[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+
+
+def test_participant_with_a_relative_run_dir_answers_every_task(study_copy):
+    proc = subprocess.run([sys.executable, "-m", "sparsight", "participant", "runs/quick", "--observer", "pixels"],
+                          cwd=study_copy, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "pixels:" in proc.stdout and "accuracy" in proc.stdout
+    written = list((study_copy / "runs" / "quick" / "survey").glob("machine-pixels-*.csv"))
+    assert len(written) == 1 and len(pd.read_csv(written[0])) > 0
+
+
+def test_stimuli_for_one_model_or_unit_keep_every_other_model_and_unit(study_copy, monkeypatch):
+    monkeypatch.chdir(study_copy)
+    stimuli = Path("runs/quick/stimuli")
+    before = pd.read_parquet(stimuli / "manifest.parquet")
+    status_before = pd.read_csv(stimuli / "units.csv")
+    keys = ["model_id", "kind", "layer", "unit", "task", "role", "rank"]
+
+    result = CliRunner().invoke(main, ["stimuli", "runs/quick", "--model", "base"])
+    assert result.exit_code == 0, result.output
+    after = pd.read_parquet(stimuli / "manifest.parquet")
+    pd.testing.assert_frame_equal(after.sort_values(keys, ignore_index=True),
+                                  before.sort_values(keys, ignore_index=True))
+    pd.testing.assert_frame_equal(pd.read_csv(stimuli / "units.csv"), status_before)
+
+    unit = before[(before.model_id == "base") & (before.kind == "natural")][["layer", "unit"]].iloc[0]
+    result = CliRunner().invoke(main, ["stimuli", "exemplars", "runs/quick", "--model", "base", "--unit",
+                                       f"{unit.layer}:{unit.unit}", "--fresh"])
+    assert result.exit_code == 0, result.output
+    after = pd.read_parquet(stimuli / "manifest.parquet")
+    assert set(after.model_id) == set(before.model_id) and len(after) == len(before)
+    assert (after.image.map(lambda n: (stimuli / n).is_file())).all()
+    redone = (after.model_id == "base") & (after.kind == "natural") & (after.layer == unit.layer) & \
+             (after.unit == unit.unit)
+    pd.testing.assert_frame_equal(after[~redone].sort_values(keys, ignore_index=True),
+                                  before[~redone.values].sort_values(keys, ignore_index=True))
+    assert redone.sum() > 0
+
+
+def test_mis_takes_a_run_dir_says_why_alpha_is_not_fitted_and_removes_a_stale_calibration(study_copy,
+                                                                                            monkeypatch):
+    monkeypatch.chdir(study_copy)
+    stale = Path("runs/quick/mis/calibration.json")
+    stale.write_text('{"alpha": 9.68}')
+    result = CliRunner().invoke(main, ["mis", "runs/quick", "--set", 'study.name="renamed"'])
+    assert result.exit_code == 0, result.output
+    assert "no human responses" in result.output and "removed the earlier calibration.json" in result.output
+    assert not stale.exists()
+    units = pd.read_csv("runs/quick/mis/units.csv")
+    assert set(units.alpha_source) == {"configured"}
+
+
+def test_mis_names_human_responses_filed_under_another_study(monkeypatch, tmp_path):
+    from sparsight.config import load_study
+    from survey_app import stages
+
+    others = pd.DataFrame({"study": ["first-study"] * 3, "is_machine": [False] * 3, "trial_type": ["main"] * 3})
+
+    def read(run_dir, cfg, *, every_study=False, connect=True):
+        return others if every_study else others.iloc[:0]
+
+    monkeypatch.setattr(stages, "read_responses", read)
+    cfg = load_study(overrides=['study.name="second-study"'])
+    why = stages._why_not_fitted(tmp_path, cfg, others.iloc[:0], 0)
+    assert "no human responses for study 'second-study'" in why and "3 for 'first-study'" in why
+
+
+def test_plan_of_a_study_with_a_database_server_connects_to_nothing(tmp_path, monkeypatch):
+    """--plan on the GoogLeNet study (PostgreSQL survey, ImageNet folder) prints the plan and touches nothing."""
+    import re
+
+    import sqlalchemy
+
+    from survey_app import db
+
+    def refuse(*_a, **_k):
+        raise AssertionError("--plan opened a database connection")
+
+    monkeypatch.setattr(sqlalchemy, "create_engine", refuse)
+    monkeypatch.setattr(db, "make_engine", refuse)
+    monkeypatch.chdir(tmp_path)
+    study = Path(__file__).resolve().parents[1] / "studies" / "googlenet-imagenet.toml"
+    result = CliRunner().invoke(main, ["run", str(study), "--plan"])
+    assert result.exit_code == 0, result.output
+    assert re.search(r"^mis +may run ", result.output, re.M) and "does not connect" in result.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_every_profile_is_offered_and_paper_plans(tmp_path, monkeypatch):
+    from sparsight.config import PROFILES
+
+    monkeypatch.chdir(tmp_path)
+    help_text = CliRunner().invoke(main, ["run", "--help"]).output
+    assert all(name in help_text for name in PROFILES)
+    result = CliRunner().invoke(main, ["run", "--profile", "paper", "--plan"])
+    assert result.exit_code == 0, result.output
+    assert 'profile = "paper"' in result.output and "fv_steps = 512" in result.output
