@@ -90,12 +90,12 @@ class StimulusBank:
         rows replace only the same (kind, layer, unit) rows of the stored table."""
         path = self.parts / model_id / "status.parquet"
         table = pd.DataFrame(rows, columns=STATUS_COLUMNS)
-        if merge and path.is_file():
+        if merge and path.is_file():     # replace rows in place, keep the stored order, append new units
             old = pd.read_parquet(path)
-            new_keys = set(zip(table["kind"], table["layer"], table["unit"].astype(int)))
-            keep = [k not in new_keys for k in zip(old["kind"], old["layer"], old["unit"].astype(int))]
-            table = pd.concat([old[keep], table], ignore_index=True) if len(old[keep]) else table
-            table = table.sort_values(["kind", "layer", "unit"], kind="stable", ignore_index=True)
+            key = lambda t: list(zip(t["kind"], t["layer"], t["unit"].astype(int)))  # noqa: E731
+            fresh = dict(zip(key(table), table.to_dict("records")))
+            rows = [fresh.pop(k, r) for k, r in zip(key(old), old.to_dict("records"))] + list(fresh.values())
+            table = pd.DataFrame(rows, columns=STATUS_COLUMNS)
         return _atomic_parquet(table, path)
 
     def _unit_parts(self, model_id: str):

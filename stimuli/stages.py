@@ -122,7 +122,11 @@ def build_stimuli(study, *, kinds: tuple[str, ...] | None = None, model_ids: lis
     ctx.barrier()
     if not ctx.is_main:
         return None
-    return bank.assemble(None if partial else model_ids)
+    if not partial:
+        return bank.assemble(model_ids)
+    stored = {p.name for p in bank.parts.iterdir() if p.is_dir()}
+    study_order = [m for m in stimulus_models(study) if m in stored]
+    return bank.assemble(study_order + sorted(stored - set(study_order)))
 
 
 class StimuliStage:

@@ -70,9 +70,9 @@ def test_serve_with_a_relative_run_dir_serves_the_consent_page_and_stimulus_imag
         server.wait(timeout=20)
 
 
-def test_participant_with_a_relative_run_dir_answers_every_task(study_copy):
-    proc = subprocess.run([sys.executable, "-m", "sparsight", "participant", "runs/quick", "--observer", "pixels"],
-                          cwd=study_copy, capture_output=True, text=True)
+def test_participant_with_a_relative_run_dir_answers_a_trial_list(study_copy):
+    proc = subprocess.run([sys.executable, "-m", "sparsight", "participant", "runs/quick", "--observer", "pixels",
+                           "--mode", "participant"], cwd=study_copy, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "pixels:" in proc.stdout and "accuracy" in proc.stdout
     written = list((study_copy / "runs" / "quick" / "survey").glob("machine-pixels-*.csv"))

@@ -163,7 +163,7 @@ def test_prune_command_writes_models_with_measured_sparsity_and_robustness(train
 
 
 @pytest.mark.parametrize("extra, fragment", [
-    (["--method", "shrink"], "prune.methods"),
+    (["--method", "shrink"], "'shrink' is not one of 'unstructured-local'"),
     (["--rate", "1.5"], "prune.rates"),
     (["--exclude", "conv9"], "layer 'conv9' does not exist; valid layers: ['conv1.conv'"),
     (["--exclude", "conv1", "--exclude", "conv2", "--exclude", "conv3", "--exclude", "inception3a",
@@ -188,7 +188,7 @@ def test_evaluate_command_reports_robustness_against_a_parent(trained_base, tiny
     assert robust["corruptions"].keys() == {"contrast"} and robust["corruptions"]["contrast"].keys() == {"2"}
     assert robust["n"] == 20
     bad = CliRunner().invoke(main, args[:-6] + ["--corruption", "fog"])
-    assert bad.exit_code == 2 and "unknown corruption 'fog'" in bad.output
+    assert bad.exit_code == 2 and "'fog' is not one of 'gaussian_noise'" in bad.output
 
 
 def test_training_saves_the_imp_rewind_point(trained_base):
