@@ -199,6 +199,8 @@ def mis_slope(units, kind, series, cfg: StudyConfig) -> Outcome:
     scope = "all methods" if series is None else series
     adjusted = "; adjusted for top-1" if "top1" in formula else ""
     sentence = slope_sentence(f"MIS ({kind}, {scope}{adjusted})", t, level, a.alpha_level)
+    if res["method"] != "lbfgs" or res["boundary"]:
+        sentence += f" Fit shown: {res['fit']}."
     result = {k: v for k, v in res.items() if k != "table"}
     result.update(kind=kind, scope=scope, rate_span=span, slope_per_10pct=t["coef"] * PER_STEP)
     if a.tost_margin > 0 and t["se"] > 0:

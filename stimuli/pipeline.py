@@ -130,7 +130,8 @@ def make_stimuli(model, model_id: str, units: list[Unit], data_root: str | Path,
     result = mine(model, data_root, settings.split, layers, settings.k, image_size=settings.image_size,
                   batch_size=settings.batch_size, device=device, record=record, progress=progress,
                   state_path=work_dir / state_name if work_dir else None, on_corrupt=settings.on_corrupt,
-                  decode=settings.decode, precision=settings.mining_precision, shard=shard, gather=gather)
+                  decode=settings.decode, precision=settings.mining_precision, shard=shard, gather=gather,
+                  tie_seed=settings.seed)
     if work_dir is not None and rank == 0:
         result.save(work_dir / f"{model_id}.mining.pt")
     split_root = Path(data_root) / settings.split
