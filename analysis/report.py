@@ -738,6 +738,12 @@ def _models_display(table: pd.DataFrame) -> pd.DataFrame:
                 "" if not np.isfinite(v) else f"{v:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if np.isfinite(lo) else "")
                 for v, lo, hi in zip(table[col].astype(float), table[f"{col}{low}"].astype(float),
                                      table[f"{col}{high}"].astype(float))]
+    if "mis_synthetic_fv_invalid" in table:     # leaving units out silently would bias the comparison
+        show["units with invalid FV"] = [
+            "" if not np.isfinite(n) else f"{int(n)}/{int(u)}" for n, u in
+            zip(table["mis_synthetic_fv_invalid"].astype(float), table["mis_synthetic_units"].astype(float))]
+        show["MIS synthetic, valid FV only"] = [
+            "" if not np.isfinite(v) else f"{v:.3f}" for v in table["mis_synthetic_valid_fv"].astype(float)]
     for col, label in (("interpretable", "interpretable units"), ("unique_concepts", "unique concepts")):
         if col in table:
             show[label] = table[col]
