@@ -471,7 +471,9 @@ def model_table(models: pd.DataFrame, mis_models: pd.DataFrame | None = None,
         for kind, g in mis_models.groupby("kind", sort=True):
             g = g.set_index("model_id")
             for src, dst in (("mis", ""), ("mis_ci_low", "_ci_low"), ("mis_ci_high", "_ci_high"),
-                             ("units", "_units")):
+                             ("units", "_units"), ("fv_invalid", "_fv_invalid"), ("mis_valid_fv", "_valid_fv")):
+                if kind != "synthetic" and src in ("fv_invalid", "mis_valid_fv"):
+                    continue
                 if src in g:
                     table[f"mis_{kind}{dst}"] = table["model_id"].map(g[src])
     if dissection_models is not None and len(dissection_models):

@@ -199,6 +199,8 @@ def mis_slope(units, kind, series, cfg: StudyConfig) -> Outcome:
     scope = "all methods" if series is None else series
     adjusted = "; adjusted for top-1" if "top1" in formula else ""
     sentence = slope_sentence(f"MIS ({kind}, {scope}{adjusted})", t, level, a.alpha_level)
+    if res["method"] != "lbfgs" or res["boundary"]:
+        sentence += f" Fit shown: {res['fit']}."
     result = {k: v for k, v in res.items() if k != "table"}
     result.update(kind=kind, scope=scope, rate_span=span, slope_per_10pct=t["coef"] * PER_STEP)
     if a.tost_margin > 0 and t["se"] > 0:
@@ -736,6 +738,12 @@ def _models_display(table: pd.DataFrame) -> pd.DataFrame:
                 "" if not np.isfinite(v) else f"{v:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if np.isfinite(lo) else "")
                 for v, lo, hi in zip(table[col].astype(float), table[f"{col}{low}"].astype(float),
                                      table[f"{col}{high}"].astype(float))]
+    if "mis_synthetic_fv_invalid" in table:     # leaving units out silently would bias the comparison
+        show["units with invalid FV"] = [
+            "" if not np.isfinite(n) else f"{int(n)}/{int(u)}" for n, u in
+            zip(table["mis_synthetic_fv_invalid"].astype(float), table["mis_synthetic_units"].astype(float))]
+        show["MIS synthetic, valid FV only"] = [
+            "" if not np.isfinite(v) else f"{v:.3f}" for v in table["mis_synthetic_valid_fv"].astype(float)]
     for col, label in (("interpretable", "interpretable units"), ("unique_concepts", "unique concepts")):
         if col in table:
             show[label] = table[col]

@@ -279,10 +279,16 @@ def unit_mixed_model(units: pd.DataFrame, formula: str = "mis ~ rate + top1", gr
     on rows with ``status == "ok"`` (when that column exists) and no missing values in the used
     columns.  Intervals and p-values are normal-based (statsmodels' Wald z).
 
-    Returns ``table``/``terms`` (fixed effects), ``group_sd`` (random-intercept SD), ``residual_sd``,
-    ``n_obs``, ``n_groups``, ``converged``, ``method`` (the optimizer that converged; L-BFGS first,
-    then BFGS, Powell, Nelder–Mead), ``formula``, ``warnings`` — a random-intercept variance on
-    the boundary (zero) shows up there as a ConvergenceWarning and is not an error.
+    Every fit is checked before it is reported (:func:`fit_problems`): finite log-likelihood and
+    standard errors, a positive-definite fixed-effect covariance, no absurd standard error.  A fit
+    that fails is refitted with the next optimizer (L-BFGS, BFGS, Powell, Nelder–Mead: L-BFGS can
+    stop at a degenerate point where the REML log-likelihood is +inf and call it converged); when
+    none passes, the simpler model is reported: OLS with standard errors clustered by ``group``.
+
+    Returns ``table``/``terms`` (fixed effects), ``group_sd`` (random-intercept SD; ``None`` for the
+    OLS fallback), ``residual_sd``, ``n_obs``, ``n_groups``, ``converged``, ``method`` (optimizer, or
+    ``"ols-cluster"``), ``fit`` (a sentence: which fit is shown and why), ``attempts`` (each
+    optimizer's problems), ``boundary`` (random-intercept variance at zero), ``formula``, ``warnings``.
     """
     import statsmodels.formula.api as smf
 
@@ -292,30 +298,79 @@ def unit_mixed_model(units: pd.DataFrame, formula: str = "mis ~ rate + top1", gr
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = smf.mixedlm(formula, data=data, groups=data[group])
-        fit, method = _fit_mixedlm(model)
+        ols = smf.ols(formula, data=data).fit()
+        largest_group = int(data[group].value_counts().max())
+        fit, method, attempts = _fit_mixedlm(model, ols, largest_group)
     k = model.k_fe
+    if fit is None:
+        codes = pd.factorize(data[group])[0]
+        fallback = smf.ols(formula, data=data).fit(cov_type="cluster", cov_kwds={"groups": codes})
+        table = _table(fallback.params, fallback.bse, level)
+        why = "; ".join(f"{a['method']}: {', '.join(a['problems'])}" for a in attempts)
+        return dict(table=table, terms=_terms(table), group_sd=None, residual_sd=float(np.sqrt(fallback.scale)),
+                    n_obs=int(fallback.nobs), n_groups=int(data[group].nunique()), converged=False,
+                    method="ols-cluster", attempts=attempts, boundary=False, formula=formula,
+                    fit=f"OLS with standard errors clustered by {group}: no mixed-model fit passed the checks ({why})",
+                    warnings=_collect(caught))
     table = _table(fit.fe_params, np.asarray(fit.bse)[:k], level)
-    return dict(table=table, terms=_terms(table), group_sd=float(np.sqrt(max(fit.cov_re.iloc[0, 0], 0.0))),
+    group_var = max(float(fit.cov_re.iloc[0, 0]), 0.0)
+    boundary = group_var <= 1e-8 * float(fit.scale)
+    shown = f"REML mixed model ({method})"
+    if len(attempts) > 1:
+        shown += " after " + "; ".join(f"{a['method']} failed the checks ({', '.join(a['problems'])})"
+                                       for a in attempts[:-1])
+    if boundary:
+        shown += f"; the random-intercept variance is at its boundary (0): units do not differ beyond noise"
+    return dict(table=table, terms=_terms(table), group_sd=float(np.sqrt(group_var)),
                 residual_sd=float(np.sqrt(fit.scale)), n_obs=int(fit.nobs), n_groups=int(data[group].nunique()),
-                converged=bool(fit.converged), method=method, formula=formula, warnings=_collect(caught))
+                converged=bool(fit.converged), method=method, attempts=attempts, boundary=bool(boundary),
+                fit=shown, formula=formula, warnings=_collect(caught))
 
 
-def _fit_mixedlm(model, methods=("lbfgs", "bfgs", "powell", "nm")):
-    """REML fit trying optimizers in turn: L-BFGS can hit a singular matrix when the random-intercept
-    variance is near zero, where BFGS or Powell still converge.  Returns (fit, optimizer)."""
-    fallback, errors = None, []
+def fit_problems(fit, k_fe: int, reference_se, largest_group: int) -> list[str]:
+    """What makes a fitted mixed model unreportable (empty when it passes).
+
+    ``reference_se``: the OLS standard errors of the same fixed effects; a random intercept can
+    inflate them by about √(largest group size), so a standard error 10× beyond that is absurd.
+    """
+    problems = []
+    if not fit.converged:
+        problems.append("did not converge")
+    if not np.isfinite(fit.llf):
+        problems.append(f"log-likelihood {fit.llf}")
+    se = np.asarray(fit.bse, dtype=float)[:k_fe]
+    if not np.all(np.isfinite(se)):
+        problems.append("non-finite standard errors")
+    else:
+        bound = 10 * np.sqrt(max(largest_group, 1)) * np.asarray(reference_se, dtype=float)
+        if np.any(se > bound):
+            problems.append(f"absurd standard error {float(np.max(se)):.3g}")
+    try:
+        cov = np.asarray(fit.cov_params(), dtype=float)[:k_fe, :k_fe]
+        if not np.all(np.isfinite(cov)) or np.linalg.eigvalsh((cov + cov.T) / 2).min() <= 0:
+            problems.append("fixed-effect covariance (inverse Hessian) not positive definite")
+    except (np.linalg.LinAlgError, ValueError):
+        problems.append("fixed-effect covariance not available")
+    return problems
+
+
+def _fit_mixedlm(model, ols, largest_group: int, methods=("lbfgs", "bfgs", "powell", "nm")):
+    """REML fits with each optimizer in turn until one passes :func:`fit_problems`.
+
+    Returns ``(fit or None, optimizer, attempts)``, attempts listing every optimizer tried with its problems.
+    """
+    attempts = []
     for method in methods:
         try:
             fit = model.fit(reml=True, method=method)
         except (np.linalg.LinAlgError, ValueError) as error:
-            errors.append(f"{method}: {error}")
+            attempts.append({"method": method, "problems": [f"{type(error).__name__}: {error}"]})
             continue
-        if fit.converged:
-            return fit, method
-        fallback = fallback or (fit, method)
-    if fallback is None:
-        raise RuntimeError(f"MixedLM failed with every optimizer: {errors}")
-    return fallback
+        problems = fit_problems(fit, model.k_fe, ols.bse, largest_group)
+        attempts.append({"method": method, "problems": problems})
+        if not problems:
+            return fit, method, attempts
+    return None, None, attempts
 
 
 def _hinge_rss(x: np.ndarray, y: np.ndarray, grid: np.ndarray, weights: np.ndarray) -> np.ndarray:

@@ -168,17 +168,17 @@ def evaluate_cmd(checkpoint: Path, data_path, split, image_size, batch_size, dev
 
         from sparsight.config import EvaluateSection
 
-        from .robustness import check_corruption, robustness_report
-        section = EvaluateSection()
-        try:
-            [check_corruption(c) for c in corruptions]
-        except ValueError as err:
-            raise click.UsageError(str(err)) from None
-        section = replace(section, **{k: v for k, v in {"corruptions": list(corruptions), "severities":
-                                      list(severities)}.items() if v},
+        from .data.folders import ImageFolderDataset, split_dir, stratified_subset
+        from .robustness import robustness_report
+        section = replace(EvaluateSection(), **{k: v for k, v in {"corruptions": list(corruptions), "severities":
+                                                list(severities)}.items() if v},
                           **({"max_images": max_images} if max_images is not None else {}))
+        targets = ImageFolderDataset(split_dir(data_path, split), on_corrupt=on_corrupt).targets
+        subset_loader = make_loader(data_path, split, image_size=size, batch_size=batch_size, train=False,
+                                    on_corrupt=on_corrupt, device=dev,
+                                    subset=stratified_subset(targets, section.max_images, seed=0))
         par = load_checkpoint(parent, map_location=dev).model if parent else None
-        robust = robustness_report(ckpt.model, par, loader, section, device=dev)
+        robust = robustness_report(ckpt.model, par, subset_loader, section, device=dev)
         result["robustness"] = robust
     click.echo(json.dumps(result, indent=2))
     if write_meta:

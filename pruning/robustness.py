@@ -107,9 +107,9 @@ def gaussian_blur(x01: torch.Tensor, severity: int, generator: torch.Generator |
 
 
 def contrast(x01: torch.Tensor, severity: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Blend towards each image's mean intensity (over channels and pixels): ``(x − m)·c + m``."""
+    """Blend every channel towards its own mean over the image, as ImageNet-C: ``(x − m_c)·c + m_c``."""
     c = CONTRAST_FACTOR[severity - 1]
-    mean = x01.mean(dim=(1, 2, 3), keepdim=True)
+    mean = x01.mean(dim=(2, 3), keepdim=True)
     return ((x01 - mean) * c + mean).clamp_(0, 1)
 
 
@@ -261,7 +261,8 @@ def corruption_accuracy(model: nn.Module, loader, corruptions, severities, *, de
     The noise of batch ``b`` under (corruption, severity) is seeded from ``(seed, b, corruption,
     severity)``, so a result does not depend on which other corruptions are evaluated.
     Returns ``{"clean": top1, "corruptions": {name: {str(severity): top1}}, "n": images}``
-    (top-1 values are ``None`` when the loader yields no images).
+    (top-1 values are ``None`` when the loader yields no images) and ``"per_class"``: images per class
+    index.
     """
     names = list(corruptions)
     for c in names:
@@ -271,7 +272,7 @@ def corruption_accuracy(model: nn.Module, loader, corruptions, severities, *, de
     gen = torch.Generator(device=dev)
     clean = 0
     hits = {(c, s): 0 for c in names for s in sevs}
-    n = 0
+    n, per_class = 0, torch.zeros(0, dtype=torch.long)
     was_training = model.training
     model.eval()
     try:
@@ -284,11 +285,14 @@ def corruption_accuracy(model: nn.Module, loader, corruptions, severities, *, de
                         gen.manual_seed(derived_seed(seed, b, list(CORRUPTIONS).index(c), s))
                         hits[c, s] += _correct(model, normalize(CORRUPTIONS[c](x01, s, gen)), y)
                 n += len(y)
+                counts = torch.bincount(y.cpu(), minlength=len(per_class))
+                per_class = torch.cat([per_class, torch.zeros(len(counts) - len(per_class), dtype=torch.long)])
+                per_class += counts
     finally:
         model.train(was_training)
     share = (lambda k: k / n) if n else (lambda k: None)  # None (JSON null) without images
     return {"clean": share(clean), "corruptions": {c: {str(s): share(hits[c, s]) for s in sevs} for c in names},
-            "n": n}
+            "n": n, "per_class": per_class.tolist()}
 
 
 def noise_levels(levels: int, eps_max: float) -> list[float]:
@@ -337,15 +341,20 @@ def robustness_report(model: nn.Module, parent: nn.Module | None, loader, sectio
                       seed: int = 0) -> dict:
     """Corruption accuracy and (with a parent) noise similarity, ready for ``meta["robustness"]``.
 
-    ``section`` is the study's ``evaluate`` section (or a dict with the same keys).
+    ``section`` is the study's ``evaluate`` section (or a dict with the same keys).  ``loader`` should
+    already hold the evaluation subset (``pruning.workflows.robustness_loader``: seeded and
+    class-stratified); ``max_images`` only caps it.  ``images_per_class`` records what was used.
     """
     corruptions = list(_setting(section, "corruptions"))
     severities = [int(s) for s in _setting(section, "severities")]
     max_images = int(_setting(section, "max_images"))
     acc = corruption_accuracy(model, loader, corruptions, severities, device=device, max_images=max_images,
                               seed=seed)
+    classes = list(getattr(loader, "classes", None) or [])
+    counts = acc["per_class"] + [0] * max(0, len(classes) - len(acc["per_class"]))
     report = {
         "clean": acc["clean"], "corruptions": acc["corruptions"], "n": acc["n"],
+        "images_per_class": {(classes[i] if i < len(classes) else str(i)): int(k) for i, k in enumerate(counts)},
         "settings": {"corruptions": corruptions, "severities": severities, "max_images": max_images, "seed": seed,
                      "noise_levels": int(_setting(section, "noise_levels")),
                      "noise_eps_max": float(_setting(section, "noise_eps_max"))},

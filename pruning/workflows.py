@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .data.folders import make_loader, reference_batches
+from .data.folders import ImageFolderDataset, make_loader, reference_batches, split_dir, stratified_subset
 from .models import base_meta, create_model, file_sha256, get_spec, load_checkpoint, save_checkpoint, write_meta
 from .models.checkpoint import atomic_save, layer_sizes, measure_sparsity
 from .training import DistContext, Trainer, TrainSettings, evaluate
@@ -39,9 +39,16 @@ def reusable_meta(out_dir: Path, fingerprint: str) -> dict | None:
     return meta if meta.get("checkpoint_sha256") == file_sha256(ckpt) else None
 
 
-def eval_loader(cfg, data_root, ctx: DistContext):
-    """The validation loader used for robustness (``evaluate.max_images`` caps its use)."""
-    return build_loaders(cfg, data_root, ctx, train=False)[1]
+def robustness_loader(cfg, data_root, ctx: DistContext):
+    """The validation images robustness is measured on: a seeded, class-stratified sample of
+    ``evaluate.max_images`` (all with 0), the same for every model of the study."""
+    d = cfg.data
+    targets = ImageFolderDataset(split_dir(data_root, "val"), on_corrupt=d.on_corrupt).targets
+    subset = stratified_subset(targets, cfg.evaluate.max_images, cfg.study.seed)
+    return make_loader(data_root, "val", image_size=d.image_size, batch_size=d.eval_batch_size, train=False,
+                       seed=cfg.study.seed, cache=d.cache, augment=d.augment, on_corrupt=d.on_corrupt,
+                       num_workers=d.num_workers, device=ctx.device, decode=d.decode, subset=subset,
+                       progress=cfg.study.progress and ctx.is_main)
 
 
 def robustness_of(model, parent, loader, cfg, ctx: DistContext) -> dict:
@@ -77,8 +84,12 @@ def build_loaders(cfg, data_root: str | Path, ctx: DistContext, *, train: bool =
     return train_loader, val_loader
 
 
+ROBUSTNESS_SUBSET = "stratified-v1"     # how robustness images are chosen; a change refreshes old reports
+
+
 def _robustness_fingerprint(cfg, parent_sha: str | None) -> str:
-    return job_fingerprint({"evaluate": asdict(cfg.evaluate), "parent": parent_sha, "seed": cfg.study.seed})
+    return job_fingerprint({"evaluate": asdict(cfg.evaluate), "parent": parent_sha, "seed": cfg.study.seed,
+                            "subset": ROBUSTNESS_SUBSET})
 
 
 def refresh_robustness(cfg, data_root, out_dir: Path, meta: dict, ctx: DistContext, parent=None,
@@ -88,7 +99,7 @@ def refresh_robustness(cfg, data_root, out_dir: Path, meta: dict, ctx: DistConte
     if meta.get("robustness", {}).get("fingerprint") == fp:
         return meta
     model = load_checkpoint(out_dir / "model.pt", map_location=ctx.device).model
-    meta["robustness"] = {**robustness_of(model, parent, eval_loader(cfg, data_root, ctx), cfg, ctx),
+    meta["robustness"] = {**robustness_of(model, parent, robustness_loader(cfg, data_root, ctx), cfg, ctx),
                           "fingerprint": fp}
     if ctx.is_main:
         write_meta(out_dir, meta)
@@ -129,7 +140,8 @@ def train_and_save(cfg, data_root: str | Path, out_dir: str | Path, ctx: DistCon
     model = trainer.model.float().to(memory_format=torch.contiguous_format)
     robust = {}
     if robustness:
-        robust = {**robustness_of(model, None, val_loader, cfg, ctx), "fingerprint": _robustness_fingerprint(cfg, None)}
+        robust = {**robustness_of(model, None, robustness_loader(cfg, data_root, ctx), cfg, ctx),
+                  "fingerprint": _robustness_fingerprint(cfg, None)}
     if ctx.is_main:
         sha = save_checkpoint(out_dir / "model.pt", model, num_classes=num_classes,
                               args={"settings": json.dumps(asdict(settings)), "data": str(data_root),
@@ -217,7 +229,9 @@ def prune_and_save(cfg, data_root: str | Path, parent_dir: str | Path, out_dir: 
     scope = [k.removesuffix(".weight") for k in _scope_keys(model, job, d.image_size)]
     robust = {}
     if robustness:
-        robust = {**robustness_of(model, parent_ckpt.model, val_loader, cfg, ctx),
+        if "robustness_loader" not in cache:
+            cache["robustness_loader"] = robustness_loader(cfg, data_root, ctx)
+        robust = {**robustness_of(model, parent_ckpt.model, cache["robustness_loader"], cfg, ctx),
                   "fingerprint": _robustness_fingerprint(cfg, parent_ckpt.sha256)}
     if ctx.is_main:
         sha = save_checkpoint(out_dir / "model.pt", model, num_classes=parent_ckpt.num_classes, masks=outcome.masks,

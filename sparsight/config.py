@@ -188,6 +188,13 @@ class StimuliSection:
     fv_batch_units: int = option(64, "units optimized at once", lo=1)
     fv_diversity: float = option(10.0, "weight of the Gram-similarity diversity term of the diverse images "
                                        "(absolute; lucid used 1e2 for GoogLeNet)", lo=0.0)
+    fv_objective: str = option("pre-relu", "what a visualization maximizes (minimizes): the unit before its final "
+                                           "ReLU (gradients never die at the start; minima mean something), or "
+                                           "the layer output", choices=("pre-relu", "post-relu"))
+    fv_redirect_steps: int = option(16, "first steps in which every ReLU passes Lucid's redirected gradient", lo=0)
+    fv_patience: int = option(32, "an image stops once its objective has not improved by fv_tolerance for this "
+                                  "many steps (fv_steps is the cap); 0 never stops early", lo=0)
+    fv_tolerance: float = option(0.01, "relative improvement that counts for fv_patience", lo=0.0)
 
 
 @dataclass

@@ -22,9 +22,12 @@ from PIL import Image
 from sparsight.files import atomic_write_bytes, atomic_write_text
 
 MANIFEST_COLUMNS = ["model_id", "layer", "unit", "task", "role", "kind", "image", "source", "activation", "rank"]
+#: Written by this bank, not required of other banks: the optimization steps behind a synthetic image (0 for
+#: a natural one).
+EXTRA_COLUMNS = ["steps"]
 ROLES = ("query_max", "query_min", "ref_max", "ref_min")
 KINDS = ("natural", "synthetic")
-STATUS_COLUMNS = ["model_id", "kind", "layer", "unit", "status", "reason"]
+STATUS_COLUMNS = ["model_id", "kind", "layer", "unit", "status", "reason", "fv_reach", "fv_valid"]
 _IMAGE_NAME = re.compile(r"^images/[0-9a-f]{64}\.png$")
 
 
@@ -82,8 +85,11 @@ class StimulusBank:
 
     def write_unit(self, model_id: str, kind: str, layer: str, unit: int, rows: list[dict]) -> Path:
         """Record one finished unit (its rows; an empty list records a skipped unit via ``status``)."""
-        df = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+        df = pd.DataFrame(rows, columns=MANIFEST_COLUMNS + EXTRA_COLUMNS)
         return _atomic_parquet(df, self.part_path(model_id, kind, layer, unit))
+
+    def read_unit(self, model_id: str, kind: str, layer: str, unit: int) -> pd.DataFrame:
+        return pd.read_parquet(self.part_path(model_id, kind, layer, unit))
 
     def write_status(self, model_id: str, rows: list[dict], *, merge: bool = False) -> Path:
         """Per model: every unit with status ``ok`` / ``dead`` / ``pruned`` and why; with ``merge`` these
@@ -136,7 +142,10 @@ class StimulusBank:
             if (self.parts / mid / "status.parquet").is_file():
                 status.append(pd.read_parquet(self.parts / mid / "status.parquet"))
         frames = [f for f in frames if len(f)]
-        manifest = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=MANIFEST_COLUMNS)
+        manifest = (pd.concat(frames, ignore_index=True) if frames
+                    else pd.DataFrame(columns=MANIFEST_COLUMNS + EXTRA_COLUMNS))
+        manifest["steps"] = (manifest["steps"] if "steps" in manifest else pd.Series(0, index=manifest.index)) \
+            .fillna(0).astype("int64")
         manifest = manifest.sort_values(["model_id", "kind", "layer", "unit", "task", "role", "rank"],
                                         kind="stable", ignore_index=True)
         manifest["unit"] = manifest["unit"].astype("int64")
@@ -146,6 +155,7 @@ class StimulusBank:
         validate_manifest(manifest, self.root)
         out = _atomic_parquet(manifest, self.root / "manifest.parquet")
         units = pd.concat(status, ignore_index=True) if status else pd.DataFrame(columns=STATUS_COLUMNS)
+        units = units.reindex(columns=STATUS_COLUMNS)
         units_csv = atomic_write_text(self.root / "units.csv", units.to_csv(index=False))
         return out, units_csv
 

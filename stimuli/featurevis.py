@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from lucent.optvis.param import color, spatial
 from torch import nn
+from torch.overrides import TorchFunctionMode
+
 from sparsight.progress import progress_bar
 
 from pruning.data.folders import IMAGENET_MEAN, IMAGENET_STD
@@ -51,9 +53,20 @@ INIT_SD = 0.01                             # lucent's default initial spectrum s
 DIRECTIONS = {"max": 1.0, "min": -1.0}
 
 
+OBJECTIVES = ("pre-relu", "post-relu")
+
+
 @dataclass
 class FeatureVisSettings:
-    """How feature visualizations are optimized (defaults: the fast 512-step lucid recipe)."""
+    """How feature visualizations are optimized (defaults: the fast 512-step lucid recipe).
+
+    ``objective``: ``"pre-relu"`` optimizes the unit's value before its final ReLU (found by
+    tracing the forward pass; the layer output itself where there is none), ``"post-relu"`` the
+    layer output.  ``redirect_steps``: for this many first steps every ReLU passes lucid's
+    redirected gradient.  ``patience``: an image stops (its pixels are frozen) once its objective
+    has not improved by ``tolerance`` (relative) over ``patience`` steps; 0 never stops early, and
+    ``steps`` is the cap.
+    """
     steps: int = 512
     lr: float = 0.05
     image_size: int = 224
@@ -64,6 +77,10 @@ class FeatureVisSettings:
     seed: int = 0
     decorrelate: bool = True
     fft: bool = True
+    objective: str = "pre-relu"
+    redirect_steps: int = 16
+    patience: int = 0
+    tolerance: float = 0.01
 
 
 @dataclass
@@ -73,8 +90,10 @@ class Rendered:
     unit: int
     direction: str              # "max" | "min"
     images: torch.Tensor        # [n_plain + n_diverse, 3, H, W] in [0, 1], CPU
-    activations: torch.Tensor   # [n] final mean activation of the unit (untransformed image)
+    activations: torch.Tensor   # [n] final mean activation of the unit (layer output, untransformed image)
     seeds: list[int]            # per-image seed (source "fv:<seed>")
+    steps: torch.Tensor | None = None       # [n] optimization steps each image took
+    objectives: torch.Tensor | None = None  # [n] final value of the optimized quantity (pre- or post-ReLU)
 
 
 def render_units(model: nn.Module, layer: str, units: list[int], settings: FeatureVisSettings, *,
@@ -86,6 +105,8 @@ def render_units(model: nn.Module, layer: str, units: list[int], settings: Featu
     """
     model = unwrap(model)
     module = find_layer(model, layer)
+    if settings.objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {settings.objective!r}; choose from {list(OBJECTIVES)}")
     bad = [d for d in directions if d not in DIRECTIONS]
     if bad or not directions:
         raise ValueError(f"unknown directions {bad}; choose from {sorted(DIRECTIONS)}")
@@ -98,7 +119,7 @@ def render_units(model: nn.Module, layer: str, units: list[int], settings: Featu
     first = next(model.parameters(), None)
     home = first.device if first is not None else torch.device("cpu")
     device = _canonical(torch.device(device) if device is not None else home)
-    results: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    results: dict[tuple[int, int], tuple] = {}
     bar = progress_bar(total=len(batches) * settings.steps, desc=f"featurevis {layer}", enabled=progress,
                        leave=False)
     moved = device != _canonical(home)
@@ -108,18 +129,17 @@ def render_units(model: nn.Module, layer: str, units: list[int], settings: Featu
         with _frozen(model), _hooked(module) as store:
             forward = _LayerForward(model, store, layer, first.dtype if first is not None else torch.float32, device)
             for batch in batches:
-                images, acts = _optimize(forward, batch, settings, device, bar)
-                for spec, img, act in zip(batch, images, acts):
-                    results[spec.group, spec.index] = img, act
+                for spec, *out in zip(batch, *_optimize(forward, batch, settings, device, bar)):
+                    results[spec.group, spec.index] = out
     finally:
         if moved:
             model.to(home)
         bar.close()
     out = []
     for g, group in enumerate(groups):
-        images, acts = zip(*(results[g, s.index] for s in group))
+        images, acts, objectives, steps = zip(*(results[g, s.index] for s in group))
         out.append(Rendered(layer, group[0].unit, group[0].direction, torch.stack(images), torch.stack(acts),
-                            [s.seed for s in group]))
+                            [s.seed for s in group], steps=torch.stack(steps), objectives=torch.stack(objectives)))
     return out
 
 
@@ -188,25 +208,87 @@ def _hooked(module: nn.Module):
         handle.remove()
 
 
+class _RedirectedReLU(torch.autograd.Function):
+    """ReLU whose gradient also flows where the input is negative, unless it would push the input lower
+    (Lucid's redirected ReLU): per image, used only where the ordinary ReLU gradient is all zero."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        relu_grad = grad * (x > 0)
+        redirected = grad * ~((x < 0) & (grad > 0))      # descent moves x by −grad
+        passes = relu_grad.flatten(1).norm(dim=1) > 0 if grad.dim() > 1 else relu_grad.norm() > 0
+        shape = (-1,) + (1,) * (grad.dim() - 1) if grad.dim() > 1 else ()
+        return torch.where(passes.view(shape), relu_grad, redirected)
+
+
+_RELUS = {torch.relu, torch.relu_, F.relu, torch.Tensor.relu, torch.Tensor.relu_}
+
+
+class _ReluTrace(TorchFunctionMode):
+    """Watches one forward pass: remembers the input of every ReLU (and of every ``torch.cat`` of ReLU
+    outputs, the inception block output) so the target layer's output can be traced back to its values
+    before the final ReLU; with ``redirect`` the ReLUs pass redirected gradients."""
+
+    def __init__(self, redirect: bool):
+        super().__init__()
+        self.redirect = redirect
+        self.pre: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def pre_activation(self, out: torch.Tensor) -> torch.Tensor | None:
+        found = self.pre.get(id(out))
+        return found[1] if found is not None and found[0] is out else None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _RELUS:
+            x = args[0]
+            out = _RedirectedReLU.apply(x) if self.redirect else torch.relu(x)   # out of place, even for relu_
+            self.pre[id(out)] = (out, x)
+            return out
+        out = func(*args, **kwargs)
+        if func is torch.cat:
+            tensors = args[0] if args else kwargs["tensors"]
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+            parts = [self.pre_activation(t) for t in tensors]
+            if parts and all(p is not None for p in parts):
+                self.pre[id(out)] = (out, torch.cat(parts, dim))
+        return out
+
+
 class _LayerForward:
-    """ImageNet-normalize images in [0, 1] and return the target layer's output."""
+    """ImageNet-normalize images in [0, 1] and return the target layer's output; with ``objective`` =
+    ``"pre-relu"`` also the same channels before their final ReLU (the output itself if it has none)."""
 
     def __init__(self, model, store, layer, dtype, device="cpu"):
         self.model, self.store, self.layer, self.dtype = model, store, layer, dtype
         self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, *, trace: bool = False, redirect: bool = False):
         x = (images - self.mean) / self.std
         self.store.pop("out", None)
+        mode = _ReluTrace(redirect) if trace or redirect else None
         try:
-            self.model(x.to(self.dtype))
+            if mode is None:
+                self.model(x.to(self.dtype))
+            else:
+                with mode:
+                    self.model(x.to(self.dtype))
         except _Stop:
             pass
         out = self.store.pop("out", None)
         if not isinstance(out, torch.Tensor) or out.dim() != 4:
             raise RuntimeError(f"layer {self.layer!r} did not produce a [N, C, H, W] tensor in the forward pass")
-        return out
+        if not trace:
+            return out
+        pre = mode.pre_activation(out)
+        return out, (pre if pre is not None else out)
 
 
 @contextmanager
@@ -313,6 +395,7 @@ def _diversity(acts: torch.Tensor, groups: torch.Tensor, pairs=None) -> torch.Te
 
 
 def _optimize(forward: _LayerForward, batch: list[_Spec], settings: FeatureVisSettings, device, bar):
+    """Optimize one batch; returns (images, activations, objective values, steps used), one entry per image."""
     param, image_f = _lucent_image(len(batch), settings, device)
     generators = [torch.Generator().manual_seed(s.seed) for s in batch]
     with torch.no_grad():   # each image's start and transforms come from its own seed
@@ -323,20 +406,65 @@ def _optimize(forward: _LayerForward, batch: list[_Spec], settings: FeatureVisSe
     groups = torch.tensor([s.group if s.diverse else -1 for s in batch], device=device)
     diverse = settings.diversity != 0 and any(s.diverse for s in batch)
     pairs = _pairs(groups) if diverse else None
+    pre = settings.objective == "pre-relu"
     optimizer = torch.optim.Adam([param], lr=settings.lr)
+    plateau = _Plateau(len(batch), settings.patience, settings.tolerance, device)
+    everyone = torch.arange(len(batch), device=device)
     for step in range(settings.steps):
         optimizer.zero_grad(set_to_none=True)
-        acts = forward(_random_views(image_f(), draws[step]))
+        redirect = step < settings.redirect_steps
+        # only images still improving are rendered and passed through the model
+        live = everyone if plateau.active is None or plateau.active.all() else everyone[plateau.active]
+        out = forward(_random_views(image_f()[live], draws[step][live]), trace=pre, redirect=redirect)
+        acts = out[1] if pre else out
         if step == 0 and max(s.unit for s in batch) >= acts.shape[1]:
             raise ValueError(f"unit {max(s.unit for s in batch)} out of range: {forward.layer!r} has "
                              f"{acts.shape[1]} channels")
-        loss = -(signs * _unit_means(acts, units).float()).sum()
+        objective = signs[live] * _unit_means(acts, units[live]).float()
+        loss = -objective.sum()
         if diverse:
-            loss = loss + settings.diversity * _diversity(acts, groups, pairs)
+            loss = loss + settings.diversity * _diversity(acts, groups[live], None if len(live) < len(batch) else pairs)
         loss.backward()
+        frozen = None
+        if len(live) < len(batch):      # Adam's momentum would still move a stopped image
+            frozen = param.detach()[~plateau.active].clone()
         optimizer.step()
+        if frozen is not None:
+            with torch.no_grad():
+                param[~plateau.active] = frozen
         bar.update()
+        if plateau.update(objective.detach(), live) and not redirect:
+            bar.update(settings.steps - step - 1)
+            break
     with torch.no_grad():
         images = image_f()
-        acts = _unit_means(forward(images), units).float()
-    return images.cpu(), acts.cpu()
+        out, before = forward(images, trace=True)
+        acts = _unit_means(out, units).float()
+        objective = _unit_means(before if pre else out, units).float()
+    return images.cpu(), acts.cpu(), objective.cpu(), plateau.steps.cpu()
+
+
+class _Plateau:
+    """Per-image early stopping: an image stops once its objective has not risen by ``tolerance``
+    (relative to its size, at least 1e-3 absolute) over the last ``patience`` steps."""
+
+    def __init__(self, n: int, patience: int, tolerance: float, device):
+        self.patience, self.tolerance = patience, tolerance
+        self.active = torch.ones(n, dtype=torch.bool, device=device) if patience > 0 else None
+        self.steps = torch.zeros(n, dtype=torch.long, device=device)
+        self.best = torch.full((n,), -float("inf"), device=device)
+        self.since = torch.zeros(n, dtype=torch.long, device=device)
+
+    def update(self, objective: torch.Tensor, live: torch.Tensor) -> bool:
+        """Record one step of the images ``live`` (their ``objective``); True once every image has stopped."""
+        self.steps[live] += 1
+        if self.active is None:
+            return False
+        best = self.best[live]
+        first = torch.isinf(best)
+        margin = torch.where(first, torch.zeros_like(best), torch.clamp(best.abs() * self.tolerance, min=1e-3))
+        improved = first | (objective > best + margin)
+        self.best[live] = torch.where(improved, objective, best)
+        self.since[live] = torch.where(improved, torch.zeros_like(self.since[live]), self.since[live] + 1)
+        self.active &= self.since < self.patience
+        return not bool(self.active.any())

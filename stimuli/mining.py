@@ -7,11 +7,14 @@ the model's device (one ``torch.topk`` over ``[running, batch]`` per layer and s
 unit and no copy of all activations.  It also keeps per-channel count, min, max, sum and sum of
 squares (float64) to find dead units (constant over the dataset: ``max == min``).
 
-Ordering is exact and deterministic.  Activations are ranked as float32 values; ties are broken by
-the smaller dataset index, on both sides.  Each (activation, index) pair is packed into one int64
-key (an order-preserving integer image of the float32 value in the high 32 bits, the index in the
-low 32 bits), so ``topk`` never meets a tie and the result does not depend on the batch size or on
-the order in which batches arrive.  Dataset indices must lie in ``[0, 2**32)``.
+Ordering is exact and deterministic.  Activations are ranked as float32 values; ties (common after
+a ReLU, where many images give exactly 0) are broken by a seeded random order of the images, its own
+for every unit (``tie_seed``), never by dataset order — an ImageFolder is sorted by class, so an
+index tie-break would hand a unit's minima to the first classes.  Each (activation, image) pair is
+packed into one int64 key (an order-preserving integer image of the float32 value in the high 32
+bits, a keyed bijective scramble of the dataset index in the low 32 bits), so ``topk`` never meets
+a tie, the index is recovered exactly, and the result depends neither on the batch size nor on the
+order in which batches arrive or ranks share them.  Dataset indices must lie in ``[0, 2**32)``.
 
 :func:`mine` streams one split of an ImageFolder tree through the miner, resumably.
 
@@ -59,20 +62,70 @@ def _from_ordered_int(ordered: torch.Tensor) -> torch.Tensor:
     return bits.view(torch.float32)
 
 
-def _keys(values: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+_MIX1, _MIX2 = 0x85EBCA6B, 0xC2B2AE35           # murmur3's finalizer constants (odd: invertible mod 2**32)
+_UNMIX1, _UNMIX2 = pow(_MIX1, -1, _LOW), pow(_MIX2, -1, _LOW)
+
+
+def _mul32(x: torch.Tensor, m: int) -> torch.Tensor:
+    """``x · m mod 2**32`` for ``x`` in ``[0, 2**32)`` without int64 overflow (``m`` split in 16-bit halves)."""
+    lo, hi = m & 0xFFFF, m >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _LOW_MASK
+
+
+def _unshift(y: torch.Tensor, shift: int) -> torch.Tensor:
+    """Inverse of ``x ^ (x >> shift)`` on 32-bit values."""
+    x = y
+    for _ in range(-(-32 // shift)):
+        x = y ^ (x >> shift)
+    return x
+
+
+def scramble(indices: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """A keyed bijection of ``[0, 2**32)`` (one permutation per key): xor the key, then murmur3's mixer."""
+    x = indices ^ keys
+    x = x ^ (x >> 16)
+    x = _mul32(x, _MIX1)
+    x = x ^ (x >> 13)
+    x = _mul32(x, _MIX2)
+    return x ^ (x >> 16)
+
+
+def unscramble(x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`scramble`."""
+    x = _unshift(x, 16)
+    x = _mul32(x, _UNMIX2)
+    x = _unshift(x, 13)
+    x = _mul32(x, _UNMIX1)
+    return _unshift(x, 16) ^ keys
+
+
+def tie_keys(layer: str, channels: int, seed: int) -> torch.Tensor:
+    """``[C]`` permutation keys of one layer: every unit orders tied images its own seeded random way."""
+    digest = hashlib.sha256(f"sparsight-ties/{int(seed)}/{layer}".encode()).digest()
+    g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    return torch.randint(0, _LOW, (channels,), generator=g, dtype=torch.long)
+
+
+def tie_ranks(indices: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """``[B, C]`` position of each image among ties for each unit (smaller first, both sides)."""
+    return scramble(indices.long()[:, None], keys.to(indices.device)[None, :])
+
+
+def _keys(values: torch.Tensor, indices: torch.Tensor, ties: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys of ``values [B, C]`` for images ``indices [B]``, as ``[C, B]``: (top, bottom).
 
-    Top: larger key = larger value, then smaller index (for ``topk(largest=True)``).
-    Bottom: smaller key = smaller value, then smaller index (for ``topk(largest=False)``).
+    Top: larger key = larger value, then smaller tie rank (for ``topk(largest=True)``).
+    Bottom: smaller key = smaller value, then smaller tie rank (for ``topk(largest=False)``).
     """
     high = _ordered_int(values) * _LOW
-    indices = indices[:, None]
-    return (high + (_LOW_MASK - indices)).t(), (high + indices).t()
+    rank = tie_ranks(indices, ties)
+    return (high + (_LOW_MASK - rank)).t(), (high + rank).t()
 
 
-def _decode(keys: torch.Tensor, top: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _decode(keys: torch.Tensor, top: bool, ties: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     low = keys & _LOW_MASK
-    return _from_ordered_int(keys >> 32), (_LOW_MASK - low) if top else low
+    rank = (_LOW_MASK - low) if top else low
+    return _from_ordered_int(keys >> 32), unscramble(rank, ties.to(keys.device)[:, None])
 
 
 def spatial_mean(output: torch.Tensor) -> torch.Tensor:
@@ -91,7 +144,7 @@ class LayerMining:
     """Mined exemplars and statistics of every channel of one layer (all tensors on the CPU).
 
     ``top_*`` are sorted most activating first, ``bottom_*`` least activating (most negative) first;
-    ties go to the smaller dataset index.  ``k`` is the number of columns: the requested k, or the
+    ties follow the unit's seeded random order (:func:`tie_ranks`).  ``k`` is the number of columns: the requested k, or the
     number of images seen if that was smaller.  ``std`` is the population standard deviation.
     ``recorded[unit]`` holds a unit's activation for every dataset index (``NaN`` for an index
     that was not seen, e.g. a corrupt image); only units named in ``record`` are present.
@@ -159,7 +212,8 @@ class MiningResult:
 class _LayerState:
     """Running buffers of one layer, on the device (created at the first batch)."""
 
-    def __init__(self, channels: int, device: torch.device):
+    def __init__(self, channels: int, device: torch.device, ties: torch.Tensor):
+        self.ties = ties.to(device)      # [C] per-unit keys of the tie order
         # top / bottom: packed keys of the running top-k / bottom-k, unordered within a row
         empty = torch.empty(channels, 0, dtype=torch.long, device=device)
         self.top, self.bottom = empty, empty.clone()
@@ -172,7 +226,7 @@ class _LayerState:
 
     def merge(self, acts: torch.Tensor, indices: torch.Tensor, k: int, units: list[int]) -> None:
         """Fold a batch (``acts [B, C]`` float32, ``indices [B]``) into the running buffers."""
-        top_keys, bottom_keys = _keys(acts, indices)
+        top_keys, bottom_keys = _keys(acts, indices, self.ties)
         top = torch.cat([self.top, top_keys], dim=1)
         bottom = torch.cat([self.bottom, bottom_keys], dim=1)
         m = min(k, top.shape[1])
@@ -196,8 +250,8 @@ class _LayerState:
                 "rec_values": cat(self.rec_values, (0, 0))}
 
     @classmethod
-    def from_state(cls, s: dict, device: torch.device) -> _LayerState:
-        st = cls(s["top"].shape[0], device)
+    def from_state(cls, s: dict, device: torch.device, ties: torch.Tensor) -> _LayerState:
+        st = cls(s["top"].shape[0], device, ties)
         for name in ("top", "bottom", "min", "max", "sum", "sumsq"):   # copies: merging updates them in place
             setattr(st, name, s[name].to(device, copy=True))
         if s["rec_indices"].numel():
@@ -216,7 +270,7 @@ class ActivationMiner:
     """
 
     def __init__(self, model: nn.Module, layers: list[str], k: int, *, device=None,
-                 record: dict[str, list[int]] | None = None):
+                 record: dict[str, list[int]] | None = None, tie_seed: int = 0):
         if isinstance(layers, str):
             layers = [layers]
         layers = list(dict.fromkeys(layers))
@@ -237,6 +291,7 @@ class ActivationMiner:
                                                                          torch.device("cpu"))
         self.dtype = params[0].dtype if params else None
         self.record = {name: sorted({int(u) for u in units}) for name, units in (record or {}).items()}
+        self.tie_seed = int(tie_seed)
         self.n_seen = 0
         self._states: dict[str, _LayerState] = {}
         self._batch: dict[str, torch.Tensor] | None = None
@@ -296,7 +351,7 @@ class ActivationMiner:
         for name in self.layers:
             acts = batch[name]
             if name not in self._states:
-                self._states[name] = _LayerState(acts.shape[1], self.device)
+                self._states[name] = _LayerState(acts.shape[1], self.device, self._ties(name, acts.shape[1]))
                 bad = [u for u in self.record.get(name, []) if not 0 <= u < acts.shape[1]]
                 if bad:
                     raise ValueError(f"cannot record unit {bad[0]} of {name!r}: it has {acts.shape[1]} channels")
@@ -304,8 +359,12 @@ class ActivationMiner:
         self.n_seen += len(indices)
 
     # checkpointing
+    def _ties(self, layer: str, channels: int) -> torch.Tensor:
+        return tie_keys(layer, channels, self.tie_seed)
+
     def _config(self) -> dict:
-        return {"layers": list(self.layers), "k": self.k, "record": {n: list(u) for n, u in self.record.items()}}
+        return {"layers": list(self.layers), "k": self.k, "record": {n: list(u) for n, u in self.record.items()},
+                "tie_seed": self.tie_seed}
 
     def state_dict(self) -> dict:
         """Everything needed to continue mining later (CPU tensors, lists, numbers)."""
@@ -316,7 +375,8 @@ class ActivationMiner:
         if state.get("config") != self._config():
             raise ValueError(f"mining state is for {state.get('config')}, not {self._config()}")
         self.n_seen = int(state["n_seen"])
-        self._states = {name: _LayerState.from_state(s, self.device) for name, s in state["layers"].items()}
+        self._states = {name: _LayerState.from_state(s, self.device, self._ties(name, s["top"].shape[0]))
+                        for name, s in state["layers"].items()}
 
     def absorb(self, state: dict) -> None:
         """Fold in another miner's :meth:`state_dict` (e.g. another rank's share of the images).
@@ -326,7 +386,7 @@ class ActivationMiner:
         if state.get("config") != self._config():
             raise ValueError(f"mining state is for {state.get('config')}, not {self._config()}")
         for name, s in state["layers"].items():
-            other = _LayerState.from_state(s, self.device)
+            other = _LayerState.from_state(s, self.device, self._ties(name, s["top"].shape[0]))
             mine = self._states.get(name)
             if mine is None:
                 self._states[name] = other
@@ -352,8 +412,8 @@ class ActivationMiner:
     def _layer_result(self, name: str, st: _LayerState) -> LayerMining:
         s = st.state()
         n = self.n_seen
-        top_values, top_indices = _decode(s["top"].sort(dim=1, descending=True).values, top=True)
-        bottom_values, bottom_indices = _decode(s["bottom"].sort(dim=1).values, top=False)
+        top_values, top_indices = _decode(s["top"].sort(dim=1, descending=True).values, True, st.ties.cpu())
+        bottom_values, bottom_indices = _decode(s["bottom"].sort(dim=1).values, False, st.ties.cpu())
         mean = s["sum"] / n
         std = (s["sumsq"] / n - mean.square()).clamp_min(0).sqrt()
         recorded = {}
@@ -411,11 +471,11 @@ def _weights_digest(model: nn.Module) -> str:
 
 
 def _fingerprint(model: nn.Module, split_root: Path, files: list[str], *, split: str, layers: list[str], k: int,
-                 image_size: int, record) -> str:
+                 image_size: int, record, tie_seed: int = 0) -> str:
     rel = [Path(f).relative_to(split_root).as_posix() for f in files]
     blob = json.dumps({"arch": getattr(unwrap(model), "arch", type(unwrap(model)).__name__),
                        "weights": _weights_digest(model), "split": split, "layers": list(layers), "k": int(k),
-                       "image_size": int(image_size), "record": record,
+                       "image_size": int(image_size), "record": record, "ties": f"scrambled/{int(tie_seed)}",
                        "files": hashlib.sha256("\n".join(rel).encode()).hexdigest()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -472,7 +532,7 @@ def mine(model: nn.Module, root: str | os.PathLike, split: str, layers: list[str
          batch_size: int = 256, device=None, num_workers: int = 0, state_path: str | os.PathLike | None = None,
          save_every: int = 50, record: dict[str, list[int]] | None = None, progress: bool = False,
          on_corrupt: str = "skip", decode: str = "auto", precision: str = "fp32", shard: tuple[int, int] = (0, 1),
-         gather=None) -> MiningResult:
+         gather=None, tie_seed: int = 0) -> MiningResult:
     """Top-k / bottom-k images and statistics of every channel of ``layers`` over ``root/split``.
 
     One pass in the dataset's sorted order (eval mode, no gradients; training flags restored),
@@ -483,6 +543,7 @@ def mine(model: nn.Module, root: str | os.PathLike, split: str, layers: list[str
     continues where it stopped and gives the same result as an uninterrupted run.  A state written
     for other arguments is ignored with a warning.  On a GPU (``decode='auto'`` or ``'device'``) the
     files are decoded and cropped on the device (:func:`pruning.data.jpeg.decoded_spans`).
+    Tied activations are ordered by each unit's seeded random permutation (``tie_seed``).
     ``precision="bf16"`` runs the model under bf16 autocast on channels_last batches (unit means
     still accumulate in fp32): faster on a GPU, at the cost of near-ties changing order.
 
@@ -506,7 +567,7 @@ def mine(model: nn.Module, root: str | os.PathLike, split: str, layers: list[str
         raise ValueError("a sharded pass needs gather, the collective that collects every rank's share")
     positions = shard_positions(len(files), batch_size, rank, world)
     fingerprint = _fingerprint(model, split_root, files, split=split, layers=list(layers), k=k,
-                               image_size=image_size, record=record)
+                               image_size=image_size, record=record, tie_seed=tie_seed)
     if precision != "fp32":
         fingerprint = hashlib.sha256(f"{fingerprint}/{precision}".encode()).hexdigest()
     if world > 1:
@@ -523,7 +584,8 @@ def mine(model: nn.Module, root: str | os.PathLike, split: str, layers: list[str
 
     model.to(device)
     try:
-        with ActivationMiner(model, list(layers), k, device=device, record=record) as miner, _EvalMode(model):
+        with ActivationMiner(model, list(layers), k, device=device, record=record, tie_seed=tie_seed) as miner, \
+                _EvalMode(model):
             position, skipped = 0, 0
             saved = _read_state(state_path, fingerprint) if state_path is not None and state_path.is_file() else None
             if saved is not None:

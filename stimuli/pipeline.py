@@ -12,9 +12,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import torch
 from PIL import Image
 from torchvision import transforms
+
 from sparsight.progress import progress_bar
 
 from pruning.data.folders import open_image
@@ -41,6 +44,10 @@ class StimuliSettings:
     fv_image_size: int = 0
     fv_batch_units: int = 64
     fv_diversity: float = 1.0
+    fv_objective: str = "pre-relu"
+    fv_redirect_steps: int = 16
+    fv_patience: int = 32
+    fv_tolerance: float = 0.01
     skip_dead: bool = True
     seed: int = 0
     on_corrupt: str = "skip"
@@ -54,6 +61,8 @@ class StimuliSettings:
                    query_percentile=s.query_percentile, image_size=cfg.data.image_size,
                    batch_size=cfg.data.eval_batch_size, fv_steps=s.fv_steps, fv_lr=s.fv_lr,
                    fv_image_size=s.fv_image_size, fv_batch_units=s.fv_batch_units, fv_diversity=s.fv_diversity,
+                   fv_objective=s.fv_objective, fv_redirect_steps=s.fv_redirect_steps, fv_patience=s.fv_patience,
+                   fv_tolerance=s.fv_tolerance,
                    skip_dead=cfg.units.skip_dead, seed=cfg.study.seed, on_corrupt=cfg.data.on_corrupt,
                    decode=cfg.data.decode, mining_precision=s.mining_precision)
 
@@ -81,9 +90,26 @@ class ExemplarImages:
 
 
 def _row(model_id, unit: Unit, task: int, role: str, kind: str, image: str, source: str, activation: float,
-         rank: int) -> dict:
+         rank: int, steps: int = 0) -> dict:
     return {"model_id": model_id, "layer": unit.layer, "unit": unit.unit, "task": task, "role": role, "kind": kind,
-            "image": image, "source": source, "activation": float(activation), "rank": int(rank)}
+            "image": image, "source": source, "activation": float(activation), "rank": int(rank), "steps": int(steps)}
+
+
+def visualization_validity(synthetic: pd.DataFrame, tasks) -> tuple[float, bool]:
+    """``(reach, valid)`` of one unit's feature visualizations (its synthetic part rows).
+
+    ``reach`` = mean activation of the max visualizations / mean activation of the unit's natural max
+    references; valid when they drive the unit at least as hard as those references do (Olah et al.
+    2017: visualizations are super-stimuli) and harder than the min visualizations.
+    """
+    refs = synthetic.drop_duplicates("image")
+    fv_max = float(refs.loc[refs["role"] == "ref_max", "activation"].mean())
+    fv_min = float(refs.loc[refs["role"] == "ref_min", "activation"].mean())
+    natural = [act for t in tasks for role, _, _, act in t.items() if role == "ref_max"]
+    target = float(np.mean(natural)) if natural else float("nan")
+    reach = fv_max / target if target > 0 else float("nan")
+    valid = bool(fv_max >= target and fv_max > fv_min) if np.isfinite(target) else False
+    return reach, valid
 
 
 def _source(images: ExemplarImages, index: int, root: Path) -> str:
@@ -130,7 +156,8 @@ def make_stimuli(model, model_id: str, units: list[Unit], data_root: str | Path,
     result = mine(model, data_root, settings.split, layers, settings.k, image_size=settings.image_size,
                   batch_size=settings.batch_size, device=device, record=record, progress=progress,
                   state_path=work_dir / state_name if work_dir else None, on_corrupt=settings.on_corrupt,
-                  decode=settings.decode, precision=settings.mining_precision, shard=shard, gather=gather)
+                  decode=settings.decode, precision=settings.mining_precision, shard=shard, gather=gather,
+                  tie_seed=settings.seed)
     if work_dir is not None and rank == 0:
         result.save(work_dir / f"{model_id}.mining.pt")
     split_root = Path(data_root) / settings.split
@@ -145,7 +172,8 @@ def make_stimuli(model, model_id: str, units: list[Unit], data_root: str | Path,
         for kind in settings.kinds:
             status.append({"model_id": model_id, "kind": kind, "layer": u.layer, "unit": u.unit,
                            "status": reason or "ok",
-                           "reason": "" if reason is None else f"constant activation {float(lm.max[u.unit]):.4g}"})
+                           "reason": "" if reason is None else f"constant activation {float(lm.max[u.unit]):.4g}",
+                           "fv_reach": float("nan"), "fv_valid": None})
         if reason is not None:
             for kind in settings.kinds:
                 if u in pending[kind] and u in own_units:
@@ -166,6 +194,8 @@ def make_stimuli(model, model_id: str, units: list[Unit], data_root: str | Path,
                                 image_size=settings.fv_image_size or settings.image_size,
                                 batch_size=max(1, settings.fv_batch_units) * 2 * settings.n_references,
                                 n_diverse=settings.n_references - 1, n_plain=1, diversity=settings.fv_diversity,
+                                objective=settings.fv_objective, redirect_steps=settings.fv_redirect_steps,
+                                patience=settings.fv_patience, tolerance=settings.fv_tolerance,
                                 seed=settings.seed)
         chunks = [(layer, [u for u in todo if u.layer == layer]) for layer in sorted({u.layer for u in todo})]
         parts = [(layer, chunk[start:start + settings.fv_batch_units]) for layer, chunk in chunks
@@ -180,6 +210,14 @@ def make_stimuli(model, model_id: str, units: list[Unit], data_root: str | Path,
             for u in part:
                 bank.write_unit(model_id, "synthetic", u.layer, u.unit,
                                 synthetic_rows(model_id, u, tasks_of[u], by_unit[u.unit], images, bank, split_root))
+        if world > 1 and gather is not None:
+            gather(None)        # every rank's renders are on disk before rank 0 reads them back
+        if rank == 0:
+            for row in status:
+                u = Unit(row["layer"], row["unit"])
+                if row["kind"] == "synthetic" and row["status"] == "ok" and bank.is_done(model_id, "synthetic", u.layer, u.unit):
+                    row["fv_reach"], row["fv_valid"] = visualization_validity(
+                        bank.read_unit(model_id, "synthetic", u.layer, u.unit), tasks_of[u])
     return status
 
 
@@ -189,8 +227,9 @@ def synthetic_rows(model_id: str, unit: Unit, tasks, rendered: dict, images: Exe
     refs = {}
     for direction in ("max", "min"):
         r = rendered[direction]
-        refs[direction] = [(bank.add_image(img), f"fv:{seed}", float(act), slot + 1)
-                           for slot, (img, act, seed) in enumerate(zip(r.images, r.activations, r.seeds))]
+        steps = r.steps.tolist() if r.steps is not None else [0] * len(r.seeds)
+        refs[direction] = [(bank.add_image(img), f"fv:{seed}", float(act), slot + 1, n)
+                           for slot, (img, act, seed, n) in enumerate(zip(r.images, r.activations, r.seeds, steps))]
     rows = []
     for t in tasks:
         for role, idx, rank, act in t.items():
@@ -198,6 +237,7 @@ def synthetic_rows(model_id: str, unit: Unit, tasks, rendered: dict, images: Exe
                 rows.append(_row(model_id, unit, t.task, role, "synthetic", images.name(idx),
                                  _source(images, idx, root), act, rank))
         for direction in ("max", "min"):
-            for name, source, act, rank in refs[direction]:
-                rows.append(_row(model_id, unit, t.task, f"ref_{direction}", "synthetic", name, source, act, rank))
+            for name, source, act, rank, steps in refs[direction]:
+                rows.append(_row(model_id, unit, t.task, f"ref_{direction}", "synthetic", name, source, act, rank,
+                                 steps))
     return rows

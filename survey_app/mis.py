@@ -26,10 +26,10 @@ from .material import Material
 
 TASK_KEYS = ["model_id", "kind", "layer", "unit", "task"]
 UNIT_KEYS = ["model_id", "kind", "layer", "unit"]
-UNIT_COLUMNS = UNIT_KEYS + ["status", "mis", "mis_hard", "n_tasks", "delta_mean", "alpha", "alpha_source",
+UNIT_COLUMNS = UNIT_KEYS + ["status", "fv_valid", "mis", "mis_hard", "n_tasks", "delta_mean", "alpha", "alpha_source",
                             "embedding"]
 MODEL_COLUMNS = ["model_id", "kind", "units", "mis", "mis_ci_low", "mis_ci_high", "mis_hard", "dead", "pruned",
-                 "skipped", "alpha", "alpha_source", "embedding"]
+                 "skipped", "fv_invalid", "mis_valid_fv", "alpha", "alpha_source", "embedding"]
 
 
 def sigmoid(x):
@@ -87,7 +87,11 @@ def with_status(scores: pd.DataFrame, status: pd.DataFrame | None) -> pd.DataFra
     missing = missing.merge(scores[UNIT_KEYS], on=UNIT_KEYS, how="left", indicator=True)
     missing = missing[missing["_merge"] == "left_only"].drop(columns="_merge")
     extra = missing.assign(mis=np.nan, mis_hard=np.nan, n_tasks=0, delta_mean=np.nan)
-    return pd.concat([scores, extra], ignore_index=True).sort_values(UNIT_KEYS, ignore_index=True)
+    out = pd.concat([scores, extra], ignore_index=True).sort_values(UNIT_KEYS, ignore_index=True)
+    if "fv_valid" in status:     # whether the unit's feature visualizations drive it (synthetic rows only)
+        valid = status[UNIT_KEYS + ["fv_valid"]].drop_duplicates(UNIT_KEYS)
+        out = out.drop(columns=["fv_valid"], errors="ignore").merge(valid, on=UNIT_KEYS, how="left")
+    return out
 
 
 def bootstrap_ci(values: np.ndarray, n_boot: int, seed: int, level: float = 0.95) -> tuple[float, float]:
@@ -107,11 +111,21 @@ def model_scores(units: pd.DataFrame, n_boot: int, seed: int = 0) -> pd.DataFram
     for (model_id, kind), g in units.groupby(["model_id", "kind"], sort=True):
         ok = g[g["status"] == "ok"]
         lo, hi = bootstrap_ci(ok["mis"].to_numpy(), n_boot, seed)
+        invalid = _fv_invalid(ok) if kind == "synthetic" else pd.Series(False, index=ok.index)
         rows.append({"model_id": model_id, "kind": kind, "units": len(ok), "mis": ok["mis"].mean(),
                      "mis_ci_low": lo, "mis_ci_high": hi, "mis_hard": ok["mis_hard"].mean(),
                      "dead": int((g["status"] == "dead").sum()), "pruned": int((g["status"] == "pruned").sum()),
-                     "skipped": int((~g["status"].isin(["ok", "dead", "pruned"])).sum())})
-    return pd.DataFrame(rows, columns=MODEL_COLUMNS[:10])
+                     "skipped": int((~g["status"].isin(["ok", "dead", "pruned"])).sum()),
+                     "fv_invalid": int(invalid.sum()) if kind == "synthetic" else 0,
+                     "mis_valid_fv": ok.loc[~invalid, "mis"].mean()})
+    return pd.DataFrame(rows, columns=MODEL_COLUMNS[:12])
+
+
+def _fv_invalid(units: pd.DataFrame) -> pd.Series:
+    """Units whose feature visualizations do not reach their natural max references (unknown counts as valid)."""
+    if "fv_valid" not in units:
+        return pd.Series(False, index=units.index)
+    return units["fv_valid"].map(lambda v: v is False or v == 0 or str(v).lower() == "false")
 
 
 # ---- α from human responses ---------------------------------------------------------------

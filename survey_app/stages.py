@@ -82,7 +82,7 @@ def measure_mis(run_dir: Path, cfg, *, device: str = "cpu", log=print, progress:
     status = pd.read_csv(status_csv) if status_csv.is_file() and status_csv.stat().st_size > 1 else None
     units = with_status(unit_scores(deltas, alpha), status).assign(alpha=alpha, alpha_source=source,
                                                                     embedding=embedding.key)
-    files.append(atomic_write_text(out / "units.csv", units[UNIT_COLUMNS].to_csv(index=False)))
+    files.append(atomic_write_text(out / "units.csv", units.reindex(columns=UNIT_COLUMNS).to_csv(index=False)))
     models = model_scores(units, mis.bootstrap, cfg.study.seed).assign(alpha=alpha, alpha_source=source,
                                                                         embedding=embedding.key)
     files.append(atomic_write_text(out / "models.csv", models.to_csv(index=False)))

@@ -148,6 +148,44 @@ def test_unit_mixed_model_survives_a_zero_unit_variance():
     assert fit["terms"]["rate"]["ci_low"] < 0 < fit["terms"]["rate"]["ci_high"]
 
 
+def _default_design(rng, group_sd=0.1, slope=0.0):
+    """The default study's unit table: 10 units in the base and 32 pruned models (rates 0.2–0.8)."""
+    rates = [0.0] + [r for r in (0.2, 0.4, 0.6, 0.8) for _ in range(8)]
+    unit_effect = rng.normal(0, group_sd, 10)
+    rows = [dict(unit_id=f"u{j}", rate=r, top1=0.9 - 0.3 * r + rng.normal(0, 0.05),
+                 mis=0.8 + slope * r + unit_effect[j] + rng.normal(0, 0.1)) for r in rates for j in range(10)]
+    return pd.DataFrame(rows)
+
+
+def test_every_reported_mixed_fit_of_the_default_design_is_checked_and_sane():
+    rng = np.random.default_rng(0)
+    refits, group_sds, covered = 0, [], 0
+    for _ in range(40):
+        fit = st.unit_mixed_model(_default_design(rng, slope=-0.1), formula="mis ~ rate + top1")
+        se = fit["table"]["se"].to_numpy()
+        assert np.isfinite(se).all() and se.max() < 1, fit["fit"]
+        refits += len(fit["attempts"]) > 1
+        group_sds.append(fit["group_sd"] if fit["group_sd"] is not None else 0.0)
+        covered += fit["terms"]["rate"]["ci_low"] <= -0.1 <= fit["terms"]["rate"]["ci_high"]
+    assert refits > 0                                  # L-BFGS's degenerate optimum does occur and is caught
+    assert np.mean(group_sds) == pytest.approx(0.1, abs=0.03)
+    assert covered >= 34                               # 95 % intervals cover the true slope about 95 % of the time
+
+
+def test_the_degenerate_lbfgs_optimum_fails_the_fit_checks():
+    import statsmodels.formula.api as smf
+
+    data = _default_design(np.random.default_rng(0))
+    model = smf.mixedlm("mis ~ rate + top1", data, groups=data["unit_id"])
+    ols = smf.ols("mis ~ rate + top1", data).fit()
+    fits = {m: model.fit(reml=True, method=m) for m in ("lbfgs", "bfgs")}
+    assert not np.isfinite(fits["lbfgs"].llf)          # the pathology: +inf REML log-likelihood, "converged"
+    assert st.fit_problems(fits["lbfgs"], model.k_fe, ols.bse, 33)
+    assert st.fit_problems(fits["bfgs"], model.k_fe, ols.bse, 33) == []
+    reported = st.unit_mixed_model(data, formula="mis ~ rate + top1")
+    assert reported["method"] == "bfgs" and "lbfgs failed the checks" in reported["fit"]
+
+
 def _hinge_data(seed, breakpoint=0.6, n_per=20, noise=0.03):
     rng = np.random.default_rng(seed)
     x = np.repeat(np.round(np.arange(10) / 10, 2), n_per)

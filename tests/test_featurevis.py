@@ -194,3 +194,98 @@ def test_colour_decorrelation_off_lucents_device_matches_lucent():
     matrix = torch.tensor(color.color_correlation_normalized.T)
     assert torch.allclose(_decorrelated(lambda: image, matrix)(), color._linear_decorrelate_color(image.to(
         spatial.device)).cpu(), atol=1e-6)
+
+
+# ---- dead starts, pre-ReLU objective, redirected gradients, early stopping ------------------------------
+def test_redirected_relu_gradient_follows_lucids_rule():
+    from stimuli.featurevis import _RedirectedReLU
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, 5)
+    x[0] = -x[0].abs() - 0.1        # image 0: every input negative, so the plain ReLU gradient is all zero
+    grad = torch.randn(4, 3, 5, 5)
+    x.requires_grad_(True)
+    y = _RedirectedReLU.apply(x)
+    y.backward(grad)
+    assert torch.equal(y, x.detach().clamp_min(0))
+    xd = x.detach()
+    for b in range(4):
+        relu_grad = torch.where(xd[b] > 0, grad[b], torch.zeros_like(grad[b]))
+        # lucid: where nothing passes the ReLU, pass the gradient unless it pushes a negative input lower
+        redirected = torch.where((xd[b] < 0) & (grad[b] > 0), torch.zeros_like(grad[b]), grad[b])
+        expected = relu_grad if relu_grad.norm() > 0 else redirected
+        assert torch.equal(x.grad[b], expected), b
+    assert x.grad[0].abs().sum() > 0
+
+
+def test_pre_relu_trace_is_the_concatenated_branches_before_their_relu(model):
+    """The traced pre-activation of an inception block equals its branches' BatchNorm outputs, concatenated."""
+    block = find_layer(model, LAYER)
+    bns = [b.bn if hasattr(b, "bn") else b[-1].bn for b in (block.branch1, block.branch2, block.branch3,
+                                                                  block.branch4)]
+    seen = {}
+    handles = [bn.register_forward_hook(lambda m, i, o, k=k: seen.__setitem__(k, o)) for k, bn in enumerate(bns)]
+    images = torch.rand(2, 3, SIZE, SIZE)
+    try:
+        with _hooked(block) as store, torch.no_grad():
+            out, pre = _LayerForward(model, store, LAYER, torch.float32)(images, trace=True)
+    finally:
+        for h in handles:
+            h.remove()
+    expected = torch.cat([seen[k] for k in range(4)], 1)
+    torch.testing.assert_close(pre, expected)
+    torch.testing.assert_close(out, pre.clamp_min(0))
+    assert (pre < 0).any()
+
+
+class DeadAtStart(nn.Module):
+    """One unit whose pre-activation is about −2 on a grey image: the post-ReLU gradient is exactly zero."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 1, 3, padding=1)
+        with torch.no_grad():
+            self.conv.weight.fill_(0.2)
+            self.conv.bias.fill_(-3.0)
+        self.head = nn.Identity()
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)))
+
+
+def test_a_dead_start_escapes_with_the_pre_relu_objective_but_not_with_the_post_relu_one():
+    model = DeadAtStart().eval()
+    base = dict(steps=40, image_size=32, n_plain=1, n_diverse=0, fft=False, decorrelate=False, patience=0)
+    stuck = render_units(model, "head", [0], FeatureVisSettings(**base, objective="post-relu", redirect_steps=0),
+                         directions=("max",))[0]
+    free = render_units(model, "head", [0], FeatureVisSettings(**base, objective="pre-relu", redirect_steps=0),
+                        directions=("max",))[0]
+    redirected = render_units(model, "head", [0], FeatureVisSettings(**base, objective="post-relu",
+                                                                     redirect_steps=20), directions=("max",))[0]
+    assert float(stuck.activations[0]) == 0.0            # the dead start never moves
+    assert float(free.activations[0]) > 0.5 and float(redirected.activations[0]) > 0.5
+    assert float(free.objectives[0]) > 0.5               # the optimized value itself: before the ReLU
+
+
+def test_min_images_of_the_pre_relu_objective_push_the_unit_below_zero(model):
+    settings = FeatureVisSettings(steps=24, image_size=SIZE, n_plain=1, n_diverse=0, patience=0)
+    out = {r.direction: r for r in render_units(model, LAYER, [5], settings)}
+    assert float(out["min"].objectives[0]) < 0 < float(out["max"].objectives[0])
+    assert float(out["min"].activations[0]) <= float(out["max"].activations[0])
+
+
+def test_images_stop_when_their_objective_plateaus_and_stay_as_they_were(model):
+    settings = FeatureVisSettings(steps=200, image_size=SIZE, n_plain=1, n_diverse=2, patience=5, tolerance=0.05,
+                                  redirect_steps=2, batch_size=12)
+    rendered = render_units(model, LAYER, [5, 40], settings)
+    steps = torch.cat([r.steps for r in rendered])
+    assert (steps < 200).all() and (steps > 2).all()
+    again = render_units(model, LAYER, [5, 40], FeatureVisSettings(**{**vars(settings), "steps": int(steps.max())}))
+    for a, b in zip(rendered, again):                    # an image's pixels are frozen from its stop onwards
+        torch.testing.assert_close(a.images, b.images)
+        assert torch.equal(a.steps, b.steps)
+
+
+def test_an_unknown_objective_lists_the_choices(model):
+    with pytest.raises(ValueError, match=r"choose from \['pre-relu', 'post-relu'\]"):
+        render_units(model, LAYER, [0], FeatureVisSettings(steps=1, image_size=SIZE, objective="pre"))

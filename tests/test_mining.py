@@ -10,7 +10,7 @@ from torch import nn
 
 from pruning.data.folders import ImageFolderDataset, build_transform, split_dir
 from pruning.models import create_model
-from stimuli.mining import ActivationMiner, LayerMining, MiningResult, mine
+from stimuli.mining import ActivationMiner, LayerMining, MiningResult, mine, scramble, tie_keys, tie_ranks, unscramble
 
 LAYERS = ["inception3a", "inception4a", "inception5a"]
 K = 8
@@ -49,18 +49,20 @@ def reference_activations(model, images, layers):
     return {n: outs[n].mean(dim=(2, 3)).float() for n in layers}
 
 
-def reference_ranking(column: torch.Tensor, k: int, descending: bool) -> list[int]:
+def reference_ranking(column: torch.Tensor, k: int, descending: bool, tie_rank: list[int]) -> list[int]:
+    """Sort by value, ties by the unit's tie rank (a permutation of the images)."""
     values = column.tolist()
     sign = -1 if descending else 1
-    return sorted(range(len(values)), key=lambda i: (sign * values[i], i))[:k]
+    return sorted(range(len(values)), key=lambda i: (sign * values[i], tie_rank[i]))[:k]
 
 
-def assert_matches_reference(lm: LayerMining, acts: torch.Tensor, k: int):
+def assert_matches_reference(lm: LayerMining, acts: torch.Tensor, k: int, tie_seed: int = 0):
     n, channels = acts.shape
     assert lm.top_indices.shape == lm.bottom_indices.shape == (channels, min(k, n))
+    ranks = tie_ranks(torch.arange(n), tie_keys(lm.layer, channels, tie_seed))
     for c in range(channels):
-        top = reference_ranking(acts[:, c], k, descending=True)
-        bottom = reference_ranking(acts[:, c], k, descending=False)
+        top = reference_ranking(acts[:, c], k, descending=True, tie_rank=ranks[:, c].tolist())
+        bottom = reference_ranking(acts[:, c], k, descending=False, tie_rank=ranks[:, c].tolist())
         assert lm.top_indices[c].tolist() == top, c
         assert lm.bottom_indices[c].tolist() == bottom, c
         assert torch.equal(lm.top_values[c], acts[top, c])
@@ -130,22 +132,41 @@ class Tied(nn.Module):
         return self.body(x)
 
 
-def test_ties_go_to_the_smaller_dataset_index():
+def test_ties_follow_each_units_seeded_random_order_not_dataset_order():
     g = torch.Generator().manual_seed(0)
     values = torch.randint(0, 4, (30,), generator=g).float()
     images = values.view(30, 1, 1, 1).expand(30, 1, 3, 3).contiguous()
     model = Tied()
     perm = torch.randperm(30, generator=g)
-    with ActivationMiner(model, ["body"], 6) as miner:
-        for start in range(0, 30, 4):
-            idx = perm[start:start + 4]
-            miner.update(images[idx], idx)
-    lm = miner.result()["body"]
-    acts = torch.stack([values, -values, torch.zeros(30)], 1)
-    assert_matches_reference(lm, acts, 6)
-    assert lm.top_indices[2].tolist() == lm.bottom_indices[2].tolist() == [0, 1, 2, 3, 4, 5]
-    assert lm.dead.tolist() == [False, False, True]
-    assert (lm.bottom_values[1] == -3).any() and torch.all(lm.bottom_values[1].diff() >= 0)
+    results = {}
+    for seed in (0, 1):
+        with ActivationMiner(model, ["body"], 6, tie_seed=seed) as miner:
+            for start in range(0, 30, 4):
+                idx = perm[start:start + 4]
+                miner.update(images[idx], idx)
+        results[seed] = lm = miner.result()["body"]
+        acts = torch.stack([values, -values, torch.zeros(30)], 1)
+        assert_matches_reference(lm, acts, 6, tie_seed=seed)
+        assert lm.top_indices[2].tolist() != [0, 1, 2, 3, 4, 5]          # the all-tied unit: not dataset order
+        assert lm.dead.tolist() == [False, False, True]
+        assert (lm.bottom_values[1] == -3).any() and torch.all(lm.bottom_values[1].diff() >= 0)
+    assert results[0].top_indices[2].tolist() != results[1].top_indices[2].tolist()   # the seed decides
+
+
+def test_tie_scramble_is_a_bijection_and_spreads_tied_choices_over_the_dataset():
+    keys = tie_keys("layer", 64, seed=3)
+    x = torch.cat([torch.tensor([0, 1, 2 ** 32 - 1, 2 ** 31]), torch.randint(0, 2 ** 32, (2000,))])
+    for key in keys[:8]:
+        y = scramble(x, key)
+        assert (y >= 0).all() and (y < 2 ** 32).all() and torch.equal(unscramble(y, key), x)
+    small = scramble(torch.arange(4096), keys[0])
+    assert len(set(small.tolist())) == 4096                          # no two images share a tie rank
+    # every unit of a layer where all 1000 images tie picks its 20 minima spread over the dataset
+    ranks = tie_ranks(torch.arange(1000), keys)                       # [1000, 64]
+    chosen = ranks.argsort(dim=0)[:20].double() / 999
+    assert 0.45 < float(chosen.mean()) < 0.55
+    assert not torch.equal(tie_keys("layer", 64, seed=3), tie_keys("layer", 64, seed=4))
+    assert not torch.equal(tie_keys("layer", 64, seed=3), tie_keys("other", 64, seed=3))
 
 
 def test_dead_unit_is_detected(net, tiny_data):

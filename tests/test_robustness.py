@@ -170,8 +170,11 @@ def test_brightness_equals_an_hsv_round_trip():
 def test_contrast_noise_and_shot_noise_follow_their_tables():
     x = smooth_images(2, 48)
     out = rb.corrupt(x, "contrast", 2)
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    torch.testing.assert_close(out, (x - mean) * rb.CONTRAST_FACTOR[1] + mean)
+    for n in range(len(x)):   # ImageNet-C's formula on an HWC array: each channel blends towards its own mean
+        img = x[n].permute(1, 2, 0).double().numpy()
+        means = np.mean(img, axis=(0, 1), keepdims=True)
+        expected = np.clip((img - means) * rb.CONTRAST_FACTOR[1] + means, 0, 1)
+        np.testing.assert_allclose(out[n].permute(1, 2, 0).numpy(), expected, atol=1e-6)
     grey = torch.full((4, 3, 64, 64), 0.5)
     noisy = rb.corrupt(grey, "gaussian_noise", 2, gen(0))
     assert float((noisy - grey).std()) == pytest.approx(rb.GAUSSIAN_NOISE_SIGMA[1], rel=0.03)
@@ -385,3 +388,35 @@ def test_noise_table_and_written_study_tables(metas, tmp_path):
 def test_several_bases_of_one_arch_are_an_error(metas):
     with pytest.raises(ValueError, match="several base models"):
         rb.accuracy_table(metas + [{**metas[0], "model_id": "base2"}])
+
+
+def test_stratified_subset_is_seeded_balanced_and_never_the_first_classes():
+    from pruning.data.folders import stratified_subset
+
+    targets = [c for c in range(10) for _ in range(30)]          # class-sorted, as ImageFolder orders them
+    chosen = stratified_subset(targets, 100, seed=4)
+    assert chosen == sorted(set(chosen)) and len(chosen) == 100
+    counts = np.bincount([targets[i] for i in chosen], minlength=10)
+    assert counts.min() == counts.max() == 10
+    assert stratified_subset(targets, 100, seed=4) == chosen and stratified_subset(targets, 100, seed=5) != chosen
+    odd = stratified_subset(targets, 23, seed=0)                  # remainder: counts differ by at most one
+    counts = np.bincount([targets[i] for i in odd], minlength=10)
+    assert len(odd) == 23 and counts.max() - counts.min() <= 1
+    uneven = [0] * 3 + [1] * 50                                   # a class with too few images gives all it has
+    counts = np.bincount([uneven[i] for i in stratified_subset(uneven, 20, seed=0)])
+    assert counts.tolist() == [3, 17]
+    assert stratified_subset(targets, 0) == list(range(300)) == stratified_subset(targets, 1000)
+
+
+def test_robustness_of_a_study_uses_a_balanced_subset_and_records_it(tiny_data):
+    from pruning.training import DistContext
+    from pruning.workflows import robustness_loader
+    from sparsight.config import load_study
+
+    cfg = load_study(overrides=["evaluate.max_images=20", "data.image_size=32", "evaluate.severities=[1]",
+                                'evaluate.corruptions=["contrast"]'])
+    loader = robustness_loader(cfg, tiny_data, DistContext())
+    report = rb.robustness_report(tiny_model(), None, loader, cfg.evaluate, device="cpu")
+    per_class = report["images_per_class"]
+    assert sorted(per_class) == sorted(loader.classes) and sum(per_class.values()) == report["n"] == 20
+    assert min(per_class.values()) >= 0.8 * max(per_class.values())

@@ -290,11 +290,37 @@ def decodes_on_device(decode: str, device: torch.device | str) -> bool:
     return decode == "device" or (decode == "auto" and torch.device(device).type == "cuda")
 
 
+def stratified_subset(targets, max_images: int, seed: int = 0) -> list[int]:
+    """Sorted indices of a seeded, class-stratified sample of at most ``max_images`` of ``targets``.
+
+    Every class gets ``max_images // classes`` images (all it has when it has fewer); what is left
+    goes one image at a time to classes that still have images, in a seeded order, so class counts
+    differ by at most one where the data allow.  ``max_images <= 0`` or at least the set size: all.
+    """
+    targets = torch.as_tensor(list(targets), dtype=torch.long)
+    n = len(targets)
+    if max_images <= 0 or max_images >= n:
+        return list(range(n))
+    g = torch.Generator().manual_seed(int(seed))
+    classes = sorted(set(targets.tolist()))
+    pools = {c: (targets == c).nonzero().flatten() for c in classes}
+    pools = {c: idx[torch.randperm(len(idx), generator=g)].tolist() for c, idx in pools.items()}
+    take = {c: min(len(pools[c]), max_images // len(classes)) for c in classes}
+    left = max_images - sum(take.values())
+    while left > 0:
+        open_classes = [c for c in classes if take[c] < len(pools[c])]
+        for i in torch.randperm(len(open_classes), generator=g).tolist()[:left]:
+            take[open_classes[i]] += 1
+            left -= 1
+    return sorted(i for c in classes for i in pools[c][:take[c]])
+
+
 def make_loader(root: str | os.PathLike, split: str, *, image_size: int, batch_size: int, train: bool,
                 seed: int = 0, cache: str = "auto", augment: str = "auto", on_corrupt: str = "skip",
                 num_workers: int = -1, device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1,
-                progress: bool = False, decode: str = "auto"):
-    """A loader over ``root/split`` for a model on ``device``.
+                progress: bool = False, decode: str = "auto", subset: list[int] | None = None):
+    """A loader over ``root/split`` (only the images at ``subset``, dataset indices, when given) for a
+    model on ``device``.
 
     Small sets (``cache='auto'``) are decoded once into memory (kept on ``device`` with
     ``cache='memory'``); larger ones stream from the files, decoded by PIL in DataLoader workers or,
@@ -303,6 +329,9 @@ def make_loader(root: str | os.PathLike, split: str, *, image_size: int, batch_s
     path = split_dir(root, split)
     augment = pick_augment(augment, image_size)
     dataset = ImageFolderDataset(path, transform=build_transform(image_size, train, augment), on_corrupt=on_corrupt)
+    if subset is not None:
+        dataset.samples = [dataset.samples[i] for i in subset]
+        dataset.imgs, dataset.targets = dataset.samples, [t for _, t in dataset.samples]
     if len(dataset) == 0:
         raise DataLayoutError(f"image folder {path} holds no images")
     in_memory = cache == "memory" or (
