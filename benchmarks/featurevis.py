@@ -11,6 +11,12 @@ is printed for both, to show the work is comparable.
 
     python benchmarks/featurevis.py                        # GoogLeNet, 224 px, 512 steps, GPU if present
     python benchmarks/featurevis.py --arch inception-small --image-size 64 --steps 64 --units 16 --device cpu
+    python benchmarks/featurevis.py --quality --weights runs/default/models/base/model.pt --data runs/default/data \
+        --arch inception-small --image-size 64 --steps 256 --units 16 --device cpu
+
+``--quality`` adds the quality-normalised speed: seconds per unit until the plain max image reaches the
+mean activation of the unit's top natural images (checkpoints 8, 16, 32, … steps; a seeded run
+to fewer steps is the beginning of a longer one).
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ import torch
 from lucent.optvis import objectives, param, render, transform
 from lucent.optvis.param import spatial
 
-from pruning.models import create_model
+from pruning.models import create_model, load_checkpoint
 from pruning.training import resolve_device
 from stimuli.featurevis import (ANGLES, JITTER1, JITTER2, PAD, PAD_MODE, REFERENCE_SIZE, SCALES, FeatureVisSettings,
                                 _hooked, _LayerForward, find_layer, render_units)
@@ -33,6 +39,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="googlenet")
     p.add_argument("--layer", default="inception4a")
+    p.add_argument("--weights", default=None, help="a sparsight model.pt instead of --arch with random weights")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--steps", type=int, default=512)
     p.add_argument("--units", type=int, default=8, help="units 0..N-1 of the layer")
@@ -44,6 +51,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quality", action="store_true",
+                   help="also the quality-normalised speed: s/unit until the max image reaches the natural top images")
+    p.add_argument("--data", default=None, help="ImageFolder root whose val/ split gives the natural targets "
+                                                "(default: generated concept-shapes images)")
+    p.add_argument("--natural-top", type=int, default=20, help="natural images that define a unit's target")
+    p.add_argument("--natural-per-class", type=int, default=30, help="generated val images per class")
     return p
 
 
@@ -85,6 +98,74 @@ def unit_means(model, layer: str, images: torch.Tensor, units: list[int], device
     return acts[torch.arange(len(units)), torch.tensor(units)].mean((-2, -1)).cpu()
 
 
+def natural_targets(model, layer: str, units: list[int], args, device) -> torch.Tensor:
+    """Each unit's mean activation over its top ``--natural-top`` images of the ``--data`` split (or of
+    generated concept-shapes images at ``--image-size``): what a valid visualization must reach."""
+    import tempfile
+
+    from pruning.data import concept_shapes
+    from stimuli.mining import mine
+
+    root = args.data
+    if root is None:
+        root = tempfile.mkdtemp(prefix="fv-natural-")
+        concept_shapes.generate(root, seed=args.seed, train_per_class=1, val_per_class=args.natural_per_class,
+                                image_size=args.image_size)
+    result = mine(model, root, "val", [layer], args.natural_top, image_size=args.image_size, batch_size=64,
+                  device=device)
+    return result.layers[layer].top_values[units].mean(1)
+
+
+def steps_to_target(model, layer, units, targets, reached_at, device) -> torch.Tensor:
+    """Per unit, the first recorded step count whose plain max image reaches the unit's target (inf if none)."""
+    out = torch.full((len(units),), float("inf"))
+    for steps, images in reached_at:
+        acts = unit_means(model, layer, images, units, device)
+        hit = (acts >= targets) & torch.isinf(out)
+        out[hit] = steps
+    return out
+
+
+def quality_normalised(model, units, args, device, sync) -> None:
+    """Seconds per unit until the plain max image drives the unit as hard as its natural top images."""
+    targets = natural_targets(model, args.layer, units, args, device)
+    checkpoints = [s for s in (8, 16, 32, 64, 128, 256, 512, 1024, 2048) if s <= args.steps] or [args.steps]
+    ours, ours_time = [], {}
+    for steps in checkpoints:          # the renderer is seeded: a shorter run is the longer run's beginning
+        settings = FeatureVisSettings(steps=steps, image_size=args.image_size, batch_size=args.batch_size,
+                                      n_diverse=0, n_plain=1, seed=args.seed, patience=0)
+        sync()
+        t0 = time.perf_counter()
+        rendered = render_units(model, args.layer, units, settings, directions=("max",))
+        sync()
+        ours_time[steps] = (time.perf_counter() - t0) / len(units)
+        ours.append((steps, torch.cat([r.images for r in rendered])))
+    ours_steps = steps_to_target(model, args.layer, units, targets, ours, device)
+    lucent_steps, lucent_per_step = torch.full((len(units),), float("inf")), 0.0
+    for i, unit in enumerate(units):
+        fresh = copy.deepcopy(model).requires_grad_(False)
+        objective = objectives.channel(args.layer.replace(".", "_"), unit)
+        sync()
+        t0 = time.perf_counter()
+        images = render.render_vis(fresh, objective, lambda: param.image(args.image_size, batch=1),
+                                   transforms=lucent_transforms(args.image_size), thresholds=tuple(checkpoints),
+                                   show_image=False, progress=False, fixed_image_size=args.image_size)
+        sync()
+        lucent_per_step += (time.perf_counter() - t0) / max(checkpoints) / len(units)
+        reached = [(s, torch.from_numpy(img).permute(0, 3, 1, 2)) for s, img in zip(checkpoints, images)]
+        lucent_steps[i] = steps_to_target(model, args.layer, [unit], targets[i:i + 1], reached, device)[0]
+    ours_per_step = ours_time[max(checkpoints)] / max(checkpoints)
+    print(f"\nquality-normalised: seconds per unit until the plain max image reaches the mean activation of the "
+          f"unit's top {args.natural_top} natural images (checkpoints {checkpoints})")
+    print(f"{'renderer':28s} {'reached':>8s} {'median steps':>13s} {'s/unit to valid':>16s}")
+    for label, steps, per_step in (("lucent render_vis, per unit", lucent_steps, lucent_per_step),
+                                   ("render_units, batched", ours_steps, ours_per_step)):
+        finite = steps[torch.isfinite(steps)]
+        median = float(finite.median()) if len(finite) else float("inf")
+        print(f"{label:28s} {len(finite):4d}/{len(units):<3d} {median:13.0f} {median * per_step:16.3f}")
+    print("(lucent optimizes the post-ReLU channel from lucent's own start; render_units its default objective)")
+
+
 def main(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -95,7 +176,7 @@ def main(args) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    model = create_model(args.arch).to(device).eval()
+    model = (load_checkpoint(args.weights).model if args.weights else create_model(args.arch)).to(device).eval()
     units = list(range(args.units))
     settings = FeatureVisSettings(steps=args.steps, image_size=args.image_size, batch_size=args.batch_size,
                                   n_diverse=args.n_diverse, n_plain=args.n_plain, diversity=args.diversity,
@@ -130,6 +211,8 @@ def main(args) -> None:
             act = unit_means(model, args.layer, torch.cat(images), units, device).mean().item()
         print(f"{label:28s} {seconds / args.units:8.3f} {n_images / seconds:9.1f} {act:16.3f}")
     print(f"speed-up (lucent s/unit ÷ render_units s/unit): {lucent_seconds / ours_seconds:.2f}×")
+    if args.quality:
+        quality_normalised(model, units, args, device, sync)
 
 
 if __name__ == "__main__":

@@ -192,8 +192,8 @@ class StimuliSection:
                                            "ReLU (gradients never die at the start; minima mean something), or "
                                            "the layer output", choices=("pre-relu", "post-relu"))
     fv_redirect_steps: int = option(16, "first steps in which every ReLU passes Lucid's redirected gradient", lo=0)
-    fv_patience: int = option(32, "an image stops once its objective has not improved by fv_tolerance for this "
-                                  "many steps (fv_steps is the cap); 0 never stops early", lo=0)
+    fv_patience: int = option(0, "an image stops once its objective has not improved by fv_tolerance for this "
+                                 "many steps (fv_steps is then the cap); 0: always fv_steps, as published", lo=0)
     fv_tolerance: float = option(0.01, "relative improvement that counts for fv_patience", lo=0.0)
 
 
@@ -319,7 +319,9 @@ _DEMO = {
     "prune": {"iterative_steps": 2, "retrain_epochs": 1, "iterative_epochs": 1, "lrp_images_per_class": 4},
     "evaluate": {"severities": [2, 4], "noise_levels": 5, "max_images": 100},
     "units": {"units_per_layer": 2},
-    "stimuli": {"n_tasks": 8, "n_references": 3, "fv_steps": 32, "fv_batch_units": 16},
+    # feature visualizations: measured to reach their units' natural max references (benchmarks/RESULTS.md)
+    "stimuli": {"n_tasks": 8, "n_references": 3, "fv_steps": 128, "fv_patience": 32, "fv_diversity": 1.0,
+                "fv_batch_units": 16},
     "mis": {"bootstrap": 500},
     "survey": {"practice_trials": 2, "main_trials": 12, "catch_trials": 2, "min_answers_per_position": 2,
                "min_total_s": 10.0},
