@@ -74,6 +74,9 @@ def analyze_cmd(run_dir, out, import_csv, maps, mapping, overrides):
         click.echo(note)
     click.echo(f"{counts['ok']} analyses ran, {counts['skipped']} skipped for lack of data, {counts['failed']} failed "
                f"(reasons in the report)")
+    failed = [c for c in results.get("validity", []) if c["passed"] is False]
+    for c in failed:
+        click.echo(f"validity check FAILED: {c['name']}: {c['value']} (needs {c['threshold']}; {c['detail']})")
     click.echo(f"report: {results['files']['html']}")
     click.echo(f"results: {results['files']['json']}")
 

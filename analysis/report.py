@@ -39,6 +39,7 @@ from sparsight.config import StudyConfig
 from sparsight.files import atomic_write_text
 
 from . import figures as fig
+from .validity import study_checks
 from .load import BASE_METHOD, StudyData, human_main, load_study_data, model_table, study_config
 
 PER_STEP = 0.1          # slopes are reported per 10 percentage points of pruning rate
@@ -594,6 +595,7 @@ def analyze(run_dir: str | Path, cfg: StudyConfig | None = None, out: str | Path
     holm_family = apply_holm(entries)
     figures = make_figures(data, table, desc, per_unit, out)
     results = assemble(data, humans, table, desc, entries, holm_family, figures, out)
+    results["validity"] = study_checks(data, entries)
     results["warnings"] = sorted({f"{w.category.__name__}: {w.message}" for w in caught})
     files = {"html": out / "index.html", "json": out / "results.json"}
     payload = plain(results)
@@ -692,6 +694,7 @@ text-align:right}th{background:#f3f3f3}td.s{text-align:left}
 figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}figcaption{color:#555;font-size:12px}
 .entry{border-left:4px solid #4a8;padding:.3em .8em;margin:.8em 0;background:#fafafa}
 .entry.skipped{border-color:#bbb}.entry.failed{border-color:#d55}.why{color:#666}
+tr.failed td{background:#fde8e8}tr.not td{color:#777}
 pre{background:#f6f6f6;padding:.8em;overflow:auto;font-size:12px}details summary{cursor:pointer;color:#357}
 .notes li{font-weight:600}
 """
@@ -785,6 +788,25 @@ def _human_html(results: dict) -> str:
     return "".join(parts)
 
 
+def _validity_html(checks: list[dict]) -> str:
+    """The study's own validity checks (DESIGN §11), first in the report."""
+    if not checks:
+        return ""
+    def verdict(c):
+        return {True: "passed", False: "FAILED", None: "not checked"}[c["passed"]]
+    def value(v):
+        return "" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))
+    rows = "".join(f"<tr class='{verdict(c).split()[0].lower()}'><td class='s'>{escape(c['name'])}</td>"
+                   f"<td>{escape(value(c['value']))}</td><td>{escape(c['threshold'])}</td>"
+                   f"<td class='s'>{verdict(c)}</td><td class='s'>{escape(c['detail'])}</td></tr>" for c in checks)
+    failed = sum(c["passed"] is False for c in checks)
+    head = (f"{failed} of {len(checks)} checks failed: read the results below with that in mind." if failed
+            else "Every check that has data passed.")
+    return (f"<section id='validity'><h2>Validity</h2><p>{escape(head)}</p><table><thead><tr><th>check</th>"
+            f"<th>value</th><th>threshold</th><th>verdict</th><th>detail</th></tr></thead><tbody>{rows}</tbody>"
+            f"</table></section>")
+
+
 def render(results: dict, figures: dict, cfg: StudyConfig) -> str:
     """The self-contained HTML page (figures embedded as base64 PNG)."""
     s = results["study"]
@@ -812,6 +834,7 @@ def render(results: dict, figures: dict, cfg: StudyConfig) -> str:
 generated {escape(s['generated'])} · sparsight {escape(s['software_version'])} ·
 study directory {escape(s['run_dir'])} · responses from
 {escape(s['responses_source'])}</p>
+{_validity_html(results.get("validity", []))}
 <section id="summary"><h2>Summary</h2><ul class="notes">{notes}</ul><ul>{summary}</ul></section>
 <section id="models"><h2>Models</h2>{table_html(_models_display(results['models']))}</section>
 <section id="figures"><h2>Figures</h2>{figs}</section>

@@ -148,11 +148,28 @@ def _print_summary(study) -> None:
             click.echo(f"MIS: mean over live units with a 95 % bootstrap CI (the unit count where too few live "
                        f"units are left for one); α = {mis.alpha.iloc[0]:.3g} "
                        f"({mis.alpha_source.iloc[0]}), embedding {mis.embedding.iloc[0]}")
+    _print_failed_checks(study.path("report", "results.json"))
     click.echo(f"\nstudy directory: {study.run_dir}")
     if study.path("report", "index.html").is_file():
         click.echo(f"report: {study.path('report', 'index.html')}")
     if study.path("stimuli", "manifest.parquet").is_file():
         click.echo(f"survey for people: sparsight serve {study.run_dir}")
+
+
+def _print_failed_checks(results_json) -> None:
+    """The study's failed validity checks (report/results.json["validity"]), one line each."""
+    import json
+    try:
+        checks = json.loads(results_json.read_text()).get("validity", [])
+    except (OSError, ValueError):
+        return
+    failed = [c for c in checks if c.get("passed") is False]
+    if not failed:
+        return
+    click.echo(f"\nvalidity: {len(failed)} of {len(checks)} checks failed (report: Validity section)")
+    for c in failed:
+        value = c["value"] if not isinstance(c["value"], float) else f"{c['value']:.3g}"
+        click.echo(f"  FAILED {c['name']}: {value} (needs {c['threshold']}; {c['detail']})")
 
 
 def _register() -> None:
