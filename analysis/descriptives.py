@@ -195,6 +195,31 @@ def _binomial_bootstrap(k: np.ndarray, n: np.ndarray, n_boot: int, level: float,
     return lo, hi
 
 
+def catch_summary(trials: pd.DataFrame, threshold: float = 0.8, by=("kind",), level: float = 0.95) -> pd.DataFrame:
+    """Catch-trial accuracy (a query that also appears among the references: attention, not skill).
+
+    One row per ``by`` group and one for all catch trials (``kind`` = ``"all"``): trials, participants,
+    pooled accuracy with its Wilson interval, the mean and SEM of per-participant accuracy, the lowest
+    participant's, and the share of participants at or above ``threshold`` (the exclusion rule).
+    """
+    _check_columns(trials, ["participant", "correct", "trial_type"])
+    catch = trials[trials["trial_type"] == "catch"]
+    keys = [k for k in _keys(by) if k in catch]
+    groups = [("all", catch)] + ([(name, g) for name, g in catch.groupby(keys[0], sort=True)] if keys else [])
+    rows = []
+    for name, g in groups:
+        if g.empty:
+            continue
+        per = g.groupby("participant")["correct"].mean()
+        k, n = int(g["correct"].sum()), len(g)
+        lo, hi = wilson_interval(k, n, level)
+        rows.append({"kind": name, "trials": n, "participants": int(per.size), "accuracy": k / n,
+                     "wilson_low": float(lo), "wilson_high": float(hi), "participant_mean": float(per.mean()),
+                     "participant_sem": float(per.sem()) if per.size > 1 else float("nan"),
+                     "lowest": float(per.min()), "share_at_threshold": float((per >= threshold).mean())})
+    return pd.DataFrame(rows)
+
+
 def unit_accuracy(trials: pd.DataFrame, n_boot: int = 10000, seed: int = 0,
                   by=("model_id", "kind", "unit_id"), level: float = 0.95) -> pd.DataFrame:
     """Accuracy per unit with a percentile-bootstrap interval over its trials.

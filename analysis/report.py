@@ -363,6 +363,9 @@ def human_equivalence(by_model: pd.DataFrame, kind: str, cfg: StudyConfig) -> Ou
     """Per pruned model: TOST of (accuracy − base accuracy), SE from the participant-level SEMs."""
     from .statistics import tost_estimate
     _need_margin(cfg)
+    if by_model.empty or "method" not in by_model or by_model["method"].isna().all():
+        raise Skip("the trials name no base and pruned models (import a model_id of the study's models, or "
+                   "'method' and 'rate' columns)")
     d = by_model[by_model["kind"] == kind]
     base = d[d["method"] == BASE_METHOD]
     if base.empty or not np.isfinite(base["sem"].iloc[0]):
@@ -506,13 +509,16 @@ def apply_holm(entries: list[Entry]) -> dict:
 
 def descriptives(data: StudyData, humans: Humans) -> dict:
     """Human and machine descriptive tables (empty dict without human responses)."""
-    from .descriptives import accuracy_by_confidence, condition_summary, rt_summary, unit_accuracy
+    from .descriptives import accuracy_by_confidence, catch_summary, condition_summary, rt_summary, unit_accuracy
     cfg = data.config
     level = 1 - cfg.analysis.alpha_level
     out: dict = {}
     machines = data.trials[data.trials["is_machine"].astype(bool)] if len(data.trials) else data.trials
     if len(machines) and (machines["trial_type"] == "main").any():
         out["machine_by_model"] = condition_summary(machines, by=("observer", "model_id", "kind"), level=level)
+    people = data.trials[~data.trials["is_machine"].astype(bool)] if len(data.trials) else data.trials
+    if len(people) and (people["trial_type"] == "catch").any():
+        out["catch"] = catch_summary(people, threshold=cfg.survey.catch_min_accuracy, level=level)
     d = humans.included
     if d.empty:
         return out
@@ -778,6 +784,7 @@ def _human_html(results: dict) -> str:
                  table_html(excl["reasons"])]
         for key, title in (("by_kind", "Accuracy per reference kind (mean of participants ± 2 SEM; Wilson CI on "
                                         "pooled trials; d′)"),
+                           ("catch", "Catch trials (every participant, before exclusions)"),
                            ("by_model", "Accuracy per model and kind"), ("rt", "Response times (ms)"),
                            ("confidence", "Accuracy by confidence"),
                            ("per_unit", "Accuracy per unit (bootstrap CI over trials)")):

@@ -185,6 +185,8 @@ def practice_leak_check(trials: pd.DataFrame) -> dict:
     name = "participants whose practice or catch trials reuse a main task"
     if trials is None or trials.empty or "trial_type" not in trials:
         return check(name, None, "0", None, "no responses")
+    if "task" not in trials or trials["task"].isna().all():
+        return check(name, None, "0", None, "the trials do not say which task they showed (imported data)")
     keys = ["model_id", "kind", "layer", "unit", "task"]
     leaks, people = 0, 0
     for _, g in trials.groupby("participant"):

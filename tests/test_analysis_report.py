@@ -394,3 +394,34 @@ def test_trials_come_from_the_survey_database_without_responses_csv(tmp_path):
 ], ids=["interpretability", "top1", "layers", "mis_vs_human", "dissection", "robustness"])
 def test_figures_without_data_draw_nothing(draw, tmp_path):
     assert draw(tmp_path / "f.png") is None and not (tmp_path / "f.png").exists()
+
+
+def test_imported_published_style_trials_run_every_applicable_analysis_and_report_catch_accuracy(tmp_path):
+    """A CSV shaped like a published 2-AFC data set (subject, condition, catch flag, trial type, confidence, RT)."""
+    rng = np.random.default_rng(3)
+    rows = []
+    for s in range(12):
+        for t in range(60):
+            catch = t % 10 == 9
+            cond = "natural" if t % 2 == 0 else "synthetic"
+            p = 0.95 if catch else (0.85 if cond == "natural" else 0.6)
+            rows.append({"subj": f"s{s}", "cond": cond, "is_catch": int(catch),
+                         "ttype": "practice" if t < 4 else "main", "conf": int(rng.integers(1, 4)),
+                         "rt_ms": float(rng.gamma(4, 500)), "acc": int(rng.random() < p), "neuron": f"mixed4a:{t % 7}"})
+    frame = pd.DataFrame(rows)
+    frame.to_csv(tmp_path / "published.csv", index=False)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    mapping = {"participant": "subj", "condition": "cond", "catch": "is_catch", "trial_type": "ttype",
+               "confidence": "conf", "rt": "rt_ms", "correct": "acc", "unit": "neuron"}
+    trials = import_trials(tmp_path / "published.csv", mapping)
+    results = analyze(run_dir, trials=trials, source="imported published.csv")
+    statuses = {e["id"]: e["status"] for e in results["statistics"]}
+    assert "failed" not in statuses.values(), {k: v for k, v in statuses.items() if v == "failed"}
+    assert statuses["descriptives"] == "ok" and statuses["conditions.natural-vs-synthetic"] == "ok"
+    catch = pd.DataFrame(results["descriptives"]["catch"])
+    overall = catch[catch["kind"] == "all"].iloc[0]
+    expected = frame[frame["is_catch"] == 1]
+    assert overall["trials"] == len(expected) and overall["accuracy"] == pytest.approx(expected["acc"].mean())
+    assert overall["lowest"] == pytest.approx(expected.groupby("subj")["acc"].mean().min())
+    assert "Catch trials" in (run_dir / "report" / "index.html").read_text()
