@@ -87,15 +87,60 @@ class PruneOutcome:
         return self.steps[-1]["before"] if self.steps else None
 
     @property
+    def before_recalibrated(self) -> dict | None:
+        """Accuracy right after the last pruning step with re-estimated BatchNorm statistics (if asked for)."""
+        return self.steps[-1].get("before_recalibrated") if self.steps else None
+
+    @property
     def after(self) -> dict | None:
         return self.steps[-1]["after"] if self.steps else None
+
+
+def recalibrate_batchnorm(model: nn.Module, loader, batches: int) -> int:
+    """Re-estimate every BatchNorm's running mean and variance on ``batches`` batches of ``loader``
+    (a cumulative average; weights untouched; training flags restored).  Returns the batches used.
+
+    Pruning removes channels that the statistics of the layers after them were estimated with, so
+    stale statistics can collapse a pruned network to one class before any retraining.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or batches <= 0:
+        return 0
+    modes = [(m, m.training) for m in model.modules()]
+    momenta = [(m, m.momentum) for m in norms]
+    device = next(model.parameters()).device
+    used = 0
+    try:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+        model.train()
+        with torch.no_grad():
+            for batch in loader:
+                if used >= batches:
+                    break
+                if len(batch.targets) == 0:
+                    continue
+                model(batch.images.to(device))
+                used += 1
+    finally:
+        for m, momentum in momenta:
+            m.momentum = momentum
+        for m, training in modes:
+            m.training = training
+    return used
 
 
 def prune_and_retrain(model: nn.Module, job: PruneJob, *, settings: TrainSettings, train_loader, val_loader,
                       ctx: DistContext | None = None, reference=None, rewind_state: dict | None = None,
                       work_dir: str | Path | None = None, progress: bool = True,
-                      input_size: int = 64) -> PruneOutcome:
-    """Run ``job`` on ``model`` (modified in place) and return it with its masks and per-step records."""
+                      input_size: int = 64, recalibrate_batches: int = 0) -> PruneOutcome:
+    """Run ``job`` on ``model`` (modified in place) and return it with its masks and per-step records.
+
+    With ``recalibrate_batches`` the BatchNorm statistics are re-estimated after each pruning step
+    (:func:`recalibrate_batchnorm`); the step records top-1 with stale (``before``) and with
+    re-estimated statistics (``before_recalibrated``), and retraining starts from the latter.
+    """
     ctx = ctx or DistContext(device=next(model.parameters()).device)
     method = job.method_instance(input_size)
     if method.rewinds and rewind_state is None:
@@ -109,6 +154,10 @@ def prune_and_retrain(model: nn.Module, job: PruneJob, *, settings: TrainSetting
             model.load_state_dict(rewind_state)
         apply_masks(model, masks)
         before = evaluate(model, val_loader, ctx=ctx) if val_loader is not None else None
+        recalibrated = None
+        if recalibrate_batches > 0 and train_loader is not None:
+            recalibrate_batchnorm(model, train_loader, recalibrate_batches)
+            recalibrated = evaluate(model, val_loader, ctx=ctx) if val_loader is not None else None
         history = []
         if settings.epochs > 0:
             out = Path(work_dir) / f"step{i + 1}" if work_dir else None
@@ -117,10 +166,10 @@ def prune_and_retrain(model: nn.Module, job: PruneJob, *, settings: TrainSetting
             history = trainer.fit(train_loader, val_loader)
             trainer.clear_state()
             model = trainer.model.to(memory_format=torch.contiguous_format)
-        after = history[-1]["val"] if history else before
+        after = history[-1]["val"] if history else (recalibrated or before)
         outcome.steps.append({"step": i + 1, "target_rate": round(target, 6),
-                              "mask_sparsity": round(mask_sparsity(masks), 6), "before": before, "after": after,
-                              "history": history})
+                              "mask_sparsity": round(mask_sparsity(masks), 6), "before": before,
+                              "before_recalibrated": recalibrated, "after": after, "history": history})
     if job.is_physical:
         from .physical import remove_pruned_filters
 

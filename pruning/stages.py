@@ -117,6 +117,8 @@ class PruneStage:
                 "retrain": asdict(retrain_settings(cfg)), "iterative_epochs": cfg.prune.iterative_epochs,
                 "evaluate": asdict(cfg.evaluate),
                 "reference_per_class": cfg.prune.lrp_images_per_class,
+                **({"bn_recalibration": cfg.prune.bn_recalibration_batches}
+                   if cfg.prune.bn_recalibration_batches else {}),
                 "loader": {"image_size": d.image_size, "batch_size": d.batch_size, "augment": d.augment}}
 
     def run(self, study) -> list[Path]:

@@ -192,7 +192,8 @@ def prune_and_save(cfg, data_root: str | Path, parent_dir: str | Path, out_dir: 
     method_cls = job.method_instance(d.image_size)
     fp = job_fingerprint({"job": asdict(job), "parent": parent_ckpt.sha256, "settings": asdict(settings),
                           "data": str(data_root), "loader": [d.image_size, d.batch_size, d.augment, d.cache],
-                          "reference": p.lrp_images_per_class if method_cls.needs_data else None})
+                          "reference": p.lrp_images_per_class if method_cls.needs_data else None,
+                          **({"bn_recalibration": p.bn_recalibration_batches} if p.bn_recalibration_batches else {})})
     meta = reusable_meta(out_dir, fp) if reuse else None
     if meta is not None:
         if robustness:
@@ -224,7 +225,8 @@ def prune_and_save(cfg, data_root: str | Path, parent_dir: str | Path, out_dir: 
     sizes = layer_sizes(model)
     outcome = prune_and_retrain(model, job, settings=settings, train_loader=train_loader, val_loader=val_loader,
                                 ctx=ctx, reference=reference, rewind_state=rewind_state, work_dir=out_dir,
-                                progress=cfg.study.progress, input_size=d.image_size)
+                                progress=cfg.study.progress, input_size=d.image_size,
+                                recalibrate_batches=p.bn_recalibration_batches)
     model = outcome.model.float().to(memory_format=torch.contiguous_format)
     scope = [k.removesuffix(".weight") for k in _scope_keys(model, job, d.image_size)]
     robust = {}
@@ -239,6 +241,7 @@ def prune_and_save(cfg, data_root: str | Path, parent_dir: str | Path, out_dir: 
                                     "parent": parent_ckpt.sha256, "classes": parent_ckpt.args.get("classes", "")},
                               physical=job.is_physical)
         before, after = outcome.before or {}, outcome.after or {}
+        recalibrated = outcome.before_recalibrated or {}
         physical = outcome.physical
         meta = base_meta(model.cpu(), model_id=job.model_id, input_size=d.image_size, seed=settings.seed,
                          parent=parent_ckpt.sha256, parent_model=parent_dir.name, method=job.method,
@@ -246,8 +249,10 @@ def prune_and_save(cfg, data_root: str | Path, parent_dir: str | Path, out_dir: 
                          steps=[{k: v for k, v in st.items() if k != "history"} for st in outcome.steps],
                          history=[h for st in outcome.steps for h in st["history"]],
                          sparsity=measure_sparsity(model, scope=scope, reference=sizes),
-                         top1={"parent": parent_eval["top1"], "before": before.get("top1"), "after": after.get("top1")},
-                         top5={"parent": parent_eval["top5"], "before": before.get("top5"), "after": after.get("top5")},
+                         top1={"parent": parent_eval["top1"], "before": before.get("top1"), "after": after.get("top1"),
+                               **({"before_recalibrated": recalibrated["top1"]} if recalibrated else {})},
+                         top5={"parent": parent_eval["top5"], "before": before.get("top5"), "after": after.get("top5"),
+                               **({"before_recalibrated": recalibrated["top5"]} if recalibrated else {})},
                          retrain={k: getattr(settings, k) for k in ("epochs", "optimizer", "lr", "momentum",
                                                                     "weight_decay", "scheduler", "gamma")},
                          exclude=list(job.exclude), physical=job.is_physical,

@@ -139,6 +139,10 @@ class PruneSection:
     exclude: list = option([], "layers never pruned; empty takes the architecture's stem")
     lrp_images_per_class: int = option(10, "reference images per class for LRP relevance", lo=1)
     imp_rewind_epoch: int = option(1, "epoch whose weights IMP rewinds to", lo=0)
+    bn_recalibration_batches: int = option(0, "after each pruning step, re-estimate BatchNorm statistics on this many "
+                                              "training batches before evaluating and retraining (0: off, as in the "
+                                              "seed protocol); meta.json then records top-1 with stale and with "
+                                              "re-estimated statistics", lo=0)
     retrain_epochs: int = option(2, "retraining epochs after one-shot pruning", lo=0)
     iterative_epochs: int = option(1, "retraining epochs after each step of the iterative schedule", lo=0)
     retrain_optimizer: str = option("sgd", "retraining optimizer", choices=("sgd", "adam", "adamw"))

@@ -209,3 +209,40 @@ def test_rewind_point_at_epoch_zero_is_the_initialization(tiny_data, tmp_path):
     torch.manual_seed(7)
     init = create_model("inception-small", num_classes=10).state_dict()
     assert all(torch.equal(saved[k], v) for k, v in init.items())
+
+
+def test_batchnorm_recalibration_re_estimates_the_statistics_of_the_pruned_network(tiny_data):
+    """After pruning, every BatchNorm's running mean becomes the average of its batch means on the pruned network."""
+    import copy
+
+    from pruning.data.folders import make_loader
+    from pruning.masks import apply_masks
+    from pruning.models import create_model
+    from pruning.schedule import PruneJob, recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    model = create_model("inception-small", num_classes=10, width=0.5).eval()
+    train = make_loader(tiny_data, "train", image_size=32, batch_size=40, train=False)
+    job = PruneJob(method="structured", rate=0.5, exclude=("conv1",))
+    masks = job.method_instance(32).masks(model, 0.5, job.exclude)
+    apply_masks(model, masks)
+    weights = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith(("running_mean", "running_var",
+                                                                                       "num_batches_tracked"))}
+    reference = copy.deepcopy(model).train()      # the obvious way: batch means of every BatchNorm input
+    norms = {n: m for n, m in reference.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    means = {n: [] for n in norms}
+    hooks = [m.register_forward_pre_hook(lambda m, i, n=n: means[n].append(i[0].mean((0, 2, 3))))
+             for n, m in norms.items()]
+    with torch.no_grad():
+        for b in train:
+            reference(b.images)
+    for h in hooks:
+        h.remove()
+    used = recalibrate_batchnorm(model, train, batches=100)
+    assert used == len(train) and not model.training                 # flags restored
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            torch.testing.assert_close(module.running_mean, torch.stack(means[name]).mean(0), rtol=1e-4, atol=1e-5)
+            assert module.momentum == 0.1                             # momentum restored
+    for k, v in weights.items():                                      # weights (and so the masks) untouched
+        assert torch.equal(model.state_dict()[k], v), k
