@@ -324,7 +324,7 @@ _DEMO = {
     "evaluate": {"severities": [2, 4], "noise_levels": 5, "max_images": 100},
     "units": {"units_per_layer": 2},
     # feature visualizations: measured to reach their units' natural max references (benchmarks/RESULTS.md)
-    "stimuli": {"n_tasks": 8, "n_references": 3, "fv_steps": 128, "fv_patience": 32, "fv_diversity": 1.0,
+    "stimuli": {"n_tasks": 8, "n_references": 3, "fv_steps": 64, "fv_lr": 0.15, "fv_diversity": 1.0,
                 "fv_batch_units": 16},
     "mis": {"bootstrap": 500},
     "survey": {"practice_trials": 2, "main_trials": 12, "catch_trials": 2, "min_answers_per_position": 2,

@@ -236,6 +236,14 @@ def test_pre_relu_trace_is_the_concatenated_branches_before_their_relu(model):
     torch.testing.assert_close(pre, expected)
     torch.testing.assert_close(out, pre.clamp_min(0))
     assert (pre < 0).any()
+    with _hooked(block) as store, torch.no_grad():      # the hooked taps the loop uses give the same values
+        forward = _LayerForward(model, store, LAYER, torch.float32)
+        forward.use_taps(images[:1])
+        assert forward.taps is not None and len(forward.taps.modules) == 4
+        out2, pre2 = forward(images, trace=True)
+    torch.testing.assert_close(pre2, expected)
+    torch.testing.assert_close(out2, out)
+    assert hooks(model) == 0
 
 
 class DeadAtStart(nn.Module):
@@ -279,11 +287,18 @@ def test_images_stop_when_their_objective_plateaus_and_stay_as_they_were(model):
                                   redirect_steps=2, batch_size=12)
     rendered = render_units(model, LAYER, [5, 40], settings)
     steps = torch.cat([r.steps for r in rendered])
-    assert (steps < 200).all() and (steps > 2).all()
-    again = render_units(model, LAYER, [5, 40], FeatureVisSettings(**{**vars(settings), "steps": int(steps.max())}))
+    stopped = steps < 200
+    assert stopped.sum() >= len(steps) // 2 and (steps > 2).all()
+    # images whose objective never rose above zero have not started: they are never stopped
+    for r in rendered:
+        signed = r.objectives * (1 if r.direction == "max" else -1)
+        assert ((r.steps < 200) | (signed <= 0.05)).all()
+    cap = int(steps[stopped].max()) + 1
+    again = render_units(model, LAYER, [5, 40], FeatureVisSettings(**{**vars(settings), "steps": cap}))
     for a, b in zip(rendered, again):                    # an image's pixels are frozen from its stop onwards
-        torch.testing.assert_close(a.images, b.images)
-        assert torch.equal(a.steps, b.steps)
+        done = a.steps < cap
+        torch.testing.assert_close(a.images[done], b.images[done])
+        assert torch.equal(a.steps[done], b.steps[done])
 
 
 def test_an_unknown_objective_lists_the_choices(model):
