@@ -22,6 +22,7 @@ checks the result on a random input and raises if the output changed.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -44,6 +45,10 @@ class PhysicalResult:
     flops_after: int
     input_size: int
     notes: list[str] = field(default_factory=list)
+    #: module name -> parent channel of each output channel of the smaller model, for every module whose
+    #: output lost channels: a unit keeps its identity (stimuli, MIS, dissection) across masked and
+    #: physically pruned models
+    channel_map: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def removed_total(self) -> int:
@@ -207,10 +212,9 @@ def remove_pruned_filters(model: nn.Module, masks: dict[str, torch.Tensor], inpu
             if untraced:
                 notes.append(f"layers not reached by a forward pass keep their shapes: {untraced[:8]}")
         reference = None
-        if verify:
-            mode(model)
-            with torch.no_grad(), masked(model, masks):
-                reference = [t.detach().clone() for t in _flatten_outputs(model(x))]
+        mode(model)
+        with torch.no_grad(), masked(model, masks), _module_outputs(model) as before:
+            reference = [t.detach().clone() for t in _flatten_outputs(model(x))]
 
         for name, dead in candidates.items():
             conv = modules[name]
@@ -250,11 +254,13 @@ def remove_pruned_filters(model: nn.Module, masks: dict[str, torch.Tensor], inpu
             removed[name] = len(dead)
 
         new_masks = _reindex(model, masks, index)
+        mode(model)
+        with torch.no_grad(), masked(model, new_masks), _module_outputs(model) as after:
+            outputs = _flatten_outputs(model(x))
         if verify:
-            mode(model)
-            with torch.no_grad(), masked(model, new_masks):
-                outputs = _flatten_outputs(model(x))
             _compare(reference, outputs)
+        channel_map = {name: _match_channels(before[name], out, name) for name, out in after.items()
+                       if name in before and out.shape[1] != before[name].shape[1]}
     finally:
         for n, p in model.named_parameters():
             p.requires_grad_(requires_grad.get(n, p.requires_grad))
@@ -266,7 +272,48 @@ def remove_pruned_filters(model: nn.Module, masks: dict[str, torch.Tensor], inpu
         notes.append(f"{sum(kept.values())} fully masked filters in {len(kept)} layers stay as masked zeros")
     return PhysicalResult(new_masks, removed, kept, reasons, params_before, count_params(model)[0],
                           flops_before, count_flops(model, input_size, device=next(model.parameters()).device),
-                          input_size, notes)
+                          input_size, notes, channel_map)
+
+
+@contextmanager
+def _module_outputs(model: nn.Module):
+    """``{module name: its [N, C, ...] output}`` of one forward pass (first call of each module)."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        def hook(module, inputs, out):
+            if isinstance(out, torch.Tensor) and out.dim() >= 2 and name not in seen:
+                seen[name] = out.detach().clone()
+        return hook
+
+    handles = [m.register_forward_hook(keep(n)) for n, m in model.named_modules() if n]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _match_channels(parent: torch.Tensor, child: torch.Tensor, name: str) -> list[int]:
+    """The parent channel of each child channel: the increasing assignment of identical activations.
+
+    The smaller model computes exactly what the masked one computed, with channels only removed,
+    never reordered, so child channel j is the first parent channel after j − 1's with the same
+    values.  (A kept channel that is exactly zero on the probe input could match a removed one; both
+    are silent, so such a unit is reported dead or pruned either way.)
+    """
+    p = parent.transpose(0, 1).reshape(parent.shape[1], -1).double()
+    q = child.transpose(0, 1).reshape(child.shape[1], -1).double()
+    scale = max(float(p.abs().max()), 1e-12)
+    close = torch.cdist(q, p) <= 1e-4 * scale * (p.shape[1] ** 0.5)
+    mapping, last = [], -1
+    for j in range(q.shape[0]):
+        hits = torch.nonzero(close[j, last + 1:]).flatten()
+        if len(hits) == 0:
+            raise PruningError(f"physical pruning: channel {j} of {name} matches no channel of the masked model")
+        last = last + 1 + int(hits[0])
+        mapping.append(last)
+    return mapping
 
 
 def _check_group(graph, group, conv: nn.Conv2d, name: str, index: _Index,

@@ -238,7 +238,9 @@ def prune_and_save(cfg, data_root: str | Path, parent_dir: str | Path, out_dir: 
     if ctx.is_main:
         sha = save_checkpoint(out_dir / "model.pt", model, num_classes=parent_ckpt.num_classes, masks=outcome.masks,
                               args={"job": json.dumps(asdict(job)), "settings": json.dumps(asdict(settings)),
-                                    "parent": parent_ckpt.sha256, "classes": parent_ckpt.args.get("classes", "")},
+                                    "parent": parent_ckpt.sha256, "classes": parent_ckpt.args.get("classes", ""),
+                                    **({"channel_map": json.dumps(outcome.physical.channel_map)}
+                                       if outcome.physical is not None else {})},
                               physical=job.is_physical)
         before, after = outcome.before or {}, outcome.after or {}
         recalibrated = outcome.before_recalibrated or {}

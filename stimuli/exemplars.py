@@ -94,14 +94,17 @@ def _percentile_window(values: torch.Tensor, percentile: float, n: int, descendi
 
 
 def select_tasks(mining: LayerMining, unit: int, *, n_tasks: int = 20, n_references: int = 9, seed: int = 0,
-                 query_percentile: float = 0.0, recorded: torch.Tensor | None = None) -> list[Task]:
+                 query_percentile: float = 0.0, recorded: torch.Tensor | None = None,
+                 identity: int | None = None) -> list[Task]:
     """The ``n_tasks`` fair-batch tasks of ``unit`` (see the module docstring).
 
     ``recorded`` is the unit's activation per dataset index (``NaN`` = not seen); by default
-    ``mining.recorded[unit]``.  It is needed only for ``query_percentile > 0``.
+    ``mining.recorded[unit]``.  ``identity``: the unit's index in its parent model when ``unit`` is
+    a physically pruned model's renumbered channel (it seeds the shuffle, so tasks match the masked model).  It is needed only for ``query_percentile > 0``.
     """
     n, k = int(n_tasks), int(n_references)
-    name = f"{mining.layer}:{unit}"
+    identity = unit if identity is None else identity      # the unit's own index (its parent's, once renumbered)
+    name = f"{mining.layer}:{identity}"
     if n < 1 or k < 1:
         raise ValueError(f"n_tasks and n_references must be at least 1, got {n_tasks} and {n_references}")
     if not 0 <= unit < mining.num_channels:
@@ -130,7 +133,7 @@ def select_tasks(mining: LayerMining, unit: int, *, n_tasks: int = 20, n_referen
         raise ValueError(f"unit {name}: the max and min images overlap ({len(overlap)} shared, e.g. dataset index "
                          f"{min(overlap)}); the dataset of {int(mining.count[unit])} images is too small for "
                          f"{n} tasks × ({k} references + 1 query) per side")
-    generator = unit_generator(seed, mining.layer, unit)
+    generator = unit_generator(seed, mining.layer, identity)
     max_bins, min_bins = _fair_bins(top, n, generator), _fair_bins(bottom, n, generator)
     return [_task(j, [b[j] for b in max_bins], [b[j] for b in min_bins]) for j in range(n)]
 

@@ -97,8 +97,12 @@ class Rendered:
 
 
 def render_units(model: nn.Module, layer: str, units: list[int], settings: FeatureVisSettings, *,
-                 directions=("max", "min"), device=None, progress: bool = False) -> list[Rendered]:
+                 directions=("max", "min"), device=None, progress: bool = False,
+                 identities: list[int] | None = None) -> list[Rendered]:
     """Render ``settings.n_plain + n_diverse`` images per unit and direction, many units at once.
+
+    ``identities``: the unit index each image's seed is drawn from (default: ``units``; a physically
+    pruned model's renumbered channels pass their parent indices, so they get the masked model's seeds).
 
     Returns one ``Rendered`` per (unit, direction), units outer.  The model is left as it was
     (training flags, ``requires_grad``, device, no hooks), also when rendering fails.
@@ -114,7 +118,9 @@ def render_units(model: nn.Module, layer: str, units: list[int], settings: Featu
         raise ValueError(f"units must be non-negative, got {units}")
     if settings.n_plain < 0 or settings.n_diverse < 0 or settings.n_plain + settings.n_diverse < 1:
         raise ValueError("need n_plain + n_diverse >= 1 images per unit and direction")
-    groups = _plan(layer, units, directions, settings)
+    if identities is not None and len(identities) != len(units):
+        raise ValueError(f"{len(identities)} identities for {len(units)} units")
+    groups = _plan(layer, units, directions, settings, identities)
     batches = _pack(groups, settings)
     first = next(model.parameters(), None)
     home = first.device if first is not None else torch.device("cpu")
@@ -177,10 +183,11 @@ def _image_seed(seed: int, layer: str, unit: int, direction: str, slot: str) -> 
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
 
 
-def _plan(layer, units, directions, settings) -> list[list[_Spec]]:
+def _plan(layer, units, directions, settings, identities=None) -> list[list[_Spec]]:
     slots = [(f"plain{i}", False) for i in range(settings.n_plain)]
     slots += [(f"diverse{i}", True) for i in range(settings.n_diverse)]
-    return [[_Spec(g, i, unit, d, diverse, _image_seed(settings.seed, layer, unit, d, slot))
+    ident = dict(zip(units, identities if identities is not None else units))
+    return [[_Spec(g, i, unit, d, diverse, _image_seed(settings.seed, layer, ident[unit], d, slot))
              for i, (slot, diverse) in enumerate(slots)]
             for g, (unit, d) in enumerate(itertools.product(units, directions))]
 

@@ -99,11 +99,15 @@ def unscramble(x: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return _unshift(x, 16) ^ keys
 
 
-def tie_keys(layer: str, channels: int, seed: int) -> torch.Tensor:
-    """``[C]`` permutation keys of one layer: every unit orders tied images its own seeded random way."""
-    digest = hashlib.sha256(f"sparsight-ties/{int(seed)}/{layer}".encode()).digest()
-    g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-    return torch.randint(0, _LOW, (channels,), generator=g, dtype=torch.long)
+def tie_keys(layer: str, channels, seed: int) -> torch.Tensor:
+    """``[C]`` permutation keys of one layer: every unit orders tied images its own seeded random way.
+
+    ``channels``: the number of channels, or the unit index of each channel (a physically pruned
+    model's channels keep their parent's keys, so ties break as in the masked model)."""
+    units = range(channels) if isinstance(channels, int) else channels
+    keys = [int.from_bytes(hashlib.blake2b(f"sparsight-ties/{int(seed)}/{layer}/{int(u)}".encode(),
+                                           digest_size=4).digest(), "little") for u in units]
+    return torch.tensor(keys, dtype=torch.long)
 
 
 def tie_ranks(indices: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -270,7 +274,8 @@ class ActivationMiner:
     """
 
     def __init__(self, model: nn.Module, layers: list[str], k: int, *, device=None,
-                 record: dict[str, list[int]] | None = None, tie_seed: int = 0):
+                 record: dict[str, list[int]] | None = None, tie_seed: int = 0,
+                 channel_map: dict[str, list[int]] | None = None):
         if isinstance(layers, str):
             layers = [layers]
         layers = list(dict.fromkeys(layers))
@@ -292,6 +297,7 @@ class ActivationMiner:
         self.dtype = params[0].dtype if params else None
         self.record = {name: sorted({int(u) for u in units}) for name, units in (record or {}).items()}
         self.tie_seed = int(tie_seed)
+        self.channel_map = {n: [int(c) for c in m] for n, m in (channel_map or {}).items() if n in layers}
         self.n_seen = 0
         self._states: dict[str, _LayerState] = {}
         self._batch: dict[str, torch.Tensor] | None = None
@@ -360,11 +366,14 @@ class ActivationMiner:
 
     # checkpointing
     def _ties(self, layer: str, channels: int) -> torch.Tensor:
-        return tie_keys(layer, channels, self.tie_seed)
+        units = self.channel_map.get(layer)
+        if units is not None and len(units) != channels:
+            raise ValueError(f"channel map of {layer!r} names {len(units)} channels; the layer has {channels}")
+        return tie_keys(layer, units if units is not None else channels, self.tie_seed)
 
     def _config(self) -> dict:
         return {"layers": list(self.layers), "k": self.k, "record": {n: list(u) for n, u in self.record.items()},
-                "tie_seed": self.tie_seed}
+                "tie_seed": self.tie_seed, "channel_map": self.channel_map}
 
     def state_dict(self) -> dict:
         """Everything needed to continue mining later (CPU tensors, lists, numbers)."""
@@ -532,7 +541,7 @@ def mine(model: nn.Module, root: str | os.PathLike, split: str, layers: list[str
          batch_size: int = 256, device=None, num_workers: int = 0, state_path: str | os.PathLike | None = None,
          save_every: int = 50, record: dict[str, list[int]] | None = None, progress: bool = False,
          on_corrupt: str = "skip", decode: str = "auto", precision: str = "fp32", shard: tuple[int, int] = (0, 1),
-         gather=None, tie_seed: int = 0) -> MiningResult:
+         gather=None, tie_seed: int = 0, channel_map: dict[str, list[int]] | None = None) -> MiningResult:
     """Top-k / bottom-k images and statistics of every channel of ``layers`` over ``root/split``.
 
     One pass in the dataset's sorted order (eval mode, no gradients; training flags restored),
@@ -543,7 +552,8 @@ def mine(model: nn.Module, root: str | os.PathLike, split: str, layers: list[str
     continues where it stopped and gives the same result as an uninterrupted run.  A state written
     for other arguments is ignored with a warning.  On a GPU (``decode='auto'`` or ``'device'``) the
     files are decoded and cropped on the device (:func:`pruning.data.jpeg.decoded_spans`).
-    Tied activations are ordered by each unit's seeded random permutation (``tie_seed``).
+    Tied activations are ordered by each unit's seeded random permutation (``tie_seed``; with
+    ``channel_map``, a physically pruned model's channels use their parent units' permutations).
     ``precision="bf16"`` runs the model under bf16 autocast on channels_last batches (unit means
     still accumulate in fp32): faster on a GPU, at the cost of near-ties changing order.
 
@@ -568,6 +578,8 @@ def mine(model: nn.Module, root: str | os.PathLike, split: str, layers: list[str
     positions = shard_positions(len(files), batch_size, rank, world)
     fingerprint = _fingerprint(model, split_root, files, split=split, layers=list(layers), k=k,
                                image_size=image_size, record=record, tie_seed=tie_seed)
+    if channel_map:
+        fingerprint = hashlib.sha256(f"{fingerprint}/{json.dumps(channel_map, sort_keys=True)}".encode()).hexdigest()
     if precision != "fp32":
         fingerprint = hashlib.sha256(f"{fingerprint}/{precision}".encode()).hexdigest()
     if world > 1:
@@ -584,8 +596,8 @@ def mine(model: nn.Module, root: str | os.PathLike, split: str, layers: list[str
 
     model.to(device)
     try:
-        with ActivationMiner(model, list(layers), k, device=device, record=record, tie_seed=tie_seed) as miner, \
-                _EvalMode(model):
+        with ActivationMiner(model, list(layers), k, device=device, record=record, tie_seed=tie_seed,
+                             channel_map=channel_map) as miner, _EvalMode(model):
             position, skipped = 0, 0
             saved = _read_state(state_path, fingerprint) if state_path is not None and state_path.is_file() else None
             if saved is not None:

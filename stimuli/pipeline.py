@@ -136,8 +136,13 @@ def _dead_reason(layer_mining, unit: int, pruned_model: bool) -> str | None:
 def make_stimuli(model, model_id: str, units: list[Unit], data_root: str | Path, bank: StimulusBank,
                  settings: StimuliSettings, *, device=None, pruned_model: bool = False, work_dir: Path | None = None,
                  progress: bool = False, exemplar_cache: dict | None = None, shard: tuple[int, int] = (0, 1),
-                 gather=None) -> list[dict]:
+                 gather=None, channel_map: dict[str, list[int]] | None = None) -> list[dict]:
     """Fill ``bank`` with the stimuli of ``units`` for one model; return the per-unit status rows.
+
+    ``channel_map`` (a physically pruned model's: layer → parent unit of each channel) translates the
+    study's units, which are the parent's channel indices, to the model's channels; a unit whose
+    channel was removed is reported ``pruned``, and the stimuli of a kept one are filed under its
+    parent index, so it is compared with itself across models.
 
     Under ``torchrun`` (``shard=(rank, world_size)`` with the ``gather`` collective) the ranks mine
     shares of the images and combine them, then each rank renders its own units: exemplars of
@@ -146,10 +151,27 @@ def make_stimuli(model, model_id: str, units: list[Unit], data_root: str | Path,
     unit) are the same on every rank.
     """
     device = torch.device(device) if device else next(model.parameters()).device
+    channel_map = {layer: list(m) for layer, m in (channel_map or {}).items()}
+    position = {layer: {parent: child for child, parent in enumerate(m)} for layer, m in channel_map.items()}
+
+    def channel(u: Unit) -> int | None:
+        """The model's channel of study unit ``u`` (None: physically removed)."""
+        return position[u.layer].get(u.unit) if u.layer in position else u.unit
+
+    removed = [u for u in units if channel(u) is None]
+    status = [{"model_id": model_id, "kind": kind, "layer": u.layer, "unit": u.unit, "status": "pruned",
+               "reason": "channel removed by physical pruning", "fv_reach": float("nan"), "fv_valid": None}
+              for u in removed for kind in settings.kinds]
+    if shard[0] == 0:
+        for u in removed:
+            for kind in settings.kinds:
+                if not bank.is_done(model_id, kind, u.layer, u.unit):
+                    bank.write_unit(model_id, kind, u.layer, u.unit, [])
+    units = [u for u in units if channel(u) is not None]
     pending = {kind: [u for u in units if not bank.is_done(model_id, kind, u.layer, u.unit)]
                for kind in settings.kinds}
     layers = sorted({u.layer for u in units})
-    record = ({layer: [u.unit for u in units if u.layer == layer] for layer in layers}
+    record = ({layer: [channel(u) for u in units if u.layer == layer] for layer in layers}
               if settings.query_percentile > 0 else None)
     rank, world = shard
     state_name = f"{model_id}.state.pt" if world == 1 else f"{model_id}.state.rank{rank}-of-{world}.pt"
@@ -157,22 +179,22 @@ def make_stimuli(model, model_id: str, units: list[Unit], data_root: str | Path,
                   batch_size=settings.batch_size, device=device, record=record, progress=progress,
                   state_path=work_dir / state_name if work_dir else None, on_corrupt=settings.on_corrupt,
                   decode=settings.decode, precision=settings.mining_precision, shard=shard, gather=gather,
-                  tie_seed=settings.seed)
+                  tie_seed=settings.seed, channel_map={k: v for k, v in channel_map.items() if k in layers} or None)
     if work_dir is not None and rank == 0:
         result.save(work_dir / f"{model_id}.mining.pt")
     split_root = Path(data_root) / settings.split
     cache = exemplar_cache if exemplar_cache is not None else {}
     images = cache.setdefault(("exemplars", str(split_root), settings.image_size),
                               ExemplarImages(result.files, bank, settings.image_size))
-    status, tasks_of, alive = [], {}, []
+    tasks_of, alive = {}, []
     own_units = set(units[rank::world])
     for u in units:
-        lm = result.layers[u.layer]
-        reason = _dead_reason(lm, u.unit, pruned_model) if settings.skip_dead else None
+        lm, c = result.layers[u.layer], channel(u)
+        reason = _dead_reason(lm, c, pruned_model) if settings.skip_dead else None
         for kind in settings.kinds:
             status.append({"model_id": model_id, "kind": kind, "layer": u.layer, "unit": u.unit,
                            "status": reason or "ok",
-                           "reason": "" if reason is None else f"constant activation {float(lm.max[u.unit]):.4g}",
+                           "reason": "" if reason is None else f"constant activation {float(lm.max[c]):.4g}",
                            "fv_reach": float("nan"), "fv_valid": None})
         if reason is not None:
             for kind in settings.kinds:
@@ -180,9 +202,9 @@ def make_stimuli(model, model_id: str, units: list[Unit], data_root: str | Path,
                     bank.write_unit(model_id, kind, u.layer, u.unit, [])
             continue
         alive.append(u)
-        tasks_of[u] = select_tasks(lm, u.unit, n_tasks=settings.n_tasks, n_references=settings.n_references,
+        tasks_of[u] = select_tasks(lm, c, n_tasks=settings.n_tasks, n_references=settings.n_references,
                                    seed=settings.seed, query_percentile=settings.query_percentile,
-                                   recorded=lm.recorded.get(u.unit))
+                                   recorded=lm.recorded.get(c), identity=u.unit)
     if "natural" in settings.kinds:
         own_pending = [u for u in alive if u in pending["natural"] and u in own_units]
         for u in progress_bar(own_pending, desc=f"{model_id} exemplars", enabled=progress, leave=False):
@@ -203,13 +225,15 @@ def make_stimuli(model, model_id: str, units: list[Unit], data_root: str | Path,
         if world > 1:   # equal shares: the ranks cut the same units into the same batches
             parts = parts[rank::world]
         for layer, part in parts:
-            rendered = render_units(model, layer, [u.unit for u in part], fv, device=device, progress=progress)
+            rendered = render_units(model, layer, [channel(u) for u in part], fv, device=device, progress=progress,
+                                    identities=[u.unit for u in part])
             by_unit: dict[int, dict] = {}
             for r in rendered:
                 by_unit.setdefault(r.unit, {})[r.direction] = r
             for u in part:
                 bank.write_unit(model_id, "synthetic", u.layer, u.unit,
-                                synthetic_rows(model_id, u, tasks_of[u], by_unit[u.unit], images, bank, split_root))
+                                synthetic_rows(model_id, u, tasks_of[u], by_unit[channel(u)], images, bank,
+                                               split_root))
         if world > 1 and gather is not None:
             gather(None)        # every rank's renders are on disk before rank 0 reads them back
         if rank == 0:

@@ -107,16 +107,16 @@ def build_stimuli(study, *, kinds: tuple[str, ...] | None = None, model_ids: lis
             stamp.write_text(fp)
             work.mkdir(parents=True, exist_ok=True)
         ctx.barrier()
-        if meta.get("physical"):
-            if ctx.is_main:
+        if _needs_channel_map(meta) and not ckpt.channel_map:
+            if ctx.is_main:     # a checkpoint from before channel maps were stored: its units cannot be named
                 bank.write_status(mid, [{"model_id": mid, "kind": k, "layer": u.layer, "unit": u.unit,
-                                         "status": "skipped", "reason": "physically pruned: channels renumbered"}
+                                         "status": "skipped", "reason": PHYSICAL_REASON}
                                         for k in settings.kinds for u in units], merge=partial)
             continue
         status = make_stimuli(ckpt.model, mid, units, data_root(study), bank, settings,
                               device=ckpt.model.parameters().__next__().device, pruned_model=bool(meta.get("method")),
                               work_dir=work, progress=cfg.study.progress and ctx.is_main, exemplar_cache=cache,
-                              shard=shard, gather=ctx.all_gather_object)
+                              shard=shard, gather=ctx.all_gather_object, channel_map=ckpt.channel_map)
         if ctx.is_main:
             bank.write_status(mid, status, merge=partial)
     ctx.barrier()
@@ -146,7 +146,7 @@ class StimuliStage:
 
 
 # ---- Network Dissection -------------------------------------------------------------------------
-PHYSICAL_REASON = "physically pruned: channels renumbered"
+PHYSICAL_REASON = "physically pruned without a stored channel map: prune it again (--force prune)"
 
 
 def dissection_units(study) -> list[Unit]:
@@ -247,20 +247,43 @@ def _dissect_model(study, model_id: str, loader, units: list[Unit], settings: di
     stamp = part / "fingerprint.txt"
     if not fresh and stamp.is_file() and stamp.read_text() == fp and (part / "iou.parquet").is_file():
         return part
-    if meta.get("physical"):
+    device = study.ctx.device if study.ctx else "cpu"
+    ckpt = load_checkpoint(model_dir, map_location=device)
+    if _needs_channel_map(meta) and not ckpt.channel_map:
         units_df, iou_df = skipped_units(model_id, units, PHYSICAL_REASON), pd.DataFrame(columns=IOU_COLUMNS)
     else:
-        device = study.ctx.device if study.ctx else "cpu"
         d = study.config.dissection
-        model = load_checkpoint(model_dir, map_location=device).model
-        result = dissect(model, loader, units, quantile=d.quantile, iou_threshold=d.iou_threshold, device=device,
-                         pruned_model=bool(meta.get("method")), progress=study.config.study.progress)
-        units_df, iou_df = result.unit_table(model_id), result.iou_table(model_id)
+        position = {layer: {parent: child for child, parent in enumerate(m)} for layer, m in ckpt.channel_map.items()}
+        child = {u: (position[u.layer].get(u.unit) if u.layer in position else u.unit) for u in units}
+        kept = [u for u in units if child[u] is not None]
+        result = dissect(ckpt.model, loader, [Unit(u.layer, child[u]) for u in kept], quantile=d.quantile,
+                         iou_threshold=d.iou_threshold, device=device, pruned_model=bool(meta.get("method")),
+                         progress=study.config.study.progress)
+        parent = {(u.layer, child[u]): u.unit for u in kept}     # tables name units by their parent index
+        units_df, iou_df = (_rename_units(t, parent) for t in (result.unit_table(model_id), result.iou_table(model_id)))
+        removed = [u for u in units if child[u] is None]
+        if removed:
+            gone = skipped_units(model_id, removed, "channel removed by physical pruning").assign(status="pruned")
+            units_df = pd.concat([units_df, gone], ignore_index=True)
     shutil.rmtree(part, ignore_errors=True)
     _atomic_frame(units_df, part / "units.parquet")
     _atomic_frame(iou_df, part / "iou.parquet")
     stamp.write_text(fp)
     return part
+
+
+def _needs_channel_map(meta: dict) -> bool:
+    """A physically pruned model whose channels were renumbered (some were removed)."""
+    return bool(meta.get("physical")) and (meta.get("physical_removal") or {}).get("removed_total", 1) > 0
+
+
+def _rename_units(table, parent: dict):
+    """Unit indices of a renumbered model's table back to its parent's."""
+    if not len(table):
+        return table
+    table = table.copy()
+    table["unit"] = [parent.get((layer, int(unit)), int(unit)) for layer, unit in zip(table["layer"], table["unit"])]
+    return table
 
 
 class DissectionStage:

@@ -217,3 +217,61 @@ def test_training_only_branches_are_pruned_too():
     with torch.no_grad(), masked(model, result.masks):
         out = model(x)
     assert all(torch.allclose(o, r, rtol=1e-12, atol=1e-14) for o, r in zip(out, reference))
+
+
+def test_channel_map_names_each_kept_channel_by_its_parent_index(pruned):
+    arch, model, masks, _, result = pruned
+    assert result.channel_map, "a model that lost channels maps them"
+    convs = 0
+    for name, mapping in result.channel_map.items():
+        assert mapping == sorted(set(mapping))            # channels are removed, never reordered
+        module = dict(model.named_modules())[name]
+        mask = masks.get(f"{name}.weight")
+        if isinstance(module, nn.Conv2d) and mask is not None:
+            convs += 1                                    # a conv keeps every filter its mask left alive ...
+            alive = [i for i in range(mask.shape[0]) if mask[i].any()]
+            assert set(alive) <= set(mapping)
+            assert mask.shape[0] - len(mapping) == result.removed.get(name, 0)   # ... and loses the removed ones
+    assert convs > 0
+
+
+def test_a_physically_pruned_unit_has_the_masked_models_exemplars(tiny_data, tmp_path):
+    """Stimuli of a renumbered model are filed under the parent's unit index and equal the masked model's."""
+    import pandas as pd
+
+    from pruning.masks import apply_masks
+    from stimuli.bank import StimulusBank
+    from stimuli.pipeline import StimuliSettings, make_stimuli
+    from stimuli.units import Unit
+
+    torch.manual_seed(0)
+    model = create_model("inception-small", num_classes=10, width=0.5).eval()
+    _randomize_batchnorms(model)
+    masks = create_method("structured").masks(model, 0.5, exclude=("conv1",))
+    masked_model = copy.deepcopy(model)
+    apply_masks(masked_model, masks)
+    physical = copy.deepcopy(masked_model)
+    result = remove_pruned_filters(physical, masks, input_size=32)
+    apply_masks(physical, result.masks)
+    layer = "inception4a"
+    mapping = result.channel_map[layer]
+    removed = sorted(set(range(create_model("inception-small", num_classes=10, width=0.5).inception4a.out_channels))
+                     - set(mapping))
+    units = [Unit(layer, u) for u in (mapping[0], mapping[3], mapping[-1], removed[0])]
+    settings = StimuliSettings(kinds=("natural",), n_tasks=2, n_references=2, image_size=32, batch_size=16)
+    banks = {}
+    for name, net, cmap in (("masked", masked_model, None), ("physical", physical, result.channel_map)):
+        bank = StimulusBank(tmp_path / name)
+        status = make_stimuli(net, "m", units, tiny_data, bank, settings, pruned_model=True, channel_map=cmap)
+        bank.write_status("m", status)
+        banks[name] = (pd.read_parquet(bank.assemble(["m"])[0]), pd.DataFrame(status))
+    (masked_rows, masked_status), (physical_rows, physical_status) = banks["masked"], banks["physical"]
+    keys = ["layer", "unit", "task", "role", "rank"]
+    pd.testing.assert_frame_equal(physical_rows.sort_values(keys, ignore_index=True),
+                                  masked_rows.sort_values(keys, ignore_index=True))
+    assert len(physical_rows) and set(physical_rows["unit"]) <= {u.unit for u in units[:3]}
+    verdicts = physical_status.merge(masked_status, on=["layer", "unit", "kind"], suffixes=("", "_masked"))
+    assert len(verdicts) == len(units) and (verdicts["status"] == verdicts["status_masked"]).all()
+    gone = physical_status[physical_status["unit"] == removed[0]].iloc[0]
+    assert gone["status"] == "pruned" and "physical" in gone["reason"]
+    assert masked_status[masked_status["unit"] == removed[0]].iloc[0]["status"] == "pruned"

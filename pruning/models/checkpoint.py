@@ -76,6 +76,13 @@ class LoadedCheckpoint:
     masks: dict = field(default_factory=dict)
     args: dict = field(default_factory=dict)
 
+    @property
+    def channel_map(self) -> dict[str, list[int]]:
+        """Physically pruned models: module name → the parent channel of each of its output channels
+        (modules that lost none are absent; an unpruned model has an empty map)."""
+        raw = self.args.get("channel_map")
+        return json.loads(raw) if raw else {}
+
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> LoadedCheckpoint:
     """Rebuild a model from ``model.pt``; masks stored with it are applied to the weights."""
