@@ -228,7 +228,7 @@ class DissectionSection:
     units: str = option("all", "'all': every channel of the unit layers (units.layers, else the architecture's), as "
                                "Frankle & Bau; 'study': the study's sampled units", choices=("all", "study"))
     probe: str = option("", "Broden-style probe folder (concepts.json, images/, masks/); empty = the study data's "
-                            "concept masks")
+                            "concept masks", path="always")
     split: str = option("val", "split of the study data used as the probe set (when probe is empty)",
                         choices=("val", "train"))
     max_images: int = option(0, "dissect on a seeded sample of at most this many probe images; 0 = all", lo=0)
@@ -515,11 +515,17 @@ def absolutize_paths(cfg: StudyConfig) -> StudyConfig:
             if kind == "always" or (kind == "file-or-name" and _looks_like_path(value)):
                 setattr(section, f.name, str(absolute(value)))
             elif kind == "database":
-                m = _RELATIVE_SQLITE.match(value)
-                if m and not m.group(2).startswith(":memory:"):
-                    path, _, query = m.group(2).partition("?")
-                    setattr(section, f.name, m.group(1) + str(absolute(path)) + (f"?{query}" if query else ""))
+                setattr(section, f.name, absolute_database_url(value))
     return cfg
+
+
+def absolute_database_url(url: str) -> str:
+    """An SQLAlchemy URL whose relative SQLite file is made absolute (other URLs unchanged)."""
+    m = _RELATIVE_SQLITE.match(url or "")
+    if not m or m.group(2).startswith(":memory:"):
+        return url
+    path, _, query = m.group(2).partition("?")
+    return m.group(1) + str(absolute(path)) + (f"?{query}" if query else "")
 
 
 def validate_study(cfg: StudyConfig) -> None:

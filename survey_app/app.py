@@ -16,7 +16,7 @@ from flask import Flask, jsonify, render_template, request
 from sqlalchemy.orm import sessionmaker
 from werkzeug.exceptions import HTTPException
 
-from sparsight.config import StudyConfig, apply_settings, study_from_run_dir
+from sparsight.config import StudyConfig, absolute_database_url, apply_settings, study_from_run_dir
 from sparsight.files import absolute
 
 from .db import init_schema, make_engine
@@ -36,7 +36,9 @@ def study_config(run_dir: Path, survey_overrides: dict | None = None) -> StudyCo
 
 
 def database_url(run_dir: Path, cfg: StudyConfig, explicit: str | None = None) -> str:
-    return explicit or cfg.survey.database or f"sqlite:///{(run_dir / 'survey.db').resolve()}"
+    """``explicit`` (--database, DATABASE_URL, SPARSIGHT_DATABASE_URL), else ``survey.database``, else SQLite in
+    the study directory; a relative SQLite file is taken from the working directory and made absolute."""
+    return absolute_database_url(explicit or cfg.survey.database or f"sqlite:///{absolute(run_dir) / 'survey.db'}")
 
 
 def create_app(test_config: dict | None = None) -> Flask:

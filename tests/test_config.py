@@ -79,3 +79,24 @@ def test_example_study_files_are_valid():
     for path in files:
         cfg = load_study(path)
         assert cfg.study.name == path.stem
+
+
+def test_paths_that_enter_are_made_absolute_against_the_working_directory(tmp_path, monkeypatch):
+    from sparsight.config import absolute_database_url, load_study, study_from_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    study = tmp_path / "studies" / "s.toml"
+    study.parent.mkdir()
+    study.write_text('[study]\nname = "s"\noutput_dir = "out"\n[data]\nsource = "folder"\npath = "images"\n'
+                     '[model]\nweights = "IMAGENET1K_V1"\n[observer]\nweights = "w/observer.pt"\n'
+                     '[dissection]\nprobe = "probe"\n[survey]\ndatabase = "sqlite:///db/survey.db"\n')
+    cfg = load_study(study)
+    assert cfg.study.output_dir == str(tmp_path / "out")            # the working directory, not the file's
+    assert cfg.data.path == str(tmp_path / "images") and cfg.dissection.probe == str(tmp_path / "probe")
+    assert cfg.observer.weights == str(tmp_path / "w" / "observer.pt")
+    assert cfg.model.weights == "IMAGENET1K_V1"                     # a torchvision weights name stays a name
+    assert cfg.survey.database == f"sqlite:///{tmp_path}/db/survey.db"
+    assert cfg.run_dir == tmp_path / "out" / "s"
+    assert absolute_database_url("postgresql+psycopg://u@h/db") == "postgresql+psycopg://u@h/db"
+    moved = study_from_run_dir("elsewhere")                          # a study directory is where it is found
+    assert moved.run_dir == tmp_path / "elsewhere" and moved.run_dir.is_absolute()
