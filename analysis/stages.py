@@ -13,7 +13,7 @@ def responses_fingerprint(study) -> dict:
         path = study.path(name)
         if path.is_file():
             return {name: sha256_file(path)}
-    from sparsight.study import NotKnownWhilePlanning
+    from sparsight.errors import NotKnownWhilePlanning
     from survey_app.stages import read_responses
     try:
         return {"database_responses": len(read_responses(study.run_dir, study.config, connect=not study.planning))}

@@ -8,6 +8,11 @@ from __future__ import annotations
 import pickle
 
 
+class NotKnownWhilePlanning(Exception):
+    """Raised by a stage's ``inputs`` under ``--plan`` when knowing them would mean connecting to a
+    service (e.g. a database server); the plan then says the stage may run, and why."""
+
+
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 

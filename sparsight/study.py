@@ -15,12 +15,8 @@ from pathlib import Path
 from typing import Protocol
 
 from .config import StudyConfig, write_study
+from .errors import NotKnownWhilePlanning
 from .files import atomic_write_text, sha256_file
-
-
-class NotKnownWhilePlanning(Exception):
-    """Raised by a stage's ``inputs`` under ``--plan`` when knowing them would mean connecting to a
-    service (e.g. a database server); the plan then says the stage may run, and why."""
 
 
 class Stage(Protocol):

@@ -27,7 +27,7 @@ def read_responses(run_dir: Path, cfg, *, every_study: bool = False, connect: bo
     from sqlalchemy.engine import make_url
     from sqlalchemy.orm import sessionmaker
 
-    from sparsight.study import NotKnownWhilePlanning
+    from sparsight.errors import NotKnownWhilePlanning
 
     from .app import database_url
     from .db import make_engine
