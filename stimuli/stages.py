@@ -124,8 +124,10 @@ def build_stimuli(study, *, kinds: tuple[str, ...] | None = None, model_ids: lis
         return None
     if not partial:
         return bank.assemble(model_ids)
+    from pruning.stages import study_model_ids
+
     stored = {p.name for p in bank.parts.iterdir() if p.is_dir()}
-    study_order = [m for m in stimulus_models(study) if m in stored]
+    study_order = [m for m in study_model_ids(study) if m in stored]
     return bank.assemble(study_order + sorted(stored - set(study_order)))
 
 
