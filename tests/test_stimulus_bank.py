@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from pruning.models import create_model
-from stimuli.bank import MANIFEST_COLUMNS, StimulusBank, validate_manifest
+from stimuli.bank import EXTRA_COLUMNS, MANIFEST_COLUMNS, StimulusBank, validate_manifest
 from stimuli.preview import task_sheet
 from stimuli.units import Unit, layer_channels, parse_units, resolve_units, sample_units
 
@@ -87,7 +87,7 @@ def test_assembled_manifest_meets_the_contract_and_names_reveal_nothing(tmp_path
                              "reason": "constant activation 0"}])
     manifest_path, units_csv = bank.assemble()
     manifest = pd.read_parquet(manifest_path)
-    assert list(manifest.columns) == MANIFEST_COLUMNS and len(manifest) == 2 * (2 + 6)
+    assert list(manifest.columns) == MANIFEST_COLUMNS + EXTRA_COLUMNS and len(manifest) == 2 * (2 + 6)
     validate_manifest(manifest, tmp_path)
     assert pd.read_csv(units_csv).status.tolist() == ["dead"]
     for name in manifest.image:
