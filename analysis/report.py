@@ -188,12 +188,17 @@ def _scope(units: pd.DataFrame, kind: str, series: str | None) -> pd.DataFrame:
     return d
 
 
-def mis_slope(units, kind, series, cfg: StudyConfig) -> Outcome:
+def mis_slope(units, kind, series, cfg: StudyConfig, adjusted: bool = False) -> Outcome:
+    """The total effect of pruning rate on MIS (primary), or with top-1 as a covariate (``adjusted``: a
+    secondary analysis, since accuracy is itself an effect of pruning and adjusting for it removes part of
+    the effect asked about)."""
     from .statistics import tost_estimate, unit_mixed_model
     a = cfg.analysis
     level = 1 - a.alpha_level
     d = _scope(units, kind, series)
-    formula = _mis_formula(d)
+    formula = _mis_formula(d) if adjusted else "mis ~ rate"
+    if adjusted and "top1" not in formula:
+        raise Skip("top-1 is unknown or collinear with the rate across models: there is nothing to adjust for")
     res = unit_mixed_model(d, formula=formula, group="unit_id", level=level)
     t = _rate_term(res)
     span = float(d["rate"].max() - d["rate"].min())
@@ -203,13 +208,64 @@ def mis_slope(units, kind, series, cfg: StudyConfig) -> Outcome:
     if res["method"] != "lbfgs" or res["boundary"]:
         sentence += f" Fit shown: {res['fit']}."
     result = {k: v for k, v in res.items() if k != "table"}
-    result.update(kind=kind, scope=scope, rate_span=span, slope_per_10pct=t["coef"] * PER_STEP)
+    result.update(kind=kind, scope=scope, rate_span=span, slope_per_10pct=t["coef"] * PER_STEP,
+                  rate_min=float(d["rate"].min()), rate_max=float(d["rate"].max()), adjusted=adjusted)
     if a.tost_margin > 0 and t["se"] > 0:
         tost = tost_estimate(t["coef"] * span, t["se"] * span, a.tost_margin, alpha=a.alpha_level)
         result["tost"] = tost
         sentence += " " + tost_sentence(f"The predicted MIS change from rate {d['rate'].min():g} to "
                                         f"{d['rate'].max():g}", tost)
     return Outcome(sentence, result, p=t["p"], table=res["table"].reset_index())
+
+
+def answers(entries: list, cfg: StudyConfig) -> list[dict]:
+    """One answer to the study's question per reference kind, from its primary slope (total effect, all
+    methods): an effect, equivalence within the margin, or inconclusive with what it would take to decide."""
+    from scipy import stats as _stats
+    a = cfg.analysis
+    out = []
+    for e in entries:
+        if not e.id.startswith("mis_slope.") or not e.id.endswith(".all") or e.status != "ok":
+            continue
+        kind, res = e.result["kind"], e.result
+        t = res["terms"]["rate"]
+        span, tost = res["rate_span"], res.get("tost")
+        change = t["coef"] * span
+        p = e.p_holm if e.p_holm is not None else t["p"]
+        if p < a.alpha_level:
+            verdict = "effect"
+            sentence = (f"Yes, for {kind} references: MIS {'falls' if change < 0 else 'rises'} by {fmt(abs(change))} "
+                        f"from rate {res['rate_min']:g} to {res['rate_max']:g} "
+                        f"({fmt(t['coef'] * PER_STEP)} per 10 % pruning rate, {_pct(1 - a.alpha_level)} CI "
+                        f"{fmt(t['ci_low'] * PER_STEP)} to {fmt(t['ci_high'] * PER_STEP)}; {fmt_p(p)}"
+                        f"{', Holm-adjusted' if e.p_holm is not None else ''}).")
+        elif tost is not None and tost["equivalent"]:
+            verdict = "equivalent"
+            sentence = (f"No, for {kind} references: from rate {res['rate_min']:g} to {res['rate_max']:g} MIS changes "
+                        f"by {fmt(change)} "
+                        f"({_pct(1 - 2 * a.alpha_level)} CI {fmt(tost['ci_low'])} to {fmt(tost['ci_high'])}), "
+                        f"inside the equivalence margin ±{a.tost_margin:g} (TOST {fmt_p(tost['p'])}).")
+        else:
+            verdict = "inconclusive"
+            z = _stats.norm.ppf(1 - a.alpha_level)
+            se = t["se"] * span
+            room = a.tost_margin - abs(change)
+            units = res.get("n_groups") or 0
+            if room > 0 and se > 0:
+                need = max(units, math.ceil(units * (se * z / room) ** 2)) if units else None
+                what = (f"equivalence within ±{a.tost_margin:g} needs the interval about {fmt(se * z / room, 1)}× "
+                        f"narrower: roughly {need} units per model instead of {units} (the SE shrinks as "
+                        f"1/√units), if the change stays at {fmt(change)}")
+            else:
+                what = (f"the estimated change {fmt(change)} is as large as the margin ±{a.tost_margin:g}, so only "
+                        f"more units can tell whether it is real")
+            ci = f"{fmt(t['ci_low'] * span)} to {fmt(t['ci_high'] * span)}"
+            sentence = (f"Inconclusive for {kind} references: the MIS change from rate {res['rate_min']:g} to "
+                        f"{res['rate_max']:g} is {fmt(change)} "
+                        f"({_pct(1 - a.alpha_level)} CI {ci}): neither an effect nor equivalence within "
+                        f"±{a.tost_margin:g}; {what}.")
+        out.append({"kind": kind, "verdict": verdict, "sentence": sentence, "analysis": e.id})
+    return out
 
 
 def mis_dose(units, kind, cfg: StudyConfig) -> Outcome:
@@ -458,8 +514,11 @@ def model_side(data: StudyData, entries: list) -> None:
         run_analysis(entries, "mis", "MIS vs pruning rate", "model",
                      skipped("no MIS results (mis/units.csv) exist yet"))
     for kind in _kinds(units):
-        run_analysis(entries, f"mis_slope.{kind}.all", f"MIS vs pruning rate ({kind}, all methods)", "model",
-                     lambda kind=kind: mis_slope(units, kind, None, cfg), family=True)
+        run_analysis(entries, f"mis_slope.{kind}.all", f"MIS vs pruning rate ({kind}, all methods; primary: total "
+                     f"effect)", "model", lambda kind=kind: mis_slope(units, kind, None, cfg), family=True)
+        run_analysis(entries, f"mis_slope_adjusted.{kind}.all", f"MIS vs pruning rate adjusted for top-1 ({kind}, "
+                     f"all methods; secondary: top-1 is a mediator)", "model",
+                     lambda kind=kind: mis_slope(units, kind, None, cfg, adjusted=True))
         series = sorted(s for s in units.loc[units["kind"] == kind, "series"].dropna().unique() if s != BASE_METHOD)
         if len(series) > 1:
             for s in series:
@@ -602,6 +661,7 @@ def analyze(run_dir: str | Path, cfg: StudyConfig | None = None, out: str | Path
     figures = make_figures(data, table, desc, per_unit, out)
     results = assemble(data, humans, table, desc, entries, holm_family, figures, out)
     results["validity"] = study_checks(data, entries)
+    results["answers"] = answers(entries, cfg)
     results["warnings"] = sorted({f"{w.category.__name__}: {w.message}" for w in caught})
     files = {"html": out / "index.html", "json": out / "results.json"}
     payload = plain(results)
@@ -795,6 +855,16 @@ def _human_html(results: dict) -> str:
     return "".join(parts)
 
 
+def _answers_html(items: list[dict]) -> str:
+    """Does pruning change how interpretable units are? One sentence per reference kind."""
+    if not items:
+        return ("<section id='answer'><h2>Answer</h2><p class='why'>No primary MIS slope could be fitted yet, so "
+                "the study gives no answer.</p></section>")
+    lis = "".join(f"<li><strong>{escape(i['verdict'])}</strong>: {escape(i['sentence'])}</li>" for i in items)
+    return (f"<section id='answer'><h2>Answer</h2><p>Primary analysis: the total effect of pruning rate on MIS "
+            f"(all methods pooled, units as random effects, no adjustment for top-1).</p><ul>{lis}</ul></section>")
+
+
 def _validity_html(checks: list[dict]) -> str:
     """The study's own validity checks (DESIGN §11), first in the report."""
     if not checks:
@@ -841,6 +911,7 @@ def render(results: dict, figures: dict, cfg: StudyConfig) -> str:
 generated {escape(s['generated'])} · sparsight {escape(s['software_version'])} ·
 study directory {escape(s['run_dir'])} · responses from
 {escape(s['responses_source'])}</p>
+{_answers_html(results.get("answers", []))}
 {_validity_html(results.get("validity", []))}
 <section id="summary"><h2>Summary</h2><ul class="notes">{notes}</ul><ul>{summary}</ul></section>
 <section id="models"><h2>Models</h2>{table_html(_models_display(results['models']))}</section>

@@ -148,12 +148,26 @@ def _print_summary(study) -> None:
             click.echo(f"MIS: mean over live units with a 95 % bootstrap CI (the unit count where too few live "
                        f"units are left for one); α = {mis.alpha.iloc[0]:.3g} "
                        f"({mis.alpha_source.iloc[0]}), embedding {mis.embedding.iloc[0]}")
+    _print_answers(study.path("report", "results.json"))
     _print_failed_checks(study.path("report", "results.json"))
     click.echo(f"\nstudy directory: {study.run_dir}")
     if study.path("report", "index.html").is_file():
         click.echo(f"report: {study.path('report', 'index.html')}")
     if study.path("stimuli", "manifest.parquet").is_file():
         click.echo(f"survey for people: sparsight serve {study.run_dir}")
+
+
+def _print_answers(results_json) -> None:
+    """Does pruning change how interpretable units are? The report's answer per reference kind."""
+    import json
+    try:
+        items = json.loads(results_json.read_text()).get("answers", [])
+    except (OSError, ValueError):
+        return
+    if items:
+        click.echo("\nanswer (total effect of pruning rate on MIS, all methods):")
+        for item in items:
+            click.echo(f"  {item['sentence']}")
 
 
 def _print_failed_checks(results_json) -> None:
