@@ -202,8 +202,12 @@ def test_results_json_holds_models_and_statistics(report):
     rate = slope["result"]["terms"]["rate"]
     assert rate["ci_low"] < MIS_SLOPE < rate["ci_high"] and rate["p"] < 0.001
     assert slope["p_holm"] >= slope["p"]
-    assert "MIS (natural, all methods; adjusted for top-1) decreased by" in slope["sentence"]
+    assert "MIS (natural, all methods) decreased by" in slope["sentence"]      # primary: the total effect
     assert "not shown to be equivalent within ±0.05" in slope["sentence"]      # a real drop of 0.12
+    adjusted = _entry(saved, "mis_slope_adjusted.natural.all")                  # secondary, outside the Holm family
+    assert "adjusted for top-1" in adjusted["sentence"] and not adjusted["holm_family"]
+    answer = {a["kind"]: a for a in saved["answers"]}["natural"]
+    assert answer["verdict"] == "effect" and answer["sentence"].startswith("Yes, for natural references: MIS falls")
     assert set(saved["holm"]["tests"]) >= {"mis_slope.natural.all", "mis_slope.synthetic.all",
                                            "human_slope.natural.mixed"}
     assert _entry(saved, "mis_dose.natural")["status"] == "ok"
@@ -425,3 +429,36 @@ def test_imported_published_style_trials_run_every_applicable_analysis_and_repor
     assert overall["trials"] == len(expected) and overall["accuracy"] == pytest.approx(expected["acc"].mean())
     assert overall["lowest"] == pytest.approx(expected.groupby("subj")["acc"].mean().min())
     assert "Catch trials" in (run_dir / "report" / "index.html").read_text()
+
+
+def _simulated_units(seed, n_units, slope, unit_sd=0.05, noise=0.03):
+    """A unit table like mis/units.csv joined with the models: the same units in a base and 8 pruned models."""
+    rng = np.random.default_rng(seed)
+    rates = [0.0] + [r for r in (0.2, 0.4, 0.6, 0.8) for _ in range(2)]
+    effect = rng.normal(0, unit_sd, n_units)
+    rows = [{"model_id": f"m{i}", "kind": "natural", "unit_id": f"l:{u}", "rate": r, "status": "ok",
+             "top1": 0.9 - 0.3 * r + rng.normal(0, 0.02), "series": "base" if r == 0 else "structured",
+             "mis": 0.75 + slope * r + effect[u] + rng.normal(0, noise)}
+            for i, r in enumerate(rates) for u in range(n_units)]
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("n_units, slope, noise, verdict", [(40, -0.15, 0.03, "effect"), (200, 0.0, 0.03, "equivalent"),
+                                                              (4, 0.0, 0.2, "inconclusive")])
+def test_the_answer_follows_the_primary_total_effect(n_units, slope, noise, verdict):
+    from analysis.report import answers, apply_holm, mis_slope, run_analysis
+    from sparsight.config import load_study
+
+    cfg = load_study(overrides=["analysis.tost_margin=0.05"])
+    units = _simulated_units(1, n_units, slope, noise=noise)
+    entries = []
+    run_analysis(entries, "mis_slope.natural.all", "primary", "model", lambda: mis_slope(units, "natural", None, cfg),
+                 family=True)
+    run_analysis(entries, "mis_slope_adjusted.natural.all", "secondary", "model",
+                 lambda: mis_slope(units, "natural", None, cfg, adjusted=True))
+    apply_holm(entries)
+    assert entries[0].result["formula"] == "mis ~ rate" and "top1" in entries[1].result["formula"]
+    (answer,) = answers(entries, cfg)
+    assert answer["verdict"] == verdict, answer["sentence"]
+    if verdict == "inconclusive":
+        assert "units per model instead of 4" in answer["sentence"]
