@@ -148,8 +148,9 @@ def _print_summary(study) -> None:
             click.echo(f"MIS: mean over live units with a 95 % bootstrap CI (the unit count where too few live "
                        f"units are left for one); α = {mis.alpha.iloc[0]:.3g} "
                        f"({mis.alpha_source.iloc[0]}), embedding {mis.embedding.iloc[0]}")
-    _print_answers(study.path("report", "results.json"))
-    _print_failed_checks(study.path("report", "results.json"))
+    results = _report_results(study.path("report", "results.json"))
+    _print_answers(results.get("answers", []))
+    _print_failed_checks(results.get("validity", []))
     click.echo(f"\nstudy directory: {study.run_dir}")
     if study.path("report", "index.html").is_file():
         click.echo(f"report: {study.path('report', 'index.html')}")
@@ -157,26 +158,25 @@ def _print_summary(study) -> None:
         click.echo(f"survey for people: sparsight serve {study.run_dir}")
 
 
-def _print_answers(results_json) -> None:
-    """Does pruning change how interpretable units are? The report's answer per reference kind."""
+def _report_results(results_json) -> dict:
+    """The report's results.json ({} when there is none yet)."""
     import json
     try:
-        items = json.loads(results_json.read_text()).get("answers", [])
+        return json.loads(results_json.read_text())
     except (OSError, ValueError):
-        return
+        return {}
+
+
+def _print_answers(items: list[dict]) -> None:
+    """Does pruning change how interpretable units are? The report's answer per reference kind."""
     if items:
         click.echo("\nanswer (total effect of pruning rate on MIS, all methods):")
         for item in items:
             click.echo(f"  {item['sentence']}")
 
 
-def _print_failed_checks(results_json) -> None:
+def _print_failed_checks(checks: list[dict]) -> None:
     """The study's failed validity checks (report/results.json["validity"]), one line each."""
-    import json
-    try:
-        checks = json.loads(results_json.read_text()).get("validity", [])
-    except (OSError, ValueError):
-        return
     failed = [c for c in checks if c.get("passed") is False]
     if not failed:
         return

@@ -101,7 +101,9 @@ def _covers_the_seed_paper_design(cfg):
 
 
 def test_default_profile_covers_the_seed_paper_design():
-    _covers_the_seed_paper_design(load_study(profile="default"))
+    cfg = load_study(profile="default")
+    _covers_the_seed_paper_design(cfg)
+    assert cfg.study.profile == "default" and cfg.stimuli.fv_objective == "pre-relu"
 
 
 def test_example_study_files_resolve_to_their_designs():
