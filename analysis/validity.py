@@ -158,10 +158,10 @@ def live_units_check(status: pd.DataFrame | None) -> dict:
     if status is None or status.empty:
         return check(name, None, f"≥ {MIN_LIVE_UNITS}", None, "no unit status (stimuli/units.csv)")
     per_model = live.groupby("model_id").size().reindex(sorted(set(status["model_id"])), fill_value=0)
+    sampled = status[status["kind"] == "natural"].groupby("model_id").size()
     worst = per_model.idxmin()
     return check(name, int(per_model.min()), f"≥ {MIN_LIVE_UNITS}", per_model.min() >= MIN_LIVE_UNITS,
-                 f"{worst}: {int(per_model.min())} of {int(status[status['model_id'] == worst]['unit'].size / max(status['kind'].nunique(), 1))} "
-                 f"sampled units live")
+                 f"{worst}: {int(per_model.min())} of {int(sampled.get(worst, 0))} sampled units live")
 
 
 def machine_agreement_check(trials: pd.DataFrame, tasks: pd.DataFrame | None) -> dict:
