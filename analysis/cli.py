@@ -81,4 +81,88 @@ def analyze_cmd(run_dir, out, import_csv, maps, mapping, overrides):
     click.echo(f"results: {results['files']['json']}")
 
 
-COMMANDS = [analyze_cmd]
+def _numbers(kind):
+    def parse(ctx, _param, text):
+        if text is None:
+            return None
+        try:
+            values = [kind(v) for v in str(text).replace(",", " ").split()]
+        except ValueError:
+            raise click.BadParameter(f"expected a comma-separated list of {kind.__name__}s, got {text!r}", ctx=ctx)
+        if not values:
+            raise click.BadParameter("the list is empty", ctx=ctx)
+        return values
+    return parse
+
+
+@click.command("power")
+@RUN_DIR_ARGUMENT
+@click.option("--participants", callback=_numbers(int), default="20,40,80,160,320,640", show_default=True,
+              help="participants per reference kind to simulate (comma-separated)")
+@click.option("--trials", callback=_numbers(int), default=None,
+              help="main trials per participant (comma-separated; default: survey.main_trials and twice that)")
+@click.option("--change", "changes", callback=_numbers(float), default=None,
+              help="true changes in human accuracy over the study's rate span (comma-separated; 0 asks for "
+                   "equivalence within analysis.tost_margin; default: 0, −margin, −2·margin)")
+@click.option("--simulations", type=click.IntRange(10), default=1000, show_default=True,
+              help="simulated studies per design")
+@click.option("--set", "overrides", multiple=True, metavar="analysis.KEY=VALUE",
+              help="change an analysis setting, e.g. --set analysis.power_participant_sd=0.8")
+def power_cmd(run_dir, participants, trials, changes, simulations, overrides):
+    """Power and sample size for a study: what its units detect, and what a human study needs.
+
+    The model side comes from the primary MIS slopes (units as random effects): the smallest slope
+    detectable at 80 % power and the smallest equivalence margin provable. The human side
+    simulates surveys from the trial-level model of the study (its human responses, else the base
+    model's MIS with an assumed participant spread) and prints, per design, the power to detect each
+    accuracy change or to establish equivalence. Examples:
+
+    \b
+      sparsight power runs/default
+      sparsight power runs/default --participants 30,60,120 --trials 40,80 --change 0,-0.05
+    """
+    from .load import load_study_data, study_config
+    from .power import study_power
+    from .report import primary_slopes
+
+    try:
+        cfg = study_config(run_dir)
+        settings = _analysis_overrides(overrides)
+        if settings:
+            apply_settings(cfg, {"analysis": settings}, "--set")
+    except ConfigError as err:
+        raise click.UsageError(str(err)) from None
+    data = load_study_data(run_dir, cfg)
+    if data.units.empty:
+        raise click.UsageError(f"{run_dir} has no MIS results (mis/units.csv); run `sparsight mis {run_dir}` first")
+    try:
+        power = study_power(data, primary_slopes(data), changes=changes, participants=participants, trials=trials,
+                            simulations=simulations)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
+    click.echo(format_power(power))
+
+
+def format_power(power: dict) -> str:
+    """The power tables as plain text."""
+    import pandas as pd
+
+    lines = [f"Model side (power {power['target_power']:.0%}, α = {power['alpha']:g}):"]
+    model = pd.DataFrame(power["model"])
+    if len(model):
+        shown = model[["kind", "scope", "units", "ci_half_width_per_10pct", "detectable_slope_per_10pct",
+                       "provable_margin_over_span"]]
+        lines.append(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    for m in power.get("trial_models", []):
+        lines.append(f"Human side, {m['kind']}: accuracy {m['accuracy_at_rate_0']:.3f} at rate 0, participant SD "
+                     f"{m['participant_sd']:.3f}, unit SD {m['unit_sd']:.3f} (logit), from {m['source']}")
+    human = pd.DataFrame(power["human"])
+    if len(human):
+        lines.append(human.drop(columns="simulations").to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        lines.append("Fewest participants reaching the target power (change 0: equivalence):")
+        lines.append(pd.DataFrame(power["smallest"]).to_string(index=False))
+    lines += power.get("notes", [])
+    return "\n".join(lines)
+
+
+COMMANDS = [analyze_cmd, power_cmd]

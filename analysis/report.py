@@ -39,6 +39,8 @@ from sparsight.config import StudyConfig
 from sparsight.files import atomic_write_text
 
 from . import figures as fig
+from .gallery import make_gallery
+from .power import study_power
 from .validity import study_checks
 from .load import BASE_METHOD, StudyData, human_main, load_study_data, model_table, study_config
 
@@ -533,6 +535,17 @@ def model_side(data: StudyData, entries: list) -> None:
     run_analysis(entries, "dissection", "Network Dissection", "model", lambda: dissection_summary(table))
 
 
+def primary_slopes(data: StudyData) -> list:
+    """The pooled primary MIS slope of each kind, as entries (what the power tables need)."""
+    cfg = data.config
+    units = _ok_units(data.units)
+    entries: list[Entry] = []
+    for kind in _kinds(units):
+        run_analysis(entries, f"mis_slope.{kind}.all", f"MIS vs pruning rate ({kind}, all methods)", "model",
+                     lambda kind=kind: mis_slope(units, kind, None, cfg))
+    return entries
+
+
 def human_side(data: StudyData, humans: Humans, by_model: pd.DataFrame, per_unit: pd.DataFrame,
                entries: list) -> None:
     cfg = data.config
@@ -662,12 +675,16 @@ def analyze(run_dir: str | Path, cfg: StudyConfig | None = None, out: str | Path
     results = assemble(data, humans, table, desc, entries, holm_family, figures, out)
     results["validity"] = study_checks(data, entries)
     results["answers"] = answers(entries, cfg)
+    results["power"] = study_power(data, entries)
+    gallery = make_gallery(data.run_dir, data.models, out / "figures", seed=cfg.study.seed)
+    results["gallery"] = {k: str(Path(v).relative_to(out)) for k, v in gallery.items()}
     results["warnings"] = sorted({f"{w.category.__name__}: {w.message}" for w in caught})
     files = {"html": out / "index.html", "json": out / "results.json"}
     payload = plain(results)
     atomic_write_text(files["json"], json.dumps(payload, indent=2, allow_nan=False))
-    atomic_write_text(files["html"], render(results, figures, cfg))
-    payload["files"] = {**{k: str(v) for k, v in files.items()}, **{f"figure:{k}": str(v) for k, v in figures.items()}}
+    atomic_write_text(files["html"], render(results, {**figures, **gallery}, cfg))
+    payload["files"] = {**{k: str(v) for k, v in files.items()},
+                        **{f"figure:{k}": str(v) for k, v in {**figures, **gallery}.items()}}
     return payload
 
 
@@ -884,6 +901,42 @@ def _validity_html(checks: list[dict]) -> str:
             f"</table></section>")
 
 
+def _gallery_html(sheets: dict) -> str:
+    """Contact sheets: the same unit's references across the rates of each method."""
+    if not sheets:
+        return ""
+    figs = "".join(f"<figure><img alt='{escape(name)}' src='{figure_data_uri(path)}'><figcaption>"
+                   f"{escape(name.split(':', 1)[1])}: max references of task 0, natural exemplars and feature "
+                   f"visualizations, one row per method, one column per pruning rate (grey: the unit is dead or "
+                   f"removed there).</figcaption></figure>" for name, path in sheets.items())
+    return f"<section id='gallery'><h2>Unit gallery</h2>{figs}</section>"
+
+
+def _power_html(power: dict | None) -> str:
+    """Power and sample size: the model side's detectable slopes, the simulated human designs."""
+    if not power:
+        return ""
+    model = pd.DataFrame(power.get("model", []))
+    smallest = pd.DataFrame(power.get("smallest", []))
+    human = pd.DataFrame(power.get("human", []))
+    sources = "".join(f"<li>{escape(m['kind'])}: accuracy {fmt(m['accuracy_at_rate_0'])} at rate 0, participant SD "
+                      f"{fmt(m['participant_sd'])}, unit SD {fmt(m['unit_sd'])} (logit) — from {escape(m['source'])}"
+                      f"</li>" for m in power.get("trial_models", []))
+    notes = "".join(f"<li>{escape(n)}</li>" for n in power.get("notes", []))
+    return (f"<section id='power'><h2>Power and sample size</h2>"
+            f"<p>Model side: the smallest MIS slope each primary analysis detects with "
+            f"{_pct(power['target_power'])} power (two-sided, α = {power['alpha']:g}), and the smallest equivalence "
+            f"margin it would establish if the true change were 0.</p>{table_html(model)}"
+            f"<p>Human side: simulated studies ({escape(str(human['simulations'].iloc[0]) if len(human) else '0')} per "
+            f"design) from the trial-level model below; participants are spread over the study's models and "
+            f"analysed at the participant level. The fewest participants that reach "
+            f"{_pct(power['target_power'])} power (change 0: equivalence within the margin):</p>"
+            f"<ul>{sources}</ul>{table_html(smallest)}<details><summary>every simulated design</summary>"
+            f"{table_html(human)}</details><ul class='notes'>{notes}</ul>"
+            f"<p class='meta'>Plan other designs with <code>sparsight power RUN_DIR --participants … --trials … "
+            f"--change …</code>.</p></section>")
+
+
 def render(results: dict, figures: dict, cfg: StudyConfig) -> str:
     """The self-contained HTML page (figures embedded as base64 PNG)."""
     s = results["study"]
@@ -895,7 +948,9 @@ def render(results: dict, figures: dict, cfg: StudyConfig) -> str:
     summary = "".join(f"<li>{escape(t)}</li>" for t in key)
     figs = "".join(f"<figure><img alt='{escape(name)}' src='{figure_data_uri(path)}'>"
                    f"<figcaption>{escape(FIGURE_CAPTIONS.get(name, name))}</figcaption></figure>"
-                   for name, path in figures.items()) or "<p class='why'>No figure has data yet.</p>"
+                   for name, path in figures.items() if not name.startswith("gallery:")) \
+        or "<p class='why'>No figure has data yet.</p>"
+    sheets = {name: path for name, path in figures.items() if name.startswith("gallery:")}
     groups = []
     for group, title in (("model", "Model side (MIS, accuracy, dissection)"), ("human", "Human side")):
         items = "".join(_entry_html(e) for e in stats if e["group"] == group)
@@ -916,10 +971,12 @@ study directory {escape(s['run_dir'])} · responses from
 <section id="summary"><h2>Summary</h2><ul class="notes">{notes}</ul><ul>{summary}</ul></section>
 <section id="models"><h2>Models</h2>{table_html(_models_display(results['models']))}</section>
 <section id="figures"><h2>Figures</h2>{figs}</section>
+{_gallery_html(sheets)}
 <section id="statistics"><h2>Statistics</h2>
 <p class="meta">Intervals at {_pct(1 - cfg.analysis.alpha_level)}; α = {cfg.analysis.alpha_level:g}; equivalence margin
 ±{cfg.analysis.tost_margin:g}; {cfg.analysis.bootstrap} bootstrap resamples. Slope tests marked as a Holm family:
 {len(results['holm']['tests'])}.</p>{''.join(groups)}</section>
+{_power_html(results.get("power"))}
 <section id="humans"><h2>Human responses</h2>{_human_html(results)}</section>
 {robust_html}
 <section id="settings"><h2>Settings (study.toml)</h2><pre>{escape(results['settings_toml'])}</pre></section>

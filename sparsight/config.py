@@ -180,6 +180,10 @@ class StimuliSection:
     kinds: list = option(["natural", "synthetic"], "stimulus kinds", each=STIMULUS_KINDS)
     split: str = option("val", "data split the natural exemplars are mined from", choices=("val", "train"))
     models: list = option([], "models that get stimuli (model ids); empty = every model of the study")
+    synthetic_units: int = option(0, "feature visualizations for a seeded sample of this many units, spread evenly "
+                                     "over the layers and drawn among the study's units that are alive in every "
+                                     "model (each is then compared with itself at every rate); natural exemplars "
+                                     "stay for every unit; 0: visualizations for every unit", lo=0)
     n_tasks: int = option(20, "tasks per unit (N)", lo=1)
     n_references: int = option(9, "references per side (K)", lo=1)
     query_percentile: float = option(0.0, "0 takes queries from the least extreme ranks of the top set; "
@@ -243,6 +247,11 @@ class SurveySection:
                                choices=("model-kind", "kind", "model", "none"))
     models: list = option([], "models whose stimuli are served; empty = every model in the stimulus bank")
     kinds: list = option(["natural", "synthetic"], "reference kinds served", each=STIMULUS_KINDS)
+    units: str = option("every-kind", "units served: those with stimuli of every served kind (the kinds are then "
+                                      "compared on the same units, as in IMI), or every unit of the bank",
+                        choices=("every-kind", "all"))
+    reserved_tasks: int = option(1, "tasks of every unit kept out of the main trials and used for practice and catch "
+                                    "trials, so neither reveals a main trial's answer", lo=1)
     practice_trials: int = option(5, "practice trials", lo=0)
     practice_attempts: int = option(3, "practice repetitions allowed", lo=1)
     main_trials: int = option(40, "main trials per participant", lo=1)
@@ -273,6 +282,10 @@ class AnalysisSection:
     tost_margin: float = option(0.05, "equivalence margin on the accuracy/MIS scale", lo=0.0)
     bootstrap: int = option(10000, "bootstrap resamples for per-unit CIs", lo=0)
     alpha_level: float = option(0.05, "significance level", lo=0.0, hi=1.0, hi_open=True)
+    power_participant_sd: float = option(0.5, "power simulation: SD of participants' ability on the logit scale, "
+                                              "assumed until the study has enough human participants to estimate "
+                                              "it", lo=0.0)
+    power_simulations: int = option(400, "power simulation: simulated studies per design in the report", lo=10)
 
 
 @dataclass
@@ -320,12 +333,15 @@ _DEMO = {
     "data": {"train_per_class": 200, "val_per_class": 30, "batch_size": 32},
     "train": {"epochs": 8, "lr": 0.05},
     "observer": {"epochs": 5, "lr": 0.1},
-    "prune": {"iterative_steps": 2, "retrain_epochs": 1, "iterative_epochs": 1, "lrp_images_per_class": 4},
+    "prune": {"rates": [0.25, 0.5, 0.75], "iterative_steps": 2, "retrain_epochs": 1, "iterative_epochs": 1,
+              "lrp_images_per_class": 4},
     "evaluate": {"severities": [2, 4], "noise_levels": 5, "max_images": 100},
-    "units": {"units_per_layer": 2},
+    # natural exemplars (cheap) for every unit of the five unit layers (744); feature visualizations for
+    # 30 units alive in every model, the same in each (precision and power: benchmarks/RESULTS.md)
+    "units": {"sampling": "all"},
     # feature visualizations: measured to reach their units' natural max references (benchmarks/RESULTS.md)
-    "stimuli": {"n_tasks": 8, "n_references": 3, "fv_steps": 64, "fv_lr": 0.15, "fv_diversity": 1.0,
-                "fv_batch_units": 16},
+    "stimuli": {"synthetic_units": 30, "n_tasks": 8, "n_references": 3, "fv_steps": 48, "fv_lr": 0.15,
+                "fv_diversity": 1.0, "fv_batch_units": 16},
     "mis": {"bootstrap": 500},
     "survey": {"practice_trials": 2, "main_trials": 12, "catch_trials": 2, "min_answers_per_position": 2,
                "min_total_s": 10.0},
@@ -343,7 +359,8 @@ PROFILES: dict[str, dict] = {
         "prune": {"methods": list(PRUNING_METHODS), "rates": [0.3, 0.6, 0.9], "schedules": ["oneshot"],
                   "lrp_images_per_class": 2},
         "evaluate": {"severities": [1, 3, 5]},
-        "stimuli": {"n_tasks": 4, "fv_steps": 16},
+        "units": {"sampling": "per-layer", "units_per_layer": 2},
+        "stimuli": {"synthetic_units": 0, "n_tasks": 4, "fv_steps": 16},
         "mis": {"bootstrap": 200},
         "survey": {"main_trials": 6, "catch_trials": 1, "min_answers_per_position": 1},
         "analysis": {"bootstrap": 500},

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
 from pathlib import Path
@@ -50,12 +51,35 @@ def png_bytes(image) -> bytes:
     return buf.getvalue()
 
 
-def _atomic_parquet(df: pd.DataFrame, path: Path) -> Path:
+def _atomic_parquet(df: pd.DataFrame, path: Path, units: dict[str, list[int]] | None = None) -> Path:
+    """Write ``df`` to ``path`` atomically; ``units`` (layer → units) is kept in the file's metadata."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    df.to_parquet(tmp, index=False)
+    if units is None:
+        df.to_parquet(tmp, index=False)
+    else:
+        table = pa.Table.from_pandas(df, preserve_index=False)
+        meta = {**(table.schema.metadata or {}), _UNITS_KEY: json.dumps(units).encode()}
+        pq.write_table(table.replace_schema_metadata(meta), tmp)
     os.replace(tmp, path)
     return path
+
+
+_UNITS_KEY = b"sparsight.units"
+
+
+def _part_units(path: Path) -> list[tuple[str, int]]:
+    """The (layer, unit) pairs one part file records: its name's, or the list in its metadata."""
+    layer, _, tail = path.stem.rpartition("__")
+    if not tail.startswith("set-"):
+        return [(layer, int(tail))]
+    import pyarrow.parquet as pq
+
+    units = json.loads(pq.read_schema(path).metadata[_UNITS_KEY])
+    return [(la, int(u)) for la, us in units.items() for u in us]
 
 
 class StimulusBank:
@@ -65,6 +89,7 @@ class StimulusBank:
         self.root = Path(root)
         self.images = self.root / "images"
         self.parts = self.root / "parts"
+        self._indexes: dict[tuple[str, str], dict[tuple[str, int], Path]] = {}
 
     # ---- images -------------------------------------------------------------------------
     def add_image(self, image) -> str:
@@ -80,16 +105,51 @@ class StimulusBank:
     def part_path(self, model_id: str, kind: str, layer: str, unit: int) -> Path:
         return self.parts / model_id / kind / f"{layer}__{unit}.parquet"
 
+    def _set_path(self, model_id: str, kind: str, layer: str, units: list[int]) -> Path:
+        digest = hashlib.sha256(",".join(map(str, units)).encode()).hexdigest()[:12]
+        return self.parts / model_id / kind / f"{layer}__set-{digest}.parquet"
+
+    def _index(self, model_id: str, kind: str) -> dict[tuple[str, int], Path]:
+        """(layer, unit) → the part file holding it, for one model and kind (read once, then kept)."""
+        key = (model_id, kind)
+        if key not in self._indexes:
+            index = {}
+            for path in sorted((self.parts / model_id / kind).glob("*.parquet")):
+                for layer, unit in _part_units(path):
+                    index[(layer, unit)] = path
+            self._indexes[key] = index
+        return self._indexes[key]
+
     def is_done(self, model_id: str, kind: str, layer: str, unit: int) -> bool:
-        return self.part_path(model_id, kind, layer, unit).is_file()
+        return self.part_path(model_id, kind, layer, unit).is_file() or (layer, unit) in self._index(model_id, kind)
 
     def write_unit(self, model_id: str, kind: str, layer: str, unit: int, rows: list[dict]) -> Path:
         """Record one finished unit (its rows; an empty list records a skipped unit via ``status``)."""
         df = pd.DataFrame(rows, columns=MANIFEST_COLUMNS + EXTRA_COLUMNS)
-        return _atomic_parquet(df, self.part_path(model_id, kind, layer, unit))
+        path = _atomic_parquet(df, self.part_path(model_id, kind, layer, unit))
+        self._indexes.get((model_id, kind), {})[(layer, unit)] = path
+        return path
+
+    def write_units(self, model_id: str, kind: str, layer: str, rows_of: dict[int, list[dict]]) -> Path | None:
+        """Record several finished units of one layer in one part file (cheap units such as exemplars:
+        one file per unit would cost more than making them).  The file names its units in its metadata,
+        so a unit without rows (a skipped one) is recorded too."""
+        units = sorted(rows_of)
+        if not units:
+            return None
+        df = pd.DataFrame([r for u in units for r in rows_of[u]], columns=MANIFEST_COLUMNS + EXTRA_COLUMNS)
+        path = _atomic_parquet(df, self._set_path(model_id, kind, layer, units), units={layer: units})
+        index = self._indexes.get((model_id, kind))
+        if index is not None:
+            index.update({(layer, u): path for u in units})
+        return path
 
     def read_unit(self, model_id: str, kind: str, layer: str, unit: int) -> pd.DataFrame:
-        return pd.read_parquet(self.part_path(model_id, kind, layer, unit))
+        own = self.part_path(model_id, kind, layer, unit)
+        path = own if own.is_file() else self._index(model_id, kind).get((layer, unit), own)
+        table = pd.read_parquet(path)
+        return table if path == own else table[(table["layer"] == layer) & (table["unit"] == unit)] \
+            .reset_index(drop=True)
 
     def write_status(self, model_id: str, rows: list[dict], *, merge: bool = False) -> Path:
         """Per model: every unit with status ``ok`` / ``dead`` / ``pruned`` and why; with ``merge`` these
@@ -104,30 +164,41 @@ class StimulusBank:
             table = pd.DataFrame(rows, columns=STATUS_COLUMNS)
         return _atomic_parquet(table, path)
 
-    def _unit_parts(self, model_id: str):
-        """``(path, kind, layer, unit)`` of every stored part of ``model_id``."""
+    def _forget(self, model_id: str, drop) -> None:
+        """Remove every stored unit of one model for which ``drop(kind, layer, unit)`` holds."""
         for path in sorted((self.parts / model_id).glob("*/*.parquet")):
-            layer, _, unit = path.stem.rpartition("__")
-            yield path, path.parent.name, layer, int(unit)
+            kind, units = path.parent.name, _part_units(path)
+            gone = [(layer, unit) for layer, unit in units if drop(kind, layer, unit)]
+            if not gone:
+                continue
+            if len(gone) == len(units):
+                path.unlink()
+            else:           # a part holding several units of one layer: keep the others
+                gone, layer = set(gone), units[0][0]
+                table = pd.read_parquet(path)
+                keep = [(la, int(u)) not in gone for la, u in zip(table["layer"], table["unit"])]
+                left = sorted(u for la, u in units if (la, u) not in gone)
+                path.unlink()
+                _atomic_parquet(table[keep].reset_index(drop=True), self._set_path(model_id, kind, layer, left),
+                                units={layer: left})
+        for key in [k for k in self._indexes if k[0] == model_id]:
+            del self._indexes[key]
 
     def drop_units(self, model_id: str, units, kinds) -> None:
         """Forget the parts of ``units`` × ``kinds`` of one model (to make them again)."""
         wanted = {(u.layer, u.unit) for u in units}
-        for path, kind, layer, unit in self._unit_parts(model_id):
-            if kind in kinds and (layer, unit) in wanted:
-                path.unlink()
+        self._forget(model_id, lambda kind, layer, unit: kind in kinds and (layer, unit) in wanted)
 
-    def keep_only(self, model_id: str, units, kinds) -> None:
-        """Drop the parts of one model that are not among ``units`` × ``kinds`` (the study's now)."""
-        wanted = {(u.layer, u.unit) for u in units}
-        for path, kind, layer, unit in self._unit_parts(model_id):
-            if kind not in kinds or (layer, unit) not in wanted:
-                path.unlink()
+    def keep_only(self, model_id: str, units_of: dict) -> None:
+        """Drop the parts and status rows of one model that are not the study's now (``units_of``:
+        kind → the units of that kind)."""
+        wanted = {kind: {(u.layer, u.unit) for u in units} for kind, units in units_of.items()}
+        self._forget(model_id, lambda kind, layer, unit: (layer, unit) not in wanted.get(kind, ()))
         status = self.parts / model_id / "status.parquet"
         if status.is_file():
             table = pd.read_parquet(status)
-            keep = [k in kinds and (la, int(u)) in wanted for k, la, u in zip(table["kind"], table["layer"],
-                                                                                table["unit"])]
+            keep = [(la, int(u)) in wanted.get(k, ()) for k, la, u in zip(table["kind"], table["layer"],
+                                                                            table["unit"])]
             if not all(keep):
                 _atomic_parquet(table[keep].reset_index(drop=True), status)
 

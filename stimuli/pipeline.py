@@ -53,6 +53,7 @@ class StimuliSettings:
     on_corrupt: str = "skip"
     decode: str = "auto"
     mining_precision: str = "fp32"
+    synthetic_units: int = 0
 
     @classmethod
     def from_config(cls, cfg) -> StimuliSettings:
@@ -64,7 +65,8 @@ class StimuliSettings:
                    fv_objective=s.fv_objective, fv_redirect_steps=s.fv_redirect_steps, fv_patience=s.fv_patience,
                    fv_tolerance=s.fv_tolerance,
                    skip_dead=cfg.units.skip_dead, seed=cfg.study.seed, on_corrupt=cfg.data.on_corrupt,
-                   decode=cfg.data.decode, mining_precision=s.mining_precision)
+                   decode=cfg.data.decode, mining_precision=s.mining_precision,
+                   synthetic_units=s.synthetic_units)
 
     @property
     def k(self) -> int:
@@ -133,11 +135,61 @@ def _dead_reason(layer_mining, unit: int, pruned_model: bool) -> str | None:
     return "pruned" if zero and pruned_model else "dead"
 
 
+class _Channels:
+    """Study units (the parent's channel indices) → one model's channels (a physically pruned model
+    renumbers them; ``None``: removed)."""
+
+    def __init__(self, channel_map: dict[str, list[int]] | None):
+        self.map = {layer: list(m) for layer, m in (channel_map or {}).items()}
+        self.position = {layer: {parent: child for child, parent in enumerate(m)} for layer, m in self.map.items()}
+
+    def __call__(self, u: Unit) -> int | None:
+        return self.position[u.layer].get(u.unit) if u.layer in self.position else u.unit
+
+    def for_layers(self, layers) -> dict[str, list[int]] | None:
+        return {k: v for k, v in self.map.items() if k in layers} or None
+
+
+def _mine_units(model, model_id: str, units: list[Unit], data_root, settings: StimuliSettings, channel: _Channels, *,
+                device, work_dir: Path | None, progress: bool, shard: tuple[int, int], gather):
+    """One mining pass over the split for the layers of ``units`` (resumed from, and saved to, ``work_dir``:
+    a second call for the same model and settings reads the finished state instead of the images)."""
+    layers = sorted({u.layer for u in units})
+    record = ({layer: [channel(u) for u in units if u.layer == layer] for layer in layers}
+              if settings.query_percentile > 0 else None)
+    rank, world = shard
+    state_name = f"{model_id}.state.pt" if world == 1 else f"{model_id}.state.rank{rank}-of-{world}.pt"
+    return mine(model, data_root, settings.split, layers, settings.k, image_size=settings.image_size,
+                batch_size=settings.batch_size, device=device, record=record, progress=progress,
+                state_path=work_dir / state_name if work_dir else None, on_corrupt=settings.on_corrupt,
+                decode=settings.decode, precision=settings.mining_precision, shard=shard, gather=gather,
+                tie_seed=settings.seed, channel_map=channel.for_layers(layers))
+
+
+def live_units(model, model_id: str, units: list[Unit], data_root, settings: StimuliSettings, *, device=None,
+               pruned_model: bool = False, work_dir: Path | None = None, shard: tuple[int, int] = (0, 1),
+               gather=None, channel_map: dict[str, list[int]] | None = None) -> set[Unit]:
+    """The units of ``units`` that are alive in this model (kept, and not constant over the split)."""
+    device = torch.device(device) if device else next(model.parameters()).device
+    channel = _Channels(channel_map)
+    kept = [u for u in units if channel(u) is not None]
+    if not kept:
+        return set()
+    result = _mine_units(model, model_id, kept, data_root, settings, channel, device=device, work_dir=work_dir,
+                         progress=False, shard=shard, gather=gather)
+    return {u for u in kept if not settings.skip_dead
+            or _dead_reason(result.layers[u.layer], channel(u), pruned_model) is None}
+
+
 def make_stimuli(model, model_id: str, units: list[Unit], data_root: str | Path, bank: StimulusBank,
-                 settings: StimuliSettings, *, device=None, pruned_model: bool = False, work_dir: Path | None = None,
-                 progress: bool = False, exemplar_cache: dict | None = None, shard: tuple[int, int] = (0, 1),
-                 gather=None, channel_map: dict[str, list[int]] | None = None) -> list[dict]:
+                 settings: StimuliSettings, *, synthetic_units: list[Unit] | None = None, device=None,
+                 pruned_model: bool = False, work_dir: Path | None = None, progress: bool = False,
+                 exemplar_cache: dict | None = None, shard: tuple[int, int] = (0, 1), gather=None,
+                 channel_map: dict[str, list[int]] | None = None) -> list[dict]:
     """Fill ``bank`` with the stimuli of ``units`` for one model; return the per-unit status rows.
+
+    ``synthetic_units`` (default: ``units``) are the units that also get feature visualizations; the
+    others get natural exemplars only.
 
     ``channel_map`` (a physically pruned model's: layer → parent unit of each channel) translates the
     study's units, which are the parent's channel indices, to the model's channels; a unit whose
@@ -151,67 +203,65 @@ def make_stimuli(model, model_id: str, units: list[Unit], data_root: str | Path,
     unit) are the same on every rank.
     """
     device = torch.device(device) if device else next(model.parameters()).device
-    channel_map = {layer: list(m) for layer, m in (channel_map or {}).items()}
-    position = {layer: {parent: child for child, parent in enumerate(m)} for layer, m in channel_map.items()}
-
-    def channel(u: Unit) -> int | None:
-        """The model's channel of study unit ``u`` (None: physically removed)."""
-        return position[u.layer].get(u.unit) if u.layer in position else u.unit
-
-    removed = [u for u in units if channel(u) is None]
-    status = [{"model_id": model_id, "kind": kind, "layer": u.layer, "unit": u.unit, "status": "pruned",
-               "reason": "channel removed by physical pruning", "fv_reach": float("nan"), "fv_valid": None}
-              for u in removed for kind in settings.kinds]
-    if shard[0] == 0:
-        for u in removed:
-            for kind in settings.kinds:
-                if not bank.is_done(model_id, kind, u.layer, u.unit):
-                    bank.write_unit(model_id, kind, u.layer, u.unit, [])
-    units = [u for u in units if channel(u) is not None]
-    pending = {kind: [u for u in units if not bank.is_done(model_id, kind, u.layer, u.unit)]
-               for kind in settings.kinds}
-    layers = sorted({u.layer for u in units})
-    record = ({layer: [channel(u) for u in units if u.layer == layer] for layer in layers}
-              if settings.query_percentile > 0 else None)
+    channel = _Channels(channel_map)
+    synthetic = set(units) if synthetic_units is None else set(synthetic_units) & set(units)
+    units_of = {kind: [u for u in units if kind != "synthetic" or u in synthetic] for kind in settings.kinds}
     rank, world = shard
-    state_name = f"{model_id}.state.pt" if world == 1 else f"{model_id}.state.rank{rank}-of-{world}.pt"
-    result = mine(model, data_root, settings.split, layers, settings.k, image_size=settings.image_size,
-                  batch_size=settings.batch_size, device=device, record=record, progress=progress,
-                  state_path=work_dir / state_name if work_dir else None, on_corrupt=settings.on_corrupt,
-                  decode=settings.decode, precision=settings.mining_precision, shard=shard, gather=gather,
-                  tie_seed=settings.seed, channel_map={k: v for k, v in channel_map.items() if k in layers} or None)
+
+    def status_row(kind, u, status, reason):
+        return {"model_id": model_id, "kind": kind, "layer": u.layer, "unit": u.unit, "status": status,
+                "reason": reason, "fv_reach": float("nan"), "fv_valid": None}
+
+    status = [status_row(kind, u, "pruned", "channel removed by physical pruning")
+              for kind in settings.kinds for u in units_of[kind] if channel(u) is None]
+    if rank == 0:       # removed units are recorded as done, without rows
+        for kind in settings.kinds:
+            gone = [u for u in units_of[kind] if channel(u) is None and not bank.is_done(model_id, kind, u.layer,
+                                                                                          u.unit)]
+            for layer in sorted({u.layer for u in gone}):
+                bank.write_units(model_id, kind, layer, {u.unit: [] for u in gone if u.layer == layer})
+    units = [u for u in units if channel(u) is not None]
+    units_of = {kind: [u for u in us if channel(u) is not None] for kind, us in units_of.items()}
+    member = {kind: set(us) for kind, us in units_of.items()}
+    pending = {kind: {u for u in us if not bank.is_done(model_id, kind, u.layer, u.unit)}
+               for kind, us in units_of.items()}
+    if not units:
+        return status
+    result = _mine_units(model, model_id, units, data_root, settings, channel, device=device, work_dir=work_dir,
+                         progress=progress, shard=shard, gather=gather)
     if work_dir is not None and rank == 0:
         result.save(work_dir / f"{model_id}.mining.pt")
     split_root = Path(data_root) / settings.split
     cache = exemplar_cache if exemplar_cache is not None else {}
     images = cache.setdefault(("exemplars", str(split_root), settings.image_size),
                               ExemplarImages(result.files, bank, settings.image_size))
-    tasks_of, alive = {}, []
+    tasks_of, dead_of = {}, {}
     own_units = set(units[rank::world])
     for u in units:
         lm, c = result.layers[u.layer], channel(u)
         reason = _dead_reason(lm, c, pruned_model) if settings.skip_dead else None
         for kind in settings.kinds:
-            status.append({"model_id": model_id, "kind": kind, "layer": u.layer, "unit": u.unit,
-                           "status": reason or "ok",
-                           "reason": "" if reason is None else f"constant activation {float(lm.max[c]):.4g}",
-                           "fv_reach": float("nan"), "fv_valid": None})
+            if u in member[kind]:
+                status.append(status_row(kind, u, reason or "ok",
+                                         "" if reason is None else f"constant activation {float(lm.max[c]):.4g}"))
         if reason is not None:
-            for kind in settings.kinds:
-                if u in pending[kind] and u in own_units:
-                    bank.write_unit(model_id, kind, u.layer, u.unit, [])
+            dead_of[u] = reason
             continue
-        alive.append(u)
         tasks_of[u] = select_tasks(lm, c, n_tasks=settings.n_tasks, n_references=settings.n_references,
                                    seed=settings.seed, query_percentile=settings.query_percentile,
                                    recorded=lm.recorded.get(c), identity=u.unit)
-    if "natural" in settings.kinds:
-        own_pending = [u for u in alive if u in pending["natural"] and u in own_units]
-        for u in progress_bar(own_pending, desc=f"{model_id} exemplars", enabled=progress, leave=False):
-            bank.write_unit(model_id, "natural", u.layer, u.unit, natural_rows(model_id, u, tasks_of[u], images,
-                                                                                split_root))
+    if "natural" in settings.kinds:     # cheap: one part file per layer
+        own_pending = [u for u in units_of["natural"] if u in pending["natural"] and u in own_units]
+        for layer in progress_bar(sorted({u.layer for u in own_pending}), desc=f"{model_id} exemplars",
+                                  enabled=progress, leave=False):
+            bank.write_units(model_id, "natural", layer, {
+                u.unit: [] if u in dead_of else natural_rows(model_id, u, tasks_of[u], images, split_root)
+                for u in own_pending if u.layer == layer})
     if "synthetic" in settings.kinds:
-        todo = [u for u in alive if u in pending["synthetic"]]
+        for u in units_of["synthetic"]:
+            if u in dead_of and u in pending["synthetic"] and u in own_units:
+                bank.write_unit(model_id, "synthetic", u.layer, u.unit, [])
+        todo = [u for u in units_of["synthetic"] if u in pending["synthetic"] and u not in dead_of]
         fv = FeatureVisSettings(steps=settings.fv_steps, lr=settings.fv_lr,
                                 image_size=settings.fv_image_size or settings.image_size,
                                 batch_size=max(1, settings.fv_batch_units) * 2 * settings.n_references,

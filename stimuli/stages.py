@@ -14,8 +14,8 @@ from pruning.models import file_sha256, get_spec, load_checkpoint, read_meta
 from sparsight.progress import note, on_terminal, progress_bar
 
 from .bank import StimulusBank
-from .pipeline import StimuliSettings, make_stimuli
-from .units import Unit, layer_channels, resolve_units, sample_units
+from .pipeline import StimuliSettings, live_units, make_stimuli
+from .units import Unit, layer_channels, resolve_units, sample_among, sample_units
 
 
 def _base_model(study):
@@ -54,7 +54,8 @@ def stimulus_models(study, ids: list[str] | None = None) -> list[str]:
 def _model_fingerprint(settings: StimuliSettings, checkpoint_sha: str) -> str:
     """What every stored unit of a model depends on (not which units or kinds are asked for now: those
     are per-unit parts, so a run for some of them leaves the others in place)."""
-    blob = json.dumps({"settings": {k: v for k, v in asdict(settings).items() if k != "kinds"},
+    blob = json.dumps({"settings": {k: v for k, v in asdict(settings).items()
+                                    if k not in ("kinds", "synthetic_units")},
                        "checkpoint": checkpoint_sha}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -84,6 +85,11 @@ def build_stimuli(study, *, kinds: tuple[str, ...] | None = None, model_ids: lis
     model_ids = stimulus_models(study, model_ids)
     bank = StimulusBank(study.path("stimuli"))
     work = study.path("stimuli", "mining")
+    if ctx.is_main:
+        work.mkdir(parents=True, exist_ok=True)
+    ctx.barrier()
+    synthetic = (synthetic_units(study, units, settings, ctx) if "synthetic" in settings.kinds else [])
+    units_of = {kind: (synthetic if kind == "synthetic" else units) for kind in settings.kinds}
     cache: dict = {}
     log_models = cfg.study.progress and ctx.is_main and not on_terminal()
     for i, mid in enumerate(progress_bar(model_ids, desc="stimuli", enabled=cfg.study.progress and ctx.is_main)):
@@ -96,13 +102,14 @@ def build_stimuli(study, *, kinds: tuple[str, ...] | None = None, model_ids: lis
         if ctx.is_main:
             if fresh or not stamp.is_file() or stamp.read_text() != fp:
                 if fresh and partial:
-                    bank.drop_units(mid, units, settings.kinds)
+                    for kind, kind_units in units_of.items():
+                        bank.drop_units(mid, kind_units, (kind,))
                 else:
                     shutil.rmtree(bank.parts / mid, ignore_errors=True)
                 for stale in work.glob(f"{mid}.*"):
                     stale.unlink()
             if not partial:
-                bank.keep_only(mid, units, settings.kinds)
+                bank.keep_only(mid, units_of)
             stamp.parent.mkdir(parents=True, exist_ok=True)
             stamp.write_text(fp)
             work.mkdir(parents=True, exist_ok=True)
@@ -111,9 +118,9 @@ def build_stimuli(study, *, kinds: tuple[str, ...] | None = None, model_ids: lis
             if ctx.is_main:     # a checkpoint from before channel maps were stored: its units cannot be named
                 bank.write_status(mid, [{"model_id": mid, "kind": k, "layer": u.layer, "unit": u.unit,
                                          "status": "skipped", "reason": PHYSICAL_REASON}
-                                        for k in settings.kinds for u in units], merge=partial)
+                                        for k, kind_units in units_of.items() for u in kind_units], merge=partial)
             continue
-        status = make_stimuli(ckpt.model, mid, units, data_root(study), bank, settings,
+        status = make_stimuli(ckpt.model, mid, units, data_root(study), bank, settings, synthetic_units=synthetic,
                               device=ckpt.model.parameters().__next__().device, pruned_model=bool(meta.get("method")),
                               work_dir=work, progress=cfg.study.progress and ctx.is_main, exemplar_cache=cache,
                               shard=shard, gather=ctx.all_gather_object, channel_map=ckpt.channel_map)
@@ -129,6 +136,36 @@ def build_stimuli(study, *, kinds: tuple[str, ...] | None = None, model_ids: lis
     stored = {p.name for p in bank.parts.iterdir() if p.is_dir()}
     study_order = [m for m in study_model_ids(study) if m in stored]
     return bank.assemble(study_order + sorted(stored - set(study_order)))
+
+
+def synthetic_units(study, units: list[Unit], settings: StimuliSettings, ctx) -> list[Unit]:
+    """The units that get feature visualizations: all of ``units``, or (``stimuli.synthetic_units``) a
+    seeded sample spread over the layers among the study units alive in every stimulus model of the
+    study, so each one is seen at every rate.  The sample is drawn from the whole study's units and models, also when
+    a command makes stimuli for some of them, and then cut to ``units``."""
+    from pruning.stages import data_root
+
+    n = settings.synthetic_units
+    if n == 0:
+        return list(units)
+    every = study_units(study)
+    alive = set(every)
+    from pruning.stages import study_model_ids
+
+    planned = list(study.config.stimuli.models) or [m for m in study_model_ids(study) if m != "observer"]
+    for mid in [m for m in planned if (study.path("models", m) / "model.pt").is_file()]:    # those made so far
+        if not alive:
+            break
+        ckpt = load_checkpoint(study.path("models", mid), map_location=ctx.device)
+        meta = read_meta(study.path("models", mid))
+        if _needs_channel_map(meta) and not ckpt.channel_map:
+            continue        # its units cannot be named; it is reported skipped
+        alive &= live_units(ckpt.model, mid, every, data_root(study), settings,   # as make_stimuli mines
+                            pruned_model=bool(meta.get("method")), work_dir=study.path("stimuli", "mining"),
+                            shard=(ctx.rank, ctx.world_size), gather=ctx.all_gather_object,
+                            channel_map=ckpt.channel_map)
+    chosen = set(sample_among(sorted(alive), n, seed=study.config.study.seed))
+    return [u for u in units if u in chosen]
 
 
 class StimuliStage:

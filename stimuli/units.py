@@ -95,6 +95,20 @@ def sample_units(channels: dict[str, int], *, sampling: str = "per-layer", per_l
     return sorted(chosen)
 
 
+def sample_among(units: list[Unit], n: int, seed: int = 0) -> list[Unit]:
+    """A seeded, sorted sample of ``n`` of ``units``, spread as evenly over their layers as they allow:
+    the layers take turns, each drawing from its own seeded order of its units."""
+    pools = {layer: _rng(seed, "subsample", layer).sample(sorted(u for u in units if u.layer == layer),
+                                                           sum(u.layer == layer for u in units))
+             for layer in sorted({u.layer for u in units})}
+    chosen: list[Unit] = []
+    while len(chosen) < n and any(pools.values()):
+        for layer in pools:
+            if pools[layer] and len(chosen) < n:
+                chosen.append(pools[layer].pop(0))
+    return sorted(chosen)
+
+
 def resolve_units(model: nn.Module, *, layers: list[str], explicit: list[str] = (), sampling: str = "per-layer",
                   per_layer: int = 8, seed: int = 0, input_size: int = 64) -> list[Unit]:
     """The study's units: explicit strings if given (checked against the model), else a seeded sample."""

@@ -55,7 +55,8 @@ def create_app(test_config: dict | None = None) -> Flask:
     engine = make_engine(url)
     init_schema(engine)
     sessions = sessionmaker(engine, expire_on_commit=False)
-    material = Material(run_dir / "stimuli", models=list(settings.models) or None, kinds=list(settings.kinds))
+    material = Material(run_dir / "stimuli", models=list(settings.models) or None, kinds=list(settings.kinds),
+                        every_kind=settings.units == "every-kind")
     service = SurveyService(sessions, material, settings, cfg.study.name)
 
     app.config["SECRETS"] = load_secrets(sessions)

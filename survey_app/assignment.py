@@ -56,11 +56,31 @@ def choose_condition(conditions: list[str], counts: BalanceCounts, rng: random.R
     return least_used(sorted(conditions), counts.conditions, rng)[0]
 
 
+def main_tasks(material: Material, item: Item, reserved: int) -> list[int]:
+    """The tasks of ``item`` that main trials may use: all but the last ``reserved``."""
+    return list(range(len(material.tasks[item]) - reserved))
+
+
+def reserved_tasks(material: Material, item: Item, reserved: int) -> list[int]:
+    """The last ``reserved`` tasks of ``item``: practice and catch material, never a main trial."""
+    n = len(material.tasks[item])
+    return list(range(n - reserved, n))
+
+
+def check_reserve(material: Material, reserved: int) -> None:
+    """Every item needs a main task once ``reserved`` tasks are set aside."""
+    fewest = min((len(t) for t in material.tasks.values()), default=0)
+    if reserved and fewest <= reserved:
+        raise ValueError(f"survey.reserved_tasks = {reserved} leaves no main task: some units have only {fewest} "
+                         f"task(s); make more tasks (stimuli.n_tasks) or reserve fewer")
+
+
 def choose_main(material: Material, items: list[Item], n: int, counts: BalanceCounts,
-                rng: random.Random) -> list[tuple[Item, int]]:
+                rng: random.Random, reserved: int = 0) -> list[tuple[Item, int]]:
     """``n`` (item, task) pairs: least-assigned items first; within an item the task this participant has
     used least, then the least-assigned one.  Every pick is counted at once, so an item repeats only after
-    every item of the condition was used, and its tasks rotate."""
+    every item of the condition was used, and its tasks rotate.  The last ``reserved`` tasks of each item
+    are never chosen."""
     chosen: list[tuple[Item, int]] = []
     mine: Counter = Counter()
     item_counts, task_counts = Counter(counts.items), Counter(counts.tasks)
@@ -68,7 +88,7 @@ def choose_main(material: Material, items: list[Item], n: int, counts: BalanceCo
         for item in least_used(items, item_counts, rng):
             if len(chosen) == n:
                 break
-            tasks = list(range(len(material.tasks[item])))
+            tasks = main_tasks(material, item, reserved)
             score = {t: (mine[(item, t)], task_counts[(item, t)]) for t in tasks}
             task = least_used(tasks, score, rng)[0]
             chosen.append((item, task))
@@ -86,11 +106,13 @@ def _spare(items: list[Item], used: set[Item], n: int, rng: random.Random) -> li
 
 
 def practice_block(material: Material, items: list[Item], avoid: set[Item], n: int, attempt: int,
-                   rng_of) -> list[TrialSpec]:
-    """Practice trials of one attempt: the same material every attempt, fresh query positions."""
+                   rng_of, reserved: int = 1) -> list[TrialSpec]:
+    """Practice trials of one attempt: the same material every attempt, fresh query positions.  Items not
+    in ``avoid`` come first; the tasks are reserved ones, so practice feedback never shows the answer of a
+    main trial."""
     rng = rng_of("practice")
     picks = _spare(items, avoid, n, rng)
-    tasks = [rng.randrange(len(material.tasks[i])) for i in picks]
+    tasks = [rng.choice(reserved_tasks(material, i, reserved) or main_tasks(material, i, 0)) for i in picks]
     positions = balanced_positions(n, rng_of(f"practice-positions-{attempt}"))
     order = list(range(n))
     rng_of(f"practice-order-{attempt}").shuffle(order)
@@ -99,14 +121,16 @@ def practice_block(material: Material, items: list[Item], avoid: set[Item], n: i
 
 
 def main_block(material: Material, items: list[Item], n_main: int, n_catch: int, counts: BalanceCounts,
-               rng_of) -> list[TrialSpec]:
-    """Main trials (balanced items and tasks) with catch trials mixed in at seeded positions."""
-    main = choose_main(material, items, n_main, counts, rng_of("main"))
+               rng_of, reserved: int = 1) -> list[TrialSpec]:
+    """Main trials (balanced items and tasks) with catch trials mixed in at seeded positions.  Main trials
+    use all but the last ``reserved`` tasks of each item; catch trials use only those, so no catch trial
+    shows images that make a main trial solvable by elimination."""
+    main = choose_main(material, items, n_main, counts, rng_of("main"), reserved)
     rng = rng_of("catch")
     catch_items = _spare(items, {i for i, _ in main}, n_catch, rng)
     catch = []
     for item in catch_items:
-        task = rng.randrange(len(material.tasks[item]))
+        task = rng.choice(reserved_tasks(material, item, reserved) or main_tasks(material, item, 0))
         catch.append((item, task, rng.randrange(len(material.task(item, task).ref_max))))
     kinds = [("main", i, t, None) for i, t in main] + [("catch", i, t, r) for i, t, r in catch]
     rng_of("order").shuffle(kinds)

@@ -54,10 +54,42 @@ def image_id(bank_path: str) -> str:
     return Path(bank_path).stem
 
 
-class Material:
-    """Every servable task of a stimulus bank, optionally restricted to some models and kinds."""
+def _units_with_every_kind(manifest: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the (model, unit)s that have tasks of every kind in ``manifest``."""
+    keys = ["model_id", "layer", "unit"]
+    kinds = manifest.groupby(keys)["kind"].nunique()
+    full = kinds[kinds == manifest["kind"].nunique()].index
+    return manifest[pd.MultiIndex.from_frame(manifest[keys]).isin(full)]
 
-    def __init__(self, bank_root: str | Path, *, models: list[str] | None = None, kinds: list[str] | None = None):
+
+def _tasks(manifest: pd.DataFrame) -> dict[Item, list[Task]]:
+    """Item → its tasks, from a manifest sorted by item, task, role and rank (one pass over the rows)."""
+    out: dict[Item, list[Task]] = {}
+    columns = [manifest[c].to_numpy() for c in ("model_id", "kind", "layer", "unit", "task", "role", "image")]
+    current, roles = None, None
+
+    def flush():
+        if current is not None:
+            item = Item(current[0], current[1], current[2], int(current[3]))
+            out.setdefault(item, []).append(Task(roles["query_max"][0], roles["query_min"][0],
+                                                 tuple(roles["ref_max"]), tuple(roles["ref_min"])))
+
+    for model_id, kind, layer, unit, task, role, image in zip(*columns):
+        key = (model_id, kind, layer, unit, task)
+        if key != current:
+            flush()
+            current, roles = key, {"query_max": [], "query_min": [], "ref_max": [], "ref_min": []}
+        roles[role].append(image[7:-4])     # images/<sha>.png (validated) → <sha>
+    flush()
+    return out
+
+
+class Material:
+    """Every servable task of a stimulus bank, optionally restricted to some models and kinds, and to units
+    that have every kind (``every_kind``: so a comparison of kinds compares the same units)."""
+
+    def __init__(self, bank_root: str | Path, *, models: list[str] | None = None, kinds: list[str] | None = None,
+                 every_kind: bool = False):
         self.bank = StimulusBank(bank_root)
         manifest_path = self.bank.root / "manifest.parquet"
         if not manifest_path.is_file():
@@ -76,14 +108,10 @@ class Material:
         if manifest.empty:
             raise ValueError(f"the stimulus bank {self.bank.root} holds no tasks for models {models or 'all'} "
                              f"and kinds {kinds or 'all'}")
-        self.tasks: dict[Item, list[Task]] = {}
+        if every_kind and manifest["kind"].nunique() > 1:
+            manifest = _units_with_every_kind(manifest)
         manifest = manifest.sort_values(["model_id", "kind", "layer", "unit", "task", "role", "rank"], kind="stable")
-        for (model_id, kind, layer, unit, task), rows in manifest.groupby(
-                ["model_id", "kind", "layer", "unit", "task"], sort=True):
-            by_role = {role: [image_id(p) for p in r["image"]] for role, r in rows.groupby("role")}
-            item = Item(model_id, kind, layer, int(unit))
-            self.tasks.setdefault(item, []).append(Task(by_role["query_max"][0], by_role["query_min"][0],
-                                                        tuple(by_role["ref_max"]), tuple(by_role["ref_min"])))
+        self.tasks: dict[Item, list[Task]] = _tasks(manifest)
         self.images = {image_id(p) for p in manifest["image"].unique()}
         self.manifest = manifest
 

@@ -54,6 +54,7 @@ class SurveyService:
         # reads start a deferred transaction (SQLite: no write lock); writes go through ``transaction``
         self.readers = sessionmaker(sessions.kw["bind"].execution_options(read_only=True), expire_on_commit=False)
         self.conditions = material.conditions(settings.condition_by)
+        assignment.check_reserve(material, settings.reserved_tasks)
         self.study_id = self._study_row()
 
     def _study_row(self) -> int:
@@ -111,11 +112,12 @@ class SurveyService:
                 else:
                     cond = condition or assignment.choose_condition(list(self.conditions), counts, rng_of("condition"))
                     items = self.conditions[cond]
+                    reserved = self.settings.reserved_tasks
                     specs = assignment.main_block(self.material, items, self.settings.main_trials,
-                                                  self.settings.catch_trials, counts, rng_of)
+                                                  self.settings.catch_trials, counts, rng_of, reserved)
                     if practice and self.settings.practice_trials:
                         specs += assignment.practice_block(self.material, items, {sp.item for sp in specs},
-                                                           self.settings.practice_trials, 1, rng_of)
+                                                           self.settings.practice_trials, 1, rng_of, reserved)
                 has_practice = any(sp.block == "practice" for sp in specs)
                 stage = "main" if is_machine and not has_practice else ("practice" if is_machine else "instructions")
                 p = Participant(public_id=public_id, token_hash=token_hash(token), study_id=self.study_id,

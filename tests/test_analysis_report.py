@@ -244,7 +244,8 @@ def test_no_responses_still_reports_model_side(tmp_path):
     run_dir, cfg = build_study(tmp_path, responses=False)
     stage = AnalysisStage()
     study = Study(cfg)
-    assert stage.inputs(study)["analysis"] == {"tost_margin": 0.05, "bootstrap": 10, "alpha_level": 0.05}
+    assert stage.inputs(study)["analysis"] == {"tost_margin": 0.05, "bootstrap": 10, "alpha_level": 0.05,
+                                              "power_participant_sd": 0.5, "power_simulations": 400}
     outputs = stage.run(study)
     assert {p.name for p in outputs} >= {"index.html", "results.json", "interpretability.png", "top1.png"}
     assert all(p.is_file() and p.is_relative_to(run_dir) for p in outputs)

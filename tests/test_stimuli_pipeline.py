@@ -17,7 +17,7 @@ def run(tiny_data, tmp_path_factory):
     pruned = CliRunner().invoke(main, ["prune", "--method", "structured", "--rate", "0.5", "--epochs", "0",
                                        "--no-robustness", *common])
     assert pruned.exit_code == 0, pruned.output
-    stim = common + ["--set", "stimuli.n_tasks=2", "--set", "stimuli.n_references=2", "--set", "stimuli.fv_steps=4",
+    stim = common + ["--set", "stimuli.synthetic_units=0", "--set", "stimuli.n_tasks=2", "--set", "stimuli.n_references=2", "--set", "stimuli.fv_steps=4",
                      "--set", "stimuli.fv_batch_units=4"]
     args = ["stimuli", "--model", "base", "--model", "structured-oneshot-r0.50", "--unit", "inception4a:0-5", *stim]
     result = CliRunner().invoke(main, args)
@@ -82,3 +82,32 @@ def test_stimuli_command_rejects_unknown_layers_and_models(run):
     assert bad_layer.exit_code == 2 and "valid layers" in bad_layer.output
     bad_model = CliRunner().invoke(main, ["stimuli", "--model", "nope", "--unit", "inception4a:0", *stim])
     assert bad_model.exit_code == 2 and "has no checkpoint" in bad_model.output
+
+
+def test_visualizations_for_a_sample_alive_in_every_model_exemplars_for_all(run, tmp_path):
+    """stimuli.synthetic_units: the same units get visualizations in every model, each alive in all of
+    them; every unit keeps its natural exemplars (reference: the status rows of the natural kind)."""
+    import shutil
+
+    run_dir, _, stim = run
+    copy = tmp_path / "s"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("stimuli"))
+    args = ["stimuli", str(copy), *stim[4:],     # the fixture's settings but its output folder and name
+            "--set", "stimuli.synthetic_units=7", "--set", 'units.sampling="per-layer"',
+            "--set", "units.units_per_layer=6", "--set", 'stimuli.models=["base", "structured-oneshot-r0.50"]']
+    shutil.rmtree(copy / "models" / "structured-iterative-r0.50", ignore_errors=True)   # another test's model
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    status = pd.read_csv(copy / "stimuli" / "units.csv")
+    natural = status[status.kind == "natural"]
+    assert natural.groupby("model_id").size().tolist() == [30, 30]      # 6 units × 5 layers, both models
+    live = natural[natural.status == "ok"].groupby(["layer", "unit"]).model_id.nunique()
+    alive_everywhere = set(live[live == 2].index)
+    synthetic = status[status.kind == "synthetic"]
+    per_model = [set(zip(g.layer, g.unit)) for _, g in synthetic.groupby("model_id")]
+    assert len(per_model) == 2 and per_model[0] == per_model[1] and per_model[0] <= alive_everywhere
+    assert len(per_model[0]) == min(7, len(alive_everywhere))
+    manifest = pd.read_parquet(copy / "stimuli" / "manifest.parquet")
+    shown = manifest.groupby("kind").apply(lambda g: set(zip(g.model_id, g.layer, g.unit)), include_groups=False)
+    assert shown["synthetic"] == {(m, la, u) for m in ("base", "structured-oneshot-r0.50") for la, u in per_model[0]}
+    assert shown["natural"] == set(zip(*natural[natural.status == "ok"][["model_id", "layer", "unit"]].T.values))

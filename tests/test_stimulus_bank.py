@@ -10,7 +10,7 @@ from PIL import Image
 from pruning.models import create_model
 from stimuli.bank import EXTRA_COLUMNS, MANIFEST_COLUMNS, StimulusBank, validate_manifest
 from stimuli.preview import task_sheet
-from stimuli.units import Unit, layer_channels, parse_units, resolve_units, sample_units
+from stimuli.units import Unit, layer_channels, parse_units, resolve_units, sample_among, sample_units
 
 
 def test_parse_units_reads_single_units_and_ranges():
@@ -124,3 +124,40 @@ def test_preview_lays_out_min_left_queries_centre_max_right(tmp_path):
     assert left == (int(first_min.iloc[0]),) * 3
     with pytest.raises(ValueError, match="units with stimuli"):
         task_sheet(manifest, tmp_path, model_id="m", layer="l", unit=5)
+
+
+def test_several_units_in_one_part_behave_like_one_part_each(tmp_path):
+    """write_units (one file for a layer's units, a skipped unit included) against write_unit per unit."""
+    one, many = StimulusBank(tmp_path / "one"), StimulusBank(tmp_path / "many")
+    rows = {u: _task_rows(one, unit=u) for u in (0, 2, 5)} | {7: []}
+    for u, r in rows.items():
+        one.write_unit("m", "natural", "l", u, r)
+    _task_rows(many)      # the same images in the second bank
+    many.write_units("m", "natural", "l", rows)
+    assert len(list((tmp_path / "many" / "parts" / "m" / "natural").glob("*.parquet"))) == 1
+    fresh = StimulusBank(tmp_path / "many")       # a new process reads the units from the file
+    for u in (0, 2, 5, 7):
+        assert fresh.is_done("m", "natural", "l", u)
+        pd.testing.assert_frame_equal(fresh.read_unit("m", "natural", "l", u), one.read_unit("m", "natural", "l", u),
+                                      check_dtype=False)
+    assert not fresh.is_done("m", "natural", "l", 1) and not fresh.is_done("m", "synthetic", "l", 0)
+    fresh.drop_units("m", [Unit("l", 2)], ("natural",))
+    one.drop_units("m", [Unit("l", 2)], ("natural",))
+    assert not fresh.is_done("m", "natural", "l", 2) and StimulusBank(tmp_path / "many").is_done("m", "natural", "l", 5)
+    fresh.keep_only("m", {"natural": [Unit("l", 0), Unit("l", 7)]})
+    one.keep_only("m", {"natural": [Unit("l", 0), Unit("l", 7)]})
+    again = StimulusBank(tmp_path / "many")
+    assert [again.is_done("m", "natural", "l", u) for u in (0, 2, 5, 7)] == [True, False, False, True]
+    a, b = (pd.read_parquet(bank.assemble()[0]) for bank in (one, again))
+    pd.testing.assert_frame_equal(a, b)
+    assert set(a.unit) == {0}
+
+
+def test_a_sample_among_units_spreads_over_layers_as_they_allow():
+    units = [Unit("a", u) for u in range(2)] + [Unit("b", u) for u in range(10)] + [Unit("c", u) for u in range(10)]
+    chosen = sample_among(units, 12, seed=3)
+    counts = {layer: sum(u.layer == layer for u in chosen) for layer in "abc"}
+    assert counts == {"a": 2, "b": 5, "c": 5} and set(chosen) <= set(units) and chosen == sorted(set(chosen))
+    assert sample_among(units, 12, seed=3) == chosen and sample_among(units, 12, seed=4) != chosen
+    assert sample_among(units, 100, seed=0) == sorted(units)
+    assert set(sample_among(units, 6, seed=3)) <= set(chosen)      # a smaller sample is a prefix of the turns

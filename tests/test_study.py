@@ -92,6 +92,33 @@ def test_quick_study_scores_dissects_runs_machines_and_reports_every_model(quick
     html = (run_dir / "report" / "index.html").read_text()
     assert html.count("data:image/png;base64,") >= 4 and "No responses exist yet" in html
     assert "MIS natur" in output and "report:" in output and "sparsight serve" in output
+    power = results["power"]
+    assert {r["kind"] for r in power["model"]} == {"natural", "synthetic"} and len(power["human"]) > 0
+    assert all(r["detectable_slope_per_10pct"] > r["se_per_10pct"] > 0 for r in power["model"])
+    assert "id='power'" in html and "id='gallery'" in html and results["gallery"]
+
+
+def test_the_gallery_shows_each_units_own_references(quick_run):
+    """A gallery cell is the unit's max references of task 0 in rank order (reference: the manifest)."""
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    from analysis.gallery import TILE, _references, gallery_units
+
+    run_dir, _ = quick_run
+    manifest = pd.read_parquet(run_dir / "stimuli" / "manifest.parquet")
+    chosen = gallery_units(manifest, n=3, seed=0)
+    per_unit = manifest[manifest.kind == "synthetic"].groupby(["layer", "unit"]).model_id.nunique()
+    assert len(chosen) == 3 and all(per_unit[u] == per_unit.max() for u in chosen)
+    layer, unit = chosen[0]
+    cell = _references(manifest, run_dir / "stimuli", "base", "synthetic", layer, unit, 3)
+    rows = manifest[(manifest.model_id == "base") & (manifest.kind == "synthetic") & (manifest.layer == layer)
+                    & (manifest.unit == unit) & (manifest.task == 0) & (manifest.role == "ref_max")].sort_values("rank")
+    second = Image.open(run_dir / "stimuli" / rows.image.iloc[1]).convert("RGB").resize((TILE, TILE),
+                                                                                         Image.Resampling.BICUBIC)
+    tile = np.asarray(cell)[:, TILE + 2:2 * TILE + 2]
+    assert np.array_equal(tile, np.asarray(second))
 
 
 def _covers_the_seed_paper_design(cfg):
@@ -100,9 +127,11 @@ def _covers_the_seed_paper_design(cfg):
     assert set(cfg.prune.schedules) == {"oneshot", "iterative"}
 
 
-def test_default_profile_covers_the_seed_paper_design():
+def test_default_profile_covers_the_seed_papers_methods_and_schedules_with_enough_units():
     cfg = load_study(profile="default")
-    _covers_the_seed_paper_design(cfg)
+    assert {"unstructured-global", "structured", "connection", "lrp"} <= set(cfg.prune.methods)
+    assert set(cfg.prune.schedules) == {"oneshot", "iterative"} and len(cfg.prune.rates) >= 3
+    assert cfg.units.sampling == "all" and cfg.stimuli.synthetic_units >= 30
     assert cfg.study.profile == "default" and cfg.stimuli.fv_objective == "pre-relu"
 
 

@@ -73,7 +73,7 @@ def test_units_and_tasks_stay_balanced_when_participants_arrive_at_once(app):
         per_item = Counter(Item(t.model_id, t.kind, t.layer, t.unit) for t in mine)
         per_task = Counter((Item(t.model_id, t.kind, t.layer, t.unit), t.task) for t in mine)
         assert spread(per_item, items) == 0                                        # 24 trials over 4 units
-        assert spread(per_task, [(i, k) for i in items for k in range(4)]) <= 1
+        assert spread(per_task, [(i, k) for i in items for k in range(4 - service.settings.reserved_tasks)]) <= 1
     by_participant = Counter((t.participant_id, t.model_id, t.kind, t.layer, t.unit, t.task) for t in trials)
     assert max(by_participant.values()) == 1                                       # no task twice for one person
 
@@ -109,6 +109,37 @@ def test_long_sessions_rotate_tasks_and_keep_task_counts_balanced(make_app):
         service.create_participant(condition="base|natural")
     trials = stored_main_trials(app)
     per_person = Counter((t.participant_id, t.layer, t.unit, t.task) for t in trials)
-    assert max(per_person.values()) == 3                  # 40 trials over 16 (unit, task) pairs: at most ⌈40/16⌉
+    assert max(per_person.values()) == 4      # 40 trials over 4 units × 3 main tasks (one reserved): ⌈40/12⌉
     per_task = Counter((t.layer, t.unit, t.task) for t in trials)
     assert max(per_task.values()) - min(per_task.values()) <= 1 and sum(per_task.values()) == 320
+
+
+def test_practice_and_catch_trials_never_reuse_a_main_task(app):
+    """30 participants: no practice or catch trial shows a (model, kind, unit, task) of that participant's
+    main trials, and both come from the reserved tasks only."""
+    service = app.extensions["survey"]
+    for _ in range(30):
+        service.create_participant()
+    reserved = service.settings.reserved_tasks
+    with app.config["SESSIONS"]() as s:
+        trials = list(s.scalars(select(Trial)))
+    by_person: dict = {}
+    for t in trials:
+        by_person.setdefault(t.participant_id, []).append(t)
+    assert len(by_person) == 30
+    for rows in by_person.values():
+        key = lambda t: (t.model_id, t.kind, t.layer, t.unit, t.task)  # noqa: E731
+        main = {key(t) for t in rows if t.trial_type == "main"}
+        other = [t for t in rows if t.trial_type in ("practice", "catch")]
+        assert main and other and not main & {key(t) for t in other}
+        for t in other:
+            n = len(service.material.tasks[Item(t.model_id, t.kind, t.layer, t.unit)])
+            assert t.task >= n - reserved
+        assert all(t.task < len(service.material.tasks[Item(t.model_id, t.kind, t.layer, t.unit)]) - reserved
+                   for t in rows if t.trial_type == "main")
+
+
+def test_too_few_tasks_for_the_reserve_is_a_clear_error(make_app):
+    import pytest
+    with pytest.raises(ValueError, match="reserved_tasks = 4 leaves no main task"):
+        make_app(reserved_tasks=4)

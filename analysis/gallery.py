@@ -1,0 +1,99 @@
+"""A unit gallery: what pruning did to a unit's stimuli, one contact sheet per unit.
+
+Each sheet shows one unit's max references (task 0) — natural exemplars and feature visualizations —
+with one row per method (and reference kind) and one column per pruning rate, the base model first.
+The units are drawn (seeded) from those with references in every model, so every cell is filled
+where the unit is alive; a dead or removed unit leaves its cell grey.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pandas as pd
+from PIL import Image
+
+from .load import BASE_METHOD
+
+TILE, GAP = 48, 2
+
+
+def gallery_units(manifest: pd.DataFrame, n: int = 3, seed: int = 0) -> list[tuple[str, int]]:
+    """Up to ``n`` units (layer, unit) that have synthetic (else natural) references in the most models."""
+    if manifest.empty:
+        return []
+    kinds = set(manifest["kind"])
+    kind = "synthetic" if "synthetic" in kinds else "natural"
+    per_unit = manifest[manifest["kind"] == kind].groupby(["layer", "unit"])["model_id"].nunique()
+    best = sorted(per_unit[per_unit == per_unit.max()].index)
+    rng = random.Random(f"{seed}:gallery")
+    chosen = rng.sample(best, min(n, len(best)))
+    return sorted((str(layer), int(unit)) for layer, unit in chosen)
+
+
+def _references(manifest: pd.DataFrame, bank_root: Path, model_id: str, kind: str, layer: str, unit: int,
+                k: int) -> Image.Image:
+    rows = manifest[(manifest["model_id"] == model_id) & (manifest["kind"] == kind) & (manifest["layer"] == layer)
+                    & (manifest["unit"] == unit) & (manifest["task"] == 0) & (manifest["role"] == "ref_max")]
+    cell = Image.new("RGB", (k * TILE + (k - 1) * GAP, TILE), (200, 200, 200))
+    for i, name in enumerate(rows.sort_values("rank")["image"].head(k)):
+        img = Image.open(bank_root / name).convert("RGB").resize((TILE, TILE), Image.Resampling.BICUBIC)
+        cell.paste(img, (i * (TILE + GAP), 0))
+    return cell
+
+
+def unit_sheet(manifest: pd.DataFrame, models: pd.DataFrame, bank_root: str | Path, layer: str, unit: int, out: Path,
+               schedule: str | None = None) -> Path:
+    """Write the contact sheet of one unit to ``out`` (rows: method × kind; columns: rate)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bank_root = Path(bank_root)
+    kinds = [k for k in ("natural", "synthetic") if k in set(manifest["kind"])]
+    k = int(manifest[(manifest["role"] == "ref_max")].groupby(["model_id", "kind", "layer", "unit", "task"])
+            .size().max())
+    pruned = models[models["method"] != BASE_METHOD]
+    schedule = schedule or (sorted(pruned["schedule"].dropna().unique()) or [""])[0]
+    pruned = pruned[pruned["schedule"] == schedule] if schedule else pruned
+    base = models.loc[models["method"] == BASE_METHOD, "model_id"].tolist()
+    rates = sorted(pruned["rate"].unique())
+    methods = sorted(pruned["method"].unique())
+    rows = [(m, kind) for m in methods for kind in kinds]
+    fig, axes = plt.subplots(len(rows), len(rates) + 1, figsize=(1.0 + 1.55 * (len(rates) + 1), 0.75 * len(rows) + 0.6),
+                             squeeze=False)
+    for r, (method, kind) in enumerate(rows):
+        for c, rate in enumerate([0.0] + rates):
+            ids = base if c == 0 else pruned.loc[(pruned["method"] == method) & (pruned["rate"] == rate),
+                                                 "model_id"].tolist()
+            ax = axes[r][c]
+            ax.imshow(_references(manifest, bank_root, ids[0], kind, layer, unit, k) if ids
+                      else Image.new("RGB", (TILE, TILE), (200, 200, 200)))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title("base" if c == 0 else f"rate {rate:g}", fontsize=8)
+            if c == 0:
+                ax.set_ylabel(f"{method}\n{kind}", fontsize=7, rotation=0, ha="right", va="center")
+    fig.suptitle(f"{layer}:{unit} — max references of task 0 ({schedule or 'all'} schedule)", fontsize=9)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def make_gallery(run_dir: str | Path, models: pd.DataFrame, out: Path, n: int = 3, seed: int = 0) -> dict[str, Path]:
+    """``{"gallery:<layer>:<unit>": sheet}`` for up to ``n`` units of the study's stimulus bank."""
+    path = Path(run_dir) / "stimuli" / "manifest.parquet"
+    if not path.is_file() or models.empty or "method" not in models:
+        return {}
+    manifest = pd.read_parquet(path)
+    known = set(models["model_id"])
+    manifest = manifest[manifest["model_id"].isin(known)]
+    chosen = gallery_units(manifest, n, seed)
+    keys = pd.MultiIndex.from_frame(manifest[["layer", "unit"]])
+    manifest = manifest[keys.isin(chosen) & (manifest["task"] == 0) & (manifest["role"] == "ref_max")]
+    return {f"gallery:{layer}:{unit}": unit_sheet(manifest, models, Path(run_dir) / "stimuli", layer, unit,
+                                                  out / f"gallery-{layer}-{unit}.png")
+            for layer, unit in chosen}

@@ -1,0 +1,250 @@
+"""Power and sample size: what the study's units can detect, and what a human study would need.
+
+Model side: the primary MIS slope's standard error (units as random effects) gives the smallest slope
+detectable at 80 % power with a two-sided test, ``(z₁₋α/₂ + z₀.₈)·SE``, and the smallest equivalence
+margin TOST would establish at 80 % power when the true change is zero, ``(z₁₋α + z₀.₉)·SE``.
+
+Human side: a simulation from a trial-level model of the survey,
+
+    logit P(correct) = β₀ + b_participant + c_unit + β₁·rate,   b ~ N(0, σ_p²), c ~ N(0, σ_u²),
+
+with each participant assigned to one model of the study (condition_by "model-kind", as in IMI) and
+shown ``trials`` main trials on that model's units.  β₀, σ_p and σ_u come from the study's human
+main trials when there are enough of them, else β₀ and σ_u from the base model's unit MIS (the
+machine observer's P(correct)) and σ_p from ``analysis.power_participant_sd``; the table says which.
+β₁ is set so that the population-averaged accuracy changes by the stated amount over the study's
+rate span.  Each simulated study is analysed as the survey's data would be at the participant level:
+accuracy per participant regressed on rate (OLS; participants are independent), a two-sided t-test
+for the slope and TOST on the predicted change over the span for equivalence.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+#: Target power of the tables.
+POWER = 0.8
+#: Human participants (or main trials) needed before the simulation takes its parameters from them.
+MIN_HUMAN_PARTICIPANTS = 10
+_GH_NODES, _GH_WEIGHTS = np.polynomial.hermite_e.hermegauss(41)
+_GH_WEIGHTS = _GH_WEIGHTS / _GH_WEIGHTS.sum()
+
+
+def _logit(p):
+    p = np.clip(np.asarray(p, dtype=float), 0.02, 0.98)
+    return np.log(p / (1 - p))
+
+
+def _expit(x):
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+# ---- model side -----------------------------------------------------------------------------------
+def detectable_slope(se: float, alpha: float = 0.05, power: float = POWER) -> float:
+    """Smallest true slope a two-sided test at ``alpha`` detects with ``power``, for an estimate with ``se``."""
+    return float((stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)) * se)
+
+
+def provable_margin(se: float, alpha: float = 0.05, power: float = POWER) -> float:
+    """Smallest equivalence margin TOST at ``alpha`` establishes with ``power`` when the true effect is 0."""
+    return float((stats.norm.ppf(1 - alpha) + stats.norm.ppf(1 - (1 - power) / 2)) * se)
+
+
+def model_power(entries, alpha: float = 0.05) -> list[dict]:
+    """Per primary MIS slope (``mis_slope.<kind>.<scope>``): units, SE and the detectable slope per 10 %."""
+    rows = []
+    for e in entries:
+        if not e.id.startswith("mis_slope.") or e.status != "ok":
+            continue
+        r = e.result
+        se = float(r["terms"]["rate"]["se"])
+        span = float(r["rate_span"])
+        rows.append({"kind": r["kind"], "scope": r["scope"], "units": int(r.get("n_groups") or 0),
+                     "se_per_10pct": se * 0.1, "ci_half_width_per_10pct": float(stats.norm.ppf(1 - alpha / 2)) * se * 0.1,
+                     "detectable_slope_per_10pct": detectable_slope(se, alpha) * 0.1,
+                     "detectable_change_over_span": detectable_slope(se, alpha) * span,
+                     "provable_margin_over_span": provable_margin(se * span, alpha), "rate_span": span})
+    return rows
+
+
+# ---- human side -----------------------------------------------------------------------------------
+@dataclass
+class TrialModel:
+    """The generative trial-level model of a human study (one reference kind)."""
+    kind: str
+    intercept: float            # β₀, logit of accuracy at rate 0
+    participant_sd: float       # σ_p (logit)
+    unit_sd: float              # σ_u (logit)
+    rates: tuple[float, ...]    # the rates of the study's models (participants are spread over them)
+    source: str
+
+    @property
+    def span(self) -> float:
+        return max(self.rates) - min(self.rates)
+
+    def mean_accuracy(self, slope: float, rate: float) -> float:
+        """Population-averaged accuracy at ``rate`` for logit slope ``slope`` (Gauss–Hermite over b + c)."""
+        sd = math.hypot(self.participant_sd, self.unit_sd)
+        return float(np.sum(_GH_WEIGHTS * _expit(self.intercept + slope * rate + sd * _GH_NODES)))
+
+    def slope_for_change(self, change: float) -> float:
+        """The logit slope whose population-averaged accuracy changes by ``change`` over the rate span."""
+        lo, hi = min(self.rates), max(self.rates)
+        start = self.mean_accuracy(0.0, lo)
+        target = start + change
+        if not 0.0 < target < 1.0:
+            raise ValueError(f"an accuracy change of {change:+g} from {start:.3f} leaves [0, 1]")
+        a, b = -60.0, 60.0
+        for _ in range(80):     # the averaged accuracy is monotone in the slope
+            mid = (a + b) / 2
+            if self.mean_accuracy(mid, hi) < target:
+                a = mid
+            else:
+                b = mid
+        return (a + b) / 2
+
+
+def fit_trial_model(kind: str, mis_units: pd.DataFrame, trials: pd.DataFrame, rates, assumed_participant_sd: float
+                    ) -> TrialModel:
+    """β₀, σ_p, σ_u of ``kind`` from human main trials (enough participants), else from the base model's MIS."""
+    rates = tuple(sorted({float(r) for r in rates}))
+    human = trials[(trials["kind"] == kind)] if len(trials) and "kind" in trials else trials
+    if len(human) and human["participant"].nunique() >= MIN_HUMAN_PARTICIPANTS:
+        low = human[human["rate"] == human["rate"].min()]
+        p0 = float(low["correct"].mean())
+        by_person = human.groupby("participant")["correct"].agg(["mean", "size"])
+        binomial = float((by_person["mean"] * (1 - by_person["mean"]) / by_person["size"]).mean())
+        excess = max(float(by_person["mean"].var(ddof=1)) - binomial, 0.0)
+        slope = (p0 * (1 - p0)) or 0.25
+        by_unit = human.groupby("unit_id")["correct"].agg(["mean", "size"])
+        unit_binomial = float((by_unit["mean"] * (1 - by_unit["mean"]) / by_unit["size"]).mean())
+        unit_excess = max(float(by_unit["mean"].var(ddof=1)) - unit_binomial, 0.0) if len(by_unit) > 1 else 0.0
+        return TrialModel(kind, float(_logit(p0)), math.sqrt(excess) / slope, math.sqrt(unit_excess) / slope, rates,
+                          f"{human['participant'].nunique()} human participants, {len(human)} main trials "
+                          f"(moment estimates of the participant and unit spread)")
+    base = mis_units[(mis_units["kind"] == kind) & (mis_units["rate"] == 0) & (mis_units["status"] == "ok")]
+    if base.empty:
+        raise ValueError(f"no {kind} MIS of the base model and too few human participants to simulate from")
+    logits = _logit(base["mis"].to_numpy())
+    return TrialModel(kind, float(np.mean(logits)), float(assumed_participant_sd),
+                      float(np.std(logits, ddof=1)) if len(logits) > 1 else 0.0, rates,
+                      f"the base model's {len(base)} unit MIS (β₀, σ_u) and the assumed participant SD "
+                      f"analysis.power_participant_sd = {assumed_participant_sd:g} (fewer than "
+                      f"{MIN_HUMAN_PARTICIPANTS} human participants)")
+
+
+def simulate_designs(model: TrialModel, *, changes, participants, trials, margin: float, alpha: float = 0.05,
+                     simulations: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Power of each design (participants × trials) to detect each accuracy change over the rate span
+    (``change`` 0: to establish equivalence within ``margin``)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    rates = np.asarray(model.rates)
+    for change in changes:
+        beta = model.slope_for_change(change) if change else 0.0
+        for n in participants:
+            if n < 3:
+                raise ValueError(f"a design needs at least 3 participants, got {n}")
+            rate = rates[np.arange(n) % len(rates)]               # participants spread over the models
+            for t in trials:
+                acc = np.concatenate([_accuracies(model, beta, rate, t, size, rng)
+                                      for size in _blocks(simulations, n * t)])
+                slope, se = _ols_slopes(rate, acc)
+                df = n - 2
+                tcrit = stats.t.ppf(1 - alpha / 2, df)
+                detect = float(np.mean(np.abs(slope / np.where(se > 0, se, np.inf)) > tcrit)) if change else None
+                tone = stats.t.ppf(1 - alpha, df)
+                lo, hi = (slope - tone * se) * model.span, (slope + tone * se) * model.span
+                equivalent = float(np.mean((lo > -margin) & (hi < margin)))
+                rows.append({"kind": model.kind, "change_over_span": float(change), "participants": int(n),
+                             "trials": int(t), "power_detect": detect, "power_equivalence": equivalent,
+                             "simulations": int(simulations)})
+    return pd.DataFrame(rows)
+
+
+def _blocks(simulations: int, per_study: int, budget: int = 4_000_000) -> list[int]:
+    """Simulated studies per block, so one block holds at most about ``budget`` trials."""
+    size = max(1, budget // max(1, per_study))
+    return [min(size, simulations - start) for start in range(0, simulations, size)]
+
+
+def _accuracies(model: TrialModel, beta: float, rate: np.ndarray, trials: int, size: int, rng) -> np.ndarray:
+    """Participant accuracies of ``size`` simulated studies (rows) with participants at ``rate``."""
+    n = len(rate)
+    b = rng.normal(0, model.participant_sd, (size, n, 1))
+    c = rng.normal(0, model.unit_sd, (size, n, trials))
+    p = _expit(model.intercept + b + c + beta * rate[None, :, None])
+    return (rng.random(p.shape) < p).mean(axis=2)
+
+
+def _ols_slopes(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Slope and its SE of ``y[s] ~ x`` for every simulated study ``s`` (rows of ``y``)."""
+    xc = x - x.mean()
+    sxx = float(np.sum(xc ** 2))
+    if sxx == 0:
+        raise ValueError("the study's models all have one pruning rate; a slope needs two or more")
+    slope = (y - y.mean(axis=1, keepdims=True)) @ xc / sxx
+    fitted = y.mean(axis=1, keepdims=True) + slope[:, None] * xc[None, :]
+    resid = y - fitted
+    se = np.sqrt(np.sum(resid ** 2, axis=1) / (len(x) - 2) / sxx)
+    return slope, se
+
+
+def smallest_designs(table: pd.DataFrame, power: float = POWER) -> list[dict]:
+    """Per kind and change, the fewest participants (at each trial count) reaching ``power``."""
+    out = []
+    column = {True: "power_equivalence", False: "power_detect"}
+    for (kind, change, t), g in table.groupby(["kind", "change_over_span", "trials"]):
+        col = column[change == 0]
+        ok = g[g[col] >= power].sort_values("participants")
+        out.append({"kind": kind, "change_over_span": change, "trials": int(t), "goal": "equivalence" if change == 0
+                    else "detect", "participants": int(ok["participants"].iloc[0]) if len(ok) else None,
+                    "largest_tried": int(g["participants"].max())})
+    return out
+
+
+def study_power(data, entries, *, changes=None, participants=(20, 40, 80, 160, 320, 640), trials=None,
+                simulations: int | None = None) -> dict:
+    """``results["power"]``: the model side from the fitted slopes, the human side simulated per kind."""
+    cfg = data.config
+    a = cfg.analysis
+    simulations = simulations or a.power_simulations
+    units = data.units
+    out = {"target_power": POWER, "alpha": a.alpha_level, "model": model_power(entries, a.alpha_level),
+           "human": [], "smallest": [], "notes": []}
+    if units.empty:
+        out["notes"].append("no MIS results: nothing to simulate from")
+        return out
+    rates = sorted(units["rate"].dropna().unique())
+    if len(rates) < 2:
+        out["notes"].append("the study's models have one pruning rate: no slope to plan for")
+        return out
+    from .load import human_main
+    humans = human_main(data.trials)
+    changes = list(changes) if changes is not None else [0.0, -a.tost_margin, -2 * a.tost_margin]
+    trials = list(trials) if trials is not None else [cfg.survey.main_trials, 2 * cfg.survey.main_trials]
+    tables = []
+    for kind in sorted(units["kind"].dropna().unique()):
+        try:
+            model = fit_trial_model(kind, units, humans, rates, a.power_participant_sd)
+        except ValueError as err:
+            out["notes"].append(f"{kind}: {err}")
+            continue
+        table = simulate_designs(model, changes=changes, participants=participants, trials=trials,
+                                 margin=a.tost_margin, alpha=a.alpha_level, simulations=simulations,
+                                 seed=cfg.study.seed)
+        tables.append(table)
+        out.setdefault("trial_models", []).append({"kind": kind, "intercept": model.intercept,
+                                                   "accuracy_at_rate_0": model.mean_accuracy(0.0, 0.0),
+                                                   "participant_sd": model.participant_sd,
+                                                   "unit_sd": model.unit_sd, "rates": list(model.rates),
+                                                   "source": model.source})
+    if tables:
+        table = pd.concat(tables, ignore_index=True)
+        out["human"] = table.to_dict("records")
+        out["smallest"] = smallest_designs(table)
+    return out

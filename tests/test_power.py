@@ -1,0 +1,69 @@
+"""Power and sample size: the model-side formulas against statsmodels, the human-side simulation against
+normal-theory power where that is exact enough, and the command."""
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+from statsmodels.stats.power import normal_power
+
+from analysis.power import TrialModel, detectable_slope, provable_margin, simulate_designs, smallest_designs
+
+
+def test_detectable_slope_has_the_target_power_by_statsmodels():
+    se = 0.013
+    mde = detectable_slope(se, alpha=0.05, power=0.8)
+    assert normal_power(mde / se, nobs=1, alpha=0.05) == pytest.approx(0.8, abs=1e-3)
+
+
+def test_provable_margin_gives_tost_its_power_when_the_truth_is_zero():
+    """TOST with a true effect of 0 rejects both one-sided nulls with P = 2Φ(m/se − z₁₋α) − 1."""
+    se = 0.02
+    m = provable_margin(se, alpha=0.05, power=0.8)
+    assert 2 * stats.norm.cdf(m / se - stats.norm.ppf(0.95)) - 1 == pytest.approx(0.8, abs=1e-6)
+    draws = np.random.default_rng(0).normal(0, se, 200_000)
+    z = stats.norm.ppf(0.95)
+    assert np.mean((draws - z * se > -m) & (draws + z * se < m)) == pytest.approx(0.8, abs=0.005)
+
+
+def test_the_slope_for_a_change_reaches_that_change_in_averaged_accuracy():
+    model = TrialModel("natural", intercept=1.2, participant_sd=0.6, unit_sd=0.9, rates=(0.0, 0.5, 1.0), source="")
+    beta = model.slope_for_change(-0.1)
+    rng = np.random.default_rng(1)
+    effects = rng.normal(0, math.hypot(0.6, 0.9), 400_000)
+    start = np.mean(1 / (1 + np.exp(-(1.2 + effects))))
+    end = np.mean(1 / (1 + np.exp(-(1.2 + beta + effects))))
+    assert end - start == pytest.approx(-0.1, abs=0.002)
+    with pytest.raises(ValueError, match="leaves"):
+        model.slope_for_change(-0.9)
+
+
+def test_simulated_power_matches_normal_theory_without_random_effects():
+    """σ_p = σ_u = 0: participant accuracies are binomial, so the OLS slope test has (nearly) normal-theory
+    power from the binomial variance."""
+    rates = (0.0, 0.25, 0.5, 0.75)
+    model = TrialModel("natural", intercept=0.8, participant_sd=0.0, unit_sd=0.0, rates=rates, source="")
+    n, t, change = 80, 20, -0.08
+    table = simulate_designs(model, changes=[change], participants=[n], trials=[t], margin=0.05,
+                             simulations=3000, seed=2)
+    beta = model.slope_for_change(change)
+    x = np.asarray(rates)[np.arange(n) % len(rates)]
+    p = 1 / (1 + np.exp(-(0.8 + beta * x)))
+    sxx = np.sum((x - x.mean()) ** 2)
+    slope = np.polyfit(x, p, 1)[0]
+    se = math.sqrt(np.mean(p * (1 - p) / t) / sxx)
+    expected = stats.norm.cdf(abs(slope) / se - stats.norm.ppf(0.975))
+    assert table["power_detect"].iloc[0] == pytest.approx(expected, abs=0.04)
+
+
+def test_power_grows_with_participants_and_equivalence_needs_many():
+    model = TrialModel("synthetic", intercept=1.0, participant_sd=0.5, unit_sd=0.8, rates=(0.0, 0.4, 0.8), source="")
+    table = simulate_designs(model, changes=[0.0, -0.1], participants=[12, 48, 400], trials=[20], margin=0.05,
+                             simulations=600, seed=3)
+    detect = table[table.change_over_span == -0.1].sort_values("participants")["power_detect"].tolist()
+    assert detect[0] < detect[1] < detect[2] and detect[2] > 0.95
+    equivalent = table[table.change_over_span == 0].sort_values("participants")["power_equivalence"].tolist()
+    assert equivalent[0] < 0.2 and equivalent[2] > equivalent[0]
+    smallest = {(row["change_over_span"], row["goal"]): row["participants"] for row in smallest_designs(table)}
+    assert smallest[(-0.1, "detect")] in (48, 400)
+    assert table["power_detect"].isna().tolist() == (table.change_over_span == 0).tolist()
