@@ -54,7 +54,8 @@ def unit_sheet(manifest: pd.DataFrame, models: pd.DataFrame, bank_root: str | Pa
     k = int(manifest[(manifest["role"] == "ref_max")].groupby(["model_id", "kind", "layer", "unit", "task"])
             .size().max())
     pruned = models[models["method"] != BASE_METHOD]
-    schedule = schedule or (sorted(pruned["schedule"].dropna().unique()) or [""])[0]
+    schedules = sorted(pruned["schedule"].dropna().unique(), key=lambda x: (x != "oneshot", x))
+    schedule = schedule or (schedules or [""])[0]
     pruned = pruned[pruned["schedule"] == schedule] if schedule else pruned
     base = models.loc[models["method"] == BASE_METHOD, "model_id"].tolist()
     rates = sorted(pruned["rate"].unique())

@@ -150,6 +150,7 @@ def _print_summary(study) -> None:
                        f"({mis.alpha_source.iloc[0]}), embedding {mis.embedding.iloc[0]}")
     results = _report_results(study.path("report", "results.json"))
     _print_answers(results.get("answers", []))
+    _print_power(results.get("power") or {})
     _print_failed_checks(results.get("validity", []))
     click.echo(f"\nstudy directory: {study.run_dir}")
     if study.path("report", "index.html").is_file():
@@ -173,6 +174,27 @@ def _print_answers(items: list[dict]) -> None:
         click.echo("\nanswer (total effect of pruning rate on MIS, all methods):")
         for item in items:
             click.echo(f"  {item['sentence']}")
+
+
+def _print_power(power: dict) -> None:
+    """Per kind: the smallest MIS slope the study detects, and the fewest participants a human study needs."""
+    pooled = [m for m in power.get("model", []) if m.get("scope") == "all methods"]
+    if not pooled:
+        return
+    click.echo(f"\npower ({power['target_power']:.0%}; `sparsight power RUN_DIR` plans other designs):")
+    for m in pooled:
+        line = (f"  {m['kind']}: {m['units']} units detect an MIS slope of {m['detectable_slope_per_10pct']:.4f} per "
+                f"10 % pruning rate (CI ±{m['ci_half_width_per_10pct']:.4f})")
+        needs = [s for s in power.get("smallest", []) if s["kind"] == m["kind"] and s["participants"]]
+        best = {}
+        for s in needs:     # the design with the fewest trials in all, per goal and change
+            key = (s["goal"], s["change_over_span"])
+            if key not in best or s["participants"] * s["trials"] < best[key]["participants"] * best[key]["trials"]:
+                best[key] = s
+        parts = [f"{s['participants']} participants × {s['trials']} trials "
+                 + (f"to detect an accuracy change of {s['change_over_span']:+g}" if s["goal"] == "detect"
+                    else "for equivalence") for _, s in sorted(best.items())]
+        click.echo(line + ("; a human study needs " + ", ".join(parts) if parts else "") + ".")
 
 
 def _print_failed_checks(checks: list[dict]) -> None:

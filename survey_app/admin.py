@@ -5,7 +5,7 @@ import io
 
 from flask import (Blueprint, Response, current_app, redirect, render_template, request, session, url_for)
 
-from .export import participants_frame, responses_frame
+from .export import participants_frame, responses_frame, safe_csv
 from .security import CSRF_FIELD, admin_configured, admin_required, check_admin_password, check_csrf
 from .service import SurveyError
 
@@ -85,7 +85,7 @@ def export(name: str):
                                f"{sorted(f'{t}.{f}' for t in tables for f in ('csv', 'parquet'))}")
     df = tables[stem]()
     if fmt == "csv":
-        return Response(df.to_csv(index=False), mimetype="text/csv",
+        return Response(safe_csv(df), mimetype="text/csv",
                         headers={"Content-Disposition": f"attachment; filename={name}"})
     buf = io.BytesIO()
     df.to_parquet(buf, index=False)

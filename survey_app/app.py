@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from flask import Flask, jsonify, render_template, request
+from flask import Flask, jsonify, make_response, render_template, request
 from sqlalchemy.orm import sessionmaker
 from werkzeug.exceptions import HTTPException
 
@@ -21,7 +21,7 @@ from sparsight.files import absolute
 
 from .db import init_schema, make_engine
 from .material import Material
-from .security import csrf_token, load_secrets
+from .security import csp_nonce, csrf_token, load_secrets, security_headers
 from .service import SurveyError, SurveyService
 
 ENV = {"RUN_DIR": "SPARSIGHT_RUN_DIR", "DATABASE_URL": "SPARSIGHT_DATABASE_URL",
@@ -65,6 +65,8 @@ def create_app(test_config: dict | None = None) -> Flask:
                       STUDY=cfg, SETTINGS=settings, ENGINE=engine, SESSIONS=sessions, DATABASE=url)
     app.extensions["survey"] = service
     app.jinja_env.globals["csrf_token"] = csrf_token
+    app.jinja_env.globals["csp_nonce"] = csp_nonce
+    app.after_request(security_headers)
 
     from .admin import bp as admin_bp
     from .api import bp as api_bp
@@ -91,5 +93,11 @@ def _error_handlers(app: Flask) -> None:
     def http_error(err: HTTPException):
         reason = err.description or err.name
         if _wants_json():
-            return jsonify(error=reason), err.code
-        return render_template("message.html", title=err.name, message=reason), err.code
+            response = make_response(jsonify(error=reason), err.code)
+        else:
+            response = make_response(render_template("message.html", title=err.name, message=reason), err.code)
+        for name in ("Allow", "Retry-After", "WWW-Authenticate"):     # what the exception's own response says
+            value = err.get_response().headers.get(name)
+            if value:
+                response.headers[name] = value
+        return response

@@ -199,7 +199,7 @@ def responses_cmd(run_dir, database, out):
 
     from .app import database_url, study_config
     from .db import init_schema, make_engine
-    from .export import responses_frame
+    from .export import responses_frame, safe_csv
     cfg = study_config(run_dir)
     engine = make_engine(database_url(run_dir, cfg, database))
     init_schema(engine)
@@ -209,7 +209,7 @@ def responses_cmd(run_dir, database, out):
         out.parent.mkdir(parents=True, exist_ok=True)
         df.to_parquet(out, index=False)
     elif out.suffix == ".csv":
-        atomic_write_text(out, df.to_csv(index=False))
+        atomic_write_text(out, safe_csv(df))
     else:
         raise click.UsageError(f"--out {out}: choose a .csv or .parquet file")
     click.echo(f"{out}: {len(df)} responses from {df['participant'].nunique() if len(df) else 0} sessions")

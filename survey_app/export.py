@@ -13,6 +13,19 @@ RESPONSE_COLUMNS = ["study", "bank_hash", "participant", "external_id", "is_mach
                     "participant_stage", "excluded", "exclusion_reasons"]
 
 
+#: A cell a spreadsheet would run as a formula starts with one of these (OWASP, CSV injection).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def safe_csv(df: pd.DataFrame) -> str:
+    """``df`` as CSV text with every text cell that a spreadsheet would evaluate as a formula prefixed by
+    ``'`` (so ``=HYPERLINK(…)`` in a Prolific ID is shown, never run).  Numbers are left as they are."""
+    def neutral(value):
+        return f"'{value}" if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
+    text_columns = [c for c in df.columns if df[c].dtype == object]
+    return df.assign(**{c: df[c].map(neutral) for c in text_columns}).to_csv(index=False)
+
+
 def responses_frame(sessions: sessionmaker, study_name: str | None = None) -> pd.DataFrame:
     """Every stored response joined with its trial, participant and exclusion verdict."""
     q = (select(SurveyStudy.name, SurveyStudy.bank_hash, Participant.public_id, Participant.external_id,

@@ -6,7 +6,7 @@ import hmac
 import secrets
 from functools import wraps
 
-from flask import current_app, redirect, request, session, url_for
+from flask import current_app, g, redirect, request, session, url_for
 
 from .db import get_or_create_secret
 from .service import SurveyError, token_hash
@@ -94,3 +94,26 @@ def load_secrets(sessions) -> dict:
         stored = dict(s.execute(select(Secret.name, Secret.value)).all())
     return {"cookie_key": key, "api_token_hash": stored.get("api_token_hash"),
             "admin_password_hash": stored.get("admin_password_hash")}
+
+
+def csp_nonce() -> str:
+    """This response's script nonce (the only inline scripts the Content-Security-Policy allows)."""
+    if "csp_nonce" not in g:
+        g.csp_nonce = secrets.token_urlsafe(16)
+    return g.csp_nonce
+
+
+def security_headers(response):
+    """Headers every response carries: a Content-Security-Policy without inline script (bar nonced
+    blocks), no MIME sniffing, no framing, no referrer (the study link carries Prolific IDs)."""
+    nonce = g.get("csp_nonce")
+    script = f"'self' 'nonce-{nonce}'" if nonce else "'self'"
+    response.headers.setdefault("Content-Security-Policy",
+                                f"default-src 'self'; script-src {script}; style-src 'self'; img-src 'self' data:; "
+                                f"connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+                                f"frame-ancestors 'none'")
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("X-Frame-Options", "DENY")
+    response.headers.setdefault("Referrer-Policy", "no-referrer")
+    response.headers.setdefault("Cross-Origin-Opener-Policy", "same-origin")
+    return response
