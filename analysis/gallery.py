@@ -19,15 +19,15 @@ TILE, GAP = 48, 2
 
 
 def gallery_units(manifest: pd.DataFrame, n: int = 3, seed: int = 0) -> list[tuple[str, int]]:
-    """Up to ``n`` units (layer, unit) that have synthetic (else natural) references in the most models."""
+    """``n`` units (layer, unit) with synthetic (else natural) references in the most models (seeded ties)."""
     if manifest.empty:
         return []
     kinds = set(manifest["kind"])
     kind = "synthetic" if "synthetic" in kinds else "natural"
     per_unit = manifest[manifest["kind"] == kind].groupby(["layer", "unit"])["model_id"].nunique()
-    best = sorted(per_unit[per_unit == per_unit.max()].index)
     rng = random.Random(f"{seed}:gallery")
-    chosen = rng.sample(best, min(n, len(best)))
+    order = rng.sample(sorted(per_unit.index), len(per_unit))       # ties in a seeded order
+    chosen = sorted(order, key=lambda u: -per_unit[u])[:n]
     return sorted((str(layer), int(unit)) for layer, unit in chosen)
 
 

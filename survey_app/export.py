@@ -22,7 +22,7 @@ def safe_csv(df: pd.DataFrame) -> str:
     ``'`` (so ``=HYPERLINK(…)`` in a Prolific ID is shown, never run).  Numbers are left as they are."""
     def neutral(value):
         return f"'{value}" if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
-    text_columns = [c for c in df.columns if df[c].dtype == object]
+    text_columns = [c for c in df.columns if df[c].dtype == object or pd.api.types.is_string_dtype(df[c])]
     return df.assign(**{c: df[c].map(neutral) for c in text_columns}).to_csv(index=False)
 
 

@@ -398,7 +398,7 @@ def test_command_dissects_chosen_models_and_skips_physically_pruned_ones(tiny_st
     meta = json.loads((phys / "meta.json").read_text())
     (phys / "meta.json").write_text(json.dumps({**meta, "model_id": "phys", "physical": True}))
     args = ["dissect", "--model", "base", "--model", "phys", *common, "--set", "dissection.units=study",
-            "--set", "dissection.max_images=20", "--set", "units.units_per_layer=8"]
+            "--set", "dissection.max_images=20", "--set", "units.units_per_layer=8", "--set", 'units.sampling="per-layer"']
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     units = pd.read_csv(run_dir / "dissection" / "units.csv", keep_default_na=False)
