@@ -258,6 +258,10 @@ class SurveySection:
     catch_trials: int = option(5, "catch trials per participant (a query that also appears among the references)",
                                lo=0)
     min_response_ms: int = option(1500, "responses accepted after this many ms", lo=0)
+    check_server_time: bool = option(True, "refuse a human answer that reaches the server sooner than "
+                                           "min_response_ms after its trial was first served, or that claims a "
+                                           "longer rt_ms than the server saw (plus 1 s): a client's timing is "
+                                           "never trusted alone")
     feedback_delay_ms: int = option(350, "ms between the chosen image's frame and the correct one's", lo=0)
     feedback_ms: int = option(1150, "ms the correct/incorrect frame stays on screen", lo=0)
     min_window_width: int = option(1000, "smallest browser window (CSS px) a participant may use", lo=0)
@@ -275,6 +279,11 @@ class SurveySection:
     min_total_s: float = option(135.0, "exclusion: least seconds for the whole session", lo=0.0)
     max_total_s: float = option(2500.0, "exclusion: most seconds for the whole session", lo=0.0)
     machine_participants: int = option(1, "machine participants run by the study", lo=0)
+    secure_cookies: bool = option(False, "mark cookies Secure (HTTPS only): turn on when the survey is served over "
+                                         "HTTPS, e.g. behind a TLS proxy")
+    proxy_hops: int = option(0, "reverse proxies in front of the server whose X-Forwarded-For/-Proto headers are "
+                                "trusted (client address for login throttling, https for Secure cookies); 0: none",
+                             lo=0)
 
 
 @dataclass

@@ -6,7 +6,8 @@ import io
 from flask import (Blueprint, Response, current_app, redirect, render_template, request, session, url_for)
 
 from .export import participants_frame, responses_frame, safe_csv
-from .security import CSRF_FIELD, admin_configured, admin_required, check_admin_password, check_csrf
+from .security import (CSRF_FIELD, admin_configured, admin_required, check_admin_password, check_csrf,
+                       end_admin_session, login_throttled, record_login, start_admin_session)
 from .service import SurveyError
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
@@ -22,8 +23,15 @@ def login():
                                              "or start the server with `sparsight serve`")
     if request.method == "POST" and error is None:
         check_csrf(request.form.get(CSRF_FIELD))
-        if check_admin_password(request.form.get("password", "")):
-            session["admin"] = True
+        client = request.remote_addr or "unknown"
+        wait = login_throttled(client)
+        if wait:
+            return (render_template("admin_login.html", error=f"too many wrong passwords; try again in {wait} s"),
+                    429, {"Retry-After": str(wait)})
+        ok = check_admin_password(request.form.get("password", ""))
+        record_login(client, ok)
+        if ok:
+            start_admin_session()
             return redirect(_safe_next(request.args.get("next")))
         error = "wrong password"
     return render_template("admin_login.html", error=error), (401 if error and request.method == "POST" else 200)
@@ -32,7 +40,7 @@ def login():
 @bp.post("/logout")
 def logout():
     check_csrf(request.form.get(CSRF_FIELD))
-    session.pop("admin", None)
+    end_admin_session()
     return redirect(url_for("admin.login"))
 
 

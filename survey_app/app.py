@@ -62,7 +62,11 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.config["SECRETS"] = load_secrets(sessions)
     app.secret_key = app.config.get("SECRET_KEY") or app.config["SECRETS"]["cookie_key"]
     app.config.update(SESSION_COOKIE_HTTPONLY=True, SESSION_COOKIE_SAMESITE="Lax", MAX_CONTENT_LENGTH=256 * 1024,
+                      SESSION_COOKIE_SECURE=settings.secure_cookies,
                       STUDY=cfg, SETTINGS=settings, ENGINE=engine, SESSIONS=sessions, DATABASE=url)
+    if settings.proxy_hops:
+        from werkzeug.middleware.proxy_fix import ProxyFix
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.proxy_hops, x_proto=settings.proxy_hops)
     app.extensions["survey"] = service
     app.jinja_env.globals["csrf_token"] = csrf_token
     app.jinja_env.globals["csp_nonce"] = csp_nonce

@@ -41,10 +41,11 @@ from pathlib import Path
 from .db import scratch_postgres  # noqa: F401  (used by benchmarks/survey_load.py)
 
 # Survey settings of the load runs: exclusions that only a too-fast robot would fail are relaxed
-# (min_instruction_s, min_total_s), since excluded participants stop holding balance slots.
+# (min_instruction_s, min_total_s), since excluded participants stop holding balance slots, and the
+# server-clock check is off, since the simulated participants claim their reaction times.
 LOAD_SURVEY = {"practice_trials": 5, "main_trials": 40, "catch_trials": 5, "min_response_ms": 1500,
                "completion_code": "LOAD", "min_instruction_s": 0.0, "min_total_s": 0.0,
-               "min_answers_per_position": 1}
+               "min_answers_per_position": 1, "check_server_time": False}
 CLAIMED_RT_MS = 1600.0
 
 CSRF_RE = re.compile(r'name="csrf_token" value="([^"]+)"')

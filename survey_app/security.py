@@ -2,6 +2,7 @@
 the admin password and the machine-participant API token."""
 from __future__ import annotations
 
+import datetime as dt
 import hmac
 import secrets
 from functools import wraps
@@ -75,10 +76,71 @@ def admin_configured() -> bool:
     return bool(current_app.config.get("ADMIN_PASSWORD") or current_app.config["SECRETS"].get("admin_password_hash"))
 
 
+#: Failed admin logins from one address within LOGIN_WINDOW before further attempts get 429.
+LOGIN_FAILURES = 5
+LOGIN_WINDOW = dt.timedelta(minutes=15)
+#: How long an admin sign-in lasts.
+ADMIN_SESSION_LIFETIME = dt.timedelta(hours=12)
+
+
+def login_throttled(client: str) -> int:
+    """Seconds until ``client`` may try again (0: now); counted in the database, so every worker agrees."""
+    from sqlalchemy import func, select
+
+    from .models import LoginAttempt, utcnow
+    since = utcnow() - LOGIN_WINDOW
+    with current_app.config["SESSIONS"]() as s:
+        failures, first = s.execute(select(func.count(LoginAttempt.id), func.min(LoginAttempt.created_at))
+                                    .where(LoginAttempt.client == client, LoginAttempt.succeeded.is_(False),
+                                           LoginAttempt.created_at >= since)).one()
+    if failures < LOGIN_FAILURES:
+        return 0
+    return max(1, int((first + LOGIN_WINDOW - utcnow()).total_seconds()) + 1)
+
+
+def record_login(client: str, succeeded: bool) -> None:
+    from .models import LoginAttempt
+    with current_app.config["SESSIONS"].begin() as s:
+        s.add(LoginAttempt(client=client[:64], succeeded=succeeded))
+
+
+def start_admin_session() -> None:
+    """Sign this browser in: a random token in the signed cookie, its hash in the database."""
+    from .models import AdminSession
+    token = secrets.token_urlsafe(32)
+    with current_app.config["SESSIONS"].begin() as s:
+        s.add(AdminSession(token_hash=token_hash(token)))
+    session["admin"] = token
+
+
+def end_admin_session() -> None:
+    """Revoke this browser's sign-in in the database (a copy of the cookie is refused from now on)."""
+    from sqlalchemy import update
+
+    from .models import AdminSession, utcnow
+    token = session.pop("admin", None)
+    if isinstance(token, str):
+        with current_app.config["SESSIONS"].begin() as s:
+            s.execute(update(AdminSession).where(AdminSession.token_hash == token_hash(token),
+                                                 AdminSession.revoked_at.is_(None)).values(revoked_at=utcnow()))
+
+
+def admin_signed_in() -> bool:
+    from sqlalchemy import select
+
+    from .models import AdminSession, utcnow
+    token = session.get("admin")
+    if not isinstance(token, str):
+        return False
+    with current_app.config["SESSIONS"]() as s:
+        row = s.scalars(select(AdminSession).where(AdminSession.token_hash == token_hash(token))).first()
+    return row is not None and row.revoked_at is None and utcnow() - row.created_at < ADMIN_SESSION_LIFETIME
+
+
 def admin_required(view):
     @wraps(view)
     def wrapped(*args, **kwargs):
-        if not session.get("admin"):
+        if not admin_signed_in():
             return redirect(url_for("admin.login", next=request.path))
         return view(*args, **kwargs)
     return wrapped

@@ -38,6 +38,21 @@ class SurveyError(Exception):
         self.status, self.reason = status, reason
 
 
+#: How much longer than the server's own elapsed time a client's reaction time may claim to be.
+RT_SLACK_MS = 1000
+
+
+def _check_server_time(server_ms: float | None, rt_ms: float, min_ms: int) -> None:
+    """Refuse timings the server's clock contradicts (422); the stored data stay unchanged."""
+    if server_ms is None:
+        raise SurveyError(409, "this trial was never served; fetch the session state first")
+    if server_ms < min_ms:
+        raise SurveyError(422, f"answered {server_ms:.0f} ms after the trial was served; responses are accepted "
+                               f"after {min_ms} ms")
+    if rt_ms > server_ms + RT_SLACK_MS:
+        raise SurveyError(422, f"rt_ms {rt_ms:g} is longer than the {server_ms:.0f} ms since the trial was served")
+
+
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -323,6 +338,8 @@ class SurveyService:
                                        f"(rt_ms was {rt_ms:g})")
             now = utcnow()
             server_ms = (now - t.served_at).total_seconds() * 1000 if t.served_at else None
+            if not p.is_machine and self.settings.check_server_time:
+                _check_server_time(server_ms, rt_ms, self.settings.min_response_ms)
             r = Response(trial_id=t.id, participant_id=p.id, idempotency_key=key, choice=choice,
                          confidence=confidence, correct=(choice == t.max_position), rt_ms=rt_ms, server_ms=server_ms,
                          created_at=now)

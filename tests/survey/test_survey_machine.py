@@ -126,7 +126,8 @@ def test_machine_participants_stage_replaces_its_own_sessions_and_keeps_human_da
     from survey_app.stages import run_machine_participants
     from survey_app.testing import make_study_dir
     from survey_helpers import human_session
-    run_dir = make_study_dir(tmp_path / "study", {"main_trials": 3, "catch_trials": 1, "machine_participants": 2})
+    run_dir = make_study_dir(tmp_path / "study", {"main_trials": 3, "catch_trials": 1, "machine_participants": 2,
+                                                  "check_server_time": False})
     cfg = load_study(run_dir / "study.toml", overrides=['mis.embedding="pixels"'])
     app = create_app({"RUN_DIR": str(run_dir)})
     client = app.test_client()

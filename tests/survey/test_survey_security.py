@@ -41,3 +41,78 @@ def test_a_formula_in_a_prolific_id_is_neutralised_in_the_csv_export(app, client
     parquet = admin.get("/admin/export/participants.parquet")
     import pandas as pd
     assert evil in set(pd.read_parquet(io.BytesIO(parquet.data))["external_id"])     # the data itself unchanged
+
+
+def _login(client, password, address="127.0.0.1"):
+    where = {"REMOTE_ADDR": address}
+    token = csrf_from(client.get("/admin/login", environ_base=where).text)
+    return client.post("/admin/login", data={"csrf_token": token, "password": password}, environ_base=where)
+
+
+def test_wrong_passwords_are_throttled_for_every_worker(make_app):
+    app = make_app()
+    client = app.test_client()
+    codes = [_login(client, "wrong").status_code for _ in range(6)]
+    assert codes == [401] * 5 + [429]
+    other_worker = create_app_like(app)         # a second app on the same database: the same count
+    r = _login(other_worker.test_client(), ADMIN_PASSWORD)
+    assert r.status_code == 429 and int(r.headers["Retry-After"]) > 0
+    assert _login(app.test_client(), ADMIN_PASSWORD, address="10.0.0.9").status_code == 302
+
+
+def create_app_like(app):
+    from survey_app import create_app
+    from survey_helpers import API_TOKEN
+    return create_app({"RUN_DIR": str(app.config["RUN_DIR"]), "DATABASE_URL": app.config["DATABASE"],
+                       "TESTING": True, "API_TOKEN": API_TOKEN, "ADMIN_PASSWORD": ADMIN_PASSWORD})
+
+
+def test_logging_out_revokes_a_copied_admin_cookie(app):
+    browser = app.test_client()
+    assert _login(browser, ADMIN_PASSWORD).status_code == 302
+    cookie = browser.get_cookie("session").value
+    thief = app.test_client()
+    thief.set_cookie("session", cookie)
+    assert thief.get("/admin/").status_code == 200
+    token = csrf_from(browser.get("/admin/").text)
+    assert browser.post("/admin/logout", data={"csrf_token": token}).status_code == 302
+    assert thief.get("/admin/").status_code == 302 and browser.get("/admin/").status_code == 302
+
+
+def test_cookies_can_be_marked_secure_behind_a_tls_proxy(make_app):
+    app = make_app(secure_cookies=True, proxy_hops=1)
+    client = app.test_client()
+    r = client.get("/admin/login", headers={"X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.5"})
+    assert "Secure" in r.headers.get("Set-Cookie", "") and "HttpOnly" in r.headers["Set-Cookie"]
+
+
+def test_the_server_clock_refuses_a_forged_reaction_time(make_app):
+    """An answer claiming 1600 ms sent at once, or claiming more time than has passed, gets 422 and
+    stores nothing; the same answer once the time has really passed is saved."""
+    import datetime as dt
+
+    from sqlalchemy import func, select
+
+    from survey_app.models import Response, Trial
+
+    app = make_app(check_server_time=True)
+    client = app.test_client()
+    sid = human_session(client)
+    with client.session_transaction() as s:
+        csrf = s["csrf"]
+    state = client.get(f"/api/sessions/{sid}").json
+    body = {"trial": state["trial"]["id"], "choice": "upper", "confidence": 1, "rt_ms": 1600, "key": "forged-rt-key-1"}
+    post = lambda b: client.post(f"/api/sessions/{sid}/responses", json=b, headers={"X-CSRF-Token": csrf})  # noqa: E731
+    r = post(body)
+    assert r.status_code == 422 and "after the trial was served" in r.json["error"]
+
+    def age_trial(seconds):
+        with app.config["SESSIONS"].begin() as s:
+            trial = s.scalars(select(Trial).where(Trial.public_id == body["trial"])).one()
+            trial.served_at -= dt.timedelta(seconds=seconds)
+    age_trial(2)
+    r = post({**body, "rt_ms": 9000})
+    assert r.status_code == 422 and "longer than" in r.json["error"]
+    with app.config["SESSIONS"]() as s:
+        assert s.scalar(select(func.count(Response.id))) == 0
+    assert post(body).status_code == 200
