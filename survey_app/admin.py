@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import io
 
-from flask import (Blueprint, Response, current_app, redirect, render_template, request, session, url_for)
+from flask import (Blueprint, Response, current_app, redirect, render_template, request, url_for)
 
 from .export import participants_frame, responses_frame, safe_csv
 from .security import (CSRF_FIELD, admin_configured, admin_required, check_admin_password, check_csrf,
