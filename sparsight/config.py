@@ -275,10 +275,31 @@ class SurveySection:
     catch_min_accuracy: float = option(0.8, "exclusion: least catch-trial accuracy", lo=0.0, hi=1.0)
     min_answers_per_position: int = option(5, "exclusion: least answers on each query position (upper, lower)",
                                            lo=0)
+    max_same_button_share: float = option(0.9, "exclusion: largest share of main trials answered with one and the "
+                                               "same button (row and confidence)", lo=0.0, hi=1.0)
     min_instruction_s: float = option(15.0, "exclusion: least seconds on the instructions", lo=0.0)
     min_total_s: float = option(135.0, "exclusion: least seconds for the whole session", lo=0.0)
     max_total_s: float = option(2500.0, "exclusion: most seconds for the whole session", lo=0.0)
     machine_participants: int = option(1, "machine participants run by the study", lo=0)
+    require_external_id: str = option("auto", "'yes': only a study link carrying PROLIFIC_PID starts a session, so "
+                                              "nobody takes part twice by opening the bare address; 'auto': yes "
+                                              "when completion_code is set", choices=("auto", "yes", "no"))
+    researcher: str = option("", "consent page: who runs the study")
+    institution: str = option("", "consent page: the institution responsible for the study")
+    contact: str = option("", "consent page: how to reach the researchers (e.g. an e-mail address)")
+    ethics_reference: str = option("", "consent page: the ethics approval (committee and reference number)")
+    payment: str = option("", "consent page: what participants are paid, e.g. '£2.40 through Prolific'")
+    withdrawal: str = option("You can stop at any time by closing the window, without giving a reason.",
+                             "consent page: how participants withdraw")
+    data_retention: str = option("Your anonymised answers are kept for research and may be published as open data; "
+                                 "your participant ID is removed before publication.",
+                                 "consent page: what is kept, for how long and who sees it")
+    seconds_per_trial: float = option(7.0, "consent page: seconds one trial takes, for the duration it states "
+                                           "(instructions count one minute)", lo=0.5)
+    decline_code: str = option("", "Prolific code for participants who decline consent (e.g. NOCONSENT); empty: a "
+                                   "page without redirect")
+    templates: str = option("", "folder of Jinja templates that replace built-in pages of the same name "
+                                "(consent.html, instructions.html, …)", path="always")
     secure_cookies: bool = option(False, "mark cookies Secure (HTTPS only): turn on when the survey is served over "
                                          "HTTPS, e.g. behind a TLS proxy")
     proxy_hops: int = option(0, "reverse proxies in front of the server whose X-Forwarded-For/-Proto headers are "

@@ -5,7 +5,7 @@ import io
 
 from flask import (Blueprint, Response, current_app, redirect, render_template, request, url_for)
 
-from .export import participants_frame, responses_frame, safe_csv
+from .export import events_frame, participants_frame, responses_frame, safe_csv
 from .security import (CSRF_FIELD, admin_configured, admin_required, check_admin_password, check_csrf,
                        end_admin_session, login_throttled, record_login, start_admin_session)
 from .service import SurveyError
@@ -86,7 +86,8 @@ def export(name: str):
     sessions = current_app.config["SESSIONS"]
     study = current_app.extensions["survey"].study_name
     tables = {"responses": lambda: responses_frame(sessions, study),
-              "participants": lambda: participants_frame(sessions)}
+              "participants": lambda: participants_frame(sessions),
+              "events": lambda: events_frame(sessions, study)}
     stem, _, fmt = name.partition(".")
     if stem not in tables or fmt not in ("csv", "parquet"):
         raise SurveyError(404, f"unknown export {name!r}; choose from "

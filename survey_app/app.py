@@ -68,6 +68,9 @@ def create_app(test_config: dict | None = None) -> Flask:
         from werkzeug.middleware.proxy_fix import ProxyFix
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.proxy_hops, x_proto=settings.proxy_hops)
     app.extensions["survey"] = service
+    if settings.templates:      # the study's own pages first, the built-in ones for the rest
+        from jinja2 import ChoiceLoader, FileSystemLoader
+        app.jinja_loader = ChoiceLoader([FileSystemLoader(settings.templates), app.jinja_loader])
     app.jinja_env.globals["csrf_token"] = csrf_token
     app.jinja_env.globals["csp_nonce"] = csp_nonce
     app.after_request(security_headers)

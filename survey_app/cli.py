@@ -185,13 +185,18 @@ def participant_cmd(run_dir, url, database, observer_name, weights, alpha, mode,
 @RUN_DIR
 @DATABASE
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="output file, .csv or .parquet (default: RUN_DIR/responses.csv)", callback=_absolute)
-def responses_cmd(run_dir, database, out):
-    """Export every stored response (human and machine) as the tidy responses table. Examples:
+              help="output file, .csv or .parquet (default: RUN_DIR/responses.csv, events.csv, participants.csv)",
+              callback=_absolute)
+@click.option("--table", type=click.Choice(["responses", "events", "participants"]), default="responses",
+              show_default=True, help="what to export: responses, browser events, or participants")
+def responses_cmd(run_dir, database, out, table):
+    """Export every stored response (human and machine) as the tidy responses table, or the browser
+    events or the participants. Text cells a spreadsheet would run as formulas are quoted in CSV. Examples:
 
     \b
       sparsight responses runs/default                          # runs/default/responses.csv
       sparsight responses runs/default --out answers.parquet
+      sparsight responses runs/default --table events           # runs/default/events.csv
     """
     from sqlalchemy.orm import sessionmaker
 
@@ -199,12 +204,15 @@ def responses_cmd(run_dir, database, out):
 
     from .app import database_url, study_config
     from .db import init_schema, make_engine
-    from .export import responses_frame, safe_csv
+    from .export import events_frame, participants_frame, responses_frame, safe_csv
     cfg = study_config(run_dir)
     engine = make_engine(database_url(run_dir, cfg, database))
     init_schema(engine)
-    df = responses_frame(sessionmaker(engine), cfg.study.name)
-    out = out or run_dir / "responses.csv"
+    sessions = sessionmaker(engine)
+    df = {"responses": lambda: responses_frame(sessions, cfg.study.name),
+          "events": lambda: events_frame(sessions, cfg.study.name),
+          "participants": lambda: participants_frame(sessions)}[table]()
+    out = out or run_dir / f"{table}.csv"
     if out.suffix == ".parquet":
         out.parent.mkdir(parents=True, exist_ok=True)
         df.to_parquet(out, index=False)
@@ -212,7 +220,8 @@ def responses_cmd(run_dir, database, out):
         atomic_write_text(out, safe_csv(df))
     else:
         raise click.UsageError(f"--out {out}: choose a .csv or .parquet file")
-    click.echo(f"{out}: {len(df)} responses from {df['participant'].nunique() if len(df) else 0} sessions")
+    click.echo(f"{out}: {len(df)} {table if table != 'participants' else 'rows'} from "
+               f"{df['participant'].nunique() if len(df) else 0} sessions")
 
 
 @click.command("mis")

@@ -55,8 +55,23 @@ def total_time(participant, answered, settings) -> RuleResult:
                       f"{settings.max_total_s:g} s)")
 
 
+def button_variability(participant, answered, settings) -> RuleResult:
+    """IMI's response-variability rule: a participant who presses one button (row and confidence) for
+    nearly every main trial is not doing the task."""
+    main = [r for t, r in answered if t.block == "main"]
+    if not main:
+        return RuleResult("button_variability", None, True, "no main trials")
+    counts: dict = {}
+    for r in main:
+        counts[(r.choice, r.confidence)] = counts.get((r.choice, r.confidence), 0) + 1
+    share = max(counts.values()) / len(main)
+    ok = share <= settings.max_same_button_share
+    return RuleResult("button_variability", share, ok, f"most-pressed button on {share:.0%} of main trials "
+                      f"({'≤' if ok else '>'} {settings.max_same_button_share:.0%})")
+
+
 RULES = {"catch_accuracy": catch_accuracy, "answers_per_position": answers_per_position,
-         "instruction_time": instruction_time, "total_time": total_time}
+         "button_variability": button_variability, "instruction_time": instruction_time, "total_time": total_time}
 
 
 def evaluate(participant, answered, settings) -> list[RuleResult]:

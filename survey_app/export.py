@@ -5,7 +5,7 @@ import pandas as pd
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
-from .models import Exclusion, Participant, Response, SurveyStudy, Trial
+from .models import Event, Exclusion, Participant, Response, SurveyStudy, Trial
 
 RESPONSE_COLUMNS = ["study", "bank_hash", "participant", "external_id", "is_machine", "observer", "condition",
                     "block", "attempt", "position", "trial_type", "trial", "model_id", "kind", "layer", "unit",
@@ -64,8 +64,28 @@ def participants_frame(sessions: sessionmaker) -> pd.DataFrame:
     for pid, rule, passed, reason in excl:
         by_p.setdefault(pid, []).append((rule, passed, reason))
     return pd.DataFrame([{
-        "participant": p.public_id, "external_id": p.external_id, "is_machine": p.is_machine, "observer": p.observer,
+        "participant": p.public_id, "external_id": p.external_id, "prolific_study_id": p.prolific_study_id,
+        "prolific_session_id": p.prolific_session_id, "is_machine": p.is_machine, "observer": p.observer,
         "condition": p.condition, "stage": p.stage, "practice_attempt": p.practice_attempt,
-        "created_at": p.created_at, "finished_at": p.finished_at, "excluded": p.excluded,
+        "user_agent": p.user_agent, "window": p.window, "created_at": p.created_at,
+        "instructions_started_at": p.instructions_started_at, "instructions_done_at": p.instructions_done_at,
+        "instruction_s": ((p.instructions_done_at - p.instructions_started_at).total_seconds()
+                          if p.instructions_done_at and p.instructions_started_at else None),
+        "finished_at": p.finished_at, "last_seen_at": p.last_seen_at, "excluded": p.excluded,
         "failed_rules": ";".join(r for r, ok, _ in by_p.get(p.id, []) if not ok),
         "reasons": " | ".join(why for _, ok, why in by_p.get(p.id, []) if not ok)} for p in ps])
+
+
+EVENT_COLUMNS = ["participant", "external_id", "is_machine", "kind", "detail", "client_ms", "created_at"]
+
+
+def events_frame(sessions: sessionmaker, study_name: str | None = None) -> pd.DataFrame:
+    """Every stored browser event (focus, blur, visibility, full screen, resize, …) with its participant."""
+    q = (select(Participant.public_id, Participant.external_id, Participant.is_machine, Event.kind, Event.detail,
+                Event.client_ms, Event.created_at)
+         .join(Participant, Event.participant_id == Participant.id).order_by(Event.id))
+    if study_name is not None:
+        q = q.where(Participant.study_name == study_name)
+    with sessions() as s:
+        rows = s.execute(q).all()
+    return pd.DataFrame([tuple(r) for r in rows], columns=EVENT_COLUMNS)

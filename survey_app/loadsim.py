@@ -45,7 +45,7 @@ from .db import scratch_postgres  # noqa: F401  (used by benchmarks/survey_load.
 # server-clock check is off, since the simulated participants claim their reaction times.
 LOAD_SURVEY = {"practice_trials": 5, "main_trials": 40, "catch_trials": 5, "min_response_ms": 1500,
                "completion_code": "LOAD", "min_instruction_s": 0.0, "min_total_s": 0.0,
-               "min_answers_per_position": 1, "check_server_time": False}
+               "min_answers_per_position": 1, "check_server_time": False, "require_external_id": "no"}
 CLAIMED_RT_MS = 1600.0
 
 CSRF_RE = re.compile(r'name="csrf_token" value="([^"]+)"')

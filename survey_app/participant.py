@@ -46,24 +46,51 @@ def _to_stage(pid: str):
     return redirect(url_for(STAGE_PAGES[_service().stage(pid)]))
 
 
+def external_id_required(settings) -> bool:
+    """Whether a session needs the study link's PROLIFIC_PID (``auto``: when a completion code is set)."""
+    return settings.require_external_id == "yes" or (settings.require_external_id == "auto"
+                                                     and bool(settings.completion_code))
+
+
+NEEDS_LINK = ("this study can only be started from its link on Prolific, which carries your participant ID; "
+              "open it from there")
+
+
+def duration_minutes(settings) -> int:
+    """The duration the consent page states: one minute of instructions plus every trial."""
+    import math
+    trials = settings.practice_trials + settings.main_trials + settings.catch_trials
+    return max(1, math.ceil((60 + trials * settings.seconds_per_trial) / 60))
+
+
 @bp.get("/")
 def start():
     pid = _current()
     if pid:
         return _to_stage(pid)
     params = {k: request.args.get(k, "") for k in PROLIFIC}
-    return render_template("consent.html", params=params, settings=_settings())
+    if external_id_required(_settings()) and not params["PROLIFIC_PID"].strip():
+        raise SurveyError(403, NEEDS_LINK)
+    return render_template("consent.html", params=params, settings=_settings(),
+                           duration=duration_minutes(_settings()))
 
 
 @bp.post("/consent")
 def consent():
     check_csrf(request.form.get(CSRF_FIELD))
+    external = request.form.get("PROLIFIC_PID", "").strip()[:128] or None
+    if request.form.get("decision") == "decline":
+        _service().record_decline(external)
+        code = _settings().decline_code
+        url = _settings().completion_url.format(code=code) if code else None
+        return render_template("declined.html", redirect_url=url)
     if request.form.get("consent") != "yes":
         raise SurveyError(400, "consent is required to take part; tick the box to agree")
     pid = _current()
     if pid:
         return _to_stage(pid)
-    external = request.form.get("PROLIFIC_PID", "").strip()[:128] or None
+    if external_id_required(_settings()) and not external:
+        raise SurveyError(403, NEEDS_LINK)
     study_id = request.form.get("STUDY_ID", "").strip()[:128] or None
     session_id = request.form.get("SESSION_ID", "").strip()[:128] or None
     service = _service()

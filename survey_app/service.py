@@ -8,6 +8,7 @@ import datetime as dt
 import hashlib
 import hmac
 import json
+import math
 import re
 import secrets
 from collections import Counter
@@ -26,6 +27,8 @@ STAGES = ("consent", "instructions", "practice", "main", "complete", "screened_o
 ACTIVE = ("instructions", "practice", "main")
 FINAL = ("complete", "screened_out")
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{8,64}$")
+#: Longest event detail stored (characters of its JSON); a longer one is refused, never cut.
+MAX_EVENT_DETAIL = 2000
 EVENT_KINDS = ("focus", "blur", "visibility", "fullscreen_enter", "fullscreen_exit", "resize", "reload",
                "preload_error", "page", "note")
 
@@ -88,6 +91,12 @@ class SurveyService:
         return found
 
     # ---- creating a session -------------------------------------------------------------
+    def record_decline(self, external_id: str | None) -> None:
+        """Store that someone declined consent (with the study link's participant ID, if any)."""
+        from .models import Decline
+        with self.sessions.begin() as s:
+            s.add(Decline(study_name=self.study_name, external_id=external_id))
+
     def create_participant(self, *, is_machine: bool = False, external_id: str | None = None,
                            prolific_study_id: str | None = None, prolific_session_id: str | None = None,
                            observer: str | None = None, user_agent: str | None = None, window: str | None = None,
@@ -392,9 +401,15 @@ class SurveyService:
             if not isinstance(e, dict) or e.get("kind") not in EVENT_KINDS:
                 raise SurveyError(400, f"each event needs a kind from {list(EVENT_KINDS)}")
             t = e.get("t")
-            if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float))):
-                raise SurveyError(400, "event time 't' must be a number (ms)")
-            rows.append((e["kind"], json.dumps(e.get("detail", ""))[:2000], t))
+            if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t)):
+                raise SurveyError(400, "event time 't' must be a finite number (ms)")
+            try:
+                detail = json.dumps(e.get("detail", ""), allow_nan=False)
+            except (TypeError, ValueError):
+                raise SurveyError(400, "event detail must be JSON without NaN or Infinity") from None
+            if len(detail) > MAX_EVENT_DETAIL:
+                raise SurveyError(400, f"event detail is {len(detail)} characters as JSON; at most {MAX_EVENT_DETAIL}")
+            rows.append((e["kind"], detail, t))
         with transaction(self.sessions) as s:
             p = self._participant(s, public_id)
             s.add_all([Event(participant_id=p.id, kind=k, detail=d, client_ms=t) for k, d, t in rows])

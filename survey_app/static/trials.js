@@ -49,7 +49,10 @@
       if (r && r.status >= 400 && r.status < 500) {
         const err = await r.json().catch(() => ({error: r.statusText}));
         $("status").textContent = err.error;
-        if (r.status === 401 || r.status === 403) location.assign("/");
+        if (r.status === 403) {   // this tab's session is not the browser's any more: it continues elsewhere
+          $("status").textContent = "This study continues in another window or tab. Please close this one.";
+          document.querySelectorAll("button.answer").forEach((b) => { b.disabled = true; });
+        } else if (r.status === 401) location.assign("/");
         throw new Error(err.error);
       }
       $("status").textContent = "Connection problem — retrying…";

@@ -9,7 +9,8 @@ from survey_helpers import ADMIN_PASSWORD, API_TOKEN
 
 FAST = {"practice_trials": 2, "practice_attempts": 3, "main_trials": 6, "catch_trials": 2, "min_response_ms": 1500,
         "min_answers_per_position": 1, "min_instruction_s": 0.0, "min_total_s": 0.0, "completion_code": "DONE42",
-        "check_server_time": False}     # tests answer at once; test_survey_security turns the check on
+        "check_server_time": False,     # tests answer at once; test_survey_security turns the check on
+        "require_external_id": "no"}    # most tests start without a study link; test_survey_consent requires one
 
 
 @pytest.fixture

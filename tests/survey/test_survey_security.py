@@ -116,3 +116,28 @@ def test_the_server_clock_refuses_a_forged_reaction_time(make_app):
     with app.config["SESSIONS"]() as s:
         assert s.scalar(select(func.count(Response.id))) == 0
     assert post(body).status_code == 200
+
+
+def test_events_and_participant_fields_are_exported_and_bad_event_payloads_refused(app, client):
+    sid = human_session(client, PROLIFIC_PID="p-9", STUDY_ID="study-7", SESSION_ID="sess-3")
+    with client.session_transaction() as s:
+        csrf = s["csrf"]
+    post = lambda body: client.post(f"/api/sessions/{sid}/events", json=body,  # noqa: E731
+                                    headers={"X-CSRF-Token": csrf})
+    assert post({"events": [{"kind": "blur", "t": 12.5}, {"kind": "fullscreen_exit", "t": 30,
+                                                           "detail": {"w": 1280}}]}).status_code in (200, 201)
+    for bad in ({"events": [{"kind": "blur", "t": float("nan")}]},
+                {"events": [{"kind": "blur", "t": float("inf")}]},
+                {"events": [{"kind": "note", "t": 1, "detail": "x" * 5000}]}):
+        r = client.post(f"/api/sessions/{sid}/events", data=__import__("json").dumps(bad),
+                        content_type="application/json", headers={"X-CSRF-Token": csrf})
+        assert r.status_code == 400, bad
+    admin = app.test_client()
+    token = csrf_from(admin.get("/admin/login").text)
+    admin.post("/admin/login", data={"csrf_token": token, "password": ADMIN_PASSWORD})
+    events = list(csv.DictReader(io.StringIO(admin.get("/admin/export/events.csv").text)))
+    assert [(e["kind"], e["client_ms"]) for e in events] == [("blur", "12.5"), ("fullscreen_exit", "30.0")]
+    people = list(csv.DictReader(io.StringIO(admin.get("/admin/export/participants.csv").text)))
+    person = [p for p in people if p["external_id"] == "p-9"][0]
+    assert person["prolific_study_id"] == "study-7" and person["prolific_session_id"] == "sess-3"
+    assert person["window"] == "1280x900" and person["user_agent"] and person["instruction_s"] != ""

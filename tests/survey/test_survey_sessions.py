@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas as pd
 from sqlalchemy import func, select
 
+from survey_app.exclusions import RULES
 from survey_app.export import RESPONSE_COLUMNS, responses_frame
 from survey_app.models import Participant, Response, Trial
 from survey_helpers import API_TOKEN, auth, human_session, machine_session
@@ -80,7 +81,7 @@ def test_human_practice_repeats_after_a_mistake_then_main_trials_then_completion
     with app.config["SESSIONS"]() as s:
         p = s.scalars(select(Participant)).one()
         assert (p.external_id, p.prolific_study_id, p.prolific_session_id) == ("pp1", "st", "se")
-        assert p.excluded is False and len(p.exclusions) == 4
+        assert p.excluded is False and len(p.exclusions) == len(RULES)
         kinds = s.execute(select(Trial.block, Trial.attempt, func.count()).join(Response)
                           .group_by(Trial.block, Trial.attempt).order_by(Trial.block, Trial.attempt)).all()
     assert kinds == [("main", 0, 8), ("practice", 1, 2), ("practice", 2, 2)]
@@ -199,3 +200,23 @@ def test_admin_area_needs_the_password_and_exports_the_responses(app, client):
     assert len(parquet) == 1 and parquet["trial"].iloc[0] == trial["id"]
     assert client.get("/admin/export/../../survey.db").status_code == 404
     assert API_TOKEN not in page.text
+
+
+def test_one_button_for_every_main_trial_is_excluded_by_response_variability(make_app):
+    """IMI's variability rule (reference: the share counted from the stored responses)."""
+    app = make_app(max_same_button_share=0.9)
+    client = app.test_client()
+    sid = human_session(client)
+    head, n = csrf(client), 0
+    while (state := client.get(f"/api/sessions/{sid}").json)["stage"] in ("practice", "main"):
+        trial = state["trial"]
+        choice = answer(trial, app, True) if state["stage"] == "practice" else "upper"
+        respond(client, sid, trial, choice, key=f"key-{n:05d}", headers=head)
+        n += 1
+    with app.config["SESSIONS"]() as s:
+        person = s.scalars(select(Participant)).one()
+        rule = {e.rule: e for e in person.exclusions}["button_variability"]
+        main = s.execute(select(Response).join(Trial).where(Trial.block == "main")).scalars().all()
+    buttons = [(r.choice, r.confidence) for r in main]
+    share = max(buttons.count(b) for b in set(buttons)) / len(buttons)
+    assert rule.value == share and share == 1.0 and rule.passed is False and person.excluded

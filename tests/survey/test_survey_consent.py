@@ -1,0 +1,67 @@
+"""Consent from the study's settings, a recorded decline, and participation only through the study link."""
+from __future__ import annotations
+
+from sqlalchemy import func, select
+
+from survey_app.models import Decline, Participant
+from survey_helpers import csrf_from
+
+LINK = {"PROLIFIC_PID": "p-123", "STUDY_ID": "s-1", "SESSION_ID": "x-1"}
+
+
+def _count(app, model) -> int:
+    with app.config["SESSIONS"]() as s:
+        return s.scalar(select(func.count(model.id)))
+
+
+def test_the_consent_page_states_the_studys_facts_and_its_computed_duration(make_app):
+    app = make_app(researcher="Dr. A. Researcher", institution="Example University", contact="lab@example.org",
+                   ethics_reference="ERC-2026-042", payment="£2.40 through Prolific", practice_trials=2,
+                   main_trials=40, catch_trials=4, seconds_per_trial=6.0, require_external_id="no")
+    html = app.test_client().get("/").text
+    for text in ("Dr. A. Researcher", "Example University", "lab@example.org", "ERC-2026-042", "£2.40"):
+        assert text in html
+    assert "about 6 minutes" in html          # (60 s + 46 trials × 6 s) / 60 = 5.6 → 6
+    assert "15–20 minutes" not in html and 'id="consent-decline"' in html
+
+
+def test_a_study_link_is_required_once_a_completion_code_is_set(make_app):
+    app = make_app(require_external_id="auto", completion_code="DONE42")
+    client = app.test_client()
+    r = client.get("/")
+    assert r.status_code == 403 and "link on Prolific" in r.text
+    page = client.get("/", query_string=LINK)
+    assert page.status_code == 200
+    token = csrf_from(page.text)
+    bare = client.post("/consent", data={"csrf_token": token, "consent": "yes"})
+    assert bare.status_code == 403 and _count(app, Participant) == 0
+    ok = client.post("/consent", data={"csrf_token": token, "consent": "yes", **LINK})
+    assert ok.status_code == 302 and _count(app, Participant) == 1
+    again = app.test_client()
+    token = csrf_from(again.get("/", query_string=LINK).text)
+    r = again.post("/consent", data={"csrf_token": token, "consent": "yes", **{**LINK, "SESSION_ID": "other"}})
+    assert r.status_code == 409 and _count(app, Participant) == 1
+
+
+def test_declining_is_recorded_and_stores_nothing_else(make_app):
+    app = make_app(decline_code="NOCONSENT")
+    client = app.test_client()
+    token = csrf_from(client.get("/", query_string=LINK).text)
+    r = client.post("/consent", data={"csrf_token": token, "decision": "decline", **LINK})
+    assert r.status_code == 200 and "declined" in r.text and "cc=NOCONSENT" in r.text
+    assert _count(app, Decline) == 1 and _count(app, Participant) == 0
+    with app.config["SESSIONS"]() as s:
+        assert s.scalars(select(Decline.external_id)).one() == "p-123"
+
+
+def test_a_template_folder_replaces_a_built_in_page(make_app, tmp_path):
+    folder = tmp_path / "pages"
+    folder.mkdir()
+    (folder / "declined.html").write_text("{% extends 'base.html' %}{% block body %}<p>Our own words.</p>"
+                                          "{% endblock %}")
+    app = make_app(templates=str(folder))
+    client = app.test_client()
+    token = csrf_from(client.get("/").text)
+    r = client.post("/consent", data={"csrf_token": token, "decision": "decline"})
+    assert "Our own words." in r.text and "Thank you" not in r.text
+    assert "Welcome" in client.get("/").text          # pages the folder lacks stay built in
