@@ -264,6 +264,8 @@ class SurveySection:
                                            "never trusted alone")
     feedback_delay_ms: int = option(350, "ms between the chosen image's frame and the correct one's", lo=0)
     feedback_ms: int = option(1150, "ms the correct/incorrect frame stays on screen", lo=0)
+    reference_px: int = option(128, "displayed size of a reference image (CSS px; the stimuli are scaled)", lo=16)
+    query_px: int = option(176, "displayed size of a query image (CSS px)", lo=16)
     min_window_width: int = option(1000, "smallest browser window (CSS px) a participant may use", lo=0)
     min_window_height: int = option(600, "smallest browser window height (CSS px)", lo=0)
     slot_timeout_min: int = option(60, "an unfinished session stops counting towards unit balance after this many "

@@ -18,6 +18,7 @@ the database with it (nothing lost, nothing duplicated) and checks condition and
 from __future__ import annotations
 
 import contextlib
+import html
 import http.client
 import io
 import json
@@ -49,6 +50,7 @@ LOAD_SURVEY = {"practice_trials": 5, "main_trials": 40, "catch_trials": 5, "min_
 CLAIMED_RT_MS = 1600.0
 
 CSRF_RE = re.compile(r'name="csrf_token" value="([^"]+)"')
+REFRESH_RE = re.compile(r'http-equiv="refresh" content="\d+;url=([^"]+)"')
 SESSION_RE = re.compile(r'session:\s*"([^"]+)"')
 STATIC_RE = re.compile(r'(?:href|src)="(/static/[^"]+)"')
 ROUTES = ("state", "response", "response_retry", "response_conflict", "image", "page", "static", "events")
@@ -377,8 +379,9 @@ class SimParticipant:
                 state = self.state()
             log.final_stage = state["stage"]
             if state["stage"] == "complete":
-                r = expect(self.browser.get("/complete", "page"), 302, "GET /complete")
-                log.completion_location = r.location
+                r = expect(self.browser.get("/complete", "page"), 200, "GET /complete")
+                found = REFRESH_RE.search(r.text)     # the page shows the code, then goes on to the completion URL
+                log.completion_location = html.unescape(found.group(1)) if found else None
         except Exception as err:  # noqa: BLE001 - reported by verify()
             log.error = f"{type(err).__name__}: {err}"
         finally:

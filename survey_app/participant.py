@@ -150,7 +150,8 @@ def trials():
         return _to_stage(pid)
     s = _settings()
     timing = {"min_response_ms": s.min_response_ms, "feedback_delay_ms": s.feedback_delay_ms,
-              "feedback_ms": s.feedback_ms, "min_width": s.min_window_width, "min_height": s.min_window_height}
+              "feedback_ms": s.feedback_ms, "min_width": s.min_window_width, "min_height": s.min_window_height,
+              "reference_px": s.reference_px, "query_px": s.query_px}
     return render_template("trials.html", session_id=pid, timing=timing, prompt=PROMPT, settings=s)
 
 
@@ -161,10 +162,8 @@ def complete():
     if state["stage"] != "complete":
         return _to_stage(pid)
     code = _settings().completion_code
-    if code:
-        return redirect(_settings().completion_url.format(code=code))
-    return render_template("message.html", title="Thank you", message="You have finished the study. "
-                           "Your answers are saved; you may close this window.")
+    url = _settings().completion_url.format(code=code) if code else None
+    return render_template("complete.html", code=code, redirect_url=url)
 
 
 @bp.get("/screened-out")

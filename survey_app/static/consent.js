@@ -11,7 +11,10 @@
     const w = window.innerWidth, h = window.innerHeight;
     size.value = w + "x" + h;
     let problem = "";
+    const phone = window.matchMedia && window.matchMedia("(pointer: coarse)").matches &&
+                  Math.max(screen.width, screen.height) < min.width;
     if (!capable) problem = "Your browser is too old for this study. Please use a current Chrome, Firefox, Edge or Safari.";
+    else if (phone) problem = "This study needs a computer with a mouse or keyboard; it cannot be done on a phone or a small tablet.";
     else if (w < min.width || h < min.height)
       problem = "Your window is " + w + "×" + h + " pixels; the study needs at least " + min.width + "×" + min.height +
                 ". Please enlarge the window.";

@@ -26,16 +26,27 @@
   window.addEventListener("focus", () => logEvent("focus"));
   window.addEventListener("blur", () => logEvent("blur"));
   document.addEventListener("visibilitychange", () => logEvent("visibility", document.visibilityState));
-  document.addEventListener("fullscreenchange", () =>
-    logEvent(document.fullscreenElement ? "fullscreen_enter" : "fullscreen_exit"));
+  document.addEventListener("fullscreenchange", () => {
+    logEvent(document.fullscreenElement ? "fullscreen_enter" : "fullscreen_exit");
+    $("left-fullscreen").hidden = !!document.fullscreenElement || !started || !document.fullscreenEnabled;
+  });
   window.addEventListener("resize", () => { logEvent("resize", window.innerWidth + "x" + window.innerHeight); checkSize(); });
   window.addEventListener("pagehide", () => flushEvents(true));
   setInterval(flushEvents, 3000);
   if (performance.getEntriesByType && (performance.getEntriesByType("navigation")[0] || {}).type === "reload")
     logEvent("reload");
 
+  const root = document.documentElement.style;       // display sizes of the study (CSSOM: allowed by the CSP)
+  root.setProperty("--reference-px", S.timing.reference_px + "px");
+  root.setProperty("--query-px", S.timing.query_px + "px");
+  const phone = window.matchMedia && window.matchMedia("(pointer: coarse)").matches &&
+                Math.max(screen.width, screen.height) < S.timing.min_width;
+  let started = false;
+
   function checkSize() {
-    const small = window.innerWidth < S.timing.min_width || window.innerHeight < S.timing.min_height;
+    const small = phone || window.innerWidth < S.timing.min_width || window.innerHeight < S.timing.min_height;
+    if (phone) $("too-small-text").textContent = "This study needs a computer with a mouse or keyboard; it cannot " +
+                                                 "be done on a phone or a small tablet.";
     $("too-small").hidden = !small;
     return !small;
   }
@@ -172,11 +183,13 @@
 
   async function main() {
     checkSize();
+    $("fullscreen-button").onclick = () => { $("left-fullscreen").hidden = true; requestFullscreen(); };
     let state = await getState();
     await overlay(state.stage === "practice" ? "The practice trials start now. The study switches to full-screen mode."
                                              : "Press the button to continue. The study switches to full-screen mode.",
                   state.stage === "practice" ? "Start practice" : "Continue");
     requestFullscreen();
+    started = true;
     while (true) {
       if (state.stage === "complete") { flushEvents(true); location.assign("/complete"); return; }
       if (state.stage === "screened_out") { flushEvents(true); location.assign("/screened-out"); return; }

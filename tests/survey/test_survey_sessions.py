@@ -76,8 +76,10 @@ def test_human_practice_repeats_after_a_mistake_then_main_trials_then_completion
     assert state["stage"] == "main"
     state = play(correct_first=True)
     assert state["stage"] == "complete"
-    r = client.get("/complete")
-    assert r.status_code == 302 and r.headers["Location"] == "https://app.prolific.com/submissions/complete?cc=DONE42"
+    r = client.get("/complete")         # the code is shown, and the page goes on to Prolific by itself
+    url = "https://app.prolific.com/submissions/complete?cc=DONE42"
+    assert r.status_code == 200 and 'id="completion-code">DONE42<' in r.text
+    assert f'http-equiv="refresh" content="3;url={url}"' in r.text and f'href="{url}"' in r.text
     with app.config["SESSIONS"]() as s:
         p = s.scalars(select(Participant)).one()
         assert (p.external_id, p.prolific_study_id, p.prolific_session_id) == ("pp1", "st", "se")
