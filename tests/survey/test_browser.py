@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 PROLIFIC = {"PROLIFIC_PID": "p1", "STUDY_ID": "s1", "SESSION_ID": "x1"}
 SETTINGS = {"min_response_ms": 300, "feedback_delay_ms": 50, "feedback_ms": 100, "practice_trials": 2,
             "practice_attempts": 3, "main_trials": 6, "catch_trials": 2, "min_window_width": 800,
-            "min_window_height": 600, "completion_code": "TESTCODE",
+            "min_window_height": 600, "completion_code": "TESTCODE", "reference_px": 100, "query_px": 150,
             # exclusion thresholds a fast scripted participant can meet, so `excluded` is checked too
             "min_instruction_s": 0.0, "min_total_s": 0.0, "min_answers_per_position": 1}
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -234,6 +234,10 @@ def test_participant_completes_the_study_in_chromium(live_survey, page):
 
     # Practice attempt 1: the first answer wrong, so the practice is repeated.
     continue_past_overlay(page, "practice trials start now", "Start practice")
+    wait_for_trial(page)        # shown at the study's display sizes (a query has a 6 px frame on each side)
+    sizes = page.evaluate("() => [document.querySelector('#left img').getBoundingClientRect().width,"
+                          " document.getElementById('upper').getBoundingClientRect().width]")
+    assert sizes == [SETTINGS["reference_px"], SETTINGS["query_px"] + 12]
     answers = [answer_trial(page, live, correct=False, confidence=1, by_key=False),
                answer_trial(page, live, correct=True, confidence=2, by_key=True)]
     continue_past_overlay(page, "try again (attempt 2 of 3)", "Practice again")
