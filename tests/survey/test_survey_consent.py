@@ -65,3 +65,24 @@ def test_a_template_folder_replaces_a_built_in_page(make_app, tmp_path):
     r = client.post("/consent", data={"csrf_token": token, "decision": "decline"})
     assert "Our own words." in r.text and "Thank you" not in r.text
     assert "Welcome" in client.get("/").text          # pages the folder lacks stay built in
+
+
+def test_one_participant_id_takes_part_once_under_concurrent_consents(make_app):
+    """Eight browsers consent with the same PROLIFIC_PID at once (SQLite and PostgreSQL): one session."""
+    import threading
+
+    app = make_app(require_external_id="yes")
+    clients = [app.test_client() for _ in range(8)]
+    tokens = [csrf_from(c.get("/", query_string=LINK).text) for c in clients]
+    barrier, codes = threading.Barrier(len(clients)), []
+
+    def consent(client, token):
+        barrier.wait()
+        codes.append(client.post("/consent", data={"csrf_token": token, "consent": "yes",
+                                                   **{**LINK, "SESSION_ID": f"s-{token[:6]}"}}).status_code)
+    threads = [threading.Thread(target=consent, args=pair) for pair in zip(clients, tokens)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(codes) == [302] + [409] * 7 and _count(app, Participant) == 1
