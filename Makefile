@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo quick test test-fast benchmarks clean
+.PHONY: demo quick test test-fast benchmarks gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ test-fast: $(STAMP)
 
 benchmarks: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
+
+# every CUDA path and GPU benchmark in one run (SMOKE=1: tiny sizes on the CPU)
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py $(if $(SMOKE),--smoke)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -126,7 +126,7 @@ def steps_to_target(model, layer, units, targets, reached_at, device) -> torch.T
     return out
 
 
-def quality_normalised(model, units, args, device, sync) -> None:
+def quality_normalised(model, units, args, device, sync) -> dict:
     """Seconds per unit until the plain max image drives the unit as hard as its natural top images."""
     targets = natural_targets(model, args.layer, units, args, device)
     checkpoints = [s for s in (8, 16, 32, 64, 128, 256, 512, 1024, 2048) if s <= args.steps] or [args.steps]
@@ -158,15 +158,19 @@ def quality_normalised(model, units, args, device, sync) -> None:
     print(f"\nquality-normalised: seconds per unit until the plain max image reaches the mean activation of the "
           f"unit's top {args.natural_top} natural images (checkpoints {checkpoints})")
     print(f"{'renderer':28s} {'reached':>8s} {'median steps':>13s} {'s/unit to valid':>16s}")
-    for label, steps, per_step in (("lucent render_vis, per unit", lucent_steps, lucent_per_step),
-                                   ("render_units, batched", ours_steps, ours_per_step)):
+    out = {}
+    for key, label, steps, per_step in (("lucent", "lucent render_vis, per unit", lucent_steps, lucent_per_step),
+                                        ("ours", "render_units, batched", ours_steps, ours_per_step)):
         finite = steps[torch.isfinite(steps)]
         median = float(finite.median()) if len(finite) else float("inf")
         print(f"{label:28s} {len(finite):4d}/{len(units):<3d} {median:13.0f} {median * per_step:16.3f}")
+        out[key] = {"reached": int(len(finite)), "units": len(units), "median_steps": median,
+                    "s_per_unit_to_valid": median * per_step}
     print("(lucent optimizes the post-ReLU channel from lucent's own start; render_units its default objective)")
+    return out
 
 
-def main(args) -> None:
+def main(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -211,8 +215,11 @@ def main(args) -> None:
             act = unit_means(model, args.layer, torch.cat(images), units, device).mean().item()
         print(f"{label:28s} {seconds / args.units:8.3f} {n_images / seconds:9.1f} {act:16.3f}")
     print(f"speed-up (lucent s/unit ÷ render_units s/unit): {lucent_seconds / ours_seconds:.2f}×")
+    result = {"lucent_s_per_unit": lucent_seconds / args.units, "ours_s_per_unit": ours_seconds / args.units,
+              "speedup": lucent_seconds / ours_seconds}
     if args.quality:
-        quality_normalised(model, units, args, device, sync)
+        result["quality"] = quality_normalised(model, units, args, device, sync)
+    return result
 
 
 if __name__ == "__main__":

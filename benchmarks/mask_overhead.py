@@ -60,13 +60,14 @@ def timed(step, steps: int, device) -> float:
     return time.perf_counter() - t0
 
 
-def main(args) -> None:
+def main(args) -> dict:
     device = resolve_device(args.device)
     amp = amp_dtype("auto", device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {name}; torch {torch.__version__}; batch {args.batch_size}; {args.image_size} px; "
           f"amp {amp}; channels_last; {args.rounds} rounds × {args.steps} steps; {args.method} at {args.rate}")
     print(f"{'model':16s} {'dense img/s':>12s} {'masked img/s':>13s} {'overhead':>9s}")
+    result = {}
     for arch in args.models:
         torch.manual_seed(0)
         runs = {}
@@ -92,6 +93,8 @@ def main(args) -> None:
         ips = {k: args.steps * args.batch_size / statistics.median(v) for k, v in seconds.items()}
         overhead = ips["dense"] / ips["masked"] - 1
         print(f"{arch:16s} {ips['dense']:12.1f} {ips['masked']:13.1f} {overhead:8.1%}")
+        result[arch] = {"dense": ips["dense"], "masked": ips["masked"], "overhead": overhead}
+    return result
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ def reference_deltas(material: Material, vectors: dict) -> list[float]:
     return out
 
 
-def time_mis(args, root: Path) -> None:
+def time_mis(args, root: Path) -> dict:
     units = [(f"layer{u // 10}", u % 10) for u in range(args.units)]
     make_bank(root, models=("m",), kinds=("natural",), units=units, n_tasks=args.tasks, k=args.k, size=8)
     material = Material(root / "stimuli")
@@ -75,9 +75,10 @@ def time_mis(args, root: Path) -> None:
     print(f"MIS of {len(scores)} units × {args.tasks} tasks (K={args.k}, {len(material.images)} images, d={args.dim}) "
           f"from cached embeddings: {fast:.3f} s  | per-task loop baseline {slow:.3f} s  | ratio {slow / fast:.1f}× "
           f"| max |ΔΔ| {err:.1e}")
+    return {"units": len(scores), "seconds": fast, "loop_seconds": slow, "speedup": slow / fast, "max_error": err}
 
 
-def time_embedding(args, device: torch.device) -> None:
+def time_embedding(args, device: torch.device) -> float:
     from pruning.models import create_model, get_spec
     size = args.image_size or get_spec(args.backbone).input_size
     model = create_model(args.backbone, num_classes=1000)
@@ -97,20 +98,22 @@ def time_embedding(args, device: torch.device) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"embedding {args.backbone} @ {size}px on {name} (batch {args.batch_size}): {args.images / dt:.1f} images/s "
           f"(decode-free: PIL images in memory; includes resize and host→device copy)")
+    return args.images / dt
 
 
-def main(args) -> None:
+def main(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        time_mis(args, Path(tmp))
+        result = {"mis": time_mis(args, Path(tmp)), "embedding_images_per_s": {}}
     devices = [torch.device("cpu")]
     if args.device in ("auto", "cuda") and torch.cuda.is_available():
         devices.append(torch.device("cuda"))
     if args.device == "cpu":
         devices = [torch.device("cpu")]
     for device in devices:
-        time_embedding(args, device)
+        result["embedding_images_per_s"][device.type] = time_embedding(args, device)
+    return result
 
 
 if __name__ == "__main__":

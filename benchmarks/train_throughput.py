@@ -66,23 +66,28 @@ def measure(arch: str, mode: dict, args, device: torch.device) -> float:
     return args.steps * args.batch_size / (time.perf_counter() - t0)
 
 
-def main(args) -> None:
+def main(args) -> dict:
     device = resolve_device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {name}; torch {torch.__version__}; batch {args.batch_size}; {args.image_size} px; "
           f"{args.steps} timed steps after {args.warmup} warm-up")
     print(f"{'model':10s} {'mode':34s} {'images/s':>10s} {'× fp32 eager':>13s}")
+    result: dict = {}
     for arch in args.models:
         baseline = None
+        result[arch] = {}
         for mode_name in args.modes:
             try:
                 ips = measure(arch, MODES[mode_name], args, device)
             except Exception as err:  # e.g. no compiler toolchain for torch.compile
                 print(f"{arch:10s} {mode_name:34s} {'failed':>10s}  ({type(err).__name__}: {str(err)[:60]})")
+                result[arch][mode_name] = None
                 continue
             baseline = baseline or (ips if mode_name == "fp32 eager" else None)
             ratio = f"{ips / baseline:13.2f}" if baseline else f"{'-':>13s}"
             print(f"{arch:10s} {mode_name:34s} {ips:10.1f} {ratio}")
+            result[arch][mode_name] = ips
+    return result
 
 
 if __name__ == "__main__":

@@ -93,6 +93,10 @@ def _percentile_window(values: torch.Tensor, percentile: float, n: int, descendi
     return _items(valid[chosen], vals[chosen], first_rank=start + 1), count
 
 
+class OverlappingExemplars(ValueError):
+    """A unit's maximally and minimally activating images share images: it cannot form tasks."""
+
+
 def select_tasks(mining: LayerMining, unit: int, *, n_tasks: int = 20, n_references: int = 9, seed: int = 0,
                  query_percentile: float = 0.0, recorded: torch.Tensor | None = None,
                  identity: int | None = None) -> list[Task]:
@@ -130,9 +134,10 @@ def select_tasks(mining: LayerMining, unit: int, *, n_tasks: int = 20, n_referen
         bottom += _percentile_query(recorded, query_percentile, n, k, name, descending=False)
     overlap = {i for i, _, _ in top} & {i for i, _, _ in bottom}
     if overlap:
-        raise ValueError(f"unit {name}: the max and min images overlap ({len(overlap)} shared, e.g. dataset index "
-                         f"{min(overlap)}); the dataset of {int(mining.count[unit])} images is too small for "
-                         f"{n} tasks × ({k} references + 1 query) per side")
+        raise OverlappingExemplars(
+            f"unit {name}: the max and min images overlap ({len(overlap)} shared, e.g. dataset index "
+            f"{min(overlap)}): among its {int(mining.count[unit])} images fewer than {per_side} activate it above "
+            f"its lowest value (ties), too few for {n} tasks × ({k} references + 1 query) per side")
     generator = unit_generator(seed, mining.layer, identity)
     max_bins, min_bins = _fair_bins(top, n, generator), _fair_bins(bottom, n, generator)
     return [_task(j, [b[j] for b in max_bins], [b[j] for b in min_bins]) for j in range(n)]

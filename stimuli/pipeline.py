@@ -23,7 +23,7 @@ from sparsight.progress import progress_bar
 from pruning.data.folders import open_image
 
 from .bank import StimulusBank
-from .exemplars import select_tasks
+from .exemplars import OverlappingExemplars, select_tasks
 from .featurevis import FeatureVisSettings, render_units
 from .mining import mine
 from .units import Unit
@@ -178,7 +178,19 @@ def live_units(model, model_id: str, units: list[Unit], data_root, settings: Sti
     result = _mine_units(model, model_id, kept, data_root, settings, channel, device=device, work_dir=work_dir,
                          progress=False, shard=shard, gather=gather)
     return {u for u in kept if not settings.skip_dead
-            or _dead_reason(result.layers[u.layer], channel(u), pruned_model) is None}
+            or (_dead_reason(result.layers[u.layer], channel(u), pruned_model) is None
+                and _forms_tasks(result.layers[u.layer], channel(u), u, settings))}
+
+
+def _forms_tasks(layer_mining, channel: int, unit: Unit, settings: StimuliSettings) -> bool:
+    """Whether the unit's top and bottom images are disjoint enough for its tasks (not ``sparse``)."""
+    try:
+        select_tasks(layer_mining, channel, n_tasks=settings.n_tasks, n_references=settings.n_references,
+                     seed=settings.seed, query_percentile=settings.query_percentile,
+                     recorded=layer_mining.recorded.get(channel), identity=unit.unit)
+    except OverlappingExemplars:
+        return False
+    return True
 
 
 def make_stimuli(model, model_id: str, units: list[Unit], data_root: str | Path, bank: StimulusBank,
@@ -240,16 +252,19 @@ def make_stimuli(model, model_id: str, units: list[Unit], data_root: str | Path,
     for u in units:
         lm, c = result.layers[u.layer], channel(u)
         reason = _dead_reason(lm, c, pruned_model) if settings.skip_dead else None
+        why = "" if reason is None else f"constant activation {float(lm.max[c]):.4g}"
+        if reason is None:
+            try:
+                tasks_of[u] = select_tasks(lm, c, n_tasks=settings.n_tasks, n_references=settings.n_references,
+                                           seed=settings.seed, query_percentile=settings.query_percentile,
+                                           recorded=lm.recorded.get(c), identity=u.unit)
+            except OverlappingExemplars as err:     # nearly silent: too few images drive it for its tasks
+                reason, why = "sparse", str(err)
         for kind in settings.kinds:
             if u in member[kind]:
-                status.append(status_row(kind, u, reason or "ok",
-                                         "" if reason is None else f"constant activation {float(lm.max[c]):.4g}"))
+                status.append(status_row(kind, u, reason or "ok", why))
         if reason is not None:
             dead_of[u] = reason
-            continue
-        tasks_of[u] = select_tasks(lm, c, n_tasks=settings.n_tasks, n_references=settings.n_references,
-                                   seed=settings.seed, query_percentile=settings.query_percentile,
-                                   recorded=lm.recorded.get(c), identity=u.unit)
     if "natural" in settings.kinds:     # cheap: one part file per layer
         own_pending = [u for u in units_of["natural"] if u in pending["natural"] and u in own_units]
         for layer in progress_bar(sorted({u.layer for u in own_pending}), desc=f"{model_id} exemplars",

@@ -1,0 +1,330 @@
+"""The GPU check kit: one prepared run that proves every CUDA path and measures every GPU benchmark.
+
+    python benchmarks/gpu_check.py             # on one H100/H200: every check at its GPU size (< 9 minutes)
+    python benchmarks/gpu_check.py --smoke     # the same checks at tiny sizes on a CPU (< 10 minutes on 2 cores)
+    make gpu-check [SMOKE=1]
+
+Checks, in order (each is timed, and a failure is recorded, never fatal to the others):
+
+- ``cuda-tests``: every ``cuda``-marked test (pytest ``-m cuda``);
+- ``featurevis``: ``render_units`` vs lucent one unit at a time (GoogLeNet, 224 px, 512 steps), s/unit,
+  the speed-up and the quality-normalised s/unit (until the max image reaches the natural top images);
+- ``mining``: activation mining img/s of every unit layer (fp32 and bf16);
+- ``jpeg-training``: GoogLeNet retraining img/s from generated ImageNet-size JPEGs, device decode vs the
+  PIL DataLoader in the same run;
+- ``mask-overhead``: training with pruning masks enforced vs dense;
+- ``train-throughput``: fp32 / bf16 + channels_last / + compile;
+- ``mis``: MIS from cached embeddings vs a per-task loop, and embedding throughput;
+- ``googlenet-study``: ``sparsight run`` of a GoogLeNet mini-study on generated JPEGs with random
+  weights saved under the torchvision weights file name in a temporary ``TORCH_HOME`` (so the real
+  loading code runs): two methods × one rate, one retraining epoch, stimuli for 16 units, MIS,
+  dissection on a Broden-style probe folder, the report.
+
+Writes ``benchmarks/results/gpu-check-<device>.json`` (``device``, ``torch``, ``smoke`` and ``checks``:
+``{name, status, value, target, seconds}`` with status passed | failed | measured | skipped) and
+prints a table.  Without a GPU every check that needs one reports ``skipped`` and the targets
+(which are GPU targets) are not judged: the values are ``measured``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))       # the benchmark scripts next to this one
+
+#: GPU targets (issue "GPU check kit"; DESIGN §9).
+TARGETS = {"featurevis_s_per_unit": 0.15, "featurevis_speedup": 90.0, "jpeg_training": 5000.0,
+           "jpeg_vs_pil": 4.0, "mining": 10000.0, "mask_overhead": 0.03}
+
+# Sizes: (GPU, smoke on a CPU)
+SIZES = {
+    "featurevis": (["--arch", "googlenet", "--image-size", "224", "--steps", "512", "--units", "8", "--n-diverse", "2",
+                    "--batch-size", "192"],
+                   ["--arch", "inception-small", "--image-size", "64", "--steps", "16", "--units", "2",
+                    "--n-diverse", "1", "--batch-size", "8", "--device", "cpu"]),
+    "mining": (["--arch", "googlenet", "--batch-size", "256", "--batches", "20", "--rounds", "3"],
+               ["--arch", "inception-small", "--image-size", "64", "--batch-size", "32", "--batches", "4",
+                "--rounds", "1", "--warmup", "2", "--k", "20", "--device", "cpu"]),
+    "jpeg": (["--train-images", "8192", "--val-images", "4096", "--steps", "40", "--warmup", "10", "--compile"],
+             ["--device", "cpu", "--arch", "inception-small", "--image-size", "64", "--train-images", "200",
+              "--val-images", "200", "--batch-size", "16", "--steps", "3", "--warmup", "1", "--workers", "1"]),
+    "mask": (["--models", "googlenet", "--steps", "20", "--rounds", "3"],
+             ["--device", "cpu", "--models", "googlenet", "--batch-size", "4", "--image-size", "64", "--steps", "2",
+              "--rounds", "1", "--warmup", "1"]),
+    "train": (["--models", "googlenet", "--steps", "20", "--warmup", "8"],
+              ["--device", "cpu", "--models", "googlenet", "--batch-size", "4", "--image-size", "64", "--steps", "2",
+               "--warmup", "1", "--modes", "fp32 eager", "bf16 + channels_last"]),
+    "mis": (["--backbone", "resnet50", "--images", "2048", "--units", "200"],
+            ["--device", "cpu", "--backbone", "observer-small", "--images", "64", "--units", "20", "--tasks", "5"]),
+}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: tests the script itself")
+    p.add_argument("--only", nargs="+", default=None, choices=CHECK_NAMES, help="run only these checks")
+    p.add_argument("--out", default=None, help="JSON file (default: benchmarks/results/gpu-check-<device>.json)")
+    p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one)")
+    return p
+
+
+def check(name: str, status: str, value, target, seconds: float) -> dict:
+    return {"name": name, "status": status, "value": value, "target": target, "seconds": round(seconds, 1)}
+
+
+def judged(ok: bool, gpu: bool) -> str:
+    """``passed``/``failed`` against a GPU target; on a CPU only ``measured``."""
+    return ("passed" if ok else "failed") if gpu else "measured"
+
+
+def _bench(module: str, argv: list[str]) -> dict:
+    """Run one benchmark script's ``main`` with ``argv``; its printed table goes to our stdout."""
+    mod = __import__(module)
+    return mod.main(mod.get_args_parser().parse_args(argv))
+
+
+# ---- the checks ---------------------------------------------------------------------------------------
+def cuda_tests(ctx) -> tuple:
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests"],
+                          cwd=ROOT, capture_output=True, text=True)
+    tail = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or [""]
+    counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error)", tail[0])}
+    if not ctx["gpu"]:
+        return "skipped", f"no CUDA device ({tail[0]})", "every CUDA test passes"
+    ok = proc.returncode == 0 and counts.get("passed", 0) > 0 and not counts.get("failed") and not counts.get("error")
+    return ("passed" if ok else "failed"), tail[0], "every CUDA test passes"
+
+
+def featurevis(ctx) -> tuple:
+    argv = SIZES["featurevis"][ctx["size"]] + ["--quality", "--data", str(ctx["study_data"])]
+    r = _bench("featurevis", argv)
+    quality = r.get("quality", {}).get("ours", {})
+    value = {"s_per_unit": r["ours_s_per_unit"], "lucent_s_per_unit": r["lucent_s_per_unit"],
+             "speedup": r["speedup"], "quality_s_per_unit": quality.get("s_per_unit_to_valid")}
+    ok = r["ours_s_per_unit"] <= TARGETS["featurevis_s_per_unit"] and r["speedup"] >= TARGETS["featurevis_speedup"]
+    return judged(ok, ctx["gpu"]), value, (f"≤ {TARGETS['featurevis_s_per_unit']} s/unit, "
+                                           f"≥ {TARGETS['featurevis_speedup']:g}× lucent")
+
+
+def mining(ctx) -> tuple:
+    fp32 = _bench("mining", SIZES["mining"][ctx["size"]])
+    bf16 = _bench("mining", SIZES["mining"][ctx["size"]] + ["--amp", "bf16", "--channels-last"])
+    value = {"fp32_img_s": fp32["mining"], "bf16_img_s": bf16["mining"], "vs_plain_forward": fp32["ratio"]}
+    return (judged(max(fp32["mining"], bf16["mining"]) >= TARGETS["mining"], ctx["gpu"]), value,
+            f"≥ {TARGETS['mining']:g} img/s")
+
+
+def jpeg_training(ctx) -> tuple:
+    (ctx["work"] / "jpeg").mkdir(parents=True, exist_ok=True)
+    r = _bench("jpeg_pipeline", SIZES["jpeg"][ctx["size"]] + ["--workdir", str(ctx["work"] / "jpeg")])
+    rows = {(row["what"], row["path"]): row["images_per_s"] for row in r["rows"]}
+    trainer = {path: ips for (what, path), ips in rows.items() if what.startswith("retraining")}
+    device = next((v for k, v in trainer.items() if k.startswith("device")), math.nan)
+    pil = next((v for k, v in trainer.items() if k.startswith("PIL")), math.nan)
+    value = {"device_decode_img_s": device, "pil_img_s": pil, "ratio": device / pil if pil else None}
+    ok = device >= TARGETS["jpeg_training"] and device / pil >= TARGETS["jpeg_vs_pil"]
+    return judged(ok, ctx["gpu"]), value, (f"≥ {TARGETS['jpeg_training']:g} img/s and ≥ {TARGETS['jpeg_vs_pil']:g}× "
+                                           f"the PIL DataLoader")
+
+
+def mask_overhead(ctx) -> tuple:
+    r = _bench("mask_overhead", SIZES["mask"][ctx["size"]])
+    overhead = max(v["overhead"] for v in r.values())
+    return judged(overhead <= TARGETS["mask_overhead"], ctx["gpu"]), r, f"≤ {TARGETS['mask_overhead']:.0%}"
+
+
+def train_throughput(ctx) -> tuple:
+    r = _bench("train_throughput", SIZES["train"][ctx["size"]])
+    failed = [f"{arch} {mode}" for arch, modes in r.items() for mode, v in modes.items() if v is None]
+    status = "failed" if failed else "measured"
+    return status, r, "every mode runs; bf16 + channels_last faster than fp32 eager"
+
+
+def mis(ctx) -> tuple:
+    r = _bench("mis", SIZES["mis"][ctx["size"]])
+    ok = r["mis"]["max_error"] < 1e-4
+    return ("measured" if ok else "failed"), r, "equals the per-task loop (max |ΔΔ| < 1e-4)"
+
+
+def googlenet_study(ctx) -> tuple:
+    """``sparsight run`` of a GoogLeNet mini-study, exactly as a researcher would start one."""
+    import torch
+    from torchvision.models import GoogLeNet_Weights, googlenet
+
+    work = ctx["work"]
+    torch_home = work / "torch-home"
+    weights = GoogLeNet_Weights.IMAGENET1K_V1
+    target = torch_home / "hub" / "checkpoints" / os.path.basename(weights.url)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    net = googlenet(weights=None, aux_logits=False, init_weights=True, num_classes=1000)
+    torch.save(net.state_dict(), target)            # random weights under the real file name
+    smoke = ctx["smoke"]
+    study = work / "googlenet-mini.toml"
+    study.write_text(f"""
+[study]
+name = "googlenet-mini"
+output_dir = "{work / 'runs'}"
+profile = "paper"
+seed = 0
+[data]
+source = "folder"
+path = "{ctx['jpeg_data']}"
+image_size = {96 if smoke else 224}
+batch_size = {8 if smoke else 128}
+eval_batch_size = {16 if smoke else 256}
+[model]
+arch = "googlenet"
+weights = "IMAGENET1K_V1"
+num_classes = 1000
+[train]
+epochs = 0
+[observer]
+arch = "observer-small"
+epochs = 1
+[prune]
+methods = ["unstructured-global", "structured"]
+rates = [0.5]
+schedules = ["oneshot"]
+retrain_epochs = 1
+[evaluate]
+corruptions = ["gaussian_noise"]
+severities = [3]
+max_images = {16 if smoke else 256}
+[units]
+units = ["inception4a:0-{3 if smoke else 15}"]
+[stimuli]
+n_tasks = {2 if smoke else 8}
+n_references = 3
+fv_steps = {8 if smoke else 512}
+fv_batch_units = 16
+[mis]
+bootstrap = 100
+[dissection]
+probe = "{ctx['probe']}"
+units = "study"
+[survey]
+machine_participants = 1
+main_trials = 4
+catch_trials = 1
+practice_trials = 1
+""")
+    env = {**os.environ, "TORCH_HOME": str(torch_home), "SPARSIGHT_DEBUG": "1"}
+    proc = subprocess.run([sys.executable, "-m", "sparsight", "run", "--study", str(study)], cwd=work,
+                          capture_output=True, text=True, env=env)
+    run_dir = work / "runs" / "googlenet-mini"
+    results = run_dir / "report" / "results.json"
+    if proc.returncode != 0 or not results.is_file():
+        tail = (proc.stdout + proc.stderr)[-1500:]
+        return "failed", f"exit {proc.returncode}: {tail}", "the mini-study completes"
+    r = json.loads(results.read_text())
+    models = [m["model_id"] for m in r["models"]]
+    stages = re.findall(r"\[(\w+)\] done in ([\d.]+) s", proc.stdout + proc.stderr)
+    value = {"models": models, "stage_seconds": {k: float(v) for k, v in stages},
+             "validity_failed": [c["name"] for c in r.get("validity", []) if c["passed"] is False]}
+    return "passed", value, "the mini-study completes (data, prune, stimuli, MIS, dissection, report)"
+
+
+CHECKS = {"cuda-tests": cuda_tests, "featurevis": featurevis, "mining": mining, "jpeg-training": jpeg_training,
+          "mask-overhead": mask_overhead, "train-throughput": train_throughput, "mis": mis,
+          "googlenet-study": googlenet_study}
+CHECK_NAMES = list(CHECKS)
+
+
+# ---- data the checks share ------------------------------------------------------------------------------
+def prepare_data(work: Path, smoke: bool) -> dict:
+    """Concept-shapes images as a JPEG ImageFolder (train/, val/) and the val split as a Broden-style probe."""
+    import shutil
+
+    from PIL import Image
+
+    from pruning.data.concept_shapes import generate
+
+    shapes = work / "concept-shapes"
+    size = 96 if smoke else 224
+    # enough validation images for the tasks' disjoint max and min sets (2 × n_tasks × (K + 1))
+    generate(shapes, train_per_class=3 if smoke else 40, val_per_class=4 if smoke else 16, image_size=size)
+    jpeg = work / "jpeg-data"
+    for split in ("train", "val"):
+        for png in sorted((shapes / split).rglob("*.png")):
+            out = jpeg / split / png.parent.name / f"{png.stem}.jpg"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            Image.open(png).convert("RGB").save(out, quality=90)
+    probe = work / "probe"
+    shutil.copytree(shapes / "val", probe / "images")
+    shutil.copytree(shapes / "masks" / "val", probe / "masks")
+    shutil.copy(shapes / "concepts.json", probe / "concepts.json")
+    return {"study_data": shapes, "jpeg_data": jpeg, "probe": probe}
+
+
+def main(args) -> dict:
+    import torch
+
+    gpu = torch.cuda.is_available() and not args.smoke
+    device = torch.cuda.get_device_name(0) if gpu else "cpu"
+    names = args.only or CHECK_NAMES
+    out = Path(args.out) if args.out else HERE / "results" / f"gpu-check-{re.sub(r'[^A-Za-z0-9]+', '-', device)}.json"
+    checks = []
+    with contextlib.ExitStack() as stack:
+        work = Path(args.workdir) if args.workdir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        work.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        ctx = {"gpu": gpu, "smoke": args.smoke, "size": 0 if gpu else 1, "work": work,
+               **prepare_data(work, smoke=not gpu)}
+        print(f"data prepared in {time.perf_counter() - t0:.1f} s", flush=True)
+        for name in names:
+            print(f"\n## {name}", flush=True)
+            t0 = time.perf_counter()
+            try:
+                status, value, target = CHECKS[name](ctx)
+            except Exception as err:  # noqa: BLE001 - every check is recorded, the others still run
+                traceback.print_exc()
+                status, value, target = "failed", f"{type(err).__name__}: {err}", None
+            checks.append(check(name, status, _plain(value), target, time.perf_counter() - t0))
+            print(f"-> {status} in {checks[-1]['seconds']} s", flush=True)
+    report = {"device": device, "torch": torch.__version__, "smoke": bool(args.smoke), "checks": checks}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, allow_nan=False))
+    print("\n" + table(checks))
+    print(f"\n{out}")
+    return report
+
+
+def _plain(value):
+    """JSON-ready: NaN/inf → None, tuples → lists."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def table(checks: list[dict]) -> str:
+    def short(v) -> str:
+        text = json.dumps(v) if not isinstance(v, str) else v
+        return text if len(text) <= 70 else text[:67] + "..."
+    lines = [f"{'check':18s} {'status':9s} {'seconds':>8s}  value / target"]
+    for c in checks:
+        lines.append(f"{c['name']:18s} {c['status']:9s} {c['seconds']:8.1f}  {short(c['value'])}")
+        if c["target"]:
+            lines.append(f"{'':38s}  target: {c['target']}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    report = main(get_args_parser().parse_args())
+    sys.exit(1 if any(c["status"] == "failed" for c in report["checks"]) else 0)
