@@ -13,6 +13,19 @@ def _analysis_overrides(overrides) -> dict:
     return section_overrides(overrides, "analysis")
 
 
+def _study_with_analysis_settings(run_dir, overrides):
+    """The study of ``run_dir`` with ``--set analysis.KEY=VALUE`` applied (a usage error when invalid)."""
+    from .load import study_config
+    try:
+        cfg = study_config(run_dir)
+        settings = _analysis_overrides(overrides)
+        if settings:
+            apply_settings(cfg, {"analysis": settings}, "--set")
+    except ConfigError as err:
+        raise click.UsageError(str(err)) from None
+    return cfg
+
+
 @click.command("analyze")
 @RUN_DIR_ARGUMENT
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path, resolve_path=True), default=None,
@@ -39,7 +52,7 @@ def analyze_cmd(run_dir, out, import_csv, maps, mapping, overrides):
       sparsight analyze runs/default --import trials.csv --map participant=subj \\
           --map correct=acc --map condition=cond --map rt=rt_ms
     """
-    from .load import import_trials, load_models, parse_mapping, read_mapping, study_config
+    from .load import import_trials, load_models, parse_mapping, read_mapping
     from .report import analyze
 
     if (maps or mapping) and import_csv is None:
@@ -49,13 +62,7 @@ def analyze_cmd(run_dir, out, import_csv, maps, mapping, overrides):
     if import_csv is not None and not (maps or mapping):
         raise click.UsageError("--import needs the column mapping: --map participant=COLUMN --map correct=COLUMN … "
                                "or --mapping FILE.toml")
-    try:
-        cfg = study_config(run_dir)
-        settings = _analysis_overrides(overrides)
-        if settings:
-            apply_settings(cfg, {"analysis": settings}, "--set")
-    except ConfigError as err:
-        raise click.UsageError(str(err)) from None
+    cfg = _study_with_analysis_settings(run_dir, overrides)
     trials, source = None, None
     if import_csv is not None:
         try:
@@ -121,17 +128,11 @@ def power_cmd(run_dir, participants, trials, changes, simulations, overrides):
       sparsight power runs/default
       sparsight power runs/default --participants 30,60,120 --trials 40,80 --change 0,-0.05
     """
-    from .load import load_study_data, study_config
+    from .load import load_study_data
     from .power import study_power
     from .report import primary_slopes
 
-    try:
-        cfg = study_config(run_dir)
-        settings = _analysis_overrides(overrides)
-        if settings:
-            apply_settings(cfg, {"analysis": settings}, "--set")
-    except ConfigError as err:
-        raise click.UsageError(str(err)) from None
+    cfg = _study_with_analysis_settings(run_dir, overrides)
     data = load_study_data(run_dir, cfg)
     if data.units.empty:
         raise click.UsageError(f"{run_dir} has no MIS results (mis/units.csv); run `sparsight mis {run_dir}` first")
@@ -160,7 +161,10 @@ def format_power(power: dict) -> str:
     if len(human):
         lines.append(human.drop(columns="simulations").to_string(index=False, float_format=lambda v: f"{v:.3f}"))
         lines.append("Fewest participants reaching the target power (change 0: equivalence):")
-        lines.append(pd.DataFrame(power["smallest"]).to_string(index=False))
+        smallest = pd.DataFrame(power["smallest"])
+        smallest["participants"] = [str(int(n)) if n == n and n is not None else f"> {int(top)}"
+                                    for n, top in zip(smallest["participants"], smallest["largest_tried"])]
+        lines.append(smallest.drop(columns="largest_tried").to_string(index=False))
     lines += power.get("notes", [])
     return "\n".join(lines)
 
