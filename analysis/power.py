@@ -119,11 +119,12 @@ def fit_trial_model(kind: str, mis_units: pd.DataFrame, trials: pd.DataFrame, ra
         by_person = human.groupby("participant")["correct"].agg(["mean", "size"])
         binomial = float((by_person["mean"] * (1 - by_person["mean"]) / by_person["size"]).mean())
         excess = max(float(by_person["mean"].var(ddof=1)) - binomial, 0.0)
-        slope = (p0 * (1 - p0)) or 0.25
+        to_logit = (p0 * (1 - p0)) or 0.25       # d accuracy / d logit at p0 (delta method)
         by_unit = human.groupby("unit_id")["correct"].agg(["mean", "size"])
         unit_binomial = float((by_unit["mean"] * (1 - by_unit["mean"]) / by_unit["size"]).mean())
         unit_excess = max(float(by_unit["mean"].var(ddof=1)) - unit_binomial, 0.0) if len(by_unit) > 1 else 0.0
-        return TrialModel(kind, float(_logit(p0)), math.sqrt(excess) / slope, math.sqrt(unit_excess) / slope, rates,
+        return TrialModel(kind, float(_logit(p0)), math.sqrt(excess) / to_logit, math.sqrt(unit_excess) / to_logit,
+                          rates,
                           f"{human['participant'].nunique()} human participants, {len(human)} main trials "
                           f"(moment estimates of the participant and unit spread)")
     base = mis_units[(mis_units["kind"] == kind) & (mis_units["rate"] == 0) & (mis_units["status"] == "ok")]

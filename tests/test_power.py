@@ -67,3 +67,28 @@ def test_power_grows_with_participants_and_equivalence_needs_many():
     smallest = {(row["change_over_span"], row["goal"]): row["participants"] for row in smallest_designs(table)}
     assert smallest[(-0.1, "detect")] in (48, 400)
     assert table["power_detect"].isna().tolist() == (table.change_over_span == 0).tolist()
+
+
+def test_the_trial_model_comes_from_human_responses_once_there_are_enough():
+    """Simulated people with a known participant spread (logit SD 0.6, no unit spread): the moment
+    estimates recover it, and the source says the humans were used."""
+    import pandas as pd
+
+    from analysis.power import fit_trial_model
+
+    rng = np.random.default_rng(4)
+    rows = []
+    for person in range(200):
+        rate = (0.0, 0.5)[person % 2]
+        ability = rng.normal(0, 0.6)
+        for trial in range(60):
+            p = 1 / (1 + np.exp(-(1.0 + ability - 0.5 * rate)))
+            rows.append({"participant": f"p{person}", "kind": "natural", "rate": rate, "unit_id": f"u{trial % 30}",
+                         "correct": bool(rng.random() < p)})
+    trials = pd.DataFrame(rows)
+    units = pd.DataFrame({"kind": ["natural"], "rate": [0.0], "status": ["ok"], "mis": [0.7]})
+    model = fit_trial_model("natural", units, trials, (0.0, 0.5), assumed_participant_sd=5.0)
+    assert "human participants" in model.source
+    assert model.participant_sd == pytest.approx(0.6, abs=0.15) and model.unit_sd < 0.25
+    expected = np.mean([1 / (1 + np.exp(-(1.0 + a))) for a in rng.normal(0, 0.6, 100_000)])
+    assert 1 / (1 + np.exp(-model.intercept)) == pytest.approx(expected, abs=0.03)
