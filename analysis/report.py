@@ -917,6 +917,8 @@ def _power_html(power: dict | None) -> str:
     if not power:
         return ""
     model = pd.DataFrame(power.get("model", []))
+    for column in [c for c in model.columns if model[c].dtype.kind == "f"]:     # slopes need four decimals
+        model[column] = model[column].map(lambda v: f"{v:.4f}")
     smallest = pd.DataFrame(power.get("smallest", []))
     human = pd.DataFrame(power.get("human", []))
     sources = "".join(f"<li>{escape(m['kind'])}: accuracy {fmt(m['accuracy_at_rate_0'])} at rate 0, participant SD "
