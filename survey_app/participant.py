@@ -7,6 +7,8 @@ takes the study once (the same Prolific session may resume on another browser).
 """
 from __future__ import annotations
 
+import math
+
 from flask import (Blueprint, Response, current_app, redirect, render_template, request, session, url_for)
 
 from .security import CSRF_FIELD, check_csrf
@@ -58,7 +60,6 @@ NEEDS_LINK = ("this study can only be started from its link on Prolific, which c
 
 def duration_minutes(settings) -> int:
     """The duration the consent page states: one minute of instructions plus every trial."""
-    import math
     trials = settings.practice_trials + settings.main_trials + settings.catch_trials
     return max(1, math.ceil((60 + trials * settings.seconds_per_trial) / 60))
 
