@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import base64
 import datetime as _dt
-import html
+import functools
 import itertools
 import json
 import math
@@ -762,25 +762,24 @@ def figure_data_uri(path: str | Path) -> str:
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
-def escape(text) -> str:
-    return html.escape(str(text))
-
-
 # ---- HTML ----------------------------------------------------------------------------------------------
-CSS = """
-body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;max-width:1180px;margin:2em auto;padding:0 1em;
-color:#1d1d1f}
-h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
-h3{font-size:1.05em;margin:.2em 0}.meta{color:#666}
-table{border-collapse:collapse;font-size:12px;margin:.5em 0}th,td{border:1px solid #ddd;padding:2px 6px;
-text-align:right}th{background:#f3f3f3}td.s{text-align:left}
-figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}figcaption{color:#555;font-size:12px}
-.entry{border-left:4px solid #4a8;padding:.3em .8em;margin:.8em 0;background:#fafafa}
-.entry.skipped{border-color:#bbb}.entry.failed{border-color:#d55}.why{color:#666}
-tr.failed td{background:#fde8e8}tr.not td{color:#777}
-pre{background:#f6f6f6;padding:.8em;overflow:auto;font-size:12px}details summary{cursor:pointer;color:#357}
-.notes li{font-weight:600}
-"""
+GALLERY_CAPTION = ("{unit}: max references of task 0, natural exemplars and feature visualizations, one row per "
+                   "method, one column per pruning rate (grey: the unit is dead or removed there).")
+STATISTICS_GROUPS = (("model", "Model side (MIS, accuracy, dissection)"), ("human", "Human side"))
+HUMAN_TABLES = (("by_kind", "Accuracy per reference kind (mean of participants ± 2 SEM; Wilson CI on pooled "
+                            "trials; d′)"),
+                ("catch", "Catch trials (every participant, before exclusions)"),
+                ("by_model", "Accuracy per model and kind"), ("rt", "Response times (ms)"),
+                ("confidence", "Accuracy by confidence"), ("per_unit", "Accuracy per unit (bootstrap CI over trials)"))
+CHECK_VERDICTS = {True: ("passed", "passed"), False: ("FAILED", "failed"), None: ("not checked", "not")}
+
+
+@functools.cache
+def _templates():
+    """The report's Jinja environment (templates in ``analysis/templates``; every value escaped)."""
+    from jinja2 import Environment, PackageLoader, StrictUndefined
+    return Environment(loader=PackageLoader("analysis", "templates"), autoescape=True, trim_blocks=True,
+                       lstrip_blocks=True, undefined=StrictUndefined, keep_trailing_newline=True)
 
 
 def _cell(v) -> tuple[str, bool]:
@@ -798,17 +797,13 @@ def _cell(v) -> tuple[str, bool]:
     return str(v), True
 
 
-def table_html(frame: pd.DataFrame | None, max_rows: int = 300) -> str:
+def table_data(frame: pd.DataFrame | None, max_rows: int = 300) -> dict:
+    """Header and formatted cells (``(text, is_text)``) of the first ``max_rows`` rows, for the ``table`` macro."""
     if frame is None or len(frame) == 0:
-        return "<p class='why'>(no rows)</p>"
+        return {"columns": [], "rows": []}
     frame = frame.head(max_rows)
-    head = "".join(f"<th>{escape(c)}</th>" for c in frame.columns)
-    rows = []
-    for rec in frame.itertuples(index=False):
-        cells = [_cell(v) for v in rec]
-        rows.append("<tr>" + "".join(f"<td class='s'>{escape(t)}</td>" if is_text else f"<td>{escape(t)}</td>"
-                                     for t, is_text in cells) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    return {"columns": [str(c) for c in frame.columns],
+            "rows": [[_cell(v) for v in rec] for rec in frame.itertuples(index=False)]}
 
 
 def _models_display(table: pd.DataFrame) -> pd.DataFrame:
@@ -836,151 +831,103 @@ def _models_display(table: pd.DataFrame) -> pd.DataFrame:
     return show
 
 
-def _entry_html(e: dict) -> str:
-    body = (f"<p>{escape(e['sentence'])}</p>" if e["status"] == "ok"
-            else f"<p class='why'>{escape(e['status'])}: {escape(e['reason'])}</p>")
-    details = ""
-    if e["status"] == "ok" and isinstance(e.get("table"), pd.DataFrame):
-        details = f"<details><summary>numbers</summary>{table_html(e['table'])}</details>"
-    if e.get("warnings"):
-        details += ("<details><summary>warnings</summary><ul>" +
-                    "".join(f"<li>{escape(w)}</li>" for w in e["warnings"][:20]) + "</ul></details>")
-    return (f"<div class='entry {escape(e['status'])}' id='{escape(e['id'])}'><h3>{escape(e['title'])}</h3>"
-            f"{body}{details}</div>")
+def _entry_data(e: dict) -> dict:
+    """One statistics entry: its sentence or why it did not run, its numbers and warnings."""
+    numbers = e.get("table") if e["status"] == "ok" else None
+    return {"id": e["id"], "title": e["title"], "status": e["status"], "sentence": e["sentence"],
+            "reason": e["reason"], "warnings": (e.get("warnings") or [])[:20],
+            "numbers": table_data(numbers) if isinstance(numbers, pd.DataFrame) else None}
 
 
-def _human_html(results: dict) -> str:
+def _human_data(results: dict) -> dict:
+    """Participants, exclusions and the descriptive tables (none when no human responses exist)."""
     desc, excl = results["descriptives"], results["exclusions"]
-    if not results["responses"]["human_main_trials"]:
-        parts = [f"<p><strong>{NO_RESPONSES}.</strong> The survey has stored no human responses for this study "
-                 f"(source: {escape(results['study']['responses_source'])}); the human analyses run once "
-                 f"participants have taken part.</p>"]
-    else:
-        parts = [f"<p>{excl['participants']} participants, {excl['excluded']} excluded, "
-                 f"{results['responses']['included_participants']} included.</p>", "<h3>Exclusions</h3>",
-                 table_html(excl["reasons"])]
-        for key, title in (("by_kind", "Accuracy per reference kind (mean of participants ± 2 SEM; Wilson CI on "
-                                        "pooled trials; d′)"),
-                           ("catch", "Catch trials (every participant, before exclusions)"),
-                           ("by_model", "Accuracy per model and kind"), ("rt", "Response times (ms)"),
-                           ("confidence", "Accuracy by confidence"),
-                           ("per_unit", "Accuracy per unit (bootstrap CI over trials)")):
-            if key in desc:
-                parts.append(f"<h3>{escape(title)}</h3>{table_html(desc[key])}")
-    if "machine_by_model" in desc:
-        parts.append(f"<h3>Machine participants</h3>{table_html(desc['machine_by_model'])}")
-    return "".join(parts)
+    out = {"no_responses": not results["responses"]["human_main_trials"],
+           "source": results["study"]["responses_source"],
+           "machine": table_data(desc["machine_by_model"]) if "machine_by_model" in desc else None}
+    if not out["no_responses"]:
+        out.update(participants=excl["participants"], excluded=excl["excluded"],
+                   included=results["responses"]["included_participants"], reasons=table_data(excl["reasons"]),
+                   tables=[{"title": title, "table": table_data(desc[key])} for key, title in HUMAN_TABLES
+                           if key in desc])
+    return out
 
 
-def _answers_html(items: list[dict]) -> str:
-    """Does pruning change how interpretable units are? One sentence per reference kind."""
-    if not items:
-        return ("<section id='answer'><h2>Answer</h2><p class='why'>No primary MIS slope could be fitted yet, so "
-                "the study gives no answer.</p></section>")
-    lis = "".join(f"<li><strong>{escape(i['verdict'])}</strong>: {escape(i['sentence'])}</li>" for i in items)
-    return (f"<section id='answer'><h2>Answer</h2><p>Primary analysis: the total effect of pruning rate on MIS "
-            f"(all methods pooled, units as random effects, no adjustment for top-1).</p><ul>{lis}</ul></section>")
+def _check_value(v) -> str:
+    return "" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))
 
 
-def _validity_html(checks: list[dict]) -> str:
+def _validity_data(checks: list[dict]) -> dict | None:
     """The study's own validity checks (DESIGN §11), first in the report."""
     if not checks:
-        return ""
-    def verdict(c):
-        return {True: "passed", False: "FAILED", None: "not checked"}[c["passed"]]
-    def value(v):
-        return "" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))
-    rows = "".join(f"<tr class='{verdict(c).split()[0].lower()}'><td class='s'>{escape(c['name'])}</td>"
-                   f"<td>{escape(value(c['value']))}</td><td>{escape(c['threshold'])}</td>"
-                   f"<td class='s'>{verdict(c)}</td><td class='s'>{escape(c['detail'])}</td></tr>" for c in checks)
+        return None
+    rows = []
+    for c in checks:
+        verdict, row_class = CHECK_VERDICTS[c["passed"]]
+        rows.append({"name": c["name"], "value": _check_value(c["value"]), "threshold": c["threshold"],
+                     "verdict": verdict, "row_class": row_class, "detail": c["detail"]})
     failed = sum(c["passed"] is False for c in checks)
-    head = (f"{failed} of {len(checks)} checks failed: read the results below with that in mind." if failed
-            else "Every check that has data passed.")
-    return (f"<section id='validity'><h2>Validity</h2><p>{escape(head)}</p><table><thead><tr><th>check</th>"
-            f"<th>value</th><th>threshold</th><th>verdict</th><th>detail</th></tr></thead><tbody>{rows}</tbody>"
-            f"</table></section>")
+    headline = (f"{failed} of {len(checks)} checks failed: read the results below with that in mind." if failed
+                else "Every check that has data passed.")
+    return {"headline": headline, "checks": rows}
 
 
-def _gallery_html(sheets: dict) -> str:
-    """Contact sheets: the same unit's references across the rates of each method."""
-    if not sheets:
-        return ""
-    figs = "".join(f"<figure><img alt='{escape(name)}' src='{figure_data_uri(path)}'><figcaption>"
-                   f"{escape(name.split(':', 1)[1])}: max references of task 0, natural exemplars and feature "
-                   f"visualizations, one row per method, one column per pruning rate (grey: the unit is dead or "
-                   f"removed there).</figcaption></figure>" for name, path in sheets.items())
-    return f"<section id='gallery'><h2>Unit gallery</h2>{figs}</section>"
+def _figure(name: str, path, caption: str) -> dict:
+    return {"name": name, "src": figure_data_uri(path), "caption": caption}
 
 
-def _power_html(power: dict | None) -> str:
+def _figures_data(figures: dict) -> tuple[list[dict], list[dict]]:
+    """The figures and, apart, the gallery's contact sheets (the same unit across the rates of each method)."""
+    plots = [_figure(name, path, FIGURE_CAPTIONS.get(name, name)) for name, path in figures.items()
+             if not name.startswith("gallery:")]
+    sheets = [_figure(name, path, GALLERY_CAPTION.format(unit=name.split(":", 1)[1]))
+              for name, path in figures.items() if name.startswith("gallery:")]
+    return plots, sheets
+
+
+def _power_data(power: dict | None) -> dict | None:
     """Power and sample size: the model side's detectable slopes, the simulated human designs."""
     if not power:
-        return ""
+        return None
     model = pd.DataFrame(power.get("model", []))
     for column in [c for c in model.columns if model[c].dtype.kind == "f"]:     # slopes need four decimals
         model[column] = model[column].map(lambda v: f"{v:.4f}")
-    smallest = pd.DataFrame(power.get("smallest", []))
-    human = pd.DataFrame(power.get("human", []))
-    sources = "".join(f"<li>{escape(m['kind'])}: accuracy {fmt(m['accuracy_at_rate_0'])} at rate 0, participant SD "
-                      f"{fmt(m['participant_sd'])}, unit SD {fmt(m['unit_sd'])} (logit) — from {escape(m['source'])}"
-                      f"</li>" for m in power.get("trial_models", []))
-    notes = "".join(f"<li>{escape(n)}</li>" for n in power.get("notes", []))
-    return (f"<section id='power'><h2>Power and sample size</h2>"
-            f"<p>Model side: the smallest MIS slope each primary analysis detects with "
-            f"{_pct(power['target_power'])} power (two-sided, α = {power['alpha']:g}), and the smallest equivalence "
-            f"margin it would establish if the true change were 0.</p>{table_html(model)}"
-            f"<p>Human side: simulated studies ({escape(str(human['simulations'].iloc[0]) if len(human) else '0')} per "
-            f"design) from the trial-level model below; participants are spread over the study's models and "
-            f"analysed at the participant level. The fewest participants that reach "
-            f"{_pct(power['target_power'])} power (change 0: equivalence within the margin):</p>"
-            f"<ul>{sources}</ul>{table_html(smallest)}<details><summary>every simulated design</summary>"
-            f"{table_html(human)}</details><ul class='notes'>{notes}</ul>"
-            f"<p class='meta'>Plan other designs with <code>sparsight power RUN_DIR --participants … --trials … "
-            f"--change …</code>.</p></section>")
+    designs = pd.DataFrame(power.get("human", []))
+    sources = [{"kind": m["kind"], "accuracy": fmt(m["accuracy_at_rate_0"]), "participant_sd": fmt(m["participant_sd"]),
+                "unit_sd": fmt(m["unit_sd"]), "source": m["source"]} for m in power.get("trial_models", [])]
+    return {"target": _pct(power["target_power"]), "alpha": f"{power['alpha']:g}", "model": table_data(model),
+            "simulations": str(designs["simulations"].iloc[0]) if len(designs) else "0", "trial_models": sources,
+            "smallest": table_data(pd.DataFrame(power.get("smallest", []))), "designs": table_data(designs),
+            "notes": power.get("notes", [])}
+
+
+def _key_results(stats: list[dict]) -> list[str]:
+    """The summary's sentences: model-side slopes over all methods, top-1, dissection; the human Holm family."""
+    key = [e["sentence"] for e in stats if e["status"] == "ok" and e["group"] == "model" and e["sentence"]
+           and (e["id"].endswith(".all") or e["id"].startswith(("top1", "dissection")))]
+    return key + [e["sentence"] for e in stats if e["status"] == "ok" and e["group"] == "human" and e["holm_family"]]
+
+
+def report_context(results: dict, figures: dict, cfg: StudyConfig) -> dict:
+    """Everything ``report.html.j2`` shows, as text, numbers already formatted."""
+    a = cfg.analysis
+    plots, sheets = _figures_data(figures)
+    robust = results["robustness"].get("prune_potential")
+    stats = results["statistics"]
+    return {
+        "study": results["study"], "notes": results["notes"], "key_results": _key_results(stats),
+        "answers": results.get("answers", []), "validity": _validity_data(results.get("validity", [])),
+        "models": table_data(_models_display(results["models"])), "figures": plots, "gallery": sheets,
+        "analysis": {"level": _pct(1 - a.alpha_level), "alpha": f"{a.alpha_level:g}", "margin": f"{a.tost_margin:g}",
+                     "bootstrap": a.bootstrap, "holm_tests": len(results["holm"]["tests"])},
+        "groups": [{"title": title, "entries": [_entry_data(e) for e in stats if e["group"] == group]}
+                   for group, title in STATISTICS_GROUPS],
+        "power": _power_data(results.get("power")), "humans": _human_data(results), "no_responses": NO_RESPONSES,
+        "prune_potential": None if robust is None else table_data(robust),
+        "settings_toml": results["settings_toml"],
+    }
 
 
 def render(results: dict, figures: dict, cfg: StudyConfig) -> str:
-    """The self-contained HTML page (figures embedded as base64 PNG)."""
-    s = results["study"]
-    stats = results["statistics"]
-    key = [e["sentence"] for e in stats if e["status"] == "ok" and e["group"] == "model" and e["sentence"]
-           and (e["id"].endswith(".all") or e["id"].startswith(("top1", "dissection")))]
-    key += [e["sentence"] for e in stats if e["status"] == "ok" and e["group"] == "human" and e["holm_family"]]
-    notes = "".join(f"<li>{escape(n)}</li>" for n in results["notes"])
-    summary = "".join(f"<li>{escape(t)}</li>" for t in key)
-    figs = "".join(f"<figure><img alt='{escape(name)}' src='{figure_data_uri(path)}'>"
-                   f"<figcaption>{escape(FIGURE_CAPTIONS.get(name, name))}</figcaption></figure>"
-                   for name, path in figures.items() if not name.startswith("gallery:")) \
-        or "<p class='why'>No figure has data yet.</p>"
-    sheets = {name: path for name, path in figures.items() if name.startswith("gallery:")}
-    groups = []
-    for group, title in (("model", "Model side (MIS, accuracy, dissection)"), ("human", "Human side")):
-        items = "".join(_entry_html(e) for e in stats if e["group"] == group)
-        groups.append(f"<h3>{escape(title)}</h3>{items}")
-    robust = results["robustness"].get("prune_potential")
-    robust_html = (f"<section id='robustness'><h2>Prune potential</h2>{table_html(robust)}</section>"
-                   if robust is not None else "")
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>sparsight report — {escape(s['name'])}</title>
-<style>{CSS}</style></head><body>
-<h1>sparsight report: {escape(s['name'])}</h1>
-<p class="meta">Does pruning a vision network change how interpretable its units are? ·
-generated {escape(s['generated'])} · sparsight {escape(s['software_version'])} ·
-study directory {escape(s['run_dir'])} · responses from
-{escape(s['responses_source'])}</p>
-{_answers_html(results.get("answers", []))}
-{_validity_html(results.get("validity", []))}
-<section id="summary"><h2>Summary</h2><ul class="notes">{notes}</ul><ul>{summary}</ul></section>
-<section id="models"><h2>Models</h2>{table_html(_models_display(results['models']))}</section>
-<section id="figures"><h2>Figures</h2>{figs}</section>
-{_gallery_html(sheets)}
-<section id="statistics"><h2>Statistics</h2>
-<p class="meta">Intervals at {_pct(1 - cfg.analysis.alpha_level)}; α = {cfg.analysis.alpha_level:g}; equivalence margin
-±{cfg.analysis.tost_margin:g}; {cfg.analysis.bootstrap} bootstrap resamples. Slope tests marked as a Holm family:
-{len(results['holm']['tests'])}.</p>{''.join(groups)}</section>
-{_power_html(results.get("power"))}
-<section id="humans"><h2>Human responses</h2>{_human_html(results)}</section>
-{robust_html}
-<section id="settings"><h2>Settings (study.toml)</h2><pre>{escape(results['settings_toml'])}</pre></section>
-</body></html>
-"""
+    """The self-contained HTML page (figures embedded as base64 PNG), from ``templates/report.html.j2``."""
+    return _templates().get_template("report.html.j2").render(report_context(results, figures, cfg))

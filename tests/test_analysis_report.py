@@ -310,6 +310,25 @@ def test_import_reproduces_condition_accuracy_and_paired_test(tmp_path):
     assert _entry(results, "mis")["status"] == "skipped"
 
 
+def test_report_escapes_study_values(tmp_path):
+    """Condition names and the response source reach the page as text, never as markup."""
+    script = "<script>alert('x')</script>"
+    raw = _external_csv(tmp_path / "ext.csv", np.random.default_rng(5), participants=4)
+    raw.replace({"cond": {"A": script}}).to_csv(tmp_path / "ext.csv", index=False)
+    run_dir = tmp_path / "empty"
+    write_study(load_study(None, "quick", ["analysis.bootstrap=10"]), run_dir)
+    trials = import_trials(tmp_path / "ext.csv", MAPPING)
+    results = analyze(run_dir, trials=trials, source=f"imported {script}.csv")
+    html = (run_dir / "report" / "index.html").read_text()
+    assert "<script" not in html
+    escaped = "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;"
+    assert f"imported {escaped}.csv" in html                                  # the response source
+    assert f"<td class='s'>{escaped}</td>" in html                            # a table cell
+    assert f"id='conditions.{escaped}-vs-B'" in html                          # an attribute
+    assert any(script in e["sentence"] for e in results["statistics"])        # the sentence itself is unchanged
+    assert html.count(escaped) > 3
+
+
 def test_import_missing_column_names_it(tmp_path):
     _external_csv(tmp_path / "ext.csv", np.random.default_rng(0), participants=2)
     with pytest.raises(ValueError, match=r"'accuracy'.*'correct'.*columns are \['subj', 'cond'"):
