@@ -25,11 +25,11 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
 benchmarks: $(STAMP)
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python -m benchmarks.run_all
 
 # every CUDA path and GPU benchmark in one run (SMOKE=1: tiny sizes on the CPU)
 gpu-check: $(STAMP)
-	$(BIN)/python benchmarks/gpu_check.py $(if $(SMOKE),--smoke)
+	$(BIN)/python -m benchmarks.gpu_check $(if $(SMOKE),--smoke)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,6 +1,7 @@
 """``sparsight analyze``: statistics, figures and the HTML report of a study."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
@@ -52,8 +53,10 @@ def analyze_cmd(run_dir, out, import_csv, maps, mapping, overrides):
       sparsight analyze runs/default --import trials.csv --map participant=subj \\
           --map correct=acc --map condition=cond --map rt=rt_ms
     """
+    from sparsight.study import Study
+
     from .load import import_trials, load_models, parse_mapping, read_mapping
-    from .report import analyze
+    from .stages import run_analysis
 
     if (maps or mapping) and import_csv is None:
         raise click.UsageError("--map and --mapping describe an --import CSV; give --import FILE.csv")
@@ -72,9 +75,11 @@ def analyze_cmd(run_dir, out, import_csv, maps, mapping, overrides):
             raise click.UsageError(str(err)) from None
         source = f"imported {import_csv.name}"
     try:
-        results = analyze(run_dir, cfg, out, trials=trials, source=source)
+        files = run_analysis(Study(cfg), out=out, trials=trials, source=source)
     except (FileNotFoundError, ValueError) as err:
         raise click.UsageError(str(err)) from None
+    html, results_json = files[:2]
+    results = json.loads(results_json.read_text())
     stats = results["statistics"]
     counts = {s: sum(e["status"] == s for e in stats) for s in ("ok", "skipped", "failed")}
     for note in results["notes"]:
@@ -84,8 +89,8 @@ def analyze_cmd(run_dir, out, import_csv, maps, mapping, overrides):
     failed = [c for c in results.get("validity", []) if c["passed"] is False]
     for c in failed:
         click.echo(f"validity check FAILED: {c['name']}: {c['value']} (needs {c['threshold']}; {c['detail']})")
-    click.echo(f"report: {results['files']['html']}")
-    click.echo(f"results: {results['files']['json']}")
+    click.echo(f"report: {html}")
+    click.echo(f"results: {results_json}")
 
 
 def _numbers(kind):

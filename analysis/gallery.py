@@ -13,6 +13,8 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
+from sparsight.layout import Layout
+
 from .load import BASE_METHOD
 
 TILE, GAP = 48, 2
@@ -86,7 +88,7 @@ def unit_sheet(manifest: pd.DataFrame, models: pd.DataFrame, bank_root: str | Pa
 
 def make_gallery(run_dir: str | Path, models: pd.DataFrame, out: Path, n: int = 3, seed: int = 0) -> dict[str, Path]:
     """``{"gallery:<layer>:<unit>": sheet}`` for up to ``n`` units of the study's stimulus bank."""
-    path = Path(run_dir) / "stimuli" / "manifest.parquet"
+    path = Layout(run_dir).manifest
     if not path.is_file() or models.empty or "method" not in models:
         return {}
     manifest = pd.read_parquet(path)
@@ -95,6 +97,6 @@ def make_gallery(run_dir: str | Path, models: pd.DataFrame, out: Path, n: int = 
     chosen = gallery_units(manifest, n, seed)
     keys = pd.MultiIndex.from_frame(manifest[["layer", "unit"]])
     manifest = manifest[keys.isin(chosen) & (manifest["task"] == 0) & (manifest["role"] == "ref_max")]
-    return {f"gallery:{layer}:{unit}": unit_sheet(manifest, models, Path(run_dir) / "stimuli", layer, unit,
+    return {f"gallery:{layer}:{unit}": unit_sheet(manifest, models, Layout(run_dir).stimuli, layer, unit,
                                                   out / f"gallery-{layer}-{unit}.png")
             for layer, unit in chosen}

@@ -27,12 +27,18 @@ import numpy as np
 import pandas as pd
 
 from sparsight.config import StudyConfig, study_from_run_dir
+from sparsight.layout import Layout
+from stimuli.units import Unit, split_unit_name
+from survey_app.mis import MODEL_COLUMNS as MIS_MODEL_COLUMNS
+from survey_app.mis import UNIT_COLUMNS as MIS_UNIT_COLUMNS
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
+#: Model metadata joined onto the per-unit and per-model MIS tables.
+MODEL_KEYS = ("method", "schedule", "series", "rate", "sparsity", "top1")
 TRIAL_COLUMNS = ["participant", "unit_id", "model_id", "method", "schedule", "rate", "sparsity", "kind",
                  "correct", "confidence", "rt_ms", "trial_type", "is_machine", "excluded", "exclusion_reasons",
                  "layer", "unit", "task", "observer", "condition"]
@@ -50,16 +56,11 @@ FALSE_WORDS = {"0", "0.0", "false", "f", "no", "n", "incorrect", "wrong", "error
 
 # ---- small helpers --------------------------------------------------------------------------------
 def unit_id(layer, unit) -> str:
-    """``("inception4a", 3)`` → ``"inception4a:3"`` (the one place unit names are built)."""
-    return f"{layer}:{int(unit)}"
+    """``("inception4a", 3)`` → ``"inception4a:3"``."""
+    return str(Unit(str(layer), int(unit)))
 
 
-def split_unit_id(text: str) -> tuple[str, int | None]:
-    """``"inception4a:3"`` → ``("inception4a", 3)``; a name without ``:INDEX`` gives ``(name, None)``."""
-    layer, sep, index = str(text).rpartition(":")
-    if sep and index.strip().lstrip("-").isdigit():
-        return layer, int(index)
-    return str(text), None
+split_unit_id = split_unit_name
 
 
 def to_bool(values: pd.Series, name: str = "value", missing=np.nan) -> pd.Series:
@@ -166,7 +167,7 @@ def load_models(run_dir: str | Path) -> pd.DataFrame:
         meta.setdefault("model_id", meta_file.parent.name)
         rows.append(meta_row(meta))
     have = {r["model_id"] for r in rows}
-    evaluation = _read_table(run_dir / "evaluation.csv")
+    evaluation = _read_table(Layout(run_dir).evaluation)
     if evaluation is not None and len(evaluation):
         for r in evaluation.to_dict("records"):
             if str(r["model_id"]) in have:
@@ -191,8 +192,7 @@ def _base_first(col: pd.Series) -> pd.Series:
     return col.map(lambda v: "" if v == BASE_METHOD else v) if col.name == "method" else col
 
 
-def _attach_models(frame: pd.DataFrame, models: pd.DataFrame, keys=("method", "schedule", "series", "rate",
-                                                                      "sparsity", "top1")) -> pd.DataFrame:
+def _attach_models(frame: pd.DataFrame, models: pd.DataFrame, keys=MODEL_KEYS) -> pd.DataFrame:
     """Join model metadata on ``model_id`` (columns already in ``frame`` are filled, not duplicated)."""
     keys = [k for k in keys if k in models.columns]
     if frame.empty or models.empty or "model_id" not in frame:
@@ -218,10 +218,9 @@ def read_responses(run_dir: str | Path, cfg: StudyConfig | None = None) -> tuple
     """The tidy responses table and where it came from: ``RUN_DIR/responses.csv`` (or ``.parquet``) when
     present, else the study's survey database; an empty table (source ``"none"``) when neither exists."""
     run_dir = Path(run_dir)
-    for name in ("responses.csv", "responses.parquet"):
-        table = _read_table(run_dir / name)
-        if table is not None:
-            return table, name
+    path = Layout(run_dir).responses()
+    if path is not None:
+        return _read_table(path), path.name
     cfg = cfg or study_config(run_dir)
     from survey_app.stages import read_responses as read_database
     table = read_database(run_dir, cfg)
@@ -389,10 +388,9 @@ def load_units(run_dir: str | Path, models: pd.DataFrame | None = None,
                dissection: pd.DataFrame | None = None) -> pd.DataFrame:
     """``mis/units.csv`` with ``unit_id``, the model metadata (method, schedule, series, rate, sparsity,
     top1) and, where dissected, the unit's ``concept``, ``iou`` and ``interpretable`` flag."""
-    units = _read_table(Path(run_dir) / "mis" / "units.csv")
+    units = _read_table(Layout(run_dir).mis_units)
     if units is None or units.empty:
-        return pd.DataFrame(columns=["model_id", "kind", "layer", "unit", "unit_id", "status", "mis", "method",
-                                     "schedule", "series", "rate", "sparsity", "top1"])
+        return pd.DataFrame(columns=[*MIS_UNIT_COLUMNS, "unit_id", *MODEL_KEYS])
     units = units.copy()
     units["model_id"] = units["model_id"].astype(str)
     units["unit_id"] = [unit_id(lay, u) for lay, u in zip(units["layer"], units["unit"])]
@@ -409,9 +407,9 @@ def load_units(run_dir: str | Path, models: pd.DataFrame | None = None,
 
 def load_dissection(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``dissection/units.csv`` and ``dissection/models.csv`` (empty frames when absent)."""
-    base = Path(run_dir) / "dissection"
-    units = _read_table(base / "units.csv")
-    models = _read_table(base / "models.csv")
+    layout = Layout(run_dir)
+    units = _read_table(layout.dissection_units)
+    models = _read_table(layout.dissection_models)
     units = pd.DataFrame() if units is None else units
     models = pd.DataFrame() if models is None else models
     if len(models) and "unique_concepts" not in models and len(units):
@@ -422,10 +420,9 @@ def load_dissection(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def load_mis_models(run_dir: str | Path, models: pd.DataFrame | None = None) -> pd.DataFrame:
     """``mis/models.csv`` (one row per model and reference kind, MIS with its bootstrap CI) plus metadata."""
-    table = _read_table(Path(run_dir) / "mis" / "models.csv")
+    table = _read_table(Layout(run_dir).mis_models)
     if table is None or table.empty:
-        return pd.DataFrame(columns=["model_id", "kind", "units", "mis", "mis_ci_low", "mis_ci_high", "method",
-                                     "schedule", "series", "rate", "sparsity", "top1"])
+        return pd.DataFrame(columns=[*MIS_MODEL_COLUMNS, *MODEL_KEYS])
     table = table.copy()
     table["model_id"] = table["model_id"].astype(str)
     return _attach_models(table, models if models is not None else load_models(run_dir))
@@ -435,14 +432,14 @@ def load_robustness(run_dir: str | Path) -> dict[str, pd.DataFrame]:
     """``robustness/{accuracy,noise_similarity,prune_potential}.csv`` that exist and have rows."""
     out = {}
     for name in ("accuracy", "noise_similarity", "prune_potential"):
-        table = _read_table(Path(run_dir) / "robustness" / f"{name}.csv")
+        table = _read_table(Layout(run_dir).robustness / f"{name}.csv")
         if table is not None and len(table):
             out[name] = table
     return out
 
 
 def load_calibration(run_dir: str | Path) -> dict | None:
-    path = Path(run_dir) / "mis" / "calibration.json"
+    path = Layout(run_dir).mis / "calibration.json"
     try:
         return json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):

@@ -9,10 +9,9 @@ def responses_fingerprint(study) -> dict:
     """What the report's human side depends on: ``responses.csv``/``.parquet`` content, else the number of
     responses stored in the survey database."""
     from sparsight.files import sha256_file
-    for name in ("responses.csv", "responses.parquet"):
-        path = study.path(name)
-        if path.is_file():
-            return {name: sha256_file(path)}
+    path = study.layout.responses()
+    if path is not None:
+        return {path.name: sha256_file(path)}
     from sparsight.errors import NotKnownWhilePlanning
     from survey_app.stages import read_responses
     try:
@@ -28,17 +27,22 @@ class AnalysisStage:
     description = "statistics, figures and the report (report/index.html, report/results.json)"
 
     def inputs(self, study) -> dict:
-        from pruning.stages import _upstream
         cfg = study.config
-        return {"upstream": {k: _upstream(study, k) for k in ("evaluate", "robustness", "mis", "dissection")},
+        return {"upstream": {k: study.upstream(k) for k in ("evaluate", "robustness", "mis", "dissection")},
                 "analysis": asdict(cfg.analysis), "seed": cfg.study.seed, "responses": responses_fingerprint(study)}
 
     def run(self, study) -> list[Path]:
-        from .report import analyze
-        if not study.is_main:
-            return []
-        results = analyze(study.run_dir, study.config)
-        return [Path(p) for p in results["files"].values()]
+        return run_analysis(study)
+
+
+def run_analysis(study, *, out: Path | None = None, trials=None, source: str | None = None) -> list[Path]:
+    """The study's report: statistics, figures, ``report/index.html`` and ``report/results.json`` (under
+    ``out`` instead when given); ``trials`` (e.g. imported ones) replace the study's responses."""
+    from .report import analyze
+    if not study.is_main:
+        return []
+    results = analyze(study.run_dir, study.config, out, trials=trials, source=source)
+    return [Path(p) for p in results["files"].values()]
 
 
 STAGES = [AnalysisStage()]

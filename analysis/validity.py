@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from sparsight.layout import META_FILE, Layout
+
 #: Share of max visualizations that may leave their unit at zero activation.
 MAX_ZERO_SHARE = 0.02
 #: Share of live units whose max visualizations must reach their natural max references.
@@ -107,7 +109,7 @@ def tie_order_check(manifest: pd.DataFrame | None, data_root: Path, split: str) 
 def robustness_balance_check(run_dir: Path) -> dict:
     name = "robustness subsets: smallest / largest class count"
     ratios = {}
-    for meta_path in sorted((run_dir / "models").glob("*/meta.json")):
+    for meta_path in sorted(Layout(run_dir).models.glob(f"*/{META_FILE}")):
         try:
             counts = json.loads(meta_path.read_text()).get("robustness", {}).get("images_per_class")
         except (OSError, json.JSONDecodeError):
@@ -204,11 +206,12 @@ def practice_leak_check(trials: pd.DataFrame) -> dict:
 def study_checks(data, entries: list) -> list[dict]:
     """Every validity check of the study in ``data`` (:class:`analysis.load.StudyData`)."""
     run_dir = Path(data.run_dir)
+    layout = Layout(run_dir)
     cfg = data.config
-    manifest = _read(run_dir / "stimuli" / "manifest.parquet")
-    status = _read(run_dir / "stimuli" / "units.csv")
-    tasks = _read(run_dir / "mis" / "tasks.csv")
-    data_root = run_dir / "data" if cfg.data.source == "concept-shapes" else Path(cfg.data.path)
+    manifest = _read(layout.manifest)
+    status = _read(layout.stimulus_units)
+    tasks = _read(layout.mis / "tasks.csv")
+    data_root = layout.data if cfg.data.source == "concept-shapes" else Path(cfg.data.path)
     checks = visualization_checks(manifest, status)
     checks.append(tie_order_check(manifest, data_root, cfg.stimuli.split))
     checks.append(robustness_balance_check(run_dir))

@@ -9,9 +9,9 @@ leaves hooks on every module and would otherwise accumulate weight gradients), s
 measures batching, not lucent's side effects.  The mean final activation of the plain max images
 is printed for both, to show the work is comparable.
 
-    python benchmarks/featurevis.py                        # GoogLeNet, 224 px, 512 steps, GPU if present
-    python benchmarks/featurevis.py --arch inception-small --image-size 64 --steps 64 --units 16 --device cpu
-    python benchmarks/featurevis.py --quality --weights runs/default/models/base/model.pt --data runs/default/data \
+    python -m benchmarks.featurevis                        # GoogLeNet, 224 px, 512 steps, GPU if present
+    python -m benchmarks.featurevis --arch inception-small --image-size 64 --steps 64 --units 16 --device cpu
+    python -m benchmarks.featurevis --quality --weights runs/default/models/base/model.pt --data runs/default/data \
         --arch inception-small --image-size 64 --steps 256 --units 16 --device cpu
 
 ``--quality`` adds the quality-normalised speed: seconds per unit until the plain max image reaches the

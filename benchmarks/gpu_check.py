@@ -1,7 +1,7 @@
 """The GPU check kit: one prepared run that proves every CUDA path and measures every GPU benchmark.
 
-    python benchmarks/gpu_check.py             # on one H100/H200: every check at its GPU size (< 9 minutes)
-    python benchmarks/gpu_check.py --smoke     # the same checks at tiny sizes on a CPU (< 10 minutes on 2 cores)
+    python -m benchmarks.gpu_check             # on one H100/H200: every check at its GPU size (< 9 minutes)
+    python -m benchmarks.gpu_check --smoke     # the same checks at tiny sizes on a CPU (< 10 minutes on 2 cores)
     make gpu-check [SMOKE=1]
 
 Checks, in order (each is timed, and a failure is recorded, never fatal to the others):
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import math
 import os
@@ -42,9 +43,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(HERE))       # the benchmark scripts next to this one
 
-#: GPU targets (issue "GPU check kit"; DESIGN §9).
+#: GPU targets (DESIGN §9).
 TARGETS = {"featurevis_s_per_unit": 0.15, "featurevis_speedup": 90.0, "jpeg_training": 5000.0,
            "jpeg_vs_pil": 4.0, "mining": 10000.0, "mask_overhead": 0.03}
 
@@ -90,8 +90,8 @@ def judged(ok: bool, gpu: bool) -> str:
 
 
 def _bench(module: str, argv: list[str]) -> dict:
-    """Run one benchmark script's ``main`` with ``argv``; its printed table goes to our stdout."""
-    mod = __import__(module)
+    """Run ``benchmarks.<module>``'s ``main`` with ``argv``; its printed table goes to our stdout."""
+    mod = importlib.import_module(f"benchmarks.{module}")
     return mod.main(mod.get_args_parser().parse_args(argv))
 
 

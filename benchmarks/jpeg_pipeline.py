@@ -18,9 +18,9 @@ Measured, in images/s, in one run on one device:
 Targets on an H100 (GoogLeNet, 224 px): training ≥ 5,000 images/s from JPEG files and ≥ 4× the PIL
 loader; mining ≥ 10,000 images/s.
 
-    python benchmarks/jpeg_pipeline.py                                  # GPU, generated JPEGs
-    python benchmarks/jpeg_pipeline.py --data /data/imagenet --compile
-    python benchmarks/jpeg_pipeline.py --device cpu --arch inception-small --image-size 64 \\
+    python -m benchmarks.jpeg_pipeline                                  # GPU, generated JPEGs
+    python -m benchmarks.jpeg_pipeline --data /data/imagenet --compile
+    python -m benchmarks.jpeg_pipeline --device cpu --arch inception-small --image-size 64 \\
         --train-images 256 --val-images 256 --batch-size 32 --steps 6 --warmup 2 --workers 1
 """
 from __future__ import annotations

@@ -4,8 +4,8 @@ The masked run adds what retraining after pruning adds: a ``MaskEnforcer`` step 
 the pruned weights at zero after every optimizer step (unstructured global masks at 50 %).  Dense
 and masked steps are timed in alternating rounds so drifts in clock speed hit both equally.
 
-    python benchmarks/mask_overhead.py                       # GPU if present (bf16 + channels_last)
-    python benchmarks/mask_overhead.py --device cpu --models inception-small --image-size 64
+    python -m benchmarks.mask_overhead                       # GPU if present (bf16 + channels_last)
+    python -m benchmarks.mask_overhead --device cpu --models inception-small --image-size 64
 """
 from __future__ import annotations
 

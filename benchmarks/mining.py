@@ -7,8 +7,8 @@ into running top-k / bottom-k buffers plus statistics on the device.  The plain 
 speed hit both equally; each mining round starts from buffers already full (steady state).
 Target: mining at ≥ 0.9 × the plain forward throughput.
 
-    python benchmarks/mining.py                                      # googlenet, GPU if present
-    python benchmarks/mining.py --device cpu --arch inception-small --image-size 64 --batch-size 64 --threads 1
+    python -m benchmarks.mining                                      # googlenet, GPU if present
+    python -m benchmarks.mining --device cpu --arch inception-small --image-size 64 --batch-size 64 --threads 1
 """
 from __future__ import annotations
 

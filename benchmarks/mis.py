@@ -9,8 +9,8 @@ A synthetic stimulus bank the size of one model of the GoogLeNet study is writte
 2. *Embedding throughput* (images/s) of the ``EmbeddingCache`` for a registered backbone at its
    input size (random weights: speed does not depend on the values), on CPU and, when present, CUDA.
 
-    python benchmarks/mis.py                                   # 40 units, resnet50 embedding
-    python benchmarks/mis.py --units 80 --backbone googlenet --device cuda --batch-size 256
+    python -m benchmarks.mis                                   # 40 units, resnet50 embedding
+    python -m benchmarks.mis --units 80 --backbone googlenet --device cuda --batch-size 256
 """
 from __future__ import annotations
 

@@ -6,9 +6,9 @@ small (the embedded network at 64 px) so the whole set finishes in minutes.  Eac
 its own ratios against a baseline measured in the same run.  The combined output goes to
 ``benchmarks/results/<date>-<device>.txt``; copy the tables worth keeping into RESULTS.md.
 
-    python benchmarks/run_all.py                     # or: make benchmarks
-    python benchmarks/run_all.py --only jpeg_pipeline mining --data /data/imagenet
-    python benchmarks/run_all.py --size cpu           # the small settings, even on a GPU
+    python -m benchmarks.run_all                     # or: make benchmarks
+    python -m benchmarks.run_all --only jpeg_pipeline mining --data /data/imagenet
+    python -m benchmarks.run_all --size cpu           # the small settings, even on a GPU
 """
 from __future__ import annotations
 
@@ -73,8 +73,8 @@ def main(args) -> int:
             extra = list(BENCHMARKS[name][0 if gpu else 1])
             if name == "jpeg_pipeline" and args.data:
                 extra += ["--data", args.data]
-            cmd = [sys.executable, str(HERE / f"{name}.py"), *extra]
-            emit(f"\n## {name}\n$ {' '.join(cmd[1:])}\n")
+            cmd = [sys.executable, "-m", f"benchmarks.{name}", *extra]
+            emit(f"\n## {name}\n$ python {' '.join(cmd[1:])}\n")
             t0 = time.perf_counter()
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                     cwd=HERE.parent)

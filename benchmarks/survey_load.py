@@ -5,7 +5,7 @@ Creates a temporary study directory (synthetic stimulus bank; 5 practice, 40 mai
 ``min_response_ms`` 1500, completion code ``LOAD``), starts ``gunicorn -k gthread survey_app.wsgi:app``
 on a free loopback port, waits until every worker has loaded the app, and lets ``--participants``
 simulated participants (one thread and one keep-alive connection with its own cookie jar each; see
-``survey_app/loadsim.py``) take the whole study at once: consent, instructions, every trial with its
+``benchmarks/loadsim.py``) take the whole study at once: consent, instructions, every trial with its
 images (answered by brightness, ``rt_ms`` claimed as 1600 — no real waiting unless ``--think-ms``),
 the completion redirect.  About 10 % of responses are re-sent with the same idempotency key (half
 concurrently with the original), and every session once re-sends an answered trial under a new key
@@ -22,10 +22,10 @@ With zero think time every participant sends its next request as soon as the las
 the server runs saturated and latency is mostly queueing (≈ participants / throughput); use
 ``--think-ms`` (e.g. 3000: a person's answer plus feedback) for latency at a realistic request rate.
 
-    python benchmarks/survey_load.py                                  # SQLite, 100 participants, 4 workers
-    python benchmarks/survey_load.py --baseline                       # + the same run on one worker
-    python benchmarks/survey_load.py --think-ms 3000                  # realistic pacing
-    python benchmarks/survey_load.py --database "$SPARSIGHT_TEST_DATABASE_URL"   # PostgreSQL scratch database
+    python -m benchmarks.survey_load                                  # SQLite, 100 participants, 4 workers
+    python -m benchmarks.survey_load --baseline                       # + the same run on one worker
+    python -m benchmarks.survey_load --think-ms 3000                  # realistic pacing
+    python -m benchmarks.survey_load --database "$SPARSIGHT_TEST_DATABASE_URL"   # PostgreSQL scratch database
 """
 from __future__ import annotations
 
@@ -38,10 +38,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from survey_app import loadsim  # noqa: E402
-from survey_app.testing import make_study_dir  # noqa: E402
+from benchmarks import loadsim
+from survey_app.testing import make_study_dir
 
 
 def get_args_parser() -> argparse.ArgumentParser:

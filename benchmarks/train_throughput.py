@@ -4,8 +4,8 @@ Three settings, measured in the same run on synthetic data already in device mem
 fp32 eager (the baseline), bf16 autocast + channels_last, and the same plus torch.compile.
 Ratios are printed against the fp32 eager baseline of the same model.
 
-    python benchmarks/train_throughput.py                        # GPU if present, else CPU
-    python benchmarks/train_throughput.py --device cpu --batch-size 16 --image-size 112 --steps 5
+    python -m benchmarks.train_throughput                        # GPU if present, else CPU
+    python -m benchmarks.train_throughput --device cpu --batch-size 16 --image-size 112 --steps 5
 """
 from __future__ import annotations
 

@@ -7,6 +7,8 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
+from sparsight.layout import CHECKPOINT_FILE, META_FILE
+
 from .data import concept_shapes
 from .data.folders import split_dir
 from .models import read_meta
@@ -14,16 +16,9 @@ from .schedule import PruneJob
 from .training import TrainSettings
 from .workflows import build_loaders, default_exclude, prune_and_save, retrain_settings, train_and_save
 
-
-def data_root(study) -> Path:
-    """Where the study's images live: the generated folder, or the configured ImageFolder tree."""
-    d = study.config.data
-    return study.path("data") if d.source == "concept-shapes" else Path(d.path).expanduser()
-
-
-def _upstream(study, name: str) -> dict:
-    rec = study.records.get(name) or {}
-    return {"fingerprint": rec.get("fingerprint"), "outputs": rec.get("outputs")}
+#: Columns of ``evaluation.csv``, one row per model.
+EVALUATION_COLUMNS = ("model_id", "arch", "method", "schedule", "rate_requested", "sparsity", "params_total",
+                      "params_nonzero", "flops", "top1_before", "top1", "top5", "corruption_top1")
 
 
 class DataStage:
@@ -39,20 +34,7 @@ class DataStage:
                 "generator_version": concept_shapes.GENERATOR_VERSION}
 
     def run(self, study) -> list[Path]:
-        d = study.config.data
-        root = data_root(study)
-        if d.source == "folder":
-            split_dir(root, "train"), split_dir(root, "val")  # clear error when the layout is wrong
-            marker = study.path("data_source.json")
-            if study.is_main:
-                marker.write_text(json.dumps({"path": str(root.resolve())}))
-            return [marker]
-        if study.is_main:
-            if root.exists():
-                shutil.rmtree(root)
-            concept_shapes.generate(root, seed=study.config.study.seed, train_per_class=d.train_per_class,
-                                    val_per_class=d.val_per_class, image_size=d.image_size)
-        return [root / "concepts.json", root / "train.csv", root / "val.csv"]
+        return run_data(study)
 
 
 class ModelStage:
@@ -78,19 +60,15 @@ class ModelStage:
         d = study.config.data
         extra = {"rewind_epoch": study.config.prune.imp_rewind_epoch,
                  "evaluate": asdict(study.config.evaluate)} if self.is_base else {}
-        return {"data": _upstream(study, "data"), "arch": arch, "weights": weights,
+        return {"data": study.upstream("data"), "arch": arch, "weights": weights,
                 "num_classes": study.config.model.num_classes, "settings": asdict(settings),
                 "loader": {"image_size": d.image_size, "batch_size": d.batch_size, "augment": d.augment}, **extra}
 
     def run(self, study) -> list[Path]:
-
         arch, weights, settings = self._spec(study)
-        out = study.path("models", self.model_id)
-        base = self.is_base
-        train_and_save(study.config, data_root(study), out, study.ctx, model_id=self.model_id, arch=arch,
-                       weights=weights, settings=settings, rewind_epoch=study.config.prune.imp_rewind_epoch
-                       if base and settings.epochs > 0 else None, robustness=base, reuse=not study.forced)
-        return [out / "model.pt", out / "meta.json"]
+        rewind = study.config.prune.imp_rewind_epoch if self.is_base and settings.epochs > 0 else None
+        return run_training(study, self.model_id, arch=arch, weights=weights, settings=settings, rewind_epoch=rewind,
+                            robustness=self.is_base, reuse=not study.forced)
 
 
 def prune_jobs(cfg) -> list[PruneJob]:
@@ -113,7 +91,7 @@ class PruneStage:
     def inputs(self, study) -> dict:
         cfg = study.config
         d = cfg.data
-        return {"base": _upstream(study, "base"), "jobs": [asdict(j) for j in prune_jobs(cfg)],
+        return {"base": study.upstream("base"), "jobs": [asdict(j) for j in prune_jobs(cfg)],
                 "retrain": asdict(retrain_settings(cfg)), "iterative_epochs": cfg.prune.iterative_epochs,
                 "evaluate": asdict(cfg.evaluate),
                 "reference_per_class": cfg.prune.lrp_images_per_class,
@@ -122,33 +100,22 @@ class PruneStage:
                 "loader": {"image_size": d.image_size, "batch_size": d.batch_size, "augment": d.augment}}
 
     def run(self, study) -> list[Path]:
-        from sparsight.progress import note
-
-        cfg = study.config
-        jobs = prune_jobs(cfg)
-        outputs, cache, loaders = [], {}, None
-        for i, job in enumerate(jobs):
-            out = study.path("models", job.model_id)
-            if cfg.study.progress and study.is_main:
-                note(f"[{i + 1}/{len(jobs)}] {job.model_id}")
-            if loaders is None and (study.forced or not _is_finished(out)):
-                loaders = build_loaders(cfg, data_root(study), study.ctx)
-            meta = prune_and_save(cfg, data_root(study), study.path("models", "base"), out, study.ctx, job,
-                                  loaders=loaders, cache=cache, reuse=not study.forced)
-            if cfg.study.progress and study.is_main and meta:
-                note(f"    sparsity {meta['sparsity']['total']:.3f} · top-1 {meta['top1']['before']:.3f} "
-                           f"→ {meta['top1']['after']:.3f} (parent {meta['top1']['parent']:.3f})")
-            outputs += [out / "model.pt", out / "meta.json"]
-        return outputs
+        return run_prune(study, on_model=_note_model if study.config.study.progress else None)
 
 
-def _is_finished(model_dir: Path) -> bool:
-    return (model_dir / "meta.json").is_file() and (model_dir / "model.pt").is_file()
+def _note_model(index: int, count: int, job: PruneJob, meta: dict | None) -> None:
+    """Progress of the prune stage: the model about to be made (``meta`` None), then its result."""
+    from sparsight.progress import note
+    if meta is None:
+        note(f"[{index + 1}/{count}] {job.model_id}")
+    else:
+        note(f"    sparsity {meta['sparsity']['total']:.3f} · top-1 {meta['top1']['before']:.3f} "
+             f"→ {meta['top1']['after']:.3f} (parent {meta['top1']['parent']:.3f})")
 
 
 def _study_metas(study) -> list[dict]:
-    return [read_meta(study.path("models", mid)) for mid in study_model_ids(study)
-            if (study.path("models", mid) / "meta.json").is_file()]
+    layout = study.layout
+    return [read_meta(layout.model_dir(mid)) for mid in study_model_ids(study) if layout.meta(mid).is_file()]
 
 
 class RobustnessStage:
@@ -156,16 +123,11 @@ class RobustnessStage:
     description = "study tables: corruption accuracy, noise similarity, prune potential, excess error"
 
     def inputs(self, study) -> dict:
-        return {"models": {k: _upstream(study, k) for k in ("base", "prune")},
+        return {"models": {k: study.upstream(k) for k in ("base", "prune")},
                 "delta": study.config.evaluate.prune_potential_delta}
 
     def run(self, study) -> list[Path]:
-        from .robustness import write_study_tables
-
-        metas = [m for m in _study_metas(study) if m["model_id"] != "observer"]
-        if not study.is_main:
-            return []
-        return list(write_study_tables(study.run_dir, metas, study.config.evaluate.prune_potential_delta))
+        return run_robustness(study)
 
 
 def _mean_corruption_top1(meta: dict) -> float | None:
@@ -178,28 +140,97 @@ def _mean_corruption_top1(meta: dict) -> float | None:
 class EvaluateStage:
     name = "evaluate"
     description = "summarize every model of the study (evaluation.csv)"
-    columns = ("model_id", "arch", "method", "schedule", "rate_requested", "sparsity", "params_total",
-               "params_nonzero", "flops", "top1_before", "top1", "top5", "corruption_top1")
+    columns = EVALUATION_COLUMNS
 
     def inputs(self, study) -> dict:
-        return {"models": {k: _upstream(study, k) for k in ("base", "observer", "prune")}}
+        return {"models": {k: study.upstream(k) for k in ("base", "observer", "prune")}}
 
     def run(self, study) -> list[Path]:
-        rows = []
-        for meta in _study_metas(study):
-            rows.append({"model_id": meta["model_id"], "arch": meta["arch"], "method": meta.get("method") or "",
-                         "schedule": meta.get("schedule") or "", "rate_requested": meta.get("rate_requested", 0.0),
-                         "sparsity": meta["sparsity"]["total"], "params_total": meta["params_total"],
-                         "params_nonzero": meta["params_nonzero"], "flops": meta["flops"],
-                         "top1_before": meta["top1"].get("before"), "top1": meta["top1"].get("after"),
-                         "top5": meta["top5"].get("after"), "corruption_top1": _mean_corruption_top1(meta)})
-        out = study.path("evaluation.csv")
+        return run_evaluate(study)
+
+
+# --- Drivers: one per step, called by its stage and by its command --------------------------------
+
+
+def run_data(study) -> list[Path]:
+    """Generate the concept-shapes data into the study, or check the configured ImageFolder tree."""
+    d = study.config.data
+    root = study.data_root
+    if d.source == "folder":
+        split_dir(root, "train"), split_dir(root, "val")  # clear error when the layout is wrong
+        marker = study.path("data_source.json")
         if study.is_main:
-            with open(out, "w", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=list(self.columns))
-                writer.writeheader()
-                writer.writerows(rows)
-        return [out]
+            marker.write_text(json.dumps({"path": str(root.resolve())}))
+        return [marker]
+    if study.is_main:
+        if root.exists():
+            shutil.rmtree(root)
+        concept_shapes.generate(root, seed=study.config.study.seed, train_per_class=d.train_per_class,
+                                val_per_class=d.val_per_class, image_size=d.image_size)
+    return [root / "concepts.json", root / "train.csv", root / "val.csv"]
+
+
+def run_training(study, model_id: str = "base", *, arch: str, weights: str, settings: TrainSettings,
+                 data: Path | None = None, out: Path | None = None, rewind_epoch: int | None = None,
+                 robustness: bool = False, reuse: bool = True) -> list[Path]:
+    """Train (or load and evaluate) one network into ``out`` (default ``models/<model_id>/``)."""
+    out = out or study.layout.model_dir(model_id)
+    train_and_save(study.config, data or study.data_root, out, study.ctx, model_id=model_id, arch=arch,
+                   weights=weights, settings=settings, rewind_epoch=rewind_epoch, robustness=robustness, reuse=reuse)
+    return [out / CHECKPOINT_FILE, out / META_FILE]
+
+
+def run_prune(study, *, parent: Path | None = None, data: Path | None = None, out_root: Path | None = None,
+              robustness: bool = True, on_model=None) -> list[Path]:
+    """Prune ``parent`` (default the base model) by every job of the study, retrain, and write each model
+    under ``out_root`` (default ``models/``); ``on_model(i, n, job, meta)`` hears before (meta None)
+    and after each one, on rank 0."""
+    cfg, layout = study.config, study.layout
+    parent, data = parent or layout.model_dir("base"), data or study.data_root
+    out_root = out_root or layout.models
+    jobs = prune_jobs(cfg)
+    tell = on_model if (on_model and study.is_main) else (lambda *_: None)
+    outputs, cache, loaders = [], {}, None
+    for i, job in enumerate(jobs):
+        out = out_root / job.model_id
+        tell(i, len(jobs), job, None)
+        finished = (out / CHECKPOINT_FILE).is_file() and (out / META_FILE).is_file()
+        if loaders is None and (study.forced or not finished):
+            loaders = build_loaders(cfg, data, study.ctx)
+        meta = prune_and_save(cfg, data, parent, out, study.ctx, job, loaders=loaders, cache=cache,
+                              robustness=robustness, reuse=not study.forced)
+        if meta:
+            tell(i, len(jobs), job, meta)
+        outputs += [out / CHECKPOINT_FILE, out / META_FILE]
+    return outputs
+
+
+def run_robustness(study) -> list[Path]:
+    """The study's robustness tables over the base and pruned models."""
+    from .robustness import write_study_tables
+
+    metas = [m for m in _study_metas(study) if m["model_id"] != "observer"]
+    if not study.is_main:
+        return []
+    return list(write_study_tables(study.run_dir, metas, study.config.evaluate.prune_potential_delta))
+
+
+def run_evaluate(study) -> list[Path]:
+    """``evaluation.csv``: one row per model of the study."""
+    rows = [{"model_id": meta["model_id"], "arch": meta["arch"], "method": meta.get("method") or "",
+             "schedule": meta.get("schedule") or "", "rate_requested": meta.get("rate_requested", 0.0),
+             "sparsity": meta["sparsity"]["total"], "params_total": meta["params_total"],
+             "params_nonzero": meta["params_nonzero"], "flops": meta["flops"],
+             "top1_before": meta["top1"].get("before"), "top1": meta["top1"].get("after"),
+             "top5": meta["top5"].get("after"), "corruption_top1": _mean_corruption_top1(meta)}
+            for meta in _study_metas(study)]
+    out = study.layout.evaluation
+    if study.is_main:
+        with open(out, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(EVALUATION_COLUMNS))
+            writer.writeheader()
+            writer.writerows(rows)
+    return [out]
 
 
 STAGES = [

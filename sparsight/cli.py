@@ -93,21 +93,32 @@ def run_cmd(study_path, study_file, profile, overrides, device, name, force, sho
     if show_options:
         click.echo(describe_options())
         return
-    overrides = tuple(overrides) + ((f'study.name="{name}"',) if name else ())
-    cfg = resolve_from_cli(study_path or study_file, profile, overrides, device)
+    cfg = resolve_from_cli(study_path or study_file, profile, overrides, device, {"study.name": name})
     if plan:
         from .study import plan_study
         click.echo(cfg.to_toml())
-        for stage, state in plan_study(cfg, force=tuple(force)):
+        for stage, state in plan_study(cfg, pipeline_stages(), force=tuple(force)):
             state, _, why = state.partition(" (")
             click.echo(f"{stage.name:13s} {state:11s} {stage.description}")
             if why:
                 click.echo(f"{'':25s} ({why}")
         return
+    from pruning.training import open_study
+
     from .study import run_study
-    study = run_study(cfg, force=tuple(force), log=click.echo)
+    with open_study(cfg) as study:
+        run_study(study, pipeline_stages(), force=tuple(force), log=click.echo)
     if study.is_main:
         _print_summary(study)
+
+
+def pipeline_stages() -> list:
+    """The study's stages in order; each package contributes its own."""
+    from analysis.stages import STAGES as analysis_stages
+    from pruning.stages import STAGES as pruning_stages
+    from stimuli.stages import STAGES as stimuli_stages
+    from survey_app.stages import STAGES as survey_stages
+    return list(pruning_stages) + list(stimuli_stages) + list(survey_stages) + list(analysis_stages)
 
 
 def _print_summary(study) -> None:
@@ -115,12 +126,12 @@ def _print_summary(study) -> None:
     interpretable units; then where the report is and how to serve the survey."""
     import pandas as pd
 
-    def read(*parts):
-        path = study.path(*parts)
+    def read(path):
         return pd.read_csv(path) if path.is_file() and path.stat().st_size > 1 else None
-    models = read("evaluation.csv")
+    layout = study.layout
+    models = read(layout.evaluation)
     if models is not None:
-        mis, dis = read("mis", "models.csv"), read("dissection", "models.csv")
+        mis, dis = read(layout.mis_models), read(layout.dissection_models)
         kinds = sorted(mis["kind"].unique()) if mis is not None else []
         w = max(5, int(models["model_id"].str.len().max()))
         mw = max(6, int(models["method"].fillna("-").astype(str).str.len().max()))
@@ -148,14 +159,14 @@ def _print_summary(study) -> None:
             click.echo(f"MIS: mean over live units with a 95 % bootstrap CI (the unit count where too few live "
                        f"units are left for one); α = {mis.alpha.iloc[0]:.3g} "
                        f"({mis.alpha_source.iloc[0]}), embedding {mis.embedding.iloc[0]}")
-    results = _report_results(study.path("report", "results.json"))
+    results = _report_results(layout.report_json)
     _print_answers(results.get("answers", []))
     _print_power(results.get("power") or {})
     _print_failed_checks(results.get("validity", []))
     click.echo(f"\nstudy directory: {study.run_dir}")
-    if study.path("report", "index.html").is_file():
-        click.echo(f"report: {study.path('report', 'index.html')}")
-    if study.path("stimuli", "manifest.parquet").is_file():
+    if layout.report_html.is_file():
+        click.echo(f"report: {layout.report_html}")
+    if layout.manifest.is_file():
         click.echo(f"survey for people: sparsight serve {study.run_dir}")
 
 

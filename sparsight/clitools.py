@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .config import PROFILES, ConfigError, load_study, parse_override, study_from_run_dir
+from .config import PROFILES, ConfigError, load_study, parse_override, settings_tree, study_from_run_dir
 
 #: A study directory given on the command line: made absolute where it enters.
 RUN_DIR_ARGUMENT = click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path,
@@ -36,27 +36,33 @@ def study_options(fn):
     return wrapper
 
 
-def resolve_from_cli(study_file, profile, overrides, device):
-    """Load the study or turn a ConfigError into a clean usage error."""
-    extra = tuple(overrides) + ((f'study.device="{device}"',) if device else ())
+def resolve_from_cli(study_file, profile, overrides, device, flags: dict | None = None):
+    """Load the study or turn a ConfigError into a clean usage error.
+
+    ``flags`` are a command's own options as dotted settings (``{"train.epochs": 3}``, ``None`` for
+    not given); they apply after --set, as does --device.
+    """
     try:
-        return load_study(study_file, profile, extra)
+        return load_study(study_file, profile, overrides, _flag_settings(flags, device))
     except ConfigError as err:
         raise click.UsageError(str(err)) from None
 
 
-def resolve_study(run_dir, study_file, profile, overrides, device):
-    """The study of an existing RUN_DIR (its study.toml with --set/--device), else as
+def resolve_study(run_dir, study_file, profile, overrides, device, flags: dict | None = None):
+    """The study of an existing RUN_DIR (its study.toml with --set, ``flags`` and --device), else as
     :func:`resolve_from_cli` builds it from --study/--profile/--set."""
     if run_dir is None:
-        return resolve_from_cli(study_file, profile, overrides, device)
+        return resolve_from_cli(study_file, profile, overrides, device, flags)
     if study_file is not None or profile is not None:
         raise click.UsageError("give either RUN_DIR (its study.toml is used) or --study/--profile, not both")
-    extra = tuple(overrides) + ((f'study.device="{device}"',) if device else ())
     try:
-        return study_from_run_dir(run_dir, extra)
+        return study_from_run_dir(run_dir, overrides, _flag_settings(flags, device))
     except ConfigError as err:
         raise click.UsageError(str(err)) from None
+
+
+def _flag_settings(flags: dict | None, device: str | None) -> dict:
+    return settings_tree({**(flags or {}), "study.device": device or None})
 
 
 def section_overrides(overrides, section: str) -> dict:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .files import absolute
+from .layout import STUDY_FILE
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -486,6 +487,17 @@ def apply_settings(cfg: StudyConfig, tree: dict, origin: str = "settings") -> St
     return cfg
 
 
+def settings_tree(dotted: dict[str, Any]) -> dict:
+    """``{"train.epochs": 3, "train.lr": None}`` → ``{"train": {"epochs": 3}}``: values given as data
+    (``None`` means not given), in the shape :func:`load_study` applies."""
+    tree: dict = {}
+    for key, value in dotted.items():
+        if value is not None:
+            section, _, name = key.partition(".")
+            tree.setdefault(section, {})[name] = value
+    return tree
+
+
 def parse_override(text: str) -> dict:
     """``"train.epochs=3"`` → ``{"train": {"epochs": 3}}``; the value is parsed as TOML."""
     if "=" not in text or "." not in text.split("=", 1)[0]:
@@ -500,8 +512,9 @@ def parse_override(text: str) -> dict:
 
 
 def load_study(path: str | Path | None = None, profile: str | None = None,
-               overrides: typing.Iterable[str] = ()) -> StudyConfig:
-    """Resolve a study: defaults, profile, study file, then ``section.key=value`` overrides."""
+               overrides: typing.Iterable[str] = (), settings: dict | None = None) -> StudyConfig:
+    """Resolve a study: defaults, profile, study file, ``section.key=value`` overrides, then ``settings``
+    (``{section: {key: value}}``, e.g. from command-line flags)."""
     file_tree: dict = {}
     if path is not None:
         path = Path(path)
@@ -521,6 +534,7 @@ def load_study(path: str | Path | None = None, profile: str | None = None,
     _apply(cfg, file_tree, str(path) if path else "study")
     for text in overrides:
         _apply(cfg, parse_override(text), f"override {text!r}")
+    _apply(cfg, settings or {}, "command-line options")
     if profile:
         cfg.study.profile = profile
     absolutize_paths(cfg)
@@ -528,13 +542,14 @@ def load_study(path: str | Path | None = None, profile: str | None = None,
     return cfg
 
 
-def study_from_run_dir(run_dir: str | Path, overrides: typing.Iterable[str] = ()) -> StudyConfig:
+def study_from_run_dir(run_dir: str | Path, overrides: typing.Iterable[str] = (),
+                       settings: dict | None = None) -> StudyConfig:
     """The study of an existing study directory: its ``study.toml`` (the built-in default when it has
     none) with ``overrides``, located at ``run_dir`` itself, so a moved or copied folder keeps working
     (its study name, which its survey responses are filed under, stays the recorded one)."""
     run_dir = absolute(run_dir)
-    toml = run_dir / "study.toml"
-    cfg = load_study(toml if toml.is_file() else None, overrides=overrides)
+    toml = run_dir / STUDY_FILE
+    cfg = load_study(toml if toml.is_file() else None, overrides=overrides, settings=settings)
     cfg.location = run_dir
     return cfg
 
@@ -593,7 +608,7 @@ def validate_study(cfg: StudyConfig) -> None:
 def write_study(cfg: StudyConfig, run_dir: str | Path) -> Path:
     """Write the complete resolved configuration to ``run_dir/study.toml``."""
     from .files import atomic_write_text
-    return atomic_write_text(Path(run_dir) / "study.toml",
+    return atomic_write_text(Path(run_dir) / STUDY_FILE,
                              "# resolved sparsight study configuration (complete)\n" + cfg.to_toml())
 
 

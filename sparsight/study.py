@@ -17,6 +17,7 @@ from typing import Protocol
 from .config import StudyConfig, write_study
 from .errors import NotKnownWhilePlanning
 from .files import atomic_write_text, sha256_file
+from .layout import Layout
 
 
 class Stage(Protocol):
@@ -31,7 +32,7 @@ class Stage(Protocol):
 @dataclass
 class Study:
     config: StudyConfig
-    ctx: object = None                    # pruning.training.DistContext, set by run_study
+    ctx: object = None                    # the process group (pruning.training.DistContext) it runs in
     records: dict = field(default_factory=dict)
     forced: bool = False                  # the running stage was forced: redo work it could reuse
     planning: bool = False                # --plan: inputs read files only and connect to nothing
@@ -41,14 +42,29 @@ class Study:
         return self.config.run_dir
 
     @property
+    def layout(self) -> Layout:
+        return Layout(self.run_dir)
+
+    @property
     def is_main(self) -> bool:
         return getattr(self.ctx, "is_main", True)
+
+    @property
+    def data_root(self) -> Path:
+        """Where the study's images live: the generated folder, or the configured ImageFolder tree."""
+        d = self.config.data
+        return self.layout.data if d.source == "concept-shapes" else Path(d.path).expanduser()
 
     def path(self, *parts: str) -> Path:
         return self.run_dir.joinpath(*parts)
 
     def record_path(self, name: str) -> Path:
-        return self.path(".stages", f"{name}.json")
+        return self.layout.stage_record(name)
+
+    def upstream(self, name: str) -> dict:
+        """What a later stage depends on of stage ``name``: its input fingerprint and output digests."""
+        rec = self.records.get(name) or {}
+        return {"fingerprint": rec.get("fingerprint"), "outputs": rec.get("outputs")}
 
     def load_record(self, name: str) -> dict | None:
         try:
@@ -73,23 +89,13 @@ def is_current(stage: Stage, study: Study, fp: str) -> bool:
     return True
 
 
-def default_stages() -> list[Stage]:
-    """The pipeline, in order; each package contributes its own stages."""
-    from pruning.stages import STAGES as pruning_stages
-    from stimuli.stages import STAGES as stimuli_stages
-    from analysis.stages import STAGES as analysis_stages
-    from survey_app.stages import STAGES as survey_stages
-    return list(pruning_stages) + list(stimuli_stages) + list(survey_stages) + list(analysis_stages)
-
-
-def plan_study(config: StudyConfig, *, force: tuple[str, ...] = (), stages: list[Stage] | None = None):
+def plan_study(config: StudyConfig, stages: list[Stage], *, force: tuple[str, ...] = ()):
     """``(stage, state)`` for every stage from the records on disk, state ``"up to date"``, ``"runs"``
     or ``"may run (…why…)"``; nothing runs, only files are read and nothing is connected to.
 
     A stage after one that runs is reported from its current record: it may still be skipped when
     its upstream outputs come out unchanged.
     """
-    stages = stages if stages is not None else default_stages()
     check_force(stages, force)
     study = Study(config, planning=True)
     plan = []
@@ -119,38 +125,40 @@ def _quiet(*_args, **_kwargs) -> None:
     pass
 
 
-def run_study(config: StudyConfig, *, force: tuple[str, ...] = (), stages: list[Stage] | None = None,
-              log=print) -> Study:
-    """Run (or skip) every stage of the study; return the study with each stage's record."""
-    from pruning.training import init_distributed
+def run_study(study: Study, stages: list[Stage], *, force: tuple[str, ...] = (), log=print) -> Study:
+    """Run (or skip) every stage of an opened study; return it with each stage's record.
 
-    stages = stages if stages is not None else default_stages()
+    ``study.ctx`` is the process group the study runs in (``pruning.training.open_study`` joins it);
+    rank 0 alone logs and writes the records.
+    """
     check_force(stages, force)
-    ctx = init_distributed(config.study.device)
-    study = Study(config, ctx)
     if not study.is_main:     # one log for the whole job: rank 0's
         log = _quiet
     if study.is_main:
-        write_study(config, study.run_dir)
-    try:
-        for stage in stages:
-            fp = fingerprint(stage, study)
-            forced = "all" in force or stage.name in force
-            if not forced and is_current(stage, study, fp):
-                study.records[stage.name] = study.load_record(stage.name)
-                log(f"[{stage.name}] up to date, skipped")
-                continue
-            log(f"[{stage.name}] {stage.description}")
-            study.forced = forced
-            t0 = time.perf_counter()
-            outputs = stage.run(study)
-            ctx.barrier()
-            rec = {"fingerprint": fp, "seconds": round(time.perf_counter() - t0, 2),
-                   "outputs": {str(Path(p).relative_to(study.run_dir)): sha256_file(Path(p)) for p in outputs}}
-            study.records[stage.name] = rec
-            if study.is_main:
-                atomic_write_text(study.record_path(stage.name), json.dumps(rec, indent=2))
-            log(f"[{stage.name}] done in {rec['seconds']:.1f} s")
-    finally:
-        ctx.close()
+        write_study(study.config, study.run_dir)
+    for stage in stages:
+        fp = fingerprint(stage, study)
+        forced = "all" in force or stage.name in force
+        if not forced and is_current(stage, study, fp):
+            study.records[stage.name] = study.load_record(stage.name)
+            log(f"[{stage.name}] up to date, skipped")
+            continue
+        log(f"[{stage.name}] {stage.description}")
+        rec = _run_stage(stage, study, fp, forced)
+        log(f"[{stage.name}] done in {rec['seconds']:.1f} s")
     return study
+
+
+def _run_stage(stage: Stage, study: Study, fp: str, forced: bool) -> dict:
+    """Run one stage, wait for every process, and record its fingerprint and output digests."""
+    study.forced = forced
+    t0 = time.perf_counter()
+    outputs = stage.run(study)
+    if study.ctx is not None:
+        study.ctx.barrier()
+    rec = {"fingerprint": fp, "seconds": round(time.perf_counter() - t0, 2),
+           "outputs": {str(Path(p).relative_to(study.run_dir)): sha256_file(Path(p)) for p in outputs}}
+    study.records[stage.name] = rec
+    if study.is_main:
+        atomic_write_text(study.record_path(stage.name), json.dumps(rec, indent=2))
+    return rec

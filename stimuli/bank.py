@@ -20,7 +20,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from sparsight.files import atomic_write_bytes, atomic_write_text
+from sparsight.files import atomic_write, atomic_write_bytes, atomic_write_frame, atomic_write_text
+from sparsight.layout import MANIFEST_FILE, UNITS_FILE
 
 MANIFEST_COLUMNS = ["model_id", "layer", "unit", "task", "role", "kind", "image", "source", "activation", "rank"]
 #: Written by this bank, not required of other banks: the optimization steps behind a synthetic image (0 for
@@ -56,15 +57,12 @@ def _atomic_parquet(df: pd.DataFrame, path: Path, units: dict[str, list[int]] | 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     if units is None:
-        df.to_parquet(tmp, index=False)
-    else:
-        table = pa.Table.from_pandas(df, preserve_index=False)
-        meta = {**(table.schema.metadata or {}), _UNITS_KEY: json.dumps(units).encode()}
+        return atomic_write_frame(df, path)
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    meta = {**(table.schema.metadata or {}), _UNITS_KEY: json.dumps(units).encode()}
+    with atomic_write(path) as tmp:
         pq.write_table(table.replace_schema_metadata(meta), tmp)
-    os.replace(tmp, path)
     return path
 
 
@@ -224,14 +222,14 @@ class StimulusBank:
         manifest["rank"] = manifest["rank"].astype("int64")
         manifest["activation"] = manifest["activation"].astype("float64")
         validate_manifest(manifest, self.root)
-        out = _atomic_parquet(manifest, self.root / "manifest.parquet")
+        out = _atomic_parquet(manifest, self.root / MANIFEST_FILE)
         units = pd.concat(status, ignore_index=True) if status else pd.DataFrame(columns=STATUS_COLUMNS)
         units = units.reindex(columns=STATUS_COLUMNS)
-        units_csv = atomic_write_text(self.root / "units.csv", units.to_csv(index=False))
+        units_csv = atomic_write_text(self.root / UNITS_FILE, units.to_csv(index=False))
         return out, units_csv
 
     def manifest(self) -> pd.DataFrame:
-        path = self.root / "manifest.parquet"
+        path = self.root / MANIFEST_FILE
         if not path.is_file():
             raise FileNotFoundError(f"no stimulus manifest at {path}; run `sparsight stimuli` first")
         return pd.read_parquet(path)

@@ -63,10 +63,10 @@ def stimuli_cmd(what_and_run_dir, study_file, profile, overrides, device, models
     """
     what, run_dir = what_and_run_dir
     cfg = resolve_study(run_dir, study_file, profile, overrides, device)
-    from sparsight.study import Study
+    from sparsight.layout import Layout
 
     from .bank import StimulusBank
-    study = Study(cfg)
+    layout = Layout(cfg.run_dir)
     if preview:
         from .preview import write_preview
         try:
@@ -74,30 +74,29 @@ def stimuli_cmd(what_and_run_dir, study_file, profile, overrides, device, models
             unit = int(unit)
         except ValueError:
             raise click.UsageError(f"--preview takes MODEL:LAYER:UNIT, e.g. base:inception4a:3 (got {preview!r})")
-        bank = StimulusBank(study.path("stimuli"))
+        bank = StimulusBank(layout.stimuli)
         try:
             manifest = bank.manifest()
-            out = out or study.path("stimuli", f"preview-{model_id}-{layer}-{unit}-{task}.png")
+            out = out or layout.stimuli / f"preview-{model_id}-{layer}-{unit}-{task}.png"
             order = write_preview(manifest, bank.root, out, model_id=model_id, layer=layer, unit=unit, task=task,
                                   kind=kind, seed=cfg.study.seed)
         except (FileNotFoundError, ValueError) as err:
             raise click.UsageError(str(err)) from None
         click.echo(f"{out}  (queries top to bottom: {', '.join(order)})")
         return
-    from pruning.training import init_distributed
+    from pruning.training import open_study
 
-    from .stages import build_stimuli
-    study.ctx = init_distributed(cfg.study.device)
-    try:
-        manifest, status = build_stimuli(study, kinds=WHAT[what], model_ids=list(models) or None, units=list(units),
-                                         fresh=fresh) or (None, None)
-    except ValueError as err:
-        raise click.UsageError(str(err)) from None
-    finally:
-        study.ctx.close()
-    if manifest is None:    # another rank of a torchrun job: rank 0 reports
+    from .stages import run_stimuli
+    with open_study(cfg) as study:
+        try:
+            files = run_stimuli(study, kinds=WHAT[what], model_ids=list(models) or None, units=list(units),
+                                fresh=fresh)
+        except ValueError as err:
+            raise click.UsageError(str(err)) from None
+    if not files:    # another rank of a torchrun job: rank 0 reports
         return
     import pandas as pd
+    manifest, status = files
     table = pd.read_parquet(manifest)
     click.echo(f"{manifest}: {len(table)} rows, {table['image'].nunique()} images; unit status in {status}")
 
@@ -127,18 +126,14 @@ def dissect_cmd(run_dir, study_file, profile, overrides, device, models, probe, 
       sparsight dissect runs/googlenet-imagenet --probe /data/probe
     """
     cfg = resolve_study(run_dir, study_file, profile, overrides, device)
-    from pruning.training import init_distributed
-    from sparsight.study import Study
+    from pruning.training import open_study
 
-    from .stages import build_dissection
-    study = Study(cfg)
-    study.ctx = init_distributed(cfg.study.device)
-    try:
-        units_csv, models_csv, _ = build_dissection(study, model_ids=list(models) or None, probe=probe, fresh=fresh)
-    except ValueError as err:   # ProbeError is a ValueError
-        raise click.UsageError(str(err)) from None
-    finally:
-        study.ctx.close()
+    from .stages import run_dissection
+    with open_study(cfg) as study:
+        try:
+            units_csv, models_csv, _ = run_dissection(study, model_ids=list(models) or None, probe=probe, fresh=fresh)
+        except ValueError as err:   # ProbeError is a ValueError
+            raise click.UsageError(str(err)) from None
     import pandas as pd
     table = pd.read_csv(models_csv)
     click.echo(f"{'model':28s} {'units':>6s} {'interpretable':>13s} {'unique concepts':>15s}")

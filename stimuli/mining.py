@@ -537,6 +537,53 @@ def shard_positions(n: int, batch_size: int, rank: int = 0, world_size: int = 1)
             for p in range(b * batch_size, min((b + 1) * batch_size, n))]
 
 
+def _check_pass(batch_size: int, save_every: int, precision: str) -> None:
+    if batch_size < 1 or save_every < 1:
+        raise ValueError(f"batch_size and save_every must be at least 1, got {batch_size} and {save_every}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose from {list(PRECISIONS)}")
+
+
+def _pass_fingerprint(fingerprint: str, channel_map, precision: str, shard: tuple[int, int], batch_size: int) -> str:
+    """The state fingerprint extended by what else changes a pass: channel map, precision, sharding."""
+    rank, world = shard
+    if channel_map:
+        fingerprint = hashlib.sha256(f"{fingerprint}/{json.dumps(channel_map, sort_keys=True)}".encode()).hexdigest()
+    if precision != "fp32":
+        fingerprint = hashlib.sha256(f"{fingerprint}/{precision}".encode()).hexdigest()
+    if world > 1:
+        fingerprint = hashlib.sha256(f"{fingerprint}/{rank}/{world}/{batch_size}".encode()).hexdigest()
+    return fingerprint
+
+
+def _batches(dataset: ImageFolderDataset, todo: list[int], decode: str, device: torch.device, *, image_size: int,
+             batch_size: int, on_corrupt: str, num_workers: int):
+    """Batches of the dataset positions ``todo``: decoded on the device where it can, else by a DataLoader."""
+    if decodes_on_device(decode, device):
+        return decoded_spans(dataset.samples, todo, image_size=image_size, batch_size=batch_size,
+                             device=device, on_corrupt=on_corrupt, num_workers=num_workers)
+    return DataLoader(Subset(IndexedImages(dataset), todo), batch_size=batch_size, shuffle=False,
+                      num_workers=num_workers, collate_fn=collate_indexed, pin_memory=device.type == "cuda")
+
+
+def _feed(miner, batch, device: torch.device, precision: str) -> None:
+    if precision == "bf16":
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            miner.update(batch.images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last),
+                         batch.indices)
+    else:
+        miner.update(batch.images, batch.indices)
+
+
+def _absorb_shares(miner, skipped: int, gather) -> int:
+    """Combine every rank's share into ``miner`` (the same on every rank); return the skipped total."""
+    shares = gather({"miner": miner.state_dict(), "skipped": skipped})
+    miner.load_state_dict(shares[0]["miner"])
+    for share in shares[1:]:
+        miner.absorb(share["miner"])
+    return sum(int(share["skipped"]) for share in shares)
+
+
 def mine(model: nn.Module, root: str | os.PathLike, split: str, layers: list[str], k: int, *, image_size: int,
          batch_size: int = 256, device=None, num_workers: int = 0, state_path: str | os.PathLike | None = None,
          save_every: int = 50, record: dict[str, list[int]] | None = None, progress: bool = False,
@@ -562,10 +609,7 @@ def mine(model: nn.Module, root: str | os.PathLike, split: str, layers: list[str
     :func:`shard_positions`, then every rank combines all shares into the full result, equal to a
     single-process pass.
     """
-    if batch_size < 1 or save_every < 1:
-        raise ValueError(f"batch_size and save_every must be at least 1, got {batch_size} and {save_every}")
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose from {list(PRECISIONS)}")
+    _check_pass(batch_size, save_every, precision)
     split_root = split_dir(root, split)
     dataset = ImageFolderDataset(split_root, transform=build_transform(image_size, train=False), on_corrupt=on_corrupt)
     files = [path for path, _ in dataset.samples]
@@ -578,12 +622,7 @@ def mine(model: nn.Module, root: str | os.PathLike, split: str, layers: list[str
     positions = shard_positions(len(files), batch_size, rank, world)
     fingerprint = _fingerprint(model, split_root, files, split=split, layers=list(layers), k=k,
                                image_size=image_size, record=record, tie_seed=tie_seed)
-    if channel_map:
-        fingerprint = hashlib.sha256(f"{fingerprint}/{json.dumps(channel_map, sort_keys=True)}".encode()).hexdigest()
-    if precision != "fp32":
-        fingerprint = hashlib.sha256(f"{fingerprint}/{precision}".encode()).hexdigest()
-    if world > 1:
-        fingerprint = hashlib.sha256(f"{fingerprint}/{rank}/{world}/{batch_size}".encode()).hexdigest()
+    fingerprint = _pass_fingerprint(fingerprint, channel_map, precision, shard, batch_size)
     params = list(model.parameters())
     home = params[0].device if params else torch.device("cpu")
     device = torch.device(device) if device is not None else home
@@ -603,35 +642,20 @@ def mine(model: nn.Module, root: str | os.PathLike, split: str, layers: list[str
             if saved is not None:
                 miner.load_state_dict(saved["miner"])
                 position, skipped = int(saved["position"]), int(saved["skipped"])
-            todo = positions[position:]
-            if decodes_on_device(decode, device):
-                loader = decoded_spans(dataset.samples, todo, image_size=image_size, batch_size=batch_size,
-                                       device=device, on_corrupt=on_corrupt, num_workers=num_workers)
-            else:
-                loader = DataLoader(Subset(IndexedImages(dataset), todo), batch_size=batch_size, shuffle=False,
-                                    num_workers=num_workers, collate_fn=collate_indexed,
-                                    pin_memory=device.type == "cuda")
+            loader = _batches(dataset, positions[position:], decode, device, image_size=image_size,
+                              batch_size=batch_size, on_corrupt=on_corrupt, num_workers=num_workers)
             from sparsight.progress import progress_bar
 
             bar = progress_bar(loader, desc=f"mine {split}", enabled=progress, leave=False)
             for b, batch in enumerate(bar, start=1):
-                if precision == "bf16":
-                    with torch.autocast(device.type, dtype=torch.bfloat16):
-                        miner.update(batch.images.to(device, non_blocking=True).contiguous(
-                            memory_format=torch.channels_last), batch.indices)
-                else:
-                    miner.update(batch.images, batch.indices)
+                _feed(miner, batch, device, precision)
                 position += batch.positions
                 skipped += batch.skipped
                 if b % save_every == 0 and position < len(positions):
                     save_state(miner, position, skipped)
             save_state(miner, position, skipped)
             if world > 1:
-                shares = gather({"miner": miner.state_dict(), "skipped": skipped})
-                miner.load_state_dict(shares[0]["miner"])
-                for share in shares[1:]:
-                    miner.absorb(share["miner"])
-                skipped = sum(int(share["skipped"]) for share in shares)
+                skipped = _absorb_shares(miner, skipped, gather)
             layers_result = miner.result()
             n_images = miner.n_seen
     finally:

@@ -219,22 +219,9 @@ def make_stimuli(model, model_id: str, units: list[Unit], data_root: str | Path,
     synthetic = set(units) if synthetic_units is None else set(synthetic_units) & set(units)
     units_of = {kind: [u for u in units if kind != "synthetic" or u in synthetic] for kind in settings.kinds}
     rank, world = shard
-
-    def status_row(kind, u, status, reason):
-        return {"model_id": model_id, "kind": kind, "layer": u.layer, "unit": u.unit, "status": status,
-                "reason": reason, "fv_reach": float("nan"), "fv_valid": None}
-
-    status = [status_row(kind, u, "pruned", "channel removed by physical pruning")
-              for kind in settings.kinds for u in units_of[kind] if channel(u) is None]
-    if rank == 0:       # removed units are recorded as done, without rows
-        for kind in settings.kinds:
-            gone = [u for u in units_of[kind] if channel(u) is None and not bank.is_done(model_id, kind, u.layer,
-                                                                                          u.unit)]
-            for layer in sorted({u.layer for u in gone}):
-                bank.write_units(model_id, kind, layer, {u.unit: [] for u in gone if u.layer == layer})
+    status = _removed_units(model_id, units_of, channel, bank, write=rank == 0)
     units = [u for u in units if channel(u) is not None]
     units_of = {kind: [u for u in us if channel(u) is not None] for kind, us in units_of.items()}
-    member = {kind: set(us) for kind, us in units_of.items()}
     pending = {kind: {u for u in us if not bank.is_done(model_id, kind, u.layer, u.unit)}
                for kind, us in units_of.items()}
     if not units:
@@ -247,8 +234,51 @@ def make_stimuli(model, model_id: str, units: list[Unit], data_root: str | Path,
     cache = exemplar_cache if exemplar_cache is not None else {}
     images = cache.setdefault(("exemplars", str(split_root), settings.image_size),
                               ExemplarImages(result.files, bank, settings.image_size))
-    tasks_of, dead_of = {}, {}
+    tasks_of, dead_of, rows = _unit_tasks(model_id, result, units, units_of, channel, settings, pruned_model)
+    status += rows
     own_units = set(units[rank::world])
+    if "natural" in settings.kinds:     # cheap: one part file per layer
+        own_pending = [u for u in units_of["natural"] if u in pending["natural"] and u in own_units]
+        for layer in progress_bar(sorted({u.layer for u in own_pending}), desc=f"{model_id} exemplars",
+                                  enabled=progress, leave=False):
+            bank.write_units(model_id, "natural", layer, {
+                u.unit: [] if u in dead_of else natural_rows(model_id, u, tasks_of[u], images, split_root)
+                for u in own_pending if u.layer == layer})
+    if "synthetic" in settings.kinds:
+        for u in units_of["synthetic"]:
+            if u in dead_of and u in pending["synthetic"] and u in own_units:
+                bank.write_unit(model_id, "synthetic", u.layer, u.unit, [])
+        todo = [u for u in units_of["synthetic"] if u in pending["synthetic"] and u not in dead_of]
+        _render_visualizations(model, model_id, todo, tasks_of, channel, bank, images, split_root, settings,
+                               device=device, progress=progress, shard=shard, gather=gather)
+        if rank == 0:
+            _visualization_validity(model_id, status, tasks_of, bank)
+    return status
+
+
+def _status_row(model_id: str, kind: str, u: Unit, status: str, reason: str) -> dict:
+    return {"model_id": model_id, "kind": kind, "layer": u.layer, "unit": u.unit, "status": status,
+            "reason": reason, "fv_reach": float("nan"), "fv_valid": None}
+
+
+def _removed_units(model_id: str, units_of: dict, channel: _Channels, bank: StimulusBank, *, write: bool) -> list[dict]:
+    """Status rows of the units whose channel physical pruning removed; with ``write`` they are also
+    recorded in the bank as done, without rows."""
+    status = [_status_row(model_id, kind, u, "pruned", "channel removed by physical pruning")
+              for kind, us in units_of.items() for u in us if channel(u) is None]
+    if write:
+        for kind, us in units_of.items():
+            gone = [u for u in us if channel(u) is None and not bank.is_done(model_id, kind, u.layer, u.unit)]
+            for layer in sorted({u.layer for u in gone}):
+                bank.write_units(model_id, kind, layer, {u.unit: [] for u in gone if u.layer == layer})
+    return status
+
+
+def _unit_tasks(model_id: str, result, units: list[Unit], units_of: dict, channel: _Channels,
+                settings: StimuliSettings, pruned_model: bool) -> tuple[dict, dict, list[dict]]:
+    """Per unit its tasks, or why it has none (dead, sparse); and its status row per kind."""
+    member = {kind: set(us) for kind, us in units_of.items()}
+    tasks_of, dead_of, status = {}, {}, []
     for u in units:
         lm, c = result.layers[u.layer], channel(u)
         reason = _dead_reason(lm, c, pruned_model) if settings.skip_dead else None
@@ -262,52 +292,53 @@ def make_stimuli(model, model_id: str, units: list[Unit], data_root: str | Path,
                 reason, why = "sparse", str(err)
         for kind in settings.kinds:
             if u in member[kind]:
-                status.append(status_row(kind, u, reason or "ok", why))
+                status.append(_status_row(model_id, kind, u, reason or "ok", why))
         if reason is not None:
             dead_of[u] = reason
-    if "natural" in settings.kinds:     # cheap: one part file per layer
-        own_pending = [u for u in units_of["natural"] if u in pending["natural"] and u in own_units]
-        for layer in progress_bar(sorted({u.layer for u in own_pending}), desc=f"{model_id} exemplars",
-                                  enabled=progress, leave=False):
-            bank.write_units(model_id, "natural", layer, {
-                u.unit: [] if u in dead_of else natural_rows(model_id, u, tasks_of[u], images, split_root)
-                for u in own_pending if u.layer == layer})
-    if "synthetic" in settings.kinds:
-        for u in units_of["synthetic"]:
-            if u in dead_of and u in pending["synthetic"] and u in own_units:
-                bank.write_unit(model_id, "synthetic", u.layer, u.unit, [])
-        todo = [u for u in units_of["synthetic"] if u in pending["synthetic"] and u not in dead_of]
-        fv = FeatureVisSettings(steps=settings.fv_steps, lr=settings.fv_lr,
-                                image_size=settings.fv_image_size or settings.image_size,
-                                batch_size=max(1, settings.fv_batch_units) * 2 * settings.n_references,
-                                n_diverse=settings.n_references - 1, n_plain=1, diversity=settings.fv_diversity,
-                                objective=settings.fv_objective, redirect_steps=settings.fv_redirect_steps,
-                                patience=settings.fv_patience, tolerance=settings.fv_tolerance,
-                                seed=settings.seed)
-        chunks = [(layer, [u for u in todo if u.layer == layer]) for layer in sorted({u.layer for u in todo})]
-        parts = [(layer, chunk[start:start + settings.fv_batch_units]) for layer, chunk in chunks
-                 for start in range(0, len(chunk), settings.fv_batch_units)]
-        if world > 1:   # equal shares: the ranks cut the same units into the same batches
-            parts = parts[rank::world]
-        for layer, part in parts:
-            rendered = render_units(model, layer, [channel(u) for u in part], fv, device=device, progress=progress,
-                                    identities=[u.unit for u in part])
-            by_unit: dict[int, dict] = {}
-            for r in rendered:
-                by_unit.setdefault(r.unit, {})[r.direction] = r
-            for u in part:
-                bank.write_unit(model_id, "synthetic", u.layer, u.unit,
-                                synthetic_rows(model_id, u, tasks_of[u], by_unit[channel(u)], images, bank,
-                                               split_root))
-        if world > 1 and gather is not None:
-            gather(None)        # every rank's renders are on disk before rank 0 reads them back
-        if rank == 0:
-            for row in status:
-                u = Unit(row["layer"], row["unit"])
-                if row["kind"] == "synthetic" and row["status"] == "ok" and bank.is_done(model_id, "synthetic", u.layer, u.unit):
-                    row["fv_reach"], row["fv_valid"] = visualization_validity(
-                        bank.read_unit(model_id, "synthetic", u.layer, u.unit), tasks_of[u])
-    return status
+    return tasks_of, dead_of, status
+
+
+def _visualization_settings(settings: StimuliSettings) -> FeatureVisSettings:
+    return FeatureVisSettings(steps=settings.fv_steps, lr=settings.fv_lr,
+                              image_size=settings.fv_image_size or settings.image_size,
+                              batch_size=max(1, settings.fv_batch_units) * 2 * settings.n_references,
+                              n_diverse=settings.n_references - 1, n_plain=1, diversity=settings.fv_diversity,
+                              objective=settings.fv_objective, redirect_steps=settings.fv_redirect_steps,
+                              patience=settings.fv_patience, tolerance=settings.fv_tolerance, seed=settings.seed)
+
+
+def _render_visualizations(model, model_id: str, todo: list[Unit], tasks_of: dict, channel: _Channels,
+                           bank: StimulusBank, images: ExemplarImages, split_root: Path, settings: StimuliSettings,
+                           *, device, progress: bool, shard: tuple[int, int], gather) -> None:
+    """Feature visualizations of ``todo``, many units of a layer per batch, into the bank.  Under
+    ``torchrun`` each rank renders every ``world_size``-th batch of the single-process ones."""
+    rank, world = shard
+    fv = _visualization_settings(settings)
+    chunks = [(layer, [u for u in todo if u.layer == layer]) for layer in sorted({u.layer for u in todo})]
+    parts = [(layer, chunk[start:start + settings.fv_batch_units]) for layer, chunk in chunks
+             for start in range(0, len(chunk), settings.fv_batch_units)]
+    if world > 1:   # equal shares: the ranks cut the same units into the same batches
+        parts = parts[rank::world]
+    for layer, part in parts:
+        rendered = render_units(model, layer, [channel(u) for u in part], fv, device=device, progress=progress,
+                                identities=[u.unit for u in part])
+        by_unit: dict[int, dict] = {}
+        for r in rendered:
+            by_unit.setdefault(r.unit, {})[r.direction] = r
+        for u in part:
+            bank.write_unit(model_id, "synthetic", u.layer, u.unit,
+                            synthetic_rows(model_id, u, tasks_of[u], by_unit[channel(u)], images, bank, split_root))
+    if world > 1 and gather is not None:
+        gather(None)        # every rank's renders are on disk before rank 0 reads them back
+
+
+def _visualization_validity(model_id: str, status: list[dict], tasks_of: dict, bank: StimulusBank) -> None:
+    """Fill ``fv_reach`` and ``fv_valid`` of every rendered unit's synthetic status row."""
+    for row in status:
+        u = Unit(row["layer"], row["unit"])
+        if row["kind"] == "synthetic" and row["status"] == "ok" and bank.is_done(model_id, "synthetic", u.layer, u.unit):
+            row["fv_reach"], row["fv_valid"] = visualization_validity(
+                bank.read_unit(model_id, "synthetic", u.layer, u.unit), tasks_of[u])
 
 
 def synthetic_rows(model_id: str, unit: Unit, tasks, rendered: dict, images: ExemplarImages, bank: StimulusBank,

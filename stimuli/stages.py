@@ -11,6 +11,7 @@ from pathlib import Path
 
 from pruning.models import file_sha256, get_spec, load_checkpoint, read_meta
 
+from sparsight.files import atomic_write_frame
 from sparsight.progress import note, on_terminal, progress_bar
 
 from .bank import StimulusBank
@@ -19,8 +20,8 @@ from .units import Unit, layer_channels, resolve_units, sample_among, sample_uni
 
 
 def _base_model(study):
-    base_dir = study.path("models", "base")
-    if not (base_dir / "model.pt").is_file():
+    base_dir = study.layout.model_dir("base")
+    if not study.layout.checkpoint("base").is_file():
         raise ValueError(f"no base model in {base_dir}; train it first (`sparsight train` or `sparsight run`)")
     return load_checkpoint(base_dir).model
 
@@ -40,14 +41,19 @@ def study_units(study, explicit: list[str] | None = None) -> list[Unit]:
 
 def stimulus_models(study, ids: list[str] | None = None) -> list[str]:
     """``ids`` (default: the study's ``stimuli.models``, else every model but the observer), checked."""
+    return checked_models(study, list(ids or study.config.stimuli.models))
+
+
+def checked_models(study, ids: list[str] | None = None) -> list[str]:
+    """``ids`` (default: every model of the study but the observer), each checked for a checkpoint."""
     from pruning.stages import study_model_ids
 
-    cfg = study.config
-    ids = list(ids or cfg.stimuli.models) or [m for m in study_model_ids(study) if m != "observer"]
-    missing = [m for m in ids if not (study.path("models", m) / "model.pt").is_file()]
+    layout = study.layout
+    ids = list(ids or []) or [m for m in study_model_ids(study) if m != "observer"]
+    missing = [m for m in ids if not layout.checkpoint(m).is_file()]
     if missing:
-        have = sorted(p.name for p in study.path("models").iterdir()) if study.path("models").is_dir() else []
-        raise ValueError(f"model {missing[0]!r} has no checkpoint in {study.path('models')}; models: {have}")
+        raise ValueError(f"model {missing[0]!r} has no checkpoint in {layout.models}; "
+                         f"models: {layout.model_ids_on_disk()}")
     return ids
 
 
@@ -60,82 +66,96 @@ def _model_fingerprint(settings: StimuliSettings, checkpoint_sha: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def build_stimuli(study, *, kinds: tuple[str, ...] | None = None, model_ids: list[str] | None = None,
-                  units: list[str] | None = None, fresh: bool = False) -> tuple[Path, Path] | None:
+def run_stimuli(study, *, kinds: tuple[str, ...] | None = None, model_ids: list[str] | None = None,
+                units: list[str] | None = None, fresh: bool = False) -> list[Path]:
     """Stimuli of ``units`` (unit strings; default: the study's) for ``model_ids`` (default: the study's).
 
     Without ``kinds``, ``model_ids`` and ``units`` the bank becomes exactly the study's (parts of models,
     units or kinds the study no longer has are dropped).  With any of them only those parts are made
     again and every other model's, unit's and kind's stimuli stay in the bank and the manifest.
-    Returns the paths of ``stimuli/manifest.parquet`` and ``stimuli/units.csv`` (``None`` on the
-    other ranks under ``torchrun``, where every rank mines a share of the images and renders a
-    share of the units; rank 0 keeps the books and assembles the manifest).
+    Returns the paths of ``stimuli/manifest.parquet`` and ``stimuli/units.csv`` (none on the other
+    ranks under ``torchrun``, where every rank mines a share of the images and renders a share of the
+    units; rank 0 keeps the books and assembles the manifest).
     """
-    from pruning.stages import data_root
     from pruning.training import DistContext
 
     cfg = study.config
     ctx = study.ctx or DistContext()
-    shard = (ctx.rank, ctx.world_size)
     partial = bool(kinds or model_ids or units)
     settings = StimuliSettings.from_config(cfg)
     if kinds:
         settings.kinds = tuple(kinds)
     units = study_units(study, units)
     model_ids = stimulus_models(study, model_ids)
-    bank = StimulusBank(study.path("stimuli"))
-    work = study.path("stimuli", "mining")
+    bank = StimulusBank(study.layout.stimuli)
     if ctx.is_main:
-        work.mkdir(parents=True, exist_ok=True)
+        study.layout.mining.mkdir(parents=True, exist_ok=True)
     ctx.barrier()
     synthetic = (synthetic_units(study, units, settings, ctx) if "synthetic" in settings.kinds else [])
-    units_of = {kind: (synthetic if kind == "synthetic" else units) for kind in settings.kinds}
     cache: dict = {}
     log_models = cfg.study.progress and ctx.is_main and not on_terminal()
     for i, mid in enumerate(progress_bar(model_ids, desc="stimuli", enabled=cfg.study.progress and ctx.is_main)):
         if log_models:
             note(f"[stimuli] {i + 1}/{len(model_ids)} {mid}")
-        ckpt = load_checkpoint(study.path("models", mid), map_location=ctx.device)
-        meta = read_meta(study.path("models", mid))
-        fp = _model_fingerprint(settings, ckpt.sha256)
-        stamp = bank.parts / mid / "fingerprint.txt"
-        if ctx.is_main:
-            if fresh or not stamp.is_file() or stamp.read_text() != fp:
-                if fresh and partial:
-                    for kind, kind_units in units_of.items():
-                        bank.drop_units(mid, kind_units, (kind,))
-                else:
-                    shutil.rmtree(bank.parts / mid, ignore_errors=True)
-                for stale in work.glob(f"{mid}.*"):
-                    stale.unlink()
-            if not partial:
-                bank.keep_only(mid, units_of)
-            stamp.parent.mkdir(parents=True, exist_ok=True)
-            stamp.write_text(fp)
-            work.mkdir(parents=True, exist_ok=True)
-        ctx.barrier()
-        if _needs_channel_map(meta) and not ckpt.channel_map:
-            if ctx.is_main:     # a checkpoint from before channel maps were stored: its units cannot be named
-                bank.write_status(mid, [{"model_id": mid, "kind": k, "layer": u.layer, "unit": u.unit,
-                                         "status": "skipped", "reason": PHYSICAL_REASON}
-                                        for k, kind_units in units_of.items() for u in kind_units], merge=partial)
-            continue
-        status = make_stimuli(ckpt.model, mid, units, data_root(study), bank, settings, synthetic_units=synthetic,
-                              device=ckpt.model.parameters().__next__().device, pruned_model=bool(meta.get("method")),
-                              work_dir=work, progress=cfg.study.progress and ctx.is_main, exemplar_cache=cache,
-                              shard=shard, gather=ctx.all_gather_object, channel_map=ckpt.channel_map)
-        if ctx.is_main:
-            bank.write_status(mid, status, merge=partial)
+        _model_stimuli(study, ctx, bank, mid, settings, units, synthetic, fresh=fresh, partial=partial, cache=cache)
     ctx.barrier()
     if not ctx.is_main:
-        return None
+        return []
     if not partial:
-        return bank.assemble(model_ids)
+        return list(bank.assemble(model_ids))
     from pruning.stages import study_model_ids
 
     stored = {p.name for p in bank.parts.iterdir() if p.is_dir()}
     study_order = [m for m in study_model_ids(study) if m in stored]
-    return bank.assemble(study_order + sorted(stored - set(study_order)))
+    return list(bank.assemble(study_order + sorted(stored - set(study_order))))
+
+
+def _model_stimuli(study, ctx, bank: StimulusBank, mid: str, settings: StimuliSettings, units: list[Unit],
+                   synthetic: list[Unit], *, fresh: bool, partial: bool, cache: dict) -> None:
+    """One model's stimuli into the bank (natural ones of ``units``, visualizations of ``synthetic``):
+    its parts are cleared when its checkpoint or settings changed (or ``fresh``), then every missing
+    unit is made."""
+    layout = study.layout
+    units_of = {kind: (synthetic if kind == "synthetic" else units) for kind in settings.kinds}
+    ckpt = load_checkpoint(layout.model_dir(mid), map_location=ctx.device)
+    meta = read_meta(layout.model_dir(mid))
+    if ctx.is_main:
+        _refresh_model_parts(bank, layout.mining, mid, _model_fingerprint(settings, ckpt.sha256), units_of,
+                             fresh=fresh, partial=partial)
+    ctx.barrier()
+    if _needs_channel_map(meta) and not ckpt.channel_map:
+        if ctx.is_main:     # a checkpoint from before channel maps were stored: its units cannot be named
+            bank.write_status(mid, [{"model_id": mid, "kind": k, "layer": u.layer, "unit": u.unit,
+                                     "status": "skipped", "reason": PHYSICAL_REASON}
+                                    for k, kind_units in units_of.items() for u in kind_units], merge=partial)
+        return
+    progress = study.config.study.progress and ctx.is_main
+    status = make_stimuli(ckpt.model, mid, units, study.data_root, bank, settings, synthetic_units=synthetic,
+                          device=ckpt.model.parameters().__next__().device, pruned_model=bool(meta.get("method")),
+                          work_dir=layout.mining, progress=progress, exemplar_cache=cache,
+                          shard=(ctx.rank, ctx.world_size), gather=ctx.all_gather_object, channel_map=ckpt.channel_map)
+    if ctx.is_main:
+        bank.write_status(mid, status, merge=partial)
+
+
+def _refresh_model_parts(bank: StimulusBank, work: Path, mid: str, fingerprint: str, units_of: dict, *,
+                         fresh: bool, partial: bool) -> None:
+    """Drop a model's stored parts that no longer hold (another checkpoint or settings, ``fresh``, units
+    or kinds the study no longer has) and stamp the parts with the current fingerprint."""
+    stamp = bank.parts / mid / "fingerprint.txt"
+    if fresh or not stamp.is_file() or stamp.read_text() != fingerprint:
+        if fresh and partial:
+            for kind, kind_units in units_of.items():
+                bank.drop_units(mid, kind_units, (kind,))
+        else:
+            shutil.rmtree(bank.parts / mid, ignore_errors=True)
+        for stale in work.glob(f"{mid}.*"):
+            stale.unlink()
+    if not partial:
+        bank.keep_only(mid, units_of)
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(fingerprint)
+    work.mkdir(parents=True, exist_ok=True)
 
 
 def synthetic_units(study, units: list[Unit], settings: StimuliSettings, ctx) -> list[Unit]:
@@ -143,7 +163,6 @@ def synthetic_units(study, units: list[Unit], settings: StimuliSettings, ctx) ->
     seeded sample spread over the layers among the study units alive in every stimulus model of the
     study, so each one is seen at every rate.  The sample is drawn from the whole study's units and models, also when
     a command makes stimuli for some of them, and then cut to ``units``."""
-    from pruning.stages import data_root
 
     n = settings.synthetic_units
     if n == 0:
@@ -153,15 +172,15 @@ def synthetic_units(study, units: list[Unit], settings: StimuliSettings, ctx) ->
     from pruning.stages import study_model_ids
 
     planned = list(study.config.stimuli.models) or [m for m in study_model_ids(study) if m != "observer"]
-    for mid in [m for m in planned if (study.path("models", m) / "model.pt").is_file()]:    # those made so far
+    for mid in [m for m in planned if study.layout.checkpoint(m).is_file()]:    # those made so far
         if not alive:
             break
-        ckpt = load_checkpoint(study.path("models", mid), map_location=ctx.device)
-        meta = read_meta(study.path("models", mid))
+        ckpt = load_checkpoint(study.layout.model_dir(mid), map_location=ctx.device)
+        meta = read_meta(study.layout.model_dir(mid))
         if _needs_channel_map(meta) and not ckpt.channel_map:
             continue        # its units cannot be named; it is reported skipped
-        alive &= live_units(ckpt.model, mid, every, data_root(study), settings,   # as make_stimuli mines
-                            pruned_model=bool(meta.get("method")), work_dir=study.path("stimuli", "mining"),
+        alive &= live_units(ckpt.model, mid, every, study.data_root, settings,   # as make_stimuli mines
+                            pruned_model=bool(meta.get("method")), work_dir=study.layout.mining,
                             shard=(ctx.rank, ctx.world_size), gather=ctx.all_gather_object,
                             channel_map=ckpt.channel_map)
     chosen = set(sample_among(sorted(alive), n, seed=study.config.study.seed))
@@ -173,15 +192,14 @@ class StimuliStage:
     description = "natural exemplars and feature visualizations for the study's units (stimulus bank)"
 
     def inputs(self, study) -> dict:
-        from pruning.stages import _upstream
 
         cfg = study.config
-        return {"models": {k: _upstream(study, k) for k in ("data", "base", "prune")},
+        return {"models": {k: study.upstream(k) for k in ("data", "base", "prune")},
                 "units": asdict(cfg.units), "stimuli": asdict(cfg.stimuli), "seed": cfg.study.seed,
                 "image_size": cfg.data.image_size}
 
     def run(self, study) -> list[Path]:
-        return list(build_stimuli(study, fresh=study.forced) or [])
+        return run_stimuli(study, fresh=study.forced)
 
 
 # ---- Network Dissection -------------------------------------------------------------------------
@@ -198,41 +216,17 @@ def dissection_units(study) -> list[Unit]:
     return sample_units(channels, sampling="all")
 
 
-def dissection_models(study, ids: list[str] | None = None) -> list[str]:
-    """``ids`` (default: every model of the study but the observer), each checked for a checkpoint."""
-    from pruning.stages import study_model_ids
-
-    ids = list(ids or []) or [m for m in study_model_ids(study) if m != "observer"]
-    missing = [m for m in ids if not (study.path("models", m) / "model.pt").is_file()]
-    if missing:
-        have = sorted(p.name for p in study.path("models").iterdir()) if study.path("models").is_dir() else []
-        raise ValueError(f"model {missing[0]!r} has no checkpoint in {study.path('models')}; models: {have}")
-    return ids
-
-
 def study_probe(study, probe: str | os.PathLike | None = None):
     """The probe set: ``probe`` (a Broden-style folder; default ``dissection.probe``), else the concept masks
     of the study data's ``dissection.split``."""
-    from pruning.stages import data_root
 
     from .dissection import open_probe
 
     cfg = study.config.dissection
-    return open_probe(probe or cfg.probe, data_root(study), cfg.split)
+    return open_probe(probe or cfg.probe, study.data_root, cfg.split)
 
 
-def _atomic_frame(df, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    if path.suffix == ".csv":
-        df.to_csv(tmp, index=False)
-    else:
-        df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-    return path
-
-
-def build_dissection(study, *, model_ids: list[str] | None = None, probe: str | os.PathLike | None = None,
+def run_dissection(study, *, model_ids: list[str] | None = None, probe: str | os.PathLike | None = None,
                      fresh: bool = False) -> list[Path]:
     """Network Dissection of the study's dissection units for ``model_ids`` (default: every model but the
     observer) on the study's probe set (``probe``: a Broden-style folder instead of ``dissection.probe``).
@@ -252,12 +246,12 @@ def build_dissection(study, *, model_ids: list[str] | None = None, probe: str | 
     d = cfg.dissection
     probe_set = study_probe(study, probe).sample(d.max_images, cfg.study.seed)
     units = dissection_units(study)
-    model_ids = dissection_models(study, model_ids)
+    model_ids = checked_models(study, model_ids)
     loader = ProbeLoader(probe_set, cfg.data.image_size, cfg.data.eval_batch_size, progress=cfg.study.progress,
                          num_workers=default_workers(cfg.data.num_workers))
     settings = {"quantile": d.quantile, "iou_threshold": d.iou_threshold, "image_size": cfg.data.image_size,
                 "probe": probe_set.fingerprint(), "units": [str(u) for u in units]}
-    out = study.path("dissection")
+    out = study.layout.dissection
     log_models = cfg.study.progress and not on_terminal()
     parts = []
     for i, mid in enumerate(progress_bar(model_ids, desc="dissect", enabled=cfg.study.progress)):
@@ -268,8 +262,9 @@ def build_dissection(study, *, model_ids: list[str] | None = None, probe: str | 
     iou_parts = [t for t in (pd.read_parquet(p / "iou.parquet") for p in parts) if len(t)]
     iou_all = pd.concat(iou_parts, ignore_index=True) if iou_parts else pd.DataFrame(columns=IOU_COLUMNS)
     models = summarize(units_all, n_images=len(probe_set), quantile=d.quantile, iou_threshold=d.iou_threshold)
-    return [_atomic_frame(units_all, out / "units.csv"), _atomic_frame(models, out / "models.csv"),
-            _atomic_frame(iou_all, out / "iou.parquet")]
+    return [atomic_write_frame(units_all, study.layout.dissection_units),
+            atomic_write_frame(models, study.layout.dissection_models),
+            atomic_write_frame(iou_all, out / "iou.parquet")]
 
 
 def _dissect_model(study, model_id: str, loader, units: list[Unit], settings: dict, part: Path, fresh: bool) -> Path:
@@ -278,9 +273,9 @@ def _dissect_model(study, model_id: str, loader, units: list[Unit], settings: di
 
     from .dissection import IOU_COLUMNS, dissect, skipped_units
 
-    model_dir = study.path("models", model_id)
+    model_dir = study.layout.model_dir(model_id)
     meta = read_meta(model_dir)
-    fp = hashlib.sha256(json.dumps({**settings, "checkpoint": file_sha256(model_dir / "model.pt"),
+    fp = hashlib.sha256(json.dumps({**settings, "checkpoint": file_sha256(study.layout.checkpoint(model_id)),
                                     "method": meta.get("method"), "physical": bool(meta.get("physical"))},
                                    sort_keys=True).encode()).hexdigest()
     stamp = part / "fingerprint.txt"
@@ -305,8 +300,8 @@ def _dissect_model(study, model_id: str, loader, units: list[Unit], settings: di
             gone = skipped_units(model_id, removed, "channel removed by physical pruning").assign(status="pruned")
             units_df = pd.concat([units_df, gone], ignore_index=True)
     shutil.rmtree(part, ignore_errors=True)
-    _atomic_frame(units_df, part / "units.parquet")
-    _atomic_frame(iou_df, part / "iou.parquet")
+    atomic_write_frame(units_df, part / "units.parquet")
+    atomic_write_frame(iou_df, part / "iou.parquet")
     stamp.write_text(fp)
     return part
 
@@ -330,7 +325,6 @@ class DissectionStage:
     description = "Network Dissection: each unit's best concept, IoU and interpretability (dissection/)"
 
     def inputs(self, study) -> dict:
-        from pruning.stages import _upstream
 
         from .dissection import ProbeError
 
@@ -339,21 +333,20 @@ class DissectionStage:
             probe = study_probe(study).fingerprint()
         except (ProbeError, OSError) as err:
             probe = f"unavailable: {err}"
-        return {"models": {k: _upstream(study, k) for k in ("data", "base", "prune")},
+        return {"models": {k: study.upstream(k) for k in ("data", "base", "prune")},
                 "dissection": asdict(cfg.dissection), "probe": probe, "seed": cfg.study.seed,
                 "units": asdict(cfg.units) if cfg.dissection.units == "study" else {"layers": _unit_layers(cfg)},
                 "image_size": cfg.data.image_size}
 
     def run(self, study) -> list[Path]:
-        from pruning.stages import data_root
 
         if not study.is_main:
             return []
-        if not study.config.dissection.probe and not (data_root(study) / "masks").is_dir():
-            warnings.warn(f"skipping Network Dissection: the study data {data_root(study)} has no concept masks; "
+        if not study.config.dissection.probe and not (study.data_root / "masks").is_dir():
+            warnings.warn(f"skipping Network Dissection: the study data {study.data_root} has no concept masks; "
                           f"set dissection.probe to a Broden-style probe folder", stacklevel=2)
             return []
-        return build_dissection(study, fresh=study.forced)
+        return run_dissection(study, fresh=study.forced)
 
 
 STAGES = [StimuliStage(), DissectionStage()]

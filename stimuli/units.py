@@ -30,6 +30,14 @@ class Unit:
     def __str__(self) -> str:
         return f"{self.layer}:{self.unit}"
 
+    @classmethod
+    def parse(cls, text: str) -> Unit:
+        """``"inception4a:3"`` → ``Unit("inception4a", 3)``: exactly one unit (ranges: :func:`parse_units`)."""
+        units = parse_units(text)
+        if len(units) != 1:
+            raise ValueError(f"{text!r} names {len(units)} units; write one LAYER:INDEX, e.g. 'inception4a:3'")
+        return units[0]
+
 
 _UNIT = re.compile(r"^(?P<layer>[A-Za-z_][\w.]*):(?P<start>\d+)(?:-(?P<stop>\d+))?$")
 
@@ -44,6 +52,15 @@ def parse_units(text: str) -> list[Unit]:
     if stop < start:
         raise ValueError(f"unit range {text!r} ends before it starts")
     return [Unit(m["layer"], u) for u in range(start, stop + 1)]
+
+
+def split_unit_name(text) -> tuple[str, int | None]:
+    """A unit name from a table, leniently: ``"inception4a:3"`` → ``("inception4a", 3)``; a name without
+    ``:INDEX`` (e.g. a label in imported data) gives ``(name, None)``."""
+    layer, sep, index = str(text).rpartition(":")
+    if sep and index.strip().lstrip("-").isdigit():
+        return layer, int(index)
+    return str(text), None
 
 
 @torch.no_grad()

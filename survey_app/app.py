@@ -13,13 +13,13 @@ import os
 from pathlib import Path
 
 from flask import Flask, jsonify, make_response, render_template, request
-from sqlalchemy.orm import sessionmaker
 from werkzeug.exceptions import HTTPException
 
 from sparsight.config import StudyConfig, absolute_database_url, apply_settings, study_from_run_dir
 from sparsight.files import absolute
+from sparsight.layout import Layout
 
-from .db import init_schema, make_engine
+from .db import open_sessions
 from .material import Material
 from .security import csp_nonce, csrf_token, load_secrets, security_headers
 from .service import SurveyError, SurveyService
@@ -52,10 +52,9 @@ def create_app(test_config: dict | None = None) -> Flask:
     cfg = study_config(run_dir, app.config.get("SURVEY"))
     settings = cfg.survey
     url = database_url(run_dir, cfg, app.config.get("DATABASE_URL"))
-    engine = make_engine(url)
-    init_schema(engine)
-    sessions = sessionmaker(engine, expire_on_commit=False)
-    material = Material(run_dir / "stimuli", models=list(settings.models) or None, kinds=list(settings.kinds),
+    sessions = open_sessions(url)
+    engine = sessions.kw["bind"]
+    material = Material(Layout(run_dir).stimuli, models=list(settings.models) or None, kinds=list(settings.kinds),
                         every_kind=settings.units == "every-kind")
     service = SurveyService(sessions, material, settings, cfg.study.name)
 

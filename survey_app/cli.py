@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from sparsight.clitools import OPTIONAL_RUN_DIR, RUN_DIR_ARGUMENT, resolve_study, section_overrides, study_options
+from sparsight.layout import Layout
 
 RUN_DIR = RUN_DIR_ARGUMENT
 DATABASE = click.option("--database", default=None, metavar="URL",
@@ -33,24 +34,26 @@ def _build_app(run_dir: Path, database: str | None, survey: dict, **extra):
 
 
 def api_token_file(run_dir: Path) -> Path:
-    return run_dir / "survey" / "api_token"
+    return Layout(run_dir).survey / "api_token"
 
 
 def ensure_credentials(run_dir: Path, database: str | None, *, reset_admin: bool = False) -> dict:
     """Store the API token's hash (token kept in RUN_DIR/survey/api_token, mode 600) and, unless
     SPARSIGHT_ADMIN_PASSWORD is set, an admin password hash; return what should be shown once."""
-    from sqlalchemy.orm import sessionmaker
-
     from .app import database_url, study_config
-    from .db import init_schema, make_engine, set_secret
+    from .db import database as open_database
+
+    url = database_url(run_dir, study_config(run_dir), database)
+    with open_database(url) as sessions:
+        return {"database": url, **_store_credentials(sessions, run_dir, reset_admin)}
+
+
+def _store_credentials(sessions, run_dir: Path, reset_admin: bool) -> dict:
+    from .db import set_secret
     from .models import Secret
     from .service import token_hash
 
-    url = database_url(run_dir, study_config(run_dir), database)
-    engine = make_engine(url)
-    init_schema(engine)
-    sessions = sessionmaker(engine)
-    shown = {"database": url}
+    shown = {}
     token = os.environ.get("SPARSIGHT_API_TOKEN")
     if not token:
         path = api_token_file(run_dir)
@@ -71,7 +74,6 @@ def ensure_credentials(run_dir: Path, database: str | None, *, reset_admin: bool
             password = secrets.token_urlsafe(12)
             set_secret(sessions, "admin_password_hash", token_hash(password))
             shown["admin_password"] = password
-    engine.dispose()
     return shown
 
 
@@ -174,7 +176,7 @@ def participant_cmd(run_dir, url, database, observer_name, weights, alpha, mode,
         summary = run_session(SurveyClient(transport), observer, api_token=token, mode=mode, condition=condition)
     except SurveyRequestError as err:
         raise click.ClickException(f"the survey refused the machine participant: {err}") from None
-    out = out or run_dir / "survey" / f"machine-{observer.name}-{summary['session']}.csv"
+    out = out or Layout(run_dir).survey / f"machine-{observer.name}-{summary['session']}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(summary["decisions"]).to_csv(out, index=False)
     click.echo(f"{observer.name}: {summary['trials']} trials, accuracy {summary['accuracy']:.3f} "
@@ -198,20 +200,16 @@ def responses_cmd(run_dir, database, out, table):
       sparsight responses runs/default --out answers.parquet
       sparsight responses runs/default --table events           # runs/default/events.csv
     """
-    from sqlalchemy.orm import sessionmaker
-
     from sparsight.files import atomic_write_text
 
     from .app import database_url, study_config
-    from .db import init_schema, make_engine
+    from .db import database as open_database
     from .export import events_frame, participants_frame, responses_frame, safe_csv
     cfg = study_config(run_dir)
-    engine = make_engine(database_url(run_dir, cfg, database))
-    init_schema(engine)
-    sessions = sessionmaker(engine)
-    df = {"responses": lambda: responses_frame(sessions, cfg.study.name),
-          "events": lambda: events_frame(sessions, cfg.study.name),
-          "participants": lambda: participants_frame(sessions)}[table]()
+    with open_database(database_url(run_dir, cfg, database)) as sessions:
+        df = {"responses": lambda: responses_frame(sessions, cfg.study.name),
+              "events": lambda: events_frame(sessions, cfg.study.name),
+              "participants": lambda: participants_frame(sessions)}[table]()
     out = out or run_dir / f"{table}.csv"
     if out.suffix == ".parquet":
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -242,16 +240,17 @@ def mis_cmd(run_dir, study_file, profile, overrides, device):
     """
     import pandas as pd
 
-    from pruning.training.distributed import resolve_device
+    from pruning.training import open_study
 
-    from .stages import measure_mis
+    from .stages import run_mis
     cfg = resolve_study(run_dir, study_file, profile, overrides, device)
-    run_dir = cfg.run_dir
-    if not (run_dir / "stimuli" / "manifest.parquet").is_file():
-        raise click.ClickException(f"no stimulus bank in {run_dir / 'stimuli'}; run `sparsight stimuli` "
+    layout = Layout(cfg.run_dir)
+    if not layout.manifest.is_file():
+        raise click.ClickException(f"no stimulus bank in {layout.stimuli}; run `sparsight stimuli` "
                                    f"(or `sparsight run`) for this study first")
-    files = measure_mis(run_dir, cfg, device=str(resolve_device(cfg.study.device)), log=click.echo)
-    models = pd.read_csv(run_dir / "mis" / "models.csv")
+    with open_study(cfg) as study:
+        files = run_mis(study, log=click.echo)
+    models = pd.read_csv(layout.mis_models)
     for r in models.itertuples():
         click.echo(f"{r.model_id:24s} {r.kind:9s} MIS {r.mis:.3f} [{r.mis_ci_low:.3f}, {r.mis_ci_high:.3f}] "
                    f"over {r.units} units (dead {r.dead}, pruned {r.pruned}); α {r.alpha:.3g} ({r.alpha_source})")

@@ -87,6 +87,30 @@ def init_schema(engine: Engine, attempts: int = 5) -> None:
             time.sleep(0.2 * (attempt + 1))
 
 
+def open_sessions(url: str) -> sessionmaker:
+    """The one way a part of the program opens the survey database: an engine for ``url``
+    (:func:`make_engine`), the schema created where missing, and its session factory (objects stay
+    readable after commit).  Dispose of ``sessions.kw["bind"]`` when done, or use :func:`database`."""
+    engine = make_engine(url)
+    init_schema(engine)
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+@contextlib.contextmanager
+def database(url: str):
+    """``with database(url) as sessions:`` :func:`open_sessions`, the engine disposed on exit."""
+    sessions = open_sessions(url)
+    try:
+        yield sessions
+    finally:
+        sessions.kw["bind"].dispose()
+
+
+def read_only_sqlite(path: str) -> Engine:
+    """An engine that opens the SQLite file ``path`` read-only (it never creates or changes the file)."""
+    return create_engine(f"sqlite:///file:{path}?mode=ro&uri=true")
+
+
 def get_or_create_secret(sessions: sessionmaker, name: str, make) -> str:
     """The stored secret ``name``, creating it with ``make()`` if absent (first writer wins)."""
     with sessions() as s:

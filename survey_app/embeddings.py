@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from sparsight.files import atomic_write_bytes
+from sparsight.layout import Layout
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -82,12 +83,13 @@ def _pixels(_run_dir, _weights, device, size):
 def _observer(run_dir, _weights, device, size):
     from pruning.models import load_checkpoint
     from sparsight.config import load_study
-    path = Path(run_dir) / "models" / "observer" / "model.pt"
+    layout = Layout(run_dir)
+    path = layout.checkpoint("observer")
     if not path.is_file():
         raise FileNotFoundError(f"no observer network at {path}; train it with `sparsight run` or choose another "
                                 f"mis.embedding")
     model = load_checkpoint(path, map_location=device).model
-    toml = Path(run_dir) / "study.toml"
+    toml = layout.study_toml
     size = size or (load_study(toml).data.image_size if toml.is_file() else 64)
     return Embedding("observer", f"observer-{_digest(path)}-{size}", size, penultimate(model, device),
                      torch.device(device))

@@ -13,7 +13,9 @@ from pathlib import Path
 import pandas as pd
 
 from sparsight.files import sha256_file
+from sparsight.layout import MANIFEST_FILE
 from stimuli.bank import StimulusBank, validate_manifest
+from stimuli.units import Unit
 
 IMAGE_ID = re.compile(r"^[0-9a-f]{64}$")
 CONDITION_KEYS = {"model-kind": ("model_id", "kind"), "kind": ("kind",), "model": ("model_id",), "none": ()}
@@ -32,9 +34,9 @@ class Item:
 
     @classmethod
     def from_key(cls, key: str) -> Item:
-        model_id, kind, unit = key.split("|")
-        layer, index = unit.rsplit(":", 1)
-        return cls(model_id, kind, layer, int(index))
+        model_id, kind, name = key.split("|")
+        unit = Unit.parse(name)
+        return cls(model_id, kind, unit.layer, unit.unit)
 
     def condition(self, condition_by: str) -> str:
         return "|".join(str(getattr(self, k)) for k in CONDITION_KEYS[condition_by]) or "all"
@@ -91,7 +93,7 @@ class Material:
     def __init__(self, bank_root: str | Path, *, models: list[str] | None = None, kinds: list[str] | None = None,
                  every_kind: bool = False):
         self.bank = StimulusBank(bank_root)
-        manifest_path = self.bank.root / "manifest.parquet"
+        manifest_path = self.bank.root / MANIFEST_FILE
         if not manifest_path.is_file():
             raise FileNotFoundError(f"no stimulus manifest at {manifest_path}; run `sparsight stimuli` first")
         self.bank_hash = sha256_file(manifest_path)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from sparsight.files import atomic_write_text
+from sparsight.layout import Layout
 
 from .embeddings import EmbeddingCache, create_embedding
 from .material import Material
@@ -23,14 +24,13 @@ def read_responses(run_dir: Path, cfg, *, every_study: bool = False, connect: bo
     """Every stored response of the study's survey database (empty when no database exists yet), of this
     study only unless ``every_study``.  With ``connect=False`` only a local SQLite file is read (opened
     read-only); a database server raises :class:`NotKnownWhilePlanning`."""
-    from sqlalchemy import create_engine
     from sqlalchemy.engine import make_url
     from sqlalchemy.orm import sessionmaker
 
     from sparsight.errors import NotKnownWhilePlanning
 
     from .app import database_url
-    from .db import make_engine
+    from .db import make_engine, read_only_sqlite
     from .export import RESPONSE_COLUMNS, responses_frame
     url = database_url(run_dir, cfg)
     parsed = make_url(url)
@@ -40,7 +40,7 @@ def read_responses(run_dir: Path, cfg, *, every_study: bool = False, connect: bo
     if not connect and not sqlite:
         raise NotKnownWhilePlanning(f"depends on the human responses in the survey database "
                                     f"{parsed.render_as_string(hide_password=True)}, which --plan does not connect to")
-    engine = make_engine(url) if connect else create_engine(f"sqlite:///file:{parsed.database}?mode=ro&uri=true")
+    engine = make_engine(url) if connect else read_only_sqlite(parsed.database)
     try:
         from sqlalchemy import inspect
         if not inspect(engine).has_table("responses"):
@@ -50,24 +50,45 @@ def read_responses(run_dir: Path, cfg, *, every_study: bool = False, connect: bo
         engine.dispose()
 
 
-def measure_mis(run_dir: Path, cfg, *, device: str = "cpu", log=print, progress: bool = False) -> list[Path]:
-    """MIS of every unit in ``run_dir/stimuli`` under the study's ``[mis]`` settings; returns the files written."""
+def _device(study) -> str:
+    return str(study.ctx.device) if study.ctx is not None else "cpu"
+
+
+def run_mis(study, *, log=print) -> list[Path]:
+    """MIS of every unit in the study's stimulus bank under its ``[mis]`` settings; returns the files written."""
+    run_dir, cfg, layout = study.run_dir, study.config, study.layout
     mis = cfg.mis
-    out = run_dir / "mis"
-    material = Material(run_dir / "stimuli")
-    embedding = create_embedding(mis.embedding, run_dir, weights=mis.embedding_weights, device=device,
+    out = layout.mis
+    embedding = create_embedding(mis.embedding, run_dir, weights=mis.embedding_weights, device=_device(study),
                                  size=mis.embedding_size)
     cache = EmbeddingCache(embedding, out / "embeddings" / f"{embedding.key}.pt", batch_size=mis.batch_size,
-                           progress=progress)
-    deltas = task_deltas(material, cache)
+                           progress=cfg.study.progress)
+    deltas = task_deltas(Material(layout.stimuli), cache)
     files = [atomic_write_text(out / "tasks.csv", deltas.to_csv(index=False))]
+    alpha, source = _alpha(run_dir, cfg, deltas, embedding.key, files, log)
+    status_csv = layout.stimulus_units
+    status = pd.read_csv(status_csv) if status_csv.is_file() and status_csv.stat().st_size > 1 else None
+    units = with_status(unit_scores(deltas, alpha), status).assign(alpha=alpha, alpha_source=source,
+                                                                    embedding=embedding.key)
+    files.append(atomic_write_text(layout.mis_units, units.reindex(columns=UNIT_COLUMNS).to_csv(index=False)))
+    models = model_scores(units, mis.bootstrap, cfg.study.seed).assign(alpha=alpha, alpha_source=source,
+                                                                        embedding=embedding.key)
+    files.append(atomic_write_text(layout.mis_models, models.to_csv(index=False)))
+    return files
+
+
+def _alpha(run_dir: Path, cfg, deltas: pd.DataFrame, embedding_key: str, files: list[Path], log) -> tuple[float, str]:
+    """The MIS temperature α and its source: fitted on human responses when ``mis.alpha_source = "auto"``
+    and there are enough (``mis/calibration.json`` is added to ``files``), else the configured one."""
+    mis = cfg.mis
+    out = Layout(run_dir).mis
     alpha, source = mis.alpha, "configured"
     if mis.alpha_source == "auto":
         responses = read_responses(run_dir, cfg)
         trials = human_trials(responses, deltas)
         if len(trials) >= mis.min_human_responses:
             report = calibration(trials, seed=cfg.study.seed)
-            report.update(embedding=embedding.key, configured_alpha=mis.alpha)
+            report.update(embedding=embedding_key, configured_alpha=mis.alpha)
             files.append(atomic_write_text(out / "calibration.json", json.dumps(report, indent=2)))
             alpha, source = report["alpha"], "fitted"
             log(f"[mis] α fitted on {report['responses']} human responses: {alpha:.3g} "
@@ -78,15 +99,7 @@ def measure_mis(run_dir: Path, cfg, *, device: str = "cpu", log=print, progress:
     if source != "fitted" and stale.is_file():
         stale.unlink()
         log(f"[mis] removed the earlier {stale.name}: it no longer describes this MIS (α {alpha:.3g}, {source})")
-    status_csv = run_dir / "stimuli" / "units.csv"
-    status = pd.read_csv(status_csv) if status_csv.is_file() and status_csv.stat().st_size > 1 else None
-    units = with_status(unit_scores(deltas, alpha), status).assign(alpha=alpha, alpha_source=source,
-                                                                    embedding=embedding.key)
-    files.append(atomic_write_text(out / "units.csv", units.reindex(columns=UNIT_COLUMNS).to_csv(index=False)))
-    models = model_scores(units, mis.bootstrap, cfg.study.seed).assign(alpha=alpha, alpha_source=source,
-                                                                        embedding=embedding.key)
-    files.append(atomic_write_text(out / "models.csv", models.to_csv(index=False)))
-    return files
+    return alpha, source
 
 
 def _why_not_fitted(run_dir: Path, cfg, responses: pd.DataFrame, usable: int) -> str:
@@ -121,32 +134,31 @@ class MisStage:
     description = "Machine Interpretability Score of every unit (MIS surrogate on the stimulus bank)"
 
     def inputs(self, study) -> dict:
-        from pruning.stages import _upstream
         cfg = study.config
         humans = (human_response_count(study.run_dir, cfg, connect=not study.planning)
                   if cfg.mis.alpha_source == "auto" else 0)
-        return {"upstream": {k: _upstream(study, k) for k in ("observer", "stimuli")}, "mis": asdict(cfg.mis),
+        return {"upstream": {k: study.upstream(k) for k in ("observer", "stimuli")}, "mis": asdict(cfg.mis),
                 "seed": cfg.study.seed, "human_responses": humans}
 
     def run(self, study) -> list[Path]:
         if not study.is_main:
             return []
-        device = str(study.ctx.device) if study.ctx is not None else "cpu"
-        return measure_mis(study.run_dir, study.config, device=device, progress=study.config.study.progress)
+        return run_mis(study)
 
 
-def run_machine_participants(run_dir: Path, cfg, *, device: str = "cpu", log=print) -> Path:
+def run_participants(study, *, log=print) -> list[Path]:
     """``survey.machine_participants`` machine sessions per condition, answered through the app's API
     (in-process) by the MIS observer; earlier sessions of the same observer are replaced."""
     import secrets
 
     from .app import create_app
     from .machine import FlaskTransport, SimilarityObserver, SurveyClient, run_session
+    run_dir, cfg = study.run_dir, study.config
     token = secrets.token_urlsafe(24)
     app = create_app({"RUN_DIR": str(run_dir), "API_TOKEN": token})
     service = app.extensions["survey"]
     mis = cfg.mis
-    embedding = create_embedding(mis.embedding, run_dir, weights=mis.embedding_weights, device=device,
+    embedding = create_embedding(mis.embedding, run_dir, weights=mis.embedding_weights, device=_device(study),
                                  size=mis.embedding_size)
     name = f"study:{mis.embedding}"
     removed = service.delete_machine_sessions(name)
@@ -161,7 +173,7 @@ def run_machine_participants(run_dir: Path, cfg, *, device: str = "cpu", log=pri
     app.config["ENGINE"].dispose()
     log(f"[participants] {len(rows)} machine sessions ({name}) over {len(service.conditions)} conditions"
         + (f"; replaced {removed} earlier ones" if removed else ""))
-    return atomic_write_text(run_dir / "survey" / "machine_participants.csv", pd.DataFrame(rows).to_csv(index=False))
+    return [atomic_write_text(study.layout.survey / "machine_participants.csv", pd.DataFrame(rows).to_csv(index=False))]
 
 
 class ParticipantsStage:
@@ -169,16 +181,14 @@ class ParticipantsStage:
     description = "machine participants answer survey trials through the app's API (survey.machine_participants)"
 
     def inputs(self, study) -> dict:
-        from pruning.stages import _upstream
         cfg = study.config
-        return {"upstream": {k: _upstream(study, k) for k in ("observer", "stimuli")}, "mis": asdict(cfg.mis),
+        return {"upstream": {k: study.upstream(k) for k in ("observer", "stimuli")}, "mis": asdict(cfg.mis),
                 "survey": asdict(cfg.survey)}
 
     def run(self, study) -> list[Path]:
         if not study.is_main or study.config.survey.machine_participants == 0:
             return []
-        device = str(study.ctx.device) if study.ctx is not None else "cpu"
-        return [run_machine_participants(study.run_dir, study.config, device=device)]
+        return run_participants(study)
 
 
 STAGES = [MisStage(), ParticipantsStage()]

@@ -1,5 +1,5 @@
-"""Shared fixtures: a tiny generated dataset, a skip rule for CUDA-only tests, and for the survey app a
-database per backend (SQLite, PostgreSQL) and the Chromium path."""
+"""Shared fixtures: a tiny generated dataset, a skip rule for CUDA-only tests, one torch thread per
+module, and for the survey app a database per backend (SQLite, PostgreSQL) and the Chromium path."""
 from __future__ import annotations
 
 import pytest
@@ -44,6 +44,16 @@ def quick_study(tmp_path_factory):
 def seeded():
     torch.manual_seed(0)
     return 0
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    tiny tensors run fastest on one thread and do not stall when other processes share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # --- Databases and browsers for the survey-app tests ------------------------------------------------

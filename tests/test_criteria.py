@@ -7,6 +7,7 @@ from pruning.criteria import select_filters_globally
 from pruning.data.folders import Batch
 from pruning.methods import PruningError, create_method
 from pruning.models import create_model
+from tiny_models import assert_no_hooks
 
 EPS = 1e-6
 
@@ -73,7 +74,7 @@ def test_lrp_relevance_equals_hand_computed_zplus_epsilon():
     ref = hand_lrp_scores(model, x, y)
     for name in ("conv1", "conv2"):
         assert torch.allclose(ours[name], ref[name], rtol=1e-6, atol=1e-12), name  # ε-order differences
-    assert not any(m._forward_hooks or m._backward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert_no_hooks(model)
 
 
 def test_taylor_and_gradient_equal_a_direct_autograd_computation():

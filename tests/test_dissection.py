@@ -23,18 +23,14 @@ from sparsight.config import ConfigError, load_study
 from stimuli.dissection import (MODEL_COLUMNS, UNIT_COLUMNS, ProbeError, ProbeLoader, ProbeSet, dissect,
                                 resolve_targets, summarize)
 from stimuli.units import Unit
+from tiny_models import assert_no_hooks
 
 SIZE = 12                                    # input size of the tiny probe set
 CONCEPTS = {"object": ["a", "b", "c"], "material": ["m1", "m2"]}
 MASK_SHAPES = [(12, 12), (8, 8), (18, 18), (5, 7), (12, 12), (9, 4)]   # (h, w); masks need not match images
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TinyNet(nn.Module):
@@ -274,7 +270,7 @@ def test_unknown_layer_lists_the_valid_ones_and_hooks_never_stay(tiny_net, probe
     with pytest.raises(ValueError, match="dissection needs spatial maps"):   # fails inside the forward pass
         dissect(tiny_net, probe, ["conv1", "fc"], image_size=SIZE)
     dissect(tiny_net, probe, ["conv1"], image_size=SIZE)
-    assert all(not m._forward_hooks for m in tiny_net.modules())
+    assert_no_hooks(tiny_net)
     assert all(m.training for m in tiny_net.modules())
 
 
@@ -361,6 +357,7 @@ def tiny_study(tiny_data, tmp_path_factory):
 
 
 def test_stage_writes_tables_for_every_model_and_skips_when_current(tiny_study):
+    from pruning.training import open_study
     from sparsight.study import run_study
     from stimuli.stages import DissectionStage
 
@@ -368,7 +365,8 @@ def test_stage_writes_tables_for_every_model_and_skips_when_current(tiny_study):
     overrides = [c for c in common[1::2] if "=" in c] + ['study.device="cpu"']
     cfg = load_study(overrides=overrides)
     logs = []
-    run_study(cfg, stages=[DissectionStage()], log=logs.append)
+    with open_study(cfg) as study:
+        run_study(study, [DissectionStage()], log=logs.append)
     units = pd.read_csv(run_dir / "dissection" / "units.csv", keep_default_na=False)
     assert list(units.columns) == UNIT_COLUMNS
     assert set(units.model_id) == {"base", "structured-oneshot-r0.50"}
@@ -387,7 +385,8 @@ def test_stage_writes_tables_for_every_model_and_skips_when_current(tiny_study):
     assert models.loc["base", "unique_concepts"] == ok[ok.model_id == "base"].concept.nunique()
     iou = pd.read_parquet(run_dir / "dissection" / "iou.parquet")
     assert set(iou.model_id) == {"base", "structured-oneshot-r0.50"} and (iou.iou <= 1).all()
-    run_study(cfg, stages=[DissectionStage()], log=logs.append)
+    with open_study(cfg) as study:
+        run_study(study, [DissectionStage()], log=logs.append)
     assert logs[-1] == "[dissection] up to date, skipped"
 
 

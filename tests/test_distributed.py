@@ -38,6 +38,7 @@ def test_torchrun_single_process_matches_plain_training(tiny_data, tmp_path):
 
 
 @pytest.mark.cuda
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["googlenet", "resnet50"])
 def test_torchrun_on_cuda_with_bf16_and_channels_last(tiny_data, tmp_path, arch):
     args = ["train", "--data", str(tiny_data), "--arch", arch, "--epochs", "1", "--out", str(tmp_path / arch),
@@ -111,13 +112,13 @@ def test_whole_study_runs_under_torchrun_with_two_gloo_processes(tmp_path):
     """Every stage under torchrun: DDP training, sharded stimuli, rank-0 stages behind barriers; one log."""
     import pandas as pd
 
-    from sparsight.study import default_stages
+    from sparsight.cli import pipeline_stages
 
     args = ["run", *TINY_STUDY, "--set", f'study.output_dir="{tmp_path}"']
     proc = _torchrun_n(2, args)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     run_dir = tmp_path / "quick"
-    for stage in default_stages():
+    for stage in pipeline_stages():
         assert proc.stdout.count(f"[{stage.name}] done in") == 1, stage.name     # rank 0 logs, once
     assert proc.stdout.count("study directory:") == 1
     models = pd.read_csv(run_dir / "evaluation.csv")
@@ -128,4 +129,4 @@ def test_whole_study_runs_under_torchrun_with_two_gloo_processes(tmp_path):
     assert (run_dir / "report" / "index.html").is_file()
     again = _torchrun_n(2, args)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("up to date, skipped") == len(default_stages())
+    assert again.stdout.count("up to date, skipped") == len(pipeline_stages())

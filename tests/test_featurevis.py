@@ -11,17 +11,12 @@ from torch import nn
 from pruning.models import create_model
 from stimuli.featurevis import (JITTER1, JITTER2, PAD, FeatureVisSettings, _diversity, _hooked, _LayerForward,
                                 _decorrelated, _pack, _plan, _random_views, find_layer, render_units)
+from tiny_models import assert_no_hooks
 
 LAYER, UNITS, SIZE, STEPS = "inception4a", [5, 40, 100], 64, 48
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny convolutions: one thread is fastest, and other processes share the two cores
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +44,6 @@ def gram_similarity(model, images):
     grams = F.normalize((flat @ flat.transpose(1, 2)).flatten(1), dim=1)
     n = len(images)
     return ((grams @ grams.T).sum() - n) / (n * (n - 1))
-
-
-def hooks(model):
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 def test_shapes_ranges_and_order(rendered):
@@ -100,7 +91,7 @@ def test_model_left_as_it_was(model):
     model.fc.weight.requires_grad_(False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     render_units(model, LAYER, [5], FeatureVisSettings(steps=3, image_size=SIZE, n_plain=1, n_diverse=2))
-    assert hooks(model) == 0
+    assert_no_hooks(model)
     assert all(m.training for m in model.modules())
     assert [p.requires_grad for p in model.parameters()] == [n != "fc.weight" for n, _ in model.named_parameters()]
     assert all(p.grad is None for p in model.parameters())
@@ -116,11 +107,13 @@ def test_no_hooks_or_flags_left_when_rendering_fails(model):
     broken = nn.Sequential(nn.Conv2d(3, 4, 3), Boom(), nn.Conv2d(4, 4, 3)).train()
     with pytest.raises(RuntimeError, match="boom"):
         render_units(broken, "2", [0], FeatureVisSettings(steps=2, image_size=16))
-    assert hooks(broken) == 0 and broken.training and all(p.requires_grad for p in broken.parameters())
+    assert_no_hooks(broken)
+    assert broken.training and all(p.requires_grad for p in broken.parameters())
     model = copy.deepcopy(model).train()
     with pytest.raises(ValueError, match="unit 999 out of range"):
         render_units(model, LAYER, [999], FeatureVisSettings(steps=2, image_size=SIZE))
-    assert hooks(model) == 0 and model.training and all(p.requires_grad for p in model.parameters())
+    assert_no_hooks(model)
+    assert model.training and all(p.requires_grad for p in model.parameters())
 
 
 def test_unknown_layer_lists_valid_names(model):
@@ -243,7 +236,7 @@ def test_pre_relu_trace_is_the_concatenated_branches_before_their_relu(model):
         out2, pre2 = forward(images, trace=True)
     torch.testing.assert_close(pre2, expected)
     torch.testing.assert_close(out2, out)
-    assert hooks(model) == 0
+    assert_no_hooks(model)
 
 
 class DeadAtStart(nn.Module):

@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_smoke_run_records_every_check_with_its_contract_fields(tmp_path):
     out = tmp_path / "check.json"
-    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--smoke", "--only", "cuda-tests", "mining", "mis",
-                           "--out", str(out), "--workdir", str(tmp_path / "work")],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--smoke",
+                           "--only", "cuda-tests", "mining", "mis", "--out", str(out), "--workdir", str(tmp_path / "work")],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.loads(out.read_text())

@@ -11,19 +11,14 @@ from torch import nn
 from pruning.data.folders import ImageFolderDataset, build_transform, split_dir
 from pruning.models import create_model
 from stimuli.mining import ActivationMiner, LayerMining, MiningResult, mine, scramble, tie_keys, tie_ranks, unscramble
+from tiny_models import assert_no_hooks
 
 LAYERS = ["inception3a", "inception4a", "inception5a"]
 K = 8
 SIZE = 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run as fast on one thread, and do not stall when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -87,10 +82,6 @@ def assert_same_result(a: MiningResult, b: MiningResult):
             assert torch.equal(da["recorded"][u], db["recorded"][u])
 
 
-def no_hooks_left(model: nn.Module) -> bool:
-    return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
-
-
 def test_top_and_bottom_k_equal_brute_force_for_every_batch_size(net, tiny_data):
     acts = reference_activations(net, dataset_images(tiny_data, "val"), LAYERS)
     results = {bs: mine(net, tiny_data, "val", LAYERS, K, image_size=SIZE, batch_size=bs) for bs in (1, 7, 64)}
@@ -100,7 +91,7 @@ def test_top_and_bottom_k_equal_brute_force_for_every_batch_size(net, tiny_data)
             assert_matches_reference(result.layers[name], acts[name], K)
     assert_same_result(results[1], results[7])
     assert_same_result(results[1], results[64])
-    assert no_hooks_left(net)
+    assert_no_hooks(net)
 
 
 def test_batch_order_does_not_change_the_result(net, tiny_data):
@@ -205,7 +196,7 @@ def test_interrupted_run_resumes_to_the_same_result(net, tiny_data, tmp_path):
     with pytest.raises(Interrupt):
         mine(net, tiny_data, "train", LAYERS, K, state_path=state, save_every=2, **kw)
     handle.remove()
-    assert no_hooks_left(net)
+    assert_no_hooks(net)
     saved = torch.load(state, weights_only=True)
     assert saved["position"] == 64 and saved["miner"]["n_seen"] == 64
     calls, handle = count_forwards(net)
@@ -272,14 +263,14 @@ def test_hooks_are_removed_on_close_and_on_errors(net):
     assert miner.n_seen == 0
     miner.close()
     miner.close()
-    assert no_hooks_left(net)
+    assert_no_hooks(net)
     with pytest.raises(RuntimeError, match="closed"):
         miner.update(x, torch.arange(4))
     with pytest.raises(ZeroDivisionError):
         with ActivationMiner(net, LAYERS, K) as miner:
             miner.update(x, torch.arange(4))
             1 / 0
-    assert no_hooks_left(net)
+    assert_no_hooks(net)
 
 
 def test_bad_arguments_are_clear_errors(net):
@@ -289,7 +280,7 @@ def test_bad_arguments_are_clear_errors(net):
         ActivationMiner(net, ["inception3a"], K, record={"inception4a": [0]})
     with ActivationMiner(net, ["inception3a"], K) as miner, pytest.raises(ValueError, match="indices"):
         miner.update(torch.randn(3, 3, SIZE, SIZE), torch.arange(2))
-    assert no_hooks_left(net)
+    assert_no_hooks(net)
 
 
 def test_k_shrinks_to_the_images_seen(net):

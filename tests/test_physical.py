@@ -10,6 +10,7 @@ from pruning.methods import PruningError, create_method
 from pruning.models import WeightsError, create_model, get_spec, load_checkpoint, save_checkpoint
 from pruning.models.checkpoint import count_flops, count_params
 from pruning.physical import remove_pruned_filters
+from tiny_models import TwoConvNet, archs
 
 SIZE = 64
 
@@ -35,7 +36,7 @@ def _outputs(model, masks, x=None):
         return model(x.to(next(model.parameters()).dtype))
 
 
-@pytest.fixture(scope="module", params=["inception-small", "googlenet", "resnet50"])
+@pytest.fixture(scope="module", params=archs("inception-small", "googlenet", "resnet50"))
 def pruned(request):
     arch = request.param
     torch.manual_seed(0)
@@ -129,20 +130,6 @@ def test_refuses_to_remove_every_filter_of_a_layer():
     assert count_params(model)[0] == before  # refused before anything changed
 
 
-class Plain(nn.Module):
-    """Convs with biases and no BatchNorm: a pruned filter still outputs relu(bias)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.conv2 = nn.Conv2d(8, 12, 3, padding=1)
-        self.fc = nn.Linear(12, 5)
-
-    def forward(self, x):
-        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
-        return self.fc(x.mean((2, 3)))
-
-
 def _filter_masks(model, biases: bool) -> dict:
     """Half the filters of each conv masked by hand, with or without their biases."""
     masks = {}
@@ -156,7 +143,7 @@ def _filter_masks(model, biases: bool) -> dict:
 
 def test_filter_whose_bias_is_not_masked_stays():
     torch.manual_seed(0)
-    model = Plain().double()
+    model = TwoConvNet().double()
     with torch.no_grad():
         model.conv1.bias.uniform_(0.1, 0.5)
     masks = _filter_masks(model, biases=False)
@@ -166,7 +153,7 @@ def test_filter_whose_bias_is_not_masked_stays():
     assert "not exactly zero" in result.reasons["conv1"]
     assert torch.equal(_outputs(model, result.masks), reference)
 
-    model = Plain().double()
+    model = TwoConvNet().double()
     masks = _filter_masks(model, biases=True)
     reference = _outputs(model, masks)
     result = remove_pruned_filters(model, masks, input_size=16)

@@ -10,29 +10,18 @@ from pruning.data.folders import Batch
 from pruning.masks import MaskEnforcer, apply_masks, mask_sparsity, masked
 from pruning.methods import METHODS, PruningError, create_method, prunable_layers
 from pruning.models import create_model, get_spec
-
-
-class Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.conv2 = nn.Conv2d(8, 12, 3, padding=1)
-        self.fc = nn.Linear(12, 5)
-
-    def forward(self, x):
-        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
-        return self.fc(x.mean((2, 3)))
+from tiny_models import TwoConvNet, archs, assert_no_hooks
 
 
 @pytest.fixture
 def tiny():
     torch.manual_seed(0)
-    return Tiny().double()
+    return TwoConvNet().double()
 
 
 def _reference(model, fn):
     """Masks produced by torch.nn.utils.prune on a copy of ``model``."""
-    ref = Tiny().double()
+    ref = TwoConvNet().double()
     ref.load_state_dict(model.state_dict())
     fn(ref)
     return {f"{n}.weight": m.weight_mask.bool() for n, m in ref.named_modules() if hasattr(m, "weight_mask")}
@@ -113,7 +102,7 @@ def _model(arch):
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-@pytest.mark.parametrize("arch", ["inception-small", "googlenet", "resnet50"])
+@pytest.mark.parametrize("arch", archs("inception-small", "googlenet", "resnet50"))
 def test_every_method_prunes_every_architecture(method, arch):
     model = _model(arch)  # shared: masked() leaves it unchanged
     torch.manual_seed(1)
@@ -136,8 +125,8 @@ def test_masked_context_restores_weights_and_leaves_no_hooks(tiny):
         assert int((tiny.conv1.weight == 0).sum()) == round(0.5 * tiny.conv1.weight.numel())
         inside = tiny(x)
     assert all(torch.equal(before[k], v) for k, v in tiny.state_dict().items())
-    assert not any(m._forward_hooks or m._forward_pre_hooks for m in tiny.modules())
-    manual = Tiny().double()
+    assert_no_hooks(tiny)
+    manual = TwoConvNet().double()
     manual.load_state_dict(before)
     apply_masks(manual, masks)
     assert torch.equal(manual(x), inside)

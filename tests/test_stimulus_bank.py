@@ -11,6 +11,7 @@ from pruning.models import create_model
 from stimuli.bank import EXTRA_COLUMNS, MANIFEST_COLUMNS, StimulusBank, validate_manifest
 from stimuli.preview import task_sheet
 from stimuli.units import Unit, layer_channels, parse_units, resolve_units, sample_among, sample_units
+from tiny_models import assert_no_hooks
 
 
 def test_parse_units_reads_single_units_and_ranges():
@@ -27,7 +28,7 @@ def test_layer_channels_and_a_wrong_layer_lists_the_valid_ones():
     assert channels["inception3a"] == model.inception3a.out_channels
     with pytest.raises(ValueError, match=r"layer 'inception9z' does not exist; valid layers: \['conv1'"):
         layer_channels(model, ["inception9z"], 64)
-    assert not any(m._forward_hooks for m in model.modules())
+    assert_no_hooks(model)
 
 
 def test_sampling_is_seeded_in_range_and_layer_independent():

@@ -8,7 +8,8 @@ from click.testing import CliRunner
 
 from sparsight.cli import main
 from sparsight.config import load_study
-from sparsight.study import default_stages, fingerprint, is_current, Study
+from sparsight.cli import pipeline_stages
+from sparsight.study import fingerprint, is_current, Study
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +158,7 @@ def test_plan_reports_current_stages_without_running_them(quick_run):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "[prune]" in result.output and 'name = "quick"' in result.output    # the resolved study
-    names = {s.name for s in default_stages()}
+    names = {s.name for s in pipeline_stages()}
     states = {line.split()[0]: line.split()[1] for line in result.output.splitlines()
               if len(line.split()) > 1 and line.split()[0] in names and line.split()[1] in ("up", "runs")}
     assert set(states) == names and set(states.values()) == {"up"}
@@ -176,11 +177,11 @@ def test_rerun_skips_current_stages_and_detects_changed_outputs(quick_run):
     result = CliRunner().invoke(main, ["run", "--profile", "quick", "--set", f'study.output_dir="{run_dir.parent}"',
                                        "--set", "study.progress=false"])
     assert result.exit_code == 0, result.output
-    assert result.output.count("up to date, skipped") == len(default_stages())
+    assert result.output.count("up to date, skipped") == len(pipeline_stages())
 
     cfg = load_study(profile="quick", overrides=[f'study.output_dir="{run_dir.parent}"'])
     study = Study(cfg)
-    stages = {s.name: s for s in default_stages()}
+    stages = {s.name: s for s in pipeline_stages()}
     for name in ("data", "base", "observer"):
         study.records[name] = study.load_record(name)
     base = stages["base"]

@@ -86,6 +86,7 @@ def test_evaluate_matches_a_direct_computation(tiny_data):
     assert result["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, ys)), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_googlenet_aux_heads_add_weighted_losses():
     torch.manual_seed(0)
     model = create_model("googlenet", num_classes=4, aux_logits=True).train()
@@ -113,6 +114,7 @@ def test_every_scheduler_runs_and_reports_lr(tiny_data, scheduler):
 
 
 @pytest.mark.cuda
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["googlenet", "resnet50"])
 def test_cuda_bf16_channels_last_training_steps(arch):
     from pruning.data.folders import Batch

@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import datetime
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
+
+from sparsight.study import Study
 
 
 def resolve_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
@@ -86,3 +90,14 @@ def init_distributed(device_preference: str = "auto") -> DistContext:
                                 timeout=datetime.timedelta(hours=STAGE_WAIT_HOURS))
         here = True
     return DistContext(rank, world, local, device, here)
+
+
+@contextmanager
+def open_study(config) -> Iterator[Study]:
+    """``with open_study(cfg) as study:`` the study joined to its process group (one process, or every
+    rank under ``torchrun``), left again on exit whatever happens inside."""
+    ctx = init_distributed(config.study.device)
+    try:
+        yield Study(config, ctx)
+    finally:
+        ctx.close()

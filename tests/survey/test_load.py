@@ -1,6 +1,6 @@
 """Many participants at once over real HTTP against a two-worker gunicorn server: nothing lost,
 nothing duplicated, balance kept (a bounded version of benchmarks/survey_load.py; the simulated
-participants and the database checks live in survey_app/loadsim.py)."""
+participants and the database checks live in benchmarks/loadsim.py)."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("gunicorn")
 pytest.importorskip("PIL")
 
-from survey_app import loadsim  # noqa: E402
+from benchmarks import loadsim  # noqa: E402
 from survey_app.testing import make_study_dir  # noqa: E402
 
 SURVEY = {**loadsim.LOAD_SURVEY, "practice_trials": 2, "main_trials": 8, "catch_trials": 1, "min_response_ms": 1500}

@@ -10,14 +10,15 @@ import pytest
 import torch
 from sqlalchemy import select
 
-from sparsight.config import load_study
+from sparsight.config import load_study, study_from_run_dir
 from survey_app.embeddings import Embedding, EmbeddingCache, create_embedding
 from survey_app.machine import FlaskTransport, SimilarityObserver, SurveyClient, run_session
 from survey_app.material import Material
 from survey_app.mis import (bootstrap_ci, calibration, fit_alpha, model_scores, sigmoid, task_deltas, unit_scores,
                             with_status)
 from survey_app.models import Trial
-from survey_app.stages import measure_mis
+from sparsight.study import Study
+from survey_app.stages import run_mis
 from survey_app.testing import make_study_dir
 from survey_helpers import API_TOKEN
 
@@ -188,8 +189,8 @@ def test_a_registered_model_with_a_local_weights_file_gives_penultimate_features
 def test_machine_participant_accuracy_per_unit_equals_offline_mis_hard(tmp_path):
     from survey_app import create_app
     run_dir = make_study_dir(tmp_path / "study", {})
-    cfg = load_study(run_dir / "study.toml", overrides=['mis.embedding="pixels"', "mis.embedding_size=8"])
-    measure_mis(run_dir, cfg)
+    cfg = study_from_run_dir(run_dir, overrides=['mis.embedding="pixels"', "mis.embedding_size=8"])
+    run_mis(Study(cfg))
     offline = pd.read_csv(run_dir / "mis" / "units.csv")
     app = create_app({"RUN_DIR": str(run_dir), "API_TOKEN": API_TOKEN})
     observer = SimilarityObserver(create_embedding("pixels", size=8), 16.0, "pixels")

@@ -16,6 +16,7 @@ from survey_app.machine import FlaskTransport, SimilarityObserver, SurveyClient,
 from survey_app.material import Item
 from survey_app.models import Trial
 from survey_helpers import API_TOKEN
+from tiny_models import assert_no_hooks
 
 
 def offline_delta(observer, material, item: Item, task: int) -> float:
@@ -77,7 +78,7 @@ def test_network_embedding_reads_the_input_of_the_last_linear_layer():
         [0.229, 0.224, 0.225])
     expected = net[:3](x.view(1, 3, 1, 1).expand(1, 3, 8, 8))
     assert feats.shape == (2, 4) and torch.allclose(feats[0], expected[0], atol=1e-5)
-    assert not net[3]._forward_hooks
+    assert_no_hooks(net)
 
 
 def test_cli_participant_and_responses_export(tmp_path):
@@ -123,12 +124,14 @@ def test_machine_participants_stage_replaces_its_own_sessions_and_keeps_human_da
     from sparsight.config import load_study
     from survey_app import create_app
     from survey_app.export import responses_frame
-    from survey_app.stages import run_machine_participants
+    from sparsight.config import study_from_run_dir
+    from sparsight.study import Study
+    from survey_app.stages import run_participants
     from survey_app.testing import make_study_dir
     from survey_helpers import human_session
     run_dir = make_study_dir(tmp_path / "study", {"main_trials": 3, "catch_trials": 1, "machine_participants": 2,
                                                   "check_server_time": False})
-    cfg = load_study(run_dir / "study.toml", overrides=['mis.embedding="pixels"'])
+    cfg = study_from_run_dir(run_dir, overrides=['mis.embedding="pixels"'])
     app = create_app({"RUN_DIR": str(run_dir)})
     client = app.test_client()
     sid = human_session(client)
@@ -139,7 +142,7 @@ def test_machine_participants_stage_replaces_its_own_sessions_and_keeps_human_da
                        json={"trial": trial["id"], "choice": "upper", "confidence": 3, "rt_ms": 2000,
                              "key": "human-key-1"}).status_code == 200
     for _ in range(2):
-        table = pd.read_csv(run_machine_participants(run_dir, cfg, log=lambda *_: None))
+        table = pd.read_csv(run_participants(Study(cfg), log=lambda *_: None)[0])
         assert len(table) == 2 * 4 and set(table["trials"]) == {4}             # 2 per condition, 3 main + 1 catch
     df = responses_frame(app.config["SESSIONS"])
     assert (~df["is_machine"]).sum() == 1 and df.loc[~df["is_machine"], "trial"].item() == trial["id"]

@@ -1,5 +1,5 @@
 """Simulated participants over real HTTP against a multi-worker gunicorn server, and the database
-checks that follow: shared by ``benchmarks/survey_load.py`` and ``tests/survey/test_load.py``.
+checks that follow: shared by ``benchmarks.survey_load`` and ``tests/survey/test_load.py``.
 
 A simulated participant behaves like the browser page: it opens the study link, consents,
 reads the instructions, loads the trial page (and its stylesheet), then loops GET state → fetch
@@ -39,7 +39,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .db import scratch_postgres  # noqa: F401  (used by benchmarks/survey_load.py)
+from survey_app.db import scratch_postgres  # noqa: F401  (used by benchmarks.survey_load)
 
 # Survey settings of the load runs: exclusions that only a too-fast robot would fail are relaxed
 # (min_instruction_s, min_total_s), since excluded participants stop holding balance slots, and the
@@ -663,29 +663,20 @@ def _spread(counter: Counter, keys) -> int:
     return max(values) - min(values) if values else 0
 
 
-def verify(database_url: str, logs: list[ParticipantLog], survey: dict, run_dir: str | Path) -> list[Check]:
-    """Compare the database with what the simulated participants were told (see the module docstring).
+@dataclass
+class Stored:
+    """What the database holds after a load run."""
+    participants: dict          # public_id → participant row
+    trials: list
+    responses: list
+    multi_response_trials: list  # (trial_id, count) for trials with more than one response
 
-    Balance: the condition with the fewest participants is chosen for each new one, so participants
-    per condition differ by at most 1; within a condition the least-assigned units come first, so
-    main trials per unit (over every participant of the condition) differ by at most 1.
-    """
+
+def read_database(database_url: str) -> Stored:
+    """The participants, trials and responses of the survey database at ``database_url``."""
     from sqlalchemy import create_engine, func, select
 
-    from .material import Material
-    from .models import Participant, Response, Trial
-    material = Material(Path(run_dir) / "stimuli", models=list(survey.get("models", [])) or None,
-                        kinds=list(survey.get("kinds", ["natural", "synthetic"])))
-    material_conditions = {cond: {(i.model_id, i.kind, i.layer, i.unit) for i in items} for cond, items in
-                           material.conditions(survey.get("condition_by", "model-kind")).items()}
-    practice_n, main_n = survey["practice_trials"], survey["main_trials"] + survey["catch_trials"]
-    code = survey.get("completion_code", "")
-    checks: list[Check] = []
-
-    errors = [f"#{log.index}: {log.error}" for log in logs if log.error]
-    checks.append(Check("client", not errors, f"{len(logs) - len(errors)}/{len(logs)} participants finished without "
-                        f"an unexpected reply" + (f"; first: {errors[:3]}" if errors else "")))
-
+    from survey_app.models import Participant, Response, Trial
     engine = create_engine(database_url)
     try:
         with engine.connect() as conn:
@@ -701,104 +692,198 @@ def verify(database_url: str, logs: list[ParticipantLog], survey: dict, run_dir:
                                      .having(func.count() > 1)).all()
     finally:
         engine.dispose()
+    return Stored(participants, trials, responses, per_trial)
 
+
+def material_conditions(survey: dict, run_dir: str | Path) -> dict[str, set[tuple]]:
+    """Condition → the (model_id, kind, layer, unit) items the study's material assigns to it."""
+    from survey_app.material import Material
+    material = Material(Path(run_dir) / "stimuli", models=list(survey.get("models", [])) or None,
+                        kinds=list(survey.get("kinds", ["natural", "synthetic"])))
+    return {cond: {(i.model_id, i.kind, i.layer, i.unit) for i in items} for cond, items in
+            material.conditions(survey.get("condition_by", "model-kind")).items()}
+
+
+def check_client(logs: list[ParticipantLog]) -> Check:
+    errors = [f"#{log.index}: {log.error}" for log in logs if log.error]
+    return Check("client", not errors, f"{len(logs) - len(errors)}/{len(logs)} participants finished without "
+                 f"an unexpected reply" + (f"; first: {errors[:3]}" if errors else ""))
+
+
+def check_participants(logs: list[ParticipantLog], stored: Stored) -> Check:
+    participants = stored.participants
     client_ids = {log.session for log in logs if log.session}
     missing, extra = client_ids - set(participants), set(participants) - client_ids
     complete = [p for p in participants.values() if p.stage == "complete"]
-    excluded = [p for p in participants.values() if p.excluded]
-    checks.append(Check("participants", not missing and not extra and len(complete) == len(logs) == len(participants),
-                        f"{len(participants)} in the database for {len(logs)} simulated, {len(complete)} complete"
-                        + (f", {len(missing)} missing" if missing else "")
-                        + (f", {len(extra)} unexpected" if extra else "")))
-    checks.append(Check("not excluded", not excluded, f"{len(excluded)} excluded (excluded sessions stop holding "
-                        "balance slots)"))
+    return Check("participants", not missing and not extra and len(complete) == len(logs) == len(participants),
+                 f"{len(participants)} in the database for {len(logs)} simulated, {len(complete)} complete"
+                 + (f", {len(missing)} missing" if missing else "")
+                 + (f", {len(extra)} unexpected" if extra else ""))
 
+
+def check_not_excluded(stored: Stored) -> Check:
+    excluded = [p for p in stored.participants.values() if p.excluded]
+    return Check("not excluded", not excluded, f"{len(excluded)} excluded (excluded sessions stop holding "
+                 "balance slots)")
+
+
+@dataclass
+class LedgerAudit:
+    """The database compared with every participant's ledger of acknowledged responses."""
+    lost: list = field(default_factory=list)            # (participant, trial) served but unanswered
+    wrong_count: list = field(default_factory=list)     # (participant, stored, expected)
+    mismatched: list = field(default_factory=list)      # (participant, trial) acknowledged but not stored as sent
+    unacked: list = field(default_factory=list)         # (participant, trial) stored but never acknowledged
+    expected_total: int = 0
+
+
+def audit_ledgers(logs: list[ParticipantLog], stored: Stored, practice_n: int, main_n: int) -> LedgerAudit:
     trials_of: dict[int, list] = defaultdict(list)
-    for t in trials:
+    for t in stored.trials:
         trials_of[t.participant_id].append(t)
-    resp_by_trial = {r.trial_id: r for r in responses}
-    resp_count = Counter(r.participant_id for r in responses)
-    lost, wrong_count, mismatched, unacked = [], [], [], []
-    expected_total = 0
+    resp_by_trial = {r.trial_id: r for r in stored.responses}
+    resp_count = Counter(r.participant_id for r in stored.responses)
+    audit = LedgerAudit()
     for log in logs:
-        p = participants.get(log.session)
+        p = stored.participants.get(log.session)
         if p is None:
             continue
         mine = trials_of[p.id]
         # every trial of every practice attempt that was served, and of the main block, is answered
         should = [t for t in mine if t.block == "main" or t.attempt <= p.practice_attempt]
-        lost += [(log.index, t.public_id) for t in should if t.id not in resp_by_trial]
+        audit.lost += [(log.index, t.public_id) for t in should if t.id not in resp_by_trial]
         expect_n = practice_n * p.practice_attempt + main_n
-        expected_total += expect_n
+        audit.expected_total += expect_n
         if resp_count[p.id] != expect_n:
-            wrong_count.append((log.index, resp_count[p.id], expect_n))
+            audit.wrong_count.append((log.index, resp_count[p.id], expect_n))
         by_public = {t.public_id: t for t in mine}
         for trial_id, entry in log.ledger.items():
             t = by_public.get(trial_id)
             r = resp_by_trial.get(t.id) if t is not None else None
             if r is None or (r.idempotency_key, r.choice, r.confidence) != (entry["key"], entry["choice"],
                                                                            entry["confidence"]):
-                mismatched.append((log.index, trial_id))
+                audit.mismatched.append((log.index, trial_id))
         acked = set(log.ledger)
-        unacked += [(log.index, t.public_id) for t in mine if t.id in resp_by_trial and t.public_id not in acked]
-    checks.append(Check("no lost responses", not lost and not wrong_count and not mismatched,
-                        f"every served trial answered ({len(lost)} without a response), per-participant counts "
-                        f"= {practice_n} × practice attempts + {main_n} ({len(wrong_count)} off), every "
-                        f"acknowledged response stored as sent ({len(mismatched)} missing or different)"
-                        + (f"; e.g. {(lost + wrong_count + mismatched)[:3]}"
-                           if lost or wrong_count or mismatched else "")))
-    acked_total = sum(len(log.ledger) for log in logs)
-    checks.append(Check("no duplicated responses", not per_trial and not unacked and len(responses) == expected_total
-                        == acked_total, f"{len(responses)} stored = {expected_total} expected = {acked_total} "
-                        f"acknowledged; {len(per_trial)} trials with >1 response, {len(unacked)} stored responses "
-                        "never acknowledged"))
+        audit.unacked += [(log.index, t.public_id) for t in mine
+                          if t.id in resp_by_trial and t.public_id not in acked]
+    return audit
 
+
+def check_no_lost(audit: LedgerAudit, practice_n: int, main_n: int) -> Check:
+    lost, wrong_count, mismatched = audit.lost, audit.wrong_count, audit.mismatched
+    return Check("no lost responses", not lost and not wrong_count and not mismatched,
+                 f"every served trial answered ({len(lost)} without a response), per-participant counts "
+                 f"= {practice_n} × practice attempts + {main_n} ({len(wrong_count)} off), every "
+                 f"acknowledged response stored as sent ({len(mismatched)} missing or different)"
+                 + (f"; e.g. {(lost + wrong_count + mismatched)[:3]}"
+                    if lost or wrong_count or mismatched else ""))
+
+
+def check_no_duplicates(audit: LedgerAudit, logs: list[ParticipantLog], stored: Stored) -> Check:
+    per_trial, responses = stored.multi_response_trials, stored.responses
+    acked_total = sum(len(log.ledger) for log in logs)
+    return Check("no duplicated responses", not per_trial and not audit.unacked
+                 and len(responses) == audit.expected_total == acked_total,
+                 f"{len(responses)} stored = {audit.expected_total} expected = {acked_total} "
+                 f"acknowledged; {len(per_trial)} trials with >1 response, {len(audit.unacked)} stored responses "
+                 "never acknowledged")
+
+
+def check_idempotency(logs: list[ParticipantLog]) -> Check:
     retries = sum(log.retries for log in logs)
     retries_ok = sum(log.retries_ok for log in logs)
     conflicts = sum(log.conflicts for log in logs)
     conflicts_ok = sum(log.conflicts_ok for log in logs)
     no_retry = [log.index for log in logs if not log.error and not log.retries]
-    checks.append(Check("idempotency", retries == retries_ok and conflicts == conflicts_ok and not no_retry
-                        and retries > 0, f"{retries_ok}/{retries} same-key retries replayed (half of them sent "
-                        f"concurrently with the original), {conflicts_ok}/{conflicts} conflicting duplicates "
-                        "refused with 409"))
+    return Check("idempotency", retries == retries_ok and conflicts == conflicts_ok and not no_retry
+                 and retries > 0, f"{retries_ok}/{retries} same-key retries replayed (half of them sent "
+                 f"concurrently with the original), {conflicts_ok}/{conflicts} conflicting duplicates "
+                 "refused with 409")
 
-    if code:
-        bad = [log.index for log in logs if f"cc={code}" not in (log.completion_location or "")]
-        checks.append(Check("completion redirect", not bad, f"{len(logs) - len(bad)}/{len(logs)} redirected to the "
-                            f"completion URL with code {code!r}"))
 
-    humans = [p for p in participants.values() if not p.is_machine and p.stage == "complete" and not p.excluded]
+def check_completion_redirect(logs: list[ParticipantLog], code: str) -> Check:
+    bad = [log.index for log in logs if f"cc={code}" not in (log.completion_location or "")]
+    return Check("completion redirect", not bad, f"{len(logs) - len(bad)}/{len(logs)} redirected to the "
+                 f"completion URL with code {code!r}")
+
+
+def completed_humans(stored: Stored) -> list:
+    """Participants who count for balance: people (not machines), complete, not excluded."""
+    return [p for p in stored.participants.values() if not p.is_machine and p.stage == "complete" and not p.excluded]
+
+
+def check_condition_balance(humans: list, conditions_material: dict[str, set[tuple]]) -> Check:
     conditions = Counter(p.condition for p in humans)
-    spread_c = _spread(conditions, list(material_conditions))
-    checks.append(Check("condition balance", spread_c <= 1, f"participants per condition "
-                        f"{dict(sorted(conditions.items()))} (spread {spread_c}, allowed 1)"))
+    spread_c = _spread(conditions, list(conditions_material))
+    return Check("condition balance", spread_c <= 1, f"participants per condition "
+                 f"{dict(sorted(conditions.items()))} (spread {spread_c}, allowed 1)")
 
+
+@dataclass
+class MainTrialCounts:
+    """Main trials of the balance-counting participants, counted three ways."""
+    by_cond_item: dict = field(default_factory=lambda: defaultdict(Counter))   # condition → item → trials
+    by_item_task: dict = field(default_factory=lambda: defaultdict(Counter))   # item → task → trials
+    per_participant_pair: Counter = field(default_factory=Counter)             # (participant, item, task) → trials
+
+
+def count_main_trials(stored: Stored, humans: list) -> MainTrialCounts:
     cond_of = {p.id: p.condition for p in humans}
-    by_cond_item: dict[str, Counter] = defaultdict(Counter)
-    by_item_task: dict[tuple, Counter] = defaultdict(Counter)
-    per_participant_pair: Counter = Counter()
-    for t in trials:
+    counts = MainTrialCounts()
+    for t in stored.trials:
         if t.participant_id in cond_of and t.trial_type == "main":
             item = (t.model_id, t.kind, t.layer, t.unit)
-            by_cond_item[cond_of[t.participant_id]][item] += 1
-            by_item_task[item][t.task] += 1
-            per_participant_pair[(t.participant_id, item, t.task)] += 1
-    foreign = sum(1 for cond, c in by_cond_item.items() for item in c if item not in material_conditions.get(cond, ()))
-    worst_item = max((_spread(by_cond_item[cond], items) for cond, items in material_conditions.items()
+            counts.by_cond_item[cond_of[t.participant_id]][item] += 1
+            counts.by_item_task[item][t.task] += 1
+            counts.per_participant_pair[(t.participant_id, item, t.task)] += 1
+    return counts
+
+
+def check_unit_balance(counts: MainTrialCounts, humans: list, conditions_material: dict[str, set[tuple]]) -> Check:
+    by_cond_item = counts.by_cond_item
+    conditions = Counter(p.condition for p in humans)
+    foreign = sum(1 for cond, c in by_cond_item.items() for item in c if item not in conditions_material.get(cond, ()))
+    worst_item = max((_spread(by_cond_item[cond], items) for cond, items in conditions_material.items()
                       if conditions.get(cond)), default=0)
-    checks.append(Check("unit balance", worst_item <= 1 and not foreign,
-                        f"per condition, main trials per unit differ by at most {worst_item} (allowed 1); "
-                        f"{sum(sum(c.values()) for c in by_cond_item.values())} main trials, {foreign} units outside "
-                        "their participant's condition"))
+    return Check("unit balance", worst_item <= 1 and not foreign,
+                 f"per condition, main trials per unit differ by at most {worst_item} (allowed 1); "
+                 f"{sum(sum(c.values()) for c in by_cond_item.values())} main trials, {foreign} units outside "
+                 "their participant's condition")
+
+
+def check_task_balance(counts: MainTrialCounts) -> Check:
+    by_item_task = counts.by_item_task
     worst_task = max((max(c.values()) - min(c.values()) for c in by_item_task.values() if c), default=0)
     n_tasks = {item: len(c) for item, c in by_item_task.items()}
-    repeats = max(per_participant_pair.values(), default=0)
-    checks.append(Check("task balance", worst_task <= 1,
-                        f"per unit, main trials per task differ by up to {worst_task}; the same (unit, task) "
-                        f"is shown up to {repeats}× to one participant; tasks used per unit "
-                        f"{sorted(set(n_tasks.values()))} (informational: assignment balances units, see "
-                        "assignment.choose_main)", required=False))
+    repeats = max(counts.per_participant_pair.values(), default=0)
+    return Check("task balance", worst_task <= 1,
+                 f"per unit, main trials per task differ by up to {worst_task}; the same (unit, task) "
+                 f"is shown up to {repeats}× to one participant; tasks used per unit "
+                 f"{sorted(set(n_tasks.values()))} (informational: assignment balances units, see "
+                 "assignment.choose_main)", required=False)
+
+
+def verify(database_url: str, logs: list[ParticipantLog], survey: dict, run_dir: str | Path) -> list[Check]:
+    """Compare the database with what the simulated participants were told (see the module docstring).
+
+    Balance: the condition with the fewest participants is chosen for each new one, so participants
+    per condition differ by at most 1; within a condition the least-assigned units come first, so
+    main trials per unit (over every participant of the condition) differ by at most 1.
+    """
+    conditions_material = material_conditions(survey, run_dir)
+    practice_n, main_n = survey["practice_trials"], survey["main_trials"] + survey["catch_trials"]
+    code = survey.get("completion_code", "")
+    checks = [check_client(logs)]
+    stored = read_database(database_url)
+    audit = audit_ledgers(logs, stored, practice_n, main_n)
+    checks += [check_participants(logs, stored), check_not_excluded(stored), check_no_lost(audit, practice_n, main_n),
+               check_no_duplicates(audit, logs, stored), check_idempotency(logs)]
+    if code:
+        checks.append(check_completion_redirect(logs, code))
+    humans = completed_humans(stored)
+    counts = count_main_trials(stored, humans)
+    checks += [check_condition_balance(humans, conditions_material),
+               check_unit_balance(counts, humans, conditions_material), check_task_balance(counts)]
     return checks
 
 
