@@ -7,7 +7,9 @@ from pathlib import Path
 import click
 
 from sparsight.clitools import OPTIONAL_RUN_DIR, profile_choice, resolve_from_cli, resolve_study, study_options
-from sparsight.config import CORRUPTIONS, MODEL_NAMES, PRUNING_METHODS, SCHEDULES
+from sparsight.layout import CHECKPOINT_FILE, Layout
+
+from .choices import corruption_choice, method_choice, model_choice, schedule_choice
 
 
 @click.group("data")
@@ -52,7 +54,7 @@ def synth(out: Path, profile: str, seed: int, train_per_class, val_per_class, im
 @study_options
 @click.option("--data", "data_path", type=click.Path(exists=True, file_okay=False, resolve_path=True), default=None,
               help="ImageFolder root with train/ and val/ (default: the study's data)")
-@click.option("--arch", type=click.Choice(list(MODEL_NAMES)), default=None,
+@click.option("--arch", type=model_choice(), default=None,
               help="model name (see `sparsight train --list-models`)")
 @click.option("--weights", default=None, help="local weights file or cached torchvision weights name")
 @click.option("--epochs", type=int, default=None, help="training epochs")
@@ -84,40 +86,35 @@ def train_cmd(study_file, profile, overrides, device, data_path, arch, weights, 
         for name, spec in MODELS.items():
             click.echo(f"{name:18s} input {spec.input_size:4d} px  {spec.description}")
         return
-    extra = [f"model.arch={json.dumps(arch)}"] if arch else []
-    extra += [f"model.weights={json.dumps(weights)}"] if weights is not None else []
-    extra += [f"train.epochs={epochs}"] if epochs is not None else []
-    extra += [f"train.lr={lr}"] if lr is not None else []
-    extra += [f"data.batch_size={batch_size}"] if batch_size is not None else []
-    if data_path:
-        extra += ['data.source="folder"', f"data.path={json.dumps(str(data_path))}"]
-    cfg = resolve_from_cli(study_file, profile, overrides + tuple(extra), device)
+    flags = {"model.arch": arch, "model.weights": weights, "train.epochs": epochs, "train.lr": lr,
+             "data.batch_size": batch_size, **_data_flags(data_path)}
+    cfg = resolve_from_cli(study_file, profile, overrides, device, flags)
 
-    from sparsight.study import Study
+    from .models import read_meta
+    from .stages import run_training
+    from .training import TrainSettings, open_study
 
-    from .stages import data_root
-    from .training import TrainSettings, init_distributed
-    from .workflows import train_and_save
-
-    root = Path(data_path) if data_path else data_root(Study(cfg))
-    if not data_path and cfg.data.source == "concept-shapes" and not (root / "train").is_dir():
-        raise click.UsageError(f"no data at {root}; run `sparsight data synth {root}` or pass --data")
-    ctx = init_distributed(cfg.study.device)
-    try:
-        out = out or cfg.run_dir / "models" / model_id
-        if no_resume and (out / "train_state.pt").exists() and ctx.is_main:
+    with open_study(cfg) as study:
+        root = study.data_root
+        if cfg.data.source == "concept-shapes" and not (root / "train").is_dir():
+            raise click.UsageError(f"no data at {root}; run `sparsight data synth {root}` or pass --data")
+        out = out or study.layout.model_dir(model_id)
+        if no_resume and (out / "train_state.pt").exists() and study.is_main:
             (out / "train_state.pt").unlink()
         rewind = cfg.prune.imp_rewind_epoch if rewind_epoch is None else rewind_epoch
-        meta = train_and_save(cfg, root, out, ctx, model_id=model_id, arch=cfg.model.arch,
-                              weights=cfg.model.weights, settings=TrainSettings.from_section(cfg.train,
-                                                                                             seed=cfg.study.seed),
-                              rewind_epoch=rewind if rewind >= 0 and cfg.train.epochs > 0 else None,
-                              reuse=not no_resume)
-        if ctx.is_main:
+        checkpoint, _ = run_training(study, model_id, arch=cfg.model.arch, weights=cfg.model.weights,
+                                     settings=TrainSettings.from_section(cfg.train, seed=cfg.study.seed), out=out,
+                                     rewind_epoch=rewind if rewind >= 0 and cfg.train.epochs > 0 else None,
+                                     reuse=not no_resume)
+        if study.is_main:
+            meta = read_meta(out)
             click.echo(f"{model_id}: val top1 {meta['top1']['after']:.4f}, top5 {meta['top5']['after']:.4f} "
-                       f"→ {out / 'model.pt'}")
-    finally:
-        ctx.close()
+                       f"→ {checkpoint}")
+
+
+def _data_flags(data_path) -> dict:
+    """--data: the study reads this ImageFolder tree instead of its own data."""
+    return {"data.source": "folder", "data.path": str(data_path)} if data_path else {}
 
 
 @click.command("evaluate")
@@ -132,7 +129,7 @@ def train_cmd(study_file, profile, overrides, device, data_path, arch, weights, 
 @click.option("--robustness", is_flag=True, help="add corruption accuracy (and noise similarity with --parent)")
 @click.option("--parent", type=click.Path(exists=True, path_type=Path, resolve_path=True), default=None,
               help="parent checkpoint: noise similarity is top-1 agreement with it")
-@click.option("--corruption", "corruptions", multiple=True, type=click.Choice(list(CORRUPTIONS)),
+@click.option("--corruption", "corruptions", multiple=True, type=corruption_choice(),
               help="corruption (repeatable; default: the study's)")
 @click.option("--severity", "severities", multiple=True, type=click.IntRange(1, 5), help="severity 1-5 (repeatable)")
 @click.option("--max-images", type=int, default=None, help="robustness on at most this many images (0 = all)")
@@ -197,10 +194,10 @@ def evaluate_cmd(checkpoint: Path, data_path, split, image_size, batch_size, dev
               default=None, help="folder of the model to prune (default: <run_dir>/models/base)")
 @click.option("--data", "data_path", type=click.Path(exists=True, file_okay=False, resolve_path=True), default=None,
               help="ImageFolder root with train/ and val/ (default: the study's data)")
-@click.option("--method", "methods", multiple=True, type=click.Choice(list(PRUNING_METHODS)),
+@click.option("--method", "methods", multiple=True, type=method_choice(),
               help="pruning method (repeatable; default: the study's)")
 @click.option("--rate", "rates", multiple=True, type=float, help="pruning rate in [0, 1) (repeatable)")
-@click.option("--schedule", "schedules", multiple=True, type=click.Choice(list(SCHEDULES)),
+@click.option("--schedule", "schedules", multiple=True, type=schedule_choice(),
               help="schedule (repeatable; default: the study's)")
 @click.option("--steps", type=int, default=None, help="steps of the iterative schedule")
 @click.option("--epochs", type=int, default=None, help="retraining epochs (one-shot; per step when iterative)")
@@ -232,56 +229,47 @@ def prune_cmd(run_dir, study_file, profile, overrides, device, parent, data_path
             doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
             click.echo(f"{name:20s} {'structured' if cls.structured else 'unstructured':12s} {doc}")
         return
-    extra = [f"prune.methods={json.dumps(list(methods))}"] if methods else []
-    extra += [f"prune.rates={json.dumps(list(rates))}"] if rates else []
-    extra += [f"prune.schedules={json.dumps(list(schedules))}"] if schedules else []
-    extra += [f"prune.iterative_steps={steps}"] if steps is not None else []
-    extra += [f"prune.retrain_epochs={epochs}", f"prune.iterative_epochs={epochs}"] if epochs is not None else []
-    extra += [f"prune.exclude={json.dumps(list(exclude))}"] if exclude else []
-    extra += ["prune.physical=true"] if physical else []
-    if data_path:
-        extra += ['data.source="folder"', f"data.path={json.dumps(str(data_path))}"]
-    cfg = resolve_study(run_dir, study_file, profile, overrides + tuple(extra), device)
+    flags = {"prune.methods": list(methods) or None, "prune.rates": list(rates) or None,
+             "prune.schedules": list(schedules) or None, "prune.iterative_steps": steps,
+             "prune.retrain_epochs": epochs, "prune.iterative_epochs": epochs, "prune.exclude": list(exclude) or None,
+             "prune.physical": True if physical else None, **_data_flags(data_path)}
+    cfg = resolve_study(run_dir, study_file, profile, overrides, device, flags)
+    parent = parent or Layout(cfg.run_dir).model_dir("base")
+    _check_prune_parent(cfg, parent)
 
-    from sparsight.study import Study
+    from .stages import run_prune
+    from .training import open_study
 
-    from .methods import PruningError
-    from .models import WeightsError, read_meta
-    from .stages import data_root, prune_jobs
-    from .training import init_distributed
-    from .workflows import build_loaders, prune_and_save
+    with open_study(cfg) as study:
+        run_prune(study, parent=parent, out_root=out_root, robustness=not no_robustness, on_model=_echo_pruned)
 
-    parent = parent or cfg.run_dir / "models" / "base"
-    if not (parent / "model.pt").is_file():
-        raise click.UsageError(f"no model.pt in {parent}; train one (`sparsight train`) or pass --parent")
+
+def _check_prune_parent(cfg, parent: Path) -> None:
+    """The parent checkpoint exists and the layers to exclude are its own, before any work starts; a
+    study without its own exclusion list takes the parent architecture's stem."""
+    from .methods import PruningError, prunable_layers
+    from .models import WeightsError, load_checkpoint, read_meta
+    from .stages import prune_jobs
+
+    if not (parent / CHECKPOINT_FILE).is_file():
+        raise click.UsageError(f"no {CHECKPOINT_FILE} in {parent}; train one (`sparsight train`) or pass --parent")
     try:
         arch = read_meta(parent)["arch"]
     except (FileNotFoundError, ValueError, KeyError):
-        from .models import load_checkpoint
         arch = load_checkpoint(parent).arch
     if not cfg.prune.exclude:
         cfg.model.arch = arch  # the default exclusion list is the parent architecture's stem
     try:
-        jobs = prune_jobs(cfg)
-        from .methods import prunable_layers
-        from .models import load_checkpoint
-        prunable_layers(load_checkpoint(parent).model, jobs[0].exclude)  # bad layer names fail before any work
+        prunable_layers(load_checkpoint(parent).model, prune_jobs(cfg)[0].exclude)
     except (PruningError, WeightsError) as err:
         raise click.UsageError(str(err)) from None
-    root = Path(data_path) if data_path else data_root(Study(cfg))
-    out_root = out_root or cfg.run_dir / "models"
-    ctx = init_distributed(cfg.study.device)
-    try:
-        loaders, cache = build_loaders(cfg, root, ctx), {}
-        for job in jobs:
-            meta = prune_and_save(cfg, root, parent, out_root / job.model_id, ctx, job, loaders=loaders, cache=cache,
-                                  robustness=not no_robustness)
-            if ctx.is_main:
-                click.echo(f"{job.model_id}: sparsity {meta['sparsity']['total']:.4f} (requested {job.rate}), "
-                           f"top1 {meta['top1']['parent']:.4f} → {meta['top1']['before']:.4f} → "
-                           f"{meta['top1']['after']:.4f}, params {meta['params_nonzero']}/{meta['params_total']}")
-    finally:
-        ctx.close()
+
+
+def _echo_pruned(index: int, count: int, job, meta: dict | None) -> None:
+    if meta is not None:
+        click.echo(f"{job.model_id}: sparsity {meta['sparsity']['total']:.4f} (requested {job.rate}), "
+                   f"top1 {meta['top1']['parent']:.4f} → {meta['top1']['before']:.4f} → "
+                   f"{meta['top1']['after']:.4f}, params {meta['params_nonzero']}/{meta['params_total']}")
 
 
 COMMANDS = [data_group, train_cmd, prune_cmd, evaluate_cmd]

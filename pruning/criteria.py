@@ -22,9 +22,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .methods import (PruningError, PruningMethod, check_rate, filter_masks, following_batchnorms, prunable_layers,
-                      register_method)
+from .method_base import PruningError, PruningMethod, check_rate, prunable_layers, register_method
 from .models.registry import unwrap
+from .structured import filter_masks, following_batchnorms
 
 
 def select_filters_globally(layers: dict[str, nn.Conv2d], scores: dict[str, torch.Tensor],
@@ -83,9 +83,10 @@ class FilterCriterion(PruningMethod):
         raise NotImplementedError
 
 
+@register_method("weight")
 class WeightCriterion(FilterCriterion):
     """Baseline: filters ranked globally by their L1 norm (no data)."""
-    name = "weight"
+    criterion = "l1-filter-norm (global)"
 
     def filter_scores(self, model, layers, data):
         return {n: m.weight.detach().abs().flatten(1).sum(1) for n, m in layers.items()}
@@ -148,17 +149,19 @@ class ActivationCriterion(FilterCriterion):
         return hook
 
 
+@register_method("gradient")
 class GradientCriterion(ActivationCriterion):
     """Baseline: filters ranked globally by Σ_hw |∂y/∂a| over the reference images."""
-    name = "gradient"
+    criterion = "|dy/da| (global)"
 
     def channel_scores(self, act, grad):
         return grad.abs().sum((0, 2, 3))
 
 
+@register_method("taylor")
 class TaylorCriterion(ActivationCriterion):
     """Baseline: filters ranked globally by the first-order Taylor score |Σ_hw a·∂y/∂a|."""
-    name = "taylor"
+    criterion = "|a·dy/da| (global)"
 
     def channel_scores(self, act, grad):
         return (act * grad).sum((2, 3)).abs().sum(0)
@@ -169,9 +172,10 @@ def is_torchvision_resnet(model: nn.Module) -> bool:
     return any(isinstance(m, (BasicBlock, Bottleneck)) for m in model.modules())
 
 
+@register_method("lrp")
 class LRPCriterion(ActivationCriterion):
     """Filter relevance Σ_hw |R| under zennit's EpsilonPlusFlat with BatchNorm canonized."""
-    name = "lrp"
+    criterion = "LRP EpsilonPlusFlat |R| (global)"
 
     def __init__(self, input_size: int = 64, epsilon: float = 1e-6):
         super().__init__(input_size)
@@ -187,9 +191,3 @@ class LRPCriterion(ActivationCriterion):
 
     def channel_scores(self, act, grad):
         return grad.abs().sum((0, 2, 3))
-
-
-CRITERIA: tuple[type[FilterCriterion], ...] = (WeightCriterion, GradientCriterion, TaylorCriterion, LRPCriterion)
-
-for _cls in CRITERIA:
-    register_method(_cls)

@@ -13,8 +13,8 @@ computes exactly what the masked model computed:
   in place as masked zeros and counted in ``PhysicalResult.kept_masked``.
 
 The masks still needed afterwards (those coupled filters, unstructured or input-channel parts)
-are re-indexed exactly to the new shapes.  ``resize_to_state`` rebuilds the shapes of a
-physically pruned checkpoint before its state_dict is loaded.
+are re-indexed exactly to the new shapes.  ``pruning.models.resize.resize_to_state`` rebuilds the
+shapes of a physically pruned checkpoint before its state_dict is loaded.
 
 Assumption (true of the registered CNNs): the operations between a BatchNorm and the consumers
 of its output map 0 to 0 (ReLU, pooling, concatenation, flatten, dropout).  ``verify=True``
@@ -29,7 +29,9 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .methods import PruningError
+from .masks import _params, masked
+from .method_base import PruningError
+from .models.counting import count_flops, count_params
 from .models.registry import unwrap
 
 
@@ -171,17 +173,37 @@ def remove_pruned_filters(model: nn.Module, masks: dict[str, torch.Tensor], inpu
     """
     import torch_pruning as tp
 
-    from .masks import _params, masked
-    from .models.checkpoint import count_flops, count_params
-
     model = unwrap(model)
     params = _params(model, masks)  # unknown names / wrong shapes raise here, before any change
     masks = {k: v.detach().bool().to(params[k].device) for k, v in masks.items()}
-    modules = dict(model.named_modules())
+    candidates = _removal_candidates(model, masks)
+    was_training = model.training
+    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    params_before = count_params(model)[0]
+    flops_before = count_flops(model, input_size, device=next(model.parameters()).device)
+    notes: list[str] = []
+    try:
+        surgery, new_masks, channel_map = _remove_and_check(tp, model, masks, candidates, input_size, verify, notes)
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(requires_grad.get(n, p.requires_grad))
+        model.train(was_training)
 
-    # refuse before touching anything: a conv whose every filter is masked
+    if surgery.removed:
+        model.physically_pruned = True
+    if surgery.kept:
+        notes.append(f"{sum(surgery.kept.values())} fully masked filters in {len(surgery.kept)} layers "
+                     f"stay as masked zeros")
+    return PhysicalResult(new_masks, surgery.removed, surgery.kept, surgery.reasons, params_before,
+                          count_params(model)[0], flops_before,
+                          count_flops(model, input_size, device=next(model.parameters()).device),
+                          input_size, notes, channel_map)
+
+
+def _removal_candidates(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, list[int]]:
+    """Conv name -> its fully masked filters; refuses, before any change, a conv masked entirely."""
     candidates: dict[str, list[int]] = {}
-    for name, m in modules.items():
+    for name, m in model.named_modules():
         key = f"{name}.weight"
         if isinstance(m, nn.Conv2d) and key in masks:
             dead = _dead_filters(masks[key])
@@ -190,89 +212,109 @@ def remove_pruned_filters(model: nn.Module, masks: dict[str, torch.Tensor], inpu
                                    f"removing them would disconnect the network: lower the rate or exclude {name}")
             if dead:
                 candidates[name] = dead
+    return candidates
 
-    was_training = model.training
-    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-    params_before = count_params(model)[0]
-    flops_before = count_flops(model, input_size, device=next(model.parameters()).device)
-    removed: dict[str, int] = {}
-    kept: dict[str, int] = {}
-    reasons: dict[str, str] = {}
-    notes: list[str] = []
-    index = _Index(model)
-    try:
-        x = _example_input(model, input_size)
-        mode = _eval_mode
-        graph = _trace(tp, model, x[:1], mode)
+
+def _remove_and_check(tp, model: nn.Module, masks: dict[str, torch.Tensor], candidates: dict[str, list[int]],
+                      input_size: int, verify: bool, notes: list[str]):
+    """Cut every candidate conv; return the surgery, the re-indexed masks and the channel map.
+
+    The masked model's outputs on a random input are recorded first; with ``verify`` the smaller
+    model must reproduce them.
+    """
+    x = _example_input(model, input_size)
+    graph, mode = _traced_graph(tp, model, x[:1], notes)
+    surgery = _Surgery(tp, graph, model, masks)
+    mode(model)
+    with torch.no_grad(), masked(model, masks), _module_outputs(model) as before:
+        reference = [t.detach().clone() for t in _flatten_outputs(model(x))]
+    modules = dict(model.named_modules())
+    for name, dead in candidates.items():
+        surgery.cut(name, modules[name], dead)
+    new_masks = _reindex(model, masks, surgery.index)
+    mode(model)
+    with torch.no_grad(), masked(model, new_masks), _module_outputs(model) as after:
+        outputs = _flatten_outputs(model(x))
+    if verify:
+        _compare(reference, outputs)
+    channel_map = {name: _match_channels(before[name], out, name) for name, out in after.items()
+                   if name in before and out.shape[1] != before[name].shape[1]}
+    return surgery, new_masks, channel_map
+
+
+def _traced_graph(tp, model: nn.Module, x: torch.Tensor, notes: list[str]):
+    """The dependency graph and the mode it was traced in (training paths too if eval misses layers)."""
+    mode = _eval_mode
+    graph = _trace(tp, model, x, mode)
+    untraced = _untraced(model, graph)
+    if untraced:  # e.g. GoogLeNet's aux heads run only in training: trace that path too
+        mode = _structure_mode
+        graph = _trace(tp, model, x, mode)
         untraced = _untraced(model, graph)
-        if untraced:  # e.g. GoogLeNet's aux heads run only in training: trace that path too
-            mode = _structure_mode
-            graph = _trace(tp, model, x[:1], mode)
-            untraced = _untraced(model, graph)
-            if untraced:
-                notes.append(f"layers not reached by a forward pass keep their shapes: {untraced[:8]}")
-        reference = None
-        mode(model)
-        with torch.no_grad(), masked(model, masks), _module_outputs(model) as before:
-            reference = [t.detach().clone() for t in _flatten_outputs(model(x))]
+        if untraced:
+            notes.append(f"layers not reached by a forward pass keep their shapes: {untraced[:8]}")
+    return graph, mode
 
-        for name, dead in candidates.items():
-            conv = modules[name]
-            if conv not in graph.module2node:
-                kept[name], reasons[name] = len(dead), "not reached by a forward pass"
-                continue
-            if conv.groups != 1:
-                kept[name], reasons[name] = len(dead), "grouped convolution"
-                continue
-            positions = [index.out[name].index(i) for i in dead]
-            group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, positions)
-            why, alive = _check_group(graph, group, conv, name, index, masks)
+
+class _Surgery:
+    """Cuts masked filters conv by conv through one dependency graph and keeps the index tables current.
+
+    ``removed``: conv name -> filters cut; ``kept`` / ``reasons``: filters left as masked zeros, and why.
+    """
+
+    def __init__(self, tp, graph, model: nn.Module, masks: dict[str, torch.Tensor]):
+        self.tp, self.graph, self.masks = tp, graph, masks
+        self.index = _Index(model)
+        self.removed: dict[str, int] = {}
+        self.kept: dict[str, int] = {}
+        self.reasons: dict[str, str] = {}
+
+    def cut(self, name: str, conv: nn.Conv2d, dead: list[int]) -> None:
+        """Remove the ``dead`` filters of ``name`` that can go; record the others as kept."""
+        group, dead = self._cuttable_group(name, conv, dead)
+        if group is None:
+            return
+        if not self.graph.check_pruning_group(group):
+            raise PruningError(f"removing {len(dead)} filters of {name} would empty a coupled layer "
+                               f"(layers handled before it were already cut in place)")
+        index = self.index
+        changes = [(index.names[dep.target.module], dep, idxs) for dep, idxs in group.items
+                   if isinstance(dep.target.module, (nn.Conv2d, nn.Linear, _BatchNorm))]
+        group.prune()
+        for mod_name, dep, idxs in changes:
+            module = dep.target.module
+            if isinstance(module, _BatchNorm) or self.graph.is_out_channel_pruning_fn(dep.handler):
+                index.drop(index.out, mod_name, idxs)
+            else:
+                index.drop(index.inp, mod_name, idxs)
+        self.removed[name] = len(dead)
+
+    def _cuttable_group(self, name: str, conv: nn.Conv2d, dead: list[int]):
+        """The group that cuts those ``dead`` filters whose channel is exactly zero, and those filters;
+        the group is None when none can be cut."""
+        why = _uncuttable(self.graph, conv)
+        if why is None:
+            group = self._group(conv, name, dead)
+            why, alive = _check_group(self.graph, group, conv, name, self.index, self.masks)
             if why is None and alive:
                 dead = [i for i in dead if i not in alive]
-                kept[name], reasons[name] = len(alive), "channel not exactly zero (BatchNorm γ/β or bias not masked)"
+                self._keep(name, len(alive), "channel not exactly zero (BatchNorm γ/β or bias not masked)")
                 if not dead:
-                    continue
-                positions = [index.out[name].index(i) for i in dead]
-                group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, positions)
-                why, _ = _check_group(graph, group, conv, name, index, masks)
-            if why is not None:
-                kept[name] = kept.get(name, 0) + len(dead)
-                reasons[name] = why
-                continue
-            if not graph.check_pruning_group(group):
-                raise PruningError(f"removing {len(dead)} filters of {name} would empty a coupled layer "
-                                   f"(layers handled before it were already cut in place)")
-            changes = [(index.names[dep.target.module], dep, idxs) for dep, idxs in group.items
-                       if isinstance(dep.target.module, (nn.Conv2d, nn.Linear, _BatchNorm))]
-            group.prune()
-            for mod_name, dep, idxs in changes:
-                module = dep.target.module
-                if isinstance(module, _BatchNorm) or graph.is_out_channel_pruning_fn(dep.handler):
-                    index.drop(index.out, mod_name, idxs)
-                else:
-                    index.drop(index.inp, mod_name, idxs)
-            removed[name] = len(dead)
+                    return None, dead
+                group = self._group(conv, name, dead)
+                why, _ = _check_group(self.graph, group, conv, name, self.index, self.masks)
+        if why is not None:
+            self._keep(name, len(dead), why)
+            return None, dead
+        return group, dead
 
-        new_masks = _reindex(model, masks, index)
-        mode(model)
-        with torch.no_grad(), masked(model, new_masks), _module_outputs(model) as after:
-            outputs = _flatten_outputs(model(x))
-        if verify:
-            _compare(reference, outputs)
-        channel_map = {name: _match_channels(before[name], out, name) for name, out in after.items()
-                       if name in before and out.shape[1] != before[name].shape[1]}
-    finally:
-        for n, p in model.named_parameters():
-            p.requires_grad_(requires_grad.get(n, p.requires_grad))
-        model.train(was_training)
+    def _group(self, conv: nn.Conv2d, name: str, dead: list[int]):
+        positions = [self.index.out[name].index(i) for i in dead]
+        return self.graph.get_pruning_group(conv, self.tp.prune_conv_out_channels, positions)
 
-    if removed:
-        model.physically_pruned = True
-    if kept:
-        notes.append(f"{sum(kept.values())} fully masked filters in {len(kept)} layers stay as masked zeros")
-    return PhysicalResult(new_masks, removed, kept, reasons, params_before, count_params(model)[0],
-                          flops_before, count_flops(model, input_size, device=next(model.parameters()).device),
-                          input_size, notes, channel_map)
+    def _keep(self, name: str, count: int, why: str) -> None:
+        self.kept[name] = self.kept.get(name, 0) + count
+        self.reasons[name] = why
 
 
 @contextmanager
@@ -314,6 +356,15 @@ def _match_channels(parent: torch.Tensor, child: torch.Tensor, name: str) -> lis
         last = last + 1 + int(hits[0])
         mapping.append(last)
     return mapping
+
+
+def _uncuttable(graph, conv: nn.Conv2d) -> str | None:
+    """Why the dependency graph cannot cut ``conv``'s filters at all (None if it can try)."""
+    if conv not in graph.module2node:
+        return "not reached by a forward pass"
+    if conv.groups != 1:
+        return "grouped convolution"
+    return None
 
 
 def _check_group(graph, group, conv: nn.Conv2d, name: str, index: _Index,
@@ -389,49 +440,3 @@ def _compare(reference: list[torch.Tensor], outputs: list[torch.Tensor]) -> None
             diff = float((out - ref).abs().max())
             raise PruningError(f"physical pruning changed the model's output (max |diff| {diff:.3g}, "
                                f"scale {scale:.3g}); the model was modified in place and is not usable")
-
-
-# ---- rebuilding shapes from a state_dict ------------------------------------------------------
-def resize_to_state(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Module:
-    """Give every Conv2d / BatchNorm / Linear of ``model`` the shapes its entries in ``state_dict`` have.
-
-    Parameters and buffers are replaced by uninitialised tensors of the stored shapes (dtype and
-    device kept), and ``in_channels``/``out_channels``/``num_features``/``in_features``/
-    ``out_features`` updated, so ``load_state_dict(state_dict, strict=True)`` then fits.
-    Modules without entries in ``state_dict`` are left alone.
-    """
-    model = unwrap(model)
-
-    def fresh(old: torch.Tensor, shape, param: bool):
-        t = torch.empty(tuple(shape), dtype=old.dtype, device=old.device)
-        return nn.Parameter(t, requires_grad=old.requires_grad) if param else t
-
-    for name, m in model.named_modules():
-        prefix = f"{name}." if name else ""
-        w = state_dict.get(prefix + "weight")
-        if isinstance(m, nn.Conv2d) and w is not None and w.dim() == 4:
-            if tuple(w.shape) != tuple(m.weight.shape):
-                m.out_channels, m.in_channels = int(w.shape[0]), int(w.shape[1]) * m.groups
-                m.weight = fresh(m.weight, w.shape, True)
-                if m.bias is not None:
-                    m.bias = fresh(m.bias, (w.shape[0],), True)
-        elif isinstance(m, nn.Linear) and w is not None and w.dim() == 2:
-            if tuple(w.shape) != tuple(m.weight.shape):
-                m.out_features, m.in_features = int(w.shape[0]), int(w.shape[1])
-                m.weight = fresh(m.weight, w.shape, True)
-                if m.bias is not None:
-                    m.bias = fresh(m.bias, (w.shape[0],), True)
-        elif isinstance(m, _BatchNorm):
-            ref = w if w is not None else state_dict.get(prefix + "running_mean")
-            if ref is None or ref.dim() != 1 or int(ref.shape[0]) == m.num_features:
-                continue
-            n = int(ref.shape[0])
-            m.num_features = n
-            if m.affine:
-                m.weight = fresh(m.weight, (n,), True)
-                m.bias = fresh(m.bias, (n,), True)
-            if m.track_running_stats and m.running_mean is not None:
-                m.running_mean = torch.zeros(n, dtype=m.running_mean.dtype, device=m.running_mean.device)
-                m.running_var = torch.ones(n, dtype=m.running_var.dtype, device=m.running_var.device)
-    model.physically_pruned = True
-    return model

@@ -62,23 +62,34 @@ def normalize(x01: torch.Tensor) -> torch.Tensor:
 
 
 # ---- corruptions -----------------------------------------------------------------------
+Corruption = Callable[[torch.Tensor, int, torch.Generator], torch.Tensor]
+
+#: name -> corruption, in registration order; a corruption's position seeds its noise
+#: (:func:`corruption_accuracy`), so new ones go last
+CORRUPTIONS: dict[str, Corruption] = {}
+
+
+def register_corruption(name: str) -> Callable[[Corruption], Corruption]:
+    """Decorator: register ``fn(x01, severity, generator)`` as corruption ``name``."""
+    def register(fn: Corruption) -> Corruption:
+        if name in CORRUPTIONS:
+            raise ValueError(f"corruption {name!r} is registered already")
+        CORRUPTIONS[name] = fn
+        return fn
+    return register
+
+
 def _noise_like(x: torch.Tensor, generator: torch.Generator, kind: str) -> torch.Tensor:
     """Standard normal (``kind='normal'``) or uniform [0, 1) noise drawn on the generator's device."""
     draw = torch.randn if kind == "normal" else torch.rand
     return draw(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
 
 
+@register_corruption("gaussian_noise")
 def gaussian_noise(x01: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
     """Additive i.i.d. Gaussian noise with σ from :data:`GAUSSIAN_NOISE_SIGMA`."""
     sigma = GAUSSIAN_NOISE_SIGMA[severity - 1]
     return (x01 + sigma * _noise_like(x01, generator, "normal")).clamp_(0, 1)
-
-
-def shot_noise(x01: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
-    """Poisson photon noise: ``Poisson(x · λ) / λ`` with λ from :data:`SHOT_NOISE_PHOTONS`."""
-    lam = SHOT_NOISE_PHOTONS[severity - 1]
-    rate = (x01.clamp(0, 1) * lam).to(generator.device)
-    return (torch.poisson(rate, generator=generator).to(x01.device) / lam).clamp_(0, 1)
 
 
 def gaussian_kernel1d(sigma: float, radius: int, dtype=torch.float32, device=None) -> torch.Tensor:
@@ -95,6 +106,7 @@ def blur_params(severity: int, height: int, width: int) -> tuple[float, int]:
     return sigma, min(radius, min(height, width) - 1)
 
 
+@register_corruption("gaussian_blur")
 def gaussian_blur(x01: torch.Tensor, severity: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Separable Gaussian blur with reflect padding; σ per :data:`BLUR_SIGMA_AT_224`."""
     n, c, h, w = x01.shape
@@ -106,6 +118,7 @@ def gaussian_blur(x01: torch.Tensor, severity: int, generator: torch.Generator |
     return y.reshape(n, c, h, w).clamp_(0, 1)
 
 
+@register_corruption("contrast")
 def contrast(x01: torch.Tensor, severity: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Blend every channel towards its own mean over the image, as ImageNet-C: ``(x − m_c)·c + m_c``."""
     c = CONTRAST_FACTOR[severity - 1]
@@ -113,6 +126,22 @@ def contrast(x01: torch.Tensor, severity: int, generator: torch.Generator | None
     return ((x01 - mean) * c + mean).clamp_(0, 1)
 
 
+@register_corruption("jpeg")
+def jpeg(x01: torch.Tensor, severity: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """JPEG round trip per image through Pillow (libjpeg, uint8, CPU) at :data:`JPEG_QUALITY`.
+
+    Pillow, as ImageNet-C uses; torchvision's ``encode_jpeg`` is deprecated since 0.29.
+    """
+    quality = JPEG_QUALITY[severity - 1]
+    out = []
+    for img in to_uint8(x01).permute(0, 2, 3, 1).cpu().numpy():
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=quality)
+        out.append(torch.from_numpy(np.asarray(Image.open(buf).convert("RGB")).copy()))
+    return torch.stack(out).permute(0, 3, 1, 2).to(device=x01.device, dtype=x01.dtype).div_(255)
+
+
+@register_corruption("brightness")
 def brightness(x01: torch.Tensor, severity: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Add a shift to the HSV value (V = max(R, G, B)), clipped to 1, keeping hue and saturation.
 
@@ -127,18 +156,12 @@ def brightness(x01: torch.Tensor, severity: int, generator: torch.Generator | No
     return torch.where(v > 0, scaled, v_new.expand_as(x01)).clamp_(0, 1)
 
 
-def jpeg(x01: torch.Tensor, severity: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """JPEG round trip per image through Pillow (libjpeg, uint8, CPU) at :data:`JPEG_QUALITY`.
-
-    Pillow, as ImageNet-C uses; torchvision's ``encode_jpeg`` is deprecated since 0.29.
-    """
-    quality = JPEG_QUALITY[severity - 1]
-    out = []
-    for img in to_uint8(x01).permute(0, 2, 3, 1).cpu().numpy():
-        buf = io.BytesIO()
-        Image.fromarray(img).save(buf, format="JPEG", quality=quality)
-        out.append(torch.from_numpy(np.asarray(Image.open(buf).convert("RGB")).copy()))
-    return torch.stack(out).permute(0, 3, 1, 2).to(device=x01.device, dtype=x01.dtype).div_(255)
+@register_corruption("shot_noise")
+def shot_noise(x01: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
+    """Poisson photon noise: ``Poisson(x · λ) / λ`` with λ from :data:`SHOT_NOISE_PHOTONS`."""
+    lam = SHOT_NOISE_PHOTONS[severity - 1]
+    rate = (x01.clamp(0, 1) * lam).to(generator.device)
+    return (torch.poisson(rate, generator=generator).to(x01.device) / lam).clamp_(0, 1)
 
 
 def to_uint8(x01: torch.Tensor) -> torch.Tensor:
@@ -173,6 +196,7 @@ def box_resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return rows @ x @ cols.T
 
 
+@register_corruption("pixelate")
 def pixelate(x01: torch.Tensor, severity: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """BOX-downsample to ``factor · size``, then BOX-upsample back, as ImageNet-C does with PIL."""
     factor = PIXELATE_FACTOR[severity - 1]
@@ -181,20 +205,8 @@ def pixelate(x01: torch.Tensor, severity: int, generator: torch.Generator | None
     return box_resize(small, h, w).clamp_(0, 1)
 
 
-Corruption = Callable[[torch.Tensor, int, torch.Generator], torch.Tensor]
-
-CORRUPTIONS: dict[str, Corruption] = {
-    "gaussian_noise": gaussian_noise,
-    "gaussian_blur": gaussian_blur,
-    "contrast": contrast,
-    "jpeg": jpeg,
-    "brightness": brightness,
-    "shot_noise": shot_noise,
-    "pixelate": pixelate,
-}
-
-
 def check_corruption(name: str) -> Corruption:
+    """The corruption registered as ``name``, or a ``ValueError`` listing the registered ones."""
     if name not in CORRUPTIONS:
         raise ValueError(f"unknown corruption {name!r}; choose from {sorted(CORRUPTIONS)}")
     return CORRUPTIONS[name]

@@ -11,27 +11,56 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
 
 from .masks import MaskEnforcer, apply_masks, mask_sparsity
-from .methods import METHODS, PruningError, check_rate, create_method, method_options
+from .methods import PruningError, check_rate, create_method, method_class, method_options
 from .training import DistContext, Trainer, TrainSettings, evaluate
 
-SCHEDULES = ("oneshot", "iterative")
+StepRates = Callable[[float, int], list[float]]
+
+SCHEDULES: dict[str, StepRates] = {}
+
+
+def register_schedule(name: str) -> Callable[[StepRates], StepRates]:
+    """Decorator: register ``fn(rate, steps) -> cumulative step rates`` as schedule ``name``."""
+    def register(fn: StepRates) -> StepRates:
+        if name in SCHEDULES:
+            raise ValueError(f"schedule {name!r} is registered already")
+        SCHEDULES[name] = fn
+        return fn
+    return register
+
+
+def schedule_rates(name: str) -> StepRates:
+    """The step-rate function of schedule ``name``, or a ``PruningError`` listing the schedules."""
+    try:
+        return SCHEDULES[name]
+    except KeyError:
+        raise PruningError(f"unknown schedule {name!r}; choose from {list(SCHEDULES)}") from None
+
+
+@register_schedule("oneshot")
+def oneshot_rates(rate: float, steps: int) -> list[float]:
+    """One step straight to ``rate``."""
+    return [rate]
+
+
+@register_schedule("iterative")
+def iterative_rates(rate: float, steps: int) -> list[float]:
+    """``steps`` steps, each removing the same share of what is left."""
+    if steps < 1:
+        raise PruningError(f"iterative schedule needs at least one step, got {steps}")
+    return [1.0 - (1.0 - rate) ** (s / steps) for s in range(1, steps + 1)]
 
 
 def step_rates(rate: float, schedule: str, steps: int = 1) -> list[float]:
     """Cumulative target rates: ``[rate]`` one-shot; S steps each removing the same share of what is left."""
     rate = check_rate(rate)
-    if schedule == "oneshot":
-        return [rate]
-    if schedule == "iterative":
-        if steps < 1:
-            raise PruningError(f"iterative schedule needs at least one step, got {steps}")
-        return [1.0 - (1.0 - rate) ** (s / steps) for s in range(1, steps + 1)]
-    raise PruningError(f"unknown schedule {schedule!r}; choose from {list(SCHEDULES)}")
+    return schedule_rates(schedule)(rate, steps)
 
 
 @dataclass(frozen=True)
@@ -47,14 +76,13 @@ class PruneJob:
     seed: int = 0
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise PruningError(f"unknown method {self.method!r}; choose from {sorted(METHODS)}")
+        method_class(self.method)
         check_rate(self.rate)
         step_rates(self.rate, self.schedule, self.steps)
 
     @property
     def is_physical(self) -> bool:
-        return self.physical and METHODS[self.method].structured
+        return self.physical and method_class(self.method).structured
 
     @property
     def model_id(self) -> str:

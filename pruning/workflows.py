@@ -15,8 +15,11 @@ from pathlib import Path
 import torch
 
 from .data.folders import ImageFolderDataset, make_loader, reference_batches, split_dir, stratified_subset
+from .methods import method_class, prunable_layers
 from .models import base_meta, create_model, file_sha256, get_spec, load_checkpoint, save_checkpoint, write_meta
-from .models.checkpoint import atomic_save, layer_sizes, measure_sparsity
+from .models.checkpoint import atomic_save
+from .models.counting import layer_sizes, measure_sparsity
+from .schedule import prune_and_retrain
 from .training import DistContext, Trainer, TrainSettings, evaluate
 from .training.engine import amp_dtype, use_channels_last
 
@@ -183,43 +186,22 @@ def prune_and_save(cfg, data_root: str | Path, parent_dir: str | Path, out_dir: 
     the parent's accuracy and the reference set between its jobs.
     """
     cache = {} if cache is None else cache
-    from .schedule import prune_and_retrain
-
     parent_dir, out_dir = Path(parent_dir), Path(out_dir)
     parent_ckpt = load_checkpoint(parent_dir / "model.pt", map_location=ctx.device)
     settings = retrain_settings(cfg, cfg.prune.iterative_epochs if job.schedule == "iterative" else None)
     p, d = cfg.prune, cfg.data
-    method_cls = job.method_instance(d.image_size)
-    fp = job_fingerprint({"job": asdict(job), "parent": parent_ckpt.sha256, "settings": asdict(settings),
-                          "data": str(data_root), "loader": [d.image_size, d.batch_size, d.augment, d.cache],
-                          "reference": p.lrp_images_per_class if method_cls.needs_data else None,
-                          **({"bn_recalibration": p.bn_recalibration_batches} if p.bn_recalibration_batches else {})})
+    method = job.method_instance(d.image_size)
+    fp = _prune_fingerprint(cfg, data_root, job, parent_ckpt.sha256, settings, method.needs_data)
     meta = reusable_meta(out_dir, fp) if reuse else None
     if meta is not None:
         if robustness:
             meta = refresh_robustness(cfg, data_root, out_dir, meta, ctx, parent_ckpt.model, parent_ckpt.sha256)
         return meta
     train_loader, val_loader = loaders or build_loaders(cfg, data_root, ctx, train=settings.epochs > 0)
-    if ("parent_eval", parent_ckpt.sha256) not in cache:
-        cache[("parent_eval", parent_ckpt.sha256)] = evaluate(parent_ckpt.model, val_loader, ctx=ctx)
-    parent_eval = cache[("parent_eval", parent_ckpt.sha256)]
-    reference = None
-    if method_cls.needs_data:
-        if "reference" not in cache:
-            cache["reference"] = reference_batches(data_root, "train", image_size=d.image_size,
-                                                   per_class=p.lrp_images_per_class, seed=cfg.study.seed,
-                                                   batch_size=d.eval_batch_size, on_corrupt=d.on_corrupt)
-        reference = cache["reference"]
-    rewind_state, rewind_source = None, None
-    if method_cls.rewinds:
-        rewind_path = parent_dir / REWIND_FILE
-        if rewind_path.is_file():
-            rewind_state = torch.load(rewind_path, map_location=ctx.device, weights_only=True)["state_dict"]
-            epoch = json.loads((parent_dir / "meta.json").read_text()).get("rewind_epoch")
-            rewind_source = f"{REWIND_FILE} (epoch {epoch})"
-        else:  # a parent from a weights file has no training history: rewind to the parent itself
-            rewind_state = {k: v.clone() for k, v in parent_ckpt.model.state_dict().items()}
-            rewind_source = "parent weights"
+    parent_eval = _cached(cache, ("parent_eval", parent_ckpt.sha256),
+                          lambda: evaluate(parent_ckpt.model, val_loader, ctx=ctx))
+    reference = _cached(cache, "reference", lambda: _reference_set(cfg, data_root)) if method.needs_data else None
+    rewind_state, rewind_source = _rewind_target(parent_dir, parent_ckpt, ctx) if method.rewinds else (None, None)
     torch.manual_seed(settings.seed)
     model = copy.deepcopy(parent_ckpt.model)  # the parent stays intact for noise similarity
     sizes = layer_sizes(model)
@@ -229,53 +211,96 @@ def prune_and_save(cfg, data_root: str | Path, parent_dir: str | Path, out_dir: 
                                 recalibrate_batches=p.bn_recalibration_batches)
     model = outcome.model.float().to(memory_format=torch.contiguous_format)
     scope = [k.removesuffix(".weight") for k in _scope_keys(model, job, d.image_size)]
-    robust = {}
-    if robustness:
-        if "robustness_loader" not in cache:
-            cache["robustness_loader"] = robustness_loader(cfg, data_root, ctx)
-        robust = {**robustness_of(model, parent_ckpt.model, cache["robustness_loader"], cfg, ctx),
-                  "fingerprint": _robustness_fingerprint(cfg, parent_ckpt.sha256)}
+    robust = _robustness_against(model, parent_ckpt, cfg, data_root, ctx, cache) if robustness else {}
     if ctx.is_main:
-        sha = save_checkpoint(out_dir / "model.pt", model, num_classes=parent_ckpt.num_classes, masks=outcome.masks,
-                              args={"job": json.dumps(asdict(job)), "settings": json.dumps(asdict(settings)),
-                                    "parent": parent_ckpt.sha256, "classes": parent_ckpt.args.get("classes", ""),
-                                    **({"channel_map": json.dumps(outcome.physical.channel_map)}
-                                       if outcome.physical is not None else {})},
-                              physical=job.is_physical)
-        before, after = outcome.before or {}, outcome.after or {}
-        recalibrated = outcome.before_recalibrated or {}
-        physical = outcome.physical
+        sha = _save_pruned(out_dir, model, outcome, job, settings, parent_ckpt)
         meta = base_meta(model.cpu(), model_id=job.model_id, input_size=d.image_size, seed=settings.seed,
-                         parent=parent_ckpt.sha256, parent_model=parent_dir.name, method=job.method,
-                         criterion=criterion_name(job), schedule=job.schedule, rate_requested=job.rate,
-                         steps=[{k: v for k, v in st.items() if k != "history"} for st in outcome.steps],
-                         history=[h for st in outcome.steps for h in st["history"]],
+                         parent=parent_ckpt.sha256, parent_model=parent_dir.name,
+                         **_pruned_meta_fields(job, outcome, settings, parent_eval),
                          sparsity=measure_sparsity(model, scope=scope, reference=sizes),
-                         top1={"parent": parent_eval["top1"], "before": before.get("top1"), "after": after.get("top1"),
-                               **({"before_recalibrated": recalibrated["top1"]} if recalibrated else {})},
-                         top5={"parent": parent_eval["top5"], "before": before.get("top5"), "after": after.get("top5"),
-                               **({"before_recalibrated": recalibrated["top5"]} if recalibrated else {})},
-                         retrain={k: getattr(settings, k) for k in ("epochs", "optimizer", "lr", "momentum",
-                                                                    "weight_decay", "scheduler", "gamma")},
-                         exclude=list(job.exclude), physical=job.is_physical,
-                         physical_removal=physical.summary() if physical is not None else None,
                          rewind=rewind_source, robustness=robust, job_fingerprint=fp, checkpoint_sha256=sha)
         write_meta(out_dir, meta)
     ctx.barrier()
     return meta
 
 
+def _prune_fingerprint(cfg, data_root, job, parent_sha: str, settings: TrainSettings, needs_data: bool) -> str:
+    """What a pruned model depends on: job, parent, retraining, data, reference set, BN recalibration."""
+    p, d = cfg.prune, cfg.data
+    return job_fingerprint({"job": asdict(job), "parent": parent_sha, "settings": asdict(settings),
+                            "data": str(data_root), "loader": [d.image_size, d.batch_size, d.augment, d.cache],
+                            "reference": p.lrp_images_per_class if needs_data else None,
+                            **({"bn_recalibration": p.bn_recalibration_batches}
+                               if p.bn_recalibration_batches else {})})
+
+
+def _cached(cache: dict, key, compute):
+    """``cache[key]``, computed once."""
+    if key not in cache:
+        cache[key] = compute()
+    return cache[key]
+
+
+def _reference_set(cfg, data_root) -> list:
+    """The reference images data-driven criteria score filters on."""
+    p, d = cfg.prune, cfg.data
+    return reference_batches(data_root, "train", image_size=d.image_size, per_class=p.lrp_images_per_class,
+                             seed=cfg.study.seed, batch_size=d.eval_batch_size, on_corrupt=d.on_corrupt)
+
+
+def _rewind_target(parent_dir: Path, parent_ckpt, ctx: DistContext) -> tuple[dict, str]:
+    """The weights IMP rewinds to, and where they come from."""
+    rewind_path = parent_dir / REWIND_FILE
+    if rewind_path.is_file():
+        state = torch.load(rewind_path, map_location=ctx.device, weights_only=True)["state_dict"]
+        epoch = json.loads((parent_dir / "meta.json").read_text()).get("rewind_epoch")
+        return state, f"{REWIND_FILE} (epoch {epoch})"
+    # a parent from a weights file has no training history: rewind to the parent itself
+    return {k: v.clone() for k, v in parent_ckpt.model.state_dict().items()}, "parent weights"
+
+
+def _robustness_against(model, parent_ckpt, cfg, data_root, ctx: DistContext, cache: dict) -> dict:
+    """``meta["robustness"]`` of a pruned model, with noise similarity against its parent."""
+    loader = _cached(cache, "robustness_loader", lambda: robustness_loader(cfg, data_root, ctx))
+    return {**robustness_of(model, parent_ckpt.model, loader, cfg, ctx),
+            "fingerprint": _robustness_fingerprint(cfg, parent_ckpt.sha256)}
+
+
+def _save_pruned(out_dir: Path, model, outcome, job, settings: TrainSettings, parent_ckpt) -> str:
+    """Write the pruned ``model.pt`` (masks, job, settings, parent, channel map); return its sha256."""
+    args = {"job": json.dumps(asdict(job)), "settings": json.dumps(asdict(settings)),
+            "parent": parent_ckpt.sha256, "classes": parent_ckpt.args.get("classes", "")}
+    if outcome.physical is not None:
+        args["channel_map"] = json.dumps(outcome.physical.channel_map)
+    return save_checkpoint(out_dir / "model.pt", model, num_classes=parent_ckpt.num_classes, masks=outcome.masks,
+                           args=args, physical=job.is_physical)
+
+
+def _pruned_meta_fields(job, outcome, settings: TrainSettings, parent_eval: dict) -> dict:
+    """The meta.json keys of a pruned model that describe its job, steps and accuracies."""
+    before, after = outcome.before or {}, outcome.after or {}
+    recalibrated = outcome.before_recalibrated or {}
+    physical = outcome.physical
+
+    def accuracy(key: str) -> dict:
+        return {"parent": parent_eval[key], "before": before.get(key), "after": after.get(key),
+                **({"before_recalibrated": recalibrated[key]} if recalibrated else {})}
+    return dict(method=job.method, criterion=criterion_name(job), schedule=job.schedule, rate_requested=job.rate,
+                steps=[{k: v for k, v in st.items() if k != "history"} for st in outcome.steps],
+                history=[h for st in outcome.steps for h in st["history"]],
+                top1=accuracy("top1"), top5=accuracy("top5"),
+                retrain={k: getattr(settings, k) for k in ("epochs", "optimizer", "lr", "momentum",
+                                                           "weight_decay", "scheduler", "gamma")},
+                exclude=list(job.exclude), physical=job.is_physical,
+                physical_removal=physical.summary() if physical is not None else None)
+
+
 def _scope_keys(model, job, input_size: int) -> list[str]:
     """Weight names of the layers ``job``'s method prunes (the scope of the measured sparsity)."""
-    from .methods import prunable_layers
     method = job.method_instance(input_size)
     return [f"{n}.weight" for n in prunable_layers(model, job.exclude, method.kinds)]
 
 
 def criterion_name(job) -> str:
-    names = {"unstructured-local": "l1-magnitude (per layer)", "unstructured-global": "l1-magnitude (global)",
-             "random": "random", "structured": f"{job.norm}-filter-norm (per layer)",
-             "connection": "l1 input-channel slices (per layer)", "imp": "l1-magnitude (global) + rewinding",
-             "weight": "l1-filter-norm (global)", "gradient": "|dy/da| (global)", "taylor": "|a·dy/da| (global)",
-             "lrp": "LRP EpsilonPlusFlat |R| (global)"}
-    return names.get(job.method, job.method)
+    """What ``job``'s method ranks by, as meta.json records it."""
+    return method_class(job.method).criterion.format(norm=job.norm) or job.method

@@ -9,36 +9,22 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, DistributedSampler
 from torchvision import datasets, transforms
 from torchvision.transforms import functional as TF
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .common import (IMAGENET_MEAN, IMAGENET_STD, Batch, CorruptImageError, default_workers, epoch_seed, open_image,
+                     pick_augment, shift_flip)
+from .jpeg import JpegFolderLoader
+
 SPLITS = ("train", "val")
-
-
-class CorruptImageError(RuntimeError):
-    """An image file could not be decoded; the message names the file."""
 
 
 class DataLayoutError(FileNotFoundError):
     """A data folder does not have the expected ImageFolder layout."""
-
-
-def open_image(path: str | os.PathLike) -> Image.Image:
-    """Decode an image fully as RGB, or raise CorruptImageError naming the file."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise CorruptImageError(f"cannot decode image {path}: {err}") from None
 
 
 class ImageFolderDataset(datasets.ImageFolder):
@@ -66,13 +52,6 @@ class ImageFolderDataset(datasets.ImageFolder):
             return None
 
 
-@dataclass
-class Batch:
-    images: torch.Tensor
-    targets: torch.Tensor
-    skipped: int = 0
-
-
 def collate_skipping(items) -> Batch:
     """Stack the decodable samples and count the corrupt ones (``None``)."""
     good = [it for it in items if it is not None]
@@ -82,12 +61,6 @@ def collate_skipping(items) -> Batch:
     images = torch.stack([g[0] for g in good])
     targets = torch.as_tensor([g[1] for g in good], dtype=torch.long)
     return Batch(images, targets, skipped)
-
-
-def pick_augment(augment: str, image_size: int) -> str:
-    if augment == "auto":
-        return "shift-flip" if image_size < 128 else "imagenet"
-    return augment
 
 
 def build_transform(image_size: int, train: bool, augment: str = "auto") -> transforms.Compose:
@@ -119,12 +92,6 @@ def split_dir(root: str | os.PathLike, split: str) -> Path:
     return path
 
 
-def default_workers(num_workers: int) -> int:
-    if num_workers >= 0:
-        return num_workers
-    return max(0, min(8, (os.cpu_count() or 1) - 1))
-
-
 class FolderLoader:
     """Batches from an ImageFolder through a DataLoader (workers, pinned memory, DDP sharding)."""
 
@@ -145,7 +112,7 @@ class FolderLoader:
         return len(self.dataset)
 
     def set_epoch(self, epoch: int) -> None:
-        self.generator.manual_seed(_epoch_seed(self.seed, epoch))
+        self.generator.manual_seed(epoch_seed(self.seed, epoch))
         if self.sampler is not None:
             self.sampler.set_epoch(epoch)
 
@@ -186,7 +153,7 @@ class MemoryLoader:
     def _order(self) -> torch.Tensor:
         n = len(self.targets)
         if self.train:
-            self.generator.manual_seed(_epoch_seed(self.seed, self.epoch))
+            self.generator.manual_seed(epoch_seed(self.seed, self.epoch))
             order = torch.randperm(n, generator=self.generator)
         else:
             order = torch.arange(n)
@@ -211,23 +178,6 @@ class MemoryLoader:
             yield Batch((x - self.mean) / self.std, self.targets.index_select(0, idx), self.skipped if b == 0 else 0)
 
 
-def shift_flip(x: torch.Tensor, generator: torch.Generator, pad_fraction: float = 0.125) -> torch.Tensor:
-    """Per-image random translation (reflect padding) and horizontal flip, vectorized."""
-    n, _, h, w = x.shape
-    pad = max(1, int(round(h * pad_fraction)))
-    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="reflect")
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
-    rows = (dy[:, None] + torch.arange(h, device=x.device)[None])  # (n, h)
-    cols = (dx[:, None] + torch.arange(w, device=x.device)[None])  # (n, w)
-    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
-    cols = torch.where(flip[:, None], cols.flip(1), cols)
-    idx_r = rows[:, None, :, None].expand(n, x.shape[1], h, padded.shape[3])
-    out = padded.gather(2, idx_r)
-    idx_c = cols[:, None, None, :].expand(n, x.shape[1], h, w)
-    return out.gather(3, idx_c)
-
-
 def random_resized_crop(x: torch.Tensor, generator: torch.Generator, scale=(0.35, 1.0)) -> torch.Tensor:
     """Per-image random-resized crop and flip on a batch via affine grids (GPU friendly)."""
     n = x.shape[0]
@@ -244,10 +194,6 @@ def random_resized_crop(x: torch.Tensor, generator: torch.Generator, scale=(0.35
     theta[:, 1, 1], theta[:, 1, 2] = sh, cy
     grid = torch.nn.functional.affine_grid(theta.to(x), list(x.shape), align_corners=False)
     return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-
-
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return (seed * 1_000_003 + epoch * 7919 + 17) % (2 ** 63)
 
 
 def decode_to_memory(dataset: ImageFolderDataset, image_size: int, progress: bool = False):
@@ -341,7 +287,6 @@ def make_loader(root: str | os.PathLike, split: str, *, image_size: int, batch_s
         loader = MemoryLoader(images, targets, batch_size, train=train, seed=seed, augment=augment, rank=rank,
                               world_size=world_size, skipped=skipped, device=device if cache == "memory" else "cpu")
     elif decodes_on_device(decode, device):
-        from .jpeg import JpegFolderLoader
         loader = JpegFolderLoader(dataset, batch_size, train=train, image_size=image_size, augment=augment,
                                   seed=seed, num_workers=num_workers, device=device, rank=rank,
                                   world_size=world_size)

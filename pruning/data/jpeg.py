@@ -8,7 +8,7 @@ sampling), so the two paths give the same tensors up to decoder rounding.
 
 Files that are not JPEGs (PNG, …) or that the device decoder refuses (CMYK, …) are decoded on the
 CPU instead; a file no decoder can read is skipped with a warning that names it, or raises
-:class:`~pruning.data.folders.CorruptImageError` with ``on_corrupt="error"``.
+:class:`~pruning.data.common.CorruptImageError` with ``on_corrupt="error"``.
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import io as tvio
 from torchvision.transforms import functional as TF
 
-from .folders import (IMAGENET_MEAN, IMAGENET_STD, Batch, CorruptImageError, _epoch_seed, default_workers,
-                      open_image, pick_augment, shift_flip)
+from .common import (IMAGENET_MEAN, IMAGENET_STD, Batch, CorruptImageError, default_workers, epoch_seed, open_image,
+                     pick_augment, shift_flip)
 
 JPEG_MAGIC = (0xFF, 0xD8)
 RRC_SCALE = (0.08, 1.0)
@@ -287,8 +287,8 @@ class JpegFolderLoader:
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-        self.order_generator.manual_seed(_epoch_seed(self.seed, epoch))
-        self.aug_generator.manual_seed(_epoch_seed(self.seed + 1, epoch))
+        self.order_generator.manual_seed(epoch_seed(self.seed, epoch))
+        self.aug_generator.manual_seed(epoch_seed(self.seed + 1, epoch))
         if self.sampler is not None:
             self.sampler.set_epoch(epoch)
 

@@ -16,9 +16,13 @@ from torch import nn
 
 from sparsight.files import atomic_write_text, sha256_file
 
-from .registry import MODELS, WeightsError, create_model, load_state_checked, unwrap
+from .counting import count_flops, count_params, layer_sizes, measure_sparsity, prunable_weights
+from .registry import CHECKPOINT_FORMAT, MODELS, WeightsError, create_model, load_state_checked, unwrap
+from .resize import resize_to_state
 
-CHECKPOINT_FORMAT = "sparsight-checkpoint/1"
+__all__ = ["CHECKPOINT_FORMAT", "LoadedCheckpoint", "atomic_save", "base_meta", "count_flops", "count_params",
+           "file_sha256", "layer_sizes", "load_checkpoint", "measure_sparsity", "prunable_weights", "read_meta",
+           "save_checkpoint", "software_version", "write_meta"]
 
 
 def software_version() -> str:
@@ -105,7 +109,6 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise WeightsError(f"checkpoint {path} names unknown arch {arch!r}; known: {sorted(MODELS)}")
     model = create_model(arch, num_classes=header["num_classes"], **header.get("model_kwargs", {}))
     if header.get("physical"):  # channels were removed: give the layers the stored shapes first
-        from ..physical import resize_to_state
         resize_to_state(model, header["state_dict"])
     load_state_checked(model, header["state_dict"], path, arch, header["num_classes"])
     masks = header.get("masks", {})
@@ -119,57 +122,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
                             masks, header.get("args", {}))
 
 
-# ---- measurements for meta.json -------------------------------------------------------------
-def prunable_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Weights of conv and linear layers, by parameter name."""
-    model = unwrap(model)
-    return {f"{name}.weight": m.weight for name, m in model.named_modules()
-            if isinstance(m, (nn.Conv2d, nn.Linear)) and m.weight is not None}
-
-
-def measure_sparsity(model: nn.Module, scope=None, reference: dict[str, int] | None = None) -> dict:
-    """Fraction of zero weights in conv/linear layers: over ``scope`` (the pruned layers; all if None),
-    over all layers, and per layer.  ``reference`` (layer → weight count of the parent) counts weights
-    that physical pruning removed as zeros."""
-    per_layer, counts = {}, {}
-    for name, w in prunable_weights(model).items():
-        layer = name.removesuffix(".weight")
-        n = (reference or {}).get(layer, w.numel())
-        z = n - int((w != 0).sum())
-        per_layer[layer] = round(z / n, 6)
-        counts[layer] = (z, n)
-    scope = list(counts) if scope is None else [s for s in scope if s in counts]
-
-    def share(names):
-        zeros, total = sum(counts[k][0] for k in names), sum(counts[k][1] for k in names)
-        return round(zeros / max(total, 1), 6)
-    return {"total": share(scope), "all_layers": share(list(counts)), "per_layer": per_layer, "scope": scope}
-
-
-def layer_sizes(model: nn.Module) -> dict[str, int]:
-    """Weight count of every conv/linear layer (the reference for physically pruned children)."""
-    return {n.removesuffix(".weight"): w.numel() for n, w in prunable_weights(model).items()}
-
-
-def count_params(model: nn.Module) -> tuple[int, int]:
-    params = list(unwrap(model).parameters())
-    return sum(p.numel() for p in params), sum(int((p != 0).sum()) for p in params)
-
-
-def count_flops(model: nn.Module, input_size: int, device: torch.device | str = "cpu") -> int:
-    """Dense FLOPs of one forward pass at ``input_size`` (torch's FlopCounterMode)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model = unwrap(model)
-    was_training = model.training
-    model.eval()
-    x = torch.zeros(1, 3, input_size, input_size, device=device, dtype=next(model.parameters()).dtype)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x)
-    model.train(was_training)
-    return int(counter.get_total_flops())
-
-
+# ---- meta.json ------------------------------------------------------------------------------
 def base_meta(model: nn.Module, *, model_id: str, input_size: int, seed: int, parent: str | None = None,
               **fields) -> dict:
     """The meta.json keys every checkpoint has; callers add method-specific ones."""

@@ -35,12 +35,23 @@ class ModelSpec:
 
 MODELS: dict[str, ModelSpec] = {}
 
+CHECKPOINT_FORMAT = "sparsight-checkpoint/1"   # header of a sparsight checkpoint (see .checkpoint)
 
-def register_model(spec: ModelSpec) -> ModelSpec:
-    if spec.name in MODELS:
-        raise ValueError(f"model {spec.name!r} is registered already")
-    MODELS[spec.name] = spec
-    return spec
+
+def register_model(name: str, input_size: int, *, stem: tuple[str, ...] = (), unit_layers: tuple[str, ...] = (),
+                   torchvision_name: str | None = None, defaults: dict | None = None):
+    """Decorator: register a builder ``fn(num_classes=..., **kw) -> nn.Module`` as model ``name``.
+
+    The builder's docstring is the model's one-line description.
+    """
+    def register(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in MODELS:
+            raise ValueError(f"model {name!r} is registered already")
+        MODELS[name] = ModelSpec(name, builder, input_size, stem=stem, unit_layers=unit_layers,
+                                 torchvision_name=torchvision_name, description=(builder.__doc__ or "").strip(),
+                                 defaults=dict(defaults or {}))
+        return builder
+    return register
 
 
 def get_spec(name: str) -> ModelSpec:
@@ -50,41 +61,62 @@ def get_spec(name: str) -> ModelSpec:
         raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}") from None
 
 
-def _torchvision(name: str, **fixed):
-    def build(num_classes: int = 1000, **kw):
-        import torchvision
-        return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **{**fixed, **kw})
-    return build
+def _torchvision(name: str, num_classes: int, **kw) -> nn.Module:
+    import torchvision
+    return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kw)
 
 
-def _googlenet(num_classes: int = 1000, aux_logits: bool = False, transform_input: bool = False, **kw):
+GOOGLENET_BLOCKS = ("inception3a", "inception3b", "inception4a", "inception4b", "inception4c", "inception4d",
+                    "inception4e", "inception5a", "inception5b")
+RESNET_BLOCKS = ("layer1", "layer2", "layer3", "layer4")
+
+
+@register_model("inception-small", 64, stem=("conv1", "conv2", "conv3"),
+                unit_layers=("inception3a", "inception3b", "inception4a", "inception4b", "inception5a"))
+def inception_small(num_classes: int = 10, **kw) -> nn.Module:
+    """small GoogLeNet-shaped net of the embedded default study"""
+    return InceptionSmall(num_classes=num_classes, **kw)
+
+
+@register_model("observer-small", 64, stem=("stem.0",), unit_layers=("layers.1", "layers.2"))
+def observer_small(num_classes: int = 10, **kw) -> nn.Module:
+    """independent residual observer net (MIS embedding of the default study)"""
+    return ObserverNet(num_classes=num_classes, **kw)
+
+
+@register_model("googlenet", 224, stem=("conv1", "conv2", "conv3"), unit_layers=GOOGLENET_BLOCKS,
+                torchvision_name="googlenet")
+def googlenet(num_classes: int = 1000, aux_logits: bool = False, transform_input: bool = False, **kw) -> nn.Module:
+    """torchvision GoogLeNet (aux heads optional)"""
     import torchvision
     return torchvision.models.googlenet(weights=None, num_classes=num_classes, aux_logits=aux_logits,
                                         transform_input=transform_input, init_weights=True, **kw)
 
 
-GOOGLENET_BLOCKS = ("inception3a", "inception3b", "inception4a", "inception4b", "inception4c", "inception4d",
-                    "inception4e", "inception5a", "inception5b")
+@register_model("resnet18", 224, stem=("conv1",), unit_layers=RESNET_BLOCKS, torchvision_name="resnet18")
+def resnet18(num_classes: int = 1000, **kw) -> nn.Module:
+    """torchvision ResNet-18"""
+    return _torchvision("resnet18", num_classes, **kw)
 
-register_model(ModelSpec("inception-small", InceptionSmall, 64, stem=("conv1", "conv2", "conv3"),
-                         unit_layers=("inception3a", "inception3b", "inception4a", "inception4b", "inception5a"),
-                         description="small GoogLeNet-shaped net of the embedded default study"))
-register_model(ModelSpec("observer-small", ObserverNet, 64, stem=("stem.0",), unit_layers=("layers.1", "layers.2"),
-                         description="independent residual observer net (MIS embedding of the default study)"))
-register_model(ModelSpec("googlenet", _googlenet, 224, stem=("conv1", "conv2", "conv3"), unit_layers=GOOGLENET_BLOCKS,
-                         torchvision_name="googlenet", description="torchvision GoogLeNet (aux heads optional)"))
-register_model(ModelSpec("resnet18", _torchvision("resnet18"), 224, stem=("conv1",),
-                         unit_layers=("layer1", "layer2", "layer3", "layer4"), torchvision_name="resnet18",
-                         description="torchvision ResNet-18"))
-register_model(ModelSpec("resnet50", _torchvision("resnet50"), 224, stem=("conv1",),
-                         unit_layers=("layer1", "layer2", "layer3", "layer4"), torchvision_name="resnet50",
-                         description="torchvision ResNet-50"))
-register_model(ModelSpec("vgg16", _torchvision("vgg16"), 224, stem=("features.0",),
-                         unit_layers=("features.16", "features.23", "features.30"), torchvision_name="vgg16",
-                         description="torchvision VGG-16"))
-register_model(ModelSpec("alexnet", _torchvision("alexnet"), 224, stem=("features.0",),
-                         unit_layers=("features.3", "features.6", "features.8", "features.10"),
-                         torchvision_name="alexnet", description="torchvision AlexNet"))
+
+@register_model("resnet50", 224, stem=("conv1",), unit_layers=RESNET_BLOCKS, torchvision_name="resnet50")
+def resnet50(num_classes: int = 1000, **kw) -> nn.Module:
+    """torchvision ResNet-50"""
+    return _torchvision("resnet50", num_classes, **kw)
+
+
+@register_model("vgg16", 224, stem=("features.0",), unit_layers=("features.16", "features.23", "features.30"),
+                torchvision_name="vgg16")
+def vgg16(num_classes: int = 1000, **kw) -> nn.Module:
+    """torchvision VGG-16"""
+    return _torchvision("vgg16", num_classes, **kw)
+
+
+@register_model("alexnet", 224, stem=("features.0",),
+                unit_layers=("features.3", "features.6", "features.8", "features.10"), torchvision_name="alexnet")
+def alexnet(num_classes: int = 1000, **kw) -> nn.Module:
+    """torchvision AlexNet"""
+    return _torchvision("alexnet", num_classes, **kw)
 
 
 # ---- weights ---------------------------------------------------------------------------------
@@ -143,8 +175,6 @@ def _known_file_kwargs(arch: str, path: Path) -> dict:
 
 def read_state_dict(path: Path, arch: str) -> tuple[dict, dict]:
     """Tensors of a weights file and, for a sparsight checkpoint, its header (arch, kwargs, masks)."""
-    from .checkpoint import CHECKPOINT_FORMAT
-
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a damaged file

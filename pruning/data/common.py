@@ -1,0 +1,66 @@
+"""What the folder loaders (:mod:`.folders`) and the device-decoding loader (:mod:`.jpeg`) share:
+normalization constants, the batch type, decoding with named errors, seeds and augmentation."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class CorruptImageError(RuntimeError):
+    """An image file could not be decoded; the message names the file."""
+
+
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """Decode an image fully as RGB, or raise CorruptImageError naming the file."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise CorruptImageError(f"cannot decode image {path}: {err}") from None
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor
+    targets: torch.Tensor
+    skipped: int = 0
+
+
+def pick_augment(augment: str, image_size: int) -> str:
+    if augment == "auto":
+        return "shift-flip" if image_size < 128 else "imagenet"
+    return augment
+
+
+def default_workers(num_workers: int) -> int:
+    if num_workers >= 0:
+        return num_workers
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7919 + 17) % (2 ** 63)
+
+
+def shift_flip(x: torch.Tensor, generator: torch.Generator, pad_fraction: float = 0.125) -> torch.Tensor:
+    """Per-image random translation (reflect padding) and horizontal flip, vectorized."""
+    n, _, h, w = x.shape
+    pad = max(1, int(round(h * pad_fraction)))
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device)[None])  # (n, h)
+    cols = (dx[:, None] + torch.arange(w, device=x.device)[None])  # (n, w)
+    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    idx_r = rows[:, None, :, None].expand(n, x.shape[1], h, padded.shape[3])
+    out = padded.gather(2, idx_r)
+    idx_c = cols[:, None, None, :].expand(n, x.shape[1], h, w)
+    return out.gather(3, idx_c)

@@ -1,0 +1,92 @@
+"""The pruning-method protocol and its registry: ``@register_method(name)`` plus one factory.
+
+A method turns ``(model, rate)`` into boolean masks keyed by parameter name (see
+:mod:`pruning.masks`).  The built-in methods register when :mod:`pruning.methods` is imported;
+take ``create_method`` and ``METHODS`` from there.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .models.registry import unwrap
+
+
+class PruningError(ValueError):
+    """A bad rate, layer list or method name."""
+
+
+def check_rate(rate: float) -> float:
+    if not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+        raise PruningError(f"rate {rate!r} is outside [0, 1)")
+    return float(rate)
+
+
+def prunable_layers(model: nn.Module, exclude: Iterable[str] = (),
+                    kinds=(nn.Conv2d, nn.Linear)) -> dict[str, nn.Module]:
+    """Conv/linear layers by module name, minus ``exclude`` (a name excludes its submodules too)."""
+    model = unwrap(model)
+    all_layers = {n: m for n, m in model.named_modules() if isinstance(m, kinds)}
+    names = {n for n, _ in model.named_modules() if n}
+    exclude = list(exclude)
+    missing = [e for e in exclude if e not in names]
+    if missing:
+        raise PruningError(f"layer {missing[0]!r} does not exist; valid layers: {sorted(all_layers)}")
+    kept = {n: m for n, m in all_layers.items() if not any(n == e or n.startswith(e + ".") for e in exclude)}
+    if not kept:
+        raise PruningError(f"excluding {exclude} leaves no layer to prune; prunable layers: {sorted(all_layers)}")
+    return kept
+
+
+class PruningMethod:
+    name = ""            # set by ``register_method``
+    criterion = ""       # what the method ranks by, for meta.json (``{norm}`` is filled in)
+    structured = False
+    kinds: tuple = (nn.Conv2d, nn.Linear)
+
+    needs_data = False   # scores filters on reference images (``data=`` batches)
+    rewinds = False      # weights are rewound to an early checkpoint after pruning (IMP)
+
+    def masks(self, model: nn.Module, rate: float, exclude: Iterable[str] = (), data=None) -> dict[str, torch.Tensor]:
+        rate = check_rate(rate)
+        layers = prunable_layers(model, exclude, self.kinds)
+        return self.compute(layers, rate)
+
+    def compute(self, layers: dict[str, nn.Module], rate: float) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+METHODS: dict[str, type[PruningMethod]] = {}
+
+
+def register_method(name: str) -> Callable[[type[PruningMethod]], type[PruningMethod]]:
+    """Class decorator: register a pruning method under ``name`` (also its ``name`` attribute)."""
+    def register(cls: type[PruningMethod]) -> type[PruningMethod]:
+        if name in METHODS:
+            raise ValueError(f"method {name!r} is registered already")
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+    return register
+
+
+def method_class(name: str) -> type[PruningMethod]:
+    """The registered method ``name``, or a ``PruningError`` listing the registered ones."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise PruningError(f"unknown method {name!r}; choose from {sorted(METHODS)}") from None
+
+
+def create_method(name: str, **kwargs) -> PruningMethod:
+    return method_class(name)(**kwargs)
+
+
+def method_options(name: str, *, norm: str = "l1", input_size: int = 64, seed: int = 0) -> dict:
+    """The constructor arguments a registered method takes, picked from common settings."""
+    params = inspect.signature(method_class(name).__init__).parameters
+    offered = {"norm": norm, "input_size": input_size, "seed": seed}
+    return {k: v for k, v in offered.items() if k in params}
