@@ -16,9 +16,9 @@ def _analysis_overrides(overrides) -> dict:
 
 def _study_with_analysis_settings(run_dir, overrides):
     """The study of ``run_dir`` with ``--set analysis.KEY=VALUE`` applied (a usage error when invalid)."""
-    from .load import study_config
+    from .api import open_run
     try:
-        cfg = study_config(run_dir)
+        cfg = open_run(run_dir).config
         settings = _analysis_overrides(overrides)
         if settings:
             apply_settings(cfg, {"analysis": settings}, "--set")
@@ -137,7 +137,13 @@ def power_cmd(run_dir, participants, trials, changes, simulations, overrides):
     from .power import study_power
     from .report import primary_slopes
 
+    from .api import MissingRunOutput, open_run
+
     cfg = _study_with_analysis_settings(run_dir, overrides)
+    try:
+        open_run(run_dir).mis      # a clear error when the run has no MIS yet
+    except MissingRunOutput as err:
+        raise click.UsageError(str(err)) from None
     data = load_study_data(run_dir, cfg)
     if data.units.empty:
         raise click.UsageError(f"{run_dir} has no MIS results (mis/units.csv); run `sparsight mis {run_dir}` first")

@@ -12,6 +12,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from sparsight.registry import Registry
+
 from .models.registry import unwrap
 
 
@@ -59,26 +61,20 @@ class PruningMethod:
         raise NotImplementedError
 
 
-METHODS: dict[str, type[PruningMethod]] = {}
+METHODS = Registry("method", error=PruningError)
 
 
 def register_method(name: str) -> Callable[[type[PruningMethod]], type[PruningMethod]]:
     """Class decorator: register a pruning method under ``name`` (also its ``name`` attribute)."""
-    def register(cls: type[PruningMethod]) -> type[PruningMethod]:
-        if name in METHODS:
-            raise ValueError(f"method {name!r} is registered already")
+    def named(cls: type[PruningMethod]) -> type[PruningMethod]:
         cls.name = name
-        METHODS[name] = cls
         return cls
-    return register
+    return METHODS.register(name, named)
 
 
 def method_class(name: str) -> type[PruningMethod]:
     """The registered method ``name``, or a ``PruningError`` listing the registered ones."""
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise PruningError(f"unknown method {name!r}; choose from {sorted(METHODS)}") from None
+    return METHODS.lookup(name)
 
 
 def create_method(name: str, **kwargs) -> PruningMethod:

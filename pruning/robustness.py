@@ -26,6 +26,7 @@ from PIL import Image
 from torch import nn
 
 from sparsight.files import atomic_write_text
+from sparsight.registry import Registry
 
 from .data.folders import IMAGENET_MEAN, IMAGENET_STD
 
@@ -66,17 +67,12 @@ Corruption = Callable[[torch.Tensor, int, torch.Generator], torch.Tensor]
 
 #: name -> corruption, in registration order; a corruption's position seeds its noise
 #: (:func:`corruption_accuracy`), so new ones go last
-CORRUPTIONS: dict[str, Corruption] = {}
+CORRUPTIONS = Registry("corruption")
 
 
 def register_corruption(name: str) -> Callable[[Corruption], Corruption]:
     """Decorator: register ``fn(x01, severity, generator)`` as corruption ``name``."""
-    def register(fn: Corruption) -> Corruption:
-        if name in CORRUPTIONS:
-            raise ValueError(f"corruption {name!r} is registered already")
-        CORRUPTIONS[name] = fn
-        return fn
-    return register
+    return CORRUPTIONS.register(name)
 
 
 def _noise_like(x: torch.Tensor, generator: torch.Generator, kind: str) -> torch.Tensor:

@@ -16,31 +16,25 @@ from typing import Callable
 import torch
 from torch import nn
 
+from sparsight.registry import Registry
+
 from .masks import MaskEnforcer, apply_masks, mask_sparsity
 from .methods import PruningError, check_rate, create_method, method_class, method_options
 from .training import DistContext, Trainer, TrainSettings, evaluate
 
 StepRates = Callable[[float, int], list[float]]
 
-SCHEDULES: dict[str, StepRates] = {}
+SCHEDULES = Registry("schedule", error=PruningError, sorted_choices=False)
 
 
 def register_schedule(name: str) -> Callable[[StepRates], StepRates]:
     """Decorator: register ``fn(rate, steps) -> cumulative step rates`` as schedule ``name``."""
-    def register(fn: StepRates) -> StepRates:
-        if name in SCHEDULES:
-            raise ValueError(f"schedule {name!r} is registered already")
-        SCHEDULES[name] = fn
-        return fn
-    return register
+    return SCHEDULES.register(name)
 
 
 def schedule_rates(name: str) -> StepRates:
     """The step-rate function of schedule ``name``, or a ``PruningError`` listing the schedules."""
-    try:
-        return SCHEDULES[name]
-    except KeyError:
-        raise PruningError(f"unknown schedule {name!r}; choose from {list(SCHEDULES)}") from None
+    return SCHEDULES.lookup(name)
 
 
 @register_schedule("oneshot")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .models.registry import unwrap
+from .models.registry import trace_blank, unwrap
 
 
 @torch.no_grad()
@@ -22,15 +22,7 @@ def following_batchnorms(model: nn.Module, input_size: int = 64) -> dict[str, st
             handles.append(m.register_forward_pre_hook(
                 lambda mod, inp, name=name: pairs.__setitem__(produced[id(inp[0])], name)
                 if id(inp[0]) in produced else None))
-    was_training = model.training
-    try:
-        model.eval()
-        p = next(model.parameters())
-        model(torch.zeros(1, 3, input_size, input_size, device=p.device, dtype=p.dtype))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    trace_blank(model, input_size, handles)
     return pairs
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from sparsight.layout import CHECKPOINT_FILE, META_FILE
+
 from .data.folders import ImageFolderDataset, make_loader, reference_batches, split_dir, stratified_subset
 from .methods import method_class, prunable_layers
 from .models import base_meta, create_model, file_sha256, get_spec, load_checkpoint, save_checkpoint, write_meta
@@ -33,10 +35,10 @@ def job_fingerprint(spec: dict) -> str:
 def reusable_meta(out_dir: Path, fingerprint: str) -> dict | None:
     """The meta of a finished model with this job fingerprint whose checkpoint is unchanged, else None."""
     try:
-        meta = json.loads((out_dir / "meta.json").read_text())
+        meta = json.loads((out_dir / META_FILE).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
-    ckpt = out_dir / "model.pt"
+    ckpt = out_dir / CHECKPOINT_FILE
     if meta.get("job_fingerprint") != fingerprint or not ckpt.is_file():
         return None
     return meta if meta.get("checkpoint_sha256") == file_sha256(ckpt) else None
@@ -101,7 +103,7 @@ def refresh_robustness(cfg, data_root, out_dir: Path, meta: dict, ctx: DistConte
     fp = _robustness_fingerprint(cfg, parent_sha)
     if meta.get("robustness", {}).get("fingerprint") == fp:
         return meta
-    model = load_checkpoint(out_dir / "model.pt", map_location=ctx.device).model
+    model = load_checkpoint(out_dir / CHECKPOINT_FILE, map_location=ctx.device).model
     meta["robustness"] = {**robustness_of(model, parent, robustness_loader(cfg, data_root, ctx), cfg, ctx),
                           "fingerprint": fp}
     if ctx.is_main:
@@ -146,7 +148,7 @@ def train_and_save(cfg, data_root: str | Path, out_dir: str | Path, ctx: DistCon
         robust = {**robustness_of(model, None, robustness_loader(cfg, data_root, ctx), cfg, ctx),
                   "fingerprint": _robustness_fingerprint(cfg, None)}
     if ctx.is_main:
-        sha = save_checkpoint(out_dir / "model.pt", model, num_classes=num_classes,
+        sha = save_checkpoint(out_dir / CHECKPOINT_FILE, model, num_classes=num_classes,
                               args={"settings": json.dumps(asdict(settings)), "data": str(data_root),
                                     "weights": weights, "classes": json.dumps(val_loader.classes)})
         meta = base_meta(model.cpu(), model_id=model_id, input_size=cfg.data.image_size, seed=settings.seed,
@@ -187,7 +189,7 @@ def prune_and_save(cfg, data_root: str | Path, parent_dir: str | Path, out_dir: 
     """
     cache = {} if cache is None else cache
     parent_dir, out_dir = Path(parent_dir), Path(out_dir)
-    parent_ckpt = load_checkpoint(parent_dir / "model.pt", map_location=ctx.device)
+    parent_ckpt = load_checkpoint(parent_dir / CHECKPOINT_FILE, map_location=ctx.device)
     settings = retrain_settings(cfg, cfg.prune.iterative_epochs if job.schedule == "iterative" else None)
     p, d = cfg.prune, cfg.data
     method = job.method_instance(d.image_size)
@@ -253,7 +255,7 @@ def _rewind_target(parent_dir: Path, parent_ckpt, ctx: DistContext) -> tuple[dic
     rewind_path = parent_dir / REWIND_FILE
     if rewind_path.is_file():
         state = torch.load(rewind_path, map_location=ctx.device, weights_only=True)["state_dict"]
-        epoch = json.loads((parent_dir / "meta.json").read_text()).get("rewind_epoch")
+        epoch = json.loads((parent_dir / META_FILE).read_text()).get("rewind_epoch")
         return state, f"{REWIND_FILE} (epoch {epoch})"
     # a parent from a weights file has no training history: rewind to the parent itself
     return {k: v.clone() for k, v in parent_ckpt.model.state_dict().items()}, "parent weights"
@@ -272,7 +274,7 @@ def _save_pruned(out_dir: Path, model, outcome, job, settings: TrainSettings, pa
             "parent": parent_ckpt.sha256, "classes": parent_ckpt.args.get("classes", "")}
     if outcome.physical is not None:
         args["channel_map"] = json.dumps(outcome.physical.channel_map)
-    return save_checkpoint(out_dir / "model.pt", model, num_classes=parent_ckpt.num_classes, masks=outcome.masks,
+    return save_checkpoint(out_dir / CHECKPOINT_FILE, model, num_classes=parent_ckpt.num_classes, masks=outcome.masks,
                            args=args, physical=job.is_physical)
 
 

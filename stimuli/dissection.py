@@ -69,7 +69,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 from torchvision.transforms import functional as TF
 
-from pruning.data.folders import IMAGENET_MEAN, IMAGENET_STD
+from pruning.data.folders import IMAGENET_MEAN, IMAGENET_STD, open_image
 from pruning.models.registry import unwrap
 
 from .mining import _EvalMode
@@ -199,13 +199,7 @@ class ProbeSet:
         return h.hexdigest()
 
     def read_image(self, index: int) -> Image.Image:
-        path = self.images[index]
-        try:
-            with Image.open(path) as im:
-                im.load()
-                return im.convert("RGB")
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-            raise ProbeError(f"cannot decode probe image {path}: {err}") from None
+        return open_image(self.images[index], what="probe image", error=ProbeError)
 
     def read_labels(self, index: int) -> np.ndarray:
         """The label map of image ``index`` as ``[mask layers, h, w]`` uint8 (concept id + 1; 0 = none)."""

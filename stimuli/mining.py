@@ -26,7 +26,6 @@ order in which batches arrive or ranks share them.  Dataset indices must lie in 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import os
@@ -41,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from pruning.data.folders import DataLayoutError, ImageFolderDataset, build_transform, decodes_on_device, split_dir
 from pruning.data.jpeg import decoded_spans
 from pruning.models.registry import unwrap
-from sparsight.files import atomic_write_bytes
+from sparsight.files import atomic_write
 
 STATE_FORMAT = "sparsight-mining-state/1"
 PRECISIONS = ("fp32", "bf16")
@@ -490,10 +489,9 @@ def _fingerprint(model: nn.Module, split_root: Path, files: list[str], *, split:
 
 
 def _atomic_torch_save(obj, path: str | os.PathLike) -> Path:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write_bytes(path, buf.getvalue())
+    with atomic_write(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
 
 
 def _read_state(path: Path, fingerprint: str) -> dict | None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pruning.models.registry import unwrap
+from pruning.models.registry import trace_blank, unwrap
 
 SAMPLINGS = ("per-layer", "imi", "all")
 
@@ -76,15 +76,7 @@ def layer_channels(model: nn.Module, layers: list[str], input_size: int) -> dict
     for name in layers:
         handles.append(modules[name].register_forward_hook(
             lambda mod, inp, out, name=name: channels.__setitem__(name, int(out.shape[1]))))
-    was_training = model.training
-    try:
-        model.eval()
-        p = next(model.parameters())
-        model(torch.zeros(1, 3, input_size, input_size, device=p.device, dtype=p.dtype))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    trace_blank(model, input_size, handles)
     return channels
 
 

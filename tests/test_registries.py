@@ -1,4 +1,5 @@
-"""The kernel's copies of registry names (for validating study files without torch) match the registries."""
+"""Registries: the kernel's copies of registry names (for validating study files without torch) match
+the registries, and the registry itself."""
 import pytest
 
 from pruning.methods import METHODS
@@ -24,3 +25,24 @@ def test_corruptions_keep_their_seed_order():
     """A corruption's position in the registry seeds its noise: reordering would change every result."""
     assert list(CORRUPTIONS) == ["gaussian_noise", "gaussian_blur", "contrast", "jpeg", "brightness", "shot_noise",
                                  "pixelate"]
+
+
+def test_registry_registers_at_the_definition_and_lists_choices_on_a_bad_name():
+    from sparsight.registry import Registry
+
+    shapes = Registry("shape", error=KeyError, sorted_choices=False)
+
+    @shapes.register("square")
+    def square():
+        return 4
+
+    @shapes.register("circle", entry=lambda fn: ("spec", fn))
+    def circle():
+        return 0
+
+    assert square() == 4 and shapes.lookup("square") is square and shapes.lookup("circle") == ("spec", circle)
+    assert list(shapes) == ["square", "circle"]
+    with pytest.raises(KeyError, match=r"unknown shape 'triangle'; choose from \['square', 'circle'\]"):
+        shapes.lookup("triangle")
+    with pytest.raises(ValueError, match="registered already"):
+        shapes.register("square")(lambda: 1)

@@ -16,14 +16,14 @@ class CorruptImageError(RuntimeError):
     """An image file could not be decoded; the message names the file."""
 
 
-def open_image(path: str | os.PathLike) -> Image.Image:
-    """Decode an image fully as RGB, or raise CorruptImageError naming the file."""
+def open_image(path: str | os.PathLike, *, what: str = "image", error: type[Exception] = None) -> Image.Image:
+    """Decode an image fully as RGB, or raise ``error`` (CorruptImageError) naming the file as ``what``."""
     try:
         with Image.open(path) as im:
             im.load()
             return im.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise CorruptImageError(f"cannot decode image {path}: {err}") from None
+        raise (error or CorruptImageError)(f"cannot decode {what} {path}: {err}") from None
 
 
 @dataclass

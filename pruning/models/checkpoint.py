@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sparsight.files import atomic_write_text, sha256_file
+from sparsight.files import atomic_write, atomic_write_text, sha256_file
+from sparsight.layout import CHECKPOINT_FILE, META_FILE
 
 from .counting import count_flops, count_params, layer_sizes, measure_sparsity, prunable_weights
 from .registry import CHECKPOINT_FORMAT, MODELS, WeightsError, create_model, load_state_checked, unwrap
@@ -37,10 +38,9 @@ file_sha256 = sha256_file
 
 
 def atomic_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` to ``path`` atomically (see :func:`sparsight.files.atomic_write`)."""
+    with atomic_write(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, num_classes: int, masks: dict | None = None,
@@ -92,7 +92,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     """Rebuild a model from ``model.pt``; masks stored with it are applied to the weights."""
     path = Path(path)
     if path.is_dir():
-        path = path / "model.pt"
+        path = path / CHECKPOINT_FILE
     if not path.is_file():
         raise WeightsError(f"checkpoint {path} does not exist")
     try:
@@ -140,11 +140,11 @@ def base_meta(model: nn.Module, *, model_id: str, input_size: int, seed: int, pa
 
 
 def write_meta(model_dir: str | os.PathLike, meta: dict) -> Path:
-    return atomic_write_text(Path(model_dir) / "meta.json", json.dumps(meta, indent=2))
+    return atomic_write_text(Path(model_dir) / META_FILE, json.dumps(meta, indent=2))
 
 
 def read_meta(model_dir: str | os.PathLike) -> dict:
-    path = Path(model_dir) / "meta.json"
+    path = Path(model_dir) / META_FILE
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:

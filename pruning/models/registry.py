@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from sparsight.registry import Registry
+
 from .small import InceptionSmall, ObserverNet
 
 
@@ -33,7 +35,7 @@ class ModelSpec:
     defaults: dict = field(default_factory=dict)
 
 
-MODELS: dict[str, ModelSpec] = {}
+MODELS = Registry("model")
 
 CHECKPOINT_FORMAT = "sparsight-checkpoint/1"   # header of a sparsight checkpoint (see .checkpoint)
 
@@ -44,21 +46,15 @@ def register_model(name: str, input_size: int, *, stem: tuple[str, ...] = (), un
 
     The builder's docstring is the model's one-line description.
     """
-    def register(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in MODELS:
-            raise ValueError(f"model {name!r} is registered already")
-        MODELS[name] = ModelSpec(name, builder, input_size, stem=stem, unit_layers=unit_layers,
-                                 torchvision_name=torchvision_name, description=(builder.__doc__ or "").strip(),
-                                 defaults=dict(defaults or {}))
-        return builder
-    return register
+    def spec(builder: Callable[..., nn.Module]) -> ModelSpec:
+        return ModelSpec(name, builder, input_size, stem=stem, unit_layers=unit_layers,
+                         torchvision_name=torchvision_name, description=(builder.__doc__ or "").strip(),
+                         defaults=dict(defaults or {}))
+    return MODELS.register(name, spec)
 
 
 def get_spec(name: str) -> ModelSpec:
-    try:
-        return MODELS[name]
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}") from None
+    return MODELS.lookup(name)
 
 
 def _torchvision(name: str, num_classes: int, **kw) -> nn.Module:
@@ -236,3 +232,18 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             return model
+
+
+@torch.no_grad()
+def trace_blank(model: nn.Module, input_size: int, handles: list) -> None:
+    """One forward pass of a blank ``input_size`` image in eval mode, for the hooks in ``handles`` to
+    observe; the hooks are removed and the training flag restored afterwards, whatever happens."""
+    was_training = model.training
+    try:
+        model.eval()
+        p = next(model.parameters())
+        model(torch.zeros(1, 3, input_size, input_size, device=p.device, dtype=p.dtype))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
