@@ -46,3 +46,37 @@ def test_registry_registers_at_the_definition_and_lists_choices_on_a_bad_name():
         shapes.lookup("triangle")
     with pytest.raises(ValueError, match="registered already"):
         shapes.register("square")(lambda: 1)
+
+
+def _choices(section: str, key: str) -> tuple:
+    """The choices ``sparsight.config`` accepts for ``section.key``."""
+    import dataclasses
+
+    fields = {f.name: f for f in dataclasses.fields(type(getattr(config.StudyConfig(), section)))}
+    return tuple(fields[key].metadata["choices"])
+
+
+def _choice_lists():
+    from pruning.training.engine import OPTIMIZERS, SCHEDULERS
+    from stimuli.bank import KINDS
+    from stimuli.featurevis import OBJECTIVES
+    from stimuli.mining import PRECISIONS
+    from stimuli.units import SAMPLINGS
+    from survey_app.material import CONDITION_KEYS
+    return {
+        "train.optimizer": (_choices("train", "optimizer"), OPTIMIZERS),
+        "train.scheduler": (_choices("train", "scheduler"), SCHEDULERS),
+        "prune.retrain_optimizer": (_choices("prune", "retrain_optimizer"), OPTIMIZERS),
+        "prune.retrain_scheduler": (_choices("prune", "retrain_scheduler"), SCHEDULERS),
+        "units.sampling": (_choices("units", "sampling"), SAMPLINGS),
+        "stimuli.fv_objective": (_choices("stimuli", "fv_objective"), OBJECTIVES),
+        "stimuli.mining_precision": (_choices("stimuli", "mining_precision"), PRECISIONS),
+        "stimuli.kinds": (config.STIMULUS_KINDS, KINDS),
+        "survey.condition_by": (_choices("survey", "condition_by"), tuple(CONDITION_KEYS)),
+    }
+
+
+@pytest.mark.parametrize("setting", list(_choice_lists()))
+def test_config_choices_equal_the_code_that_reads_them(setting):
+    config_choices, code_choices = _choice_lists()[setting]
+    assert sorted(config_choices) == sorted(code_choices)

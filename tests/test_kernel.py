@@ -1,0 +1,95 @@
+"""The kernel's small parts: atomic writes, the study layout, flags as settings, the study context."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from sparsight.config import load_study, settings_tree
+from sparsight.files import atomic_write, atomic_write_frame, atomic_write_text
+from sparsight.layout import Layout
+from sparsight.study import Study
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = atomic_write_text(tmp_path / "table.csv", "old\n")
+    with pytest.raises(RuntimeError):
+        with atomic_write(path) as tmp:
+            tmp.write_text("half a new")
+            raise RuntimeError("disk full")
+    assert path.read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["table.csv"]     # no temporary file left behind
+
+
+def test_concurrent_atomic_writers_never_leave_a_mixed_file(tmp_path):
+    path = tmp_path / "shared.txt"
+    texts = [str(i) * 200_000 for i in range(8)]
+    threads = [threading.Thread(target=atomic_write_text, args=(path, t)) for t in texts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert path.read_text() in texts
+    assert [p.name for p in tmp_path.iterdir()] == ["shared.txt"]
+
+
+def test_atomic_frame_picks_the_format_from_the_suffix(tmp_path):
+    import pandas as pd
+
+    frame = pd.DataFrame({"unit": [1, 2], "mis": [0.5, 0.75]})
+    pd.testing.assert_frame_equal(pd.read_csv(atomic_write_frame(frame, tmp_path / "a.csv")), frame)
+    pd.testing.assert_frame_equal(pd.read_parquet(atomic_write_frame(frame, tmp_path / "a.parquet")), frame)
+
+
+def test_layout_spells_the_design_contract(tmp_path):
+    layout = Layout(tmp_path)
+    expected = {layout.study_toml: "study.toml", layout.checkpoint("base"): "models/base/model.pt",
+                layout.meta("base"): "models/base/meta.json", layout.manifest: "stimuli/manifest.parquet",
+                layout.mis_units: "mis/units.csv", layout.dissection_units: "dissection/units.csv",
+                layout.survey_db: "survey.db", layout.report_html: "report/index.html",
+                layout.evaluation: "evaluation.csv"}
+    assert {str(p.relative_to(tmp_path)): v for p, v in expected.items()} == {v: v for v in expected.values()}
+    assert layout.responses() is None and not layout.has_model("base")
+    (tmp_path / "responses.parquet").touch()
+    assert layout.responses() == tmp_path / "responses.parquet"
+    (tmp_path / "responses.csv").touch()
+    assert layout.responses() == tmp_path / "responses.csv"        # CSV first, as the analysis reads it
+
+
+def test_flags_are_settings_applied_after_set_overrides():
+    assert settings_tree({"train.epochs": 3, "train.lr": None, "study.name": "x"}) == {
+        "train": {"epochs": 3}, "study": {"name": "x"}}
+    cfg = load_study(profile="quick", overrides=["train.epochs=7", "train.lr=0.5"],
+                     settings=settings_tree({"train.epochs": 2, "train.lr": None}))
+    assert cfg.train.epochs == 2 and cfg.train.lr == 0.5
+    from sparsight.config import ConfigError
+    with pytest.raises(ConfigError, match="unknown key train.epoch"):
+        load_study(profile="quick", settings={"train": {"epoch": 2}})
+
+
+def test_study_paths_and_upstream_records(tmp_path):
+    cfg = load_study(profile="quick", overrides=[f'study.output_dir="{tmp_path}"'])
+    study = Study(cfg)
+    assert study.data_root == tmp_path / "quick" / "data" == study.layout.data
+    assert study.upstream("base") == {"fingerprint": None, "outputs": None}
+    study.records["base"] = {"fingerprint": "f", "outputs": {"models/base/model.pt": "d"}, "seconds": 1.0}
+    assert study.upstream("base") == {"fingerprint": "f", "outputs": {"models/base/model.pt": "d"}}
+
+
+def test_open_study_leaves_the_process_group_whatever_happens(monkeypatch):
+    from pruning.training import distributed
+
+    closed = []
+
+    class Group:
+        is_main, device = True, "cpu"
+
+        def close(self):
+            closed.append(True)
+
+    monkeypatch.setattr(distributed, "init_distributed", lambda device: Group())
+    with pytest.raises(ValueError):
+        with distributed.open_study(load_study(profile="quick")) as study:
+            assert isinstance(study.ctx, Group) and study.is_main
+            raise ValueError("a stage failed")
+    assert closed == [True]
