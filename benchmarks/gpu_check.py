@@ -263,6 +263,7 @@ def prepare_data(work: Path, smoke: bool) -> dict:
             out.parent.mkdir(parents=True, exist_ok=True)
             Image.open(png).convert("RGB").save(out, quality=90)
     probe = work / "probe"
+    shutil.rmtree(probe, ignore_errors=True)    # a --workdir used before gets a fresh probe
     shutil.copytree(shapes / "val", probe / "images")
     shutil.copytree(shapes / "masks" / "val", probe / "masks")
     shutil.copy(shapes / "concepts.json", probe / "concepts.json")
