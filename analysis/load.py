@@ -29,8 +29,6 @@ import pandas as pd
 from sparsight.config import StudyConfig, study_from_run_dir
 from sparsight.layout import Layout
 from stimuli.units import Unit, split_unit_name
-from survey_app.mis import MODEL_COLUMNS as MIS_MODEL_COLUMNS
-from survey_app.mis import UNIT_COLUMNS as MIS_UNIT_COLUMNS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -390,7 +388,8 @@ def load_units(run_dir: str | Path, models: pd.DataFrame | None = None,
     top1) and, where dissected, the unit's ``concept``, ``iou`` and ``interpretable`` flag."""
     units = _read_table(Layout(run_dir).mis_units)
     if units is None or units.empty:
-        return pd.DataFrame(columns=[*MIS_UNIT_COLUMNS, "unit_id", *MODEL_KEYS])
+        from survey_app.mis import UNIT_COLUMNS
+        return pd.DataFrame(columns=[*UNIT_COLUMNS, "unit_id", *MODEL_KEYS])
     units = units.copy()
     units["model_id"] = units["model_id"].astype(str)
     units["unit_id"] = [unit_id(lay, u) for lay, u in zip(units["layer"], units["unit"])]
@@ -422,7 +421,8 @@ def load_mis_models(run_dir: str | Path, models: pd.DataFrame | None = None) -> 
     """``mis/models.csv`` (one row per model and reference kind, MIS with its bootstrap CI) plus metadata."""
     table = _read_table(Layout(run_dir).mis_models)
     if table is None or table.empty:
-        return pd.DataFrame(columns=[*MIS_MODEL_COLUMNS, *MODEL_KEYS])
+        from survey_app.mis import MODEL_COLUMNS
+        return pd.DataFrame(columns=[*MODEL_COLUMNS, *MODEL_KEYS])
     table = table.copy()
     table["model_id"] = table["model_id"].astype(str)
     return _attach_models(table, models if models is not None else load_models(run_dir))

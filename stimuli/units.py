@@ -14,10 +14,10 @@ import random
 import re
 from dataclasses import dataclass
 
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
-from pruning.models.registry import trace_blank, unwrap
+if TYPE_CHECKING:       # units are named and sampled without torch (the survey app reads them too)
+    from torch import nn
 
 SAMPLINGS = ("per-layer", "imi", "all")
 
@@ -63,9 +63,10 @@ def split_unit_name(text) -> tuple[str, int | None]:
     return str(text), None
 
 
-@torch.no_grad()
 def layer_channels(model: nn.Module, layers: list[str], input_size: int) -> dict[str, int]:
     """Output channels of each named layer (traced with one forward pass on a blank image)."""
+    from pruning.models.registry import trace_blank, unwrap
+
     model = unwrap(model)
     modules = dict(model.named_modules())
     missing = [name for name in layers if name not in modules]

@@ -158,3 +158,15 @@ def test_the_walk_sees_nested_and_relative_imports():
     """The walk is only as good as its parser: a nested relative import inside a function is found."""
     targets = {t for t, _, _ in imports_of("sparsight.cli")}
     assert {"pruning.training", "analysis.stages", "sparsight.study"} <= targets
+
+
+@pytest.mark.parametrize("module", ["sparsight.cli", "survey_app.app", "analysis.load"])
+def test_light_entry_points_do_not_load_torch(module):
+    """The command's start, the survey server's workers and the analysis tables come up without torch."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", f"import sys, {module}; print('torch' in sys.modules)"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
