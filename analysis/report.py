@@ -37,6 +37,7 @@ import pandas as pd
 
 from sparsight.config import StudyConfig
 from sparsight.files import atomic_write_text
+from sparsight.layout import REPORT_HTML, REPORT_JSON, Layout
 
 from . import figures as fig
 from .gallery import make_gallery
@@ -658,7 +659,7 @@ def analyze(run_dir: str | Path, cfg: StudyConfig | None = None, out: str | Path
     if not run_dir.is_dir():
         raise FileNotFoundError(f"study directory {run_dir} does not exist")
     cfg = cfg or study_config(run_dir)
-    out = Path(out) if out is not None else run_dir / "report"
+    out = Path(out) if out is not None else Layout(run_dir).report
     data = load_study_data(run_dir, cfg, trials=trials, source=source)
     humans = split_humans(data.trials)
     entries: list[Entry] = []
@@ -679,7 +680,7 @@ def analyze(run_dir: str | Path, cfg: StudyConfig | None = None, out: str | Path
     gallery = make_gallery(data.run_dir, data.models, out / "figures", seed=cfg.study.seed)
     results["gallery"] = {k: str(Path(v).relative_to(out)) for k, v in gallery.items()}
     results["warnings"] = sorted({f"{w.category.__name__}: {w.message}" for w in caught})
-    files = {"html": out / "index.html", "json": out / "results.json"}
+    files = {"html": out / REPORT_HTML, "json": out / REPORT_JSON}
     payload = plain(results)
     atomic_write_text(files["json"], json.dumps(payload, indent=2, allow_nan=False))
     atomic_write_text(files["html"], render(results, {**figures, **gallery}, cfg))

@@ -19,6 +19,8 @@ MANIFEST_FILE = "manifest.parquet"
 UNITS_FILE = "units.csv"
 MODELS_FILE = "models.csv"
 RESPONSE_FILES = ("responses.csv", "responses.parquet")
+REPORT_HTML = "index.html"
+REPORT_JSON = "results.json"
 
 
 @dataclass(frozen=True)
@@ -133,11 +135,11 @@ class Layout:
 
     @property
     def report_html(self) -> Path:
-        return self.report / "index.html"
+        return self.report / REPORT_HTML
 
     @property
     def report_json(self) -> Path:
-        return self.report / "results.json"
+        return self.report / REPORT_JSON
 
     def stage_record(self, name: str) -> Path:
         return self.root / ".stages" / f"{name}.json"

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from sparsight.config import apply_settings, load_study, write_study
+from sparsight.layout import Layout
 from stimuli.bank import StimulusBank
 
 
@@ -25,7 +26,7 @@ def make_bank(root: str | Path, *, models=("base", "m1"), kinds=("natural", "syn
               n_tasks: int = 4, k: int = 3, size: int = 16, seed: int = 0) -> Path:
     """Write ``root/stimuli`` (images, parts, manifest.parquet); return the manifest path."""
     rng = np.random.default_rng(seed)
-    bank = StimulusBank(Path(root) / "stimuli")
+    bank = StimulusBank(Layout(root).stimuli)
     for model_id in models:
         for kind in kinds:
             for layer, unit in units:
