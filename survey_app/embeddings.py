@@ -26,6 +26,7 @@ from PIL import Image
 
 from sparsight.files import atomic_write_bytes
 from sparsight.layout import Layout
+from sparsight.registry import Registry
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -75,11 +76,17 @@ def _digest(path: Path) -> str:
     return sha256_file(path)[:12]
 
 
+#: Embeddings of their own (any registered image model is one too, with its weights).
+EMBEDDINGS = Registry("embedding")
+
+
+@EMBEDDINGS.register("pixels")
 def _pixels(_run_dir, _weights, device, size):
     return Embedding("pixels", f"pixels-{size or 16}", size or 16, lambda b: b.flatten(1).float() / 255 - 0.5,
                      torch.device(device))
 
 
+@EMBEDDINGS.register("observer")
 def _observer(run_dir, _weights, device, size):
     from pruning.models import load_checkpoint
     from sparsight.config import load_study
@@ -109,6 +116,7 @@ def _registered(name: str):
     return build
 
 
+@EMBEDDINGS.register("dreamsim")
 def _dreamsim(_run_dir, weights, device, size):
     try:
         from dreamsim import dreamsim
@@ -130,18 +138,15 @@ def _dreamsim(_run_dir, weights, device, size):
 
 def embedding_names() -> list[str]:
     from pruning.models import MODELS
-    return sorted(set(BUILDERS) | {m for m in MODELS if m not in ("inception-small", "observer-small")})
-
-
-BUILDERS = {"pixels": _pixels, "observer": _observer, "dreamsim": _dreamsim}
+    return sorted(set(EMBEDDINGS) | {m for m in MODELS if m not in ("inception-small", "observer-small")})
 
 
 def create_embedding(name: str, run_dir: str | os.PathLike | None = None, *, weights: str = "",
                      device: str | torch.device = "cpu", size: int = 0) -> Embedding:
     """The embedding backbone ``name`` (see the module docstring); errors list the valid names."""
     from pruning.models import MODELS
-    if name in BUILDERS:
-        return BUILDERS[name](run_dir, weights, device, size)
+    if name in EMBEDDINGS:
+        return EMBEDDINGS[name](run_dir, weights, device, size)
     if name in MODELS:
         return _registered(name)(run_dir, weights, device, size)
     raise ValueError(f"unknown embedding {name!r}; choose from {embedding_names()}")
