@@ -19,21 +19,15 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from sparsight.config import StudyConfig, study_from_run_dir
+from sparsight.config import StudyConfig, read_toml, study_from_run_dir
 from sparsight.layout import Layout
 from stimuli.units import Unit, split_unit_name
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 #: Model metadata joined onto the per-unit and per-model MIS tables.
 MODEL_KEYS = ("method", "schedule", "series", "rate", "sparsity", "top1")
@@ -297,13 +291,7 @@ def parse_mapping(items) -> dict[str, str]:
 
 def read_mapping(path: str | Path) -> dict[str, str]:
     """Column mapping from a TOML file with a ``[columns]`` table (``participant = "subj"``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"mapping file {path} does not exist")
-    try:
-        tree = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"mapping file {path} is not valid TOML: {err}") from None
+    tree = read_toml(path, "mapping file", ValueError)
     columns = tree.get("columns")
     if not isinstance(columns, dict) or not columns:
         raise ValueError(f"mapping file {path} needs a [columns] table, e.g. [columns] participant = \"subj\"")

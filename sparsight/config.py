@@ -511,19 +511,22 @@ def parse_override(text: str) -> dict:
     return {section: {key: value}}
 
 
+def read_toml(path: str | Path, what: str, error: type[Exception] = ConfigError) -> dict:
+    """The TOML file ``path``; a missing or invalid file raises ``error`` naming it as ``what``."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} {path} does not exist")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise error(f"{what} {path} is not valid TOML: {err}") from None
+
+
 def load_study(path: str | Path | None = None, profile: str | None = None,
                overrides: typing.Iterable[str] = (), settings: dict | None = None) -> StudyConfig:
     """Resolve a study: defaults, profile, study file, ``section.key=value`` overrides, then ``settings``
     (``{section: {key: value}}``, e.g. from command-line flags)."""
-    file_tree: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"study file {path} does not exist")
-        try:
-            file_tree = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"study file {path} is not valid TOML: {err}") from None
+    file_tree = read_toml(path, "study file") if path is not None else {}
     file_profile = file_tree.get("study", {}).get("profile") if isinstance(file_tree.get("study"), dict) else None
     chosen = profile or file_profile or "default"
     if chosen not in PROFILES:
