@@ -80,3 +80,14 @@ def _choice_lists():
 def test_config_choices_equal_the_code_that_reads_them(setting):
     config_choices, code_choices = _choice_lists()[setting]
     assert sorted(config_choices) == sorted(code_choices)
+
+
+@pytest.mark.parametrize("first", ["pruning.criteria", "pruning.magnitude", "pruning.methods", "pruning.schedule"])
+def test_method_order_does_not_depend_on_which_module_is_imported_first(first):
+    import subprocess
+    import sys
+
+    code = f"import {first}, pruning.methods; from pruning.method_base import METHODS; print(','.join(METHODS))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ",".join(METHODS)
+    assert out.stdout.startswith("unstructured-local,")
