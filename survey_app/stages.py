@@ -65,7 +65,8 @@ def run_mis(study, *, log=print) -> list[Path]:
                            progress=cfg.study.progress)
     deltas = task_deltas(Material(layout.stimuli), cache)
     files = [atomic_write_text(out / "tasks.csv", deltas.to_csv(index=False))]
-    alpha, source = _alpha(run_dir, cfg, deltas, embedding.key, files, log)
+    alpha, source, calibration_file = _alpha(run_dir, cfg, deltas, embedding.key, log)
+    files += [calibration_file] if calibration_file else []
     status_csv = layout.stimulus_units
     status = pd.read_csv(status_csv) if status_csv.is_file() and status_csv.stat().st_size > 1 else None
     units = with_status(unit_scores(deltas, alpha), status).assign(alpha=alpha, alpha_source=source,
@@ -77,19 +78,19 @@ def run_mis(study, *, log=print) -> list[Path]:
     return files
 
 
-def _alpha(run_dir: Path, cfg, deltas: pd.DataFrame, embedding_key: str, files: list[Path], log) -> tuple[float, str]:
-    """The MIS temperature α and its source: fitted on human responses when ``mis.alpha_source = "auto"``
-    and there are enough (``mis/calibration.json`` is added to ``files``), else the configured one."""
+def _alpha(run_dir: Path, cfg, deltas: pd.DataFrame, embedding_key: str, log) -> tuple[float, str, Path | None]:
+    """The MIS temperature α, its source, and ``mis/calibration.json`` when α was fitted on human
+    responses (``mis.alpha_source = "auto"`` and enough of them), else the configured α and None."""
     mis = cfg.mis
     out = Layout(run_dir).mis
-    alpha, source = mis.alpha, "configured"
+    alpha, source, written = mis.alpha, "configured", None
     if mis.alpha_source == "auto":
         responses = read_responses(run_dir, cfg)
         trials = human_trials(responses, deltas)
         if len(trials) >= mis.min_human_responses:
             report = calibration(trials, seed=cfg.study.seed)
             report.update(embedding=embedding_key, configured_alpha=mis.alpha)
-            files.append(atomic_write_text(out / "calibration.json", json.dumps(report, indent=2)))
+            written = atomic_write_text(out / "calibration.json", json.dumps(report, indent=2))
             alpha, source = report["alpha"], "fitted"
             log(f"[mis] α fitted on {report['responses']} human responses: {alpha:.3g} "
                 f"(95% CI {report['alpha_ci'][0]:.3g}–{report['alpha_ci'][1]:.3g})")
@@ -99,7 +100,7 @@ def _alpha(run_dir: Path, cfg, deltas: pd.DataFrame, embedding_key: str, files: 
     if source != "fitted" and stale.is_file():
         stale.unlink()
         log(f"[mis] removed the earlier {stale.name}: it no longer describes this MIS (α {alpha:.3g}, {source})")
-    return alpha, source
+    return alpha, source, written
 
 
 def _why_not_fitted(run_dir: Path, cfg, responses: pd.DataFrame, usable: int) -> str:
