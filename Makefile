@@ -27,9 +27,17 @@ test-fast: $(STAMP)
 benchmarks: $(STAMP)
 	$(BIN)/python -m benchmarks.run_all
 
-# every CUDA path and GPU benchmark in one run (SMOKE=1: tiny sizes on the CPU)
+# every CUDA path and GPU benchmark in one run (SMOKE=1: tiny sizes on the CPU; GPU_CHECK_ARGS: more flags).
+# WHEELS=DIR, on a GPU machine without a package index: PYTHON's own torch, and the wheels that
+# `python -m benchmarks.wheelhouse --out DIR` gathered installed into build/site beside it
+ifdef WHEELS
+gpu-check:
+	$(PYTHON) -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target build/site $(WHEELS)/*.whl
+	PYTHONPATH=$(CURDIR)/build/site:$(CURDIR) $(PYTHON) -m benchmarks.gpu_check $(if $(SMOKE),--smoke) $(GPU_CHECK_ARGS)
+else
 gpu-check: $(STAMP)
-	$(BIN)/python -m benchmarks.gpu_check $(if $(SMOKE),--smoke)
+	$(BIN)/python -m benchmarks.gpu_check $(if $(SMOKE),--smoke) $(GPU_CHECK_ARGS)
+endif
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

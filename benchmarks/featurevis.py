@@ -43,6 +43,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--steps", type=int, default=512)
     p.add_argument("--units", type=int, default=8, help="units 0..N-1 of the layer")
+    p.add_argument("--lucent-units", type=int, default=0,
+                   help="render only the first N units with lucent (0: all); its s/unit is per unit either way")
     p.add_argument("--batch-size", type=int, default=64, help="images optimized at once by render_units")
     p.add_argument("--n-plain", type=int, default=1)
     p.add_argument("--n-diverse", type=int, default=8)
@@ -126,8 +128,9 @@ def steps_to_target(model, layer, units, targets, reached_at, device) -> torch.T
     return out
 
 
-def quality_normalised(model, units, args, device, sync) -> dict:
-    """Seconds per unit until the plain max image drives the unit as hard as its natural top images."""
+def quality_normalised(model, units, lucent_units, args, device, sync) -> dict:
+    """Seconds per unit until the plain max image drives the unit as hard as its natural top images
+    (``lucent_units``, a prefix of ``units``, for lucent)."""
     targets = natural_targets(model, args.layer, units, args, device)
     checkpoints = [s for s in (8, 16, 32, 64, 128, 256, 512, 1024, 2048) if s <= args.steps] or [args.steps]
     ours, ours_time = [], {}
@@ -141,8 +144,8 @@ def quality_normalised(model, units, args, device, sync) -> dict:
         ours_time[steps] = (time.perf_counter() - t0) / len(units)
         ours.append((steps, torch.cat([r.images for r in rendered])))
     ours_steps = steps_to_target(model, args.layer, units, targets, ours, device)
-    lucent_steps, lucent_per_step = torch.full((len(units),), float("inf")), 0.0
-    for i, unit in enumerate(units):
+    lucent_steps, lucent_per_step = torch.full((len(lucent_units),), float("inf")), 0.0
+    for i, unit in enumerate(lucent_units):
         fresh = copy.deepcopy(model).requires_grad_(False)
         objective = objectives.channel(args.layer.replace(".", "_"), unit)
         sync()
@@ -151,7 +154,7 @@ def quality_normalised(model, units, args, device, sync) -> dict:
                                    transforms=lucent_transforms(args.image_size), thresholds=tuple(checkpoints),
                                    show_image=False, progress=False, fixed_image_size=args.image_size)
         sync()
-        lucent_per_step += (time.perf_counter() - t0) / max(checkpoints) / len(units)
+        lucent_per_step += (time.perf_counter() - t0) / max(checkpoints) / len(lucent_units)
         reached = [(s, torch.from_numpy(img).permute(0, 3, 1, 2)) for s, img in zip(checkpoints, images)]
         lucent_steps[i] = steps_to_target(model, args.layer, [unit], targets[i:i + 1], reached, device)[0]
     ours_per_step = ours_time[max(checkpoints)] / max(checkpoints)
@@ -163,8 +166,8 @@ def quality_normalised(model, units, args, device, sync) -> dict:
                                         ("ours", "render_units, batched", ours_steps, ours_per_step)):
         finite = steps[torch.isfinite(steps)]
         median = float(finite.median()) if len(finite) else float("inf")
-        print(f"{label:28s} {len(finite):4d}/{len(units):<3d} {median:13.0f} {median * per_step:16.3f}")
-        out[key] = {"reached": int(len(finite)), "units": len(units), "median_steps": median,
+        print(f"{label:28s} {len(finite):4d}/{len(steps):<3d} {median:13.0f} {median * per_step:16.3f}")
+        out[key] = {"reached": int(len(finite)), "units": len(steps), "median_steps": median,
                     "s_per_unit_to_valid": median * per_step}
     print("(lucent optimizes the post-ReLU channel from lucent's own start; render_units its default objective)")
     return out
@@ -182,20 +185,21 @@ def main(args) -> dict:
     np.random.seed(args.seed)
     model = (load_checkpoint(args.weights).model if args.weights else create_model(args.arch)).to(device).eval()
     units = list(range(args.units))
+    lucent_units = units[:args.lucent_units] if args.lucent_units else units
     settings = FeatureVisSettings(steps=args.steps, image_size=args.image_size, batch_size=args.batch_size,
                                   n_diverse=args.n_diverse, n_plain=args.n_plain, diversity=args.diversity,
                                   seed=args.seed)
     per_unit = args.n_plain + args.n_diverse
     print(f"device: {name}; torch {torch.__version__}; {args.arch} {args.layer}; {args.image_size} px; "
           f"{args.steps} steps; {args.units} units × {len(args.directions)} directions × {per_unit} images; "
-          f"batch {args.batch_size}")
+          f"batch {args.batch_size}; lucent on {len(lucent_units)} of them")
     # warm-up (allocator, kernels) for both
     lucent_unit(model, args.layer, 0, argparse.Namespace(**{**vars(args), "steps": 2}), sync)
     render_units(model, args.layer, units[:1], FeatureVisSettings(**{**vars(settings), "steps": 2}),
                  directions=args.directions)
 
     lucent_seconds, lucent_images = 0.0, []
-    for unit in units:
+    for unit in lucent_units:
         seconds, image = lucent_unit(model, args.layer, unit, args, sync)
         lucent_seconds += seconds
         lucent_images.append(image)
@@ -206,19 +210,20 @@ def main(args) -> dict:
     ours_seconds = time.perf_counter() - t0
 
     print(f"{'renderer':28s} {'s/unit':>8s} {'images/s':>9s} {'act (plain max)':>16s}")
-    rows = [("lucent render_vis, per unit", lucent_seconds, lucent_images),
-            ("render_units, batched", ours_seconds, [r.images[:1] for r in rendered if r.direction == "max"])]
-    n_images = args.units * len(args.directions) * per_unit
-    for label, seconds, images in rows:
+    rows = [("lucent render_vis, per unit", lucent_seconds, lucent_images, lucent_units),
+            ("render_units, batched", ours_seconds, [r.images[:1] for r in rendered if r.direction == "max"], units)]
+    for label, seconds, images, rendered_units in rows:
         act = float("nan")
         if "max" in args.directions and args.n_plain:
-            act = unit_means(model, args.layer, torch.cat(images), units, device).mean().item()
-        print(f"{label:28s} {seconds / args.units:8.3f} {n_images / seconds:9.1f} {act:16.3f}")
-    print(f"speed-up (lucent s/unit ÷ render_units s/unit): {lucent_seconds / ours_seconds:.2f}×")
-    result = {"lucent_s_per_unit": lucent_seconds / args.units, "ours_s_per_unit": ours_seconds / args.units,
-              "speedup": lucent_seconds / ours_seconds}
+            act = unit_means(model, args.layer, torch.cat(images), rendered_units, device).mean().item()
+        n_images = len(rendered_units) * len(args.directions) * per_unit
+        print(f"{label:28s} {seconds / len(rendered_units):8.3f} {n_images / seconds:9.1f} {act:16.3f}")
+    lucent_per_unit, ours_per_unit = lucent_seconds / len(lucent_units), ours_seconds / len(units)
+    print(f"speed-up (lucent s/unit ÷ render_units s/unit): {lucent_per_unit / ours_per_unit:.2f}×")
+    result = {"lucent_s_per_unit": lucent_per_unit, "ours_s_per_unit": ours_per_unit,
+              "speedup": lucent_per_unit / ours_per_unit, "units": len(units), "lucent_units": len(lucent_units)}
     if args.quality:
-        result["quality"] = quality_normalised(model, units, args, device, sync)
+        result["quality"] = quality_normalised(model, units, lucent_units, args, device, sync)
     return result
 
 

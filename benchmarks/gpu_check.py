@@ -3,10 +3,15 @@
     python -m benchmarks.gpu_check             # on one H100/H200: every check at its GPU size (< 9 minutes)
     python -m benchmarks.gpu_check --smoke     # the same checks at tiny sizes on a CPU (< 10 minutes on 2 cores)
     make gpu-check [SMOKE=1]
+    make gpu-check WHEELS=build/wheels PYTHON=python3   # a PyTorch image without a package index (wheelhouse.py)
 
 Checks, in order (each is timed, and a failure is recorded, never fatal to the others):
 
 - ``cuda-tests``: every ``cuda``-marked test (pytest ``-m cuda``);
+- ``googlenet-study``: ``sparsight run`` of a GoogLeNet mini-study on generated JPEGs with random
+  weights saved under the torchvision weights file name in a temporary ``TORCH_HOME`` (so the real
+  loading code runs): two methods × one rate, one retraining epoch, stimuli for 16 units, MIS,
+  dissection on a Broden-style probe folder, the report;
 - ``featurevis``: ``render_units`` vs lucent one unit at a time (GoogLeNet, 224 px, 512 steps), s/unit,
   the speed-up and the quality-normalised s/unit (until the max image reaches the natural top images);
 - ``mining``: activation mining img/s of every unit layer (fp32 and bf16);
@@ -14,16 +19,16 @@ Checks, in order (each is timed, and a failure is recorded, never fatal to the o
   PIL DataLoader in the same run;
 - ``mask-overhead``: training with pruning masks enforced vs dense;
 - ``train-throughput``: fp32 / bf16 + channels_last / + compile;
-- ``mis``: MIS from cached embeddings vs a per-task loop, and embedding throughput;
-- ``googlenet-study``: ``sparsight run`` of a GoogLeNet mini-study on generated JPEGs with random
-  weights saved under the torchvision weights file name in a temporary ``TORCH_HOME`` (so the real
-  loading code runs): two methods × one rate, one retraining epoch, stimuli for 16 units, MIS,
-  dissection on a Broden-style probe folder, the report.
+- ``mis``: MIS from cached embeddings vs a per-task loop, and embedding throughput.
 
-Writes ``benchmarks/results/gpu-check-<device>.json`` (``device``, ``torch``, ``smoke`` and ``checks``:
-``{name, status, value, target, seconds}`` with status passed | failed | measured | skipped) and
-prints a table.  Without a GPU every check that needs one reports ``skipped`` and the targets
-(which are GPU targets) are not judged: the values are ``measured``.
+Writes ``benchmarks/results/gpu-check-<device>.json`` (``device``, ``torch``, ``smoke``, ``packages`` and
+``checks``: ``{name, status, value, target, seconds}`` with status passed | failed | measured | skipped)
+after every check, so a run cut short still leaves what it measured, and prints a table at the end.
+Before any check it makes sure every package the project needs imports (one line names the missing
+ones; ``python -m benchmarks.wheelhouse`` builds a folder of wheels for a machine without a package
+index).  ``--budget-s`` bounds the whole run: a check still running at the budget is stopped and
+recorded as failed, and the checks after it as skipped.  Without a GPU every check that needs one
+reports ``skipped`` and the targets (which are GPU targets) are not judged: the values are ``measured``.
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -50,14 +56,17 @@ TARGETS = {"featurevis_s_per_unit": 0.15, "featurevis_speedup": 90.0, "jpeg_trai
 
 # Sizes: (GPU, smoke on a CPU)
 SIZES = {
-    "featurevis": (["--arch", "googlenet", "--image-size", "224", "--steps", "512", "--units", "8", "--n-diverse", "2",
-                    "--batch-size", "192"],
+    # lucent renders 2 of the 16 units: its s/unit is per unit, and one unit takes it ~10 s on a GPU
+    "featurevis": (["--arch", "googlenet", "--image-size", "224", "--steps", "512", "--units", "16",
+                    "--lucent-units", "2", "--n-diverse", "2", "--batch-size", "192"],
                    ["--arch", "inception-small", "--image-size", "64", "--steps", "16", "--units", "2",
                     "--n-diverse", "1", "--batch-size", "8", "--device", "cpu"]),
     "mining": (["--arch", "googlenet", "--batch-size", "256", "--batches", "20", "--rounds", "3"],
                ["--arch", "inception-small", "--image-size", "64", "--batch-size", "32", "--batches", "4",
                 "--rounds", "1", "--warmup", "2", "--k", "20", "--device", "cpu"]),
-    "jpeg": (["--train-images", "8192", "--val-images", "4096", "--steps", "40", "--warmup", "10", "--compile"],
+    # retraining as the study runs it (no torch.compile); loader-only, plain-training and mining rows are
+    # left to the mining and train-throughput checks
+    "jpeg": (["--train-images", "8192", "--val-images", "256", "--skip", "loader", "train", "mining"],
              ["--device", "cpu", "--arch", "inception-small", "--image-size", "64", "--train-images", "200",
               "--val-images", "200", "--batch-size", "16", "--steps", "3", "--warmup", "1", "--workers", "1"]),
     "mask": (["--models", "googlenet", "--steps", "20", "--rounds", "3"],
@@ -77,7 +86,72 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="+", default=None, choices=CHECK_NAMES, help="run only these checks")
     p.add_argument("--out", default=None, help="JSON file (default: benchmarks/results/gpu-check-<device>.json)")
     p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="seconds for the whole run (default: 510 on a GPU, none on a CPU); a check still running "
+                        "then is stopped and recorded as failed, later ones as skipped")
     return p
+
+
+# ---- before any check -------------------------------------------------------------------------------------
+def required_packages() -> list[str]:
+    """The distributions the checks import: the project's dependencies (``pyproject.toml``) and pytest."""
+    from benchmarks.wheelhouse import project_requirements
+
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    return [re.match(r"[A-Za-z0-9_.-]+", req).group(0) for req in project_requirements(version)]
+
+
+def installed_versions(names: list[str]) -> tuple[dict, list[str]]:
+    """``({name: version}, [missing names])`` as ``importlib.metadata`` sees them on ``sys.path``."""
+    from importlib import metadata
+
+    versions, missing = {}, []
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            missing.append(name)
+    return versions, missing
+
+
+def subprocess_env(**extra) -> dict:
+    """The environment for the checks' subprocesses, which run in other folders: this source tree first on
+    ``PYTHONPATH``, and the entries already there made absolute."""
+    inherited = [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *inherited]), **extra}
+
+
+class TimeBudget:
+    """Seconds left of the run's budget, and an alarm that stops a check running past it."""
+
+    def __init__(self, seconds: float | None):
+        self.end = None if seconds is None else time.monotonic() + seconds
+
+    def left(self) -> float | None:
+        return None if self.end is None else self.end - time.monotonic()
+
+    @contextlib.contextmanager
+    def alarm(self):
+        """Raise ``BudgetExceeded`` in this (main) thread when the budget runs out."""
+        left = self.left()
+        if left is None or not hasattr(signal, "setitimer"):
+            yield
+            return
+
+        def stop(signum, frame):
+            raise BudgetExceeded(f"stopped at the run's time budget")
+
+        previous = signal.signal(signal.SIGALRM, stop)
+        signal.setitimer(signal.ITIMER_REAL, max(left, 0.01))
+        try:
+            yield
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+
+
+class BudgetExceeded(Exception):
+    """A check ran past the run's time budget."""
 
 
 def check(name: str, status: str, value, target, seconds: float) -> dict:
@@ -96,9 +170,16 @@ def _bench(module: str, argv: list[str]) -> dict:
 
 
 # ---- the checks ---------------------------------------------------------------------------------------
+def cuda_test_files() -> list[str]:
+    """The test files that hold ``cuda``-marked tests (collecting only these needs no browser or database)."""
+    return [str(p.relative_to(ROOT)) for p in sorted((ROOT / "tests").glob("test_*.py"))
+            if "mark.cuda" in p.read_text()]
+
+
 def cuda_tests(ctx) -> tuple:
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests"],
-                          cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
+                           *cuda_test_files()], cwd=ROOT, capture_output=True, text=True, env=subprocess_env(),
+                          timeout=ctx["budget"].left())
     tail = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or [""]
     counts = {k: int(n) for n, k in re.findall(r"(\d+) (passed|failed|skipped|error)", tail[0])}
     if not ctx["gpu"]:
@@ -221,9 +302,9 @@ main_trials = 4
 catch_trials = 1
 practice_trials = 1
 """)
-    env = {**os.environ, "TORCH_HOME": str(torch_home), "SPARSIGHT_DEBUG": "1"}
+    env = subprocess_env(TORCH_HOME=str(torch_home), SPARSIGHT_DEBUG="1")
     proc = subprocess.run([sys.executable, "-m", "sparsight", "run", "--study", str(study)], cwd=work,
-                          capture_output=True, text=True, env=env)
+                          capture_output=True, text=True, env=env, timeout=ctx["budget"].left())
     run_dir = work / "runs" / "googlenet-mini"
     results = run_dir / "report" / "results.json"
     if proc.returncode != 0 or not results.is_file():
@@ -237,9 +318,11 @@ practice_trials = 1
     return "passed", value, "the mini-study completes (data, prune, stimuli, MIS, dissection, report)"
 
 
-CHECKS = {"cuda-tests": cuda_tests, "featurevis": featurevis, "mining": mining, "jpeg-training": jpeg_training,
-          "mask-overhead": mask_overhead, "train-throughput": train_throughput, "mis": mis,
-          "googlenet-study": googlenet_study}
+#: the research path first (the CUDA tests, then the GoogLeNet mini-study), the benchmarks after it, so a
+#: run that meets its time budget early loses speed figures, not the proof that the path works
+CHECKS = {"cuda-tests": cuda_tests, "googlenet-study": googlenet_study, "featurevis": featurevis, "mining": mining,
+          "jpeg-training": jpeg_training, "mask-overhead": mask_overhead, "train-throughput": train_throughput,
+          "mis": mis}
 CHECK_NAMES = list(CHECKS)
 
 
@@ -270,35 +353,61 @@ def prepare_data(work: Path, smoke: bool) -> dict:
     return {"study_data": shapes, "jpeg_data": jpeg, "probe": probe}
 
 
+def run_check(name: str, ctx) -> dict:
+    """One check, timed; an error or the time budget is recorded as ``failed``, never raised."""
+    print(f"\n## {name}", flush=True)
+    t0 = time.perf_counter()
+    if (ctx["budget"].left() or 1) <= 0:
+        status, value, target = "skipped", "the run's time budget was spent before this check", None
+    else:
+        try:
+            with ctx["budget"].alarm():
+                status, value, target = CHECKS[name](ctx)
+        except (BudgetExceeded, subprocess.TimeoutExpired) as err:
+            status, value, target = "failed", f"{err.__class__.__name__}: stopped at the run's time budget", None
+        except Exception as err:  # noqa: BLE001 - every check is recorded, the others still run
+            traceback.print_exc()
+            status, value, target = "failed", f"{type(err).__name__}: {err}", None
+    result = check(name, status, _plain(value), target, time.perf_counter() - t0)
+    print(f"-> {status} in {result['seconds']} s", flush=True)
+    return result
+
+
+def write_report(out: Path, report: dict) -> None:
+    """Replace ``out`` whole (written after every check, so a run cut short keeps what it measured)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2, allow_nan=False))
+    os.replace(tmp, out)
+
+
 def main(args) -> dict:
+    packages, missing = installed_versions(required_packages())
+    if missing:
+        print(f"Error: missing packages: {', '.join(missing)} (install them, or on a machine without a package index "
+              f"put `python -m benchmarks.wheelhouse` wheels on PYTHONPATH)", file=sys.stderr)
+        raise SystemExit(2)
     import torch
 
     gpu = torch.cuda.is_available() and not args.smoke
     device = torch.cuda.get_device_name(0) if gpu else "cpu"
     names = args.only or CHECK_NAMES
     out = Path(args.out) if args.out else HERE / "results" / f"gpu-check-{re.sub(r'[^A-Za-z0-9]+', '-', device)}.json"
-    checks = []
+    budget = TimeBudget(args.budget_s if args.budget_s is not None else (510.0 if gpu else None))
+    report = {"device": device, "torch": torch.__version__, "smoke": bool(args.smoke), "packages": packages,
+              "checks": []}
     with contextlib.ExitStack() as stack:
         work = Path(args.workdir) if args.workdir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         work.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        ctx = {"gpu": gpu, "smoke": args.smoke, "size": 0 if gpu else 1, "work": work,
+        ctx = {"gpu": gpu, "smoke": args.smoke, "size": 0 if gpu else 1, "work": work, "budget": budget,
                **prepare_data(work, smoke=not gpu)}
         print(f"data prepared in {time.perf_counter() - t0:.1f} s", flush=True)
         for name in names:
-            print(f"\n## {name}", flush=True)
-            t0 = time.perf_counter()
-            try:
-                status, value, target = CHECKS[name](ctx)
-            except Exception as err:  # noqa: BLE001 - every check is recorded, the others still run
-                traceback.print_exc()
-                status, value, target = "failed", f"{type(err).__name__}: {err}", None
-            checks.append(check(name, status, _plain(value), target, time.perf_counter() - t0))
-            print(f"-> {status} in {checks[-1]['seconds']} s", flush=True)
-    report = {"device": device, "torch": torch.__version__, "smoke": bool(args.smoke), "checks": checks}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, allow_nan=False))
-    print("\n" + table(checks))
+            report["checks"].append(run_check(name, ctx))
+            write_report(out, report)
+    write_report(out, report)
+    print("\n" + table(report["checks"]))
     print(f"\n{out}")
     return report
 

@@ -28,3 +28,101 @@ def test_smoke_run_records_every_check_with_its_contract_fields(tmp_path):
     assert checks["mining"]["status"] == "measured" and checks["mining"]["value"]["fp32_img_s"] > 0
     assert checks["mis"]["value"]["mis"]["max_error"] < 1e-4
     assert all(f"{name:18s} {c['status']}" in proc.stdout for name, c in checks.items())
+
+
+def test_cuda_test_files_hold_every_cuda_marked_test():
+    """The check collects only these files; pytest's own selection over the whole suite finds no other."""
+    from benchmarks.gpu_check import cuda_test_files
+
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-m", "cuda",
+                           "-p", "no:cacheprovider", "tests"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    collected = {line.split("::")[0] for line in proc.stdout.splitlines() if "::" in line}
+    assert collected and collected == set(cuda_test_files())
+
+
+def test_a_check_past_the_budget_is_stopped_and_the_rest_skipped(monkeypatch, tmp_path):
+    import time
+
+    from benchmarks import gpu_check
+
+    def slow(ctx):
+        time.sleep(30)
+        return "measured", 1, None
+
+    monkeypatch.setitem(gpu_check.CHECKS, "slow", slow)
+    monkeypatch.setitem(gpu_check.CHECKS, "fast", lambda ctx: ("measured", 2, None))
+    ctx = {"budget": gpu_check.TimeBudget(0.5)}
+    t0 = time.monotonic()
+    first = gpu_check.run_check("slow", ctx)
+    assert time.monotonic() - t0 < 5
+    assert first["status"] == "failed" and "time budget" in first["value"]
+    assert gpu_check.run_check("fast", ctx)["status"] == "skipped"
+    assert gpu_check.run_check("fast", {"budget": gpu_check.TimeBudget(None)})["status"] == "measured"
+
+
+def test_the_report_is_on_disk_after_every_check(monkeypatch, tmp_path):
+    """A run cut short (here: the second check kills the process) leaves the first check's result."""
+    from benchmarks import gpu_check
+
+    out = tmp_path / "report.json"
+    seen = []
+
+    def first(ctx):
+        return "measured", 1, None
+
+    def second(ctx):
+        seen.append(json.loads(out.read_text()))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gpu_check, "CHECKS", {"first": first, "second": second})
+    monkeypatch.setattr(gpu_check, "prepare_data", lambda work, smoke: {})
+    args = gpu_check.get_args_parser().parse_args(["--smoke", "--out", str(out), "--workdir", str(tmp_path / "w")])
+    args.only = ["first", "second"]
+    with pytest.raises(KeyboardInterrupt):
+        gpu_check.main(args)
+    assert [c["name"] for c in seen[0]["checks"]] == ["first"]
+    assert json.loads(out.read_text())["checks"][0]["status"] == "measured"
+
+
+def test_missing_packages_stop_the_run_before_any_check(monkeypatch, capsys):
+    from benchmarks import gpu_check
+
+    monkeypatch.setattr(gpu_check, "required_packages", lambda: ["torch", "no-such-package-for-sure"])
+    monkeypatch.setattr(gpu_check, "CHECKS", {})
+    with pytest.raises(SystemExit) as stop:
+        gpu_check.main(gpu_check.get_args_parser().parse_args(["--smoke"]))
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no-such-package-for-sure" in err and "torch," not in err
+
+
+def test_every_project_dependency_is_checked_before_the_run():
+    """The preflight list is pyproject's dependencies (markers applied to this Python) plus pytest."""
+    import tomllib
+
+    from benchmarks.gpu_check import required_packages
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    applicable = [d for d in deps if "python_version < '3.11'" not in d]
+    assert len(required_packages()) == len(applicable) + 1 and required_packages()[-1] == "pytest"
+    assert "psycopg" in required_packages() and "tomli" not in required_packages()
+
+
+def test_subprocesses_find_this_tree_and_relative_pythonpath_entries_from_any_folder(monkeypatch, tmp_path):
+    """The mini-study runs in a scratch folder: a relative PYTHONPATH (``make gpu-check WHEELS=``) must
+    still point where it pointed."""
+    from benchmarks.gpu_check import subprocess_env
+
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "marker_pkg_for_env.py").write_text("WHERE = 'site'\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", "site")
+    env = subprocess_env(EXTRA="1")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = subprocess.run([sys.executable, "-c", "import marker_pkg_for_env, benchmarks, os; "
+                           "print(marker_pkg_for_env.WHERE, os.environ['EXTRA'])"],
+                          cwd=elsewhere, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["site", "1"]
