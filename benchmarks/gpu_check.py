@@ -239,22 +239,9 @@ def mis(ctx) -> tuple:
     return ("measured" if ok else "failed"), r, "equals the per-task loop (max |ΔΔ| < 1e-4)"
 
 
-def googlenet_study(ctx) -> tuple:
-    """``sparsight run`` of a GoogLeNet mini-study, exactly as a researcher would start one."""
-    import torch
-    from torchvision.models import GoogLeNet_Weights, googlenet
-
-    work = ctx["work"]
-    torch_home = work / "torch-home"
-    weights = GoogLeNet_Weights.IMAGENET1K_V1
-    target = torch_home / "hub" / "checkpoints" / os.path.basename(weights.url)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    net = googlenet(weights=None, aux_logits=False, init_weights=True, num_classes=1000)
-    torch.save(net.state_dict(), target)            # random weights under the real file name
-    smoke = ctx["smoke"]
-    study = work / "googlenet-mini.toml"
-    study.write_text(f"""
+def mini_study_toml(work: Path, jpeg_data: Path, probe: Path, small: bool) -> str:
+    """The GoogLeNet mini-study's file: at GPU size, or ``small`` (96 px, 8 steps) for a CPU."""
+    return f"""
 [study]
 name = "googlenet-mini"
 output_dir = "{work / 'runs'}"
@@ -262,10 +249,10 @@ profile = "paper"
 seed = 0
 [data]
 source = "folder"
-path = "{ctx['jpeg_data']}"
-image_size = {96 if smoke else 224}
-batch_size = {8 if smoke else 128}
-eval_batch_size = {16 if smoke else 256}
+path = "{jpeg_data}"
+image_size = {96 if small else 224}
+batch_size = {8 if small else 128}
+eval_batch_size = {16 if small else 256}
 [model]
 arch = "googlenet"
 weights = "IMAGENET1K_V1"
@@ -283,25 +270,42 @@ retrain_epochs = 1
 [evaluate]
 corruptions = ["gaussian_noise"]
 severities = [3]
-max_images = {16 if smoke else 256}
+max_images = {16 if small else 256}
 [units]
-units = ["inception4a:0-{3 if smoke else 15}"]
+units = ["inception4a:0-{3 if small else 15}"]
 [stimuli]
-n_tasks = {2 if smoke else 8}
+n_tasks = {2 if small else 8}
 n_references = 3
-fv_steps = {8 if smoke else 512}
+fv_steps = {8 if small else 512}
 fv_batch_units = 16
 [mis]
 bootstrap = 100
 [dissection]
-probe = "{ctx['probe']}"
+probe = "{probe}"
 units = "study"
 [survey]
 machine_participants = 1
 main_trials = 4
 catch_trials = 1
 practice_trials = 1
-""")
+"""
+
+
+def googlenet_study(ctx) -> tuple:
+    """``sparsight run`` of a GoogLeNet mini-study, exactly as a researcher would start one."""
+    import torch
+    from torchvision.models import GoogLeNet_Weights, googlenet
+
+    work = ctx["work"]
+    torch_home = work / "torch-home"
+    weights = GoogLeNet_Weights.IMAGENET1K_V1
+    target = torch_home / "hub" / "checkpoints" / os.path.basename(weights.url)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    net = googlenet(weights=None, aux_logits=False, init_weights=True, num_classes=1000)
+    torch.save(net.state_dict(), target)            # random weights under the real file name
+    study = work / "googlenet-mini.toml"
+    study.write_text(mini_study_toml(work, ctx["jpeg_data"], ctx["probe"], small=not ctx["gpu"]))
     env = subprocess_env(TORCH_HOME=str(torch_home), SPARSIGHT_DEBUG="1")
     proc = subprocess.run([sys.executable, "-m", "sparsight", "run", "--study", str(study)], cwd=work,
                           capture_output=True, text=True, env=env, timeout=ctx["budget"].left())

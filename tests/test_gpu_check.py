@@ -126,3 +126,40 @@ def test_subprocesses_find_this_tree_and_relative_pythonpath_entries_from_any_fo
                           cwd=elsewhere, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["site", "1"]
+
+
+BENCHMARK_OF = {"featurevis": "featurevis", "mining": "mining", "jpeg": "jpeg_pipeline", "mask": "mask_overhead",
+                "train": "train_throughput", "mis": "mis"}
+
+
+@pytest.mark.parametrize("size", [0, 1], ids=["gpu", "smoke"])
+def test_every_size_parses_with_its_benchmarks_own_parser(size):
+    """The GPU sizes never run on this machine: each argument list must at least be one its benchmark accepts."""
+    import importlib
+
+    from benchmarks.gpu_check import SIZES
+
+    assert set(SIZES) == set(BENCHMARK_OF)
+    for key, module in BENCHMARK_OF.items():
+        parser = importlib.import_module(f"benchmarks.{module}").get_args_parser()
+        parser.exit = lambda status=0, message=None: pytest.fail(f"{key}: {message}")
+        args = parser.parse_args(SIZES[key][size])
+        if size == 0:
+            assert getattr(args, "device", "auto") == "auto", key      # the GPU when there is one
+    gpu_fv = importlib.import_module("benchmarks.featurevis").get_args_parser().parse_args(SIZES["featurevis"][0])
+    assert (gpu_fv.arch, gpu_fv.image_size, gpu_fv.steps) == ("googlenet", 224, 512)
+    assert 0 < gpu_fv.lucent_units < gpu_fv.units
+
+
+@pytest.mark.parametrize("small", [False, True], ids=["gpu", "cpu"])
+def test_the_mini_study_file_is_a_valid_googlenet_study(tmp_path, small):
+    from benchmarks.gpu_check import mini_study_toml
+    from sparsight.config import load_study
+
+    path = tmp_path / "mini.toml"
+    path.write_text(mini_study_toml(tmp_path, tmp_path / "jpeg", tmp_path / "probe", small=small))
+    cfg = load_study(path)
+    assert cfg.model.arch == "googlenet" and cfg.model.weights == "IMAGENET1K_V1"
+    assert cfg.data.image_size == (96 if small else 224) and cfg.stimuli.fv_steps == (8 if small else 512)
+    assert cfg.prune.methods == ["unstructured-global", "structured"] and cfg.prune.retrain_epochs == 1
+    assert cfg.study.output_dir == str(tmp_path / "runs")
