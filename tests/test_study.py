@@ -62,10 +62,12 @@ def test_quick_study_writes_a_stimulus_bank_for_every_model(quick_run):
     manifest = pd.read_parquet(run_dir / "stimuli" / "manifest.parquet")
     validate_manifest(manifest, run_dir / "stimuli")
     models = set(pd.read_csv(run_dir / "evaluation.csv").model_id) - {"observer"}
-    assert set(manifest.model_id) == models
-    assert set(manifest.kind) == {"natural", "synthetic"}
     status = pd.read_csv(run_dir / "stimuli" / "units.csv")
     assert set(status.model_id) == models and set(status.status) <= {"ok", "dead", "pruned"}
+    # stimuli for every model with a live unit (at 90 % a method may prune away all of a model's sampled units)
+    assert set(manifest.model_id) == set(status[status.status == "ok"].model_id)
+    assert len(set(manifest.model_id)) >= len(models) - 3
+    assert set(manifest.kind) == {"natural", "synthetic"}
 
 
 def test_quick_study_scores_dissects_runs_machines_and_reports_every_model(quick_run):
