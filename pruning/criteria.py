@@ -19,6 +19,8 @@ being explained is the true-class logit (one-hot start), summed over a reference
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -112,12 +114,17 @@ class ActivationCriterion(FilterCriterion):
         raise NotImplementedError
 
     def filter_scores(self, model, layers, data):
+        composite = self.composite(model)
+        if composite is not None:
+            # zennit's canonizers rewrite parameters while registered (BatchNorm merged into the conv, a bias
+            # added), and zennit 1.0 leaves them changed afterwards: explain a copy, never the model being pruned
+            model = copy.deepcopy(model)
+            layers = {name: model.get_submodule(name) for name in layers}
         sites = _sites(model, layers, self.input_size)
         p = next(model.parameters())
         totals = {n: torch.zeros(m.out_channels, dtype=torch.float64, device=p.device) for n, m in layers.items()}
         was_training = model.training
         model.eval()
-        composite = self.composite(model)
         handles = []
         try:
             if composite is not None:

@@ -102,8 +102,42 @@ def test_lrp_on_a_batchnorm_net_leaves_weights_unchanged_and_scores_the_bn_site(
     before = {k: v.clone() for k, v in model.state_dict().items()}
     batch = Batch(torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,)))
     masks = create_method("lrp").masks(model, 0.4, exclude=("conv1", "conv2", "conv3"), data=[batch])
+    assert set(model.state_dict()) == set(before)            # no bias left behind by BatchNorm merging
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert "inception3a.branch1.bn.weight" in masks
+
+
+def test_an_explaining_composite_never_touches_the_model_being_pruned():
+    """Whatever a composite does to the network it explains (zennit 1.0's canonizers leave merged weights
+    and a new bias behind), the caller's model keeps its parameters; the scores come from the explained copy."""
+    from pruning.criteria import LRPCriterion
+
+    class Vandal:
+        def register(self, model):
+            with torch.no_grad():           # conv2 doubled, bias too: ReLU patterns stay, ∂y/∂a(conv1) doubles
+                model.conv2.weight.mul_(2.0)
+                model.conv2.bias.mul_(2.0)
+            model.conv1.register_parameter("extra", nn.Parameter(torch.zeros(1)))
+
+        def remove(self):
+            pass
+
+    class VandalLRP(LRPCriterion):
+        def composite(self, model):
+            return Vandal()
+
+    torch.manual_seed(2)
+    model = ConvConvLinear()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = Batch(torch.randn(3, 3, 5, 5), torch.tensor([0, 1, 2]))
+    layers = {"conv1": model.conv1, "conv2": model.conv2}
+    scores = VandalLRP(input_size=5).filter_scores(model, layers, [batch])
+    assert set(model.state_dict()) == set(before)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert_no_hooks(model)
+    # the copy was explained: conv1's scores see conv2 doubled
+    plain = create_method("gradient", input_size=5).filter_scores(model, layers, [batch])
+    assert torch.allclose(scores["conv1"], 2 * plain["conv1"], rtol=1e-6)
 
 
 def _layers(*shapes):
