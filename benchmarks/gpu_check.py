@@ -139,7 +139,7 @@ class TimeBudget:
             return
 
         def stop(signum, frame):
-            raise BudgetExceeded(f"stopped at the run's time budget")
+            raise BudgetExceeded("stopped at the run's time budget")
 
         previous = signal.signal(signal.SIGALRM, stop)
         signal.setitimer(signal.ITIMER_REAL, max(left, 0.01))
@@ -364,7 +364,8 @@ def run_check(name: str, ctx) -> dict:
     """One check, timed; an error or the time budget is recorded as ``failed``, never raised."""
     print(f"\n## {name}", flush=True)
     t0 = time.perf_counter()
-    if (ctx["budget"].left() or 1) <= 0:
+    left = ctx["budget"].left()
+    if left is not None and left <= 0:
         status, value, target = "skipped", "the run's time budget was spent before this check", None
     else:
         try:
