@@ -24,8 +24,9 @@ import re
 import subprocess
 import sys
 import tempfile
-import tomllib
 from pathlib import Path
+
+from sparsight.config import read_toml
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -57,7 +58,7 @@ def canonical(name: str) -> str:
 def project_requirements(python: str) -> list[str]:
     """The project's dependencies that apply on ``python`` (their ``python_version`` markers), and pytest."""
     target = tuple(int(x) for x in python.split(".")[:2])
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    project = read_toml(ROOT / "pyproject.toml", "project file")["project"]
     reqs = []
     for req in project["dependencies"]:
         spec, _, marker = req.partition(";")
