@@ -118,7 +118,7 @@ class ActivationCriterion(FilterCriterion):
         if composite is not None:
             # zennit's canonizers rewrite parameters while registered (BatchNorm merged into the conv, a bias
             # added), and zennit 1.0 leaves them changed afterwards: explain a copy, never the model being pruned
-            model = copy.deepcopy(model)
+            model = copy.deepcopy(unwrap(model))      # layer names are relative to the unwrapped model
             layers = {name: model.get_submodule(name) for name in layers}
         sites = _sites(model, layers, self.input_size)
         p = next(model.parameters())
