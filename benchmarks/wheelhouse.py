@@ -6,8 +6,7 @@
 Resolves the project's dependencies (``pyproject.toml``) and pytest for the target's Python and
 platform (``pip install --dry-run --report``, binary wheels only), at the versions installed where this
 runs wherever those exist for the target (the versions the tests passed with; ``--any-version`` lifts
-that), leaves out what the target already
-has (``--have``: package names or ``pip freeze``/``pip list`` files; by default the image listed in
+that), leaves out what the target already has (``--have``: package names or ``pip freeze``/``pip list`` files; by default the image listed in
 ``benchmarks/gpu_image_packages.txt``) and the CUDA stack (torch, torchvision, triton, nvidia-*, which
 must be the machine's own), and downloads the rest with ``--no-deps``.  On the target::
 
@@ -20,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import operator
 import re
 import subprocess
 import sys
@@ -69,8 +69,20 @@ def project_requirements(python: str) -> list[str]:
     return reqs + [r for r in project["optional-dependencies"]["dev"] if canonical(r).startswith("pytest")]
 
 
+_OPERATORS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq,
+              "!=": operator.ne}
+
+
 def _compare(a: tuple, op: str, b: tuple) -> bool:
-    return {"<": a < b, "<=": a <= b, ">": a > b, ">=": a >= b, "==": a == b, "!=": a != b}[op]
+    return _OPERATORS[op](a, b)
+
+
+def _pip(args: list[str], failure: str) -> None:
+    """``python -m pip ARGS``; a failure exits with one line: ``failure`` and pip's last words."""
+    proc = subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
+        raise SystemExit(f"Error: {failure}: {last[0]}")
 
 
 def read_have(items: list[str]) -> set[str]:
@@ -109,23 +121,16 @@ def resolve(reqs: list[str], python: str, platforms: list[str], pins: list[str] 
         report = Path(tmp) / "report.json"
         constraints = Path(tmp) / "constraints.txt"
         constraints.write_text("".join(f"{pin}\n" for pin in pins))
-        cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
-               "--report", str(report), "--target", str(Path(tmp) / "target"), "--constraint", str(constraints),
-               *_target_args(python, platforms), *reqs]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"Error: pip could not resolve the requirements for Python {python}: "
-                             f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+        _pip(["install", "--dry-run", "--ignore-installed", "--quiet", "--report", str(report),
+              "--target", str(Path(tmp) / "target"), "--constraint", str(constraints),
+              *_target_args(python, platforms), *reqs], f"pip could not resolve the requirements for Python {python}")
         entries = json.loads(report.read_text())["install"]
     return [(e["metadata"]["name"], e["metadata"]["version"]) for e in entries]
 
 
 def download(pins: list[tuple[str, str]], out: Path, python: str, platforms: list[str]) -> None:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(out),
-           *_target_args(python, platforms), *[f"{name}=={version}" for name, version in pins]]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"Error: pip could not download the wheels: {proc.stderr.strip().splitlines()[-1]}")
+    _pip(["download", "--no-deps", "--quiet", "-d", str(out), *_target_args(python, platforms),
+          *[f"{name}=={version}" for name, version in pins]], "pip could not download the wheels")
 
 
 def carried(resolved: list[tuple[str, str]], have: set[str]) -> list[tuple[str, str]]:
