@@ -144,6 +144,8 @@ def main(args) -> dict:
     resolved = resolve(project_requirements(args.python), args.python, args.platform,
                        pins=[] if args.any_version else local_pins())
     pins = carried(resolved, read_have(args.have))
+    for stale in out.glob("*.whl"):     # an earlier run's other versions would make the target's install fail
+        stale.unlink()
     download(pins, out, args.python, args.platform)
     (out / "requirements.txt").write_text("".join(f"{n}=={v}\n" for n, v in pins))
     wheels = sorted(out.glob("*.whl"))

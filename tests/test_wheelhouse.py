@@ -40,3 +40,21 @@ def test_local_pins_hold_the_tested_versions():
 @pytest.mark.parametrize("op,expected", [("<", False), (">=", True), ("==", True), ("!=", False)])
 def test_python_marker_comparison(op, expected):
     assert wheelhouse._compare((3, 12), op, (3, 12) if op in ("==", "!=") else (3, 11)) is expected
+
+
+def test_a_rerun_leaves_only_this_runs_wheels(monkeypatch, tmp_path):
+    """Two versions of one package in the folder would stop the target's install: earlier wheels go."""
+    out = tmp_path / "wheels"
+    out.mkdir()
+    (out / "zennit-1.0.0-py3-none-any.whl").write_bytes(b"old")
+    monkeypatch.setattr(wheelhouse, "resolve", lambda reqs, python, platforms, pins: [("zennit", "0.5.1")])
+
+    def download(pins, folder, python, platforms):
+        for name, version in pins:
+            (folder / f"{name}-{version}-py3-none-any.whl").write_bytes(b"new")
+
+    monkeypatch.setattr(wheelhouse, "download", download)
+    result = wheelhouse.main(wheelhouse.get_args_parser().parse_args(["--out", str(out), "--have", "numpy"]))
+    assert sorted(p.name for p in out.glob("*.whl")) == ["zennit-0.5.1-py3-none-any.whl"]
+    assert result["wheels"] == ["zennit-0.5.1-py3-none-any.whl"]
+    assert (out / "requirements.txt").read_text() == "zennit==0.5.1\n"
