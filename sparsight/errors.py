@@ -5,12 +5,31 @@ is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import difflib
 import pickle
+from typing import Iterable
 
 
 class NotKnownWhilePlanning(Exception):
     """Raised by a stage's ``inputs`` under ``--plan`` when knowing them would mean connecting to a
     service (e.g. a database server); the plan then says the stage may run, and why."""
+
+
+def closest(name: str, choices: Iterable[str]) -> str:
+    """``"; did you mean 'x'?"`` when some of ``choices`` are spelled like ``name``, else ``""``."""
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+
+
+def module_choices(names: Iterable[str], limit: int = 40) -> str:
+    """Dotted module names for an error: all of them up to ``limit``; beyond it the top-level ones (each
+    of which stands for its submodules), so that a deep network's list stays readable."""
+    names = [n for n in names if n]
+    top = [n for n in names if "." not in n]
+    if len(names) <= limit or not top:
+        return str(names)
+    example = next(n for n in names if "." in n)
+    return f"{top} and their submodules (e.g. {example!r}; {len(names)} in all)"
 
 
 def _one_line(text: str) -> str:

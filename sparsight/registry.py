@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Callable, TypeVar
 
+from .errors import closest
+
 T = TypeVar("T")
 
 
@@ -42,4 +44,5 @@ class Registry(dict):
         try:
             return self[name]
         except KeyError:
-            raise self.error(f"unknown {self.kind} {name!r}; choose from {self.choices()}") from None
+            raise self.error(f"unknown {self.kind} {name!r}; choose from {self.choices()}"
+                             f"{closest(name, self.choices())}") from None

@@ -42,7 +42,7 @@ from torch.overrides import TorchFunctionMode
 from sparsight.progress import progress_bar
 
 from pruning.data.folders import IMAGENET_MEAN, IMAGENET_STD
-from pruning.models.registry import unwrap
+from pruning.models.registry import find_layer, unwrap
 
 REFERENCE_SIZE = 224                       # the size the transform amounts below are defined at
 PAD, JITTER1, JITTER2 = 16, 16, 8
@@ -158,15 +158,6 @@ def render_units(model: nn.Module, layer: str, units: list[int], settings: Featu
 def _memory_format(t: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) \
         and not t.is_contiguous() else torch.contiguous_format
-
-
-def find_layer(model: nn.Module, layer: str) -> nn.Module:
-    """The module called ``layer`` in ``model.named_modules()``; an error lists the valid names."""
-    modules = dict(unwrap(model).named_modules())
-    modules.pop("", None)
-    if layer not in modules:
-        raise ValueError(f"unknown layer {layer!r}; choose from {list(modules)}")
-    return modules[layer]
 
 
 class _Spec(NamedTuple):

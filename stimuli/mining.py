@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from pruning.data.folders import DataLayoutError, ImageFolderDataset, build_transform, decodes_on_device, split_dir
 from pruning.data.jpeg import decoded_spans
-from pruning.models.registry import unwrap
+from pruning.models.registry import find_layer, unwrap
 from sparsight.files import atomic_write
 
 STATE_FORMAT = "sparsight-mining-state/1"
@@ -282,10 +282,7 @@ class ActivationMiner:
             raise ValueError("no layers to mine")
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
-        modules = dict(unwrap(model).named_modules())
-        for name in layers:
-            if name not in modules or not name:
-                raise ValueError(f"unknown layer {name!r}; valid layers: {[n for n in modules if n]}")
+        modules = {name: find_layer(model, name) for name in layers}
         extra = sorted(set(record or {}) - set(layers))
         if extra:
             raise ValueError(f"record names layer {extra[0]!r}, which is not mined; choose from {layers}")

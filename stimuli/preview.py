@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image, ImageDraw
 
+from sparsight.errors import closest
 from sparsight.files import atomic_write_bytes
 
 TILE, GAP, MARGIN, HEADER = 96, 6, 16, 28
@@ -23,15 +24,42 @@ def _grid(paths: list[Path], cols: int) -> Image.Image:
     return sheet
 
 
+def _numbers(values) -> str:
+    """Sorted integers as runs: ``[0, 1, 2, 5, 7, 8]`` → ``"0-2, 5, 7-8"``."""
+    runs: list[list[int]] = []
+    for v in sorted({int(v) for v in values}):
+        if runs and v == runs[-1][1] + 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    return ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def _missing_task(have: pd.DataFrame, model_id: str, layer: str, unit: int, task: int, kind: str) -> str:
+    """Why ``have`` (one kind's manifest rows) holds no such task: the first of model, layer, unit, task that
+    has none, with what there is instead."""
+    what = f"no {kind} stimuli for {model_id} {layer}:{unit} task {task}"
+    model_rows = have[have.model_id == model_id]
+    if model_rows.empty:
+        models = sorted(have.model_id.unique())
+        return f"{what}: model {model_id!r} has none; models with {kind} stimuli: {models}{closest(model_id, models)}"
+    layer_rows = model_rows[model_rows.layer == layer]
+    if layer_rows.empty:
+        layers = sorted(model_rows.layer.unique())
+        return f"{what}: layer {layer!r} has none; layers with {kind} stimuli: {layers}{closest(layer, layers)}"
+    unit_rows = layer_rows[layer_rows.unit == unit]
+    if unit_rows.empty:
+        return f"{what}: units of {layer} with {kind} stimuli: {_numbers(layer_rows.unit)}"
+    return f"{what}: tasks of this unit: {_numbers(unit_rows.task)}"
+
+
 def task_sheet(manifest: pd.DataFrame, bank_root: str | Path, *, model_id: str, layer: str, unit: int, task: int = 0,
                kind: str = "natural", seed: int = 0) -> tuple[Image.Image, list[str]]:
     """The sheet image and the query order shown (e.g. ``['query_min', 'query_max']`` top to bottom)."""
     rows = manifest[(manifest.model_id == model_id) & (manifest.layer == layer) & (manifest.unit == unit)
                     & (manifest.task == task) & (manifest.kind == kind)]
     if rows.empty:
-        have = manifest[(manifest.model_id == model_id) & (manifest.kind == kind)]
-        units = sorted({f"{r.layer}:{r.unit}" for r in have.itertuples()})[:20]
-        raise ValueError(f"no {kind} task {task} for {model_id} {layer}:{unit}; units with stimuli: {units}")
+        raise ValueError(_missing_task(manifest[manifest.kind == kind], model_id, layer, unit, task, kind))
     root = Path(bank_root)
 
     def paths(role):

@@ -65,14 +65,10 @@ def split_unit_name(text) -> tuple[str, int | None]:
 
 def layer_channels(model: nn.Module, layers: list[str], input_size: int) -> dict[str, int]:
     """Output channels of each named layer (traced with one forward pass on a blank image)."""
-    from pruning.models.registry import trace_blank, unwrap
+    from pruning.models.registry import find_layer, trace_blank, unwrap
 
     model = unwrap(model)
-    modules = dict(model.named_modules())
-    missing = [name for name in layers if name not in modules]
-    if missing:
-        valid = [n for n in modules if n]
-        raise ValueError(f"layer {missing[0]!r} does not exist; valid layers: {valid}")
+    modules = {name: find_layer(model, name) for name in layers}
     channels, handles = {}, []
     for name in layers:
         handles.append(modules[name].register_forward_hook(

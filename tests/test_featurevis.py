@@ -117,7 +117,7 @@ def test_no_hooks_or_flags_left_when_rendering_fails(model):
 
 
 def test_unknown_layer_lists_valid_names(model):
-    with pytest.raises(ValueError, match=r"unknown layer 'inception9'; choose from \['conv1', .*'inception4a'"):
+    with pytest.raises(ValueError, match=r"layer 'inception9' does not exist; valid layers: \['conv1', .*'inception4a'"):
         render_units(model, "inception9", [0], FeatureVisSettings(steps=1, image_size=SIZE))
 
 

@@ -6,6 +6,7 @@ import threading
 import pytest
 
 from sparsight.config import load_study, settings_tree
+from sparsight.errors import closest, module_choices
 from sparsight.files import atomic_write, atomic_write_frame, atomic_write_text
 from sparsight.layout import Layout
 from sparsight.study import Study
@@ -93,3 +94,17 @@ def test_open_study_leaves_the_process_group_whatever_happens(monkeypatch):
             assert isinstance(study.ctx, Group) and study.is_main
             raise ValueError("a stage failed")
     assert closed == [True]
+
+
+def test_closest_names_the_similar_choices_only():
+    assert closest("inception4z", ["conv1", "inception4a", "fc"]) == "; did you mean 'inception4a'?"
+    assert closest("xyz", ["conv1", "inception4a", "fc"]) == ""
+
+
+def test_module_choices_keep_short_lists_and_shorten_deep_ones_to_the_top_level():
+    short = ["conv1", "conv1.bn", "fc"]
+    assert module_choices(short) == str(short)
+    deep = ["", "conv1", *(f"conv1.b{i}" for i in range(50)), "fc", "fc.drop"]
+    assert module_choices(deep) == "['conv1', 'fc'] and their submodules (e.g. 'conv1.b0'; 53 in all)"
+    flat = [f"block.{i}" for i in range(50)]          # nothing at the top level: every name stays
+    assert module_choices(flat) == str(flat)

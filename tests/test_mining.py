@@ -274,7 +274,7 @@ def test_hooks_are_removed_on_close_and_on_errors(net):
 
 
 def test_bad_arguments_are_clear_errors(net):
-    with pytest.raises(ValueError, match=r"unknown layer 'inception9z'; valid layers: .*'inception4a'"):
+    with pytest.raises(ValueError, match=r"layer 'inception9z' does not exist; valid layers: .*'inception4a'"):
         ActivationMiner(net, ["inception9z"], K)
     with pytest.raises(ValueError, match="not mined"):
         ActivationMiner(net, ["inception3a"], K, record={"inception4a": [0]})

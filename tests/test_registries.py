@@ -46,6 +46,8 @@ def test_registry_registers_at_the_definition_and_lists_choices_on_a_bad_name():
         shapes.lookup("triangle")
     with pytest.raises(ValueError, match="registered already"):
         shapes.register("square")(lambda: 1)
+    with pytest.raises(KeyError, match=r"choose from \['square', 'circle'\]; did you mean 'square'\?"):
+        shapes.lookup("squar")
 
 
 def _choices(section: str, key: str) -> tuple:

@@ -73,7 +73,7 @@ def test_rerun_skips_finished_units_and_preview_draws_a_task(run):
     assert result.exit_code == 0, result.output
     assert out.stat().st_size > 0 and "query_max" in result.output
     bad = CliRunner().invoke(main, ["stimuli", "--preview", "base:inception4a:99", *stim])
-    assert bad.exit_code == 2 and "units with stimuli" in bad.output
+    assert bad.exit_code == 2 and "units of inception4a with natural stimuli: 0-" in bad.output
 
 
 def test_stimuli_command_rejects_unknown_layers_and_models(run):

@@ -123,8 +123,22 @@ def test_preview_lays_out_min_left_queries_centre_max_right(tmp_path):
     left = sheet.getpixel((16 + 5, 16 + 28 + 5))
     first_min = manifest[(manifest.task == 1) & (manifest.role == "ref_min") & (manifest["rank"] == 1)].activation
     assert left == (int(first_min.iloc[0]),) * 3
-    with pytest.raises(ValueError, match="units with stimuli"):
+    with pytest.raises(ValueError, match=r"units of l with natural stimuli: 0$"):
         task_sheet(manifest, tmp_path, model_id="m", layer="l", unit=5)
+
+
+@pytest.mark.parametrize("where, message", [
+    ({"model_id": "n"}, r"model 'n' has none; models with natural stimuli: \['m'\]$"),
+    ({"layer": "k"}, r"layer 'k' has none; layers with natural stimuli: \['l'\]$"),
+    ({"layer": "l2"}, r"layers with natural stimuli: \['l'\]; did you mean 'l'\?$"),
+    ({"task": 9}, r"tasks of this unit: 0-1$"),
+    ({"kind": "synthetic"}, r"model 'm' has none; models with synthetic stimuli: \[\]$"),
+])
+def test_preview_of_a_missing_task_says_what_exists_instead(tmp_path, where, message):
+    manifest = pd.DataFrame(_task_rows(StimulusBank(tmp_path), k=3), columns=MANIFEST_COLUMNS)
+    wanted = {"model_id": "m", "layer": "l", "unit": 0, "task": 0, "kind": "natural", **where}
+    with pytest.raises(ValueError, match=message):
+        task_sheet(manifest, tmp_path, **wanted)
 
 
 def test_several_units_in_one_part_behave_like_one_part_each(tmp_path):

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from sparsight.errors import closest, module_choices
 from sparsight.registry import Registry
 
 from .small import InceptionSmall, ObserverNet
@@ -232,6 +233,17 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             return model
+
+
+def find_layer(model: nn.Module, layer: str) -> nn.Module:
+    """The module called ``layer`` in ``model.named_modules()`` (behind any wrapper); an error lists the
+    valid names and the closest ones."""
+    modules = dict(unwrap(model).named_modules())
+    modules.pop("", None)
+    if layer not in modules:
+        raise ValueError(f"layer {layer!r} does not exist; valid layers: {module_choices(modules)}"
+                         f"{closest(layer, modules)}")
+    return modules[layer]
 
 
 @torch.no_grad()
