@@ -75,7 +75,7 @@ SIZES = {
     "train": (["--models", "googlenet", "--steps", "20", "--warmup", "8"],
               ["--device", "cpu", "--models", "googlenet", "--batch-size", "4", "--image-size", "64", "--steps", "2",
                "--warmup", "1", "--modes", "fp32 eager", "bf16 + channels_last"]),
-    "mis": (["--backbone", "resnet50", "--images", "2048", "--units", "200"],
+    "mis": (["--device", "cuda", "--backbone", "resnet50", "--images", "2048", "--units", "200"],
             ["--device", "cpu", "--backbone", "observer-small", "--images", "64", "--units", "20", "--tasks", "5"]),
 }
 

@@ -7,7 +7,8 @@ A synthetic stimulus bank the size of one model of the GoogLeNet study is writte
    baseline measured in the same run — a plain per-task loop over the same features (how the
    formula reads on paper: one cosine at a time).
 2. *Embedding throughput* (images/s) of the ``EmbeddingCache`` for a registered backbone at its
-   input size (random weights: speed does not depend on the values), on CPU and, when present, CUDA.
+   input size (random weights: speed does not depend on the values), on ``--device`` (``auto``: the CPU
+   and, when present, CUDA).
 
     python -m benchmarks.mis                                   # 40 units, resnet50 embedding
     python -m benchmarks.mis --units 80 --backbone googlenet --device cuda --batch-size 256
@@ -38,7 +39,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=0, help="embedding input size (0: the backbone's)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--images", type=int, default=256, help="images embedded per throughput measurement")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--device", default="auto", help="auto (the CPU, and CUDA when present) | cpu | cuda")
     p.add_argument("--threads", type=int, default=0)
     return p
 
@@ -106,11 +107,10 @@ def main(args) -> dict:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         result = {"mis": time_mis(args, Path(tmp)), "embedding_images_per_s": {}}
-    devices = [torch.device("cpu")]
-    if args.device in ("auto", "cuda") and torch.cuda.is_available():
-        devices.append(torch.device("cuda"))
-    if args.device == "cpu":
-        devices = [torch.device("cpu")]
+    if args.device == "auto":      # the CPU, and CUDA beside it when there is one
+        devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    else:
+        devices = [torch.device(args.device)]
     for device in devices:
         result["embedding_images_per_s"][device.type] = time_embedding(args, device)
     return result

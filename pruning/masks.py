@@ -50,13 +50,14 @@ class MaskEnforcer:
     """A training step hook: keeps pruned entries at zero after each optimizer step.
 
     One fused ``torch._foreach_mul_`` over all masked parameters per step (masks cast once to the
-    parameters' dtype and device), so the cost is a single pass over the masked weights.
+    parameters' dtype, device and memory layout, channels_last included: the fused kernel needs equal
+    strides), so the cost is a single pass over the masked weights.
     """
 
     def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor]):
         params = _params(model, masks)
         self.params = list(params.values())
-        self.masks = [masks[k].to(device=p.device, dtype=p.dtype) for k, p in params.items()]
+        self.masks = [torch.empty_like(p).copy_(masks[k]) for k, p in params.items()]
 
     @torch.no_grad()
     def __call__(self, trainer=None) -> None:

@@ -407,14 +407,12 @@ def _lucent_image(batch: int, settings: FeatureVisSettings, device: torch.device
     make = spatial.fft_image if settings.fft else spatial.pixel_image
     with torch.random.fork_rng(devices=[]), _lucent_device(device):   # lucent draws from the global RNG
         (param,), image_f = make(shape, sd=INIT_SD)
-    decorrelate = settings.decorrelate
-    lucent_color_device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    if decorrelate and device != lucent_color_device:
-        # lucent's colour step hard-codes that device too; apply its matrix on ours instead
+    if settings.decorrelate:
+        # lucent's colour step copies its matrix to a fixed device (cuda:0 or cpu) at every call, a blocking
+        # host-to-GPU copy per step: apply the same matrix, made once on our device, instead
         matrix = torch.tensor(color.color_correlation_normalized.T, device=device)
         image_f = _decorrelated(image_f, matrix)
-        decorrelate = False
-    return param, color.to_valid_rgb(image_f, decorrelate=decorrelate)
+    return param, color.to_valid_rgb(image_f, decorrelate=False)
 
 
 def _decorrelated(image_f, matrix):

@@ -107,3 +107,26 @@ def test_imagenet_transforms_have_the_standard_shape():
     img = Image.new("RGB", (300, 260), (10, 20, 30))
     assert build_transform(224, train=True, augment="imagenet")(img).shape == (3, 224, 224)
     assert build_transform(224, train=False)(img).shape == (3, 224, 224)
+
+
+def test_batches_take_the_data_loaders_pinning(monkeypatch):
+    """A DataLoader with ``pin_memory=True`` pins what a batch's ``pin_memory`` returns; a batch without
+    one would reach the GPU from pageable memory, and its ``non_blocking`` copy would block."""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    from pruning.data.common import Batch
+
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t, *a, **k: pinned.append(t) or t.clone())
+    batch = Batch(torch.rand(2, 3, 4, 4), torch.tensor([0, 1]), skipped=1)
+    out = pin_memory(batch)
+    assert isinstance(out, Batch) and out.skipped == 1 and len(pinned) == 2
+    assert torch.equal(out.images, batch.images) and out.images is not batch.images
+
+
+@pytest.mark.cuda
+def test_folder_loader_for_a_gpu_gives_pinned_batches(tiny_data):
+    loader = make_loader(tiny_data, "val", image_size=32, batch_size=16, train=False, cache="none",
+                         decode="cpu", num_workers=1, device="cuda")
+    batch = next(iter(loader))
+    assert isinstance(loader, FolderLoader) and batch.images.is_pinned() and batch.targets.is_pinned()

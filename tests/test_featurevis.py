@@ -10,7 +10,7 @@ from torch import nn
 
 from pruning.models import create_model
 from stimuli.featurevis import (JITTER1, JITTER2, PAD, FeatureVisSettings, _diversity, _hooked, _LayerForward,
-                                _decorrelated, _pack, _plan, _random_views, find_layer, render_units)
+                                _decorrelated, _lucent_image, _pack, _plan, _random_views, find_layer, render_units)
 from tiny_models import assert_no_hooks
 
 LAYER, UNITS, SIZE, STEPS = "inception4a", [5, 40, 100], 64, 48
@@ -181,12 +181,23 @@ def test_pixel_parameterization_without_decorrelation(model):
     assert r.images.shape == (2, 3, SIZE, SIZE) and r.direction == "min"
 
 
-def test_colour_decorrelation_off_lucents_device_matches_lucent():
-    # lucent decorrelates on cuda:0 (or the CPU without CUDA) only; other devices use its matrix directly
+def test_colour_decorrelation_matches_lucent():
+    # lucent copies its matrix to its own device at every step; the renderer applies the same matrix, made once
     image = torch.randn(2, 3, 5, 5)
     matrix = torch.tensor(color.color_correlation_normalized.T)
     assert torch.allclose(_decorrelated(lambda: image, matrix)(), color._linear_decorrelate_color(image.to(
         spatial.device)).cpu(), atol=1e-6)
+
+
+@pytest.mark.parametrize("fft", [True, False])
+def test_parameterization_gives_lucents_images(fft):
+    """The renderer's image function equals lucent's ``param.image(..., decorrelate=True)`` from the same draw."""
+    torch.manual_seed(3)
+    param_ours, image_ours = _lucent_image(1, FeatureVisSettings(image_size=SIZE, fft=fft), torch.device("cpu"))
+    torch.manual_seed(3)
+    params_lucent, image_lucent = param.image(SIZE, fft=fft, decorrelate=True)
+    assert torch.equal(param_ours.detach().cpu(), params_lucent[0].detach().cpu())
+    assert torch.allclose(image_ours(), image_lucent().cpu(), atol=1e-6)
 
 
 # ---- dead starts, pre-ReLU objective, redirected gradients, early stopping ------------------------------

@@ -145,7 +145,7 @@ def test_every_size_parses_with_its_benchmarks_own_parser(size):
         parser.exit = lambda status=0, message=None: pytest.fail(f"{key}: {message}")
         args = parser.parse_args(SIZES[key][size])
         if size == 0:
-            assert getattr(args, "device", "auto") == "auto", key      # the GPU when there is one
+            assert getattr(args, "device", "auto") in ("auto", "cuda"), key      # the GPU
     gpu_fv = importlib.import_module("benchmarks.featurevis").get_args_parser().parse_args(SIZES["featurevis"][0])
     assert (gpu_fv.arch, gpu_fv.image_size, gpu_fv.steps) == ("googlenet", 224, 512)
     assert 0 < gpu_fv.lucent_units < gpu_fv.units

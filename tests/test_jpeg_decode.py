@@ -15,8 +15,8 @@ from torchvision.transforms import functional as TF
 
 from pruning.data.folders import (IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, FolderLoader, ImageFolderDataset,
                                   build_transform, make_loader)
-from pruning.data.jpeg import (DeviceDecoder, DeviceTransform, JpegFolderLoader, decoded_spans, jpeg_components,
-                               sample_resized_crop)
+from pruning.data.jpeg import (DeviceDecoder, DeviceTransform, JpegFolderLoader, decoded_spans, device_decodable,
+                               jpeg_frame, sample_resized_crop)
 
 LEVEL = 1 / 255 / min(IMAGENET_STD)  # one 8-bit grey level in normalized units
 
@@ -166,8 +166,13 @@ def test_nvjpeg_decoding_matches_the_cpu_decoder(jpeg_folder):
     cpu_x, _ = _all(JpegFolderLoader(ds, 7, train=False, image_size=128, num_workers=0, device="cpu"))
     gpu_x, _ = _all(JpegFolderLoader(ds, 7, train=False, image_size=128, num_workers=2, device="cuda"))
     diff = (gpu_x.cpu() - cpu_x).abs()
-    assert diff.mean() <= 2 * LEVEL
-    assert diff.max() <= 16 * LEVEL
+    # the decoders may upsample chroma and round the IDCT differently (torchvision promises a mean within 2
+    # levels); a swapped channel, a shifted crop or a wrong resize is off by tens of levels nearly everywhere
+    assert diff.mean() <= 2 * LEVEL, diff.mean() / LEVEL
+    assert diff.flatten().quantile(0.999) <= 16 * LEVEL, diff.flatten().quantile(0.999) / LEVEL
+    assert diff.max() <= 64 * LEVEL, diff.max() / LEVEL
+    # one nvJPEG decoder for "cuda" and "cuda:0" alike (torchvision rebuilds it when the device differs)
+    assert DeviceDecoder("cuda").device == DeviceDecoder(f"cuda:{torch.cuda.current_device()}").device
 
 
 def test_worker_processes_hand_over_packed_bytes(jpeg_folder):
@@ -224,12 +229,24 @@ def test_only_greyscale_and_colour_jpegs_go_to_the_device_decoder(jpeg_folder, t
         return buf.getvalue()
 
     rgb = _photo(np.random.default_rng(1), 40, 60)
-    assert jpeg_components(encoded(rgb, format="JPEG")) == 3
-    assert jpeg_components(encoded(rgb, format="JPEG", progressive=True)) == 3
-    assert jpeg_components(encoded(rgb.convert("L"), format="JPEG")) == 1
-    assert jpeg_components(encoded(rgb.convert("CMYK"), format="JPEG")) == 4
-    assert jpeg_components(encoded(rgb, format="PNG")) is None
-    assert jpeg_components(b"\xff\xd8\xff") is None and jpeg_components(b"") is None
+    baseline = encoded(rgb, format="JPEG")
+    assert jpeg_frame(baseline) == (0xC0, 8, 3) and device_decodable(baseline)
+    assert jpeg_frame(encoded(rgb, format="JPEG", progressive=True)) == (0xC2, 8, 3)
+    assert jpeg_frame(encoded(rgb.convert("L"), format="JPEG")) == (0xC0, 8, 1)
+    assert jpeg_frame(encoded(rgb.convert("CMYK"), format="JPEG"))[2] == 4
+    assert jpeg_frame(encoded(rgb, format="PNG")) is None
+    assert jpeg_frame(b"\xff\xd8\xff") is None and jpeg_frame(b"") is None
+    sof = baseline.index(b"\xff\xc0")
+
+    def patched(offset, value):
+        blob = bytearray(baseline)
+        blob[sof + offset] = value
+        return bytes(blob)
+    # arithmetic-coded and lossless frames, and 12-bit samples, are nvJPEG's to refuse: the CPU takes them
+    assert jpeg_frame(patched(1, 0xC9)) == (0xC9, 8, 3) and not device_decodable(patched(1, 0xC9))
+    assert not device_decodable(patched(1, 0xC3)) and device_decodable(patched(1, 0xC1))
+    assert jpeg_frame(patched(4, 12)) == (0xC0, 12, 3) and not device_decodable(patched(4, 12))
+    assert [device_decodable(encoded(rgb.convert(m), format="JPEG")) for m in ("L", "CMYK")] == [True, False]
     import shutil
     shutil.copytree(jpeg_folder / "val", tmp_path / "val")
     rgb.convert("CMYK").save(tmp_path / "val" / "dog" / "print.jpg", format="JPEG")

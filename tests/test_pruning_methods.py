@@ -148,6 +148,18 @@ def test_mask_enforcer_keeps_pruned_weights_at_zero_through_sgd(tiny):
         assert torch.all(w[~m] == 0) and torch.any(w[m] != 0)
 
 
+def test_mask_enforcer_masks_take_the_channels_last_layout_of_their_weights(tiny):
+    masks = create_method("connection").masks(tiny, 0.5)
+    tiny = tiny.to(memory_format=torch.channels_last)
+    enforce = MaskEnforcer(tiny, masks)
+    for p, m in zip(enforce.params, enforce.masks):
+        assert m.stride() == p.stride() and m.dtype == p.dtype
+    assert any(p.dim() == 4 and not p.is_contiguous() for p in enforce.params)     # channels_last was in play
+    enforce()
+    for name, m in masks.items():
+        assert torch.all(dict(tiny.named_parameters())[name][~m] == 0)
+
+
 @pytest.mark.parametrize("call, fragment", [
     (lambda m: create_method("magic"), "unknown method 'magic'; choose from ['connection', 'gradient'"),
     (lambda m: create_method("unstructured-local").masks(m, 1.0), "rate 1.0 is outside [0, 1)"),

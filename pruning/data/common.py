@@ -32,6 +32,11 @@ class Batch:
     targets: torch.Tensor
     skipped: int = 0
 
+    def pin_memory(self) -> "Batch":
+        """Page-locked copies (a DataLoader with ``pin_memory=True`` calls this), so that the trainer's
+        ``non_blocking`` copy to the GPU really is asynchronous."""
+        return Batch(self.images.pin_memory(), self.targets.pin_memory(), self.skipped)
+
 
 def pick_augment(augment: str, image_size: int) -> str:
     if augment == "auto":

@@ -80,18 +80,18 @@ def collate_encoded(items) -> EncodedBatch:
     joined = b"".join(blobs)
     data = torch.frombuffer(bytearray(joined), dtype=torch.uint8) if joined else torch.empty(0, dtype=torch.uint8)
     return EncodedBatch(data, offsets, lengths, [t for _, t, _ in items], [i for _, _, i in items],
-                        [jpeg_components(b) in (1, 3) for b in blobs])
+                        [device_decodable(b) for b in blobs])
 
 
 SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+#: the frames nvJPEG decodes: baseline, extended and progressive Huffman coding (lossless, hierarchical and
+#: arithmetic-coded frames are left to the CPU decoders)
+DEVICE_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2})
 
 
-def jpeg_components(blob: bytes) -> int | None:
-    """Colour components of a JPEG, read from its frame header; ``None`` for anything else.
-
-    Greyscale (1) and YCbCr (3) JPEGs go to the device decoder; CMYK (4) and files that are not
-    JPEGs are decoded on the CPU (nvJPEG may turn CMYK into garbage instead of refusing it).
-    """
+def jpeg_frame(blob: bytes) -> tuple[int, int, int] | None:
+    """``(SOF marker, sample precision in bits, colour components)`` from a JPEG's frame header; ``None``
+    for anything else."""
     if len(blob) < 4 or blob[0] != JPEG_MAGIC[0] or blob[1] != JPEG_MAGIC[1]:
         return None
     i = 2
@@ -106,11 +106,21 @@ def jpeg_components(blob: bytes) -> int | None:
             i += 2
             continue
         if marker in SOF_MARKERS:
-            return blob[i + 9] if i + 9 < len(blob) else None
+            return (marker, blob[i + 4], blob[i + 9]) if i + 9 < len(blob) else None
         if marker == 0xDA:                          # scan data before any frame header
             return None
         i += 2 + ((blob[i + 2] << 8) | blob[i + 3])
     return None
+
+
+def device_decodable(blob: bytes) -> bool:
+    """Whether the device decoder may take ``blob``: an 8-bit Huffman-coded greyscale (1) or YCbCr (3) JPEG.
+
+    CMYK (4) files, other frame types and files that are not JPEGs are decoded on the CPU (nvJPEG may turn
+    CMYK into garbage instead of refusing it, and one file it refuses fails its whole batch).
+    """
+    frame = jpeg_frame(blob)
+    return frame is not None and frame[0] in DEVICE_SOF_MARKERS and frame[1] == 8 and frame[2] in (1, 3)
 
 
 class DeviceDecoder:
@@ -120,11 +130,15 @@ class DeviceDecoder:
         if on_corrupt not in ("skip", "error"):
             raise ValueError(f"unknown on_corrupt {on_corrupt!r}; choose from ['error', 'skip']")
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            # torchvision keeps one nvJPEG decoder and builds a new one whenever the device differs, and
+            # "cuda" differs from "cuda:0": name the index, as the study's own device does
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.on_corrupt = on_corrupt
 
     def __call__(self, datas: list, paths: list[str], device_ok: list[bool]) -> list[torch.Tensor | None]:
         """One tensor per input, ``None`` for a skipped corrupt file; ``device_ok`` marks the inputs the
-        device decoder may take (see :func:`jpeg_components`)."""
+        device decoder may take (see :func:`device_decodable`)."""
         out: list[torch.Tensor | None] = [None] * len(datas)
         jpegs = [i for i, (d, ok) in enumerate(zip(datas, device_ok)) if ok and d is not None]
         if jpegs:

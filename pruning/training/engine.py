@@ -255,7 +255,10 @@ class Trainer:
         _seed_epoch(s.seed, epoch)
         loader.set_epoch(epoch)
         net.train()
-        loss_sum, correct, seen, skipped = 0.0, 0, 0, 0
+        # sums stay on the device: reading them every step would wait for the GPU at every step
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        seen, skipped = 0, 0
         t0 = time.perf_counter()
         bar = progress_bar(loader, desc=f"epoch {epoch + 1}/{s.epochs}", enabled=self.progress, leave=False,
                    dynamic_ncols=True)
@@ -281,11 +284,12 @@ class Trainer:
             for hook in self.step_hooks:
                 hook(self)
             n = len(y)
-            loss_sum += float(loss.detach()) * n
-            correct += int((logits.detach().argmax(1) == y).sum())
+            loss_sum += loss.detach().double() * n
+            correct += (logits.detach().argmax(1) == y).sum()
             seen += n
             if self.progress and b % 10 == 0:
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+                bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}", acc=f"{int(correct) / seen:.3f}")
+        loss_sum, correct = float(loss_sum), int(correct)
         seconds = time.perf_counter() - t0
         loss_sum, correct, seen, skipped = self.ctx.all_reduce_sum([loss_sum, correct, seen, skipped])
         return EpochMetrics(epoch=epoch, train_loss=loss_sum / max(seen, 1), train_top1=correct / max(seen, 1),

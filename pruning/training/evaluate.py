@@ -15,7 +15,8 @@ def evaluate(model: nn.Module, loader, *, ctx: DistContext | None = None, amp: t
     dev = ctx.device
     was_training = model.training
     model.eval()
-    correct1 = correct5 = loss_sum = n = skipped = 0.0
+    sums = torch.zeros(3, dtype=torch.float64, device=dev)     # top-1 hits, top-5 hits, loss: read once, at the end
+    n = skipped = 0.0
     for batch in loader:
         skipped += batch.skipped
         if len(batch.targets) == 0:
@@ -27,14 +28,13 @@ def evaluate(model: nn.Module, loader, *, ctx: DistContext | None = None, amp: t
         with torch.autocast(device_type=dev.type, dtype=amp) if amp else torch.autocast(dev.type, enabled=False):
             logits = model(x)
         logits = logits.float()
-        loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
         k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
-        hit = top == y[:, None]
-        correct1 += float(hit[:, 0].sum())
-        correct5 += float(hit.any(dim=1).sum())
+        hit = logits.topk(k, dim=1).indices == y[:, None]
+        sums += torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum(),
+                             nn.functional.cross_entropy(logits, y, reduction="sum")]).double()
         n += len(y)
     model.train(was_training)
+    correct1, correct5, loss_sum = sums.tolist()
     correct1, correct5, loss_sum, n, skipped = ctx.all_reduce_sum([correct1, correct5, loss_sum, n, skipped])
     n_safe = max(n, 1.0)
     return {"top1": correct1 / n_safe, "top5": correct5 / n_safe, "loss": loss_sum / n_safe, "n": int(n),
