@@ -12,6 +12,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from sparsight.errors import closest
 from sparsight.registry import Registry
 
 from .models.registry import unwrap
@@ -36,7 +37,8 @@ def prunable_layers(model: nn.Module, exclude: Iterable[str] = (),
     exclude = list(exclude)
     missing = [e for e in exclude if e not in names]
     if missing:
-        raise PruningError(f"layer {missing[0]!r} does not exist; valid layers: {sorted(all_layers)}")
+        raise PruningError(f"layer {missing[0]!r} does not exist; valid layers: {sorted(all_layers)}"
+                           f"{closest(missing[0], names)}")
     kept = {n: m for n, m in all_layers.items() if not any(n == e or n.startswith(e + ".") for e in exclude)}
     if not kept:
         raise PruningError(f"excluding {exclude} leaves no layer to prune; prunable layers: {sorted(all_layers)}")
