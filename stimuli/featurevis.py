@@ -491,7 +491,7 @@ def _optimize(forward: _LayerForward, batch: list[_Spec], settings: FeatureVisSe
         optimizer.zero_grad(set_to_none=True)
         redirect = step < settings.redirect_steps
         # only images still improving are rendered and passed through the model
-        live = everyone if plateau.active is None or plateau.active.all() else everyone[plateau.active]
+        live = everyone if plateau.n_active == len(batch) else everyone[plateau.active]
         out = forward(_random_views(image_f()[live], draws[step][live]), trace=pre, redirect=redirect)
         acts = out[1] if pre else out
         if step == 0 and max(s.unit for s in batch) >= acts.shape[1]:
@@ -503,7 +503,7 @@ def _optimize(forward: _LayerForward, batch: list[_Spec], settings: FeatureVisSe
             loss = loss + settings.diversity * _diversity(acts, groups[live], None if len(live) < len(batch) else pairs)
         loss.backward()
         frozen = None
-        if len(live) < len(batch):      # Adam's momentum would still move a stopped image
+        if plateau.n_active < len(batch):      # Adam's momentum would still move a stopped image
             frozen = param.detach()[~plateau.active].clone()
         optimizer.step()
         if frozen is not None:
@@ -528,6 +528,7 @@ class _Plateau:
     def __init__(self, n: int, patience: int, tolerance: float, device):
         self.patience, self.tolerance = patience, tolerance
         self.active = torch.ones(n, dtype=torch.bool, device=device) if patience > 0 else None
+        self.n_active = n       # read from the device once per step, in update()
         self.steps = torch.zeros(n, dtype=torch.long, device=device)
         self.best = torch.full((n,), -float("inf"), device=device)
         self.since = torch.zeros(n, dtype=torch.long, device=device)
@@ -545,4 +546,5 @@ class _Plateau:
         self.since[live] = torch.where(improved, torch.zeros_like(self.since[live]), self.since[live] + 1)
         # an image still at or below zero has not started: it keeps going (a dead start is not a plateau)
         self.active &= (self.since < self.patience) | (self.best <= 0)
-        return not bool(self.active.any())
+        self.n_active = int(self.active.sum())
+        return self.n_active == 0
