@@ -16,11 +16,10 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from torchvision import transforms
 
 from sparsight.progress import progress_bar
 
-from pruning.data.folders import open_image
+from pruning.data.folders import eval_crop, open_image
 
 from .bank import StimulusBank
 from .exemplars import OverlappingExemplars, select_tasks
@@ -82,7 +81,7 @@ class ExemplarImages:
     names: dict[int, str] = field(default_factory=dict)
 
     def __post_init__(self):
-        self.display = transforms.Compose([transforms.Resize(self.image_size), transforms.CenterCrop(self.image_size)])
+        self.display = eval_crop(self.image_size)      # the crop the network was shown, nothing more
 
     def name(self, index: int) -> str:
         if index not in self.names:

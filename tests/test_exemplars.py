@@ -120,3 +120,25 @@ def test_too_little_data_is_a_clear_error(acts):
         select_tasks(mined(constant, N * (K + 1)), 1)
     with pytest.raises(ValueError, match="out of range"):
         select_tasks(mined(acts, N * (K + 1)), 4)
+
+
+@pytest.mark.parametrize("size", [64, 224])
+def test_an_exemplar_shows_exactly_the_crop_the_network_was_shown(tmp_path, size):
+    """At ImageNet size the network sees a 256 → 224 centre crop; the exemplar shown must be that crop."""
+    import numpy as np
+    from PIL import Image
+    from torchvision import transforms
+
+    from pruning.data.common import IMAGENET_MEAN, IMAGENET_STD
+    from pruning.data.folders import build_transform
+    from stimuli.bank import StimulusBank
+    from stimuli.pipeline import ExemplarImages
+
+    path = tmp_path / "wide.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(path)
+    bank = StimulusBank(tmp_path / "bank")
+    shown = Image.open(bank.root / ExemplarImages([str(path)], bank, size).name(0)).convert("RGB")
+    as_input = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)(transforms.functional.to_tensor(shown))
+    seen = build_transform(size, train=False)(Image.open(path).convert("RGB"))
+    assert shown.size == (size, size) and torch.allclose(as_input, seen, atol=1e-6)

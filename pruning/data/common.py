@@ -38,6 +38,11 @@ class Batch:
         return Batch(self.images.pin_memory(), self.targets.pin_memory(), self.skipped)
 
 
+def eval_resize(image_size: int, augment: str) -> int:
+    """Shorter-side size before the evaluation centre crop: ``size/0.875`` for ImageNet-size inputs."""
+    return int(round(image_size / 0.875)) if augment == "imagenet" or image_size >= 128 else image_size
+
+
 def pick_augment(augment: str, image_size: int) -> str:
     if augment == "auto":
         return "shift-flip" if image_size < 128 else "imagenet"

@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchvision import datasets, transforms
 from torchvision.transforms import functional as TF
 
-from .common import (IMAGENET_MEAN, IMAGENET_STD, Batch, CorruptImageError, default_workers, epoch_seed, open_image,
-                     pick_augment, shift_flip)
+from .common import (IMAGENET_MEAN, IMAGENET_STD, Batch, CorruptImageError, default_workers, epoch_seed, eval_resize,
+                     open_image, pick_augment, shift_flip)
 from .jpeg import JpegFolderLoader
 
 SPLITS = ("train", "val")
@@ -63,15 +63,18 @@ def collate_skipping(items) -> Batch:
     return Batch(images, targets, skipped)
 
 
+def eval_crop(image_size: int, augment: str = "auto") -> transforms.Compose:
+    """The evaluation geometry, image to image: the shorter side resized (to ``size/0.875`` for ImageNet-size
+    inputs), then the centre ``image_size`` crop: what a network sees, and what an exemplar shows."""
+    return transforms.Compose([transforms.Resize(eval_resize(image_size, augment)), transforms.CenterCrop(image_size)])
+
+
 def build_transform(image_size: int, train: bool, augment: str = "auto") -> transforms.Compose:
     """Standard transforms: ImageNet RandomResizedCrop/flip or resize/centre-crop; small-image shifts."""
     augment = pick_augment(augment, image_size)
     norm = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     if not train or augment == "none":
-        if augment == "imagenet" or image_size >= 128:
-            resize = int(round(image_size / 0.875))
-            return transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(image_size), *norm])
-        return transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size), *norm])
+        return transforms.Compose([*eval_crop(image_size, augment).transforms, *norm])
     if augment == "imagenet":
         return transforms.Compose([transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(),
                                    *norm])

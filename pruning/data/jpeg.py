@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import io as tvio
 from torchvision.transforms import functional as TF
 
-from .common import (IMAGENET_MEAN, IMAGENET_STD, Batch, CorruptImageError, default_workers, epoch_seed, open_image,
-                     pick_augment, shift_flip)
+from .common import (IMAGENET_MEAN, IMAGENET_STD, Batch, CorruptImageError, default_workers, epoch_seed, eval_resize,
+                     open_image, pick_augment, shift_flip)
 
 JPEG_MAGIC = (0xFF, 0xD8)
 RRC_SCALE = (0.08, 1.0)
@@ -184,11 +184,6 @@ class DeviceDecoder:
 
 
 # ---- per-image geometry, matching the PIL transforms -----------------------------------------------
-def eval_resize(image_size: int, augment: str) -> int:
-    """Shorter-side size before the centre crop, as :func:`build_transform` (``size/0.875`` for ImageNet)."""
-    return int(round(image_size / 0.875)) if augment == "imagenet" or image_size >= 128 else image_size
-
-
 def resized_shape(height: int, width: int, shorter: int) -> tuple[int, int]:
     """torchvision's ``Resize(shorter)`` output size: the shorter side to ``shorter``, the other truncated."""
     if height <= width:
