@@ -179,7 +179,8 @@ class UnitsSection:
 @dataclass
 class StimuliSection:
     kinds: list = option(["natural", "synthetic"], "stimulus kinds", each=STIMULUS_KINDS)
-    split: str = option("val", "data split the natural exemplars are mined from", choices=("val", "train"))
+    split: str = option("train", "data split the natural exemplars are mined from (the papers: ImageNet's "
+                                 "training set)", choices=("val", "train"))
     models: list = option([], "models that get stimuli (model ids); empty = every model of the study")
     synthetic_units: int = option(0, "feature visualizations for a seeded sample of this many units, spread evenly "
                                      "over the layers and drawn among the study's units that are alive in every "
@@ -373,8 +374,9 @@ _DEMO = {
     # 30 units alive in every model, the same in each (precision and power: benchmarks/RESULTS.md)
     "units": {"sampling": "all"},
     # feature visualizations: measured to reach their units' natural max references (benchmarks/RESULTS.md)
-    "stimuli": {"synthetic_units": 30, "n_tasks": 8, "n_references": 3, "fv_steps": 48, "fv_lr": 0.15,
-                "fv_diversity": 1.0, "fv_batch_units": 16},
+    # exemplars from the held-out split, whose 300 images cover the tasks' 2 × 8 × 4 per unit
+    "stimuli": {"split": "val", "synthetic_units": 30, "n_tasks": 8, "n_references": 3, "fv_steps": 48,
+                "fv_lr": 0.15, "fv_diversity": 1.0, "fv_batch_units": 16},
     "mis": {"bootstrap": 500},
     "survey": {"practice_trials": 2, "main_trials": 12, "catch_trials": 2, "min_answers_per_position": 2,
                "min_total_s": 10.0},

@@ -19,7 +19,7 @@ from PIL import Image
 
 from sparsight.progress import progress_bar
 
-from pruning.data.folders import eval_crop, open_image
+from pruning.data.folders import default_workers, eval_crop, open_image
 
 from .bank import StimulusBank
 from .exemplars import OverlappingExemplars, select_tasks
@@ -51,6 +51,7 @@ class StimuliSettings:
     seed: int = 0
     on_corrupt: str = "skip"
     decode: str = "auto"
+    num_workers: int = 0
     mining_precision: str = "fp32"
     synthetic_units: int = 0
 
@@ -64,7 +65,8 @@ class StimuliSettings:
                    fv_objective=s.fv_objective, fv_redirect_steps=s.fv_redirect_steps, fv_patience=s.fv_patience,
                    fv_tolerance=s.fv_tolerance,
                    skip_dead=cfg.units.skip_dead, seed=cfg.study.seed, on_corrupt=cfg.data.on_corrupt,
-                   decode=cfg.data.decode, mining_precision=s.mining_precision,
+                   decode=cfg.data.decode, num_workers=default_workers(cfg.data.num_workers),
+                   mining_precision=s.mining_precision,
                    synthetic_units=s.synthetic_units)
 
     @property
@@ -161,7 +163,8 @@ def _mine_units(model, model_id: str, units: list[Unit], data_root, settings: St
     return mine(model, data_root, settings.split, layers, settings.k, image_size=settings.image_size,
                 batch_size=settings.batch_size, device=device, record=record, progress=progress,
                 state_path=work_dir / state_name if work_dir else None, on_corrupt=settings.on_corrupt,
-                decode=settings.decode, precision=settings.mining_precision, shard=shard, gather=gather,
+                decode=settings.decode, num_workers=settings.num_workers, precision=settings.mining_precision,
+                shard=shard, gather=gather,
                 tie_seed=settings.seed, channel_map=channel.for_layers(layers))
 
 

@@ -19,6 +19,16 @@ def test_default_is_complete_and_round_trips(tmp_path):
     assert again.to_dict() == cfg.to_dict()
 
 
+def test_the_paper_protocol_mines_exemplars_from_the_training_split():
+    """Borowski et al. 2021 and Zimmermann et al. 2023 take queries and references from ImageNet's training
+    set; the demo mines its held-out split."""
+    from pathlib import Path
+
+    assert load_study(profile="paper").stimuli.split == "train"
+    assert load_study(Path(__file__).parents[1] / "studies" / "googlenet-imagenet.toml").stimuli.split == "train"
+    assert load_study(profile="default").stimuli.split == load_study(profile="quick").stimuli.split == "val"
+
+
 def test_profile_quick_overrides_defaults_and_file_wins(tmp_path):
     quick = load_study(profile="quick")
     assert quick.study.profile == "quick"
@@ -100,3 +110,13 @@ def test_paths_that_enter_are_made_absolute_against_the_working_directory(tmp_pa
     assert absolute_database_url("postgresql+psycopg://u@h/db") == "postgresql+psycopg://u@h/db"
     moved = study_from_run_dir("elsewhere")                          # a study directory is where it is found
     assert moved.run_dir == tmp_path / "elsewhere" and moved.run_dir.is_absolute()
+
+
+def test_mining_reads_files_with_the_studys_data_workers():
+    from pathlib import Path
+
+    from stimuli.pipeline import StimuliSettings
+
+    gnet = load_study(Path(__file__).parents[1] / "studies" / "googlenet-imagenet.toml")
+    assert StimuliSettings.from_config(gnet).num_workers == gnet.data.num_workers == 15
+    assert StimuliSettings.from_config(load_study(overrides=["data.num_workers=0"])).num_workers == 0
