@@ -128,8 +128,10 @@ def _quiet(*_args, **_kwargs) -> None:
 def run_study(study: Study, stages: list[Stage], *, force: tuple[str, ...] = (), log=print) -> Study:
     """Run (or skip) every stage of an opened study; return it with each stage's record.
 
-    ``study.ctx`` is the process group the study runs in (``pruning.training.open_study`` joins it);
-    rank 0 alone logs and writes the records.
+    ``study.ctx`` is the process group the study runs in (``pruning.training.open_study`` joins it).
+    Rank 0 alone logs, writes the records and decides whether a stage is up to date (its inputs may
+    read a database only rank 0 reaches); every rank takes its decision and its records, so that all
+    of them run the same stages.
     """
     check_force(stages, force)
     if not study.is_main:     # one log for the whole job: rank 0's
@@ -137,10 +139,10 @@ def run_study(study: Study, stages: list[Stage], *, force: tuple[str, ...] = (),
     if study.is_main:
         write_study(study.config, study.run_dir)
     for stage in stages:
-        fp = fingerprint(stage, study)
         forced = "all" in force or stage.name in force
-        if not forced and is_current(stage, study, fp):
-            study.records[stage.name] = study.load_record(stage.name)
+        fp, record = decided_by_main(study, lambda: _current_record(stage, study, forced))
+        if record is not None:
+            study.records[stage.name] = record
             log(f"[{stage.name}] up to date, skipped")
             continue
         log(f"[{stage.name}] {stage.description}")
@@ -149,15 +151,42 @@ def run_study(study: Study, stages: list[Stage], *, force: tuple[str, ...] = (),
     return study
 
 
+def _current_record(stage: Stage, study: Study, forced: bool) -> tuple[str, dict | None]:
+    """``(fingerprint, the stage's record if it is up to date, else None)``."""
+    fp = fingerprint(stage, study)
+    return fp, (study.load_record(stage.name) if not forced and is_current(stage, study, fp) else None)
+
+
+def decided_by_main(study: Study, decide):
+    """``decide()`` evaluated on rank 0 and handed to every process; an error there stops every rank (the
+    others with a one-line error naming it) instead of leaving them waiting."""
+    outcome = None
+    if study.is_main:
+        try:
+            outcome = ("ok", decide(), None)
+        except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+            outcome, error = ("error", None, f"{type(err).__name__}: {err}"), err
+    if study.ctx is not None:
+        outcome = study.ctx.all_gather_object(outcome)[0]
+    kind, value, message = outcome
+    if kind == "error":
+        if study.is_main:
+            raise error
+        raise RuntimeError(f"rank 0 stopped: {message}")
+    return value
+
+
 def _run_stage(stage: Stage, study: Study, fp: str, forced: bool) -> dict:
-    """Run one stage, wait for every process, and record its fingerprint and output digests."""
+    """Run one stage, wait for every process, and record its fingerprint and output digests (rank 0's
+    record on every rank: the outputs are the ones rank 0 wrote)."""
     study.forced = forced
     t0 = time.perf_counter()
     outputs = stage.run(study)
     if study.ctx is not None:
         study.ctx.barrier()
-    rec = {"fingerprint": fp, "seconds": round(time.perf_counter() - t0, 2),
-           "outputs": {str(Path(p).relative_to(study.run_dir)): sha256_file(Path(p)) for p in outputs}}
+    rec = decided_by_main(study, lambda: {
+        "fingerprint": fp, "seconds": round(time.perf_counter() - t0, 2),
+        "outputs": {str(Path(p).relative_to(study.run_dir)): sha256_file(Path(p)) for p in outputs}})
     study.records[stage.name] = rec
     if study.is_main:
         atomic_write_text(study.record_path(stage.name), json.dumps(rec, indent=2))

@@ -108,3 +108,81 @@ def test_module_choices_keep_short_lists_and_shorten_deep_ones_to_the_top_level(
     assert module_choices(deep) == "['conv1', 'fc'] and their submodules (e.g. 'conv1.b0'; 53 in all)"
     flat = [f"block.{i}" for i in range(50)]          # nothing at the top level: every name stays
     assert module_choices(flat) == str(flat)
+
+
+class _ThreadRanks:
+    """A process group of threads: rank r's ``ctx(r)`` has the collectives the study runner uses."""
+
+    def __init__(self, world: int):
+        self.world, self.slots = world, [None] * world
+        self.gate = threading.Barrier(world, timeout=20)
+
+    def ctx(self, rank: int):
+        group = self
+
+        class Ctx:
+            is_main = rank == 0
+
+            def barrier(self):
+                group.gate.wait()
+
+            def all_gather_object(self, obj):
+                group.slots[rank] = obj
+                group.gate.wait()
+                out = list(group.slots)
+                group.gate.wait()
+                return out
+        return Ctx()
+
+
+class _Written:
+    """A stage that only rank 0 writes (as report and survey stages do); ``after`` makes it depend on one."""
+
+    def __init__(self, name: str, after: str | None = None, fail: bool = False):
+        self.name, self.description, self.after, self.fail, self.runs = name, name, after, fail, []
+
+    def inputs(self, study):
+        if self.fail:
+            raise ValueError("the survey database is unreachable")
+        return {"upstream": study.upstream(self.after)} if self.after else {}
+
+    def run(self, study):
+        self.runs.append(study.ctx.is_main)
+        if not study.is_main:
+            return []
+        return [atomic_write_text(study.path(f"{self.name}.txt"), "written by rank 0")]
+
+
+def _run_ranks(tmp_path, stages, force=()):
+    from sparsight.study import run_study
+
+    cfg = load_study(overrides=[f'study.output_dir="{tmp_path}"', 'study.name="ranks"'])
+    group, errors = _ThreadRanks(2), [None, None]
+
+    def rank(r):
+        try:
+            run_study(Study(cfg, group.ctx(r)), stages, force=force, log=lambda *a: None)
+        except Exception as err:  # noqa: BLE001 - inspected below
+            errors[r] = err
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return errors
+
+
+def test_every_rank_takes_rank_0s_decisions_and_records(tmp_path):
+    """A rerun that forces the first stage: rank 1 wrote none of its outputs, yet must skip the unchanged
+    second stage with rank 0, not run it alone and wait for rank 0 at its barrier."""
+    first, second = _Written("first"), _Written("second", after="first")
+    assert _run_ranks(tmp_path, [first, second]) == [None, None]
+    assert sorted(second.runs) == [False, True]
+    assert _run_ranks(tmp_path, [first, second], force=("first",)) == [None, None]
+    assert sorted(first.runs) == [False, False, True, True] and len(second.runs) == 2     # skipped on both ranks
+
+
+def test_an_error_deciding_on_rank_0_stops_every_rank(tmp_path):
+    errors = _run_ranks(tmp_path, [_Written("mis", fail=True)])
+    assert isinstance(errors[0], ValueError)
+    assert isinstance(errors[1], RuntimeError) and "rank 0 stopped: ValueError: the survey database" in str(errors[1])
