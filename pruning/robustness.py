@@ -245,8 +245,13 @@ def _device(model: nn.Module, device) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def _batches(loader, max_images: int, device: torch.device):
-    """(index, images, targets) on ``device``; empty batches skipped, truncated at ``max_images``."""
+def _batches(loader, max_images: int, device: torch.device, shard: tuple[int, int] = (0, 1)):
+    """(index, images, targets) on ``device``; empty batches skipped, truncated at ``max_images``.
+
+    ``shard=(rank, world_size)``: only every world_size-th batch, by its index in the whole pass (each
+    rank reads the same loader), so that the noise a batch gets does not depend on the number of ranks.
+    """
+    rank, world = shard
     seen = 0
     for b, batch in enumerate(loader):
         if len(batch.targets) == 0:
@@ -254,8 +259,14 @@ def _batches(loader, max_images: int, device: torch.device):
         take = len(batch.targets) if max_images <= 0 else min(len(batch.targets), max_images - seen)
         if take <= 0:
             break
-        yield b, batch.images[:take].to(device), batch.targets[:take].to(device)
+        if b % world == rank:
+            yield b, batch.images[:take].to(device), batch.targets[:take].to(device)
         seen += take
+
+
+def _summed(reduce, values: list[int]) -> list[int]:
+    """``values`` summed over the ranks (``reduce``: e.g. ``DistContext.all_reduce_sum``; None: one process)."""
+    return values if reduce is None else [int(round(v)) for v in reduce([float(v) for v in values])]
 
 
 def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
@@ -263,14 +274,15 @@ def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
 
 
 def corruption_accuracy(model: nn.Module, loader, corruptions, severities, *, device=None, max_images: int = 0,
-                        seed: int = 0) -> dict:
+                        seed: int = 0, shard: tuple[int, int] = (0, 1), reduce=None) -> dict:
     """Clean top-1 and top-1 under every (corruption, severity) in one pass over ``loader``.
 
     The noise of batch ``b`` under (corruption, severity) is seeded from ``(seed, b, corruption,
     severity)``, so a result does not depend on which other corruptions are evaluated.
     Returns ``{"clean": top1, "corruptions": {name: {str(severity): top1}}, "n": images}``
     (top-1 values are ``None`` when the loader yields no images) and ``"per_class"``: images per class
-    index.
+    index.  Under ``torchrun`` each rank takes its ``shard`` of the batches and ``reduce`` sums the
+    counts over the ranks: the result equals one process's.
     """
     names = list(corruptions)
     for c in names:
@@ -280,12 +292,12 @@ def corruption_accuracy(model: nn.Module, loader, corruptions, severities, *, de
     gen = torch.Generator(device=dev)
     clean = 0
     hits = {(c, s): 0 for c in names for s in sevs}
-    n, per_class = 0, torch.zeros(0, dtype=torch.long)
+    n, per_class = 0, torch.zeros(len(getattr(loader, "classes", None) or []), dtype=torch.long)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for b, x, y in _batches(loader, max_images, dev):
+            for b, x, y in _batches(loader, max_images, dev, shard):
                 clean += _correct(model, x, y)
                 x01 = denormalize(x).clamp_(0, 1)
                 for c in names:
@@ -298,6 +310,11 @@ def corruption_accuracy(model: nn.Module, loader, corruptions, severities, *, de
                 per_class += counts
     finally:
         model.train(was_training)
+    if reduce is not None:
+        keys = list(hits)
+        counts = _summed(reduce, [clean, n, *hits.values(), *per_class.tolist()])
+        clean, n, hits = counts[0], counts[1], dict(zip(keys, counts[2:2 + len(keys)]))
+        per_class = torch.tensor(counts[2 + len(keys):], dtype=torch.long)
     share = (lambda k: k / n) if n else (lambda k: None)  # None (JSON null) without images
     return {"clean": share(clean), "corruptions": {c: {str(s): share(hits[c, s]) for s in sevs} for c in names},
             "n": n, "per_class": per_class.tolist()}
@@ -313,11 +330,13 @@ def noise_levels(levels: int, eps_max: float) -> list[float]:
 
 
 def noise_similarity(model: nn.Module, parent: nn.Module, loader, *, levels: int = 15, eps_max: float = 0.7,
-                     device=None, max_images: int = 0, seed: int = 0) -> dict:
+                     device=None, max_images: int = 0, seed: int = 0, shard: tuple[int, int] = (0, 1),
+                     reduce=None) -> dict:
     """Top-1 agreement of ``model`` and ``parent`` on ``x + 2ε(U − 0.5)`` (normalized input space).
 
     Both networks see the same noisy image; ε runs over ``linspace(0, eps_max, levels)``.
     Returns ``{"eps": [...], "agreement": [...], "n": images}`` (Liebenwein et al. 2021).
+    ``shard`` and ``reduce`` as in :func:`corruption_accuracy`.
     """
     eps = noise_levels(levels, eps_max)
     dev = _device(model, device)
@@ -329,7 +348,7 @@ def noise_similarity(model: nn.Module, parent: nn.Module, loader, *, levels: int
     parent.eval()
     try:
         with torch.no_grad():
-            for b, x, _ in _batches(loader, max_images, dev):
+            for b, x, _ in _batches(loader, max_images, dev, shard):
                 for i, e in enumerate(eps):
                     gen.manual_seed(derived_seed(seed, b, i))
                     xn = x + 2 * e * (_noise_like(x, gen, "uniform") - 0.5) if e > 0 else x
@@ -338,6 +357,8 @@ def noise_similarity(model: nn.Module, parent: nn.Module, loader, *, levels: int
     finally:
         model.train(modes[0])
         parent.train(modes[1])
+    if reduce is not None:
+        n, *agree = _summed(reduce, [n, *agree])
     return {"eps": eps, "agreement": [a / n if n else None for a in agree], "n": n}
 
 
@@ -346,18 +367,19 @@ def _setting(section, key: str):
 
 
 def robustness_report(model: nn.Module, parent: nn.Module | None, loader, section, *, device=None,
-                      seed: int = 0) -> dict:
+                      seed: int = 0, shard: tuple[int, int] = (0, 1), reduce=None) -> dict:
     """Corruption accuracy and (with a parent) noise similarity, ready for ``meta["robustness"]``.
 
     ``section`` is the study's ``evaluate`` section (or a dict with the same keys).  ``loader`` should
     already hold the evaluation subset (``pruning.workflows.robustness_loader``: seeded and
     class-stratified); ``max_images`` only caps it.  ``images_per_class`` records what was used.
+    Under ``torchrun``, ``shard`` and ``reduce`` share the batches out (:func:`corruption_accuracy`).
     """
     corruptions = list(_setting(section, "corruptions"))
     severities = [int(s) for s in _setting(section, "severities")]
     max_images = int(_setting(section, "max_images"))
     acc = corruption_accuracy(model, loader, corruptions, severities, device=device, max_images=max_images,
-                              seed=seed)
+                              seed=seed, shard=shard, reduce=reduce)
     classes = list(getattr(loader, "classes", None) or [])
     counts = acc["per_class"] + [0] * max(0, len(classes) - len(acc["per_class"]))
     report = {
@@ -370,7 +392,8 @@ def robustness_report(model: nn.Module, parent: nn.Module | None, loader, sectio
     if parent is not None:
         report["noise_similarity"] = noise_similarity(
             model, parent, loader, levels=report["settings"]["noise_levels"],
-            eps_max=report["settings"]["noise_eps_max"], device=device, max_images=max_images, seed=seed)
+            eps_max=report["settings"]["noise_eps_max"], device=device, max_images=max_images, seed=seed,
+            shard=shard, reduce=reduce)
     return report
 
 

@@ -57,8 +57,11 @@ def robustness_loader(cfg, data_root, ctx: DistContext):
 
 
 def robustness_of(model, parent, loader, cfg, ctx: DistContext) -> dict:
+    """The robustness report; under ``torchrun`` every rank evaluates its share of the batches."""
     from .robustness import robustness_report
-    return robustness_report(model, parent, loader, cfg.evaluate, device=ctx.device, seed=cfg.study.seed)
+    return robustness_report(model, parent, loader, cfg.evaluate, device=ctx.device, seed=cfg.study.seed,
+                             shard=(ctx.rank, ctx.world_size),
+                             reduce=ctx.all_reduce_sum if ctx.world_size > 1 else None)
 
 
 class RewindSaver:

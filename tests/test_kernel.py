@@ -10,6 +10,7 @@ from sparsight.errors import closest, module_choices
 from sparsight.files import atomic_write, atomic_write_frame, atomic_write_text
 from sparsight.layout import Layout
 from sparsight.study import Study
+from thread_ranks import ThreadRanks
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
@@ -110,31 +111,6 @@ def test_module_choices_keep_short_lists_and_shorten_deep_ones_to_the_top_level(
     assert module_choices(flat) == str(flat)
 
 
-class _ThreadRanks:
-    """A process group of threads: rank r's ``ctx(r)`` has the collectives the study runner uses."""
-
-    def __init__(self, world: int):
-        self.world, self.slots = world, [None] * world
-        self.gate = threading.Barrier(world, timeout=20)
-
-    def ctx(self, rank: int):
-        group = self
-
-        class Ctx:
-            is_main = rank == 0
-
-            def barrier(self):
-                group.gate.wait()
-
-            def all_gather_object(self, obj):
-                group.slots[rank] = obj
-                group.gate.wait()
-                out = list(group.slots)
-                group.gate.wait()
-                return out
-        return Ctx()
-
-
 class _Written:
     """A stage that only rank 0 writes (as report and survey stages do); ``after`` makes it depend on one."""
 
@@ -157,18 +133,7 @@ def _run_ranks(tmp_path, stages, force=()):
     from sparsight.study import run_study
 
     cfg = load_study(overrides=[f'study.output_dir="{tmp_path}"', 'study.name="ranks"'])
-    group, errors = _ThreadRanks(2), [None, None]
-
-    def rank(r):
-        try:
-            run_study(Study(cfg, group.ctx(r)), stages, force=force, log=lambda *a: None)
-        except Exception as err:  # noqa: BLE001 - inspected below
-            errors[r] = err
-    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    _, errors = ThreadRanks(2).run(lambda ctx: run_study(Study(cfg, ctx), stages, force=force, log=lambda *a: None))
     return errors
 
 

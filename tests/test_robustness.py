@@ -235,6 +235,30 @@ def test_noise_similarity_with_itself_is_one_and_at_zero_equals_plain_agreement(
     assert diff["eps"] == pytest.approx(torch.linspace(0, 0.7, 3).tolist())
 
 
+def test_robustness_shared_out_over_ranks_equals_one_process(tiny_data):
+    """Three ranks each take every third batch (noise seeded by the batch's index in the whole pass) and
+    sum their counts: the report equals the single-process one, ``max_images`` cutting a batch included."""
+    import copy
+
+    from thread_ranks import ThreadRanks
+
+    loader = val_loader(tiny_data, batch_size=8)
+    model, parent = tiny_model(0), tiny_model(1)
+    section = {"corruptions": ["gaussian_noise", "contrast"], "severities": [1, 5], "max_images": 45,
+               "noise_levels": 3, "noise_eps_max": 0.5}
+    alone = rb.robustness_report(model, parent, loader, section, device="cpu", seed=4)
+    reports, errors = ThreadRanks(3).run(lambda ctx: rb.robustness_report(
+        copy.deepcopy(model), copy.deepcopy(parent), loader, section, device="cpu", seed=4,
+        shard=(ctx.rank, ctx.world_size), reduce=ctx.all_reduce_sum))
+    assert errors == [None] * 3
+    assert alone["n"] == 45 and sum(alone["images_per_class"].values()) == 45
+    for report in reports:
+        assert report["n"] == alone["n"] and report["images_per_class"] == alone["images_per_class"]
+        # the same counts over the same n: the same floats
+        assert (report["clean"], report["corruptions"]) == (alone["clean"], alone["corruptions"])
+        assert report["noise_similarity"] == alone["noise_similarity"]
+
+
 class Recorder(torch.nn.Module):
     """Logits = per-channel means; remembers every input it saw."""
 
