@@ -56,6 +56,11 @@ def robustness_loader(cfg, data_root, ctx: DistContext):
                        progress=cfg.study.progress and ctx.is_main)
 
 
+def batch_record(cfg, ctx: DistContext) -> dict:
+    """The training batch as it was: ``data.batch_size`` per process, times the processes."""
+    return {"per_process": cfg.data.batch_size, "processes": ctx.world_size}
+
+
 def robustness_of(model, parent, loader, cfg, ctx: DistContext) -> dict:
     """The robustness report; under ``torchrun`` every rank evaluates its share of the batches."""
     from .robustness import robustness_report
@@ -161,7 +166,7 @@ def train_and_save(cfg, data_root: str | Path, out_dir: str | Path, ctx: DistCon
                                                                     "weight_decay", "scheduler")},
                          weights=weights or None, classes=val_loader.classes, history=history,
                          stem=list(get_spec(arch).stem), robustness=robust, job_fingerprint=fp,
-                         checkpoint_sha256=sha, rewind_epoch=rewind_epoch)
+                         checkpoint_sha256=sha, rewind_epoch=rewind_epoch, batch=batch_record(cfg, ctx))
         write_meta(out_dir, meta)
         trainer.clear_state()
     ctx.barrier()
@@ -223,7 +228,8 @@ def prune_and_save(cfg, data_root: str | Path, parent_dir: str | Path, out_dir: 
                          parent=parent_ckpt.sha256, parent_model=parent_dir.name,
                          **_pruned_meta_fields(job, outcome, settings, parent_eval),
                          sparsity=measure_sparsity(model, scope=scope, reference=sizes),
-                         rewind=rewind_source, robustness=robust, job_fingerprint=fp, checkpoint_sha256=sha)
+                         rewind=rewind_source, robustness=robust, job_fingerprint=fp, checkpoint_sha256=sha,
+                         batch=batch_record(cfg, ctx))
         write_meta(out_dir, meta)
     ctx.barrier()
     return meta

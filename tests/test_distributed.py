@@ -35,6 +35,10 @@ def test_torchrun_single_process_matches_plain_training(tiny_data, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
+    import json
+    plain_meta, ddp_meta = (json.loads((tmp_path / run / "meta.json").read_text()) for run in ("plain", "ddp"))
+    from sparsight.config import load_study
+    assert plain_meta["batch"] == ddp_meta["batch"] == {"per_process": load_study().data.batch_size, "processes": 1}
 
 
 @pytest.mark.cuda
