@@ -21,6 +21,7 @@ from sparsight.registry import Registry
 from .masks import MaskEnforcer, apply_masks, mask_sparsity
 from .methods import PruningError, check_rate, create_method, method_class, method_options
 from .training import DistContext, Trainer, TrainSettings, evaluate
+from .training.engine import amp_dtype
 
 StepRates = Callable[[float, int], list[float]]
 
@@ -164,6 +165,7 @@ def prune_and_retrain(model: nn.Module, job: PruneJob, *, settings: TrainSetting
     re-estimated statistics (``before_recalibrated``), and retraining starts from the latter.
     """
     ctx = ctx or DistContext(device=next(model.parameters()).device)
+    amp = amp_dtype(settings.amp, ctx.device)      # every evaluation at the precision retraining validates at
     method = job.method_instance(input_size)
     if method.rewinds and rewind_state is None:
         raise PruningError(f"method {job.method!r} rewinds weights; pass rewind_state (an early state_dict)")
@@ -175,11 +177,11 @@ def prune_and_retrain(model: nn.Module, job: PruneJob, *, settings: TrainSetting
         if method.rewinds:
             model.load_state_dict(rewind_state)
         apply_masks(model, masks)
-        before = evaluate(model, val_loader, ctx=ctx) if val_loader is not None else None
+        before = evaluate(model, val_loader, ctx=ctx, amp=amp) if val_loader is not None else None
         recalibrated = None
         if recalibrate_batches > 0 and train_loader is not None:
             recalibrate_batchnorm(model, train_loader, recalibrate_batches)
-            recalibrated = evaluate(model, val_loader, ctx=ctx) if val_loader is not None else None
+            recalibrated = evaluate(model, val_loader, ctx=ctx, amp=amp) if val_loader is not None else None
         history = []
         if settings.epochs > 0:
             out = Path(work_dir) / f"step{i + 1}" if work_dir else None

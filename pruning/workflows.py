@@ -208,8 +208,9 @@ def prune_and_save(cfg, data_root: str | Path, parent_dir: str | Path, out_dir: 
             meta = refresh_robustness(cfg, data_root, out_dir, meta, ctx, parent_ckpt.model, parent_ckpt.sha256)
         return meta
     train_loader, val_loader = loaders or build_loaders(cfg, data_root, ctx, train=settings.epochs > 0)
-    parent_eval = _cached(cache, ("parent_eval", parent_ckpt.sha256),
-                          lambda: evaluate(parent_ckpt.model, val_loader, ctx=ctx))
+    amp = amp_dtype(settings.amp, ctx.device)      # the parent at the precision its children are validated at
+    parent_eval = _cached(cache, ("parent_eval", parent_ckpt.sha256, str(amp)),
+                          lambda: evaluate(parent_ckpt.model, val_loader, ctx=ctx, amp=amp))
     reference = _cached(cache, "reference", lambda: _reference_set(cfg, data_root)) if method.needs_data else None
     rewind_state, rewind_source = _rewind_target(parent_dir, parent_ckpt, ctx) if method.rewinds else (None, None)
     torch.manual_seed(settings.seed)

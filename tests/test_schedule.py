@@ -246,3 +246,20 @@ def test_batchnorm_recalibration_re_estimates_the_statistics_of_the_pruned_netwo
             assert module.momentum == 0.1                             # momentum restored
     for k, v in weights.items():                                      # weights (and so the masks) untouched
         assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_every_evaluation_of_a_job_runs_at_the_retraining_precision(loaders):
+    """``before`` (and the parent's top-1 in the workflow) at the precision retraining validates at, so that
+    before, after and parent compare like with like (bf16 on a GPU; forced here on the CPU)."""
+    from pruning.masks import apply_masks
+    from pruning.training import evaluate
+
+    job = PruneJob("structured", 0.5, exclude=STEM)
+    bf16 = TrainSettings(epochs=0, amp="bf16")
+    out = prune_and_retrain(_model(4), job, settings=bf16, train_loader=loaders[0], val_loader=loaders[1],
+                            progress=False, input_size=32)
+    pruned = _model(4)
+    apply_masks(pruned, out.masks)
+    step = out.steps[0]
+    assert step["before"] == evaluate(pruned, loaders[1], amp=torch.bfloat16)
+    assert step["before"]["loss"] != evaluate(pruned, loaders[1])["loss"]       # the precision did matter
