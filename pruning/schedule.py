@@ -154,6 +154,15 @@ def recalibrate_batchnorm(model: nn.Module, loader, batches: int) -> int:
     return used
 
 
+def _rank0_masks(ctx, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rank 0's masks on every rank: scores computed on each rank can differ in their last bits (GPU
+    reductions), and ranks that kept different near-tied weights would drift apart while retraining."""
+    if getattr(ctx, "world_size", 1) == 1:
+        return masks
+    mine = {k: m.cpu() for k, m in masks.items()}
+    return {k: m.to(masks[k].device) for k, m in ctx.broadcast_object(mine).items()}
+
+
 def prune_and_retrain(model: nn.Module, job: PruneJob, *, settings: TrainSettings, train_loader, val_loader,
                       ctx: DistContext | None = None, reference=None, rewind_state: dict | None = None,
                       work_dir: str | Path | None = None, progress: bool = True,
@@ -172,7 +181,7 @@ def prune_and_retrain(model: nn.Module, job: PruneJob, *, settings: TrainSetting
     masks: dict[str, torch.Tensor] = {}
     outcome = PruneOutcome(model, masks)
     for i, target in enumerate(step_rates(job.rate, job.schedule, job.steps)):
-        new = method.masks(model, target, job.exclude, data=reference)
+        new = _rank0_masks(ctx, method.masks(model, target, job.exclude, data=reference))
         masks = intersect(masks, new)
         if method.rewinds:
             model.load_state_dict(rewind_state)

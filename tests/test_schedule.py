@@ -263,3 +263,17 @@ def test_every_evaluation_of_a_job_runs_at_the_retraining_precision(loaders):
     step = out.steps[0]
     assert step["before"] == evaluate(pruned, loaders[1], amp=torch.bfloat16)
     assert step["before"]["loss"] != evaluate(pruned, loaders[1])["loss"]       # the precision did matter
+
+
+def test_every_rank_prunes_with_rank_0s_masks(loaders):
+    """Ranks whose scores differ (here: different weights) still prune the same weights: rank 0's."""
+    from thread_ranks import ThreadRanks
+
+    job = PruneJob("unstructured-global", 0.5, exclude=STEM)
+    outs, errors = ThreadRanks(2).run(lambda ctx: prune_and_retrain(
+        _model(10 + ctx.rank), job, settings=TrainSettings(epochs=0), train_loader=loaders[0],
+        val_loader=loaders[1], ctx=ctx, progress=False, input_size=32))
+    assert errors == [None, None]
+    own = create_method("unstructured-global").masks(_model(11), 0.5, exclude=STEM)      # rank 1's own choice
+    assert any(not torch.equal(own[k], outs[0].masks[k]) for k in own)
+    assert all(torch.equal(outs[0].masks[k], outs[1].masks[k]) for k in outs[0].masks)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import threading
 
+import torch
+
 
 class ThreadRanks:
     """``world`` ranks; ``ctx(r)`` is rank r's context (``rank``, ``world_size``, ``is_main``, ``barrier``,
-    ``all_gather_object``, ``all_reduce_sum``)."""
+    ``all_gather_object``, ``all_reduce_sum``, ``broadcast_object``; ``device`` the CPU)."""
 
     def __init__(self, world: int, timeout: float = 20):
         self.world, self.slots = world, [None] * world
@@ -26,6 +28,7 @@ class ThreadRanks:
         class Ctx:
             world_size = group.world
             is_main = rank == 0
+            device = torch.device("cpu")
 
             def __init__(self):
                 self.rank = rank
@@ -38,6 +41,9 @@ class ThreadRanks:
 
             def all_reduce_sum(self, values):
                 return [sum(column) for column in zip(*group._gather(rank, list(values)))]
+
+            def broadcast_object(self, obj):
+                return group._gather(rank, obj)[0]
         return Ctx()
 
     def run(self, work) -> tuple[list, list]:

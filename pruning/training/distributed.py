@@ -62,6 +62,14 @@ class DistContext:
         dist.all_gather_object(out, obj)
         return out
 
+    def broadcast_object(self, obj):
+        """Rank 0's ``obj`` (picklable; tensors on the CPU) on every process; ``obj`` itself in one process."""
+        if not self.distributed:
+            return obj
+        box = [obj if self.is_main else None]
+        dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
+        return box[0]
+
     def close(self) -> None:
         if self.initialized_here and self.distributed:
             dist.destroy_process_group()
