@@ -157,7 +157,7 @@ def recalibrate_batchnorm(model: nn.Module, loader, batches: int) -> int:
 def _rank0_masks(ctx, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rank 0's masks on every rank: scores computed on each rank can differ in their last bits (GPU
     reductions), and ranks that kept different near-tied weights would drift apart while retraining."""
-    if getattr(ctx, "world_size", 1) == 1:
+    if ctx.world_size == 1:
         return masks
     mine = {k: m.cpu() for k, m in masks.items()}
     return {k: m.to(masks[k].device) for k, m in ctx.broadcast_object(mine).items()}

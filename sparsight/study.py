@@ -160,18 +160,18 @@ def _current_record(stage: Stage, study: Study, forced: bool) -> tuple[str, dict
 def decided_by_main(study: Study, decide):
     """``decide()`` evaluated on rank 0 and handed to every process; an error there stops every rank (the
     others with a one-line error naming it) instead of leaving them waiting."""
-    outcome = None
+    outcome, error = None, None
     if study.is_main:
         try:
             outcome = ("ok", decide(), None)
         except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
             outcome, error = ("error", None, f"{type(err).__name__}: {err}"), err
     if study.ctx is not None:
-        outcome = study.ctx.all_gather_object(outcome)[0]
+        outcome = study.ctx.broadcast_object(outcome)
     kind, value, message = outcome
+    if error is not None:
+        raise error
     if kind == "error":
-        if study.is_main:
-            raise error
         raise RuntimeError(f"rank 0 stopped: {message}")
     return value
 

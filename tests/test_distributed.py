@@ -134,3 +134,11 @@ def test_whole_study_runs_under_torchrun_with_two_gloo_processes(tmp_path):
     again = _torchrun_n(2, args)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("up to date, skipped") == len(pipeline_stages())
+    # forcing a stage that only rank 0 writes (MIS): both ranks finish, the unchanged stages after it are
+    # skipped and the report is left as it was (the runner's rank-0 decisions: also tests/test_kernel.py)
+    report = (run_dir / "report" / "index.html").stat().st_mtime_ns
+    forced = _torchrun_n(2, [*args, "--force", "mis"])
+    assert forced.returncode == 0, forced.stdout[-2000:] + forced.stderr[-3000:]
+    assert forced.stdout.count("[mis] done in") == 1
+    assert forced.stdout.count("up to date, skipped") == len(pipeline_stages()) - 1
+    assert (run_dir / "report" / "index.html").stat().st_mtime_ns == report
