@@ -11,7 +11,7 @@ Checks, in order (each is timed, and a failure is recorded, never fatal to the o
 - ``googlenet-study``: ``sparsight run`` of a GoogLeNet mini-study on generated JPEGs with random
   weights saved under the torchvision weights file name in a temporary ``TORCH_HOME`` (so the real
   loading code runs): two methods × one rate, one retraining epoch, stimuli for 16 units, MIS,
-  dissection on a Broden-style probe folder, the report;
+  dissection on a probe in the Broden release layout, the report;
 - ``featurevis``: ``render_units`` vs lucent one unit at a time (GoogLeNet, 224 px, 512 steps), s/unit,
   the speed-up and the quality-normalised s/unit (until the max image reaches the natural top images);
 - ``mining``: activation mining img/s of every unit layer (fp32 and bf16);
@@ -335,12 +335,13 @@ CHECK_NAMES = list(CHECKS)
 
 # ---- data the checks share ------------------------------------------------------------------------------
 def prepare_data(work: Path, smoke: bool) -> dict:
-    """Concept-shapes images as a JPEG ImageFolder (train/, val/) and the val split as a Broden-style probe."""
+    """Concept-shapes images as a JPEG ImageFolder (train/, val/) and the val split as a Broden probe."""
     import shutil
 
     from PIL import Image
 
     from pruning.data.concept_shapes import generate
+    from stimuli.probes import ProbeSet, write_broden
 
     shapes = work / "concept-shapes"
     size = 96 if smoke else 224
@@ -354,9 +355,7 @@ def prepare_data(work: Path, smoke: bool) -> dict:
             Image.open(png).convert("RGB").save(out, quality=90)
     probe = work / "probe"
     shutil.rmtree(probe, ignore_errors=True)    # a --workdir used before gets a fresh probe
-    shutil.copytree(shapes / "val", probe / "images")
-    shutil.copytree(shapes / "masks" / "val", probe / "masks")
-    shutil.copy(shapes / "concepts.json", probe / "concepts.json")
+    write_broden(ProbeSet.from_concept_shapes(shapes, "val"), probe)   # the layout of the Broden release
     return {"study_data": shapes, "jpeg_data": jpeg, "probe": probe}
 
 

@@ -233,8 +233,8 @@ class DissectionSection:
     iou_threshold: float = option(0.04, "a unit is interpretable above this IoU", lo=0.0, hi=1.0)
     units: str = option("all", "'all': every channel of the unit layers (units.layers, else the architecture's), as "
                                "Frankle & Bau; 'study': the study's sampled units", choices=("all", "study"))
-    probe: str = option("", "Broden-style probe folder (concepts.json, images/, masks/); empty = the study data's "
-                            "concept masks", path="always")
+    probe: str = option("", "probe folder: a Broden release (index.csv, images/) or concepts.json, images/, masks/; "
+                            "empty = the study data's concept masks", path="always")
     split: str = option("val", "split of the study data used as the probe set (when probe is empty)",
                         choices=("val", "train"))
     max_images: int = option(0, "dissect on a seeded sample of at most this many probe images; 0 = all", lo=0)

@@ -107,8 +107,8 @@ def stimuli_cmd(what_and_run_dir, study_file, profile, overrides, device, models
 @click.option("--model", "models", multiple=True,
               help="model id under <run_dir>/models (repeatable; default: every model but the observer)")
 @click.option("--probe", type=click.Path(file_okay=False, path_type=Path, resolve_path=True), default=None,
-              help="Broden-style probe folder: concepts.json, images/**, masks/** (default: dissection.probe, "
-                   "else the study data's concept masks)")
+              help="probe folder: a Broden release (index.csv, label.csv, category.csv, images/) or concepts.json, "
+                   "images/**, masks/** (default: dissection.probe, else the study data's concept masks)")
 @click.option("--fresh", is_flag=True, help="dissect every model again, even if its results are current")
 def dissect_cmd(run_dir, study_file, profile, overrides, device, models, probe, fresh):
     """Network Dissection: label every unit with the concept its top activations overlap best.
@@ -117,13 +117,14 @@ def dissect_cmd(run_dir, study_file, profile, overrides, device, models, probe, 
     --profile and --set.
     Per unit, the threshold is the dissection.quantile (0.995) of its activations over the probe
     set; activation maps are upsampled to the label maps and IoU = Σ|M ∩ L| / Σ|M ∪ L| over the
-    set; a unit is interpretable when its best IoU exceeds dissection.iou_threshold (0.04). Writes
-    <run_dir>/dissection/units.csv (one row per model and unit), models.csv (interpretable units
-    and unique concepts per model) and iou.parquet (unit × concept). Examples:
+    images annotated in the concept's category; a unit is interpretable when its best IoU exceeds
+    dissection.iou_threshold (0.04). Writes <run_dir>/dissection/units.csv (one row per model and
+    unit), models.csv (interpretable units and unique concepts per model) and iou.parquet
+    (unit × concept). Examples:
 
     \b
       sparsight dissect runs/default --model base --set dissection.units=study
-      sparsight dissect runs/googlenet-imagenet --probe /data/probe
+      sparsight dissect runs/googlenet-imagenet --probe /data/broden1_224
     """
     cfg = resolve_study(run_dir, study_file, profile, overrides, device)
     from pruning.training import open_study

@@ -1,7 +1,8 @@
 """Network Dissection (Bau et al. 2017; Frankle & Bau 2019; NetDissect-Lite): which units detect a concept.
 
-A *probe set* is a list of images, each with a per-pixel concept *label map*.  For every unit (one
-channel of a named layer) dissection
+A *probe set* (:mod:`stimuli.probes`: Broden, a folder of label maps, or concept-shapes) gives every
+image per-pixel concept labels, and possibly whole-image labels.  For every unit (one channel of a
+named layer) dissection
 
 1. takes the threshold ``T`` = the ``quantile`` (default 0.995, i.e. the top 0.5 %) of the unit's
    activations over every spatial position of every probe image — exact, the same value as
@@ -9,9 +10,11 @@ channel of a named layer) dissection
    top-k per unit instead of storing all activations;
 2. upsamples each activation map to its label map's size (bilinear, ``align_corners=False``) and
    thresholds it, ``M = act > T``;
-3. scores every concept ``c`` by ``IoU = Σ|M ∩ L_c| / Σ|M ∪ L_c|``, both sums over the whole probe set
-   (not an average of per-image scores).  A unit is *interpretable* when its best IoU exceeds
-   ``iou_threshold`` (0.04); the best concept is its label.
+3. scores every concept ``c`` by ``IoU = Σ|M ∩ L_c| / Σ|M ∪ L_c|``, both sums over the probe images
+   annotated in ``c``'s category (Bau et al.: Broden's sources label different categories, and a
+   unit firing on an image without, say, part labels is no evidence against a part concept), not an
+   average of per-image scores.  A whole-image label (a scene, a texture) covers every pixel.  A unit
+   is *interpretable* when its best IoU exceeds ``iou_threshold`` (0.04); the best concept is its label.
 
 Units constant over the probe set are reported as ``dead`` (``pruned`` when they are exactly zero
 in a pruned model) and are never interpretable.  There are two passes over the probe set
@@ -23,29 +26,8 @@ largest raw value), and ``Σ|M ∩ L_c|`` is counted over the above-threshold pi
 concepts, with work that grows with the active pixels rather than with pixels × concepts (a dense
 ``[units, pixels] × [pixels, concepts]`` matmul over every upsampled map took 11× longer for
 inception-small on concept-shapes, and its cost grows with the number of concepts, ~1200 in Broden).
-Unions follow as ``|M| + |L_c| − |M ∩ L_c|``.
-
-Probe-set layouts
------------------
-*Concept-shapes* (the embedded default; :meth:`ProbeSet.from_concept_shapes`): images under
-``<data>/<split>/<class>/<name>.png``, label maps under ``<data>/masks/<split>/<class>/<name>.png``
-and ``<data>/concepts.json``, as :func:`pruning.data.concept_shapes.generate` writes them.
-
-*Broden-style folder* (any probe set; :meth:`ProbeSet.from_folder`)::
-
-    <probe>/concepts.json                 {"mask_layers": ["object", "colour", ...],
-                                           "concepts": {"object": ["sky", "tree", ...], ...}}
-    <probe>/images/**/<name>.{png,jpg,jpeg}
-    <probe>/masks/**/<name>.png           label map of the image with the same relative path
-
-A label map is an 8-bit PNG with one channel per mask layer, in ``mask_layers`` order (L or P: one
-layer; LA: two; RGB: three; RGBA: four; channels beyond the mask layers are ignored).  A pixel's
-value in channel ``i`` is the id of its concept in mask layer ``i`` plus one (the index into
-``concepts[mask_layers[i]]`` + 1); 0 means no concept of that layer.  A label map may have another
-size than its image: activations are compared at label-map resolution.  Images are resized
-(whole, no crop) to the network's input size and normalized with the ImageNet statistics.  A missing
-or unreadable file, or a concept id beyond its layer's list, raises :class:`ProbeError` naming the
-file.
+Whole-image labels and the per-category ``Σ|M|`` are one small matmul of the per-map counts per
+batch.  Unions follow as ``Σ|M| (images of c's category) + Σ|L_c| − Σ|M ∩ L_c|``.
 
     probe = ProbeSet.from_concept_shapes("runs/default/data", "val")
     result = dissect(model, probe, ["inception4a", "inception5a:0-7"], image_size=64)
@@ -53,30 +35,24 @@ file.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import random
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 from torch import nn
 from torchvision.transforms import functional as TF
 
-from pruning.data.folders import IMAGENET_MEAN, IMAGENET_STD, open_image
+from pruning.data.folders import IMAGENET_MEAN, IMAGENET_STD
 from pruning.models.registry import unwrap
 
 from .mining import _EvalMode
+from .probes import ImageLabels, ProbeError, ProbeSet, open_probe  # noqa: F401 (ProbeError, open_probe: API)
 from .units import Unit, layer_channels, parse_units
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-LABEL_MODES = {"L": 1, "P": 1, "LA": 2, "RGB": 3, "RGBA": 4}
 UNIT_COLUMNS = ["model_id", "layer", "unit", "status", "concept", "concept_layer", "iou", "interpretable",
                 "threshold", "reason"]
 MODEL_COLUMNS = ["model_id", "status", "reason", "units", "alive", "dead", "pruned", "interpretable",
@@ -87,169 +63,11 @@ CHUNK_ELEMENTS = 2 ** 24     # most upsampled activation values held at once
 CACHE_LIMIT_BYTES = 1 << 30  # probe sets up to this size are decoded once and kept in memory
 
 
-class ProbeError(ValueError):
-    """A probe set is missing, incomplete or unreadable; the message names the file."""
-
-
-# ---- probe sets --------------------------------------------------------------------------------
-def read_concepts(path: str | Path) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]]]:
-    """``(mask_layers, {layer: concept names})`` from a ``concepts.json``."""
-    path = Path(path)
-    try:
-        info = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ProbeError(f"probe concept list {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ProbeError(f"cannot read probe concept list {path}: {err}") from None
-    layers, concepts = info.get("mask_layers") if isinstance(info, dict) else None, \
-        info.get("concepts") if isinstance(info, dict) else None
-    if not isinstance(layers, list) or not layers or not all(isinstance(x, str) for x in layers):
-        raise ProbeError(f"{path}: 'mask_layers' must be a non-empty list of layer names")
-    if len(layers) > 4:
-        raise ProbeError(f"{path}: {len(layers)} mask layers, but a PNG label map holds at most 4")
-    if not isinstance(concepts, dict):
-        raise ProbeError(f"{path}: 'concepts' must map every mask layer to its list of concept names")
-    for layer in layers:
-        names = concepts.get(layer)
-        if not isinstance(names, list) or not names or not all(isinstance(x, str) for x in names):
-            raise ProbeError(f"{path}: 'concepts' has no list of concept names for mask layer {layer!r}")
-        if len(names) > 255:
-            raise ProbeError(f"{path}: mask layer {layer!r} has {len(names)} concepts; 8-bit label maps hold 255")
-    return tuple(layers), {layer: tuple(concepts[layer]) for layer in layers}
-
-
-def _index(images_dir: Path, masks_dir: Path) -> tuple[list[Path], list[Path]]:
-    """Images under ``images_dir`` (sorted by relative path) and their label maps under ``masks_dir``."""
-    if not images_dir.is_dir():
-        raise ProbeError(f"probe image folder {images_dir} does not exist")
-    images = sorted((p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
-                    key=lambda p: p.relative_to(images_dir).as_posix())
-    if not images:
-        raise ProbeError(f"probe image folder {images_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    masks = [masks_dir / p.relative_to(images_dir).with_suffix(".png") for p in images]
-    for image, mask in zip(images, masks):
-        if not mask.is_file():
-            raise ProbeError(f"probe image {image} has no label map: {mask} does not exist")
-    return images, masks
-
-
-@dataclass(frozen=True)
-class ProbeSet:
-    """Images with per-pixel concept label maps (see the module docstring for the layouts)."""
-    images: tuple[Path, ...]
-    masks: tuple[Path, ...]
-    mask_layers: tuple[str, ...]
-    concepts: dict[str, tuple[str, ...]]
-    root: Path = Path(".")
-
-    def __post_init__(self):
-        if len(self.images) != len(self.masks):
-            raise ValueError(f"{len(self.images)} images but {len(self.masks)} label maps")
-
-    @classmethod
-    def from_dirs(cls, images_dir: str | Path, masks_dir: str | Path, concepts_file: str | Path,
-                  root: str | Path | None = None) -> ProbeSet:
-        layers, concepts = read_concepts(concepts_file)
-        images, masks = _index(Path(images_dir), Path(masks_dir))
-        return cls(tuple(images), tuple(masks), layers, concepts, Path(root or images_dir))
-
-    @classmethod
-    def from_concept_shapes(cls, data_root: str | Path, split: str = "val") -> ProbeSet:
-        """A concept-shapes split: ``<data>/<split>/``, ``<data>/masks/<split>/``, ``<data>/concepts.json``."""
-        root = Path(data_root)
-        return cls.from_dirs(root / split, root / "masks" / split, root / "concepts.json", root)
-
-    @classmethod
-    def from_folder(cls, probe: str | Path) -> ProbeSet:
-        """A Broden-style folder: ``<probe>/concepts.json``, ``<probe>/images/**``, ``<probe>/masks/**``."""
-        probe = Path(probe).expanduser()
-        if not probe.is_dir():
-            raise ProbeError(f"probe folder {probe} does not exist (expected concepts.json, images/, masks/)")
-        return cls.from_dirs(probe / "images", probe / "masks", probe / "concepts.json", probe)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    @property
-    def concept_index(self) -> list[tuple[str, str]]:
-        """``(mask layer, concept)`` of every concept column, layer by layer."""
-        return [(layer, name) for layer in self.mask_layers for name in self.concepts[layer]]
-
-    @property
-    def n_concepts(self) -> int:
-        return sum(len(self.concepts[layer]) for layer in self.mask_layers)
-
-    def subset(self, indices: Iterable[int]) -> ProbeSet:
-        idx = list(indices)
-        return ProbeSet(tuple(self.images[i] for i in idx), tuple(self.masks[i] for i in idx), self.mask_layers,
-                        self.concepts, self.root)
-
-    def sample(self, max_images: int, seed: int = 0) -> ProbeSet:
-        """A seeded sample of ``max_images`` images (kept in sorted order); all when 0 or enough."""
-        if max_images <= 0 or max_images >= len(self):
-            return self
-        return self.subset(sorted(random.Random(seed).sample(range(len(self)), max_images)))
-
-    def fingerprint(self) -> str:
-        """Hash of the concept list and every file's relative path, size and modification time."""
-        h = hashlib.sha256(json.dumps([self.mask_layers, self.concepts], sort_keys=True).encode())
-        for path in self.images + self.masks:
-            st = path.stat()
-            h.update(f"{_relative(path, self.root)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-        return h.hexdigest()
-
-    def read_image(self, index: int) -> Image.Image:
-        return open_image(self.images[index], what="probe image", error=ProbeError)
-
-    def read_labels(self, index: int) -> np.ndarray:
-        """The label map of image ``index`` as ``[mask layers, h, w]`` uint8 (concept id + 1; 0 = none)."""
-        path = self.masks[index]
-        try:
-            with Image.open(path) as im:
-                im.load()
-                mode, labels = im.mode, np.asarray(im)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-            raise ProbeError(f"cannot decode probe label map {path}: {err}") from None
-        n_layers = len(self.mask_layers)
-        if mode not in LABEL_MODES:
-            raise ProbeError(f"probe label map {path} has PNG mode {mode!r}; use 8-bit L, P, LA, RGB or RGBA")
-        if LABEL_MODES[mode] < n_layers:
-            raise ProbeError(f"probe label map {path} has {LABEL_MODES[mode]} channel(s) ({mode}) but the probe "
-                             f"has {n_layers} mask layers {list(self.mask_layers)}")
-        labels = labels.reshape(labels.shape[0], labels.shape[1], -1)[..., :n_layers].transpose(2, 0, 1)
-        for i, layer in enumerate(self.mask_layers):
-            top = int(labels[i].max())
-            if top > len(self.concepts[layer]):
-                raise ProbeError(f"probe label map {path}: mask layer {layer!r} holds value {top}, but the layer "
-                                 f"has only {len(self.concepts[layer])} concepts (value = concept id + 1)")
-        return np.ascontiguousarray(labels, dtype=np.uint8)
-
-
-def _relative(path: Path, root: Path) -> str:
-    try:
-        return path.relative_to(root).as_posix()
-    except ValueError:
-        return path.as_posix()
-
-
-def open_probe(probe: str | Path | None = "", data_root: str | Path | None = None, split: str = "val") -> ProbeSet:
-    """A Broden-style folder ``probe`` if given, else the concept-shapes masks of ``data_root/split``."""
-    if probe:
-        return ProbeSet.from_folder(probe)
-    if data_root is None:
-        raise ProbeError("no probe set: give a Broden-style probe folder or a concept-shapes data root")
-    root = Path(data_root)
-    if not (root / "masks").is_dir():
-        raise ProbeError(f"data folder {root} has no concept masks (masks/); Network Dissection needs a probe set "
-                         f"with per-pixel labels: set dissection.probe (or --probe) to a Broden-style folder")
-    return ProbeSet.from_concept_shapes(root, split)
-
-
 # ---- batches -----------------------------------------------------------------------------------
 @dataclass
 class ProbeBatch:
     images: torch.Tensor                   # [B, 3, S, S] uint8 (normalized on the device: ProbeLoader.prepare)
-    labels: list[torch.Tensor] | None      # B label maps [mask layers, h, w] uint8 (sizes may differ)
+    labels: list[ImageLabels] | None       # B images' labels (label-map sizes may differ)
     indices: list[int]
 
 
@@ -264,7 +82,7 @@ class _ProbeItems(torch.utils.data.Dataset):
         img = self.probe.read_image(index)
         if img.size != (self.image_size, self.image_size):
             img = TF.resize(img, [self.image_size, self.image_size], antialias=True)
-        labels = torch.from_numpy(self.probe.read_labels(index)) if self.labels else None
+        labels = self.probe.read_labels(index) if self.labels else None
         return TF.pil_to_tensor(img), labels, index
 
 
@@ -290,12 +108,11 @@ class ProbeLoader:
         self.probe, self.image_size, self.batch_size = probe, int(image_size), int(batch_size)
         self.num_workers, self.progress = num_workers, progress
         if cache == "auto":
-            with Image.open(probe.masks[0]) as first:
-                h, w = first.size
-            per_image = 3 * image_size ** 2 + len(probe.mask_layers) * h * w
+            planes, h, w = probe.label_shape(0)
+            per_image = 3 * image_size ** 2 + 4 * max(planes, 1) * h * w
             cache = "memory" if len(probe) * per_image <= CACHE_LIMIT_BYTES else "none"
         self.cache = cache
-        self._memory: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+        self._memory: tuple[torch.Tensor, list[ImageLabels]] | None = None
         self.mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD, dtype=torch.float64).view(1, 3, 1, 1)
 
@@ -306,7 +123,7 @@ class ProbeLoader:
         return torch.utils.data.DataLoader(_ProbeItems(self.probe, self.image_size, labels), batch_size=self.batch_size,
                                            shuffle=False, num_workers=self.num_workers, collate_fn=_collate)
 
-    def _decode_all(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _decode_all(self) -> tuple[torch.Tensor, list[ImageLabels]]:
         if self._memory is None:
             from sparsight.progress import progress_bar
 
@@ -402,11 +219,12 @@ class LayerDissection:
     """Thresholds and overlap counts of the dissected channels of one layer (CPU tensors)."""
     layer: str
     units: list[int]
-    threshold: torch.Tensor      # [U] float64: the quantile of each unit's activations
-    act_min: torch.Tensor        # [U] float64
-    act_max: torch.Tensor        # [U] float64
-    act_pixels: torch.Tensor     # [U] int64: Σ|M| over the probe set (label-map resolution)
-    intersection: torch.Tensor   # [U, C] int64: Σ|M ∩ L_c|
+    threshold: torch.Tensor         # [U] float64: the quantile of each unit's activations
+    act_min: torch.Tensor           # [U] float64
+    act_max: torch.Tensor           # [U] float64
+    act_pixels: torch.Tensor        # [U] int64: Σ|M| over the probe set (label-map resolution)
+    category_pixels: torch.Tensor   # [U, K] int64: Σ|M| over the images annotated in category k
+    intersection: torch.Tensor      # [U, C] int64: Σ|M ∩ L_c|
 
     @property
     def constant(self) -> torch.Tensor:
@@ -416,7 +234,8 @@ class LayerDissection:
 @dataclass
 class Dissection:
     """The outcome of :func:`dissect` for one model."""
-    concepts: list[tuple[str, str]]        # (mask layer, concept) of every column
+    concepts: list[tuple[str, str]]        # (category, concept) of every column
+    concept_category: torch.Tensor         # [C] int64: the category index of every column
     label_pixels: torch.Tensor             # [C] int64: Σ|L_c| over the probe set
     layers: dict[str, LayerDissection]
     n_images: int
@@ -425,8 +244,9 @@ class Dissection:
     pruned_model: bool = False
 
     def union(self, layer: str) -> torch.Tensor:
+        """``[U, C]`` Σ|M ∪ L_c| over the images annotated in concept c's category."""
         ld = self.layers[layer]
-        return ld.act_pixels[:, None] + self.label_pixels[None, :] - ld.intersection
+        return ld.category_pixels[:, self.concept_category] + self.label_pixels[None, :] - ld.intersection
 
     def iou(self, layer: str) -> torch.Tensor:
         """``[U, C]`` float64 IoU of every dissected unit of ``layer`` with every concept (0 for an empty union)."""
@@ -536,17 +356,6 @@ class _Quantiles:
         return torch.lerp(below, above, torch.full_like(below, frac))
 
 
-def _label_columns(labels: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    """``[G, L, h, w]`` uint8 label maps → ``[G, h·w, L]`` concept columns: concept ``j`` of mask layer ``l``
-    is column ``offset_l + j``; "no concept" of layer ``l`` is the spare column ``C + l`` (dropped later)."""
-    g, n_layers, h, w = labels.shape
-    total = sum(sizes)
-    offsets = torch.tensor([sum(sizes[:i]) for i in range(n_layers)], device=labels.device)
-    spare = total + torch.arange(n_layers, device=labels.device)
-    lab = labels.permute(0, 2, 3, 1).reshape(g, h * w, n_layers).long()
-    return torch.where(lab > 0, offsets + lab - 1, spare)
-
-
 @torch.no_grad()
 def dissect(model: nn.Module, probe: ProbeSet | ProbeLoader, units: Sequence[Unit | str], *,
             image_size: int | None = None, quantile: float = 0.995, iou_threshold: float = 0.04,
@@ -580,15 +389,16 @@ def dissect(model: nn.Module, probe: ProbeSet | ProbeLoader, units: Sequence[Uni
             # a constant unit has no pixel above its threshold (a rounding error in the upsampling must not add one)
             effective = {layer: torch.where(q.max == q.min, torch.full_like(thresholds[layer], math.inf),
                                             thresholds[layer]) for layer, q in quant.items()}
-            label_pixels, act_pixels, inter = run.overlaps(capture, effective, chunk_elements)
+            counts = run.overlaps(capture, effective, chunk_elements)
     finally:
         model.to(home)
     layers = {layer: LayerDissection(layer, list(chans), thresholds[layer].double().cpu(),
                                      quant[layer].min.double().cpu(), quant[layer].max.double().cpu(),
-                                     act_pixels[layer].cpu(), inter[layer].cpu())
+                                     counts.act_pixels[layer].cpu(), counts.category_pixels[layer].cpu(),
+                                     counts.intersection[layer][:, :-1].cpu())
               for layer, chans in targets.items()}
-    return Dissection(probe.probe.concept_index, label_pixels.cpu(), layers, len(probe.probe), float(quantile),
-                      float(iou_threshold), bool(pruned_model))
+    return Dissection(probe.probe.concept_index, probe.probe.concept_category, counts.label_pixels.cpu(), layers,
+                      len(probe.probe), float(quantile), float(iou_threshold), bool(pruned_model))
 
 
 @dataclass
@@ -623,64 +433,102 @@ class _Run:
                 quant[layer].update(m)
         return quant
 
-    def overlaps(self, capture: _Capture, thresholds: dict[str, torch.Tensor], chunk_elements: int):
-        """Pass 2: ``Σ|L_c|`` ``[C]``, ``Σ|M|`` ``{layer: [U]}`` and ``Σ|M ∩ L_c|`` ``{layer: [U, C]}``."""
-        sizes = [len(self.loader.probe.concepts[layer]) for layer in self.loader.probe.mask_layers]
-        total, width = sum(sizes), sum(sizes) + len(sizes)   # a spare "no concept" column per mask layer
-        inter = {layer: torch.zeros(len(ch), width, dtype=torch.long, device=self.device)
-                 for layer, ch in self.targets.items()}
-        act_pixels = {layer: torch.zeros(len(ch), dtype=torch.long, device=self.device)
-                      for layer, ch in self.targets.items()}
-        label_pixels = torch.zeros(total, dtype=torch.long, device=self.device)
+    def overlaps(self, capture: _Capture, thresholds: dict[str, torch.Tensor], chunk_elements: int) -> _Counts:
+        """Pass 2: ``Σ|L_c|``, ``Σ|M|`` (all images and per category) and ``Σ|M ∩ L_c|``."""
+        probe = self.loader.probe
+        counts = _Counts.zeros(self.targets, probe.n_concepts, len(probe.categories), self.device)
         for batch, maps in self._batches(capture, "dissect: overlaps", labels=True):
-            for rows, labels in _groups_by_size(batch.labels):
-                label_pixels += _overlap_group(maps, rows, labels.to(self.device), sizes, thresholds, inter,
-                                               act_pixels, chunk_elements)
-        return label_pixels, act_pixels, {layer: t[:, :total] for layer, t in inter.items()}
+            for rows, group in _groups_by_size(batch.labels, probe.n_concepts):
+                counts.add(maps, rows, group.to(self.device), thresholds, chunk_elements)
+        return counts
 
 
-def _groups_by_size(labels: list[torch.Tensor]) -> Iterator[tuple[list[int], torch.Tensor]]:
-    """Batch rows grouped by label-map size, with their label maps stacked ``[G, L, h, w]``."""
+@dataclass
+class _GroupLabels:
+    """The labels of batch rows with one label-map size, stacked."""
+    columns: torch.Tensor      # [G, h·w, P] int64: concept column per pixel and plane; C = none
+    scalars: torch.Tensor      # [G, C] float64: 1 where a whole-image label names the concept
+    present: torch.Tensor      # [G, K] float64: 1 where the image is annotated in the category
+    size: tuple[int, int]      # (h, w)
+
+    def to(self, device) -> _GroupLabels:
+        return _GroupLabels(self.columns.to(device), self.scalars.to(device), self.present.to(device), self.size)
+
+
+def _groups_by_size(labels: list[ImageLabels], n_concepts: int) -> Iterator[tuple[list[int], _GroupLabels]]:
+    """Batch rows grouped by label-map size, their planes padded to the group's most and stacked."""
     groups: dict[tuple, list[int]] = {}
     for i, lab in enumerate(labels):
-        groups.setdefault(tuple(lab.shape), []).append(i)
-    for rows in groups.values():
-        yield rows, torch.stack([labels[i] for i in rows])
+        groups.setdefault(lab.size, []).append(i)
+    for (h, w), rows in groups.items():
+        depth = max(int(labels[i].planes.shape[0]) for i in rows)
+        planes = torch.zeros(len(rows), depth, h, w, dtype=torch.int32)
+        scalars = torch.zeros(len(rows), n_concepts, dtype=torch.float64)
+        for g, i in enumerate(rows):
+            planes[g, :labels[i].planes.shape[0]] = labels[i].planes
+            scalars[g, labels[i].scalars] = 1.0
+        present = torch.stack([labels[i].categories for i in rows]).double()
+        columns = torch.where(planes > 0, planes.long() - 1, n_concepts).permute(0, 2, 3, 1).reshape(len(rows), h * w,
+                                                                                                    depth)
+        yield rows, _GroupLabels(columns, scalars, present, (h, w))
 
 
-def _overlap_group(acts: dict[str, torch.Tensor], rows: list[int], labels: torch.Tensor, sizes: list[int],
-                   thresholds: dict[str, torch.Tensor], inter: dict[str, torch.Tensor],
-                   act_pixels: dict[str, torch.Tensor], chunk_elements: int) -> torch.Tensor:
-    """Add the overlaps of batch rows ``rows`` (label maps ``labels [G, L, h, w]``, one size) into ``inter``
-    (``[U, C + L]``, spare columns included) and ``act_pixels``; return the label pixel counts ``[C]``.
+@dataclass
+class _Counts:
+    """The sums of pass 2 on the device: ``label_pixels [C]``; per layer ``act_pixels [U]``,
+    ``category_pixels [U, K]`` and ``intersection [U, C]``."""
+    label_pixels: torch.Tensor
+    act_pixels: dict[str, torch.Tensor]
+    category_pixels: dict[str, torch.Tensor]
+    intersection: dict[str, torch.Tensor]
 
-    Only (image, unit) maps whose maximum exceeds the unit's threshold are upsampled — bilinear values
-    never exceed the largest of their four neighbours, so the others have no pixel above it (and a
-    rounding error cannot invent one) — and the intersections are counted over the above-threshold
-    pixels alone: one ``bincount`` of (unit, concept column) pairs per chunk, exact integers.
-    """
-    g, n_layers, h, w = labels.shape
-    hw = h * w
-    total = sum(sizes)
-    width = total + n_layers
-    cols = _label_columns(labels, sizes)                                   # [G, hw, L]
-    label_pixels = torch.bincount(cols.reshape(-1), minlength=width)[:total]
-    rows_t = torch.as_tensor(rows, dtype=torch.long, device=labels.device)
-    step = max(1, chunk_elements // hw)
-    for layer, a in acts.items():
-        a = a.index_select(0, rows_t)                                      # [G, U, H, W]
-        t = thresholds[layer]
-        gi, ui = torch.nonzero(a.amax(dim=(2, 3)) > t, as_tuple=True)     # maps that reach above T
-        flat_inter = inter[layer].view(-1)
-        for s in range(0, len(gi), step):
-            gk, uk = gi[s:s + step], ui[s:s + step]
-            up = F.interpolate(a[gk, uk].unsqueeze(1), size=(h, w), mode="bilinear", align_corners=False)
-            above = up.view(len(gk), hw) > t[uk].unsqueeze(1)              # M for each (image, unit) map
-            act_pixels[layer].index_add_(0, uk, above.sum(dim=1))
-            k, p = torch.nonzero(above, as_tuple=True)
-            pairs = (uk[k].unsqueeze(1) * width + cols[gk[k], p]).reshape(-1)
-            flat_inter += torch.bincount(pairs, minlength=flat_inter.numel())
-    return label_pixels
+    @classmethod
+    def zeros(cls, targets: dict[str, list[int]], n_concepts: int, n_categories: int, device) -> _Counts:
+        def z(*shape):
+            return torch.zeros(*shape, dtype=torch.long, device=device)
+        return cls(z(n_concepts), {layer: z(len(ch)) for layer, ch in targets.items()},
+                   {layer: z(len(ch), n_categories) for layer, ch in targets.items()},
+                   {layer: z(len(ch), n_concepts + 1) for layer, ch in targets.items()})   # + a "none" column
+
+    def add(self, acts: dict[str, torch.Tensor], rows: list[int], labels: _GroupLabels,
+            thresholds: dict[str, torch.Tensor], chunk_elements: int) -> None:
+        """Add the overlaps of batch rows ``rows`` (one label-map size).
+
+        Only (image, unit) maps whose maximum exceeds the unit's threshold are upsampled — bilinear
+        values never exceed the largest of their four neighbours, so the others have no pixel above it
+        (and a rounding error cannot invent one) — and the pixel intersections are counted over the
+        above-threshold pixels alone: one ``bincount`` of (unit, concept column) pairs per chunk.  The
+        per-map counts ``|M|`` then give whole-image intersections and per-category ``Σ|M|`` by one
+        matmul each (float64: exact for counts below 2**53).
+        """
+        n_concepts = len(self.label_pixels)
+        width = n_concepts + 1
+        (h, w), g = labels.size, len(rows)
+        hw = h * w
+        self.label_pixels += torch.bincount(labels.columns.reshape(-1), minlength=width)[:n_concepts]
+        self.label_pixels += (labels.scalars.sum(dim=0) * hw).round().long()
+        rows_t = torch.as_tensor(rows, dtype=torch.long, device=labels.columns.device)
+        step = max(1, chunk_elements // hw)
+        for layer, a in acts.items():
+            a = a.index_select(0, rows_t)                                      # [G, U, H, W]
+            t = thresholds[layer]
+            gi, ui = torch.nonzero(a.amax(dim=(2, 3)) > t, as_tuple=True)     # maps that reach above T
+            per_map = torch.zeros(g, a.shape[1], dtype=torch.float64, device=a.device)
+            flat_inter = self.intersection[layer].view(-1)
+            for s in range(0, len(gi), step):
+                gk, uk = gi[s:s + step], ui[s:s + step]
+                up = F.interpolate(a[gk, uk].unsqueeze(1), size=(h, w), mode="bilinear", align_corners=False)
+                above = up.view(len(gk), hw) > t[uk].unsqueeze(1)              # M for each (image, unit) map
+                n = above.sum(dim=1)
+                self.act_pixels[layer].index_add_(0, uk, n)
+                per_map.index_put_((gk, uk), n.double(), accumulate=True)
+                if labels.columns.shape[2]:
+                    k, p = torch.nonzero(above, as_tuple=True)
+                    pairs = (uk[k].unsqueeze(1) * width + labels.columns[gk[k], p]).reshape(-1)
+                    flat_inter += torch.bincount(pairs, minlength=flat_inter.numel())
+            self.category_pixels[layer] += (per_map.T @ labels.present).round().long()
+            if labels.scalars.any():
+                self.intersection[layer][:, :n_concepts] += (per_map.T @ labels.scalars).round().long()
 
 
 # ---- tables ------------------------------------------------------------------------------------

@@ -217,10 +217,10 @@ def dissection_units(study) -> list[Unit]:
 
 
 def study_probe(study, probe: str | os.PathLike | None = None):
-    """The probe set: ``probe`` (a Broden-style folder; default ``dissection.probe``), else the concept masks
-    of the study data's ``dissection.split``."""
+    """The probe set: ``probe`` (a Broden release or a folder probe; default ``dissection.probe``), else the
+    concept masks of the study data's ``dissection.split``."""
 
-    from .dissection import open_probe
+    from .probes import open_probe
 
     cfg = study.config.dissection
     return open_probe(probe or cfg.probe, study.data_root, cfg.split)
@@ -229,7 +229,7 @@ def study_probe(study, probe: str | os.PathLike | None = None):
 def run_dissection(study, *, model_ids: list[str] | None = None, probe: str | os.PathLike | None = None,
                      fresh: bool = False) -> list[Path]:
     """Network Dissection of the study's dissection units for ``model_ids`` (default: every model but the
-    observer) on the study's probe set (``probe``: a Broden-style folder instead of ``dissection.probe``).
+    observer) on the study's probe set (``probe``: a probe folder instead of ``dissection.probe``).
 
     Each model's tables are kept under ``dissection/parts/<model_id>/`` with a fingerprint of the
     checkpoint, settings, units and probe files, so a rerun redoes only models that changed (all with
@@ -326,7 +326,7 @@ class DissectionStage:
 
     def inputs(self, study) -> dict:
 
-        from .dissection import ProbeError
+        from .probes import ProbeError
 
         cfg = study.config
         try:
@@ -344,7 +344,7 @@ class DissectionStage:
             return []
         if not study.config.dissection.probe and not (study.data_root / "masks").is_dir():
             warnings.warn(f"skipping Network Dissection: the study data {study.data_root} has no concept masks; "
-                          f"set dissection.probe to a Broden-style probe folder", stacklevel=2)
+                          f"set dissection.probe to a Broden release or a probe folder", stacklevel=2)
             return []
         return run_dissection(study, fresh=study.forced)
 

@@ -20,8 +20,8 @@ from pruning.data.concept_shapes import COLOURS, MASK_LAYERS
 from pruning.data.folders import IMAGENET_MEAN, IMAGENET_STD
 from sparsight.cli import main
 from sparsight.config import ConfigError, load_study
-from stimuli.dissection import (MODEL_COLUMNS, UNIT_COLUMNS, ProbeError, ProbeLoader, ProbeSet, dissect,
-                                resolve_targets, summarize)
+from stimuli.dissection import MODEL_COLUMNS, UNIT_COLUMNS, ProbeLoader, dissect, resolve_targets, summarize
+from stimuli.probes import ProbeError, ProbeSet
 from stimuli.units import Unit
 from tiny_models import assert_no_hooks
 
@@ -65,7 +65,7 @@ def write_label_map(path: Path, labels: np.ndarray, mode: str) -> None:
 
 @pytest.fixture
 def probe_dir(tmp_path):
-    """A Broden-style probe folder: 6 random images (one JPEG), label maps of several sizes and modes."""
+    """A folder probe: 6 random images (one JPEG), label maps of several sizes and modes."""
     rng = np.random.default_rng(0)
     root = tmp_path / "probe"
     (root / "images" / "sub").mkdir(parents=True)
@@ -102,7 +102,8 @@ def bilinear(a: np.ndarray, h: int, w: int) -> np.ndarray:
 
 
 def reference_dissection(model, root: Path, layers: list[str], quantile: float):
-    """Thresholds, Σ|M ∩ L| and Σ|M ∪ L| per layer by loops over images, units, concepts and pixels."""
+    """Thresholds, Σ|M ∩ L| and Σ|M ∪ L| per layer by loops over images, units, concepts and pixels; a
+    concept's sums run over the images with at least one label of its mask layer (Bau et al. 2017)."""
     images = sorted((p for p in (root / "images").rglob("*") if p.is_file()),
                     key=lambda p: p.relative_to(root / "images").as_posix())
     mean, std = np.array(IMAGENET_MEAN), np.array(IMAGENET_STD)
@@ -133,6 +134,8 @@ def reference_dissection(model, root: Path, layers: list[str], quantile: float):
             for u in range(units):
                 m = bilinear(a[u], h, w) > thresholds[u]
                 for c, (i, j) in enumerate(concepts):
+                    if not lab[..., i].any():
+                        continue                     # the image has no label of this layer
                     concept = lab[..., i] == j + 1
                     inter[u, c] += int(np.sum(m & concept))
                     union[u, c] += int(np.sum(m | concept))
@@ -276,21 +279,21 @@ def test_unknown_layer_lists_the_valid_ones_and_hooks_never_stay(tiny_net, probe
 
 # ---- probe layouts -----------------------------------------------------------------------------
 def broden_copy(data_root: Path, split: str, out: Path) -> Path:
-    """The concept-shapes split rewritten as a Broden-style probe folder."""
+    """The concept-shapes split rewritten as a folder probe."""
     shutil.copytree(data_root / split, out / "images")
     shutil.copytree(data_root / "masks" / split, out / "masks")
     shutil.copy(data_root / "concepts.json", out / "concepts.json")
     return out
 
 
-def test_broden_folder_gives_the_same_result_as_the_concept_shapes_path(tiny_data, tmp_path):
+def test_folder_probe_gives_the_same_result_as_the_concept_shapes_path(tiny_data, tmp_path):
     from pruning.models import create_model
 
     torch.manual_seed(0)
     model = create_model("inception-small", num_classes=10).double()
     shapes = ProbeSet.from_concept_shapes(tiny_data, "val")
     folder = ProbeSet.from_folder(broden_copy(tiny_data, "val", tmp_path / "probe"))
-    assert folder.mask_layers == MASK_LAYERS and len(folder) == len(shapes) == 60
+    assert folder.categories == MASK_LAYERS and len(folder) == len(shapes) == 60
     units = ["inception3a", "inception4a:0-15"]
     a = dissect(model, shapes, units, image_size=32, batch_size=25).unit_table("m")
     b = dissect(model, folder, units, image_size=32, batch_size=60).unit_table("m")

@@ -1,0 +1,214 @@
+"""Probe-set layouts: Broden's release format (index.csv, 16-bit label PNGs, several maps per image,
+whole-image labels, primary categories) against a brute-force reference written from the
+format's definition, the Broden export of any probe set, and errors that name the file."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from pruning.data.folders import IMAGENET_MEAN, IMAGENET_STD
+from stimuli.dissection import dissect
+from stimuli.probes import ProbeError, ProbeSet, open_probe, write_broden
+from test_dissection import SIZE, TinyNet, bilinear, probe_dir  # noqa: F401 (probe_dir: a fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CATEGORIES = ["color", "object", "part", "scene"]
+#: label number → (name, {category: coverage}); "wheel" is an object and a part, mostly a part
+LABELS = {1: ("red", {"color": 0.3}), 2: ("blue", {"color": 0.2}), 5: ("hair", {"part": 0.05}),
+          300: ("person", {"object": 0.2}), 301: ("wheel", {"object": 0.01, "part": 0.04}),
+          1100: ("street", {"scene": 0.5}), 7: ("unused", {})}
+MAP_SIZES = [(12, 12), (8, 8), (12, 12), (6, 9), (8, 8), (12, 12)]
+
+
+@pytest.fixture
+def tiny_net():
+    torch.manual_seed(0)
+    return TinyNet().double().eval()
+
+
+def write_rows(path: Path, fields: list[str], rows: list[dict]) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fields)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def label_png(path: Path, numbers: np.ndarray) -> str:
+    """Label numbers as Broden's RGB encoding (R = n mod 256, G = n div 256); returns the name."""
+    rgb = np.stack([numbers % 256, numbers // 256, np.full_like(numbers, 77)], -1).astype(np.uint8)
+    Image.fromarray(rgb, "RGB").save(path)
+    return path.name
+
+
+@pytest.fixture
+def broden(tmp_path):
+    """A hand-written Broden release: 6 images; colour maps everywhere, object maps on 4 images, part
+    maps on 2 (some pixels are "wheel" in both), the scene "street" on the even images; label maps
+    smaller than the images; the "unused" label is in no category."""
+    rng = np.random.default_rng(1)
+    root = tmp_path / "broden"
+    (root / "images" / "src").mkdir(parents=True)
+    write_rows(root / "category.csv", ["name", "first", "last", "count", "frequency"],
+               [{"name": c, "first": 0, "last": 0, "count": 0, "frequency": 0} for c in CATEGORIES])
+    write_rows(root / "label.csv", ["number", "name", "category", "frequency", "coverage", "syns"],
+               [{"number": n, "name": name, "category": ";".join(f"{c}(3)" for c in cov), "frequency": 3,
+                 "coverage": 0.1, "syns": ""} for n, (name, cov) in sorted(LABELS.items())])
+    for cat in CATEGORIES:
+        write_rows(root / f"c_{cat}.csv", ["code", "number", "name", "frequency", "coverage"],
+                   [{"code": k + 1, "number": n, "name": LABELS[n][0], "frequency": 3, "coverage": LABELS[n][1][cat]}
+                    for k, n in enumerate(n for n in sorted(LABELS) if cat in LABELS[n][1])])
+    rows = []
+    for i, (h, w) in enumerate(MAP_SIZES):
+        Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8), "RGB").save(
+            root / "images" / "src" / f"im{i}.jpg" if i == 2 else root / "images" / "src" / f"im{i}.png")
+        cells = {c: [] for c in CATEGORIES}
+        cells["color"].append("src/" + label_png(root / "images" / "src" / f"im{i}_color.png",
+                                                 rng.choice([0, 1, 2], (h, w))))
+        obj = None
+        if i % 3 != 2:
+            obj = rng.choice([0, 300, 301], (h, w), p=[0.4, 0.3, 0.3])
+            cells["object"].append("src/" + label_png(root / "images" / "src" / f"im{i}_object.png", obj))
+        if i in (1, 3):
+            part = rng.choice([0, 301, 5], (h, w))
+            if obj is not None:
+                part[obj == 301] = 301                 # these pixels are "wheel" twice: they count once
+            cells["part"].append("src/" + label_png(root / "images" / "src" / f"im{i}_part.png", part))
+        if i % 2 == 0:
+            cells["scene"].append("1100")
+        rows.append({"image": f"src/im{i}.{'jpg' if i == 2 else 'png'}", "split": "train" if i < 3 else "val",
+                     "ih": SIZE, "iw": SIZE, "sh": h, "sw": w, **{c: ";".join(v) for c, v in cells.items()}})
+    write_rows(root / "index.csv", ["image", "split", "ih", "iw", "sh", "sw"] + CATEGORIES, rows)
+    return root
+
+
+def primary(n: int) -> str:
+    cov = LABELS[n][1]
+    return max(CATEGORIES, key=lambda c: (cov.get(c, 0), -CATEGORIES.index(c)))
+
+
+def reference_broden(model, root: Path, layer: str, quantile: float):
+    """Σ|M ∩ L_c| and Σ|M ∪ L_c| by loops, read straight from index.csv: a concept is a label number of
+    a category; its sums run over the images with a label of its primary category."""
+    with (root / "index.csv").open() as f:
+        index = list(csv.DictReader(f))
+    concepts = [n for n in sorted(LABELS) if LABELS[n][1]]
+    acts, images = [], []
+    module = dict(model.named_modules())[layer]
+    for row in index:
+        x = (np.asarray(Image.open(root / "images" / row["image"]).convert("RGB"), dtype=np.float64) / 255
+             - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+        out = {}
+        handle = module.register_forward_hook(lambda m, i, o: out.__setitem__("a", o))
+        with torch.no_grad():
+            model(torch.from_numpy(x.transpose(2, 0, 1).copy())[None])
+        handle.remove()
+        acts.append(out["a"][0].numpy())
+        h, w = int(row["sh"]), int(row["sw"])
+        maps, scalars = [], []
+        for cat in CATEGORIES:
+            for token in filter(None, row[cat].split(";")):
+                if token.isdigit():
+                    scalars.append(int(token))
+                else:
+                    rgb = np.asarray(Image.open(root / "images" / token)).astype(np.int64)
+                    maps.append(rgb[..., 0] + 256 * rgb[..., 1])
+        images.append((h, w, maps, scalars))
+    units = acts[0].shape[0]
+    thresholds = [np.quantile(np.concatenate([a[u].ravel() for a in acts]), quantile) for u in range(units)]
+    inter = np.zeros((units, len(concepts)), np.int64)
+    union = np.zeros((units, len(concepts)), np.int64)
+    for a, (h, w, maps, scalars) in zip(acts, images):
+        labelled = {primary(int(n)) for m in maps for n in np.unique(m) if n} | {primary(n) for n in scalars}
+        for u in range(units):
+            m = bilinear(a[u], h, w) > thresholds[u]
+            for c, n in enumerate(concepts):
+                if primary(n) not in labelled:
+                    continue
+                concept = np.full((h, w), n in scalars)
+                for lab in maps:
+                    concept |= lab == n
+                inter[u, c] += int(np.sum(m & concept))
+                union[u, c] += int(np.sum(m | concept))
+    return concepts, inter, union
+
+
+@pytest.mark.parametrize("batch_size, chunk", [(64, 2 ** 24), (2, 40)])
+def test_broden_dissection_equals_a_reference_read_from_the_index(tiny_net, broden, batch_size, chunk):
+    probe = open_probe(broden)
+    assert probe.categories == tuple(CATEGORIES) and len(probe) == 6
+    concepts, inter, union = reference_broden(tiny_net, broden, "conv2", 0.8)
+    assert probe.concepts == tuple((primary(n), LABELS[n][0]) for n in concepts)
+    assert ("part", "wheel") in probe.concepts and ("scene", "street") in probe.concepts
+    result = dissect(tiny_net, probe, ["conv2"], image_size=SIZE, quantile=0.8, batch_size=batch_size,
+                     chunk_elements=chunk)
+    assert inter.sum() > 0 and inter[:, [c for c, n in enumerate(concepts) if n == 1100]].sum() > 0
+    assert torch.equal(result.layers["conv2"].intersection, torch.from_numpy(inter))
+    assert torch.equal(result.union("conv2"), torch.from_numpy(union))
+    assert (result.iou("conv2") <= 1).all()
+
+
+def test_a_pixel_with_the_same_concept_in_two_maps_counts_once(broden):
+    probe = open_probe(broden)
+    labels = probe.read_labels(1)                          # object and part maps share "wheel" pixels
+    wheel = probe.concepts.index(("part", "wheel")) + 1
+    rgb = [np.asarray(Image.open(p)).astype(int) for p in probe.entries[1].maps]
+    expected = np.zeros(labels.size, bool)
+    for m in rgb:
+        expected |= (m[..., 0] + 256 * m[..., 1]) == 301
+    assert ((labels.planes == wheel).sum(0) <= 1).all()
+    assert np.array_equal((labels.planes == wheel).any(0).numpy(), expected) and expected.sum() > 0
+    assert labels.categories.tolist() == [True, True, True, False]     # no scene on an odd image
+
+
+def test_any_probe_set_written_as_broden_dissects_the_same(tiny_net, probe_dir, tmp_path):
+    folder = ProbeSet.from_folder(probe_dir)
+    broden = open_probe(write_broden(folder, tmp_path / "as-broden"))
+    assert broden.concepts == folder.concepts and broden.categories == folder.categories
+    a = dissect(tiny_net, folder, ["act1", "conv2"], image_size=SIZE, quantile=0.9)
+    b = dissect(tiny_net, broden, ["act1", "conv2"], image_size=SIZE, quantile=0.9)
+    pd.testing.assert_frame_equal(a.unit_table("m"), b.unit_table("m"))
+    for layer in ("act1", "conv2"):
+        assert torch.equal(a.union(layer), b.union(layer))
+    again = open_probe(write_broden(broden, tmp_path / "again"))      # whole-image labels survive a round trip
+    assert again.concepts == broden.concepts
+
+
+def test_broden_errors_name_the_file(broden, tiny_net):
+    bad = broden / "images" / "src" / "im0_color.png"
+    label_png(bad, np.full(MAP_SIZES[0], 7))                         # "unused": in no category
+    with pytest.raises(ProbeError, match=f"{bad} holds label number 7"):
+        dissect(tiny_net, open_probe(broden), ["conv1"], image_size=SIZE)
+    label_png(bad, np.full((5, 5), 1))
+    with pytest.raises(ProbeError, match=f"{bad} is 5×5 but index.csv gives sw×sh = 12×12"):
+        dissect(tiny_net, open_probe(broden), ["conv1"], image_size=SIZE)
+    bad.unlink()
+    with pytest.raises(ProbeError, match=f"index.csv line 2: label map {bad} does not exist"):
+        open_probe(broden)
+    (broden / "category.csv").unlink()
+    with pytest.raises(ProbeError, match=f"Broden file {broden / 'category.csv'} does not exist"):
+        open_probe(broden)
+    (broden / "index.csv").unlink()
+    with pytest.raises(ProbeError, match="neither index.csv .Broden. nor concepts.json"):
+        open_probe(broden)
+
+
+def test_whole_image_labels_must_be_known(broden):
+    text = (broden / "index.csv").read_text().replace(",1100", ",1234", 1)
+    (broden / "index.csv").write_text(text)
+    with pytest.raises(ProbeError, match="index.csv line 2: whole-image label 1234 .scene. is not in label.csv"):
+        open_probe(broden)
+
+
+def test_without_c_files_the_label_csv_counts_pick_the_primary_category(broden):
+    for cat in CATEGORIES:
+        (broden / f"c_{cat}.csv").unlink()
+    text = (broden / "label.csv").read_text().replace("object(3);part(3)", "object(2);part(9)")
+    (broden / "label.csv").write_text(text)
+    assert ("part", "wheel") in open_probe(broden).concepts
