@@ -212,3 +212,16 @@ def test_without_c_files_the_label_csv_counts_pick_the_primary_category(broden):
     text = (broden / "label.csv").read_text().replace("object(3);part(3)", "object(2);part(9)")
     (broden / "label.csv").write_text(text)
     assert ("part", "wheel") in open_probe(broden).concepts
+
+
+@pytest.mark.cuda
+def test_broden_dissection_on_cuda_equals_the_cpu(tiny_net, broden):
+    probe = open_probe(broden)
+    cpu = dissect(tiny_net, probe, ["act1", "conv2"], image_size=SIZE, quantile=0.8, batch_size=4, chunk_elements=40)
+    gpu = dissect(tiny_net, probe, ["act1", "conv2"], image_size=SIZE, quantile=0.8, batch_size=4, chunk_elements=40,
+                  device="cuda")
+    assert next(tiny_net.parameters()).device.type == "cpu"          # moved back
+    for layer in ("act1", "conv2"):
+        a, b = cpu.layers[layer], gpu.layers[layer]
+        assert torch.allclose(a.threshold, b.threshold, rtol=1e-10, atol=1e-12)
+        assert torch.equal(a.intersection, b.intersection) and torch.equal(cpu.union(layer), gpu.union(layer))
