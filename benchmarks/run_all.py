@@ -39,6 +39,9 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
                       ["--device", "cpu", "--models", "googlenet", "--batch-size", "16", "--image-size", "112",
                        "--steps", "4", "--rounds", "2", "--warmup", "2"]),
     "mis": ([], ["--device", "cpu", "--backbone", "observer-small", "--images", "128"]),
+    "dissection": ([],
+                   ["--device", "cpu", "--arch", "inception-small", "--image-size", "64", "--images", "256",
+                    "--loop-images", "64", "--batch-size", "64"]),
     "survey_load": (["--think-ms", "3000"], ["--think-ms", "3000", "--participants", "40"]),
 }
 

@@ -225,3 +225,17 @@ def test_broden_dissection_on_cuda_equals_the_cpu(tiny_net, broden):
         a, b = cpu.layers[layer], gpu.layers[layer]
         assert torch.allclose(a.threshold, b.threshold, rtol=1e-10, atol=1e-12)
         assert torch.equal(a.intersection, b.intersection) and torch.equal(cpu.union(layer), gpu.union(layer))
+
+
+def test_the_dissection_benchmark_agrees_with_its_loop_on_a_broden_size_concept_list(tmp_path):
+    from benchmarks import dissection as bench
+
+    args = bench.get_args_parser().parse_args(["--device", "cpu", "--arch", "inception-small", "--image-size", "32",
+                                               "--images", "12", "--loop-images", "6", "--batch-size", "5",
+                                               "--workdir", str(tmp_path)])
+    result = bench.main(args)
+    assert result["equal"] and result["thresholds_close"] and result["concepts"] == 1376
+    probe = open_probe(tmp_path / "broden")                      # what it wrote is a valid Broden release
+    assert len(probe) == 12 and probe.categories == tuple(bench.BRODEN_SIZES)
+    labels = probe.read_labels(0)
+    assert labels.scalars.numel() == 2 and labels.categories.all()   # image 0: every category, scene and texture
