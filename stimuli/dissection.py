@@ -446,13 +446,20 @@ class _Run:
 @dataclass
 class _GroupLabels:
     """The labels of batch rows with one label-map size, stacked."""
-    columns: torch.Tensor      # [G, h·w, P] int64: concept column per pixel and plane; C = none
+    planes: torch.Tensor       # [G, P, h, w] int32: concept column + 1 per pixel and plane; 0 = none
     scalars: torch.Tensor      # [G, C] float64: 1 where a whole-image label names the concept
     present: torch.Tensor      # [G, K] float64: 1 where the image is annotated in the category
     size: tuple[int, int]      # (h, w)
 
     def to(self, device) -> _GroupLabels:
-        return _GroupLabels(self.columns.to(device), self.scalars.to(device), self.present.to(device), self.size)
+        return _GroupLabels(self.planes.to(device, non_blocking=True), self.scalars.to(device),
+                            self.present.to(device), self.size)
+
+    def columns(self, n_concepts: int) -> torch.Tensor:
+        """``[G, h·w, P]`` int64: the concept column of every pixel and plane; ``n_concepts`` = none."""
+        g, depth, h, w = self.planes.shape
+        cols = torch.where(self.planes > 0, self.planes.long() - 1, n_concepts)
+        return cols.permute(0, 2, 3, 1).reshape(g, h * w, depth)
 
 
 def _groups_by_size(labels: list[ImageLabels], n_concepts: int) -> Iterator[tuple[list[int], _GroupLabels]]:
@@ -468,9 +475,7 @@ def _groups_by_size(labels: list[ImageLabels], n_concepts: int) -> Iterator[tupl
             planes[g, :labels[i].planes.shape[0]] = labels[i].planes
             scalars[g, labels[i].scalars] = 1.0
         present = torch.stack([labels[i].categories for i in rows]).double()
-        columns = torch.where(planes > 0, planes.long() - 1, n_concepts).permute(0, 2, 3, 1).reshape(len(rows), h * w,
-                                                                                                    depth)
-        yield rows, _GroupLabels(columns, scalars, present, (h, w))
+        yield rows, _GroupLabels(planes, scalars, present, (h, w))
 
 
 @dataclass
@@ -505,9 +510,10 @@ class _Counts:
         width = n_concepts + 1
         (h, w), g = labels.size, len(rows)
         hw = h * w
-        self.label_pixels += torch.bincount(labels.columns.reshape(-1), minlength=width)[:n_concepts]
+        columns = labels.columns(n_concepts)
+        self.label_pixels += torch.bincount(columns.reshape(-1), minlength=width)[:n_concepts]
         self.label_pixels += (labels.scalars.sum(dim=0) * hw).round().long()
-        rows_t = torch.as_tensor(rows, dtype=torch.long, device=labels.columns.device)
+        rows_t = torch.as_tensor(rows, dtype=torch.long, device=columns.device)
         step = max(1, chunk_elements // hw)
         for layer, a in acts.items():
             a = a.index_select(0, rows_t)                                      # [G, U, H, W]
@@ -522,9 +528,9 @@ class _Counts:
                 n = above.sum(dim=1)
                 self.act_pixels[layer].index_add_(0, uk, n)
                 per_map.index_put_((gk, uk), n.double(), accumulate=True)
-                if labels.columns.shape[2]:
+                if columns.shape[2]:
                     k, p = torch.nonzero(above, as_tuple=True)
-                    pairs = (uk[k].unsqueeze(1) * width + labels.columns[gk[k], p]).reshape(-1)
+                    pairs = (uk[k].unsqueeze(1) * width + columns[gk[k], p]).reshape(-1)
                     flat_inter += torch.bincount(pairs, minlength=flat_inter.numel())
             self.category_pixels[layer] += (per_map.T @ labels.present).round().long()
             if labels.scalars.any():
