@@ -17,7 +17,7 @@ by *column* across the whole probe set; each belongs to one category.
 
 A label that occurs in several categories belongs to its *primary* category, the one where it
 covers the most pixels (``c_*.csv`` coverage; without those files the image counts in label.csv's
-``category`` field), as in NetDissect.  Every image of the index is used (both splits).
+``category`` field), as in NetDissect.  Every image of the index with a label is used (both splits).
 
 *Folder* (:meth:`ProbeSet.from_folder`)::
 
@@ -429,6 +429,8 @@ def _read_broden(root: Path) -> ProbeSet:
                     if not path.is_file():
                         raise ProbeError(f"{index_path} line {line}: label map {path} does not exist")
                     maps.append(path)
+        if not maps and not scalars:
+            continue                       # no label in any category: not part of the probe (as NetDissect)
         size = (_number(row["sh"], index_path, line, "sh"), _number(row["sw"], index_path, line, "sw"))
         images.append(image)
         rows.append(BrodenRow(tuple(maps), tuple(scalars), size))

@@ -84,6 +84,9 @@ def broden(tmp_path):
             cells["scene"].append("1100")
         rows.append({"image": f"src/im{i}.{'jpg' if i == 2 else 'png'}", "split": "train" if i < 3 else "val",
                      "ih": SIZE, "iw": SIZE, "sh": h, "sw": w, **{c: ";".join(v) for c, v in cells.items()}})
+    Image.fromarray(np.zeros((SIZE, SIZE, 3), np.uint8), "RGB").save(root / "images" / "src" / "bare.png")
+    rows.append({"image": "src/bare.png", "split": "val", "ih": SIZE, "iw": SIZE, "sh": 4, "sw": 4,
+                 **{c: "" for c in CATEGORIES}})            # no label at all: not part of the probe
     write_rows(root / "index.csv", ["image", "split", "ih", "iw", "sh", "sw"] + CATEGORIES, rows)
     return root
 
@@ -97,7 +100,7 @@ def reference_broden(model, root: Path, layer: str, quantile: float):
     """Σ|M ∩ L_c| and Σ|M ∪ L_c| by loops, read straight from index.csv: a concept is a label number of
     a category; its sums run over the images with a label of its primary category."""
     with (root / "index.csv").open() as f:
-        index = list(csv.DictReader(f))
+        index = [row for row in csv.DictReader(f) if any(row[c] for c in CATEGORIES)]
     concepts = [n for n in sorted(LABELS) if LABELS[n][1]]
     acts, images = [], []
     module = dict(model.named_modules())[layer]
