@@ -131,9 +131,9 @@ def loop_counts(model, loader: ProbeLoader, layers: list[str], device, tally_thr
         label_pixels = np.zeros(n_concepts + 1, np.int64)
         for g, lab in enumerate(labels):
             h, w = lab.size
-            planes = lab.planes.numpy().astype(np.int64) - 1
+            planes = lab.planes.astype(np.int64) - 1
             planes[planes < 0] = n_concepts
-            scalars, present = lab.scalars.numpy(), lab.categories.numpy()
+            scalars, present = lab.scalars, lab.categories
             label_pixels += np.bincount(planes.ravel(), minlength=n_concepts + 1)
             label_pixels[scalars] += h * w
             for u in range(units):

@@ -108,9 +108,8 @@ class ProbeLoader:
         self.probe, self.image_size, self.batch_size = probe, int(image_size), int(batch_size)
         self.num_workers, self.progress = num_workers, progress
         if cache == "auto":
-            planes, h, w = probe.label_shape(0)
-            per_image = 3 * image_size ** 2 + 4 * max(planes, 1) * h * w
-            cache = "memory" if len(probe) * per_image <= CACHE_LIMIT_BYTES else "none"
+            total = len(probe) * 3 * image_size ** 2 + probe.label_bytes()
+            cache = "memory" if total <= CACHE_LIMIT_BYTES else "none"
         self.cache = cache
         self._memory: tuple[torch.Tensor, list[ImageLabels]] | None = None
         self.mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(1, 3, 1, 1)
@@ -472,9 +471,9 @@ def _groups_by_size(labels: list[ImageLabels], n_concepts: int) -> Iterator[tupl
         planes = torch.zeros(len(rows), depth, h, w, dtype=torch.int32)
         scalars = torch.zeros(len(rows), n_concepts, dtype=torch.float64)
         for g, i in enumerate(rows):
-            planes[g, :labels[i].planes.shape[0]] = labels[i].planes
-            scalars[g, labels[i].scalars] = 1.0
-        present = torch.stack([labels[i].categories for i in rows]).double()
+            planes[g, :labels[i].planes.shape[0]] = torch.from_numpy(labels[i].planes)
+            scalars[g, torch.from_numpy(labels[i].scalars)] = 1.0
+        present = torch.from_numpy(np.stack([labels[i].categories for i in rows])).double()
         yield rows, _GroupLabels(planes, scalars, present, (h, w))
 
 

@@ -61,10 +61,11 @@ class ProbeError(ValueError):
 
 @dataclass
 class ImageLabels:
-    """The concept labels of one probe image at label-map resolution."""
-    planes: torch.Tensor       # [P, h, w] int32: concept column + 1, 0 = none; a pixel holds a concept once
-    scalars: torch.Tensor      # [S] int64: concept columns labelling the whole image
-    categories: torch.Tensor   # [K] bool: the categories annotated in the image (pixels or whole image)
+    """The concept labels of one probe image at label-map resolution (numpy arrays: they cross from
+    DataLoader workers by copy, and hold no shared-memory file descriptor as tensors would)."""
+    planes: np.ndarray         # [P, h, w] int32: concept column + 1, 0 = none; a pixel holds a concept once
+    scalars: np.ndarray        # [S] int64: concept columns labelling the whole image
+    categories: np.ndarray     # [K] bool: the categories annotated in the image (pixels or whole image)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -73,23 +74,29 @@ class ImageLabels:
 
 def _image_labels(planes: np.ndarray, scalars: Sequence[int], category_of: np.ndarray,
                   n_categories: int) -> ImageLabels:
-    """Planes of concept column + 1 → :class:`ImageLabels`; a concept repeated at a pixel is kept once."""
-    planes = np.ascontiguousarray(planes, dtype=np.int32)
+    """Planes of concept column + 1 → :class:`ImageLabels`; a concept repeated at a pixel (in two planes,
+    or in a plane and as a whole-image label) is kept once."""
+    planes = np.array(planes, dtype=np.int32)
+    scalars = np.unique(np.asarray(scalars, dtype=np.int64))
+    if len(planes) and len(scalars):
+        planes[np.isin(planes, scalars + 1)] = 0
     for p in range(1, len(planes)):
         for q in range(p):
             planes[p][planes[p] == planes[q]] = 0
     present = np.zeros(n_categories, dtype=bool)
     columns = np.unique(planes)
     present[category_of[columns[columns > 0] - 1]] = True
-    scalars = np.unique(np.asarray(scalars, dtype=np.int64))
     present[category_of[scalars]] = True
-    return ImageLabels(torch.from_numpy(planes), torch.from_numpy(scalars), torch.from_numpy(present))
+    return ImageLabels(planes, scalars, present)
 
 
-def _read_png(path: Path) -> tuple[str, np.ndarray]:
+def _read_png(path: Path, broden: bool = False) -> tuple[str, np.ndarray]:
+    """``(mode, pixels)`` of a label PNG; with ``broden`` a palette image is expanded to RGB (lossless)."""
     try:
         with Image.open(path) as im:
             im.load()
+            if broden and im.mode == "P":
+                im = im.convert("RGB")
             return im.mode, np.asarray(im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ProbeError(f"cannot decode probe label map {path}: {err}") from None
@@ -110,6 +117,11 @@ class ChannelMaps:
     def shape(self, entry: Path) -> tuple[int, int, int]:
         with Image.open(entry) as im:
             return len(self.sizes), im.size[1], im.size[0]
+
+    def label_bytes(self, entries: Sequence[Path]) -> int:
+        """Decoded size of every entry's labels, estimated from the first (one layout for all)."""
+        planes, h, w = self.shape(entries[0])
+        return 4 * planes * h * w * len(entries)
 
     def read(self, entry: Path) -> ImageLabels:
         mode, labels = _read_png(entry)
@@ -150,12 +162,17 @@ class BrodenMaps:
     def shape(self, entry: BrodenRow) -> tuple[int, int, int]:
         return (len(entry.maps),) + entry.size
 
+    def label_bytes(self, entries: Sequence[BrodenRow]) -> int:
+        """Decoded size of every entry's labels (from the index: no file is read)."""
+        return sum(4 * max(len(e.maps), 1) * e.size[0] * e.size[1] for e in entries)
+
     def read(self, entry: BrodenRow) -> ImageLabels:
         planes = np.zeros((len(entry.maps),) + entry.size, dtype=np.int32)
         for i, path in enumerate(entry.maps):
-            mode, px = _read_png(path)
-            if px.ndim != 3 or px.shape[2] < 2:
-                raise ProbeError(f"Broden label map {path} has PNG mode {mode!r}; it must be RGB (label = R + 256·G)")
+            mode, px = _read_png(path, broden=True)
+            if mode not in ("RGB", "RGBA"):
+                raise ProbeError(f"Broden label map {path} has PNG mode {mode!r}; it must be RGB, RGBA or a palette "
+                                 f"PNG (label number = R + 256·G)")
             if px.shape[:2] != entry.size:
                 raise ProbeError(f"Broden label map {path} is {px.shape[1]}×{px.shape[0]} but index.csv gives "
                                  f"sw×sh = {entry.size[1]}×{entry.size[0]}")
@@ -257,6 +274,10 @@ class ProbeSet:
                 h.update(f"{entry.scalars}{entry.size}\n".encode())
         return h.hexdigest()
 
+    def label_bytes(self) -> int:
+        """About how many bytes every image's decoded labels take."""
+        return self.decoder.label_bytes(self.entries)
+
     def label_shape(self, index: int) -> tuple[int, int, int]:
         """``(planes, h, w)`` of image ``index``'s labels, without decoding them."""
         return self.decoder.shape(self.entries[index])
@@ -341,7 +362,7 @@ def _index(images_dir: Path, masks_dir: Path) -> tuple[list[Path], list[Path]]:
 # ---- the Broden layout -------------------------------------------------------------------------
 def _csv_rows(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
     try:
-        with path.open(newline="") as f:
+        with path.open(newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             rows = list(reader)
             fields = reader.fieldnames or []
@@ -363,9 +384,14 @@ def _number(text: str, path: Path, line: int, what: str) -> int:
 
 
 def _primary_categories(root: Path, categories: tuple[str, ...], labels: dict[int, dict[str, str]]) -> dict[int, int]:
-    """``{label number: category index}``: the category where the label covers the most (first on ties)."""
+    """``{label number: category index}``: the category where the label covers the most (the later one on
+    ties, as NetDissect-Lite); labels of no category are left out."""
     score: dict[int, list[float]] = {n: [0.0] * len(categories) for n in labels}
-    if all((root / f"c_{c}.csv").is_file() for c in categories):
+    present = [c for c in categories if (root / f"c_{c}.csv").is_file()]
+    if present and len(present) < len(categories):
+        missing = next(c for c in categories if c not in present)
+        raise ProbeError(f"Broden file {root / f'c_{missing}.csv'} does not exist (the other categories have one)")
+    if present:
         for k, cat in enumerate(categories):
             path = root / f"c_{cat}.csv"
             for line, row in enumerate(_csv_rows(path, ("number", "coverage")), start=2):
@@ -384,7 +410,7 @@ def _primary_categories(root: Path, categories: tuple[str, ...], labels: dict[in
     primary = {}
     for n, s in score.items():
         if max(s) > 0:
-            primary[n] = s.index(max(s))
+            primary[n] = max(range(len(s)), key=lambda k: (s[k], k))
     return primary
 
 
@@ -420,9 +446,11 @@ def _read_broden(root: Path) -> ProbeSet:
             for token in filter(None, (t.strip() for t in (row.get(cat) or "").split(";"))):
                 if token.isdigit():
                     n = int(token)
+                    if n == 0:
+                        continue           # a label dropped when the release was built (NetDissect ignores 0)
                     if n >= len(column_of) or not column_of[n]:
-                        raise ProbeError(f"{index_path} line {line}: whole-image label {n} ({cat}) is not in "
-                                         f"label.csv")
+                        raise ProbeError(f"{index_path} line {line}: whole-image label {n} ({cat}) is not a concept: "
+                                         f"not in label.csv, or in no category of category.csv")
                     scalars.append(n)
                 else:
                     path = root / "images" / token
@@ -456,13 +484,13 @@ def write_broden(probe: ProbeSet, out: str | Path) -> Path:
         image = probe.read_image(i)
         image.save(out / "images" / f"{name}.png")
         cells: dict[str, list[str]] = {c: [] for c in probe.categories}
-        for p, plane in enumerate(labels.planes.numpy()):
-            if not plane.any():
-                continue
+        for p, plane in enumerate(labels.planes):
+            if not plane.any() and (p or labels.planes.any() or len(labels.scalars)):
+                continue                   # an image without any label keeps one empty map: it stays in the set
             file = f"{name}_plane{p}.png"
             rgb = np.stack([plane % 256, plane // 256, np.zeros_like(plane)], axis=-1).astype(np.uint8)
             Image.fromarray(rgb, "RGB").save(out / "images" / file)
-            top = np.bincount(probe.concept_category[plane[plane > 0] - 1].numpy(), minlength=len(probe.categories))
+            top = np.bincount(probe.concept_category.numpy()[plane[plane > 0] - 1], minlength=len(probe.categories))
             cells[probe.categories[int(top.argmax())]].append(file)
             counts = np.bincount(plane.ravel(), minlength=len(probe.concepts) + 1)[1:]
             coverage += counts / (h * w)
@@ -490,7 +518,7 @@ def write_broden(probe: ProbeSet, out: str | Path) -> Path:
 
 
 def _write_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
-    with path.open("w", newline="") as f:
+    with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fields)
         writer.writeheader()
         writer.writerows(rows)

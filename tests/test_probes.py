@@ -82,11 +82,15 @@ def broden(tmp_path):
             cells["part"].append("src/" + label_png(root / "images" / "src" / f"im{i}_part.png", part))
         if i % 2 == 0:
             cells["scene"].append("1100")
+        if i == 0:
+            cells["object"].append("300")              # "person" on the whole image and in its object map
+        if i == 3:
+            cells["scene"].append("0")                 # a label dropped when the release was built: ignored
         rows.append({"image": f"src/im{i}.{'jpg' if i == 2 else 'png'}", "split": "train" if i < 3 else "val",
                      "ih": SIZE, "iw": SIZE, "sh": h, "sw": w, **{c: ";".join(v) for c, v in cells.items()}})
     Image.fromarray(np.zeros((SIZE, SIZE, 3), np.uint8), "RGB").save(root / "images" / "src" / "bare.png")
     rows.append({"image": "src/bare.png", "split": "val", "ih": SIZE, "iw": SIZE, "sh": 4, "sw": 4,
-                 **{c: "" for c in CATEGORIES}})            # no label at all: not part of the probe
+                 **{c: "" for c in CATEGORIES}, "scene": "0"})   # no label at all: not part of the probe
     write_rows(root / "index.csv", ["image", "split", "ih", "iw", "sh", "sw"] + CATEGORIES, rows)
     return root
 
@@ -100,7 +104,7 @@ def reference_broden(model, root: Path, layer: str, quantile: float):
     """Σ|M ∩ L_c| and Σ|M ∪ L_c| by loops, read straight from index.csv: a concept is a label number of
     a category; its sums run over the images with a label of its primary category."""
     with (root / "index.csv").open() as f:
-        index = [row for row in csv.DictReader(f) if any(row[c] for c in CATEGORIES)]
+        index = [row for row in csv.DictReader(f) if any(row[c] not in ("", "0") for c in CATEGORIES)]
     concepts = [n for n in sorted(LABELS) if LABELS[n][1]]
     acts, images = [], []
     module = dict(model.named_modules())[layer]
@@ -118,7 +122,8 @@ def reference_broden(model, root: Path, layer: str, quantile: float):
         for cat in CATEGORIES:
             for token in filter(None, row[cat].split(";")):
                 if token.isdigit():
-                    scalars.append(int(token))
+                    if int(token):
+                        scalars.append(int(token))
                 else:
                     rgb = np.asarray(Image.open(root / "images" / token)).astype(np.int64)
                     maps.append(rgb[..., 0] + 256 * rgb[..., 1])
@@ -166,14 +171,18 @@ def test_a_pixel_with_the_same_concept_in_two_maps_counts_once(broden):
     for m in rgb:
         expected |= (m[..., 0] + 256 * m[..., 1]) == 301
     assert ((labels.planes == wheel).sum(0) <= 1).all()
-    assert np.array_equal((labels.planes == wheel).any(0).numpy(), expected) and expected.sum() > 0
+    assert np.array_equal((labels.planes == wheel).any(0), expected) and expected.sum() > 0
     assert labels.categories.tolist() == [True, True, True, False]     # no scene on an odd image
 
 
 def test_any_probe_set_written_as_broden_dissects_the_same(tiny_net, probe_dir, tmp_path):
+    bare = probe_dir / "masks" / "sub" / "img1.png"
+    Image.fromarray(np.zeros((8, 8, 2), np.uint8), "LA").save(bare)   # an image without any label stays
     folder = ProbeSet.from_folder(probe_dir)
     broden = open_probe(write_broden(folder, tmp_path / "as-broden"))
     assert broden.concepts == folder.concepts and broden.categories == folder.categories
+    empty = [i for i, path in enumerate(folder.images) if path.stem == "img1"][0]
+    assert len(broden) == len(folder) == 6 and not broden.read_labels(empty).categories.any()
     a = dissect(tiny_net, folder, ["act1", "conv2"], image_size=SIZE, quantile=0.9)
     b = dissect(tiny_net, broden, ["act1", "conv2"], image_size=SIZE, quantile=0.9)
     pd.testing.assert_frame_equal(a.unit_table("m"), b.unit_table("m"))
@@ -205,7 +214,7 @@ def test_broden_errors_name_the_file(broden, tiny_net):
 def test_whole_image_labels_must_be_known(broden):
     text = (broden / "index.csv").read_text().replace(",1100", ",1234", 1)
     (broden / "index.csv").write_text(text)
-    with pytest.raises(ProbeError, match="index.csv line 2: whole-image label 1234 .scene. is not in label.csv"):
+    with pytest.raises(ProbeError, match="index.csv line 2: whole-image label 1234 .scene. is not a concept: not in label.csv"):
         open_probe(broden)
 
 
@@ -241,4 +250,63 @@ def test_the_dissection_benchmark_agrees_with_its_loop_on_a_broden_size_concept_
     probe = open_probe(tmp_path / "broden")                      # what it wrote is a valid Broden release
     assert len(probe) == 12 and probe.categories == tuple(bench.BRODEN_SIZES)
     labels = probe.read_labels(0)
-    assert labels.scalars.numel() == 2 and labels.categories.all()   # image 0: every category, scene and texture
+    assert labels.scalars.size == 2 and labels.categories.all()   # image 0: every category, scene and texture
+
+
+def test_a_concept_given_for_the_whole_image_and_in_a_map_counts_once(broden):
+    probe = open_probe(broden)
+    labels = probe.read_labels(0)
+    person = probe.concepts.index(("object", "person"))
+    assert person in labels.scalars and not (labels.planes == person + 1).any()
+
+
+def test_palette_label_maps_are_read_and_other_modes_are_refused(broden, tiny_net):
+    path = broden / "images" / "src" / "im1_color.png"
+    before = open_probe(broden).read_labels(1).planes.copy()
+    rgb = np.asarray(Image.open(path).convert("RGB"))
+    colours, index = np.unique(rgb.reshape(-1, 3), axis=0, return_inverse=True)
+    palette = Image.fromarray(index.reshape(rgb.shape[:2]).astype(np.uint8), "P")
+    palette.putpalette(colours.astype(np.uint8).ravel().tolist())
+    palette.save(path)                                                   # the same pixels as a palette PNG
+    assert Image.open(path).mode == "P"
+    assert np.array_equal(open_probe(broden).read_labels(1).planes, before)     # lossless re-encoding
+    Image.open(path).convert("RGB").convert("LA").save(path)
+    with pytest.raises(ProbeError, match=f"{path} has PNG mode 'LA'; it must be RGB, RGBA or a palette PNG"):
+        open_probe(broden).read_labels(1)
+
+
+def test_equal_coverage_goes_to_the_later_category_and_c_files_come_all_or_none(broden):
+    path = broden / "c_object.csv"
+    path.write_text(path.read_text().replace("301,wheel,3,0.01", "301,wheel,3,0.04"))
+    assert ("part", "wheel") in open_probe(broden).concepts              # as NetDissect-Lite: max((coverage, k))
+    path.unlink()
+    with pytest.raises(ProbeError, match=f"{path} does not exist .the other categories have one."):
+        open_probe(broden)
+
+
+def test_labels_cross_from_dataloader_workers_without_holding_file_descriptors(tmp_path):
+    """With many images, tensors from workers keep one shared-memory descriptor each; numpy labels none."""
+    import subprocess
+    import sys
+    import textwrap
+
+    root = tmp_path / "many"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "concepts.json").write_text('{"mask_layers": ["a", "b"], "concepts": {"a": ["x"], "b": ["y"]}}')
+    rng = np.random.default_rng(0)
+    for i in range(300):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), "RGB").save(root / "images" / f"{i}.png")
+        Image.fromarray(rng.integers(0, 2, (4, 4, 2), dtype=np.uint8), "LA").save(root / "masks" / f"{i}.png")
+    script = textwrap.dedent(f"""
+        import resource
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+        from stimuli.dissection import ProbeLoader
+        from stimuli.probes import ProbeSet
+        loader = ProbeLoader(ProbeSet.from_folder({str(root)!r}), 8, 100, cache="memory", num_workers=2)
+        images, labels = loader._decode_all()
+        print("decoded", len(labels))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0 and "decoded 300" in proc.stdout, proc.stderr[-2000:]
