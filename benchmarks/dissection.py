@@ -26,10 +26,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pruning.models import create_model, get_spec
 from pruning.training import resolve_device
 from stimuli.dissection import ProbeLoader, _Capture, dissect
 from stimuli.probes import ImageLabels, ProbeSet, open_probe, write_broden
+
+from .common import device_name, seeded_model, timed
 
 BRODEN_SIZES = {"color": 11, "object": 584, "part": 234, "material": 32, "scene": 468, "texture": 47}
 PIXEL_CATEGORIES = ("color", "object", "part", "material")
@@ -150,25 +151,12 @@ def loop_counts(model, loader: ProbeLoader, layers: list[str], device, tally_thr
     return out
 
 
-def timed(fn, device: torch.device):
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    result = fn()
-    sync()
-    return result, time.perf_counter() - t0
-
-
 def main(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    spec = get_spec(args.arch)
-    size = args.image_size or spec.input_size
-    layers = args.layers or list(spec.unit_layers)
-    torch.manual_seed(0)
-    model = create_model(args.arch, num_classes=1000).to(device).eval()
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    model, size, layers = seeded_model(args.arch, args.image_size, args.layers, device)
+    name = device_name(device)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.workdir or tmp)
         t0 = time.perf_counter()

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
-from pruning.models import create_model, get_spec
 from pruning.training import resolve_device
 from stimuli.mining import ActivationMiner
+
+from .common import device_name, seeded_model, timed
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -40,30 +40,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def timed(fn, device: torch.device) -> float:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - t0
-
-
 def main(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    spec = get_spec(args.arch)
-    size = args.image_size or spec.input_size
-    layers = args.layers or list(spec.unit_layers)
-    torch.manual_seed(0)
-    model = create_model(args.arch, num_classes=1000).to(device).eval()
+    model, size, layers = seeded_model(args.arch, args.image_size, args.layers, device)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     batches = [torch.randn(args.batch_size, 3, size, size, device=device).contiguous(memory_format=fmt)
                for _ in range(args.batches)]
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    name = device_name(device)
 
     def plain():
         with torch.no_grad(), amp:
@@ -86,10 +73,10 @@ def main(args) -> dict:
     plain()
     seconds = {"plain": [], "mining": []}
     for _ in range(args.rounds):
-        seconds["plain"].append(timed(plain, device))
+        seconds["plain"].append(timed(plain, device)[1])
         with ActivationMiner(model, layers, args.k, device=device) as miner:
             miner.load_state_dict(state)
-            seconds["mining"].append(timed(lambda: feed(miner, batches), device))
+            seconds["mining"].append(timed(lambda: feed(miner, batches), device)[1])
     ips = {kind: args.batches * args.batch_size / statistics.median(s) for kind, s in seconds.items()}
     ratio = ips["mining"] / ips["plain"]
     print(f"device: {name}; torch {torch.__version__}; {args.arch} at {size} px; batch {args.batch_size}; "
