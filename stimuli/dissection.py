@@ -50,7 +50,7 @@ from pruning.data.folders import IMAGENET_MEAN, IMAGENET_STD
 from pruning.models.registry import unwrap
 
 from .mining import _EvalMode
-from .probes import ImageLabels, ProbeError, ProbeSet, open_probe  # noqa: F401 (ProbeError, open_probe: API)
+from .probes import ImageLabels, ProbeSet
 from .units import Unit, layer_channels, parse_units
 
 UNIT_COLUMNS = ["model_id", "layer", "unit", "status", "concept", "concept_layer", "iou", "interpretable",
