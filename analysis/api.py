@@ -3,10 +3,12 @@
 :class:`StudyRun` reads its tables through :mod:`analysis.load` the first time each is asked for
 and keeps them.  The analyses are the report's own functions, called on these tables:
 
-* **the primary slope** (the report's ``mis_slope.<kind>.all``: MIS on pruning rate, units as random
-  effects, no top-1 adjustment) — ``statistics.unit_mixed_model(run.mis[run.mis["kind"] == "natural"],
-  formula="mis ~ rate")``; the ``"rate"`` row of its ``table`` holds the slope and its 95 % CI, and
-  ``formula="mis ~ rate + top1"`` gives the secondary, accuracy-adjusted model;
+* **the primary slope** (the report's ``mis_slope.<kind>.all``: MIS on pruning rate within units,
+  standard errors clustered by unit and model, no top-1 adjustment) —
+  ``statistics.within_unit_slope(run.mis[run.mis["kind"] == "natural"], formula="mis ~ rate")``; the
+  ``"rate"`` row of its ``table`` holds the slope and its 95 % CI, and ``formula="mis ~ rate + top1"``
+  gives the secondary, accuracy-adjusted model; ``statistics.unit_mixed_model`` the unit mixed model
+  the report shows beside it;
 * **the dose–response shape** — ``statistics.dose_response(d["rate"], d["mis"])`` on the same rows;
 * **trial level**, with ``h = run.humans[run.humans["kind"] == "natural"]`` —
   ``statistics.mixed_logistic(h, "correct ~ rate")`` (the primary human model), ``gee_logistic`` and

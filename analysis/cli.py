@@ -123,8 +123,8 @@ def _numbers(kind):
 def power_cmd(run_dir, participants, trials, changes, simulations, overrides):
     """Power and sample size for a study: what its units detect, and what a human study needs.
 
-    The model side comes from the primary MIS slopes (units as random effects): the smallest slope
-    detectable at 80 % power and the smallest equivalence margin provable. The human side
+    The model side comes from the primary MIS slopes (within units, clustered by unit and model): the
+    smallest slope detectable at 80 % power and the smallest equivalence margin provable. The human side
     simulates surveys from the trial-level model of the study (its human responses, else the base
     model's MIS with an assumed participant spread) and prints, per design, the power to detect each
     accuracy change or to establish equivalence. Examples:

@@ -1,8 +1,9 @@
 """Power and sample size: what the study's units can detect, and what a human study would need.
 
-Model side: the primary MIS slope's standard error (units as random effects) gives the smallest slope
-detectable at 80 % power with a two-sided test, ``(z₁₋α/₂ + z₀.₈)·SE``, and the smallest equivalence
-margin TOST would establish at 80 % power when the true change is zero, ``(z₁₋α + z₀.₉)·SE``.
+Model side: the primary MIS slope's standard error (within units, clustered by unit and model) gives
+the smallest slope detectable at 80 % power with a two-sided test, ``(t₁₋α/₂ + t₀.₈)·SE``, and the
+smallest equivalence margin TOST would establish at 80 % power when the true change is zero,
+``(t₁₋α + t₀.₉)·SE`` (t with the fit's degrees of freedom).
 
 Human side: a simulation from a trial-level model of the survey,
 
@@ -44,18 +45,22 @@ def _expit(x):
 
 
 # ---- model side -----------------------------------------------------------------------------------
-def detectable_slope(se: float, alpha: float = 0.05, power: float = POWER) -> float:
-    """Smallest true slope a two-sided test at ``alpha`` detects with ``power``, for an estimate with ``se``."""
-    return float((stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)) * se)
+def detectable_slope(se: float, alpha: float = 0.05, power: float = POWER, df: float | None = None) -> float:
+    """Smallest true slope a two-sided test at ``alpha`` detects with ``power``, for an estimate with ``se``
+    (normal reference, or t with ``df``)."""
+    dist = stats.norm if df is None else stats.t(df)
+    return float((dist.ppf(1 - alpha / 2) + dist.ppf(power)) * se)
 
 
-def provable_margin(se: float, alpha: float = 0.05, power: float = POWER) -> float:
+def provable_margin(se: float, alpha: float = 0.05, power: float = POWER, df: float | None = None) -> float:
     """Smallest equivalence margin TOST at ``alpha`` establishes with ``power`` when the true effect is 0."""
-    return float((stats.norm.ppf(1 - alpha) + stats.norm.ppf(1 - (1 - power) / 2)) * se)
+    dist = stats.norm if df is None else stats.t(df)
+    return float((dist.ppf(1 - alpha) + dist.ppf(1 - (1 - power) / 2)) * se)
 
 
 def model_power(entries, alpha: float = 0.05) -> list[dict]:
-    """Per primary MIS slope (``mis_slope.<kind>.<scope>``): units, SE and the detectable slope per 10 %."""
+    """Per primary MIS slope (``mis_slope.<kind>.<scope>``): units, models, SE and the detectable slope per 10 %
+    (t with the fit's df where it has one)."""
     rows = []
     for e in entries:
         if not e.id.startswith("mis_slope.") or e.status != "ok":
@@ -63,11 +68,14 @@ def model_power(entries, alpha: float = 0.05) -> list[dict]:
         r = e.result
         se = float(r["terms"]["rate"]["se"])
         span = float(r["rate_span"])
+        df = r.get("df")
+        q = float((stats.norm if df is None else stats.t(df)).ppf(1 - alpha / 2))
         rows.append({"kind": r["kind"], "scope": r["scope"], "units": int(r.get("n_groups") or 0),
-                     "se_per_10pct": se * 0.1, "ci_half_width_per_10pct": float(stats.norm.ppf(1 - alpha / 2)) * se * 0.1,
-                     "detectable_slope_per_10pct": detectable_slope(se, alpha) * 0.1,
-                     "detectable_change_over_span": detectable_slope(se, alpha) * span,
-                     "provable_margin_over_span": provable_margin(se * span, alpha), "rate_span": span})
+                     "models": int(r.get("n_models") or 0), "df": df,
+                     "se_per_10pct": se * 0.1, "ci_half_width_per_10pct": q * se * 0.1,
+                     "detectable_slope_per_10pct": detectable_slope(se, alpha, df=df) * 0.1,
+                     "detectable_change_over_span": detectable_slope(se, alpha, df=df) * span,
+                     "provable_margin_over_span": provable_margin(se * span, alpha, df=df), "rate_span": span})
     return rows
 
 

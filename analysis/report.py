@@ -2,8 +2,9 @@
 
 :func:`analyze` reads a study directory (:mod:`analysis.load`), runs
 
-* **model side** (needs ``mis/units.csv``): per reference kind, a linear mixed model of unit MIS on
-  pruning rate (``mis ~ rate + top1``, random intercept per unit) pooled over methods and per method,
+* **model side** (needs ``mis/units.csv``): per reference kind, the slope of unit MIS on pruning rate
+  within units (``mis ~ rate``, and ``+ top1`` as the secondary analysis; errors clustered by unit and
+  model, with the unit mixed model beside it) pooled over methods and per method,
   the dose–response shape (line vs hinge), equivalence of the MIS change over the studied rates
   within ``analysis.tost_margin`` (TOST), and per pruned model a paired TOST of its units' MIS
   against the same units in the base model; top-1 and Network Dissection counts per model;
@@ -195,26 +196,34 @@ def mis_slope(units, kind, series, cfg: StudyConfig, adjusted: bool = False) -> 
     """The total effect of pruning rate on MIS (primary), or with top-1 as a covariate (``adjusted``: a
     secondary analysis, since accuracy is itself an effect of pruning and adjusting for it removes part of
     the effect asked about)."""
-    from .statistics import tost_estimate, unit_mixed_model
+    from .statistics import tost_estimate, unit_mixed_model, within_unit_slope
     a = cfg.analysis
     level = 1 - a.alpha_level
     d = _scope(units, kind, series)
     formula = _mis_formula(d) if adjusted else "mis ~ rate"
     if adjusted and "top1" not in formula:
         raise Skip("top-1 is unknown or collinear with the rate across models: there is nothing to adjust for")
-    res = unit_mixed_model(d, formula=formula, group="unit_id", level=level)
+    res = within_unit_slope(d, formula=formula, unit="unit_id", model="model_id", level=level)
     t = _rate_term(res)
     span = float(d["rate"].max() - d["rate"].min())
     scope = "all methods" if series is None else series
     adjusted = "; adjusted for top-1" if "top1" in formula else ""
     sentence = slope_sentence(f"MIS ({kind}, {scope}{adjusted})", t, level, a.alpha_level)
-    if res["method"] != "lbfgs" or res["boundary"]:
-        sentence += f" Fit shown: {res['fit']}."
+    sentence += f" Fit: {res['fit']}."
     result = {k: v for k, v in res.items() if k != "table"}
+    lmm = unit_mixed_model(d, formula=formula, group="unit_id", level=level)
+    naive = lmm["terms"]["rate"]
+    result["unit_mixed_model"] = {"coef": naive["coef"], "se": naive["se"], "method": lmm["method"], "fit": lmm["fit"]}
+    if naive["se"] > 0 and t["se"] > 0:
+        narrower = naive["se"] < t["se"]
+        ratio = t["se"] / naive["se"] if narrower else naive["se"] / t["se"]
+        sentence += (f" The unit mixed model, which takes a model's units as independent, gives "
+                     f"{fmt(naive['coef'] * PER_STEP)} per 10 % with a standard error {fmt(ratio, 2)}× "
+                     + ("smaller: it leaves out the noise a model's units share." if narrower else "larger."))
     result.update(kind=kind, scope=scope, rate_span=span, slope_per_10pct=t["coef"] * PER_STEP,
                   rate_min=float(d["rate"].min()), rate_max=float(d["rate"].max()), adjusted=adjusted)
     if a.tost_margin > 0 and t["se"] > 0:
-        tost = tost_estimate(t["coef"] * span, t["se"] * span, a.tost_margin, alpha=a.alpha_level)
+        tost = tost_estimate(t["coef"] * span, t["se"] * span, a.tost_margin, df=res["df"], alpha=a.alpha_level)
         result["tost"] = tost
         sentence += " " + tost_sentence(f"The predicted MIS change from rate {d['rate'].min():g} to "
                                         f"{d['rate'].max():g}", tost)
@@ -250,18 +259,10 @@ def answers(entries: list, cfg: StudyConfig) -> list[dict]:
                         f"inside the equivalence margin ±{a.tost_margin:g} (TOST {fmt_p(tost['p'])}).")
         else:
             verdict = "inconclusive"
-            z = _stats.norm.ppf(1 - a.alpha_level)
-            se = t["se"] * span
-            room = a.tost_margin - abs(change)
-            units = res.get("n_groups") or 0
-            if room > 0 and se > 0:
-                need = max(units, math.ceil(units * (se * z / room) ** 2)) if units else None
-                what = (f"equivalence within ±{a.tost_margin:g} needs the interval about {fmt(se * z / room, 1)}× "
-                        f"narrower: roughly {need} units per model instead of {units} (the SE shrinks as "
-                        f"1/√units), if the change stays at {fmt(change)}")
-            else:
+            what = _what_decides(res, t, change, span, a)
+            if what is None:
                 what = (f"the estimated change {fmt(change)} is as large as the margin ±{a.tost_margin:g}, so only "
-                        f"more units can tell whether it is real")
+                        f"more units and models can tell whether it is real")
             ci = f"{fmt(t['ci_low'] * span)} to {fmt(t['ci_high'] * span)}"
             sentence = (f"Inconclusive for {kind} references: the MIS change from rate {res['rate_min']:g} to "
                         f"{res['rate_max']:g} is {fmt(change)} "
@@ -269,6 +270,35 @@ def answers(entries: list, cfg: StudyConfig) -> list[dict]:
                         f"±{a.tost_margin:g}; {what}.")
         out.append({"kind": kind, "verdict": verdict, "sentence": sentence, "analysis": e.id})
     return out
+
+
+def _what_decides(res: dict, t: dict, change: float, span: float, a) -> str | None:
+    """What an inconclusive primary slope needs for equivalence: more units per model, or more models when
+    the models' own noise alone keeps the interval too wide; ``None`` when the change is as large as the margin.
+
+    The slope's variance splits into the units' part (shrinking as 1/units) and the model level's
+    (``model_variance_share`` of it, which more units do not shrink).
+    """
+    from scipy import stats as _stats
+    df = res.get("df")
+    z = float(_stats.norm.ppf(1 - a.alpha_level) if df is None else _stats.t.ppf(1 - a.alpha_level, df))
+    se = t["se"] * span
+    room = a.tost_margin - abs(change)
+    units = res.get("n_groups") or 0
+    if not (room > 0 and se > 0):
+        return None
+    target = (room / z) ** 2
+    model_var = float(res.get("model_variance_share") or 0.0) * se ** 2
+    unit_var = se ** 2 - model_var
+    head = (f"equivalence within ±{a.tost_margin:g} needs the interval about {fmt(se * z / room, 1)}× narrower, "
+            f"if the change stays at {fmt(change)}")
+    if model_var >= target:
+        return (f"{head}; more units cannot do it, since the noise between models alone leaves it "
+                f"{fmt(math.sqrt(model_var) * z / room, 1)}× too wide: it needs more models (rates, methods or "
+                f"retrained copies; the model-level variance shrinks as 1/models)")
+    need = max(units, math.ceil(units * unit_var / (target - model_var))) if units else None
+    return (f"{head}: roughly {need} units per model instead of {units} (the units' share of the variance "
+            f"shrinks as 1/units, the models' share of {round(100 * model_var / se ** 2)} % does not)")
 
 
 def mis_dose(units, kind, cfg: StudyConfig) -> Outcome:

@@ -19,8 +19,12 @@ total random-intercept variance σ²); the three fits agree in sign and signific
 
 **Unit level — does a unit's Machine Interpretability Score move with the pruning rate?**
 
-- :func:`unit_mixed_model` — linear mixed model of MIS on rate (and covariates such as top-1)
-  with a random intercept per unit, since the same unit appears in every model.
+- :func:`within_unit_slope` — the primary fit: MIS on rate (and covariates such as top-1) within
+  units (unit fixed effects), with standard errors clustered two-way by unit and by model, since
+  rate varies only between models and each model's training noise is shared by all its units.
+- :func:`unit_mixed_model` — linear mixed model with a random intercept per unit (the same unit
+  appears in every model); it treats a model's units as independent, so its intervals leave out
+  model-level noise — reported beside the primary fit to show how much that noise adds.
 - :func:`dose_response` — shape of the relationship: straight line vs hinge (no change until a
   breakpoint, then a slope change), compared by AIC, with a bootstrapped breakpoint.
 - :func:`tost_estimate` / :func:`tost_paired` — two one-sided tests, for claiming the *absence* of
@@ -325,6 +329,91 @@ def unit_mixed_model(units: pd.DataFrame, formula: str = "mis ~ rate + top1", gr
                 residual_sd=float(np.sqrt(fit.scale)), n_obs=int(fit.nobs), n_groups=int(data[group].nunique()),
                 converged=bool(fit.converged), method=method, attempts=attempts, boundary=bool(boundary),
                 fit=shown, formula=formula, warnings=_collect(caught))
+
+
+FEW_CLUSTERS = 10     # below this many models, cluster-robust standard errors are known to run small
+
+
+def within_unit_slope(units: pd.DataFrame, formula: str = "mis ~ rate", unit: str = "unit_id",
+                      model: str = "model_id", level: float = 0.95) -> dict:
+    """MIS on model-level predictors (rate, top-1) within units, with model-level noise in the intervals.
+
+    Pruning rate varies between models, never within one, so whatever a model shares across its units
+    (its training run, its retraining noise) is an error common to all of them.  A fit that treats a
+    model's units as independent given the unit (:func:`unit_mixed_model`) counts that noise once per
+    unit and gives intervals that are too narrow; a retrained model can then land outside them.  Here
+    each unit's own mean is removed (unit fixed effects: the same unit is compared with itself across
+    models), the deviations are fitted by OLS, and the covariance is two-way cluster-robust by unit and
+    by model (Cameron, Gelbach & Miller 2011; statsmodels' CRV1 with a two-column ``groups``).
+    Intervals and p-values use t with (fewer clusters − 1) degrees of freedom.  With fewer than 3
+    models the covariance is clustered by unit only, and ``fit`` says so.
+
+    Returns the keys of :func:`unit_mixed_model` (``method="within-unit"``, ``group_sd=None``) plus
+    ``n_models``, ``df``, ``model_sd`` (the SD of the error a model's units share, by the method of
+    moments from the residuals' model means, 0 when they vary no more than the units' own noise
+    explains) and ``model_variance_share`` (that error's share of a model mean's variance: the part
+    of the slope's variance that more units per model do not shrink).
+    """
+    import patsy
+    import statsmodels.api as sm
+
+    if "status" in units:
+        units = units[units["status"] == "ok"]
+    data = _model_rows(units, formula, [unit, model], main_only=False)
+    data = data[data.groupby(unit)[unit].transform("size") > 1]      # a unit seen once has no deviation
+    if data.empty:
+        raise ValueError(f"no unit appears in two or more models: {formula!r} has nothing to compare")
+    y, x = patsy.dmatrices(formula, data, return_type="dataframe")
+    x = x.drop(columns=["Intercept"], errors="ignore")
+    if x.shape[1] == 0:
+        raise ValueError(f"{formula!r} has no predictor")
+    keys = data.loc[y.index, unit]
+    yd = y.iloc[:, 0] - y.iloc[:, 0].groupby(keys).transform("mean")
+    xd = x - x.groupby(keys).transform("mean")
+    constant = [c for c in xd if not np.any(np.abs(xd[c].to_numpy()) > 1e-12)]
+    if constant:
+        raise ValueError(f"{constant} do not vary within any unit: the fit cannot separate them from the unit")
+    unit_codes = pd.factorize(keys)[0]
+    model_codes = pd.factorize(data.loc[y.index, model])[0]
+    n_units, n_models = int(unit_codes.max() + 1), int(model_codes.max() + 1)
+    two_way = n_models >= 3
+    groups = np.column_stack([unit_codes, model_codes]) if two_way else unit_codes
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit = sm.OLS(yd.to_numpy(), xd.to_numpy()).fit(cov_type="cluster", cov_kwds={"groups": groups})
+    se = np.sqrt(np.clip(np.diag(np.asarray(fit.cov_params(), dtype=float)), 0.0, None))
+    df = (min(n_units, n_models) if two_way else n_units) - 1
+    table = _table(pd.Series(np.asarray(fit.params, dtype=float), index=list(x.columns)), se, level, df=df)
+    model_var, noise_var, per_model = _model_variance(np.asarray(fit.resid), model_codes, n_units, xd.shape[1])
+    shown = (f"unit fixed effects, OLS, standard errors clustered two-way by unit ({n_units}) and model "
+             f"({n_models}), t with {df} df" if two_way else
+             f"unit fixed effects, OLS, standard errors clustered by unit ({n_units}) only: {n_models} model(s) "
+             f"are too few to cluster on, so model-level noise is not in the interval")
+    if two_way and n_models < FEW_CLUSTERS:
+        shown += f" (with fewer than {FEW_CLUSTERS} models clustered errors are approximate and tend to run small)"
+    return dict(table=table, terms=_terms(table), group_sd=None, residual_sd=float(np.sqrt(noise_var)),
+                n_obs=int(fit.nobs), n_groups=n_units, n_models=n_models, df=int(df), converged=True,
+                method="within-unit", attempts=[], boundary=False, formula=formula, fit=shown,
+                two_way=bool(two_way), model_sd=float(np.sqrt(model_var)),
+                model_variance_share=float(model_var / (model_var + noise_var / per_model)) if model_var > 0 else 0.0,
+                warnings=_collect(caught))
+
+
+def _model_variance(resid: np.ndarray, model_codes: np.ndarray, n_units: int, k: int) -> tuple[float, float, float]:
+    """``(σ²_model, σ²_noise, units per model)`` of within-unit residuals by the method of moments: the
+    noise variance from the residuals about their model means, the model variance from the spread of the
+    model means beyond what that noise gives them (clipped at 0); the unit count is the harmonic mean."""
+    frame = pd.DataFrame({"r": resid, "m": model_codes})
+    means = frame.groupby("m")["r"].agg(["mean", "size"])
+    n_models = len(means)
+    noise_df = len(frame) - n_models - n_units - k + 1
+    noise_var = float(((frame["r"] - frame["m"].map(means["mean"])) ** 2).sum() / max(noise_df, 1))
+    per_model = float(n_models / (1.0 / means["size"]).sum())
+    model_df = n_models - 1 - k
+    if model_df < 1:
+        return 0.0, noise_var, per_model
+    spread = float((means["mean"] ** 2).sum() / model_df)
+    return max(spread - noise_var / per_model, 0.0), noise_var, per_model
 
 
 def fit_problems(fit, k_fe: int, reference_se, largest_group: int) -> list[str]:

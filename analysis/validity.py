@@ -142,7 +142,7 @@ def fit_checks(entries: list) -> list[dict]:
         if se.size and se.max() > worst:
             worst, where = float(se.max()), ident
         result = e.get("result") if isinstance(e, dict) else e.result
-        if isinstance(result, dict) and result.get("method") not in (None, "lbfgs"):
+        if isinstance(result, dict) and result.get("method") not in (None, "lbfgs", "within-unit"):
             refits.append(f"{ident}: {result.get('method')}")
     name = "largest standard error of a reported fit"
     if n == 0:

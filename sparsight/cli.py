@@ -194,7 +194,8 @@ def _print_power(power: dict) -> None:
         return
     click.echo(f"\npower ({power['target_power']:.0%}; `sparsight power RUN_DIR` plans other designs):")
     for m in pooled:
-        line = (f"  {m['kind']}: {m['units']} units detect an MIS slope of {m['detectable_slope_per_10pct']:.4f} per "
+        models = f" in {m['models']} models" if m.get("models") else ""
+        line = (f"  {m['kind']}: {m['units']} units{models} detect an MIS slope of {m['detectable_slope_per_10pct']:.4f} per "
                 f"10 % pruning rate (CI ±{m['ci_half_width_per_10pct']:.4f})")
         needs = [s for s in power.get("smallest", []) if s["kind"] == m["kind"] and s["participants"]]
         best = {}

@@ -11,7 +11,7 @@ import pytest
 
 from analysis import MissingRunOutput, open_run
 from analysis.load import TRIAL_COLUMNS, load_models, load_units
-from analysis.statistics import unit_mixed_model
+from analysis.statistics import within_unit_slope
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SLOPE_LINE = re.compile(r"natural MIS slope per unit of rate: (-?\d+\.\d{4}) \(95 % CI (-?\d+\.\d{4}) to "
@@ -80,7 +80,7 @@ def test_the_primary_slope_on_the_mis_table_is_the_reports(quick_study):
     run = open_run(run_dir)
     level = 1 - run.config.analysis.alpha_level
     for kind in sorted(run.mis["kind"].unique()):
-        fit = unit_mixed_model(run.mis[run.mis["kind"] == kind], formula="mis ~ rate", level=level)
+        fit = within_unit_slope(run.mis[run.mis["kind"] == kind], formula="mis ~ rate", level=level)
         expected = report_slope(run_dir, kind)
         assert fit["terms"]["rate"] == pytest.approx(expected, rel=1e-6, abs=1e-12), kind
 

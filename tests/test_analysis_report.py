@@ -481,7 +481,27 @@ def test_the_answer_follows_the_primary_total_effect(n_units, slope, noise, verd
     (answer,) = answers(entries, cfg)
     assert answer["verdict"] == verdict, answer["sentence"]
     if verdict == "inconclusive":
-        assert "units per model instead of 4" in answer["sentence"]
+        assert "units per model instead of 4" in answer["sentence"] or "needs more models" in answer["sentence"]
+
+
+@pytest.mark.parametrize("share, needs", [(0.0, "units"), (0.1, "units"), (0.5, "models")])
+def test_an_inconclusive_answer_says_whether_units_or_models_would_decide(share, needs):
+    """The slope's variance is split by ``model_variance_share``: only the units' part shrinks as 1/units."""
+    from types import SimpleNamespace
+
+    from analysis.report import _what_decides
+
+    a = SimpleNamespace(alpha_level=0.05, tost_margin=0.05)
+    res = {"df": 24, "n_groups": 30, "model_variance_share": share}
+    se, span, change = 0.04, 0.75, 0.02
+    text = _what_decides(res, {"se": se / span}, change, span, a)
+    target = ((0.05 - change) / stats.t.ppf(0.95, 24)) ** 2
+    if needs == "units":
+        need = math.ceil(30 * (1 - share) * se ** 2 / (target - share * se ** 2))
+        assert f"roughly {need} units per model instead of 30" in text, text
+    else:
+        assert "more units cannot do it" in text and "needs more models" in text, text
+    assert _what_decides(res, {"se": se / span}, 0.06, span, a) is None     # the change is beyond the margin
 
 
 def _default_design_units(seed, slope, unit_sd=0.08, noise=0.05):

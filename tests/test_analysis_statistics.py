@@ -186,6 +186,80 @@ def test_the_degenerate_lbfgs_optimum_fails_the_fit_checks():
     assert reported["method"] == "bfgs" and "lbfgs failed the checks" in reported["fit"]
 
 
+def _models_with_shared_noise(rng, slope=-0.05, units=40, model_sd=0.03, unit_sd=0.08, noise=0.03):
+    """Unit MIS in a base and 12 pruned models (rates 0.25/0.5/0.75, four each), every model carrying an
+    error all its units share (its training run), a tenth of the cells missing (dead units)."""
+    models = [("base", 0.0)] + [(f"m{r}-{k}", r) for r in (0.25, 0.5, 0.75) for k in range(4)]
+    unit_effect = rng.normal(0, unit_sd, units)
+    rows = []
+    for model_id, rate in models:
+        shared = rng.normal(0, model_sd)
+        for u in range(units):
+            rows.append(dict(model_id=model_id, unit_id=f"l:{u}", rate=rate, top1=0.9 - 0.2 * rate + rng.normal(0, 0.01),
+                             status="ok" if rng.random() > 0.1 else "dead",
+                             mis=0.8 + slope * rate + shared + unit_effect[u] + rng.normal(0, noise)))
+    return pd.DataFrame(rows)
+
+
+def test_within_unit_slope_is_the_unit_dummy_regression_with_two_way_clustered_errors():
+    """Reference: OLS with one dummy per unit (Frisch–Waugh–Lovell gives the same slopes) and
+    statsmodels' two-way cluster covariance on it; t with (models − 1) df."""
+    import statsmodels.formula.api as smf
+
+    data = _models_with_shared_noise(np.random.default_rng(3))
+    fit = st.within_unit_slope(data, formula="mis ~ rate + top1")
+    ok = data[data["status"] == "ok"]
+    codes = np.column_stack([pd.factorize(ok["unit_id"])[0], pd.factorize(ok["model_id"])[0]])
+    dummies = smf.ols("mis ~ rate + top1 + C(unit_id)", ok).fit(cov_type="cluster", cov_kwds={"groups": codes})
+    for term in ("rate", "top1"):
+        assert fit["terms"][term]["coef"] == pytest.approx(dummies.params[term], rel=1e-9)
+    # the dummy fit's small-sample factor counts the 40 unit dummies as regressors; the within fit does not
+    n, k_dummies, k_within = len(ok), len(dummies.params), 2
+    factor = (n - k_dummies) / (n - k_within)
+    assert fit["terms"]["rate"]["se"] == pytest.approx(dummies.bse["rate"] * np.sqrt(factor), rel=1e-6)
+    assert fit["n_models"] == 13 and fit["n_groups"] == 40 and fit["df"] == 12 and fit["two_way"]
+    half = fit["terms"]["rate"]["ci_high"] - fit["terms"]["rate"]["coef"]
+    assert half == pytest.approx(stats.t.ppf(0.975, 12) * fit["terms"]["rate"]["se"])
+
+
+def test_within_unit_slope_covers_the_true_slope_when_models_share_noise():
+    """The defect it fixes: with training noise shared by a model's units, the unit mixed model's 95 %
+    intervals miss the true slope far more often than 5 %; the two-way clustered ones come close to 95 %
+    (cluster-robust intervals run a little narrow with as few as 13 models: about 85 % here)."""
+    rng = np.random.default_rng(11)
+    covered = {"within": 0, "mixed": 0}
+    runs = 60
+    for _ in range(runs):
+        data = _models_with_shared_noise(rng)
+        for name, fit in (("within", st.within_unit_slope(data)), ("mixed", st.unit_mixed_model(data, "mis ~ rate"))):
+            covered[name] += fit["terms"]["rate"]["ci_low"] <= -0.05 <= fit["terms"]["rate"]["ci_high"]
+    assert covered["within"] >= 0.8 * runs, covered
+    assert covered["mixed"] <= 0.6 * runs, covered
+
+
+def test_within_unit_slope_without_model_noise_matches_the_mixed_model():
+    data = _models_with_shared_noise(np.random.default_rng(5), model_sd=0.0)
+    within, mixed = st.within_unit_slope(data), st.unit_mixed_model(data, "mis ~ rate")
+    assert within["terms"]["rate"]["coef"] == pytest.approx(mixed["terms"]["rate"]["coef"], abs=0.01)
+    assert within["model_sd"] < 0.01 and within["model_variance_share"] < 0.3
+    assert within["residual_sd"] == pytest.approx(0.03, rel=0.15)
+    shared = st.within_unit_slope(_models_with_shared_noise(np.random.default_rng(5), model_sd=0.05))
+    assert shared["model_sd"] == pytest.approx(0.05, rel=0.4)
+    # a model mean of 36 units: 0.05² against 0.03²/36
+    assert shared["model_variance_share"] > 0.9
+
+
+def test_within_unit_slope_refuses_what_it_cannot_fit():
+    data = _models_with_shared_noise(np.random.default_rng(1))
+    with pytest.raises(ValueError, match="no unit appears in two or more models"):
+        st.within_unit_slope(data.drop_duplicates("unit_id"))
+    with pytest.raises(ValueError, match="do not vary within any unit"):
+        st.within_unit_slope(data.assign(top1=data["unit_id"].str.len()), formula="mis ~ top1")
+    two = data[data["model_id"].isin(["base", "m0.75-0"])]
+    fit = st.within_unit_slope(two)
+    assert not fit["two_way"] and "too few to cluster on" in fit["fit"] and fit["df"] == fit["n_groups"] - 1
+
+
 def _hinge_data(seed, breakpoint=0.6, n_per=20, noise=0.03):
     rng = np.random.default_rng(seed)
     x = np.repeat(np.round(np.arange(10) / 10, 2), n_per)

@@ -16,6 +16,17 @@ def test_detectable_slope_has_the_target_power_by_statsmodels():
     assert normal_power(mde / se, nobs=1, alpha=0.05) == pytest.approx(0.8, abs=1e-3)
 
 
+def test_detectable_slope_with_degrees_of_freedom_has_the_target_power_of_a_t_test():
+    """With t on 24 df (a slope clustered by 25 models) the detectable slope is larger than the normal one,
+    and a two-sided t-test at that true slope (non-central t) rejects with about the target power."""
+    se, df = 0.013, 24
+    mde = detectable_slope(se, alpha=0.05, power=0.8, df=df)
+    assert mde > detectable_slope(se, alpha=0.05, power=0.8)
+    crit = stats.t.ppf(0.975, df)
+    power = stats.nct.sf(crit, df, mde / se) + stats.nct.cdf(-crit, df, mde / se)
+    assert power == pytest.approx(0.8, abs=0.01)
+
+
 def test_provable_margin_gives_tost_its_power_when_the_truth_is_zero():
     """TOST with a true effect of 0 rejects both one-sided nulls with P = 2Φ(m/se − z₁₋α) − 1."""
     se = 0.02
