@@ -272,6 +272,28 @@ def answers(entries: list, cfg: StudyConfig) -> list[dict]:
     return out
 
 
+def _environments(run_dir: Path) -> list[dict]:
+    """Each distinct machine and software set the study's stages ran on (from their records), with the
+    stages that ran there, in stage order; the analysis itself is the one running now."""
+    from sparsight.environment import describe, summary
+    groups: dict[str, dict] = {}
+    records = sorted((run_dir / ".stages").glob("*.json"), key=lambda p: p.stat().st_mtime)
+    found = []
+    for path in records:
+        try:
+            env = json.loads(path.read_text(encoding="utf-8")).get("environment")
+        except (OSError, ValueError):
+            continue
+        if isinstance(env, dict) and path.stem != "analysis":
+            found.append((path.stem, env))
+    found.append(("analysis", describe()))
+    for stage, env in found:
+        key = json.dumps(env, sort_keys=True, default=str)
+        group = groups.setdefault(key, {"stages": [], "summary": summary(env), **env})
+        group["stages"].append(stage)
+    return list(groups.values())
+
+
 def _what_decides(res: dict, t: dict, change: float, span: float, a) -> str | None:
     """What an inconclusive primary slope needs for equivalence: more units per model, or more models when
     the models' own noise alone keeps the interval too wide; ``None`` when the change is as large as the margin.
@@ -747,7 +769,8 @@ def assemble(data: StudyData, humans: Humans, table: pd.DataFrame, desc: dict, e
     return {
         "study": {"name": cfg.study.name, "profile": cfg.study.profile, "run_dir": str(data.run_dir),
                   "generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                  "software_version": version, "responses_source": data.responses_source},
+                  "software_version": version, "responses_source": data.responses_source,
+                  "environments": _environments(Path(data.run_dir))},
         "notes": notes,
         "settings": cfg.to_dict(),
         "settings_toml": cfg.to_toml(),

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 from .config import StudyConfig, write_study
+from .environment import describe
 from .errors import NotKnownWhilePlanning
 from .files import atomic_write_text, sha256_file
 from .layout import Layout
@@ -186,7 +187,8 @@ def _run_stage(stage: Stage, study: Study, fp: str, forced: bool) -> dict:
         study.ctx.barrier()
     rec = decided_by_main(study, lambda: {
         "fingerprint": fp, "seconds": round(time.perf_counter() - t0, 2),
-        "outputs": {str(Path(p).relative_to(study.run_dir)): sha256_file(Path(p)) for p in outputs}})
+        "outputs": {str(Path(p).relative_to(study.run_dir)): sha256_file(Path(p)) for p in outputs},
+        "environment": describe()})
     study.records[stage.name] = rec
     if study.is_main:
         atomic_write_text(study.record_path(stage.name), json.dumps(rec, indent=2))
