@@ -360,7 +360,7 @@ def within_unit_slope(units: pd.DataFrame, formula: str = "mis ~ rate", unit: st
     if "status" in units:
         units = units[units["status"] == "ok"]
     data = _model_rows(units, formula, [unit, model], main_only=False)
-    data = data[data.groupby(unit)[unit].transform("size") > 1]      # a unit seen once has no deviation
+    data = data[data.groupby(unit)[unit].transform("size") > 1].reset_index(drop=True)  # one row: no deviation
     if data.empty:
         raise ValueError(f"no unit appears in two or more models: {formula!r} has nothing to compare")
     y, x = patsy.dmatrices(formula, data, return_type="dataframe")
