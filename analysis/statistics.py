@@ -377,11 +377,25 @@ def within_unit_slope(units: pd.DataFrame, formula: str = "mis ~ rate", unit: st
     model_codes = pd.factorize(data.loc[y.index, model])[0]
     n_units, n_models = int(unit_codes.max() + 1), int(model_codes.max() + 1)
     two_way = n_models >= 3
-    groups = np.column_stack([unit_codes, model_codes]) if two_way else unit_codes
+    ols = sm.OLS(yd.to_numpy(), xd.to_numpy())
+    fallback = ""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fit = sm.OLS(yd.to_numpy(), xd.to_numpy()).fit(cov_type="cluster", cov_kwds={"groups": groups})
-    se = np.sqrt(np.clip(np.diag(np.asarray(fit.cov_params(), dtype=float)), 0.0, None))
+        fit = ols.fit(cov_type="cluster", cov_kwds={"groups": unit_codes})
+        cov = np.asarray(fit.cov_params(), dtype=float)
+        if two_way:
+            cov2 = np.asarray(ols.fit(cov_type="cluster", cov_kwds={
+                "groups": np.column_stack([unit_codes, model_codes])}).cov_params(), dtype=float)
+            if np.linalg.eigvalsh((cov2 + cov2.T) / 2).min() > 0:
+                cov = cov2
+            else:   # V_unit + V_model − V_both is not positive definite (few models): the larger one-way one
+                by_model = np.asarray(ols.fit(cov_type="cluster", cov_kwds={"groups": model_codes}).cov_params(),
+                                      dtype=float)
+                larger = "model" if np.trace(by_model) > np.trace(cov) else "unit"
+                cov = by_model if larger == "model" else cov
+                fallback = (f"; the two-way covariance was not positive definite, so the larger one-way one "
+                            f"(by {larger}) is used")
+    se = np.sqrt(np.clip(np.diag(cov), 0.0, None))
     df = (min(n_units, n_models) if two_way else n_units) - 1
     table = _table(pd.Series(np.asarray(fit.params, dtype=float), index=list(x.columns)), se, level, df=df)
     model_var, noise_var, per_model = _model_variance(np.asarray(fit.resid), model_codes, n_units, xd.shape[1])
@@ -389,6 +403,7 @@ def within_unit_slope(units: pd.DataFrame, formula: str = "mis ~ rate", unit: st
              f"({n_models}), t with {df} df" if two_way else
              f"unit fixed effects, OLS, standard errors clustered by unit ({n_units}) only: {n_models} model(s) "
              f"are too few to cluster on, so model-level noise is not in the interval")
+    shown += fallback
     if two_way and n_models < FEW_CLUSTERS:
         shown += f" (with fewer than {FEW_CLUSTERS} models clustered errors are approximate and tend to run small)"
     return dict(table=table, terms=_terms(table), group_sd=None, residual_sd=float(np.sqrt(noise_var)),

@@ -249,6 +249,24 @@ def test_within_unit_slope_without_model_noise_matches_the_mixed_model():
     assert shared["model_variance_share"] > 0.9
 
 
+def test_within_unit_slope_never_reports_a_zero_standard_error_from_a_negative_two_way_variance():
+    """With 4 models V_unit + V_model − V_both can come out negative (seed 43 of this design): the fit then
+    shows the larger one-way covariance and says so, as statsmodels computes it for that one grouping."""
+    import statsmodels.api as sm
+
+    rng = np.random.default_rng(43)
+    effect = rng.normal(0, 0.08, 10)
+    data = pd.DataFrame([dict(model_id=f"m{r}", unit_id=f"u{u}", rate=r, mis=0.8 + effect[u] + rng.normal(0, 0.03))
+                         for r in (0.0, 0.3, 0.6, 0.9) for u in range(10)])
+    fit = st.within_unit_slope(data)
+    assert "not positive definite" in fit["fit"] and fit["terms"]["rate"]["se"] > 0
+    within = data["mis"] - data.groupby("unit_id")["mis"].transform("mean")
+    rate = data["rate"] - data.groupby("unit_id")["rate"].transform("mean")
+    ses = [sm.OLS(within.to_numpy(), rate.to_numpy()[:, None]).fit(
+        cov_type="cluster", cov_kwds={"groups": pd.factorize(data[c])[0]}).bse[0] for c in ("unit_id", "model_id")]
+    assert fit["terms"]["rate"]["se"] == pytest.approx(max(ses), rel=1e-9)
+
+
 def test_within_unit_slope_refuses_what_it_cannot_fit():
     data = _models_with_shared_noise(np.random.default_rng(1))
     with pytest.raises(ValueError, match="no unit appears in two or more models"):
