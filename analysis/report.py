@@ -233,7 +233,6 @@ def mis_slope(units, kind, series, cfg: StudyConfig, adjusted: bool = False) -> 
 def answers(entries: list, cfg: StudyConfig) -> list[dict]:
     """One answer to the study's question per reference kind, from its primary slope (total effect, all
     methods): an effect, equivalence within the margin, or inconclusive with what it would take to decide."""
-    from scipy import stats as _stats
     a = cfg.analysis
     out = []
     for e in entries:
