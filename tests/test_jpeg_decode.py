@@ -166,9 +166,10 @@ def test_nvjpeg_decoding_matches_the_cpu_decoder(jpeg_folder):
     cpu_x, _ = _all(JpegFolderLoader(ds, 7, train=False, image_size=128, num_workers=0, device="cpu"))
     gpu_x, _ = _all(JpegFolderLoader(ds, 7, train=False, image_size=128, num_workers=2, device="cuda"))
     diff = (gpu_x.cpu() - cpu_x).abs()
-    # the decoders may upsample chroma and round the IDCT differently (torchvision promises a mean within 2
-    # levels); a swapped channel, a shifted crop or a wrong resize is off by tens of levels nearly everywhere
-    assert diff.mean() <= 2 * LEVEL, diff.mean() / LEVEL
+    # the decoders upsample chroma differently (nvJPEG by default repeats pixels where libjpeg-turbo
+    # interpolates: on these noisy 4:2:0 JPEGs that alone is a mean near 1.4 levels) and round the IDCT
+    # differently; a swapped channel, a shifted crop or a wrong resize is off by tens of levels nearly everywhere
+    assert diff.mean() <= 3 * LEVEL, diff.mean() / LEVEL
     assert diff.flatten().quantile(0.999) <= 16 * LEVEL, diff.flatten().quantile(0.999) / LEVEL
     assert diff.max() <= 64 * LEVEL, diff.max() / LEVEL
     # one nvJPEG decoder for "cuda" and "cuda:0" alike (torchvision rebuilds it when the device differs)
