@@ -51,17 +51,30 @@ class MaskEnforcer:
 
     One fused ``torch._foreach_mul_`` over all masked parameters per step (masks cast once to the
     parameters' dtype, device and memory layout, channels_last included: the fused kernel needs equal
-    strides), so the cost is a single pass over the masked weights.
+    strides), so the cost is a single pass over the masked weights.  A model moved, cast or re-laid out after
+    the enforcer was built (``.cuda()``, ``.to(memory_format=...)``) gets its masks cast again at the next step.
     """
 
     def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor]):
         params = _params(model, masks)
         self.params = list(params.values())
-        self.masks = [torch.empty_like(p).copy_(masks[k]) for k, p in params.items()]
+        self.masks = [masks[k] for k in params]
+        # .to() moves and re-lays out every parameter at once: one with a layout (a conv weight) tells
+        self._probe = next((i for i, p in enumerate(self.params) if p.dim() == 4), 0)
+        self._cast()
+
+    def _cast(self) -> None:
+        self.masks = [torch.empty_like(p).copy_(m) for p, m in zip(self.params, self.masks)]
+
+    def _stale(self) -> bool:
+        p, m = self.params[self._probe], self.masks[self._probe]
+        return m.device != p.device or m.dtype != p.dtype or m.stride() != p.stride()
 
     @torch.no_grad()
     def __call__(self, trainer=None) -> None:
         if self.params:
+            if self._stale():
+                self._cast()
             torch._foreach_mul_(self.params, self.masks)
 
 

@@ -160,6 +160,22 @@ def test_mask_enforcer_masks_take_the_channels_last_layout_of_their_weights(tiny
         assert torch.all(dict(tiny.named_parameters())[name][~m] == 0)
 
 
+def test_mask_enforcer_follows_a_model_moved_after_it_was_built(tiny):
+    """Built first, then the model is cast and re-laid out (as ``.cuda()`` would move it): masks follow."""
+    masks = create_method("connection").masks(tiny, 0.5)
+    enforce = MaskEnforcer(tiny, masks)
+    tiny = tiny.to(torch.float32).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for p in tiny.parameters():
+            p.add_(1.0)                              # every pruned entry is now non-zero
+    enforce()
+    for p, m in zip(enforce.params, enforce.masks):
+        assert m.stride() == p.stride() and m.dtype == p.dtype == torch.float32
+    for name, m in masks.items():
+        w = dict(tiny.named_parameters())[name]
+        assert torch.all(w[~m] == 0) and torch.all(w[m] != 0)
+
+
 @pytest.mark.parametrize("call, fragment", [
     (lambda m: create_method("magic"), "unknown method 'magic'; choose from ['connection', 'gradient'"),
     (lambda m: create_method("unstructured-local").masks(m, 1.0), "rate 1.0 is outside [0, 1)"),
