@@ -21,8 +21,8 @@ Checks, in order (each is timed, and a failure is recorded, never fatal to the o
 - ``mis``: MIS from cached embeddings vs a per-task loop, and embedding throughput;
 - ``train-throughput``: fp32 / bf16 + channels_last / + compile.
 
-Writes ``benchmarks/results/gpu-check-<device>.json`` (``device``, ``torch``, ``smoke``, ``packages`` and
-``checks``: ``{name, status, value, target, seconds}`` with status passed | failed | measured | skipped)
+Writes ``benchmarks/results/gpu-check-<device>.json`` (``device``, ``torch``, ``smoke``, ``packages``, ``machine``
+and ``checks``: ``{name, status, value, target, seconds}`` with status passed | failed | measured | skipped)
 after every check, so a run cut short still leaves what it measured, and prints a table at the end.
 Before any check it makes sure every package the project needs imports (one line names the missing
 ones; ``python -m benchmarks.wheelhouse`` builds a folder of wheels for a machine without a package
@@ -112,6 +112,20 @@ def installed_versions(names: list[str]) -> tuple[dict, list[str]]:
         except metadata.PackageNotFoundError:
             missing.append(name)
     return versions, missing
+
+
+def machine_facts() -> dict:
+    """What a failed check may come down to: CPU cores (the PIL baseline's workers), free shared memory (DataLoader
+    workers hand batches over through it) and what ``torch.compile`` builds with (a C compiler, Python's headers)."""
+    import shutil
+    import sysconfig
+
+    shm = Path("/dev/shm")
+    include = sysconfig.get_paths().get("include", "")
+    return {"cpus": os.cpu_count(),
+            "shm_free_gb": round(shutil.disk_usage(shm).free / 2**30, 1) if shm.is_dir() else None,
+            "c_compiler": next((c for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c)), None),
+            "python_headers": bool(include) and (Path(include) / "Python.h").is_file()}
 
 
 def subprocess_env(**extra) -> dict:
@@ -402,7 +416,8 @@ def main(args) -> dict:
     out = Path(args.out) if args.out else HERE / "results" / f"gpu-check-{re.sub(r'[^A-Za-z0-9]+', '-', device)}.json"
     budget = TimeBudget(args.budget_s if args.budget_s is not None else (510.0 if gpu else None))
     report = {"device": device, "torch": torch.__version__, "smoke": bool(args.smoke), "packages": packages,
-              "checks": []}
+              "machine": machine_facts(), "checks": []}
+    print(f"{device}; torch {torch.__version__}; {json.dumps(report['machine'])}", flush=True)
     with contextlib.ExitStack() as stack:
         work = Path(args.workdir) if args.workdir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         work.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,8 @@
 """The GPU check kit's own run, at smoke size on the CPU: every check it runs is recorded with the contract
 fields, CUDA-only checks are skipped here, and the JSON file is what the table shows."""
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +21,9 @@ def test_smoke_run_records_every_check_with_its_contract_fields(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["smoke"] is True and report["device"] == "cpu" and report["torch"]
+    assert set(report["machine"]) == {"cpus", "shm_free_gb", "c_compiler", "python_headers"}
+    compiler = report["machine"]["c_compiler"]
+    assert report["machine"]["cpus"] == os.cpu_count() and (compiler is None or shutil.which(compiler))
     checks = {c["name"]: c for c in report["checks"]}
     assert list(checks) == ["cuda-tests", "mining", "mis"]
     for c in checks.values():
