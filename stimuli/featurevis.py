@@ -26,6 +26,7 @@ Choices (DESIGN §6):
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import math
@@ -129,7 +130,7 @@ def render_units(model: nn.Module, layer: str, units: list[int], settings: Featu
     bar = progress_bar(total=len(batches) * settings.steps, desc=f"featurevis {layer}", enabled=progress,
                        leave=False)
     moved = device != _canonical(home)
-    formats = {p: _memory_format(p) for p in model.parameters() if p.dim() == 4}
+    layouts = {p: p.stride() for p in model.parameters() if p.dim() == 4}
     try:
         if moved:
             model.to(device)
@@ -143,9 +144,10 @@ def render_units(model: nn.Module, layer: str, units: list[int], settings: Featu
         if moved:
             model.to(home)
         with torch.no_grad():
-            for p, fmt in formats.items():
-                if _memory_format(p) != fmt:
-                    p.data = p.data.contiguous(memory_format=fmt)
+            # strides, not memory formats: a 1×1 convolution's weight is "contiguous" in both layouts
+            for p, stride in layouts.items():
+                if p.stride() != stride:
+                    p.data = torch.empty_strided(p.shape, stride, dtype=p.dtype, device=p.device).copy_(p.data)
         bar.close()
     out = []
     for g, group in enumerate(groups):
@@ -155,9 +157,6 @@ def render_units(model: nn.Module, layer: str, units: list[int], settings: Featu
     return out
 
 
-def _memory_format(t: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) \
-        and not t.is_contiguous() else torch.contiguous_format
 
 
 class _Spec(NamedTuple):
@@ -425,6 +424,14 @@ def _draw_transforms(generator: torch.Generator, steps: int) -> torch.Tensor:
     return (torch.rand(steps, 6, generator=generator, dtype=torch.float64) * high).long()
 
 
+@functools.lru_cache(maxsize=None)
+def _view_tables(dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """SCALES and ANGLES (radians) as tensors, made once per dtype and device: made at every step, each would be
+    a blocking host-to-GPU copy that keeps the CPU from queueing the next step while the GPU runs this one."""
+    return (torch.tensor(SCALES, dtype=dtype, device=device),
+            torch.deg2rad(torch.tensor(ANGLES, dtype=dtype, device=device)))
+
+
 def _random_views(images: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
     """Apply one lucid transform chain per image (``draws`` [B, 6] from ``_draw_transforms``)."""
     b, _, size, _ = images.shape
@@ -437,8 +444,8 @@ def _random_views(images: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
     d = draws.to(images.dtype)
     shift1 = (d[:, 0:2] - JITTER1 // 2) * r                      # [B, 2] (x, y) pixels
     shift2 = (d[:, 4:6] - JITTER2 // 2) * r
-    scale = torch.tensor(SCALES, dtype=images.dtype, device=images.device)[draws[:, 2]]
-    angle = torch.deg2rad(torch.tensor(ANGLES, dtype=images.dtype, device=images.device)[draws[:, 3]])
+    scales, angles = _view_tables(images.dtype, images.device)
+    scale, angle = scales[draws[:, 2]], angles[draws[:, 3]]
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     # output pixel x (centred) reads input pixel  R(-angle) (x + shift2) / scale + shift1
     a = torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2)   # [B, 2, 2]

@@ -90,7 +90,10 @@ def test_model_left_as_it_was(model):
     model = copy.deepcopy(model).train()
     model.fc.weight.requires_grad_(False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    strides = {n: p.stride() for n, p in model.named_parameters()}
+    assert any(p.dim() == 4 and p.shape[-2:] == (1, 1) for p in model.parameters())   # "contiguous" either way
     render_units(model, LAYER, [5], FeatureVisSettings(steps=3, image_size=SIZE, n_plain=1, n_diverse=2))
+    assert {n: p.stride() for n, p in model.named_parameters()} == strides     # the layout too, 1×1 kernels included
     assert_no_hooks(model)
     assert all(m.training for m in model.modules())
     assert [p.requires_grad for p in model.parameters()] == [n != "fc.weight" for n, _ in model.named_parameters()]
