@@ -157,8 +157,6 @@ def render_units(model: nn.Module, layer: str, units: list[int], settings: Featu
     return out
 
 
-
-
 class _Spec(NamedTuple):
     group: int        # index of the (unit, direction) group
     index: int        # position in the group (plain images first)
