@@ -205,6 +205,9 @@ class StimuliSection:
     fv_patience: int = option(0, "an image stops once its objective has not improved by fv_tolerance for this "
                                  "many steps (fv_steps is then the cap); 0: always fv_steps, as published", lo=0)
     fv_tolerance: float = option(0.01, "relative improvement that counts for fv_patience", lo=0.0)
+    fv_rescue_steps: int = option(0, "max visualizations whose unit is still silent (zero activation) after "
+                                     "fv_steps go on for up to this many more steps, each until its unit fires; "
+                                     "0: never, as published", lo=0)
 
 
 @dataclass
@@ -373,10 +376,11 @@ _DEMO = {
     # natural exemplars (cheap) for every unit of the five unit layers (744); feature visualizations for
     # 30 units alive in every model, the same in each (precision and power: benchmarks/RESULTS.md)
     "units": {"sampling": "all"},
-    # feature visualizations: measured to reach their units' natural max references (benchmarks/RESULTS.md)
+    # feature visualizations: measured to reach their units' natural max references (benchmarks/RESULTS.md);
+    # the rescue lets the few max images still silent after 48 steps go on until their unit fires
     # exemplars from the held-out split, whose 300 images cover the tasks' 2 × 8 × 4 per unit
     "stimuli": {"split": "val", "synthetic_units": 30, "n_tasks": 8, "n_references": 3, "fv_steps": 48,
-                "fv_lr": 0.15, "fv_diversity": 1.0, "fv_batch_units": 16},
+                "fv_lr": 0.15, "fv_diversity": 1.0, "fv_batch_units": 16, "fv_rescue_steps": 144},
     "mis": {"bootstrap": 500},
     "survey": {"practice_trials": 2, "main_trials": 12, "catch_trials": 2, "min_answers_per_position": 2,
                "min_total_s": 10.0},

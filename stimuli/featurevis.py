@@ -66,7 +66,8 @@ class FeatureVisSettings:
     layer output.  ``redirect_steps``: for this many first steps every ReLU passes lucid's
     redirected gradient.  ``patience``: an image stops (its pixels are frozen) once its objective
     has not improved by ``tolerance`` (relative) over ``patience`` steps; 0 never stops early, and
-    ``steps`` is the cap.
+    ``steps`` is the cap.  ``rescue_steps``: max images whose unit is still silent after ``steps`` go
+    on for up to this many more steps, each until its unit fires (0: never).
     """
     steps: int = 512
     lr: float = 0.05
@@ -82,6 +83,7 @@ class FeatureVisSettings:
     redirect_steps: int = 16
     patience: int = 0
     tolerance: float = 0.01
+    rescue_steps: int = 0
 
 
 @dataclass
@@ -474,12 +476,18 @@ def _diversity(acts: torch.Tensor, groups: torch.Tensor, pairs=None) -> torch.Te
 
 
 def _optimize(forward: _LayerForward, batch: list[_Spec], settings: FeatureVisSettings, device, bar):
-    """Optimize one batch; returns (images, activations, objective values, steps used), one entry per image."""
+    """Optimize one batch; returns (images, activations, objective values, steps used), one entry per image.
+
+    After ``settings.steps``, max images whose unit is still silent (layer output ≤ 0 on the
+    untransformed image) go on alone for up to ``settings.rescue_steps`` more steps, each until its
+    unit fires; the others keep their pixels, so they are exactly what they would be without it."""
     param, image_f = _lucent_image(len(batch), settings, device)
     generators = [torch.Generator().manual_seed(s.seed) for s in batch]
     with torch.no_grad():   # each image's start and transforms come from its own seed
         param.copy_(torch.stack([torch.randn(param.shape[1:], generator=g) for g in generators]) * INIT_SD)
-    draws = torch.stack([_draw_transforms(g, settings.steps) for g in generators], 1).to(device)  # [steps, B, 6]
+    # the rescue's transforms are drawn after the main ones, which stay as they were without it
+    draws = torch.stack([torch.cat([_draw_transforms(g, settings.steps), _draw_transforms(g, settings.rescue_steps)])
+                         for g in generators], 1).to(device)      # [steps + rescue_steps, B, 6]
     units = torch.tensor([s.unit for s in batch], device=device)
     signs = torch.tensor([DIRECTIONS[s.direction] for s in batch], device=device)
     groups = torch.tensor([s.group if s.diverse else -1 for s in batch], device=device)
@@ -490,16 +498,16 @@ def _optimize(forward: _LayerForward, batch: list[_Spec], settings: FeatureVisSe
         with torch.no_grad():
             forward.use_taps(image_f()[:1])
     optimizer = torch.optim.Adam([param], lr=settings.lr)
-    plateau = _Plateau(len(batch), settings.patience, settings.tolerance, device)
     everyone = torch.arange(len(batch), device=device)
-    for step in range(settings.steps):
+
+    def step(index: int, live: torch.Tensor, held: torch.Tensor | None) -> torch.Tensor:
+        """One Adam step of the images ``live`` at transform draw ``index``; ``held`` (a mask, or None)
+        marks the images whose pixels must not move.  Returns the live images' objective values."""
         optimizer.zero_grad(set_to_none=True)
-        redirect = step < settings.redirect_steps
-        # only images still improving are rendered and passed through the model
-        live = everyone if plateau.n_active == len(batch) else everyone[plateau.active]
-        out = forward(_random_views(image_f()[live], draws[step][live]), trace=pre, redirect=redirect)
+        redirect = index < settings.redirect_steps
+        out = forward(_random_views(image_f()[live], draws[index][live]), trace=pre, redirect=redirect)
         acts = out[1] if pre else out
-        if step == 0 and max(s.unit for s in batch) >= acts.shape[1]:
+        if index == 0 and max(s.unit for s in batch) >= acts.shape[1]:
             raise ValueError(f"unit {max(s.unit for s in batch)} out of range: {forward.layer!r} has "
                              f"{acts.shape[1]} channels")
         objective = signs[live] * _unit_means(acts, units[live]).float()
@@ -507,17 +515,36 @@ def _optimize(forward: _LayerForward, batch: list[_Spec], settings: FeatureVisSe
         if diverse:
             loss = loss + settings.diversity * _diversity(acts, groups[live], None if len(live) < len(batch) else pairs)
         loss.backward()
-        frozen = None
-        if plateau.n_active < len(batch):      # Adam's momentum would still move a stopped image
-            frozen = param.detach()[~plateau.active].clone()
+        kept = param.detach()[held].clone() if held is not None else None  # Adam's momentum would move them
         optimizer.step()
-        if frozen is not None:
+        if kept is not None:
             with torch.no_grad():
-                param[~plateau.active] = frozen
+                param[held] = kept
+        return objective.detach()
+
+    plateau = _Plateau(len(batch), settings.patience, settings.tolerance, device)
+    for index in range(settings.steps):
+        # only images still improving are rendered and passed through the model
+        running = plateau.n_active == len(batch)
+        live = everyone if running else everyone[plateau.active]
+        objective = step(index, live, None if running else ~plateau.active)
         bar.update()
-        if plateau.update(objective.detach(), live) and not redirect:
-            bar.update(settings.steps - step - 1)
+        if plateau.update(objective, live) and index >= settings.redirect_steps:
+            bar.update(settings.steps - index - 1)
             break
+    if settings.rescue_steps:
+        with torch.no_grad():
+            acts = _unit_means(forward(image_f()), units).float()
+        silent = (signs > 0) & (acts <= 0)
+    for index in range(settings.steps, settings.steps + settings.rescue_steps):
+        if not bool(silent.any()):
+            break
+        live = everyone[silent]
+        step(index, live, ~silent)
+        plateau.steps[live] += 1
+        with torch.no_grad():
+            acts[live] = _unit_means(forward(image_f()[live]), units[live]).float()
+        silent &= acts <= 0
     with torch.no_grad():
         images = image_f()
         out, before = forward(images, trace=True)

@@ -47,6 +47,7 @@ class StimuliSettings:
     fv_redirect_steps: int = 16
     fv_patience: int = 32
     fv_tolerance: float = 0.01
+    fv_rescue_steps: int = 0
     skip_dead: bool = True
     seed: int = 0
     on_corrupt: str = "skip"
@@ -63,7 +64,7 @@ class StimuliSettings:
                    batch_size=cfg.data.eval_batch_size, fv_steps=s.fv_steps, fv_lr=s.fv_lr,
                    fv_image_size=s.fv_image_size, fv_batch_units=s.fv_batch_units, fv_diversity=s.fv_diversity,
                    fv_objective=s.fv_objective, fv_redirect_steps=s.fv_redirect_steps, fv_patience=s.fv_patience,
-                   fv_tolerance=s.fv_tolerance,
+                   fv_tolerance=s.fv_tolerance, fv_rescue_steps=s.fv_rescue_steps,
                    skip_dead=cfg.units.skip_dead, seed=cfg.study.seed, on_corrupt=cfg.data.on_corrupt,
                    decode=cfg.data.decode, num_workers=default_workers(cfg.data.num_workers),
                    mining_precision=s.mining_precision,
@@ -306,7 +307,8 @@ def _visualization_settings(settings: StimuliSettings) -> FeatureVisSettings:
                               batch_size=max(1, settings.fv_batch_units) * 2 * settings.n_references,
                               n_diverse=settings.n_references - 1, n_plain=1, diversity=settings.fv_diversity,
                               objective=settings.fv_objective, redirect_steps=settings.fv_redirect_steps,
-                              patience=settings.fv_patience, tolerance=settings.fv_tolerance, seed=settings.seed)
+                              patience=settings.fv_patience, tolerance=settings.fv_tolerance,
+                              rescue_steps=settings.fv_rescue_steps, seed=settings.seed)
 
 
 def _render_visualizations(model, model_id: str, todo: list[Unit], tasks_of: dict, channel: _Channels,

@@ -311,3 +311,39 @@ def test_images_stop_when_their_objective_plateaus_and_stay_as_they_were(model):
 def test_an_unknown_objective_lists_the_choices(model):
     with pytest.raises(ValueError, match=r"choose from \['pre-relu', 'post-relu'\]"):
         render_units(model, LAYER, [0], FeatureVisSettings(steps=1, image_size=SIZE, objective="pre"))
+
+
+class SilentAndFiring(DeadAtStart):
+    """Unit 0 as ``DeadAtStart``; unit 1 fires on any image (positive bias)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 3, padding=1)
+        with torch.no_grad():
+            self.conv.weight.fill_(0.2)
+            self.conv.bias.copy_(torch.tensor([-3.0, 0.5]))
+
+
+def test_a_silent_max_image_is_rescued_and_the_others_stay_exactly_as_they_were():
+    model = SilentAndFiring().eval()
+    base = dict(image_size=32, n_plain=1, n_diverse=0, fft=False, decorrelate=False, redirect_steps=0, lr=0.02)
+    short = render_units(model, "head", [0], FeatureVisSettings(**base, steps=2), directions=("max",))[0]
+    assert float(short.activations[0]) == 0.0             # two steps do not reach the threshold
+    rescued = render_units(model, "head", [0], FeatureVisSettings(**base, steps=2, rescue_steps=400),
+                           directions=("max",))[0]
+    took = int(rescued.steps[0])
+    assert float(rescued.activations[0]) > 0 and 2 < took < 402
+    # it stops at the first step its unit fires, and is the image plain optimization gives at that step
+    plain = render_units(model, "head", [0], FeatureVisSettings(**base, steps=took), directions=("max",))[0]
+    torch.testing.assert_close(rescued.images, plain.images, rtol=0, atol=1e-6)
+    before = render_units(model, "head", [0], FeatureVisSettings(**base, steps=took - 1), directions=("max",))[0]
+    assert float(before.activations[0]) == 0.0
+    # in a batch, the image of a unit that fires and every min image are untouched by the rescue
+    mixed = dict(base, steps=2, n_diverse=2, diversity=1.0)
+    without = render_units(model, "head", [0, 1], FeatureVisSettings(**mixed))
+    with_rescue = render_units(model, "head", [0, 1], FeatureVisSettings(**mixed, rescue_steps=400))
+    for a, b in zip(without, with_rescue):
+        silent = (a.activations <= 0) & (a.direction == "max")
+        assert silent.any() == (a.unit == 0 and a.direction == "max")
+        assert torch.equal(a.images[~silent], b.images[~silent]) and torch.equal(a.steps[~silent], b.steps[~silent])
+        assert (b.activations[silent] > 0).all() and (b.steps[silent] > 2).all()
