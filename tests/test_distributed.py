@@ -104,6 +104,29 @@ def test_stimuli_sharded_over_two_gloo_processes_equal_the_single_process_run(ti
         assert torch.allclose(ma.layers[layer].std, mb.layers[layer].std, rtol=1e-9)
 
 
+@pytest.mark.slow
+def test_a_batch_all_corrupt_on_one_process_is_skipped_by_every_process(tiny_data, tmp_path):
+    """Skipping it on one process alone left the other waiting in the gradient all-reduce for ever."""
+    import json
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    train = sorted((data / "train").rglob("*.png"))
+    for path in train[::8]:
+        path.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    args = [*_train_args(data, tmp_path / "out", "cpu"), "--set", 'data.cache="none"', "--set", "data.batch_size=1",
+            "--set", "data.num_workers=0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "sparsight",
+           *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    epoch = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[0])
+    assert epoch["skipped"] == len(train[::8])
+    assert epoch["dropped"] > 0          # the case happened: some step had an empty batch on one process only
+    assert epoch["images"] + epoch["skipped"] + epoch["dropped"] == len(train)
+
+
 TINY_STUDY = ["--profile", "quick", "--set", "study.progress=false", "--set", "data.train_per_class=20",
               "--set", "data.val_per_class=15", "--set", "data.image_size=32", "--set",
               'prune.methods=["structured","lrp"]', "--set", "prune.rates=[0.5]", "--set",

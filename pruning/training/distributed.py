@@ -4,7 +4,7 @@ from __future__ import annotations
 import datetime
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -33,6 +33,7 @@ class DistContext:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     initialized_here: bool = False
+    _control: object = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def is_main(self) -> bool:
@@ -53,6 +54,17 @@ class DistContext:
         t = torch.tensor(values, dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
         dist.all_reduce(t)
         return t.tolist()
+
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any process (``flag`` itself in one process).  Runs on a CPU (gloo) group,
+        so it never waits for a GPU's queued work; every process must call it at the same point."""
+        if not self.distributed:
+            return flag
+        if self._control is None:   # created by the first call, which every process makes together
+            self._control = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        t = torch.tensor([int(flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._control)
+        return bool(t.item())
 
     def all_gather_object(self, obj) -> list:
         """Every process's ``obj`` (picklable), in rank order (``[obj]`` in a single process)."""

@@ -153,6 +153,8 @@ class EpochMetrics:
     images_per_s: float
     skipped: int
     val: dict
+    #: images of steps that every process skipped because one process's batch was all corrupt (DDP only)
+    dropped: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -258,7 +260,8 @@ class Trainer:
         # sums stay on the device: reading them every step would wait for the GPU at every step
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
-        seen, skipped = 0, 0
+        seen, skipped, dropped = 0, 0, 0
+        together = self.ctx.distributed
         t0 = time.perf_counter()
         bar = progress_bar(loader, desc=f"epoch {epoch + 1}/{s.epochs}", enabled=self.progress, leave=False,
                    dynamic_ncols=True)
@@ -266,7 +269,11 @@ class Trainer:
             for hook in self.batch_hooks:
                 hook(self, epoch, b)
             skipped += batch.skipped
-            if len(batch.targets) == 0:
+            empty = len(batch.targets) == 0
+            # under DDP every process takes the same steps: were one to skip its empty batch alone, the
+            # others would wait for it in the gradient all-reduce for ever
+            if self.ctx.any(empty) if together else empty:
+                dropped += len(batch.targets)
                 continue
             x, y = self._to_device(batch.images), batch.targets.to(self.device, non_blocking=True)
             with autocast(self.device, self.amp):
@@ -291,10 +298,12 @@ class Trainer:
                 bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}", acc=f"{int(correct) / seen:.3f}")
         loss_sum, correct = float(loss_sum), int(correct)
         seconds = time.perf_counter() - t0
-        loss_sum, correct, seen, skipped = self.ctx.all_reduce_sum([loss_sum, correct, seen, skipped])
+        loss_sum, correct, seen, skipped, dropped = self.ctx.all_reduce_sum([loss_sum, correct, seen, skipped,
+                                                                             dropped])
         return EpochMetrics(epoch=epoch, train_loss=loss_sum / max(seen, 1), train_top1=correct / max(seen, 1),
                             lr=opt.param_groups[0]["lr"], images=int(seen), seconds=round(seconds, 3),
-                            images_per_s=round(seen / max(seconds, 1e-9), 1), skipped=int(skipped), val={})
+                            images_per_s=round(seen / max(seconds, 1e-9), 1), skipped=int(skipped), val={},
+                            dropped=int(dropped))
 
     def _log(self, m: EpochMetrics) -> None:
         if not self.ctx.is_main:
@@ -306,6 +315,8 @@ class Trainer:
         if self.progress:
             val = f" val top1 {m.val['top1']:.3f}" if m.val else ""
             skip = f" ({m.skipped} corrupt images skipped)" if m.skipped else ""
+            if m.dropped:
+                skip += f" ({m.dropped} images left out with a batch another process found all corrupt)"
             note(f"epoch {m.epoch + 1}/{self.settings.epochs}: loss {m.train_loss:.3f} "
                  f"train top1 {m.train_top1:.3f}{val} · {m.images_per_s:.0f} img/s{skip}")
 
