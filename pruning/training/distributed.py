@@ -26,6 +26,10 @@ def resolve_device(preference: str = "auto", local_rank: int = 0) -> torch.devic
     return device
 
 
+# How long a process waits for the others at a collective (rank 0 may build a shared stage meanwhile).
+STAGE_WAIT_HOURS = 12
+
+
 @dataclass
 class DistContext:
     rank: int = 0
@@ -61,7 +65,8 @@ class DistContext:
         if not self.distributed:
             return flag
         if self._control is None:   # created by the first call, which every process makes together
-            self._control = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+            self._control = (dist.group.WORLD if dist.get_backend() == "gloo" else
+                             dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=STAGE_WAIT_HOURS)))
         t = torch.tensor([int(flag)])
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._control)
         return bool(t.item())
@@ -87,8 +92,6 @@ class DistContext:
             dist.destroy_process_group()
             self.initialized_here = False
 
-
-STAGE_WAIT_HOURS = 12
 
 
 def launched_by_torchrun() -> bool:
