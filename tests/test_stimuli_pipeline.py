@@ -111,3 +111,22 @@ def test_visualizations_for_a_sample_alive_in_every_model_exemplars_for_all(run,
     shown = manifest.groupby("kind").apply(lambda g: set(zip(g.model_id, g.layer, g.unit)), include_groups=False)
     assert shown["synthetic"] == {(m, la, u) for m in ("base", "structured-oneshot-r0.50") for la, u in per_model[0]}
     assert shown["natural"] == set(zip(*natural[natural.status == "ok"][["model_id", "layer", "unit"]].T.values))
+
+
+def test_every_fv_option_of_a_study_reaches_the_renderer():
+    """Each `stimuli.fv_*` option, set away from its default, arrives in the FeatureVisSettings the stage renders with."""
+    import dataclasses
+
+    from sparsight.config import StudyConfig, apply_settings
+    from stimuli.featurevis import FeatureVisSettings
+    from stimuli.pipeline import StimuliSettings, _visualization_settings
+
+    changed = {"fv_steps": 7, "fv_lr": 0.3, "fv_image_size": 40, "fv_diversity": 2.5, "fv_objective": "post-relu",
+               "fv_redirect_steps": 3, "fv_patience": 5, "fv_tolerance": 0.2, "fv_rescue_steps": 11}
+    options = {f.name for f in dataclasses.fields(StudyConfig().stimuli) if f.name.startswith("fv_")}
+    assert options - {"fv_batch_units"} == set(changed), "a new fv_ option needs a line in this test"
+    cfg = apply_settings(StudyConfig(), {"stimuli": changed})
+    fv = _visualization_settings(StimuliSettings.from_config(cfg))
+    for option, value in changed.items():
+        assert getattr(fv, option.removeprefix("fv_")) == value, option
+    assert set(changed) <= {"fv_" + f.name for f in dataclasses.fields(FeatureVisSettings)}
