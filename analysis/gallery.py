@@ -3,7 +3,10 @@
 Each sheet shows one unit's max references (task 0) — natural exemplars and feature visualizations —
 with one row per method (and reference kind) and one column per pruning rate, the base model first.
 The units are drawn (seeded) from those with references in every model, so every cell is filled
-where the unit is alive; a dead or removed unit leaves its cell grey.
+where the unit is alive; a dead or removed unit leaves its cell grey.  Under each cell of feature
+visualizations stands their reach (``stimuli/units.csv``: how hard they drive the unit relative to its
+natural max references), red where they are not valid, so noise that does not drive its unit is not
+read as what the unit responds to.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from sparsight.layout import Layout
 from .load import BASE_METHOD
 
 TILE, GAP = 48, 2
+INVALID_COLOUR = "firebrick"
 
 
 def gallery_units(manifest: pd.DataFrame, n: int = 3, seed: int = 0) -> list[tuple[str, int]]:
@@ -44,9 +48,27 @@ def _references(manifest: pd.DataFrame, bank_root: Path, model_id: str, kind: st
     return cell
 
 
+def visualization_reach(unit_status: pd.DataFrame) -> dict[tuple[str, str, int], tuple[float, bool]]:
+    """``{(model_id, layer, unit): (fv_reach, fv_valid)}`` of the synthetic rows of ``stimuli/units.csv``."""
+    if unit_status.empty or "fv_reach" not in unit_status:
+        return {}
+    rows = unit_status[(unit_status["kind"] == "synthetic") & unit_status["fv_reach"].notna()]
+    return {(str(r.model_id), str(r.layer), int(r.unit)): (float(r.fv_reach), str(r.fv_valid).lower() == "true")
+            for r in rows.itertuples()}
+
+
+def reach_label(reach: dict, model_id: str, layer: str, unit: int) -> tuple[str, str] | None:
+    """``(text, colour)`` under a cell of feature visualizations, or None where the reach is unknown."""
+    if (model_id, layer, unit) not in reach:
+        return None
+    value, valid = reach[(model_id, layer, unit)]
+    return (f"reach {value:.2f}", "black") if valid else (f"reach {value:.2f} · not valid", INVALID_COLOUR)
+
+
 def unit_sheet(manifest: pd.DataFrame, models: pd.DataFrame, bank_root: str | Path, layer: str, unit: int, out: Path,
-               schedule: str | None = None) -> Path:
-    """Write the contact sheet of one unit to ``out`` (rows: method × kind; columns: rate)."""
+               schedule: str | None = None, reach: dict | None = None) -> Path:
+    """Write the contact sheet of one unit to ``out`` (rows: method × kind; columns: rate); ``reach``
+    (from :func:`visualization_reach`) labels each cell of feature visualizations."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -78,6 +100,9 @@ def unit_sheet(manifest: pd.DataFrame, models: pd.DataFrame, bank_root: str | Pa
                 ax.set_title("base" if c == 0 else f"rate {rate:g}", fontsize=8)
             if c == 0:
                 ax.set_ylabel(f"{method}\n{kind}", fontsize=7, rotation=0, ha="right", va="center")
+            label = reach_label(reach or {}, ids[0], layer, unit) if ids and kind == "synthetic" else None
+            if label:
+                ax.set_xlabel(label[0], fontsize=6, labelpad=1, color=label[1])
     fig.suptitle(f"{layer}:{unit} — max references of task 0 ({schedule or 'all'} schedule)", fontsize=9)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -95,8 +120,10 @@ def make_gallery(run_dir: str | Path, models: pd.DataFrame, out: Path, n: int = 
     known = set(models["model_id"])
     manifest = manifest[manifest["model_id"].isin(known)]
     chosen = gallery_units(manifest, n, seed)
+    status = Layout(run_dir).stimulus_units
+    reach = visualization_reach(pd.read_csv(status)) if status.is_file() else {}
     keys = pd.MultiIndex.from_frame(manifest[["layer", "unit"]])
     manifest = manifest[keys.isin(chosen) & (manifest["task"] == 0) & (manifest["role"] == "ref_max")]
     return {f"gallery:{layer}:{unit}": unit_sheet(manifest, models, Layout(run_dir).stimuli, layer, unit,
-                                                  out / f"gallery-{layer}-{unit}.png")
+                                                  out / f"gallery-{layer}-{unit}.png", reach=reach)
             for layer, unit in chosen}

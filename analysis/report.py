@@ -817,7 +817,10 @@ def figure_data_uri(path: str | Path) -> str:
 
 # ---- HTML ----------------------------------------------------------------------------------------------
 GALLERY_CAPTION = ("{unit}: max references of task 0, natural exemplars and feature visualizations, one row per "
-                   "method, one column per pruning rate (grey: the unit is dead or removed there).")
+                   "method, one column per pruning rate (grey: the unit is dead or removed there). Under the feature "
+                   "visualizations, their reach: their mean activation over that of the unit's natural max "
+                   "references; red where they are not valid (reach below 1, or not above the min visualizations), "
+                   "i.e. they do not show what drives the unit.")
 STATISTICS_GROUPS = (("model", "Model side (MIS, accuracy, dissection)"), ("human", "Human side"))
 HUMAN_TABLES = (("by_kind", "Accuracy per reference kind (mean of participants ± 2 SEM; Wilson CI on pooled "
                             "trials; d′)"),

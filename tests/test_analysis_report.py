@@ -540,3 +540,36 @@ def test_the_default_design_recovers_a_known_slope_and_a_known_null(slope, verdi
     assert (t["ci_high"] - t["ci_low"]) / 2 * 0.1 <= 0.005
     (answer,) = answers(entries, cfg)
     assert answer["verdict"] == verdict, answer["sentence"]
+
+
+def test_gallery_cells_of_visualizations_carry_their_reach_and_flag_invalid_ones(tmp_path, monkeypatch):
+    """Each cell of feature visualizations is labelled with its unit's reach from stimuli/units.csv, red where
+    not valid; natural cells and cells without a reach get no label (reference: the table itself)."""
+    from matplotlib.figure import Figure
+    from PIL import Image
+
+    from analysis.gallery import INVALID_COLOUR, unit_sheet, visualization_reach
+
+    models = pd.DataFrame({"model_id": ["base", "s-r0.5", "s-r0.9"], "method": ["base", "structured", "structured"],
+                           "schedule": [None, "oneshot", "oneshot"], "rate": [0.0, 0.5, 0.9]})
+    rows = []
+    for mid in models.model_id:
+        for kind in ("natural", "synthetic"):
+            name = f"{mid}-{kind}.png"
+            Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / name)
+            rows.append(dict(model_id=mid, kind=kind, layer="l", unit=3, task=0, role="ref_max", rank=0, image=name))
+    status = pd.DataFrame([
+        dict(model_id="base", kind="natural", layer="l", unit=3, fv_reach=np.nan, fv_valid=np.nan),
+        dict(model_id="base", kind="synthetic", layer="l", unit=3, fv_reach=1.734, fv_valid=True),
+        dict(model_id="s-r0.5", kind="synthetic", layer="l", unit=3, fv_reach=0.041, fv_valid=False),
+        dict(model_id="s-r0.9", kind="synthetic", layer="l", unit=3, fv_reach=np.nan, fv_valid=False)])
+    status.to_csv(tmp_path / "units.csv", index=False)
+    reach = visualization_reach(pd.read_csv(tmp_path / "units.csv"))
+    assert reach == {("base", "l", 3): (1.734, True), ("s-r0.5", "l", 3): (0.041, False)}
+
+    drawn = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: drawn.extend(
+        (ax.get_ylabel(), ax.get_xlabel(), ax.xaxis.label.get_color()) for ax in fig.axes))
+    unit_sheet(pd.DataFrame(rows), models, tmp_path, "l", 3, tmp_path / "sheet.png", reach=reach)
+    labels = [(x, c) for y, x, c in drawn if x]
+    assert labels == [("reach 1.73", "black"), ("reach 0.04 · not valid", INVALID_COLOUR)]
