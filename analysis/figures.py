@@ -153,13 +153,19 @@ def layer_mis_vs_sparsity(units: pd.DataFrame, path, max_cols: int = 4) -> Path 
         _chance(ax, label=False)
         ax.set_title(layer, fontsize=9)
         ax.grid(alpha=0.3)
-    for j in range(len(layers), nrows * ncols):
-        axes[j // ncols][j % ncols].set_visible(False)
+    spare = [axes[j // ncols][j % ncols] for j in range(len(layers), nrows * ncols)]
+    for ax in spare:
+        ax.set_visible(False)
     for row in axes:
         row[0].set_ylabel("MIS (mean ± SEM over units)")
     for ax in axes[-1]:
         ax.set_xlabel("sparsity")
-    axes[0][0].legend(fontsize=6)
+    if spare:       # the legend in an empty panel, where it hides no curve
+        spare[0].set_visible(True)
+        spare[0].axis("off")
+        spare[0].legend(*axes[0][0].get_legend_handles_labels(), loc="center", fontsize=6)
+    else:
+        axes[0][0].legend(fontsize=6)
     return _save(fig, path)
 
 

@@ -573,3 +573,21 @@ def test_gallery_cells_of_visualizations_carry_their_reach_and_flag_invalid_ones
     unit_sheet(pd.DataFrame(rows), models, tmp_path, "l", 3, tmp_path / "sheet.png", reach=reach)
     labels = [(x, c) for y, x, c in drawn if x]
     assert labels == [("reach 1.73", "black"), ("reach 0.04 · not valid", INVALID_COLOUR)]
+
+
+def test_the_layer_panels_keep_their_legend_in_an_empty_panel(tmp_path, monkeypatch):
+    """Five layers on a 4-column grid leave three empty panels: the legend goes into one, off every curve,
+    and names each series × kind once; a full grid keeps it on the first panel."""
+    from matplotlib.figure import Figure
+
+    rows = [dict(model_id=f"{s}-{r}", series=s, sparsity=r, kind=k, layer=f"l{i}", unit=u, mis=0.8 + 0.01 * u)
+            for s in ("a", "b") for r in (0.0, 0.5) for k in ("natural", "synthetic") for i in range(5)
+            for u in range(3)]
+    seen = {}
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: seen.update(
+        {"legends": [(ax.get_visible(), ax.axison, len(ax.get_legend().get_texts()))
+                     for ax in fig.axes if ax.get_legend() is not None]}))
+    figures.layer_mis_vs_sparsity(pd.DataFrame(rows), tmp_path / "l.png")
+    assert seen["legends"] == [(True, False, 4)]
+    figures.layer_mis_vs_sparsity(pd.DataFrame([r for r in rows if r["layer"] != "l4"]), tmp_path / "l.png")
+    assert seen["legends"] == [(True, True, 4)]
