@@ -93,7 +93,6 @@ class DistContext:
             self.initialized_here = False
 
 
-
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
 
