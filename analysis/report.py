@@ -133,7 +133,15 @@ def fmt_p(p) -> str:
 
 
 def fmt(x, digits: int = 3) -> str:
-    return "n/a" if x is None or not np.isfinite(x) else f"{x:.{digits}f}".replace("-", "−")
+    """``x`` at ``digits`` decimals with a true minus sign; a nonzero value that would round to zero gets the
+    decimals it needs (up to 6), so "−0.000" never hides a sign or a size; a smaller one shows as zero."""
+    if x is None or not np.isfinite(x):
+        return "n/a"
+    wider = next((d for d in range(digits, 7) if round(x, d) != 0), digits)
+    text = f"{x:.{wider}f}"
+    if float(text) == 0:
+        text = text.lstrip("-")
+    return text.replace("-", "−")
 
 
 def _pct(level: float) -> str:
@@ -149,10 +157,10 @@ def _rate_term(res: dict, term: str = "rate") -> dict:
 def slope_sentence(subject: str, t: dict, level: float, alpha: float, unit: str = "") -> str:
     """E.g. "MIS decreased by 0.040 per 10 % pruning rate (95 % CI −0.052 to −0.028; p < 0.001)"."""
     b, lo, hi = (t[k] * PER_STEP for k in ("coef", "ci_low", "ci_high"))
-    direction = "decreased" if b < 0 else "increased"
+    change = f"{'decreased' if b < 0 else 'increased'} by {fmt(abs(b))}{unit}"
     sig = t["p"] < alpha
     tail = "" if sig else f" — not significant at α = {alpha:g}"
-    return (f"{subject} {direction} by {fmt(abs(b))}{unit} per 10 % pruning rate ({_pct(level)} CI {fmt(lo)} to "
+    return (f"{subject} {change} per 10 % pruning rate ({_pct(level)} CI {fmt(lo)} to "
             f"{fmt(hi)}; {fmt_p(t['p'])}){tail}.")
 
 
@@ -847,7 +855,7 @@ def _cell(v) -> tuple[str, bool]:
     if isinstance(v, (int, np.integer)):
         return str(int(v)), False
     if isinstance(v, (float, np.floating)):
-        return (f"{v:.3f}" if abs(v) < 1e4 else f"{v:.3g}").replace("-", "−"), False
+        return (fmt(v) if abs(v) < 1e4 else f"{v:.3g}".replace("-", "−")), False
     if isinstance(v, (dict, list, tuple)):
         return json.dumps(plain(v))[:120], True
     return str(v), True

@@ -18,7 +18,7 @@ from scipy import stats
 from analysis import figures
 from analysis.cli import analyze_cmd
 from analysis.load import import_trials, load_models, load_study_data
-from analysis.report import NO_RESPONSES, analyze
+from analysis.report import NO_RESPONSES, analyze, fmt, slope_sentence
 from analysis.stages import AnalysisStage
 from sparsight.config import load_study, write_study
 from sparsight.study import Study
@@ -591,3 +591,19 @@ def test_the_layer_panels_keep_their_legend_in_an_empty_panel(tmp_path, monkeypa
     assert seen["legends"] == [(True, False, 4)]
     figures.layer_mis_vs_sparsity(pd.DataFrame([r for r in rows if r["layer"] != "l4"]), tmp_path / "l.png")
     assert seen["legends"] == [(True, True, 4)]
+
+
+@pytest.mark.parametrize("coef, phrase", [(-0.0031, "decreased by 0.0003 per 10 %"),
+                                          (0.0042, "increased by 0.0004 per 10 %"),
+                                          (-0.4, "decreased by 0.040 per 10 %"),
+                                          (0.25, "increased by 0.025 per 10 %")])
+def test_a_slope_sentence_shows_the_size_of_a_slope_that_rounds_to_zero(coef, phrase):
+    t = {"coef": coef, "ci_low": coef - 0.03, "ci_high": coef + 0.03, "p": 0.5}
+    sentence = slope_sentence("MIS", t, 0.95, 0.05)
+    assert phrase in sentence and "0.000 " not in sentence
+
+
+def test_fmt_widens_only_values_that_would_round_to_zero():
+    assert fmt(-0.0004) == "−0.0004" and fmt(0.00002) == "0.00002" and fmt(-1e-9) == "0.000"
+    assert fmt(0.0) == "0.000" and fmt(-0.0006) == "−0.001" and fmt(0.1234) == "0.123"
+    assert fmt(-1.25, 1) == "−1.2" and fmt(float("nan")) == "n/a" and fmt(None) == "n/a"
