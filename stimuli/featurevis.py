@@ -330,6 +330,16 @@ class _LayerForward:
 
     taps: _PreActivationTaps | None = None      # set by ``use_taps``: pre-ReLU values without tracing
     taps_checked = False
+    width: int | None = None                    # the layer's channel count, set by ``check_units``
+
+    def check_units(self, units: list[int], images: torch.Tensor) -> None:
+        """Raise a one-line error if a unit is not a channel of the layer (one forward of one image, once)."""
+        if self.width is None:
+            with torch.no_grad():
+                self.width = int(self(images[:1]).shape[1])
+        if max(units) >= self.width:
+            raise ValueError(f"unit {max(units)} out of range: {self.layer!r} has {self.width} channels "
+                             f"(units 0–{self.width - 1})")
 
     def run(self, images: torch.Tensor, mode=None) -> torch.Tensor:
         """The target layer's output for ``images`` in [0, 1] (under the torch function ``mode``, if any)."""
@@ -493,6 +503,7 @@ def _optimize(forward: _LayerForward, batch: list[_Spec], settings: FeatureVisSe
     groups = torch.tensor([s.group if s.diverse else -1 for s in batch], device=device)
     diverse = settings.diversity != 0 and any(s.diverse for s in batch)
     pairs = _pairs(groups) if diverse else None
+    forward.check_units([s.unit for s in batch], image_f())
     pre = settings.objective == "pre-relu"
     if pre and not forward.taps_checked:
         with torch.no_grad():
@@ -507,9 +518,6 @@ def _optimize(forward: _LayerForward, batch: list[_Spec], settings: FeatureVisSe
         redirect = index < settings.redirect_steps
         out = forward(_random_views(image_f()[live], draws[index][live]), trace=pre, redirect=redirect)
         acts = out[1] if pre else out
-        if index == 0 and max(s.unit for s in batch) >= acts.shape[1]:
-            raise ValueError(f"unit {max(s.unit for s in batch)} out of range: {forward.layer!r} has "
-                             f"{acts.shape[1]} channels")
         objective = signs[live] * _unit_means(acts, units[live]).float()
         loss = -objective.sum()
         if diverse:

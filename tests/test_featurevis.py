@@ -115,6 +115,9 @@ def test_no_hooks_or_flags_left_when_rendering_fails(model):
     model = copy.deepcopy(model).train()
     with pytest.raises(ValueError, match="unit 999 out of range"):
         render_units(model, LAYER, [999], FeatureVisSettings(steps=2, image_size=SIZE))
+    for steps, rescue in ((0, 3), (0, 0)):          # no main step runs: the check must not rely on one
+        with pytest.raises(ValueError, match=rf"unit 999 out of range: '{LAYER}' has \d+ channels \(units 0–"):
+            render_units(model, LAYER, [999], FeatureVisSettings(steps=steps, rescue_steps=rescue, image_size=SIZE))
     assert_no_hooks(model)
     assert model.training and all(p.requires_grad for p in model.parameters())
 
