@@ -10,6 +10,11 @@ import pickle
 from typing import Iterable
 
 
+class UserError(Exception):
+    """Mixed into an error the user can fix whose builtin base says otherwise (e.g. a RuntimeError:
+    a corrupt image, a device that is not there); the command line prints it as one line."""
+
+
 class NotKnownWhilePlanning(Exception):
     """Raised by a stage's ``inputs`` under ``--plan`` when knowing them would mean connecting to a
     service (e.g. a database server); the plan then says the stage may run, and why."""
@@ -36,6 +41,20 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+def _original_message(err: BaseException) -> str:
+    """The message an error had where it was raised: a DataLoader worker re-raises it in the main process
+    as "Caught X in DataLoader worker process N. Original Traceback … X: message"."""
+    text = str(err)
+    if not text.startswith("Caught ") or "Original Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    prefix = f"{type(err).__module__}.{type(err).__qualname__}: "
+    for head in (prefix, f"{type(err).__qualname__}: "):
+        if last.startswith(head):
+            return last[len(head):]
+    return last
+
+
 def _database_message(err) -> str:
     url = getattr(err, "url", None) or ""
     cause = getattr(err, "orig", None) or err
@@ -54,6 +73,8 @@ def user_error_message(err: BaseException) -> str | None:
                     "DatabaseError"):
             return _database_message(err)
         return None
+    if isinstance(err, UserError):
+        return _one_line(_original_message(err)) or type(err).__name__
     if isinstance(err, pickle.UnpicklingError):
         return f"not a readable file of this kind: {_one_line(err)}"
     if isinstance(err, FileNotFoundError):
@@ -63,5 +84,5 @@ def user_error_message(err: BaseException) -> str | None:
     if isinstance(err, PermissionError):
         return _one_line(f"permission denied: {err.filename or err}; check the file's owner and mode")
     if isinstance(err, (ValueError, OSError)):    # ConfigError, PruningError, WeightsError, ProbeError, …
-        return _one_line(err) or type(err).__name__
+        return _one_line(_original_message(err)) or type(err).__name__
     return None

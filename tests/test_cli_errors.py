@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -23,7 +24,9 @@ def places(tmp_path, tiny_data, monkeypatch):
     torch.save({"w": torch.zeros(1)}, tmp_path / "foreign.pt")
     (tmp_path / "broken.toml").write_text("[study\nname = 1\n")
     (tmp_path / "unknown-key.toml").write_text("[train]\nepoch = 3\n")
-    return {"data": str(tiny_data), "tmp": str(tmp_path)}
+    shutil.copytree(tiny_data, tmp_path / "corrupt-data")
+    next((tmp_path / "corrupt-data" / "val").glob("*/*.png")).write_bytes(b"not an image")
+    return {"data": str(tiny_data), "corrupt_data": str(tmp_path / "corrupt-data"), "tmp": str(tmp_path)}
 
 
 BAD_INPUTS = {
@@ -41,6 +44,12 @@ BAD_INPUTS = {
     "evaluate: foreign checkpoint": (["evaluate", "foreign.pt", "--data", "{data}"], "is not a sparsight checkpoint"),
     "train: missing weights file": (["train", "--data", "{data}", "--weights", "/nonexistent/w.pt", "--epochs", "0",
                                      "--set", "data.image_size=32"], "/nonexistent/w.pt"),
+    "train: corrupt image, on_corrupt=error": (["train", "--data", "{corrupt_data}", "--epochs", "0", "--set",
+                                                "data.image_size=32", "--set", "data.on_corrupt=error"],
+                                               "cannot decode image"),
+    **({} if torch.cuda.is_available() else {
+        "train: CUDA asked for, none here": (["train", "--data", "{data}", "--epochs", "0", "--device", "cuda",
+                                              "--set", "data.image_size=32"], "CUDA is not available")}),
     "train: torchvision weights not cached": (["train", "--data", "{data}", "--arch", "resnet18", "--weights",
                                                "IMAGENET1K_V1", "--epochs", "0", "--set", "data.image_size=32"],
                                               "torch-home"),

@@ -5,6 +5,7 @@ import torch
 
 from pruning.data.folders import (CorruptImageError, DataLayoutError, FolderLoader, ImageFolderDataset,
                                   MemoryLoader, build_transform, make_loader, shift_flip)
+from sparsight.errors import user_error_message
 
 
 @pytest.fixture
@@ -25,6 +26,18 @@ def test_corrupt_image_fails_with_its_name(data_with_corrupt, cache):
                              on_corrupt="error", num_workers=0)
         for _ in loader:
             pass
+
+
+def test_a_corrupt_image_in_a_loader_worker_comes_to_the_user_as_one_line_naming_it(data_with_corrupt):
+    root, bad = data_with_corrupt
+    loader = make_loader(root, "train", image_size=32, batch_size=400, train=False, cache="none",
+                         on_corrupt="error", num_workers=1)
+    with pytest.raises(CorruptImageError) as caught:
+        for _ in loader:
+            pass
+    assert "Original Traceback" in str(caught.value)         # the worker's re-raise, as torch builds it
+    message = user_error_message(caught.value)
+    assert message == f"cannot decode image {bad}: cannot identify image file {str(bad)!r}"
 
 
 @pytest.mark.parametrize("cache", ["memory", "none"])

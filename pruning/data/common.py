@@ -8,11 +8,13 @@ from dataclasses import dataclass
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from sparsight.errors import UserError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class CorruptImageError(RuntimeError):
+class CorruptImageError(UserError, RuntimeError):
     """An image file could not be decoded; the message names the file."""
 
 

@@ -10,7 +10,12 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from sparsight.errors import UserError
 from sparsight.study import Study
+
+
+class DeviceUnavailableError(UserError, RuntimeError):
+    """The study or command asks for a device this machine does not have."""
 
 
 def resolve_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
@@ -20,7 +25,8 @@ def resolve_device(preference: str = "auto", local_rank: int = 0) -> torch.devic
     device = torch.device(preference)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError(f"device {preference!r} requested but CUDA is not available; use 'cpu' or 'auto'")
+            raise DeviceUnavailableError(f"device {preference!r} requested but CUDA is not available; "
+                                         f"use 'cpu' or 'auto' (--device, or study.device in the study file)")
         if device.index is None:
             device = torch.device(f"cuda:{local_rank}")
     return device
