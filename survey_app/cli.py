@@ -81,7 +81,7 @@ def _store_credentials(sessions, run_dir: Path, reset_admin: bool) -> dict:
 @RUN_DIR
 @DATABASE
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=5000, show_default=True, type=int)
+@click.option("--port", default=5000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--set", "overrides", multiple=True, metavar="survey.KEY=VALUE",
               help="change a survey setting for this server, e.g. --set survey.main_trials=20")
 @click.option("--reset-admin-password", is_flag=True, help="make and print a new admin password")

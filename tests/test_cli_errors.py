@@ -65,6 +65,7 @@ BAD_INPUTS = {
     "stimuli: bad preview": (["stimuli", "empty", "--preview", "base"], "MODEL:LAYER:UNIT"),
     "prune: no parent model": (["prune", "empty"], "no model.pt"),
     "dissect: missing probe folder": (["dissect", "empty", "--probe", "no-probe"], "no-probe"),
+    "serve: port out of range": (["serve", "empty", "--port", "99999"], "99999 is not in the range 1<=x<=65535"),
     "serve: bad survey setting": (["serve", "empty", "--set", "survey.main_trials=0"], "survey.main_trials"),
 }
 
