@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from sparsight.clitools import OPTIONAL_RUN_DIR, profile_choice, resolve_from_cli, resolve_study, study_options
+from sparsight.clitools import (OPTIONAL_RUN_DIR, device_option, profile_choice, resolve_from_cli, resolve_study,
+                                study_options)
 from sparsight.layout import CHECKPOINT_FILE, Layout
 
 from .choices import corruption_choice, method_choice, model_choice, schedule_choice
@@ -122,9 +123,9 @@ def _data_flags(data_path) -> dict:
 @click.option("--data", "data_path", type=click.Path(exists=True, file_okay=False, resolve_path=True), required=True,
               help="ImageFolder root holding the split to evaluate")
 @click.option("--split", type=click.Choice(["val", "train"]), default="val", show_default=True)
-@click.option("--image-size", type=int, default=None, help="input size (default: the architecture's)")
-@click.option("--batch-size", type=int, default=256, show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
+@click.option("--image-size", type=click.IntRange(min=1), default=None, help="input size (default: the architecture's)")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@device_option("auto")
 @click.option("--on-corrupt", type=click.Choice(["skip", "error"]), default="skip", show_default=True)
 @click.option("--robustness", is_flag=True, help="add corruption accuracy (and noise similarity with --parent)")
 @click.option("--parent", type=click.Path(exists=True, path_type=Path, resolve_path=True), default=None,
@@ -132,7 +133,8 @@ def _data_flags(data_path) -> dict:
 @click.option("--corruption", "corruptions", multiple=True, type=corruption_choice(),
               help="corruption (repeatable; default: the study's)")
 @click.option("--severity", "severities", multiple=True, type=click.IntRange(1, 5), help="severity 1-5 (repeatable)")
-@click.option("--max-images", type=int, default=None, help="robustness on at most this many images (0 = all)")
+@click.option("--max-images", type=click.IntRange(min=0), default=None,
+              help="robustness on at most this many images (0 = all)")
 @click.option("--write-meta", is_flag=True, help="store the result in the checkpoint's meta.json")
 def evaluate_cmd(checkpoint: Path, data_path, split, image_size, batch_size, device, on_corrupt, robustness, parent,
                  corruptions, severities, max_images, write_meta):

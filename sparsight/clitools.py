@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 
 import click
 
-from .config import PROFILES, ConfigError, load_study, parse_override, settings_tree, study_from_run_dir
+from .config import (DEVICE_PATTERN, PROFILES, ConfigError, load_study, parse_override, pattern_text, settings_tree,
+                     study_from_run_dir)
 
 #: A study directory given on the command line: made absolute where it enters.
 RUN_DIR_ARGUMENT = click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path,
@@ -21,6 +23,18 @@ def profile_choice() -> click.Choice:
     return click.Choice(list(PROFILES))
 
 
+def _check_device(ctx, param, value):
+    if value is not None and not re.fullmatch(DEVICE_PATTERN, value):
+        raise click.BadParameter(f"{value!r} is not a device; expected {pattern_text(DEVICE_PATTERN)}")
+    return value
+
+
+def device_option(default: str | None, help_text: str = ""):
+    """``--device``, checked where it enters against the devices a study may name."""
+    return click.option("--device", default=default, show_default=default is not None, callback=_check_device,
+                        help=help_text or pattern_text(DEVICE_PATTERN))
+
+
 def study_options(fn):
     """--study FILE, --profile, --set section.key=value (repeatable), --device."""
     @click.option("--study", "study_file", type=click.Path(dir_okay=False, path_type=Path, resolve_path=True),
@@ -29,7 +43,7 @@ def study_options(fn):
                   help="size profile (default: the study file's, else 'default')")
     @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
                   help="override one setting, e.g. --set train.epochs=3 (repeatable)")
-    @click.option("--device", default=None, help="auto | cpu | cuda | cuda:N (overrides study.device)")
+    @device_option(None, f"{pattern_text(DEVICE_PATTERN)} (overrides study.device)")
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         return fn(*args, **kwargs)

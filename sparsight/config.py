@@ -52,6 +52,11 @@ STIMULUS_KINDS = ("natural", "synthetic")
 DEVICE_PATTERN = r"auto|cpu|cuda|cuda:\d+|mps"
 
 
+def pattern_text(pattern: str) -> str:
+    """An option's pattern as a reader would write it: ``auto|cuda:\\d+`` → ``auto | cuda:N``."""
+    return pattern.replace("|", " | ").replace(r"\d+", "N")
+
+
 def _profile_names() -> tuple[str, ...]:
     return tuple(PROFILES)
 
@@ -447,7 +452,7 @@ def _check_value(where: str, value: Any, kind: type, meta: dict) -> Any:
     if choices is not None and value not in choices:
         fail(f"{value!r} is not valid; choose from {list(choices)}")
     if meta.get("pattern") and not re.fullmatch(meta["pattern"], value):
-        fail(f"{value!r} is not valid; expected {meta['pattern'].replace('|', ' | ')}")
+        fail(f"{value!r} is not valid; expected {pattern_text(meta['pattern'])}")
     _check_range(where, value, meta, fail)
     return value
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from sparsight.clitools import OPTIONAL_RUN_DIR, RUN_DIR_ARGUMENT, resolve_study, section_overrides, study_options
+from sparsight.clitools import (OPTIONAL_RUN_DIR, RUN_DIR_ARGUMENT, device_option, resolve_study, section_overrides,
+                                study_options)
 from sparsight.layout import Layout
 
 RUN_DIR = RUN_DIR_ARGUMENT
@@ -117,10 +118,12 @@ def serve_cmd(run_dir, database, host, port, overrides, reset_admin_password):
 
 
 def make_observer(name: str, run_dir: Path, alpha: float, device: str, weights: str = ""):
+    from pruning.training import resolve_device
+
     from .embeddings import create_embedding
     from .machine import SimilarityObserver
     try:
-        embedding = create_embedding(name, run_dir, weights=weights, device=device)
+        embedding = create_embedding(name, run_dir, weights=weights, device=str(resolve_device(device)))
     except (FileNotFoundError, ValueError) as err:
         raise click.UsageError(str(err)) from None
     return SimilarityObserver(embedding, alpha, name=name)
@@ -139,7 +142,7 @@ def make_observer(name: str, run_dir: Path, alpha: float, device: str, weights: 
               help="every task of the bank, or one participant's trial list")
 @click.option("--condition", default=None, help="restrict to one condition (e.g. 'base|natural')")
 @click.option("--token", default=None, help="API token (default: $SPARSIGHT_API_TOKEN, else RUN_DIR/survey/api_token)")
-@click.option("--device", default="cpu", show_default=True)
+@device_option("cpu")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="CSV of the decisions (default: RUN_DIR/survey/machine-<observer>-<session>.csv)", callback=_absolute)
 def participant_cmd(run_dir, url, database, observer_name, weights, alpha, mode, condition, token, device, out):

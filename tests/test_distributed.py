@@ -8,7 +8,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from pruning.training.distributed import DeviceUnavailableError, resolve_device
 from sparsight.cli import main
+from sparsight.errors import user_error_message
 
 
 def _train_args(data, out, device):
@@ -165,3 +167,22 @@ def test_whole_study_runs_under_torchrun_with_two_gloo_processes(tmp_path):
     assert forced.stdout.count("[mis] done in") == 1
     assert forced.stdout.count("up to date, skipped") == len(pipeline_stages()) - 1
     assert (run_dir / "report" / "index.html").stat().st_mtime_ns == report
+
+
+@pytest.mark.parametrize("preference, expected",
+                         [("cpu", "cpu"), ("auto", "cuda:0" if torch.cuda.is_available() else "cpu")])
+def test_resolve_device_takes_the_devices_a_study_may_name(preference, expected):
+    assert resolve_device(preference) == torch.device(expected)
+
+
+@pytest.mark.parametrize("preference", ["bogus", "cuda:x", "gpu", ""])
+def test_resolve_device_explains_a_malformed_name(preference):
+    with pytest.raises(ValueError, match=r"unknown device .*; expected auto \| cpu \| cuda \| cuda:N \| mps"):
+        resolve_device(preference)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_asking_for_cuda_without_it_is_an_error_the_user_can_fix():
+    with pytest.raises(DeviceUnavailableError, match="CUDA is not available; use 'cpu' or 'auto'") as caught:
+        resolve_device("cuda:1")
+    assert user_error_message(caught.value).startswith("device 'cuda:1' requested")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -10,6 +11,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from sparsight.config import DEVICE_PATTERN, pattern_text
 from sparsight.errors import UserError
 from sparsight.study import Study
 
@@ -22,6 +24,8 @@ def resolve_device(preference: str = "auto", local_rank: int = 0) -> torch.devic
     """``auto`` → this process's GPU when there is one, else the CPU; ``cuda`` without one is an error."""
     if preference == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if not re.fullmatch(DEVICE_PATTERN, str(preference)):
+        raise ValueError(f"unknown device {preference!r}; expected {pattern_text(DEVICE_PATTERN)}")
     device = torch.device(preference)
     if device.type == "cuda":
         if not torch.cuda.is_available():
