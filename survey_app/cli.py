@@ -110,6 +110,8 @@ def serve_cmd(run_dir, database, host, port, overrides, reset_admin_password):
     shown = ensure_credentials(run_dir, database, reset_admin=reset_admin_password)
     app = _build_app(run_dir, database, survey)
     click.echo(f"survey of {run_dir} on http://{host}:{port}/  (database {app.config['DATABASE']})")
+    click.echo("this is the development server, for trying the study; for participants run gunicorn "
+               "(the command is at the end of `sparsight serve --help`)")
     if "admin_password" in shown:
         click.echo(f"admin password (shown once): {shown['admin_password']}")
     if "api_token_file" in shown:

@@ -68,6 +68,9 @@ def test_serve_with_a_relative_run_dir_serves_the_consent_page_and_stimulus_imag
     finally:
         server.terminate()
         server.wait(timeout=20)
+    banner = server.stdout.read()
+    assert f"on http://127.0.0.1:{port}/" in banner
+    assert "for participants run gunicorn" in banner            # the development server says what to use instead
 
 
 def test_participant_with_a_relative_run_dir_answers_a_trial_list(study_copy):
