@@ -40,7 +40,7 @@ def _what_and_run_dir(ctx, _param, values: tuple[str, ...]):
 @click.option("--kind", type=click.Choice(list(STIMULUS_KINDS)), default="natural", show_default=True,
               help="reference kind shown by --preview")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path, resolve_path=True), default=None,
-              help="preview file (default: <run_dir>/stimuli/preview-<model>-<layer>-<unit>-<task>.png)")
+              help="preview file (default: <run_dir>/stimuli/preview-<model>-<layer>-<unit>-<task>-<kind>.png)")
 def stimuli_cmd(what_and_run_dir, study_file, profile, overrides, device, models, units, fresh, preview, task, kind,
                 out):
     """Make stimuli (exemplars, featurevis, or all) for every model and unit of a study.
@@ -77,7 +77,7 @@ def stimuli_cmd(what_and_run_dir, study_file, profile, overrides, device, models
         bank = StimulusBank(layout.stimuli)
         try:
             manifest = bank.manifest()
-            out = out or layout.stimuli / f"preview-{model_id}-{layer}-{unit}-{task}.png"
+            out = out or layout.stimuli / f"preview-{model_id}-{layer}-{unit}-{task}-{kind}.png"
             order = write_preview(manifest, bank.root, out, model_id=model_id, layer=layer, unit=unit, task=task,
                                   kind=kind, seed=cfg.study.seed)
         except (FileNotFoundError, ValueError) as err:

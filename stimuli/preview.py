@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 from sparsight.errors import closest
 from sparsight.files import atomic_write_bytes
 
-TILE, GAP, MARGIN, HEADER = 96, 6, 16, 28
+TILE, GAP, MARGIN, HEADER, TITLE = 96, 6, 16, 28, 18
 
 
 def _grid(paths: list[Path], cols: int) -> Image.Image:
@@ -71,13 +71,14 @@ def task_sheet(manifest: pd.DataFrame, bank_root: str | Path, *, model_id: str, 
     left, right = _grid(paths("ref_min"), cols), _grid(paths("ref_max"), cols)
     centre = _grid([paths(role)[0] for role in order], 1)
     width = left.width + centre.width + right.width + 4 * MARGIN
-    height = max(left.height, centre.height, right.height) + 2 * MARGIN + HEADER
+    height = max(left.height, centre.height, right.height) + 2 * MARGIN + HEADER + TITLE
     sheet = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(sheet)
+    draw.text((MARGIN, MARGIN // 2), f"{model_id} · {layer}:{unit} · task {task} · {kind} references", fill="black")
     x = MARGIN
     for title, part in (("min references", left), ("queries", centre), ("max references", right)):
-        draw.text((x, MARGIN // 2), title, fill="black")
-        sheet.paste(part, (x, MARGIN + HEADER + (max(left.height, right.height) - part.height) // 2))
+        draw.text((x, MARGIN // 2 + TITLE), title, fill="black")
+        sheet.paste(part, (x, MARGIN + HEADER + TITLE + (max(left.height, right.height) - part.height) // 2))
         x += part.width + MARGIN
     return sheet, order
 

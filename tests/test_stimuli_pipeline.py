@@ -72,6 +72,11 @@ def test_rerun_skips_finished_units_and_preview_draws_a_task(run):
                                        "synthetic", "--out", str(out), *stim])
     assert result.exit_code == 0, result.output
     assert out.stat().st_size > 0 and "query_max" in result.output
+    for kind in ("natural", "synthetic"):                     # each kind has its own default file
+        assert CliRunner().invoke(main, ["stimuli", "--preview", "base:inception4a:0", "--kind", kind,
+                                         *stim]).exit_code == 0
+    made = sorted(p.name for p in (run_dir / "stimuli").glob("preview-*.png"))
+    assert made == ["preview-base-inception4a-0-0-natural.png", "preview-base-inception4a-0-0-synthetic.png"]
     bad = CliRunner().invoke(main, ["stimuli", "--preview", "base:inception4a:99", *stim])
     assert bad.exit_code == 2 and "units of inception4a with natural stimuli: 0-" in bad.output
 

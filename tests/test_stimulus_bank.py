@@ -9,7 +9,7 @@ from PIL import Image
 
 from pruning.models import create_model
 from stimuli.bank import EXTRA_COLUMNS, MANIFEST_COLUMNS, StimulusBank, validate_manifest
-from stimuli.preview import task_sheet
+from stimuli.preview import HEADER, MARGIN, TITLE, task_sheet
 from stimuli.units import Unit, layer_channels, parse_units, resolve_units, sample_among, sample_units
 from tiny_models import assert_no_hooks
 
@@ -120,7 +120,9 @@ def test_preview_lays_out_min_left_queries_centre_max_right(tmp_path):
     sheet, order = task_sheet(manifest, tmp_path, model_id="m", layer="l", unit=0, task=1)
     assert sorted(order) == ["query_max", "query_min"]
     assert sheet.width > 7 * 96 and sheet.height > 3 * 96
-    left = sheet.getpixel((16 + 5, 16 + 28 + 5))
+    left = sheet.getpixel((MARGIN + 5, MARGIN + HEADER + TITLE + 5))
+    title_band = sheet.crop((MARGIN, 0, sheet.width // 2, MARGIN // 2 + TITLE)).convert("L")
+    assert min(title_band.getdata()) < 128                    # the sheet names what it shows
     first_min = manifest[(manifest.task == 1) & (manifest.role == "ref_min") & (manifest["rank"] == 1)].activation
     assert left == (int(first_min.iloc[0]),) * 3
     with pytest.raises(ValueError, match=r"units of l with natural stimuli: 0$"):
