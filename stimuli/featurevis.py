@@ -332,11 +332,12 @@ class _LayerForward:
     taps_checked = False
     width: int | None = None                    # the layer's channel count, set by ``check_units``
 
-    def check_units(self, units: list[int], images: torch.Tensor) -> None:
-        """Raise a one-line error if a unit is not a channel of the layer (one forward of one image, once)."""
+    def check_units(self, units: list[int], image_f) -> None:
+        """Raise a one-line error if a unit is not a channel of the layer (one forward of one image of
+        ``image_f()``, the first time only)."""
         if self.width is None:
             with torch.no_grad():
-                self.width = int(self(images[:1]).shape[1])
+                self.width = int(self(image_f()[:1]).shape[1])
         if max(units) >= self.width:
             raise ValueError(f"unit {max(units)} out of range: {self.layer!r} has {self.width} channels "
                              f"(units 0–{self.width - 1})")
@@ -503,7 +504,7 @@ def _optimize(forward: _LayerForward, batch: list[_Spec], settings: FeatureVisSe
     groups = torch.tensor([s.group if s.diverse else -1 for s in batch], device=device)
     diverse = settings.diversity != 0 and any(s.diverse for s in batch)
     pairs = _pairs(groups) if diverse else None
-    forward.check_units([s.unit for s in batch], image_f())
+    forward.check_units([s.unit for s in batch], image_f)
     pre = settings.objective == "pre-relu"
     if pre and not forward.taps_checked:
         with torch.no_grad():
