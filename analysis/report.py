@@ -846,10 +846,17 @@ def _templates():
                        lstrip_blocks=True, undefined=StrictUndefined, keep_trailing_newline=True)
 
 
-def _cell(v) -> tuple[str, bool]:
-    """Formatted cell text and whether it is text (left-aligned)."""
+def is_p_column(name: str) -> bool:
+    """Whether a table column holds p-values (``p``, ``p_tost``, ``p_holm``, ``…_p``)."""
+    return name == "p" or name.startswith("p_") or name.endswith("_p")
+
+
+def _cell(v, p_value: bool = False) -> tuple[str, bool]:
+    """Formatted cell text and whether it is text (left-aligned); a p-value below 0.001 reads "< 0.001"."""
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "", False
+    if p_value and isinstance(v, (float, np.floating, int, np.integer)) and not isinstance(v, (bool, np.bool_)):
+        return ("< 0.001" if v < 0.001 else f"{v:.3f}"), False
     if isinstance(v, (bool, np.bool_)):
         return ("yes" if v else "no"), True
     if isinstance(v, (int, np.integer)):
@@ -866,8 +873,10 @@ def table_data(frame: pd.DataFrame | None, max_rows: int = 300) -> dict:
     if frame is None or len(frame) == 0:
         return {"columns": [], "rows": []}
     frame = frame.head(max_rows)
-    return {"columns": [str(c) for c in frame.columns],
-            "rows": [[_cell(v) for v in rec] for rec in frame.itertuples(index=False)]}
+    columns = [str(c) for c in frame.columns]
+    p_columns = [is_p_column(c) for c in columns]
+    return {"columns": columns,
+            "rows": [[_cell(v, p) for v, p in zip(rec, p_columns)] for rec in frame.itertuples(index=False)]}
 
 
 def _models_display(table: pd.DataFrame) -> pd.DataFrame:

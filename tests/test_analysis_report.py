@@ -18,7 +18,7 @@ from scipy import stats
 from analysis import figures
 from analysis.cli import analyze_cmd
 from analysis.load import import_trials, load_models, load_study_data
-from analysis.report import NO_RESPONSES, analyze, fmt, slope_sentence
+from analysis.report import NO_RESPONSES, analyze, fmt, slope_sentence, table_data
 from analysis.stages import AnalysisStage
 from sparsight.config import load_study, write_study
 from sparsight.study import Study
@@ -607,3 +607,12 @@ def test_fmt_widens_only_values_that_would_round_to_zero():
     assert fmt(-0.0004) == "−0.0004" and fmt(0.00002) == "0.00002" and fmt(-1e-9) == "0.000"
     assert fmt(0.0) == "0.000" and fmt(-0.0006) == "−0.001" and fmt(0.1234) == "0.123"
     assert fmt(-1.25, 1) == "−1.2" and fmt(float("nan")) == "n/a" and fmt(None) == "n/a"
+
+
+def test_report_tables_write_small_p_values_as_below_a_thousandth_like_the_prose():
+    frame = pd.DataFrame({"model_id": ["a", "b", "c"], "difference": [-0.00002, 0.5, 0.01],
+                          "p_tost": [2e-6, 0.0451, float("nan")], "p": [0.0009, 0.001, 0.3]})
+    rows = [[text for text, _ in row] for row in table_data(frame)["rows"]]
+    assert [r[2] for r in rows] == ["< 0.001", "0.045", ""]
+    assert [r[3] for r in rows] == ["< 0.001", "0.001", "0.300"]
+    assert rows[0][1] == "−0.00002"     # other columns keep their widened decimals
