@@ -71,6 +71,21 @@ def _finite(frame: pd.DataFrame, *cols) -> pd.DataFrame:
     return frame[np.isfinite(frame[list(cols)].astype(float)).all(axis=1)]
 
 
+#: horizontal spread, in sparsity units, of the curves' points at one sparsity, so their error bars do not overlap
+DODGE_WIDTH = 0.04
+
+
+def dodge(rows: pd.DataFrame, index: int, count: int, width: float = DODGE_WIDTH) -> np.ndarray:
+    """The rows' sparsity, pruned models' points shifted by the ``index``-th of ``count`` evenly spaced offsets
+    spanning ``width`` (centred on 0); base-model points, shared by every curve, stay where they are."""
+    x = rows["sparsity"].to_numpy(dtype=float)
+    if count < 2:
+        return x
+    shift = (index / (count - 1) - 0.5) * width
+    base = (rows["series"] == BASE_METHOD).to_numpy() if "series" in rows else np.zeros(len(x), bool)
+    return np.where(base, x, x + shift)
+
+
 def _errorbar(ax, x, y, lo, hi, **kw):
     y, lo, hi = (np.asarray(v, dtype=float) for v in (y, lo, hi))
     err = np.vstack([np.clip(y - lo, 0, None), np.clip(hi - y, 0, None)])
@@ -92,12 +107,15 @@ def interpretability_vs_sparsity(mis_models: pd.DataFrame, human: pd.DataFrame |
     kinds = sorted(set(mis.get("kind", pd.Series(dtype=str))) | set(hum.get("kind", pd.Series(dtype=str))))
     colors = series_colors(list(mis.get("series", [])) + list(hum.get("series", [])))
     fig, axes = _figure(1, len(kinds), sharey=True)
+    order = sorted(s for s in colors if s != BASE_METHOD)
     for ax, kind in zip(axes[0], kinds):
         for s, rows in _curves(mis[mis["kind"] == kind] if len(mis) else mis):
-            _errorbar(ax, rows["sparsity"], rows["mis"], rows.get("mis_ci_low", rows["mis"]),
-                      rows.get("mis_ci_high", rows["mis"]), color=colors[s], marker="o", label=f"MIS · {s}")
+            _errorbar(ax, dodge(rows, order.index(s) if s in order else 0, len(order)), rows["mis"],
+                      rows.get("mis_ci_low", rows["mis"]), rows.get("mis_ci_high", rows["mis"]), color=colors[s],
+                      marker="o", label=f"MIS · {s}")
         for s, rows in _curves(hum[hum["kind"] == kind] if len(hum) else hum):
-            _errorbar(ax, rows["sparsity"], rows["accuracy"], rows.get("wilson_low", rows["accuracy"]),
+            _errorbar(ax, dodge(rows, order.index(s) if s in order else 0, len(order)), rows["accuracy"],
+                      rows.get("wilson_low", rows["accuracy"]),
                       rows.get("wilson_high", rows["accuracy"]), color=colors[s], marker="s", ls="--", mfc="white",
                       label=f"humans · {s}")
         _chance(ax)
@@ -140,6 +158,7 @@ def layer_mis_vs_sparsity(units: pd.DataFrame, path, max_cols: int = 4) -> Path 
     nrows = -(-len(layers) // ncols)
     fig, axes = _figure(nrows, ncols, size=(4.0, 3.2), sharey=True)
     colors = series_colors(data["series"])
+    order = sorted(s for s in colors if s != BASE_METHOD)
     keys = ["model_id", "series", "sparsity", "kind", "layer"]
     per = data.groupby(keys, dropna=False)["mis"].agg(["mean", "sem", "size"]).reset_index()
     per["sem"] = per["sem"].fillna(0.0)
@@ -148,7 +167,7 @@ def layer_mis_vs_sparsity(units: pd.DataFrame, path, max_cols: int = 4) -> Path 
         for kind in sorted(per["kind"].unique()):
             rows = per[(per["layer"] == layer) & (per["kind"] == kind)]
             for s, curve in _curves(rows):
-                ax.errorbar(curve["sparsity"], curve["mean"], yerr=curve["sem"], color=colors[s], marker="o",
+                ax.errorbar(dodge(curve, order.index(s) if s in order else 0, len(order)), curve["mean"], yerr=curve["sem"], color=colors[s], marker="o",
                             ms=3, capsize=2, ls=KIND_STYLE.get(kind, "-."), label=f"{s} · {kind}")
         _chance(ax, label=False)
         ax.set_title(layer, fontsize=9)

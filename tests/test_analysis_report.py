@@ -616,3 +616,22 @@ def test_report_tables_write_small_p_values_as_below_a_thousandth_like_the_prose
     assert [r[2] for r in rows] == ["< 0.001", "0.045", ""]
     assert [r[3] for r in rows] == ["< 0.001", "0.001", "0.300"]
     assert rows[0][1] == "−0.00002"     # other columns keep their widened decimals
+
+
+def test_curves_at_one_sparsity_are_set_apart_and_keep_the_shared_base_point(tmp_path, monkeypatch):
+    """Three methods at sparsity 0.5: their points (and so their error bars) sit at three distinct x within
+    the dodge width, centred on 0.5; the base point every curve starts from stays at 0."""
+    from matplotlib.figure import Figure
+
+    rows = [dict(model_id="base", series="base", sparsity=0.0, kind="natural", mis=0.8, mis_ci_low=0.7,
+                 mis_ci_high=0.9)]
+    rows += [dict(model_id=f"{s}-r0.5", series=s, sparsity=0.5, kind="natural", mis=0.8, mis_ci_low=0.7,
+                  mis_ci_high=0.9) for s in ("a", "b", "c")]
+    lines = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: lines.extend(
+        tuple(line.get_xdata()) for ax in fig.axes for line in ax.get_lines() if line.get_marker() == "o"))
+    figures.interpretability_vs_sparsity(pd.DataFrame(rows), None, tmp_path / "f.png")
+    assert [x[0] for x in lines] == [0.0, 0.0, 0.0]
+    pruned = [x[1] for x in lines]
+    assert len(set(pruned)) == 3 and np.isclose(np.mean(pruned), 0.5)
+    assert max(pruned) - min(pruned) == pytest.approx(figures.DODGE_WIDTH)
