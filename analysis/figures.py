@@ -247,7 +247,8 @@ def _robust_series(table: pd.DataFrame, models: pd.DataFrame) -> pd.DataFrame:
 
 def robustness_curves(robustness: dict, models: pd.DataFrame, path, max_cols: int = 4) -> Path | None:
     """One column per series: top-1 under corruption (mean over corruptions) vs severity, and noise
-    similarity (top-1 agreement with the parent) vs ε; one line per pruning rate, the base in black."""
+    similarity (top-1 agreement with the parent) vs ε; one line per pruning rate, the base in black. Panels
+    of one measure share their y range, so methods compare at a glance."""
     acc = robustness.get("accuracy")
     noise = robustness.get("noise_similarity")
     rows = [(name, _robust_series(t, models)) for name, t in (("accuracy", acc), ("noise", noise))
@@ -260,11 +261,13 @@ def robustness_curves(robustness: dict, models: pd.DataFrame, path, max_cols: in
     fig, axes = _figure(len(rows) * blocks, ncols, size=(3.8, 3.1), squeeze_unused=len(series))
     from matplotlib import colormaps
     cmap = colormaps["viridis"]
+    panels = {name: [] for name, _ in rows}
     for r, (name, table) in enumerate(rows):
         rates = sorted(x for x in table["rate"].dropna().unique() if x > 0)
         shade = {rate: cmap(0.1 + 0.8 * i / max(len(rates) - 1, 1)) for i, rate in enumerate(rates)}
         for i, s in enumerate(series):
             ax = axes[(i // ncols) * len(rows) + r][i % ncols]
+            panels[name].append(ax)
             for mid, g in table[(table["series"] == s) | (table["series"] == BASE_METHOD)].groupby("model_id"):
                 is_base = g["series"].iloc[0] == BASE_METHOD
                 if name == "noise" and is_base:
@@ -285,4 +288,8 @@ def robustness_curves(robustness: dict, models: pd.DataFrame, path, max_cols: in
                 ax.set(title=s if r == 0 else None, xlabel="noise ε", ylabel="agreement with parent")
             if i % ncols == ncols - 1 or i == len(series) - 1:
                 ax.legend(fontsize=6)
+    for group in panels.values():
+        limits = np.array([ax.get_ylim() for ax in group])
+        for ax in group:
+            ax.set_ylim(limits[:, 0].min(), limits[:, 1].max())
     return _save(fig, path)

@@ -635,3 +635,24 @@ def test_curves_at_one_sparsity_are_set_apart_and_keep_the_shared_base_point(tmp
     pruned = [x[1] for x in lines]
     assert len(set(pruned)) == 3 and np.isclose(np.mean(pruned), 0.5)
     assert max(pruned) - min(pruned) == pytest.approx(figures.DODGE_WIDTH)
+
+
+def test_robustness_panels_of_one_measure_share_their_y_range(tmp_path, monkeypatch):
+    """Two methods whose accuracies lie far apart: their accuracy panels still show one common y range (and
+    their noise panels another), so a lower curve is lower on the page too."""
+    from matplotlib.figure import Figure
+
+    models = pd.DataFrame({"model_id": ["base", "a-r0.5", "b-r0.5"], "series": ["base", "a", "b"],
+                           "rate": [0.0, 0.5, 0.5]})
+    acc = pd.DataFrame([dict(model_id=m, severity=sev, top1=top - 0.05 * sev)
+                        for m, top in (("base", 0.9), ("a-r0.5", 0.85), ("b-r0.5", 0.3)) for sev in (0, 2, 4)])
+    noise = pd.DataFrame([dict(model_id=m, eps=e, agreement=a - 0.1 * e)
+                          for m, a in (("a-r0.5", 0.95), ("b-r0.5", 0.55)) for e in (0.0, 0.5)])
+    limits = {}
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: [
+        limits.setdefault(ax.get_ylabel(), set()).add(ax.get_ylim()) for ax in fig.axes if ax.get_visible()])
+    figures.robustness_curves({"accuracy": acc, "noise_similarity": noise}, models, tmp_path / "r.png")
+    accuracy, agreement = limits["top-1 (mean over corruptions)"], limits["agreement with parent"]
+    assert len(accuracy) == 1 and len(agreement) == 1
+    (lo, hi), = accuracy
+    assert lo < 0.1 and hi > 0.9
