@@ -211,21 +211,23 @@ def mis_vs_human(per_unit: pd.DataFrame, path) -> Path | None:
 
 
 def interpretable_vs_sparsity(dissection: pd.DataFrame, path) -> Path | None:
-    """Network Dissection: interpretable units and unique concepts vs sparsity, per series."""
+    """Network Dissection vs sparsity, per series: interpretable units, their share of the live units (pruning
+    removes units, so the count alone mixes fewer units with fewer interpretable ones), unique concepts."""
     data = _finite(dissection, "interpretable", "sparsity")
     if data.empty:
         return None
-    has_concepts = "unique_concepts" in data
-    fig, axes = _figure(1, 2 if has_concepts else 1)
+    panels = [("interpretable", "interpretable units", "interpretable units (IoU > threshold)"),
+              ("interpretable_fraction_alive", "share of live units", "interpretable share of live units"),
+              ("unique_concepts", "unique concepts", "unique concepts")]
+    panels = [p for p in panels if p[0] in data and data[p[0]].notna().any()]
+    fig, axes = _figure(1, len(panels))
     colors = series_colors(data["series"])
     for s, rows in _curves(data):
-        axes[0][0].plot(rows["sparsity"], rows["interpretable"], marker="o", color=colors[s], label=s)
-        if has_concepts:
-            axes[0][1].plot(rows["sparsity"], rows["unique_concepts"], marker="o", color=colors[s], label=s)
-    axes[0][0].set(xlabel="sparsity", ylabel="interpretable units", title="interpretable units (IoU > threshold)")
-    if has_concepts:
-        axes[0][1].set(xlabel="sparsity", ylabel="unique concepts", title="unique concepts")
-    for ax in axes[0]:
+        for ax, (col, _, _) in zip(axes[0], panels):
+            shown = rows[rows[col].notna()]
+            ax.plot(shown["sparsity"], shown[col], marker="o", color=colors[s], label=s)
+    for ax, (_, ylabel, title) in zip(axes[0], panels):
+        ax.set(xlabel="sparsity", ylabel=ylabel, title=title)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     return _save(fig, path)

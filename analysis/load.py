@@ -449,7 +449,7 @@ def human_by_model(trials: pd.DataFrame) -> pd.DataFrame:
 def model_table(models: pd.DataFrame, mis_models: pd.DataFrame | None = None,
                 dissection_models: pd.DataFrame | None = None, human: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per model: metadata; ``mis_<kind>`` with ``_ci_low``/``_ci_high``/``_units`` per reference
-    kind; ``interpretable`` and ``unique_concepts`` (dissection); ``human_<kind>`` accuracy with its
+    kind; ``interpretable``, ``interpretable_fraction_alive`` and ``unique_concepts`` (dissection); ``human_<kind>`` accuracy with its
     Wilson interval, participants and trials (from :func:`human_by_model`)."""
     table = models.copy()
     if mis_models is not None and len(mis_models):
@@ -463,7 +463,7 @@ def model_table(models: pd.DataFrame, mis_models: pd.DataFrame | None = None,
                     table[f"mis_{kind}{dst}"] = table["model_id"].map(g[src])
     if dissection_models is not None and len(dissection_models):
         d = dissection_models.assign(model_id=dissection_models["model_id"].astype(str)).set_index("model_id")
-        for col in ("interpretable", "unique_concepts", "alive", "units"):
+        for col in ("interpretable", "interpretable_fraction_alive", "unique_concepts", "alive", "units"):
             if col in d:
                 table[f"dissection_{col}" if col in ("alive", "units") else col] = table["model_id"].map(d[col])
     if human is not None and len(human):

@@ -58,7 +58,8 @@ FIGURE_CAPTIONS = {
     "layers": "MIS per layer (mean ± SEM over the layer's units) vs sparsity (points of one sparsity set slightly "
               "apart); solid natural, dashed synthetic.",
     "mis_vs_human": "Per unit: MIS against human accuracy, with the identity line.",
-    "dissection": "Network Dissection: interpretable units and unique concepts vs sparsity.",
+    "dissection": "Network Dissection: interpretable units, their share of the live (not removed, not dead) "
+                  "units, and unique concepts vs sparsity.",
     "robustness": "Robustness: top-1 under corruption vs severity, and noise similarity to the parent vs ε, "
                   "one line per pruning rate (base in black).",
 }
@@ -409,13 +410,20 @@ def dissection_summary(table: pd.DataFrame) -> Outcome:
         raise Skip("no Network Dissection results (dissection/models.csv) exist")
     d = table[table["interpretable"].notna()]
     base = d[d["method"] == BASE_METHOD]
-    parts = [f"base {int(base['interpretable'].iloc[0])} interpretable units, "
+
+    def share(row) -> str:      # pruning removes units: the count alone would mix fewer units with fewer concepts
+        frac = row.get("interpretable_fraction_alive", math.nan)
+        alive = row.get("dissection_alive", math.nan)
+        return (f" ({fmt(100 * frac, 1)} % of {int(alive)} live)" if pd.notna(frac) and pd.notna(alive) else "")
+
+    parts = [f"base {int(base['interpretable'].iloc[0])} interpretable units{share(base.iloc[0])}, "
              f"{int(base['unique_concepts'].iloc[0])} unique concepts" if len(base) else "no base model"]
     for s, g in d[d["method"] != BASE_METHOD].groupby("series"):
         top = g.sort_values("rate").iloc[-1]
-        parts.append(f"{s} at rate {top['rate']:g}: {int(top['interpretable'])} and {int(top['unique_concepts'])}")
-    cols = [c for c in ("model_id", "series", "rate", "sparsity", "interpretable", "unique_concepts",
-                        "dissection_units", "dissection_alive") if c in d]
+        parts.append(f"{s} at rate {top['rate']:g}: {int(top['interpretable'])}{share(top)} and "
+                     f"{int(top['unique_concepts'])}")
+    cols = [c for c in ("model_id", "series", "rate", "sparsity", "interpretable", "interpretable_fraction_alive",
+                        "unique_concepts", "dissection_units", "dissection_alive") if c in d]
     return Outcome("Network Dissection — " + "; ".join(parts) + ".", {"models": d[cols]}, table=d[cols])
 
 
@@ -900,7 +908,9 @@ def _models_display(table: pd.DataFrame) -> pd.DataFrame:
             zip(table["mis_synthetic_fv_invalid"].astype(float), table["mis_synthetic_units"].astype(float))]
         show["MIS synthetic, valid FV only"] = [
             "" if not np.isfinite(v) else f"{v:.3f}" for v in table["mis_synthetic_valid_fv"].astype(float)]
-    for col, label in (("interpretable", "interpretable units"), ("unique_concepts", "unique concepts")):
+    for col, label in (("interpretable", "interpretable units"),
+                       ("interpretable_fraction_alive", "interpretable share of live units"),
+                       ("unique_concepts", "unique concepts")):
         if col in table:
             show[label] = table[col]
     return show

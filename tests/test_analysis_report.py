@@ -656,3 +656,26 @@ def test_robustness_panels_of_one_measure_share_their_y_range(tmp_path, monkeypa
     assert len(accuracy) == 1 and len(agreement) == 1
     (lo, hi), = accuracy
     assert lo < 0.1 and hi > 0.9
+
+
+def test_dissection_reports_the_interpretable_share_of_live_units_beside_the_count(tmp_path, monkeypatch):
+    """A method that removes three quarters of the units: fewer interpretable units in all, but a larger share
+    of the units that remain; the sentence, its table and the figure show both."""
+    from matplotlib.figure import Figure
+
+    from analysis.report import dissection_summary
+
+    table = pd.DataFrame({"model_id": ["base", "s-r0.75"], "method": ["base", "s"], "series": ["base", "s"],
+                          "rate": [0.0, 0.75], "sparsity": [0.0, 0.75], "interpretable": [60, 30],
+                          "interpretable_fraction_alive": [60 / 600, 30 / 150], "unique_concepts": [10, 6],
+                          "dissection_units": [600, 600], "dissection_alive": [600, 150]})
+    outcome = dissection_summary(table)
+    assert "base 60 interpretable units (10.0 % of 600 live)" in outcome.sentence
+    assert "s at rate 0.75: 30 (20.0 % of 150 live) and 6" in outcome.sentence
+    assert list(outcome.table["interpretable_fraction_alive"]) == [0.1, 0.2]
+    titles = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: titles.extend(
+        (ax.get_title(), list(ax.get_lines()[0].get_ydata())) for ax in fig.axes))
+    figures.interpretable_vs_sparsity(table, tmp_path / "d.png")
+    assert titles == [("interpretable units (IoU > threshold)", [60, 30]),
+                      ("interpretable share of live units", [0.1, 0.2]), ("unique concepts", [10, 6])]
