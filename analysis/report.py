@@ -278,8 +278,50 @@ def answers(entries: list, cfg: StudyConfig) -> list[dict]:
                         f"{res['rate_max']:g} is {fmt(change)} "
                         f"({_pct(1 - a.alpha_level)} CI {ci}): neither an effect nor equivalence within "
                         f"±{a.tost_margin:g}; {what}.")
-        out.append({"kind": kind, "verdict": verdict, "sentence": sentence, "analysis": e.id})
-    return out
+        out.append({"kind": kind, "observer": "MIS", "verdict": verdict, "sentence": sentence, "analysis": e.id})
+    return out + [human_answer(e, cfg) for e in entries
+                  if e.id.startswith("human_slope.") and e.id.endswith(".mixed") and e.status == "ok"]
+
+
+def _expit(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def human_answer(e, cfg: StudyConfig) -> dict:
+    """The answer from people for one reference kind, from the primary human fit (mixed logistic: a typical
+    participant and unit): an effect (Holm-adjusted slope test), equivalence (the change over the rate span
+    inside ±margin at both ends of the slope's CI: stricter than TOST, whose interval is narrower), or
+    inconclusive."""
+    a, res = cfg.analysis, e.result
+    kind, t, b0 = res["kind"], res["terms"]["rate"], res["terms"]["Intercept"]["coef"]
+    lo_rate, hi_rate = res["rate_min"], res["rate_max"]
+
+    def change(slope: float) -> float:
+        return _expit(b0 + slope * hi_rate) - _expit(b0 + slope * lo_rate)
+
+    est, lo, hi = change(t["coef"]), change(t["ci_low"]), change(t["ci_high"])
+    lo, hi = min(lo, hi), max(lo, hi)
+    p = e.p_holm if e.p_holm is not None else t["p"]
+    who = f"people ({res['participants']} included participants)"
+    span = (f"from {fmt(res['accuracy_at_rate_min'])} at rate {lo_rate:g} to {fmt(res['accuracy_at_rate_max'])} "
+            f"at rate {hi_rate:g}")
+    ci = f"{_pct(1 - a.alpha_level)} CI {fmt(lo)} to {fmt(hi)}"
+    if p < a.alpha_level:
+        verdict = "effect"
+        sentence = (f"Yes, for {kind} references, by {who}: accuracy {'falls' if est < 0 else 'rises'} {span}, a "
+                    f"change of {fmt(est)} ({ci}; odds ratio {fmt(res['odds_ratio_per_10pct']['coef'])} per 10 % "
+                    f"pruning rate; {fmt_p(p)}{', Holm-adjusted' if e.p_holm is not None else ''}).")
+    elif a.tost_margin and -a.tost_margin < lo and hi < a.tost_margin:
+        verdict = "equivalent"
+        sentence = (f"No, for {kind} references, by {who}: accuracy goes {span}, a change of {fmt(est)} ({ci}), "
+                    f"inside the equivalence margin ±{a.tost_margin:g}.")
+    else:
+        verdict = "inconclusive"
+        sentence = (f"Inconclusive for {kind} references, by {who}: accuracy goes {span}, a change of {fmt(est)} "
+                    f"({ci}): "
+                    f"neither an effect nor equivalence within ±{a.tost_margin:g}; the power tables below give the "
+                    f"participants a decision needs.")
+    return {"kind": kind, "observer": "people", "verdict": verdict, "sentence": sentence, "analysis": e.id}
 
 
 def _environments(run_dir: Path) -> list[dict]:
@@ -483,7 +525,8 @@ def human_slope(humans: pd.DataFrame, kind: str, model: str, cfg: StudyConfig) -
                 f"({_pct(level)} CI {fmt(odds['ci_low'])} to {fmt(odds['ci_high'])}; {fmt_p(t['p'])}){sig}; "
                 f"predicted accuracy {fmt(p_lo)} at rate {lo_rate:g} and {fmt(p_hi)} at rate {hi_rate:g} — {what}.")
     result = {k: v for k, v in res.items() if k != "table"}
-    result.update(kind=kind, odds_ratio_per_10pct=odds)
+    result.update(kind=kind, odds_ratio_per_10pct=odds, rate_min=lo_rate, rate_max=hi_rate,
+                  participants=int(d["participant"].nunique()), accuracy_at_rate_min=p_lo, accuracy_at_rate_max=p_hi)
     return Outcome(sentence, result, p=t["p"], table=res["table"].reset_index())
 
 

@@ -182,7 +182,8 @@ def _report_results(results_json) -> dict:
 def _print_answers(items: list[dict]) -> None:
     """Does pruning change how interpretable units are? The report's answer per reference kind."""
     if items:
-        click.echo("\nanswer (total effect of pruning rate on MIS, all methods):")
+        people = any(item.get("observer") == "people" for item in items)
+        click.echo(f"\nanswer (total effect of pruning rate, all methods: on MIS{', and on human accuracy' if people else ''}):")
         for item in items:
             click.echo(f"  {item['sentence']}")
 

@@ -7,6 +7,7 @@ tables and a responses table of simulated humans whose accuracy falls with the r
 from __future__ import annotations
 
 import json
+import re
 import math
 
 import numpy as np
@@ -206,8 +207,12 @@ def test_results_json_holds_models_and_statistics(report):
     assert "not shown to be equivalent within ±0.05" in slope["sentence"]      # a real drop of 0.12
     adjusted = _entry(saved, "mis_slope_adjusted.natural.all")                  # secondary, outside the Holm family
     assert "adjusted for top-1" in adjusted["sentence"] and not adjusted["holm_family"]
-    answer = {a["kind"]: a for a in saved["answers"]}["natural"]
-    assert answer["verdict"] == "effect" and answer["sentence"].startswith("Yes, for natural references: MIS falls")
+    answer = {(a["observer"], a["kind"]): a for a in saved["answers"]}
+    assert [a["observer"] for a in saved["answers"]] == ["MIS", "MIS", "people", "people"]
+    assert answer["MIS", "natural"]["verdict"] == "effect"
+    assert answer["MIS", "natural"]["sentence"].startswith("Yes, for natural references: MIS falls")
+    people = answer["people", "natural"]        # simulated humans lose 0.3 × 0.8 of accuracy
+    assert people["verdict"] == "effect" and "by people (11 included participants): accuracy falls" in people["sentence"]
     assert set(saved["holm"]["tests"]) >= {"mis_slope.natural.all", "mis_slope.synthetic.all",
                                            "human_slope.natural.mixed"}
     assert _entry(saved, "mis_dose.natural")["status"] == "ok"
@@ -679,3 +684,42 @@ def test_dissection_reports_the_interpretable_share_of_live_units_beside_the_cou
     figures.interpretable_vs_sparsity(table, tmp_path / "d.png")
     assert titles == [("interpretable units (IoU > threshold)", [60, 30]),
                       ("interpretable share of live units", [0.1, 0.2]), ("unique concepts", [10, 6])]
+
+
+def _simulated_people(seed, beta1, participants, units, beta0=2.0, rates=(0.0, 0.25, 0.5, 0.75)):
+    """Crossed main trials: every participant answers every unit at every rate, logit P(correct) =
+    β₀ + β₁·rate + participant and unit intercepts (SD 0.4 each)."""
+    rng = np.random.default_rng(seed)
+    p, u, r = (a.ravel() for a in np.meshgrid(np.arange(participants), np.arange(units), np.array(rates),
+                                              indexing="ij"))
+    eta = beta0 + beta1 * r + rng.normal(0, 0.4, participants)[p] + rng.normal(0, 0.4, units)[u]
+    return pd.DataFrame({"participant": [f"p{i}" for i in p], "unit_id": [f"inception4a:{i}" for i in u],
+                         "rate": r, "kind": "natural", "trial_type": "main",
+                         "correct": rng.binomial(1, 1 / (1 + np.exp(-eta)))})
+
+
+@pytest.mark.parametrize("beta1, participants, units, verdict", [(-1.5, 30, 20, "effect"), (0.0, 60, 40, "equivalent"),
+                                                                 (0.0, 4, 5, "inconclusive")])
+def test_the_answer_from_people_follows_the_primary_human_fit(beta1, participants, units, verdict):
+    """Simulated people with a known slope: the answer gains a line for people (after the MIS lines), whose
+    verdict follows the mixed logistic fit: a real drop is an effect, a large null study is equivalent,
+    a tiny one inconclusive; its stated change lies inside its stated interval."""
+    from analysis.report import answers, apply_holm, human_slope, run_analysis
+    from sparsight.config import load_study
+
+    cfg = load_study(overrides=["analysis.tost_margin=0.05", "analysis.bootstrap=30"])
+    trials = _simulated_people(5, beta1, participants, units)
+    entries = []
+    run_analysis(entries, "human_slope.natural.mixed", "primary", "human",
+                 lambda: human_slope(trials, "natural", "mixed", cfg), family=True)
+    apply_holm(entries)
+    assert entries[0].status == "ok", entries[0].reason
+    (answer,) = answers(entries, cfg)
+    assert answer["observer"] == "people" and answer["verdict"] == verdict, answer["sentence"]
+    assert f"by people ({participants} included participants)" in answer["sentence"]
+    numbers = [float(x.replace("−", "-")) for x in
+               re.search(r"a change of (−?[\d.]+) \(95 % CI (−?[\d.]+) to (−?[\d.]+)", answer["sentence"]).groups()]
+    change, lo, hi = numbers
+    assert lo <= change <= hi
+    if verdict == "effect":
+        assert hi < 0 and answer["sentence"].startswith("Yes, for natural references, by people")

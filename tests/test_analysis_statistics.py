@@ -462,3 +462,19 @@ def test_rt_and_confidence_summaries():
     conf = ds.accuracy_by_confidence(trials).set_index("confidence")
     assert conf.loc[3, "accuracy"] == 1.0 and conf.loc[1, "accuracy"] == 0.0
     assert conf["n"].tolist() == [2, 1, 2] and conf["share"].sum() == pytest.approx(1.0)
+
+
+def test_mixed_logistic_p_values_come_from_the_bootstrap_spread_and_agree_with_its_interval():
+    """The variational posterior SD is too small for crossed random effects: under a null slope its
+    p-value rejects far too often.  The reported p is the Wald test on the bootstrap SE, never smaller
+    than the variational one here, and below 0.05 only where the bootstrap interval excludes 0."""
+    trials = simulate_trials(np.random.default_rng(21), beta1=0.0, participants=8, units=6)
+    fit = st.mixed_logistic(trials, n_boot=40, seed=2)
+    row = fit["table"].loc["rate"]
+    boot_se = row["boot_se"]
+    assert boot_se > row["se"]
+    assert row["p"] == pytest.approx(2 * stats.norm.sf(abs(row["coef"]) / boot_se))
+    assert row["p"] >= row["p_vb"]
+    assert (row["p"] < 0.05) == (row["ci_low"] > 0 or row["ci_high"] < 0)
+    few = st.mixed_logistic(trials, n_boot=2, seed=2)["table"].loc["rate"]
+    assert few["p"] == few["p_vb"]          # too few refits for a bootstrap SE
