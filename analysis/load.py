@@ -426,6 +426,19 @@ def load_robustness(run_dir: str | Path) -> dict[str, pd.DataFrame]:
     return out
 
 
+def load_robustness_subset(run_dir: str | Path) -> dict | None:
+    """The images the robustness curves were measured on, as the base model's record states them:
+    ``n``, ``images_per_class`` and the ``settings`` (corruptions, severities, …); None when not recorded."""
+    from sparsight.layout import META_FILE
+    try:
+        record = json.loads((Layout(run_dir).models / BASE_METHOD / META_FILE).read_text()).get("robustness") or {}
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or not record.get("n"):
+        return None
+    return {k: record[k] for k in ("n", "images_per_class", "settings") if k in record}
+
+
 def load_calibration(run_dir: str | Path) -> dict | None:
     path = Layout(run_dir).mis / "calibration.json"
     try:
@@ -489,6 +502,7 @@ class StudyData:
     dissection_units: pd.DataFrame
     dissection_models: pd.DataFrame
     robustness: dict = field(default_factory=dict)
+    robustness_subset: dict | None = None
     calibration: dict | None = None
     responses_source: str = "none"
 
@@ -516,4 +530,5 @@ def load_study_data(run_dir: str | Path, cfg: StudyConfig | None = None, trials:
     return StudyData(run_dir=run_dir, config=cfg, models=models, trials=trials,
                      units=load_units(run_dir, models, d_units), mis_models=load_mis_models(run_dir, models),
                      dissection_units=d_units, dissection_models=d_models, robustness=load_robustness(run_dir),
+                     robustness_subset=load_robustness_subset(run_dir),
                      calibration=load_calibration(run_dir), responses_source=source or "none")

@@ -843,6 +843,7 @@ def assemble(data: StudyData, humans: Humans, table: pd.DataFrame, desc: dict, e
         "statistics": [e.to_json() for e in entries],
         "holm": holm_family,
         "robustness": {k: v for k, v in data.robustness.items() if k == "prune_potential"},
+        "robustness_subset": data.robustness_subset,
         "figures": {k: str(Path(v).relative_to(out)) for k, v in figures.items()},
     }
 
@@ -1004,9 +1005,31 @@ def _figure(name: str, path, caption: str) -> dict:
     return {"name": name, "src": figure_data_uri(path), "caption": caption}
 
 
-def _figures_data(figures: dict) -> tuple[list[dict], list[dict]]:
+def robustness_subset_note(subset: dict | None) -> str:
+    """E.g. " Measured on 100 validation images (10 per class, 10 classes); corruptions gaussian_noise,
+    contrast at severities 2, 4." — what the robustness curves rest on; empty when not recorded."""
+    if not subset:
+        return ""
+    counts = list((subset.get("images_per_class") or {}).values())
+    if counts and min(counts) == max(counts):
+        per = f" ({counts[0]} per class, {len(counts)} classes)"
+    elif counts:
+        per = f" ({min(counts)}–{max(counts)} per class, {len(counts)} classes)"
+    else:
+        per = ""
+    settings = subset.get("settings") or {}
+    what = ""
+    if settings.get("corruptions"):
+        what = f"; corruptions {', '.join(settings['corruptions'])}"
+        if settings.get("severities"):
+            what += f" at severities {', '.join(str(s) for s in settings['severities'])}"
+    return f" Measured on {subset['n']} validation images{per}{what}."
+
+
+def _figures_data(figures: dict, subset: dict | None = None) -> tuple[list[dict], list[dict]]:
     """The figures and, apart, the gallery's contact sheets (the same unit across the rates of each method)."""
-    plots = [_figure(name, path, FIGURE_CAPTIONS.get(name, name)) for name, path in figures.items()
+    captions = {**FIGURE_CAPTIONS, "robustness": FIGURE_CAPTIONS["robustness"] + robustness_subset_note(subset)}
+    plots = [_figure(name, path, captions.get(name, name)) for name, path in figures.items()
              if not name.startswith("gallery:")]
     sheets = [_figure(name, path, GALLERY_CAPTION.format(unit=name.split(":", 1)[1]))
               for name, path in figures.items() if name.startswith("gallery:")]
@@ -1039,7 +1062,7 @@ def _key_results(stats: list[dict]) -> list[str]:
 def report_context(results: dict, figures: dict, cfg: StudyConfig) -> dict:
     """Everything ``report.html.j2`` shows, as text, numbers already formatted."""
     a = cfg.analysis
-    plots, sheets = _figures_data(figures)
+    plots, sheets = _figures_data(figures, results.get("robustness_subset"))
     robust = results["robustness"].get("prune_potential")
     stats = results["statistics"]
     return {

@@ -723,3 +723,25 @@ def test_the_answer_from_people_follows_the_primary_human_fit(beta1, participant
     assert lo <= change <= hi
     if verdict == "effect":
         assert hi < 0 and answer["sentence"].startswith("Yes, for natural references, by people")
+
+
+def test_the_robustness_caption_states_the_images_the_curves_rest_on(tmp_path):
+    """The base model's record says how many validation images (per class) and which corruptions the
+    robustness curves used; the caption repeats it, and says nothing when no record exists."""
+    from analysis.load import load_robustness_subset
+    from analysis.report import robustness_subset_note
+    from sparsight.layout import META_FILE, Layout
+
+    run_dir = tmp_path / "run"
+    assert load_robustness_subset(run_dir) is None and robustness_subset_note(None) == ""
+    base = Layout(run_dir).models / "base"
+    base.mkdir(parents=True)
+    record = {"clean": 0.9, "n": 30, "images_per_class": {"a": 10, "b": 10, "c": 10},
+              "settings": {"corruptions": ["contrast", "jpeg"], "severities": [1, 3]}}
+    (base / META_FILE).write_text(json.dumps({"robustness": record}))
+    note = robustness_subset_note(load_robustness_subset(run_dir))
+    assert note == " Measured on 30 validation images (10 per class, 3 classes); corruptions contrast, jpeg at severities 1, 3."
+    record["images_per_class"]["c"] = 4
+    record["n"] = 24
+    (base / META_FILE).write_text(json.dumps({"robustness": record}))
+    assert "24 validation images (4–10 per class, 3 classes)" in robustness_subset_note(load_robustness_subset(run_dir))
