@@ -89,8 +89,19 @@ def analyze_cmd(run_dir, out, import_csv, maps, mapping, overrides):
     failed = [c for c in results.get("validity", []) if c["passed"] is False]
     for c in failed:
         click.echo(f"validity check FAILED: {c['name']}: {c['value']} (needs {c['threshold']}; {c['detail']})")
+    echo_answers(results.get("answers", []))
     click.echo(f"report: {html}")
     click.echo(f"results: {results_json}")
+
+
+def echo_answers(items: list[dict]) -> None:
+    """Does pruning change how interpretable units are? The report's answer per reference kind (and observer)."""
+    if items:
+        people = any(item.get("observer") == "people" for item in items)
+        click.echo(f"\nanswer (total effect of pruning rate, all methods: on MIS"
+                   f"{', and on human accuracy' if people else ''}):")
+        for item in items:
+            click.echo(f"  {item['sentence']}")
 
 
 def _numbers(kind):

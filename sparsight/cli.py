@@ -160,7 +160,8 @@ def _print_summary(study) -> None:
                        f"units are left for one); α = {mis.alpha.iloc[0]:.3g} "
                        f"({mis.alpha_source.iloc[0]}), embedding {mis.embedding.iloc[0]}")
     results = _report_results(layout.report_json)
-    _print_answers(results.get("answers", []))
+    from analysis.cli import echo_answers
+    echo_answers(results.get("answers", []))
     _print_power(results.get("power") or {})
     _print_failed_checks(results.get("validity", []))
     click.echo(f"\nstudy directory: {study.run_dir}")
@@ -177,15 +178,6 @@ def _report_results(results_json) -> dict:
         return json.loads(results_json.read_text())
     except (OSError, ValueError):
         return {}
-
-
-def _print_answers(items: list[dict]) -> None:
-    """Does pruning change how interpretable units are? The report's answer per reference kind."""
-    if items:
-        people = any(item.get("observer") == "people" for item in items)
-        click.echo(f"\nanswer (total effect of pruning rate, all methods: on MIS{', and on human accuracy' if people else ''}):")
-        for item in items:
-            click.echo(f"  {item['sentence']}")
 
 
 def _print_power(power: dict) -> None:

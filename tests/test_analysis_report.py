@@ -745,3 +745,15 @@ def test_the_robustness_caption_states_the_images_the_curves_rest_on(tmp_path):
     record["n"] = 24
     (base / META_FILE).write_text(json.dumps({"robustness": record}))
     assert "24 validation images (4–10 per class, 3 classes)" in robustness_subset_note(load_robustness_subset(run_dir))
+
+
+def test_sparsight_analyze_prints_the_answer_for_mis_and_for_people(report, tmp_path):
+    """An analyst re-running the analysis after people answered reads the answer on the terminal too."""
+    run_dir, _ = report
+    out = CliRunner().invoke(analyze_cmd, [str(run_dir), "--out", str(tmp_path / "rep")])
+    assert out.exit_code == 0, out.output
+    lines = out.output.splitlines()
+    start = lines.index("answer (total effect of pruning rate, all methods: on MIS, and on human accuracy):")
+    answer = lines[start + 1:start + 5]
+    assert [line.split(",")[0].strip() for line in answer] == ["Yes"] * 4
+    assert sum("by people (11 included participants)" in line for line in answer) == 2
