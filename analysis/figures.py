@@ -167,8 +167,9 @@ def layer_mis_vs_sparsity(units: pd.DataFrame, path, max_cols: int = 4) -> Path 
         for kind in sorted(per["kind"].unique()):
             rows = per[(per["layer"] == layer) & (per["kind"] == kind)]
             for s, curve in _curves(rows):
-                ax.errorbar(dodge(curve, order.index(s) if s in order else 0, len(order)), curve["mean"], yerr=curve["sem"], color=colors[s], marker="o",
-                            ms=3, capsize=2, ls=KIND_STYLE.get(kind, "-."), label=f"{s} · {kind}")
+                x = dodge(curve, order.index(s) if s in order else 0, len(order))
+                ax.errorbar(x, curve["mean"], yerr=curve["sem"], color=colors[s], marker="o", ms=3, capsize=2,
+                            ls=KIND_STYLE.get(kind, "-."), label=f"{s} · {kind}")
         _chance(ax, label=False)
         ax.set_title(layer, fontsize=9)
         ax.grid(alpha=0.3)

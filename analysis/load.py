@@ -462,8 +462,8 @@ def human_by_model(trials: pd.DataFrame) -> pd.DataFrame:
 def model_table(models: pd.DataFrame, mis_models: pd.DataFrame | None = None,
                 dissection_models: pd.DataFrame | None = None, human: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per model: metadata; ``mis_<kind>`` with ``_ci_low``/``_ci_high``/``_units`` per reference
-    kind; ``interpretable``, ``interpretable_fraction_alive`` and ``unique_concepts`` (dissection); ``human_<kind>`` accuracy with its
-    Wilson interval, participants and trials (from :func:`human_by_model`)."""
+    kind; ``interpretable``, ``interpretable_fraction_alive`` and ``unique_concepts`` (dissection);
+    ``human_<kind>`` accuracy with its Wilson interval, participants and trials (from :func:`human_by_model`)."""
     table = models.copy()
     if mis_models is not None and len(mis_models):
         for kind, g in mis_models.groupby("kind", sort=True):

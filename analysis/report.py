@@ -52,8 +52,8 @@ DOSE_BOOT = 1000        # bootstrap resamples of the dose–response breakpoint 
 NO_RESPONSES = "No responses exist yet"
 FIGURE_CAPTIONS = {
     "interpretability": "MIS (circles, bootstrap CI over units) and human accuracy (squares, Wilson CI) vs "
-                        "measured sparsity, per pruning method (points of one sparsity set slightly apart); dotted line: "
-                        "chance (0.5).",
+                        "measured sparsity, per pruning method (points of one sparsity set slightly apart); "
+                        "dotted line: chance (0.5).",
     "top1": "Top-1 validation accuracy vs sparsity after retraining (dotted: before retraining).",
     "layers": "MIS per layer (mean ± SEM over the layer's units) vs sparsity (points of one sparsity set slightly "
               "apart); solid natural, dashed synthetic.",

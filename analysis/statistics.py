@@ -202,10 +202,10 @@ def mixed_logistic(trials: pd.DataFrame, formula: str = "correct ~ rate",
 
     Returns ``table`` indexed by term with ``coef`` (posterior mean), ``se`` (posterior SD), ``vb_low,
     vb_high`` (posterior mean ± z·SD), ``boot_low, boot_high``, ``ci_low, ci_high`` (bootstrap, or
-    variational when n_boot=0), ``boot_se`` (SD of the refitted fixed effects), ``p`` (Wald, posterior
-    mean over ``boot_se``, so it agrees with the bootstrap interval; from the posterior SD, too small for the
-    same reason, only with fewer than ``MIN_BOOT_FOR_P`` refits), ``p_vb`` (from the posterior SD); ``terms``; ``sd`` (random-intercept SD per group: exp of the posterior mean of
-    the log-SD), ``sd_ci`` (bootstrap percentile interval per group, NaN without bootstrap);
+    variational when n_boot=0), ``boot_se`` (SD of the refitted fixed effects), ``p`` (Wald: posterior
+    mean over ``boot_se``, so it agrees with the bootstrap interval; with fewer than ``MIN_BOOT_FOR_P``
+    refits from the posterior SD, too small for the same reason), ``p_vb`` (from the posterior SD);
+    ``terms``; ``sd`` (random-intercept SD per group: exp of the posterior mean of the log-SD), ``sd_ci`` (bootstrap percentile interval per group, NaN without bootstrap);
     ``n_obs``, ``n_groups``, ``n_boot``, ``n_failed`` (refits that raised), ``formula``,
     ``warnings``.
     """
