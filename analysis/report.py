@@ -291,7 +291,7 @@ def human_answer(e, cfg: StudyConfig) -> dict:
     """The answer from people for one reference kind, from the primary human fit (mixed logistic: a typical
     participant and unit): an effect (Holm-adjusted slope test), equivalence (the change over the rate span
     inside ±margin at both ends of the slope's CI: stricter than TOST, whose interval is narrower), or
-    inconclusive."""
+    inconclusive.  The change's interval maps the slope's interval through the fitted intercept."""
     a, res = cfg.analysis, e.result
     kind, t, b0 = res["kind"], res["terms"]["rate"], res["terms"]["Intercept"]["coef"]
     lo_rate, hi_rate = res["rate_min"], res["rate_max"]
