@@ -508,7 +508,7 @@ def human_slope(humans: pd.DataFrame, kind: str, model: str, cfg: StudyConfig) -
     if model == "mixed":
         res = mixed_logistic(d, "correct ~ rate", groups=("participant", "unit_id"),
                              n_boot=min(MIXED_BOOT, cfg.analysis.bootstrap), seed=cfg.study.seed, level=level)
-        what = "conditional (crossed random intercepts, parametric-bootstrap CI)"
+        what = "conditional (crossed random intercepts, parametric-bootstrap CI, p on the bootstrap SE)"
     elif model == "gee":
         res = gee_logistic(d, "correct ~ rate", group="participant", level=level)
         what = "marginal (GEE, exchangeable within participant)"

@@ -757,3 +757,11 @@ def test_sparsight_analyze_prints_the_answer_for_mis_and_for_people(report, tmp_
     answer = lines[start + 1:start + 5]
     assert [line.split(",")[0].strip() for line in answer] == ["Yes"] * 4
     assert sum("by people (11 included participants)" in line for line in answer) == 2
+
+
+def test_table_headers_align_with_their_columns(report):
+    """Text columns are left-aligned, headers included; number columns stay right-aligned."""
+    run_dir, _ = report
+    html = (run_dir / "report" / "index.html").read_text()
+    assert "<th class='s'>check</th><th>value</th>" in html
+    assert "<th class='s'>model</th><th class='s'>method</th>" in html and "<th>rate</th>" in html
