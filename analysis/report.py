@@ -283,21 +283,18 @@ def answers(entries: list, cfg: StudyConfig) -> list[dict]:
                   if e.id.startswith("human_slope.") and e.id.endswith(".mixed") and e.status == "ok"]
 
 
-def _expit(x: float) -> float:
-    return 1 / (1 + math.exp(-x))
-
-
 def human_answer(e, cfg: StudyConfig) -> dict:
     """The answer from people for one reference kind, from the primary human fit (mixed logistic: a typical
     participant and unit): an effect (Holm-adjusted slope test), equivalence (the change over the rate span
     inside ±margin at both ends of the slope's CI: stricter than TOST, whose interval is narrower), or
     inconclusive.  The change's interval maps the slope's interval through the fitted intercept."""
+    from scipy.special import expit
     a, res = cfg.analysis, e.result
     kind, t, b0 = res["kind"], res["terms"]["rate"], res["terms"]["Intercept"]["coef"]
     lo_rate, hi_rate = res["rate_min"], res["rate_max"]
 
     def change(slope: float) -> float:
-        return _expit(b0 + slope * hi_rate) - _expit(b0 + slope * lo_rate)
+        return float(expit(b0 + slope * hi_rate) - expit(b0 + slope * lo_rate))
 
     est, lo, hi = change(t["coef"]), change(t["ci_low"]), change(t["ci_high"])
     lo, hi = min(lo, hi), max(lo, hi)
@@ -318,9 +315,8 @@ def human_answer(e, cfg: StudyConfig) -> dict:
     else:
         verdict = "inconclusive"
         sentence = (f"Inconclusive for {kind} references, by {who}: accuracy goes {span}, a change of {fmt(est)} "
-                    f"({ci}): "
-                    f"neither an effect nor equivalence within ±{a.tost_margin:g}; the power tables below give the "
-                    f"participants a decision needs.")
+                    f"({ci}): neither an effect nor equivalence within ±{a.tost_margin:g}; the power tables below "
+                    f"give the participants a decision needs.")
     return {"kind": kind, "observer": "people", "verdict": verdict, "sentence": sentence, "analysis": e.id}
 
 
@@ -453,7 +449,7 @@ def dissection_summary(table: pd.DataFrame) -> Outcome:
     d = table[table["interpretable"].notna()]
     base = d[d["method"] == BASE_METHOD]
 
-    def share(row) -> str:      # pruning removes units: the count alone would mix fewer units with fewer concepts
+    def share(row) -> str:      # pruning removes units: the count alone mixes fewer units with fewer interpretable ones
         frac = row.get("interpretable_fraction_alive", math.nan)
         alive = row.get("dissection_alive", math.nan)
         return (f" ({fmt(100 * frac, 1)} % of {int(alive)} live)" if pd.notna(frac) and pd.notna(alive) else "")
