@@ -97,8 +97,13 @@ class DistContext:
         dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
         return box[0]
 
-    def close(self) -> None:
+    def close(self, clean: bool = True) -> None:
+        """Leave the process group this context joined.  ``clean`` (a normal end): first wait for every
+        rank, so no rank tears its connections down while a peer still has a collective in flight (a
+        gloo peer then aborts at exit); after an error no barrier, which could wait forever."""
         if self.initialized_here and self.distributed:
+            if clean:
+                dist.barrier()
             dist.destroy_process_group()
             self.initialized_here = False
 
@@ -131,5 +136,7 @@ def open_study(config) -> Iterator[Study]:
     ctx = init_distributed(config.study.device)
     try:
         yield Study(config, ctx)
-    finally:
-        ctx.close()
+    except BaseException:
+        ctx.close(clean=False)
+        raise
+    ctx.close()
