@@ -285,9 +285,10 @@ def answers(entries: list, cfg: StudyConfig) -> list[dict]:
 
 def human_answer(e, cfg: StudyConfig) -> dict:
     """The answer from people for one reference kind, from the primary human fit (mixed logistic: a typical
-    participant and unit): an effect (Holm-adjusted slope test), equivalence (the change over the rate span
-    inside ±margin at both ends of the slope's CI: stricter than TOST, whose interval is narrower), or
-    inconclusive.  The change's interval maps the slope's interval through the fitted intercept."""
+    participant and unit): an effect (Holm-adjusted slope test), equivalence (TOST of the accuracy change over
+    the rate span on its bootstrap SE, as for MIS), or inconclusive.  The change and its interval come from
+    the bootstrap refits (intercept and slope together); with too few refits the slope's interval is mapped
+    through the fitted intercept, and equivalence needs that whole interval inside ±margin."""
     from scipy.special import expit
     a, res = cfg.analysis, e.result
     kind, t, b0 = res["kind"], res["terms"]["rate"], res["terms"]["Intercept"]["coef"]
@@ -296,22 +297,32 @@ def human_answer(e, cfg: StudyConfig) -> dict:
     def change(slope: float) -> float:
         return float(expit(b0 + slope * hi_rate) - expit(b0 + slope * lo_rate))
 
-    est, lo, hi = change(t["coef"]), change(t["ci_low"]), change(t["ci_high"])
-    lo, hi = min(lo, hi), max(lo, hi)
+    shift = res.get("change")
+    if shift is not None:
+        est, lo, hi, tost = shift["estimate"], shift["ci_low"], shift["ci_high"], shift.get("tost")
+    else:            # too few bootstrap refits: map the slope's interval through the fitted intercept
+        est, lo, hi, tost = change(t["coef"]), change(t["ci_low"]), change(t["ci_high"]), None
+        lo, hi = min(lo, hi), max(lo, hi)
     p = e.p_holm if e.p_holm is not None else t["p"]
     who = f"people ({res['participants']} included participants)"
     span = (f"from {fmt(res['accuracy_at_rate_min'])} at rate {lo_rate:g} to {fmt(res['accuracy_at_rate_max'])} "
             f"at rate {hi_rate:g}")
     ci = f"{_pct(1 - a.alpha_level)} CI {fmt(lo)} to {fmt(hi)}"
+    if tost is not None:
+        equivalent = tost["equivalent"]
+        within = (f"{_pct(1 - 2 * a.alpha_level)} CI {fmt(tost['ci_low'])} to {fmt(tost['ci_high'])} inside the "
+                  f"equivalence margin ±{a.tost_margin:g} (TOST {fmt_p(tost['p'])})")
+    else:
+        equivalent = bool(a.tost_margin) and -a.tost_margin < lo and hi < a.tost_margin
+        within = f"inside the equivalence margin ±{a.tost_margin:g}"
     if p < a.alpha_level:
         verdict = "effect"
         sentence = (f"Yes, for {kind} references, by {who}: accuracy {'falls' if est < 0 else 'rises'} {span}, a "
                     f"change of {fmt(est)} ({ci}; odds ratio {fmt(res['odds_ratio_per_10pct']['coef'])} per 10 % "
                     f"pruning rate; {fmt_p(p)}{', Holm-adjusted' if e.p_holm is not None else ''}).")
-    elif a.tost_margin and -a.tost_margin < lo and hi < a.tost_margin:
+    elif equivalent:
         verdict = "equivalent"
-        sentence = (f"No, for {kind} references, by {who}: accuracy goes {span}, a change of {fmt(est)} ({ci}), "
-                    f"inside the equivalence margin ±{a.tost_margin:g}.")
+        sentence = f"No, for {kind} references, by {who}: accuracy goes {span}, a change of {fmt(est)} ({ci}), {within}."
     else:
         verdict = "inconclusive"
         sentence = (f"Inconclusive for {kind} references, by {who}: accuracy goes {span}, a change of {fmt(est)} "
@@ -520,9 +531,18 @@ def human_slope(humans: pd.DataFrame, kind: str, model: str, cfg: StudyConfig) -
     sentence = (f"Human accuracy ({kind}) {change}: odds ratio {fmt(odds['coef'])} per 10 % pruning rate "
                 f"({_pct(level)} CI {fmt(odds['ci_low'])} to {fmt(odds['ci_high'])}; {fmt_p(t['p'])}){sig}; "
                 f"predicted accuracy {fmt(p_lo)} at rate {lo_rate:g} and {fmt(p_hi)} at rate {hi_rate:g} — {what}.")
-    result = {k: v for k, v in res.items() if k != "table"}
+    result = {k: v for k, v in res.items() if k not in ("table", "boot_draws")}
     result.update(kind=kind, odds_ratio_per_10pct=odds, rate_min=lo_rate, rate_max=hi_rate,
                   participants=int(d["participant"].nunique()), accuracy_at_rate_min=p_lo, accuracy_at_rate_max=p_hi)
+    if model == "mixed":
+        from .statistics import predicted_change
+        shift = predicted_change(res, lo_rate, hi_rate, level=level, margin=cfg.analysis.tost_margin, alpha=alpha)
+        if shift is not None:
+            result["change"] = shift
+            sentence += (f" The accuracy change from rate {lo_rate:g} to {hi_rate:g} is {fmt(shift['estimate'])} "
+                         f"({_pct(level)} bootstrap CI {fmt(shift['ci_low'])} to {fmt(shift['ci_high'])}).")
+            if "tost" in shift:
+                sentence += " " + tost_sentence("Its equivalence test", shift["tost"])
     return Outcome(sentence, result, p=t["p"], table=res["table"].reset_index())
 
 

@@ -721,6 +721,12 @@ def test_the_answer_from_people_follows_the_primary_human_fit(beta1, participant
                re.search(r"a change of (−?[\d.]+) \(95 % CI (−?[\d.]+) to (−?[\d.]+)", answer["sentence"]).groups()]
     change, lo, hi = numbers
     assert lo <= change <= hi
+    shift = entries[0].result["change"]
+    assert (shift["estimate"], shift["ci_low"], shift["ci_high"]) == pytest.approx(numbers, abs=5e-4)
+    assert (verdict == "equivalent") == shift["tost"]["equivalent"]
+    if verdict == "equivalent":           # the claim rests on the TOST interval, as for MIS
+        assert "90 % CI" in answer["sentence"] and "TOST" in answer["sentence"]
+        assert -0.05 < shift["tost"]["ci_low"] and shift["tost"]["ci_high"] < 0.05
     if verdict == "effect":
         assert hi < 0 and answer["sentence"].startswith("Yes, for natural references, by people")
 
