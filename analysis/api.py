@@ -11,8 +11,9 @@ and keeps them.  The analyses are the report's own functions, called on these ta
   the report shows beside it;
 * **the dose–response shape** — ``statistics.dose_response(d["rate"], d["mis"])`` on the same rows;
 * **trial level**, with ``h = run.humans[run.humans["kind"] == "natural"]`` —
-  ``statistics.mixed_logistic(h, "correct ~ rate")`` (the primary human model), ``gee_logistic`` and
-  ``clustered_logistic``;
+  ``statistics.mixed_logistic(h, "correct ~ rate")`` (the primary human model; then
+  ``statistics.predicted_change(fit, 0.0, h["rate"].max(), margin=0.05)`` for the accuracy change over
+  the rate span with its bootstrap interval and TOST), ``gee_logistic`` and ``clustered_logistic``;
 * **descriptives** — ``descriptives.condition_summary(run.humans, by=("model_id", "kind"))``,
   ``unit_accuracy(run.humans)``, ``rt_summary(run.humans)``;
 * **power** — ``power.detectable_slope(se)`` for a fitted slope's standard error; for a human study
