@@ -180,6 +180,16 @@ def _report_results(results_json) -> dict:
         return {}
 
 
+def _design_phrase(s: dict) -> str:
+    """E.g. "160 participants × 12 trials to detect an accuracy change of −0.1", or "more than 640
+    participants …" when no design tried reaches the power."""
+    goal = (f"to detect an accuracy change of {s['change_over_span']:+g}".replace("-", "−") if s["goal"] == "detect"
+            else "for equivalence")
+    if s["participants"]:
+        return f"{s['participants']} participants × {s['trials']} trials {goal}"
+    return f"more than {s['largest_tried']} participants at {s['trials']} trials {goal}"
+
+
 def _print_power(power: dict) -> None:
     """Per kind: the smallest MIS slope the study detects, and the fewest participants a human study needs."""
     pooled = [m for m in power.get("model", []) if m.get("scope") == "all methods"]
@@ -190,15 +200,14 @@ def _print_power(power: dict) -> None:
         models = f" in {m['models']} models" if m.get("models") else ""
         line = (f"  {m['kind']}: {m['units']} units{models} detect an MIS slope of {m['detectable_slope_per_10pct']:.4f} per "
                 f"10 % pruning rate (CI ±{m['ci_half_width_per_10pct']:.4f})")
-        needs = [s for s in power.get("smallest", []) if s["kind"] == m["kind"] and s["participants"]]
+        designs = [s for s in power.get("smallest", []) if s["kind"] == m["kind"]]
         best = {}
-        for s in needs:     # the design with the fewest trials in all, per goal and change
+        for s in designs:   # per goal and change: the reaching design with the fewest trials in all, else the largest tried
             key = (s["goal"], s["change_over_span"])
-            if key not in best or s["participants"] * s["trials"] < best[key]["participants"] * best[key]["trials"]:
-                best[key] = s
-        parts = [f"{s['participants']} participants × {s['trials']} trials "
-                 + (f"to detect an accuracy change of {s['change_over_span']:+g}" if s["goal"] == "detect"
-                    else "for equivalence") for _, s in sorted(best.items())]
+            cost = (0, s["participants"] * s["trials"]) if s["participants"] else (1, -s["trials"])
+            if key not in best or cost < best[key][0]:
+                best[key] = (cost, s)
+        parts = [_design_phrase(s) for _, (_, s) in sorted(best.items())]
         click.echo(line + ("; a human study needs " + ", ".join(parts) if parts else "") + ".")
 
 

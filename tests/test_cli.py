@@ -92,3 +92,26 @@ def test_unknown_force_stage_lists_stages(runner, tmp_path):
     stages = ("['data', 'base', 'observer', 'prune', 'robustness', 'evaluate', 'stimuli', 'dissection', 'mis', "
               "'participants', 'analysis', 'all']")
     assert f"unknown stage 'bogus' for --force; choose from {stages}" in result.output
+
+
+def test_the_run_summary_names_the_cheapest_design_per_goal_and_says_when_none_reaches_the_power(capsys):
+    """Per goal and change the design with the fewest trials in all is printed (with a true minus sign);
+    a goal no tried design reaches reads "more than <largest tried> participants", not nothing."""
+    from sparsight.cli import _print_power
+
+    def design(change, goal, participants, trials):
+        return {"kind": "natural", "change_over_span": change, "goal": goal, "trials": trials,
+                "participants": participants, "largest_tried": 640}
+
+    power = {"target_power": 0.8,
+             "model": [{"scope": "all methods", "kind": "natural", "units": 30, "models": 5,
+                        "detectable_slope_per_10pct": 0.01, "ci_half_width_per_10pct": 0.007}],
+             "smallest": [design(-0.1, "detect", 160, 12), design(-0.1, "detect", 40, 24),
+                          design(-0.05, "detect", None, 12), design(-0.05, "detect", None, 24),
+                          design(0.0, "equivalence", 320, 12), design(0.0, "equivalence", 320, 24)]}
+    _print_power(power)
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line == ("  natural: 30 units in 5 models detect an MIS slope of 0.0100 per 10 % pruning rate (CI ±0.0070); "
+                    "a human study needs 40 participants × 24 trials to detect an accuracy change of −0.1, more "
+                    "than 640 participants at 24 trials to detect an accuracy change of −0.05, 320 participants × "
+                    "12 trials for equivalence.")
