@@ -8,6 +8,7 @@ import click
 
 from sparsight.clitools import RUN_DIR_ARGUMENT, section_overrides
 from sparsight.config import ConfigError, apply_settings
+from sparsight.layout import Layout
 
 
 def _analysis_overrides(overrides) -> dict:
@@ -65,6 +66,10 @@ def analyze_cmd(run_dir, out, import_csv, maps, mapping, overrides):
     if import_csv is not None and not (maps or mapping):
         raise click.UsageError("--import needs the column mapping: --map participant=COLUMN --map correct=COLUMN … "
                                "or --mapping FILE.toml")
+    if import_csv is None and not Layout(run_dir).holds_a_study():
+        raise click.UsageError(f"{run_dir} is not a study directory: it has no study.toml, models/, mis/ or survey "
+                               f"responses; make one with `sparsight run` (the default study goes to runs/default), "
+                               f"or analyse trials of your own with --import FILE.csv")
     cfg = _study_with_analysis_settings(run_dir, overrides)
     trials, source = None, None
     if import_csv is not None:

@@ -141,5 +141,11 @@ class Layout:
     def report_json(self) -> Path:
         return self.report / REPORT_JSON
 
+    def holds_a_study(self) -> bool:
+        """Whether the folder is a study directory: it has a study.toml, models, MIS, an evaluation, a
+        dissection, a survey database or a response export."""
+        marks = (self.study_toml, self.models, self.mis_units, self.evaluation, self.dissection_units, self.survey_db)
+        return any(p.exists() for p in marks) or self.responses() is not None
+
     def stage_record(self, name: str) -> Path:
         return self.root / ".stages" / f"{name}.json"

@@ -41,6 +41,14 @@ def database_url(run_dir: Path, cfg: StudyConfig, explicit: str | None = None) -
     return absolute_database_url(explicit or cfg.survey.database or f"sqlite:///{absolute(run_dir) / 'survey.db'}")
 
 
+def survey_material(run_dir: Path, cfg: StudyConfig) -> Material:
+    """The tasks the survey of ``cfg`` serves from the stimulus bank of ``run_dir`` (FileNotFoundError
+    without a manifest, ValueError when ``survey.models`` or ``survey.kinds`` leave nothing)."""
+    settings = cfg.survey
+    return Material(Layout(run_dir).stimuli, models=list(settings.models) or None, kinds=list(settings.kinds),
+                    every_kind=settings.units == "every-kind")
+
+
 def create_app(test_config: dict | None = None) -> Flask:
     app = Flask(__name__)
     app.config.update({k: os.environ.get(v) for k, v in ENV.items()})
@@ -51,11 +59,10 @@ def create_app(test_config: dict | None = None) -> Flask:
     run_dir = app.config["RUN_DIR"] = absolute(app.config["RUN_DIR"])   # send_file resolves against the package
     cfg = study_config(run_dir, app.config.get("SURVEY"))
     settings = cfg.survey
+    material = survey_material(run_dir, cfg)      # before the database: a wrong folder gets no survey.db
     url = database_url(run_dir, cfg, app.config.get("DATABASE_URL"))
     sessions = open_sessions(url)
     engine = sessions.kw["bind"]
-    material = Material(Layout(run_dir).stimuli, models=list(settings.models) or None, kinds=list(settings.kinds),
-                        every_kind=settings.units == "every-kind")
     service = SurveyService(sessions, material, settings, cfg.study.name)
 
     app.config["SECRETS"] = load_secrets(sessions)

@@ -106,7 +106,12 @@ def serve_cmd(run_dir, database, host, port, overrides, reset_admin_password):
       SPARSIGHT_RUN_DIR=RUN_DIR SPARSIGHT_DATABASE_URL=postgresql+psycopg://u:pw@db/survey \\
         gunicorn -w 4 -k gthread --threads 8 -b 0.0.0.0:8000 survey_app.wsgi:app
     """
+    from .app import study_config, survey_material
     survey = _survey_overrides(overrides)
+    try:
+        survey_material(run_dir, study_config(run_dir, survey))     # nothing is stored for a folder it cannot serve
+    except (FileNotFoundError, ValueError) as err:
+        raise click.UsageError(str(err)) from None
     shown = ensure_credentials(run_dir, database, reset_admin=reset_admin_password)
     app = _build_app(run_dir, database, survey)
     click.echo(f"survey of {run_dir} on http://{host}:{port}/  (database {app.config['DATABASE']})")
@@ -209,9 +214,16 @@ def responses_cmd(run_dir, database, out, table):
 
     from .app import database_url, study_config
     from .db import database as open_database
+    from .db import missing_sqlite_file
     from .export import events_frame, participants_frame, responses_frame, safe_csv
     cfg = study_config(run_dir)
-    with open_database(database_url(run_dir, cfg, database)) as sessions:
+    url = database_url(run_dir, cfg, database)
+    missing = missing_sqlite_file(url)
+    if missing is not None:        # an export creates nothing: no empty database in a wrong folder
+        raise click.UsageError(f"no survey database at {missing}: nothing to export (the survey stores its "
+                               f"responses there once `sparsight serve {run_dir}` or `sparsight run` has run; "
+                               f"another database: --database URL)")
+    with open_database(url) as sessions:
         df = {"responses": lambda: responses_frame(sessions, cfg.study.name),
               "events": lambda: events_frame(sessions, cfg.study.name),
               "participants": lambda: participants_frame(sessions)}[table]()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import random
 import time
+from pathlib import Path
 
 from sqlalchemy import create_engine, event, select, text
 from sqlalchemy.engine import Engine, make_url
@@ -23,6 +24,16 @@ from sqlalchemy.orm import Session, sessionmaker
 from .models import Base, Secret
 
 SQLITE_BUSY_MS = 30_000
+
+
+def missing_sqlite_file(url: str) -> Path | None:
+    """The SQLite file ``url`` names when it does not exist (yet); None for a database server, an
+    in-memory database or a file that exists."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    path = Path(parsed.database)
+    return None if path.is_file() else path
 
 
 def make_engine(url: str) -> Engine:

@@ -63,10 +63,12 @@ BAD_INPUTS = {
     "serve: no stimulus bank": (["serve", "empty"], "manifest"),
     "participant: no observer network": (["participant", "empty"], "no observer network"),
     "participant: no stimulus bank": (["participant", "empty", "--observer", "pixels"], "manifest"),
+    "responses: no survey database": (["responses", "empty"], "no survey database"),
     "responses: database unreachable": (["responses", "empty", "--database",
                                          "postgresql+psycopg://nobody@127.0.0.1:9/none"], "cannot use the survey database"),
     "analyze: import file missing": (["analyze", "empty", "--import", "missing.csv", "--map", "participant=p",
                                       "--map", "correct=c"], "missing.csv"),
+    "analyze: not a study directory": (["analyze", "empty"], "is not a study directory"),
     "mis: no stimulus bank": (["mis", "empty"], "no stimulus bank"),
     "stimuli: no base model": (["stimuli", "empty"], "no base model"),
     "stimuli: bad preview": (["stimuli", "empty", "--preview", "base"], "MODEL:LAYER:UNIT"),
@@ -87,6 +89,7 @@ def test_bad_input_ends_in_one_error_line_without_traceback(places, args, fragme
     assert len(errors) == 1, result.output
     assert result.output.rstrip().splitlines()[-1] == errors[0]
     assert fragment in errors[0], errors[0]
+    assert not os.listdir(os.path.join(places["tmp"], "empty")), "a failed command left files in the study folder"
     print(errors[0])
 
 

@@ -130,3 +130,16 @@ def test_no_page_or_url_reveals_which_query_is_the_max_image(app, client):
         html = human.get(page).text.lower()
         assert "max_position" not in html and "query_max" not in html and "ref_max" not in html
     assert hid not in json.dumps(truth)
+
+
+def test_an_app_for_a_folder_without_stimuli_fails_before_it_makes_a_database(tmp_path):
+    """The WSGI entry point pointed at the wrong folder names the missing manifest and leaves no survey.db."""
+    from survey_app import create_app
+    from survey_app.testing import make_study_dir
+    with pytest.raises(FileNotFoundError, match="manifest"):
+        create_app({"RUN_DIR": str(tmp_path)})
+    assert list(tmp_path.iterdir()) == []
+    run_dir = make_study_dir(tmp_path / "study")
+    with pytest.raises(ValueError, match="survey.models names 'nope'"):
+        create_app({"RUN_DIR": str(run_dir), "SURVEY": {"models": ["nope"]}})
+    assert not (run_dir / "survey.db").exists()
