@@ -27,8 +27,10 @@ after every check, so a run cut short still leaves what it measured, and prints 
 Before any check it makes sure every package the project needs imports (one line names the missing
 ones; ``python -m benchmarks.wheelhouse`` builds a folder of wheels for a machine without a package
 index).  ``--budget-s`` bounds the whole run: a check still running at the budget is stopped and
-recorded as failed, and the checks after it as skipped.  Without a GPU every check that needs one
-reports ``skipped`` and the targets (which are GPU targets) are not judged: the values are ``measured``.
+recorded as failed, and the checks after it as skipped.  The full run stops at once (exit 2, one line
+saying what CUDA reports) where torch sees no GPU, so a machine whose driver does not fit its torch
+never passes by measuring nothing.  With ``--smoke`` every check that needs a GPU reports ``skipped``
+and the targets (which are GPU targets) are not judged: the values are ``measured``.
 """
 from __future__ import annotations
 
@@ -394,6 +396,16 @@ def run_check(name: str, ctx) -> dict:
     return result
 
 
+def _why_no_cuda() -> str:
+    """What the CUDA runtime says about its devices (empty when it says nothing)."""
+    import torch
+    try:
+        torch.cuda.init()
+    except Exception as err:  # noqa: BLE001 - only its message is wanted
+        return f" ({str(err).splitlines()[0]})" if str(err) else ""
+    return ""
+
+
 def write_report(out: Path, report: dict) -> None:
     """Replace ``out`` whole (written after every check, so a run cut short keeps what it measured)."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -410,7 +422,12 @@ def main(args) -> dict:
         raise SystemExit(2)
     import torch
 
-    gpu = torch.cuda.is_available() and not args.smoke
+    if not args.smoke and not torch.cuda.is_available():
+        print(f"Error: the full check needs a CUDA GPU, and torch {torch.__version__} (built for CUDA "
+              f"{torch.version.cuda or 'none'}) sees none{_why_no_cuda()}; `make gpu-check SMOKE=1` (--smoke) runs "
+              f"the same checks at tiny sizes on the CPU", file=sys.stderr)
+        raise SystemExit(2)
+    gpu = not args.smoke
     device = torch.cuda.get_device_name(0) if gpu else "cpu"
     names = args.only or CHECK_NAMES
     out = Path(args.out) if args.out else HERE / "results" / f"gpu-check-{re.sub(r'[^A-Za-z0-9]+', '-', device)}.json"

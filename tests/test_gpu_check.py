@@ -168,3 +168,20 @@ def test_the_mini_study_file_is_a_valid_googlenet_study(tmp_path, small):
     assert cfg.data.image_size == (96 if small else 224) and cfg.stimuli.fv_steps == (8 if small else 512)
     assert cfg.prune.methods == ["unstructured-global", "structured"] and cfg.prune.retrain_epochs == 1
     assert cfg.study.output_dir == str(tmp_path / "runs")
+
+
+def test_the_full_run_stops_where_torch_sees_no_gpu(monkeypatch, capsys):
+    """Without --smoke a machine whose torch sees no GPU fails at once instead of passing at smoke size."""
+    import torch
+
+    from benchmarks import gpu_check
+
+    ran = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(gpu_check, "CHECKS", {name: lambda ctx: ran.append(ctx) for name in gpu_check.CHECK_NAMES})
+    monkeypatch.setattr(gpu_check, "prepare_data", lambda work, smoke: ran.append("data") or {})
+    with pytest.raises(SystemExit) as stop:
+        gpu_check.main(gpu_check.get_args_parser().parse_args([]))
+    assert stop.value.code == 2 and ran == []
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("Error: the full check needs a CUDA GPU") and "SMOKE=1" in err
