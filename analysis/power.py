@@ -153,11 +153,13 @@ def simulate_designs(model: TrialModel, *, changes, participants, trials, margin
     rng = np.random.default_rng(seed)
     rows = []
     rates = np.asarray(model.rates)
+    if min(participants) < 3:
+        raise ValueError(f"a design needs at least 3 participants, got {min(participants)}")
+    if min(trials) < 1:
+        raise ValueError(f"a participant needs at least 1 main trial, got {min(trials)}")
     for change in changes:
         beta = model.slope_for_change(change) if change else 0.0
         for n in participants:
-            if n < 3:
-                raise ValueError(f"a design needs at least 3 participants, got {n}")
             rate = rates[np.arange(n) % len(rates)]               # participants spread over the models
             for t in trials:
                 acc = np.concatenate([_accuracies(model, beta, rate, t, size, rng)

@@ -186,6 +186,11 @@ def participant_cmd(run_dir, url, database, observer_name, weights, alpha, mode,
         summary = run_session(SurveyClient(transport), observer, api_token=token, mode=mode, condition=condition)
     except SurveyRequestError as err:
         raise click.ClickException(f"the survey refused the machine participant: {err}") from None
+    except OSError as err:
+        if not url:
+            raise
+        raise click.ClickException(f"cannot reach the survey at {url} ({err.strerror or err}); is "
+                                   f"`sparsight serve {run_dir}` running there?") from None
     out = out or Layout(run_dir).survey / f"machine-{observer.name}-{summary['session']}.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(summary["decisions"]).to_csv(out, index=False)
@@ -216,6 +221,9 @@ def responses_cmd(run_dir, database, out, table):
     from .db import database as open_database
     from .db import missing_sqlite_file
     from .export import events_frame, participants_frame, responses_frame, safe_csv
+    out = out or run_dir / f"{table}.csv"
+    if out.suffix not in (".csv", ".parquet"):
+        raise click.UsageError(f"--out {out}: choose a .csv or .parquet file")
     cfg = study_config(run_dir)
     url = database_url(run_dir, cfg, database)
     missing = missing_sqlite_file(url)
@@ -227,14 +235,11 @@ def responses_cmd(run_dir, database, out, table):
         df = {"responses": lambda: responses_frame(sessions, cfg.study.name),
               "events": lambda: events_frame(sessions, cfg.study.name),
               "participants": lambda: participants_frame(sessions)}[table]()
-    out = out or run_dir / f"{table}.csv"
     if out.suffix == ".parquet":
         out.parent.mkdir(parents=True, exist_ok=True)
         df.to_parquet(out, index=False)
-    elif out.suffix == ".csv":
-        atomic_write_text(out, safe_csv(df))
     else:
-        raise click.UsageError(f"--out {out}: choose a .csv or .parquet file")
+        atomic_write_text(out, safe_csv(df))
     click.echo(f"{out}: {len(df)} {table if table != 'participants' else 'rows'} from "
                f"{df['participant'].nunique() if len(df) else 0} sessions")
 

@@ -103,3 +103,12 @@ def test_the_trial_model_comes_from_human_responses_once_there_are_enough():
     assert model.participant_sd == pytest.approx(0.6, abs=0.15) and model.unit_sd < 0.25
     expected = np.mean([1 / (1 + np.exp(-(1.0 + a))) for a in rng.normal(0, 0.6, 100_000)])
     assert 1 / (1 + np.exp(-model.intercept)) == pytest.approx(expected, abs=0.03)
+
+
+@pytest.mark.parametrize("participants, trials, message", [([20, 2], [12], "at least 3 participants, got 2"),
+                                                            ([20], [12, 0], "at least 1 main trial, got 0"),
+                                                            ([20], [-4], "at least 1 main trial, got -4")])
+def test_a_design_without_participants_or_trials_is_refused_before_any_simulation(participants, trials, message):
+    model = TrialModel("natural", intercept=1.0, participant_sd=0.5, unit_sd=0.8, rates=(0.0, 0.5), source="")
+    with pytest.raises(ValueError, match=message):
+        simulate_designs(model, changes=[0.0], participants=participants, trials=trials, margin=0.05, simulations=10)
