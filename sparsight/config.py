@@ -44,6 +44,10 @@ def option(default: Any, doc: str = "", *, choices=None, each=None, lo=None, hi=
 # Names later packages register implementations for.  Kept here so a study file can be
 # validated without importing torch.
 MODEL_NAMES = ("inception-small", "observer-small", "googlenet", "resnet18", "resnet50", "vgg16", "alexnet")
+#: MIS embeddings: the study's observer net, raw pixels, DreamSim, or a registered model with local weights
+#: (the two embedded networks excepted: they are trained per study, not loaded).
+EMBEDDING_NAMES = ("observer", "pixels", "dreamsim") + tuple(m for m in MODEL_NAMES
+                                                             if m not in ("inception-small", "observer-small"))
 PRUNING_METHODS = ("unstructured-local", "unstructured-global", "random", "structured", "connection",
                    "lrp", "weight", "gradient", "taylor", "imp")
 CORRUPTIONS = ("gaussian_noise", "gaussian_blur", "contrast", "jpeg", "brightness", "shot_noise", "pixelate")
@@ -218,7 +222,8 @@ class StimuliSection:
 @dataclass
 class MisSection:
     embedding: str = option("observer", "similarity embedding: 'observer' (the study's observer net), a registered "
-                                        "model name with local weights, 'dreamsim', or 'pixels'")
+                                        "model name with local weights, 'dreamsim', or 'pixels'",
+                            choices=EMBEDDING_NAMES)
     embedding_weights: str = option("", "weights of a model-name embedding (file or torchvision name in the "
                                         "TORCH_HOME cache); for 'dreamsim' its local checkpoint folder",
                                     path="file-or-name")

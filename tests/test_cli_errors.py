@@ -38,6 +38,7 @@ BAD_INPUTS = {
     "run: missing study file": (["run", "missing.toml"], "missing.toml"),
     "run: study file not TOML": (["run", "broken.toml"], "is not valid TOML"),
     "run: unknown key in study file": (["run", "unknown-key.toml"], "unknown key train.epoch"),
+    "run: unknown MIS embedding": (["run", "--plan", "--set", "mis.embedding=resnet5"], "choose from"),
     "run: unknown --force stage": (["run", "--plan", "--force", "bogus"], "unknown stage 'bogus'"),
     "evaluate: not a checkpoint": (["evaluate", "/etc/passwd", "--data", "{data}"], "/etc/passwd"),
     "evaluate: corrupt checkpoint": (["evaluate", "corrupt.pt", "--data", "{data}"], "corrupt.pt"),

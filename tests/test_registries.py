@@ -16,6 +16,11 @@ REGISTRIES = {
 }
 
 
+def test_config_embedding_names_equal_what_the_embedding_factory_makes():
+    from survey_app.embeddings import embedding_names
+    assert sorted(config.EMBEDDING_NAMES) == embedding_names()
+
+
 @pytest.mark.parametrize("config_names, registry", REGISTRIES.values(), ids=REGISTRIES.keys())
 def test_config_names_equal_the_registry(config_names, registry):
     assert sorted(config_names) == sorted(registry)
