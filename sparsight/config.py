@@ -33,9 +33,10 @@ def option(default: Any, doc: str = "", *, choices=None, each=None, lo=None, hi=
     """A config field: default, one-line doc and the constraints it is checked against.
 
     ``choices`` may be a callable returning them (a registry read when the value is checked).
-    ``path``: ``"always"`` (a filesystem path), ``"file-or-name"`` (a path when it looks like one,
-    else a registry name such as a torchvision weights name) or ``"database"`` (an SQLAlchemy URL
-    whose SQLite file is a path); such values are made absolute when a study is loaded.
+    ``path``: ``"always"`` (a filesystem path the study reads), ``"output"`` (one it writes),
+    ``"file-or-name"`` (a path when it looks like one, else a registry name such as a torchvision
+    weights name) or ``"database"`` (an SQLAlchemy URL whose SQLite file is a path); such values are
+    made absolute when a study is loaded, and :func:`missing_inputs` lists the read ones that are absent.
     """
     meta = dict(doc=doc, choices=choices, each=each, lo=lo, hi=hi, hi_open=hi_open, pattern=pattern, path=path)
     return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
@@ -73,7 +74,7 @@ class StudySection:
     seed: int = option(0, "master seed; every random choice derives from it", lo=0)
     device: str = option("auto", "auto | cpu | cuda | cuda:N", pattern=DEVICE_PATTERN)
     output_dir: str = option("runs", "parent folder of study directories (relative: to the working directory)",
-                             path="always")
+                             path="output")
     progress: bool = option(True, "show progress bars")
 
 
@@ -595,11 +596,26 @@ def absolutize_paths(cfg: StudyConfig) -> StudyConfig:
             kind, value = f.metadata.get("path"), getattr(section, f.name)
             if not kind or not value:
                 continue
-            if kind == "always" or (kind == "file-or-name" and _looks_like_path(value)):
+            if kind in ("always", "output") or (kind == "file-or-name" and _looks_like_path(value)):
                 setattr(section, f.name, str(absolute(value)))
             elif kind == "database":
                 setattr(section, f.name, absolute_database_url(value))
     return cfg
+
+
+def missing_inputs(cfg: StudyConfig) -> list[str]:
+    """``"section.key: PATH does not exist"`` for every file or folder the study names to read that is
+    not there (a torchvision weights name is not a path: its cache is checked where it loads)."""
+    missing = []
+    for sec_name in _sections():
+        section = getattr(cfg, sec_name)
+        for f in dataclasses.fields(section):
+            kind, value = f.metadata.get("path"), getattr(section, f.name)
+            if not value or kind not in ("always", "file-or-name"):
+                continue
+            if (kind == "always" or _looks_like_path(value)) and not Path(value).expanduser().exists():
+                missing.append(f"{sec_name}.{f.name}: {value} does not exist")
+    return missing
 
 
 def absolute_database_url(url: str) -> str:

@@ -38,6 +38,9 @@ BAD_INPUTS = {
     "run: missing study file": (["run", "missing.toml"], "missing.toml"),
     "run: study file not TOML": (["run", "broken.toml"], "is not valid TOML"),
     "run: unknown key in study file": (["run", "unknown-key.toml"], "unknown key train.epoch"),
+    "run: embedding weights file missing, before any stage": (["run", "--set", "mis.embedding=resnet50", "--set",
+                                                               "mis.embedding_weights=w/resnet50.pt"],
+                                                              "mis.embedding_weights: {tmp}/w/resnet50.pt does not exist"),
     "run: unknown MIS embedding": (["run", "--plan", "--set", "mis.embedding=resnet5"], "choose from"),
     "run: unknown --force stage": (["run", "--plan", "--force", "bogus"], "unknown stage 'bogus'"),
     "evaluate: not a checkpoint": (["evaluate", "/etc/passwd", "--data", "{data}"], "/etc/passwd"),
@@ -93,7 +96,7 @@ def test_bad_input_ends_in_one_error_line_without_traceback(places, args, fragme
     errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
     assert len(errors) == 1, result.output
     assert result.output.rstrip().splitlines()[-1] == errors[0]
-    assert fragment in errors[0], errors[0]
+    assert fragment.format(**places) in errors[0], errors[0]
     assert not os.listdir(os.path.join(places["tmp"], "empty")), "a failed command left files in the study folder"
     print(errors[0])
 

@@ -112,6 +112,26 @@ def test_paths_that_enter_are_made_absolute_against_the_working_directory(tmp_pa
     assert moved.run_dir == tmp_path / "elsewhere" and moved.run_dir.is_absolute()
 
 
+def test_missing_inputs_names_every_absent_file_the_study_reads_and_nothing_else(tmp_path, monkeypatch):
+    from sparsight.config import missing_inputs
+
+    monkeypatch.chdir(tmp_path)
+    study = tmp_path / "s.toml"
+    study.write_text('[study]\noutput_dir = "not-yet"\n[data]\nsource = "folder"\npath = "images"\n'
+                     '[model]\nweights = "IMAGENET1K_V1"\n[observer]\nweights = "w/observer.pt"\n'
+                     '[mis]\nembedding = "resnet50"\nembedding_weights = "IMAGENET1K_V2"\n'
+                     '[dissection]\nprobe = "probe"\n[survey]\ndatabase = "sqlite:///db/survey.db"\n')
+    assert missing_inputs(load_study(study)) == [f"data.path: {tmp_path / 'images'} does not exist",
+                                                 f"observer.weights: {tmp_path / 'w' / 'observer.pt'} does not exist",
+                                                 f"dissection.probe: {tmp_path / 'probe'} does not exist"]
+    (tmp_path / "images").mkdir()
+    (tmp_path / "probe").mkdir()
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "observer.pt").write_bytes(b"")
+    assert missing_inputs(load_study(study)) == []     # outputs, databases and weights names are not inputs to find
+    assert missing_inputs(StudyConfig()) == []
+
+
 def test_mining_reads_files_with_the_studys_data_workers():
     from pathlib import Path
 
