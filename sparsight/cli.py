@@ -12,7 +12,7 @@ import sys
 import click
 
 from .clitools import resolve_from_cli, study_options
-from .config import describe_options, missing_inputs
+from .config import describe_options
 from .errors import user_error_message
 
 DEBUG_ENV = "SPARSIGHT_DEBUG"
@@ -94,9 +94,10 @@ def run_cmd(study_path, study_file, profile, overrides, device, name, force, sho
         click.echo(describe_options())
         return
     cfg = resolve_from_cli(study_path or study_file, profile, overrides, device, {"study.name": name})
-    missing = missing_inputs(cfg)
-    if missing and not plan:      # before any stage: not hours later, at the stage that reads the file
-        raise click.ClickException("; ".join(missing))
+    from .study import study_problems
+    problems = study_problems(cfg, pipeline_stages())
+    if problems and not plan:      # before any stage: not hours later, at the stage that needs the setting
+        raise click.ClickException("; ".join(problems))
     if plan:
         from .study import plan_study
         click.echo(cfg.to_toml())
@@ -105,8 +106,8 @@ def run_cmd(study_path, study_file, profile, overrides, device, name, force, sho
             click.echo(f"{stage.name:13s} {state:11s} {stage.description}")
             if why:
                 click.echo(f"{'':25s} ({why}")
-        for line in missing:
-            click.echo(f"missing input (the run stops before its first stage): {line}")
+        for line in problems:
+            click.echo(f"problem (the run stops before its first stage): {line}")
         return
     from pruning.training import open_study
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from .config import StudyConfig, write_study
+from .config import StudyConfig, missing_inputs, write_study
 from .environment import describe
 from .errors import NotKnownWhilePlanning
 from .files import atomic_write_text, sha256_file
@@ -22,6 +22,8 @@ from .layout import Layout
 
 
 class Stage(Protocol):
+    """A step of the study.  It may also define ``check(study) -> list[str]``: what its settings get
+    wrong, found from the configuration alone (:func:`study_problems` asks every stage before any runs)."""
     name: str
     description: str
 
@@ -113,6 +115,18 @@ def plan_study(config: StudyConfig, stages: list[Stage], *, force: tuple[str, ..
             study.records[stage.name] = study.load_record(stage.name)
         plan.append((stage, "up to date" if current else "runs"))
     return plan
+
+
+def study_problems(config: StudyConfig, stages: list[Stage]) -> list[str]:
+    """Everything the study gets wrong that shows before it runs: input files and folders that are
+    not there, and each stage's own ``check``."""
+    study = Study(config, planning=True)
+    problems = missing_inputs(config)
+    for stage in stages:
+        check = getattr(stage, "check", None)
+        if check is not None:
+            problems += check(study)
+    return problems
 
 
 def check_force(stages: list[Stage], force: tuple[str, ...]) -> None:

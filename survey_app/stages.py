@@ -181,6 +181,16 @@ class ParticipantsStage:
     name = "participants"
     description = "machine participants answer survey trials through the app's API (survey.machine_participants)"
 
+    def check(self, study) -> list[str]:
+        """``survey.models`` must be models that get stimuli."""
+        from pruning.stages import study_model_ids
+
+        cfg = study.config
+        served = list(cfg.stimuli.models) or [m for m in study_model_ids(study) if m != "observer"]
+        unknown = [m for m in cfg.survey.models if m not in served]
+        return [f"survey.models: {unknown[0]!r} gets no stimuli in this study; models with stimuli: {served}"
+                ] if unknown else []
+
     def inputs(self, study) -> dict:
         cfg = study.config
         return {"upstream": {k: study.upstream(k) for k in ("observer", "stimuli")}, "mis": asdict(cfg.mis),

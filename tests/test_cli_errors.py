@@ -116,3 +116,25 @@ def test_a_real_process_prints_one_line_and_fails(places):
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert [line for line in proc.stderr.splitlines() if line.strip()][-1].startswith("Error: ")
+
+
+SETTINGS_WRONG_BEFORE_ANY_STAGE = {
+    "unit layer": ('units.layers=["inception9"]', "layer 'inception9' does not exist; valid layers: ['conv1',"),
+    "unit index": ('units.units=["inception3b:112"]', "unit inception3b:112 is out of range: inception3b has 112"),
+    "stimulus model": ('stimuli.models=["lrp-oneshot-r0.3"]', "stimuli.models: 'lrp-oneshot-r0.3' is not a model"),
+    "survey model": ('survey.models=["base", "gone"]', "survey.models: 'gone' gets no stimuli in this study"),
+    "probe folder": ("dissection.probe=no-probe", "dissection.probe: {tmp}/no-probe does not exist"),
+}
+
+
+@pytest.mark.parametrize("setting, fragment", SETTINGS_WRONG_BEFORE_ANY_STAGE.values(),
+                         ids=SETTINGS_WRONG_BEFORE_ANY_STAGE.keys())
+def test_a_wrong_setting_stops_the_run_before_its_first_stage(places, setting, fragment):
+    """Found from the configuration alone: no data generated, nothing trained, no study directory."""
+    result = CliRunner().invoke(main, ["run", "--profile", "quick", "--set", setting])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert result.output.startswith("Error: ") and fragment.format(**places) in result.output, result.output
+    assert not os.path.exists(os.path.join(places["tmp"], "runs"))
+    plan = CliRunner().invoke(main, ["run", "--profile", "quick", "--plan", "--set", setting])
+    assert plan.exit_code == 0 and "problem (the run stops before its first stage): " in plan.output
+    assert fragment.format(**places) in plan.output

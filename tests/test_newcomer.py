@@ -158,8 +158,8 @@ def test_plan_of_a_study_with_a_database_server_connects_to_nothing(tmp_path, mo
     assert re.search(r"^mis +may run ", result.output, re.M) and "does not connect" in result.output
     assert not (tmp_path / "runs").exists()
     inputs = {"data.path": "/data/imagenet", "dissection.probe": "/data/broden1_224"}     # the study file's
-    assert [line for line in result.output.splitlines() if line.startswith("missing input")] == [
-        f"missing input (the run stops before its first stage): {key}: {path} does not exist"
+    assert [line for line in result.output.splitlines() if line.startswith("problem")] == [
+        f"problem (the run stops before its first stage): {key}: {path} does not exist"
         for key, path in inputs.items() if not Path(path).exists()]
 
 
