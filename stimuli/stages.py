@@ -187,33 +187,29 @@ def synthetic_units(study, units: list[Unit], settings: StimuliSettings, ctx) ->
     return [u for u in units if u in chosen]
 
 
-def configuration_problems(study) -> list[str]:
-    """What the study's unit and model settings get wrong, found before anything is trained: unit layers
-    and explicit units against a freshly built ``model.arch``, ``stimuli.models`` against the study's models."""
-    from pruning.models import create_model
-    from pruning.stages import study_model_ids
-
-    cfg = study.config
-    problems = []
-    try:
-        resolve_units(create_model(cfg.model.arch, num_classes=10), layers=_unit_layers(cfg),
-                      explicit=list(cfg.units.units), sampling=cfg.units.sampling, per_layer=cfg.units.units_per_layer,
-                      seed=cfg.study.seed, input_size=cfg.data.image_size)
-    except ValueError as err:
-        problems.append(f"units ({cfg.model.arch}): {err}")
-    models = [m for m in study_model_ids(study) if m != "observer"]
-    unknown = [m for m in cfg.stimuli.models if m not in models]
-    if unknown:
-        problems.append(f"stimuli.models: {unknown[0]!r} is not a model of this study; its models: {models}")
-    return problems
-
-
 class StimuliStage:
     name = "stimuli"
     description = "natural exemplars and feature visualizations for the study's units (stimulus bank)"
 
     def check(self, study) -> list[str]:
-        return configuration_problems(study)
+        """What the unit and model settings get wrong, found before anything is trained: unit layers and
+        explicit units against a freshly built ``model.arch``, ``stimuli.models`` against the study's models."""
+        from pruning.models import create_model
+        from pruning.stages import study_model_ids
+
+        cfg = study.config
+        problems = []
+        try:
+            resolve_units(create_model(cfg.model.arch, num_classes=10), layers=_unit_layers(cfg),
+                          explicit=list(cfg.units.units), sampling=cfg.units.sampling,
+                          per_layer=cfg.units.units_per_layer, seed=cfg.study.seed, input_size=cfg.data.image_size)
+        except ValueError as err:
+            problems.append(f"units ({cfg.model.arch}): {err}")
+        models = [m for m in study_model_ids(study) if m != "observer"]
+        unknown = [m for m in cfg.stimuli.models if m not in models]
+        if unknown:
+            problems.append(f"stimuli.models: {unknown[0]!r} is not a model of this study; its models: {models}")
+        return problems
 
     def inputs(self, study) -> dict:
 

@@ -30,12 +30,12 @@ def read_responses(run_dir: Path, cfg, *, every_study: bool = False, connect: bo
     from sparsight.errors import NotKnownWhilePlanning
 
     from .app import database_url
-    from .db import make_engine, missing_sqlite_file, read_only_sqlite
+    from .db import make_engine, read_only_sqlite
     from .export import RESPONSE_COLUMNS, responses_frame
     url = database_url(run_dir, cfg)
     parsed = make_url(url)
     sqlite = parsed.get_backend_name() == "sqlite"
-    if sqlite and (missing_sqlite_file(url) or not parsed.database):
+    if sqlite and not Path(parsed.database or "").is_file():
         return pd.DataFrame(columns=RESPONSE_COLUMNS)
     if not connect and not sqlite:
         raise NotKnownWhilePlanning(f"depends on the human responses in the survey database "
