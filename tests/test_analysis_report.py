@@ -771,3 +771,13 @@ def test_table_headers_align_with_their_columns(report):
     html = (run_dir / "report" / "index.html").read_text()
     assert "<th class='s'>check</th><th>value</th>" in html
     assert "<th class='s'>model</th><th class='s'>method</th>" in html and "<th>rate</th>" in html
+
+
+def test_the_answer_describes_the_fit_the_primary_slope_uses(report):
+    run_dir, results = report
+    html = (run_dir / "report" / "index.html").read_text()
+    answer = " ".join(html.split("<section id='answer'>", 1)[1].split("</section>", 1)[0].split())
+    primary = _entry(results, "mis_slope.natural.all")["sentence"]
+    assert "unit fixed effects" in primary and "clustered two-way by unit" in primary
+    assert "each unit compared with itself across models" in answer
+    assert "clustered by unit and by model" in answer and "units as random effects" not in answer
