@@ -277,7 +277,9 @@ class _ReluTrace(TorchFunctionMode):
 class _PreActivationTaps:
     """The pre-ReLU values of the target layer from forward hooks on the modules that produce them (the
     BatchNorms before the final ReLUs), found once by a traced pass: the optimization loop then runs the
-    model without tracing every operation."""
+    model without tracing every operation. Each value is kept as a copy, since the model's own ReLU may
+    run in place on it (torchvision's GoogLeNet: ``F.relu(x, inplace=True)``) and would leave the
+    post-ReLU value in a tensor kept by reference."""
 
     def __init__(self, modules: list[nn.Module]):
         self.modules, self.store, self.handles = modules, {}, []
@@ -305,7 +307,7 @@ class _PreActivationTaps:
         return cls(modules)
 
     def __enter__(self):
-        self.handles = [m.register_forward_hook(lambda m, i, o, k=k: self.store.__setitem__(k, o))
+        self.handles = [m.register_forward_hook(lambda m, i, o, k=k: self.store.__setitem__(k, o.clone()))
                         for k, m in enumerate(self.modules)]
         return self
 

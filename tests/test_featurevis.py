@@ -11,7 +11,7 @@ from torch import nn
 from pruning.models import create_model
 from stimuli.featurevis import (JITTER1, JITTER2, PAD, FeatureVisSettings, _diversity, _hooked, _LayerForward,
                                 _decorrelated, _lucent_image, _pack, _plan, _random_views, find_layer, render_units)
-from tiny_models import assert_no_hooks
+from tiny_models import TinyGoogLeNetBlock, assert_no_hooks
 
 LAYER, UNITS, SIZE, STEPS = "inception4a", [5, 40, 100], 64, 48
 
@@ -254,6 +254,42 @@ def test_pre_relu_trace_is_the_concatenated_branches_before_their_relu(model):
     torch.testing.assert_close(pre2, expected)
     torch.testing.assert_close(out2, out)
     assert_no_hooks(model)
+
+
+def test_pre_relu_taps_survive_the_in_place_relu_of_torchvisions_googlenet_blocks():
+    """torchvision's GoogLeNet ends each branch with ``F.relu(x, inplace=True)``, which overwrites the
+    BatchNorm output the taps hold: the taps must still give the values before the ReLU (negative where
+    a unit is silent) and a gradient for a silent unit, as the traced pass does."""
+    torch.manual_seed(0)
+    net = TinyGoogLeNetBlock().eval()
+    images = torch.rand(3, 3, 16, 16)
+    with _hooked(find_layer(net, "inception3a")) as store, torch.no_grad():
+        forward = _LayerForward(net, store, "inception3a", torch.float32)
+        out, traced = forward(images, trace=True)
+        forward.use_taps(images[:1])
+        assert forward.taps is not None and len(forward.taps.modules) == 4
+        out_taps, tapped = forward(images, trace=True)
+    assert (traced < 0).any()
+    torch.testing.assert_close(tapped, traced)
+    torch.testing.assert_close(out_taps, out)
+    torch.testing.assert_close(out, traced.clamp_min(0))
+
+    unit = int(traced.mean((0, 2, 3)).argmin())       # a unit mostly below zero: its ReLU passes little
+    assert (traced[:, unit] < 0).float().mean() > 0.5
+
+    def input_gradient(taps: bool) -> torch.Tensor:
+        x = images.clone().requires_grad_(True)
+        with _hooked(find_layer(net, "inception3a")) as store:
+            forward = _LayerForward(net, store, "inception3a", torch.float32)
+            if taps:
+                forward.use_taps(images[:1])
+            _, pre = forward(x, trace=True)
+            pre[:, unit].mean().backward()
+        return x.grad
+
+    # a post-ReLU objective would drop the gradient of every position below zero
+    torch.testing.assert_close(input_gradient(taps=True), input_gradient(taps=False))
+    assert_no_hooks(net)
 
 
 class DeadAtStart(nn.Module):

@@ -28,6 +28,22 @@ class TwoConvNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class TinyGoogLeNetBlock(nn.Module):
+    """A stem and one of torchvision's GoogLeNet inception blocks (``inception3a``), whose branches end in
+    ``F.relu(x, inplace=True)`` as in the full network, then a spatial mean and a classifier (10 classes)."""
+
+    def __init__(self):
+        super().__init__()
+        from torchvision.models.googlenet import BasicConv2d, Inception
+
+        self.conv1 = BasicConv2d(3, 8, kernel_size=3, padding=1)
+        self.inception3a = Inception(8, 4, 4, 6, 2, 4, 2)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(self.inception3a(self.conv1(x)).mean((2, 3)))
+
+
 def assert_no_hooks(model: nn.Module) -> None:
     """No forward, forward-pre, backward or backward-pre hook is left on ``model`` or its submodules."""
     left = {name or "<model>": [kind for kind in HOOK_KINDS if getattr(module, kind)]
