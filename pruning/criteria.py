@@ -1,11 +1,15 @@
 """Structured pruning by filter relevance: LRP (Yeom et al. 2021) and its baselines under one pipeline.
 
-Every criterion scores each output filter of the prunable convolutions; the scores are made
-comparable across layers (divided by the layer's mean score), ranked globally, and whole filters
-are removed in ascending order until the removed weights reach ``rate`` of the convolution weights
-in scope — so measured sparsity meets the requested rate for every criterion, as it does for the
-unstructured methods.  A layer always keeps at least one filter.  Filters that are already zero
-(an earlier step of an iterative schedule) rank first, so masks of successive steps are nested.
+Every criterion scores each output filter of the prunable convolutions; the scores are scaled per
+layer as the criterion's own literature does (``layer_scale``, the reference code of Yeom et al.:
+LRP relevance and the filter L1 norm divided by the layer's sum, the Taylor score by the layer's L2
+norm (Molchanov et al. 2017), the gradient left raw), ranked globally, and whole filters are
+removed in ascending order until the removed weights reach ``rate`` of the convolution weights in
+scope — so measured sparsity meets the requested rate for every criterion, as it does for the
+unstructured methods.  The ranking then decides how much of each layer goes: for LRP, whose
+relevance is conserved from layer to layer, a layer the decision relies on little loses more.  A
+layer always keeps at least one filter.  Filters that are already zero (an earlier step of an
+iterative schedule) rank first, so masks of successive steps are nested.
 
 The data-driven criteria read the tensor each filter produces at its *site*: the BatchNorm that
 follows the conv if there is one (the canonical conv+BN unit), else the conv output.  The output
@@ -30,17 +34,32 @@ from .models.registry import unwrap
 from .structured import filter_masks, following_batchnorms
 
 
+#: How a criterion's scores are made comparable across layers before the global ranking.
+LAYER_SCALES = {
+    "sum": lambda s: s.sum(),                 # each layer's live scores sum to 1
+    "l2": lambda s: s.pow(2).sum().sqrt(),    # each layer's live scores have unit L2 norm
+    "none": None,                             # raw scores
+}
+
+
 def select_filters_globally(layers: dict[str, nn.Conv2d], scores: dict[str, torch.Tensor],
-                            rate: float) -> dict[str, torch.Tensor]:
-    """Keep-masks over output filters: lowest normalized scores go first until ``rate`` of the weights."""
+                            rate: float, layer_scale: str = "sum") -> dict[str, torch.Tensor]:
+    """Keep-masks over output filters: lowest scaled scores go first until ``rate`` of the weights.
+
+    ``layer_scale`` (a key of :data:`LAYER_SCALES`) divides each layer's scores by the sum or the L2
+    norm of its live filters' scores, or leaves them raw."""
+    if layer_scale not in LAYER_SCALES:
+        raise ValueError(f"unknown layer_scale {layer_scale!r}; choose from {sorted(LAYER_SCALES)}")
+    scale = LAYER_SCALES[layer_scale]
     names = list(layers)
     norm_scores, layer_ids, costs = [], [], []
     for i, name in enumerate(names):
         w = layers[name].weight.detach()
         s = scores[name].detach().double().cpu().clone()
         dead = (w.reshape(w.shape[0], -1).abs().sum(1) == 0).cpu()
-        live_mean = s[~dead].mean() if (~dead).any() else torch.tensor(0.0, dtype=torch.float64)
-        s = s / live_mean if live_mean > 0 else torch.zeros_like(s)
+        if scale is not None:
+            ref = scale(s[~dead]) if (~dead).any() else torch.tensor(0.0, dtype=torch.float64)
+            s = s / ref if ref > 0 else torch.zeros_like(s)
         s[dead] = -1.0
         norm_scores.append(s)
         layer_ids.append(torch.full((len(s),), i))
@@ -69,6 +88,7 @@ class FilterCriterion(PruningMethod):
     structured = True
     kinds = (nn.Conv2d,)
     needs_data = False
+    layer_scale = "sum"       # a key of LAYER_SCALES
 
     def __init__(self, input_size: int = 64):
         self.input_size = input_size
@@ -79,7 +99,7 @@ class FilterCriterion(PruningMethod):
         if self.needs_data and not data:
             raise PruningError(f"method {self.name!r} scores filters on reference images; pass data=[batches]")
         scores = self.filter_scores(unwrap(model), layers, data)
-        keep = select_filters_globally(layers, scores, rate)
+        keep = select_filters_globally(layers, scores, rate, self.layer_scale)
         return filter_masks(model, layers, keep, self.input_size)
 
     def filter_scores(self, model: nn.Module, layers: dict[str, nn.Conv2d], data) -> dict[str, torch.Tensor]:
@@ -159,8 +179,9 @@ class ActivationCriterion(FilterCriterion):
 
 @register_method("gradient")
 class GradientCriterion(ActivationCriterion):
-    """Baseline: filters ranked globally by Σ_hw |∂y/∂a| over the reference images."""
+    """Baseline: filters ranked globally by Σ_hw |∂y/∂a| over the reference images (raw, as Yeom et al.)."""
     criterion = "|dy/da| (global)"
+    layer_scale = "none"
 
     def channel_scores(self, act, grad):
         return grad.abs().sum((0, 2, 3))
@@ -168,8 +189,10 @@ class GradientCriterion(ActivationCriterion):
 
 @register_method("taylor")
 class TaylorCriterion(ActivationCriterion):
-    """Baseline: filters ranked globally by the first-order Taylor score |Σ_hw a·∂y/∂a|."""
-    criterion = "|a·dy/da| (global)"
+    """Baseline: filters ranked globally by the first-order Taylor score |Σ_hw a·∂y/∂a|, each layer
+    scaled to unit L2 norm (Molchanov et al. 2017)."""
+    criterion = "|a·dy/da| (global, layer L2-normalized)"
+    layer_scale = "l2"
 
     def channel_scores(self, act, grad):
         return (act * grad).sum((2, 3)).abs().sum(0)

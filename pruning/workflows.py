@@ -201,7 +201,7 @@ def prune_and_save(cfg, data_root: str | Path, parent_dir: str | Path, out_dir: 
     settings = retrain_settings(cfg, cfg.prune.iterative_epochs if job.schedule == "iterative" else None)
     p, d = cfg.prune, cfg.data
     method = job.method_instance(d.image_size)
-    fp = _prune_fingerprint(cfg, data_root, job, parent_ckpt.sha256, settings, method.needs_data)
+    fp = _prune_fingerprint(cfg, data_root, job, parent_ckpt.sha256, settings, method)
     meta = reusable_meta(out_dir, fp) if reuse else None
     if meta is not None:
         if robustness:
@@ -236,12 +236,14 @@ def prune_and_save(cfg, data_root: str | Path, parent_dir: str | Path, out_dir: 
     return meta
 
 
-def _prune_fingerprint(cfg, data_root, job, parent_sha: str, settings: TrainSettings, needs_data: bool) -> str:
-    """What a pruned model depends on: job, parent, retraining, data, reference set, BN recalibration."""
+def _prune_fingerprint(cfg, data_root, job, parent_sha: str, settings: TrainSettings, method) -> str:
+    """What a pruned model depends on: job, parent, retraining, data, reference set, a filter criterion's
+    layer scaling, BN recalibration."""
     p, d = cfg.prune, cfg.data
     return job_fingerprint({"job": asdict(job), "parent": parent_sha, "settings": asdict(settings),
                             "data": str(data_root), "loader": [d.image_size, d.batch_size, d.augment, d.cache],
-                            "reference": p.lrp_images_per_class if needs_data else None,
+                            "reference": p.lrp_images_per_class if method.needs_data else None,
+                            **({"layer_scale": method.layer_scale} if hasattr(method, "layer_scale") else {}),
                             **({"bn_recalibration": p.bn_recalibration_batches}
                                if p.bn_recalibration_batches else {})})
 

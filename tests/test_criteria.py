@@ -145,18 +145,40 @@ def _layers(*shapes):
     return {f"c{i}": nn.Conv2d(cin, cout, 3) for i, (cin, cout) in enumerate(shapes)}
 
 
-def test_global_selection_removes_lowest_normalized_scores_until_the_weight_budget():
+@pytest.mark.parametrize("layer_scale, divide", [("sum", lambda v: v.sum()), ("l2", lambda v: v.norm()),
+                                                  ("none", lambda v: 1.0)])
+def test_global_selection_removes_lowest_scaled_scores_until_the_weight_budget(layer_scale, divide):
     layers = _layers((2, 4), (4, 8))
     scores = {"c0": torch.tensor([1.0, 2.0, 3.0, 6.0]), "c1": torch.arange(1.0, 9.0)}
-    keep = select_filters_globally(layers, scores, 0.5)
+    keep = select_filters_globally(layers, scores, 0.5, layer_scale)
     removed = sum(int((~keep[n]).sum()) * layers[n].weight[0].numel() for n in layers)
     total = sum(m.weight.numel() for m in layers.values())
     assert removed >= 0.5 * total
-    # normalized: c0 = [1,2,3,6]/3, c1 = [1..8]/4.5; the removed set is a prefix of the joint order
-    norm = [(s / v.mean()).tolist() for v in scores.values() for s in [v]]
-    flat = sorted((s, n, i) for n, vals in zip(scores, norm) for i, s in enumerate(vals))
+    # scaled per layer, the removed set is a prefix of the joint order of all filters
+    flat = sorted((float(s / divide(v)), n, i) for n, v in scores.items() for i, s in enumerate(v))
     cut = max(s for s, n, i in flat if not keep[n][i])
     assert all(not keep[n][i] for s, n, i in flat if s < cut)
+    assert all(keep[n][i] for s, n, i in flat if s > cut)
+
+
+def test_the_global_ranking_decides_how_much_of_each_layer_goes():
+    """Two layers of equal cost, one scored uniformly low: scaled by the layer sum (LRP, as Yeom et al.),
+    the bigger layer's filters carry less each and it loses more; per-layer-mean scaling would remove the
+    same share of both."""
+    layers = _layers((3, 4), (3, 16))
+    torch.manual_seed(1)
+    scores = {"c0": torch.rand(4) + 1, "c1": torch.rand(16) + 1}
+    keep = select_filters_globally(layers, scores, 0.4, "sum")
+    share = {n: 1 - float(k.float().mean()) for n, k in keep.items()}
+    assert share["c1"] > 0.45 and share["c0"] == 0.0
+    with pytest.raises(ValueError, match="unknown layer_scale 'mean'; choose from"):
+        select_filters_globally(layers, scores, 0.4, "mean")
+
+
+@pytest.mark.parametrize("name, layer_scale", [("lrp", "sum"), ("weight", "sum"), ("taylor", "l2"),
+                                               ("gradient", "none")])
+def test_each_filter_criterion_scales_its_layers_as_its_reference_code(name, layer_scale):
+    assert create_method(name).layer_scale == layer_scale
 
 
 def test_global_selection_keeps_one_filter_per_layer_and_prunes_dead_filters_first():
