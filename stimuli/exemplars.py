@@ -9,7 +9,9 @@ extreme) bin its query.  The min side does the same with the bottom list.
 With ``query_percentile=p > 0`` (IMI's harder variants, e.g. 99, 95, 85) the queries come instead
 from the N images around the p-th percentile of the unit's full activation distribution (max
 queries) and around the (100−p)-th (min queries); the references are the top / bottom N·K ranks
-in K bins as before.  This needs the unit's recorded activations (``mine(..., record=...)``).
+in K bins as before.  This needs the unit's recorded activations (``mine(..., record=...)``).  Tied
+activations (a block of zeros after a ReLU) are ordered by a seeded random permutation of the unit,
+never by dataset order, and an image that is already one of the unit's references is never a query.
 
 The shuffles of a unit are seeded from ``(seed, layer, unit)`` only, so a unit's tasks do not
 depend on which other units are selected.
@@ -57,9 +59,9 @@ class Task:
         return [idx for _, idx, _, _ in self.items()]
 
 
-def unit_generator(seed: int, layer: str, unit: int) -> torch.Generator:
-    """A CPU generator seeded from ``(seed, layer, unit)`` alone."""
-    digest = hashlib.sha256(f"exemplars:{seed}:{layer}:{unit}".encode()).digest()
+def unit_generator(seed: int, layer: str, unit: int, purpose: str = "exemplars") -> torch.Generator:
+    """A CPU generator seeded from ``(purpose, seed, layer, unit)`` alone."""
+    digest = hashlib.sha256(f"{purpose}:{seed}:{layer}:{unit}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2 ** 63 - 1))
 
 
@@ -81,16 +83,29 @@ def _fair_bins(items: list[Item], n: int, generator: torch.Generator) -> list[li
     return bins
 
 
-def _percentile_window(values: torch.Tensor, percentile: float, n: int, descending: bool) -> tuple[list[Item], int]:
-    """The ``n`` images ranked around ``percentile`` (from the top when ``descending``); also the count."""
-    valid = (~values.isnan()).nonzero().flatten()           # ascending dataset indices
+def _percentile_window(values: torch.Tensor, percentile: float, n: int, descending: bool,
+                       generator: torch.Generator, exclude: torch.Tensor) -> tuple[list[Item], int, int]:
+    """The ``n`` images ranked around ``percentile`` (from the top when ``descending``); also the count
+    and the first rank of the ``n`` ranks around the percentile.
+
+    Ties are ordered by a random permutation from ``generator``; the dataset indices in ``exclude``
+    keep their rank but are never chosen."""
+    valid = (~values.isnan()).nonzero().flatten()
+    valid = valid[torch.randperm(len(valid), generator=generator)]         # ties: seeded random order
     vals = values[valid]
-    order = torch.sort(vals, descending=descending, stable=True).indices   # ties: smaller index first
+    order = torch.sort(vals, descending=descending, stable=True).indices
     count = len(valid)
     centre = round((1 - percentile / 100) * (count - 1))    # 0-based rank of the percentile
-    start = min(max(centre - n // 2, 0), max(count - n, 0))
-    chosen = order[start:start + n]
-    return _items(valid[chosen], vals[chosen], first_rank=start + 1), count
+    first = min(max(centre - n // 2, 0), max(count - n, 0))
+    ranked, ranked_vals = valid[order], vals[order]
+    positions = torch.arange(count)
+    free = ~torch.isin(ranked, exclude)
+    ranked, ranked_vals, positions = ranked[free], ranked_vals[free], positions[free]
+    at = int(torch.searchsorted(positions, centre))          # the percentile among the free images
+    start = min(max(at - n // 2, 0), max(len(ranked) - n, 0))
+    chosen = slice(start, start + n)
+    return [(int(i), int(r) + 1, float(v)) for i, r, v in
+            zip(ranked[chosen].tolist(), positions[chosen].tolist(), ranked_vals[chosen].tolist())], count, first + 1
 
 
 class OverlappingExemplars(ValueError):
@@ -130,8 +145,10 @@ def select_tasks(mining: LayerMining, unit: int, *, n_tasks: int = 20, n_referen
         if recorded is None:
             raise ValueError(f"query_percentile={query_percentile} needs the full activations of unit {name}: "
                              f"mine with record={{{mining.layer!r}: [{unit}, ...]}}")
-        top += _percentile_query(recorded, query_percentile, n, k, name, descending=True)
-        bottom += _percentile_query(recorded, query_percentile, n, k, name, descending=False)
+        references = torch.tensor([i for i, _, _ in top + bottom], dtype=torch.long)
+        ties = unit_generator(seed, mining.layer, identity, purpose="percentile-ties")
+        top += _percentile_query(recorded, query_percentile, n, k, name, True, ties, references)
+        bottom += _percentile_query(recorded, query_percentile, n, k, name, False, ties, references)
     overlap = {i for i, _, _ in top} & {i for i, _, _ in bottom}
     if overlap:
         raise OverlappingExemplars(
@@ -144,10 +161,10 @@ def select_tasks(mining: LayerMining, unit: int, *, n_tasks: int = 20, n_referen
 
 
 def _percentile_query(recorded: torch.Tensor, percentile: float, n: int, k: int, name: str,
-                      descending: bool) -> list[Item]:
-    window, count = _percentile_window(recorded.detach().cpu().float(), percentile, n, descending)
-    first_rank = window[0][1] if window else 0
-    if count < n or first_rank <= n * k:
+                      descending: bool, generator: torch.Generator, references: torch.Tensor) -> list[Item]:
+    window, count, first_rank = _percentile_window(recorded.detach().cpu().float(), percentile, n, descending,
+                                                   generator, references)
+    if count < n or first_rank <= n * k or len(window) < n:
         side, p = ("max", percentile) if descending else ("min", 100 - percentile)
         raise ValueError(f"unit {name}: the {side} queries around the {p:g}th percentile (ranks {first_rank}–"
                          f"{first_rank + n - 1} of {count}) would overlap the {n * k} reference ranks; the dataset is "

@@ -142,3 +142,26 @@ def test_an_exemplar_shows_exactly_the_crop_the_network_was_shown(tmp_path, size
     as_input = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)(transforms.functional.to_tensor(shown))
     seen = build_transform(size, train=False)(Image.open(path).convert("RGB"))
     assert shown.size == (size, size) and torch.allclose(as_input, seen, atol=1e-6)
+
+
+def test_percentile_queries_in_a_block_of_ties_are_seeded_and_never_a_reference():
+    """After a ReLU, 40 % of the images tie at exactly 0 and the min queries' window falls inside that
+    block: the queries are drawn from it in a seeded random order (not dataset order) and none of them is
+    one of the unit's references."""
+    gen = torch.Generator().manual_seed(3)
+    acts = torch.randn(2000, 2, generator=gen).clamp_min(0) * (torch.rand(2000, 2, generator=gen) > 0.2)
+    n, k = 5, 3
+    lm = mined(acts, n * k, record=[1])
+    zeros = (acts[:, 1] == 0).nonzero().flatten().tolist()
+    assert len(zeros) > 0.4 * len(acts)
+    tasks = select_tasks(lm, 1, n_tasks=n, n_references=k, query_percentile=85, seed=0)
+    references = {i for t in tasks for i in [*t.max_refs, *t.min_refs]}
+    queries = [t.min_query for t in tasks]
+    assert all(acts[q, 1] == 0 for q in queries)
+    assert not references & set(queries) and not references & {t.max_query for t in tasks}
+    in_dataset_order = [i for i in zeros if i not in references][:n]
+    assert sorted(queries) != in_dataset_order
+    assert {t.min_query for t in select_tasks(lm, 1, n_tasks=n, n_references=k, query_percentile=85,
+                                              seed=0)} == set(queries)
+    assert {t.min_query for t in select_tasks(lm, 1, n_tasks=n, n_references=k, query_percentile=85,
+                                              seed=1)} != set(queries)
