@@ -104,13 +104,14 @@ def blur_params(severity: int, height: int, width: int) -> tuple[float, int]:
 
 @register_corruption("gaussian_blur")
 def gaussian_blur(x01: torch.Tensor, severity: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Separable Gaussian blur with reflect padding; σ per :data:`BLUR_SIGMA_AT_224`."""
+    """Separable Gaussian blur, edges extended by their nearest pixel as ImageNet-C's
+    ``skimage.filters.gaussian`` (mode ``'nearest'``); σ per :data:`BLUR_SIGMA_AT_224`."""
     n, c, h, w = x01.shape
     sigma, radius = blur_params(severity, h, w)
     k = gaussian_kernel1d(sigma, radius, x01.dtype, x01.device)
     y = x01.reshape(n * c, 1, h, w)
-    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
-    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="reflect"), k.view(1, 1, -1, 1))
+    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="replicate"), k.view(1, 1, -1, 1))
     return y.reshape(n, c, h, w).clamp_(0, 1)
 
 

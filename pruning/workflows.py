@@ -101,8 +101,10 @@ ROBUSTNESS_SUBSET = "stratified-v1"     # how robustness images are chosen; a ch
 
 
 def _robustness_fingerprint(cfg, parent_sha: str | None) -> str:
+    """What a robustness report depends on; the corruption noise is drawn per evaluation batch, so the
+    batch size is part of it (every model of a study is then measured on the same noise)."""
     return job_fingerprint({"evaluate": asdict(cfg.evaluate), "parent": parent_sha, "seed": cfg.study.seed,
-                            "subset": ROBUSTNESS_SUBSET})
+                            "subset": ROBUSTNESS_SUBSET, "eval_batch_size": cfg.data.eval_batch_size})
 
 
 def refresh_robustness(cfg, data_root, out_dir: Path, meta: dict, ctx: DistContext, parent=None,

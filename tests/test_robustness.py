@@ -136,13 +136,23 @@ def test_gaussian_blur_equals_direct_2d_convolution(size, severity):
     k1 = np.exp(-t ** 2 / (2 * sigma ** 2))
     k2 = np.outer(k1, k1) / np.outer(k1, k1).sum()
     img = x.numpy()
-    padded = np.pad(img, ((0, 0), (0, 0), (r, r), (r, r)), mode="reflect")
+    padded = np.pad(img, ((0, 0), (0, 0), (r, r), (r, r)), mode="edge")      # skimage's mode='nearest'
     ref = np.zeros_like(img)
     for dy in range(2 * r + 1):
         for dx in range(2 * r + 1):
             ref += k2[dy, dx] * padded[:, :, dy:dy + size, dx:dx + size]
     out = rb.corrupt(x, "gaussian_blur", severity)
     np.testing.assert_allclose(out.numpy(), np.clip(ref, 0, 1), atol=1e-9)
+
+
+def test_gaussian_blur_equals_imagenet_c_s_skimage_filter_at_its_edges():
+    """ImageNet-C blurs with ``skimage.filters.gaussian`` (scipy's ``gaussian_filter``, mode 'nearest',
+    truncate 4): the same values, borders included, at 224 px and severity 1 (σ = 1)."""
+    from scipy.ndimage import gaussian_filter
+
+    x = torch.rand(1, 3, 224, 224, generator=gen(11), dtype=torch.float64)
+    ref = np.stack([gaussian_filter(x[0, c].numpy(), sigma=1.0, mode="nearest", truncate=4.0) for c in range(3)])
+    np.testing.assert_allclose(rb.corrupt(x, "gaussian_blur", 1)[0].numpy(), np.clip(ref, 0, 1), atol=1e-9)
 
 
 def test_brightness_equals_an_hsv_round_trip():

@@ -160,6 +160,12 @@ def test_prune_command_writes_models_with_measured_sparsity_and_robustness(train
     before = (run_dir / "models" / "lrp-oneshot-r0.40" / "model.pt").stat().st_mtime_ns
     assert CliRunner().invoke(main, args).exit_code == 0
     assert (run_dir / "models" / "lrp-oneshot-r0.40" / "model.pt").stat().st_mtime_ns == before
+    # the corruption noise is drawn per evaluation batch: another batch size measures robustness again,
+    # on the same model
+    robust = read_meta(run_dir / "models" / "lrp-oneshot-r0.40")["robustness"]["fingerprint"]
+    assert CliRunner().invoke(main, [*args, "--set", "data.eval_batch_size=7"]).exit_code == 0
+    assert (run_dir / "models" / "lrp-oneshot-r0.40" / "model.pt").stat().st_mtime_ns == before
+    assert read_meta(run_dir / "models" / "lrp-oneshot-r0.40")["robustness"]["fingerprint"] != robust
 
 
 @pytest.mark.parametrize("extra, fragment", [
