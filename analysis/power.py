@@ -9,8 +9,10 @@ Human side: a simulation from a trial-level model of the survey,
 
     logit P(correct) = β₀ + b_participant + c_unit + β₁·rate,   b ~ N(0, σ_p²), c ~ N(0, σ_u²),
 
-with each participant assigned to one model of the study (condition_by "model-kind", as in IMI) and
-shown ``trials`` main trials on that model's units.  β₀, σ_p and σ_u come from the study's human
+with each participant assigned to one model of the study and one reference kind (condition_by
+"model-kind", as in IMI), the models taken in turn as the survey balances them, and shown ``trials``
+main trials on that model's units.  Participant counts are per reference kind: a survey serving two
+kinds needs twice as many in all.  β₀, σ_p and σ_u come from the study's human
 main trials when there are enough of them, else β₀ and σ_u from the base model's unit MIS (the
 machine observer's P(correct)) and σ_p from ``analysis.power_participant_sd``; the table says which.
 β₁ is set so that the population-averaged accuracy changes by the stated amount over the study's
@@ -87,7 +89,7 @@ class TrialModel:
     intercept: float            # β₀, logit of accuracy at rate 0
     participant_sd: float       # σ_p (logit)
     unit_sd: float              # σ_u (logit)
-    rates: tuple[float, ...]    # the rates of the study's models (participants are spread over them)
+    rates: tuple[float, ...]    # one rate per model of the survey (participants are spread over the models)
     source: str
 
     @property
@@ -118,8 +120,10 @@ class TrialModel:
 
 def fit_trial_model(kind: str, mis_units: pd.DataFrame, trials: pd.DataFrame, rates, assumed_participant_sd: float
                     ) -> TrialModel:
-    """β₀, σ_p, σ_u of ``kind`` from human main trials (enough participants), else from the base model's MIS."""
-    rates = tuple(sorted({float(r) for r in rates}))
+    """β₀, σ_p, σ_u of ``kind`` from human main trials (enough participants), else from the base model's MIS.
+
+    ``rates``: one per model the survey serves (a rate shared by several models appears once per model)."""
+    rates = tuple(sorted(float(r) for r in rates))
     human = trials[(trials["kind"] == kind)] if len(trials) and "kind" in trials else trials
     if len(human) and human["participant"].nunique() >= MIN_HUMAN_PARTICIPANTS:
         low = human[human["rate"] == human["rate"].min()]
@@ -230,8 +234,11 @@ def study_power(data, entries, *, changes=None, participants=(20, 40, 80, 160, 3
     if units.empty:
         out["notes"].append("no MIS results: nothing to simulate from")
         return out
-    rates = sorted(units["rate"].dropna().unique())
-    if len(rates) < 2:
+    served = units.drop_duplicates("model_id")
+    if cfg.survey.models:
+        served = served[served["model_id"].isin(cfg.survey.models)]
+    rates = served["rate"].dropna().tolist()           # one per model: the survey balances over models
+    if len(set(rates)) < 2:
         out["notes"].append("the study's models have one pruning rate: no slope to plan for")
         return out
     from .load import human_main

@@ -781,3 +781,13 @@ def test_the_answer_describes_the_fit_the_primary_slope_uses(report):
     assert "unit fixed effects" in primary and "clustered two-way by unit" in primary
     assert "each unit compared with itself across models" in answer
     assert "clustered by unit and by model" in answer and "units as random effects" not in answer
+
+
+def test_the_human_power_simulation_spreads_participants_over_the_models_as_the_survey_does(report):
+    """The survey balances participants over (model, kind) conditions: the simulation takes one rate per
+    model, so the base model gets one model's share of participants, not one rate's."""
+    run_dir, results = report
+    per_model = sorted(m["rate"] for m in results["models"])
+    assert len(per_model) > len(set(per_model))             # several methods share each pruned rate
+    for trial_model in results["power"]["trial_models"]:
+        assert trial_model["rates"] == per_model
