@@ -249,6 +249,15 @@ def trials_from_responses(responses: pd.DataFrame, models: pd.DataFrame | None =
         "observer": col("observer", "").fillna("").astype(str),
         "condition": col("condition", "").fillna("").astype(str),
     })
+    if "participant_stage" in r:
+        # the survey judges a session by its rules only when it ends: a person who left part-way was never
+        # checked (catch trials, times, buttons), so their answers do not enter the analysis
+        stage = r["participant_stage"].fillna("").astype(str)
+        unfinished = ~out["is_machine"] & (stage != "complete")
+        out.loc[unfinished, "excluded"] = True
+        out.loc[unfinished, "exclusion_reasons"] = [
+            "; ".join(filter(None, [reason, f"incomplete (left at {s or 'an unknown stage'})"]))
+            for reason, s in zip(out.loc[unfinished, "exclusion_reasons"], stage[unfinished])]
     if out["correct"].isna().any():
         raise ValueError(f"{int(out['correct'].isna().sum())} responses have no 'correct' value")
     out["correct"] = out["correct"].astype(int)

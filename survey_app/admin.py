@@ -53,10 +53,10 @@ def index():
     responses = responses_frame(sessions, service.study_name)
     humans = people[~people["is_machine"]] if len(people) else people
     stages = humans["stage"].value_counts().to_dict() if len(humans) else {}
-    main = responses[(responses["block"] == "main") & ~responses["is_machine"]] if len(responses) else responses
+    main = (responses[(responses["trial_type"] == "main") & ~responses["is_machine"]] if len(responses)
+            else responses)      # the main trials alone: catch trials have their own rule
     per_condition = _table(main, ["condition"])
-    per_unit = _table(main[main["trial_type"] == "main"] if len(main) else main,
-                      ["model_id", "kind", "layer", "unit"])
+    per_unit = _table(main, ["model_id", "kind", "layer", "unit"])
     with sessions() as s:
         counts = service.balance_counts(s)
     excluded = humans[humans["excluded"].fillna(False).astype(bool)] if len(humans) else humans

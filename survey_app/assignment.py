@@ -132,11 +132,14 @@ def main_block(material: Material, items: list[Item], n_main: int, n_catch: int,
     for item in catch_items:
         task = rng.choice(reserved_tasks(material, item, reserved) or main_tasks(material, item, 0))
         catch.append((item, task, rng.randrange(len(material.task(item, task).ref_max))))
-    kinds = [("main", i, t, None) for i, t in main] + [("catch", i, t, r) for i, t, r in catch]
+    # query positions balanced among the main trials themselves (the analysed ones) and among the catch trials
+    main_positions = balanced_positions(len(main), rng_of("positions"))
+    catch_positions = balanced_positions(len(catch), rng_of("catch-positions"))
+    kinds = ([("main", i, t, None, q) for (i, t), q in zip(main, main_positions)]
+             + [("catch", i, t, r, q) for (i, t, r), q in zip(catch, catch_positions)])
     rng_of("order").shuffle(kinds)
-    positions = balanced_positions(len(kinds), rng_of("positions"))
-    return [TrialSpec("main", 0, pos, ttype, item, task, positions[pos], ref)
-            for pos, (ttype, item, task, ref) in enumerate(kinds)]
+    return [TrialSpec("main", 0, pos, ttype, item, task, query, ref)
+            for pos, (ttype, item, task, ref, query) in enumerate(kinds)]
 
 
 def exhaustive_block(material: Material, items: list[Item], rng_of) -> list[TrialSpec]:

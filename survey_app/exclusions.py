@@ -31,7 +31,7 @@ def catch_accuracy(participant, answered, settings) -> RuleResult:
 
 
 def answers_per_position(participant, answered, settings) -> RuleResult:
-    main = [r for t, r in answered if t.block == "main"]
+    main = [r for t, r in answered if t.trial_type == "main"]     # not the catch trials of the block
     fewest = min(sum(r.choice == side for r in main) for side in ("upper", "lower")) if main else 0
     ok = fewest >= settings.min_answers_per_position
     return RuleResult("answers_per_position", float(fewest), ok,
@@ -58,7 +58,7 @@ def total_time(participant, answered, settings) -> RuleResult:
 def button_variability(participant, answered, settings) -> RuleResult:
     """IMI's response-variability rule: a participant who presses one button (row and confidence) for
     nearly every main trial is not doing the task."""
-    main = [r for t, r in answered if t.block == "main"]
+    main = [r for t, r in answered if t.trial_type == "main"]     # not the catch trials of the block
     if not main:
         return RuleResult("button_variability", None, True, "no main trials")
     counts: dict = {}

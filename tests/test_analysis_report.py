@@ -135,7 +135,7 @@ def _responses(models, rng, participants: int = 12) -> pd.DataFrame:
     df = df.assign(study="fake", bank_hash="h", external_id="", condition="all", block="main", attempt=0,
                    position=np.arange(n) % 45, trial=[f"t{i}" for i in range(n)], task=0, max_position="upper",
                    choice="upper", confidence=rng.integers(1, 4, n), rt_ms=rng.normal(2500, 400, n).round(),
-                   server_ms=2600, responded_at="2024-01-01T00:00:00", participant_stage="done")
+                   server_ms=2600, responded_at="2024-01-01T00:00:00", participant_stage="complete")
     df["is_machine"] = df["is_machine"].fillna(False).astype(bool) if "is_machine" in df else False
     df["observer"] = df["observer"].fillna("") if "observer" in df else ""
     return df[RESPONSE_COLUMNS]
@@ -791,3 +791,21 @@ def test_the_human_power_simulation_spreads_participants_over_the_models_as_the_
     assert len(per_model) > len(set(per_model))             # several methods share each pruned rate
     for trial_model in results["power"]["trial_models"]:
         assert trial_model["rates"] == per_model
+
+
+def test_a_person_who_left_part_way_is_excluded_as_incomplete_not_analysed_unchecked():
+    """The survey applies its rules when a session ends; a session left in the main block has
+    ``excluded`` empty, and its answers must not count as an included participant's."""
+    from analysis.load import trials_from_responses
+    from analysis.report import split_humans
+
+    responses = _responses(_models(), np.random.default_rng(5), participants=4)
+    left = responses["participant"] == "p01"
+    responses.loc[left, "participant_stage"] = "main"
+    responses["excluded"] = responses["excluded"].astype(object)
+    responses.loc[left, "excluded"] = None
+    humans = split_humans(trials_from_responses(responses, pd.DataFrame(_models()).assign(sparsity=0.0)))
+    assert "p01" in set(humans.all["participant"]) and "p01" not in set(humans.included["participant"])
+    assert {"p00", "p02"} <= set(humans.included["participant"])               # p03 failed its catch trials
+    reasons = dict(zip(humans.reasons["reason"], humans.reasons["participants"]))
+    assert reasons["incomplete (left at main)"] == 1 and reasons["kept"] == 2

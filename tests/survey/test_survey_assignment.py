@@ -46,6 +46,22 @@ def test_the_stored_trial_list_is_the_seeded_derivation(app):
     assert Counter(sp.trial_type for sp in main) == {"main": 6, "catch": 2}
 
 
+def test_query_positions_are_balanced_among_the_analysed_main_trials_of_every_participant(app):
+    """The main trials alone (the ones analysed) have as many max queries above as below, in every
+    session, and so do the catch trials; 40 main + 5 catch as the protocol."""
+    service = app.extensions["survey"]
+    empty = assignment.BalanceCounts(Counter(), Counter(), Counter())
+    items = next(iter(service.conditions.values()))
+    for seed in range(60):
+        def rng_of(purpose, seed=seed):
+            return assignment.make_rng(service.study_name, service.material.bank_hash, seed, purpose)
+        specs = assignment.main_block(service.material, items, 40, 5, empty, rng_of)
+        main = Counter(sp.max_position for sp in specs if sp.trial_type == "main")
+        catch = Counter(sp.max_position for sp in specs if sp.trial_type == "catch")
+        assert main == {"upper": 20, "lower": 20}, seed
+        assert abs(catch["upper"] - catch["lower"]) == 1, seed
+
+
 def test_units_and_tasks_stay_balanced_when_participants_arrive_at_once(app):
     service = app.extensions["survey"]
     n_threads, errors = 16, []

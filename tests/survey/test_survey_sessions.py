@@ -222,3 +222,28 @@ def test_one_button_for_every_main_trial_is_excluded_by_response_variability(mak
     buttons = [(r.choice, r.confidence) for r in main]
     share = max(buttons.count(b) for b in set(buttons)) / len(buttons)
     assert rule.value == share and share == 1.0 and rule.passed is False and person.excluded
+
+
+def test_the_response_rules_count_main_trials_only_not_the_catch_trials_among_them(make_app):
+    """Someone who answers 'upper' on every main trial but gets the catch trials right (their max query
+    sits below half the time) presses one button on every *main* trial: the variability and position
+    rules must see that; counting the catch trials of the block would hide it."""
+    app = make_app(main_trials=8, catch_trials=4, max_same_button_share=0.9, min_answers_per_position=1)
+    client = app.test_client()
+    sid = human_session(client)
+    head, n = csrf(client), 0
+    while (state := client.get(f"/api/sessions/{sid}").json)["stage"] in ("practice", "main"):
+        trial = state["trial"]
+        with app.config["SESSIONS"]() as s:
+            kind = s.scalars(select(Trial.trial_type).where(Trial.public_id == trial["id"])).one()
+        choice = "upper" if kind == "main" else answer(trial, app, True)
+        respond(client, sid, trial, choice, key=f"key-{n:05d}", headers=head)
+        n += 1
+    with app.config["SESSIONS"]() as s:
+        person = s.scalars(select(Participant)).one()
+        rules = {e.rule: e for e in person.exclusions}
+        catch = s.execute(select(Response).join(Trial).where(Trial.trial_type == "catch")).scalars().all()
+    assert any(r.choice == "lower" for r in catch)          # the catch answers alone would vary the buttons
+    assert rules["button_variability"].value == 1.0 and rules["button_variability"].passed is False
+    assert rules["answers_per_position"].value == 0.0 and rules["answers_per_position"].passed is False
+    assert person.excluded
