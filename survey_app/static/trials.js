@@ -93,7 +93,12 @@
     if (!preloaded.has(url)) {
       const img = new Image();
       img.src = url;
-      preloaded.set(url, img.decode().then(() => img).catch(() => { logEvent("preload_error", url); return img; }));
+      // true once decoded; a failure is logged and forgotten, so the next call tries the image again
+      preloaded.set(url, img.decode().then(() => true).catch(() => {
+        preloaded.delete(url);
+        logEvent("preload_error", url);
+        return false;
+      }));
     }
     return preloaded.get(url);
   }
@@ -130,7 +135,11 @@
     const t = state.trial;
     const urls = t.left.concat(t.right, [t.upper, t.lower]);
     $("status").textContent = "Loading…";
-    await Promise.all(urls.map(load));
+    // a trial is shown only with every image decoded: never answered over a missing image
+    for (let attempt = 0; !(await Promise.all(urls.map(load))).every(Boolean); attempt++) {
+      $("status").textContent = "Loading the images — connection problem, retrying…";
+      await sleep(Math.min(8000, 300 * 2 ** attempt));
+    }
     fillGrid($("left"), t.left);
     fillGrid($("right"), t.right);
     ["upper", "lower"].forEach((k) => { $(k).className = "query"; $(k).src = t[k]; });
@@ -148,6 +157,7 @@
     clearTimeout(unlock);
     $(answer.choice).classList.add("chosen");
     const key = S.session.slice(0, 8) + "-" + t.id + "-" + Math.random().toString(36).slice(2, 10);
+    const feedbackDue = sleep(S.timing.feedback_delay_ms);     // counted from the answer, not from the reply
     const result = await postResponse({trial: t.id, choice: answer.choice, confidence: answer.confidence,
                                        rt_ms: Math.round((answer.t - shown) * 10) / 10, key: key});
     if (result.error) {
@@ -155,7 +165,7 @@
       await sleep(1500);
       return result;
     }
-    await sleep(S.timing.feedback_delay_ms);
+    await feedbackDue;
     const chosen = $(answer.choice), right = $(result.correct_position);
     chosen.classList.remove("chosen");
     chosen.classList.add(result.correct ? "right" : "wrong");

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -87,10 +88,16 @@ class _LateApp:
 @pytest.fixture
 def live_survey(tmp_path, database_url):
     """The survey served on a free local port; its completion URL is a route of the same server."""
+    with _served(tmp_path, database_url, SETTINGS) as live:
+        yield live
+
+
+@contextmanager
+def _served(tmp_path, database_url, settings: dict):
     late = _LateApp()
     server = make_server("127.0.0.1", 0, late, threaded=True)
     base = f"http://127.0.0.1:{server.server_port}"
-    run_dir = make_study_dir(tmp_path / "study", {**SETTINGS, "completion_url": base + "/prolific-done?cc={code}"})
+    run_dir = make_study_dir(tmp_path / "study", {**settings, "completion_url": base + "/prolific-done?cc={code}"})
     app = create_app({"RUN_DIR": str(run_dir), "DATABASE_URL": database_url, "TESTING": True})
     app.add_url_rule("/prolific-done", "prolific_done", lambda: f"Prolific would now record code {request.args['cc']}")
     late.app = app
@@ -311,3 +318,66 @@ def check_database(live, answers: list[Answer]) -> None:
         return kinds if "reload" in kinds else None
     kinds = wait_until(event_kinds_once_reload_logged, what="the reload event")
     assert kinds & {"fullscreen_enter", "note"}       # full screen entered, or its refusal noted
+
+
+# ---- the network misbehaving ------------------------------------------------------------------------
+
+FEEDBACK_DELAY_MS, REPLY_DELAY_MS = 600, 500
+CLICK_RECORDER = """
+window.__clicks = [];
+window.__frames = [];
+document.addEventListener("click", (e) => {
+  if (e.target.closest && e.target.closest("button.answer")) window.__clicks.push(performance.now());
+}, true);
+document.addEventListener("DOMContentLoaded", () => {
+  const seen = new MutationObserver((records) => records.forEach((r) => {
+    if (/\\b(right|wrong)\\b/.test(r.target.className)) window.__frames.push(performance.now());
+  }));
+  ["upper", "lower"].forEach((id) => {
+    const el = document.getElementById(id);
+    if (el) seen.observe(el, {attributes: true, attributeFilter: ["class"]});
+  });
+});
+"""
+
+
+def test_a_trial_waits_for_every_image_and_its_feedback_delay_counts_from_the_answer(tmp_path, database_url, page):
+    """Every stimulus fails to load twice before it arrives, and every saved answer's reply takes
+    500 ms: the first practice trial must unlock only with all its images decoded (never answered over a
+    missing one), and the correct frame must appear the feedback delay (600 ms) after the answer, not the
+    delay after the server's reply."""
+    failures: dict[str, int] = {}
+
+    def flaky_stimulus(route):
+        url = route.request.url
+        failures[url] = failures.get(url, 0) + 1
+        route.abort() if failures[url] <= 2 else route.continue_()
+
+    def slow_reply(route):
+        if route.request.method == "POST":
+            time.sleep(REPLY_DELAY_MS / 1000)
+        route.continue_()
+
+    settings = {**SETTINGS, "feedback_delay_ms": FEEDBACK_DELAY_MS, "feedback_ms": 300}
+    with _served(tmp_path, database_url, settings) as live:
+        page.context.add_init_script(CLICK_RECORDER)
+        page.route("**/stimuli/**", flaky_stimulus)
+        page.route("**/responses", slow_reply)
+        page.goto(f"{live.base}/?" + "&".join(f"{k}={v}" for k, v in PROLIFIC.items()))
+        page.locator("#consent-box").check()
+        page.locator("#consent-submit").click()
+        page.wait_for_url(f"{live.base}/instructions")
+        page.locator("#start-practice").click()
+        page.wait_for_url(f"{live.base}/trials")
+        continue_past_overlay(page, "practice trials start now", "Start practice")
+        wait_for_trial(page)
+        widths = page.evaluate("() => Array.from(document.querySelectorAll('#left img, #right img, #upper, #lower'))"
+                               ".map((i) => i.naturalWidth)")
+        assert len(widths) == 2 * 3 + 2 and all(w > 0 for w in widths), widths
+        assert any(n > 2 for n in failures.values())          # the images did fail before they arrived
+
+        trial = current_trial(live)
+        page.locator(f'button.answer[data-choice="{trial.max_position}"][data-confidence="2"]').click()
+        page.wait_for_function("() => window.__frames.length > 0")
+        delay = page.evaluate("() => window.__frames[0] - window.__clicks[0]")
+        assert FEEDBACK_DELAY_MS - 20 <= delay < FEEDBACK_DELAY_MS + REPLY_DELAY_MS - 150, delay
