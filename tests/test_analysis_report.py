@@ -778,9 +778,9 @@ def test_the_answer_describes_the_fit_the_primary_slope_uses(report):
     html = (run_dir / "report" / "index.html").read_text()
     answer = " ".join(html.split("<section id='answer'>", 1)[1].split("</section>", 1)[0].split())
     primary = _entry(results, "mis_slope.natural.all")["sentence"]
-    assert "unit fixed effects" in primary and "clustered two-way by unit" in primary
+    assert "unit fixed effects" in primary and "two-step" in primary      # 9 models: the model-level two-step
     assert "each unit compared with itself across models" in answer
-    assert "clustered by unit and by model" in answer and "units as random effects" not in answer
+    assert "the noise a model's units share in the intervals" in answer and "random effects" not in answer
 
 
 def test_the_human_power_simulation_spreads_participants_over_the_models_as_the_survey_does(report):
