@@ -9,7 +9,8 @@ and keeps them.  The analyses are the report's own functions, called on these ta
   ``"rate"`` row of its ``table`` holds the slope and its 95 % CI, and ``formula="mis ~ rate + top1"``
   gives the secondary, accuracy-adjusted model; ``statistics.unit_mixed_model`` the unit mixed model
   the report shows beside it;
-* **the dose–response shape** — ``statistics.dose_response(d["rate"], d["mis"])`` on the same rows;
+* **the dose–response shape** — with ``m = statistics.model_level_mis(d)`` (one point per model, each unit
+  compared with itself), ``statistics.dose_response(m["rate"], m["mis"])``;
 * **trial level**, with ``h = run.humans[run.humans["kind"] == "natural"]`` —
   ``statistics.mixed_logistic(h, "correct ~ rate")`` (the primary human model; then
   ``statistics.predicted_change(fit, 0.0, h["rate"].max(), margin=0.05)`` for the accuracy change over

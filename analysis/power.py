@@ -29,12 +29,12 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from .statistics import averaged_accuracy
+
 #: Target power of the tables.
 POWER = 0.8
 #: Human participants (or main trials) needed before the simulation takes its parameters from them.
 MIN_HUMAN_PARTICIPANTS = 10
-_GH_NODES, _GH_WEIGHTS = np.polynomial.hermite_e.hermegauss(41)
-_GH_WEIGHTS = _GH_WEIGHTS / _GH_WEIGHTS.sum()
 
 
 def _logit(p):
@@ -98,8 +98,7 @@ class TrialModel:
 
     def mean_accuracy(self, slope: float, rate: float) -> float:
         """Population-averaged accuracy at ``rate`` for logit slope ``slope`` (Gauss–Hermite over b + c)."""
-        sd = math.hypot(self.participant_sd, self.unit_sd)
-        return float(np.sum(_GH_WEIGHTS * _expit(self.intercept + slope * rate + sd * _GH_NODES)))
+        return float(averaged_accuracy(self.intercept + slope * rate, math.hypot(self.participant_sd, self.unit_sd)))
 
     def slope_for_change(self, change: float) -> float:
         """The logit slope whose population-averaged accuracy changes by ``change`` over the rate span."""

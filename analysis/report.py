@@ -284,8 +284,8 @@ def answers(entries: list, cfg: StudyConfig) -> list[dict]:
 
 
 def human_answer(e, cfg: StudyConfig) -> dict:
-    """The answer from people for one reference kind, from the primary human fit (mixed logistic: a typical
-    participant and unit): an effect (Holm-adjusted slope test), equivalence (TOST of the accuracy change over
+    """The answer from people for one reference kind, from the primary human fit (mixed logistic, its accuracies
+    averaged over the participants' and units' random intercepts): an effect (Holm-adjusted slope test), equivalence (TOST of the accuracy change over
     the rate span on its bootstrap SE, as for MIS), or inconclusive.  The change and its interval come from
     the bootstrap refits (intercept and slope together); with too few refits the slope's interval is mapped
     through the fitted intercept, and equivalence needs that whole interval inside ±margin."""
@@ -383,8 +383,10 @@ def _what_decides(res: dict, t: dict, change: float, span: float, a) -> str | No
 
 
 def mis_dose(units, kind, cfg: StudyConfig) -> Outcome:
-    from .statistics import dose_response
-    d = units[units["kind"] == kind]
+    """Line vs hinge on the models' within-unit MIS (one point per model; the breakpoint bootstrap resamples
+    models), since rate varies only between models."""
+    from .statistics import dose_response, model_level_mis
+    d = model_level_mis(units[units["kind"] == kind])
     if d["rate"].nunique() < 4:
         raise Skip(f"a dose–response shape needs MIS at 4 or more rates; {kind} has {d['rate'].nunique()}")
     res = dose_response(d["rate"].to_numpy(), d["mis"].to_numpy(), n_boot=min(DOSE_BOOT, cfg.analysis.bootstrap),
@@ -399,6 +401,8 @@ def mis_dose(units, kind, cfg: StudyConfig) -> Outcome:
     else:
         sentence = (f"MIS ({kind}) is described by a straight line at least as well as by a hinge "
                     f"(ΔAIC = {fmt(res['delta_aic'], 1)}): {fmt(lin['slope'] * PER_STEP)} per 10 % pruning rate.")
+    sentence += (f" Fitted to the {len(d)} models' levels of MIS with each unit compared with itself (the "
+                 f"breakpoint bootstrap resamples models).")
     result = {k: v for k, v in res.items() if k not in ("breakpoint_boot", "profile_rss", "grid")}
     return Outcome(sentence, result)
 
@@ -525,13 +529,18 @@ def human_slope(humans: pd.DataFrame, kind: str, model: str, cfg: StudyConfig) -
     t, b0 = _rate_term(res), res["terms"]["Intercept"]["coef"]
     odds = {k: math.exp(t[k] * PER_STEP) for k in ("coef", "ci_low", "ci_high")}
     lo_rate, hi_rate = float(d["rate"].min()), float(d["rate"].max())
-    p_lo, p_hi = (1 / (1 + math.exp(-(b0 + t["coef"] * r))) for r in (lo_rate, hi_rate))
+    if model == "mixed":        # averaged over the participants' and units' random intercepts, as the data are
+        from .statistics import averaged_accuracy
+        sd = math.sqrt(sum(v ** 2 for v in res["sd"].values()))
+        p_lo, p_hi = (float(averaged_accuracy(b0 + t["coef"] * r, sd)) for r in (lo_rate, hi_rate))
+    else:
+        p_lo, p_hi = (1 / (1 + math.exp(-(b0 + t["coef"] * r))) for r in (lo_rate, hi_rate))
     change = "fell" if t["coef"] < 0 else "rose"
     sig = "" if t["p"] < alpha else f" — not significant at α = {alpha:g}"
     sentence = (f"Human accuracy ({kind}) {change}: odds ratio {fmt(odds['coef'])} per 10 % pruning rate "
                 f"({_pct(level)} CI {fmt(odds['ci_low'])} to {fmt(odds['ci_high'])}; {fmt_p(t['p'])}){sig}; "
                 f"predicted accuracy {fmt(p_lo)} at rate {lo_rate:g} and {fmt(p_hi)} at rate {hi_rate:g} — {what}.")
-    result = {k: v for k, v in res.items() if k not in ("table", "boot_draws")}
+    result = {k: v for k, v in res.items() if k not in ("table", "boot_draws", "boot_sd_draws")}
     result.update(kind=kind, odds_ratio_per_10pct=odds, rate_min=lo_rate, rate_max=hi_rate,
                   participants=int(d["participant"].nunique()), accuracy_at_rate_min=p_lo, accuracy_at_rate_max=p_hi)
     if model == "mixed":
@@ -539,7 +548,8 @@ def human_slope(humans: pd.DataFrame, kind: str, model: str, cfg: StudyConfig) -
         shift = predicted_change(res, lo_rate, hi_rate, level=level, margin=cfg.analysis.tost_margin, alpha=alpha)
         if shift is not None:
             result["change"] = shift
-            sentence += (f" The accuracy change from rate {lo_rate:g} to {hi_rate:g} is {fmt(shift['estimate'])} "
+            sentence += (f" The accuracy change from rate {lo_rate:g} to {hi_rate:g}, averaged over participants and "
+                         f"units, is {fmt(shift['estimate'])} "
                          f"({_pct(level)} bootstrap CI {fmt(shift['ci_low'])} to {fmt(shift['ci_high'])}).")
             if "tost" in shift:
                 sentence += " " + tost_sentence("Its equivalence test", shift["tost"])

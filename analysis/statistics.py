@@ -13,8 +13,9 @@ participants), so responses are correlated along two directions at once.
   within one cluster variable (participant), robust sandwich SEs.
 - :func:`clustered_logistic` — the same marginal slope from plain logistic regression with
   two-way (participant × unit) cluster-robust SEs (Cameron, Gelbach & Miller 2011).
-- :func:`predicted_change` — the mixed model's slope read as a change in accuracy over a rate span,
-  with its interval and equivalence test from the same bootstrap refits.
+- :func:`predicted_change` — the mixed model's slope read as a change in population-averaged accuracy
+  (over the participants' and units' random intercepts) across a rate span, with its interval and
+  equivalence test from the same bootstrap refits.
 
 Marginal slopes are attenuated relative to conditional ones (roughly by 1/√(1 + 0.346·σ²) for a
 total random-intercept variance σ²); the three fits agree in sign and significance, not in size.
@@ -27,6 +28,8 @@ total random-intercept variance σ²); the three fits agree in sign and signific
 - :func:`unit_mixed_model` — linear mixed model with a random intercept per unit (the same unit
   appears in every model); it treats a model's units as independent, so its intervals leave out
   model-level noise — reported beside the primary fit to show how much that noise adds.
+- :func:`model_level_mis` — one point per model: its units' MIS compared with themselves, for
+  :func:`dose_response` (rate varies only between models).
 - :func:`dose_response` — shape of the relationship: straight line vs hinge (no change until a
   breakpoint, then a slope change), compared by AIC, with a bootstrapped breakpoint.
 - :func:`tost_estimate` / :func:`tost_paired` — two one-sided tests, for claiming the *absence* of
@@ -209,7 +212,8 @@ def mixed_logistic(trials: pd.DataFrame, formula: str = "correct ~ rate",
     refits from the posterior SD, too small for the same reason), ``p_vb`` (from the posterior SD);
     ``terms``; ``sd`` (random-intercept SD per group: exp of the posterior mean of the log-SD), ``sd_ci`` (bootstrap percentile interval per group, NaN without bootstrap);
     ``n_obs``, ``n_groups``, ``n_boot``, ``n_failed`` (refits that raised), ``formula``,
-    ``warnings``; ``boot_draws`` (the refitted fixed effects, one row per refit, a column per term).
+    ``warnings``; ``boot_draws`` (the refitted fixed effects, one row per refit, a column per term) and
+    ``boot_sd_draws`` (the refitted random-intercept SDs, a column per group).
     """
     from statsmodels.genmod.bayes_mixed_glm import BinomialBayesMixedGLM
 
@@ -252,19 +256,33 @@ def mixed_logistic(trials: pd.DataFrame, formula: str = "correct ~ rate",
                 sd_ci={g: (float(lo), float(hi)) for g, lo, hi in zip(groups, sd_low, sd_high)},
                 n_obs=int(len(data)), n_groups={g: int(data[g].nunique()) for g in groups},
                 n_boot=int(len(boot_fe)), n_failed=failed, formula=formula, warnings=_collect(caught),
-                boot_draws=pd.DataFrame(boot_fe, columns=names))
+                boot_draws=pd.DataFrame(boot_fe, columns=names),
+                boot_sd_draws=pd.DataFrame(boot_sd, columns=groups))
+
+
+#: Gauss–Hermite nodes and weights of a standard normal (probabilists' form), for averaging over random effects.
+GH_NODES, GH_WEIGHTS = np.polynomial.hermite_e.hermegauss(41)
+GH_WEIGHTS = GH_WEIGHTS / GH_WEIGHTS.sum()
+
+
+def averaged_accuracy(eta, sd) -> np.ndarray:
+    """Population-averaged P(correct): E[expit(η + b)], b ~ N(0, sd²), by Gauss–Hermite (broadcasts)."""
+    eta, sd = np.asarray(eta, dtype=float)[..., None], np.asarray(sd, dtype=float)[..., None]
+    return np.sum(GH_WEIGHTS / (1 + np.exp(-(eta + sd * GH_NODES))), axis=-1)
 
 
 def predicted_change(fit: dict, x_low: float, x_high: float, term: str = "rate", level: float = 0.95,
                      margin: float = 0.0, alpha: float = 0.05) -> dict | None:
-    """Change in predicted P(correct) for a typical participant and unit (random intercepts at 0) when
-    ``term`` goes from ``x_low`` to ``x_high``, other terms at 0, from a :func:`mixed_logistic` fit.
+    """Change in population-averaged P(correct) — averaged over the participants' and units' random
+    intercepts, as the survey's data average it — when ``term`` goes from ``x_low`` to ``x_high``, other
+    terms at 0, from a :func:`mixed_logistic` fit.  ``accuracy_low``, ``accuracy_high``: the averaged
+    accuracies at the two ends.
 
-    The change is a nonlinear function of intercept *and* slope, so its uncertainty comes from the same
-    function of each bootstrap refit: ``ci_low, ci_high`` is the percentile interval at ``level``, ``se``
-    the refits' SD; with ``margin > 0``, ``tost`` holds :func:`tost_estimate` on that SE (its interval
-    is the (1 − 2·alpha) one, as for every other equivalence claim).  ``None`` with fewer than
-    ``MIN_BOOT_FOR_P`` refits.
+    The change is a nonlinear function of intercept, slope *and* random-intercept SDs, so its uncertainty
+    comes from the same function of each bootstrap refit: ``ci_low, ci_high`` is the percentile interval
+    at ``level``, ``se`` the refits' SD; with ``margin > 0``, ``tost`` holds :func:`tost_estimate` on that
+    SE (its interval is the (1 − 2·alpha) one, as for every other equivalence claim).  ``None`` with fewer
+    than ``MIN_BOOT_FOR_P`` refits.
     """
     draws = fit.get("boot_draws")
     if draws is None or len(draws) < MIN_BOOT_FOR_P:
@@ -273,15 +291,22 @@ def predicted_change(fit: dict, x_low: float, x_high: float, term: str = "rate",
         if name not in fit["terms"]:
             raise ValueError(f"the fit has no {name!r} term; terms: {sorted(fit['terms'])}")
 
-    def change(b0, b1):
-        return 1 / (1 + np.exp(-(b0 + b1 * x_high))) - 1 / (1 + np.exp(-(b0 + b1 * x_low)))
+    def ends(b0, b1, sd):
+        return averaged_accuracy(b0 + b1 * x_low, sd), averaged_accuracy(b0 + b1 * x_high, sd)
 
-    estimate = float(change(fit["terms"]["Intercept"]["coef"], fit["terms"][term]["coef"]))
-    boot = change(draws["Intercept"].to_numpy(), draws[term].to_numpy())
+    sd = float(np.sqrt(sum(v ** 2 for v in fit.get("sd", {}).values())))
+    sd_draws = fit.get("boot_sd_draws")
+    boot_sd = (np.sqrt((sd_draws.to_numpy() ** 2).sum(axis=1)) if sd_draws is not None and len(sd_draws) == len(draws)
+               else np.full(len(draws), sd))
+    low_acc, high_acc = ends(fit["terms"]["Intercept"]["coef"], fit["terms"][term]["coef"], sd)
+    estimate = float(high_acc - low_acc)
+    b_low, b_high = ends(draws["Intercept"].to_numpy(), draws[term].to_numpy(), boot_sd)
+    boot = b_high - b_low
     low, high = np.percentile(boot, [50 * (1 - level), 50 * (1 + level)])
     se = float(np.std(boot, ddof=1))
     out = dict(estimate=estimate, se=se, ci_low=float(low), ci_high=float(high), level=level,
-               x_low=float(x_low), x_high=float(x_high), n_boot=int(len(boot)))
+               x_low=float(x_low), x_high=float(x_high), n_boot=int(len(boot)),
+               accuracy_low=float(low_acc), accuracy_high=float(high_acc), random_sd=sd)
     if margin > 0 and se > 0:
         out["tost"] = tost_estimate(estimate, se, margin, alpha=alpha)
     return out
@@ -568,6 +593,30 @@ def _hinge_rss(x: np.ndarray, y: np.ndarray, grid: np.ndarray, weights: np.ndarr
 def _aic(rss: float, n: int, k: int) -> float:
     """Gaussian AIC up to a constant shared by all models: n·log(RSS/n) + 2k (k counts σ²)."""
     return float(n * np.log(max(rss, 1e-300) / n) + 2 * k)
+
+
+def model_level_mis(units: pd.DataFrame, tol: float = 1e-12, max_iter: int = 1000) -> pd.DataFrame:
+    """One row per model: its rate and its level of MIS with every unit compared with itself — the model
+    effects of ``mis ~ C(unit) + C(model)`` (found by alternating projections), plus the mean unit effect —
+    so a unit that pruning removes does not move the models it is missing from, and a model's shared
+    noise counts once.  Columns ``model_id, rate, mis, units``."""
+    d = units[units["mis"].notna()]
+    if "status" in d:
+        d = d[d["status"] == "ok"]
+    d = d[d.groupby("unit_id")["unit_id"].transform("size") > 1]
+    unit_codes, model_codes = pd.factorize(d["unit_id"])[0], pd.factorize(d["model_id"], sort=True)
+    y = d["mis"].to_numpy(dtype=float)
+    model_effect = np.zeros(len(model_codes[1]))
+    for _ in range(max_iter):
+        unit_effect = pd.Series(y - model_effect[model_codes[0]]).groupby(unit_codes).mean().to_numpy()
+        updated = pd.Series(y - unit_effect[unit_codes]).groupby(model_codes[0]).mean().to_numpy()
+        done = np.max(np.abs(updated - model_effect)) < tol
+        model_effect = updated
+        if done:
+            break
+    out = d.groupby("model_id", sort=True).agg(rate=("rate", "first"), units=("mis", "size"))
+    out.insert(1, "mis", model_effect + unit_effect.mean())
+    return out.reset_index()
 
 
 def dose_response(x, y, n_boot: int = 1000, seed: int = 0, grid=None, level: float = 0.95) -> dict:

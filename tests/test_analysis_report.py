@@ -809,3 +809,21 @@ def test_a_person_who_left_part_way_is_excluded_as_incomplete_not_analysed_unche
     assert {"p00", "p02"} <= set(humans.included["participant"])               # p03 failed its catch trials
     reasons = dict(zip(humans.reasons["reason"], humans.reasons["participants"]))
     assert reasons["incomplete (left at main)"] == 1 and reasons["kept"] == 2
+
+
+def test_the_dose_response_shape_is_fitted_to_one_point_per_model_each_unit_compared_with_itself():
+    """Rate varies only between models and pruning removes units: the shape is fitted to each model's level of
+    MIS with every unit compared with itself (the model effects of unit + model fixed effects): a unit missing
+    from the pruned models does not move them, and the true change per rate is recovered."""
+    from analysis.statistics import model_level_mis
+
+    rows = [dict(model_id=f"m{r}", unit_id=f"u{u}", rate=r, kind="natural", status="ok",
+                 mis=(0.9 if u < 5 else 0.6) - 0.1 * r)
+            for r in (0.0, 0.25, 0.5, 0.75) for u in range(10) if r < 0.5 or u >= 5]   # good units removed at 0.5+
+    units = pd.DataFrame(rows)
+    m = model_level_mis(units).set_index("model_id")
+    pooled = units.groupby("model_id")["mis"].mean()
+    assert pooled["m0.5"] - pooled["m0.25"] < -0.15            # the raw means fall by the lost units' level too
+    steps = m["mis"].diff().dropna()
+    np.testing.assert_allclose(steps.to_numpy(), -0.025, atol=1e-12)   # within units: only the true −0.1 per rate
+    assert m.loc["m0.75", "units"] == 5 and m.loc["m0.0", "units"] == 10

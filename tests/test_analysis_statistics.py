@@ -8,6 +8,8 @@ itself.  Repetition counts are modest so the file runs in well under a minute on
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -513,24 +515,37 @@ def test_mixed_logistic_p_values_come_from_the_bootstrap_spread_and_agree_with_i
     assert few["p"] == few["p_vb"]          # too few refits for a bootstrap SE
 
 
-def test_predicted_change_is_the_bootstrap_distribution_of_the_accuracy_change():
-    """The accuracy change over the rate span is computed from each refit's intercept and slope together:
-    its estimate is the fitted curve's, its interval the refits' percentiles and its TOST uses their SD
-    (checked by recomputing them one refit at a time); the simulated true change lies inside the interval."""
-    from scipy.special import expit
+def test_predicted_change_is_the_bootstrap_distribution_of_the_population_averaged_accuracy_change():
+    """The accuracy change over the rate span, averaged over the participants' and units' random intercepts
+    (the scale of the data and of the power tables), is computed from each refit's intercept, slope and SDs
+    together: its estimate is the fitted model's, its interval the refits' percentiles and its TOST uses
+    their SD (checked by recomputing them one refit at a time, averaging by Monte Carlo); the simulated true
+    averaged change lies inside the interval."""
+    z = np.random.default_rng(0).standard_normal(400_000)
+
+    def averaged(eta, sd):
+        return float(np.mean(1 / (1 + np.exp(-(eta + sd * z)))))
 
     trials = simulate_trials(np.random.default_rng(23), participants=20, units=12)
     fit = st.mixed_logistic(trials, n_boot=30, seed=4)
     shift = st.predicted_change(fit, 0.0, 0.8, level=0.95, margin=0.05, alpha=0.05)
     b0, b1 = fit["terms"]["Intercept"]["coef"], fit["terms"]["rate"]["coef"]
-    assert shift["estimate"] == pytest.approx(expit(b0 + 0.8 * b1) - expit(b0))
-    per_refit = [expit(row.Intercept + 0.8 * row.rate) - expit(row.Intercept) for row in fit["boot_draws"].itertuples()]
+    sd = math.hypot(*fit["sd"].values())
+    assert shift["estimate"] == pytest.approx(averaged(b0 + 0.8 * b1, sd) - averaged(b0, sd), abs=2e-3)
+    assert shift["accuracy_low"] == pytest.approx(averaged(b0, sd), abs=2e-3)
+    sds = np.hypot(*fit["boot_sd_draws"].to_numpy().T)
+    per_refit = [averaged(row.Intercept + 0.8 * row.rate, s) - averaged(row.Intercept, s)
+                 for row, s in zip(fit["boot_draws"].itertuples(), sds)]
     assert len(per_refit) == shift["n_boot"] == 30
-    assert (shift["ci_low"], shift["ci_high"]) == pytest.approx(tuple(np.percentile(per_refit, [2.5, 97.5])))
-    assert shift["se"] == pytest.approx(np.std(per_refit, ddof=1))
+    assert (shift["ci_low"], shift["ci_high"]) == pytest.approx(tuple(np.percentile(per_refit, [2.5, 97.5])), abs=2e-3)
+    assert shift["se"] == pytest.approx(np.std(per_refit, ddof=1), abs=1e-3)
     assert shift["tost"] == st.tost_estimate(shift["estimate"], shift["se"], 0.05, alpha=0.05)
-    assert shift["ci_low"] <= expit(BETA0 + 0.8 * BETA1) - expit(BETA0) <= shift["ci_high"]
-    assert not shift["tost"]["equivalent"]           # a drop of about 0.19 is not inside ±0.05
+    true_sd = math.hypot(SD_PARTICIPANT, SD_UNIT)
+    truth = averaged(BETA0 + 0.8 * BETA1, true_sd) - averaged(BETA0, true_sd)
+    assert shift["ci_low"] <= truth <= shift["ci_high"]
+    typical = 1 / (1 + math.exp(-(b0 + 0.8 * b1))) - 1 / (1 + math.exp(-b0))
+    assert abs(shift["estimate"]) < abs(typical)          # averaging over the spread flattens the curve
+    assert not shift["tost"]["equivalent"]           # a drop of about 0.17 is not inside ±0.05
     assert st.predicted_change(st.mixed_logistic(trials, n_boot=2, seed=4), 0.0, 0.8) is None
     with pytest.raises(ValueError, match="no 'top1' term; terms: \\['Intercept', 'rate'\\]"):
         st.predicted_change(fit, 0.0, 0.8, term="top1")
