@@ -520,11 +520,12 @@ def _optimize(forward: _LayerForward, batch: list[_Spec], settings: FeatureVisSe
         optimizer.zero_grad(set_to_none=True)
         redirect = index < settings.redirect_steps
         out = forward(_random_views(image_f()[live], draws[index][live]), trace=pre, redirect=redirect)
-        acts = out[1] if pre else out
+        acts, layer_out = (out[1], out[0]) if pre else (out, out)
         objective = signs[live] * _unit_means(acts, units[live]).float()
         loss = -objective.sum()
-        if diverse:
-            loss = loss + settings.diversity * _diversity(acts, groups[live], None if len(live) < len(batch) else pairs)
+        if diverse:     # on the layer's output, as lucent's objectives.diversity (only the objective is pre-ReLU)
+            loss = loss + settings.diversity * _diversity(layer_out, groups[live],
+                                                          None if len(live) < len(batch) else pairs)
         loss.backward()
         kept = param.detach()[held].clone() if held is not None else None  # Adam's momentum would move them
         optimizer.step()

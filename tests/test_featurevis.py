@@ -386,3 +386,20 @@ def test_a_silent_max_image_is_rescued_and_the_others_stay_exactly_as_they_were(
         assert silent.any() == (a.unit == 0 and a.direction == "max")
         assert torch.equal(a.images[~silent], b.images[~silent]) and torch.equal(a.steps[~silent], b.steps[~silent])
         assert (b.activations[silent] > 0).all() and (b.steps[silent] > 2).all()
+
+
+def test_diversity_is_taken_on_the_layer_output_while_the_objective_is_pre_relu(model, monkeypatch):
+    """lucent's ``objectives.diversity(layer)`` compares the Gram matrices of the layer's output; only the
+    unit's objective is taken before the ReLU, so the diversity term sees the post-ReLU activations."""
+    import stimuli.featurevis as fv
+
+    seen = []
+
+    def recording(acts, groups, pairs=None):
+        seen.append(float(acts.detach().min()))
+        return _diversity(acts, groups, pairs)
+    monkeypatch.setattr(fv, "_diversity", recording)
+    settings = FeatureVisSettings(steps=4, image_size=SIZE, n_plain=1, n_diverse=2, diversity=1.0,
+                                  objective="pre-relu", redirect_steps=2)
+    render_units(model, LAYER, [5, 40], settings, directions=("max",))
+    assert len(seen) >= 4 and min(seen) >= 0.0
