@@ -199,8 +199,7 @@ def _design_phrase(s: dict) -> str:
 def _per_kind(power: dict) -> str:
     """How the participant counts of the power line are meant."""
     kinds = {s["kind"] for s in power.get("smallest", [])}
-    return " (participants per reference kind; the survey serves each kind to its own participants)" \
-        if len(kinds) > 1 else ""
+    return "; participants per reference kind" if len(kinds) > 1 else ""
 
 
 def _print_power(power: dict) -> None:
@@ -208,8 +207,8 @@ def _print_power(power: dict) -> None:
     pooled = [m for m in power.get("model", []) if m.get("scope") == "all methods"]
     if not pooled:
         return
-    click.echo(f"\npower ({power['target_power']:.0%}; `sparsight power RUN_DIR` plans other designs)"
-               f"{_per_kind(power)}:")
+    click.echo(f"\npower ({power['target_power']:.0%}{_per_kind(power)}; `sparsight power RUN_DIR` plans other "
+               f"designs):")
     for m in pooled:
         models = f" in {m['models']} models" if m.get("models") else ""
         line = (f"  {m['kind']}: {m['units']} units{models} detect an MIS slope of {m['detectable_slope_per_10pct']:.4f} per "

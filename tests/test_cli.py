@@ -115,3 +115,18 @@ def test_the_run_summary_names_the_cheapest_design_per_goal_and_says_when_none_r
                     "a human study needs 40 participants × 24 trials to detect an accuracy change of −0.1, more "
                     "than 640 participants at 24 trials to detect an accuracy change of −0.05, 320 participants × "
                     "12 trials for equivalence.")
+
+
+def test_the_power_header_says_its_participant_counts_are_per_reference_kind_when_there_are_two(capsys):
+    from sparsight.cli import _print_power
+
+    model = {"scope": "all methods", "units": 30, "models": 5, "detectable_slope_per_10pct": 0.01,
+             "ci_half_width_per_10pct": 0.007}
+    smallest = {"change_over_span": -0.1, "goal": "detect", "trials": 12, "participants": 160, "largest_tried": 640}
+    power = {"target_power": 0.8, "model": [{**model, "kind": k} for k in ("natural", "synthetic")],
+             "smallest": [{**smallest, "kind": k} for k in ("natural", "synthetic")]}
+    _print_power(power)
+    header = capsys.readouterr().out.splitlines()[1]
+    assert header == "power (80%; participants per reference kind; `sparsight power RUN_DIR` plans other designs):"
+    _print_power({**power, "model": power["model"][:1], "smallest": power["smallest"][:1]})
+    assert "per reference kind" not in capsys.readouterr().out
