@@ -34,7 +34,8 @@ MODEL_KEYS = ("method", "schedule", "series", "rate", "sparsity", "top1")
 TRIAL_COLUMNS = ["participant", "unit_id", "model_id", "method", "schedule", "rate", "sparsity", "kind",
                  "correct", "confidence", "rt_ms", "trial_type", "is_machine", "excluded", "exclusion_reasons",
                  "layer", "unit", "task", "observer", "condition"]
-MODEL_COLUMNS = ["model_id", "arch", "method", "schedule", "series", "rate", "sparsity", "top1", "top1_before",
+MODEL_COLUMNS = ["model_id", "arch", "method", "schedule", "series", "rate", "sparsity", "sparsity_effective", "top1",
+                 "top1_before",
                  "top1_parent", "top5", "params_total", "params_nonzero", "flops", "corruption_top1", "physical"]
 BASE_METHOD = "base"
 
@@ -99,9 +100,10 @@ def _read_table(path: Path) -> pd.DataFrame | None:
 
 
 # ---- model metadata -------------------------------------------------------------------------------
-def _sparsity(value) -> float:
+def _sparsity(value, key: str = "total") -> float:
+    """``value[key]`` of a meta.json sparsity dict (``effective`` falls back to ``total``), or a number."""
     if isinstance(value, dict):
-        value = value.get("total")
+        value = value.get(key, value.get("total"))
     return float("nan") if value is None else float(value)
 
 
@@ -128,7 +130,8 @@ def meta_row(meta: dict) -> dict:
     return {"model_id": str(meta.get("model_id")), "arch": meta.get("arch") or "",
             "method": meta.get("method") or BASE_METHOD, "schedule": meta.get("schedule") or "",
             "rate": _number(meta.get("rate_requested", meta.get("rate", 0.0))) if meta.get("method") else 0.0,
-            "sparsity": _sparsity(meta.get("sparsity")), "top1": _number(top1.get("after")),
+            "sparsity": _sparsity(meta.get("sparsity")), "sparsity_effective": _sparsity(meta.get("sparsity"), "effective"),
+            "top1": _number(top1.get("after")),
             "top1_before": _number(top1.get("before")), "top1_parent": _number(top1.get("parent")),
             "top5": _number(top5.get("after")), "params_total": _number(meta.get("params_total")),
             "params_nonzero": _number(meta.get("params_nonzero")), "flops": _number(meta.get("flops")),
@@ -168,7 +171,9 @@ def load_models(run_dir: str | Path) -> pd.DataFrame:
             method = method if isinstance(method, str) and method else None
             rows.append(meta_row({"model_id": r["model_id"], "arch": r.get("arch"), "method": method,
                                   "schedule": r.get("schedule") if isinstance(r.get("schedule"), str) else "",
-                                  "rate_requested": r.get("rate_requested"), "sparsity": r.get("sparsity"),
+                                  "rate_requested": r.get("rate_requested"),
+                                  "sparsity": {"total": r.get("sparsity"),
+                                               "effective": r.get("sparsity_effective", r.get("sparsity"))},
                                   "top1": {"after": r.get("top1"), "before": r.get("top1_before")},
                                   "top5": {"after": r.get("top5")}, "params_total": r.get("params_total"),
                                   "params_nonzero": r.get("params_nonzero"), "flops": r.get("flops")}))

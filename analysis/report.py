@@ -961,7 +961,7 @@ def table_data(frame: pd.DataFrame | None, max_rows: int = 300) -> dict:
 
 def _models_display(table: pd.DataFrame) -> pd.DataFrame:
     cols = {"model_id": "model", "method": "method", "schedule": "schedule", "rate": "rate", "sparsity": "sparsity",
-            "top1": "top-1"}
+            "sparsity_effective": "effective sparsity", "top1": "top-1"}
     show = table[[c for c in cols if c in table]].rename(columns=cols)
     for col in table.columns:
         for prefix, label, low, high in (("mis_", "MIS", "_ci_low", "_ci_high"), ("human_", "humans", "_low", "_high")):

@@ -17,8 +17,8 @@ from .training import TrainSettings
 from .workflows import build_loaders, default_exclude, prune_and_save, retrain_settings, train_and_save
 
 #: Columns of ``evaluation.csv``, one row per model.
-EVALUATION_COLUMNS = ("model_id", "arch", "method", "schedule", "rate_requested", "sparsity", "params_total",
-                      "params_nonzero", "flops", "top1_before", "top1", "top5", "corruption_top1")
+EVALUATION_COLUMNS = ("model_id", "arch", "method", "schedule", "rate_requested", "sparsity", "sparsity_effective",
+                      "params_total", "params_nonzero", "flops", "top1_before", "top1", "top5", "corruption_top1")
 
 
 class DataStage:
@@ -219,7 +219,9 @@ def run_evaluate(study) -> list[Path]:
     """``evaluation.csv``: one row per model of the study."""
     rows = [{"model_id": meta["model_id"], "arch": meta["arch"], "method": meta.get("method") or "",
              "schedule": meta.get("schedule") or "", "rate_requested": meta.get("rate_requested", 0.0),
-             "sparsity": meta["sparsity"]["total"], "params_total": meta["params_total"],
+             "sparsity": meta["sparsity"]["total"],
+             "sparsity_effective": meta["sparsity"].get("effective", meta["sparsity"]["total"]),
+             "params_total": meta["params_total"],
              "params_nonzero": meta["params_nonzero"], "flops": meta["flops"],
              "top1_before": meta["top1"].get("before"), "top1": meta["top1"].get("after"),
              "top5": meta["top5"].get("after"), "corruption_top1": _mean_corruption_top1(meta)}

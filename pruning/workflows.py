@@ -230,7 +230,8 @@ def prune_and_save(cfg, data_root: str | Path, parent_dir: str | Path, out_dir: 
         meta = base_meta(model.cpu(), model_id=job.model_id, input_size=d.image_size, seed=settings.seed,
                          parent=parent_ckpt.sha256, parent_model=parent_dir.name,
                          **_pruned_meta_fields(job, outcome, settings, parent_eval),
-                         sparsity=measure_sparsity(model, scope=scope, reference=sizes),
+                         sparsity={**measure_sparsity(model, scope=scope, reference=sizes),
+                                   "effective": effective_sparsity(model, outcome, job, scope, sizes, d.image_size)},
                          rewind=rewind_source, robustness=robust, job_fingerprint=fp, checkpoint_sha256=sha,
                          batch=batch_record(cfg, ctx))
         write_meta(out_dir, meta)
@@ -309,6 +310,20 @@ def _pruned_meta_fields(job, outcome, settings: TrainSettings, parent_eval: dict
                                                            "weight_decay", "scheduler", "gamma")},
                 exclude=list(job.exclude), physical=job.is_physical,
                 physical_removal=physical.summary() if physical is not None else None)
+
+
+def effective_sparsity(model, outcome, job, scope: list[str], sizes: dict[str, int], input_size: int) -> float:
+    """Share of the scope's weights that are zero or act on a channel the masks remove whole: what a
+    physically pruned model counts (its removed filters' input slices in the next layers included), so a
+    masked and a physically pruned structured model of one job report the same.  For methods that remove
+    no whole filter it is the measured sparsity."""
+    if job.is_physical or not method_class(job.method).structured:
+        return measure_sparsity(model, scope=scope, reference=sizes)["total"]
+    from .physical import remove_pruned_filters
+
+    twin = copy.deepcopy(model).cpu()
+    remove_pruned_filters(twin, {k: v.cpu() for k, v in outcome.masks.items()}, input_size=input_size, verify=False)
+    return measure_sparsity(twin, scope=scope, reference=sizes)["total"]
 
 
 def _scope_keys(model, job, input_size: int) -> list[str]:

@@ -827,3 +827,15 @@ def test_the_dose_response_shape_is_fitted_to_one_point_per_model_each_unit_comp
     steps = m["mis"].diff().dropna()
     np.testing.assert_allclose(steps.to_numpy(), -0.025, atol=1e-12)   # within units: only the true −0.1 per rate
     assert m.loc["m0.75", "units"] == 5 and m.loc["m0.0", "units"] == 10
+
+
+def test_the_model_table_shows_the_effective_sparsity_beside_the_measured_one(tmp_path):
+    """meta.json's ``sparsity.effective`` (weights reading a removed channel counted as zero) reaches the
+    models table and the report; a meta.json without it falls back to the measured sparsity."""
+    from analysis.load import meta_row
+
+    row = meta_row({"model_id": "structured-oneshot-r0.50", "method": "structured", "rate_requested": 0.5,
+                    "sparsity": {"total": 0.5, "effective": 0.746}, "top1": {"after": 0.6}})
+    assert (row["sparsity"], row["sparsity_effective"]) == (0.5, 0.746)
+    old = meta_row({"model_id": "m", "method": "structured", "sparsity": {"total": 0.5}, "top1": {"after": 0.6}})
+    assert old["sparsity_effective"] == 0.5

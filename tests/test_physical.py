@@ -262,3 +262,37 @@ def test_a_physically_pruned_unit_has_the_masked_models_exemplars(tiny_data, tmp
     gone = physical_status[physical_status["unit"] == removed[0]].iloc[0]
     assert gone["status"] == "pruned" and "physical" in gone["reason"]
     assert masked_status[masked_status["unit"] == removed[0]].iloc[0]["status"] == "pruned"
+
+
+def test_a_masked_structured_model_reports_the_effective_sparsity_of_its_physically_pruned_twin():
+    """The weights that read a removed filter's channel are non-zero in the masked model but gone in the
+    physical one: ``effective`` counts them as zero in both, so one job reports one sparsity whichever way
+    its filters are removed; an unstructured model's effective sparsity is its measured one."""
+    from types import SimpleNamespace
+
+    from pruning.masks import apply_masks
+    from pruning.models.counting import layer_sizes, measure_sparsity
+    from pruning.schedule import PruneJob
+    from pruning.workflows import effective_sparsity
+
+    torch.manual_seed(0)
+    model = create_model("inception-small", num_classes=10)
+    sizes = layer_sizes(model)
+    stem = get_spec("inception-small").stem
+    scope = [n for n in sizes if not any(n == s or n.startswith(s + ".") for s in stem) and n != "fc"]
+    masks = create_method("structured").masks(model, 0.5, exclude=stem)
+    apply_masks(model, masks)
+    job = PruneJob("structured", 0.5, exclude=stem)
+    effective = effective_sparsity(model, SimpleNamespace(masks=masks), job, scope, sizes, SIZE)
+    nominal = measure_sparsity(model, scope=scope, reference=sizes)["total"]
+    twin = copy.deepcopy(model)
+    remove_pruned_filters(twin, masks, input_size=SIZE)
+    assert effective == measure_sparsity(twin, scope=scope, reference=sizes)["total"]
+    assert nominal == pytest.approx(0.5, abs=0.01) and effective > nominal + 0.1
+    assert layer_sizes(model) == sizes          # the masked model itself keeps its shapes
+
+    unstructured = create_model("inception-small", num_classes=10)
+    apply_masks(unstructured, create_method("unstructured-global").masks(unstructured, 0.5, exclude=stem))
+    job = PruneJob("unstructured-global", 0.5, exclude=stem)
+    assert effective_sparsity(unstructured, None, job, scope, sizes, SIZE) == measure_sparsity(
+        unstructured, scope=scope, reference=sizes)["total"]
