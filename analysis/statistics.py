@@ -452,32 +452,25 @@ def within_unit_slope(units: pd.DataFrame, formula: str = "mis ~ rate", unit: st
     model_codes = pd.factorize(data.loc[y.index, model])[0]
     n_units, n_models = int(unit_codes.max() + 1), int(model_codes.max() + 1)
     two_way = n_models >= 3
+    two_step = two_way and n_models < FEW_CLUSTERS and n_models - xd.shape[1] - 1 >= 1
     ols = sm.OLS(yd.to_numpy(), xd.to_numpy())
     fallback = ""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fit = ols.fit(cov_type="cluster", cov_kwds={"groups": unit_codes})
         cov = np.asarray(fit.cov_params(), dtype=float)
-        if two_way:
+        if two_way and not two_step:
             cov2 = np.asarray(ols.fit(cov_type="cluster", cov_kwds={
                 "groups": np.column_stack([unit_codes, model_codes])}).cov_params(), dtype=float)
             if np.linalg.eigvalsh((cov2 + cov2.T) / 2).min() > 0:
                 cov = cov2
-            else:   # V_unit + V_model − V_both is not positive definite (few models): the larger one-way one
+            else:   # V_unit + V_model − V_both is not positive definite: the larger one-way one
                 by_model = np.asarray(ols.fit(cov_type="cluster", cov_kwds={"groups": model_codes}).cov_params(),
                                       dtype=float)
                 larger = "model" if np.trace(by_model) > np.trace(cov) else "unit"
                 cov = by_model if larger == "model" else cov
                 fallback = (f"; the two-way covariance was not positive definite, so the larger one-way one "
                             f"(by {larger}) is used")
-    se = np.sqrt(np.clip(np.diag(cov), 0.0, None))
-    df = (min(n_units, n_models) if two_way else n_units) - 1
-    params = np.asarray(fit.params, dtype=float)
-    shown = (f"unit fixed effects, OLS, standard errors clustered two-way by unit ({n_units}) and model "
-             f"({n_models}), t with {df} df" if two_way else
-             f"unit fixed effects, OLS, standard errors clustered by unit ({n_units}) only: {n_models} model(s) "
-             f"are too few to cluster on, so model-level noise is not in the interval")
-    two_step = two_way and n_models < FEW_CLUSTERS and n_models - xd.shape[1] - 1 >= 1
     if two_step:
         params, se, df = _model_level_two_step(yd.to_numpy(), xd, model_codes)
         shown = (f"unit fixed effects; model-level two-step (Donald & Lang 2007): the {n_units} units' deviations "
@@ -485,11 +478,17 @@ def within_unit_slope(units: pd.DataFrame, formula: str = "mis ~ rate", unit: st
                  f"{n_models} models, t with {df} df (clustered errors run small with fewer than {FEW_CLUSTERS} "
                  f"models)")
     else:
-        shown += fallback
+        params, se = np.asarray(fit.params, dtype=float), np.sqrt(np.clip(np.diag(cov), 0.0, None))
+        df = (min(n_units, n_models) if two_way else n_units) - 1
+        shown = (f"unit fixed effects, OLS, standard errors clustered two-way by unit ({n_units}) and model "
+                 f"({n_models}), t with {df} df{fallback}" if two_way else
+                 f"unit fixed effects, OLS, standard errors clustered by unit ({n_units}) only: {n_models} model(s) "
+                 f"are too few to cluster on, so model-level noise is not in the interval")
+        if two_way and n_models < FEW_CLUSTERS:     # a predictor too many for the two-step
+            shown += (f" (with fewer than {FEW_CLUSTERS} models clustered errors are approximate and tend to run "
+                      f"small)")
     table = _table(pd.Series(params, index=list(x.columns)), se, level, df=df)
     model_var, noise_var, per_model = _model_variance(np.asarray(fit.resid), model_codes, n_units, xd.shape[1])
-    if two_way and n_models < FEW_CLUSTERS and not two_step:
-        shown += f" (with fewer than {FEW_CLUSTERS} models clustered errors are approximate and tend to run small)"
     return dict(table=table, terms=_terms(table), group_sd=None, residual_sd=float(np.sqrt(noise_var)),
                 n_obs=int(fit.nobs), n_groups=n_units, n_models=n_models, df=int(df), converged=True,
                 method="within-unit", attempts=[], boundary=False, formula=formula, fit=shown,
