@@ -35,8 +35,8 @@ TRIAL_COLUMNS = ["participant", "unit_id", "model_id", "method", "schedule", "ra
                  "correct", "confidence", "rt_ms", "trial_type", "is_machine", "excluded", "exclusion_reasons",
                  "layer", "unit", "task", "observer", "condition"]
 MODEL_COLUMNS = ["model_id", "arch", "method", "schedule", "series", "rate", "sparsity", "sparsity_effective", "top1",
-                 "top1_before",
-                 "top1_parent", "top5", "params_total", "params_nonzero", "flops", "corruption_top1", "physical"]
+                 "top1_before", "top1_parent", "top5", "params_total", "params_nonzero", "flops", "corruption_top1",
+                 "physical"]
 BASE_METHOD = "base"
 
 # Canonical names an external CSV can map (``--map canonical=column``); the first two are required.
@@ -130,8 +130,8 @@ def meta_row(meta: dict) -> dict:
     return {"model_id": str(meta.get("model_id")), "arch": meta.get("arch") or "",
             "method": meta.get("method") or BASE_METHOD, "schedule": meta.get("schedule") or "",
             "rate": _number(meta.get("rate_requested", meta.get("rate", 0.0))) if meta.get("method") else 0.0,
-            "sparsity": _sparsity(meta.get("sparsity")), "sparsity_effective": _sparsity(meta.get("sparsity"), "effective"),
-            "top1": _number(top1.get("after")),
+            "sparsity": _sparsity(meta.get("sparsity")),
+            "sparsity_effective": _sparsity(meta.get("sparsity"), "effective"), "top1": _number(top1.get("after")),
             "top1_before": _number(top1.get("before")), "top1_parent": _number(top1.get("parent")),
             "top5": _number(top5.get("after")), "params_total": _number(meta.get("params_total")),
             "params_nonzero": _number(meta.get("params_nonzero")), "flops": _number(meta.get("flops")),
