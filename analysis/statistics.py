@@ -453,24 +453,10 @@ def within_unit_slope(units: pd.DataFrame, formula: str = "mis ~ rate", unit: st
     n_units, n_models = int(unit_codes.max() + 1), int(model_codes.max() + 1)
     two_way = n_models >= 3
     two_step = two_way and n_models < FEW_CLUSTERS and n_models - xd.shape[1] - 1 >= 1
-    ols = sm.OLS(yd.to_numpy(), xd.to_numpy())
-    fallback = ""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fit = ols.fit(cov_type="cluster", cov_kwds={"groups": unit_codes})
-        cov = np.asarray(fit.cov_params(), dtype=float)
-        if two_way and not two_step:
-            cov2 = np.asarray(ols.fit(cov_type="cluster", cov_kwds={
-                "groups": np.column_stack([unit_codes, model_codes])}).cov_params(), dtype=float)
-            if np.linalg.eigvalsh((cov2 + cov2.T) / 2).min() > 0:
-                cov = cov2
-            else:   # V_unit + V_model − V_both is not positive definite: the larger one-way one
-                by_model = np.asarray(ols.fit(cov_type="cluster", cov_kwds={"groups": model_codes}).cov_params(),
-                                      dtype=float)
-                larger = "model" if np.trace(by_model) > np.trace(cov) else "unit"
-                cov = by_model if larger == "model" else cov
-                fallback = (f"; the two-way covariance was not positive definite, so the larger one-way one "
-                            f"(by {larger}) is used")
+        fit, cov, fallback = _clustered_fit(sm.OLS(yd.to_numpy(), xd.to_numpy()), unit_codes,
+                                            model_codes if two_way and not two_step else None)
     if two_step:
         params, se, df = _model_level_two_step(yd.to_numpy(), xd, model_codes)
         shown = (f"unit fixed effects; model-level two-step (Donald & Lang 2007): the {n_units} units' deviations "
@@ -495,6 +481,24 @@ def within_unit_slope(units: pd.DataFrame, formula: str = "mis ~ rate", unit: st
                 two_way=bool(two_way), model_sd=float(np.sqrt(model_var)),
                 model_variance_share=float(model_var / (model_var + noise_var / per_model)) if model_var > 0 else 0.0,
                 warnings=_collect(caught))
+
+
+def _clustered_fit(ols, unit_codes: np.ndarray, model_codes: np.ndarray | None):
+    """``(fit, covariance, note)``: OLS clustered by unit, and with ``model_codes`` two-way by unit and model
+    (CGM); where V_unit + V_model − V_both is not positive definite, the larger one-way covariance, and the
+    note says so."""
+    fit = ols.fit(cov_type="cluster", cov_kwds={"groups": unit_codes})
+    cov = np.asarray(fit.cov_params(), dtype=float)
+    if model_codes is None:
+        return fit, cov, ""
+    two_way = np.asarray(ols.fit(cov_type="cluster", cov_kwds={
+        "groups": np.column_stack([unit_codes, model_codes])}).cov_params(), dtype=float)
+    if np.linalg.eigvalsh((two_way + two_way.T) / 2).min() > 0:
+        return fit, two_way, ""
+    by_model = np.asarray(ols.fit(cov_type="cluster", cov_kwds={"groups": model_codes}).cov_params(), dtype=float)
+    larger = "model" if np.trace(by_model) > np.trace(cov) else "unit"
+    return (fit, by_model if larger == "model" else cov,
+            f"; the two-way covariance was not positive definite, so the larger one-way one (by {larger}) is used")
 
 
 def _model_level_two_step(yd: np.ndarray, xd: pd.DataFrame, model_codes: np.ndarray
