@@ -284,9 +284,10 @@ def answers(entries: list, cfg: StudyConfig) -> list[dict]:
 
 
 def human_answer(e, cfg: StudyConfig) -> dict:
-    """The answer from people for one reference kind, from the primary human fit (mixed logistic, its accuracies
-    averaged over the participants' and units' random intercepts): an effect (Holm-adjusted slope test), equivalence (TOST of the accuracy change over
-    the rate span on its bootstrap SE, as for MIS), or inconclusive.  The change and its interval come from
+    """The answer from people for one reference kind, from the primary human fit (mixed logistic, its
+    accuracies averaged over the participants' and units' random intercepts): an effect (Holm-adjusted slope
+    test), equivalence (TOST of the accuracy change over the rate span on its bootstrap SE, as for MIS), or
+    inconclusive.  The change and its interval come from
     the bootstrap refits (intercept and slope together); with too few refits the slope's interval is mapped
     through the fitted intercept, and equivalence needs that whole interval inside ±margin."""
     from scipy.special import expit
@@ -530,8 +531,8 @@ def human_slope(humans: pd.DataFrame, kind: str, model: str, cfg: StudyConfig) -
     odds = {k: math.exp(t[k] * PER_STEP) for k in ("coef", "ci_low", "ci_high")}
     lo_rate, hi_rate = float(d["rate"].min()), float(d["rate"].max())
     if model == "mixed":        # averaged over the participants' and units' random intercepts, as the data are
-        from .statistics import averaged_accuracy
-        sd = math.sqrt(sum(v ** 2 for v in res["sd"].values()))
+        from .statistics import averaged_accuracy, random_intercept_sd
+        sd = random_intercept_sd(res)
         p_lo, p_hi = (float(averaged_accuracy(b0 + t["coef"] * r, sd)) for r in (lo_rate, hi_rate))
     else:
         p_lo, p_hi = (1 / (1 + math.exp(-(b0 + t["coef"] * r))) for r in (lo_rate, hi_rate))

@@ -271,6 +271,11 @@ def averaged_accuracy(eta, sd) -> np.ndarray:
     return np.sum(GH_WEIGHTS / (1 + np.exp(-(eta + sd * GH_NODES))), axis=-1)
 
 
+def random_intercept_sd(fit: dict) -> float:
+    """The SD of the summed random intercepts of a :func:`mixed_logistic` fit (its groups are crossed)."""
+    return float(np.sqrt(sum(v ** 2 for v in fit.get("sd", {}).values())))
+
+
 def predicted_change(fit: dict, x_low: float, x_high: float, term: str = "rate", level: float = 0.95,
                      margin: float = 0.0, alpha: float = 0.05) -> dict | None:
     """Change in population-averaged P(correct) — averaged over the participants' and units' random
@@ -294,7 +299,7 @@ def predicted_change(fit: dict, x_low: float, x_high: float, term: str = "rate",
     def ends(b0, b1, sd):
         return averaged_accuracy(b0 + b1 * x_low, sd), averaged_accuracy(b0 + b1 * x_high, sd)
 
-    sd = float(np.sqrt(sum(v ** 2 for v in fit.get("sd", {}).values())))
+    sd = random_intercept_sd(fit)
     sd_draws = fit.get("boot_sd_draws")
     boot_sd = (np.sqrt((sd_draws.to_numpy() ** 2).sum(axis=1)) if sd_draws is not None and len(sd_draws) == len(draws)
                else np.full(len(draws), sd))
