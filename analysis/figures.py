@@ -14,7 +14,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .load import BASE_METHOD
+from .load import BASE_METHOD, base_at_chance
 
 DPI = 110
 CHANCE = 0.5
@@ -249,10 +249,13 @@ def _robust_series(table: pd.DataFrame, models: pd.DataFrame) -> pd.DataFrame:
 
 
 def robustness_curves(robustness: dict, models: pd.DataFrame, path, max_cols: int = 4) -> Path | None:
-    """One column per series: top-1 under corruption (mean over corruptions) vs severity, and noise
-    similarity (top-1 agreement with the parent) vs ε; one line per pruning rate, the base in black. Panels
-    of one measure share their y range, so methods compare at a glance."""
+    """One column per series: top-1 under corruption (mean over the corruptions the base is above chance
+    on) vs severity, and noise similarity (top-1 agreement with the parent) vs ε; one line per pruning
+    rate, the base in black. Panels of one measure share their y range, so methods compare at a glance."""
     acc = robustness.get("accuracy")
+    at_chance = base_at_chance(acc)   # a corruption the base is at chance on would only add noise to the mean
+    if at_chance:
+        acc = acc[~acc["distribution"].astype(str).isin(at_chance)]
     noise = robustness.get("noise_similarity")
     rows = [(name, _robust_series(t, models)) for name, t in (("accuracy", acc), ("noise", noise))
             if t is not None and len(t)]

@@ -440,6 +440,15 @@ def load_robustness(run_dir: str | Path) -> dict[str, pd.DataFrame]:
     return out
 
 
+def base_at_chance(accuracy: pd.DataFrame | None) -> list[str]:
+    """Distributions of ``robustness/accuracy.csv`` on which the base model is not above chance
+    (``base_above_chance`` false; tables without the column have none): they measure nothing about pruning."""
+    if accuracy is None or "base_above_chance" not in accuracy:
+        return []
+    flag = accuracy["base_above_chance"].astype(str).str.lower()
+    return sorted(set(accuracy.loc[flag == "false", "distribution"].astype(str)))
+
+
 def load_robustness_subset(run_dir: str | Path) -> dict | None:
     """The images the robustness curves were measured on, as the base model's record states them:
     ``n``, ``images_per_class`` and the ``settings`` (corruptions, severities, …); None when not recorded."""

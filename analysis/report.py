@@ -44,7 +44,7 @@ from . import figures as fig
 from .gallery import make_gallery
 from .power import study_power
 from .validity import study_checks
-from .load import BASE_METHOD, StudyData, human_main, load_study_data, model_table, study_config
+from .load import BASE_METHOD, StudyData, base_at_chance, human_main, load_study_data, model_table, study_config
 
 PER_STEP = 0.1          # slopes are reported per 10 percentage points of pruning rate
 MIXED_BOOT = 200        # parametric-bootstrap refits of the mixed logistic model (at most analysis.bootstrap)
@@ -870,7 +870,8 @@ def assemble(data: StudyData, humans: Humans, table: pd.DataFrame, desc: dict, e
         "statistics": [e.to_json() for e in entries],
         "holm": holm_family,
         "robustness": {k: v for k, v in data.robustness.items() if k == "prune_potential"},
-        "robustness_subset": data.robustness_subset,
+        "robustness_subset": None if data.robustness_subset is None else {
+            **data.robustness_subset, "base_at_chance": base_at_chance(data.robustness.get("accuracy"))},
         "figures": {k: str(Path(v).relative_to(out)) for k, v in figures.items()},
     }
 
@@ -1050,7 +1051,26 @@ def robustness_subset_note(subset: dict | None) -> str:
         what = f"; corruptions {', '.join(settings['corruptions'])}"
         if settings.get("severities"):
             what += f" at severities {', '.join(str(s) for s in settings['severities'])}"
-    return f" Measured on {subset['n']} validation images{per}{what}."
+    left_out = ""
+    if subset.get("base_at_chance"):
+        left_out = (f" Left out of the means: {', '.join(subset['base_at_chance'])}, on which the base model is not "
+                    "above chance.")
+    return f" Measured on {subset['n']} validation images{per}{what}.{left_out}"
+
+
+def prune_potential_note(subset: dict | None, delta: float) -> str:
+    """What the prune potentials rest on: the images per error, against δ, and the distributions left empty."""
+    if not subset:
+        return ""
+    n = int(subset["n"])
+    text = (f"The largest rate whose error stays within δ = {delta:g} of the base's, per distribution "
+            f"(corruptions averaged over their severities). Each error rests on {n} images a severity: one image "
+            f"moves the clean error by {1 / n:.2g}")
+    text += (", more than δ, so a potential here reads single images." if 1 / n > delta else ".")
+    if subset.get("base_at_chance"):
+        text += (f" Empty for {', '.join(subset['base_at_chance'])}: the base model is not above chance there "
+                 "(one-sided binomial test, α = 0.05), so no rate could lose accuracy.")
+    return text
 
 
 def _figures_data(figures: dict, subset: dict | None = None) -> tuple[list[dict], list[dict]]:
@@ -1102,6 +1122,8 @@ def report_context(results: dict, figures: dict, cfg: StudyConfig) -> dict:
                    for group, title in STATISTICS_GROUPS],
         "power": _power_data(results.get("power")), "humans": _human_data(results), "no_responses": NO_RESPONSES,
         "prune_potential": None if robust is None else table_data(robust),
+        "prune_potential_note": prune_potential_note(results.get("robustness_subset"),
+                                                     cfg.evaluate.prune_potential_delta),
         "settings_toml": results["settings_toml"],
     }
 

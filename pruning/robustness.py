@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from scipy.stats import binomtest
 from torch import nn
 
 from sparsight.files import atomic_write_text
@@ -400,10 +401,13 @@ def robustness_report(model: nn.Module, parent: nn.Module | None, loader, sectio
 
 # ---- study tables ----------------------------------------------------------------------
 KEY_COLUMNS = ["model_id", "arch", "method", "schedule", "rate_requested", "sparsity"]
-ACCURACY_COLUMNS = KEY_COLUMNS + ["distribution", "severity", "top1", "error", "excess_error"]
+ACCURACY_COLUMNS = KEY_COLUMNS + ["distribution", "severity", "top1", "error", "excess_error", "n_images", "chance",
+                                  "base_above_chance"]
 NOISE_COLUMNS = ["model_id", "arch", "method", "schedule", "rate_requested", "eps", "agreement"]
 POTENTIAL_COLUMNS = ["arch", "method", "schedule", "distribution", "potential", "parent_error", "potential_drop",
-                     "n_rates"]
+                     "n_rates", "n_images", "parent_above_chance"]
+#: one-sided level of the test that a parent is above chance on a distribution
+CHANCE_ALPHA = 0.05
 
 
 def is_base(meta: dict) -> bool:
@@ -450,11 +454,31 @@ def top1_by_distribution(robustness: dict) -> dict[tuple[str, int], float]:
     return out
 
 
+def chance_level(meta: dict) -> float | None:
+    """1 / classes of the images a robustness report was measured on; None when it does not say."""
+    classes = len((meta.get("robustness") or {}).get("images_per_class") or {})
+    return 1.0 / classes if classes else None
+
+
+def above_chance(robustness: dict, distribution: str, chance: float | None, alpha: float = CHANCE_ALPHA) -> bool | None:
+    """Whether top-1 on ``distribution`` (its severities pooled) beats ``chance``: exact one-sided binomial
+    test at ``alpha`` on the correct counts; None where the report lacks the image count or the chance level."""
+    n = int((robustness or {}).get("n") or 0)
+    top1 = [v for (d, _), v in top1_by_distribution(robustness).items() if d == distribution]
+    if not n or chance is None or not top1:
+        return None
+    correct = sum(round(v * n) for v in top1)
+    return bool(binomtest(correct, n * len(top1), chance, alternative="greater").pvalue < alpha)
+
+
 def accuracy_table(metas: list[dict]) -> pd.DataFrame:
     """Long table of top-1/error per model and distribution, with excess error against the base.
 
     ``excess_error = (e_shift(model) − e_shift(base)) − (e_clean(model) − e_clean(base))``; NaN where
-    the base lacks that distribution.  Models without a robustness report are skipped.
+    the base lacks that distribution.  ``n_images`` and ``chance`` (1 / classes) say what a top-1 rests
+    on; ``base_above_chance`` whether the base beats chance on the distribution (:func:`above_chance`;
+    empty where untestable): where it does not, the distribution measures nothing about pruning.
+    Models without a robustness report are skipped.
     """
     rows = []
     for meta in metas:
@@ -463,13 +487,16 @@ def accuracy_table(metas: list[dict]) -> pd.DataFrame:
         mine = top1_by_distribution(meta["robustness"])
         base = base_for(meta, metas)
         ref = top1_by_distribution(base["robustness"]) if base else {}
+        chance = chance_level(meta)
         for (dist, sev), top1 in mine.items():
             excess = float("nan")
             if (dist, sev) in ref:
                 e, e0 = 1 - top1, 1 - ref[dist, sev]
                 excess = (e - e0) - ((1 - mine["clean", 0]) - (1 - ref["clean", 0]))
             rows.append({**_keys(meta), "distribution": dist, "severity": sev, "top1": top1, "error": 1 - top1,
-                         "excess_error": excess})
+                         "excess_error": excess, "n_images": meta["robustness"].get("n"), "chance": chance,
+                         "base_above_chance": None if base is None else above_chance(base["robustness"], dist,
+                                                                                     chance_level(base))})
     return pd.DataFrame(rows, columns=ACCURACY_COLUMNS)
 
 
@@ -508,7 +535,9 @@ def prune_potential(metas: list[dict], delta: float = 0.005) -> pd.DataFrame:
 
     The potential is the largest requested rate whose error (corruptions: averaged over severities)
     stays within ``base error + delta`` on that distribution, 0.0 if no rate does.
-    ``potential_drop`` = clean potential − potential on the distribution.
+    ``potential_drop`` = clean potential − potential on the distribution.  Where the base is not above
+    chance on a distribution (``parent_above_chance`` false) every rate "keeps" its error, so the
+    potential and its drop are left empty (NaN) instead of reading noise at chance as robustness.
     """
     groups: dict[tuple, list[dict]] = {}
     for meta in metas:
@@ -524,14 +553,16 @@ def prune_potential(metas: list[dict], delta: float = 0.005) -> pd.DataFrame:
         base_err = mean_errors(base["robustness"])
         errors = [(float(m.get("rate_requested") or 0.0), paired_mean_errors(m["robustness"], base["robustness"]))
                   for m in members]
-        potentials = {}
+        potentials, informative = {}, {}
         for dist in sorted(base_err, key=lambda d: (d != "clean", d)):
+            informative[dist] = above_chance(base["robustness"], dist, chance_level(base))
             rates = [r for r, err in errors if dist in err and err[dist][0] <= err[dist][1] + delta + 1e-12]
-            potentials[dist] = max(rates, default=0.0)
+            potentials[dist] = max(rates, default=0.0) if informative[dist] is not False else float("nan")
         for dist, pot in potentials.items():
             rows.append({"arch": arch, "method": method, "schedule": schedule, "distribution": dist,
                          "potential": pot, "parent_error": base_err[dist], "potential_drop": potentials["clean"] - pot,
-                         "n_rates": sum(dist in err for _, err in errors)})
+                         "n_rates": sum(dist in err for _, err in errors), "n_images": base["robustness"].get("n"),
+                         "parent_above_chance": informative[dist]})
     return pd.DataFrame(rows, columns=POTENTIAL_COLUMNS)
 
 

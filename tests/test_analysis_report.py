@@ -839,3 +839,27 @@ def test_the_model_table_shows_the_effective_sparsity_beside_the_measured_one(tm
     assert (row["sparsity"], row["sparsity_effective"]) == (0.5, 0.746)
     old = meta_row({"model_id": "m", "method": "structured", "sparsity": {"total": 0.5}, "top1": {"after": 0.6}})
     assert old["sparsity_effective"] == 0.5
+
+
+def test_a_corruption_the_base_is_at_chance_on_stays_out_of_the_robustness_means(tmp_path, monkeypatch):
+    """The accuracy table says the base is at chance on contrast: the curves average the other corruptions
+    only, the caption says what was left out, and the prune-potential note says why its row is empty and
+    what one image weighs against δ."""
+    from matplotlib.figure import Figure
+
+    from analysis.report import prune_potential_note, robustness_subset_note
+
+    models = pd.DataFrame({"model_id": ["base", "a-r0.5"], "series": ["base", "a"], "rate": [0.0, 0.5]})
+    acc = pd.DataFrame([dict(model_id=m, distribution=d, severity=2, top1=top, base_above_chance=d != "contrast")
+                        for m in ("base", "a-r0.5") for d, top in (("contrast", 0.12), ("jpeg", 0.8), ("blur", 0.6))])
+    curves = {}
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: [
+        curves.setdefault(line.get_label(), list(line.get_ydata())) for ax in fig.axes for line in ax.get_lines()])
+    figures.robustness_curves({"accuracy": acc}, models, tmp_path / "r.png")
+    assert curves["base"] == pytest.approx([0.7]) and curves["rate 0.50"] == pytest.approx([0.7])
+    subset = {"n": 100, "base_at_chance": ["contrast"]}
+    assert robustness_subset_note(subset).endswith(
+        "Left out of the means: contrast, on which the base model is not above chance.")
+    note = prune_potential_note(subset, 0.005)
+    assert "one image moves the clean error by 0.01, more than δ" in note and "Empty for contrast" in note
+    assert "more than δ" not in prune_potential_note({"n": 1000}, 0.005)

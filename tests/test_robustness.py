@@ -448,3 +448,32 @@ def test_robustness_of_a_study_uses_a_balanced_subset_and_records_it(tiny_data):
     per_class = report["images_per_class"]
     assert sorted(per_class) == sorted(loader.classes) and sum(per_class.values()) == report["n"] == 20
     assert min(per_class.values()) >= 0.8 * max(per_class.values())
+
+
+def test_a_distribution_the_parent_is_at_chance_on_has_no_prune_potential():
+    """Contrast at chance for the parent (10 classes): the pruned model "keeps" its error by noise alone,
+    so its potential is left empty; the binomial decision equals scipy's test on the pooled counts."""
+    from scipy.stats import binomtest
+
+    classes = {f"c{i}": 20 for i in range(10)}
+    models = [meta("base", None, None, 0.0, 0.90, {"contrast": {"2": 0.15, "4": 0.10}, "jpeg": {"2": 0.80}}),
+              meta("w50", "weight", "oneshot", 0.5, 0.90, {"contrast": {"2": 0.10, "4": 0.10}, "jpeg": {"2": 0.70}}),
+              meta("w75", "weight", "oneshot", 0.75, 0.80, {"contrast": {"2": 0.16, "4": 0.10}, "jpeg": {"2": 0.60}})]
+    for m in models:
+        m["robustness"].update(n=200, images_per_class=classes)
+    pooled = binomtest(30 + 20, 400, 0.1, alternative="greater").pvalue
+    assert pooled > rb.CHANCE_ALPHA  # 50 of 400 correct: not above chance
+    table = rb.prune_potential(models).set_index("distribution")
+    assert table.loc["contrast", "parent_above_chance"] == False  # noqa: E712 (numpy bool)
+    assert np.isnan(table.loc["contrast", "potential"]) and np.isnan(table.loc["contrast", "potential_drop"])
+    assert table.loc["jpeg", "parent_above_chance"] == True  # noqa: E712
+    assert table.loc["clean", "potential"] == 0.5 and (table["n_images"] == 200).all()
+    acc = rb.accuracy_table(models)
+    assert set(acc[acc.distribution == "contrast"].base_above_chance) == {False}
+    assert set(acc[acc.distribution != "contrast"].base_above_chance) == {True}
+    assert np.allclose(acc.chance, 0.1)
+    # without a class count the test cannot run: the potential stays the published definition
+    bare = rb.prune_potential([{**m, "robustness": {k: v for k, v in m["robustness"].items()
+                                                    if k != "images_per_class"}} for m in models])
+    assert bare.set_index("distribution").loc["contrast", "potential"] == 0.75
+    assert bare["parent_above_chance"].isna().all()
