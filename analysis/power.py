@@ -1,9 +1,10 @@
 """Power and sample size: what the study's units can detect, and what a human study would need.
 
 Model side: the primary MIS slope's standard error (within units, clustered by unit and model) gives
-the smallest slope detectable at 80 % power with a two-sided test, ``(t₁₋α/₂ + t₀.₈)·SE``, and the
-smallest equivalence margin TOST would establish at 80 % power when the true change is zero,
-``(t₁₋α + t₀.₉)·SE`` (t with the fit's degrees of freedom).
+the smallest slope detectable at 80 % power with a two-sided test (about ``(t₁₋α/₂ + t₀.₈)·SE``; solved
+exactly on the non-central t with the fit's degrees of freedom, which matters with few models), and the
+smallest equivalence margin TOST would establish at 80 % power when the true change is zero (about
+``(t₁₋α + t₀.₉)·SE``; solved with the standard error's own sampling noise).
 
 Human side: a simulation from a trial-level model of the survey,
 
@@ -47,17 +48,55 @@ def _expit(x):
 
 
 # ---- model side -----------------------------------------------------------------------------------
+def slope_test_power(ncp: float, alpha: float = 0.05, df: float | None = None) -> float:
+    """Power of a two-sided test at ``alpha`` of an estimate whose true value is ``ncp`` standard errors
+    from zero: normal, or non-central t with ``df`` (the standard error itself estimated)."""
+    if df is None:
+        z = stats.norm.ppf(1 - alpha / 2)
+        return float(stats.norm.sf(z - ncp) + stats.norm.cdf(-z - ncp))
+    t = stats.t.ppf(1 - alpha / 2, df)
+    far = stats.nct.sf(t, df, -ncp)     # P(T < −t), by symmetry (scipy's cdf can give NaN far in the tail)
+    return float(stats.nct.sf(t, df, ncp) + (0.0 if math.isnan(far) else far))
+
+
+def tost_power(margin_in_se: float, alpha: float = 0.05, df: float | None = None) -> float:
+    """Power of TOST at ``alpha`` when the true effect is 0 and the margin is ``margin_in_se`` standard
+    errors: P(|β̂| + q·SE-hat < m).  With ``df`` the standard error is estimated (SE-hat² ~ SE²·χ²_df/df),
+    and the normal probability is integrated over it."""
+    if df is None:
+        return float(max(0.0, 2 * stats.norm.cdf(margin_in_se - stats.norm.ppf(1 - alpha)) - 1))
+    from scipy.integrate import quad
+    q = stats.t.ppf(1 - alpha, df)
+    def given(v):
+        room = margin_in_se - q * math.sqrt(v / df)
+        return (2 * stats.norm.cdf(room) - 1) * stats.chi2.pdf(v, df) if room > 0 else 0.0
+    upper = df * (margin_in_se / q) ** 2      # beyond it the interval is wider than the margin
+    return float(quad(given, 0.0, upper, limit=200)[0])
+
+
+def _solve(power_of, power: float, guess: float) -> float:
+    """The noncentrality (or margin, in SEs) at which ``power_of`` reaches ``power``."""
+    from scipy.optimize import brentq
+    hi = max(guess, 1.0)
+    while power_of(hi) < power:
+        hi *= 2
+    return float(brentq(lambda x: power_of(x) - power, 0.0, hi, xtol=1e-10))
+
+
 def detectable_slope(se: float, alpha: float = 0.05, power: float = POWER, df: float | None = None) -> float:
     """Smallest true slope a two-sided test at ``alpha`` detects with ``power``, for an estimate with ``se``
-    (normal reference, or t with ``df``)."""
+    (normal reference, or t with ``df``: solved on the non-central t, not its normal approximation)."""
     dist = stats.norm if df is None else stats.t(df)
-    return float((dist.ppf(1 - alpha / 2) + dist.ppf(power)) * se)
+    guess = dist.ppf(1 - alpha / 2) + dist.ppf(power)
+    return _solve(lambda ncp: slope_test_power(ncp, alpha, df), power, guess) * se
 
 
 def provable_margin(se: float, alpha: float = 0.05, power: float = POWER, df: float | None = None) -> float:
-    """Smallest equivalence margin TOST at ``alpha`` establishes with ``power`` when the true effect is 0."""
+    """Smallest equivalence margin TOST at ``alpha`` establishes with ``power`` when the true effect is 0
+    (with ``df``: the standard error estimated on ``df`` degrees of freedom, :func:`tost_power`)."""
     dist = stats.norm if df is None else stats.t(df)
-    return float((dist.ppf(1 - alpha) + dist.ppf(1 - (1 - power) / 2)) * se)
+    guess = dist.ppf(1 - alpha) + dist.ppf(1 - (1 - power) / 2)
+    return _solve(lambda m: tost_power(m, alpha, df), power, guess) * se
 
 
 def model_power(entries, alpha: float = 0.05) -> list[dict]:

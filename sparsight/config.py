@@ -383,7 +383,7 @@ _DEMO = {
     "observer": {"epochs": 5, "lr": 0.1},
     "prune": {"rates": [0.25, 0.5, 0.75], "iterative_steps": 2, "retrain_epochs": 1, "iterative_epochs": 1,
               "lrp_images_per_class": 4},
-    "evaluate": {"severities": [2, 4], "noise_levels": 5, "max_images": 100},
+    "evaluate": {"severities": [2, 4], "noise_levels": 5, "max_images": 0},  # all 300 validation images
     # natural exemplars (cheap) for every unit of the five unit layers (744); feature visualizations for
     # 30 units alive in every model, the same in each (precision and power: benchmarks/RESULTS.md)
     "units": {"sampling": "all"},
