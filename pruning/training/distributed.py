@@ -123,8 +123,10 @@ def init_distributed(device_preference: str = "auto") -> DistContext:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         # generous timeout: other ranks wait at a barrier while rank 0 alone runs a long stage (dissection, MIS)
+        # on CUDA the group is bound to this rank's GPU, so barriers and collectives never guess the device
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(hours=STAGE_WAIT_HOURS))
+                                timeout=datetime.timedelta(hours=STAGE_WAIT_HOURS),
+                                device_id=device if device.type == "cuda" else None)
         here = True
     return DistContext(rank, world, local, device, here)
 
