@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from scipy import stats
+from scipy.integrate import quad
+from scipy.optimize import brentq
 
 from .statistics import averaged_accuracy
 
@@ -65,8 +67,8 @@ def tost_power(margin_in_se: float, alpha: float = 0.05, df: float | None = None
     and the normal probability is integrated over it."""
     if df is None:
         return float(max(0.0, 2 * stats.norm.cdf(margin_in_se - stats.norm.ppf(1 - alpha)) - 1))
-    from scipy.integrate import quad
     q = stats.t.ppf(1 - alpha, df)
+
     def given(v):
         room = margin_in_se - q * math.sqrt(v / df)
         return (2 * stats.norm.cdf(room) - 1) * stats.chi2.pdf(v, df) if room > 0 else 0.0
@@ -76,7 +78,6 @@ def tost_power(margin_in_se: float, alpha: float = 0.05, df: float | None = None
 
 def _solve(power_of, power: float, guess: float) -> float:
     """The noncentrality (or margin, in SEs) at which ``power_of`` reaches ``power``."""
-    from scipy.optimize import brentq
     hi = max(guess, 1.0)
     while power_of(hi) < power:
         hi *= 2

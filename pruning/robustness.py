@@ -471,6 +471,14 @@ def above_chance(robustness: dict, distribution: str, chance: float | None, alph
     return bool(binomtest(correct, n * len(top1), chance, alternative="greater").pvalue < alpha)
 
 
+def base_above_chance(base: dict | None) -> dict[str, bool | None]:
+    """:func:`above_chance` of the base model on each distribution of its report (empty without a base)."""
+    if base is None:
+        return {}
+    rob = base["robustness"]
+    return {d: above_chance(rob, d, chance_level(base)) for d in {d for d, _ in top1_by_distribution(rob)}}
+
+
 def accuracy_table(metas: list[dict]) -> pd.DataFrame:
     """Long table of top-1/error per model and distribution, with excess error against the base.
 
@@ -487,7 +495,7 @@ def accuracy_table(metas: list[dict]) -> pd.DataFrame:
         mine = top1_by_distribution(meta["robustness"])
         base = base_for(meta, metas)
         ref = top1_by_distribution(base["robustness"]) if base else {}
-        chance = chance_level(meta)
+        chance, informative = chance_level(meta), base_above_chance(base)
         for (dist, sev), top1 in mine.items():
             excess = float("nan")
             if (dist, sev) in ref:
@@ -495,8 +503,7 @@ def accuracy_table(metas: list[dict]) -> pd.DataFrame:
                 excess = (e - e0) - ((1 - mine["clean", 0]) - (1 - ref["clean", 0]))
             rows.append({**_keys(meta), "distribution": dist, "severity": sev, "top1": top1, "error": 1 - top1,
                          "excess_error": excess, "n_images": meta["robustness"].get("n"), "chance": chance,
-                         "base_above_chance": None if base is None else above_chance(base["robustness"], dist,
-                                                                                     chance_level(base))})
+                         "base_above_chance": informative.get(dist)})
     return pd.DataFrame(rows, columns=ACCURACY_COLUMNS)
 
 
@@ -553,16 +560,15 @@ def prune_potential(metas: list[dict], delta: float = 0.005) -> pd.DataFrame:
         base_err = mean_errors(base["robustness"])
         errors = [(float(m.get("rate_requested") or 0.0), paired_mean_errors(m["robustness"], base["robustness"]))
                   for m in members]
-        potentials, informative = {}, {}
+        potentials, informative = {}, base_above_chance(base)
         for dist in sorted(base_err, key=lambda d: (d != "clean", d)):
-            informative[dist] = above_chance(base["robustness"], dist, chance_level(base))
             rates = [r for r, err in errors if dist in err and err[dist][0] <= err[dist][1] + delta + 1e-12]
-            potentials[dist] = max(rates, default=0.0) if informative[dist] is not False else float("nan")
+            potentials[dist] = max(rates, default=0.0) if informative.get(dist) is not False else float("nan")
         for dist, pot in potentials.items():
             rows.append({"arch": arch, "method": method, "schedule": schedule, "distribution": dist,
                          "potential": pot, "parent_error": base_err[dist], "potential_drop": potentials["clean"] - pot,
                          "n_rates": sum(dist in err for _, err in errors), "n_images": base["robustness"].get("n"),
-                         "parent_above_chance": informative[dist]})
+                         "parent_above_chance": informative.get(dist)})
     return pd.DataFrame(rows, columns=POTENTIAL_COLUMNS)
 
 
