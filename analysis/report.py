@@ -1064,8 +1064,9 @@ def prune_potential_note(subset: dict | None, delta: float) -> str:
         return ""
     n = int(subset["n"])
     text = (f"The largest rate whose error stays within δ = {delta:g} of the base's, per distribution "
-            f"(corruptions averaged over their severities). Each error rests on {n} images a severity: one image "
-            f"moves the clean error by {1 / n:.2g}")
+            f"(corruptions averaged over their severities), with its 95 % bootstrap interval over the images "
+            f"(resampled alike for the base and every pruned model). Each error rests on {n} images a severity: "
+            f"one image moves the clean error by {1 / n:.2g}")
     text += (", more than δ, so a potential here reads single images." if 1 / n > delta else ".")
     if subset.get("base_at_chance"):
         text += (f" Empty for {', '.join(subset['base_at_chance'])}: the base model is not above chance there "

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import base64
 import io
 import math
 import numbers
@@ -248,7 +249,8 @@ def _device(model: nn.Module, device) -> torch.device:
 
 
 def _batches(loader, max_images: int, device: torch.device, shard: tuple[int, int] = (0, 1)):
-    """(index, images, targets) on ``device``; empty batches skipped, truncated at ``max_images``.
+    """(index, position of its first image in the whole pass, images, targets) on ``device``; empty
+    batches skipped, truncated at ``max_images``.
 
     ``shard=(rank, world_size)``: only every world_size-th batch, by its index in the whole pass (each
     rank reads the same loader), so that the noise a batch gets does not depend on the number of ranks.
@@ -262,7 +264,7 @@ def _batches(loader, max_images: int, device: torch.device, shard: tuple[int, in
         if take <= 0:
             break
         if b % world == rank:
-            yield b, batch.images[:take].to(device), batch.targets[:take].to(device)
+            yield b, seen, batch.images[:take].to(device), batch.targets[:take].to(device)
         seen += take
 
 
@@ -271,8 +273,31 @@ def _summed(reduce, values: list[int]) -> list[int]:
     return values if reduce is None else [int(round(v)) for v in reduce([float(v) for v in values])]
 
 
-def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
-    return int((model(x).argmax(dim=1) == y).sum())
+def _hits(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per image: whether ``model``'s top-1 is the label (bool, on the CPU)."""
+    return (model(x).argmax(dim=1) == y).cpu()
+
+
+def pack_bits(flags: np.ndarray) -> str:
+    """Bool flags as base64 text (8 to a byte): per-image results small enough for ``meta.json``."""
+    return base64.b64encode(np.packbits(np.asarray(flags, dtype=bool)).tobytes()).decode("ascii")
+
+
+def unpack_bits(text: str, n: int) -> np.ndarray:
+    """The first ``n`` flags of :func:`pack_bits` text."""
+    return np.unpackbits(np.frombuffer(base64.b64decode(text), dtype=np.uint8))[:n].astype(bool)
+
+
+def _per_image(marks: dict[str, list[tuple[int, torch.Tensor]]], n: int, reduce) -> dict[str, np.ndarray]:
+    """Per distribution, one flag per image of the whole pass from this rank's ``(position, flags)``
+    batches; ``reduce`` sums the ranks' vectors in one call (each rank fills only its own positions)."""
+    flags = np.zeros((len(marks), n), dtype=np.int64)
+    for row, batches in enumerate(marks.values()):
+        for start, ok in batches:
+            flags[row, start:start + len(ok)] = ok.numpy()
+    if reduce is not None:
+        flags = np.asarray(_summed(reduce, flags.ravel().tolist())).reshape(flags.shape)
+    return {k: flags[row].astype(bool) for row, k in enumerate(marks)}
 
 
 def corruption_accuracy(model: nn.Module, loader, corruptions, severities, *, device=None, max_images: int = 0,
@@ -282,9 +307,11 @@ def corruption_accuracy(model: nn.Module, loader, corruptions, severities, *, de
     The noise of batch ``b`` under (corruption, severity) is seeded from ``(seed, b, corruption,
     severity)``, so a result does not depend on which other corruptions are evaluated.
     Returns ``{"clean": top1, "corruptions": {name: {str(severity): top1}}, "n": images}``
-    (top-1 values are ``None`` when the loader yields no images) and ``"per_class"``: images per class
-    index.  Under ``torchrun`` each rank takes its ``shard`` of the batches and ``reduce`` sums the
-    counts over the ranks: the result equals one process's.
+    (top-1 values are ``None`` when the loader yields no images), ``"per_class"``: images per class
+    index, and ``"correct"``: per distribution (``"clean"``, ``"<name>:<severity>"``) a bool array, one
+    flag per image in loader order (what a bootstrap over images pairs across models).  Under
+    ``torchrun`` each rank takes its ``shard`` of the batches and ``reduce`` sums over the ranks: the
+    result equals one process's.
     """
     names = list(corruptions)
     for c in names:
@@ -292,20 +319,20 @@ def corruption_accuracy(model: nn.Module, loader, corruptions, severities, *, de
     sevs = [check_severity(s) for s in severities]
     dev = _device(model, device)
     gen = torch.Generator(device=dev)
-    clean = 0
-    hits = {(c, s): 0 for c in names for s in sevs}
+    keys = ["clean"] + [f"{c}:{s}" for c in names for s in sevs]
+    marks: dict[str, list] = {k: [] for k in keys}
     n, per_class = 0, torch.zeros(len(getattr(loader, "classes", None) or []), dtype=torch.long)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for b, x, y in _batches(loader, max_images, dev, shard):
-                clean += _correct(model, x, y)
+            for b, start, x, y in _batches(loader, max_images, dev, shard):
+                marks["clean"].append((start, _hits(model, x, y)))
                 x01 = denormalize(x).clamp_(0, 1)
                 for c in names:
                     for s in sevs:
                         gen.manual_seed(derived_seed(seed, b, list(CORRUPTIONS).index(c), s))
-                        hits[c, s] += _correct(model, normalize(CORRUPTIONS[c](x01, s, gen)), y)
+                        marks[f"{c}:{s}"].append((start, _hits(model, normalize(CORRUPTIONS[c](x01, s, gen)), y)))
                 n += len(y)
                 counts = torch.bincount(y.cpu(), minlength=len(per_class))
                 per_class = torch.cat([per_class, torch.zeros(len(counts) - len(per_class), dtype=torch.long)])
@@ -313,13 +340,12 @@ def corruption_accuracy(model: nn.Module, loader, corruptions, severities, *, de
     finally:
         model.train(was_training)
     if reduce is not None:
-        keys = list(hits)
-        counts = _summed(reduce, [clean, n, *hits.values(), *per_class.tolist()])
-        clean, n, hits = counts[0], counts[1], dict(zip(keys, counts[2:2 + len(keys)]))
-        per_class = torch.tensor(counts[2 + len(keys):], dtype=torch.long)
-    share = (lambda k: k / n) if n else (lambda k: None)  # None (JSON null) without images
-    return {"clean": share(clean), "corruptions": {c: {str(s): share(hits[c, s]) for s in sevs} for c in names},
-            "n": n, "per_class": per_class.tolist()}
+        n, *counts = _summed(reduce, [n, *per_class.tolist()])
+        per_class = torch.tensor(counts, dtype=torch.long)
+    correct = _per_image(marks, n, reduce)
+    share = (lambda k: float(correct[k].sum()) / n) if n else (lambda k: None)  # None (JSON null) without images
+    return {"clean": share("clean"), "corruptions": {c: {str(s): share(f"{c}:{s}") for s in sevs} for c in names},
+            "n": n, "per_class": per_class.tolist(), "correct": correct}
 
 
 def noise_levels(levels: int, eps_max: float) -> list[float]:
@@ -350,7 +376,7 @@ def noise_similarity(model: nn.Module, parent: nn.Module, loader, *, levels: int
     parent.eval()
     try:
         with torch.no_grad():
-            for b, x, _ in _batches(loader, max_images, dev, shard):
+            for b, _, x, _ in _batches(loader, max_images, dev, shard):
                 for i, e in enumerate(eps):
                     gen.manual_seed(derived_seed(seed, b, i))
                     xn = x + 2 * e * (_noise_like(x, gen, "uniform") - 0.5) if e > 0 else x
@@ -370,7 +396,8 @@ def _setting(section, key: str):
 
 def robustness_report(model: nn.Module, parent: nn.Module | None, loader, section, *, device=None,
                       seed: int = 0, shard: tuple[int, int] = (0, 1), reduce=None) -> dict:
-    """Corruption accuracy and (with a parent) noise similarity, ready for ``meta["robustness"]``.
+    """Corruption accuracy and (with a parent) noise similarity, ready for ``meta["robustness"]``; its
+    ``correct`` holds the per-image results (:func:`pack_bits`) that :func:`prune_potential` resamples.
 
     ``section`` is the study's ``evaluate`` section (or a dict with the same keys).  ``loader`` should
     already hold the evaluation subset (``pruning.workflows.robustness_loader``: seeded and
@@ -386,6 +413,7 @@ def robustness_report(model: nn.Module, parent: nn.Module | None, loader, sectio
     counts = acc["per_class"] + [0] * max(0, len(classes) - len(acc["per_class"]))
     report = {
         "clean": acc["clean"], "corruptions": acc["corruptions"], "n": acc["n"],
+        "correct": {k: pack_bits(v) for k, v in acc["correct"].items()},
         "images_per_class": {(classes[i] if i < len(classes) else str(i)): int(k) for i, k in enumerate(counts)},
         "settings": {"corruptions": corruptions, "severities": severities, "max_images": max_images, "seed": seed,
                      "noise_levels": int(_setting(section, "noise_levels")),
@@ -404,8 +432,10 @@ KEY_COLUMNS = ["model_id", "arch", "method", "schedule", "rate_requested", "spar
 ACCURACY_COLUMNS = KEY_COLUMNS + ["distribution", "severity", "top1", "error", "excess_error", "n_images", "chance",
                                   "base_above_chance"]
 NOISE_COLUMNS = ["model_id", "arch", "method", "schedule", "rate_requested", "eps", "agreement"]
-POTENTIAL_COLUMNS = ["arch", "method", "schedule", "distribution", "potential", "parent_error", "potential_drop",
-                     "n_rates", "n_images", "parent_above_chance"]
+POTENTIAL_COLUMNS = ["arch", "method", "schedule", "distribution", "potential", "potential_ci_low",
+                     "potential_ci_high", "parent_error", "potential_drop", "n_rates", "n_images", "parent_above_chance"]
+#: level of the prune potential's bootstrap interval
+POTENTIAL_LEVEL = 0.95
 #: one-sided level of the test that a parent is above chance on a distribution
 CHANCE_ALPHA = 0.05
 
@@ -537,11 +567,57 @@ def paired_mean_errors(robustness: dict, reference: dict) -> dict[str, tuple[flo
     return {d: (sum(p[0] for p in v) / len(v), sum(p[1] for p in v) / len(v)) for d, v in pairs.items()}
 
 
-def prune_potential(metas: list[dict], delta: float = 0.005) -> pd.DataFrame:
+def _flag_keys(dist: str, severities) -> list[str]:
+    """Keys of ``report["correct"]`` for ``dist`` at ``severities`` (clean has one)."""
+    return ["clean"] if dist == "clean" else [f"{dist}:{s}" for s in severities]
+
+
+def _paired_severities(meta: dict, base: dict, dist: str) -> list[int]:
+    """The severities of ``dist`` that both ``meta`` and ``base`` report (as :func:`paired_mean_errors`)."""
+    mine, ref = top1_by_distribution(meta["robustness"]), top1_by_distribution(base["robustness"])
+    return sorted(s for d, s in mine.keys() & ref.keys() if d == dist)
+
+
+def _resampled_weights(n: int, draws: int, rng: np.random.Generator) -> np.ndarray:
+    """(draws, n) counts of each image in a bootstrap resample of the ``n`` images."""
+    return np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(draws)]).astype(np.float64)
+
+
+def potential_interval(base: dict, members: list[dict], dist: str, delta: float, bootstrap: int,
+                       rng: np.random.Generator, chunk: int = 100) -> tuple[float, float]:
+    """Bootstrap interval (:data:`POTENTIAL_LEVEL`) of a series' prune potential on ``dist``: the images are
+    resampled, the same for the base and every pruned model (their errors are paired image by image),
+    and the potential recomputed.  NaN where a report lacks its per-image results (``correct``)."""
+    n = int(base["robustness"].get("n") or 0)
+    columns, owners = [], []             # one column of flags per (model, severity); owners: (member, is_base)
+    for i, m in enumerate(members):
+        keys = _flag_keys(dist, _paired_severities(m, base, dist))
+        for who, meta in ((i, m), (-1 - i, base)):
+            stored = meta["robustness"].get("correct") or {}
+            if not bootstrap or not keys or int(meta["robustness"].get("n") or 0) != n or \
+                    any(k not in stored for k in keys):
+                return float("nan"), float("nan")
+            columns += [unpack_bits(stored[k], n) for k in keys]
+            owners += [who] * len(keys)
+    flags, owners = np.stack(columns, axis=1).astype(np.float64), np.asarray(owners)
+    rates = np.array([float(m.get("rate_requested") or 0.0) for m in members])
+    potentials = []
+    for start in range(0, bootstrap, chunk):
+        errors = 1 - _resampled_weights(n, min(chunk, bootstrap - start), rng) @ flags / n   # (draws, columns)
+        keeps = np.stack([errors[:, owners == i].mean(axis=1) <= errors[:, owners == -1 - i].mean(axis=1)
+                          + delta + 1e-12 for i in range(len(members))], axis=1)
+        potentials.append(np.where(keeps, rates, 0.0).max(axis=1))
+    tail = (1 - POTENTIAL_LEVEL) / 2
+    low, high = np.quantile(np.concatenate(potentials), [tail, 1 - tail], method="inverted_cdf")
+    return float(low), float(high)
+
+
+def prune_potential(metas: list[dict], delta: float = 0.005, bootstrap: int = 0, seed: int = 0) -> pd.DataFrame:
     """Prune potential per (arch, method, schedule) and distribution (Liebenwein et al. 2021).
 
     The potential is the largest requested rate whose error (corruptions: averaged over severities)
-    stays within ``base error + delta`` on that distribution, 0.0 if no rate does.
+    stays within ``base error + delta`` on that distribution, 0.0 if no rate does; with ``bootstrap``
+    resamples of the images, its interval (:func:`potential_interval`).
     ``potential_drop`` = clean potential − potential on the distribution.  Where the base is not above
     chance on a distribution (``parent_above_chance`` false) every rate "keeps" its error, so the
     potential and its drop are left empty (NaN) instead of reading noise at chance as robustness.
@@ -553,6 +629,7 @@ def prune_potential(metas: list[dict], delta: float = 0.005) -> pd.DataFrame:
         k = _keys(meta)
         groups.setdefault((k["arch"], k["method"], k["schedule"]), []).append(meta)
     rows = []
+    rng = np.random.default_rng(seed)
     for (arch, method, schedule), members in groups.items():
         base = base_for(members[0], metas)
         if base is None:
@@ -560,21 +637,28 @@ def prune_potential(metas: list[dict], delta: float = 0.005) -> pd.DataFrame:
         base_err = mean_errors(base["robustness"])
         errors = [(float(m.get("rate_requested") or 0.0), paired_mean_errors(m["robustness"], base["robustness"]))
                   for m in members]
-        potentials, informative = {}, base_above_chance(base)
+        potentials, intervals, informative = {}, {}, base_above_chance(base)
         for dist in sorted(base_err, key=lambda d: (d != "clean", d)):
             rates = [r for r, err in errors if dist in err and err[dist][0] <= err[dist][1] + delta + 1e-12]
-            potentials[dist] = max(rates, default=0.0) if informative.get(dist) is not False else float("nan")
+            at_chance = informative.get(dist) is False
+            potentials[dist] = float("nan") if at_chance else max(rates, default=0.0)
+            measured = [m for (_, err), m in zip(errors, members) if dist in err]
+            intervals[dist] = (float("nan"),) * 2 if at_chance else potential_interval(
+                base, measured, dist, delta, bootstrap, rng)
         for dist, pot in potentials.items():
             rows.append({"arch": arch, "method": method, "schedule": schedule, "distribution": dist,
-                         "potential": pot, "parent_error": base_err[dist], "potential_drop": potentials["clean"] - pot,
+                         "potential": pot, "potential_ci_low": intervals[dist][0],
+                         "potential_ci_high": intervals[dist][1], "parent_error": base_err[dist],
+                         "potential_drop": potentials["clean"] - pot,
                          "n_rates": sum(dist in err for _, err in errors), "n_images": base["robustness"].get("n"),
                          "parent_above_chance": informative.get(dist)})
     return pd.DataFrame(rows, columns=POTENTIAL_COLUMNS)
 
 
-def write_study_tables(out_dir: str | os.PathLike, metas: list[dict], delta: float = 0.005) -> list[Path]:
+def write_study_tables(out_dir: str | os.PathLike, metas: list[dict], delta: float = 0.005, bootstrap: int = 0,
+                       seed: int = 0) -> list[Path]:
     """Write ``robustness/{accuracy,noise_similarity,prune_potential}.csv`` under ``out_dir``."""
     folder = Path(out_dir) / "robustness"
     tables = {"accuracy.csv": accuracy_table(metas), "noise_similarity.csv": noise_table(metas),
-              "prune_potential.csv": prune_potential(metas, delta)}
+              "prune_potential.csv": prune_potential(metas, delta, bootstrap, seed)}
     return [atomic_write_text(folder / name, df.to_csv(index=False)) for name, df in tables.items()]

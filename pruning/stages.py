@@ -123,8 +123,9 @@ class RobustnessStage:
     description = "study tables: corruption accuracy, noise similarity, prune potential, excess error"
 
     def inputs(self, study) -> dict:
-        return {"models": {k: study.upstream(k) for k in ("base", "prune")},
-                "delta": study.config.evaluate.prune_potential_delta}
+        e = study.config.evaluate
+        return {"models": {k: study.upstream(k) for k in ("base", "prune")}, "delta": e.prune_potential_delta,
+                "bootstrap": e.prune_potential_bootstrap, "seed": study.config.study.seed}
 
     def run(self, study) -> list[Path]:
         return run_robustness(study)
@@ -212,7 +213,9 @@ def run_robustness(study) -> list[Path]:
     metas = [m for m in _study_metas(study) if m["model_id"] != "observer"]
     if not study.is_main:
         return []
-    return list(write_study_tables(study.run_dir, metas, study.config.evaluate.prune_potential_delta))
+    e = study.config.evaluate
+    return list(write_study_tables(study.run_dir, metas, e.prune_potential_delta, e.prune_potential_bootstrap,
+                                   study.config.study.seed))
 
 
 def run_evaluate(study) -> list[Path]:

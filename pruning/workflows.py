@@ -98,13 +98,18 @@ def build_loaders(cfg, data_root: str | Path, ctx: DistContext, *, train: bool =
 
 
 ROBUSTNESS_SUBSET = "stratified-v1"     # how robustness images are chosen; a change refreshes old reports
+ROBUSTNESS_RECORD = "per-image-v1"      # what a report holds (per-image results); a change refreshes old reports
+#: settings of the study tables only: changing them recomputes no model's report
+TABLE_SETTINGS = ("prune_potential_delta", "prune_potential_bootstrap")
 
 
 def _robustness_fingerprint(cfg, parent_sha: str | None) -> str:
     """What a robustness report depends on; the corruption noise is drawn per evaluation batch, so the
     batch size is part of it (every model of a study is then measured on the same noise)."""
-    return job_fingerprint({"evaluate": asdict(cfg.evaluate), "parent": parent_sha, "seed": cfg.study.seed,
-                            "subset": ROBUSTNESS_SUBSET, "eval_batch_size": cfg.data.eval_batch_size})
+    evaluate = {k: v for k, v in asdict(cfg.evaluate).items() if k not in TABLE_SETTINGS}
+    return job_fingerprint({"evaluate": evaluate, "parent": parent_sha, "seed": cfg.study.seed,
+                            "subset": ROBUSTNESS_SUBSET, "record": ROBUSTNESS_RECORD,
+                            "eval_batch_size": cfg.data.eval_batch_size})
 
 
 def refresh_robustness(cfg, data_root, out_dir: Path, meta: dict, ctx: DistContext, parent=None,

@@ -173,6 +173,8 @@ class EvaluateSection:
     noise_levels: int = option(15, "noise-similarity levels in linspace(0, noise_eps_max)", lo=2)
     noise_eps_max: float = option(0.7, "largest noise-similarity epsilon", lo=0.0)
     prune_potential_delta: float = option(0.005, "error margin of prune potential", lo=0.0, hi=1.0)
+    prune_potential_bootstrap: int = option(1000, "bootstrap resamples of the images for the prune potential's "
+                                            "95 % interval (paired across models); 0 = none", lo=0)
     max_images: int = option(500, "robustness on at most this many validation images; 0 = all", lo=0)
 
 

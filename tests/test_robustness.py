@@ -206,14 +206,18 @@ def test_clean_accuracy_equals_evaluate_and_corruptions_are_computed_as_stated(t
     assert result["clean"] == pytest.approx(reference["top1"])
     assert set(result["corruptions"]) == {"contrast", "gaussian_noise"}
     assert set(result["corruptions"]["contrast"]) == {"1", "4"}
+    assert sorted(result["correct"]) == ["clean", "contrast:1", "contrast:4", "gaussian_noise:1", "gaussian_noise:4"]
+    for key, flags in result["correct"].items():
+        assert len(flags) == 60 and rb.unpack_bits(rb.pack_bits(flags), 60).tolist() == flags.tolist()
     # contrast is deterministic: recompute directly over the whole set
     model.eval()
     xs = torch.cat([b.images for b in loader])
     ys = torch.cat([b.targets for b in loader])
     with torch.no_grad():
         direct = rb.normalize(rb.corrupt(rb.denormalize(xs).clamp(0, 1), "contrast", 4))
-        expected = float((model(direct).argmax(1) == ys).float().mean())
-    assert result["corruptions"]["contrast"]["4"] == pytest.approx(expected)
+        per_image = (model(direct).argmax(1) == ys).numpy()
+    assert result["corruptions"]["contrast"]["4"] == pytest.approx(per_image.mean())
+    assert result["correct"]["contrast:4"].tolist() == per_image.tolist()   # image by image, in loader order
 
 
 def test_corruption_accuracy_is_seeded_independent_of_other_corruptions_and_respects_max_images(tiny_data):
@@ -267,6 +271,8 @@ def test_robustness_shared_out_over_ranks_equals_one_process(tiny_data):
         # the same counts over the same n: the same floats
         assert (report["clean"], report["corruptions"]) == (alone["clean"], alone["corruptions"])
         assert report["noise_similarity"] == alone["noise_similarity"]
+        assert report["correct"] == alone["correct"]        # every image's result, in one order
+    assert len(rb.unpack_bits(alone["correct"]["contrast:5"], 45)) == 45
 
 
 class Recorder(torch.nn.Module):
@@ -477,3 +483,45 @@ def test_a_distribution_the_parent_is_at_chance_on_has_no_prune_potential():
                                                     if k != "images_per_class"}} for m in models])
     assert bare.set_index("distribution").loc["contrast", "potential"] == 0.75
     assert bare["parent_above_chance"].isna().all()
+
+
+def _measured(model_id, method, rate, flags: dict, classes=10):
+    """A meta whose robustness report holds the given per-image results (``{"clean": bools, "contrast:2": …}``)."""
+    n = len(flags["clean"])
+    corruptions = {}
+    for key, f in flags.items():
+        if key != "clean":
+            name, sev = key.split(":")
+            corruptions.setdefault(name, {})[sev] = float(np.mean(f))
+    m = meta(model_id, method, "oneshot" if method else None, rate, float(np.mean(flags["clean"])), corruptions)
+    m["robustness"].update(n=n, images_per_class={f"c{i}": n // classes for i in range(classes)},
+                           correct={k: rb.pack_bits(f) for k, f in flags.items()})
+    return m
+
+
+def test_the_prune_potential_interval_equals_a_slow_bootstrap_of_the_point_potential():
+    """Every resample of the images recomputes the potential from the resampled errors, paired across the
+    models; the interval equals such a loop over resampled reports, and a model whose errors are those of
+    the base keeps its rate in every resample."""
+    rng = np.random.default_rng(7)
+    n = 200
+    base = rng.random(n) < 0.85
+    near = base.copy()
+    near[np.flatnonzero(base)[:3]] = False           # 3 images lost: within δ in some resamples only
+    far = base & (rng.random(n) < 0.8)               # many lost: never within δ
+    metas = [_measured("base", None, 0.0, {"clean": base}), _measured("w25", "weight", 0.25, {"clean": base}),
+             _measured("w50", "weight", 0.5, {"clean": near}), _measured("w75", "weight", 0.75, {"clean": far})]
+    table = rb.prune_potential(metas, delta=0.005, bootstrap=300, seed=3)
+    row = table.iloc[0]
+    slow_rng, potentials = np.random.default_rng(3), []
+    for _ in range(300):
+        idx = slow_rng.integers(0, n, n)
+        resampled = [_measured(m["model_id"], m["method"], m["rate_requested"],
+                               {"clean": rb.unpack_bits(m["robustness"]["correct"]["clean"], n)[idx]}) for m in metas]
+        potentials.append(rb.prune_potential(resampled, delta=0.005).iloc[0].potential)
+    low, high = np.quantile(potentials, [0.025, 0.975], method="inverted_cdf")
+    assert (row.potential_ci_low, row.potential_ci_high) == (low, high)
+    assert row.potential == 0.25 and low == 0.25 and high == 0.5     # w50 keeps its error in some resamples
+    assert 0 < np.mean(np.array(potentials) == 0.5) < 1
+    stored = [dict(m, robustness={k: v for k, v in m["robustness"].items() if k != "correct"}) for m in metas]
+    assert np.isnan(rb.prune_potential(stored, bootstrap=300).iloc[0].potential_ci_low)  # older reports: no interval
