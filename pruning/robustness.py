@@ -589,13 +589,14 @@ def potential_interval(base: dict, members: list[dict], dist: str, delta: float,
     resampled, the same for the base and every pruned model (their errors are paired image by image),
     and the potential recomputed.  NaN where a report lacks its per-image results (``correct``)."""
     n = int(base["robustness"].get("n") or 0)
-    columns, owners = [], []             # one column of flags per (model, severity); owners: (member, is_base)
+    if not (bootstrap and members and n):
+        return float("nan"), float("nan")
+    columns, owners = [], []   # a column of flags per (model, severity), owned by member i or by i's base copy −1−i
     for i, m in enumerate(members):
         keys = _flag_keys(dist, _paired_severities(m, base, dist))
         for who, meta in ((i, m), (-1 - i, base)):
             stored = meta["robustness"].get("correct") or {}
-            if not bootstrap or not keys or int(meta["robustness"].get("n") or 0) != n or \
-                    any(k not in stored for k in keys):
+            if not keys or int(meta["robustness"].get("n") or 0) != n or any(k not in stored for k in keys):
                 return float("nan"), float("nan")
             columns += [unpack_bits(stored[k], n) for k in keys]
             owners += [who] * len(keys)

@@ -525,3 +525,12 @@ def test_the_prune_potential_interval_equals_a_slow_bootstrap_of_the_point_poten
     assert 0 < np.mean(np.array(potentials) == 0.5) < 1
     stored = [dict(m, robustness={k: v for k, v in m["robustness"].items() if k != "correct"}) for m in metas]
     assert np.isnan(rb.prune_potential(stored, bootstrap=300).iloc[0].potential_ci_low)  # older reports: no interval
+
+
+def test_a_potential_interval_needs_resamples_images_and_measured_models():
+    base = _measured("base", None, 0.0, {"clean": np.ones(20, bool)})
+    pruned = _measured("w50", "weight", 0.5, {"clean": np.ones(20, bool)})
+    rng = np.random.default_rng(0)
+    assert rb.potential_interval(base, [pruned], "clean", 0.005, 50, rng) == (0.5, 0.5)
+    for members, bootstrap in (([], 50), ([pruned], 0)):
+        assert np.isnan(rb.potential_interval(base, members, "clean", 0.005, bootstrap, rng)).all()
