@@ -27,7 +27,8 @@ after every check, so a run cut short still leaves what it measured, and prints 
 Before any check it makes sure every package the project needs imports (one line names the missing
 ones; ``python -m benchmarks.wheelhouse`` builds a folder of wheels for a machine without a package
 index).  ``--budget-s`` bounds the whole run: a check still running at the budget is stopped and
-recorded as failed, and the checks after it as skipped.  The full run stops at once (exit 2, one line
+recorded as failed, and the checks after it as skipped.  On a GPU each check also has a cap (``CHECK_CAPS_S``),
+so one that hangs costs its cap, not the checks after it; a check's subprocesses are ended with it.  The full run stops at once (exit 2, one line
 saying what CUDA reports) where torch sees no GPU, so a machine whose driver does not fit its torch
 never passes by measuring nothing.  With ``--smoke`` every check that needs a GPU reports ``skipped``
 and the targets (which are GPU targets) are not judged: the values are ``measured``.
@@ -138,7 +139,7 @@ def subprocess_env(**extra) -> dict:
 
 
 class TimeBudget:
-    """Seconds left of the run's budget, and an alarm that stops a check running past it."""
+    """Seconds left of the run's budget."""
 
     def __init__(self, seconds: float | None):
         self.end = None if seconds is None else time.monotonic() + seconds
@@ -146,24 +147,59 @@ class TimeBudget:
     def left(self) -> float | None:
         return None if self.end is None else self.end - time.monotonic()
 
-    @contextlib.contextmanager
-    def alarm(self):
-        """Raise ``BudgetExceeded`` in this (main) thread when the budget runs out."""
-        left = self.left()
-        if left is None or not hasattr(signal, "setitimer"):
-            yield
-            return
 
-        def stop(signum, frame):
-            raise BudgetExceeded("stopped at the run's time budget")
+@contextlib.contextmanager
+def alarm(seconds: float | None):
+    """Raise ``BudgetExceeded`` in this (main) thread after ``seconds`` (none: never)."""
+    if seconds is None or not hasattr(signal, "setitimer"):
+        yield
+        return
 
-        previous = signal.signal(signal.SIGALRM, stop)
-        signal.setitimer(signal.ITIMER_REAL, max(left, 0.01))
+    def stop(signum, frame):
+        raise BudgetExceeded("stopped at the check's time limit")
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.01))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def run_bounded(cmd: list[str], timeout: float | None, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run`` (text output captured) in a process group of its own, which is ended when the
+    command returns, times out or is interrupted: SIGTERM first (torchrun passes it to its workers, which
+    run in sessions of their own), SIGKILL 5 s later.  Nothing a check starts outlives it or keeps the GPU."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            **kwargs)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        _end_group(proc)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _end_group(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, None)):
         try:
-            yield
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, previous)
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            break                                   # the group is gone
+        if wait is not None:
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline and (proc.poll() is None or _group_alive(proc.pid)):
+                time.sleep(0.1)
+    with contextlib.suppress(Exception):
+        proc.communicate(timeout=5)                 # reap the leader, close the pipes
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
 
 
 class BudgetExceeded(Exception):
@@ -193,9 +229,8 @@ def cuda_test_files() -> list[str]:
 
 
 def cuda_tests(ctx) -> tuple:
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
-                           *cuda_test_files()], cwd=ROOT, capture_output=True, text=True, env=subprocess_env(),
-                          timeout=ctx["budget"].left())
+    proc = run_bounded([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
+                        *cuda_test_files()], timeout=ctx["limit_s"], cwd=ROOT, env=subprocess_env())
     counted = re.compile(r"\d+ (passed|failed|skipped|deselected|error)")
     summary = [line for line in proc.stdout.splitlines() if counted.search(line)]
     tail = summary[-1:] or (proc.stdout + proc.stderr).strip().splitlines()[-1:] or [""]
@@ -325,8 +360,8 @@ def googlenet_study(ctx) -> tuple:
     study = work / "googlenet-mini.toml"
     study.write_text(mini_study_toml(work, ctx["jpeg_data"], ctx["probe"], small=not ctx["gpu"]))
     env = subprocess_env(TORCH_HOME=str(torch_home), SPARSIGHT_DEBUG="1")
-    proc = subprocess.run([sys.executable, "-m", "sparsight", "run", "--study", str(study)], cwd=work,
-                          capture_output=True, text=True, env=env, timeout=ctx["budget"].left())
+    proc = run_bounded([sys.executable, "-m", "sparsight", "run", "--study", str(study)], timeout=ctx["limit_s"],
+                       cwd=work, env=env)
     run_dir = work / "runs" / "googlenet-mini"
     results = run_dir / "report" / "results.json"
     if proc.returncode != 0 or not results.is_file():
@@ -347,6 +382,10 @@ CHECKS = {"cuda-tests": cuda_tests, "googlenet-study": googlenet_study, "feature
           "jpeg-training": jpeg_training, "mask-overhead": mask_overhead, "mis": mis,
           "train-throughput": train_throughput}
 CHECK_NAMES = list(CHECKS)
+#: on a GPU, the most seconds each check may take, about three times what it should: a check that hangs (a
+#: collective waiting for a rank that died, say) costs its cap, not the rest of the run
+CHECK_CAPS_S = {"cuda-tests": 180, "googlenet-study": 240, "featurevis": 150, "mining": 90, "jpeg-training": 180,
+                "mask-overhead": 90, "mis": 90, "train-throughput": 240}
 
 
 # ---- data the checks share ------------------------------------------------------------------------------
@@ -375,19 +414,30 @@ def prepare_data(work: Path, smoke: bool) -> dict:
     return {"study_data": shapes, "jpeg_data": jpeg, "probe": probe}
 
 
+def check_limit(name: str, ctx, left: float | None) -> tuple[float | None, str]:
+    """Seconds ``name`` may run (none: no limit) and what sets them: the ``left`` of the budget, or on a GPU
+    the check's cap where that is smaller."""
+    cap = ctx.get("caps", {}).get(name)
+    if cap is not None and (left is None or cap < left):
+        return cap, f"its cap of {cap:g} s"
+    return left, "the run's time budget"
+
+
 def run_check(name: str, ctx) -> dict:
-    """One check, timed; an error or the time budget is recorded as ``failed``, never raised."""
+    """One check, timed; an error, its cap or the time budget is recorded as ``failed``, never raised."""
     print(f"\n## {name}", flush=True)
     t0 = time.perf_counter()
     left = ctx["budget"].left()
     if left is not None and left <= 0:
         status, value, target = "skipped", "the run's time budget was spent before this check", None
     else:
+        limit, why = check_limit(name, ctx, left)
+        ctx["limit_s"] = limit
         try:
-            with ctx["budget"].alarm():
+            with alarm(limit):
                 status, value, target = CHECKS[name](ctx)
         except (BudgetExceeded, subprocess.TimeoutExpired) as err:
-            status, value, target = "failed", f"{err.__class__.__name__}: stopped at the run's time budget", None
+            status, value, target = "failed", f"{err.__class__.__name__}: stopped at {why}", None
         except Exception as err:  # noqa: BLE001 - every check is recorded, the others still run
             traceback.print_exc()
             status, value, target = "failed", f"{type(err).__name__}: {err}", None
@@ -440,7 +490,7 @@ def main(args) -> dict:
         work.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         ctx = {"gpu": gpu, "smoke": args.smoke, "size": 0 if gpu else 1, "work": work, "budget": budget,
-               **prepare_data(work, smoke=not gpu)}
+               "caps": CHECK_CAPS_S if gpu else {}, **prepare_data(work, smoke=not gpu)}
         print(f"data prepared in {time.perf_counter() - t0:.1f} s", flush=True)
         for name in names:
             report["checks"].append(run_check(name, ctx))

@@ -185,3 +185,70 @@ def test_the_full_run_stops_where_torch_sees_no_gpu(monkeypatch, capsys):
     assert stop.value.code == 2 and ran == []
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("Error: the full check needs a CUDA GPU") and "SMOKE=1" in err
+
+
+def test_a_check_past_its_cap_is_stopped_and_the_next_still_runs():
+    """On a GPU each check has a cap below the budget: a hang costs the cap, not the checks after it."""
+    import time
+
+    from benchmarks import gpu_check
+
+    ran = []
+
+    def hangs(ctx):
+        time.sleep(30)
+
+    def after(ctx):
+        ran.append(ctx["limit_s"])
+        return "measured", 1, None
+
+    ctx = {"budget": gpu_check.TimeBudget(60), "caps": {"hangs": 0.5}}
+    for name, fn in (("hangs", hangs), ("after", after)):
+        gpu_check.CHECKS[name] = fn
+    try:
+        t0 = time.monotonic()
+        first = gpu_check.run_check("hangs", ctx)
+        assert time.monotonic() - t0 < 5
+        assert first["status"] == "failed" and "its cap of 0.5 s" in first["value"]
+        assert gpu_check.run_check("after", ctx)["status"] == "measured"
+        assert 50 < ran[0] <= 60            # no cap of its own: what is left of the budget
+    finally:
+        for name in ("hangs", "after"):
+            gpu_check.CHECKS.pop(name)
+    assert gpu_check.check_limit("x", {"caps": {"x": 90}}, 40.0) == (40.0, "the run's time budget")
+    assert gpu_check.check_limit("x", {"caps": {"x": 90}}, None) == (90, "its cap of 90 s")
+    assert gpu_check.check_limit("x", {}, None) == (None, "the run's time budget")
+    assert set(gpu_check.CHECK_CAPS_S) == set(gpu_check.CHECK_NAMES)
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (a container's init may never reap one)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.parametrize("ends", ["timeout", "exit"])
+def test_a_bounded_subprocess_takes_its_children_with_it(tmp_path, ends):
+    """A check's subprocess (pytest, torchrun, a study) never leaves a child behind: not when it times out,
+    not when it returns with one still running."""
+    import time
+
+    from benchmarks.gpu_check import run_bounded
+
+    pidfile = tmp_path / "pid"
+    script = f"sleep 120 >/dev/null 2>&1 & echo $! > {pidfile}; " + ("wait" if ends == "timeout" else "echo done")
+    t0 = time.monotonic()
+    if ends == "timeout":
+        with pytest.raises(subprocess.TimeoutExpired):
+            run_bounded(["sh", "-c", script], timeout=1)
+    else:
+        proc = run_bounded(["sh", "-c", script], timeout=30)
+        assert proc.returncode == 0 and proc.stdout.strip() == "done"
+    assert time.monotonic() - t0 < 15
+    child = int(pidfile.read_text())
+    deadline = time.monotonic() + 5
+    while _running(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _running(child)
