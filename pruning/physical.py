@@ -226,14 +226,14 @@ def _remove_and_check(tp, model: nn.Module, masks: dict[str, torch.Tensor], cand
     graph, mode = _traced_graph(tp, model, x[:1], notes)
     surgery = _Surgery(tp, graph, model, masks)
     mode(model)
-    with torch.no_grad(), masked(model, masks), _module_outputs(model) as before:
+    with torch.no_grad(), ieee_fp32(), masked(model, masks), _module_outputs(model) as before:
         reference = [t.detach().clone() for t in _flatten_outputs(model(x))]
     modules = dict(model.named_modules())
     for name, dead in candidates.items():
         surgery.cut(name, modules[name], dead)
     new_masks = _reindex(model, masks, surgery.index)
     mode(model)
-    with torch.no_grad(), masked(model, new_masks), _module_outputs(model) as after:
+    with torch.no_grad(), ieee_fp32(), masked(model, new_masks), _module_outputs(model) as after:
         outputs = _flatten_outputs(model(x))
     if verify:
         _compare(reference, outputs)
@@ -315,6 +315,22 @@ class _Surgery:
     def _keep(self, name: str, count: int, why: str) -> None:
         self.kept[name] = self.kept.get(name, 0) + count
         self.reasons[name] = why
+
+
+@contextmanager
+def ieee_fp32():
+    """Convolutions and matrix products in full fp32 inside, TF32 as it was outside.
+
+    On a GPU cuDNN convolutions default to TF32 (10-bit mantissa), which rounds the masked and the
+    smaller model differently by more than the comparison of the two allows."""
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, benchmark=torch.backends.cudnn.benchmark,
+                                         deterministic=torch.backends.cudnn.deterministic, allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
 
 
 @contextmanager

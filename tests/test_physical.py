@@ -9,7 +9,7 @@ from pruning.masks import masked
 from pruning.methods import PruningError, create_method
 from pruning.models import WeightsError, create_model, get_spec, load_checkpoint, save_checkpoint
 from pruning.models.checkpoint import count_flops, count_params
-from pruning.physical import remove_pruned_filters
+from pruning.physical import ieee_fp32, remove_pruned_filters
 from tiny_models import TwoConvNet, archs
 
 SIZE = 64
@@ -296,3 +296,43 @@ def test_a_masked_structured_model_reports_the_effective_sparsity_of_its_physica
     job = PruneJob("unstructured-global", 0.5, exclude=stem)
     assert effective_sparsity(unstructured, None, job, scope, sizes, SIZE) == measure_sparsity(
         unstructured, scope=scope, reference=sizes)["total"]
+
+
+def test_the_two_models_are_compared_in_full_fp32_and_tf32_is_left_as_it_was():
+    """On a GPU cuDNN convolutions default to TF32, which rounds the masked and the smaller model apart
+    by more than the check allows: the comparison forwards run without it, and the flags come back."""
+    torch.manual_seed(0)
+    model = create_model("inception-small", num_classes=10)
+    masks = create_method("structured").masks(model, 0.5, exclude=get_spec("inception-small").stem)
+    seen = []
+    model.fc.register_forward_hook(lambda m, i, o: seen.append((torch.backends.cudnn.allow_tf32,
+                                                                torch.backends.cuda.matmul.allow_tf32)))
+    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        remove_pruned_filters(model, masks, input_size=SIZE)
+        assert seen.count((False, False)) == 2       # the masked and the smaller model (tracing may use TF32)
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (before[0], True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before[1]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("arch", ["googlenet", "resnet50"])
+def test_physical_pruning_of_an_fp32_model_on_the_gpu_verifies(arch):
+    """As a study runs it on a GPU: fp32 weights on CUDA, TF32 at its default; the smaller model computes
+    what the masked one computed (the in-function check passes) and the channel map is complete."""
+    torch.manual_seed(0)
+    model = create_model(arch, num_classes=10).cuda()
+    with torch.no_grad():
+        _randomize_batchnorms(model)
+    masks = {k: v.cuda() for k, v in create_method("structured").masks(model, 0.5, exclude=get_spec(arch).stem).items()}
+    x = _inputs().float().cuda()
+    with ieee_fp32():
+        reference = _outputs(model, masks, x).double()
+    model.train()
+    result = remove_pruned_filters(model, masks, input_size=SIZE)
+    assert result.removed_total > 0 and result.channel_map
+    with ieee_fp32():
+        out = _outputs(model, result.masks, x).double()
+    assert torch.allclose(out, reference, rtol=1e-3, atol=1e-4 * float(reference.abs().max()))
