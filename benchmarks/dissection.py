@@ -141,8 +141,9 @@ def loop_counts(model, loader: ProbeLoader, layers: list[str], device, tally_thr
                 fmap = acts[g, u]
                 if not float(fmap.max()) > thresholds[u]:
                     continue
-                up = F.interpolate(fmap[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-                ys, xs = np.nonzero(up.numpy() > thresholds[u])
+                # upsampled on dissect's device: CPU and CUDA bilinear kernels may round an ulp apart
+                up = F.interpolate(fmap[None, None].to(device), size=(h, w), mode="bilinear", align_corners=False)
+                ys, xs = np.nonzero(up[0, 0].cpu().numpy() > thresholds[u])
                 both[u] += np.bincount(planes[:, ys, xs].ravel(), minlength=n_concepts + 1)
                 both[u, scalars] += len(ys)
                 cat_pixels[u, present] += len(ys)
