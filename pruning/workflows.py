@@ -103,19 +103,21 @@ ROBUSTNESS_RECORD = "per-image-v1"      # what a report holds (per-image results
 TABLE_SETTINGS = ("prune_potential_delta", "prune_potential_bootstrap")
 
 
-def _robustness_fingerprint(cfg, parent_sha: str | None) -> str:
-    """What a robustness report depends on; the corruption noise is drawn per evaluation batch, so the
-    batch size is part of it (every model of a study is then measured on the same noise)."""
+def _robustness_fingerprint(cfg, parent_sha: str | None, device: torch.device) -> str:
+    """What a robustness report depends on.  The corruption noise is drawn per evaluation batch by a
+    generator on the device, so the batch size and (beyond the CPU) the device type are part of it:
+    every model of a study is measured on the same noise, also when the study moves to a GPU."""
     evaluate = {k: v for k, v in asdict(cfg.evaluate).items() if k not in TABLE_SETTINGS}
+    noise = {} if torch.device(device).type == "cpu" else {"noise_device": torch.device(device).type}
     return job_fingerprint({"evaluate": evaluate, "parent": parent_sha, "seed": cfg.study.seed,
                             "subset": ROBUSTNESS_SUBSET, "record": ROBUSTNESS_RECORD,
-                            "eval_batch_size": cfg.data.eval_batch_size})
+                            "eval_batch_size": cfg.data.eval_batch_size, **noise})
 
 
 def refresh_robustness(cfg, data_root, out_dir: Path, meta: dict, ctx: DistContext, parent=None,
                        parent_sha: str | None = None) -> dict:
     """Recompute ``meta["robustness"]`` of a finished model when the evaluation settings changed."""
-    fp = _robustness_fingerprint(cfg, parent_sha)
+    fp = _robustness_fingerprint(cfg, parent_sha, ctx.device)
     if meta.get("robustness", {}).get("fingerprint") == fp:
         return meta
     model = load_checkpoint(out_dir / CHECKPOINT_FILE, map_location=ctx.device).model
@@ -161,7 +163,7 @@ def train_and_save(cfg, data_root: str | Path, out_dir: str | Path, ctx: DistCon
     robust = {}
     if robustness:
         robust = {**robustness_of(model, None, robustness_loader(cfg, data_root, ctx), cfg, ctx),
-                  "fingerprint": _robustness_fingerprint(cfg, None)}
+                  "fingerprint": _robustness_fingerprint(cfg, None, ctx.device)}
     if ctx.is_main:
         sha = save_checkpoint(out_dir / CHECKPOINT_FILE, model, num_classes=num_classes,
                               args={"settings": json.dumps(asdict(settings)), "data": str(data_root),
@@ -285,7 +287,7 @@ def _robustness_against(model, parent_ckpt, cfg, data_root, ctx: DistContext, ca
     """``meta["robustness"]`` of a pruned model, with noise similarity against its parent."""
     loader = _cached(cache, "robustness_loader", lambda: robustness_loader(cfg, data_root, ctx))
     return {**robustness_of(model, parent_ckpt.model, loader, cfg, ctx),
-            "fingerprint": _robustness_fingerprint(cfg, parent_ckpt.sha256)}
+            "fingerprint": _robustness_fingerprint(cfg, parent_ckpt.sha256, ctx.device)}
 
 
 def _save_pruned(out_dir: Path, model, outcome, job, settings: TrainSettings, parent_ckpt) -> str:

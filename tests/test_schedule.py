@@ -283,3 +283,23 @@ def test_every_rank_prunes_with_rank_0s_masks(loaders):
     own = create_method("unstructured-global").masks(_model(11), 0.5, exclude=STEM)      # rank 1's own choice
     assert any(not torch.equal(own[k], outs[0].masks[k]) for k in own)
     assert all(torch.equal(outs[0].masks[k], outs[1].masks[k]) for k in outs[0].masks)
+
+
+def test_robustness_reports_are_refreshed_when_the_noise_moves_to_another_device():
+    """The corruption noise comes from a generator on the device (CPU and CUDA draw different noise for
+    one seed): a study resumed on a GPU measures its models again there, so all share one noise; on the
+    CPU the fingerprint is what it always was, and table-only settings never enter it."""
+    import dataclasses
+
+    from pruning.workflows import _robustness_fingerprint
+    from sparsight.config import load_study
+
+    cfg = load_study()
+    cpu = _robustness_fingerprint(cfg, "abc", torch.device("cpu"))
+    assert cpu == _robustness_fingerprint(cfg, "abc", "cpu")
+    assert _robustness_fingerprint(cfg, "abc", torch.device("cuda", 0)) != cpu
+    assert _robustness_fingerprint(cfg, "abc", "cuda:1") == _robustness_fingerprint(cfg, "abc", "cuda")
+    table_only = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, prune_potential_delta=0.02))
+    assert _robustness_fingerprint(table_only, "abc", "cpu") == cpu
+    noisier = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, noise_eps_max=0.9))
+    assert _robustness_fingerprint(noisier, "abc", "cpu") != cpu
