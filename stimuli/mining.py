@@ -539,9 +539,15 @@ def _check_pass(batch_size: int, save_every: int, precision: str) -> None:
         raise ValueError(f"unknown precision {precision!r}; choose from {list(PRECISIONS)}")
 
 
-def _pass_fingerprint(fingerprint: str, channel_map, precision: str, shard: tuple[int, int], batch_size: int) -> str:
-    """The state fingerprint extended by what else changes a pass: channel map, precision, sharding."""
+def _pass_fingerprint(fingerprint: str, channel_map, precision: str, shard: tuple[int, int], batch_size: int,
+                      device: torch.device = torch.device("cpu"), decode: str = "auto") -> str:
+    """The state fingerprint extended by what else changes a pass: channel map, precision, sharding, and
+    beyond the CPU the device and its decoder (a pass stopped on the CPU does not go on with other pixels
+    and other arithmetic on a GPU)."""
     rank, world = shard
+    if device.type != "cpu":
+        path = "device-decode" if decodes_on_device(decode, device) else "loader"
+        fingerprint = hashlib.sha256(f"{fingerprint}/{device.type}/{path}".encode()).hexdigest()
     if channel_map:
         fingerprint = hashlib.sha256(f"{fingerprint}/{json.dumps(channel_map, sort_keys=True)}".encode()).hexdigest()
     if precision != "fp32":
@@ -617,10 +623,10 @@ def mine(model: nn.Module, root: str | os.PathLike, split: str, layers: list[str
     positions = shard_positions(len(files), batch_size, rank, world)
     fingerprint = _fingerprint(model, split_root, files, split=split, layers=list(layers), k=k,
                                image_size=image_size, record=record, tie_seed=tie_seed)
-    fingerprint = _pass_fingerprint(fingerprint, channel_map, precision, shard, batch_size)
     params = list(model.parameters())
     home = params[0].device if params else torch.device("cpu")
     device = torch.device(device) if device is not None else home
+    fingerprint = _pass_fingerprint(fingerprint, channel_map, precision, shard, batch_size, device, decode)
     state_path = Path(state_path) if state_path is not None else None
 
     def save_state(miner, position, skipped):

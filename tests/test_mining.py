@@ -364,3 +364,16 @@ def test_bf16_mining_agrees_with_fp32_on_most_top_images(tiny_data):
         assert sum(overlap) / len(overlap) >= 0.8
     with pytest.raises(ValueError, match=r"choose from \['fp32', 'bf16'\]"):
         mine(model, tiny_data, "val", LAYERS, K, image_size=SIZE, precision="fp16")
+
+
+def test_a_pass_stopped_on_one_device_is_not_continued_on_another():
+    """A CPU pass's saved state keeps its fingerprint; on a GPU the device and its decoder enter it (other
+    pixels from nvJPEG, other arithmetic), so a state from elsewhere is ignored, not mixed in."""
+    from stimuli.mining import _pass_fingerprint
+
+    def fp(device, decode="auto"):
+        return _pass_fingerprint("base", None, "fp32", (0, 1), 16, torch.device(device), decode)
+
+    assert fp("cpu") == fp("cpu", "device") == _pass_fingerprint("base", None, "fp32", (0, 1), 16) == "base"
+    assert len({fp("cpu"), fp("cuda"), fp("cuda", "cpu")}) == 3
+    assert fp("cuda") == fp("cuda", "device") == fp("cuda:1")
