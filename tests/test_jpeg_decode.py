@@ -254,3 +254,17 @@ def test_only_greyscale_and_colour_jpegs_go_to_the_device_decoder(jpeg_folder, t
     ds = ImageFolderDataset(tmp_path / "val", on_corrupt="error")
     batches = list(JpegFolderLoader(ds, 8, train=False, image_size=32, num_workers=0, device="cpu"))
     assert sum(len(b.targets) for b in batches) == 15 and not any(b.skipped for b in batches)
+
+
+def test_gpu_loader_workers_fork_from_a_server_that_imported_the_loader_once():
+    """With CUDA in use workers start from a fork server (never forked from a process holding CUDA); it
+    imports this module (so torch and torchvision) once, and every worker forked from it starts without."""
+    import multiprocessing.forkserver as forkserver
+
+    from pruning.data import jpeg
+
+    gpu = jpeg._worker_options(2, torch.device("cuda"))
+    assert gpu["multiprocessing_context"] == "forkserver" and gpu["num_workers"] == 2
+    assert forkserver._forkserver._preload_modules == ["pruning.data.jpeg"] == list(jpeg.FORK_SERVER_PRELOAD)
+    assert jpeg._worker_options(2, torch.device("cpu"))["multiprocessing_context"] is None
+    assert jpeg._worker_options(0, torch.device("cuda")) == {"num_workers": 0}
