@@ -268,3 +268,17 @@ def test_gpu_loader_workers_fork_from_a_server_that_imported_the_loader_once():
     assert forkserver._forkserver._preload_modules == ["pruning.data.jpeg"] == list(jpeg.FORK_SERVER_PRELOAD)
     assert jpeg._worker_options(2, torch.device("cpu"))["multiprocessing_context"] is None
     assert jpeg._worker_options(0, torch.device("cuda")) == {"num_workers": 0}
+
+
+@pytest.mark.cuda
+def test_a_very_large_image_is_resized_on_the_gpu_as_on_the_cpu():
+    """A 6,400-px photo into a 64-px study is a 100× downscale, beyond what CUDA's antialiased kernel holds in
+    shared memory: it is resized (on the CPU, by the same filter) instead of stopping the pass."""
+    from pruning.data.jpeg import _resize
+
+    img = torch.randint(0, 256, (3, 6400, 4800), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    ref = _resize(img, (85, 64))
+    out = _resize(img.cuda(), (85, 64))
+    assert out.device.type == "cuda" and torch.allclose(out.cpu(), ref, atol=1e-3)
+    normal = _resize(img[:, :1280, :960].cuda(), (85, 64))          # 15×: on the GPU
+    assert torch.allclose(normal.cpu(), _resize(img[:, :1280, :960], (85, 64)), atol=0.05)

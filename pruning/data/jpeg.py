@@ -192,9 +192,18 @@ def resized_shape(height: int, width: int, shorter: int) -> tuple[int, int]:
     return int(shorter * height / width), shorter
 
 
+#: CUDA's antialiased kernel holds a block's filter weights in shared memory and refuses downscales beyond
+#: about 90× ("Too much shared memory required"); larger ones are resized on the CPU, by the same filter
+GPU_ANTIALIAS_MAX_FACTOR = 64
+
+
 def _resize(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """uint8 ``(3, h, w)`` → float ``(1, 3, *size)`` in [0, 255], antialiased bilinear (PIL's filter)."""
-    return F.interpolate(img[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+    x = img[None].float()
+    factor = max(x.shape[-2] / size[0], x.shape[-1] / size[1])
+    if x.device.type != "cpu" and factor > GPU_ANTIALIAS_MAX_FACTOR:
+        return F.interpolate(x.cpu(), size=size, mode="bilinear", antialias=True, align_corners=False).to(x.device)
+    return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
 
 
 def center_crop(img: torch.Tensor, image_size: int, augment: str) -> torch.Tensor:
