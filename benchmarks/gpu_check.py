@@ -27,10 +27,10 @@ after every check, so a run cut short still leaves what it measured, and prints 
 Before any check it makes sure every package the project needs imports (one line names the missing
 ones; ``python -m benchmarks.wheelhouse`` builds a folder of wheels for a machine without a package
 index).  ``--budget-s`` bounds the whole run: a check still running at the budget is stopped and
-recorded as failed, and the checks after it as skipped.  On a GPU each check also has a cap (``CHECK_CAPS_S``),
-so one that hangs costs its cap, not the checks after it; a check's subprocesses are ended with it.  The full run stops at once (exit 2, one line
-saying what CUDA reports) where torch sees no GPU, so a machine whose driver does not fit its torch
-never passes by measuring nothing.  With ``--smoke`` every check that needs a GPU reports ``skipped``
+recorded as failed, and the checks after it as skipped.  On a GPU each check also has a cap
+(``CHECK_CAPS_S``), so one that hangs costs its cap, not the checks after it; a check's subprocesses are
+ended with it.  The full run stops at once (exit 2, one line saying what CUDA reports) where torch sees
+no GPU, so a machine whose driver does not fit its torch never passes by measuring nothing.  With ``--smoke`` every check that needs a GPU reports ``skipped``
 and the targets (which are GPU targets) are not judged: the values are ``measured``.
 """
 from __future__ import annotations

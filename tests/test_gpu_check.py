@@ -187,7 +187,7 @@ def test_the_full_run_stops_where_torch_sees_no_gpu(monkeypatch, capsys):
     assert "\n" not in err and err.startswith("Error: the full check needs a CUDA GPU") and "SMOKE=1" in err
 
 
-def test_a_check_past_its_cap_is_stopped_and_the_next_still_runs():
+def test_a_check_past_its_cap_is_stopped_and_the_next_still_runs(monkeypatch):
     """On a GPU each check has a cap below the budget: a hang costs the cap, not the checks after it."""
     import time
 
@@ -203,18 +203,14 @@ def test_a_check_past_its_cap_is_stopped_and_the_next_still_runs():
         return "measured", 1, None
 
     ctx = {"budget": gpu_check.TimeBudget(60), "caps": {"hangs": 0.5}}
-    for name, fn in (("hangs", hangs), ("after", after)):
-        gpu_check.CHECKS[name] = fn
-    try:
-        t0 = time.monotonic()
-        first = gpu_check.run_check("hangs", ctx)
-        assert time.monotonic() - t0 < 5
-        assert first["status"] == "failed" and "its cap of 0.5 s" in first["value"]
-        assert gpu_check.run_check("after", ctx)["status"] == "measured"
-        assert 50 < ran[0] <= 60            # no cap of its own: what is left of the budget
-    finally:
-        for name in ("hangs", "after"):
-            gpu_check.CHECKS.pop(name)
+    monkeypatch.setitem(gpu_check.CHECKS, "hangs", hangs)
+    monkeypatch.setitem(gpu_check.CHECKS, "after", after)
+    t0 = time.monotonic()
+    first = gpu_check.run_check("hangs", ctx)
+    assert time.monotonic() - t0 < 5
+    assert first["status"] == "failed" and "its cap of 0.5 s" in first["value"]
+    assert gpu_check.run_check("after", ctx)["status"] == "measured"
+    assert 50 < ran[0] <= 60            # no cap of its own: what is left of the budget
     assert gpu_check.check_limit("x", {"caps": {"x": 90}}, 40.0) == (40.0, "the run's time budget")
     assert gpu_check.check_limit("x", {"caps": {"x": 90}}, None) == (90, "its cap of 90 s")
     assert gpu_check.check_limit("x", {}, None) == (None, "the run's time budget")
