@@ -183,7 +183,8 @@ def format_power(power: dict) -> str:
         lines.append(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     for m in power.get("trial_models", []):
         lines.append(f"Human side, {m['kind']}: accuracy {m['accuracy_at_rate_0']:.3f} at rate 0, participant SD "
-                     f"{m['participant_sd']:.3f}, unit SD {m['unit_sd']:.3f} (logit), from {m['source']}")
+                     f"{m['participant_sd']:.3f}, unit SD {m['unit_sd']:.3f}, model SD "
+                     f"{m.get('model_sd', 0.0):.3f} (logit), from {m['source']}")
     human = pd.DataFrame(power["human"])
     if len(human):
         lines.append(human.drop(columns="simulations").to_string(index=False, float_format=lambda v: f"{v:.3f}"))

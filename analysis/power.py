@@ -8,18 +8,24 @@ smallest equivalence margin TOST would establish at 80 % power when the true cha
 
 Human side: a simulation from a trial-level model of the survey,
 
-    logit P(correct) = β₀ + b_participant + c_unit + β₁·rate,   b ~ N(0, σ_p²), c ~ N(0, σ_u²),
+    logit P(correct) = β₀ + b_participant + c_unit + m_model + β₁·rate,
+    b ~ N(0, σ_p²), c ~ N(0, σ_u²), m ~ N(0, σ_m²),
 
 with each participant assigned to one model of the study and one reference kind (condition_by
 "model-kind", as in IMI), the models taken in turn as the survey balances them, and shown ``trials``
 main trials on that model's units.  Participant counts are per reference kind: a survey serving two
-kinds needs twice as many in all.  β₀, σ_p and σ_u come from the study's human
-main trials when there are enough of them, else β₀ and σ_u from the base model's unit MIS (the
-machine observer's P(correct)) and σ_p from ``analysis.power_participant_sd``; the table says which.
-β₁ is set so that the population-averaged accuracy changes by the stated amount over the study's
-rate span.  Each simulated study is analysed as the survey's data would be at the participant level:
-accuracy per participant regressed on rate (OLS; participants are independent), a two-sided t-test
-for the slope and TOST on the predicted change over the span for equivalence.
+kinds needs twice as many in all.  σ_m is what a model shares across all its participants (its
+training run, the state its units are left in): rate varies only between models, so that part of the
+error is replicated by models, not by participants, and no number of participants removes it.  β₀,
+σ_p, σ_u and σ_m come from the study's human main trials when there are enough of them, else β₀ and
+σ_u from the base model's unit MIS (the machine observer's P(correct)), σ_m from the models' shared
+MIS deviation (the primary MIS slope's ``model_sd``) and σ_p from ``analysis.power_participant_sd``;
+the table says which.  β₁ is set so that the population-averaged accuracy changes by the stated
+amount over the study's rate span.  Each simulated study is analysed as its experimental units
+allow: with σ_m > 0, the model means of participant accuracy regressed on rate (t with models − 2
+df; for a balanced nested design this is the test the mixed model with a model intercept makes),
+else participant accuracies regressed on rate (OLS; participants are then independent); a two-sided
+t-test for the slope and TOST on the predicted change over the span for equivalence.
 """
 from __future__ import annotations
 
@@ -131,14 +137,20 @@ class TrialModel:
     unit_sd: float              # σ_u (logit)
     rates: tuple[float, ...]    # one rate per model of the survey (participants are spread over the models)
     source: str
+    model_sd: float = 0.0       # σ_m (logit), shared by all participants of one model
 
     @property
     def span(self) -> float:
         return max(self.rates) - min(self.rates)
 
+    @property
+    def random_sd(self) -> float:
+        """SD of the summed random intercepts b + c + m."""
+        return math.sqrt(self.participant_sd ** 2 + self.unit_sd ** 2 + self.model_sd ** 2)
+
     def mean_accuracy(self, slope: float, rate: float) -> float:
-        """Population-averaged accuracy at ``rate`` for logit slope ``slope`` (Gauss–Hermite over b + c)."""
-        return float(averaged_accuracy(self.intercept + slope * rate, math.hypot(self.participant_sd, self.unit_sd)))
+        """Population-averaged accuracy at ``rate`` for logit slope ``slope`` (Gauss–Hermite over b + c + m)."""
+        return float(averaged_accuracy(self.intercept + slope * rate, self.random_sd))
 
     def slope_for_change(self, change: float) -> float:
         """The logit slope whose population-averaged accuracy changes by ``change`` over the rate span."""
@@ -157,36 +169,76 @@ class TrialModel:
         return (a + b) / 2
 
 
-def fit_trial_model(kind: str, mis_units: pd.DataFrame, trials: pd.DataFrame, rates, assumed_participant_sd: float
-                    ) -> TrialModel:
-    """β₀, σ_p, σ_u of ``kind`` from human main trials (enough participants), else from the base model's MIS.
+def fit_trial_model(kind: str, mis_units: pd.DataFrame, trials: pd.DataFrame, rates, assumed_participant_sd: float,
+                    mis_model_sd: float = 0.0) -> TrialModel:
+    """β₀, σ_p, σ_u, σ_m of ``kind`` from human main trials (enough participants), else from the MIS.
 
-    ``rates``: one per model the survey serves (a rate shared by several models appears once per model)."""
+    ``rates``: one per model the survey serves (a rate shared by several models appears once per model).
+    ``mis_model_sd``: the SD of the MIS deviation a model shares across its units (probability scale), used
+    for σ_m when the humans are too few."""
     rates = tuple(sorted(float(r) for r in rates))
     human = trials[(trials["kind"] == kind)] if len(trials) and "kind" in trials else trials
     if len(human) and human["participant"].nunique() >= MIN_HUMAN_PARTICIPANTS:
-        low = human[human["rate"] == human["rate"].min()]
-        p0 = float(low["correct"].mean())
-        by_person = human.groupby("participant")["correct"].agg(["mean", "size"])
-        binomial = float((by_person["mean"] * (1 - by_person["mean"]) / by_person["size"]).mean())
-        excess = max(float(by_person["mean"].var(ddof=1)) - binomial, 0.0)
-        to_logit = (p0 * (1 - p0)) or 0.25       # d accuracy / d logit at p0 (delta method)
-        by_unit = human.groupby("unit_id")["correct"].agg(["mean", "size"])
-        unit_binomial = float((by_unit["mean"] * (1 - by_unit["mean"]) / by_unit["size"]).mean())
-        unit_excess = max(float(by_unit["mean"].var(ddof=1)) - unit_binomial, 0.0) if len(by_unit) > 1 else 0.0
-        return TrialModel(kind, float(_logit(p0)), math.sqrt(excess) / to_logit, math.sqrt(unit_excess) / to_logit,
-                          rates,
-                          f"{human['participant'].nunique()} human participants, {len(human)} main trials "
-                          f"(moment estimates of the participant and unit spread)")
+        return _human_trial_model(kind, human, rates)
     base = mis_units[(mis_units["kind"] == kind) & (mis_units["rate"] == 0) & (mis_units["status"] == "ok")]
     if base.empty:
         raise ValueError(f"no {kind} MIS of the base model and too few human participants to simulate from")
     logits = _logit(base["mis"].to_numpy())
+    p = float(np.clip(base["mis"].mean(), 0.02, 0.98))
     return TrialModel(kind, float(np.mean(logits)), float(assumed_participant_sd),
                       float(np.std(logits, ddof=1)) if len(logits) > 1 else 0.0, rates,
-                      f"the base model's {len(base)} unit MIS (β₀, σ_u) and the assumed participant SD "
-                      f"analysis.power_participant_sd = {assumed_participant_sd:g} (fewer than "
-                      f"{MIN_HUMAN_PARTICIPANTS} human participants)")
+                      f"the base model's {len(base)} unit MIS (β₀, σ_u), the models' shared MIS deviation (σ_m) "
+                      f"and the assumed participant SD analysis.power_participant_sd = {assumed_participant_sd:g} "
+                      f"(fewer than {MIN_HUMAN_PARTICIPANTS} human participants)",
+                      model_sd=float(mis_model_sd) / (p * (1 - p)))
+
+
+def _human_trial_model(kind: str, human: pd.DataFrame, rates: tuple) -> TrialModel:
+    """Moment estimates from human main trials, turned to the logit scale at the lowest rate's accuracy
+    (delta method).  σ_m needs three or more models and some model with two or more participants;
+    otherwise it is 0 and σ_p carries whatever the models share."""
+    low = human[human["rate"] == human["rate"].min()]
+    p0 = float(low["correct"].mean())
+    to_logit = (p0 * (1 - p0)) or 0.25       # d accuracy / d logit at p0
+    named = "model_id" in human and human["model_id"].notna().all()
+    people = human.assign(model=human["model_id"] if named else None).groupby("participant").agg(
+        mean=("correct", "mean"), size=("correct", "size"), rate=("rate", "first"), model=("model", "first"),
+        models=("model", "nunique"))
+    binomial = float((people["mean"] * (1 - people["mean"]) / people["size"]).mean())
+    person_var, model_var, how = _split_model_variance(people)
+    by_unit = human.groupby("unit_id")["correct"].agg(["mean", "size"])
+    unit_binomial = float((by_unit["mean"] * (1 - by_unit["mean"]) / by_unit["size"]).mean())
+    unit_excess = max(float(by_unit["mean"].var(ddof=1)) - unit_binomial, 0.0) if len(by_unit) > 1 else 0.0
+    return TrialModel(kind, float(_logit(p0)), math.sqrt(max(person_var - binomial, 0.0)) / to_logit,
+                      math.sqrt(unit_excess) / to_logit, rates,
+                      f"{human['participant'].nunique()} human participants, {len(human)} main trials "
+                      f"(moment estimates of the participant, unit and model spread; {how})",
+                      model_sd=math.sqrt(model_var) / to_logit)
+
+
+def _split_model_variance(people: pd.DataFrame) -> tuple[float, float, str]:
+    """``(participant variance, model variance, how)`` of participant accuracies (``mean``, ``rate``,
+    ``model``, one row per participant): the pooled variance within models, and the spread of the model
+    means about their rate line beyond what that within-model variance gives them."""
+    total = float(people["mean"].var(ddof=1))
+    if people["model"].isna().any():
+        return total, 0.0, "σ_m taken as 0: the trials name no model"
+    if (people["models"] > 1).any():
+        return total, 0.0, "σ_m taken as 0: participants saw several models each"
+    models = people.groupby("model").agg(mean=("mean", "mean"), count=("mean", "size"), rate=("rate", "first"))
+    shared = people.groupby("model")["mean"].transform("size") > 1
+    if len(models) < 3 or not shared.any():
+        return total, 0.0, "σ_m taken as 0: it needs three or more models and two participants on one of them"
+    within = people[shared].groupby("model")["mean"].var(ddof=1)
+    sizes = people[shared].groupby("model")["mean"].size()
+    pooled = float(((sizes - 1) * within).sum() / (sizes - 1).sum())
+    x, y = models["rate"].to_numpy(float), models["mean"].to_numpy(float)
+    if len(np.unique(x)) > 1 and len(models) > 2:
+        resid = y - np.polyval(np.polyfit(x, y, 1), x)
+        spread = float(np.sum(resid ** 2) / (len(models) - 2))
+    else:
+        spread = float(np.var(y, ddof=1))
+    return pooled, max(spread - float(np.mean(pooled / models["count"])), 0.0), "σ_m from the model means"
 
 
 def simulate_designs(model: TrialModel, *, changes, participants, trials, margin: float, alpha: float = 0.05,
@@ -200,15 +252,22 @@ def simulate_designs(model: TrialModel, *, changes, participants, trials, margin
         raise ValueError(f"a design needs at least 3 participants, got {min(participants)}")
     if min(trials) < 1:
         raise ValueError(f"a participant needs at least 1 main trial, got {min(trials)}")
+    by_model = model.model_sd > 0 and len(rates) >= 3
     for change in changes:
         beta = model.slope_for_change(change) if change else 0.0
         for n in participants:
-            rate = rates[np.arange(n) % len(rates)]               # participants spread over the models
+            which = np.arange(n) % len(rates)                     # participants spread over the models
             for t in trials:
-                acc = np.concatenate([_accuracies(model, beta, rate, t, size, rng)
+                acc = np.concatenate([_accuracies(model, beta, which, t, size, rng)
                                       for size in _blocks(simulations, n * t)])
-                slope, se = _ols_slopes(rate, acc)
-                df = n - 2
+                if by_model:                                      # the models are the experimental units
+                    used = np.unique(which)
+                    acc = np.stack([acc[:, which == m].mean(axis=1) for m in used], axis=1)
+                    x = rates[used]
+                else:
+                    x = rates[which]
+                slope, se = _ols_slopes(x, acc)
+                df = len(x) - 2
                 tcrit = stats.t.ppf(1 - alpha / 2, df)
                 detect = float(np.mean(np.abs(slope / np.where(se > 0, se, np.inf)) > tcrit)) if change else None
                 tone = stats.t.ppf(1 - alpha, df)
@@ -226,12 +285,16 @@ def _blocks(simulations: int, per_study: int, budget: int = 4_000_000) -> list[i
     return [min(size, simulations - start) for start in range(0, simulations, size)]
 
 
-def _accuracies(model: TrialModel, beta: float, rate: np.ndarray, trials: int, size: int, rng) -> np.ndarray:
-    """Participant accuracies of ``size`` simulated studies (rows) with participants at ``rate``."""
-    n = len(rate)
+def _accuracies(model: TrialModel, beta: float, which: np.ndarray, trials: int, size: int, rng) -> np.ndarray:
+    """Participant accuracies of ``size`` simulated studies (rows), participant i on model ``which[i]``."""
+    n = len(which)
+    rate = np.asarray(model.rates)[which]
     b = rng.normal(0, model.participant_sd, (size, n, 1))
     c = rng.normal(0, model.unit_sd, (size, n, trials))
-    p = _expit(model.intercept + b + c + beta * rate[None, :, None])
+    eta = model.intercept + b + c + beta * rate[None, :, None]
+    if model.model_sd > 0:
+        eta = eta + rng.normal(0, model.model_sd, (size, len(model.rates)))[:, which, None]
+    p = _expit(eta)
     return (rng.random(p.shape) < p).mean(axis=2)
 
 
@@ -285,9 +348,11 @@ def study_power(data, entries, *, changes=None, participants=(20, 40, 80, 160, 3
     changes = list(changes) if changes is not None else [0.0, -a.tost_margin, -2 * a.tost_margin]
     trials = list(trials) if trials is not None else [cfg.survey.main_trials, 2 * cfg.survey.main_trials]
     tables = []
+    shared = {e.result["kind"]: float(e.result.get("model_sd") or 0.0) for e in entries
+              if e.id.startswith("mis_slope.") and e.status == "ok" and e.result.get("scope") == "all methods"}
     for kind in sorted(units["kind"].dropna().unique()):
         try:
-            model = fit_trial_model(kind, units, humans, rates, a.power_participant_sd)
+            model = fit_trial_model(kind, units, humans, rates, a.power_participant_sd, shared.get(kind, 0.0))
         except ValueError as err:
             out["notes"].append(f"{kind}: {err}")
             continue
@@ -298,7 +363,8 @@ def study_power(data, entries, *, changes=None, participants=(20, 40, 80, 160, 3
         out.setdefault("trial_models", []).append({"kind": kind, "intercept": model.intercept,
                                                    "accuracy_at_rate_0": model.mean_accuracy(0.0, 0.0),
                                                    "participant_sd": model.participant_sd,
-                                                   "unit_sd": model.unit_sd, "rates": list(model.rates),
+                                                   "unit_sd": model.unit_sd, "model_sd": model.model_sd,
+                                                   "rates": list(model.rates),
                                                    "source": model.source})
     if tables:
         table = pd.concat(tables, ignore_index=True)

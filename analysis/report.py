@@ -508,7 +508,7 @@ def _need_participants(d: pd.DataFrame, n: int = 2):
 
 
 def human_slope(humans: pd.DataFrame, kind: str, model: str, cfg: StudyConfig) -> Outcome:
-    from .statistics import clustered_logistic, gee_logistic, mixed_logistic
+    from .statistics import clustered_logistic, gee_logistic, mixed_logistic, model_intercept
     level, alpha = 1 - cfg.analysis.alpha_level, cfg.analysis.alpha_level
     d = humans[humans["kind"] == kind]
     if d["rate"].isna().all():
@@ -517,16 +517,24 @@ def human_slope(humans: pd.DataFrame, kind: str, model: str, cfg: StudyConfig) -
     _need_participants(d, 3)
     if d["rate"].nunique() < 2:
         raise Skip(f"human {kind} trials cover {d['rate'].nunique()} pruning rate(s); a slope needs two or more")
+    by_model, nested, why = model_intercept(d)
     if model == "mixed":
-        res = mixed_logistic(d, "correct ~ rate", groups=("participant", "unit_id"),
+        groups = ("participant", "unit_id", "model_id") if by_model else ("participant", "unit_id")
+        res = mixed_logistic(d, "correct ~ rate", groups=groups,
                              n_boot=min(MIXED_BOOT, cfg.analysis.bootstrap), seed=cfg.study.seed, level=level)
-        what = "conditional (crossed random intercepts, parametric-bootstrap CI, p on the bootstrap SE)"
+        what = f"conditional (crossed random intercepts, parametric-bootstrap CI, p on the bootstrap SE; {why})"
     elif model == "gee":
-        res = gee_logistic(d, "correct ~ rate", group="participant", level=level)
-        what = "marginal (GEE, exchangeable within participant)"
+        group = "model_id" if by_model and nested else "participant"
+        res = gee_logistic(d, "correct ~ rate", group=group, level=level)
+        note = why if group == "model_id" or not by_model else (
+            "participants are crossed with models, which one GEE cluster cannot follow, so model-level variation "
+            "is not in the interval")
+        what = (f"marginal (GEE, exchangeable within {group.removesuffix('_id')}, {res['covariance']} SEs, t with "
+                f"{res['df']} df; {note})")
     else:
-        res = clustered_logistic(d, "correct ~ rate", clusters=("participant", "unit_id"), level=level)
-        what = "marginal (logistic, two-way cluster-robust SEs)"
+        clusters = ("participant", "unit_id", "model_id") if by_model else ("participant", "unit_id")
+        res = clustered_logistic(d, "correct ~ rate", clusters=clusters, level=level)
+        what = f"marginal (logistic, {len(clusters)}-way cluster-robust SEs, t with {res['df']} df; {why})"
     t, b0 = _rate_term(res), res["terms"]["Intercept"]["coef"]
     odds = {k: math.exp(t[k] * PER_STEP) for k in ("coef", "ci_low", "ci_high")}
     lo_rate, hi_rate = float(d["rate"].min()), float(d["rate"].max())
@@ -549,8 +557,9 @@ def human_slope(humans: pd.DataFrame, kind: str, model: str, cfg: StudyConfig) -
         shift = predicted_change(res, lo_rate, hi_rate, level=level, margin=cfg.analysis.tost_margin, alpha=alpha)
         if shift is not None:
             result["change"] = shift
-            sentence += (f" The accuracy change from rate {lo_rate:g} to {hi_rate:g}, averaged over participants and "
-                         f"units, is {fmt(shift['estimate'])} "
+            over = "participants, units and models" if by_model else "participants and units"
+            sentence += (f" The accuracy change from rate {lo_rate:g} to {hi_rate:g}, averaged over {over}, is "
+                         f"{fmt(shift['estimate'])} "
                          f"({_pct(level)} bootstrap CI {fmt(shift['ci_low'])} to {fmt(shift['ci_high'])}).")
             if "tost" in shift:
                 sentence += " " + tost_sentence("Its equivalence test", shift["tost"])
@@ -1093,7 +1102,8 @@ def _power_data(power: dict | None) -> dict | None:
         model[column] = model[column].map(lambda v: f"{v:.4f}")
     designs = pd.DataFrame(power.get("human", []))
     sources = [{"kind": m["kind"], "accuracy": fmt(m["accuracy_at_rate_0"]), "participant_sd": fmt(m["participant_sd"]),
-                "unit_sd": fmt(m["unit_sd"]), "source": m["source"]} for m in power.get("trial_models", [])]
+                "unit_sd": fmt(m["unit_sd"]), "model_sd": fmt(m.get("model_sd", 0.0)), "source": m["source"]}
+               for m in power.get("trial_models", [])]
     return {"target": _pct(power["target_power"]), "alpha": f"{power['alpha']:g}", "model": table_data(model),
             "simulations": str(designs["simulations"].iloc[0]) if len(designs) else "0", "trial_models": sources,
             "smallest": table_data(pd.DataFrame(power.get("smallest", []))), "designs": table_data(designs),

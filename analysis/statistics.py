@@ -10,12 +10,15 @@ participants), so responses are correlated along two directions at once.
   *conditional* (for a typical participant and unit).  Variational posteriors are known to be too
   narrow, so intervals come from a parametric bootstrap.
 - :func:`gee_logistic` — population-averaged (*marginal*) slope, exchangeable working correlation
-  within one cluster variable (participant), robust sandwich SEs.
+  within one cluster variable (participant, or model when participants are nested in models),
+  bias-reduced sandwich SEs with t on (clusters − 1) df.
 - :func:`clustered_logistic` — the same marginal slope from plain logistic regression with
-  two-way (participant × unit) cluster-robust SEs (Cameron, Gelbach & Miller 2011).
+  two- or three-way (participant × unit × model) cluster-robust SEs (Cameron, Gelbach & Miller 2011).
+- :func:`model_intercept` — whether those fits also need a term per model: rate varies only between
+  models, so a model's shared deviation is replicated by models, not by more participants.
 - :func:`predicted_change` — the mixed model's slope read as a change in population-averaged accuracy
-  (over the participants' and units' random intercepts) across a rate span, with its interval and
-  equivalence test from the same bootstrap refits.
+  (over the fit's random intercepts: participants, units, and models where fitted) across a rate
+  span, with its interval and equivalence test from the same bootstrap refits.
 
 Marginal slopes are attenuated relative to conditional ones (roughly by 1/√(1 + 0.346·σ²) for a
 total random-intercept variance σ²); the three fits agree in sign and significance, not in size.
@@ -114,26 +117,38 @@ def _collect(caught) -> list[str]:
 
 # --- Trial level ---------------------------------------------------------------------------------
 
+#: Largest cluster (rows) for which GEE uses the bias-reduced covariance: its per-cluster hat matrices grow
+#: as the square of the cluster size.
+BIAS_REDUCED_MAX_CLUSTER = 2000
+
+
 def gee_logistic(trials: pd.DataFrame, formula: str = "correct ~ rate", group: str = "participant",
                  level: float = 0.95, main_only: bool = True) -> dict:
     """Marginal logistic regression by GEE (Binomial family, exchangeable working correlation
-    within ``group``, robust sandwich SEs, normal-based intervals and p-values).
+    within ``group``), with Mancl and DeRouen's bias-reduced sandwich covariance and intervals and
+    p-values from t with (clusters − 1) df: the plain sandwich runs small with few clusters (with 12
+    models as clusters a nominal 5 % test rejects a true null about 15 % of the time, the bias-reduced
+    one with t about 7 %).  Clusters over :data:`BIAS_REDUCED_MAX_CLUSTER` rows get the plain robust
+    sandwich; ``covariance`` says which was used.
 
-    Returns ``table``/``terms`` (``coef, se, ci_low, ci_high, p``), ``n_obs``, ``n_groups``,
-    ``correlation`` (the fitted exchangeable correlation), ``formula``, ``group``, ``warnings``.
+    Returns ``table``/``terms`` (``coef, se, ci_low, ci_high, p``), ``n_obs``, ``n_groups``, ``df``,
+    ``covariance``, ``correlation`` (the fitted exchangeable correlation), ``formula``, ``group``,
+    ``warnings``.
     """
     import statsmodels.api as sm
     import statsmodels.formula.api as smf
 
     data = _model_rows(trials, formula, [group], main_only)
+    covariance = "bias-reduced" if data.groupby(group).size().max() <= BIAS_REDUCED_MAX_CLUSTER else "robust"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = smf.gee(formula, groups=group, data=data, family=sm.families.Binomial(),
                         cov_struct=sm.cov_struct.Exchangeable())
-        fit = model.fit()
-    table = _table(fit.params, fit.bse, level)
-    return dict(table=table, terms=_terms(table), n_obs=int(fit.nobs), n_groups=int(data[group].nunique()),
-                correlation=float(model.cov_struct.dep_params), formula=formula, group=group,
+        fit = model.fit(cov_type="bias_reduced" if covariance == "bias-reduced" else "robust")
+    n_groups = int(data[group].nunique())
+    table = _table(fit.params, fit.bse, level, df=n_groups - 1)
+    return dict(table=table, terms=_terms(table), n_obs=int(fit.nobs), n_groups=n_groups, df=n_groups - 1,
+                covariance=covariance, correlation=float(model.cov_struct.dep_params), formula=formula, group=group,
                 warnings=_collect(caught))
 
 
@@ -149,35 +164,83 @@ def _psd(cov: np.ndarray) -> tuple[np.ndarray, float]:
 def clustered_logistic(trials: pd.DataFrame, formula: str = "correct ~ rate",
                        clusters=("participant", "unit_id"), level: float = 0.95,
                        main_only: bool = True) -> dict:
-    """Logistic regression (maximum likelihood) with one- or two-way cluster-robust covariance.
+    """Logistic regression (maximum likelihood) with one-, two- or three-way cluster-robust covariance.
 
-    With two cluster variables the covariance is Cameron–Gelbach–Miller's V = V₁ + V₂ − V₁₂ (V₁₂
-    clustered on the intersection cells), each a CRV1 sandwich with the small-sample factor
-    G/(G−1)·(N−1)/(N−K).  statsmodels computes exactly this when ``cov_type="cluster"`` receives a
-    two-column ``groups`` array (``sandwich_covariance.cov_cluster_2groups``; checked against the
-    one-way pieces in the tests).  The difference of sandwiches need not be positive semidefinite;
-    when it is not, negative eigenvalues are set to zero (Cameron, Gelbach & Miller 2011, §2.3) and
-    ``clipped`` is true.  Intervals and p-values are normal-based.
+    With several cluster variables the covariance is Cameron–Gelbach–Miller's inclusion–exclusion sum
+    over the cluster variables and their intersections: V₁ + V₂ − V₁₂ for two (statsmodels computes
+    exactly this when ``cov_type="cluster"`` receives a two-column ``groups`` array; checked against the
+    one-way pieces in the tests), and V₁ + V₂ + V₃ − V₁₂ − V₁₃ − V₂₃ + V₁₂₃ for three (a participant, a
+    unit and a model: participants nested in models reduce it to the two-way sum by model and unit).
+    Each piece is a CRV1 sandwich with the small-sample factor G/(G−1)·(N−1)/(N−K).  The sum need not
+    be positive semidefinite; when it is not, negative eigenvalues are set to zero (Cameron, Gelbach &
+    Miller 2011, §2.3) and ``clipped`` is true.  Intervals and p-values use t with (fewest clusters − 1)
+    degrees of freedom (``df``), since cluster-robust errors run small with few clusters.
 
-    Returns ``table``/``terms``, ``n_obs``, ``n_clusters`` (dict per cluster variable),
+    Returns ``table``/``terms``, ``n_obs``, ``n_clusters`` (dict per cluster variable), ``df``,
     ``clipped``, ``min_eigenvalue``, ``formula``, ``clusters``, ``warnings``.
     """
     import statsmodels.formula.api as smf
 
     clusters = [clusters] if isinstance(clusters, str) else list(clusters)
-    if not 1 <= len(clusters) <= 2:
-        raise ValueError(f"clusters must name one or two columns, got {clusters!r}")
+    if not 1 <= len(clusters) <= 3:
+        raise ValueError(f"clusters must name one, two or three columns, got {clusters!r}")
     data = _model_rows(trials, formula, clusters, main_only)
     codes = np.column_stack([pd.factorize(data[c])[0] for c in clusters])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fit = smf.logit(formula, data=data).fit(disp=0, cov_type="cluster",
-                                                cov_kwds={"groups": codes if len(clusters) == 2 else codes[:, 0]})
-    cov, smallest = _psd(np.asarray(fit.cov_params()))
-    table = _table(fit.params, np.sqrt(np.diag(cov)), level)
-    return dict(table=table, terms=_terms(table), n_obs=int(fit.nobs),
-                n_clusters={c: int(data[c].nunique()) for c in clusters}, clipped=smallest < 0,
-                min_eigenvalue=smallest, formula=formula, clusters=tuple(clusters), warnings=_collect(caught))
+        model = smf.logit(formula, data=data)
+        if len(clusters) <= 2:
+            groups = codes if len(clusters) == 2 else codes[:, 0]
+            fit = model.fit(disp=0, cov_type="cluster", cov_kwds={"groups": groups})
+            raw = np.asarray(fit.cov_params())
+        else:
+            fit = model.fit(disp=0)
+            raw = _multiway_covariance(model, fit.params, codes)
+    cov, smallest = _psd(raw)
+    n_clusters = {c: int(data[c].nunique()) for c in clusters}
+    df = min(n_clusters.values()) - 1
+    table = _table(fit.params, np.sqrt(np.diag(cov)), level, df=df)
+    return dict(table=table, terms=_terms(table), n_obs=int(fit.nobs), n_clusters=n_clusters, df=int(df),
+                clipped=smallest < 0, min_eigenvalue=smallest, formula=formula, clusters=tuple(clusters),
+                warnings=_collect(caught))
+
+
+def _multiway_covariance(model, params, codes: np.ndarray) -> np.ndarray:
+    """CGM's multiway cluster-robust covariance of ``model`` at ``params``: the one-way CRV1 covariances
+    by every non-empty set of the columns of ``codes`` (clustered on their intersection), added with
+    sign (−1)^(size + 1)."""
+    from itertools import combinations
+
+    total = np.zeros((len(params), len(params)))
+    for size in range(1, codes.shape[1] + 1):
+        for subset in combinations(range(codes.shape[1]), size):
+            cells = pd.factorize(pd.MultiIndex.from_arrays([codes[:, j] for j in subset]))[0]
+            one_way = model.fit(start_params=np.asarray(params), disp=0, cov_type="cluster",
+                                cov_kwds={"groups": cells})
+            total += (-1) ** (size + 1) * np.asarray(one_way.cov_params())
+    return total
+
+
+def model_intercept(trials: pd.DataFrame, participant: str = "participant", model: str = "model_id",
+                    fewest: int = 3) -> tuple[bool, bool, str]:
+    """Whether a trial-level fit should carry a random intercept (or cluster) per model, as ``(use,
+    nested, why)``: rate varies only between models, so what a model shares across its participants
+    (its training run, its units' state after pruning) is an error common to all of them, and leaving it
+    out counts each model once per participant.  ``nested``: every participant saw one model.  Not used
+    with fewer than ``fewest`` models (no spread about the rate line to estimate), nor when each model
+    was answered by one participant (the participant's intercept is then the model's too); ``why``
+    says which."""
+    if model not in trials or trials[model].isna().all():
+        return False, False, "the trials name no model, so model-level variation is not in the interval"
+    n_models = int(trials[model].nunique())
+    nested = bool((trials.groupby(participant)[model].nunique() <= 1).all())
+    if n_models < fewest:
+        return False, nested, (f"with {n_models} model(s) model-level variation cannot be estimated and is not in "
+                               f"the interval")
+    if nested and int(trials.groupby(model)[participant].nunique().max()) <= 1:
+        return False, nested, "each model was answered by one participant, whose intercept carries the model's too"
+    how = "participants nested in models" if nested else "participants crossed with models"
+    return True, nested, f"with a model term too ({n_models} models, {how})"
 
 
 def _fit_vb(model, fit_method: str, seed, mean=None, sd=None):
@@ -278,8 +341,8 @@ def random_intercept_sd(fit: dict) -> float:
 
 def predicted_change(fit: dict, x_low: float, x_high: float, term: str = "rate", level: float = 0.95,
                      margin: float = 0.0, alpha: float = 0.05) -> dict | None:
-    """Change in population-averaged P(correct) — averaged over the participants' and units' random
-    intercepts, as the survey's data average it — when ``term`` goes from ``x_low`` to ``x_high``, other
+    """Change in population-averaged P(correct) — averaged over the fit's random intercepts, as the
+    survey's data average it — when ``term`` goes from ``x_low`` to ``x_high``, other
     terms at 0, from a :func:`mixed_logistic` fit.  ``accuracy_low``, ``accuracy_high``: the averaged
     accuracies at the two ends.
 

@@ -863,3 +863,31 @@ def test_a_corruption_the_base_is_at_chance_on_stays_out_of_the_robustness_means
     note = prune_potential_note(subset, 0.005)
     assert "one image moves the clean error by 0.01, more than δ" in note and "Empty for contrast" in note
     assert "more than δ" not in prune_potential_note({"n": 1000}, 0.005)
+
+
+def test_the_primary_human_fit_carries_a_model_intercept_when_participants_are_nested_in_models():
+    """Participants each on one of 12 models whose shared deviations (logit SD 0.7) do not follow rate: the
+    primary fit adds a random intercept per model, recovers its SD, and its bootstrap standard error of
+    the slope is far larger than the fit with participant and unit alone (which counts each model once per
+    participant); the sentence says which term it used."""
+    from analysis.report import human_slope
+    from analysis.statistics import mixed_logistic
+
+    rng = np.random.default_rng(5)
+    rates = np.linspace(0, 0.8, 12)
+    model = np.repeat(np.arange(12), 100)
+    person = np.repeat(np.arange(120), 10)
+    unit = rng.integers(0, 20, len(model))
+    eta = 1.0 + rng.normal(0, 0.7, 12)[model] + rng.normal(0, 0.5, 120)[person] + rng.normal(0, 0.5, 20)[unit]
+    trials = pd.DataFrame({"participant": [f"p{i}" for i in person], "unit_id": [f"inception4a:{i}" for i in unit],
+                           "model_id": [f"m{i}" for i in model], "rate": rates[model], "kind": "natural",
+                           "trial_type": "main", "correct": rng.binomial(1, 1 / (1 + np.exp(-eta)))})
+    cfg = load_study(overrides=["analysis.bootstrap=20"])
+    out = human_slope(trials, "natural", "mixed", cfg)
+    assert out.result["n_groups"] == {"participant": 120, "unit_id": 20, "model_id": 12}
+    assert 0.35 < out.result["sd"]["model_id"] < 1.2
+    assert "with a model term too (12 models, participants nested in models)" in out.sentence
+    naive = mixed_logistic(trials, groups=("participant", "unit_id"), n_boot=20, seed=cfg.study.seed)
+    assert out.table.set_index("term").loc["rate", "boot_se"] > 1.5 * naive["table"].loc["rate", "boot_se"]
+    for kind in ("gee", "clustered"):
+        assert "participants nested in models" in human_slope(trials, "natural", kind, cfg).sentence

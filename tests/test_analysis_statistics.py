@@ -549,3 +549,70 @@ def test_predicted_change_is_the_bootstrap_distribution_of_the_population_averag
     assert st.predicted_change(st.mixed_logistic(trials, n_boot=2, seed=4), 0.0, 0.8) is None
     with pytest.raises(ValueError, match="no 'top1' term; terms: \\['Intercept', 'rate'\\]"):
         st.predicted_change(fit, 0.0, 0.8, term="top1")
+
+
+# --- Models as the experimental units of rate ----------------------------------------------------
+
+def simulate_nested_trials(rng, models=25, per_model=6, trials=10, units=20, sd_model=0.7, beta1=0.0) -> pd.DataFrame:
+    """Each participant answers ``trials`` random units of one model; logit P(correct) = 1 + β₁·rate + model,
+    participant (SD 0.5) and unit (SD 0.5) intercepts.  Rate varies only between models."""
+    rates = np.linspace(0, 0.8, models)
+    model = np.repeat(np.arange(models), per_model * trials)
+    person = np.repeat(np.arange(models * per_model), trials)
+    unit = rng.integers(0, units, len(model))
+    eta = (1.0 + beta1 * rates[model] + rng.normal(0, sd_model, models)[model]
+           + rng.normal(0, 0.5, models * per_model)[person] + rng.normal(0, 0.5, units)[unit])
+    return pd.DataFrame({"participant": [f"p{i}" for i in person], "unit_id": [f"inception4a:{i}" for i in unit],
+                         "model_id": [f"m{i}" for i in model], "rate": rates[model], "kind": "natural",
+                         "trial_type": "main", "correct": rng.binomial(1, 1 / (1 + np.exp(-eta)))})
+
+
+def test_three_way_clustering_with_participants_nested_in_models_is_the_two_way_by_model_and_unit():
+    """Inclusion–exclusion over participant, unit and model: with participants nested in models V_pm = V_p
+    and V_pum = V_pu, so the sum is statsmodels' two-way covariance by model and unit."""
+    trials = simulate_nested_trials(np.random.default_rng(3), models=10)
+    three = st.clustered_logistic(trials, clusters=("participant", "unit_id", "model_id"))
+    two = st.clustered_logistic(trials, clusters=("model_id", "unit_id"))
+    np.testing.assert_allclose(three["table"]["se"], two["table"]["se"], rtol=1e-8)
+    assert three["n_clusters"] == {"participant": 60, "unit_id": 20, "model_id": 10} and three["df"] == 9
+    with pytest.raises(ValueError, match="one, two or three columns"):
+        st.clustered_logistic(trials, clusters=("participant", "unit_id", "model_id", "kind"))
+
+
+def test_a_term_per_model_keeps_a_true_null_at_its_nominal_rate_when_models_differ():
+    """200 null studies of 25 models whose shared deviations (SD 0.7) do not follow rate: clustered by
+    participant and unit only, the marginal fits count each model once per participant and reject far
+    more often than 5 %; with the model as a cluster (three-way CGM, or GEE within model) they stay near
+    5 %."""
+    rng = np.random.default_rng(7)
+    reps, rejected = 200, {"participant and unit": 0, "three-way": 0, "gee by model": 0}
+    for _ in range(reps):
+        trials = simulate_nested_trials(rng)
+        fits = {"participant and unit": st.clustered_logistic(trials),
+                "three-way": st.clustered_logistic(trials, clusters=("participant", "unit_id", "model_id")),
+                "gee by model": st.gee_logistic(trials, group="model_id")}
+        for name, fit in fits.items():
+            rejected[name] += fit["terms"]["rate"]["p"] < 0.05
+    rate = {name: n / reps for name, n in rejected.items()}
+    assert rate["participant and unit"] > 0.2, rate
+    assert rate["three-way"] < 0.1 and rate["gee by model"] < 0.1, rate
+
+
+@pytest.mark.parametrize("design, use, nested, why", [
+    ("nested", True, True, "25 models, participants nested in models"),
+    ("crossed", True, False, "participants crossed with models"),
+    ("one each", False, True, "each model was answered by one participant"),
+    ("two models", False, True, "with 2 model(s)"),
+    ("no model", False, False, "name no model")])
+def test_a_model_term_is_used_where_the_design_can_estimate_it(design, use, nested, why):
+    trials = simulate_nested_trials(np.random.default_rng(1))
+    if design == "crossed":
+        trials["participant"] = "p" + (trials.index % 40).astype(str)
+    elif design == "one each":
+        trials = trials.groupby("model_id").head(10)
+    elif design == "two models":
+        trials = trials[trials["model_id"].isin(["m0", "m24"])]
+    elif design == "no model":
+        trials = trials.drop(columns="model_id")
+    got = st.model_intercept(trials)
+    assert got[:2] == (use, nested) and why in got[2], got
