@@ -12,14 +12,17 @@ and keeps them.  The analyses are the report's own functions, called on these ta
 * **the dose–response shape** — with ``m = statistics.model_level_mis(d)`` (one point per model, each unit
   compared with itself), ``statistics.dose_response(m["rate"], m["mis"])``;
 * **trial level**, with ``h = run.humans[run.humans["kind"] == "natural"]`` —
-  ``statistics.mixed_logistic(h, "correct ~ rate")`` (the primary human model; then
+  ``statistics.mixed_logistic(h, "correct ~ rate", groups=("participant", "unit_id", "model_id"))`` (the
+  primary human model, with the model term where ``statistics.model_intercept(h)`` says the design can
+  estimate it; then
   ``statistics.predicted_change(fit, 0.0, h["rate"].max(), margin=0.05)`` for the accuracy change over
   the rate span with its bootstrap interval and TOST), ``gee_logistic`` and ``clustered_logistic``;
 * **descriptives** — ``descriptives.condition_summary(run.humans, by=("model_id", "kind"))``,
   ``unit_accuracy(run.humans)``, ``rt_summary(run.humans)``;
 * **power** — ``power.detectable_slope(se)`` for a fitted slope's standard error; for a human study
   ``power.fit_trial_model(kind, run.mis, load.human_main(run.trials), rates,
-  run.config.analysis.power_participant_sd)`` (``rates``: those of ``run.mis``), then
+  run.config.analysis.power_participant_sd, mis_model_sd)`` (``rates``: those of ``run.mis``;
+  ``mis_model_sd``: the primary MIS slope's ``model_sd``), then
   ``power.simulate_designs``.
 
 A table whose file the run lacks raises :class:`MissingRunOutput`: one line naming the file and the
