@@ -6,6 +6,8 @@ augmentation sampling, fallbacks and corrupt-file handling of the same code a GP
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -15,8 +17,8 @@ from torchvision.transforms import functional as TF
 
 from pruning.data.folders import (IMAGENET_MEAN, IMAGENET_STD, CorruptImageError, FolderLoader, ImageFolderDataset,
                                   build_transform, make_loader)
-from pruning.data.jpeg import (DeviceDecoder, DeviceTransform, JpegFolderLoader, decoded_spans, device_decodable,
-                               jpeg_frame, sample_resized_crop)
+from pruning.data.jpeg import (DeviceDecoder, DeviceTransform, JpegFolderLoader, adobe_transform, decoded_spans,
+                               device_decodable, jpeg_frame, sample_resized_crop)
 
 LEVEL = 1 / 255 / min(IMAGENET_STD)  # one 8-bit grey level in normalized units
 
@@ -27,6 +29,15 @@ def _photo(rng, h, w):
     img = np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC), dtype=np.int16)
     img = np.clip(img + rng.integers(-12, 13, img.shape), 0, 255).astype(np.uint8)
     return Image.fromarray(img)
+
+
+def encoded_jpeg(img: Image.Image) -> bytes:
+    """``img`` as PIL writes a JPEG (JFIF, YCbCr)."""
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG")
+    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -175,6 +186,60 @@ def test_nvjpeg_decoding_matches_the_cpu_decoder(jpeg_folder):
     # one nvJPEG decoder for "cuda" and "cuda:0" alike (torchvision rebuilds it when the device differs)
     assert DeviceDecoder("cuda").device == DeviceDecoder(f"cuda:{torch.cuda.current_device()}").device
 
+
+
+def _adobe_jpeg(img: Image.Image, transform: int) -> bytes:
+    """``img`` encoded with its R, G, B stored as the three components (no YCbCr transform), the JFIF segment
+    replaced by an Adobe APP14 one declaring ``transform`` (libjpeg reads JFIF as YCbCr, so it must go)."""
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(img), "YCbCr").save(buf, format="JPEG", quality=95, subsampling=0)  # as given
+    blob = buf.getvalue()
+    assert blob[2:4] == b"\xff\xe0"                                                   # JFIF APP0 first
+    body = blob[4 + ((blob[4] << 8) | blob[5]):]
+    payload = b"Adobe" + bytes([0, 100, 0, 0, 0, 0, transform])
+    return b"\xff\xd8\xff\xee" + (len(payload) + 2).to_bytes(2, "big") + payload + body
+
+
+def adobe_rgb_folder(tmp_path, rgb: Image.Image) -> Path:
+    """A one-class folder holding ``rgb`` as an RGB-coded Adobe JPEG."""
+    (tmp_path / "adobe" / "cat").mkdir(parents=True)
+    (tmp_path / "adobe" / "cat" / "rgb.jpg").write_bytes(_adobe_jpeg(rgb, 0))
+    return tmp_path / "adobe"
+
+
+def test_an_rgb_coded_adobe_jpeg_goes_to_the_cpu_decoder_which_honours_its_marker(tmp_path):
+    """A JPEG whose Adobe segment says its components are RGB, not YCbCr: PIL (libjpeg) gives back the
+    image's colours, and the same bytes read as YCbCr are tens of levels off, so the file is left to the
+    CPU decoder; with the segment saying YCbCr (1) it is an ordinary device JPEG."""
+    import io
+
+    rgb = _photo(np.random.default_rng(3), 48, 64)
+    blob = _adobe_jpeg(rgb, 0)
+    assert adobe_transform(blob) == 0 and adobe_transform(_adobe_jpeg(rgb, 1)) == 1
+    decoded = np.asarray(Image.open(io.BytesIO(blob)).convert("RGB"), dtype=np.int16)
+    assert np.abs(decoded - np.asarray(rgb, dtype=np.int16)).mean() < 3
+    as_ycbcr = np.asarray(Image.open(io.BytesIO(blob[:2] + blob[2 + 16:])).convert("RGB"), dtype=np.int16)
+    assert np.abs(as_ycbcr - np.asarray(rgb, dtype=np.int16)).mean() > 20
+    assert not device_decodable(blob) and device_decodable(_adobe_jpeg(rgb, 1))
+    assert adobe_transform(encoded_jpeg(rgb)) is None and device_decodable(encoded_jpeg(rgb))
+    seen = []
+    decoder = DeviceDecoder("cpu")
+    original = decoder._fallback
+    decoder._fallback = lambda data, path: seen.append(path) or original(data, path)
+    data = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+    (img,) = decoder([data], ["rgb.jpg"], [device_decodable(blob)])
+    assert seen == ["rgb.jpg"] and np.abs(img.permute(1, 2, 0).numpy() - decoded).max() <= 1
+
+
+@pytest.mark.cuda
+def test_an_rgb_coded_adobe_jpeg_keeps_its_colours_through_the_gpu_loader(tmp_path):
+    rgb = _photo(np.random.default_rng(4), 64, 64)
+    ds = ImageFolderDataset(adobe_rgb_folder(tmp_path, rgb))
+    cpu_x, _ = _all(JpegFolderLoader(ds, 1, train=False, image_size=64, num_workers=0, device="cpu"))
+    gpu_x, _ = _all(JpegFolderLoader(ds, 1, train=False, image_size=64, num_workers=0, device="cuda"))
+    assert (gpu_x.cpu() - cpu_x).abs().mean() <= LEVEL
 
 def test_worker_processes_hand_over_packed_bytes(jpeg_folder):
     """With DataLoader workers each batch's bytes travel as one shared block; results equal the in-process run."""

@@ -6,9 +6,10 @@ and normalizes each image there.  The transforms reproduce the PIL path of
 :func:`pruning.data.folders.build_transform` (same resize rule, antialiased bilinear, same crop
 sampling), so the two paths give the same tensors up to decoder rounding.
 
-Files that are not JPEGs (PNG, …) or that the device decoder refuses (CMYK, …) are decoded on the
-CPU instead; a file no decoder can read is skipped with a warning that names it, or raises
-:class:`~pruning.data.common.CorruptImageError` with ``on_corrupt="error"``.
+Files that are not JPEGs (PNG, …) or that the device decoder refuses or might misread (CMYK,
+RGB-coded Adobe files, …) are decoded on the CPU instead; a file no decoder can read is skipped with
+a warning that names it, or raises :class:`~pruning.data.common.CorruptImageError` with
+``on_corrupt="error"``.
 """
 from __future__ import annotations
 
@@ -90,15 +91,15 @@ SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0
 DEVICE_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2})
 
 
-def jpeg_frame(blob: bytes) -> tuple[int, int, int] | None:
-    """``(SOF marker, sample precision in bits, colour components)`` from a JPEG's frame header; ``None``
-    for anything else."""
+def _header_segments(blob: bytes):
+    """``(marker, offset)`` of each marker segment of a JPEG up to and including its frame header (SOF);
+    nothing for a file that is not a JPEG or whose scan data starts before a frame header."""
     if len(blob) < 4 or blob[0] != JPEG_MAGIC[0] or blob[1] != JPEG_MAGIC[1]:
-        return None
+        return
     i = 2
     while i + 4 <= len(blob):
         if blob[i] != 0xFF:
-            return None
+            return
         marker = blob[i + 1]
         if marker == 0xFF:                          # fill byte
             i += 1
@@ -106,11 +107,34 @@ def jpeg_frame(blob: bytes) -> tuple[int, int, int] | None:
         if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
             i += 2
             continue
+        if marker == 0xDA:                          # scan data before any frame header
+            return
+        yield marker, i
+        if marker in SOF_MARKERS:
+            return
+        i += 2 + ((blob[i + 2] << 8) | blob[i + 3])
+
+
+def jpeg_frame(blob: bytes) -> tuple[int, int, int] | None:
+    """``(SOF marker, sample precision in bits, colour components)`` from a JPEG's frame header; ``None``
+    for anything else."""
+    for marker, i in _header_segments(blob):
         if marker in SOF_MARKERS:
             return (marker, blob[i + 4], blob[i + 9]) if i + 9 < len(blob) else None
-        if marker == 0xDA:                          # scan data before any frame header
-            return None
-        i += 2 + ((blob[i + 2] << 8) | blob[i + 3])
+    return None
+
+
+#: Adobe's APP14 segment: its identifier, and the offset of its colour-transform byte after the length field
+ADOBE_ID, ADOBE_TRANSFORM_AT = b"Adobe", 11
+
+
+def adobe_transform(blob: bytes) -> int | None:
+    """The colour transform an Adobe APP14 segment declares before the frame header (0: the components are
+    stored as they are, e.g. RGB rather than YCbCr; 1: YCbCr; 2: YCCK), ``None`` without one."""
+    for marker, i in _header_segments(blob):
+        start = i + 4
+        if marker == 0xEE and blob[start:start + len(ADOBE_ID)] == ADOBE_ID and start + ADOBE_TRANSFORM_AT < len(blob):
+            return blob[start + ADOBE_TRANSFORM_AT]
     return None
 
 
@@ -118,10 +142,14 @@ def device_decodable(blob: bytes) -> bool:
     """Whether the device decoder may take ``blob``: an 8-bit Huffman-coded greyscale (1) or YCbCr (3) JPEG.
 
     CMYK (4) files, other frame types and files that are not JPEGs are decoded on the CPU (nvJPEG may turn
-    CMYK into garbage instead of refusing it, and one file it refuses fails its whole batch).
+    CMYK into garbage instead of refusing it, and one file it refuses fails its whole batch).  So are three-
+    component files whose Adobe segment says their components are stored untransformed (RGB): libjpeg, and
+    so PIL and the CPU path, honour that segment; a decoder that assumed YCbCr would return wrong colours.
     """
     frame = jpeg_frame(blob)
-    return frame is not None and frame[0] in DEVICE_SOF_MARKERS and frame[1] == 8 and frame[2] in (1, 3)
+    if frame is None or frame[0] not in DEVICE_SOF_MARKERS or frame[1] != 8 or frame[2] not in (1, 3):
+        return False
+    return frame[2] == 1 or adobe_transform(blob) != 0
 
 
 class DeviceDecoder:
