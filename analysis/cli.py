@@ -175,6 +175,8 @@ def format_power(power: dict) -> str:
     """The power tables as plain text."""
     import pandas as pd
 
+    from .power import smallest_display
+
     lines = [f"Model side (power {power['target_power']:.0%}, α = {power['alpha']:g}):"]
     model = pd.DataFrame(power["model"])
     if len(model):
@@ -189,10 +191,7 @@ def format_power(power: dict) -> str:
     if len(human):
         lines.append(human.drop(columns="simulations").to_string(index=False, float_format=lambda v: f"{v:.3f}"))
         lines.append("Fewest participants reaching the target power (change 0: equivalence):")
-        smallest = pd.DataFrame(power["smallest"])
-        smallest["participants"] = [str(int(n)) if n == n and n is not None else f"> {int(top)}"
-                                    for n, top in zip(smallest["participants"], smallest["largest_tried"])]
-        lines.append(smallest.drop(columns="largest_tried").to_string(index=False))
+        lines.append(smallest_display(power["smallest"]).to_string(index=False))
     lines += power.get("notes", [])
     return "\n".join(lines)
 

@@ -324,6 +324,17 @@ def smallest_designs(table: pd.DataFrame, power: float = POWER) -> list[dict]:
     return out
 
 
+
+def smallest_display(smallest: list[dict]) -> pd.DataFrame:
+    """:func:`smallest_designs` for people: participant counts as whole numbers, "> N" where no design tried
+    (up to N participants) reached the power."""
+    table = pd.DataFrame(smallest)
+    if table.empty:
+        return table
+    table["participants"] = [str(int(n)) if n is not None and n == n else f"> {int(top)}"
+                             for n, top in zip(table["participants"], table["largest_tried"])]
+    return table.drop(columns="largest_tried")
+
 def study_power(data, entries, *, changes=None, participants=(20, 40, 80, 160, 320, 640), trials=None,
                 simulations: int | None = None) -> dict:
     """``results["power"]``: the model side from the fitted slopes, the human side simulated per kind."""

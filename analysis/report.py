@@ -42,7 +42,7 @@ from sparsight.layout import REPORT_HTML, REPORT_JSON, Layout
 
 from . import figures as fig
 from .gallery import make_gallery
-from .power import study_power
+from .power import smallest_display, study_power
 from .validity import study_checks
 from .load import BASE_METHOD, StudyData, base_at_chance, human_main, load_study_data, model_table, study_config
 
@@ -1106,7 +1106,7 @@ def _power_data(power: dict | None) -> dict | None:
                for m in power.get("trial_models", [])]
     return {"target": _pct(power["target_power"]), "alpha": f"{power['alpha']:g}", "model": table_data(model),
             "simulations": str(designs["simulations"].iloc[0]) if len(designs) else "0", "trial_models": sources,
-            "smallest": table_data(pd.DataFrame(power.get("smallest", []))), "designs": table_data(designs),
+            "smallest": table_data(smallest_display(power.get("smallest", []))), "designs": table_data(designs),
             "notes": power.get("notes", [])}
 
 

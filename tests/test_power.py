@@ -204,3 +204,16 @@ def test_the_model_spread_comes_from_human_models_once_they_have_enough_people()
     units = pd.DataFrame({"kind": ["natural"] * 2, "rate": [0.0] * 2, "status": ["ok"] * 2, "mis": [0.7, 0.9]})
     from_mis = fit_trial_model("natural", units, trials.iloc[:0], [0.0, 0.5], 0.5, mis_model_sd=0.02)
     assert from_mis.model_sd == pytest.approx(0.02 / (0.8 * 0.2)) and "shared MIS deviation" in from_mis.source
+
+
+def test_the_fewest_participants_read_as_whole_numbers_or_more_than_the_largest_tried():
+    """A design count is a whole number; where none tried reached the power the table says "> N" rather than
+    leaving a blank (a missing value turns the column to floats: "320.000")."""
+    from analysis.power import smallest_display
+
+    shown = smallest_display([{"kind": "natural", "change_over_span": -0.1, "trials": 12, "goal": "detect",
+                               "participants": 320, "largest_tried": 640},
+                              {"kind": "natural", "change_over_span": 0.0, "trials": 12, "goal": "equivalence",
+                               "participants": None, "largest_tried": 640}])
+    assert shown["participants"].tolist() == ["320", "> 640"] and "largest_tried" not in shown
+    assert smallest_display([]).empty
