@@ -232,6 +232,8 @@ def model_intercept(trials: pd.DataFrame, participant: str = "participant", mode
     says which."""
     if model not in trials or trials[model].isna().all():
         return False, False, "the trials name no model, so model-level variation is not in the interval"
+    if trials[model].isna().any():
+        return False, False, "not every trial names its model, so model-level variation is not in the interval"
     n_models = int(trials[model].nunique())
     nested = bool((trials.groupby(participant)[model].nunique() <= 1).all())
     if n_models < fewest:

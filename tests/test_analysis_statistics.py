@@ -603,7 +603,8 @@ def test_a_term_per_model_keeps_a_true_null_at_its_nominal_rate_when_models_diff
     ("crossed", True, False, "participants crossed with models"),
     ("one each", False, True, "each model was answered by one participant"),
     ("two models", False, True, "with 2 model(s)"),
-    ("no model", False, False, "name no model")])
+    ("no model", False, False, "name no model"),
+    ("some unnamed", False, False, "not every trial names its model")])
 def test_a_model_term_is_used_where_the_design_can_estimate_it(design, use, nested, why):
     trials = simulate_nested_trials(np.random.default_rng(1))
     if design == "crossed":
@@ -614,5 +615,7 @@ def test_a_model_term_is_used_where_the_design_can_estimate_it(design, use, nest
         trials = trials[trials["model_id"].isin(["m0", "m24"])]
     elif design == "no model":
         trials = trials.drop(columns="model_id")
+    elif design == "some unnamed":
+        trials.loc[trials.index[:5], "model_id"] = None
     got = st.model_intercept(trials)
     assert got[:2] == (use, nested) and why in got[2], got
