@@ -175,16 +175,17 @@ def fit_trial_model(kind: str, mis_units: pd.DataFrame, trials: pd.DataFrame, ra
 
     ``rates``: one per model the survey serves (a rate shared by several models appears once per model).
     ``mis_model_sd``: the SD of the MIS deviation a model shares across its units (probability scale), used
-    for σ_m when the humans are too few."""
+    for σ_m when the humans are too few or cannot separate it from σ_p."""
     rates = tuple(sorted(float(r) for r in rates))
     human = trials[(trials["kind"] == kind)] if len(trials) and "kind" in trials else trials
+    base = (mis_units[(mis_units["kind"] == kind) & (mis_units["rate"] == 0) & (mis_units["status"] == "ok")]
+            if len(mis_units) else mis_units)
+    p = float(np.clip(base["mis"].mean(), 0.02, 0.98)) if len(base) else 0.5
     if len(human) and human["participant"].nunique() >= MIN_HUMAN_PARTICIPANTS:
-        return _human_trial_model(kind, human, rates)
-    base = mis_units[(mis_units["kind"] == kind) & (mis_units["rate"] == 0) & (mis_units["status"] == "ok")]
+        return _human_trial_model(kind, human, rates, float(mis_model_sd) / (p * (1 - p)))
     if base.empty:
         raise ValueError(f"no {kind} MIS of the base model and too few human participants to simulate from")
     logits = _logit(base["mis"].to_numpy())
-    p = float(np.clip(base["mis"].mean(), 0.02, 0.98))
     return TrialModel(kind, float(np.mean(logits)), float(assumed_participant_sd),
                       float(np.std(logits, ddof=1)) if len(logits) > 1 else 0.0, rates,
                       f"the base model's {len(base)} unit MIS (β₀, σ_u), the models' shared MIS deviation (σ_m) "
@@ -193,10 +194,12 @@ def fit_trial_model(kind: str, mis_units: pd.DataFrame, trials: pd.DataFrame, ra
                       model_sd=float(mis_model_sd) / (p * (1 - p)))
 
 
-def _human_trial_model(kind: str, human: pd.DataFrame, rates: tuple) -> TrialModel:
+def _human_trial_model(kind: str, human: pd.DataFrame, rates: tuple, mis_sigma_m: float = 0.0) -> TrialModel:
     """Moment estimates from human main trials, turned to the logit scale at the lowest rate's accuracy
     (delta method).  σ_m needs three or more models and some model with two or more participants;
-    otherwise it is 0 and σ_p carries whatever the models share."""
+    otherwise σ_p carries whatever the models share, and σ_m is the MIS's ``mis_sigma_m`` (logit) on top,
+    since a planned design puts several people on each model and σ_p alone would then average the
+    models' share away (conservative: that share is counted twice)."""
     low = human[human["rate"] == human["rate"].min()]
     p0 = float(low["correct"].mean())
     to_logit = (p0 * (1 - p0)) or 0.25       # d accuracy / d logit at p0
@@ -206,6 +209,9 @@ def _human_trial_model(kind: str, human: pd.DataFrame, rates: tuple) -> TrialMod
         models=("model", "nunique"))
     binomial = float((people["mean"] * (1 - people["mean"]) / people["size"]).mean())
     person_var, model_var, how = _split_model_variance(people)
+    sigma_m = math.sqrt(model_var) / to_logit
+    if how != MODEL_MEANS and mis_sigma_m > 0:
+        sigma_m, how = mis_sigma_m, f"{how}; σ_m from the models' shared MIS deviation instead"
     by_unit = human.groupby("unit_id")["correct"].agg(["mean", "size"])
     unit_binomial = float((by_unit["mean"] * (1 - by_unit["mean"]) / by_unit["size"]).mean())
     unit_excess = max(float(by_unit["mean"].var(ddof=1)) - unit_binomial, 0.0) if len(by_unit) > 1 else 0.0
@@ -213,7 +219,10 @@ def _human_trial_model(kind: str, human: pd.DataFrame, rates: tuple) -> TrialMod
                       math.sqrt(unit_excess) / to_logit, rates,
                       f"{human['participant'].nunique()} human participants, {len(human)} main trials "
                       f"(moment estimates of the participant, unit and model spread; {how})",
-                      model_sd=math.sqrt(model_var) / to_logit)
+                      model_sd=sigma_m)
+
+
+MODEL_MEANS = "σ_m from the model means"
 
 
 def _split_model_variance(people: pd.DataFrame) -> tuple[float, float, str]:
@@ -222,13 +231,13 @@ def _split_model_variance(people: pd.DataFrame) -> tuple[float, float, str]:
     means about their rate line beyond what that within-model variance gives them."""
     total = float(people["mean"].var(ddof=1))
     if people["model"].isna().any():
-        return total, 0.0, "σ_m taken as 0: the trials name no model"
+        return total, 0.0, "σ_m not separable: the trials name no model"
     if (people["models"] > 1).any():
-        return total, 0.0, "σ_m taken as 0: participants saw several models each"
+        return total, 0.0, "σ_m not separable: participants saw several models each"
     models = people.groupby("model").agg(mean=("mean", "mean"), count=("mean", "size"), rate=("rate", "first"))
     shared = people.groupby("model")["mean"].transform("size") > 1
     if len(models) < 3 or not shared.any():
-        return total, 0.0, "σ_m taken as 0: it needs three or more models and two participants on one of them"
+        return total, 0.0, "σ_m not separable: it needs three or more models and two participants on one of them"
     within = people[shared].groupby("model")["mean"].var(ddof=1)
     sizes = people[shared].groupby("model")["mean"].size()
     pooled = float(((sizes - 1) * within).sum() / (sizes - 1).sum())
@@ -238,7 +247,7 @@ def _split_model_variance(people: pd.DataFrame) -> tuple[float, float, str]:
         spread = float(np.sum(resid ** 2) / (len(models) - 2))
     else:
         spread = float(np.var(y, ddof=1))
-    return pooled, max(spread - float(np.mean(pooled / models["count"])), 0.0), "σ_m from the model means"
+    return pooled, max(spread - float(np.mean(pooled / models["count"])), 0.0), MODEL_MEANS
 
 
 def simulate_designs(model: TrialModel, *, changes, participants, trials, margin: float, alpha: float = 0.05,

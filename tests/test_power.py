@@ -204,6 +204,11 @@ def test_the_model_spread_comes_from_human_models_once_they_have_enough_people()
     units = pd.DataFrame({"kind": ["natural"] * 2, "rate": [0.0] * 2, "status": ["ok"] * 2, "mis": [0.7, 0.9]})
     from_mis = fit_trial_model("natural", units, trials.iloc[:0], [0.0, 0.5], 0.5, mis_model_sd=0.02)
     assert from_mis.model_sd == pytest.approx(0.02 / (0.8 * 0.2)) and "shared MIS deviation" in from_mis.source
+    # one person per model: the people cannot separate σ_m, so the MIS's comes on top of their σ_p
+    single = fit_trial_model("natural", units, alone, [0.0, 0.5], 5.0, mis_model_sd=0.02)
+    assert single.model_sd == pytest.approx(0.02 / (0.8 * 0.2)) and "shared MIS deviation instead" in single.source
+    assert fit_trial_model("natural", units, trials, [0.0, 0.5], 5.0, mis_model_sd=0.02).model_sd == \
+        pytest.approx(fitted.model_sd)
 
 
 def test_the_fewest_participants_read_as_whole_numbers_or_more_than_the_largest_tried():
