@@ -36,7 +36,8 @@ def _study_with_analysis_settings(run_dir, overrides):
               help="analyse this external trial-level CSV instead of the study's responses")
 @click.option("--map", "maps", multiple=True, metavar="CANONICAL=COLUMN",
               help="with --import: which CSV column holds participant, correct, unit, condition, confidence, rt, "
-                   "catch, trial_type (also model_id, rate, kind, …); repeatable")
+                   "catch, trial_type (also model_id, rate, kind, …); repeatable; a column already named so "
+                   "needs no --map")
 @click.option("--mapping", type=click.Path(dir_okay=False, path_type=Path, resolve_path=True), default=None,
               help="with --import: a TOML file whose [columns] table maps canonical names to CSV columns")
 @click.option("--set", "overrides", multiple=True, metavar="analysis.KEY=VALUE",
@@ -63,9 +64,6 @@ def analyze_cmd(run_dir, out, import_csv, maps, mapping, overrides):
         raise click.UsageError("--map and --mapping describe an --import CSV; give --import FILE.csv")
     if maps and mapping:
         raise click.UsageError("give the column mapping either as --map options or as --mapping FILE, not both")
-    if import_csv is not None and not (maps or mapping):
-        raise click.UsageError("--import needs the column mapping: --map participant=COLUMN --map correct=COLUMN … "
-                               "or --mapping FILE.toml")
     if import_csv is None and not Layout(run_dir).holds_a_study():
         raise click.UsageError(f"{run_dir} is not a study directory: it has no study.toml, models/, mis/ or survey "
                                f"responses; make one with `sparsight run` (the default study goes to runs/default), "
@@ -74,11 +72,13 @@ def analyze_cmd(run_dir, out, import_csv, maps, mapping, overrides):
     trials, source = None, None
     if import_csv is not None:
         try:
-            columns = read_mapping(mapping) if mapping else parse_mapping(maps)
+            columns = read_mapping(mapping) if mapping else parse_mapping(maps) if maps else {}
             trials = import_trials(import_csv, columns, models=load_models(run_dir))
         except ValueError as err:
             raise click.UsageError(str(err)) from None
         source = f"imported {import_csv.name}"
+        if trials.attrs.get("columns_by_name"):
+            click.echo(f"{import_csv.name}: columns taken by their own names: {', '.join(trials.attrs['columns_by_name'])}")
     try:
         files = run_analysis(Study(cfg), out=out, trials=trials, source=source)
     except (FileNotFoundError, ValueError) as err:

@@ -320,24 +320,29 @@ def import_trials(csv_path: str | Path, mapping: dict[str, str], models: pd.Data
     """A trial frame from an external trial-level CSV whose columns ``mapping`` names.
 
     ``mapping`` maps canonical names (:data:`IMPORT_NAMES`; ``participant`` and ``correct`` required)
-    to the CSV's columns.  ``condition`` becomes the trial's ``kind`` (the condition descriptives group
-    by) unless ``kind`` is mapped too; ``unit`` may be ``"layer:unit"``; ``rt`` is in milliseconds;
-    ``correct`` accepts 0/1, true/false and correct/incorrect; a true ``catch`` flag makes the trial a
-    catch trial.  A missing column raises ValueError naming it and the columns the CSV has."""
+    to the CSV's columns; a column that already bears a canonical name and that the mapping leaves alone
+    is taken by that name (listed in the frame's ``attrs["columns_by_name"]``).  ``condition`` becomes
+    the trial's ``kind`` (the condition descriptives group by; ``"all"`` without either) unless ``kind``
+    is mapped too; ``unit`` may be ``"layer:unit"``; ``rt`` is in milliseconds; ``correct`` accepts 0/1,
+    true/false and correct/incorrect; a true ``catch`` flag makes the trial a catch trial.  A missing
+    column raises ValueError naming it and the columns the CSV has."""
     csv_path = Path(csv_path)
     unknown = sorted(set(mapping) - set(IMPORT_NAMES))
     if unknown:
         raise ValueError(f"unknown canonical name {unknown[0]!r} in the column mapping; choose from "
                          f"{list(IMPORT_NAMES)}")
-    absent = [c for c in REQUIRED_IMPORT if c not in mapping]
-    if absent:
-        raise ValueError(f"the column mapping must name the {absent[0]!r} column (e.g. --map {absent[0]}=COLUMN)")
     if not csv_path.is_file():
         raise ValueError(f"trial file {csv_path} does not exist")
     try:
         raw = pd.read_csv(csv_path)
     except pd.errors.EmptyDataError:
         raise ValueError(f"trial file {csv_path} is empty") from None
+    by_name = [c for c in IMPORT_NAMES if c not in mapping and c in raw.columns and c not in mapping.values()]
+    mapping = {**mapping, **{c: c for c in by_name}}
+    absent = [c for c in REQUIRED_IMPORT if c not in mapping]
+    if absent:
+        raise ValueError(f"{csv_path.name} has no {absent[0]!r} column and the column mapping names none "
+                         f"(e.g. --map {absent[0]}=COLUMN); its columns are {list(raw.columns)}")
     for canonical, column in mapping.items():
         if column not in raw.columns:
             raise ValueError(f"column {column!r} (mapped to {canonical!r}) is not in {csv_path.name}; "
@@ -367,7 +372,7 @@ def import_trials(csv_path: str | Path, mapping: dict[str, str], models: pd.Data
         "schedule": pd.Series([np.nan] * n, dtype="object"),
         "rate": pd.to_numeric(get("rate"), errors="coerce"),
         "sparsity": pd.to_numeric(get("sparsity"), errors="coerce"),
-        "kind": get("kind").astype(str) if "kind" in mapping else condition,
+        "kind": get("kind").astype(str) if "kind" in mapping else condition.where(condition != "", "all"),
         "correct": correct.astype(int),
         "confidence": pd.to_numeric(get("confidence"), errors="coerce"),
         "rt_ms": pd.to_numeric(get("rt"), errors="coerce"),
@@ -380,7 +385,9 @@ def import_trials(csv_path: str | Path, mapping: dict[str, str], models: pd.Data
     })
     if models is not None and len(models):
         out = _attach_models(out, models, keys=("method", "schedule", "rate", "sparsity"))
-    return out[TRIAL_COLUMNS]
+    out = out[TRIAL_COLUMNS].copy()
+    out.attrs["columns_by_name"] = by_name
+    return out
 
 
 # ---- units, dissection, MIS per model, robustness --------------------------------------------------

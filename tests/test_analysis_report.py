@@ -18,7 +18,7 @@ from scipy import stats
 
 from analysis import figures
 from analysis.cli import analyze_cmd
-from analysis.load import import_trials, load_models, load_study_data
+from analysis.load import IMPORT_NAMES, import_trials, load_models, load_study_data
 from analysis.report import NO_RESPONSES, analyze, fmt, slope_sentence, table_data
 from analysis.stages import AnalysisStage
 from sparsight.config import load_study, write_study
@@ -338,7 +338,7 @@ def test_import_missing_column_names_it(tmp_path):
     _external_csv(tmp_path / "ext.csv", np.random.default_rng(0), participants=2)
     with pytest.raises(ValueError, match=r"'accuracy'.*'correct'.*columns are \['subj', 'cond'"):
         import_trials(tmp_path / "ext.csv", {**MAPPING, "correct": "accuracy"})
-    with pytest.raises(ValueError, match="'participant'"):
+    with pytest.raises(ValueError, match="ext.csv has no 'participant' column.*--map participant=COLUMN"):
         import_trials(tmp_path / "ext.csv", {"correct": "acc"})
     with pytest.raises(ValueError, match="unknown canonical name 'subject'"):
         import_trials(tmp_path / "ext.csv", {**MAPPING, "subject": "subj"})
@@ -367,7 +367,16 @@ def test_cli_import_and_usage_errors(tmp_path):
                                       "participant=subj", "--map", "correct=score"])
     assert bad.exit_code == 2 and "'score'" in bad.output and "subj" in bad.output
     no_map = runner.invoke(analyze_cmd, [str(run_dir), "--import", str(tmp_path / "ext.csv")])
-    assert no_map.exit_code == 2 and "--map" in no_map.output
+    assert no_map.exit_code == 2 and "no 'participant' column" in no_map.output and "--map" in no_map.output
+    # columns that bear canonical names need no --map, and the command says which it took by name
+    raw = pd.read_csv(tmp_path / "ext.csv").rename(columns={v: k for k, v in MAPPING.items()})
+    raw.to_csv(tmp_path / "named.csv", index=False)
+    named = runner.invoke(analyze_cmd, [str(run_dir), "--import", str(tmp_path / "named.csv"), "--out",
+                                        str(tmp_path / "rep2")])
+    assert named.exit_code == 0, named.output
+    assert f"columns taken by their own names: {', '.join(c for c in IMPORT_NAMES if c in raw)}" in named.output
+    assert json.loads((tmp_path / "rep2" / "results.json").read_text())["statistics"] == \
+        json.loads((tmp_path / "rep" / "results.json").read_text())["statistics"]
     wrong_set = runner.invoke(analyze_cmd, [str(run_dir), "--set", "train.epochs=3"])
     assert wrong_set.exit_code == 2 and "analysis.KEY=VALUE" in wrong_set.output
 
