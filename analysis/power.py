@@ -21,11 +21,13 @@ error is replicated by models, not by participants, and no number of participant
 σ_u from the base model's unit MIS (the machine observer's P(correct)), σ_m from the models' shared
 MIS deviation (the primary MIS slope's ``model_sd``) and σ_p from ``analysis.power_participant_sd``;
 the table says which.  β₁ is set so that the population-averaged accuracy changes by the stated
-amount over the study's rate span.  Each simulated study is analysed as its experimental units
-allow: with σ_m > 0, the model means of participant accuracy regressed on rate (t with models − 2
-df; for a balanced nested design this is the test the mixed model with a model intercept makes),
-else participant accuracies regressed on rate (OLS; participants are then independent); a two-sided
-t-test for the slope and TOST on the predicted change over the span for equivalence.
+amount over the study's rate span.  Each simulated study is analysed as the report's fits analyse
+the survey: with three or more models, the model means of participant accuracy regressed on rate (t
+with models − 2 df; for a balanced nested design this is the test the mixed model with a model
+intercept makes, and with one participant per model it is the participant-level test), else
+participant accuracies regressed on rate (OLS); a two-sided t-test for the slope and TOST on the
+predicted change over the span for equivalence.  Participants fill the models one rate at a time
+(:func:`_interleaved`), so a study with fewer participants than models still spans the rates.
 """
 from __future__ import annotations
 
@@ -180,9 +182,11 @@ def fit_trial_model(kind: str, mis_units: pd.DataFrame, trials: pd.DataFrame, ra
     human = trials[(trials["kind"] == kind)] if len(trials) and "kind" in trials else trials
     base = (mis_units[(mis_units["kind"] == kind) & (mis_units["rate"] == 0) & (mis_units["status"] == "ok")]
             if len(mis_units) else mis_units)
-    p = float(np.clip(base["mis"].mean(), 0.02, 0.98)) if len(base) else 0.5
+    # a shift δ on the logit moves the units' mean P by δ·mean(p(1 − p)), not δ·p̄(1 − p̄)
+    p = np.clip(base["mis"].to_numpy(float), 0.02, 0.98) if len(base) else np.array([0.5])
+    mis_sigma_m = float(mis_model_sd) / float(np.mean(p * (1 - p)))
     if len(human) and human["participant"].nunique() >= MIN_HUMAN_PARTICIPANTS:
-        return _human_trial_model(kind, human, rates, float(mis_model_sd) / (p * (1 - p)))
+        return _human_trial_model(kind, human, rates, mis_sigma_m)
     if base.empty:
         raise ValueError(f"no {kind} MIS of the base model and too few human participants to simulate from")
     logits = _logit(base["mis"].to_numpy())
@@ -191,7 +195,7 @@ def fit_trial_model(kind: str, mis_units: pd.DataFrame, trials: pd.DataFrame, ra
                       f"the base model's {len(base)} unit MIS (β₀, σ_u), the models' shared MIS deviation (σ_m) "
                       f"and the assumed participant SD analysis.power_participant_sd = {assumed_participant_sd:g} "
                       f"(fewer than {MIN_HUMAN_PARTICIPANTS} human participants)",
-                      model_sd=float(mis_model_sd) / (p * (1 - p)))
+                      model_sd=mis_sigma_m)
 
 
 def _human_trial_model(kind: str, human: pd.DataFrame, rates: tuple, mis_sigma_m: float = 0.0) -> TrialModel:
@@ -261,11 +265,12 @@ def simulate_designs(model: TrialModel, *, changes, participants, trials, margin
         raise ValueError(f"a design needs at least 3 participants, got {min(participants)}")
     if min(trials) < 1:
         raise ValueError(f"a participant needs at least 1 main trial, got {min(trials)}")
-    by_model = model.model_sd > 0 and len(rates) >= 3
+    by_model = len(rates) >= 3          # as the report's fits: a model term wherever three or more models can carry it
+    order = _interleaved(rates)
     for change in changes:
         beta = model.slope_for_change(change) if change else 0.0
         for n in participants:
-            which = np.arange(n) % len(rates)                     # participants spread over the models
+            which = order[np.arange(n) % len(rates)]              # participants spread over the models
             for t in trials:
                 acc = np.concatenate([_accuracies(model, beta, which, t, size, rng)
                                       for size in _blocks(simulations, n * t)])
@@ -286,6 +291,16 @@ def simulate_designs(model: TrialModel, *, changes, participants, trials, margin
                              "trials": int(t), "power_detect": detect, "power_equivalence": equivalent,
                              "simulations": int(simulations)})
     return pd.DataFrame(rows)
+
+
+def _interleaved(rates: np.ndarray) -> np.ndarray:
+    """Model indices in the order participants fill them: one model of each rate in turn (the lowest rates
+    first), so a study with fewer participants than models still spans the rates."""
+    rank = np.zeros(len(rates), dtype=int)
+    for value in np.unique(rates):
+        at = np.flatnonzero(rates == value)
+        rank[at] = np.arange(len(at))
+    return np.lexsort((rates, rank))
 
 
 def _blocks(simulations: int, per_study: int, budget: int = 4_000_000) -> list[int]:

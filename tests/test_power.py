@@ -70,26 +70,34 @@ def test_the_slope_for_a_change_reaches_that_change_in_averaged_accuracy():
         model.slope_for_change(-0.9)
 
 
-def test_simulated_power_matches_normal_theory_without_random_effects():
-    """σ_p = σ_u = 0: participant accuracies are binomial, so the OLS slope test has (nearly) normal-theory
-    power from the binomial variance."""
-    rates = (0.0, 0.25, 0.5, 0.75)
+@pytest.mark.parametrize("rates", [(0.0, 0.75), (0.0, 0.15, 0.3, 0.45, 0.6, 0.75)])
+def test_simulated_power_matches_theory_without_random_effects(rates):
+    """σ_p = σ_u = σ_m = 0: participant accuracies are binomial.  With two models the simulated studies are
+    analysed per participant (normal theory from the binomial variance); with six, on the model means (non-
+    central t with models − 2 df, each mean's variance the binomial one over its participants)."""
     model = TrialModel("natural", intercept=0.8, participant_sd=0.0, unit_sd=0.0, rates=rates, source="")
-    n, t, change = 80, 20, -0.08
+    n, t, change = 84, 20, -0.08
     table = simulate_designs(model, changes=[change], participants=[n], trials=[t], margin=0.05,
                              simulations=3000, seed=2)
     beta = model.slope_for_change(change)
-    x = np.asarray(rates)[np.arange(n) % len(rates)]
+    x = np.asarray(rates) if len(rates) >= 3 else np.asarray(rates)[np.arange(n) % len(rates)]
     p = 1 / (1 + np.exp(-(0.8 + beta * x)))
     sxx = np.sum((x - x.mean()) ** 2)
     slope = np.polyfit(x, p, 1)[0]
-    se = math.sqrt(np.mean(p * (1 - p) / t) / sxx)
-    expected = stats.norm.cdf(abs(slope) / se - stats.norm.ppf(0.975))
+    per_point = t * (n // len(rates)) if len(rates) >= 3 else t
+    se = math.sqrt(np.mean(p * (1 - p) / per_point) / sxx)
+    if len(rates) >= 3:
+        df = len(rates) - 2
+        crit = stats.t.ppf(0.975, df)
+        expected = stats.nct.sf(crit, df, abs(slope) / se) + stats.nct.cdf(-crit, df, abs(slope) / se)
+    else:
+        expected = stats.norm.cdf(abs(slope) / se - stats.norm.ppf(0.975))
     assert table["power_detect"].iloc[0] == pytest.approx(expected, abs=0.04)
 
 
 def test_power_grows_with_participants_and_equivalence_needs_many():
-    model = TrialModel("synthetic", intercept=1.0, participant_sd=0.5, unit_sd=0.8, rates=(0.0, 0.4, 0.8), source="")
+    model = TrialModel("synthetic", intercept=1.0, participant_sd=0.5, unit_sd=0.8, rates=tuple(np.arange(9) / 10),
+                       source="")
     table = simulate_designs(model, changes=[0.0, -0.1], participants=[12, 48, 400], trials=[20], margin=0.05,
                              simulations=600, seed=3)
     detect = table[table.change_over_span == -0.1].sort_values("participants")["power_detect"].tolist()
@@ -201,13 +209,17 @@ def test_the_model_spread_comes_from_human_models_once_they_have_enough_people()
     alone = trials[trials["participant"].isin([f"p{i}" for i in range(16)])]
     single = fit_trial_model("natural", pd.DataFrame(), alone, [0.0, 0.5], 5.0)
     assert single.model_sd == 0 and "two participants on one of them" in single.source
-    units = pd.DataFrame({"kind": ["natural"] * 2, "rate": [0.0] * 2, "status": ["ok"] * 2, "mis": [0.7, 0.9]})
-    from_mis = fit_trial_model("natural", units, trials.iloc[:0], [0.0, 0.5], 0.5, mis_model_sd=0.02)
-    assert from_mis.model_sd == pytest.approx(0.02 / (0.8 * 0.2)) and "shared MIS deviation" in from_mis.source
+    # from the MIS: a model whose unit logits all move by 0.1 moves their mean MIS by `shift`; that shift
+    # read back through the conversion is a logit SD of about 0.1 (at the mean MIS, p̄(1 − p̄), it reads 0.082)
+    mis = np.array([0.55, 0.7, 0.85, 0.95, 0.97])
+    shift = float(np.mean(1 / (1 + np.exp(-(np.log(mis / (1 - mis)) + 0.1)))) - mis.mean())
+    units = pd.DataFrame({"kind": ["natural"] * 5, "rate": [0.0] * 5, "status": ["ok"] * 5, "mis": mis})
+    from_mis = fit_trial_model("natural", units, trials.iloc[:0], [0.0, 0.5], 0.5, mis_model_sd=shift)
+    assert from_mis.model_sd == pytest.approx(0.1, rel=0.05) and "shared MIS deviation" in from_mis.source
     # one person per model: the people cannot separate σ_m, so the MIS's comes on top of their σ_p
-    single = fit_trial_model("natural", units, alone, [0.0, 0.5], 5.0, mis_model_sd=0.02)
-    assert single.model_sd == pytest.approx(0.02 / (0.8 * 0.2)) and "shared MIS deviation instead" in single.source
-    assert fit_trial_model("natural", units, trials, [0.0, 0.5], 5.0, mis_model_sd=0.02).model_sd == \
+    single = fit_trial_model("natural", units, alone, [0.0, 0.5], 5.0, mis_model_sd=shift)
+    assert single.model_sd == pytest.approx(from_mis.model_sd) and "shared MIS deviation instead" in single.source
+    assert fit_trial_model("natural", units, trials, [0.0, 0.5], 5.0, mis_model_sd=shift).model_sd == \
         pytest.approx(fitted.model_sd)
 
 
@@ -222,3 +234,18 @@ def test_the_fewest_participants_read_as_whole_numbers_or_more_than_the_largest_
                                "participants": None, "largest_tried": 640}])
     assert shown["participants"].tolist() == ["320", "> 640"] and "largest_tried" not in shown
     assert smallest_display([]).empty
+
+
+def test_participants_fill_the_models_one_rate_at_a_time():
+    """Fewer participants than models still span the rates: with four models at rate 0 and one each at 0.3,
+    0.6 and 0.9, three participants land on three different rates (in rate order they would all sit at 0
+    and leave no slope to test)."""
+    from analysis.power import _interleaved
+
+    rates = np.array([0.0, 0.0, 0.0, 0.0, 0.3, 0.6, 0.9])
+    order = _interleaved(rates)
+    assert sorted(order.tolist()) == list(range(7))
+    assert rates[order[:4]].tolist() == [0.0, 0.3, 0.6, 0.9]
+    model = TrialModel("natural", intercept=1.0, participant_sd=0.5, unit_sd=0.5, rates=tuple(rates), source="")
+    table = simulate_designs(model, changes=[-0.1], participants=[3, 7], trials=[12], margin=0.05, simulations=50)
+    assert table["power_detect"].notna().all()
