@@ -78,7 +78,8 @@ def analyze_cmd(run_dir, out, import_csv, maps, mapping, overrides):
             raise click.UsageError(str(err)) from None
         source = f"imported {import_csv.name}"
         if trials.attrs.get("columns_by_name"):
-            click.echo(f"{import_csv.name}: columns taken by their own names: {', '.join(trials.attrs['columns_by_name'])}")
+            named = ", ".join(trials.attrs["columns_by_name"])
+            click.echo(f"{import_csv.name}: columns taken by their own names: {named}")
     try:
         files = run_analysis(Study(cfg), out=out, trials=trials, source=source)
     except (FileNotFoundError, ValueError) as err:

@@ -129,8 +129,9 @@ def gee_logistic(trials: pd.DataFrame, formula: str = "correct ~ rate", group: s
     within ``group``), with Mancl and DeRouen's bias-reduced sandwich covariance and intervals and
     p-values from t with (clusters − 1) df: the plain sandwich runs small with few clusters (in 200
     simulated null studies with 12 models as clusters a nominal 5 % test rejected 19 % of the time with
-    the plain sandwich and normal intervals, 7 % with the bias-reduced one and t).  Clusters over :data:`BIAS_REDUCED_MAX_CLUSTER` rows get the plain robust
-    sandwich; ``covariance`` says which was used.
+    the plain sandwich and normal intervals, 7 % with the bias-reduced one and t).  Clusters over
+    :data:`BIAS_REDUCED_MAX_CLUSTER` rows get the plain robust sandwich; ``covariance`` says which was
+    used.
 
     Returns ``table``/``terms`` (``coef, se, ci_low, ci_high, p``), ``n_obs``, ``n_groups``, ``df``,
     ``covariance``, ``correlation`` (the fitted exchangeable correlation), ``formula``, ``group``,
