@@ -115,27 +115,33 @@ def _header_segments(blob: bytes):
         i += 2 + ((blob[i + 2] << 8) | blob[i + 3])
 
 
-def jpeg_frame(blob: bytes) -> tuple[int, int, int] | None:
-    """``(SOF marker, sample precision in bits, colour components)`` from a JPEG's frame header; ``None``
-    for anything else."""
+def _header(blob: bytes) -> tuple[tuple[int, int, int] | None, int | None]:
+    """One pass over a JPEG's header: ``(frame, Adobe transform)`` (see :func:`jpeg_frame` and
+    :func:`adobe_transform`)."""
+    transform = None
     for marker, i in _header_segments(blob):
+        start = i + 4
+        if marker == 0xEE and blob[start:start + len(ADOBE_ID)] == ADOBE_ID and start + ADOBE_TRANSFORM_AT < len(blob):
+            transform = blob[start + ADOBE_TRANSFORM_AT]
         if marker in SOF_MARKERS:
-            return (marker, blob[i + 4], blob[i + 9]) if i + 9 < len(blob) else None
-    return None
+            return ((marker, blob[i + 4], blob[i + 9]) if i + 9 < len(blob) else None), transform
+    return None, transform
 
 
 #: Adobe's APP14 segment: its identifier, and the offset of its colour-transform byte after the length field
 ADOBE_ID, ADOBE_TRANSFORM_AT = b"Adobe", 11
 
 
+def jpeg_frame(blob: bytes) -> tuple[int, int, int] | None:
+    """``(SOF marker, sample precision in bits, colour components)`` from a JPEG's frame header; ``None``
+    for anything else."""
+    return _header(blob)[0]
+
+
 def adobe_transform(blob: bytes) -> int | None:
     """The colour transform an Adobe APP14 segment declares before the frame header (0: the components are
     stored as they are, e.g. RGB rather than YCbCr; 1: YCbCr; 2: YCCK), ``None`` without one."""
-    for marker, i in _header_segments(blob):
-        start = i + 4
-        if marker == 0xEE and blob[start:start + len(ADOBE_ID)] == ADOBE_ID and start + ADOBE_TRANSFORM_AT < len(blob):
-            return blob[start + ADOBE_TRANSFORM_AT]
-    return None
+    return _header(blob)[1]
 
 
 def device_decodable(blob: bytes) -> bool:
@@ -146,10 +152,10 @@ def device_decodable(blob: bytes) -> bool:
     component files whose Adobe segment says their components are stored untransformed (RGB): libjpeg, and
     so PIL and the CPU path, honour that segment; a decoder that assumed YCbCr would return wrong colours.
     """
-    frame = jpeg_frame(blob)
+    frame, transform = _header(blob)
     if frame is None or frame[0] not in DEVICE_SOF_MARKERS or frame[1] != 8 or frame[2] not in (1, 3):
         return False
-    return frame[2] == 1 or adobe_transform(blob) != 0
+    return frame[2] == 1 or transform != 0
 
 
 class DeviceDecoder:
