@@ -518,8 +518,8 @@ def human_slope(humans: pd.DataFrame, kind: str, model: str, cfg: StudyConfig) -
     if d["rate"].nunique() < 2:
         raise Skip(f"human {kind} trials cover {d['rate'].nunique()} pruning rate(s); a slope needs two or more")
     by_model, nested, why = model_intercept(d)
+    groups = ("participant", "unit_id", "model_id") if by_model else ("participant", "unit_id")
     if model == "mixed":
-        groups = ("participant", "unit_id", "model_id") if by_model else ("participant", "unit_id")
         res = mixed_logistic(d, "correct ~ rate", groups=groups,
                              n_boot=min(MIXED_BOOT, cfg.analysis.bootstrap), seed=cfg.study.seed, level=level)
         what = f"conditional (crossed random intercepts, parametric-bootstrap CI, p on the bootstrap SE; {why})"
@@ -532,9 +532,8 @@ def human_slope(humans: pd.DataFrame, kind: str, model: str, cfg: StudyConfig) -
         what = (f"marginal (GEE, exchangeable within {group.removesuffix('_id')}, {res['covariance']} SEs, t with "
                 f"{res['df']} df; {note})")
     else:
-        clusters = ("participant", "unit_id", "model_id") if by_model else ("participant", "unit_id")
-        res = clustered_logistic(d, "correct ~ rate", clusters=clusters, level=level)
-        what = f"marginal (logistic, {len(clusters)}-way cluster-robust SEs, t with {res['df']} df; {why})"
+        res = clustered_logistic(d, "correct ~ rate", clusters=groups, level=level)
+        what = f"marginal (logistic, {len(groups)}-way cluster-robust SEs, t with {res['df']} df; {why})"
     t, b0 = _rate_term(res), res["terms"]["Intercept"]["coef"]
     odds = {k: math.exp(t[k] * PER_STEP) for k in ("coef", "ci_low", "ci_high")}
     lo_rate, hi_rate = float(d["rate"].min()), float(d["rate"].max())
