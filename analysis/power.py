@@ -40,7 +40,7 @@ from scipy import stats
 from scipy.integrate import quad
 from scipy.optimize import brentq
 
-from .statistics import averaged_accuracy
+from .statistics import FEWEST_MODELS, averaged_accuracy
 
 #: Target power of the tables.
 POWER = 0.8
@@ -265,7 +265,7 @@ def simulate_designs(model: TrialModel, *, changes, participants, trials, margin
         raise ValueError(f"a design needs at least 3 participants, got {min(participants)}")
     if min(trials) < 1:
         raise ValueError(f"a participant needs at least 1 main trial, got {min(trials)}")
-    by_model = len(rates) >= 3          # as the report's fits: a model term wherever three or more models can carry it
+    by_model = len(rates) >= FEWEST_MODELS      # as the report's fits: a model term wherever models can carry it
     order = _interleaved(rates)
     for change in changes:
         beta = model.slope_for_change(change) if change else 0.0

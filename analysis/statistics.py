@@ -223,8 +223,12 @@ def _multiway_covariance(model, params, codes: np.ndarray) -> np.ndarray:
     return total
 
 
+#: Fewest models over which a trial-level fit carries a model term (fewer leave no spread about the rate line).
+FEWEST_MODELS = 3
+
+
 def model_intercept(trials: pd.DataFrame, participant: str = "participant", model: str = "model_id",
-                    fewest: int = 3) -> tuple[bool, bool, str]:
+                    fewest: int = FEWEST_MODELS) -> tuple[bool, bool, str]:
     """Whether a trial-level fit should carry a random intercept (or cluster) per model, as ``(use,
     nested, why)``: rate varies only between models, so what a model shares across its participants
     (its training run, its units' state after pruning) is an error common to all of them, and leaving it
