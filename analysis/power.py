@@ -17,7 +17,9 @@ main trials on that model's units.  Participant counts are per reference kind: a
 kinds needs twice as many in all.  σ_m is what a model shares across all its participants (its
 training run, the state its units are left in): rate varies only between models, so that part of the
 error is replicated by models, not by participants, and no number of participants removes it.  β₀,
-σ_p, σ_u and σ_m come from the study's human main trials when there are enough of them, else β₀ and
+σ_p, σ_u and σ_m come from the study's human main trials when there are enough of them (moment
+estimates on the probability scale, carried to the logit scale by matching Gauss–Hermite integrals:
+:func:`logit_scale`), else β₀ and
 σ_u from the base model's unit MIS (the machine observer's P(correct)), σ_m from the models' shared
 MIS deviation (the primary MIS slope's ``model_sd``) and σ_p from ``analysis.power_participant_sd``;
 the table says which.  β₁ is set so that the population-averaged accuracy changes by the stated
@@ -40,7 +42,7 @@ from scipy import stats
 from scipy.integrate import quad
 from scipy.optimize import brentq
 
-from .statistics import FEWEST_MODELS, averaged_accuracy
+from .statistics import FEWEST_MODELS, GH_NODES, GH_WEIGHTS, averaged_accuracy
 
 #: Target power of the tables.
 POWER = 0.8
@@ -199,31 +201,70 @@ def fit_trial_model(kind: str, mis_units: pd.DataFrame, trials: pd.DataFrame, ra
 
 
 def _human_trial_model(kind: str, human: pd.DataFrame, rates: tuple, mis_sigma_m: float = 0.0) -> TrialModel:
-    """Moment estimates from human main trials, turned to the logit scale at the lowest rate's accuracy
-    (delta method).  σ_m needs three or more models and some model with two or more participants;
-    otherwise σ_p carries whatever the models share, and σ_m is the MIS's ``mis_sigma_m`` (logit) on top,
-    since a planned design puts several people on each model and σ_p alone would then average the
-    models' share away (conservative: that share is counted twice)."""
-    low = human[human["rate"] == human["rate"].min()]
-    p0 = float(low["correct"].mean())
-    to_logit = (p0 * (1 - p0)) or 0.25       # d accuracy / d logit at p0
+    """Moment estimates from human main trials, turned to the logit scale by :func:`logit_scale`.  The
+    accuracy to match is the line through the participants' accuracies at the lowest rate (all of them
+    inform it, not only the people on the lowest-rate models).  σ_m needs three or more models and some
+    model with two or more participants; otherwise σ_p carries whatever the models share, and σ_m is the
+    MIS's ``mis_sigma_m`` (logit) on top, since a planned design puts several people on each model and σ_p
+    alone would then average the models' share away (conservative: that share is counted twice)."""
     named = "model_id" in human and human["model_id"].notna().all()
     people = human.assign(model=human["model_id"] if named else None).groupby("participant").agg(
         mean=("correct", "mean"), size=("correct", "size"), rate=("rate", "first"), model=("model", "first"),
         models=("model", "nunique"))
     binomial = float((people["mean"] * (1 - people["mean"]) / people["size"]).mean())
     person_var, model_var, how = _split_model_variance(people)
-    sigma_m = math.sqrt(model_var) / to_logit
-    if how != MODEL_MEANS and mis_sigma_m > 0:
-        sigma_m, how = mis_sigma_m, f"{how}; σ_m from the models' shared MIS deviation instead"
     by_unit = human.groupby("unit_id")["correct"].agg(["mean", "size"])
     unit_binomial = float((by_unit["mean"] * (1 - by_unit["mean"]) / by_unit["size"]).mean())
     unit_excess = max(float(by_unit["mean"].var(ddof=1)) - unit_binomial, 0.0) if len(by_unit) > 1 else 0.0
-    return TrialModel(kind, float(_logit(p0)), math.sqrt(max(person_var - binomial, 0.0)) / to_logit,
-                      math.sqrt(unit_excess) / to_logit, rates,
+    x, y = people["rate"].to_numpy(float), people["mean"].to_numpy(float)
+    lowest = float(np.polyval(np.polyfit(x, y, 1), x.min())) if len(np.unique(x)) > 1 else float(y.mean())
+    intercept, (participant_sd, unit_sd, model_sd) = logit_scale(
+        lowest, (max(person_var - binomial, 0.0), unit_excess, model_var))
+    if how != MODEL_MEANS and mis_sigma_m > 0:
+        model_sd, how = mis_sigma_m, f"{how}; σ_m from the models' shared MIS deviation instead"
+    return TrialModel(kind, intercept, participant_sd, unit_sd, rates,
                       f"{human['participant'].nunique()} human participants, {len(human)} main trials "
                       f"(moment estimates of the participant, unit and model spread; {how})",
-                      model_sd=sigma_m)
+                      model_sd=model_sd)
+
+
+#: Largest logit SD :func:`logit_scale` gives a random intercept (a spread the logit scale cannot reach).
+MAX_LOGIT_SD = 10.0
+
+
+def logit_scale(accuracy: float, variances, tolerance: float = 1e-6) -> tuple[float, tuple[float, ...]]:
+    """``(β₀, SDs)``: the intercept and the logit SD of each random intercept of
+    ``logit P = β₀ + Σ_k b_k``, b_k ~ N(0, σ_k²) independent, whose population-averaged accuracy is
+    ``accuracy`` and whose levels' mean accuracies, E[P | b_k], vary by ``variances`` (probability scale).
+
+    Both sides are Gauss–Hermite integrals, matched by a fixed-point iteration from the delta method at
+    ``accuracy``, ``σ_k = √v_k / (p̄(1 − p̄))``; that start understates every SD as the accuracy nears 0 or 1
+    or the spreads grow (a logit shift moves the averaged accuracy by E[p(1 − p)] < p̄(1 − p̄)), and
+    ``logit(p̄)`` is not the β₀ whose average is p̄."""
+    p = float(np.clip(accuracy, 0.01, 0.99))
+    want = np.asarray(variances, dtype=float).clip(min=0.0)
+    sds = np.minimum(np.sqrt(want) / (p * (1 - p)), MAX_LOGIT_SD)
+    intercept = float(_logit(p))
+    for _ in range(200):
+        total = float(np.sqrt(np.sum(sds ** 2)))
+        intercept = brentq(lambda b: float(averaged_accuracy(b, total)) - p, -40.0, 40.0)
+        have = np.array([_level_variance(intercept, sd, math.sqrt(max(total ** 2 - sd ** 2, 0.0))) for sd in sds])
+        scale = np.sqrt(np.divide(want, have, out=np.ones_like(want), where=have > 0))
+        new = np.minimum(np.where(want > 0, sds * scale, 0.0), MAX_LOGIT_SD)
+        if np.all(np.abs(new - sds) <= tolerance * np.maximum(sds, 1e-3)):
+            sds = new
+            break
+        sds = new
+    total = float(np.sqrt(np.sum(sds ** 2)))
+    intercept = brentq(lambda b: float(averaged_accuracy(b, total)) - p, -40.0, 40.0)
+    return float(intercept), tuple(float(v) for v in sds)
+
+
+def _level_variance(intercept: float, sd: float, rest: float) -> float:
+    """Var over b ~ N(0, sd²) of E[expit(intercept + b + r)], r ~ N(0, rest²) (Gauss–Hermite in both)."""
+    means = averaged_accuracy(intercept + sd * GH_NODES, rest)
+    centre = float(np.sum(GH_WEIGHTS * means))
+    return float(np.sum(GH_WEIGHTS * (means - centre) ** 2))
 
 
 MODEL_MEANS = "σ_m from the model means"

@@ -131,7 +131,61 @@ def test_the_trial_model_comes_from_human_responses_once_there_are_enough():
     assert "human participants" in model.source
     assert model.participant_sd == pytest.approx(0.6, abs=0.15) and model.unit_sd < 0.25
     expected = np.mean([1 / (1 + np.exp(-(1.0 + a))) for a in rng.normal(0, 0.6, 100_000)])
-    assert 1 / (1 + np.exp(-model.intercept)) == pytest.approx(expected, abs=0.03)
+    assert model.mean_accuracy(0.0, 0.0) == pytest.approx(expected, abs=0.03)
+    assert model.intercept == pytest.approx(1.0, abs=0.15)
+
+
+def test_the_logit_scale_matches_the_averaged_accuracy_and_each_spread_by_brute_force():
+    """β₀ and SDs from :func:`logit_scale`, simulated by brute force (a million draws of three independent
+    intercepts): the averaged accuracy and the variance of each component's conditional mean accuracy come
+    back as asked, far from 0.5 too, where the delta method at p̄(1 − p̄) misses both."""
+    from analysis.power import logit_scale
+
+    rng = np.random.default_rng(11)
+    for accuracy, variances in [(0.85, (0.012, 0.02, 0.004)), (0.6, (0.01, 0.0, 0.02))]:
+        intercept, sds = logit_scale(accuracy, variances)
+        draws = rng.normal(0.0, 1.0, (3, 400_000)) * np.asarray(sds)[:, None]
+        assert np.mean(1 / (1 + np.exp(-(intercept + draws.sum(axis=0))))) == pytest.approx(accuracy, abs=0.002)
+        for k, wanted in enumerate(variances):
+            levels = np.linspace(-3, 3, 61) * sds[k]                   # E[P | b_k] on a grid, Monte Carlo inside
+            rest = np.delete(draws, k, axis=0).sum(axis=0)[:20_000]
+            means = np.array([np.mean(1 / (1 + np.exp(-(intercept + level + rest)))) for level in levels])
+            weights = stats.norm.pdf(np.linspace(-3, 3, 61))
+            centre = np.sum(weights * means) / weights.sum()
+            assert np.sum(weights * (means - centre) ** 2) / weights.sum() == pytest.approx(wanted, abs=6e-4)
+        delta = [math.sqrt(v) / (accuracy * (1 - accuracy)) for v in variances]
+        if accuracy == 0.85:
+            assert all(sd > d * 1.05 for sd, d in zip(sds, delta) if d > 0)
+            assert 1 / (1 + np.exp(-intercept)) > accuracy + 0.02
+
+
+def test_human_spreads_far_from_chance_come_back_on_the_logit_scale():
+    """People nested in 16 models at an accuracy near 0.82 (β₀ 2, σ_p 0.8, σ_u 1, σ_m 0.5): over 12 simulated
+    surveys the trial model reproduces each survey's accuracy and recovers the spreads, where converting at
+    p̄(1 − p̄) read every SD low and the accuracy 0.04 short."""
+    import pandas as pd
+
+    from analysis.power import fit_trial_model
+
+    rng = np.random.default_rng(2)
+    found = []
+    for _ in range(12):
+        models, people, units, trials = 16, 640, 60, 40
+        shared, unit = rng.normal(0, 0.5, models), rng.normal(0, 1.0, units)
+        model = np.arange(people) % models
+        shown = rng.integers(0, units, (people, trials))
+        eta = 2.0 + shared[model][:, None] + rng.normal(0, 0.8, people)[:, None] + unit[shown]
+        correct = rng.random((people, trials)) < 1 / (1 + np.exp(-eta))
+        survey = pd.DataFrame({"participant": np.repeat(np.arange(people), trials), "kind": "natural",
+                               "rate": np.repeat(model / 20, trials), "model_id": np.repeat(model, trials),
+                               "unit_id": shown.ravel(), "correct": correct.ravel()})
+        fitted = fit_trial_model("natural", pd.DataFrame(), survey, sorted(np.arange(models) / 20), 5.0)
+        found.append((fitted.mean_accuracy(0.0, 0.0) - correct.mean(), fitted.participant_sd, fitted.unit_sd,
+                      fitted.model_sd))
+    gap, participant_sd, unit_sd, model_sd = np.mean(found, axis=0)
+    assert abs(gap) < 0.01
+    assert participant_sd == pytest.approx(0.8, abs=0.1) and unit_sd == pytest.approx(1.0, abs=0.12)
+    assert model_sd == pytest.approx(0.5, abs=0.1)
 
 
 @pytest.mark.parametrize("participants, trials, message", [([20, 2], [12], "at least 3 participants, got 2"),
