@@ -59,6 +59,7 @@ def analyze_cmd(run_dir, out, import_csv, maps, mapping, overrides):
 
     from .load import import_trials, load_models, parse_mapping, read_mapping
     from .stages import run_analysis
+    from .validity import failed_line
 
     if (maps or mapping) and import_csv is None:
         raise click.UsageError("--map and --mapping describe an --import CSV; give --import FILE.csv")
@@ -94,7 +95,7 @@ def analyze_cmd(run_dir, out, import_csv, maps, mapping, overrides):
                f"(reasons in the report)")
     failed = [c for c in results.get("validity", []) if c["passed"] is False]
     for c in failed:
-        click.echo(f"validity check FAILED: {c['name']}: {c['value']} (needs {c['threshold']}; {c['detail']})")
+        click.echo(f"validity check FAILED: {failed_line(c)}")
     echo_answers(results.get("answers", []))
     click.echo(f"report: {html}")
     click.echo(f"results: {results_json}")

@@ -33,6 +33,12 @@ MIN_LIVE_UNITS = 10
 MIN_MACHINE_AGREEMENT = 0.99
 
 
+def failed_line(c: dict) -> str:
+    """One line for a failed check: its name, value (3 significant digits), threshold and detail."""
+    value = f"{c['value']:.3g}" if isinstance(c["value"], float) else c["value"]
+    return f"{c['name']}: {value} (needs {c['threshold']}; {c['detail']})"
+
+
 def check(name: str, value, threshold: str, passed, detail: str = "") -> dict:
     value = None if value is None or (isinstance(value, float) and not math.isfinite(value)) else value
     return {"name": name, "value": value, "threshold": threshold,
@@ -166,20 +172,33 @@ def live_units_check(status: pd.DataFrame | None) -> dict:
                  f"{worst}: {int(per_model.min())} of {int(sampled.get(worst, 0))} sampled units live")
 
 
-def machine_agreement_check(trials: pd.DataFrame, tasks: pd.DataFrame | None) -> dict:
-    """Machine participants answer through the survey exactly as the offline MIS decides (Δ > 0)."""
+def machine_agreement_check(trials: pd.DataFrame, tasks: pd.DataFrame | None, embedding: str | None = None) -> dict:
+    """Machine participants answer through the survey exactly as the offline MIS decides (Δ > 0).  With
+    ``embedding`` (the study's ``mis.embedding``) only the machine participants that decide by that
+    embedding (named after it, or ``study:<embedding>`` as the run's participants stage names them) are
+    compared: another observer (``--observer pixels``) has its own Δ, not the offline one."""
     name = "machine participants agree with offline mis_hard"
     if tasks is None or trials is None or trials.empty or "is_machine" not in trials:
         return check(name, None, f"≥ {MIN_MACHINE_AGREEMENT:g}", None, "no machine-participant responses")
     machine = trials[trials["is_machine"].astype(bool) & (trials["trial_type"] == "main")]
+    others = ""
+    if embedding is not None and "observer" in machine:
+        same = machine["observer"].astype(str).str.removeprefix("study:") == embedding   # the run's own sessions
+        other, machine = machine[~same], machine[same]
+        if len(other):
+            names = ", ".join(sorted(set(other["observer"].astype(str))))
+            others = f"; {len(other)} answers of other observers ({names}) not compared"
     keys = ["model_id", "kind", "layer", "unit", "task"]
     joined = machine.merge(tasks[keys + ["delta"]], on=keys, how="inner")
     joined = joined[joined["delta"] != 0]
     if joined.empty:
-        return check(name, None, f"≥ {MIN_MACHINE_AGREEMENT:g}", None, "no machine answer matches an offline task")
+        scope = f" of the '{embedding}' embedding the MIS used" if embedding is not None else ""
+        return check(name, None, f"≥ {MIN_MACHINE_AGREEMENT:g}", None,
+                     f"no machine answer{scope} matches an offline task{others}")
     agree = float((joined["correct"].astype(bool) == (joined["delta"] > 0)).mean())
+    scope = f" of the '{embedding}' embedding" if embedding is not None else ""
     return check(name, agree, f"≥ {MIN_MACHINE_AGREEMENT:g}", agree >= MIN_MACHINE_AGREEMENT,
-                 f"{len(joined)} machine answers")
+                 f"{len(joined)} machine answers{scope}{others}")
 
 
 def practice_leak_check(trials: pd.DataFrame) -> dict:
@@ -217,6 +236,6 @@ def study_checks(data, entries: list) -> list[dict]:
     checks.append(robustness_balance_check(run_dir))
     checks += fit_checks(entries)
     checks.append(live_units_check(status))
-    checks.append(machine_agreement_check(data.trials, tasks))
+    checks.append(machine_agreement_check(data.trials, tasks, cfg.mis.embedding))
     checks.append(practice_leak_check(data.trials))
     return checks

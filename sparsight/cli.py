@@ -230,9 +230,9 @@ def _print_failed_checks(checks: list[dict]) -> None:
     if not failed:
         return
     click.echo(f"\nvalidity: {len(failed)} of {len(checks)} checks failed (report: Validity section)")
+    from analysis.validity import failed_line
     for c in failed:
-        value = c["value"] if not isinstance(c["value"], float) else f"{c['value']:.3g}"
-        click.echo(f"  FAILED {c['name']}: {value} (needs {c['threshold']}; {c['detail']})")
+        click.echo(f"  FAILED {failed_line(c)}")
 
 
 def _register() -> None:

@@ -83,3 +83,21 @@ def test_machine_agreement_and_practice_leaks():
     assert leak["value"] == 1 and leak["passed"] is False
     clean = trials.assign(task=[0, 1, 2, 7])
     assert v.practice_leak_check(clean)["passed"] is True
+
+
+def test_machine_agreement_compares_only_the_observer_the_mis_used():
+    """A pixels observer answering its own way does not count against the offline MIS of the observer network:
+    the check compares the study's embedding only, says what it left out, and its failure line is short."""
+    tasks = pd.DataFrame(dict(model_id="m", kind="natural", layer="l", unit=0, task=[0, 1, 2], delta=[0.3, -0.2, 0.1]))
+    same = pd.DataFrame(dict(participant="a", is_machine=True, trial_type="main", observer="study:observer",
+                             model_id="m", kind="natural", layer="l", unit=0, task=[0, 1, 2], correct=[True, False, True]))
+    pixels = same.assign(participant="b", observer="pixels", correct=[False, True, True])
+    trials = pd.concat([same, pixels, same.assign(participant="c", observer="observer")], ignore_index=True)
+    assert v.machine_agreement_check(trials, tasks)["passed"] is False
+    scoped = v.machine_agreement_check(trials, tasks, "observer")
+    assert scoped["value"] == 1.0 and scoped["passed"] is True
+    assert "6 machine answers of the 'observer' embedding" in scoped["detail"] and "pixels" in scoped["detail"]
+    none = v.machine_agreement_check(pixels, tasks, "observer")
+    assert none["passed"] is None and "pixels" in none["detail"]
+    line = v.failed_line(v.machine_agreement_check(trials, tasks))
+    assert line.startswith("machine participants agree with offline mis_hard: 0.778 (needs ≥ 0.99; 9 machine")
