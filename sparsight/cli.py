@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from .clitools import resolve_from_cli, study_options
+from .clitools import resolve_from_cli, resolve_study, study_options
 from .config import describe_options
 from .errors import user_error_message
 
@@ -67,7 +67,7 @@ def main(debug):
 
 
 @main.command("run")
-@click.argument("study_path", required=False, type=click.Path(dir_okay=False, resolve_path=True))
+@click.argument("study_path", required=False, type=click.Path(resolve_path=True))
 @study_options
 @click.option("--name", default=None, help="study name (output folder under study.output_dir)")
 @click.option("--force", multiple=True, metavar="STAGE", help="rerun this stage even if it is up to date "
@@ -79,7 +79,8 @@ def run_cmd(study_path, study_file, profile, overrides, device, name, force, sho
     evaluation → stimuli → dissection → MIS → machine participants → analysis report.
 
     STUDY_PATH (or --study) is a TOML study file; without one the built-in embedded study runs.
-    Outputs go to runs/<name>/ (study.toml holds the resolved configuration). A stage whose
+    Outputs go to runs/<name>/ (study.toml holds the resolved configuration). A study directory, or
+    the study.toml recorded in one, runs in that directory, wherever it was moved or copied. A stage whose
     inputs and outputs are unchanged is skipped; --force STAGE reruns it. Under torchrun every
     rank runs the same command (training with DDP, stimuli sharded); rank 0 writes the files.
     Relative paths in a study file or --set are taken from the working directory. Examples:
@@ -93,7 +94,14 @@ def run_cmd(study_path, study_file, profile, overrides, device, name, force, sho
     if show_options:
         click.echo(describe_options())
         return
-    cfg = resolve_from_cli(study_path or study_file, profile, overrides, device, {"study.name": name})
+    in_place = _recorded_study_dir(study_path)
+    if in_place is not None and name is not None:
+        raise click.UsageError(f"{in_place} is a study directory and runs where it is; --name picks a new folder "
+                               f"under study.output_dir, so give a study file with it instead")
+    if in_place is not None:
+        cfg = resolve_study(in_place, study_file, profile, overrides, device)
+    else:
+        cfg = resolve_from_cli(study_path or study_file, profile, overrides, device, {"study.name": name})
     from .study import study_problems
     problems = study_problems(cfg, pipeline_stages())
     if problems and not plan:      # before any stage: not hours later, at the stage that needs the setting
@@ -101,6 +109,7 @@ def run_cmd(study_path, study_file, profile, overrides, device, name, force, sho
     if plan:
         from .study import plan_study
         click.echo(cfg.to_toml())
+        click.echo(f"study directory: {cfg.run_dir}")
         for stage, state in plan_study(cfg, pipeline_stages(), force=tuple(force)):
             state, _, why = state.partition(" (")
             click.echo(f"{stage.name:13s} {state:11s} {stage.description}")
@@ -116,6 +125,26 @@ def run_cmd(study_path, study_file, profile, overrides, device, name, force, sho
         run_study(study, pipeline_stages(), force=tuple(force), log=click.echo)
     if study.is_main:
         _print_summary(study)
+
+
+def _recorded_study_dir(path: str | None):
+    """The study directory ``path`` is, or whose recorded study.toml it is (beside the stage records or
+    the models), else ``None``: such a study runs in place, not under the output folder it recorded."""
+    if path is None:
+        return None
+    from pathlib import Path
+
+    from .layout import STUDY_FILE, Layout
+    given = Path(path)
+    if given.is_dir():
+        if not Layout(given).holds_a_study():
+            raise click.UsageError(f"{given} is a folder but not a study directory (no {STUDY_FILE}, models/ or "
+                                   f"mis/); give a study file, or a folder that `sparsight run` made")
+        return given
+    folder = given.parent
+    if given.name == STUDY_FILE and ((folder / ".stages").is_dir() or Layout(folder).models.is_dir()):
+        return folder
+    return None
 
 
 def pipeline_stages() -> list:

@@ -172,3 +172,30 @@ def test_every_profile_is_offered_and_paper_plans(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["run", "--profile", "paper", "--plan"])
     assert result.exit_code == 0, result.output
     assert 'profile = "paper"' in result.output and "fv_steps = 512" in result.output
+
+
+def test_a_copied_study_directory_runs_where_it_is_and_leaves_the_original_alone(quick_study, study_copy, tmp_path):
+    """`sparsight run COPY` and `sparsight run COPY/study.toml` plan and run the copy (its recorded study.toml
+    names the original's output folder), find every stage up to date there, and change nothing in the original."""
+    _, original, _ = quick_study
+    copy = study_copy / "runs" / "quick"
+    before = {p: p.stat().st_mtime_ns for p in original.rglob("*")}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for target in (copy, copy / "study.toml"):
+        plan = subprocess.run([sys.executable, "-m", "sparsight", "run", str(target), "--plan"], cwd=elsewhere,
+                              capture_output=True, text=True)
+        assert plan.returncode == 0, plan.stderr[-2000:]
+        assert f"study directory: {copy}" in plan.stdout
+        states = [line.split()[1] for line in plan.stdout.splitlines()[-11:] if line and not line.startswith(" ")]
+        assert states and set(states) == {"up"}, plan.stdout[-1500:]
+    rerun = subprocess.run([sys.executable, "-m", "sparsight", "run", str(copy)], cwd=elsewhere,
+                           capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"study directory: {copy}" in rerun.stdout
+    assert {p: p.stat().st_mtime_ns for p in original.rglob("*")} == before
+    assert not (elsewhere / "runs").exists()
+    named = CliRunner().invoke(main, ["run", str(copy), "--name", "other"])
+    assert named.exit_code == 2 and "runs where it is" in named.output
+    empty = CliRunner().invoke(main, ["run", str(elsewhere), "--plan"])
+    assert empty.exit_code == 2 and "not a study directory" in empty.output
