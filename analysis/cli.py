@@ -74,13 +74,19 @@ def analyze_cmd(run_dir, out, import_csv, maps, mapping, overrides):
     if import_csv is not None:
         try:
             columns = read_mapping(mapping) if mapping else parse_mapping(maps) if maps else {}
-            trials = import_trials(import_csv, columns, models=load_models(run_dir))
+            trials = import_trials(import_csv, columns, models=load_models(run_dir),
+                                   catch_min_accuracy=cfg.survey.catch_min_accuracy)
         except ValueError as err:
             raise click.UsageError(str(err)) from None
         source = f"imported {import_csv.name}"
         if trials.attrs.get("columns_by_name"):
             named = ", ".join(trials.attrs["columns_by_name"])
             click.echo(f"{import_csv.name}: columns taken by their own names: {named}")
+        if "catch_rule" in trials.attrs:
+            excluded, people = trials.attrs["catch_rule"]
+            click.echo(f"{import_csv.name}: {excluded} of {people} participants with catch trials excluded by the "
+                       f"study's catch rule (accuracy below survey.catch_min_accuracy = "
+                       f"{cfg.survey.catch_min_accuracy:g}); map an 'excluded' column to use your own exclusions")
     try:
         files = run_analysis(Study(cfg), out=out, trials=trials, source=source)
     except (FileNotFoundError, ValueError) as err:

@@ -299,7 +299,10 @@ def parse_mapping(items) -> dict[str, str]:
         canonical, sep, column = str(item).partition("=")
         if not sep or not canonical.strip() or not column.strip():
             raise ValueError(f"--map {item!r} must look like canonical=column, e.g. participant=subj")
-        mapping[canonical.strip()] = column.strip()
+        canonical, column = canonical.strip(), column.strip()
+        if canonical in mapping and mapping[canonical] != column:
+            raise ValueError(f"--map maps {canonical!r} twice ({mapping[canonical]!r} and {column!r}); give one")
+        mapping[canonical] = column
     return mapping
 
 
@@ -315,8 +318,8 @@ def read_mapping(path: str | Path) -> dict[str, str]:
     return dict(columns)
 
 
-def import_trials(csv_path: str | Path, mapping: dict[str, str], models: pd.DataFrame | None = None
-                  ) -> pd.DataFrame:
+def import_trials(csv_path: str | Path, mapping: dict[str, str], models: pd.DataFrame | None = None,
+                  catch_min_accuracy: float | None = None) -> pd.DataFrame:
     """A trial frame from an external trial-level CSV whose columns ``mapping`` names.
 
     ``mapping`` maps canonical names (:data:`IMPORT_NAMES`; ``participant`` and ``correct`` required)
@@ -325,7 +328,10 @@ def import_trials(csv_path: str | Path, mapping: dict[str, str], models: pd.Data
     the trial's ``kind`` (the condition descriptives group by; ``"all"`` without either) unless ``kind``
     is mapped too; ``unit`` may be ``"layer:unit"``; ``rt`` is in milliseconds; ``correct`` accepts 0/1,
     true/false and correct/incorrect; a true ``catch`` flag makes the trial a catch trial.  A missing
-    column raises ValueError naming it and the columns the CSV has."""
+    column raises ValueError naming it and the columns the CSV has, as do a numeric column (rate,
+    sparsity, confidence, rt, task) holding text and, with ``models``, a ``model_id`` the study lacks on a
+    row without its own rate.  Without an ``excluded`` column and with ``catch_min_accuracy`` (the
+    survey's ``catch_min_accuracy``), the survey's catch rule excludes participants (:func:`_apply_catch_rule`)."""
     csv_path = Path(csv_path)
     unknown = sorted(set(mapping) - set(IMPORT_NAMES))
     if unknown:
@@ -337,6 +343,8 @@ def import_trials(csv_path: str | Path, mapping: dict[str, str], models: pd.Data
         raw = pd.read_csv(csv_path)
     except pd.errors.EmptyDataError:
         raise ValueError(f"trial file {csv_path} is empty") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise ValueError(f"trial file {csv_path} is not a readable CSV ({str(err).splitlines()[0]})") from None
     by_name = [c for c in IMPORT_NAMES if c not in mapping and c in raw.columns and c not in mapping.values()]
     mapping = {**mapping, **{c: c for c in by_name}}
     absent = [c for c in REQUIRED_IMPORT if c not in mapping]
@@ -351,6 +359,17 @@ def import_trials(csv_path: str | Path, mapping: dict[str, str], models: pd.Data
 
     def get(name, default=np.nan):
         return raw[mapping[name]] if name in mapping else pd.Series([default] * n)
+
+    def numeric(name):
+        """A mapped column as numbers; a value that is not one (a text column mapped by mistake) is an error."""
+        values = get(name)
+        numbers = pd.to_numeric(values, errors="coerce")
+        bad = values.notna() & numbers.isna()
+        if bad.any():
+            shown = ", ".join(repr(str(v)) for v in values[bad].unique()[:3])
+            raise ValueError(f"column {mapping[name]!r} (mapped to {name!r}) holds {int(bad.sum())} values that are "
+                             f"not numbers, e.g. {shown}")
+        return numbers
 
     correct = to_bool(get("correct"), mapping["correct"])
     if correct.isna().any():
@@ -370,23 +389,55 @@ def import_trials(csv_path: str | Path, mapping: dict[str, str], models: pd.Data
         "model_id": get("model_id", "external").fillna("external").astype(str),
         "method": get("method", np.nan),
         "schedule": pd.Series([np.nan] * n, dtype="object"),
-        "rate": pd.to_numeric(get("rate"), errors="coerce"),
-        "sparsity": pd.to_numeric(get("sparsity"), errors="coerce"),
+        "rate": numeric("rate"),
+        "sparsity": numeric("sparsity"),
         "kind": get("kind").astype(str) if "kind" in mapping else condition.where(condition != "", "all"),
         "correct": correct.astype(int),
-        "confidence": pd.to_numeric(get("confidence"), errors="coerce"),
-        "rt_ms": pd.to_numeric(get("rt"), errors="coerce"),
+        "confidence": numeric("confidence"),
+        "rt_ms": numeric("rt"),
         "trial_type": trial_type,
         "is_machine": to_bool(get("is_machine", False), "is_machine", missing=False),
         "excluded": to_bool(get("excluded", False), "excluded", missing=False),
         "exclusion_reasons": "",
-        "layer": layer, "unit": unit_index, "task": pd.to_numeric(get("task"), errors="coerce"),
+        "layer": layer, "unit": unit_index, "task": numeric("task"),
         "observer": "human", "condition": condition,
     })
     if models is not None and len(models):
+        if "model_id" in mapping:
+            _check_model_ids(out, models, csv_path.name, mapping["model_id"])
         out = _attach_models(out, models, keys=("method", "schedule", "rate", "sparsity"))
     out = out[TRIAL_COLUMNS].copy()
     out.attrs["columns_by_name"] = by_name
+    if "excluded" not in mapping and catch_min_accuracy is not None:
+        out = _apply_catch_rule(out, catch_min_accuracy)
+    return out
+
+
+def _check_model_ids(trials: pd.DataFrame, models: pd.DataFrame, name: str, column: str) -> None:
+    """Every row names a model of the study, or gives its own rate: a misspelt id would drop its rows."""
+    known = set(models["model_id"].astype(str))
+    unknown = trials["model_id"].notna() & ~trials["model_id"].isin(known) & trials["rate"].isna()
+    if unknown.any():
+        ids = sorted(set(trials.loc[unknown, "model_id"]))
+        raise ValueError(f"{name}: column {column!r} names {len(ids)} model(s) the study does not have and gives no "
+                         f"rate for them: {', '.join(ids[:5])}{' …' if len(ids) > 5 else ''}; the study's models: "
+                         f"{', '.join(sorted(known))}")
+
+
+def _apply_catch_rule(trials: pd.DataFrame, min_accuracy: float) -> pd.DataFrame:
+    """The survey's catch rule on imported trials that bring no exclusions of their own: a participant whose
+    catch-trial accuracy is below ``min_accuracy`` is excluded (reason ``catch_accuracy``).  ``attrs``
+    records ``catch_rule``: ``(excluded, participants with catch trials)``."""
+    catch = trials[trials["trial_type"] == "catch"]
+    if catch.empty:
+        return trials
+    accuracy = catch.groupby("participant")["correct"].mean()
+    failed = set(accuracy.index[accuracy < min_accuracy])
+    out = trials.copy()
+    hit = out["participant"].isin(failed)
+    out.loc[hit, "excluded"] = True
+    out.loc[hit, "exclusion_reasons"] = "catch_accuracy"
+    out.attrs = {**trials.attrs, "catch_rule": (len(failed), int(accuracy.size))}
     return out
 
 

@@ -277,8 +277,8 @@ def _external_csv(path, rng, participants: int = 10):
                 rows.append({"subj": f"s{p}", "cond": cond, "stim": f"layer{i % 2}:{i}",
                              "acc": "correct" if ok else "incorrect", "rt": 900 + 10 * i, "conf": 1 + i % 3,
                              "is_catch": 0})
-        rows.append({"subj": f"s{p}", "cond": "A", "stim": "layer0:0", "acc": "incorrect", "rt": 500, "conf": 3,
-                     "is_catch": 1})
+        rows.append({"subj": f"s{p}", "cond": "A", "stim": "layer0:0", "rt": 500, "conf": 3, "is_catch": 1,
+                     "acc": "incorrect" if p == participants - 1 else "correct"})    # the last one fails it
     pd.DataFrame(rows).to_csv(path, index=False)
     return pd.DataFrame(rows)
 
@@ -344,6 +344,46 @@ def test_import_missing_column_names_it(tmp_path):
         import_trials(tmp_path / "ext.csv", {**MAPPING, "subject": "subj"})
 
 
+def test_import_refuses_what_would_silently_drop_or_blank_trials(tmp_path):
+    """A misspelt model id (its rows would lose their rate), a text column mapped to a number, the same name
+    mapped twice and a file that is not a CSV each stop the import with a line that names the problem."""
+    from analysis.load import parse_mapping
+
+    models = pd.DataFrame({"model_id": ["base", "structured-oneshot-r0.50"], "method": ["base", "structured"],
+                           "schedule": ["", "oneshot"], "rate": [0.0, 0.5], "sparsity": [0.0, 0.5]})
+    frame = pd.DataFrame({"who": ["a", "a", "b", "b"], "hit": [1, 0, 1, 1], "rt": [800, 900, 700, 650],
+                          "model_id": ["base", "structurd-oneshot-r0.50", "base", "structured-oneshot-r0.50"]})
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(ValueError, match=r"names 1 model\(s\) the study does not have.*structurd-oneshot-r0.50; "
+                                         r"the study's models: base, structured-oneshot-r0.50"):
+        import_trials(tmp_path / "t.csv", {"participant": "who", "correct": "hit"}, models=models)
+    frame.assign(rate=[0.0, 0.5, 0.0, 0.5]).to_csv(tmp_path / "rated.csv", index=False)      # its own rate: fine
+    rated = import_trials(tmp_path / "rated.csv", {"participant": "who", "correct": "hit"}, models=models)
+    assert rated["rate"].tolist() == [0.0, 0.5, 0.0, 0.5]
+    with pytest.raises(ValueError, match=r"column 'who' \(mapped to 'rt'\) holds 4 values that are not numbers"):
+        import_trials(tmp_path / "rated.csv", {"participant": "who", "correct": "hit", "rt": "who"})
+    with pytest.raises(ValueError, match="maps 'participant' twice"):
+        parse_mapping(["participant=who", "participant=subj"])
+    (tmp_path / "broken.csv").write_text('who,hit\n"a,1\nb,0\n')
+    with pytest.raises(ValueError, match="broken.csv is not a readable CSV"):
+        import_trials(tmp_path / "broken.csv", {"participant": "who", "correct": "hit"})
+    (tmp_path / "binary.csv").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match="binary.csv is not a readable CSV"):
+        import_trials(tmp_path / "binary.csv", {"participant": "who", "correct": "hit"})
+
+
+def test_imported_catch_trials_exclude_by_the_study_rule_unless_the_file_brings_its_own(tmp_path):
+    _external_csv(tmp_path / "ext.csv", np.random.default_rng(2), participants=5)
+    ruled = import_trials(tmp_path / "ext.csv", MAPPING, catch_min_accuracy=0.8)
+    assert ruled.attrs["catch_rule"] == (1, 5)
+    assert set(ruled.loc[ruled["excluded"], "participant"]) == {"s4"}
+    assert set(ruled.loc[ruled["excluded"], "exclusion_reasons"]) == {"catch_accuracy"}
+    raw = pd.read_csv(tmp_path / "ext.csv").assign(dropped=0)
+    raw.to_csv(tmp_path / "own.csv", index=False)
+    own = import_trials(tmp_path / "own.csv", {**MAPPING, "excluded": "dropped"}, catch_min_accuracy=0.8)
+    assert not own["excluded"].any() and "catch_rule" not in own.attrs
+
+
 def test_import_accepts_boolean_spellings(tmp_path):
     pd.DataFrame({"who": ["a", "a", "b", "b"], "hit": ["true", "False", 1, 0]}).to_csv(tmp_path / "t.csv", index=False)
     t = import_trials(tmp_path / "t.csv", {"participant": "who", "correct": "hit"})
@@ -363,6 +403,10 @@ def test_cli_import_and_usage_errors(tmp_path):
                                      str(tmp_path / "map.toml"), "--out", str(tmp_path / "rep")])
     assert ok.exit_code == 0, ok.output
     assert (tmp_path / "rep" / "index.html").is_file() and "report:" in ok.output
+    assert "ext.csv: 1 of 4 participants with catch trials excluded by the study's catch rule" in ok.output
+    exclusions = json.loads((tmp_path / "rep" / "results.json").read_text())["exclusions"]
+    assert exclusions["participants"] == 4 and exclusions["excluded"] == 1
+    assert {"reason": "catch_accuracy", "participants": 1} in exclusions["reasons"]
     bad = runner.invoke(analyze_cmd, [str(run_dir), "--import", str(tmp_path / "ext.csv"), "--map",
                                       "participant=subj", "--map", "correct=score"])
     assert bad.exit_code == 2 and "'score'" in bad.output and "subj" in bad.output
