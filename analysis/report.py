@@ -232,13 +232,29 @@ def mis_slope(units, kind, series, cfg: StudyConfig, adjusted: bool = False) -> 
                      f"{fmt(naive['coef'] * PER_STEP)} per 10 % with a standard error {fmt(ratio, 2)}× "
                      + ("smaller: it leaves out the noise a model's units share." if narrower else "larger."))
     result.update(kind=kind, scope=scope, rate_span=span, slope_per_10pct=t["coef"] * PER_STEP,
-                  rate_min=float(d["rate"].min()), rate_max=float(d["rate"].max()), adjusted=adjusted)
+                  rate_min=float(d["rate"].min()), rate_max=float(d["rate"].max()), adjusted=adjusted,
+                  unit_pool=_unit_pool(units, kind, cfg))
     if a.tost_margin > 0 and t["se"] > 0:
         tost = tost_estimate(t["coef"] * span, t["se"] * span, a.tost_margin, df=res["df"], alpha=a.alpha_level)
         result["tost"] = tost
         sentence += " " + tost_sentence(f"The predicted MIS change from rate {d['rate'].min():g} to "
                                         f"{d['rate'].max():g}", tost)
     return Outcome(sentence, result, p=t["p"], table=res["table"].reset_index())
+
+
+def _unit_pool(units: pd.DataFrame, kind: str, cfg: StudyConfig) -> dict | None:
+    """The most units ``kind`` could have in this study, where the study says: visualized units are drawn
+    among the units alive in every model (``stimuli.synthetic_units``), and ``units.sampling = "all"``
+    already takes every unit of the unit layers; ``None`` where more could be sampled."""
+    natural = units[units["kind"] == "natural"] if len(units) else units
+    if kind != "natural" and cfg.stimuli.synthetic_units > 0 and len(natural):
+        alive = natural[natural["status"] == "ok"].groupby("unit_id")["model_id"].nunique()
+        return {"units": int((alive == natural["model_id"].nunique()).sum()),
+                "what": "units alive in every model, among which the visualized units are drawn"}
+    if cfg.units.sampling == "all" and len(units):
+        return {"units": int(units.loc[units["kind"] == kind, "unit_id"].nunique()),
+                "what": "units of the unit layers, all of them already in the study"}
+    return None
 
 
 def answers(entries: list, cfg: StudyConfig) -> list[dict]:
@@ -379,8 +395,14 @@ def _what_decides(res: dict, t: dict, change: float, span: float, a) -> str | No
                 f"{fmt(math.sqrt(model_var) * z / room, 1)}× too wide: it needs more models (rates, methods or "
                 f"retrained copies; the model-level variance shrinks as 1/models)")
     need = max(units, math.ceil(units * unit_var / (target - model_var))) if units else None
+    pool = res.get("unit_pool") or {}
+    share = round(100 * model_var / se ** 2)
+    if need is not None and pool.get("units") is not None and need > pool["units"]:
+        return (f"{head}: roughly {need} units per model instead of {units}, more than the study has "
+                f"({pool['units']} {pool['what']}), so it needs more models (rates, methods or retrained copies; "
+                f"the models' share of the variance, {share} %, shrinks as 1/models)")
     return (f"{head}: roughly {need} units per model instead of {units} (the units' share of the variance "
-            f"shrinks as 1/units, the models' share of {round(100 * model_var / se ** 2)} % does not)")
+            f"shrinks as 1/units, the models' share of {share} % does not)")
 
 
 def mis_dose(units, kind, cfg: StudyConfig) -> Outcome:

@@ -560,6 +560,29 @@ def test_an_inconclusive_answer_says_whether_units_or_models_would_decide(share,
     else:
         assert "more units cannot do it" in text and "needs more models" in text, text
     assert _what_decides(res, {"se": se / span}, 0.06, span, a) is None     # the change is beyond the margin
+    if needs == "units":        # where the study has fewer units than that, only more models can get there
+        small = _what_decides({**res, "unit_pool": {"units": need - 1, "what": "units alive in every model"}},
+                              {"se": se / span}, change, span, a)
+        assert f"more than the study has ({need - 1} units alive in every model), so it needs more models" in small
+        roomy = _what_decides({**res, "unit_pool": {"units": need, "what": "units"}}, {"se": se / span}, change,
+                              span, a)
+        assert roomy == text
+
+
+def test_the_unit_pool_is_what_the_study_could_give_each_kind():
+    """Visualized units come from the units alive in every model; with sampling "all" natural units are all
+    there are; a per-layer sample could grow, so it has no pool."""
+    from analysis.report import _unit_pool
+    from sparsight.config import load_study
+
+    rows = [{"model_id": m, "kind": k, "unit_id": f"l:{u}", "status": "ok" if (m == "a" or u < 3) else "pruned"}
+            for m in ("a", "b") for k in ("natural", "synthetic") for u in range(5)]
+    units = pd.DataFrame(rows)
+    cfg = load_study(overrides=["stimuli.synthetic_units=2", "units.sampling=all"])
+    assert _unit_pool(units, "synthetic", cfg)["units"] == 3
+    assert _unit_pool(units, "natural", cfg)["units"] == 5
+    sampled = load_study(overrides=["stimuli.synthetic_units=0", "units.sampling=per-layer"])
+    assert _unit_pool(units, "natural", sampled) is None and _unit_pool(units, "synthetic", sampled) is None
 
 
 def _default_design_units(seed, slope, unit_sd=0.08, noise=0.05):
