@@ -730,7 +730,7 @@ def human_side(data: StudyData, humans: Humans, by_model: pd.DataFrame, per_unit
                      lambda a=a, b=b: kind_comparison(d, a, b, cfg))
     for kind in _kinds(d):
         for model, title, family in (("mixed", "mixed logistic, primary", True), ("gee", "GEE", False),
-                                     ("clustered", "two-way clustered logistic", False)):
+                                     ("clustered", "cluster-robust logistic", False)):
             run_analysis(entries, f"human_slope.{kind}.{model}", f"Human accuracy vs pruning rate ({kind}; {title})",
                          "human", lambda kind=kind, model=model: human_slope(d, kind, model, cfg), family=family)
         run_analysis(entries, f"human_equivalence.{kind}", f"Human accuracy of each pruned model vs the base "
