@@ -100,10 +100,11 @@ def _read_table(path: Path) -> pd.DataFrame | None:
 
 
 # ---- model metadata -------------------------------------------------------------------------------
-def _sparsity(value, key: str = "total") -> float:
-    """``value[key]`` of a meta.json sparsity dict (``effective`` falls back to ``total``), or a number."""
+def _sparsity(value, key: str = "total", fallback: bool = True) -> float:
+    """``value[key]`` of a meta.json sparsity dict (with ``fallback``, a missing ``effective`` is the
+    ``total``), or a number."""
     if isinstance(value, dict):
-        value = value.get(key, value.get("total"))
+        value = value.get(key, value.get("total") if fallback else None)
     return float("nan") if value is None else float(value)
 
 
@@ -131,7 +132,9 @@ def meta_row(meta: dict) -> dict:
             "method": meta.get("method") or BASE_METHOD, "schedule": meta.get("schedule") or "",
             "rate": _number(meta.get("rate_requested", meta.get("rate", 0.0))) if meta.get("method") else 0.0,
             "sparsity": _sparsity(meta.get("sparsity")),
-            "sparsity_effective": _sparsity(meta.get("sparsity"), "effective"), "top1": _number(top1.get("after")),
+            # a pruned model whose meta.json predates the effective sparsity has none (its total understates it)
+            "sparsity_effective": _sparsity(meta.get("sparsity"), "effective", fallback=not meta.get("method")),
+            "top1": _number(top1.get("after")),
             "top1_before": _number(top1.get("before")), "top1_parent": _number(top1.get("parent")),
             "top5": _number(top5.get("after")), "params_total": _number(meta.get("params_total")),
             "params_nonzero": _number(meta.get("params_nonzero")), "flops": _number(meta.get("flops")),
@@ -337,14 +340,7 @@ def import_trials(csv_path: str | Path, mapping: dict[str, str], models: pd.Data
     if unknown:
         raise ValueError(f"unknown canonical name {unknown[0]!r} in the column mapping; choose from "
                          f"{list(IMPORT_NAMES)}")
-    if not csv_path.is_file():
-        raise ValueError(f"trial file {csv_path} does not exist")
-    try:
-        raw = pd.read_csv(csv_path)
-    except pd.errors.EmptyDataError:
-        raise ValueError(f"trial file {csv_path} is empty") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise ValueError(f"trial file {csv_path} is not a readable CSV ({str(err).splitlines()[0]})") from None
+    raw = _read_trial_csv(csv_path)
     by_name = [c for c in IMPORT_NAMES if c not in mapping and c in raw.columns and c not in mapping.values()]
     mapping = {**mapping, **{c: c for c in by_name}}
     absent = [c for c in REQUIRED_IMPORT if c not in mapping]
@@ -361,15 +357,7 @@ def import_trials(csv_path: str | Path, mapping: dict[str, str], models: pd.Data
         return raw[mapping[name]] if name in mapping else pd.Series([default] * n)
 
     def numeric(name):
-        """A mapped column as numbers; a value that is not one (a text column mapped by mistake) is an error."""
-        values = get(name)
-        numbers = pd.to_numeric(values, errors="coerce")
-        bad = values.notna() & numbers.isna()
-        if bad.any():
-            shown = ", ".join(repr(str(v)) for v in values[bad].unique()[:3])
-            raise ValueError(f"column {mapping[name]!r} (mapped to {name!r}) holds {int(bad.sum())} values that are "
-                             f"not numbers, e.g. {shown}")
-        return numbers
+        return _numbers(get(name), name, mapping.get(name))
 
     correct = to_bool(get("correct"), mapping["correct"])
     if correct.isna().any():
@@ -411,6 +399,28 @@ def import_trials(csv_path: str | Path, mapping: dict[str, str], models: pd.Data
     if "excluded" not in mapping and catch_min_accuracy is not None:
         out = _apply_catch_rule(out, catch_min_accuracy)
     return out
+
+
+def _read_trial_csv(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise ValueError(f"trial file {path} does not exist")
+    try:
+        return pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"trial file {path} is empty") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise ValueError(f"trial file {path} is not a readable CSV ({str(err).splitlines()[0]})") from None
+
+
+def _numbers(values: pd.Series, name: str, column: str | None) -> pd.Series:
+    """A mapped column as numbers; a value that is not one (a text column mapped by mistake) is an error."""
+    numbers = pd.to_numeric(values, errors="coerce")
+    bad = values.notna() & numbers.isna()
+    if bad.any():
+        shown = ", ".join(repr(str(v)) for v in values[bad].unique()[:3])
+        raise ValueError(f"column {column!r} (mapped to {name!r}) holds {int(bad.sum())} values that are "
+                         f"not numbers, e.g. {shown}")
+    return numbers
 
 
 def _check_model_ids(trials: pd.DataFrame, models: pd.DataFrame, name: str, column: str) -> None:

@@ -218,12 +218,19 @@ def run_robustness(study) -> list[Path]:
                                    study.config.study.seed))
 
 
+def _effective_sparsity(meta: dict) -> float | None:
+    """``sparsity.effective`` of a model's meta.json; an unpruned model's is its total, and a pruned model
+    whose meta.json predates the measure has none (empty, never its total, which understates it)."""
+    sparsity = meta["sparsity"]
+    return sparsity.get("effective", None if meta.get("method") else sparsity["total"])
+
+
 def run_evaluate(study) -> list[Path]:
     """``evaluation.csv``: one row per model of the study."""
     rows = [{"model_id": meta["model_id"], "arch": meta["arch"], "method": meta.get("method") or "",
              "schedule": meta.get("schedule") or "", "rate_requested": meta.get("rate_requested", 0.0),
              "sparsity": meta["sparsity"]["total"],
-             "sparsity_effective": meta["sparsity"].get("effective", meta["sparsity"]["total"]),
+             "sparsity_effective": _effective_sparsity(meta),
              "params_total": meta["params_total"],
              "params_nonzero": meta["params_nonzero"], "flops": meta["flops"],
              "top1_before": meta["top1"].get("before"), "top1": meta["top1"].get("after"),

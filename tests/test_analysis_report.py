@@ -907,14 +907,21 @@ def test_the_dose_response_shape_is_fitted_to_one_point_per_model_each_unit_comp
 
 def test_the_model_table_shows_the_effective_sparsity_beside_the_measured_one(tmp_path):
     """meta.json's ``sparsity.effective`` (weights reading a removed channel counted as zero) reaches the
-    models table and the report; a meta.json without it falls back to the measured sparsity."""
+    models table and the report; a pruned model's meta.json without it has none (its measured sparsity would
+    understate it), an unpruned one's is its measured sparsity; evaluation.csv says the same."""
+    from pruning.stages import _effective_sparsity
     from analysis.load import meta_row
 
     row = meta_row({"model_id": "structured-oneshot-r0.50", "method": "structured", "rate_requested": 0.5,
                     "sparsity": {"total": 0.5, "effective": 0.746}, "top1": {"after": 0.6}})
     assert (row["sparsity"], row["sparsity_effective"]) == (0.5, 0.746)
     old = meta_row({"model_id": "m", "method": "structured", "sparsity": {"total": 0.5}, "top1": {"after": 0.6}})
-    assert old["sparsity_effective"] == 0.5
+    assert math.isnan(old["sparsity_effective"]) and old["sparsity"] == 0.5
+    base = meta_row({"model_id": "base", "sparsity": {"total": 0.0}, "top1": {"after": 0.9}})
+    assert base["sparsity_effective"] == 0.0
+    assert _effective_sparsity({"method": "structured", "sparsity": {"total": 0.5}}) is None
+    assert _effective_sparsity({"method": None, "sparsity": {"total": 0.0}}) == 0.0
+    assert _effective_sparsity({"method": "structured", "sparsity": {"total": 0.5, "effective": 0.75}}) == 0.75
 
 
 def test_a_corruption_the_base_is_at_chance_on_stays_out_of_the_robustness_means(tmp_path, monkeypatch):
