@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import closest
 from .files import absolute
 from .layout import STUDY_FILE
 
@@ -483,7 +484,9 @@ def _apply(cfg: StudyConfig, tree: dict, origin: str) -> None:
     sections = _sections()
     for sec_name, values in tree.items():
         if sec_name not in sections:
-            raise ConfigError(f"{origin}: unknown section [{sec_name}]; valid sections: {sorted(sections)}")
+            hint = closest(sec_name, sections)
+            raise ConfigError(f"{origin}: unknown section [{sec_name}]{hint + ' ' if hint else '; '}valid sections: "
+                              f"{sorted(sections)}")
         if not isinstance(values, dict):
             raise ConfigError(f"{origin}: [{sec_name}] must be a table of keys")
         sec_cls = sections[sec_name]
@@ -492,8 +495,9 @@ def _apply(cfg: StudyConfig, tree: dict, origin: str) -> None:
         hints = typing.get_type_hints(sec_cls)
         for key, value in values.items():
             if key not in fields:
-                raise ConfigError(f"{origin}: unknown key {sec_name}.{key}; valid keys in [{sec_name}]: "
-                                  f"{sorted(fields)}")
+                hint = closest(key, fields)
+                raise ConfigError(f"{origin}: unknown key {sec_name}.{key}{hint + ' ' if hint else '; '}valid keys "
+                                  f"in [{sec_name}]: {sorted(fields)}")
             checked = _check_value(f"{origin}: {sec_name}.{key}", value, hints[key], fields[key].metadata)
             setattr(section, key, checked)
 

@@ -31,7 +31,7 @@ ENV = {"RUN_DIR": "SPARSIGHT_RUN_DIR", "DATABASE_URL": "SPARSIGHT_DATABASE_URL",
 def study_config(run_dir: Path, survey_overrides: dict | None = None) -> StudyConfig:
     cfg = study_from_run_dir(run_dir)
     if survey_overrides:
-        apply_settings(cfg, {"survey": dict(survey_overrides)}, "app config SURVEY")
+        apply_settings(cfg, {"survey": dict(survey_overrides)}, "survey settings")
     return cfg
 
 

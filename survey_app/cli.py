@@ -112,6 +112,7 @@ def serve_cmd(run_dir, database, host, port, overrides, reset_admin_password):
         survey_material(run_dir, study_config(run_dir, survey))     # nothing is stored for a folder it cannot serve
     except (FileNotFoundError, ValueError) as err:
         raise click.UsageError(str(err)) from None
+    _check_port(host, port)         # before a password is made and shown once, for a server that never starts
     shown = ensure_credentials(run_dir, database, reset_admin=reset_admin_password)
     app = _build_app(run_dir, database, survey)
     click.echo(f"survey of {run_dir} on http://{host}:{port}/  (database {app.config['DATABASE']})")
@@ -122,6 +123,23 @@ def serve_cmd(run_dir, database, host, port, overrides, reset_admin_password):
     if "api_token_file" in shown:
         click.echo(f"machine-participant API token in {shown['api_token_file']}")
     app.run(host=host, port=port, threaded=True, debug=False)
+
+
+def _check_port(host: str, port: int) -> None:
+    """Stop with one line when the server could not listen on ``host:port`` (taken, or not an address here)."""
+    import socket
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise click.UsageError(f"--host {host!r} is not an address of this machine ({err.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)     # as the server itself binds
+        try:
+            probe.bind(address)
+        except OSError as err:
+            raise click.UsageError(f"cannot listen on {host}:{port} ({err.strerror}); another server may hold the "
+                                   f"port: choose another with --port") from None
 
 
 def make_observer(name: str, run_dir: Path, alpha: float, device: str, weights: str = ""):

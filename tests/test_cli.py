@@ -71,7 +71,7 @@ def test_train_then_evaluate_agree(runner, tiny_data, tmp_path):
 
 @pytest.mark.parametrize("args, fragment", [
     (["train", "--arch", "vit"], "'vit' is not one of 'inception-small'"),
-    (["run", "--set", "trian.epochs=3"], "unknown section [trian]; valid sections:"),
+    (["run", "--set", "trian.epochs=3"], "unknown section [trian]; did you mean 'train'? valid sections:"),
     (["run", "--set", "train.optimizer=lion"], "choose from ['sgd', 'adam', 'adamw']"),
     (["evaluate", "{ckpt}", "--data", "{data}"], "is not a sparsight checkpoint"),
 ])

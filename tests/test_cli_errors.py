@@ -138,3 +138,25 @@ def test_a_wrong_setting_stops_the_run_before_its_first_stage(places, setting, f
     plan = CliRunner().invoke(main, ["run", "--profile", "quick", "--plan", "--set", setting])
     assert plan.exit_code == 0 and "problem (the run stops before its first stage): " in plan.output
     assert fragment.format(**places) in plan.output
+
+
+def test_serve_on_a_taken_port_or_a_misspelt_setting_says_so_in_one_line_before_making_a_password(tmp_path):
+    """A port another server holds stops `serve` with one line naming it, before an admin password is made
+    (it is shown once: a server that never starts would lose it); a misspelt survey key offers the right one."""
+    import socket
+
+    from survey_app.testing import make_study_dir
+
+    run_dir = make_study_dir(tmp_path / "study", {})
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(main, ["serve", str(run_dir), "--port", str(port)])
+    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert result.exit_code == 2 and len(errors) == 1, result.output
+    assert f"cannot listen on 127.0.0.1:{port}" in errors[0] and "--port" in errors[0]
+    assert "admin password" not in result.output and not (run_dir / "survey.db").exists()
+    typo = CliRunner().invoke(main, ["serve", str(run_dir), "--set", "survey.main_trails=20"])
+    assert typo.exit_code == 2 and "survey settings: unknown key survey.main_trails; did you mean 'main_trials'" \
+        in typo.output

@@ -41,8 +41,8 @@ def test_profile_quick_overrides_defaults_and_file_wins(tmp_path):
 
 
 @pytest.mark.parametrize("text, fragment", [
-    ("[trian]\nepochs = 3\n", "unknown section [trian]; valid sections: ["),
-    ("[train]\nepoch = 3\n", "unknown key train.epoch; valid keys in [train]: ["),
+    ("[trian]\nepochs = 3\n", "unknown section [trian]; did you mean 'train'? valid sections: ["),
+    ("[train]\nepoch = 3\n", "unknown key train.epoch; did you mean 'epochs'? valid keys in [train]: ["),
     ('[train]\noptimizer = "lion"\n', "train.optimizer: 'lion' is not valid; choose from ['sgd', 'adam', 'adamw']"),
     ('[model]\narch = "vit"\n', "model.arch: 'vit' is not valid; choose from ['inception-small'"),
     ("[prune]\nrates = [0.5, 1.0]\n", "prune.rates: 1.0 is out of range; it must be below 1.0"),
