@@ -425,7 +425,8 @@ def mis_dose(units, kind, cfg: StudyConfig) -> Outcome:
         sentence = (f"MIS ({kind}) is described by a straight line at least as well as by a hinge "
                     f"(ΔAIC = {fmt(res['delta_aic'], 1)}): {fmt(lin['slope'] * PER_STEP)} per 10 % pruning rate.")
     sentence += (f" Fitted to the {len(d)} models' levels of MIS with each unit compared with itself (the "
-                 f"breakpoint bootstrap resamples models).")
+                 f"breakpoint bootstrap resamples models). Each model counts once here and every live unit in the "
+                 f"primary slope, so the two slopes differ where models keep different numbers of live units.")
     result = {k: v for k, v in res.items() if k not in ("breakpoint_boot", "profile_rss", "grid")}
     return Outcome(sentence, result)
 
