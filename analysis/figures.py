@@ -93,6 +93,11 @@ def _errorbar(ax, x, y, lo, hi, **kw):
     ax.errorbar(x, y, yerr=err, capsize=3, **kw)
 
 
+def _legend_outside(ax, fontsize: int = 7, **kw) -> None:
+    """The legend right of ``ax``, outside the data (the constrained layout makes room for it)."""
+    ax.legend(fontsize=fontsize, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, **kw)
+
+
 def _chance(ax, label: bool = True):
     ax.axhline(CHANCE, color="0.5", lw=1, ls=":", label="chance" if label else None, zorder=0)
 
@@ -123,12 +128,13 @@ def interpretability_vs_sparsity(mis_models: pd.DataFrame, human: pd.DataFrame |
                ylim=(0.3, 1.02), xlim=(-0.03, 1.0))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("proportion correct  /  MIS")
-    axes[0][-1].legend(fontsize=7, loc="lower left")
+    _legend_outside(axes[0][-1])
     return _save(fig, path)
 
 
-def top1_vs_sparsity(models: pd.DataFrame, path) -> Path | None:
-    """Top-1 accuracy vs sparsity per series: after retraining (solid), before retraining (dotted)."""
+def top1_vs_sparsity(models: pd.DataFrame, path, chance: float | None = None) -> Path | None:
+    """Top-1 accuracy vs sparsity per series: after retraining (solid), before retraining (dotted); with
+    ``chance`` (1 / classes) its line, where a model that predicts one class for every image lands."""
     data = _finite(models, "top1", "sparsity")
     if data.empty:
         return None
@@ -141,10 +147,12 @@ def top1_vs_sparsity(models: pd.DataFrame, path) -> Path | None:
         before = before[before["method"] != BASE_METHOD] if len(before) else before
         if len(before):
             ax.plot(before["sparsity"], before["top1_before"], marker=".", ls=":", color=colors[s], alpha=0.7)
+    if chance is not None:
+        ax.axhline(chance, color="0.5", lw=1, ls="--", label=f"chance ({chance:.2g})", zorder=0)
     ax.set(xlabel="sparsity (measured)", ylabel="top-1 accuracy (validation)",
-           title="accuracy after retraining (dotted: before)", xlim=(-0.03, 1.0))
+           title="accuracy after retraining (dotted: before)", xlim=(-0.03, 1.0), ylim=(0.0, 1.02))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _legend_outside(ax)
     return _save(fig, path)
 
 
@@ -178,14 +186,14 @@ def layer_mis_vs_sparsity(units: pd.DataFrame, path, max_cols: int = 4) -> Path 
         ax.set_visible(False)
     for row in axes:
         row[0].set_ylabel("MIS (mean ± SEM over units)")
-    for ax in axes[-1]:
+    for ax in (a for row in axes for a in row if a.get_visible()):
         ax.set_xlabel("sparsity")
     if spare:       # the legend in an empty panel, where it hides no curve
         spare[0].set_visible(True)
         spare[0].axis("off")
-        spare[0].legend(*axes[0][0].get_legend_handles_labels(), loc="center", fontsize=6)
+        spare[0].legend(*axes[0][0].get_legend_handles_labels(), loc="center", fontsize=6, handlelength=4)
     else:
-        axes[0][0].legend(fontsize=6)
+        _legend_outside(axes[0][-1], fontsize=6, handlelength=4)
     return _save(fig, path)
 
 
@@ -229,8 +237,9 @@ def interpretable_vs_sparsity(dissection: pd.DataFrame, path) -> Path | None:
             ax.plot(shown["sparsity"], shown[col], marker="o", color=colors[s], label=s)
     for ax, (_, ylabel, title) in zip(axes[0], panels):
         ax.set(xlabel="sparsity", ylabel=ylabel, title=title)
+        ax.set_ylim(bottom=0.0)         # counts and shares from zero, so a drop reads at its size
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    _legend_outside(axes[0][-1])
     return _save(fig, path)
 
 

@@ -51,17 +51,21 @@ MIXED_BOOT = 200        # parametric-bootstrap refits of the mixed logistic mode
 DOSE_BOOT = 1000        # bootstrap resamples of the dose–response breakpoint (at most analysis.bootstrap)
 NO_RESPONSES = "No responses exist yet"
 FIGURE_CAPTIONS = {
-    "interpretability": "MIS (circles, bootstrap CI over units) and human accuracy (squares, Wilson CI) vs "
-                        "measured sparsity, per pruning method (points of one sparsity set slightly apart); "
-                        "dotted line: chance (0.5).",
-    "top1": "Top-1 validation accuracy vs sparsity after retraining (dotted: before retraining).",
-    "layers": "MIS per layer (mean ± SEM over the layer's units) vs sparsity (points of one sparsity set slightly "
-              "apart); solid natural, dashed synthetic.",
+    "interpretability": "MIS (circles, bootstrap 95 % CI over units) and human accuracy (squares, Wilson 95 % CI) "
+                        "vs measured sparsity, per pruning method (points of one sparsity set slightly apart); "
+                        "dotted line: chance (0.5). Each point averages the model's live units, a set that shrinks "
+                        "where pruning silences units; the primary slope compares each unit with itself instead.",
+    "top1": "Top-1 validation accuracy vs sparsity after retraining (dotted: before retraining; dashed grey: "
+            "chance, one class for every image).",
+    "layers": "MIS per layer (mean ± SEM over the layer's units, not the bootstrap CIs of the other figures) vs "
+              "sparsity (points of one sparsity set slightly apart); solid natural, dashed synthetic (the "
+              "visualized units of the layer only).",
     "mis_vs_human": "Per unit: MIS against human accuracy, with the identity line.",
     "dissection": "Network Dissection: interpretable units, their share of the live (not removed, not dead) "
-                  "units, and unique concepts vs sparsity.",
-    "robustness": "Robustness: top-1 under corruption vs severity, and noise similarity to the parent vs ε, "
-                  "one line per pruning rate (base in black).",
+                  "units, and unique concepts vs sparsity (axes from zero).",
+    "robustness": "Robustness: top-1 under corruption vs severity, and noise similarity to the parent (top-1 "
+                  "agreement) vs ε, the half-width of uniform noise added to the normalized input (units of a "
+                  "channel's standard deviation), one line per pruning rate (base in black).",
 }
 
 
@@ -793,12 +797,20 @@ def per_unit_scores(data: StudyData, desc: dict) -> pd.DataFrame:
     return desc["per_unit"].merge(units, on=["model_id", "kind", "unit_id"], how="inner")
 
 
+def _chance_accuracy(robustness: dict) -> float | None:
+    """1 / classes, as the robustness tables record it (``None`` without them)."""
+    table = robustness.get("accuracy") if robustness else None
+    if table is None or "chance" not in table or table["chance"].dropna().empty:
+        return None
+    return float(table["chance"].dropna().iloc[0])
+
+
 def make_figures(data: StudyData, table: pd.DataFrame, desc: dict, per_unit: pd.DataFrame, out: Path) -> dict:
     """Every figure whose data exist, as ``{name: path}``; stale PNGs of figures not drawn are removed."""
     folder = out / "figures"
     jobs = {
         "interpretability": lambda p: fig.interpretability_vs_sparsity(data.mis_models, desc.get("by_model"), p),
-        "top1": lambda p: fig.top1_vs_sparsity(data.models, p),
+        "top1": lambda p: fig.top1_vs_sparsity(data.models, p, _chance_accuracy(data.robustness)),
         "layers": lambda p: fig.layer_mis_vs_sparsity(_ok_units(data.units), p),
         "mis_vs_human": lambda p: fig.mis_vs_human(per_unit, p),
         "dissection": lambda p: fig.interpretable_vs_sparsity(table, p),
@@ -937,8 +949,9 @@ def figure_data_uri(path: str | Path) -> str:
 
 
 # ---- HTML ----------------------------------------------------------------------------------------------
-GALLERY_CAPTION = ("{unit}: max references of task 0, natural exemplars and feature visualizations, one row per "
-                   "method, one column per pruning rate (grey: the unit is dead or removed there). Under the feature "
+GALLERY_CAPTION = ("{unit}: max references of task 0 for one schedule (named in the title), natural exemplars and "
+                   "feature visualizations, two rows per method (natural, then synthetic), one column per pruning "
+                   "rate (grey: the unit is dead or removed there). Under the feature "
                    "visualizations, their reach: their mean activation over that of the unit's natural max "
                    "references; red where they are not valid (reach below 1, or not above the min visualizations), "
                    "i.e. they do not show what drives the unit.")
@@ -1022,9 +1035,13 @@ def _models_display(table: pd.DataFrame) -> pd.DataFrame:
 def _entry_data(e: dict) -> dict:
     """One statistics entry: its sentence or why it did not run, its numbers and warnings."""
     numbers = e.get("table") if e["status"] == "ok" else None
+    per_rate = (isinstance(numbers, pd.DataFrame) and "term" in numbers and (numbers["term"] == "rate").any()
+                and "per 10 %" in (e["sentence"] or ""))
     return {"id": e["id"], "title": e["title"], "status": e["status"], "sentence": e["sentence"],
             "reason": e["reason"], "warnings": (e.get("warnings") or [])[:20],
-            "numbers": table_data(numbers) if isinstance(numbers, pd.DataFrame) else None}
+            "numbers": table_data(numbers) if isinstance(numbers, pd.DataFrame) else None,
+            "numbers_note": "rate per unit of pruning rate (0 to 1): ten times the per-10 % figures above"
+                            if per_rate else None}
 
 
 def _human_data(results: dict) -> dict:
@@ -1105,9 +1122,16 @@ def prune_potential_note(subset: dict | None, delta: float) -> str:
     return text
 
 
-def _figures_data(figures: dict, subset: dict | None = None) -> tuple[list[dict], list[dict]]:
+def _figures_data(figures: dict, subset: dict | None = None, humans: bool = True,
+                  iou_threshold: float | None = None) -> tuple[list[dict], list[dict]]:
     """The figures and, apart, the gallery's contact sheets (the same unit across the rates of each method)."""
     captions = {**FIGURE_CAPTIONS, "robustness": FIGURE_CAPTIONS["robustness"] + robustness_subset_note(subset)}
+    if not humans:
+        captions["interpretability"] = captions["interpretability"].replace(
+            " and human accuracy (squares, Wilson 95 % CI)", "") + (" Human accuracy (squares) and the per-unit MIS "
+                                                                   "vs human figure appear once people have answered.")
+    if iou_threshold is not None:
+        captions["dissection"] += f" A unit is interpretable when its best IoU exceeds {iou_threshold:g}."
     plots = [_figure(name, path, captions.get(name, name)) for name, path in figures.items()
              if not name.startswith("gallery:")]
     sheets = [_figure(name, path, GALLERY_CAPTION.format(unit=name.split(":", 1)[1]))
@@ -1142,7 +1166,10 @@ def _key_results(stats: list[dict]) -> list[str]:
 def report_context(results: dict, figures: dict, cfg: StudyConfig) -> dict:
     """Everything ``report.html.j2`` shows, as text, numbers already formatted."""
     a = cfg.analysis
-    plots, sheets = _figures_data(figures, results.get("robustness_subset"))
+    plots, sheets = _figures_data(figures, results.get("robustness_subset"),
+                                  humans=bool(results["responses"]["human_main_trials"]),
+                                  iou_threshold=(results.get("settings") or {}).get("dissection", {}).get(
+                                      "iou_threshold"))
     robust = results["robustness"].get("prune_potential")
     stats = results["statistics"]
     return {

@@ -658,7 +658,7 @@ def test_gallery_cells_of_visualizations_carry_their_reach_and_flag_invalid_ones
 
 def test_the_layer_panels_keep_their_legend_in_an_empty_panel(tmp_path, monkeypatch):
     """Five layers on a 4-column grid leave three empty panels: the legend goes into one, off every curve,
-    and names each series × kind once; a full grid keeps it on the first panel."""
+    and names each series × kind once; a full grid puts it beside the last panel."""
     from matplotlib.figure import Figure
 
     rows = [dict(model_id=f"{s}-{r}", series=s, sparsity=r, kind=k, layer=f"l{i}", unit=u, mis=0.8 + 0.01 * u)
@@ -672,6 +672,50 @@ def test_the_layer_panels_keep_their_legend_in_an_empty_panel(tmp_path, monkeypa
     assert seen["legends"] == [(True, False, 4)]
     figures.layer_mis_vs_sparsity(pd.DataFrame([r for r in rows if r["layer"] != "l4"]), tmp_path / "l.png")
     assert seen["legends"] == [(True, True, 4)]
+
+
+def test_legends_cover_no_data_and_captions_say_what_is_drawn(tmp_path, monkeypatch):
+    """The legends of the sparsity figures lie outside every panel; top-1 draws the chance line at 1/classes;
+    dissection counts start at zero; without human answers the caption promises no human squares, and the
+    dissection caption names the IoU threshold."""
+    from matplotlib.figure import Figure
+
+    from analysis.report import _figures_data
+
+    drawn = {}
+
+    def capture(fig, *a, **k):
+        fig.canvas.draw()
+        panels = [ax for ax in fig.axes if ax.get_visible() and ax.axison]
+        legends = [ax.get_legend().get_window_extent() for ax in fig.axes if ax.get_legend() is not None]
+        drawn["overlap"] = any(legend.overlaps(ax.get_window_extent()) for legend in legends for ax in panels)
+        drawn["legends"], drawn["fig"] = len(legends), fig
+
+    monkeypatch.setattr(Figure, "savefig", capture)
+    models = pd.DataFrame([dict(model_id=f"{s}-{r}", series=s, method=s, sparsity=r, rate=r, top1=0.9 - r / 2,
+                                top1_before=0.5 - r / 2, kind=k, mis=0.8, mis_ci_low=0.7, mis_ci_high=0.9,
+                                interpretable=50 - 20 * r, interpretable_fraction_alive=0.1, unique_concepts=9)
+                           for s in ("a", "b") for r in (0.0, 0.5) for k in ("natural", "synthetic")])
+    figures.top1_vs_sparsity(models, tmp_path / "t.png", chance=0.1)
+    assert drawn["legends"] == 1 and not drawn["overlap"]
+    lines = [line for line in drawn["fig"].axes[0].get_lines() if line.get_label().startswith("chance")]
+    assert len(lines) == 1 and list(lines[0].get_ydata()) == [0.1, 0.1]
+    figures.interpretability_vs_sparsity(models, None, tmp_path / "i.png")
+    assert drawn["legends"] == 1 and not drawn["overlap"]
+    figures.interpretable_vs_sparsity(models, tmp_path / "d.png")
+    assert drawn["legends"] == 1 and not drawn["overlap"]
+    assert all(ax.get_ylim()[0] == 0.0 for ax in drawn["fig"].axes)
+    from PIL import Image
+    for name in ("i.png", "d.png"):                     # savefig was replaced: the report needs files to embed
+        Image.new("RGB", (2, 2)).save(tmp_path / name)
+    plots, _ = _figures_data({"interpretability": tmp_path / "i.png", "dissection": tmp_path / "d.png"},
+                             humans=False, iou_threshold=0.04)
+    captions = {p["name"]: p["caption"] for p in plots}
+    assert "human accuracy (squares" not in captions["interpretability"]
+    assert "appear once people have answered" in captions["interpretability"]
+    assert captions["dissection"].endswith("best IoU exceeds 0.04.")
+    with_people, _ = _figures_data({"interpretability": tmp_path / "i.png"}, humans=True)
+    assert "human accuracy (squares, Wilson 95 % CI)" in with_people[0]["caption"]
 
 
 @pytest.mark.parametrize("coef, phrase", [(-0.0031, "decreased by 0.0003 per 10 %"),
