@@ -19,7 +19,8 @@ and keeps them.  The analyses are the report's own functions, called on these ta
   the rate span with its bootstrap interval and TOST), ``gee_logistic`` and ``clustered_logistic``;
 * **descriptives** — ``descriptives.condition_summary(run.humans, by=("model_id", "kind"))``,
   ``unit_accuracy(run.humans)``, ``rt_summary(run.humans)``;
-* **power** — ``power.detectable_slope(se)`` for a fitted slope's standard error; for a human study
+* **power** — ``power.detectable_slope(se, df=fit["df"])`` for a fitted slope's standard error and degrees
+  of freedom (without ``df`` a normal approximation, too small with few models); for a human study
   ``power.fit_trial_model(kind, run.mis, load.human_main(run.trials), rates,
   run.config.analysis.power_participant_sd, mis_model_sd)`` (``rates``: those of ``run.mis``;
   ``mis_model_sd``: the primary MIS slope's ``model_sd``), then
