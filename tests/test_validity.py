@@ -90,7 +90,8 @@ def test_machine_agreement_compares_only_the_observer_the_mis_used():
     the check compares the study's embedding only, says what it left out, and its failure line is short."""
     tasks = pd.DataFrame(dict(model_id="m", kind="natural", layer="l", unit=0, task=[0, 1, 2], delta=[0.3, -0.2, 0.1]))
     same = pd.DataFrame(dict(participant="a", is_machine=True, trial_type="main", observer="study:observer",
-                             model_id="m", kind="natural", layer="l", unit=0, task=[0, 1, 2], correct=[True, False, True]))
+                             model_id="m", kind="natural", layer="l", unit=0, task=[0, 1, 2],
+                             correct=[True, False, True]))
     pixels = same.assign(participant="b", observer="pixels", correct=[False, True, True])
     trials = pd.concat([same, pixels, same.assign(participant="c", observer="observer")], ignore_index=True)
     assert v.machine_agreement_check(trials, tasks)["passed"] is False
