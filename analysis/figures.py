@@ -14,6 +14,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .descriptives import wilson_interval
 from .load import BASE_METHOD, base_at_chance
 
 DPI = 110
@@ -257,10 +258,27 @@ def _robust_series(table: pd.DataFrame, models: pd.DataFrame) -> pd.DataFrame:
     return table.dropna(subset=["series"])
 
 
+def _images_per_point(accuracy: pd.DataFrame | None) -> int | None:
+    """Images behind one robustness point (the study's fixed subset), from the accuracy table."""
+    if accuracy is None or "n_images" not in accuracy or accuracy["n_images"].dropna().empty:
+        return None
+    return int(accuracy["n_images"].dropna().min())
+
+
+def _wilson_band(ax, curve: pd.Series, images: int | None, color) -> None:
+    """A light 95 % Wilson band of proportions ``curve`` (index: x) over ``images`` images each."""
+    if not images:
+        return
+    lo, hi = wilson_interval(curve.to_numpy(float) * images, images)
+    ax.fill_between(curve.index.to_numpy(float), lo, hi, color=color, alpha=0.12, lw=0)
+
+
 def robustness_curves(robustness: dict, models: pd.DataFrame, path, max_cols: int = 4) -> Path | None:
     """One column per series: top-1 under corruption (mean over the corruptions the base is above chance
     on) vs severity, and noise similarity (top-1 agreement with the parent) vs ε; one line per pruning
-    rate, the base in black. Panels of one measure share their y range, so methods compare at a glance."""
+    rate, the base in black, each with a 95 % Wilson band over the subset's images (for the mean over
+    corruptions the band of one corruption's images: the corruptions see the same images, so it is no
+    narrower). Panels of one measure share their y range, so methods compare at a glance."""
     acc = robustness.get("accuracy")
     at_chance = base_at_chance(acc)   # a corruption the base is at chance on would only add noise to the mean
     if at_chance:
@@ -270,6 +288,7 @@ def robustness_curves(robustness: dict, models: pd.DataFrame, path, max_cols: in
             if t is not None and len(t)]
     if not rows:
         return None
+    images = _images_per_point(robustness.get("accuracy"))
     series = sorted({s for _, t in rows for s in t["series"] if s != BASE_METHOD}) or [BASE_METHOD]
     ncols = min(max_cols, len(series))
     blocks = -(-len(series) // ncols)
@@ -295,7 +314,9 @@ def robustness_curves(robustness: dict, models: pd.DataFrame, path, max_cols: in
                             label=label)
                 else:
                     g = g.sort_values("eps")
-                    ax.plot(g["eps"], g["agreement"], marker=".", color=color, label=label)
+                    curve = g.set_index("eps")["agreement"]
+                    ax.plot(curve.index, curve.values, marker=".", color=color, label=label)
+                _wilson_band(ax, curve, images, color)
             ax.grid(alpha=0.3)
             if name == "accuracy":
                 ax.set(title=s, xlabel="corruption severity (0 = clean)", ylabel="top-1 (mean over corruptions)")

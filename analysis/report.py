@@ -65,7 +65,8 @@ FIGURE_CAPTIONS = {
                   "units, and unique concepts vs sparsity (axes from zero).",
     "robustness": "Robustness: top-1 under corruption vs severity, and noise similarity to the parent (top-1 "
                   "agreement) vs ε, the half-width of uniform noise added to the normalized input (units of a "
-                  "channel's standard deviation), one line per pruning rate (base in black).",
+                  "channel's standard deviation), one line per pruning rate (base in black); shaded: 95 % Wilson "
+                  "interval over the images.",
 }
 
 

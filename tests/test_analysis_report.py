@@ -783,6 +783,28 @@ def test_robustness_panels_of_one_measure_share_their_y_range(tmp_path, monkeypa
     assert lo < 0.1 and hi > 0.9
 
 
+def test_robustness_curves_carry_the_wilson_band_of_their_images(tmp_path, monkeypatch):
+    """Each curve is shaded by the 95 % Wilson interval of its proportion over the subset's images, as
+    statsmodels computes it; without an image count there is no band."""
+    from matplotlib.collections import PolyCollection
+    from matplotlib.figure import Figure
+    from statsmodels.stats.proportion import proportion_confint
+
+    models = pd.DataFrame({"model_id": ["base", "a-r0.5"], "series": ["base", "a"], "rate": [0.0, 0.5]})
+    acc = pd.DataFrame([dict(model_id=m, severity=sev, top1=top - 0.1 * sev, n_images=300)
+                        for m, top in (("base", 0.9), ("a-r0.5", 0.8)) for sev in (0, 2)])
+    seen = {}
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: seen.update(
+        bands=[c for ax in fig.axes for c in ax.collections if isinstance(c, PolyCollection)]))
+    figures.robustness_curves({"accuracy": acc}, models, tmp_path / "r.png")
+    assert len(seen["bands"]) == 2
+    heights = sorted(round(float(y), 6) for band in seen["bands"] for y in band.get_paths()[0].vertices[:, 1])
+    expected = [v for p in (0.9, 0.7, 0.8, 0.6) for v in proportion_confint(round(p * 300), 300, method="wilson")]
+    assert all(any(abs(h - e) < 1e-6 for h in heights) for e in expected)
+    figures.robustness_curves({"accuracy": acc.drop(columns="n_images")}, models, tmp_path / "r.png")
+    assert seen["bands"] == []
+
+
 def test_dissection_reports_the_interpretable_share_of_live_units_beside_the_count(tmp_path, monkeypatch):
     """A method that removes three quarters of the units: fewer interpretable units in all, but a larger share
     of the units that remain; the sentence, its table and the figure show both."""
