@@ -220,8 +220,10 @@ def _human_trial_model(kind: str, human: pd.DataFrame, rates: tuple, mis_sigma_m
     lowest = float(np.polyval(np.polyfit(x, y, 1), x.min())) if len(np.unique(x)) > 1 else float(y.mean())
     intercept, (participant_sd, unit_sd, model_sd) = logit_scale(
         lowest, (max(person_var - binomial, 0.0), unit_excess, model_var))
-    if how != MODEL_MEANS and mis_sigma_m > 0:
+    if how != MODEL_MEANS and mis_sigma_m > 0:      # the MIS's σ_m on top: β₀ again, so the accuracy still holds
         model_sd, how = mis_sigma_m, f"{how}; σ_m from the models' shared MIS deviation instead"
+        intercept = _intercept_for(float(np.clip(lowest, 0.01, 0.99)),
+                                   math.sqrt(participant_sd ** 2 + unit_sd ** 2 + model_sd ** 2))
     return TrialModel(kind, intercept, participant_sd, unit_sd, rates,
                       f"{human['participant'].nunique()} human participants, {len(human)} main trials "
                       f"(moment estimates of the participant, unit and model spread; {how})",
@@ -244,20 +246,22 @@ def logit_scale(accuracy: float, variances, tolerance: float = 1e-6) -> tuple[fl
     p = float(np.clip(accuracy, 0.01, 0.99))
     want = np.asarray(variances, dtype=float).clip(min=0.0)
     sds = np.minimum(np.sqrt(want) / (p * (1 - p)), MAX_LOGIT_SD)
-    intercept = float(_logit(p))
     for _ in range(200):
         total = float(np.sqrt(np.sum(sds ** 2)))
-        intercept = brentq(lambda b: float(averaged_accuracy(b, total)) - p, -40.0, 40.0)
+        intercept = _intercept_for(p, total)
         have = np.array([_level_variance(intercept, sd, math.sqrt(max(total ** 2 - sd ** 2, 0.0))) for sd in sds])
         scale = np.sqrt(np.divide(want, have, out=np.ones_like(want), where=have > 0))
         new = np.minimum(np.where(want > 0, sds * scale, 0.0), MAX_LOGIT_SD)
-        if np.all(np.abs(new - sds) <= tolerance * np.maximum(sds, 1e-3)):
-            sds = new
-            break
+        settled = np.all(np.abs(new - sds) <= tolerance * np.maximum(sds, 1e-3))
         sds = new
-    total = float(np.sqrt(np.sum(sds ** 2)))
-    intercept = brentq(lambda b: float(averaged_accuracy(b, total)) - p, -40.0, 40.0)
-    return float(intercept), tuple(float(v) for v in sds)
+        if settled:
+            break
+    return _intercept_for(p, float(np.sqrt(np.sum(sds ** 2)))), tuple(float(v) for v in sds)
+
+
+def _intercept_for(accuracy: float, sd: float) -> float:
+    """β₀ whose population-averaged accuracy, over random intercepts of total SD ``sd``, is ``accuracy``."""
+    return float(brentq(lambda b: float(averaged_accuracy(b, sd)) - accuracy, -40.0, 40.0))
 
 
 def _level_variance(intercept: float, sd: float, rest: float) -> float:

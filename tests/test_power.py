@@ -273,6 +273,9 @@ def test_the_model_spread_comes_from_human_models_once_they_have_enough_people()
     # one person per model: the people cannot separate σ_m, so the MIS's comes on top of their σ_p
     single = fit_trial_model("natural", units, alone, [0.0, 0.5], 5.0, mis_model_sd=shift)
     assert single.model_sd == pytest.approx(from_mis.model_sd) and "shared MIS deviation instead" in single.source
+    people = alone.groupby("participant").agg(rate=("rate", "first"), accuracy=("correct", "mean"))
+    line = np.polyval(np.polyfit(people["rate"], people["accuracy"], 1), people["rate"].min())
+    assert single.mean_accuracy(0.0, 0.0) == pytest.approx(line, abs=1e-6)     # the added σ_m keeps the accuracy
     assert fit_trial_model("natural", units, trials, [0.0, 0.5], 5.0, mis_model_sd=shift).model_sd == \
         pytest.approx(fitted.model_sd)
 
