@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import click
 
 from .clitools import resolve_from_cli, resolve_study, study_options
 from .config import describe_options
 from .errors import user_error_message
+from .layout import STUDY_FILE, Layout
 
 DEBUG_ENV = "SPARSIGHT_DEBUG"
 
@@ -132,9 +134,6 @@ def _recorded_study_dir(path: str | None):
     the models), else ``None``: such a study runs in place, not under the output folder it recorded."""
     if path is None:
         return None
-    from pathlib import Path
-
-    from .layout import STUDY_FILE, Layout
     given = Path(path)
     if given.is_dir():
         if not Layout(given).holds_a_study():
