@@ -19,7 +19,6 @@ from .load import BASE_METHOD, base_at_chance
 
 DPI = 110
 CHANCE = 0.5
-KIND_STYLE = {"natural": "-", "synthetic": "--"}
 
 
 def _figure(nrows: int = 1, ncols: int = 1, size=(5.2, 3.8), squeeze_unused: int | None = None, **kw):
@@ -157,44 +156,40 @@ def top1_vs_sparsity(models: pd.DataFrame, path, chance: float | None = None) ->
     return _save(fig, path)
 
 
-def layer_mis_vs_sparsity(units: pd.DataFrame, path, max_cols: int = 4) -> Path | None:
-    """Per-layer panels: mean MIS over the layer's units (± SEM) vs sparsity, per series and kind."""
+def layer_mis_vs_sparsity(units: pd.DataFrame, path, max_cols: int = 5) -> Path | None:
+    """Per-layer panels, one row of them per reference kind: mean MIS over the layer's units (± SEM) vs
+    sparsity, one curve per series (layers wrap after ``max_cols`` panels)."""
     data = _finite(units, "mis", "sparsity")
     if data.empty or "layer" not in data:
         return None
     layers = list(dict.fromkeys(data["layer"]))
+    kinds = sorted(data["kind"].unique()) if "kind" in data else [None]
     ncols = min(max_cols, len(layers))
-    nrows = -(-len(layers) // ncols)
-    fig, axes = _figure(nrows, ncols, size=(4.0, 3.2), sharey=True)
+    blocks = -(-len(layers) // ncols)
+    fig, axes = _figure(blocks * len(kinds), ncols, size=(3.3, 2.7), sharey=True)
     colors = series_colors(data["series"])
     order = sorted(s for s in colors if s != BASE_METHOD)
-    keys = ["model_id", "series", "sparsity", "kind", "layer"]
+    keys = ["model_id", "series", "sparsity", "layer"] + (["kind"] if kinds != [None] else [])
     per = data.groupby(keys, dropna=False)["mis"].agg(["mean", "sem", "size"]).reset_index()
     per["sem"] = per["sem"].fillna(0.0)
-    for i, layer in enumerate(layers):
-        ax = axes[i // ncols][i % ncols]
-        for kind in sorted(per["kind"].unique()):
-            rows = per[(per["layer"] == layer) & (per["kind"] == kind)]
+    for k, kind in enumerate(kinds):
+        for i, layer in enumerate(layers):
+            ax = axes[k * blocks + i // ncols][i % ncols]
+            rows = per[(per["layer"] == layer) & ((per["kind"] == kind) if kind else True)]
             for s, curve in _curves(rows):
                 x = dodge(curve, order.index(s) if s in order else 0, len(order))
                 ax.errorbar(x, curve["mean"], yerr=curve["sem"], color=colors[s], marker="o", ms=3, capsize=2,
-                            ls=KIND_STYLE.get(kind, "-."), label=f"{s} · {kind}")
-        _chance(ax, label=False)
-        ax.set_title(layer, fontsize=9)
-        ax.grid(alpha=0.3)
-    spare = [axes[j // ncols][j % ncols] for j in range(len(layers), nrows * ncols)]
-    for ax in spare:
-        ax.set_visible(False)
-    for row in axes:
-        row[0].set_ylabel("MIS (mean ± SEM over units)")
-    for ax in (a for row in axes for a in row if a.get_visible()):
-        ax.set_xlabel("sparsity")
-    if spare:       # the legend in an empty panel, where it hides no curve
-        spare[0].set_visible(True)
-        spare[0].axis("off")
-        spare[0].legend(*axes[0][0].get_legend_handles_labels(), loc="center", fontsize=6, handlelength=4)
-    else:
-        _legend_outside(axes[0][-1], fontsize=6, handlelength=4)
+                            label=s)
+            _chance(ax, label=False)
+            ax.set_title(f"{layer} · {kind}" if kind else layer, fontsize=9)
+            ax.set_xlabel("sparsity", fontsize=8)
+            ax.grid(alpha=0.3)
+        for j in range(len(layers), blocks * ncols):
+            axes[k * blocks + j // ncols][j % ncols].set_visible(False)
+        for b in range(blocks):
+            axes[k * blocks + b][0].set_ylabel(f"MIS, {kind} (mean ± SEM)" if kind else "MIS (mean ± SEM)",
+                                               fontsize=8)
+    _legend_outside(axes[0][-1], fontsize=7)
     return _save(fig, path)
 
 

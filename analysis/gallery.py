@@ -20,7 +20,7 @@ from sparsight.layout import Layout
 
 from .load import BASE_METHOD
 
-TILE, GAP = 48, 2
+MAX_TILE, GAP, DPI = 96, 2, 100      # a reference is shown at its own size up to MAX_TILE pixels
 INVALID_COLOUR = "firebrick"
 
 
@@ -37,14 +37,25 @@ def gallery_units(manifest: pd.DataFrame, n: int = 3, seed: int = 0) -> list[tup
     return sorted((str(layer), int(unit)) for layer, unit in chosen)
 
 
+def tile_size(manifest: pd.DataFrame, bank_root: Path) -> int:
+    """The side of one reference in a sheet: the stimuli's own size, at most :data:`MAX_TILE` pixels."""
+    first = manifest.loc[manifest["role"] == "ref_max", "image"]
+    if first.empty:
+        return MAX_TILE
+    with Image.open(bank_root / first.iloc[0]) as img:
+        return min(MAX_TILE, max(img.size))
+
+
 def _references(manifest: pd.DataFrame, bank_root: Path, model_id: str, kind: str, layer: str, unit: int,
-                k: int) -> Image.Image:
+                k: int, tile: int) -> Image.Image:
     rows = manifest[(manifest["model_id"] == model_id) & (manifest["kind"] == kind) & (manifest["layer"] == layer)
                     & (manifest["unit"] == unit) & (manifest["task"] == 0) & (manifest["role"] == "ref_max")]
-    cell = Image.new("RGB", (k * TILE + (k - 1) * GAP, TILE), (200, 200, 200))
+    cell = Image.new("RGB", (k * tile + (k - 1) * GAP, tile), (200, 200, 200))
     for i, name in enumerate(rows.sort_values("rank")["image"].head(k)):
-        img = Image.open(bank_root / name).convert("RGB").resize((TILE, TILE), Image.Resampling.BICUBIC)
-        cell.paste(img, (i * (TILE + GAP), 0))
+        img = Image.open(bank_root / name).convert("RGB")
+        if img.size != (tile, tile):
+            img = img.resize((tile, tile), Image.Resampling.LANCZOS)
+        cell.paste(img, (i * (tile + GAP), 0))
     return cell
 
 
@@ -85,28 +96,30 @@ def unit_sheet(manifest: pd.DataFrame, models: pd.DataFrame, bank_root: str | Pa
     rates = sorted(pruned["rate"].unique())
     methods = sorted(pruned["method"].unique())
     rows = [(m, kind) for m in methods for kind in kinds]
-    fig, axes = plt.subplots(len(rows), len(rates) + 1, figsize=(1.0 + 1.55 * (len(rates) + 1), 0.75 * len(rows) + 0.6),
-                             squeeze=False)
+    tile = tile_size(manifest, bank_root)
+    width, height = (k * tile + (k - 1) * GAP) / DPI, tile / DPI          # one cell at one image pixel per pixel
+    fig, axes = plt.subplots(len(rows), len(rates) + 1, squeeze=False,
+                             figsize=(1.3 + (width + 0.15) * (len(rates) + 1), (height + 0.35) * len(rows) + 0.5))
     for r, (method, kind) in enumerate(rows):
         for c, rate in enumerate([0.0] + rates):
             ids = base if c == 0 else pruned.loc[(pruned["method"] == method) & (pruned["rate"] == rate),
                                                  "model_id"].tolist()
             ax = axes[r][c]
-            ax.imshow(_references(manifest, bank_root, ids[0], kind, layer, unit, k) if ids
-                      else Image.new("RGB", (TILE, TILE), (200, 200, 200)))
+            ax.imshow(_references(manifest, bank_root, ids[0], kind, layer, unit, k, tile) if ids
+                      else Image.new("RGB", (tile, tile), (200, 200, 200)))
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
-                ax.set_title("base" if c == 0 else f"rate {rate:g}", fontsize=8)
+                ax.set_title("base" if c == 0 else f"rate {rate:g}", fontsize=9)
             if c == 0:
-                ax.set_ylabel(f"{method}\n{kind}", fontsize=7, rotation=0, ha="right", va="center")
+                ax.set_ylabel(f"{method}\n{kind}", fontsize=8.5, rotation=0, ha="right", va="center")
             label = reach_label(reach or {}, ids[0], layer, unit) if ids and kind == "synthetic" else None
             if label:
-                ax.set_xlabel(label[0], fontsize=6, labelpad=1, color=label[1])
-    fig.suptitle(f"{layer}:{unit} — max references of task 0 ({schedule or 'all'} schedule)", fontsize=9)
+                ax.set_xlabel(label[0], fontsize=7.5, labelpad=1, color=label[1])
+    fig.suptitle(f"{layer}:{unit} — max references of task 0 ({schedule or 'all'} schedule)", fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=DPI)
     plt.close(fig)
     return out
 

@@ -58,8 +58,8 @@ FIGURE_CAPTIONS = {
     "top1": "Top-1 validation accuracy vs sparsity after retraining (dotted: before retraining; dashed grey: "
             "chance, one class for every image).",
     "layers": "MIS per layer (mean ± SEM over the layer's units, not the bootstrap CIs of the other figures) vs "
-              "sparsity (points of one sparsity set slightly apart); solid natural, dashed synthetic (the "
-              "visualized units of the layer only).",
+              "sparsity, one row of layers per reference kind (synthetic: the visualized units of the layer only; "
+              "points of one sparsity set slightly apart).",
     "mis_vs_human": "Per unit: MIS against human accuracy, with the identity line.",
     "dissection": "Network Dissection: interpretable units, their share of the live (not removed, not dead) "
                   "units, and unique concepts vs sparsity (axes from zero).",

@@ -656,22 +656,34 @@ def test_gallery_cells_of_visualizations_carry_their_reach_and_flag_invalid_ones
     assert labels == [("reach 1.73", "black"), ("reach 0.04 · not valid", INVALID_COLOUR)]
 
 
-def test_the_layer_panels_keep_their_legend_in_an_empty_panel(tmp_path, monkeypatch):
-    """Five layers on a 4-column grid leave three empty panels: the legend goes into one, off every curve,
-    and names each series × kind once; a full grid puts it beside the last panel."""
+def test_the_layer_panels_give_each_kind_its_row_and_one_legend(tmp_path, monkeypatch):
+    """Five layers × two kinds: one row of five panels per kind, each titled with its layer and kind and drawing
+    that kind's curves only (checked against the per-model means of the input), and one legend naming each
+    series once; seven layers wrap to two rows per kind, the spare panels hidden."""
     from matplotlib.figure import Figure
 
-    rows = [dict(model_id=f"{s}-{r}", series=s, sparsity=r, kind=k, layer=f"l{i}", unit=u, mis=0.8 + 0.01 * u)
-            for s in ("a", "b") for r in (0.0, 0.5) for k in ("natural", "synthetic") for i in range(5)
+    rows = [dict(model_id=f"{s}-{r}", series=s, sparsity=r, kind=k, layer=f"l{i}", unit=u,
+                 mis=0.8 + 0.01 * u + (0.1 if k == "synthetic" else 0.0) - (0.2 * r if s == "b" else 0.0))
+            for s in ("a", "b") for r in (0.0, 0.5) for k in ("natural", "synthetic") for i in range(7)
             for u in range(3)]
     seen = {}
     monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: seen.update(
-        {"legends": [(ax.get_visible(), ax.axison, len(ax.get_legend().get_texts()))
-                     for ax in fig.axes if ax.get_legend() is not None]}))
+        panels=[(ax.get_title(), [tuple(np.round(np.asarray(line.get_ydata(), float), 6)) for line in ax.get_lines()
+                                  if line.get_linestyle() == "-"])
+                for ax in fig.axes if ax.get_visible()],
+        hidden=sum(not ax.get_visible() for ax in fig.axes),
+        legends=[[t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes if ax.get_legend()]))
+    five = pd.DataFrame([r for r in rows if r["layer"] < "l5"])
+    figures.layer_mis_vs_sparsity(five, tmp_path / "l.png")
+    assert [t for t, _ in seen["panels"]] == [f"l{i} · {k}" for k in ("natural", "synthetic") for i in range(5)]
+    assert seen["legends"] == [["a", "b"]] and seen["hidden"] == 0
+    for title, curves in seen["panels"]:
+        layer, kind = title.split(" · ")
+        d = five[(five.layer == layer) & (five.kind == kind)]
+        expected = {s: tuple(np.round(d[d.series == s].groupby("sparsity").mis.mean().to_numpy(), 6)) for s in "ab"}
+        assert sorted(curves) == sorted(expected.values())
     figures.layer_mis_vs_sparsity(pd.DataFrame(rows), tmp_path / "l.png")
-    assert seen["legends"] == [(True, False, 4)]
-    figures.layer_mis_vs_sparsity(pd.DataFrame([r for r in rows if r["layer"] != "l4"]), tmp_path / "l.png")
-    assert seen["legends"] == [(True, True, 4)]
+    assert len(seen["panels"]) == 14 and seen["hidden"] == 2 * 3 and seen["legends"] == [["a", "b"]]
 
 
 def test_legends_cover_no_data_and_captions_say_what_is_drawn(tmp_path, monkeypatch):

@@ -108,12 +108,13 @@ def test_quick_study_scores_dissects_runs_machines_and_reports_every_model(quick
 
 
 def test_the_gallery_shows_each_units_own_references(quick_run):
-    """A gallery cell is the unit's max references of task 0 in rank order (reference: the manifest)."""
+    """A gallery cell is the unit's max references of task 0 in rank order, each at its own size
+    (reference: the manifest and the bank's image files)."""
     import numpy as np
     import pandas as pd
     from PIL import Image
 
-    from analysis.gallery import TILE, _references, gallery_units
+    from analysis.gallery import _references, gallery_units, tile_size
 
     run_dir, _ = quick_run
     manifest = pd.read_parquet(run_dir / "stimuli" / "manifest.parquet")
@@ -121,12 +122,13 @@ def test_the_gallery_shows_each_units_own_references(quick_run):
     per_unit = manifest[manifest.kind == "synthetic"].groupby(["layer", "unit"]).model_id.nunique()
     assert len(chosen) == 3 and min(per_unit[u] for u in chosen) >= per_unit.drop(chosen).max()
     layer, unit = chosen[0]
-    cell = _references(manifest, run_dir / "stimuli", "base", "synthetic", layer, unit, 3)
+    tile_px = tile_size(manifest, run_dir / "stimuli")
+    cell = _references(manifest, run_dir / "stimuli", "base", "synthetic", layer, unit, 3, tile_px)
     rows = manifest[(manifest.model_id == "base") & (manifest.kind == "synthetic") & (manifest.layer == layer)
                     & (manifest.unit == unit) & (manifest.task == 0) & (manifest.role == "ref_max")].sort_values("rank")
-    second = Image.open(run_dir / "stimuli" / rows.image.iloc[1]).convert("RGB").resize((TILE, TILE),
-                                                                                         Image.Resampling.BICUBIC)
-    tile = np.asarray(cell)[:, TILE + 2:2 * TILE + 2]
+    second = Image.open(run_dir / "stimuli" / rows.image.iloc[1]).convert("RGB")
+    assert tile_px == second.size[0]                    # the quick study's stimuli are below the largest tile
+    tile = np.asarray(cell)[:, tile_px + 2:2 * tile_px + 2]
     assert np.array_equal(tile, np.asarray(second))
 
 
