@@ -53,6 +53,8 @@ from pruning.data.common import open_image
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 LABEL_MODES = {"L": 1, "P": 1, "LA": 2, "RGB": 3, "RGBA": 4}
 BRODEN_META = ("image", "split", "ih", "iw", "sh", "sw")
+#: probes of at most this many bytes are fingerprinted by their files' contents, larger ones by modification time
+CONTENT_HASH_BYTES = 512 * 2**20
 
 
 class ProbeError(ValueError):
@@ -264,12 +266,17 @@ class ProbeSet:
         return self.subset(sorted(random.Random(seed).sample(range(len(self)), max_images)))
 
     def fingerprint(self) -> str:
-        """Hash of the concept list, whole-image labels and every file's relative path, size and mtime."""
+        """Hash of the concept list, whole-image labels and every file's relative path and size, and of the
+        files' contents up to :data:`CONTENT_HASH_BYTES` in all (so a copied probe, with new modification
+        times, is the same probe); above it, of their modification times instead (a full Broden release)."""
         h = hashlib.sha256(json.dumps([self.categories, self.concepts], sort_keys=True).encode())
-        for image, entry in zip(self.images, self.entries):
-            for path in (image,) + self.decoder.files(entry):
-                st = path.stat()
-                h.update(f"{_relative(path, self.root)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        files = [(path, path.stat()) for image, entry in zip(self.images, self.entries)
+                 for path in (image,) + self.decoder.files(entry)]
+        by_content = sum(st.st_size for _, st in files) <= CONTENT_HASH_BYTES
+        for path, st in files:
+            stamp = hashlib.sha256(path.read_bytes()).hexdigest() if by_content else st.st_mtime_ns
+            h.update(f"{_relative(path, self.root)}:{st.st_size}:{stamp}\n".encode())
+        for entry in self.entries:
             if isinstance(entry, BrodenRow):
                 h.update(f"{entry.scalars}{entry.size}\n".encode())
         return h.hexdigest()

@@ -5,7 +5,7 @@ import io
 
 from flask import (Blueprint, Response, current_app, redirect, render_template, request, url_for)
 
-from .export import events_frame, participants_frame, responses_frame, safe_csv
+from .export import declines_frame, events_frame, participants_frame, responses_frame, safe_csv
 from .security import (CSRF_FIELD, admin_configured, admin_required, check_admin_password, check_csrf,
                        end_admin_session, login_throttled, record_login, start_admin_session)
 from .service import SurveyError
@@ -49,18 +49,21 @@ def logout():
 def index():
     service = current_app.extensions["survey"]
     sessions = current_app.config["SESSIONS"]
-    people = participants_frame(sessions)
+    people = participants_frame(sessions, service.study_name)
     responses = responses_frame(sessions, service.study_name)
     humans = people[~people["is_machine"]] if len(people) else people
     stages = humans["stage"].value_counts().to_dict() if len(humans) else {}
-    main = (responses[(responses["trial_type"] == "main") & ~responses["is_machine"]] if len(responses)
-            else responses)      # the main trials alone: catch trials have their own rule
+    # the main trials of the participants the analysis keeps: catch trials have their own rule, and an
+    # excluded participant's answers would move the accuracies the analysis never sees
+    main = (responses[(responses["trial_type"] == "main") & ~responses["is_machine"]
+                      & ~responses["excluded"].fillna(False).astype(bool)] if len(responses) else responses)
     per_condition = _table(main, ["condition"])
     per_unit = _table(main, ["model_id", "kind", "layer", "unit"])
     with sessions() as s:
         counts = service.balance_counts(s)
     excluded = humans[humans["excluded"].fillna(False).astype(bool)] if len(humans) else humans
     return render_template("admin.html", stages=stages, n_machine=int(people["is_machine"].sum()) if len(people) else 0,
+                           n_declined=len(declines_frame(sessions, service.study_name)),
                            per_condition=per_condition, per_unit=per_unit, excluded=excluded,
                            slots={c: counts.conditions.get(c, 0) for c in service.conditions},
                            n_items=len(service.material.items), bank_hash=service.material.bank_hash,
@@ -86,8 +89,9 @@ def export(name: str):
     sessions = current_app.config["SESSIONS"]
     study = current_app.extensions["survey"].study_name
     tables = {"responses": lambda: responses_frame(sessions, study),
-              "participants": lambda: participants_frame(sessions),
-              "events": lambda: events_frame(sessions, study)}
+              "participants": lambda: participants_frame(sessions, study),
+              "events": lambda: events_frame(sessions, study),
+              "declines": lambda: declines_frame(sessions, study)}
     stem, _, fmt = name.partition(".")
     if stem not in tables or fmt not in ("csv", "parquet"):
         raise SurveyError(404, f"unknown export {name!r}; choose from "

@@ -23,7 +23,10 @@ def _service():
 
 
 def _json_body() -> dict:
-    body = request.get_json(silent=True)
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:          # nested too deeply for the parser: no request of the survey looks like this
+        raise SurveyError(400, "the request body is nested too deeply to be a survey request") from None
     if body is None:
         raise SurveyError(400, "the request body must be JSON (Content-Type: application/json)")
     if not isinstance(body, dict):

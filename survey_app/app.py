@@ -100,7 +100,9 @@ def _error_handlers(app: Flask) -> None:
     def survey_error(err: SurveyError):
         if _wants_json():
             return jsonify(error=err.reason), err.status
-        return render_template("message.html", title="Cannot continue", message=err.reason), err.status
+        settings = app.config.get("SETTINGS")
+        return render_template("message.html", title="Cannot continue", message=err.reason,
+                               contact=getattr(settings, "contact", "")), err.status
 
     @app.errorhandler(HTTPException)
     def http_error(err: HTTPException):

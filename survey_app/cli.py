@@ -107,9 +107,11 @@ def serve_cmd(run_dir, database, host, port, overrides, reset_admin_password):
         gunicorn -w 4 -k gthread --threads 8 -b 0.0.0.0:8000 survey_app.wsgi:app
     """
     from .app import study_config, survey_material
+    from .readiness import launch_notes
     survey = _survey_overrides(overrides)
     try:
-        survey_material(run_dir, study_config(run_dir, survey))     # nothing is stored for a folder it cannot serve
+        cfg = study_config(run_dir, survey)
+        material = survey_material(run_dir, cfg)     # nothing is stored for a folder it cannot serve
     except (FileNotFoundError, ValueError) as err:
         raise click.UsageError(str(err)) from None
     _check_port(host, port)         # before a password is made and shown once, for a server that never starts
@@ -122,6 +124,8 @@ def serve_cmd(run_dir, database, host, port, overrides, reset_admin_password):
         click.echo(f"admin password (shown once): {shown['admin_password']}")
     if "api_token_file" in shown:
         click.echo(f"machine-participant API token in {shown['api_token_file']}")
+    for note in launch_notes(cfg.survey, material.refs_per_side):
+        click.echo(f"before real participants: {note}")
     app.run(host=host, port=port, threaded=True, debug=False)
 
 
@@ -222,8 +226,9 @@ def participant_cmd(run_dir, url, database, observer_name, weights, alpha, mode,
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="output file, .csv or .parquet (default: RUN_DIR/responses.csv, events.csv, participants.csv)",
               callback=_absolute)
-@click.option("--table", type=click.Choice(["responses", "events", "participants"]), default="responses",
-              show_default=True, help="what to export: responses, browser events, or participants")
+@click.option("--table", type=click.Choice(["responses", "events", "participants", "declines"]), default="responses",
+              show_default=True, help="what to export: responses, browser events, participants, or who declined "
+                                      "consent")
 def responses_cmd(run_dir, database, out, table):
     """Export every stored response (human and machine) as the tidy responses table, or the browser
     events or the participants. Text cells a spreadsheet would run as formulas are quoted in CSV. Examples:
@@ -238,7 +243,7 @@ def responses_cmd(run_dir, database, out, table):
     from .app import database_url, study_config
     from .db import database as open_database
     from .db import missing_sqlite_file
-    from .export import events_frame, participants_frame, responses_frame, safe_csv
+    from .export import declines_frame, events_frame, participants_frame, responses_frame, safe_csv
     out = out or run_dir / f"{table}.csv"
     if out.suffix not in (".csv", ".parquet"):
         raise click.UsageError(f"--out {out}: choose a .csv or .parquet file")
@@ -252,14 +257,18 @@ def responses_cmd(run_dir, database, out, table):
     with open_database(url) as sessions:
         df = {"responses": lambda: responses_frame(sessions, cfg.study.name),
               "events": lambda: events_frame(sessions, cfg.study.name),
-              "participants": lambda: participants_frame(sessions)}[table]()
+              "participants": lambda: participants_frame(sessions, cfg.study.name),
+              "declines": lambda: declines_frame(sessions, cfg.study.name)}[table]()
     if out.suffix == ".parquet":
         out.parent.mkdir(parents=True, exist_ok=True)
         df.to_parquet(out, index=False)
     else:
         atomic_write_text(out, safe_csv(df))
-    click.echo(f"{out}: {len(df)} {table if table != 'participants' else 'rows'} from "
-               f"{df['participant'].nunique() if len(df) else 0} sessions")
+    if table == "declines":
+        click.echo(f"{out}: {len(df)} declines")
+    else:
+        click.echo(f"{out}: {len(df)} {table if table != 'participants' else 'rows'} from "
+                   f"{df['participant'].nunique() if len(df) else 0} sessions")
 
 
 @click.command("mis")

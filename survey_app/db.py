@@ -16,7 +16,7 @@ import random
 import time
 from pathlib import Path
 
-from sqlalchemy import create_engine, event, select, text
+from sqlalchemy import create_engine, event, inspect, select, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import Session, sessionmaker
@@ -83,14 +83,35 @@ def _begin_immediate(conn) -> None:
         conn.exec_driver_sql(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
 
 
+def add_missing_columns(conn) -> list[str]:
+    """Add the optional (nullable) columns a database made by an earlier version lacks, so it keeps being
+    served; returns them as ``table.column``.  A missing required column is an error naming it."""
+    quote = conn.dialect.identifier_preparer.quote
+    inspector = inspect(conn)
+    added = []
+    for table in Base.metadata.sorted_tables:
+        if not inspector.has_table(table.name):
+            continue
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in (c for c in table.columns if c.name not in present):
+            if not column.nullable:
+                raise RuntimeError(f"the survey database's table {table.name} lacks the required column "
+                                   f"{column.name}; export it with an earlier sparsight and start a new database")
+            conn.execute(text(f"ALTER TABLE {quote(table.name)} ADD COLUMN {quote(column.name)} "
+                              f"{column.type.compile(dialect=conn.dialect)}"))
+            added.append(f"{table.name}.{column.name}")
+    return added
+
+
 def init_schema(engine: Engine, attempts: int = 5) -> None:
-    """Create missing tables; safe when several server workers start at once."""
+    """Create missing tables and optional columns; safe when several server workers start at once."""
     for attempt in range(attempts):
         try:
             with engine.begin() as conn:
                 if engine.dialect.name == "postgresql":
                     conn.execute(text("SELECT pg_advisory_xact_lock(7242031)"))
                 Base.metadata.create_all(conn)
+                add_missing_columns(conn)
             return
         except (OperationalError, ProgrammingError, IntegrityError):
             if attempt == attempts - 1:

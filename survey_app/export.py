@@ -5,7 +5,7 @@ import pandas as pd
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
-from .models import Event, Exclusion, Participant, Response, SurveyStudy, Trial
+from .models import Decline, Event, Exclusion, Participant, Response, SurveyStudy, Trial
 
 RESPONSE_COLUMNS = ["study", "bank_hash", "participant", "external_id", "is_machine", "observer", "condition",
                     "block", "attempt", "position", "trial_type", "trial", "model_id", "kind", "layer", "unit",
@@ -55,10 +55,13 @@ def responses_frame(sessions: sessionmaker, study_name: str | None = None) -> pd
     return df
 
 
-def participants_frame(sessions: sessionmaker) -> pd.DataFrame:
+def participants_frame(sessions: sessionmaker, study_name: str | None = None) -> pd.DataFrame:
     """One row per participant with stage, timing and the exclusion verdict."""
+    q = select(Participant).order_by(Participant.id)
+    if study_name is not None:
+        q = q.where(Participant.study_name == study_name)
     with sessions() as s:
-        ps = s.scalars(select(Participant).order_by(Participant.id)).all()
+        ps = s.scalars(q).all()
         excl = s.execute(select(Exclusion.participant_id, Exclusion.rule, Exclusion.passed, Exclusion.reason)).all()
     by_p: dict[int, list] = {}
     for pid, rule, passed, reason in excl:
@@ -76,16 +79,30 @@ def participants_frame(sessions: sessionmaker) -> pd.DataFrame:
         "reasons": " | ".join(why for _, ok, why in by_p.get(p.id, []) if not ok)} for p in ps])
 
 
-EVENT_COLUMNS = ["participant", "external_id", "is_machine", "kind", "detail", "client_ms", "created_at"]
+EVENT_COLUMNS = ["participant", "external_id", "is_machine", "kind", "detail", "trial", "client_ms", "client_epoch_ms",
+                 "created_at"]
 
 
 def events_frame(sessions: sessionmaker, study_name: str | None = None) -> pd.DataFrame:
     """Every stored browser event (focus, blur, visibility, full screen, resize, …) with its participant."""
     q = (select(Participant.public_id, Participant.external_id, Participant.is_machine, Event.kind, Event.detail,
-                Event.client_ms, Event.created_at)
+                Event.trial, Event.client_ms, Event.client_epoch_ms, Event.created_at)
          .join(Participant, Event.participant_id == Participant.id).order_by(Event.id))
     if study_name is not None:
         q = q.where(Participant.study_name == study_name)
     with sessions() as s:
         rows = s.execute(q).all()
     return pd.DataFrame([tuple(r) for r in rows], columns=EVENT_COLUMNS)
+
+
+DECLINE_COLUMNS = ["study", "external_id", "created_at"]
+
+
+def declines_frame(sessions: sessionmaker, study_name: str | None = None) -> pd.DataFrame:
+    """Everyone who declined consent (the study link's participant ID, if any, and when)."""
+    q = select(Decline.study_name, Decline.external_id, Decline.created_at).order_by(Decline.id)
+    if study_name is not None:
+        q = q.where(Decline.study_name == study_name)
+    with sessions() as s:
+        rows = s.execute(q).all()
+    return pd.DataFrame([tuple(r) for r in rows], columns=DECLINE_COLUMNS)

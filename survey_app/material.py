@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import pandas as pd
@@ -120,6 +121,11 @@ class Material:
     @property
     def items(self) -> list[Item]:
         return sorted(self.tasks)
+
+    @cached_property
+    def refs_per_side(self) -> int:
+        """The most references one side of a trial shows."""
+        return max(max(len(t.ref_max), len(t.ref_min)) for tasks in self.tasks.values() for t in tasks)
 
     def task(self, item: Item, task: int) -> Task:
         try:

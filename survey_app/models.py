@@ -117,7 +117,9 @@ class Event(Base):
     participant_id: Mapped[int] = mapped_column(ForeignKey("participants.id"), index=True)
     kind: Mapped[str] = mapped_column(String(32))
     detail: Mapped[str] = mapped_column(Text, default="")
-    client_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    client_ms: Mapped[float | None] = mapped_column(Float, nullable=True)        # ms since the page loaded
+    client_epoch_ms: Mapped[float | None] = mapped_column(Float, nullable=True)  # the client's wall clock
+    trial: Mapped[str | None] = mapped_column(String(32), nullable=True)        # the trial on screen
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
 

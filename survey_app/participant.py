@@ -11,6 +11,7 @@ import math
 
 from flask import (Blueprint, Response, current_app, redirect, render_template, request, session, url_for)
 
+from .screen import minimum_window
 from .security import CSRF_FIELD, check_csrf
 from .service import SurveyError
 
@@ -44,6 +45,11 @@ def _current() -> str | None:
     return pid
 
 
+def _minimum_window() -> tuple[int, int]:
+    """The window a trial of this study needs (the configured minimum, raised to fit the trial layout)."""
+    return minimum_window(_settings(), _service().material.refs_per_side)
+
+
 def _to_stage(pid: str):
     return redirect(url_for(STAGE_PAGES[_service().stage(pid)]))
 
@@ -58,21 +64,39 @@ NEEDS_LINK = ("this study can only be started from its link on Prolific, which c
               "open it from there")
 
 
+DECLINED_BEFORE = ("this participant ID declined to take part earlier, so the study cannot start for it; if that was "
+                   "a mistake, please contact the researchers")
+ALREADY_TOOK_PART = ("this participant ID has already taken part in the study, so it cannot start again; if you "
+                     "think this is a mistake, please contact the researchers")
+
+
 def duration_minutes(settings) -> int:
     """The duration the consent page states: one minute of instructions plus every trial."""
     trials = settings.practice_trials + settings.main_trials + settings.catch_trials
     return max(1, math.ceil((60 + trials * settings.seconds_per_trial) / 60))
 
 
+def _current_for(external: str | None) -> str | None:
+    """This browser's session, unless the study link names another participant ID than the session's: then
+    the browser is shared (a second person, or a pilot), and the old session is forgotten here (not deleted),
+    so the new ID starts its own instead of answering under the first one's."""
+    pid = _current()
+    if pid and external and _service().external_id(pid) not in (None, external):
+        session.pop("pid", None)
+        session.pop("tok", None)
+        return None
+    return pid
+
+
 @bp.get("/")
 def start():
-    pid = _current()
+    pid = _current_for(request.args.get("PROLIFIC_PID", "").strip()[:128] or None)
     if pid:
         return _to_stage(pid)
     params = {k: request.args.get(k, "") for k in PROLIFIC}
     if external_id_required(_settings()) and not params["PROLIFIC_PID"].strip():
         raise SurveyError(403, NEEDS_LINK)
-    return render_template("consent.html", params=params, settings=_settings(),
+    return render_template("consent.html", params=params, settings=_settings(), min_window=_minimum_window(),
                            duration=duration_minutes(_settings()))
 
 
@@ -87,11 +111,13 @@ def consent():
         return render_template("declined.html", redirect_url=url)
     if request.form.get("consent") != "yes":
         raise SurveyError(400, "consent is required to take part; tick the box to agree")
-    pid = _current()
+    pid = _current_for(external)
     if pid:
         return _to_stage(pid)
     if external_id_required(_settings()) and not external:
         raise SurveyError(403, NEEDS_LINK)
+    if external and _service().declined(external):
+        raise SurveyError(409, DECLINED_BEFORE)
     study_id = request.form.get("STUDY_ID", "").strip()[:128] or None
     session_id = request.form.get("SESSION_ID", "").strip()[:128] or None
     service = _service()
@@ -102,7 +128,7 @@ def consent():
             if session_id and session_id == prolific_session and stage not in ("complete", "screened_out"):
                 session.update(pid=public_id, tok=service.reissue_token(public_id))
                 return _to_stage(public_id)
-            raise SurveyError(409, "this participant ID has already taken part in the study")
+            raise SurveyError(409, ALREADY_TOOK_PART)
     public_id, token = service.create_participant(
         external_id=external, prolific_study_id=study_id, prolific_session_id=session_id,
         user_agent=request.headers.get("User-Agent"), window=request.form.get("window", ""))
@@ -150,8 +176,9 @@ def trials():
     if _service().stage(pid) not in ("practice", "main"):
         return _to_stage(pid)
     s = _settings()
+    width, height = _minimum_window()
     timing = {"min_response_ms": s.min_response_ms, "feedback_delay_ms": s.feedback_delay_ms,
-              "feedback_ms": s.feedback_ms, "min_width": s.min_window_width, "min_height": s.min_window_height,
+              "feedback_ms": s.feedback_ms, "min_width": width, "min_height": height,
               "reference_px": s.reference_px, "query_px": s.query_px}
     return render_template("trials.html", session_id=pid, timing=timing, prompt=PROMPT, settings=s)
 

@@ -30,7 +30,8 @@ KEY_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{8,64}$")
 #: Longest event detail stored (characters of its JSON); a longer one is refused, never cut.
 MAX_EVENT_DETAIL = 2000
 EVENT_KINDS = ("focus", "blur", "visibility", "fullscreen_enter", "fullscreen_exit", "resize", "reload",
-               "preload_error", "page", "note")
+               "preload_error", "page", "note", "display")
+TRIAL_ID = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 
 
 class SurveyError(Exception):
@@ -54,6 +55,13 @@ def _check_server_time(server_ms: float | None, rt_ms: float, min_ms: int) -> No
                                f"after {min_ms} ms")
     if rt_ms > server_ms + RT_SLACK_MS:
         raise SurveyError(422, f"rt_ms {rt_ms:g} is longer than the {server_ms:.0f} ms since the trial was served")
+
+
+def _event_time(event: dict, name: str) -> float | None:
+    value = event.get(name)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+        raise SurveyError(400, f"event time {name!r} must be a finite number (ms)")
+    return value
 
 
 def token_hash(token: str) -> str:
@@ -213,6 +221,19 @@ class SurveyService:
                             .where(Participant.study_name == self.study_name,
                                    Participant.external_id == external_id)).first()
         return None if row is None else (row[0], row[1], row[2])
+
+    def external_id(self, public_id: str) -> str | None:
+        """The study link's participant ID a session was started with (None without one)."""
+        with self.readers() as s:
+            return s.scalar(select(Participant.external_id).where(Participant.study_name == self.study_name,
+                                                                  Participant.public_id == public_id))
+
+    def declined(self, external_id: str) -> bool:
+        """Whether this participant ID declined consent before."""
+        from .models import Decline
+        with self.readers() as s:
+            return s.scalar(select(Decline.id).where(Decline.study_name == self.study_name,
+                                                     Decline.external_id == external_id).limit(1)) is not None
 
     def reissue_token(self, public_id: str) -> str:
         """A fresh token for a participant resuming on a new browser (after Prolific identity checks)."""
@@ -392,7 +413,8 @@ class SurveyService:
             p.excluded = not all(r.passed for r in results)
 
     def record_events(self, public_id: str, body) -> int:
-        """Store browser events ``{"events": [{"kind", "detail", "t"}, ...]}``; return how many."""
+        """Store browser events ``{"events": [{"kind", "detail", "t", "epoch_ms", "trial"}, ...]}`` (``t``: ms since
+        the page loaded; ``epoch_ms``: the client's wall clock; ``trial``: the trial on screen); return how many."""
         events = body.get("events") if isinstance(body, dict) else None
         if not isinstance(events, list) or not 1 <= len(events) <= 100:
             raise SurveyError(400, "expected {\"events\": [...]} with 1 to 100 events")
@@ -400,19 +422,20 @@ class SurveyService:
         for e in events:
             if not isinstance(e, dict) or e.get("kind") not in EVENT_KINDS:
                 raise SurveyError(400, f"each event needs a kind from {list(EVENT_KINDS)}")
-            t = e.get("t")
-            if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t)):
-                raise SurveyError(400, "event time 't' must be a finite number (ms)")
+            t, epoch = (_event_time(e, name) for name in ("t", "epoch_ms"))
+            trial = e.get("trial")
+            if trial is not None and not (isinstance(trial, str) and TRIAL_ID.match(trial)):
+                raise SurveyError(400, "event 'trial' must be a trial id or null")
             try:
                 detail = json.dumps(e.get("detail", ""), allow_nan=False)
             except (TypeError, ValueError):
                 raise SurveyError(400, "event detail must be JSON without NaN or Infinity") from None
             if len(detail) > MAX_EVENT_DETAIL:
                 raise SurveyError(400, f"event detail is {len(detail)} characters as JSON; at most {MAX_EVENT_DETAIL}")
-            rows.append((e["kind"], detail, t))
+            rows.append(dict(kind=e["kind"], detail=detail, client_ms=t, client_epoch_ms=epoch, trial=trial))
         with transaction(self.sessions) as s:
             p = self._participant(s, public_id)
-            s.add_all([Event(participant_id=p.id, kind=k, detail=d, client_ms=t) for k, d, t in rows])
+            s.add_all([Event(participant_id=p.id, **row) for row in rows])
             p.last_seen_at = utcnow()
         return len(rows)
 

@@ -38,10 +38,11 @@ def _get(url: str, tries: int = 100) -> tuple[int, bytes]:
 
 @pytest.fixture
 def study_copy(quick_study, tmp_path):
-    """A copy of the finished quick study under a new working directory (``runs/quick`` there)."""
+    """A copy of the finished quick study under a new working directory (``runs/quick`` there), made as
+    ``cp -r`` makes one: contents only, every file with a new modification time."""
     _, run_dir, _ = quick_study
     cwd = tmp_path / "work"
-    shutil.copytree(run_dir, cwd / "runs" / "quick")
+    shutil.copytree(run_dir, cwd / "runs" / "quick", copy_function=shutil.copyfile)
     return cwd
 
 

@@ -310,3 +310,31 @@ def test_labels_cross_from_dataloader_workers_without_holding_file_descriptors(t
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0 and "decoded 300" in proc.stdout, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("layout", ["broden", "folder"])
+def test_a_copied_probe_keeps_its_fingerprint_and_a_changed_file_does_not(broden, probe_dir, tmp_path, layout,
+                                                                         monkeypatch):
+    """The fingerprint (what decides whether dissection reruns) follows the files' contents: a copy with new
+    modification times is the same probe; one changed label byte is not; above the content-hash size the
+    modification time stands in for the contents."""
+    import os
+    import shutil
+
+    import stimuli.probes as probes
+
+    source = broden if layout == "broden" else probe_dir
+    copy = tmp_path / f"copy-{layout}"
+    shutil.copytree(source, copy, copy_function=shutil.copyfile)        # contents only: new mtimes
+    assert open_probe(copy).fingerprint() == open_probe(source).fingerprint()
+    copied = open_probe(copy)
+    label = copied.decoder.files(copied.entries[0])[0]          # the first image's first label map
+    pixels = np.array(Image.open(label))
+    pixels.flat[0] ^= 1
+    Image.fromarray(pixels).save(label)
+    assert open_probe(copy).fingerprint() != open_probe(source).fingerprint()
+    monkeypatch.setattr(probes, "CONTENT_HASH_BYTES", 0)
+    before = open_probe(source).fingerprint()
+    image = open_probe(source).images[0]
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+    assert open_probe(source).fingerprint() != before

@@ -10,10 +10,15 @@
   const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
   const preloaded = new Map();
   let pendingEvents = [];
+  let onScreen = null;      // the id of the trial on screen, which every event carries
 
   // ---- events (focus, blur, fullscreen, resize) --------------------------------------------
+  // t: ms since this page loaded (performance.now); epoch_ms: the same instant on the client's wall clock,
+  // so events of several page loads (reloads) keep their order.
   function logEvent(kind, detail) {
-    pendingEvents.push({kind: kind, detail: detail || "", t: performance.now()});
+    const t = performance.now();
+    pendingEvents.push({kind: kind, detail: detail || "", t: t, epoch_ms: performance.timeOrigin + t,
+                        trial: onScreen});
     if (pendingEvents.length >= 20) flushEvents();
   }
   function flushEvents(keepalive) {
@@ -35,6 +40,8 @@
   setInterval(flushEvents, 3000);
   if (performance.getEntriesByType && (performance.getEntriesByType("navigation")[0] || {}).type === "reload")
     logEvent("reload");
+  logEvent("display", "screen " + screen.width + "x" + screen.height + " window " + window.innerWidth + "x" +
+                      window.innerHeight + " pixel_ratio " + window.devicePixelRatio);
 
   const root = document.documentElement.style;       // display sizes of the study (CSSOM: allowed by the CSP)
   root.setProperty("--reference-px", S.timing.reference_px + "px");
@@ -43,12 +50,43 @@
                 Math.max(screen.width, screen.height) < S.timing.min_width;
   let started = false;
 
+  // The window a trial needs: the study's minimum, or more where the trial on screen measures larger
+  // (its images have fixed sizes, so its width and height do not depend on the window).
+  function needed() {
+    let w = S.timing.min_width, h = S.timing.min_height;
+    if (!$("trial").hidden) {
+      const layout = document.querySelector(".layout"), main = document.querySelector("main");
+      const page = getComputedStyle(main), parts = Array.from(layout.children);
+      const gap = parseFloat(getComputedStyle(layout).columnGap) || 0;
+      const width = parts.reduce((sum, el) => sum + el.getBoundingClientRect().width, 0) +
+                    gap * (parts.length - 1) + parseFloat(page.paddingLeft) + parseFloat(page.paddingRight);
+      w = Math.max(w, Math.ceil(width));
+      h = Math.max(h, Math.ceil(main.getBoundingClientRect().bottom + window.scrollY));
+    }
+    return {w: w, h: h};
+  }
   function checkSize() {
-    const small = phone || window.innerWidth < S.timing.min_width || window.innerHeight < S.timing.min_height;
-    if (phone) $("too-small-text").textContent = "This study needs a computer with a mouse or keyboard; it cannot " +
-                                                 "be done on a phone or a small tablet.";
+    const need = needed();
+    const small = phone || window.innerWidth < need.w || window.innerHeight < need.h;
+    $("too-small-text").textContent = phone ?
+      "This study needs a computer with a mouse or keyboard; it cannot be done on a phone or a small tablet." :
+      "Your window is too small to show the whole trial. Please return to full-screen mode or enlarge the window " +
+      "(at least " + need.w + "×" + need.h + " pixels), or reduce the browser zoom.";
     $("too-small").hidden = !small;
     return !small;
+  }
+  const overlaid = () => Array.from(document.querySelectorAll(".overlay")).some((el) => !el.hidden);
+
+  // What a participant reads when an answer is refused (the server's reason goes to the event log).
+  function plainError(result) {
+    logEvent("note", "answer refused: " + result.status + " " + result.error);
+    if (result.status === 409) return "This trial was already answered (perhaps in another tab or window).";
+    return "Your answer could not be saved. Please answer this trial again.";
+  }
+  // Keys 1–6 on the top row or the number pad, whatever the keyboard layout types there.
+  function digitOf(e) {
+    const m = /^(?:Digit|Numpad)([1-6])$/.exec(e.code || "");
+    return m ? m[1] : e.key;
   }
 
   // ---- server calls ---------------------------------------------------------------------------
@@ -114,7 +152,7 @@
   function waitForAnswer() {
     return new Promise((resolve) => {
       function finish(choice, confidence) {
-        if (buttons[0].disabled || !checkSize()) return;
+        if (buttons[0].disabled || !checkSize() || overlaid()) return;   // never an answer to a hidden trial
         setButtons(false);
         document.removeEventListener("keydown", onKey);
         buttons.forEach((b) => b.removeEventListener("click", onClick));
@@ -123,7 +161,8 @@
       function onClick(e) { finish(e.currentTarget.dataset.choice, +e.currentTarget.dataset.confidence); }
       function onKey(e) {
         if (e.repeat || e.ctrlKey || e.metaKey || e.altKey) return;   // a held key must not answer the next trial
-        const b = buttons.find((x) => x.dataset.key === e.key);
+        const key = digitOf(e);
+        const b = buttons.find((x) => x.dataset.key === key);
         if (b) finish(b.dataset.choice, +b.dataset.confidence);
       }
       buttons.forEach((b) => b.addEventListener("click", onClick));
@@ -148,6 +187,8 @@
     $("progress").value = state.progress.done;
     $("trial").hidden = false;
     $("status").textContent = "";
+    onScreen = t.id;
+    checkSize();
     await new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)));  // painted
     const shown = performance.now();
     prefetch(state.prefetch);
@@ -161,8 +202,9 @@
     const result = await postResponse({trial: t.id, choice: answer.choice, confidence: answer.confidence,
                                        rt_ms: Math.round((answer.t - shown) * 10) / 10, key: key});
     if (result.error) {
-      $("status").textContent = result.error;
-      await sleep(1500);
+      $("status").textContent = plainError(result);
+      await sleep(2500);
+      $("status").textContent = "";
       return result;
     }
     await feedbackDue;
@@ -177,6 +219,7 @@
   function overlay(text, label) {
     return new Promise((resolve) => {
       $("trial").hidden = true;
+      onScreen = null;
       $("overlay-text").textContent = text;
       $("overlay-button").textContent = label;
       $("overlay-button").disabled = false;
@@ -195,9 +238,11 @@
     checkSize();
     $("fullscreen-button").onclick = () => { $("left-fullscreen").hidden = true; requestFullscreen(); };
     let state = await getState();
-    await overlay(state.stage === "practice" ? "The practice trials start now. The study switches to full-screen mode."
-                                             : "Press the button to continue. The study switches to full-screen mode.",
-                  state.stage === "practice" ? "Start practice" : "Continue");
+    const resumed = state.trial && state.trial.number > 1;
+    await overlay(state.stage === "practice" && !resumed
+                    ? "The practice trials start now. The study switches to full-screen mode."
+                    : "Press the button to continue. The study switches to full-screen mode.",
+                  state.stage === "practice" && !resumed ? "Start practice" : "Continue");
     requestFullscreen();
     started = true;
     while (true) {

@@ -54,6 +54,8 @@ def test_malformed_foreign_replayed_and_out_of_range_requests_are_refused_withou
         ("replayed key, other answer", dict(json={**good, "choice": "lower"}, headers=h), 409, "different"),
         ("not the current trial", dict(json={**ok2, "trial": trial["id"], "key": "skip-ahead"}, headers=h), 409,
          "already"),
+        ("nested too deeply", dict(data="[" * 100_000 + "]" * 100_000, content_type="application/json", headers=h),
+         400, "nested"),
     ]
     for name, kw, status, words in cases:
         r = client.post(post, **kw)
@@ -64,8 +66,27 @@ def test_malformed_foreign_replayed_and_out_of_range_requests_are_refused_withou
     assert client.post("/api/sessions", json={"observer": "x"}, headers=auth("nope")).status_code == 403
     assert client.post("/api/sessions", json={"observer": "x", "mode": "all"},
                        headers=auth(API_TOKEN)).status_code == 400
-    assert client.post(f"/api/sessions/{sid}/events", json={"events": [{"kind": "hack"}]}, headers=h).status_code == 400
+    events = f"/api/sessions/{sid}/events"
+    for bad in ({"kind": "hack"}, {"kind": "blur", "trial": "../x"}, {"kind": "blur", "trial": 7},
+                {"kind": "blur", "epoch_ms": "today"}, {"kind": "blur", "t": True}):
+        r = client.post(events, json={"events": [{"kind": "focus"}, bad]}, headers=h)
+        assert r.status_code == 400, (bad, r.json)
     assert snapshot(app) == before
+
+
+def test_events_carry_the_trial_on_screen_and_the_wall_clock_into_the_export(app, client):
+    from survey_app.export import events_frame
+    sid, token = machine_session(client)
+    trial = client.get(f"/api/sessions/{sid}", headers=auth(token)).json["trial"]["id"]
+    sent = [{"kind": "display", "detail": "screen 1920x1080 window 1900x960 pixel_ratio 1", "t": 5.5,
+             "epoch_ms": 1.7e12, "trial": None},
+            {"kind": "fullscreen_exit", "t": 1200.25, "epoch_ms": 1.7e12 + 1194.75, "trial": trial}]
+    r = client.post(f"/api/sessions/{sid}/events", json={"events": sent}, headers=auth(token))
+    assert r.status_code == 200
+    frame = events_frame(app.config["SESSIONS"], app.extensions["survey"].study_name)
+    assert frame[["kind", "trial", "client_ms", "client_epoch_ms"]].fillna({"trial": ""}).to_dict("records") == [
+        {"kind": "display", "trial": "", "client_ms": 5.5, "client_epoch_ms": 1.7e12},
+        {"kind": "fullscreen_exit", "trial": trial, "client_ms": 1200.25, "client_epoch_ms": 1.7e12 + 1194.75}]
 
 
 def test_browser_requests_need_the_csrf_token_and_their_own_session(app, client):

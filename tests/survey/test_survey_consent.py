@@ -86,3 +86,38 @@ def test_one_participant_id_takes_part_once_under_concurrent_consents(make_app):
     for t in threads:
         t.join()
     assert sorted(codes) == [302] + [409] * 7 and _count(app, Participant) == 1
+
+
+def _consent(client, link: dict):
+    token = csrf_from(client.get("/", query_string=link).text)
+    return client.post("/consent", data={"csrf_token": token, "consent": "yes", **link})
+
+
+def test_a_second_participant_id_in_the_same_browser_starts_its_own_session(make_app):
+    """A shared browser (a pilot, a lab computer): the link of a second participant ID must not continue the
+    first one's session, or the second person's answers would be stored and paid under the first ID."""
+    app = make_app()
+    client = app.test_client()
+    assert _consent(client, LINK).status_code == 302
+    second = {**LINK, "PROLIFIC_PID": "p-456", "SESSION_ID": "x-2"}
+    page = client.get("/", query_string=second)
+    assert page.status_code == 200 and 'id="consent-form"' in page.text       # the consent page, not a redirect
+    assert _consent(client, second).status_code == 302
+    with app.config["SESSIONS"]() as s:
+        assert sorted(s.scalars(select(Participant.external_id))) == ["p-123", "p-456"]
+    assert client.get("/", query_string=second).status_code == 302        # its own session resumes
+    assert client.get("/").status_code == 302                             # a bare reload resumes it too
+
+
+def test_a_participant_id_that_declined_cannot_start_and_the_decline_is_exported(make_app, tmp_path):
+    app = make_app(contact="lab@example.org")
+    client = app.test_client()
+    token = csrf_from(client.get("/", query_string=LINK).text)
+    client.post("/consent", data={"csrf_token": token, "decision": "decline", **LINK})
+    r = _consent(app.test_client(), LINK)
+    assert r.status_code == 409 and "declined" in r.text and "lab@example.org" in r.text
+    assert _count(app, Participant) == 0 and _count(app, Decline) == 1
+    from survey_app.export import declines_frame
+    frame = declines_frame(app.config["SESSIONS"], app.extensions["survey"].study_name)
+    assert frame["external_id"].tolist() == ["p-123"]
+    assert declines_frame(app.config["SESSIONS"], "another-study").empty
