@@ -177,9 +177,11 @@ def trials():
         return _to_stage(pid)
     s = _settings()
     width, height = _minimum_window()
+    # min_*: the configured floor; the trial measures what else it needs once on screen (fit_*: the estimate
+    # of that, asked for while no trial is shown)
     timing = {"min_response_ms": s.min_response_ms, "feedback_delay_ms": s.feedback_delay_ms,
-              "feedback_ms": s.feedback_ms, "min_width": width, "min_height": height,
-              "reference_px": s.reference_px, "query_px": s.query_px}
+              "feedback_ms": s.feedback_ms, "min_width": s.min_window_width, "min_height": s.min_window_height,
+              "fit_width": width, "fit_height": height, "reference_px": s.reference_px, "query_px": s.query_px}
     return render_template("trials.html", session_id=pid, timing=timing, prompt=PROMPT, settings=s)
 
 

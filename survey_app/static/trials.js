@@ -50,11 +50,15 @@
                 Math.max(screen.width, screen.height) < S.timing.min_width;
   let started = false;
 
-  // The window a trial needs: the study's minimum, or more where the trial on screen measures larger
-  // (its images have fixed sizes, so its width and height do not depend on the window).
+  // The window a trial needs: the study's minimum, or more where the trial on screen measures larger (its
+  // images have fixed sizes, so its width and height do not depend on the window); with no trial on screen,
+  // the server's estimate of that.
   function needed() {
     let w = S.timing.min_width, h = S.timing.min_height;
-    if (!$("trial").hidden) {
+    if ($("trial").hidden) {
+      w = Math.max(w, S.timing.fit_width);
+      h = Math.max(h, S.timing.fit_height);
+    } else {
       const layout = document.querySelector(".layout"), main = document.querySelector("main");
       const page = getComputedStyle(main), parts = Array.from(layout.children);
       const gap = parseFloat(getComputedStyle(layout).columnGap) || 0;

@@ -8,6 +8,7 @@ and the images on screen are checked against the stored trial before each answer
 """
 from __future__ import annotations
 
+import math
 import threading
 import time
 from contextlib import contextmanager
@@ -93,11 +94,12 @@ def live_survey(tmp_path, database_url):
 
 
 @contextmanager
-def _served(tmp_path, database_url, settings: dict):
+def _served(tmp_path, database_url, settings: dict, **bank):
     late = _LateApp()
     server = make_server("127.0.0.1", 0, late, threaded=True)
     base = f"http://127.0.0.1:{server.server_port}"
-    run_dir = make_study_dir(tmp_path / "study", {**settings, "completion_url": base + "/prolific-done?cc={code}"})
+    run_dir = make_study_dir(tmp_path / "study", {**settings, "completion_url": base + "/prolific-done?cc={code}"},
+                             **bank)
     app = create_app({"RUN_DIR": str(run_dir), "DATABASE_URL": database_url, "TESTING": True})
     app.add_url_rule("/prolific-done", "prolific_done", lambda: f"Prolific would now record code {request.args['cc']}")
     late.app = app
@@ -381,3 +383,83 @@ def test_a_trial_waits_for_every_image_and_its_feedback_delay_counts_from_the_an
         page.wait_for_function("() => window.__frames.length > 0")
         delay = page.evaluate("() => window.__frames[0] - window.__clicks[0]")
         assert FEEDBACK_DELAY_MS - 20 <= delay < FEEDBACK_DELAY_MS + REPLY_DELAY_MS - 150, delay
+
+
+# ---- the trial's layout, keys and overlays ------------------------------------------------------------------
+
+LAYOUT_PROBE = """() => {
+  const inside = (r) => r.left >= 0 && r.top >= 0 && r.right <= innerWidth && r.bottom <= innerHeight;
+  const images = Array.from(document.querySelectorAll('#left img, #right img, #upper, #lower'));
+  const hit = (x, y) => { const e = document.elementFromPoint(x, y); return e ? (e.id || e.className || e.tagName) : null; };
+  const buttons = Array.from(document.querySelectorAll('button.answer')).map((b) => {
+    const r = b.getBoundingClientRect(), x = r.left + r.width / 2;
+    return [document.elementFromPoint(x, r.top + r.height / 2) === b && document.elementFromPoint(x, r.bottom - 2) === b,
+            hit(x, r.bottom - 2)];       // what lies over a button that does not take its click
+  });
+  const layout = document.querySelector('.layout'), main = document.querySelector('main');
+  const width = Array.from(layout.children).reduce((s, el) => s + el.getBoundingClientRect().width, 0) +
+                2 * parseFloat(getComputedStyle(layout).columnGap) + 2 * parseFloat(getComputedStyle(main).paddingLeft);
+  return {images: images.length, imagesInside: images.every((i) => inside(i.getBoundingClientRect())),
+          buttonsTakeClicks: buttons.every((b) => b[0]), hits: buttons, width: width, height: main.getBoundingClientRect().bottom,
+          tooSmall: !document.getElementById('too-small').hidden,
+          tooSmallText: document.getElementById('too-small-text').textContent};
+}"""
+
+
+def _stored_responses(live) -> int:
+    with live.sessions() as s:
+        return len(s.scalars(select(Response.id)).all())
+
+
+def test_a_nine_reference_trial_fits_the_window_it_asks_for_and_answers_only_when_seen(tmp_path, database_url,
+                                                                                      page):
+    """With 9 references per side at the default sizes (the published protocol), the window the study asks for
+    (``screen.trial_window``) shows every image and every answer button takes its click (the status line
+    lies over none); a narrower window than the trial measures is refused with the size it needs.  A key
+    answers by its physical digit whatever character the layout types (AZERTY's top row), and never while an
+    overlay hides the trial."""
+    from survey_app.screen import trial_window
+
+    settings = {**SETTINGS, "reference_px": 128, "query_px": 176, "min_window_width": 0, "min_window_height": 0}
+    width, height = trial_window(128, 176, 9)
+    with _served(tmp_path, database_url, settings, k=9) as live:
+        page.goto(f"{live.base}/?" + "&".join(f"{k}={v}" for k, v in PROLIFIC.items()))
+        page.locator("#consent-box").check()
+        page.locator("#consent-submit").click()
+        page.wait_for_url(f"{live.base}/instructions")
+        page.locator("#start-practice").click()
+        page.wait_for_url(f"{live.base}/trials")
+        continue_past_overlay(page, "practice trials start now", "Start practice")
+        wait_for_trial(page)
+        page.set_viewport_size({"width": width, "height": height})
+        page.wait_for_function("() => innerWidth === %d && innerHeight === %d" % (width, height))
+        seen = page.evaluate(LAYOUT_PROBE)
+        assert seen["images"] == 2 * 9 + 2 and seen["imagesInside"] and seen["buttonsTakeClicks"], seen
+        assert not seen["tooSmall"] and seen["width"] <= width and seen["height"] <= height, seen
+        assert width - seen["width"] < 60 and height - seen["height"] < 60, seen     # the estimate is not lavish
+        tight = {"width": math.ceil(seen["width"]), "height": math.ceil(seen["height"])}
+        page.set_viewport_size(tight)                          # exactly the room the trial takes: still whole
+        page.wait_for_function("([w, h]) => innerWidth === w && innerHeight === h && "
+                               "document.getElementById('too-small').hidden", arg=[tight["width"], tight["height"]])
+        at_tight = page.evaluate(LAYOUT_PROBE)
+        assert at_tight["imagesInside"] and at_tight["buttonsTakeClicks"], at_tight
+        page.set_viewport_size({"width": width, "height": height})
+
+        page.set_viewport_size({"width": int(seen["width"]) - 10, "height": height})
+        page.wait_for_function("() => !document.getElementById('too-small').hidden")
+        assert f"at least {tight['width']}×{tight['height']} pixels" in page.text_content("#too-small-text")
+        page.set_viewport_size({"width": width, "height": height})
+        page.wait_for_function("() => document.getElementById('too-small').hidden")
+
+        before = _stored_responses(live)
+        page.evaluate("() => { document.getElementById('left-fullscreen').hidden = false; }")
+        page.keyboard.press("1")
+        time.sleep(0.5)
+        assert _stored_responses(live) == before                  # nothing answered under the overlay
+        page.evaluate("() => { document.getElementById('left-fullscreen').hidden = true; }")
+        trial = current_trial(live)
+        page.evaluate("() => document.dispatchEvent(new KeyboardEvent('keydown', {key: \"'\", code: 'Digit4'}))")
+        wait_until(lambda: _stored_responses(live) > before, what="the answer typed on an AZERTY top row")
+        with live.sessions() as s:
+            answer = s.scalars(select(Response).where(Response.trial_id == trial.id)).one()
+        assert (answer.choice, answer.confidence) == ("lower", 1)
