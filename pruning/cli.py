@@ -123,7 +123,9 @@ def _data_flags(data_path) -> dict:
 @click.option("--data", "data_path", type=click.Path(exists=True, file_okay=False, resolve_path=True), required=True,
               help="ImageFolder root holding the split to evaluate")
 @click.option("--split", type=click.Choice(["val", "train"]), default="val", show_default=True)
-@click.option("--image-size", type=click.IntRange(min=1), default=None, help="input size (default: the architecture's)")
+@click.option("--image-size", type=click.IntRange(min=1), default=None,
+              help="input size (default: the size the model was trained at, from its meta.json; else the "
+                   "architecture's)")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @device_option("auto")
 @click.option("--on-corrupt", type=click.Choice(["skip", "error"]), default="skip", show_default=True)
@@ -156,11 +158,12 @@ def evaluate_cmd(checkpoint: Path, data_path, split, image_size, batch_size, dev
 
     dev = resolve_device(device)
     ckpt = load_checkpoint(checkpoint, map_location=dev)
-    size = image_size or get_spec(ckpt.arch).input_size
+    size = image_size or _trained_size(ckpt.path.parent) or get_spec(ckpt.arch).input_size
     loader = make_loader(data_path, split, image_size=size, batch_size=batch_size, train=False,
                          on_corrupt=on_corrupt, device=dev)
+    _check_classes(ckpt, loader.classes, data_path)
     result = evaluate(ckpt.model, loader, device=dev)
-    result.update(checkpoint=str(ckpt.path), arch=ckpt.arch, split=split)
+    result.update(checkpoint=str(ckpt.path), arch=ckpt.arch, split=split, image_size=size)
     robust = None
     if robustness or parent:
         from dataclasses import replace
@@ -187,6 +190,31 @@ def evaluate_cmd(checkpoint: Path, data_path, split, image_size, batch_size, dev
         if robust is not None:
             meta["robustness"] = robust
         save_meta(ckpt.path.parent, meta)
+
+
+def _trained_size(model_dir: Path) -> int | None:
+    """The input size a study trained the model at (its meta.json), if recorded."""
+    from .models import read_meta
+    try:
+        return read_meta(model_dir).get("input_size")
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _check_classes(ckpt, classes: list[str], data_path) -> None:
+    """Stop when the checkpoint was trained on other class folders than the data has (its labels would be
+    read as other classes' labels)."""
+    stored = ckpt.args.get("classes")
+    if not stored:
+        return
+    trained = json.loads(stored)
+    if trained != list(classes):
+        lacks, extra = sorted(set(trained) - set(classes)), sorted(set(classes) - set(trained))
+        detail = (f"the data lacks {lacks[:5]}" if lacks else "") + ("; " if lacks and extra else "") + \
+                 (f"the data has {extra[:5]} it was not trained on" if extra else "")
+        raise click.UsageError(f"{ckpt.path} was trained on {len(trained)} classes, {data_path} has {len(classes)}: "
+                               f"{detail or 'the same names in another order'}; its predictions would be scored "
+                               f"against the wrong labels")
 
 
 @click.command("prune")

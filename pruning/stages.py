@@ -10,8 +10,9 @@ from pathlib import Path
 from sparsight.layout import CHECKPOINT_FILE, META_FILE
 
 from .data import concept_shapes
-from .data.folders import split_dir
+from .data.folders import folder_digest, split_dir
 from .models import read_meta
+from .models.registry import WeightsError, resolve_weights, weights_digest
 from .schedule import PruneJob
 from .training import TrainSettings
 from .workflows import build_loaders, default_exclude, prune_and_save, retrain_settings, train_and_save
@@ -25,10 +26,26 @@ class DataStage:
     name = "data"
     description = "generate the concept-shapes dataset (or check the configured image folder)"
 
+    def check(self, study) -> list[str]:
+        """An image folder's layout (train/ and val/ with the same class folders), before anything runs."""
+        d = study.config.data
+        if d.source != "folder" or not study.data_root.is_dir():      # a missing folder is named already
+            return []
+        try:
+            split_dir(study.data_root, "train"), split_dir(study.data_root, "val")
+        except (OSError, ValueError) as err:
+            return [f"data.path: {err}"]
+        return []
+
     def inputs(self, study) -> dict:
         d = study.config.data
         if d.source == "folder":
-            return {"source": "folder", "path": str(Path(d.path).expanduser().resolve())}
+            path = Path(d.path).expanduser().resolve()
+            try:
+                digest = folder_digest(path)
+            except OSError as err:
+                digest = f"unavailable: {err}"
+            return {"source": "folder", "path": str(path), "files": digest}
         return {"source": d.source, "image_size": d.image_size, "train_per_class": d.train_per_class,
                 "val_per_class": d.val_per_class, "seed": study.config.study.seed,
                 "generator_version": concept_shapes.GENERATOR_VERSION}
@@ -55,12 +72,24 @@ class ModelStage:
             return o.arch, o.weights, TrainSettings.from_section(cfg.train, epochs=o.epochs, lr=o.lr, seed=seed + 1)
         return cfg.model.arch, cfg.model.weights, TrainSettings.from_section(cfg.train, seed=seed)
 
+    def check(self, study) -> list[str]:
+        """The weights the network starts from can be found (a local file, or a torchvision name in the cache)."""
+        arch, weights, _ = self._spec(study)
+        if not weights:
+            return []
+        try:
+            resolve_weights(arch, weights)
+        except (WeightsError, ValueError) as err:
+            return [f"{'observer' if self.model_id == 'observer' else 'model'}.weights: {err}"]
+        return []
+
     def inputs(self, study) -> dict:
         arch, weights, settings = self._spec(study)
         d = study.config.data
         extra = {"rewind_epoch": study.config.prune.imp_rewind_epoch,
                  "evaluate": asdict(study.config.evaluate)} if self.is_base else {}
         return {"data": study.upstream("data"), "arch": arch, "weights": weights,
+                "weights_digest": weights_digest(arch, weights),
                 "num_classes": study.config.model.num_classes, "settings": asdict(settings),
                 "loader": {"image_size": d.image_size, "batch_size": d.batch_size, "augment": d.augment}, **extra}
 

@@ -16,11 +16,13 @@ import torch
 
 from sparsight.layout import CHECKPOINT_FILE, META_FILE
 
-from .data.folders import ImageFolderDataset, make_loader, reference_batches, split_dir, stratified_subset
+from .data.folders import (ImageFolderDataset, folder_digest, make_loader, reference_batches, split_dir,
+                           stratified_subset)
 from .methods import method_class, prunable_layers
 from .models import base_meta, create_model, file_sha256, get_spec, load_checkpoint, save_checkpoint, write_meta
 from .models.checkpoint import atomic_save
 from .models.counting import layer_sizes, measure_sparsity
+from .models.registry import weights_digest
 from .schedule import prune_and_retrain
 from .training import DistContext, Trainer, TrainSettings, evaluate
 from .training.engine import amp_dtype, use_channels_last
@@ -138,7 +140,8 @@ def train_and_save(cfg, data_root: str | Path, out_dir: str | Path, ctx: DistCon
     """
     out_dir = Path(out_dir)
     d = cfg.data
-    fp = job_fingerprint({"arch": arch, "weights": weights, "settings": asdict(settings), "data": str(data_root),
+    fp = job_fingerprint({"arch": arch, "weights": weights, "weights_digest": weights_digest(arch, weights),
+                          "settings": asdict(settings), "data": str(data_root), "files": folder_digest(data_root),
                           "loader": [d.image_size, d.batch_size, d.augment, d.cache], "rewind": rewind_epoch,
                           "num_classes": cfg.model.num_classes})
     meta = reusable_meta(out_dir, fp) if reuse else None

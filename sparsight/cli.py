@@ -119,6 +119,8 @@ def run_cmd(study_path, study_file, profile, overrides, device, name, force, sho
                 click.echo(f"{'':25s} ({why}")
         for line in problems:
             click.echo(f"problem (the run stops before its first stage): {line}")
+        if problems:            # a script that plans first sees the run would stop
+            raise SystemExit(1)
         return
     from pruning.training import open_study
 

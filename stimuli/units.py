@@ -69,12 +69,20 @@ def layer_channels(model: nn.Module, layers: list[str], input_size: int) -> dict
 
     model = unwrap(model)
     modules = {name: find_layer(model, name) for name in layers}
-    channels, handles = {}, []
+    shapes, handles = {}, []
     for name in layers:
         handles.append(modules[name].register_forward_hook(
-            lambda mod, inp, out, name=name: channels.__setitem__(name, int(out.shape[1]))))
-    trace_blank(model, input_size, handles)
-    return channels
+            lambda mod, inp, out, name=name: shapes.__setitem__(name, tuple(getattr(out, "shape", ())))))
+    try:
+        trace_blank(model, input_size, handles)
+    except RuntimeError as err:         # a feature map shrank to nothing on the way
+        raise ValueError(f"an input of {input_size} px is too small for {getattr(model, 'arch', 'the model')} "
+                         f"({str(err).splitlines()[0]}); use a larger data.image_size") from None
+    flat = [name for name in layers if len(shapes.get(name, ())) != 4]
+    if flat:
+        raise ValueError(f"layer {flat[0]!r} puts out {list(shapes.get(flat[0], ()))}, not a map of channels "
+                         f"[N, C, H, W]: units are channels of convolutional layers or blocks")
+    return {name: int(shapes[name][1]) for name in layers}
 
 
 def _rng(seed: int, *parts) -> random.Random:

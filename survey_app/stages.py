@@ -134,6 +134,23 @@ class MisStage:
     name = "mis"
     description = "Machine Interpretability Score of every unit (MIS surrogate on the stimulus bank)"
 
+    def check(self, study) -> list[str]:
+        """A registered network as the embedding: its weights can be found before anything runs."""
+        from pruning.models import MODELS, WeightsError
+        from pruning.models.registry import resolve_weights
+
+        mis = study.config.mis
+        if mis.embedding not in MODELS:
+            return []
+        if not mis.embedding_weights:
+            return [f"mis.embedding_weights: mis.embedding = {mis.embedding!r} needs weights (a file, or a torchvision "
+                    f"weights name present in the TORCH_HOME cache)"]
+        try:
+            resolve_weights(mis.embedding, mis.embedding_weights)
+        except (WeightsError, ValueError) as err:
+            return [f"mis.embedding_weights: {err}"]
+        return []
+
     def inputs(self, study) -> dict:
         cfg = study.config
         humans = (human_response_count(study.run_dir, cfg, connect=not study.planning)

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 import torch
@@ -67,6 +68,17 @@ def test_train_then_evaluate_agree(runner, tiny_data, tmp_path):
     assert report["top1"] == pytest.approx(meta["top1"]["after"])
     assert report["n"] == 60
     assert "evaluations" in json.loads((out / "meta.json").read_text())
+    # without --image-size: the size it was trained at (meta.json), not the architecture's 64 px
+    again = json.loads(runner.invoke(main, ["evaluate", str(out), "--data", str(tiny_data), "--device", "cpu"]).output)
+    assert meta["input_size"] == again["image_size"] == 32 and again["top1"] == pytest.approx(report["top1"])
+    # data whose class folders differ from those it was trained on: its labels would be other classes'
+    other = tmp_path / "other"
+    for split in ("train", "val"):
+        shutil.copytree(tiny_data / split, other / split)
+        (other / split / "circle").rename(other / split / "disc")
+    wrong = runner.invoke(main, ["evaluate", str(out), "--data", str(other), "--device", "cpu"])
+    assert wrong.exit_code == 2 and "was trained on 10 classes" in wrong.output
+    assert "the data lacks ['circle']; the data has ['disc'] it was not trained on" in wrong.output
 
 
 @pytest.mark.parametrize("args, fragment", [

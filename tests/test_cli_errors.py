@@ -26,6 +26,8 @@ def places(tmp_path, tiny_data, monkeypatch):
     (tmp_path / "unknown-key.toml").write_text("[train]\nepoch = 3\n")
     shutil.copytree(tiny_data, tmp_path / "corrupt-data")
     next((tmp_path / "corrupt-data" / "val").glob("*/*.png")).write_bytes(b"not an image")
+    shutil.copytree(tiny_data, tmp_path / "uneven-data")
+    shutil.rmtree(tmp_path / "uneven-data" / "val" / "circle")
     return {"data": str(tiny_data), "corrupt_data": str(tmp_path / "corrupt-data"), "tmp": str(tmp_path)}
 
 
@@ -124,6 +126,12 @@ SETTINGS_WRONG_BEFORE_ANY_STAGE = {
     "stimulus model": ('stimuli.models=["lrp-oneshot-r0.3"]', "stimuli.models: 'lrp-oneshot-r0.3' is not a model"),
     "survey model": ('survey.models=["base", "gone"]', "survey.models: 'gone' gets no stimuli in this study"),
     "probe folder": ("dissection.probe=no-probe", "dissection.probe: {tmp}/no-probe does not exist"),
+    "splits with other classes": (("data.source=folder", "data.path=uneven-data"),
+                                  "data.path: data folder {tmp}/uneven-data: val/ lacks 1 class(es) train/ has: "
+                                  "['circle']"),
+    "torchvision weights name": ('model.weights="IMAGENET1K_V1"', "model.weights: model 'inception-small' has no "
+                                                                  "torchvision weights"),
+    "classifier as unit layer": ('units.layers=["fc"]', "layer 'fc' puts out [1, 10], not a map of channels"),
 }
 
 
@@ -131,12 +139,13 @@ SETTINGS_WRONG_BEFORE_ANY_STAGE = {
                          ids=SETTINGS_WRONG_BEFORE_ANY_STAGE.keys())
 def test_a_wrong_setting_stops_the_run_before_its_first_stage(places, setting, fragment):
     """Found from the configuration alone: no data generated, nothing trained, no study directory."""
-    result = CliRunner().invoke(main, ["run", "--profile", "quick", "--set", setting])
+    sets = [arg for one in ([setting] if isinstance(setting, str) else setting) for arg in ("--set", one)]
+    result = CliRunner().invoke(main, ["run", "--profile", "quick", *sets])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     assert result.output.startswith("Error: ") and fragment.format(**places) in result.output, result.output
     assert not os.path.exists(os.path.join(places["tmp"], "runs"))
-    plan = CliRunner().invoke(main, ["run", "--profile", "quick", "--plan", "--set", setting])
-    assert plan.exit_code == 0 and "problem (the run stops before its first stage): " in plan.output
+    plan = CliRunner().invoke(main, ["run", "--profile", "quick", "--plan", *sets])
+    assert plan.exit_code == 1 and "problem (the run stops before its first stage): " in plan.output
     assert fragment.format(**places) in plan.output
 
 

@@ -143,3 +143,39 @@ def test_folder_loader_for_a_gpu_gives_pinned_batches(tiny_data):
                          decode="cpu", num_workers=1, device="cuda")
     batch = next(iter(loader))
     assert isinstance(loader, FolderLoader) and batch.images.is_pinned() and batch.targets.is_pinned()
+
+
+def _copy_data(tiny_data, root):
+    shutil.copytree(tiny_data / "train", root / "train")
+    shutil.copytree(tiny_data / "val", root / "val")
+    return root
+
+
+def test_splits_with_different_class_folders_stop_before_any_label_is_read(tiny_data, tmp_path):
+    """val/ without one of train/'s classes would give every later val class the label of the one before it
+    (a class's label is its place among the folders): every access to either split stops, naming the class."""
+    from pruning.data.folders import folder_digest, split_dir
+
+    root = _copy_data(tiny_data, tmp_path / "data")
+    missing = sorted(p.name for p in (root / "val").iterdir())[1]
+    shutil.rmtree(root / "val" / missing)
+    for split in ("train", "val"):
+        with pytest.raises(DataLayoutError, match=rf"val/ lacks 1 class\(es\) train/ has: \['{missing}'\]"):
+            split_dir(root, split)
+    with pytest.raises(DataLayoutError, match="same class folders"):
+        make_loader(root, "val", image_size=32, batch_size=4, train=False)
+    shutil.copytree(tiny_data / "val" / missing, root / "val" / missing)
+    (root / "val" / "zebra").mkdir()
+    with pytest.raises(DataLayoutError, match=r"val/ has 1 class\(es\) train/ lacks: \['zebra'\]"):
+        split_dir(root, "val")
+    (root / "val" / "zebra").rmdir()
+    assert split_dir(root, "val") == root / "val"
+
+    before = folder_digest(root)                     # what a study's data stage fingerprints
+    assert folder_digest(_copy_data(tiny_data, tmp_path / "copy")) == before          # contents, not the place
+    extra = root / "val" / missing / "new.png"
+    shutil.copy(next((root / "val" / missing).glob("*.png")), extra)
+    assert folder_digest(root) != before
+    extra.unlink()
+    (root / "val" / missing / "notes.txt").write_text("not an image")
+    assert folder_digest(root) == before             # only images count

@@ -87,6 +87,26 @@ def test_torchvision_weights_come_only_from_the_local_cache(tmp_path, monkeypatc
         create_model("resnet18", weights="IMAGENET9K")
 
 
+def test_the_weights_digest_follows_the_file_content_and_the_cache_file(tmp_path, monkeypatch):
+    """What a study fingerprints its starting weights by: a local file's content (the same path with other
+    weights reruns training), a torchvision name's cache file; a missing one says why."""
+    from pruning.models.registry import weights_digest
+
+    path = tmp_path / "w.pt"
+    torch.manual_seed(0)
+    torch.save(create_model("resnet18", num_classes=5).state_dict(), path)
+    first = weights_digest("resnet18", str(path))
+    torch.manual_seed(1)
+    torch.save(create_model("resnet18", num_classes=5).state_dict(), path)
+    assert weights_digest("resnet18", str(path)) not in (first, "") and weights_digest("resnet18", "") == ""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    assert weights_digest("resnet18", "IMAGENET1K_V1").startswith("unavailable: torchvision weights")
+    cached = tmp_path / "hub" / "checkpoints" / os.path.basename(torchvision_weights("resnet18", "IMAGENET1K_V1").url)
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"x" * 7)
+    assert weights_digest("resnet18", "IMAGENET1K_V1") == f"{cached.name}:7"
+
+
 @pytest.mark.slow
 def test_googlenet_imagenet_state_dict_with_aux_heads_loads_into_aux_free_model(tmp_path):
     with_aux = create_model("googlenet", num_classes=10, aux_logits=True)

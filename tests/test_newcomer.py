@@ -154,14 +154,18 @@ def test_plan_of_a_study_with_a_database_server_connects_to_nothing(tmp_path, mo
     monkeypatch.setattr(db, "make_engine", refuse)
     monkeypatch.chdir(tmp_path)
     study = Path(__file__).resolve().parents[1] / "studies" / "googlenet-imagenet.toml"
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))       # an empty weights cache
     result = CliRunner().invoke(main, ["run", str(study), "--plan"])
-    assert result.exit_code == 0, result.output
     assert re.search(r"^mis +may run ", result.output, re.M) and "does not connect" in result.output
     assert not (tmp_path / "runs").exists()
     inputs = {"data.path": "/data/imagenet", "dissection.probe": "/data/broden1_224"}     # the study file's
-    assert [line for line in result.output.splitlines() if line.startswith("problem")] == [
-        f"problem (the run stops before its first stage): {key}: {path} does not exist"
-        for key, path in inputs.items() if not Path(path).exists()]
+    problems = [line for line in result.output.splitlines() if line.startswith("problem")]
+    assert problems[:2] == [f"problem (the run stops before its first stage): {key}: {path} does not exist"
+                            for key, path in inputs.items() if not Path(path).exists()]
+    cache = tmp_path / "torch-home" / "hub" / "checkpoints"          # the weights names, checked without loading
+    assert [p.split(": ")[1] for p in problems[2:]] == ["model.weights", "observer.weights"]
+    assert f"expected {cache}/googlenet-1378be20.pth" in problems[2] and "resnet50-11ad3fa6.pth" in problems[3]
+    assert result.exit_code == 1                     # a script that plans first learns the run would stop
 
 
 def test_every_profile_is_offered_and_paper_plans(tmp_path, monkeypatch):

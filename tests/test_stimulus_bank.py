@@ -29,6 +29,13 @@ def test_layer_channels_and_a_wrong_layer_lists_the_valid_ones():
     with pytest.raises(ValueError, match=r"layer 'inception9z' does not exist; valid layers: \['conv1'"):
         layer_channels(model, ["inception9z"], 64)
     assert_no_hooks(model)
+    with pytest.raises(ValueError, match=r"layer 'fc' puts out \[1, 10\], not a map of channels"):
+        layer_channels(model, ["inception3a", "fc"], 64)       # a layer that exists but has no channels
+    alexnet = create_model("alexnet", num_classes=10)
+    with pytest.raises(ValueError, match="an input of 32 px is too small for alexnet .*use a larger data.image_size"):
+        layer_channels(alexnet, ["features.0"], 32)
+    assert_no_hooks(model)
+    assert_no_hooks(alexnet)
 
 
 def test_sampling_is_seeded_in_range_and_layer_independent():

@@ -6,6 +6,7 @@ names it, and the loaders count the skips.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import warnings
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from torchvision import datasets, transforms
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 from torchvision.transforms import functional as TF
 
 from .common import (IMAGENET_MEAN, IMAGENET_STD, Batch, CorruptImageError, default_workers, epoch_seed, eval_resize,
@@ -84,7 +86,9 @@ def build_transform(image_size: int, train: bool, augment: str = "auto") -> tran
 
 
 def split_dir(root: str | os.PathLike, split: str) -> Path:
-    """``root/split``, or a clear error listing what the folder holds."""
+    """``root/split``, or a clear error listing what the folder holds; where the other split exists too, its
+    class folders must be the same (a class's label is its place among them, so a class missing from one
+    split would shift every later label of that split)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose from {list(SPLITS)}")
     path = Path(root) / split
@@ -92,7 +96,43 @@ def split_dir(root: str | os.PathLike, split: str) -> Path:
         found = sorted(p.name for p in Path(root).iterdir()) if Path(root).is_dir() else []
         raise DataLayoutError(f"data folder {root} has no {split}/ folder (found: {found}); expected "
                               f"{root}/train/<class>/*.jpg and {root}/val/<class>/*.jpg")
+    check_split_classes(root)
     return path
+
+
+def class_folders(path: str | os.PathLike) -> list[str]:
+    """The class folders of one split, in label order (as torchvision's ImageFolder finds them)."""
+    return sorted(entry.name for entry in os.scandir(path) if entry.is_dir())
+
+
+def check_split_classes(root: str | os.PathLike) -> None:
+    """Stop when ``root/train`` and ``root/val`` (both present) hold different class folders."""
+    train, val = Path(root) / "train", Path(root) / "val"
+    if not (train.is_dir() and val.is_dir()):
+        return
+    a, b = class_folders(train), class_folders(val)
+    if a != b:
+        lacks, extra = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+        parts = ([f"val/ lacks {len(lacks)} class(es) train/ has: {lacks[:5]}"] if lacks else []) + \
+                ([f"val/ has {len(extra)} class(es) train/ lacks: {extra[:5]}"] if extra else [])
+        raise DataLayoutError(f"data folder {root}: {'; '.join(parts)}; both splits need the same class folders, "
+                              f"since a class's label is its place among them")
+
+
+def folder_digest(root: str | os.PathLike) -> str:
+    """sha256 over the class folders and image file names of each split of ``root``: it changes when a class or
+    an image is added, removed or renamed (a file rewritten under its old name is not noticed)."""
+    h = hashlib.sha256()
+    for split in SPLITS:
+        path = Path(root) / split
+        if not path.is_dir():
+            continue
+        for name in class_folders(path):
+            files = sorted(e.name for e in os.scandir(path / name) if e.is_file() and has_file_allowed_extension(
+                e.name, IMG_EXTENSIONS))
+            h.update(f"{split}/{name}:{len(files)}\n".encode())
+            h.update("\n".join(files).encode())
+    return h.hexdigest()
 
 
 class FolderLoader:

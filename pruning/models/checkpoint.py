@@ -128,7 +128,8 @@ def base_meta(model: nn.Module, *, model_id: str, input_size: int, seed: int, pa
     """The meta.json keys every checkpoint has; callers add method-specific ones."""
     total, nonzero = count_params(model)
     meta = {
-        "model_id": model_id, "arch": unwrap(model).arch, "parent": parent, "method": None, "criterion": None,
+        "model_id": model_id, "arch": unwrap(model).arch, "input_size": int(input_size), "parent": parent,
+        "method": None, "criterion": None,
         "schedule": None, "rate_requested": 0.0, "sparsity": measure_sparsity(model),
         "params_total": total, "params_nonzero": nonzero, "flops": count_flops(model, input_size),
         "top1": {}, "top5": {}, "retrain": {}, "robustness": {}, "seed": seed,

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from sparsight.errors import closest, module_choices
+from sparsight.files import sha256_file
 from sparsight.registry import Registry
 
 from .small import InceptionSmall, ObserverNet
@@ -152,6 +153,21 @@ def resolve_weights(arch: str, weights: str | os.PathLike) -> tuple[Path, dict]:
             f"expected {path}. Nothing is downloaded at run time: copy the file there (or set TORCH_HOME) "
             f"or pass the path of a local weights file.")
     return path, _weights_kwargs(arch, member)
+
+
+def weights_digest(arch: str, weights: str | os.PathLike | None) -> str:
+    """What identifies the weights a study starts from, so a changed file reruns what was trained on it: a
+    local file's sha256, a torchvision cache file's name and size (its name carries a hash of its content);
+    the reason where the weights cannot be found (the stage that loads them says so)."""
+    if not weights:
+        return ""
+    try:
+        path, _ = resolve_weights(arch, weights)
+    except (WeightsError, ValueError) as err:
+        return f"unavailable: {err}"
+    if looks_like_path(str(weights)):
+        return sha256_file(path)
+    return f"{path.name}:{path.stat().st_size}"
 
 
 def _weights_kwargs(arch: str, member) -> dict:
