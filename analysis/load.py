@@ -215,16 +215,28 @@ def empty_trials() -> pd.DataFrame:
 
 
 def read_responses(run_dir: str | Path, cfg: StudyConfig | None = None) -> tuple[pd.DataFrame, str]:
-    """The tidy responses table and where it came from: ``RUN_DIR/responses.csv`` (or ``.parquet``) when
-    present, else the study's survey database; an empty table (source ``"none"``) when neither exists."""
+    """The tidy responses table and where it came from: the study's survey database when it holds responses
+    (an export, ``RUN_DIR/responses.csv``, is a copy of it that may be older: answers given after it would be
+    lost), else that export (a study folder analysed without its database); an empty table (source
+    ``"none"``) when neither has any.  A different table: ``sparsight analyze --import FILE``."""
     run_dir = Path(run_dir)
     path = Layout(run_dir).responses()
-    if path is not None:
-        return _read_table(path), path.name
     cfg = cfg or study_config(run_dir)
     from survey_app.stages import read_responses as read_database
-    table = read_database(run_dir, cfg)
-    return table, ("survey database" if len(table) else "none")
+    try:
+        table = read_database(run_dir, cfg)
+    except Exception as err:  # noqa: BLE001 - an unreachable database server: the export, if there is one
+        if path is None:
+            raise
+        return _read_table(path), f"{path.name} (the survey database is unreachable: {type(err).__name__})"
+    if len(table):
+        if path is not None and len(exported := _read_table(path)) != len(table):
+            return table, (f"survey database ({len(table)} responses; {path.name}, an export of "
+                           f"{len(exported)}, is not read)")
+        return table, "survey database"
+    if path is not None:
+        return _read_table(path), path.name
+    return table, "none"
 
 
 def trials_from_responses(responses: pd.DataFrame, models: pd.DataFrame | None = None) -> pd.DataFrame:

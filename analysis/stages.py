@@ -6,20 +6,21 @@ from pathlib import Path
 
 
 def responses_fingerprint(study) -> dict:
-    """What the report's human side depends on: ``responses.csv``/``.parquet`` content, else the number of
-    responses stored in the survey database."""
-    from sparsight.files import sha256_file
-    path = study.layout.responses()
-    if path is not None:
-        return {path.name: sha256_file(path)}
+    """What the report's human side depends on (as :func:`analysis.load.read_responses` chooses): the number
+    of responses in the survey database when it has any, else the content of ``responses.csv``/``.parquet``."""
     from sparsight.errors import NotKnownWhilePlanning
+    from sparsight.files import sha256_file
     from survey_app.stages import read_responses
+    path = study.layout.responses()
     try:
-        return {"database_responses": len(read_responses(study.run_dir, study.config, connect=not study.planning))}
+        stored = len(read_responses(study.run_dir, study.config, connect=not study.planning))
     except NotKnownWhilePlanning:
         raise
     except Exception as err:  # noqa: BLE001 - an unreachable database leaves the report to say so
-        return {"database": f"unavailable: {type(err).__name__}"}
+        stored = f"unavailable: {type(err).__name__}"
+    if path is not None and not (isinstance(stored, int) and stored > 0):
+        return {path.name: sha256_file(path)}
+    return {"database_responses": stored} if isinstance(stored, int) else {"database": stored}
 
 
 class AnalysisStage:

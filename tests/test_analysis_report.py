@@ -439,7 +439,7 @@ def test_models_fall_back_to_evaluation_csv(tmp_path):
     assert models.loc["base", "method"] == "base" and models.loc["connection-oneshot-r0.50", "rate"] == 0.5
 
 
-def test_trials_come_from_the_survey_database_without_responses_csv(tmp_path):
+def test_trials_come_from_the_survey_database_and_from_an_export_only_without_one(tmp_path):
     from survey_app import create_app
     from survey_app.testing import make_study_dir
 
@@ -464,6 +464,17 @@ def test_trials_come_from_the_survey_database_without_responses_csv(tmp_path):
     assert trials["is_machine"].all() and (trials["observer"] == "bright").all()
     assert set(trials["trial_type"]) == {"main", "catch"} and set(trials["correct"]) <= {0, 1}
     assert trials["unit_id"].str.fullmatch(r"inception\da:\d").all()
+
+    # an export (`sparsight responses` writes RUN_DIR/responses.csv) is a copy that new answers leave behind:
+    # the database stays the source, and the report says the export is not read
+    from survey_app.export import responses_frame
+    responses_frame(app.config["SESSIONS"]).head(3).to_csv(run_dir / "responses.csv", index=False)
+    trials, source = load_trials(run_dir)
+    assert len(trials) == 5 and source == "survey database (5 responses; responses.csv, an export of 3, is not read)"
+    app.config["ENGINE"].dispose()
+    (run_dir / "survey.db").rename(run_dir / "elsewhere.db")           # the folder without its database
+    trials, source = load_trials(run_dir)
+    assert len(trials) == 3 and source == "responses.csv"
 
 
 @pytest.mark.parametrize("draw", [
