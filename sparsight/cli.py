@@ -74,7 +74,8 @@ def main(debug):
 @click.option("--name", default=None, help="study name (output folder under study.output_dir)")
 @click.option("--force", multiple=True, metavar="STAGE", help="rerun this stage even if it is up to date "
               "(repeatable; 'all' reruns everything)")
-@click.option("--show-options", is_flag=True, help="print every study setting with its default and exit")
+@click.option("--show-options", is_flag=True, help="print every setting of this study (profile, study file, --set) with "
+              "its meaning and, where it differs, the built-in default; then exit")
 @click.option("--plan", is_flag=True, help="print the resolved study and which stages would run, then exit")
 def run_cmd(study_path, study_file, profile, overrides, device, name, force, show_options, plan):
     """Run a study: data → base and observer models → pruning and retraining → robustness and
@@ -93,9 +94,6 @@ def run_cmd(study_path, study_file, profile, overrides, device, name, force, sho
       sparsight run studies/googlenet-imagenet.toml --plan
       torchrun --nproc_per_node=8 -m sparsight run studies/googlenet-imagenet.toml
     """
-    if show_options:
-        click.echo(describe_options())
-        return
     in_place = _recorded_study_dir(study_path)
     if in_place is not None and name is not None:
         raise click.UsageError(f"{in_place} is a study directory and runs where it is; --name picks a new folder "
@@ -104,6 +102,9 @@ def run_cmd(study_path, study_file, profile, overrides, device, name, force, sho
         cfg = resolve_study(in_place, study_file, profile, overrides, device)
     else:
         cfg = resolve_from_cli(study_path or study_file, profile, overrides, device, {"study.name": name})
+    if show_options:                # this study's values: its profile, study file and --set
+        click.echo(describe_options(cfg))
+        return
     from .study import study_problems
     problems = study_problems(cfg, pipeline_stages())
     if problems and not plan:      # before any stage: not hours later, at the stage that needs the setting

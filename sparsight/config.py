@@ -653,8 +653,10 @@ def write_study(cfg: StudyConfig, run_dir: str | Path) -> Path:
                              "# resolved sparsight study configuration (complete)\n" + cfg.to_toml())
 
 
-def describe_options() -> str:
-    """Every section and key with its default and doc: the reference behind ``--help``."""
+def describe_options(cfg: StudyConfig | None = None) -> str:
+    """Every section and key with its value and doc: the reference behind ``--help``.  With ``cfg`` (a resolved
+    study: profile, study file and ``--set``) the values are its own, and each one its profile or study sets
+    otherwise names the built-in default beside it."""
     lines = []
     for sec_name, sec_cls in _sections().items():
         lines.append(f"[{sec_name}]")
@@ -663,7 +665,10 @@ def describe_options() -> str:
             choices = f.metadata.get("choices")
             choices = choices() if callable(choices) else choices
             hint = f" (one of {', '.join(map(str, choices))})" if choices else ""
-            lines.append(f"  {f.name} = {_toml_value(getattr(default, f.name))}    # {f.metadata['doc']}{hint}")
+            base = getattr(default, f.name)
+            value = getattr(getattr(cfg, sec_name), f.name) if cfg is not None else base
+            changed = f" [built-in default: {_toml_value(base)}]" if value != base else ""
+            lines.append(f"  {f.name} = {_toml_value(value)}    # {f.metadata['doc']}{hint}{changed}")
     return "\n".join(lines)
 
 

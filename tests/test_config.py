@@ -82,6 +82,25 @@ def test_describe_options_lists_every_key():
     assert "retrain_gamma = 0.9" in text
 
 
+def test_show_options_gives_this_studys_values_and_the_built_in_defaults_beside_changed_ones():
+    """`--show-options` with a profile and --set: each key's value in that study, and where the profile or the
+    override changed it, the built-in default (read from the section's own defaults)."""
+    from sparsight.config import StimuliSection
+
+    cfg = load_study(None, "quick", ["train.lr=0.5"])
+    lines, section = {}, ""
+    for line in describe_options(cfg).splitlines():
+        section = line.strip("[]") if line.startswith("[") else section
+        if " = " in line:
+            lines[f"{section}.{line.split(' = ')[0].strip()}"] = line
+    built_in = StimuliSection().fv_steps
+    assert cfg.stimuli.fv_steps != built_in
+    assert lines["stimuli.fv_steps"].startswith(f"  fv_steps = {cfg.stimuli.fv_steps}    # ")
+    assert lines["stimuli.fv_steps"].endswith(f"[built-in default: {built_in}]")
+    assert lines["train.lr"].startswith("  lr = 0.5    # ") and "[built-in default:" in lines["train.lr"]
+    assert "[built-in default" not in lines["prune.retrain_gamma"]
+
+
 def test_example_study_files_are_valid():
     from pathlib import Path
     files = sorted((Path(__file__).parent.parent / "studies").glob("*.toml"))
