@@ -39,6 +39,7 @@ import pandas as pd
 from sparsight.config import StudyConfig
 from sparsight.files import atomic_write_text
 from sparsight.layout import REPORT_HTML, REPORT_JSON, Layout
+from stimuli.stages import no_probe_reason
 
 from . import figures as fig
 from .gallery import make_gallery
@@ -487,9 +488,9 @@ def top1_summary(models: pd.DataFrame) -> Outcome:
     return Outcome("Top-1 after retraining — " + "; ".join(parts) + ".", {"models": table}, table=table)
 
 
-def dissection_summary(table: pd.DataFrame) -> Outcome:
+def dissection_summary(table: pd.DataFrame, why_none: str | None = None) -> Outcome:
     if "interpretable" not in table or table["interpretable"].isna().all():
-        raise Skip("no Network Dissection results (dissection/models.csv) exist")
+        raise Skip(f"no Network Dissection results (dissection/models.csv) exist{': ' + why_none if why_none else ''}")
     d = table[table["interpretable"].notna()]
     base = d[d["method"] == BASE_METHOD]
 
@@ -708,7 +709,8 @@ def model_side(data: StudyData, entries: list) -> None:
                      lambda kind=kind: mis_equivalence(units, kind, cfg))
     run_analysis(entries, "top1", "Top-1 accuracy", "model", lambda: top1_summary(data.models))
     table = model_table(data.models, None, data.dissection_models)
-    run_analysis(entries, "dissection", "Network Dissection", "model", lambda: dissection_summary(table))
+    why_none = no_probe_reason(cfg, Path(cfg.data.path) if cfg.data.source == "folder" else Layout(data.run_dir).data)
+    run_analysis(entries, "dissection", "Network Dissection", "model", lambda: dissection_summary(table, why_none))
 
 
 def primary_slopes(data: StudyData) -> list:
@@ -895,8 +897,9 @@ def assemble(data: StudyData, humans: Humans, table: pd.DataFrame, desc: dict, e
     from sparsight import __version__ as version
     notes = []
     if not data.has_responses:
+        shown = "MIS, top-1, dissection" if len(data.dissection_models) else "MIS, top-1"
         notes.append(f"{NO_RESPONSES} from human participants: the report shows the model-side results only "
-                     f"(MIS, top-1, dissection).")
+                     f"({shown}).")
     return {
         "study": {"name": cfg.study.name, "profile": cfg.study.profile, "run_dir": str(data.run_dir),
                   "generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -362,11 +362,19 @@ class DissectionStage:
 
         if not study.is_main:
             return []
-        if not study.config.dissection.probe and not (study.data_root / "masks").is_dir():
-            warnings.warn(f"skipping Network Dissection: the study data {study.data_root} has no concept masks; "
-                          f"set dissection.probe to a Broden release or a probe folder", stacklevel=2)
+        reason = no_probe_reason(study.config, study.data_root)
+        if reason:
+            warnings.warn(f"skipping Network Dissection: {reason}", stacklevel=2)
             return []
         return run_dissection(study, fresh=study.forced)
+
+
+def no_probe_reason(cfg, data_root: Path) -> str | None:
+    """Why a study has nothing to dissect on (no ``dissection.probe`` and no concept masks), else None."""
+    if cfg.dissection.probe or (Path(data_root) / "masks").is_dir():
+        return None
+    return (f"the study data {data_root} has no concept masks and dissection.probe is empty; set "
+            f"dissection.probe to a Broden release or a probe folder")
 
 
 STAGES = [StimuliStage(), DissectionStage()]

@@ -1063,3 +1063,18 @@ def test_the_primary_human_fit_carries_a_model_intercept_when_participants_are_n
     assert out.table.set_index("term").loc["rate", "boot_se"] > 1.5 * naive["table"].loc["rate", "boot_se"]
     for kind in ("gee", "clustered"):
         assert "participants nested in models" in human_slope(trials, "natural", kind, cfg).sentence
+
+
+def test_without_a_probe_the_report_says_why_dissection_is_missing(tmp_path):
+    """A folder study with neither concept masks nor dissection.probe: the skipped entry names the setting
+    that would give it dissection, and the note on missing human data promises no dissection."""
+    from analysis.report import Skip, dissection_summary
+    from stimuli.stages import no_probe_reason
+
+    cfg = load_study(None, "quick", ["data.source=folder", f'data.path="{tmp_path}"'])
+    reason = no_probe_reason(cfg, tmp_path)
+    assert reason and "dissection.probe is empty" in reason
+    with pytest.raises(Skip, match="dissection/models.csv\\) exist: the study data .* has no concept masks"):
+        dissection_summary(pd.DataFrame({"interpretable": [math.nan]}), reason)
+    (tmp_path / "masks").mkdir()
+    assert no_probe_reason(cfg, tmp_path) is None
