@@ -12,6 +12,8 @@ from sparsight.layout import CHECKPOINT_FILE, META_FILE
 from .data import concept_shapes
 from .data.folders import folder_digest, split_dir
 from .models import read_meta
+from .method_base import PruningError, prunable_layers
+from .models import create_model
 from .models.registry import WeightsError, resolve_weights, weights_digest
 from .schedule import PruneJob
 from .training import TrainSettings
@@ -116,6 +118,18 @@ def study_model_ids(study) -> list[str]:
 class PruneStage:
     name = "prune"
     description = "prune the base model by every method × schedule × rate, retrain, evaluate robustness"
+
+    def check(self, study) -> list[str]:
+        """``prune.exclude`` names layers of ``model.arch`` and leaves something to prune (checked on a freshly
+        built network, before the base model is trained)."""
+        cfg = study.config
+        if not cfg.prune.exclude:
+            return []
+        try:
+            prunable_layers(create_model(cfg.model.arch, num_classes=10), cfg.prune.exclude)
+        except PruningError as err:
+            return [f"prune.exclude: {err}"]
+        return []
 
     def inputs(self, study) -> dict:
         cfg = study.config
