@@ -61,6 +61,8 @@ def test_shape_mismatch_and_wrong_arch_are_explained(tmp_path):
     with pytest.raises(WeightsError, match=r"plain\.pt does not fit model 'resnet18' with num_classes=1000: "
                                            r"shape mismatch fc\.weight: file \(10, 512\) vs model \(1000, 512\)"):
         create_model("resnet18", num_classes=1000, weights=tmp_path / "plain.pt")
+    with pytest.raises(WeightsError, match=r"only the classifier differs: the file's has 10 classes, the model's 5"):
+        create_model("resnet18", num_classes=5, weights=tmp_path / "plain.pt")
 
 
 @pytest.mark.slow

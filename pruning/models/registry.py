@@ -204,6 +204,18 @@ def read_state_dict(path: Path, arch: str) -> tuple[dict, dict]:
     return {k.removeprefix("module."): v for k, v in obj.items()}, {}
 
 
+def _classifier_hint(own: dict, state: dict, num_classes: int) -> str:
+    """Where only the classifier's number of classes differs (say ImageNet weights for a 5-class dataset), what
+    the numbers are and what to do."""
+    differ = [k for k in own if state[k].shape != own[k].shape]
+    counts = {state[k].shape[0] for k in differ}
+    if len(counts) != 1 or any(state[k].shape[1:] != own[k].shape[1:] or own[k].shape[0] != num_classes
+                               for k in differ):
+        return ""
+    return (f" — only the classifier differs: the file's has {counts.pop()} classes, the model's {num_classes} (the "
+            f"data's class folders, or model.num_classes); these weights fit data with that many classes")
+
+
 def load_state_checked(model: nn.Module, state: dict, path: Path, arch: str, num_classes: int) -> None:
     """``load_state_dict(strict=True)`` with an error that names the file, arch and mismatches."""
     own = model.state_dict()
@@ -220,8 +232,9 @@ def load_state_checked(model: nn.Module, state: dict, path: Path, arch: str, num
             parts.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+        hint = "" if missing or unexpected else _classifier_hint(own, state, num_classes)
         raise WeightsError(f"weights file {path} does not fit model {arch!r} with num_classes={num_classes}: "
-                           + ", ".join(parts))
+                           + ", ".join(parts) + hint)
     model.load_state_dict(state, strict=True)
 
 
