@@ -1,4 +1,9 @@
-"""The tidy responses table (``responses.csv``, DESIGN §3): one row per trial response, human and machine."""
+"""The tidy responses table (``responses.csv``, DESIGN §3): one row per trial response, human and machine.
+
+Times are UTC.  ``rt_ms``: the browser's time from the trial being painted to the answer (it includes the
+``min_response_ms`` lock); ``server_ms``: the server's time from first serving the trial to saving the answer;
+``served_at``: when the trial was first served; ``catch_ref``: for a catch trial, which right example its query
+repeats (0-based)."""
 from __future__ import annotations
 
 import pandas as pd
@@ -10,7 +15,7 @@ from .models import Decline, Event, Exclusion, Participant, Response, SurveyStud
 RESPONSE_COLUMNS = ["study", "bank_hash", "participant", "external_id", "is_machine", "observer", "condition",
                     "block", "attempt", "position", "trial_type", "trial", "model_id", "kind", "layer", "unit",
                     "task", "max_position", "choice", "confidence", "correct", "rt_ms", "server_ms", "responded_at",
-                    "participant_stage", "excluded", "exclusion_reasons"]
+                    "participant_stage", "excluded", "exclusion_reasons", "served_at", "catch_ref"]
 
 
 #: A cell a spreadsheet would run as a formula starts with one of these (OWASP, CSV injection).
@@ -33,7 +38,7 @@ def responses_frame(sessions: sessionmaker, study_name: str | None = None) -> pd
                 Trial.position, Trial.trial_type, Trial.public_id, Trial.model_id, Trial.kind, Trial.layer,
                 Trial.unit, Trial.task, Trial.max_position, Response.choice, Response.confidence, Response.correct,
                 Response.rt_ms, Response.server_ms, Response.created_at, Participant.stage, Participant.excluded,
-                Participant.id)
+                Trial.served_at, Trial.catch_ref, Participant.id)
          .join(Trial, Response.trial_id == Trial.id)
          .join(Participant, Response.participant_id == Participant.id)
          .join(SurveyStudy, Participant.study_id == SurveyStudy.id)
@@ -47,7 +52,8 @@ def responses_frame(sessions: sessionmaker, study_name: str | None = None) -> pd
     reasons: dict[int, list[str]] = {}
     for pid, rule in failed:
         reasons.setdefault(pid, []).append(rule)
-    df = pd.DataFrame([tuple(r[:-1]) + (";".join(reasons.get(r[-1], [])),) for r in rows], columns=RESPONSE_COLUMNS)
+    df = pd.DataFrame([tuple(r[:-3]) + (";".join(reasons.get(r[-1], [])),) + tuple(r[-3:-1]) for r in rows],
+                      columns=RESPONSE_COLUMNS)
     df["is_machine"] = df["is_machine"].astype(bool)
     df["correct"] = df["correct"].astype(bool)
     for col in ("unit", "task", "attempt", "position", "confidence"):

@@ -135,7 +135,8 @@ def _responses(models, rng, participants: int = 12) -> pd.DataFrame:
     df = df.assign(study="fake", bank_hash="h", external_id="", condition="all", block="main", attempt=0,
                    position=np.arange(n) % 45, trial=[f"t{i}" for i in range(n)], task=0, max_position="upper",
                    choice="upper", confidence=rng.integers(1, 4, n), rt_ms=rng.normal(2500, 400, n).round(),
-                   server_ms=2600, responded_at="2024-01-01T00:00:00", participant_stage="complete")
+                   server_ms=2600, responded_at="2024-01-01T00:00:00", participant_stage="complete",
+                   served_at="2024-01-01T00:00:00", catch_ref=np.nan)
     df["is_machine"] = df["is_machine"].fillna(False).astype(bool) if "is_machine" in df else False
     df["observer"] = df["observer"].fillna("") if "observer" in df else ""
     return df[RESPONSE_COLUMNS]

@@ -48,6 +48,9 @@ def test_machine_session_is_served_every_trial_once_and_stores_each_response(app
     assert sorted(df["trial"]) == sorted(seen)
     assert list(df["confidence"]) == [1 + i % 3 for i in range(8)]
     assert (df["correct"] == (df["max_position"] == "upper")).all()
+    assert df["served_at"].notna().all() and (df["served_at"] <= df["responded_at"]).all()
+    catch = df["trial_type"] == "catch"                  # which right example a catch query repeats
+    assert df.loc[catch, "catch_ref"].between(0, 2).all() and df.loc[~catch, "catch_ref"].isna().all()
 
 
 def test_human_practice_repeats_after_a_mistake_then_main_trials_then_completion_redirect(app, client):
