@@ -140,3 +140,22 @@ def test_registry_metadata_is_consistent(name):
     model = create_model(name, num_classes=3)
     modules = dict(model.named_modules())
     assert all(layer in modules for layer in spec.stem + spec.unit_layers), name
+
+
+def test_renamed_torchvision_googlenet_weights_keep_their_input_transform(tmp_path, monkeypatch):
+    """torchvision's GoogLeNet weights need ``transform_input``; a copy under another name is recognised by its
+    content (torchvision names its files after the first 8 hex digits of their sha256); other files are not."""
+    from types import SimpleNamespace
+
+    import torchvision
+
+    from pruning.models.registry import resolve_weights
+    from sparsight.files import sha256_file
+
+    path = tmp_path / "my-googlenet.pth"
+    torch.save(create_model("googlenet", num_classes=10).state_dict(), path)
+    assert resolve_weights("googlenet", str(path))[1] == {}
+    release = SimpleNamespace(url=f"https://download.pytorch.org/models/googlenet-{sha256_file(path)[:8]}.pth")
+    monkeypatch.setattr(torchvision.models, "get_model_weights", lambda name: [release])
+    assert resolve_weights("googlenet", str(path))[1] == {"transform_input": True}
+    assert resolve_weights("resnet18", str(path))[1] == {}

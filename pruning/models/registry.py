@@ -176,12 +176,19 @@ def _weights_kwargs(arch: str, member) -> dict:
 
 
 def _known_file_kwargs(arch: str, path: Path) -> dict:
+    """The builder kwargs of torchvision weights given as a file: found by its name, or, renamed, by its content
+    (torchvision's file names end in the first 8 hex digits of the file's sha256)."""
     spec = get_spec(arch)
-    if spec.torchvision_name is None:
+    if spec.torchvision_name is None or not _weights_kwargs(arch, None):
         return {}
     import torchvision
-    for member in torchvision.models.get_model_weights(spec.torchvision_name):
+    members = list(torchvision.models.get_model_weights(spec.torchvision_name))
+    for member in members:
         if os.path.basename(member.url) == path.name:
+            return _weights_kwargs(arch, member)
+    digest = sha256_file(path)[:8]
+    for member in members:
+        if os.path.splitext(os.path.basename(member.url))[0].endswith(f"-{digest}"):
             return _weights_kwargs(arch, member)
     return {}
 
