@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -66,6 +67,12 @@ def main(debug):
     """
     if debug:
         ErrorBoundary.debug = True
+    if not (debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")):   # a warning: one line, not its source line
+        warnings.formatwarning = one_line_warning
+
+
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
 
 
 @main.command("run")
