@@ -171,3 +171,20 @@ def test_serve_on_a_taken_port_or_a_misspelt_setting_says_so_in_one_line_before_
     typo = CliRunner().invoke(main, ["serve", str(run_dir), "--set", "survey.main_trails=20"])
     assert typo.exit_code == 2 and "survey settings: unknown key survey.main_trails; did you mean 'main_trials'" \
         in typo.output
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_a_warning_is_one_line_unless_debugging(debug):
+    """A warning raised inside a command reaches the user as `warning: …` (not Python's file:line form with the
+    source line); --debug keeps the full form."""
+    args = ["--debug"] * debug + ["prune", "--list-methods"]
+    script = ("import contextlib, warnings; from sparsight.cli import main\n"
+              f"with contextlib.suppress(SystemExit): main({args!r})\n"
+              "warnings.warn('the probe has 3 images')\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={k: v for k, v in os.environ.items() if k != "SPARSIGHT_DEBUG"})
+    assert proc.returncode == 0, proc.stderr
+    if debug:
+        assert "UserWarning: the probe has 3 images" in proc.stderr
+    else:
+        assert proc.stderr == "warning: the probe has 3 images\n"
