@@ -5,16 +5,17 @@ from __future__ import annotations
 import io
 import math
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from .material import Material
+from .screen import GRID_COLUMNS
 
-TILE, GAP, PAD, HEAD = 88, 6, 18, 30
+TILE, GAP, PAD, HEAD = 88, 6, 18, 34
 GREEN, GREY = (22, 150, 60), (90, 90, 90)
 
 
 def _grid(material: Material, images: tuple[str, ...] | list[str], cols: int = 0) -> Image.Image:
-    cols = cols or math.ceil(math.sqrt(len(images)))
+    cols = cols or min(GRID_COLUMNS, len(images))          # as the trial page lays them out
     rows = math.ceil(len(images) / cols)
     sheet = Image.new("RGB", (cols * TILE + (cols - 1) * GAP, rows * TILE + (rows - 1) * GAP), "white")
     for i, name in enumerate(images):
@@ -34,9 +35,10 @@ def example_png(material: Material) -> bytes:
     width = left.width + right.width + TILE + 4 * PAD + 2 * GAP
     sheet = Image.new("RGB", (width, body + HEAD + 2 * PAD), "white")
     draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default(size=15)      # Pillow's scalable font where FreeType is present
     x = PAD
     for title, part in (("Left examples", left), ("Centre", centre), ("Right examples", right)):
-        draw.text((x, PAD // 2), title, fill=GREY)
+        draw.text((x, PAD // 2), title, fill=GREY, font=font)
         y = HEAD + PAD + (body - part.height) // 2
         sheet.paste(part, (x, y))
         if part is centre:
