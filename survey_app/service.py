@@ -29,6 +29,9 @@ FINAL = ("complete", "screened_out")
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{8,64}$")
 #: Longest event detail stored (characters of its JSON); a longer one is refused, never cut.
 MAX_EVENT_DETAIL = 2000
+#: Most browser events one session stores (a whole study logs a few hundred); more are refused, so a script
+#: cannot fill the database through one session.
+MAX_EVENTS_PER_SESSION = 5000
 EVENT_KINDS = ("focus", "blur", "visibility", "fullscreen_enter", "fullscreen_exit", "resize", "reload",
                "preload_error", "page", "note", "display")
 TRIAL_ID = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
@@ -435,6 +438,10 @@ class SurveyService:
             rows.append(dict(kind=e["kind"], detail=detail, client_ms=t, client_epoch_ms=epoch, trial=trial))
         with transaction(self.sessions) as s:
             p = self._participant(s, public_id)
+            stored = s.scalar(select(func.count(Event.id)).where(Event.participant_id == p.id))
+            if stored + len(rows) > MAX_EVENTS_PER_SESSION:
+                raise SurveyError(429, f"this session has stored {stored} browser events, the most one session keeps "
+                                       f"is {MAX_EVENTS_PER_SESSION}")
             s.add_all([Event(participant_id=p.id, **row) for row in rows])
             p.last_seen_at = utcnow()
         return len(rows)

@@ -164,3 +164,17 @@ def test_an_app_for_a_folder_without_stimuli_fails_before_it_makes_a_database(tm
     with pytest.raises(ValueError, match="survey.models names 'nope'"):
         create_app({"RUN_DIR": str(run_dir), "SURVEY": {"models": ["nope"]}})
     assert not (run_dir / "survey.db").exists()
+
+
+def test_one_session_stores_a_bounded_number_of_events(app, client, monkeypatch):
+    import survey_app.service as service
+
+    monkeypatch.setattr(service, "MAX_EVENTS_PER_SESSION", 3)
+    sid, token = machine_session(client)
+    post = f"/api/sessions/{sid}/events"
+    assert client.post(post, json={"events": [{"kind": "blur"}] * 2}, headers=auth(token)).status_code == 200
+    before = snapshot(app)
+    r = client.post(post, json={"events": [{"kind": "focus"}] * 2}, headers=auth(token))
+    assert r.status_code == 429 and "the most one session keeps is 3" in r.json["error"]
+    assert snapshot(app) == before
+    assert client.post(post, json={"events": [{"kind": "focus"}]}, headers=auth(token)).status_code == 200
