@@ -635,3 +635,16 @@ def load_study_data(run_dir: str | Path, cfg: StudyConfig | None = None, trials:
                      dissection_units=d_units, dissection_models=d_models, robustness=load_robustness(run_dir),
                      robustness_subset=load_robustness_subset(run_dir),
                      calibration=load_calibration(run_dir), responses_source=source or "none")
+
+
+def unreadable_images(run_dir: str | Path) -> dict | None:
+    """How many images the base model's last training epoch skipped as unreadable (``train``, of ``images``
+    read) and its validation (``val``); None where the base model was not trained or skipped none."""
+    from pruning.training.engine import METRICS_FILE
+    path = Layout(run_dir).model_dir("base") / METRICS_FILE
+    try:
+        last = json.loads(path.read_text().strip().splitlines()[-1])
+    except (OSError, IndexError, ValueError):
+        return None
+    train, val = int(last.get("skipped", 0)), int((last.get("val") or {}).get("skipped", 0))
+    return {"train": train, "val": val, "images": int(last.get("images", 0)) + train} if train or val else None

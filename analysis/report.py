@@ -45,7 +45,8 @@ from . import figures as fig
 from .gallery import make_gallery
 from .power import smallest_display, study_power
 from .validity import study_checks
-from .load import BASE_METHOD, StudyData, base_at_chance, human_main, load_study_data, model_table, study_config
+from .load import (BASE_METHOD, StudyData, base_at_chance, human_main, load_study_data, model_table, study_config,
+                   unreadable_images)
 
 PER_STEP = 0.1          # slopes are reported per 10 percentage points of pruning rate
 MIXED_BOOT = 200        # parametric-bootstrap refits of the mixed logistic model (at most analysis.bootstrap)
@@ -900,6 +901,11 @@ def assemble(data: StudyData, humans: Humans, table: pd.DataFrame, desc: dict, e
         shown = "MIS, top-1, dissection" if len(data.dissection_models) else "MIS, top-1"
         notes.append(f"{NO_RESPONSES} from human participants: the report shows the model-side results only "
                      f"({shown}).")
+    skipped = unreadable_images(data.run_dir)
+    if skipped:
+        notes.append(f"Unreadable images were left out: {skipped['train']} training images in the base model's last "
+                     f"epoch (of {skipped['images']} it read) and {skipped['val']} validation images (the run's warnings "
+                     f"name them; data.on_corrupt = \"error\" stops at the first instead).")
     return {
         "study": {"name": cfg.study.name, "profile": cfg.study.profile, "run_dir": str(data.run_dir),
                   "generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

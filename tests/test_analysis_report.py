@@ -154,6 +154,9 @@ def build_study(root, responses: bool = True):
     _write_dissection_and_robustness(run_dir, models)
     table = _responses(models, rng) if responses else pd.DataFrame(columns=RESPONSE_COLUMNS)
     table.to_csv(run_dir / "responses.csv", index=False)
+    epochs = [{"epoch": e, "images": 400, "skipped": 3 - e, "val": {"top1": 0.9, "n": 100, "skipped": 1}}
+              for e in range(2)]                          # the base model's training log (two epochs)
+    (run_dir / "models" / "base" / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in epochs))
     return run_dir, cfg
 
 
@@ -1079,3 +1082,11 @@ def test_without_a_probe_the_report_says_why_dissection_is_missing(tmp_path):
         dissection_summary(pd.DataFrame({"interpretable": [math.nan]}), reason)
     (tmp_path / "masks").mkdir()
     assert no_probe_reason(cfg, tmp_path) is None
+
+
+def test_the_report_says_how_many_unreadable_images_were_left_out(report):
+    """From the base model's last training epoch (models/base/metrics.jsonl): 2 of the 402 training images it
+    read, and 1 validation image."""
+    _, results = report
+    assert any("Unreadable images were left out: 2 training images in the base model's last epoch (of 402 it "
+               "read) and 1 validation images" in note for note in results["notes"]), results["notes"]
