@@ -39,7 +39,6 @@ import pandas as pd
 from sparsight.config import StudyConfig
 from sparsight.files import atomic_write_text
 from sparsight.layout import REPORT_HTML, REPORT_JSON, Layout
-from stimuli.stages import no_probe_reason
 
 from . import figures as fig
 from .gallery import make_gallery
@@ -710,6 +709,7 @@ def model_side(data: StudyData, entries: list) -> None:
                      lambda kind=kind: mis_equivalence(units, kind, cfg))
     run_analysis(entries, "top1", "Top-1 accuracy", "model", lambda: top1_summary(data.models))
     table = model_table(data.models, None, data.dissection_models)
+    from stimuli.stages import no_probe_reason
     why_none = no_probe_reason(cfg, Path(cfg.data.path) if cfg.data.source == "folder" else Layout(data.run_dir).data)
     run_analysis(entries, "dissection", "Network Dissection", "model", lambda: dissection_summary(table, why_none))
 

@@ -6,21 +6,32 @@ from pathlib import Path
 
 
 def responses_fingerprint(study) -> dict:
-    """What the report's human side depends on (as :func:`analysis.load.read_responses` chooses): the number
-    of responses in the survey database when it has any, else the content of ``responses.csv``/``.parquet``."""
+    """What the report's human side depends on (as :func:`analysis.load.read_responses` chooses): the content of
+    the survey database's responses when it has any, else that of ``responses.csv``/``.parquet``."""
     from sparsight.errors import NotKnownWhilePlanning
     from sparsight.files import sha256_file
     from survey_app.stages import read_responses
     path = study.layout.responses()
     try:
-        stored = len(read_responses(study.run_dir, study.config, connect=not study.planning))
+        stored = read_responses(study.run_dir, study.config, connect=not study.planning)
     except NotKnownWhilePlanning:
         raise
     except Exception as err:  # noqa: BLE001 - an unreachable database leaves the report to say so
-        stored = f"unavailable: {type(err).__name__}"
-    if path is not None and not (isinstance(stored, int) and stored > 0):
-        return {path.name: sha256_file(path)}
-    return {"database_responses": stored} if isinstance(stored, int) else {"database": stored}
+        return {path.name: sha256_file(path)} if path is not None else {"database": f"unavailable: {type(err).__name__}"}
+    if len(stored) or path is None:
+        return {"database_responses": len(stored), "content": _table_digest(stored)}
+    return {path.name: sha256_file(path)}
+
+
+def _table_digest(table) -> str:
+    """sha256 over every cell of ``table`` (a withdrawn participant replaced by a new one changes it)."""
+    import hashlib
+
+    import pandas as pd
+    digest = hashlib.sha256()
+    if len(table):
+        digest.update(pd.util.hash_pandas_object(table.astype(str), index=False).to_numpy().tobytes())
+    return digest.hexdigest()
 
 
 class AnalysisStage:

@@ -12,7 +12,7 @@ from sparsight.layout import CHECKPOINT_FILE, META_FILE
 from .data import concept_shapes
 from .data.folders import folder_digest, split_dir
 from .models import read_meta
-from .method_base import PruningError, prunable_layers
+from .method_base import PruningError, method_class, prunable_layers
 from .models import create_model
 from .models.registry import WeightsError, resolve_weights, weights_digest
 from .schedule import PruneJob
@@ -125,10 +125,12 @@ class PruneStage:
         cfg = study.config
         if not cfg.prune.exclude:
             return []
-        try:
-            prunable_layers(create_model(cfg.model.arch, num_classes=10), cfg.prune.exclude)
-        except PruningError as err:
-            return [f"prune.exclude: {err}"]
+        model = create_model(cfg.model.arch, num_classes=10)
+        for method in cfg.prune.methods:        # each prunes its own kinds of layer (structured: convolutions)
+            try:
+                prunable_layers(model, cfg.prune.exclude, method_class(method).kinds)
+            except PruningError as err:
+                return [f"prune.exclude ({method}): {err}"]
         return []
 
     def inputs(self, study) -> dict:

@@ -667,7 +667,9 @@ def describe_options(cfg: StudyConfig | None = None) -> str:
             hint = f" (one of {', '.join(map(str, choices))})" if choices else ""
             base = getattr(default, f.name)
             value = getattr(getattr(cfg, sec_name), f.name) if cfg is not None else base
-            changed = f" [built-in default: {_toml_value(base)}]" if value != base else ""
+            same = value == base or (f.metadata.get("path") in ("always", "output") and base
+                                     and value == str(absolute(base)))       # a path made absolute on loading
+            changed = "" if same else f" [built-in default: {_toml_value(base)}]"
             lines.append(f"  {f.name} = {_toml_value(value)}    # {f.metadata['doc']}{hint}{changed}")
     return "\n".join(lines)
 

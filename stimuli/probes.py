@@ -54,7 +54,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 LABEL_MODES = {"L": 1, "P": 1, "LA": 2, "RGB": 3, "RGBA": 4}
 BRODEN_META = ("image", "split", "ih", "iw", "sh", "sw")
 #: probes of at most this many bytes are fingerprinted by their files' contents, larger ones by modification time
-CONTENT_HASH_BYTES = 512 * 2**20
+CONTENT_HASH_BYTES = 64 * 2**20
 
 
 class ProbeError(ValueError):

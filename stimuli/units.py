@@ -63,6 +63,10 @@ def split_unit_name(text) -> tuple[str, int | None]:
     return str(text), None
 
 
+#: What torch says when a feature map shrinks to nothing on the way through a network (an input too small)
+TOO_SMALL = ("Output size is too small", "greater than actual input size")
+
+
 def layer_channels(model: nn.Module, layers: list[str], input_size: int) -> dict[str, int]:
     """Output channels of each named layer (traced with one forward pass on a blank image)."""
     from pruning.models.registry import find_layer, trace_blank, unwrap
@@ -75,12 +79,18 @@ def layer_channels(model: nn.Module, layers: list[str], input_size: int) -> dict
             lambda mod, inp, out, name=name: shapes.__setitem__(name, tuple(getattr(out, "shape", ())))))
     try:
         trace_blank(model, input_size, handles)
-    except RuntimeError as err:         # a feature map shrank to nothing on the way
+    except RuntimeError as err:
+        if not any(m in str(err) for m in TOO_SMALL):
+            raise
         raise ValueError(f"an input of {input_size} px is too small for {getattr(model, 'arch', 'the model')} "
                          f"({str(err).splitlines()[0]}); use a larger data.image_size") from None
-    flat = [name for name in layers if len(shapes.get(name, ())) != 4]
+    silent = [name for name in layers if name not in shapes]
+    if silent:
+        raise ValueError(f"layer {silent[0]!r} does not run in the model's forward pass in eval mode (an auxiliary "
+                         f"head?): it has no units to study")
+    flat = [name for name in layers if len(shapes[name]) != 4]
     if flat:
-        raise ValueError(f"layer {flat[0]!r} puts out {list(shapes.get(flat[0], ()))}, not a map of channels "
+        raise ValueError(f"layer {flat[0]!r} puts out {list(shapes[flat[0]])}, not a map of channels "
                          f"[N, C, H, W]: units are channels of convolutional layers or blocks")
     return {name: int(shapes[name][1]) for name in layers}
 

@@ -15,7 +15,7 @@ GREEN, GREY = (22, 150, 60), (90, 90, 90)
 
 
 def _grid(material: Material, images: tuple[str, ...] | list[str], cols: int = 0) -> Image.Image:
-    cols = cols or min(GRID_COLUMNS, len(images))          # as the trial page lays them out
+    cols = cols or GRID_COLUMNS          # as the trial page lays them out
     rows = math.ceil(len(images) / cols)
     sheet = Image.new("RGB", (cols * TILE + (cols - 1) * GAP, rows * TILE + (rows - 1) * GAP), "white")
     for i, name in enumerate(images):

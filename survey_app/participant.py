@@ -77,11 +77,11 @@ def duration_minutes(settings) -> int:
 
 
 def _current_for(external: str | None) -> str | None:
-    """This browser's session, unless the study link names another participant ID than the session's: then
-    the browser is shared (a second person, or a pilot), and the old session is forgotten here (not deleted),
-    so the new ID starts its own instead of answering under the first one's."""
+    """This browser's session, unless the study link names another participant ID than the session's (or the
+    session has none): then the browser is shared (a second person, or a pilot), and the old session is
+    forgotten here (not deleted), so the new ID starts its own instead of answering under the first one's."""
     pid = _current()
-    if pid and external and _service().external_id(pid) not in (None, external):
+    if pid and external and _service().external_id(pid) != external:
         session.pop("pid", None)
         session.pop("tok", None)
         return None
@@ -116,8 +116,6 @@ def consent():
         return _to_stage(pid)
     if external_id_required(_settings()) and not external:
         raise SurveyError(403, NEEDS_LINK)
-    if external and _service().declined(external):
-        raise SurveyError(409, DECLINED_BEFORE)
     study_id = request.form.get("STUDY_ID", "").strip()[:128] or None
     session_id = request.form.get("SESSION_ID", "").strip()[:128] or None
     service = _service()
@@ -129,6 +127,8 @@ def consent():
                 session.update(pid=public_id, tok=service.reissue_token(public_id))
                 return _to_stage(public_id)
             raise SurveyError(409, ALREADY_TOOK_PART)
+        if service.declined(external):          # a new session only: one already under way may resume
+            raise SurveyError(409, DECLINED_BEFORE)
     public_id, token = service.create_participant(
         external_id=external, prolific_study_id=study_id, prolific_session_id=session_id,
         user_agent=request.headers.get("User-Agent"), window=request.form.get("window", ""))
@@ -176,12 +176,10 @@ def trials():
     if _service().stage(pid) not in ("practice", "main"):
         return _to_stage(pid)
     s = _settings()
-    width, height = _minimum_window()
-    # min_*: the configured floor; the trial measures what else it needs once on screen (fit_*: the estimate
-    # of that, asked for while no trial is shown)
+    # the configured floor: the trial measures what else it needs once it is on screen
     timing = {"min_response_ms": s.min_response_ms, "feedback_delay_ms": s.feedback_delay_ms,
               "feedback_ms": s.feedback_ms, "min_width": s.min_window_width, "min_height": s.min_window_height,
-              "fit_width": width, "fit_height": height, "reference_px": s.reference_px, "query_px": s.query_px}
+              "reference_px": s.reference_px, "query_px": s.query_px}
     return render_template("trials.html", session_id=pid, timing=timing, prompt=PROMPT, settings=s)
 
 

@@ -23,8 +23,8 @@ SLACK = 16              # room for fonts that run taller than Chromium's default
 
 def trial_window(reference_px: int, query_px: int, refs_per_side: int) -> tuple[int, int]:
     """``(width, height)`` in CSS pixels that a trial needs to be shown whole, without scrolling."""
-    columns = min(GRID_COLUMNS, max(1, refs_per_side))
-    rows = math.ceil(refs_per_side / GRID_COLUMNS)
+    columns = GRID_COLUMNS                  # the grid keeps its columns however few references fill them
+    rows = max(1, math.ceil(refs_per_side / GRID_COLUMNS))
     grid_w = columns * reference_px + (columns - 1) * GRID_GAP
     query = query_px + 2 * QUERY_FRAME
     width = 2 * grid_w + query + 2 * LAYOUT_GAP + 2 * PAGE_PADDING_X

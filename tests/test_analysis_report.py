@@ -475,6 +475,21 @@ def test_trials_come_from_the_survey_database_and_from_an_export_only_without_on
     responses_frame(app.config["SESSIONS"]).head(3).to_csv(run_dir / "responses.csv", index=False)
     trials, source = load_trials(run_dir)
     assert len(trials) == 5 and source == "survey database (5 responses; responses.csv, an export of 3, is not read)"
+    # the report reruns when an answer changes, even where the number of answers stays the same
+    from types import SimpleNamespace
+
+    from sqlalchemy import update
+
+    from analysis.stages import responses_fingerprint
+    from sparsight.layout import Layout
+    from survey_app.models import Response
+    study = SimpleNamespace(run_dir=run_dir, layout=Layout(run_dir), config=app.config["STUDY"], planning=True)
+    before = responses_fingerprint(study)
+    with app.config["SESSIONS"].begin() as s:
+        s.execute(update(Response).where(Response.id == 1).values(choice="lower"))
+    after = responses_fingerprint(study)
+    assert before["database_responses"] == after["database_responses"] == 5 and before != after
+
     app.config["ENGINE"].dispose()
     (run_dir / "survey.db").rename(run_dir / "elsewhere.db")           # the folder without its database
     trials, source = load_trials(run_dir)

@@ -99,6 +99,7 @@ def test_show_options_gives_this_studys_values_and_the_built_in_defaults_beside_
     assert lines["stimuli.fv_steps"].endswith(f"[built-in default: {built_in}]")
     assert lines["train.lr"].startswith("  lr = 0.5    # ") and "[built-in default:" in lines["train.lr"]
     assert "[built-in default" not in lines["prune.retrain_gamma"]
+    assert "[built-in default" not in lines["study.output_dir"]          # only made absolute, not changed
 
 
 def test_example_study_files_are_valid():

@@ -34,6 +34,9 @@ def test_layer_channels_and_a_wrong_layer_lists_the_valid_ones():
     alexnet = create_model("alexnet", num_classes=10)
     with pytest.raises(ValueError, match="an input of 32 px is too small for alexnet .*use a larger data.image_size"):
         layer_channels(alexnet, ["features.0"], 32)
+    googlenet = create_model("googlenet", num_classes=10, aux_logits=True)
+    with pytest.raises(ValueError, match="layer 'aux1' does not run in the model's forward pass in eval mode"):
+        layer_channels(googlenet, ["aux1"], 96)
     assert_no_hooks(model)
     assert_no_hooks(alexnet)
 

@@ -121,7 +121,20 @@ def check_split_classes(root: str | os.PathLike) -> None:
 
 def folder_digest(root: str | os.PathLike) -> str:
     """sha256 over the class folders and image file names of each split of ``root``: it changes when a class or
-    an image is added, removed or renamed (a file rewritten under its old name is not noticed)."""
+    an image is added, removed or renamed (a file rewritten under its old name is not noticed).  Within one
+    process it is listed again only when a folder's modification time changed (ImageNet: 1.3M names)."""
+    root = Path(root)
+    folders = [root / split for split in SPLITS if (root / split).is_dir()]
+    stamp = tuple((str(d), d.stat().st_mtime_ns) for f in folders for d in [f, *sorted(f.iterdir())] if d.is_dir())
+    if _DIGESTS.get(str(root), (None,))[0] != stamp:
+        _DIGESTS[str(root)] = (stamp, _list_digest(root))
+    return _DIGESTS[str(root)][1]
+
+
+_DIGESTS: dict[str, tuple] = {}
+
+
+def _list_digest(root: Path) -> str:
     h = hashlib.sha256()
     for split in SPLITS:
         path = Path(root) / split
@@ -218,7 +231,9 @@ class MemoryLoader:
                 x = shift_flip(x, self.generator)
             elif self.augment == "imagenet":
                 x = random_resized_crop(x, self.generator)
-            yield Batch((x - self.mean) / self.std, self.targets.index_select(0, idx), self.skipped if b == 0 else 0)
+            # every process decoded the whole set: rank 0 alone reports its skips, so their sum counts each once
+            skipped = self.skipped if b == 0 and self.rank == 0 else 0
+            yield Batch((x - self.mean) / self.std, self.targets.index_select(0, idx), skipped)
 
 
 def random_resized_crop(x: torch.Tensor, generator: torch.Generator, scale=(0.35, 1.0)) -> torch.Tensor:

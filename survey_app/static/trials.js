@@ -35,7 +35,12 @@
     logEvent(document.fullscreenElement ? "fullscreen_enter" : "fullscreen_exit");
     $("left-fullscreen").hidden = !!document.fullscreenElement || !started || !document.fullscreenEnabled;
   });
-  window.addEventListener("resize", () => { logEvent("resize", window.innerWidth + "x" + window.innerHeight); checkSize(); });
+  let resizeLog = null;      // one event per resize gesture (its final size), not one per frame of a drag
+  window.addEventListener("resize", () => {
+    checkSize();
+    clearTimeout(resizeLog);
+    resizeLog = setTimeout(() => logEvent("resize", window.innerWidth + "x" + window.innerHeight), 500);
+  });
   window.addEventListener("pagehide", () => flushEvents(true));
   setInterval(flushEvents, 3000);
   if (performance.getEntriesByType && (performance.getEntriesByType("navigation")[0] || {}).type === "reload")
@@ -51,14 +56,10 @@
   let started = false;
 
   // The window a trial needs: the study's minimum, or more where the trial on screen measures larger (its
-  // images have fixed sizes, so its width and height do not depend on the window); with no trial on screen,
-  // the server's estimate of that.
+  // images have fixed sizes, so its width and height do not depend on the window).
   function needed() {
     let w = S.timing.min_width, h = S.timing.min_height;
-    if ($("trial").hidden) {
-      w = Math.max(w, S.timing.fit_width);
-      h = Math.max(h, S.timing.fit_height);
-    } else {
+    if (!$("trial").hidden) {
       const layout = document.querySelector(".layout"), main = document.querySelector("main");
       const page = getComputedStyle(main), parts = Array.from(layout.children);
       const gap = parseFloat(getComputedStyle(layout).columnGap) || 0;
@@ -69,13 +70,16 @@
     }
     return {w: w, h: h};
   }
+  // Only a trial on screen is checked (the start overlay stays reachable: its button asks for full screen).
   function checkSize() {
     const need = needed();
-    const small = phone || window.innerWidth < need.w || window.innerHeight < need.h;
+    const small = phone || (!$("trial").hidden && (window.innerWidth < need.w || window.innerHeight < need.h));
     $("too-small-text").textContent = phone ?
       "This study needs a computer with a mouse or keyboard; it cannot be done on a phone or a small tablet." :
-      "Your window is too small to show the whole trial. Please return to full-screen mode or enlarge the window " +
-      "(at least " + need.w + "×" + need.h + " pixels), or reduce the browser zoom.";
+      "Your window is too small to show the whole trial (it needs " + need.w + "×" + need.h + " pixels, the " +
+      "window has " + window.innerWidth + "×" + window.innerHeight + "). Please switch to full screen, enlarge " +
+      "the window, or reduce the browser zoom.";
+    $("too-small-fullscreen").hidden = phone || !document.fullscreenEnabled || !!document.fullscreenElement;
     $("too-small").hidden = !small;
     return !small;
   }
@@ -241,6 +245,7 @@
   async function main() {
     checkSize();
     $("fullscreen-button").onclick = () => { $("left-fullscreen").hidden = true; requestFullscreen(); };
+    $("too-small-fullscreen").onclick = () => requestFullscreen();
     let state = await getState();
     const resumed = state.trial && state.trial.number > 1;
     await overlay(state.stage === "practice" && !resumed

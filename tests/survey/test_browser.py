@@ -429,9 +429,16 @@ def test_a_nine_reference_trial_fits_the_window_it_asks_for_and_answers_only_whe
         page.wait_for_url(f"{live.base}/instructions")
         page.locator("#start-practice").click()
         page.wait_for_url(f"{live.base}/trials")
-        continue_past_overlay(page, "practice trials start now", "Start practice")
-        wait_for_trial(page)
+        page.set_viewport_size({"width": 1300, "height": 600})       # a laptop window, lower than a trial
+        expect(page.locator("#overlay-button")).to_have_text("Start practice")
+        assert page.evaluate("() => { const b = document.getElementById('overlay-button'), r = b.getBoundingClientRect();"
+                             " return document.elementFromPoint(r.left + r.width / 2, r.top + r.height / 2) === b; }")
+        continue_past_overlay(page, "practice trials start now", "Start practice")   # reachable: it asks for full screen
+        page.wait_for_function("() => !document.getElementById('trial').hidden && "
+                               "!document.getElementById('too-small').hidden")     # the trial does not fit: covered
+        assert "Please switch to full screen" in page.text_content("#too-small-text")
         page.set_viewport_size({"width": width, "height": height})
+        wait_for_trial(page)
         page.wait_for_function("() => innerWidth === %d && innerHeight === %d" % (width, height))
         seen = page.evaluate(LAYOUT_PROBE)
         assert seen["images"] == 2 * 9 + 2 and seen["imagesInside"] and seen["buttonsTakeClicks"], seen
@@ -447,7 +454,7 @@ def test_a_nine_reference_trial_fits_the_window_it_asks_for_and_answers_only_whe
 
         page.set_viewport_size({"width": int(seen["width"]) - 10, "height": height})
         page.wait_for_function("() => !document.getElementById('too-small').hidden")
-        assert f"at least {tight['width']}×{tight['height']} pixels" in page.text_content("#too-small-text")
+        assert f"it needs {tight['width']}×{tight['height']} pixels" in page.text_content("#too-small-text")
         page.set_viewport_size({"width": width, "height": height})
         page.wait_for_function("() => document.getElementById('too-small').hidden")
 

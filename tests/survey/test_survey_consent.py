@@ -109,7 +109,21 @@ def test_a_second_participant_id_in_the_same_browser_starts_its_own_session(make
     assert client.get("/").status_code == 302                             # a bare reload resumes it too
 
 
+def test_a_link_with_a_participant_id_does_not_continue_a_session_started_without_one(make_app):
+    """A pilot run without an ID, then a real participant's link in the same browser: the participant starts
+    their own session, stored under their ID."""
+    app = make_app(require_external_id="no")
+    client = app.test_client()
+    assert _consent(client, {}).status_code == 302
+    assert client.get("/", query_string=LINK).status_code == 200            # the consent page again
+    assert _consent(client, LINK).status_code == 302
+    with app.config["SESSIONS"]() as s:
+        assert sorted(s.scalars(select(Participant.external_id)), key=str) == [None, "p-123"]
+
+
 def test_a_participant_id_that_declined_cannot_start_and_the_decline_is_exported(make_app, tmp_path):
+    """A declined ID cannot start a session afterwards; one whose session was already under way (a decline
+    clicked in a second tab) still resumes through its Prolific session."""
     app = make_app(contact="lab@example.org")
     client = app.test_client()
     token = csrf_from(client.get("/", query_string=LINK).text)
@@ -117,7 +131,13 @@ def test_a_participant_id_that_declined_cannot_start_and_the_decline_is_exported
     r = _consent(app.test_client(), LINK)
     assert r.status_code == 409 and "declined" in r.text and "lab@example.org" in r.text
     assert _count(app, Participant) == 0 and _count(app, Decline) == 1
+    other = {**LINK, "PROLIFIC_PID": "p-777", "SESSION_ID": "x-7"}
+    assert _consent(app.test_client(), other).status_code == 302           # under way …
+    second_tab = app.test_client()
+    token = csrf_from(second_tab.get("/", query_string=other).text)
+    second_tab.post("/consent", data={"csrf_token": token, "decision": "decline", **other})
+    assert _consent(app.test_client(), other).status_code == 302           # … and resumes on another browser
     from survey_app.export import declines_frame
     frame = declines_frame(app.config["SESSIONS"], app.extensions["survey"].study_name)
-    assert frame["external_id"].tolist() == ["p-123"]
+    assert frame["external_id"].tolist() == ["p-123", "p-777"]
     assert declines_frame(app.config["SESSIONS"], "another-study").empty
