@@ -904,8 +904,8 @@ def assemble(data: StudyData, humans: Humans, table: pd.DataFrame, desc: dict, e
     skipped = unreadable_images(data.run_dir)
     if skipped:
         notes.append(f"Unreadable images were left out: {skipped['train']} training images in the base model's last "
-                     f"epoch (of {skipped['images']} it read) and {skipped['val']} validation images (the run's warnings "
-                     f"name them; data.on_corrupt = \"error\" stops at the first instead).")
+                     f"epoch (of {skipped['images']} it read) and {skipped['val']} validation images (the run's "
+                     f"warnings name them; data.on_corrupt = \"error\" stops at the first instead).")
     return {
         "study": {"name": cfg.study.name, "profile": cfg.study.profile, "run_dir": str(data.run_dir),
                   "generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

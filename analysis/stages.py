@@ -17,7 +17,9 @@ def responses_fingerprint(study) -> dict:
     except NotKnownWhilePlanning:
         raise
     except Exception as err:  # noqa: BLE001 - an unreachable database leaves the report to say so
-        return {path.name: sha256_file(path)} if path is not None else {"database": f"unavailable: {type(err).__name__}"}
+        if path is not None:
+            return {path.name: sha256_file(path)}
+        return {"database": f"unavailable: {type(err).__name__}"}
     if len(stored) or path is None:
         return {"database_responses": len(stored), "content": _table_digest(stored)}
     return {path.name: sha256_file(path)}

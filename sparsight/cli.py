@@ -68,7 +68,8 @@ def main(debug):
     if debug:
         ErrorBoundary.debug = True
     if not (debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")):   # a warning: one line, not its source line
-        warnings.formatwarning = one_line_warning
+        previous, warnings.formatwarning = warnings.formatwarning, one_line_warning
+        click.get_current_context().call_on_close(lambda: setattr(warnings, "formatwarning", previous))
 
 
 def one_line_warning(message, category, filename, lineno, line=None) -> str:
@@ -81,8 +82,8 @@ def one_line_warning(message, category, filename, lineno, line=None) -> str:
 @click.option("--name", default=None, help="study name (output folder under study.output_dir)")
 @click.option("--force", multiple=True, metavar="STAGE", help="rerun this stage even if it is up to date "
               "(repeatable; 'all' reruns everything)")
-@click.option("--show-options", is_flag=True, help="print every setting of this study (profile, study file, --set) with "
-              "its meaning and, where it differs, the built-in default; then exit")
+@click.option("--show-options", is_flag=True, help="print every setting of this study (profile, study file, "
+              "--set) with its meaning and, where it differs, the built-in default; then exit")
 @click.option("--plan", is_flag=True, help="print the resolved study and which stages would run, then exit")
 def run_cmd(study_path, study_file, profile, overrides, device, name, force, show_options, plan):
     """Run a study: data → base and observer models → pruning and retraining → robustness and

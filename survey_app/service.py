@@ -62,7 +62,8 @@ def _check_server_time(server_ms: float | None, rt_ms: float, min_ms: int) -> No
 
 def _event_time(event: dict, name: str) -> float | None:
     value = event.get(name)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not math.isfinite(value)):
         raise SurveyError(400, f"event time {name!r} must be a finite number (ms)")
     return value
 

@@ -177,10 +177,10 @@ def test_serve_on_a_taken_port_or_a_misspelt_setting_says_so_in_one_line_before_
 def test_a_warning_is_one_line_unless_debugging(debug):
     """A warning raised inside a command reaches the user as `warning: …` (not Python's file:line form with the
     source line); --debug keeps the full form."""
-    args = ["--debug"] * debug + ["prune", "--list-methods"]
-    script = ("import contextlib, warnings; from sparsight.cli import main\n"
-              f"with contextlib.suppress(SystemExit): main({args!r})\n"
-              "warnings.warn('the probe has 3 images')\n")
+    args = ["--debug"] * debug + ["warn"]
+    script = ("import warnings; from sparsight.cli import main\n"
+              "main.command('warn')(lambda: warnings.warn('the probe has 3 images'))\n"
+              f"main({args!r})\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env={k: v for k, v in os.environ.items() if k != "SPARSIGHT_DEBUG"})
     assert proc.returncode == 0, proc.stderr

@@ -390,17 +390,22 @@ def test_a_trial_waits_for_every_image_and_its_feedback_delay_counts_from_the_an
 LAYOUT_PROBE = """() => {
   const inside = (r) => r.left >= 0 && r.top >= 0 && r.right <= innerWidth && r.bottom <= innerHeight;
   const images = Array.from(document.querySelectorAll('#left img, #right img, #upper, #lower'));
-  const hit = (x, y) => { const e = document.elementFromPoint(x, y); return e ? (e.id || e.className || e.tagName) : null; };
+  const hit = (x, y) => {
+    const e = document.elementFromPoint(x, y);
+    return e ? (e.id || e.className || e.tagName) : null;
+  };
   const buttons = Array.from(document.querySelectorAll('button.answer')).map((b) => {
     const r = b.getBoundingClientRect(), x = r.left + r.width / 2;
-    return [document.elementFromPoint(x, r.top + r.height / 2) === b && document.elementFromPoint(x, r.bottom - 2) === b,
+    return [document.elementFromPoint(x, r.top + r.height / 2) === b &&
+            document.elementFromPoint(x, r.bottom - 2) === b,
             hit(x, r.bottom - 2)];       // what lies over a button that does not take its click
   });
   const layout = document.querySelector('.layout'), main = document.querySelector('main');
   const width = Array.from(layout.children).reduce((s, el) => s + el.getBoundingClientRect().width, 0) +
                 2 * parseFloat(getComputedStyle(layout).columnGap) + 2 * parseFloat(getComputedStyle(main).paddingLeft);
   return {images: images.length, imagesInside: images.every((i) => inside(i.getBoundingClientRect())),
-          buttonsTakeClicks: buttons.every((b) => b[0]), hits: buttons, width: width, height: main.getBoundingClientRect().bottom,
+          buttonsTakeClicks: buttons.every((b) => b[0]), hits: buttons, width: width,
+          height: main.getBoundingClientRect().bottom,
           tooSmall: !document.getElementById('too-small').hidden,
           tooSmallText: document.getElementById('too-small-text').textContent};
 }"""
@@ -431,9 +436,10 @@ def test_a_nine_reference_trial_fits_the_window_it_asks_for_and_answers_only_whe
         page.wait_for_url(f"{live.base}/trials")
         page.set_viewport_size({"width": 1300, "height": 600})       # a laptop window, lower than a trial
         expect(page.locator("#overlay-button")).to_have_text("Start practice")
-        assert page.evaluate("() => { const b = document.getElementById('overlay-button'), r = b.getBoundingClientRect();"
+        assert page.evaluate("() => { const b = document.getElementById('overlay-button');"
+                             " const r = b.getBoundingClientRect();"
                              " return document.elementFromPoint(r.left + r.width / 2, r.top + r.height / 2) === b; }")
-        continue_past_overlay(page, "practice trials start now", "Start practice")   # reachable: it asks for full screen
+        continue_past_overlay(page, "practice trials start now", "Start practice")    # it asks for full screen
         page.wait_for_function("() => !document.getElementById('trial').hidden && "
                                "!document.getElementById('too-small').hidden")     # the trial does not fit: covered
         assert "Please switch to full screen" in page.text_content("#too-small-text")
