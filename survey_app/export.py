@@ -75,7 +75,7 @@ def participants_frame(sessions: sessionmaker, study_name: str | None = None) ->
     return pd.DataFrame([{
         "participant": p.public_id, "external_id": p.external_id, "prolific_study_id": p.prolific_study_id,
         "prolific_session_id": p.prolific_session_id, "is_machine": p.is_machine, "observer": p.observer,
-        "condition": p.condition, "stage": p.stage, "practice_attempt": p.practice_attempt,
+        "condition": p.condition, "seed": p.seed, "stage": p.stage, "practice_attempt": p.practice_attempt,
         "user_agent": p.user_agent, "window": p.window, "created_at": p.created_at,
         "instructions_started_at": p.instructions_started_at, "instructions_done_at": p.instructions_done_at,
         "instruction_s": ((p.instructions_done_at - p.instructions_started_at).total_seconds()

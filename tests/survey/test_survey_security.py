@@ -5,6 +5,9 @@ import csv
 import io
 import re
 
+from sqlalchemy import select
+
+from survey_app.models import Participant
 from survey_helpers import ADMIN_PASSWORD, csrf_from, human_session
 
 
@@ -141,3 +144,9 @@ def test_events_and_participant_fields_are_exported_and_bad_event_payloads_refus
     person = [p for p in people if p["external_id"] == "p-9"][0]
     assert person["prolific_study_id"] == "study-7" and person["prolific_session_id"] == "sess-3"
     assert person["window"] == "1280x900" and person["user_agent"] and person["instruction_s"] != ""
+    with app.config["SESSIONS"]() as s:          # the assignment seed, to rebuild a trial list
+        stored_seed = s.scalars(select(Participant.seed).where(Participant.external_id == "p-9")).one()
+    assert person["seed"] == str(stored_seed)
+    declines = admin.get("/admin/export/declines.csv")
+    assert declines.status_code == 200 and declines.text.splitlines()[0] == "study,external_id,created_at"
+    assert 'id="declined">0<' in admin.get("/admin/").text
