@@ -171,6 +171,16 @@ def wait_for_trial(page) -> None:
     page.wait_for_function(BUTTONS_READY)
 
 
+def open_trials(page, live) -> None:
+    """Through consent (with the Prolific parameters) and the instructions to the trial page."""
+    page.goto(f"{live.base}/?" + "&".join(f"{k}={v}" for k, v in PROLIFIC.items()))
+    page.locator("#consent-box").check()
+    page.locator("#consent-submit").click()
+    page.wait_for_url(f"{live.base}/instructions")
+    page.locator("#start-practice").click()
+    page.wait_for_url(f"{live.base}/trials")
+
+
 def continue_past_overlay(page, text: str, button: str) -> None:
     """Check the overlay's message contains ``text``, then press its button once it is wired up."""
     expect(page.locator("#overlay")).to_be_visible()
@@ -365,12 +375,7 @@ def test_a_trial_waits_for_every_image_and_its_feedback_delay_counts_from_the_an
         page.context.add_init_script(CLICK_RECORDER)
         page.route("**/stimuli/**", flaky_stimulus)
         page.route("**/responses", slow_reply)
-        page.goto(f"{live.base}/?" + "&".join(f"{k}={v}" for k, v in PROLIFIC.items()))
-        page.locator("#consent-box").check()
-        page.locator("#consent-submit").click()
-        page.wait_for_url(f"{live.base}/instructions")
-        page.locator("#start-practice").click()
-        page.wait_for_url(f"{live.base}/trials")
+        open_trials(page, live)
         continue_past_overlay(page, "practice trials start now", "Start practice")
         wait_for_trial(page)
         widths = page.evaluate("() => Array.from(document.querySelectorAll('#left img, #right img, #upper, #lower'))"
@@ -428,12 +433,7 @@ def test_a_nine_reference_trial_fits_the_window_it_asks_for_and_answers_only_whe
     settings = {**SETTINGS, "reference_px": 128, "query_px": 176, "min_window_width": 0, "min_window_height": 0}
     width, height = trial_window(128, 176, 9)
     with _served(tmp_path, database_url, settings, k=9) as live:
-        page.goto(f"{live.base}/?" + "&".join(f"{k}={v}" for k, v in PROLIFIC.items()))
-        page.locator("#consent-box").check()
-        page.locator("#consent-submit").click()
-        page.wait_for_url(f"{live.base}/instructions")
-        page.locator("#start-practice").click()
-        page.wait_for_url(f"{live.base}/trials")
+        open_trials(page, live)
         page.set_viewport_size({"width": 1300, "height": 600})       # a laptop window, lower than a trial
         expect(page.locator("#overlay-button")).to_have_text("Start practice")
         assert page.evaluate("() => { const b = document.getElementById('overlay-button');"
