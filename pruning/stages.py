@@ -11,9 +11,8 @@ from sparsight.layout import CHECKPOINT_FILE, META_FILE
 
 from .data import concept_shapes
 from .data.folders import folder_digest, split_dir
-from .models import read_meta
 from .method_base import PruningError, method_class, prunable_layers
-from .models import create_model
+from .models import create_model, read_meta
 from .models.registry import WeightsError, resolve_weights, weights_digest
 from .schedule import PruneJob
 from .training import TrainSettings

@@ -4,7 +4,7 @@ None of them stops a server (a local trial run needs none of them), but each one
 participant sees or what the researcher can pay and report."""
 from __future__ import annotations
 
-from .screen import trial_window
+from .screen import minimum_window, trial_window
 
 CONSENT_FIELDS = {"researcher": "who runs the study", "contact": "a contact",
                   "ethics_reference": "the ethics approval"}
@@ -23,10 +23,10 @@ def launch_notes(settings, refs_per_side: int) -> list[str]:
         notes.append("survey.completion_code is set but survey.screenout_code is not: a participant who fails the "
                      "practice gets no code to submit on Prolific")
     width, height = trial_window(settings.reference_px, settings.query_px, refs_per_side)
-    if settings.min_window_width < width or settings.min_window_height < height:
+    asked = minimum_window(settings, refs_per_side)
+    if asked != (settings.min_window_width, settings.min_window_height):
         notes.append(f"a trial ({refs_per_side} references per side at {settings.reference_px} px, queries at "
                      f"{settings.query_px} px) needs a {width}×{height} window, more than survey.min_window_width × "
                      f"min_window_height ({settings.min_window_width}×{settings.min_window_height}); participants "
-                     f"are asked for {max(width, settings.min_window_width)}×"
-                     f"{max(height, settings.min_window_height)}")
+                     f"are asked for {asked[0]}×{asked[1]}")
     return notes

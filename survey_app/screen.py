@@ -3,8 +3,8 @@
 The trial page (``trials.html`` with ``survey.css``) sets its images at fixed CSS sizes, so the room it
 needs follows from ``reference_px``, ``query_px`` and the references per side.  The constants below
 are the page's own (gaps, frames, paddings) and its text rows as measured in Chromium, with some room
-for fonts that run taller; the page measures itself as well and asks for a larger window where it needs
-one.  The consent page checks the window against these numbers before anyone starts.
+for fonts that run taller.  The consent page and ``sparsight serve`` quote these numbers; the trial page
+measures the trial on screen itself.
 """
 from __future__ import annotations
 

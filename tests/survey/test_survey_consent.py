@@ -141,3 +141,23 @@ def test_a_participant_id_that_declined_cannot_start_and_the_decline_is_exported
     frame = declines_frame(app.config["SESSIONS"], app.extensions["survey"].study_name)
     assert frame["external_id"].tolist() == ["p-123", "p-777"]
     assert declines_frame(app.config["SESSIONS"], "another-study").empty
+
+
+def test_serve_lists_what_a_real_study_still_lacks():
+    """Consent contacts, the Prolific codes, and a window minimum below what a trial needs (9 references per
+    side at the default sizes need 1092×643); a study with all of them set gets no note."""
+    from sparsight.config import SurveySection
+    from survey_app.readiness import launch_notes
+    from survey_app.screen import trial_window
+
+    notes = launch_notes(SurveySection(), 9)
+    assert len(notes) == 3
+    assert "no who runs the study (survey.researcher), a contact (survey.contact), the ethics approval" in notes[0]
+    assert notes[1].startswith("no survey.completion_code")
+    assert trial_window(128, 176, 9) == (1092, 643) and "participants are asked for 1092×643" in notes[2]
+    ready = SurveySection(researcher="A", contact="a@b", ethics_reference="E-1", completion_code="C",
+                          min_window_width=1100, min_window_height=700)
+    assert launch_notes(ready, 9) == ["survey.completion_code is set but survey.screenout_code is not: a "
+                                      "participant who fails the practice gets no code to submit on Prolific"]
+    ready.screenout_code = "S"
+    assert launch_notes(ready, 9) == []
