@@ -204,12 +204,13 @@ def _trained_size(model_dir: Path) -> int | None:
 def _check_classes(ckpt, classes: list[str], data_path) -> None:
     """Stop when the checkpoint was trained on other class folders than the data has (its labels would be
     read as other classes' labels)."""
+    from .data.folders import class_difference
     stored = ckpt.args.get("classes")
     if not stored:
         return
     trained = json.loads(stored)
     if trained != list(classes):
-        lacks, extra = sorted(set(trained) - set(classes)), sorted(set(classes) - set(trained))
+        lacks, extra = class_difference(trained, list(classes))
         detail = (f"the data lacks {lacks[:5]}" if lacks else "") + ("; " if lacks and extra else "") + \
                  (f"the data has {extra[:5]} it was not trained on" if extra else "")
         raise click.UsageError(f"{ckpt.path} was trained on {len(trained)} classes, {data_path} has {len(classes)}: "

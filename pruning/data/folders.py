@@ -105,6 +105,11 @@ def class_folders(path: str | os.PathLike) -> list[str]:
     return sorted(entry.name for entry in os.scandir(path) if entry.is_dir())
 
 
+def class_difference(expected: list[str], found: list[str]) -> tuple[list[str], list[str]]:
+    """``(the classes of expected that found lacks, the classes found has beyond them)``, each sorted."""
+    return sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+
+
 def check_split_classes(root: str | os.PathLike) -> None:
     """Stop when ``root/train`` and ``root/val`` (both present) hold different class folders."""
     train, val = Path(root) / "train", Path(root) / "val"
@@ -112,7 +117,7 @@ def check_split_classes(root: str | os.PathLike) -> None:
         return
     a, b = class_folders(train), class_folders(val)
     if a != b:
-        lacks, extra = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+        lacks, extra = class_difference(a, b)
         parts = ([f"val/ lacks {len(lacks)} class(es) train/ has: {lacks[:5]}"] if lacks else []) + \
                 ([f"val/ has {len(extra)} class(es) train/ lacks: {extra[:5]}"] if extra else [])
         raise DataLayoutError(f"data folder {root}: {'; '.join(parts)}; both splits need the same class folders, "
