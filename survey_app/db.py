@@ -95,7 +95,7 @@ def add_missing_columns(conn) -> list[str]:
         present = {c["name"] for c in inspector.get_columns(table.name)}
         for column in (c for c in table.columns if c.name not in present):
             if not column.nullable:
-                raise RuntimeError(f"the survey database's table {table.name} lacks the required column "
+                raise ValueError(f"the survey database's table {table.name} lacks the required column "
                                    f"{column.name}; export it with an earlier sparsight and start a new database")
             conn.execute(text(f"ALTER TABLE {quote(table.name)} ADD COLUMN {quote(column.name)} "
                               f"{column.type.compile(dialect=conn.dialect)}"))
