@@ -193,12 +193,20 @@ def evaluate_cmd(checkpoint: Path, data_path, split, image_size, batch_size, dev
 
 
 def _trained_size(model_dir: Path) -> int | None:
-    """The input size a study trained the model at (its meta.json), if recorded."""
+    """The input size a study trained the model at: its meta.json's, else (a model made before meta.json
+    recorded it) the data.image_size of the study it lies in (``<study>/models/<id>/``); None if neither."""
+    from sparsight.config import study_from_run_dir
+    from sparsight.layout import STUDY_FILE
+
     from .models import read_meta
     try:
-        return read_meta(model_dir).get("input_size")
+        size = read_meta(model_dir).get("input_size")
     except (FileNotFoundError, ValueError):
-        return None
+        size = None
+    study = model_dir.parent.parent
+    if size is None and model_dir.parent.name == "models" and (study / STUDY_FILE).is_file():
+        size = study_from_run_dir(study).data.image_size
+    return size
 
 
 def _check_classes(ckpt, classes: list[str], data_path) -> None:

@@ -22,7 +22,7 @@ from .methods import method_class, prunable_layers
 from .models import base_meta, create_model, file_sha256, get_spec, load_checkpoint, save_checkpoint, write_meta
 from .models.checkpoint import atomic_save
 from .models.counting import layer_sizes, measure_sparsity
-from .models.registry import weights_digest
+from .models.registry import trace_blank, weights_digest
 from .schedule import prune_and_retrain
 from .training import DistContext, Trainer, TrainSettings, evaluate
 from .training.engine import amp_dtype, use_channels_last
@@ -151,6 +151,7 @@ def train_and_save(cfg, data_root: str | Path, out_dir: str | Path, ctx: DistCon
     num_classes = cfg.model.num_classes or len(val_loader.classes)
     torch.manual_seed(settings.seed)  # the initial weights are a function of the seed, on every rank
     model = create_model(arch, num_classes=num_classes, weights=weights or None)
+    trace_blank(model, cfg.data.image_size)     # an input too small for the network: one line, before any epoch
     amp, cl = amp_dtype(settings.amp, ctx.device), use_channels_last(settings.channels_last)
     before = evaluate(model.to(ctx.device), val_loader, ctx=ctx, amp=amp) if weights else None
     rewind = RewindSaver(out_dir / REWIND_FILE, rewind_epoch) if rewind_epoch is not None else None

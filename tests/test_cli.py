@@ -71,6 +71,16 @@ def test_train_then_evaluate_agree(runner, tiny_data, tmp_path):
     # without --image-size: the size it was trained at (meta.json), not the architecture's 64 px
     again = json.loads(runner.invoke(main, ["evaluate", str(out), "--data", str(tiny_data), "--device", "cpu"]).output)
     assert meta["input_size"] == again["image_size"] == 32 and again["top1"] == pytest.approx(report["top1"])
+    # a study's model from before meta.json recorded the size: the size of the study it lies in
+    from sparsight.config import load_study, write_study
+    study = tmp_path / "study"
+    write_study(load_study(None, "quick", ["data.image_size=32"]), study)
+    shutil.copytree(out, study / "models" / "base")
+    (study / "models" / "base" / "meta.json").write_text(json.dumps({k: v for k, v in meta.items()
+                                                                     if k != "input_size"}))
+    older = runner.invoke(main, ["evaluate", str(study / "models" / "base"), "--data", str(tiny_data),
+                                 "--device", "cpu"])
+    assert json.loads(older.output)["image_size"] == 32
     # data whose class folders differ from those it was trained on: its labels would be other classes'
     other = tmp_path / "other"
     for split in ("train", "val"):

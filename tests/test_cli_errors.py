@@ -188,3 +188,11 @@ def test_a_warning_is_one_line_unless_debugging(debug):
         assert "UserWarning: the probe has 3 images" in proc.stderr
     else:
         assert proc.stderr == "warning: the probe has 3 images\n"
+
+
+def test_training_at_an_input_too_small_for_the_network_says_so_in_one_line(places):
+    result = CliRunner().invoke(main, ["train", "--data", places["data"], "--arch", "alexnet", "--epochs", "1",
+                                       "--set", "data.image_size=32", "--out", os.path.join(places["tmp"], "t")])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert result.output.startswith("Error: an input of 32 px is too small for alexnet (") and \
+        "use a larger data.image_size" in result.output and "Traceback" not in result.output

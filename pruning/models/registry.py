@@ -282,15 +282,25 @@ def find_layer(model: nn.Module, layer: str) -> nn.Module:
     return modules[layer]
 
 
+#: What torch says when a feature map shrinks to nothing on the way through a network (an input too small)
+TOO_SMALL = ("Output size is too small", "greater than actual input size")
+
+
 @torch.no_grad()
-def trace_blank(model: nn.Module, input_size: int, handles: list) -> None:
+def trace_blank(model: nn.Module, input_size: int, handles: list = ()) -> None:
     """One forward pass of a blank ``input_size`` image in eval mode, for the hooks in ``handles`` to
-    observe; the hooks are removed and the training flag restored afterwards, whatever happens."""
+    observe; the hooks are removed and the training flag restored afterwards, whatever happens.  An input
+    too small for the network is a ``ValueError`` that says so."""
     was_training = model.training
     try:
         model.eval()
         p = next(model.parameters())
         model(torch.zeros(1, 3, input_size, input_size, device=p.device, dtype=p.dtype))
+    except RuntimeError as err:
+        if not any(m in str(err) for m in TOO_SMALL):
+            raise
+        raise ValueError(f"an input of {input_size} px is too small for {getattr(model, 'arch', 'the model')} "
+                         f"({str(err).splitlines()[0]}); use a larger data.image_size") from None
     finally:
         for h in handles:
             h.remove()
