@@ -93,8 +93,9 @@ def is_current(stage: Stage, study: Study, fp: str) -> bool:
 
 
 def plan_study(config: StudyConfig, stages: list[Stage], *, force: tuple[str, ...] = ()):
-    """``(stage, state)`` for every stage from the records on disk, state ``"up to date"``, ``"runs"``
-    or ``"may run (…why…)"``; nothing runs, only files are read and nothing is connected to.
+    """``(stage, state)`` for every stage from the records on disk, state ``"up to date"``, ``"runs"``,
+    ``"may run (…why…)"`` or ``"skips (…why…)"`` (a stage whose ``skip_reason`` says it would do nothing);
+    nothing runs, only files are read and nothing is connected to.
 
     A stage after one that runs is reported from its current record: it may still be skipped when
     its upstream outputs come out unchanged.
@@ -113,7 +114,11 @@ def plan_study(config: StudyConfig, stages: list[Stage], *, force: tuple[str, ..
         current = current and "all" not in force and stage.name not in force
         if current:
             study.records[stage.name] = study.load_record(stage.name)
-        plan.append((stage, "up to date" if current else "runs"))
+            plan.append((stage, "up to date"))
+            continue
+        skip = getattr(stage, "skip_reason", None)
+        why = skip(study) if skip is not None else None
+        plan.append((stage, f"skips ({why})" if why else "runs"))
     return plan
 
 

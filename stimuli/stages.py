@@ -358,11 +358,18 @@ class DissectionStage:
                 "units": asdict(cfg.units) if cfg.dissection.units == "study" else {"layers": _unit_layers(cfg)},
                 "image_size": cfg.data.image_size}
 
+    def skip_reason(self, study) -> str | None:
+        """Why the stage would dissect nothing (no probe, and study data without concept masks), else None;
+        generated concept-shapes data always comes with its masks."""
+        if study.config.data.source == "concept-shapes":
+            return None
+        return no_probe_reason(study.config, study.data_root)
+
     def run(self, study) -> list[Path]:
 
         if not study.is_main:
             return []
-        reason = no_probe_reason(study.config, study.data_root)
+        reason = self.skip_reason(study)
         if reason:
             warnings.warn(f"skipping Network Dissection: {reason}", stacklevel=2)
             return []

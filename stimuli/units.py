@@ -80,7 +80,7 @@ def layer_channels(model: nn.Module, layers: list[str], input_size: int) -> dict
                          f"head?): it has no units to study")
     flat = [name for name in layers if len(shapes[name]) != 4]
     if flat:
-        raise ValueError(f"layer {flat[0]!r} puts out {list(shapes[flat[0]])}, not a map of channels "
+        raise ValueError(f"layer {flat[0]!r} puts out a {len(shapes[flat[0]])}-D tensor, not a map of channels "
                          f"[N, C, H, W]: units are channels of convolutional layers or blocks")
     return {name: int(shapes[name][1]) for name in layers}
 

@@ -261,10 +261,9 @@ class SurveyService:
     def instructions_done(self, public_id: str) -> str:
         with transaction(self.sessions) as s:
             p = self._participant(s, public_id, for_update=True)
-            if p.stage != "instructions":
-                return p.stage
+            if p.stage != "instructions" or p.instructions_started_at is None:
+                return p.stage          # instructions never shown (a bare POST): they are shown first
             now = utcnow()
-            p.instructions_started_at = p.instructions_started_at or now
             p.instructions_done_at = now
             p.stage = "practice" if p.practice_attempt else "main"
             p.last_seen_at = now

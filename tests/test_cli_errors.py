@@ -131,7 +131,7 @@ SETTINGS_WRONG_BEFORE_ANY_STAGE = {
                                   "['circle']"),
     "torchvision weights name": ('model.weights="IMAGENET1K_V1"', "model.weights: model 'inception-small' has no "
                                                                   "torchvision weights"),
-    "classifier as unit layer": ('units.layers=["fc"]', "layer 'fc' puts out [1, 10], not a map of channels"),
+    "classifier as unit layer": ('units.layers=["fc"]', "layer 'fc' puts out a 2-D tensor, not a map of channels"),
     "layer kept from pruning": ('prune.exclude=["conv9"]', "prune.exclude (unstructured-local): layer 'conv9' does "
                                                            "not exist; valid layers: ["),
 }

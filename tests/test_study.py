@@ -221,3 +221,30 @@ def test_power_command_prints_the_planning_tables(quick_run):
     assert bad.exit_code == 2 and "at least 3 participants" in bad.output
     bad = CliRunner().invoke(main, ["power", str(run_dir), "--trials", "many"])
     assert bad.exit_code == 2 and "comma-separated list of ints" in bad.output
+
+
+def _dissection_line(output: str) -> str:
+    return next(line for line in output.splitlines() if line.startswith("dissection "))
+
+
+def test_plan_says_dissection_skips_for_folder_data_without_masks_or_probe(tiny_data, tmp_path, monkeypatch):
+    """An image folder with neither concept masks nor ``dissection.probe`` has nothing to dissect on: the plan
+    says the stage skips and which setting to give, as the run's warning does; with masks, or with generated
+    concept-shapes data (masks come with it), the stage runs."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    bare = tmp_path / "bare"
+    for split in ("train", "val"):
+        shutil.copytree(tiny_data / split, bare / split)
+    base = ["run", "--profile", "quick", "--plan", "--set", f'study.output_dir="{tmp_path / "runs"}"']
+    folder = ["--set", "data.source=folder", "--set", "data.image_size=32"]
+    without = CliRunner().invoke(main, base + folder + ["--set", f"data.path={bare}"])
+    line = _dissection_line(without.output)
+    assert line.split()[1] == "skips", without.output
+    assert "dissection.probe is empty" in without.output and str(bare) in without.output
+    with_masks = CliRunner().invoke(main, base + folder + ["--set", f"data.path={tiny_data}"])
+    assert _dissection_line(with_masks.output).split()[1] == "runs", with_masks.output
+    generated = CliRunner().invoke(main, base)
+    assert _dissection_line(generated.output).split()[1] == "runs", generated.output
+    assert not (tmp_path / "runs").exists()

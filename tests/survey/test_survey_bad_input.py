@@ -178,3 +178,22 @@ def test_one_session_stores_a_bounded_number_of_events(app, client, monkeypatch)
     assert r.status_code == 429 and "the most one session keeps is 3" in r.json["error"]
     assert snapshot(app) == before
     assert client.post(post, json={"events": [{"kind": "focus"}]}, headers=auth(token)).status_code == 200
+
+
+def test_instructions_cannot_be_skipped_by_posting_their_form_unseen(app, client):
+    """A bare POST to /instructions (the page never loaded) leads back to the instructions and records no
+    reading time; once they are shown, the same POST moves on."""
+    html = client.get("/").text
+    token = csrf_from(html)
+    assert client.post("/consent", data={"csrf_token": token, "consent": "yes", "window": "1280x900"}).status_code == 302
+    skipped = client.post("/instructions", data={"csrf_token": token})
+    assert skipped.status_code == 302 and skipped.headers["Location"].endswith("/instructions")
+    with app.config["SESSIONS"]() as s:
+        p = s.scalars(select(Participant)).one()
+        assert (p.stage, p.instructions_started_at, p.instructions_done_at) == ("instructions", None, None)
+    assert client.get("/instructions").status_code == 200
+    read = client.post("/instructions", data={"csrf_token": token})
+    assert read.status_code == 302 and not read.headers["Location"].endswith("/instructions")
+    with app.config["SESSIONS"]() as s:
+        p = s.scalars(select(Participant)).one()
+        assert p.stage != "instructions" and p.instructions_done_at >= p.instructions_started_at
