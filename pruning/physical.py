@@ -228,6 +228,8 @@ def _remove_and_check(tp, model: nn.Module, masks: dict[str, torch.Tensor], cand
     mode(model)
     with torch.no_grad(), ieee_fp32(), masked(model, masks), _module_outputs(model) as before:
         reference = [t.detach().clone() for t in _flatten_outputs(model(x))]
+    numbering = _Numbering(model, surgery.index)
+    parent_tags = numbering.tagged_outputs(model, None, x, mode)
     modules = dict(model.named_modules())
     for name, dead in candidates.items():
         surgery.cut(name, modules[name], dead)
@@ -237,8 +239,18 @@ def _remove_and_check(tp, model: nn.Module, masks: dict[str, torch.Tensor], cand
         outputs = _flatten_outputs(model(x))
     if verify:
         _compare(reference, outputs)
-    channel_map = {name: _match_channels(before[name], out, name) for name, out in after.items()
-                   if name in before and out.shape[1] != before[name].shape[1]}
+    child_tags = numbering.tagged_outputs(model, surgery.index, x, mode)
+    channel_map = {}
+    for name, out in after.items():
+        if name in before and out.shape[1] != before[name].shape[1]:
+            if name in surgery.index.out:        # a conv or BatchNorm: its own bookkeeping
+                channel_map[name] = list(surgery.index.out[name])
+                continue
+            channel_map[name] = numbering.match(parent_tags.get(name), child_tags.get(name))
+            if channel_map[name] is None:
+                notes.append(f"{name}: channels matched by their activations on a random input (a unit silent "
+                             f"on it may take a removed neighbour's index)")
+                channel_map[name] = _match_channels(before[name], out, name)
     return surgery, new_masks, channel_map
 
 
@@ -352,8 +364,65 @@ def _module_outputs(model: nn.Module):
             h.remove()
 
 
+class _Numbering:
+    """Every conv / BatchNorm output channel of the parent numbered, to name channels by what they are, not by
+    what they compute on a probe input (a live unit may be silent on it, like a removed one).
+
+    A tagged copy of a model has every conv weight and BatchNorm γ zero and each channel's bias (BatchNorm β,
+    a conv's own) set to a value unique to its parent channel in (1, 2): a channel then carries a positive
+    constant that names it through ReLU, pooling, concatenation and residual sums, whatever the input.  The
+    parent and the smaller model, tagged alike, compute the same thing at every kept channel.  A conv or
+    BatchNorm output needs none of this: the surgery's own index names its channels.
+    """
+
+    def __init__(self, model: nn.Module, index: _Index):
+        self.offsets, total = {}, 0
+        for name, module in model.named_modules():
+            if name in index.out and isinstance(module, (nn.Conv2d, _BatchNorm)) and module.bias is not None:
+                self.offsets[name] = total
+                total += len(index.out[name])
+        self.step = 1.0 / (total + 2)
+
+    def tagged_outputs(self, model: nn.Module, index: _Index | None, x: torch.Tensor, mode) -> dict[str, torch.Tensor]:
+        """``{module: output}`` of a tagged copy of ``model``; ``index`` (None: the parent itself) gives each
+        channel's parent index."""
+        import copy
+
+        tagged = copy.deepcopy(model)
+        with torch.no_grad():
+            for name, module in tagged.named_modules():
+                if not isinstance(module, (nn.Conv2d, _BatchNorm)):
+                    continue
+                if module.weight is not None:
+                    module.weight.zero_()
+                if module.bias is not None:
+                    module.bias.zero_()
+                if name in self.offsets:
+                    parents = torch.tensor(index.out[name] if index is not None else range(module.bias.shape[0]),
+                                           dtype=torch.float64)
+                    module.bias.copy_((1.0 + (self.offsets[name] + parents + 1) * self.step).to(module.bias.dtype))
+        mode(tagged)
+        with torch.no_grad(), ieee_fp32(), _module_outputs(tagged) as outputs:
+            tagged(x)
+        return outputs
+
+    def match(self, parent: torch.Tensor | None, child: torch.Tensor | None) -> list[int] | None:
+        """The parent channel of each child channel from tagged outputs, or None where the tags do not tell
+        (a layer no tagged channel reaches, such as a bias-free conv's own output)."""
+        if parent is None or child is None or parent.dim() < 2 or child.dim() < 2:
+            return None
+        p = parent.transpose(0, 1).reshape(parent.shape[1], -1).double()
+        q = child.transpose(0, 1).reshape(child.shape[1], -1).double()
+        close = torch.stack([(p - row).abs().amax(dim=1) <= self.step / 4 for row in q])   # tags lie `step` apart
+        if not bool((close.sum(dim=1) == 1).all()) or not bool((close.sum(dim=0) <= 1).all()):
+            return None
+        mapping = [int(i) for i in close.float().argmax(dim=1)]
+        return mapping if all(a < b for a, b in zip(mapping, mapping[1:])) else None
+
+
 def _match_channels(parent: torch.Tensor, child: torch.Tensor, name: str) -> list[int]:
-    """The parent channel of each child channel: the increasing assignment of identical activations.
+    """The parent channel of each child channel: the increasing assignment of identical activations
+    (where the tags of :class:`_Numbering` do not tell).
 
     The smaller model computes exactly what the masked one computed, with channels only removed,
     never reordered, so child channel j is the first parent channel after j − 1's with the same

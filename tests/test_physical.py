@@ -311,7 +311,7 @@ def test_the_two_models_are_compared_in_full_fp32_and_tf32_is_left_as_it_was():
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
         remove_pruned_filters(model, masks, input_size=SIZE)
-        assert seen.count((False, False)) == 2       # the masked and the smaller model (tracing may use TF32)
+        assert seen.count((False, False)) == 4       # masked, smaller, and their tagged copies (tracing may use TF32)
         assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (before[0], True)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before[1]
@@ -336,3 +336,33 @@ def test_physical_pruning_of_an_fp32_model_on_the_gpu_verifies(arch):
     with ieee_fp32():
         out = _outputs(model, result.masks, x).double()
     assert torch.allclose(out, reference, rtol=1e-3, atol=1e-4 * float(reference.abs().max()))
+
+
+@pytest.mark.parametrize("arch", archs("inception-small", "googlenet"))
+def test_a_kept_channel_silent_on_the_probe_keeps_its_own_index(arch):
+    """The channel map is exact where activations cannot tell channels apart: a kept unit that is zero on
+    every probe input (here a BatchNorm bias far below zero) next to a removed one (also zero) is named by
+    its own parent index, not by the removed neighbour's. Every block's map equals the concatenation of its
+    branches' surviving filters."""
+    torch.manual_seed(0)
+    model = create_model(arch, num_classes=10).double().eval()
+    with torch.no_grad():
+        _randomize_batchnorms(model)
+    masks = create_method("structured").masks(model, 0.5, exclude=get_spec(arch).stem)
+    alive = {name: [i for i in range(m.shape[0]) if m[i].any()] for name, m in
+             ((k.rpartition(".")[0], m) for k, m in masks.items() if k.endswith("conv.weight"))}
+    branch = "inception4a.branch1.conv"
+    silent = next(i for i in alive[branch] if i > 0 and i - 1 not in alive[branch])   # a removed filter just before
+    with torch.no_grad():
+        model.inception4a.branch1.bn.bias[silent] = -1e4
+    result = remove_pruned_filters(model, masks, input_size=SIZE)
+    assert result.kept_masked_total == 0
+    for block in ("inception3a", "inception3b", "inception4a", "inception4b", "inception5a"):   # in both
+        ends = [f"{block}.branch1.conv", f"{block}.branch2.1.conv", f"{block}.branch3.1.conv", f"{block}.branch4.1.conv"]
+        expected, offset = [], 0
+        for end in ends:
+            expected += [offset + i for i in alive[end]]
+            offset += masks[f"{end}.weight"].shape[0]
+        assert result.channel_map[block] == expected, block
+    assert silent in result.channel_map["inception4a"] and silent - 1 not in result.channel_map["inception4a"]
+    assert not [note for note in result.notes if "matched by their activations" in note]
