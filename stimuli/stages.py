@@ -253,7 +253,8 @@ def run_dissection(study, *, model_ids: list[str] | None = None, probe: str | os
 
     Each model's tables are kept under ``dissection/parts/<model_id>/`` with a fingerprint of the
     checkpoint, settings, units and probe files, so a rerun redoes only models that changed (all with
-    ``fresh``).  Physically pruned models are recorded as ``skipped``.  Returns the paths of
+    ``fresh``).  The study's tables hold ``model_ids`` and every other model of the study whose part is
+    current.  Physically pruned models without a channel map are recorded as ``skipped``.  Returns the paths of
     ``dissection/units.csv``, ``dissection/models.csv`` and ``dissection/iou.parquet``.
     """
     import pandas as pd
@@ -278,6 +279,7 @@ def run_dissection(study, *, model_ids: list[str] | None = None, probe: str | os
         if log_models:
             note(f"[dissection] {i + 1}/{len(model_ids)} {mid}")
         parts.append(_dissect_model(study, mid, loader, units, settings, out / "parts" / mid, fresh))
+    parts += _current_parts(study, [m for m in _study_models(study) if m not in model_ids], settings, out / "parts")
     units_all = pd.concat([pd.read_parquet(p / "units.parquet") for p in parts], ignore_index=True)
     iou_parts = [t for t in (pd.read_parquet(p / "iou.parquet") for p in parts) if len(t)]
     iou_all = pd.concat(iou_parts, ignore_index=True) if iou_parts else pd.DataFrame(columns=IOU_COLUMNS)
@@ -285,6 +287,35 @@ def run_dissection(study, *, model_ids: list[str] | None = None, probe: str | os
     return [atomic_write_frame(units_all, study.layout.dissection_units),
             atomic_write_frame(models, study.layout.dissection_models),
             atomic_write_frame(iou_all, out / "iou.parquet")]
+
+
+def _study_models(study) -> list[str]:
+    from pruning.stages import study_model_ids
+
+    return [m for m in study_model_ids(study) if m != "observer"]
+
+
+def _current_parts(study, model_ids: list[str], settings: dict, parts: Path) -> list[Path]:
+    """The stored parts of ``model_ids`` that are current (same checkpoint, settings, units and probe):
+    a run for some models keeps the study's other models in the tables, never a stale part."""
+    current = []
+    for mid in model_ids:
+        part = parts / mid
+        if study.layout.checkpoint(mid).is_file() and _part_is_current(part, _part_fingerprint(study, mid, settings)):
+            current.append(part)
+    return current
+
+
+def _part_fingerprint(study, model_id: str, settings: dict) -> str:
+    meta = read_meta(study.layout.model_dir(model_id))
+    return hashlib.sha256(json.dumps({**settings, "checkpoint": file_sha256(study.layout.checkpoint(model_id)),
+                                      "method": meta.get("method"), "physical": bool(meta.get("physical"))},
+                                     sort_keys=True).encode()).hexdigest()
+
+
+def _part_is_current(part: Path, fp: str) -> bool:
+    stamp = part / "fingerprint.txt"
+    return stamp.is_file() and stamp.read_text() == fp and (part / "iou.parquet").is_file()
 
 
 def _dissect_model(study, model_id: str, loader, units: list[Unit], settings: dict, part: Path, fresh: bool) -> Path:
@@ -295,11 +326,9 @@ def _dissect_model(study, model_id: str, loader, units: list[Unit], settings: di
 
     model_dir = study.layout.model_dir(model_id)
     meta = read_meta(model_dir)
-    fp = hashlib.sha256(json.dumps({**settings, "checkpoint": file_sha256(study.layout.checkpoint(model_id)),
-                                    "method": meta.get("method"), "physical": bool(meta.get("physical"))},
-                                   sort_keys=True).encode()).hexdigest()
+    fp = _part_fingerprint(study, model_id, settings)
     stamp = part / "fingerprint.txt"
-    if not fresh and stamp.is_file() and stamp.read_text() == fp and (part / "iou.parquet").is_file():
+    if not fresh and _part_is_current(part, fp):
         return part
     device = study.ctx.device if study.ctx else "cpu"
     ckpt = load_checkpoint(model_dir, map_location=device)

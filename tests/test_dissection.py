@@ -393,6 +393,21 @@ def test_stage_writes_tables_for_every_model_and_skips_when_current(tiny_study):
     assert logs[-1] == "[dissection] up to date, skipped"
 
 
+def test_dissecting_one_model_keeps_the_studys_other_models_in_the_tables(tiny_study):
+    """`dissect --model base` redoes the base model; the pruned model's current part stays in the tables."""
+    run_dir, common = tiny_study
+    assert CliRunner().invoke(main, ["dissect", *common]).exit_code == 0
+    tables = {name: run_dir / "dissection" / name for name in ("units.csv", "models.csv", "iou.parquet")}
+    read = {name: (pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, keep_default_na=False))
+            for name, path in tables.items()}
+    assert set(read["units.csv"].model_id) == {"base", "structured-oneshot-r0.50"}
+    result = CliRunner().invoke(main, ["dissect", "--model", "base", "--fresh", *common])
+    assert result.exit_code == 0, result.output
+    for name, path in tables.items():
+        again = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, keep_default_na=False)
+        pd.testing.assert_frame_equal(again, read[name])
+
+
 def test_command_dissects_chosen_models_and_skips_physically_pruned_ones(tiny_study):
     run_dir, common = tiny_study
     phys = run_dir / "models" / "phys"
