@@ -133,7 +133,7 @@ def _data_flags(data_path) -> dict:
 @click.option("--parent", type=click.Path(exists=True, path_type=Path, resolve_path=True), default=None,
               help="parent checkpoint: noise similarity is top-1 agreement with it")
 @click.option("--corruption", "corruptions", multiple=True, type=corruption_choice(),
-              help="corruption (repeatable; default: the study's)")
+              help="corruption (repeatable; default: the study's the model lies in, else all)")
 @click.option("--severity", "severities", multiple=True, type=click.IntRange(1, 5), help="severity 1-5 (repeatable)")
 @click.option("--max-images", type=click.IntRange(min=0), default=None,
               help="robustness on at most this many images (0 = all)")
@@ -143,8 +143,9 @@ def evaluate_cmd(checkpoint: Path, data_path, split, image_size, batch_size, dev
     """Top-1/top-5 accuracy of CHECKPOINT (a model.pt or its folder) on a data split; prints JSON.
 
     With --robustness also top-1 under corruptions (severities 1-5, applied to tensors) and, given
-    --parent, noise similarity (x + 2ε(U - 0.5), top-1 agreement with the parent); --write-meta
-    stores it as meta.json["robustness"]. Examples:
+    --parent, noise similarity (x + 2ε(U - 0.5), top-1 agreement with the parent), with the [evaluate]
+    settings of the study the model lies in (else the built-in ones); --write-meta stores it as
+    meta.json["robustness"] (not for a study's own models: their meta.json belongs to the study's stages). Examples:
 
     \b
       sparsight evaluate runs/default/models/base --data runs/default/data
@@ -158,7 +159,12 @@ def evaluate_cmd(checkpoint: Path, data_path, split, image_size, batch_size, dev
 
     dev = resolve_device(device)
     ckpt = load_checkpoint(checkpoint, map_location=dev)
-    size = image_size or _trained_size(ckpt.path.parent) or get_spec(ckpt.arch).input_size
+    owner = _owning_study(ckpt.path.parent)
+    if write_meta and owner is not None:
+        raise click.UsageError(f"{ckpt.path.parent} is a model of the study {ckpt.path.parent.parent.parent}, whose "
+                               f"stages write its meta.json (a change there redoes every stage from prune on); drop "
+                               f"--write-meta (the result is printed as JSON) or evaluate a copy of the model folder")
+    size = image_size or _trained_size(ckpt.path.parent, owner) or get_spec(ckpt.arch).input_size
     loader = make_loader(data_path, split, image_size=size, batch_size=batch_size, train=False,
                          on_corrupt=on_corrupt, device=dev)
     _check_classes(ckpt, loader.classes, data_path)
@@ -172,7 +178,8 @@ def evaluate_cmd(checkpoint: Path, data_path, split, image_size, batch_size, dev
 
         from .data.folders import ImageFolderDataset, split_dir, stratified_subset
         from .robustness import robustness_report
-        section = replace(EvaluateSection(), **{k: v for k, v in {"corruptions": list(corruptions), "severities":
+        section = replace(owner.evaluate if owner is not None else EvaluateSection(),
+                          **{k: v for k, v in {"corruptions": list(corruptions), "severities":
                                                 list(severities)}.items() if v},
                           **({"max_images": max_images} if max_images is not None else {}))
         targets = ImageFolderDataset(split_dir(data_path, split), on_corrupt=on_corrupt).targets
@@ -192,20 +199,27 @@ def evaluate_cmd(checkpoint: Path, data_path, split, image_size, batch_size, dev
         save_meta(ckpt.path.parent, meta)
 
 
-def _trained_size(model_dir: Path) -> int | None:
-    """The input size a study trained the model at: its meta.json's, else (a model made before meta.json
-    recorded it) the data.image_size of the study it lies in (``<study>/models/<id>/``); None if neither."""
+def _owning_study(model_dir: Path):
+    """The configuration of the study the model folder lies in (``<study>/models/<id>/``), else None."""
     from sparsight.config import study_from_run_dir
     from sparsight.layout import STUDY_FILE
 
+    study = model_dir.parent.parent
+    if model_dir.parent.name == "models" and (study / STUDY_FILE).is_file():
+        return study_from_run_dir(study)
+    return None
+
+
+def _trained_size(model_dir: Path, owner) -> int | None:
+    """The input size a study trained the model at: its meta.json's, else (a model made before meta.json
+    recorded it) the data.image_size of ``owner``, the study it lies in; None if neither."""
     from .models import read_meta
     try:
         size = read_meta(model_dir).get("input_size")
     except (FileNotFoundError, ValueError):
         size = None
-    study = model_dir.parent.parent
-    if size is None and model_dir.parent.name == "models" and (study / STUDY_FILE).is_file():
-        size = study_from_run_dir(study).data.image_size
+    if size is None and owner is not None:
+        size = owner.data.image_size
     return size
 
 

@@ -81,6 +81,18 @@ def test_train_then_evaluate_agree(runner, tiny_data, tmp_path):
     older = runner.invoke(main, ["evaluate", str(study / "models" / "base"), "--data", str(tiny_data),
                                  "--device", "cpu"])
     assert json.loads(older.output)["image_size"] == 32
+    # a study's model is measured with the study's robustness settings, and its meta.json is the study's to write
+    study_cfg = load_study(None, "quick", ["data.image_size=32"])
+    robust = runner.invoke(main, ["evaluate", str(study / "models" / "base"), "--data", str(tiny_data),
+                                  "--device", "cpu", "--robustness", "--max-images", "20"])
+    settings = json.loads(robust.output)["robustness"]["settings"]
+    assert (settings["severities"], settings["corruptions"]) == (study_cfg.evaluate.severities,
+                                                                  study_cfg.evaluate.corruptions)
+    before = (study / "models" / "base" / "meta.json").read_bytes()
+    refused = runner.invoke(main, ["evaluate", str(study / "models" / "base"), "--data", str(tiny_data),
+                                   "--device", "cpu", "--write-meta"])
+    assert refused.exit_code == 2 and "is a model of the study" in refused.output
+    assert (study / "models" / "base" / "meta.json").read_bytes() == before
     # data whose class folders differ from those it was trained on: its labels would be other classes'
     other = tmp_path / "other"
     for split in ("train", "val"):
