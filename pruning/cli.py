@@ -289,6 +289,8 @@ def prune_cmd(run_dir, study_file, profile, overrides, device, parent, data_path
     cfg = resolve_study(run_dir, study_file, profile, overrides, device, flags)
     parent = parent or Layout(cfg.run_dir).model_dir("base")
     _check_prune_parent(cfg, parent)
+    if run_dir is not None and out_root is None:
+        _check_study_models_kept(cfg, run_dir)
 
     from .stages import run_prune
     from .training import open_study
@@ -316,6 +318,32 @@ def _check_prune_parent(cfg, parent: Path) -> None:
         prunable_layers(load_checkpoint(parent).model, prune_jobs(cfg)[0].exclude)
     except (PruningError, WeightsError) as err:
         raise click.UsageError(str(err)) from None
+
+
+#: settings that choose which jobs run or where, not what a job makes
+_JOB_CHOICE = {"prune.methods", "prune.rates", "prune.schedules", "study.device", "study.progress"}
+#: sections whose settings shape a pruned model (and its robustness report)
+_MODEL_SECTIONS = ("study", "data", "model", "train", "prune", "evaluate")
+
+
+def _check_study_models_kept(cfg, run_dir: Path) -> None:
+    """Stop before a run whose settings differ from the study's would replace one of the study's models (hours
+    of retraining, and the stimuli, dissection and MIS made from it) with a model the study does not describe."""
+    from sparsight.config import study_from_run_dir
+
+    from .stages import prune_jobs
+
+    own, now = study_from_run_dir(run_dir).to_dict(), cfg.to_dict()
+    changed = [f"{section}.{key}" for section in _MODEL_SECTIONS for key in now[section]
+               if f"{section}.{key}" not in _JOB_CHOICE and now[section][key] != own[section].get(key)]
+    models = Layout(cfg.run_dir)
+    replaced = [job.model_id for job in prune_jobs(cfg) if (models.model_dir(job.model_id) / "meta.json").is_file()]
+    if changed and replaced:
+        section, key = changed[0].split(".")
+        raise click.UsageError(f"models/{replaced[0]} is the study's, made with {changed[0]} = "
+                               f"{own[section].get(key)!r}; with {now[section][key]!r} this run would replace it: "
+                               f"pass --out-root DIR to keep both, or change the study itself "
+                               f"(`sparsight run {run_dir} --set {changed[0]}=...`)")
 
 
 def _echo_pruned(index: int, count: int, job, meta: dict | None) -> None:

@@ -248,3 +248,17 @@ def test_plan_says_dissection_skips_for_folder_data_without_masks_or_probe(tiny_
     generated = CliRunner().invoke(main, base)
     assert _dissection_line(generated.output).split()[1] == "runs", generated.output
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_prune_with_other_settings_does_not_replace_a_study_model(quick_run):
+    """`sparsight prune RUN_DIR` with a setting of its own would overwrite one of the study's models (and leave
+    its stimuli and scores describing a model that is gone): it stops, naming the setting, and touches nothing."""
+    run_dir, _ = quick_run
+    meta = run_dir / "models" / "structured-oneshot-r0.30" / "meta.json"
+    before = meta.read_bytes()
+    result = CliRunner().invoke(main, ["prune", str(run_dir), "--method", "structured", "--rate", "0.3",
+                                       "--epochs", "0", "--no-robustness"])
+    assert result.exit_code == 2, result.output
+    assert "models/structured-oneshot-r0.30 is the study's, made with prune.retrain_epochs = 1" in result.output
+    assert "--out-root" in result.output and meta.read_bytes() == before
