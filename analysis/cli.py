@@ -57,7 +57,7 @@ def analyze_cmd(run_dir, out, import_csv, maps, mapping, overrides):
     """
     from sparsight.study import Study
 
-    from .load import import_trials, load_models, parse_mapping, read_mapping
+    from .load import import_trials, load_models, parse_mapping, read_mapping, read_recoding
     from .stages import run_analysis
     from .validity import failed_line
 
@@ -75,13 +75,18 @@ def analyze_cmd(run_dir, out, import_csv, maps, mapping, overrides):
         try:
             columns = read_mapping(mapping) if mapping else parse_mapping(maps) if maps else {}
             trials = import_trials(import_csv, columns, models=load_models(run_dir),
-                                   catch_min_accuracy=cfg.survey.catch_min_accuracy)
+                                   catch_min_accuracy=cfg.survey.catch_min_accuracy,
+                                   recode=read_recoding(mapping) if mapping else None, kinds=cfg.stimuli.kinds)
         except ValueError as err:
             raise click.UsageError(str(err)) from None
         source = f"imported {import_csv.name}"
         if trials.attrs.get("columns_by_name"):
             named = ", ".join(trials.attrs["columns_by_name"])
             click.echo(f"{import_csv.name}: columns taken by their own names: {named}")
+        if trials.attrs.get("foreign_kinds"):
+            click.echo(f"{import_csv.name}: conditions {', '.join(trials.attrs['foreign_kinds'])} are not reference "
+                       f"kinds of the study ({', '.join(cfg.stimuli.kinds)}): they are compared as conditions but "
+                       f"meet no MIS; recode them in a --mapping file ([values.condition]) where they are those kinds")
         if "catch_rule" in trials.attrs:
             excluded, people = trials.attrs["catch_rule"]
             click.echo(f"{import_csv.name}: {excluded} of {people} participants with catch trials excluded by the "

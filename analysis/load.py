@@ -43,6 +43,8 @@ BASE_METHOD = "base"
 REQUIRED_IMPORT = ("participant", "correct")
 IMPORT_NAMES = ("participant", "correct", "unit", "condition", "confidence", "rt", "catch", "trial_type",
                 "model_id", "method", "rate", "sparsity", "kind", "layer", "task", "is_machine", "excluded")
+#: What a trial's ``trial_type`` may be (the survey's blocks); anything else must be recoded on import.
+TRIAL_TYPES = ("main", "practice", "catch")
 TRUE_WORDS = {"1", "1.0", "true", "t", "yes", "y", "correct", "hit"}
 FALSE_WORDS = {"0", "0.0", "false", "f", "no", "n", "incorrect", "wrong", "error", "miss"}
 
@@ -333,8 +335,28 @@ def read_mapping(path: str | Path) -> dict[str, str]:
     return dict(columns)
 
 
+#: Canonical columns whose values a mapping file may recode (``[values.trial_type] test = "main"``).
+RECODABLE = ("trial_type", "condition", "kind")
+
+
+def read_recoding(path: str | Path) -> dict[str, dict[str, str]]:
+    """The ``[values.<canonical>]`` tables of a mapping file: the file's value → sparsight's, per column."""
+    values = read_toml(path, "mapping file", ValueError).get("values", {})
+    if not isinstance(values, dict) or not all(isinstance(v, dict) for v in values.values()):
+        raise ValueError(f"mapping file {path}: [values] holds one table per column, e.g. [values.trial_type] "
+                         f"test = \"main\"")
+    unknown = sorted(set(values) - set(RECODABLE))
+    if unknown:
+        raise ValueError(f"mapping file {path}: values.{unknown[0]} cannot be recoded; choose from {list(RECODABLE)}")
+    bad = [f"values.{c}.{k}" for c, table in values.items() for k, v in table.items() if not isinstance(v, str)]
+    if bad:
+        raise ValueError(f"mapping file {path}: {bad[0]} must be a string")
+    return {c: dict(table) for c, table in values.items()}
+
+
 def import_trials(csv_path: str | Path, mapping: dict[str, str], models: pd.DataFrame | None = None,
-                  catch_min_accuracy: float | None = None) -> pd.DataFrame:
+                  catch_min_accuracy: float | None = None, recode: dict[str, dict[str, str]] | None = None,
+                  kinds=None) -> pd.DataFrame:
     """A trial frame from an external trial-level CSV whose columns ``mapping`` names.
 
     ``mapping`` maps canonical names (:data:`IMPORT_NAMES`; ``participant`` and ``correct`` required)
@@ -346,13 +368,21 @@ def import_trials(csv_path: str | Path, mapping: dict[str, str], models: pd.Data
     column raises ValueError naming it and the columns the CSV has, as do a numeric column (rate,
     sparsity, confidence, rt, task) holding text and, with ``models``, a ``model_id`` the study lacks on a
     row without its own rate.  Without an ``excluded`` column and with ``catch_min_accuracy`` (the
-    survey's ``catch_min_accuracy``), the survey's catch rule excludes participants (:func:`_apply_catch_rule`)."""
+    survey's ``catch_min_accuracy``), the survey's catch rule excludes participants (:func:`_apply_catch_rule`).
+
+    ``recode`` (:func:`read_recoding`) rewrites values of ``trial_type``, ``condition`` and ``kind`` first; a
+    ``trial_type`` other than main, practice or catch (jsPsych's plugin names, a psiTurk phase), a file without
+    rows and a row without a participant are errors.  A separate ``layer`` column names units ``layer:unit``.
+    Conditions that are not among ``kinds`` (the study's reference kinds) are listed in
+    ``attrs["foreign_kinds"]``: they are analysed as conditions but meet no MIS of the study."""
     csv_path = Path(csv_path)
     unknown = sorted(set(mapping) - set(IMPORT_NAMES))
     if unknown:
         raise ValueError(f"unknown canonical name {unknown[0]!r} in the column mapping; choose from "
                          f"{list(IMPORT_NAMES)}")
     raw = _read_trial_csv(csv_path)
+    if raw.empty:
+        raise ValueError(f"trial file {csv_path} has a header but no trials")
     by_name = [c for c in IMPORT_NAMES if c not in mapping and c in raw.columns and c not in mapping.values()]
     mapping = {**mapping, **{c: c for c in by_name}}
     absent = [c for c in REQUIRED_IMPORT if c not in mapping]
@@ -364,6 +394,8 @@ def import_trials(csv_path: str | Path, mapping: dict[str, str], models: pd.Data
             raise ValueError(f"column {column!r} (mapped to {canonical!r}) is not in {csv_path.name}; "
                              f"its columns are {list(raw.columns)}")
     n = len(raw)
+    raw = _recoded(raw, mapping, recode or {})
+    _check_participants(raw[mapping["participant"]], mapping["participant"])
 
     def get(name, default=np.nan):
         return raw[mapping[name]] if name in mapping else pd.Series([default] * n)
@@ -375,11 +407,15 @@ def import_trials(csv_path: str | Path, mapping: dict[str, str], models: pd.Data
     if correct.isna().any():
         raise ValueError(f"column {mapping['correct']!r} (correct) has {int(correct.isna().sum())} empty cells")
     units = get("unit", "").fillna("").astype(str)
+    index = pd.to_numeric(get("unit"), errors="coerce")
+    if "layer" in mapping and "unit" in mapping and index.notna().all():    # a layer column and channel indices
+        units = get("layer").astype(str) + ":" + index.astype(int).astype(str)
     parsed = [split_unit_id(u) for u in units]
     layer = get("layer").astype(str) if "layer" in mapping else pd.Series([p[0] for p in parsed])
     unit_index = pd.Series([p[1] for p in parsed], dtype="float64")
     condition = get("condition", "").fillna("").astype(str)
     trial_type = get("trial_type", "main").fillna("main").astype(str)
+    _check_trial_types(trial_type, mapping.get("trial_type"), "trial_type" in by_name)
     if "catch" in mapping:
         catch = to_bool(get("catch"), mapping["catch"], missing=False)
         trial_type = trial_type.where(~catch, "catch")
@@ -408,9 +444,44 @@ def import_trials(csv_path: str | Path, mapping: dict[str, str], models: pd.Data
         out = _attach_models(out, models, keys=("method", "schedule", "rate", "sparsity"))
     out = out[TRIAL_COLUMNS].copy()
     out.attrs["columns_by_name"] = by_name
+    foreign = sorted(set(out["kind"]) - set(kinds)) if kinds and ("condition" in mapping or "kind" in mapping) else []
+    if foreign:
+        out.attrs["foreign_kinds"] = foreign
     if "excluded" not in mapping and catch_min_accuracy is not None:
         out = _apply_catch_rule(out, catch_min_accuracy)
     return out
+
+
+def _recoded(raw: pd.DataFrame, mapping: dict[str, str], recode: dict[str, dict[str, str]]) -> pd.DataFrame:
+    """``raw`` with the recoded columns' values replaced (values without an entry stay as they are)."""
+    raw = raw.copy()
+    for canonical, table in recode.items():
+        if canonical in mapping:
+            column = mapping[canonical]
+            raw[column] = [table.get(str(v), v) if pd.notna(v) else v for v in raw[column]]
+    return raw
+
+
+def _check_participants(values: pd.Series, column: str) -> None:
+    """Every trial names its participant: trials without one would be pooled as one person."""
+    blank = values.isna() | (values.astype(str).str.strip() == "")
+    if blank.any():
+        rows = ", ".join(str(i + 2) for i in np.flatnonzero(blank.to_numpy())[:5])
+        raise ValueError(f"column {column!r} (participant) is empty in {int(blank.sum())} trial(s), e.g. on line(s) "
+                         f"{rows}: drop those rows or fill in who answered")
+
+
+def _check_trial_types(values: pd.Series, column: str | None, by_name: bool) -> None:
+    """Trial types are the survey's blocks; any other value (a jsPsych plugin name, a psiTurk phase) would drop
+    the trial from every analysis of main trials."""
+    other = sorted(set(values) - set(TRIAL_TYPES))
+    if not other:
+        return
+    shown = ", ".join(repr(v) for v in other[:4]) + (" …" if len(other) > 4 else "")
+    how = "taken by its own name" if by_name else "mapped to 'trial_type'"
+    raise ValueError(f"column {column!r} ({how}) holds {shown}, not the trial types {list(TRIAL_TYPES)}: recode its "
+                     f"values in a --mapping file ([values.trial_type] test = \"main\"), map another column "
+                     f"(--map trial_type=COLUMN), or rename it so that every trial counts as a main trial")
 
 
 def _read_trial_csv(path: Path) -> pd.DataFrame:

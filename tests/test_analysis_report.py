@@ -1105,3 +1105,38 @@ def test_the_report_says_how_many_unreadable_images_were_left_out(report):
     _, results = report
     assert any("Unreadable images were left out: 2 training images in the base model's last epoch (of 402 it "
                "read) and 1 validation images" in note for note in results["notes"]), results["notes"]
+
+
+def test_import_refuses_trial_types_it_would_drop_and_recodes_them_from_a_mapping_file(tmp_path):
+    """jsPsych's own `trial_type` column (plugin names) would drop every trial from the main analyses: the import
+    stops and says how to recode; a mapping file's [values] tables recode a psiTurk-style phase column and
+    condition labels. A file with no trials and a trial with no participant stop it too."""
+    from analysis.load import read_mapping, read_recoding
+
+    frame = pd.DataFrame({"subject": ["a", "a", "b", "b"], "correct": [1, 0, 1, 1],
+                          "trial_type": ["html-button-response"] * 4, "phase": ["test", "catch", "test", "test"],
+                          "cond": ["NAT", "SYN", "NAT", "SYN"], "lay": ["inception4a"] * 4, "idx": [3, 3, 7, 7]})
+    frame.to_csv(tmp_path / "jspsych.csv", index=False)
+    with pytest.raises(ValueError, match=r"column 'trial_type' \(taken by its own name\) holds 'html-button-response'"
+                                         r", not the trial types \['main', 'practice', 'catch'\]: recode"):
+        import_trials(tmp_path / "jspsych.csv", {"participant": "subject"})
+    (tmp_path / "map.toml").write_text('[columns]\nparticipant = "subject"\ntrial_type = "phase"\n'
+                                       'condition = "cond"\nlayer = "lay"\nunit = "idx"\n'
+                                       '[values.trial_type]\ntest = "main"\n[values.condition]\nNAT = "natural"\n')
+    trials = import_trials(tmp_path / "jspsych.csv", read_mapping(tmp_path / "map.toml"),
+                           recode=read_recoding(tmp_path / "map.toml"), kinds=["natural", "synthetic"])
+    assert trials["trial_type"].tolist() == ["main", "catch", "main", "main"]
+    assert trials["kind"].tolist() == ["natural", "SYN", "natural", "SYN"] and trials.attrs["foreign_kinds"] == ["SYN"]
+    assert trials["unit_id"].tolist() == ["inception4a:3"] * 2 + ["inception4a:7"] * 2
+    assert trials["unit"].tolist() == [3, 3, 7, 7]
+    frame.head(0).to_csv(tmp_path / "header.csv", index=False)
+    with pytest.raises(ValueError, match="header.csv has a header but no trials"):
+        import_trials(tmp_path / "header.csv", {"participant": "subject", "trial_type": "phase"})
+    frame.assign(subject=["a", None, "b", " "]).to_csv(tmp_path / "blank.csv", index=False)
+    with pytest.raises(ValueError, match=r"column 'subject' \(participant\) is empty in 2 trial\(s\), e.g. on "
+                                         r"line\(s\) 3, 5"):
+        import_trials(tmp_path / "blank.csv", {"participant": "subject", "trial_type": "phase"},
+                      recode={"trial_type": {"test": "main"}})
+    (tmp_path / "bad.toml").write_text('[columns]\nparticipant = "subject"\n[values.correct]\nyes = "1"\n')
+    with pytest.raises(ValueError, match=r"values.correct cannot be recoded; choose from \['trial_type', "):
+        read_recoding(tmp_path / "bad.toml")
