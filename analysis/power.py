@@ -218,12 +218,14 @@ def _human_trial_model(kind: str, human: pd.DataFrame, rates: tuple, mis_sigma_m
     unit_excess = max(float(by_unit["mean"].var(ddof=1)) - unit_binomial, 0.0) if len(by_unit) > 1 else 0.0
     x, y = people["rate"].to_numpy(float), people["mean"].to_numpy(float)
     lowest = float(np.polyval(np.polyfit(x, y, 1), x.min())) if len(np.unique(x)) > 1 else float(y.mean())
-    intercept, (participant_sd, unit_sd, model_sd) = logit_scale(
-        lowest, (max(person_var - binomial, 0.0), unit_excess, model_var))
-    if how != MODEL_MEANS and mis_sigma_m > 0:      # the MIS's σ_m on top: β₀ again, so the accuracy still holds
+    # the spreads were measured about the accuracies of all rates, so they reach the logit scale there; β₀ then
+    # puts the accuracy at the lowest rate
+    _, (participant_sd, unit_sd, model_sd) = logit_scale(
+        float(y.mean()), (max(person_var - binomial, 0.0), unit_excess, model_var))
+    if how != MODEL_MEANS and mis_sigma_m > 0:      # the MIS's σ_m on top
         model_sd, how = mis_sigma_m, f"{how}; σ_m from the models' shared MIS deviation instead"
-        intercept = _intercept_for(float(np.clip(lowest, 0.01, 0.99)),
-                                   math.sqrt(participant_sd ** 2 + unit_sd ** 2 + model_sd ** 2))
+    intercept = _intercept_for(float(np.clip(lowest, 0.01, 0.99)),
+                               math.sqrt(participant_sd ** 2 + unit_sd ** 2 + model_sd ** 2))
     return TrialModel(kind, intercept, participant_sd, unit_sd, rates,
                       f"{human['participant'].nunique()} human participants, {len(human)} main trials "
                       f"(moment estimates of the participant, unit and model spread; {how})",
@@ -277,8 +279,9 @@ MODEL_MEANS = "σ_m from the model means"
 def _split_model_variance(people: pd.DataFrame) -> tuple[float, float, str]:
     """``(participant variance, model variance, how)`` of participant accuracies (``mean``, ``rate``,
     ``model``, one row per participant): the pooled variance within models, and the spread of the model
-    means about their rate line beyond what that within-model variance gives them."""
-    total = float(people["mean"].var(ddof=1))
+    means about their rate line beyond what that within-model variance gives them.  Where σ_m cannot be
+    separated, the participants' spread about their own rate line (a real effect of rate is no spread)."""
+    total = _about_rate_line(people["rate"].to_numpy(float), people["mean"].to_numpy(float))
     if people["model"].isna().any():
         return total, 0.0, "σ_m not separable: the trials name no model"
     if (people["models"] > 1).any():
@@ -297,6 +300,15 @@ def _split_model_variance(people: pd.DataFrame) -> tuple[float, float, str]:
     else:
         spread = float(np.var(y, ddof=1))
     return pooled, max(spread - float(np.mean(pooled / models["count"])), 0.0), MODEL_MEANS
+
+
+def _about_rate_line(x: np.ndarray, y: np.ndarray) -> float:
+    """Variance of ``y`` about its least-squares line in ``x`` (n − 2 df); the plain variance where ``x`` has
+    fewer than two distinct finite values or ``y`` fewer than three."""
+    if np.isfinite(x).all() and len(np.unique(x)) > 1 and len(y) > 2:
+        resid = y - np.polyval(np.polyfit(x, y, 1), x)
+        return float(np.sum(resid ** 2) / (len(y) - 2))
+    return float(np.var(y, ddof=1)) if len(y) > 1 else 0.0
 
 
 def simulate_designs(model: TrialModel, *, changes, participants, trials, margin: float, alpha: float = 0.05,
@@ -423,8 +435,9 @@ def study_power(data, entries, *, changes=None, participants=(20, 40, 80, 160, 3
     if len(set(rates)) < 2:
         out["notes"].append("the study's models have one pruning rate: no slope to plan for")
         return out
+    from .descriptives import apply_exclusions
     from .load import human_main
-    humans = human_main(data.trials)
+    humans = apply_exclusions(human_main(data.trials))[0]     # the people the report's fits keep
     changes = list(changes) if changes is not None else [0.0, -a.tost_margin, -2 * a.tost_margin]
     trials = list(trials) if trials is not None else [cfg.survey.main_trials, 2 * cfg.survey.main_trials]
     tables = []

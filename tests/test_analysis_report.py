@@ -1140,3 +1140,10 @@ def test_import_refuses_trial_types_it_would_drop_and_recodes_them_from_a_mappin
     (tmp_path / "bad.toml").write_text('[columns]\nparticipant = "subject"\n[values.correct]\nyes = "1"\n')
     with pytest.raises(ValueError, match=r"values.correct cannot be recoded; choose from \['trial_type', "):
         read_recoding(tmp_path / "bad.toml")
+
+
+def test_the_human_power_simulation_takes_its_spreads_from_the_included_participants_only(report):
+    """Participant p11 is excluded (catch accuracy): like every human fit, the power model leaves them out."""
+    _, results = report
+    sources = [m["source"] for m in results["power"]["trial_models"]]
+    assert sources and all(s.startswith("11 human participants") for s in sources), sources

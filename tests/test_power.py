@@ -188,6 +188,38 @@ def test_human_spreads_far_from_chance_come_back_on_the_logit_scale():
     assert model_sd == pytest.approx(0.5, abs=0.1)
 
 
+def test_a_real_effect_of_rate_is_not_read_as_spread():
+    """The same people, units and models as above with a slope of −3 per unit rate (accuracy 0.85 at rate 0,
+    0.4 at 0.75): the spreads come back as without it, where reading them about the mean of all rates and
+    converting at the rate-0 accuracy made σ_p and σ_u about twice too large; without model names σ_p
+    carries σ_m too (√(0.8² + 0.5²) = 0.94)."""
+    import pandas as pd
+
+    from analysis.power import fit_trial_model
+
+    rng = np.random.default_rng(4)
+    found, merged = [], []
+    for _ in range(8):
+        models, people, units, trials = 16, 640, 60, 40
+        shared, unit = rng.normal(0, 0.5, models), rng.normal(0, 1.0, units)
+        model = np.arange(people) % models
+        shown = rng.integers(0, units, (people, trials))
+        eta = 2.0 - 3.0 * (model / 20)[:, None] + shared[model][:, None] + rng.normal(0, 0.8, people)[:, None] \
+            + unit[shown]
+        correct = rng.random((people, trials)) < 1 / (1 + np.exp(-eta))
+        survey = pd.DataFrame({"participant": np.repeat(np.arange(people), trials), "kind": "natural",
+                               "rate": np.repeat(model / 20, trials), "model_id": np.repeat(model, trials),
+                               "unit_id": shown.ravel(), "correct": correct.ravel()})
+        fitted = fit_trial_model("natural", pd.DataFrame(), survey, sorted(np.arange(models) / 20), 5.0)
+        found.append((fitted.participant_sd, fitted.unit_sd, fitted.model_sd))
+        unnamed = fit_trial_model("natural", pd.DataFrame(), survey.drop(columns="model_id"), [0.0, 0.75], 5.0)
+        merged.append(unnamed.participant_sd)
+    participant_sd, unit_sd, model_sd = np.mean(found, axis=0)
+    assert participant_sd == pytest.approx(0.8, abs=0.12) and unit_sd == pytest.approx(1.0, abs=0.15)
+    assert model_sd == pytest.approx(0.5, abs=0.12)
+    assert np.mean(merged) == pytest.approx(math.hypot(0.8, 0.5), abs=0.12)
+
+
 @pytest.mark.parametrize("participants, trials, message", [([20, 2], [12], "at least 3 participants, got 2"),
                                                             ([20], [12, 0], "at least 1 main trial, got 0"),
                                                             ([20], [-4], "at least 1 main trial, got -4")])
