@@ -94,8 +94,14 @@ def _errorbar(ax, x, y, lo, hi, **kw):
 
 
 def _legend_outside(ax, fontsize: int = 7, **kw) -> None:
-    """The legend right of ``ax``, outside the data (the constrained layout makes room for it)."""
-    ax.legend(fontsize=fontsize, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, **kw)
+    """The legend right of ``ax``, outside the data (the constrained layout makes room for it), of every
+    labelled artist of the figure: a series missing from ``ax``'s own panel keeps its entry."""
+    entries: dict[str, object] = {}
+    for panel in ax.figure.axes:
+        for handle, label in zip(*panel.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    ax.legend(list(entries.values()), list(entries), fontsize=fontsize, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+              borderaxespad=0.0, **kw)
 
 
 def _chance(ax, label: bool = True):

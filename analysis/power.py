@@ -17,7 +17,7 @@ main trials on that model's units.  Participant counts are per reference kind: a
 kinds needs twice as many in all.  σ_m is what a model shares across all its participants (its
 training run, the state its units are left in): rate varies only between models, so that part of the
 error is replicated by models, not by participants, and no number of participants removes it.  β₀,
-σ_p, σ_u and σ_m come from the study's human main trials when there are enough of them (moment
+σ_p, σ_u and σ_m come from the human main trials of the included participants when there are enough of them (moment
 estimates on the probability scale, carried to the logit scale by matching Gauss–Hermite integrals:
 :func:`logit_scale`), else β₀ and
 σ_u from the base model's unit MIS (the machine observer's P(correct)), σ_m from the models' shared

@@ -714,6 +714,10 @@ def test_the_layer_panels_give_each_kind_its_row_and_one_legend(tmp_path, monkey
         assert sorted(curves) == sorted(expected.values())
     figures.layer_mis_vs_sparsity(pd.DataFrame(rows), tmp_path / "l.png")
     assert len(seen["panels"]) == 14 and seen["hidden"] == 2 * 3 and seen["legends"] == [["a", "b"]]
+    # a series with live units in the first layer only keeps its legend entry (the legend sits by the last panel)
+    first_only = [dict(r, series="c", model_id=f"c-{r['sparsity']}") for r in rows if r["layer"] == "l0"]
+    figures.layer_mis_vs_sparsity(pd.DataFrame(rows + first_only), tmp_path / "l.png")
+    assert seen["legends"] == [["a", "b", "c"]]
 
 
 def test_legends_cover_no_data_and_captions_say_what_is_drawn(tmp_path, monkeypatch):
