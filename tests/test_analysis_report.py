@@ -1151,3 +1151,24 @@ def test_the_human_power_simulation_takes_its_spreads_from_the_included_particip
     _, results = report
     sources = [m["source"] for m in results["power"]["trial_models"]]
     assert sources and all(s.startswith("11 human participants") for s in sources), sources
+
+
+def test_the_mis_human_correlation_counts_units_not_cells():
+    """Ten units seen in 40 models each, MIS and accuracy each carrying a unit effect but unrelated to each
+    other: every cell counted as independent (a Fisher-z test on 400 cells) rejects the null most of the time;
+    the calibration's test on the units' means keeps its nominal 5 %."""
+    from analysis.report import calibration_check, pearson_ci
+
+    cfg = load_study(None, "quick")
+    rng = np.random.default_rng(2)
+    naive, by_unit = [], []
+    for _ in range(400):
+        unit = np.repeat(np.arange(10), 40)
+        x = rng.normal(0, 1, 10)[unit] + rng.normal(0, 0.5, 400)
+        y = rng.normal(0, 1, 10)[unit] + rng.normal(0, 0.5, 400)
+        naive.append(pearson_ci(x, y, 0.95)[1] < 0.05)
+        cells = pd.DataFrame({"unit_id": unit, "mis": x, "accuracy": y})
+        result = calibration_check(cells, None, cfg).result
+        by_unit.append(result["p"] < 0.05)
+    assert result["units"] == 10 and result["cells"] == 400
+    assert np.mean(naive) > 0.5 and np.mean(by_unit) < 0.08       # 400 studies: 0.05 ± 0.011
