@@ -383,16 +383,7 @@ def import_trials(csv_path: str | Path, mapping: dict[str, str], models: pd.Data
     raw = _read_trial_csv(csv_path)
     if raw.empty:
         raise ValueError(f"trial file {csv_path} has a header but no trials")
-    by_name = [c for c in IMPORT_NAMES if c not in mapping and c in raw.columns and c not in mapping.values()]
-    mapping = {**mapping, **{c: c for c in by_name}}
-    absent = [c for c in REQUIRED_IMPORT if c not in mapping]
-    if absent:
-        raise ValueError(f"{csv_path.name} has no {absent[0]!r} column and the column mapping names none "
-                         f"(e.g. --map {absent[0]}=COLUMN); its columns are {list(raw.columns)}")
-    for canonical, column in mapping.items():
-        if column not in raw.columns:
-            raise ValueError(f"column {column!r} (mapped to {canonical!r}) is not in {csv_path.name}; "
-                             f"its columns are {list(raw.columns)}")
+    mapping, by_name = _resolved_mapping(raw, mapping, csv_path.name)
     n = len(raw)
     raw = _recoded(raw, mapping, recode or {})
     _check_participants(raw[mapping["participant"]], mapping["participant"])
@@ -406,13 +397,7 @@ def import_trials(csv_path: str | Path, mapping: dict[str, str], models: pd.Data
     correct = to_bool(get("correct"), mapping["correct"])
     if correct.isna().any():
         raise ValueError(f"column {mapping['correct']!r} (correct) has {int(correct.isna().sum())} empty cells")
-    units = get("unit", "").fillna("").astype(str)
-    index = pd.to_numeric(get("unit"), errors="coerce")
-    if "layer" in mapping and "unit" in mapping and index.notna().all():    # a layer column and channel indices
-        units = get("layer").astype(str) + ":" + index.astype(int).astype(str)
-    parsed = [split_unit_id(u) for u in units]
-    layer = get("layer").astype(str) if "layer" in mapping else pd.Series([p[0] for p in parsed])
-    unit_index = pd.Series([p[1] for p in parsed], dtype="float64")
+    units, layer, unit_index = _import_units(get, mapping)
     condition = get("condition", "").fillna("").astype(str)
     trial_type = get("trial_type", "main").fillna("main").astype(str)
     _check_trial_types(trial_type, mapping.get("trial_type"), "trial_type" in by_name)
@@ -444,12 +429,39 @@ def import_trials(csv_path: str | Path, mapping: dict[str, str], models: pd.Data
         out = _attach_models(out, models, keys=("method", "schedule", "rate", "sparsity"))
     out = out[TRIAL_COLUMNS].copy()
     out.attrs["columns_by_name"] = by_name
-    foreign = sorted(set(out["kind"]) - set(kinds)) if kinds and ("condition" in mapping or "kind" in mapping) else []
-    if foreign:
-        out.attrs["foreign_kinds"] = foreign
+    if kinds and ("condition" in mapping or "kind" in mapping) and set(out["kind"]) - set(kinds):
+        out.attrs["foreign_kinds"] = sorted(set(out["kind"]) - set(kinds))
     if "excluded" not in mapping and catch_min_accuracy is not None:
         out = _apply_catch_rule(out, catch_min_accuracy)
     return out
+
+
+def _resolved_mapping(raw: pd.DataFrame, mapping: dict[str, str], name: str) -> tuple[dict[str, str], list[str]]:
+    """``mapping`` with the columns taken by their own canonical names, and those names; a required name
+    without a column, or a mapped column the file lacks, is an error naming the file's columns."""
+    by_name = [c for c in IMPORT_NAMES if c not in mapping and c in raw.columns and c not in mapping.values()]
+    mapping = {**mapping, **{c: c for c in by_name}}
+    absent = [c for c in REQUIRED_IMPORT if c not in mapping]
+    if absent:
+        raise ValueError(f"{name} has no {absent[0]!r} column and the column mapping names none "
+                         f"(e.g. --map {absent[0]}=COLUMN); its columns are {list(raw.columns)}")
+    for canonical, column in mapping.items():
+        if column not in raw.columns:
+            raise ValueError(f"column {column!r} (mapped to {canonical!r}) is not in {name}; "
+                             f"its columns are {list(raw.columns)}")
+    return mapping, by_name
+
+
+def _import_units(get, mapping: dict[str, str]) -> tuple[pd.Series, pd.Series, pd.Series]:
+    """``(unit_id text, layer, unit index)`` from a ``unit`` column of ``layer:unit`` names, or from separate
+    ``layer`` and ``unit`` (channel index) columns."""
+    units = get("unit", "").fillna("").astype(str)
+    index = pd.to_numeric(get("unit"), errors="coerce")
+    if "layer" in mapping and "unit" in mapping and index.notna().all():
+        units = get("layer").astype(str) + ":" + index.astype(int).astype(str)
+    parsed = [split_unit_id(u) for u in units]
+    layer = get("layer").astype(str) if "layer" in mapping else pd.Series([p[0] for p in parsed])
+    return units, layer, pd.Series([p[1] for p in parsed], dtype="float64")
 
 
 def _recoded(raw: pd.DataFrame, mapping: dict[str, str], recode: dict[str, dict[str, str]]) -> pd.DataFrame:

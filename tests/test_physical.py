@@ -358,7 +358,7 @@ def test_a_kept_channel_silent_on_the_probe_keeps_its_own_index(arch):
     result = remove_pruned_filters(model, masks, input_size=SIZE)
     assert result.kept_masked_total == 0
     for block in ("inception3a", "inception3b", "inception4a", "inception4b", "inception5a"):   # in both
-        ends = [f"{block}.branch1.conv", f"{block}.branch2.1.conv", f"{block}.branch3.1.conv", f"{block}.branch4.1.conv"]
+        ends = [f"{block}.{branch}.conv" for branch in ("branch1", "branch2.1", "branch3.1", "branch4.1")]
         expected, offset = [], 0
         for end in ends:
             expected += [offset + i for i in alive[end]]

@@ -185,7 +185,8 @@ def test_instructions_cannot_be_skipped_by_posting_their_form_unseen(app, client
     reading time; once they are shown, the same POST moves on."""
     html = client.get("/").text
     token = csrf_from(html)
-    assert client.post("/consent", data={"csrf_token": token, "consent": "yes", "window": "1280x900"}).status_code == 302
+    consent = {"csrf_token": token, "consent": "yes", "window": "1280x900"}
+    assert client.post("/consent", data=consent).status_code == 302
     skipped = client.post("/instructions", data={"csrf_token": token})
     assert skipped.status_code == 302 and skipped.headers["Location"].endswith("/instructions")
     with app.config["SESSIONS"]() as s:
