@@ -94,6 +94,18 @@ def with_status(scores: pd.DataFrame, status: pd.DataFrame | None) -> pd.DataFra
     return out
 
 
+def shared_units(units: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(kept, left_out)``: the rows of units that every model with rows of that kind has, and the others.
+
+    The study compares the same units across models; a unit made for some models only (``sparsight stimuli
+    --model M --unit L:U``) would enter those models' means and not the others'."""
+    keys = units[["kind", "layer", "unit"]].astype(str).agg(":".join, axis=1)
+    present = units.groupby(keys)["model_id"].transform("nunique")
+    every = units.groupby("kind")["model_id"].transform("nunique")
+    shared = present == every
+    return units[shared].reset_index(drop=True), units[~shared].reset_index(drop=True)
+
+
 def bootstrap_ci(values: np.ndarray, n_boot: int, seed: int, level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap CI of the mean (NaN when there are fewer than two values or no resamples)."""
     values = np.asarray(values, dtype=np.float64)

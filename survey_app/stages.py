@@ -17,7 +17,8 @@ from sparsight.layout import Layout
 
 from .embeddings import EmbeddingCache, create_embedding
 from .material import Material
-from .mis import UNIT_COLUMNS, calibration, human_trials, model_scores, task_deltas, unit_scores, with_status
+from .mis import (UNIT_COLUMNS, calibration, human_trials, model_scores, shared_units, task_deltas, unit_scores,
+                  with_status)
 
 
 def read_responses(run_dir: Path, cfg, *, every_study: bool = False, connect: bool = True) -> pd.DataFrame:
@@ -69,8 +70,12 @@ def run_mis(study, *, log=print) -> list[Path]:
     files += [calibration_file] if calibration_file else []
     status_csv = layout.stimulus_units
     status = pd.read_csv(status_csv) if status_csv.is_file() and status_csv.stat().st_size > 1 else None
-    units = with_status(unit_scores(deltas, alpha), status).assign(alpha=alpha, alpha_source=source,
-                                                                    embedding=embedding.key)
+    units, extra = shared_units(with_status(unit_scores(deltas, alpha), status))
+    if len(extra):
+        shown = ", ".join(f"{r.model_id} {r.layer}:{r.unit} ({r.kind})" for r in extra.head(3).itertuples())
+        log(f"[mis] left out {len(extra)} unit(s) that not every model has stimuli for, e.g. {shown}: the "
+            f"models are compared on the same units")
+    units = units.assign(alpha=alpha, alpha_source=source, embedding=embedding.key)
     files.append(atomic_write_text(layout.mis_units, units.reindex(columns=UNIT_COLUMNS).to_csv(index=False)))
     models = model_scores(units, mis.bootstrap, cfg.study.seed).assign(alpha=alpha, alpha_source=source,
                                                                         embedding=embedding.key)

@@ -203,3 +203,25 @@ def test_machine_participant_accuracy_per_unit_equals_offline_mis_hard(tmp_path)
     both = offline.set_index(["model_id", "kind", "layer", "unit"]).join(per_unit, how="inner")
     assert len(both) == 16
     np.testing.assert_allclose(both["accuracy"], both["mis_hard"], atol=1e-12)
+
+
+def test_a_unit_made_for_one_model_only_stays_out_of_the_comparison(tmp_path):
+    """`sparsight stimuli --model base --unit …` adds a unit to the base model alone: the MIS tables leave it out,
+    so every model's mean covers the same units, and the stage says so."""
+    from sparsight.layout import Layout
+    from stimuli.bank import StimulusBank
+    from survey_app.testing import make_bank
+
+    run_dir = make_study_dir(tmp_path / "study", {})
+    make_bank(run_dir, models=("base",), units=(("inception5a", 9),), seed=1)      # the extra unit, base only
+    StimulusBank(Layout(run_dir).stimuli).assemble(["base", "m1"])
+    cfg = study_from_run_dir(run_dir, overrides=['mis.embedding="pixels"', "mis.embedding_size=8"])
+    said = []
+    run_mis(Study(cfg), log=said.append)
+    units = pd.read_csv(run_dir / "mis" / "units.csv")
+    assert not ((units["layer"] == "inception5a") & (units["unit"] == 9)).any()
+    assert units.groupby(["model_id", "kind"]).size().to_dict() == {(m, k): 4 for m in ("base", "m1")
+                                                                     for k in ("natural", "synthetic")}
+    models = pd.read_csv(run_dir / "mis" / "models.csv")
+    assert set(models["units"]) == {4}
+    assert any("left out 2 unit(s) that not every model has" in line and "base inception5a:9" in line for line in said)
