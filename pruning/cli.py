@@ -33,22 +33,31 @@ def data_group():
 def synth(out: Path, profile: str, seed: int, train_per_class, val_per_class, image_size):
     """Generate concept-shapes into OUT: 10 shape classes with colour, texture and background,
     ImageFolder layout (OUT/train/<class>/, OUT/val/<class>/) and per-pixel concept masks
-    (OUT/masks/...), deterministic by --seed. Examples:
+    (OUT/masks/...), deterministic by --seed. An earlier concept-shapes dataset in OUT is replaced; any
+    other content stops the command. Examples:
 
     \b
       sparsight data synth data/shapes
       sparsight data synth data/tiny --train-per-class 20 --val-per-class 5 --image-size 32
     """
+    import shutil
+
     from sparsight.config import load_study
 
     from .data import concept_shapes
 
+    earlier = out.is_dir() and any(out.iterdir())
+    if earlier and not (out / "concepts.json").is_file():
+        raise click.UsageError(f"{out} is not empty and holds no concept-shapes dataset; give a new or empty folder")
+    if earlier:         # an earlier dataset: its images would mix with the new ones
+        shutil.rmtree(out)
     d = load_study(profile=profile).data
     info = concept_shapes.generate(out, seed=seed, train_per_class=train_per_class or d.train_per_class,
                                    val_per_class=val_per_class or d.val_per_class,
                                    image_size=image_size or d.image_size)
     click.echo(f"wrote {info['n_train']} training and {info['n_val']} validation images "
-               f"({info['image_size']} px, {len(info['classes'])} classes) with concept masks to {out}")
+               f"({info['image_size']} px, {len(info['classes'])} classes) with concept masks to {out}"
+               f"{' (replacing the dataset there)' if earlier else ''}")
 
 
 @click.command("train")

@@ -46,6 +46,17 @@ def test_data_synth_writes_the_dataset(runner, tmp_path):
     assert result.exit_code == 0, result.output
     assert "wrote 20 training and 10 validation images (24 px, 10 classes)" in result.output
     assert len(list((tmp_path / "d" / "masks" / "train").rglob("*.png"))) == 20
+    # again with fewer images: the earlier dataset is replaced, not mixed in
+    again = runner.invoke(main, ["data", "synth", str(tmp_path / "d"), "--train-per-class", "1",
+                                 "--val-per-class", "1", "--image-size", "24", "--seed", "6"])
+    assert again.exit_code == 0 and "replacing the dataset there" in again.output
+    assert len(list((tmp_path / "d" / "train").rglob("*.png"))) == 10
+    assert len(list((tmp_path / "d" / "masks" / "train").rglob("*.png"))) == 10
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    refused = runner.invoke(main, ["data", "synth", str(tmp_path / "mine"), "--train-per-class", "1"])
+    assert refused.exit_code == 2 and "holds no concept-shapes dataset" in refused.output
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
 def test_train_then_evaluate_agree(runner, tiny_data, tmp_path):
