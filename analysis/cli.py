@@ -31,7 +31,8 @@ def _study_with_analysis_settings(run_dir, overrides):
 @click.command("analyze")
 @RUN_DIR_ARGUMENT
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path, resolve_path=True), default=None,
-              help="report folder (default: RUN_DIR/report)")
+              help="report folder (default: RUN_DIR/report; with --import: RUN_DIR/report-<CSV name>, so the "
+                   "study's own report stays)")
 @click.option("--import", "import_csv", type=click.Path(dir_okay=False, path_type=Path, resolve_path=True), default=None,
               help="analyse this external trial-level CSV instead of the study's responses")
 @click.option("--map", "maps", multiple=True, metavar="CANONICAL=COLUMN",
@@ -80,6 +81,7 @@ def analyze_cmd(run_dir, out, import_csv, maps, mapping, overrides):
         except ValueError as err:
             raise click.UsageError(str(err)) from None
         source = f"imported {import_csv.name}"
+        out = out or Layout(run_dir).root / f"report-{import_csv.stem}"
         if trials.attrs.get("columns_by_name"):
             named = ", ".join(trials.attrs["columns_by_name"])
             click.echo(f"{import_csv.name}: columns taken by their own names: {named}")

@@ -419,12 +419,12 @@ def test_cli_import_and_usage_errors(tmp_path):
     # columns that bear canonical names need no --map, and the command says which it took by name
     raw = pd.read_csv(tmp_path / "ext.csv").rename(columns={v: k for k, v in MAPPING.items()})
     raw.to_csv(tmp_path / "named.csv", index=False)
-    named = runner.invoke(analyze_cmd, [str(run_dir), "--import", str(tmp_path / "named.csv"), "--out",
-                                        str(tmp_path / "rep2")])
+    named = runner.invoke(analyze_cmd, [str(run_dir), "--import", str(tmp_path / "named.csv")])
     assert named.exit_code == 0, named.output
     assert f"columns taken by their own names: {', '.join(c for c in IMPORT_NAMES if c in raw)}" in named.output
-    assert json.loads((tmp_path / "rep2" / "results.json").read_text())["statistics"] == \
+    assert json.loads((run_dir / "report-named" / "results.json").read_text())["statistics"] == \
         json.loads((tmp_path / "rep" / "results.json").read_text())["statistics"]
+    assert not (run_dir / "report").exists()          # without --out an import leaves the study's own report alone
     wrong_set = runner.invoke(analyze_cmd, [str(run_dir), "--set", "train.epochs=3"])
     assert wrong_set.exit_code == 2 and "analysis.KEY=VALUE" in wrong_set.output
 
