@@ -53,14 +53,30 @@ def _missing_task(have: pd.DataFrame, model_id: str, layer: str, unit: int, task
     return f"{what}: tasks of this unit: {_numbers(unit_rows.task)}"
 
 
+def _unit_status(root: Path, model_id: str, layer: str, unit: int, kind: str) -> str | None:
+    """Why the bank holds no stimuli of a unit it recorded as dead, pruned or skipped (``units.csv``), else None."""
+    path = root / "units.csv"
+    if not path.is_file() or path.stat().st_size < 2:
+        return None
+    status = pd.read_csv(path, keep_default_na=False)
+    hit = status[(status.model_id == model_id) & (status.layer == layer) & (status.unit == unit)
+                 & (status.kind == kind) & (status.status != "ok")]
+    if hit.empty:
+        return None
+    row = hit.iloc[0]
+    return (f"no {kind} stimuli for {model_id} {layer}:{unit}: the unit is {row['status']} in this model"
+            f"{f' ({row.reason})' if row.get('reason') else ''}")
+
+
 def task_sheet(manifest: pd.DataFrame, bank_root: str | Path, *, model_id: str, layer: str, unit: int, task: int = 0,
                kind: str = "natural", seed: int = 0) -> tuple[Image.Image, list[str]]:
     """The sheet image and the query order shown (e.g. ``['query_min', 'query_max']`` top to bottom)."""
     rows = manifest[(manifest.model_id == model_id) & (manifest.layer == layer) & (manifest.unit == unit)
                     & (manifest.task == task) & (manifest.kind == kind)]
-    if rows.empty:
-        raise ValueError(_missing_task(manifest[manifest.kind == kind], model_id, layer, unit, task, kind))
     root = Path(bank_root)
+    if rows.empty:
+        why = _unit_status(root, model_id, layer, unit, kind)
+        raise ValueError(why or _missing_task(manifest[manifest.kind == kind], model_id, layer, unit, task, kind))
 
     def paths(role):
         sel = rows[rows.role == role].sort_values("rank")

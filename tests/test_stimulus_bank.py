@@ -132,10 +132,15 @@ def test_preview_lays_out_min_left_queries_centre_max_right(tmp_path):
     assert sheet.width > 7 * 96 and sheet.height > 3 * 96
     left = sheet.getpixel((MARGIN + 5, MARGIN + HEADER + TITLE + 5))
     title_band = sheet.crop((MARGIN, 0, sheet.width // 2, MARGIN // 2 + TITLE)).convert("L")
-    assert min(title_band.getdata()) < 128                    # the sheet names what it shows
+    assert np.asarray(title_band).min() < 128                 # the sheet names what it shows
     first_min = manifest[(manifest.task == 1) & (manifest.role == "ref_min") & (manifest["rank"] == 1)].activation
     assert left == (int(first_min.iloc[0]),) * 3
     with pytest.raises(ValueError, match=r"units of l with natural stimuli: 0$"):
+        task_sheet(manifest, tmp_path, model_id="m", layer="l", unit=5)
+    # a unit the bank recorded as pruned says so
+    pd.DataFrame([{"model_id": "m", "kind": "natural", "layer": "l", "unit": 5, "status": "pruned",
+                   "reason": "every weight is masked"}]).to_csv(tmp_path / "units.csv", index=False)
+    with pytest.raises(ValueError, match=r"m l:5: the unit is pruned in this model \(every weight is masked\)$"):
         task_sheet(manifest, tmp_path, model_id="m", layer="l", unit=5)
 
 
