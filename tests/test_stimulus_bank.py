@@ -2,6 +2,7 @@
 import hashlib
 import zlib
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
