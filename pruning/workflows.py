@@ -34,16 +34,25 @@ def job_fingerprint(spec: dict) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def reusable_meta(out_dir: Path, fingerprint: str) -> dict | None:
-    """The meta of a finished model with this job fingerprint whose checkpoint is unchanged, else None."""
+def reusable_meta(out_dir: Path, *fingerprints: str) -> dict | None:
+    """The meta of a finished model with one of these job fingerprints whose checkpoint is unchanged, else None."""
     try:
         meta = json.loads((out_dir / META_FILE).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
     ckpt = out_dir / CHECKPOINT_FILE
-    if meta.get("job_fingerprint") != fingerprint or not ckpt.is_file():
+    if meta.get("job_fingerprint") not in fingerprints or not ckpt.is_file():
         return None
     return meta if meta.get("checkpoint_sha256") == file_sha256(ckpt) else None
+
+
+def data_places(cfg, data_root) -> tuple[str, str]:
+    """How a job fingerprint names the data: inside the study directory relative to it (a moved or copied study
+    reuses its models), elsewhere by absolute path; and, second, the absolute path models were fingerprinted
+    with before, so that they are reused too."""
+    root, run = Path(data_root).resolve(), Path(cfg.run_dir).resolve()
+    place = f"<study>/{root.relative_to(run).as_posix()}" if root.is_relative_to(run) else str(root)
+    return place, str(data_root)
 
 
 def robustness_loader(cfg, data_root, ctx: DistContext):
@@ -140,11 +149,12 @@ def train_and_save(cfg, data_root: str | Path, out_dir: str | Path, ctx: DistCon
     """
     out_dir = Path(out_dir)
     d = cfg.data
-    fp = job_fingerprint({"arch": arch, "weights": weights, "weights_digest": weights_digest(arch, weights),
-                          "settings": asdict(settings), "data": str(data_root), "files": folder_digest(data_root),
-                          "loader": [d.image_size, d.batch_size, d.augment, d.cache], "rewind": rewind_epoch,
-                          "num_classes": cfg.model.num_classes})
-    meta = reusable_meta(out_dir, fp) if reuse else None
+    spec = {"arch": arch, "weights": weights, "weights_digest": weights_digest(arch, weights),
+            "settings": asdict(settings), "files": folder_digest(data_root),
+            "loader": [d.image_size, d.batch_size, d.augment, d.cache], "rewind": rewind_epoch,
+            "num_classes": cfg.model.num_classes}
+    fp, earlier = (job_fingerprint({**spec, "data": place}) for place in data_places(cfg, data_root))
+    meta = reusable_meta(out_dir, fp, earlier) if reuse else None
     if meta is not None:
         return refresh_robustness(cfg, data_root, out_dir, meta, ctx) if robustness else meta
     train_loader, val_loader = build_loaders(cfg, data_root, ctx, train=settings.epochs > 0)
@@ -214,8 +224,9 @@ def prune_and_save(cfg, data_root: str | Path, parent_dir: str | Path, out_dir: 
     settings = retrain_settings(cfg, cfg.prune.iterative_epochs if job.schedule == "iterative" else None)
     p, d = cfg.prune, cfg.data
     method = job.method_instance(d.image_size)
-    fp = _prune_fingerprint(cfg, data_root, job, parent_ckpt.sha256, settings, method)
-    meta = reusable_meta(out_dir, fp) if reuse else None
+    fp, earlier = (_prune_fingerprint(cfg, place, job, parent_ckpt.sha256, settings, method)
+                   for place in data_places(cfg, data_root))
+    meta = reusable_meta(out_dir, fp, earlier) if reuse else None
     if meta is not None:
         if robustness:
             meta = refresh_robustness(cfg, data_root, out_dir, meta, ctx, parent_ckpt.model, parent_ckpt.sha256)
@@ -250,12 +261,12 @@ def prune_and_save(cfg, data_root: str | Path, parent_dir: str | Path, out_dir: 
     return meta
 
 
-def _prune_fingerprint(cfg, data_root, job, parent_sha: str, settings: TrainSettings, method) -> str:
-    """What a pruned model depends on: job, parent, retraining, data, reference set, a filter criterion's
-    layer scaling, BN recalibration."""
+def _prune_fingerprint(cfg, data_place: str, job, parent_sha: str, settings: TrainSettings, method) -> str:
+    """What a pruned model depends on: job, parent, retraining, data (as :func:`data_places` names it),
+    reference set, a filter criterion's layer scaling, BN recalibration."""
     p, d = cfg.prune, cfg.data
     return job_fingerprint({"job": asdict(job), "parent": parent_sha, "settings": asdict(settings),
-                            "data": str(data_root), "loader": [d.image_size, d.batch_size, d.augment, d.cache],
+                            "data": data_place, "loader": [d.image_size, d.batch_size, d.augment, d.cache],
                             "reference": p.lrp_images_per_class if method.needs_data else None,
                             **({"layer_scale": method.layer_scale} if hasattr(method, "layer_scale") else {}),
                             **({"bn_recalibration": p.bn_recalibration_batches}

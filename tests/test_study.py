@@ -262,3 +262,19 @@ def test_prune_with_other_settings_does_not_replace_a_study_model(quick_run):
     assert result.exit_code == 2, result.output
     assert "models/structured-oneshot-r0.30 is the study's, made with prune.retrain_epochs = 1" in result.output
     assert "--out-root" in result.output and meta.read_bytes() == before
+
+
+@pytest.mark.slow
+def test_a_copied_study_reuses_its_models_when_its_prune_stage_runs_again(quick_run, tmp_path):
+    """The study's data lie inside it, so a copy (`cp -r`) names them by their place in the study: pruning the
+    copy again with the study's settings reuses the model instead of retraining it."""
+    import shutil
+
+    run_dir, _ = quick_run
+    copy = tmp_path / "moved" / "quick"
+    shutil.copytree(run_dir, copy, copy_function=shutil.copyfile)
+    checkpoint = copy / "models" / "structured-oneshot-r0.30" / "model.pt"
+    before = checkpoint.read_bytes()
+    result = CliRunner().invoke(main, ["prune", str(copy), "--method", "structured", "--rate", "0.3"])
+    assert result.exit_code == 0, result.output
+    assert "epoch 1/1" not in result.output and checkpoint.read_bytes() == before
