@@ -8,6 +8,8 @@ zero in a pruned model), never silently dropped.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,6 +154,21 @@ class _Channels:
         return {k: v for k, v in self.map.items() if k in layers} or None
 
 
+def _state_path(work_dir: Path | None, model_id: str, layers: list[str], record, shard: tuple[int, int]) -> Path | None:
+    """Where a model's mining pass keeps its state: one file per selection of layers and recorded units, so a
+    pass for a few units (``sparsight stimuli --unit``) leaves the study's full pass in place.  A state file of
+    the earlier naming (one per model) is taken over by the first selection that asks for it."""
+    if work_dir is None:
+        return None
+    rank, world = shard
+    selection = hashlib.sha256(json.dumps([layers, record], sort_keys=True).encode()).hexdigest()[:12]
+    tail = "state.pt" if world == 1 else f"state.rank{rank}-of-{world}.pt"
+    path, earlier = work_dir / f"{model_id}.{selection}.{tail}", work_dir / f"{model_id}.{tail}"
+    if not path.exists() and earlier.is_file():
+        os.replace(earlier, path)        # read there: used when it was written for this pass, else replaced
+    return path
+
+
 def _mine_units(model, model_id: str, units: list[Unit], data_root, settings: StimuliSettings, channel: _Channels, *,
                 device, work_dir: Path | None, progress: bool, shard: tuple[int, int], gather):
     """One mining pass over the split for the layers of ``units`` (resumed from, and saved to, ``work_dir``:
@@ -159,11 +176,9 @@ def _mine_units(model, model_id: str, units: list[Unit], data_root, settings: St
     layers = sorted({u.layer for u in units})
     record = ({layer: [channel(u) for u in units if u.layer == layer] for layer in layers}
               if settings.query_percentile > 0 else None)
-    rank, world = shard
-    state_name = f"{model_id}.state.pt" if world == 1 else f"{model_id}.state.rank{rank}-of-{world}.pt"
     return mine(model, data_root, settings.split, layers, settings.k, image_size=settings.image_size,
                 batch_size=settings.batch_size, device=device, record=record, progress=progress,
-                state_path=work_dir / state_name if work_dir else None, on_corrupt=settings.on_corrupt,
+                state_path=_state_path(work_dir, model_id, layers, record, shard), on_corrupt=settings.on_corrupt,
                 decode=settings.decode, num_workers=settings.num_workers, precision=settings.mining_precision,
                 shard=shard, gather=gather,
                 tie_seed=settings.seed, channel_map=channel.for_layers(layers))

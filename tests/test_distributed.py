@@ -85,7 +85,7 @@ def test_stimuli_sharded_over_two_gloo_processes_equal_the_single_process_run(ti
     assert plain.exit_code == 0, plain.output
     proc = _torchrun_n(2, ["stimuli", *stim, *common("sharded")])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp_path / "sharded" / "stimuli" / "mining" / "base.state.rank1-of-2.pt").is_file()
+    assert list((tmp_path / "sharded" / "stimuli" / "mining").glob("base.*.state.rank1-of-2.pt"))
 
     key = ["model_id", "kind", "layer", "unit", "task", "role", "rank"]
     a, b = (pd.read_parquet(tmp_path / run / "stimuli" / "manifest.parquet").sort_values(key, ignore_index=True)

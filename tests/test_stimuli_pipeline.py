@@ -135,3 +135,33 @@ def test_every_fv_option_of_a_study_reaches_the_renderer():
     for option, value in changed.items():
         assert getattr(fv, option.removeprefix("fv_")) == value, option
     assert set(changed) <= {"fv_" + f.name for f in dataclasses.fields(FeatureVisSettings)}
+
+
+def test_a_pass_for_a_few_units_leaves_the_full_pass_in_place(tiny_data, tmp_path):
+    """`sparsight stimuli --unit` mines its few units with a state of its own: the study's next full pass reads
+    its finished state back instead of mining the split again; a state file of the earlier one-per-model name
+    is taken over."""
+    import torch
+
+    from pruning.models import create_model
+    from stimuli.pipeline import StimuliSettings, live_units
+    from stimuli.units import Unit
+
+    torch.manual_seed(0)
+    model = create_model("inception-small", num_classes=10, width=0.5).eval()
+    settings = StimuliSettings(kinds=("natural",), n_tasks=2, n_references=2, image_size=32, batch_size=16)
+    every = [Unit(layer, u) for layer in ("inception3a", "inception4a") for u in range(4)]
+    calls = [0]
+    handle = model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    try:
+        live_units(model, "m", every, tiny_data, settings, work_dir=tmp_path)
+        mined, (full,) = calls[0], list(tmp_path.glob("m.*.state.pt"))
+        live_units(model, "m", every[:1], tiny_data, settings, work_dir=tmp_path)        # a few units
+        assert calls[0] == 2 * mined and len(list(tmp_path.glob("m.*.state.pt"))) == 2
+        live_units(model, "m", every, tiny_data, settings, work_dir=tmp_path)
+        assert calls[0] == 2 * mined                       # read back, not mined again
+        full.rename(tmp_path / "m.state.pt")              # the earlier naming: one file per model
+        live_units(model, "m", every, tiny_data, settings, work_dir=tmp_path)
+        assert calls[0] == 2 * mined and full.is_file() and not (tmp_path / "m.state.pt").exists()
+    finally:
+        handle.remove()
