@@ -22,6 +22,7 @@ checks the result on a random input and raises if the output changed.
 """
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -386,8 +387,6 @@ class _Numbering:
     def tagged_outputs(self, model: nn.Module, index: _Index | None, x: torch.Tensor, mode) -> dict[str, torch.Tensor]:
         """``{module: output}`` of a tagged copy of ``model``; ``index`` (None: the parent itself) gives each
         channel's parent index."""
-        import copy
-
         tagged = copy.deepcopy(model)
         with torch.no_grad():
             for name, module in tagged.named_modules():

@@ -46,10 +46,8 @@ def stimulus_models(study, ids: list[str] | None = None) -> list[str]:
 
 def checked_models(study, ids: list[str] | None = None) -> list[str]:
     """``ids`` (default: every model of the study but the observer), each checked for a checkpoint."""
-    from pruning.stages import study_model_ids
-
     layout = study.layout
-    ids = list(ids or []) or [m for m in study_model_ids(study) if m != "observer"]
+    ids = list(ids or []) or _study_models(study)
     missing = [m for m in ids if not layout.checkpoint(m).is_file()]
     if missing:
         raise ValueError(f"model {missing[0]!r} has no checkpoint in {layout.models}; "
@@ -169,9 +167,7 @@ def synthetic_units(study, units: list[Unit], settings: StimuliSettings, ctx) ->
         return list(units)
     every = study_units(study)
     alive = set(every)
-    from pruning.stages import study_model_ids
-
-    planned = list(study.config.stimuli.models) or [m for m in study_model_ids(study) if m != "observer"]
+    planned = list(study.config.stimuli.models) or _study_models(study)
     for mid in [m for m in planned if study.layout.checkpoint(m).is_file()]:    # those made so far
         if not alive:
             break
@@ -195,7 +191,6 @@ class StimuliStage:
         """What the unit and model settings get wrong, found before anything is trained: unit layers and
         explicit units against a freshly built ``model.arch``, ``stimuli.models`` against the study's models."""
         from pruning.models import create_model
-        from pruning.stages import study_model_ids
 
         cfg = study.config
         problems = []
@@ -205,7 +200,7 @@ class StimuliStage:
                           per_layer=cfg.units.units_per_layer, seed=cfg.study.seed, input_size=cfg.data.image_size)
         except ValueError as err:
             problems.append(f"units ({cfg.model.arch}): {err}")
-        models = [m for m in study_model_ids(study) if m != "observer"]
+        models = _study_models(study)
         unknown = [m for m in cfg.stimuli.models if m not in models]
         if unknown:
             problems.append(f"stimuli.models: {unknown[0]!r} is not a model of this study; its models: {models}")
@@ -290,6 +285,7 @@ def run_dissection(study, *, model_ids: list[str] | None = None, probe: str | os
 
 
 def _study_models(study) -> list[str]:
+    """Every model of the study but the observer."""
     from pruning.stages import study_model_ids
 
     return [m for m in study_model_ids(study) if m != "observer"]
