@@ -293,12 +293,7 @@ def _split_model_variance(people: pd.DataFrame) -> tuple[float, float, str]:
     within = people[shared].groupby("model")["mean"].var(ddof=1)
     sizes = people[shared].groupby("model")["mean"].size()
     pooled = float(((sizes - 1) * within).sum() / (sizes - 1).sum())
-    x, y = models["rate"].to_numpy(float), models["mean"].to_numpy(float)
-    if len(np.unique(x)) > 1 and len(models) > 2:
-        resid = y - np.polyval(np.polyfit(x, y, 1), x)
-        spread = float(np.sum(resid ** 2) / (len(models) - 2))
-    else:
-        spread = float(np.var(y, ddof=1))
+    spread = _about_rate_line(models["rate"].to_numpy(float), models["mean"].to_numpy(float))
     return pooled, max(spread - float(np.mean(pooled / models["count"])), 0.0), MODEL_MEANS
 
 
