@@ -201,25 +201,60 @@ def machine_agreement_check(trials: pd.DataFrame, tasks: pd.DataFrame | None, em
                  f"{len(joined)} machine answers{scope}{others}")
 
 
-def practice_leak_check(trials: pd.DataFrame) -> dict:
-    """Practice and catch trials never reuse one of the participant's main (model, unit, task) items."""
-    name = "participants whose practice or catch trials reuse a main task"
+TRIAL_KEYS = ["model_id", "kind", "layer", "unit", "task"]
+
+
+def _query_images(manifest: pd.DataFrame | None) -> dict | None:
+    """(model, kind, layer, unit, task) as strings → the task's query images, from the stimulus manifest."""
+    if manifest is None or manifest.empty:
+        return None
+    queries = manifest[manifest["role"].isin(["query_max", "query_min"])]
+    keys = queries[TRIAL_KEYS].astype(str).itertuples(index=False, name=None)
+    out: dict = {}
+    for key, image in zip(keys, queries["image"]):
+        out.setdefault(key, set()).add(image)
+    return out
+
+
+def _leaks(g: pd.DataFrame, queries: dict | None) -> bool:
+    """Whether one session's practice or catch trials reuse a main task, or (people only) two of its trials
+    show the same query image: feedback on the first then gives the second's answer away."""
+    keys = list(map(tuple, g[TRIAL_KEYS].astype(str).to_numpy()))
+    main_flags = (g["trial_type"] == "main").to_numpy()
+    main = {k for k, m in zip(keys, main_flags) if m}
+    if main & {k for k, m in zip(keys, main_flags) if not m}:
+        return True
+    if queries is None or bool(g.get("is_machine", pd.Series([False])).astype(bool).any()):
+        return False    # a machine observer learns nothing from feedback (and exhaustive sessions show every task)
+    shown: set = set()
+    for key in dict.fromkeys(keys):
+        images = queries.get(key, set())
+        if shown & images:
+            return True
+        shown |= images
+    return False
+
+
+def practice_leak_check(trials: pd.DataFrame, manifest: pd.DataFrame | None = None) -> dict:
+    """No session's practice or catch trials reuse one of its main (model, kind, unit, task) items, and no
+    person's session shows a query image in two tasks (with ``manifest``, the stimulus bank's)."""
+    name = "participants whose trials give a main trial's answer away"
     if trials is None or trials.empty or "trial_type" not in trials:
         return check(name, None, "0", None, "no responses")
     if "task" not in trials or trials["task"].isna().all():
         return check(name, None, "0", None, "the trials do not say which task they showed (imported data)")
-    keys = ["model_id", "kind", "layer", "unit", "task"]
+    queries = _query_images(manifest)
     leaks, people = 0, 0
     for _, g in trials.groupby("participant"):
-        main = set(map(tuple, g[g["trial_type"] == "main"][keys].astype(str).to_numpy()))
-        other = set(map(tuple, g[g["trial_type"].isin(["practice", "catch"])][keys].astype(str).to_numpy()))
-        if not main:
+        if not (g["trial_type"] == "main").any():
             continue
         people += 1
-        leaks += bool(main & other)
+        leaks += _leaks(g, queries)
     if people == 0:
         return check(name, None, "0", None, "no participant has main trials")
-    return check(name, leaks, "0", leaks == 0, f"{leaks} of {people} sessions (machine ones included)")
+    scope = "a main task in practice or catch trials, or a query image twice" if queries is not None else \
+        "a main task in practice or catch trials"
+    return check(name, leaks, "0", leaks == 0, f"{leaks} of {people} sessions (machine ones included) show {scope}")
 
 
 def study_checks(data, entries: list) -> list[dict]:
@@ -237,5 +272,5 @@ def study_checks(data, entries: list) -> list[dict]:
     checks += fit_checks(entries)
     checks.append(live_units_check(status))
     checks.append(machine_agreement_check(data.trials, tasks, cfg.mis.embedding))
-    checks.append(practice_leak_check(data.trials))
+    checks.append(practice_leak_check(data.trials, manifest))
     return checks

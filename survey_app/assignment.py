@@ -75,23 +75,38 @@ def check_reserve(material: Material, reserved: int) -> None:
                          f"task(s); make more tasks (stimuli.n_tasks) or reserve fewer")
 
 
+def queries(material: Material, item: Item, task: int) -> set[str]:
+    """The two query images of a task (content ids)."""
+    t = material.task(item, task)
+    return {t.query_max, t.query_min}
+
+
 def choose_main(material: Material, items: list[Item], n: int, counts: BalanceCounts,
                 rng: random.Random, reserved: int = 0) -> list[tuple[Item, int]]:
-    """``n`` (item, task) pairs: least-assigned items first; within an item the task this participant has
-    used least, then the least-assigned one.  Every pick is counted at once, so an item repeats only after
-    every item of the condition was used, and its tasks rotate.  The last ``reserved`` tasks of each item
-    are never chosen."""
+    """``n`` (item, task) pairs: least-assigned items first; within an item the task whose queries this
+    participant has not seen yet, then the task this participant has used least, then the least-assigned
+    one.  Every pick is counted at once, so an item repeats only after every item of the condition was
+    used, and its tasks rotate.  The last ``reserved`` tasks of each item are never chosen.
+
+    A query image seen twice is an answer given away: the feedback on the first trial says whether it was
+    the unit's max or min query.  The kinds of one unit share their query pairs (task j of the natural and
+    of the synthetic references show the same two queries), and so may models whose unit kept its
+    exemplars, so a condition that holds several of them (``condition_by`` ``model`` or ``kind``) would
+    otherwise repeat a pair."""
     chosen: list[tuple[Item, int]] = []
     mine: Counter = Counter()
+    seen: set[str] = set()
     item_counts, task_counts = Counter(counts.items), Counter(counts.tasks)
     while len(chosen) < n:
         for item in least_used(items, item_counts, rng):
             if len(chosen) == n:
                 break
             tasks = main_tasks(material, item, reserved)
-            score = {t: (mine[(item, t)], task_counts[(item, t)]) for t in tasks}
+            score = {t: (len(queries(material, item, t) & seen), mine[(item, t)], task_counts[(item, t)])
+                     for t in tasks}
             task = least_used(tasks, score, rng)[0]
             chosen.append((item, task))
+            seen |= queries(material, item, task)
             mine[(item, task)] += 1
             task_counts[(item, task)] += 1
             item_counts[item] += 1
@@ -105,18 +120,40 @@ def _spare(items: list[Item], used: set[Item], n: int, rng: random.Random) -> li
     return [pool[k % len(pool)] for k in range(n)]
 
 
+def shown_queries(material: Material, specs) -> set[str]:
+    """The query images of trial specs."""
+    return set().union(*(queries(material, sp.item, sp.task) for sp in specs))
+
+
+def reserved_material(material: Material, items: list[Item], avoid: set[Item], n: int, reserved: int,
+                      shown: set[str], rng: random.Random) -> list[tuple[Item, int]]:
+    """``n`` (item, task) pairs from the reserved tasks: items not in ``avoid`` first, one task per item per
+    round, skipping tasks whose queries are in ``shown``; the rest (cycling) only when too few are fresh."""
+    order = _spare(items, avoid, len(items), rng)
+    tasks = {i: rng.sample(t := reserved_tasks(material, i, reserved) or main_tasks(material, i, 0), len(t))
+             for i in order}
+    rounds = max(len(t) for t in tasks.values())
+    candidates = [(i, tasks[i][r]) for r in range(rounds) for i in order if r < len(tasks[i])]
+    picks = []
+    for item, task in candidates:
+        if len(picks) < n and not queries(material, item, task) & shown:
+            picks.append((item, task))
+            shown |= queries(material, item, task)
+    rest = [c for c in candidates if c not in picks] or candidates
+    return picks + [rest[k % len(rest)] for k in range(n - len(picks))]
+
+
 def practice_block(material: Material, items: list[Item], avoid: set[Item], n: int, attempt: int,
-                   rng_of, reserved: int = 1) -> list[TrialSpec]:
+                   rng_of, reserved: int = 1, shown: set[str] | None = None) -> list[TrialSpec]:
     """Practice trials of one attempt: the same material every attempt, fresh query positions.  Items not
-    in ``avoid`` come first; the tasks are reserved ones, so practice feedback never shows the answer of a
+    in ``avoid`` come first; the tasks are reserved ones whose queries are not in ``shown`` (the main block's,
+    catch trials included) wherever the bank has enough, so practice feedback never shows the answer of a
     main trial."""
-    rng = rng_of("practice")
-    picks = _spare(items, avoid, n, rng)
-    tasks = [rng.choice(reserved_tasks(material, i, reserved) or main_tasks(material, i, 0)) for i in picks]
+    picks = reserved_material(material, items, avoid, n, reserved, set(shown or ()), rng_of("practice"))
     positions = balanced_positions(n, rng_of(f"practice-positions-{attempt}"))
     order = list(range(n))
     rng_of(f"practice-order-{attempt}").shuffle(order)
-    return [TrialSpec("practice", attempt, pos, "practice", picks[k], tasks[k], positions[pos])
+    return [TrialSpec("practice", attempt, pos, "practice", picks[k][0], picks[k][1], positions[pos])
             for pos, k in enumerate(order)]
 
 
@@ -127,11 +164,9 @@ def main_block(material: Material, items: list[Item], n_main: int, n_catch: int,
     shows images that make a main trial solvable by elimination."""
     main = choose_main(material, items, n_main, counts, rng_of("main"), reserved)
     rng = rng_of("catch")
-    catch_items = _spare(items, {i for i, _ in main}, n_catch, rng)
-    catch = []
-    for item in catch_items:
-        task = rng.choice(reserved_tasks(material, item, reserved) or main_tasks(material, item, 0))
-        catch.append((item, task, rng.randrange(len(material.task(item, task).ref_max))))
+    shown = {image for item, task in main for image in queries(material, item, task)}
+    catch = [(item, task, rng.randrange(len(material.task(item, task).ref_max)))
+             for item, task in reserved_material(material, items, {i for i, _ in main}, n_catch, reserved, shown, rng)]
     # query positions balanced among the main trials themselves (the analysed ones) and among the catch trials
     main_positions = balanced_positions(len(main), rng_of("positions"))
     catch_positions = balanced_positions(len(catch), rng_of("catch-positions"))

@@ -23,10 +23,13 @@ def _image(rng: np.random.Generator, bright: bool, size: int) -> np.ndarray:
 
 def make_bank(root: str | Path, *, models=("base", "m1"), kinds=("natural", "synthetic"),
               units=(("inception3a", 0), ("inception3a", 1), ("inception4a", 2), ("inception4a", 5)),
-              n_tasks: int = 4, k: int = 3, size: int = 16, seed: int = 0) -> Path:
-    """Write ``root/stimuli`` (images, parts, manifest.parquet); return the manifest path."""
+              n_tasks: int = 4, k: int = 3, size: int = 16, seed: int = 0, shared_queries: bool = False) -> Path:
+    """Write ``root/stimuli`` (images, parts, manifest.parquet); return the manifest path.  With
+    ``shared_queries`` the kinds of a unit show the same query pair in the same task, as a bank the
+    pipeline builds does (the queries are natural images whatever the references are)."""
     rng = np.random.default_rng(seed)
     bank = StimulusBank(Layout(root).stimuli)
+    queries: dict = {}
     for model_id in models:
         for kind in kinds:
             for layer, unit in units:
@@ -34,7 +37,11 @@ def make_bank(root: str | Path, *, models=("base", "m1"), kinds=("natural", "syn
                 for task in range(n_tasks):
                     for role, n in (("query_max", 1), ("query_min", 1), ("ref_max", k), ("ref_min", k)):
                         for rank in range(1, n + 1):
-                            name = bank.add_image(_image(rng, role.endswith("max"), size))
+                            shared = shared_queries and role.startswith("query")
+                            key = (model_id, layer, unit, task, role)
+                            name = queries.get(key) if shared else None
+                            if name is None:
+                                name = queries[key] = bank.add_image(_image(rng, role.endswith("max"), size))
                             rows.append({"model_id": model_id, "layer": layer, "unit": unit, "task": task,
                                          "role": role, "kind": kind, "image": name, "source": f"synthetic:{rank}",
                                          "activation": float(rng.normal()), "rank": rank})

@@ -15,9 +15,10 @@ FAST = {"practice_trials": 2, "practice_attempts": 3, "main_trials": 6, "catch_t
 
 @pytest.fixture
 def make_app(tmp_path, database_url):
-    """``make_app(**survey_settings)`` → a Flask app on a fresh study directory and database."""
-    def factory(**survey):
-        run_dir = make_study_dir(tmp_path / "study", {**FAST, **survey})
+    """``make_app(bank={...}, **survey_settings)`` → a Flask app on a fresh study directory (``bank``: arguments of
+    :func:`survey_app.testing.make_bank`) and database."""
+    def factory(bank=None, **survey):
+        run_dir = make_study_dir(tmp_path / "study", {**FAST, **survey}, **(bank or {}))
         return create_app({"RUN_DIR": str(run_dir), "DATABASE_URL": database_url, "TESTING": True,
                            "API_TOKEN": API_TOKEN, "ADMIN_PASSWORD": ADMIN_PASSWORD})
     return factory

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections import Counter
 
+import pytest
 from sqlalchemy import select
 
 from survey_app import assignment
@@ -38,7 +39,8 @@ def test_the_stored_trial_list_is_the_seeded_derivation(app):
     assert condition == assignment.choose_condition(list(service.conditions), empty, rng_of("condition"))
     items = service.conditions[condition]
     specs = assignment.main_block(service.material, items, 6, 2, empty, rng_of)
-    specs += assignment.practice_block(service.material, items, {sp.item for sp in specs}, 2, 1, rng_of)
+    specs += assignment.practice_block(service.material, items, {sp.item for sp in specs}, 2, 1, rng_of,
+                                       shown=assignment.shown_queries(service.material, specs))
     assert stored == [(sp.block, sp.attempt, sp.position, sp.trial_type, sp.item, sp.task, sp.max_position,
                        sp.catch_ref) for sp in specs]
     main = [sp for sp in specs if sp.block == "main"]
@@ -159,3 +161,39 @@ def test_too_few_tasks_for_the_reserve_is_a_clear_error(make_app):
     import pytest
     with pytest.raises(ValueError, match="reserved_tasks = 4 leaves no main task"):
         make_app(reserved_tasks=4)
+
+
+@pytest.mark.parametrize("condition_by", ["model", "kind", "none"])
+def test_no_participant_sees_a_query_image_twice_when_a_condition_holds_several_kinds_or_models(make_app,
+                                                                                                   condition_by):
+    """The kinds of a unit share their query pairs (as in a pipeline-built bank), so a condition holding both
+    kinds could show one pair twice, and the feedback on the first trial would answer the second.  Main,
+    catch and practice trials of every participant show each query image once, and the study's validity
+    check, which reads the stimulus manifest, agrees; it flags a session that repeats a pair."""
+    import pandas as pd
+
+    from analysis.validity import practice_leak_check
+
+    app = make_app(bank={"shared_queries": True, "n_tasks": 6}, condition_by=condition_by, main_trials=8,
+                   catch_trials=2, practice_trials=2)
+    service = app.extensions["survey"]
+    manifest = service.material.manifest
+    for _ in range(12):
+        service.create_participant()
+    with app.config["SESSIONS"]() as s:
+        rows = s.execute(select(Participant.public_id, Participant.is_machine, Trial.trial_type, Trial.model_id,
+                                Trial.kind, Trial.layer, Trial.unit, Trial.task)
+                         .join(Trial, Trial.participant_id == Participant.id)).all()
+    trials = pd.DataFrame(rows, columns=["participant", "is_machine", "trial_type", "model_id", "kind", "layer",
+                                         "unit", "task"])
+    for _, g in trials.groupby("participant"):
+        shown = [q for key in dict.fromkeys(g[["model_id", "kind", "layer", "unit", "task"]].itertuples(index=False))
+                 for q in assignment.queries(service.material, Item(key[0], key[1], key[2], int(key[3])), key[4])]
+        assert len(shown) == len(set(shown))
+    assert practice_leak_check(trials, manifest)["value"] == 0
+    main = trials[trials["trial_type"] == "main"]
+    first = main.iloc[0]
+    other_kind = "synthetic" if first["kind"] == "natural" else "natural"
+    repeat = first.to_frame().T.assign(kind=other_kind)     # the same unit and task under the other kind
+    leaked = pd.concat([trials, repeat], ignore_index=True)
+    assert practice_leak_check(leaked, manifest)["value"] == 1
