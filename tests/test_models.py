@@ -1,3 +1,4 @@
+import hashlib
 import os
 
 import pytest
@@ -106,7 +107,11 @@ def test_the_weights_digest_follows_the_file_content_and_the_cache_file(tmp_path
     cached = tmp_path / "hub" / "checkpoints" / os.path.basename(torchvision_weights("resnet18", "IMAGENET1K_V1").url)
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"x" * 7)
-    assert weights_digest("resnet18", "IMAGENET1K_V1") == f"{cached.name}:7"
+    assert weights_digest("resnet18", "IMAGENET1K_V1") == hashlib.sha256(b"x" * 7).hexdigest()
+    cached.write_bytes(b"y" * 7)        # other weights of the same size under the torchvision name, written later
+    later = cached.stat().st_mtime_ns + 10**9
+    os.utime(cached, ns=(later, later))
+    assert weights_digest("resnet18", "IMAGENET1K_V1") == hashlib.sha256(b"y" * 7).hexdigest()
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ cache; nothing is downloaded.
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,19 +156,24 @@ def resolve_weights(arch: str, weights: str | os.PathLike) -> tuple[Path, dict]:
     return path, _weights_kwargs(arch, member)
 
 
+@functools.lru_cache(maxsize=64)
+def _content_digest(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(path)
+
+
 def weights_digest(arch: str, weights: str | os.PathLike | None) -> str:
-    """What identifies the weights a study starts from, so a changed file reruns what was trained on it: a
-    local file's sha256, a torchvision cache file's name and size (its name carries a hash of its content);
-    the reason where the weights cannot be found (the stage that loads them says so)."""
+    """What identifies the weights a study starts from, so a changed file reruns what was trained on it: the
+    sha256 of the file, a local one or the torchvision cache file a name stands for (a study's own weights
+    placed under torchvision's file name are as usual as a download); the reason where the weights cannot be
+    found (the stage that loads them says so)."""
     if not weights:
         return ""
     try:
         path, _ = resolve_weights(arch, weights)
     except (WeightsError, ValueError) as err:
         return f"unavailable: {err}"
-    if looks_like_path(str(weights)):
-        return sha256_file(path)
-    return f"{path.name}:{path.stat().st_size}"
+    stat = Path(path).stat()
+    return _content_digest(str(path), stat.st_size, stat.st_mtime_ns)
 
 
 def _weights_kwargs(arch: str, member) -> dict:
