@@ -179,3 +179,29 @@ def test_splits_with_different_class_folders_stop_before_any_label_is_read(tiny_
     extra.unlink()
     (root / "val" / missing / "notes.txt").write_text("not an image")
     assert folder_digest(root) == before             # only images count
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_high_bit_depth_greyscale_is_scaled_to_8_bits_not_clipped_white(tmp_path, mode):
+    """A 16-bit PNG (or a float TIFF) decodes to the same greys as its 8-bit rendering (value × 255 / 65535),
+    not to Pillow's plain conversion, which clips every value above 255 to white."""
+    import numpy as np
+    from PIL import Image
+
+    from pruning.data.common import open_image
+
+    ramp = np.linspace(0, 65535, 64 * 48).reshape(48, 64)
+    if mode == "F":
+        path, pixels = tmp_path / "ramp.tif", (ramp / 65535).astype(np.float32)
+    else:
+        path = tmp_path / ("ramp.png" if mode == "I;16" else "ramp.tif")
+        pixels = ramp.astype(np.uint16 if mode == "I;16" else np.int32)
+    image = Image.fromarray(pixels)
+    image.save(path)
+    with Image.open(path) as reread:
+        assert reread.mode == mode
+    decoded = np.asarray(open_image(path))
+    expected = np.rint(ramp / 65535 * 255)
+    assert decoded.shape == (48, 64, 3) and np.abs(decoded[..., 0] - expected).max() <= 1
+    assert (decoded[..., 0] == decoded[..., 2]).all()
+    assert (decoded == 255).mean() < 0.02

@@ -18,12 +18,29 @@ class CorruptImageError(UserError, RuntimeError):
     """An image file could not be decoded; the message names the file."""
 
 
+def to_rgb(im: Image.Image) -> Image.Image:
+    """``im`` as 8-bit RGB.  Pillow's own conversion clips high-bit-depth greyscale (16-bit PNG, mode ``I;16``
+    or ``I``; float TIFF, mode ``F``) at 255, which turns the image white; those are scaled to 8 bits instead:
+    16-bit by 65535 (``I`` values above 255 are taken as 16-bit), float by 1 when they lie in [0, 1]."""
+    if im.mode.startswith("I") or im.mode == "F":
+        import numpy as np
+        values = np.asarray(im, dtype=np.float64)
+        top = values.max(initial=0.0)
+        if im.mode.startswith("I;16") or (im.mode == "I" and top > 255):
+            scale = 65535.0
+        else:
+            scale = 1.0 if im.mode == "F" and top <= 1.0 else 255.0
+        return Image.fromarray(np.clip(np.rint(values / scale * 255.0), 0, 255).astype(np.uint8)).convert("RGB")
+    return im.convert("RGB")
+
+
 def open_image(path: str | os.PathLike, *, what: str = "image", error: type[Exception] = None) -> Image.Image:
-    """Decode an image fully as RGB, or raise ``error`` (CorruptImageError) naming the file as ``what``."""
+    """Decode an image fully as RGB (:func:`to_rgb`), or raise ``error`` (CorruptImageError) naming the file as
+    ``what``."""
     try:
         with Image.open(path) as im:
             im.load()
-            return im.convert("RGB")
+            return to_rgb(im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise (error or CorruptImageError)(f"cannot decode {what} {path}: {err}") from None
 
