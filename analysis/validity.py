@@ -29,6 +29,8 @@ MIN_CLASS_BALANCE = 0.8
 MAX_REPORTED_SE = 10.0
 #: Live units a model needs for its mean MIS to carry an interval worth reading.
 MIN_LIVE_UNITS = 10
+#: One-sided binomial p below which the base model's validation top-1 counts as above chance (one class in k).
+MAX_CHANCE_P = 0.001
 #: Agreement of the machine participants' answers with the offline MIS decision (Δ > 0) on the same tasks.
 MIN_MACHINE_AGREEMENT = 0.99
 
@@ -160,6 +162,30 @@ def fit_checks(entries: list) -> list[dict]:
                   not bad and worst <= MAX_REPORTED_SE, detail)]
 
 
+def base_accuracy_check(run_dir: Path, model_id: str = "base") -> dict:
+    """The base model learned its task: validation top-1 above chance (1 / classes), one-sided binomial test over
+    the validation images.  Units of a network at chance describe nothing the question is about."""
+    from scipy.stats import binomtest
+
+    name = "base model's top-1 above chance"
+    threshold = f"binomial p < {MAX_CHANCE_P:g}"
+    try:
+        meta = json.loads((Layout(run_dir).models / model_id / META_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return check(name, None, threshold, None, f"no {model_id} model")
+    top1 = (meta.get("top1") or {}).get("after")
+    classes = len(meta.get("classes") or [])
+    n = next((h["val"].get("n") for h in reversed(meta.get("history") or []) if (h.get("val") or {}).get("n")), None)
+    robustness = meta.get("robustness") or {}
+    if not n and robustness.get("n") and robustness.get("clean") is not None:   # weights used as they are
+        top1, n = robustness["clean"], robustness["n"]
+    if top1 is None or classes < 2 or not n:
+        return check(name, top1, threshold, None, "the base model records no validation count or classes")
+    p = binomtest(int(round(top1 * n)), int(n), 1 / classes, alternative="greater").pvalue
+    return check(name, float(top1), threshold, p < MAX_CHANCE_P,
+                 f"chance {1 / classes:.3g} ({classes} classes), {int(n)} validation images, p = {p:.2g}")
+
+
 def live_units_check(status: pd.DataFrame | None) -> dict:
     name = "fewest live units of a model"
     live = _live_units(status, "natural")
@@ -268,6 +294,7 @@ def study_checks(data, entries: list) -> list[dict]:
     data_root = layout.data if cfg.data.source == "concept-shapes" else Path(cfg.data.path)
     checks = visualization_checks(manifest, status)
     checks.append(tie_order_check(manifest, data_root, cfg.stimuli.split))
+    checks.append(base_accuracy_check(run_dir))
     checks.append(robustness_balance_check(run_dir))
     checks += fit_checks(entries)
     checks.append(live_units_check(status))

@@ -102,3 +102,22 @@ def test_machine_agreement_compares_only_the_observer_the_mis_used():
     assert none["passed"] is None and "pixels" in none["detail"]
     line = v.failed_line(v.machine_agreement_check(trials, tasks))
     assert line.startswith("machine participants agree with offline mis_hard: 0.778 (needs ≥ 0.99; 9 machine")
+
+
+def test_base_accuracy_check_flags_a_base_model_at_chance(tmp_path):
+    """A base model at chance (3 classes, 0.36 over 300 images) fails; one well above passes; the p-value is the
+    exact one-sided binomial tail, recomputed here from the binomial pmf."""
+    from math import comb
+
+    def write(top1, classes=3, n=300):
+        folder = tmp_path / "models" / "base"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "meta.json").write_text(json.dumps({"top1": {"after": top1}, "classes": [f"c{i}" for i in range(classes)],
+                                                      "history": [{"val": {"top1": top1, "n": n}}]}))
+    write(0.36)
+    at_chance = v.base_accuracy_check(tmp_path)
+    tail = sum(comb(300, k) * (1 / 3) ** k * (2 / 3) ** (300 - k) for k in range(108, 301))
+    assert at_chance["passed"] is False and f"p = {tail:.2g}" in at_chance["detail"]
+    write(0.5)
+    assert v.base_accuracy_check(tmp_path)["passed"] is True
+    assert v.base_accuracy_check(tmp_path / "nowhere")["passed"] is None
