@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from sparsight.clitools import RUN_DIR_ARGUMENT, section_overrides
+from sparsight.clitools import RUN_DIR_ARGUMENT, section_overrides, usage_error
 from sparsight.config import ConfigError, apply_settings
 from sparsight.layout import Layout
 
@@ -24,7 +24,7 @@ def _study_with_analysis_settings(run_dir, overrides):
         if settings:
             apply_settings(cfg, {"analysis": settings}, "--set")
     except ConfigError as err:
-        raise click.UsageError(str(err)) from None
+        raise usage_error(err) from None
     return cfg
 
 
@@ -79,7 +79,7 @@ def analyze_cmd(run_dir, out, import_csv, maps, mapping, overrides):
                                    catch_min_accuracy=cfg.survey.catch_min_accuracy,
                                    recode=read_recoding(mapping) if mapping else None, kinds=cfg.stimuli.kinds)
         except ValueError as err:
-            raise click.UsageError(str(err)) from None
+            raise usage_error(err) from None
         source = f"imported {import_csv.name}"
         out = out or Layout(run_dir).root / f"report-{import_csv.stem}"
         if trials.attrs.get("columns_by_name"):
@@ -97,7 +97,7 @@ def analyze_cmd(run_dir, out, import_csv, maps, mapping, overrides):
     try:
         files = run_analysis(Study(cfg), out=out, trials=trials, source=source)
     except (FileNotFoundError, ValueError) as err:
-        raise click.UsageError(str(err)) from None
+        raise usage_error(err) from None
     html, results_json = files[:2]
     results = json.loads(results_json.read_text())
     stats = results["statistics"]
@@ -174,7 +174,7 @@ def power_cmd(run_dir, participants, trials, changes, simulations, overrides):
     try:
         open_run(run_dir).mis      # a clear error when the run has no MIS yet
     except MissingRunOutput as err:
-        raise click.UsageError(str(err)) from None
+        raise usage_error(err) from None
     data = load_study_data(run_dir, cfg)
     if data.units.empty:
         raise click.UsageError(f"{run_dir} has no MIS results (mis/units.csv); run `sparsight mis {run_dir}` first")
@@ -182,7 +182,7 @@ def power_cmd(run_dir, participants, trials, changes, simulations, overrides):
         power = study_power(data, primary_slopes(data), changes=changes, participants=participants, trials=trials,
                             simulations=simulations)
     except ValueError as err:
-        raise click.UsageError(str(err)) from None
+        raise usage_error(err) from None
     click.echo(format_power(power))
 
 

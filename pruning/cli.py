@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from sparsight.clitools import (OPTIONAL_RUN_DIR, device_option, profile_choice, resolve_from_cli, resolve_study,
-                                study_options)
+                                study_options, usage_error)
 from sparsight.layout import CHECKPOINT_FILE, Layout
 
 from .choices import corruption_choice, method_choice, model_choice, schedule_choice
@@ -326,7 +326,7 @@ def _check_prune_parent(cfg, parent: Path) -> None:
     try:
         prunable_layers(load_checkpoint(parent).model, prune_jobs(cfg)[0].exclude)
     except (PruningError, WeightsError) as err:
-        raise click.UsageError(str(err)) from None
+        raise usage_error(err) from None
 
 
 #: settings that choose which jobs run or where, not what a job makes

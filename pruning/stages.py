@@ -10,7 +10,7 @@ from pathlib import Path
 from sparsight.layout import CHECKPOINT_FILE, META_FILE
 
 from .data import concept_shapes
-from .data.folders import folder_digest, split_dir
+from .data.folders import DataLayoutError, check_num_classes, class_folders, folder_digest, split_dir
 from .method_base import PruningError, method_class, prunable_layers
 from .models import create_model, read_meta
 from .models.registry import WeightsError, resolve_weights, weights_digest
@@ -36,6 +36,10 @@ class DataStage:
             split_dir(study.data_root, "train"), split_dir(study.data_root, "val")
         except (OSError, ValueError) as err:
             return [f"data.path: {err}"]
+        try:
+            check_num_classes(study.config.model.num_classes, class_folders(study.data_root / "train"))
+        except DataLayoutError as err:
+            return [str(err)]
         return []
 
     def inputs(self, study) -> dict:

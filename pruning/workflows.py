@@ -16,8 +16,8 @@ import torch
 
 from sparsight.layout import CHECKPOINT_FILE, META_FILE
 
-from .data.folders import (ImageFolderDataset, folder_digest, make_loader, reference_batches, split_dir,
-                           stratified_subset)
+from .data.folders import (ImageFolderDataset, check_num_classes, folder_digest, make_loader, reference_batches,
+                           split_dir, stratified_subset)
 from .methods import method_class, prunable_layers
 from .models import base_meta, create_model, file_sha256, get_spec, load_checkpoint, save_checkpoint, write_meta
 from .models.checkpoint import atomic_save
@@ -158,7 +158,7 @@ def train_and_save(cfg, data_root: str | Path, out_dir: str | Path, ctx: DistCon
     if meta is not None:
         return refresh_robustness(cfg, data_root, out_dir, meta, ctx) if robustness else meta
     train_loader, val_loader = build_loaders(cfg, data_root, ctx, train=settings.epochs > 0)
-    num_classes = cfg.model.num_classes or len(val_loader.classes)
+    num_classes = check_num_classes(cfg.model.num_classes, val_loader.classes) or len(val_loader.classes)
     torch.manual_seed(settings.seed)  # the initial weights are a function of the seed, on every rank
     model = create_model(arch, num_classes=num_classes, weights=weights or None)
     trace_blank(model, cfg.data.image_size)     # an input too small for the network: one line, before any epoch

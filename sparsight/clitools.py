@@ -18,6 +18,12 @@ OPTIONAL_RUN_DIR = click.argument("run_dir", required=False,
                                   type=click.Path(file_okay=False, exists=True, path_type=Path, resolve_path=True))
 
 
+def usage_error(err: BaseException) -> click.UsageError:
+    """The one-line command-line error for ``err`` (an error from a DataLoader worker as the worker raised it)."""
+    from .errors import user_error_message
+    return click.UsageError(user_error_message(err) or " ".join(str(err).split()))
+
+
 def profile_choice() -> click.Choice:
     """Every profile that exists (the registry in ``sparsight.config.PROFILES``)."""
     return click.Choice(list(PROFILES))
@@ -59,7 +65,7 @@ def resolve_from_cli(study_file, profile, overrides, device, flags: dict | None 
     try:
         return load_study(study_file, profile, overrides, _flag_settings(flags, device))
     except ConfigError as err:
-        raise click.UsageError(str(err)) from None
+        raise usage_error(err) from None
 
 
 def resolve_study(run_dir, study_file, profile, overrides, device, flags: dict | None = None):
@@ -72,7 +78,7 @@ def resolve_study(run_dir, study_file, profile, overrides, device, flags: dict |
     try:
         return study_from_run_dir(run_dir, overrides, _flag_settings(flags, device))
     except ConfigError as err:
-        raise click.UsageError(str(err)) from None
+        raise usage_error(err) from None
 
 
 def _flag_settings(flags: dict | None, device: str | None) -> dict:
@@ -86,7 +92,7 @@ def section_overrides(overrides, section: str) -> dict:
         try:
             parsed = parse_override(text)
         except ConfigError as err:
-            raise click.UsageError(str(err)) from None
+            raise usage_error(err) from None
         if set(parsed) != {section}:
             raise click.UsageError(f"--set {text!r}: only {section}.KEY=VALUE settings can be changed here")
         tree.update(parsed[section])

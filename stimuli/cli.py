@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from sparsight.clitools import OPTIONAL_RUN_DIR, resolve_study, study_options
+from sparsight.clitools import OPTIONAL_RUN_DIR, resolve_study, study_options, usage_error
 from sparsight.config import STIMULUS_KINDS
 from sparsight.files import absolute
 
@@ -81,7 +81,7 @@ def stimuli_cmd(what_and_run_dir, study_file, profile, overrides, device, models
             order = write_preview(manifest, bank.root, out, model_id=model_id, layer=layer, unit=unit, task=task,
                                   kind=kind, seed=cfg.study.seed)
         except (FileNotFoundError, ValueError) as err:
-            raise click.UsageError(str(err)) from None
+            raise usage_error(err) from None
         click.echo(f"{out}  (queries top to bottom: {', '.join(order)})")
         return
     from pruning.training import open_study
@@ -92,7 +92,7 @@ def stimuli_cmd(what_and_run_dir, study_file, profile, overrides, device, models
             files = run_stimuli(study, kinds=WHAT[what], model_ids=list(models) or None, units=list(units),
                                 fresh=fresh)
         except ValueError as err:
-            raise click.UsageError(str(err)) from None
+            raise usage_error(err) from None
     if not files:    # another rank of a torchrun job: rank 0 reports
         return
     import pandas as pd
@@ -134,7 +134,7 @@ def dissect_cmd(run_dir, study_file, profile, overrides, device, models, probe, 
         try:
             units_csv, models_csv, _ = run_dissection(study, model_ids=list(models) or None, probe=probe, fresh=fresh)
         except ValueError as err:   # ProbeError is a ValueError
-            raise click.UsageError(str(err)) from None
+            raise usage_error(err) from None
     import pandas as pd
     table = pd.read_csv(models_csv)
     click.echo(f"{'model':28s} {'units':>6s} {'interpretable':>13s} {'unique concepts':>15s}")

@@ -196,3 +196,24 @@ def test_training_at_an_input_too_small_for_the_network_says_so_in_one_line(plac
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     assert result.output.startswith("Error: an input of 32 px is too small for alexnet (") and \
         "use a larger data.image_size" in result.output and "Traceback" not in result.output
+
+
+class _BadProbe(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        from stimuli.probes import ProbeError
+        raise ProbeError("probe label map p05.png: mask layer 'object' holds value 9, but the layer has only 3 concepts")
+
+
+def test_a_subcommand_gives_a_worker_error_as_the_worker_raised_it():
+    """A ProbeError raised in a DataLoader worker reaches the main process wrapped in the worker's traceback; the
+    subcommands' one-line error is the worker's own message, not the traceback."""
+    from sparsight.clitools import usage_error
+
+    with pytest.raises(ValueError) as caught:
+        next(iter(torch.utils.data.DataLoader(_BadProbe(), num_workers=1)))
+    assert "Original Traceback" in str(caught.value)
+    assert usage_error(caught.value).message == ("probe label map p05.png: mask layer 'object' holds value 9, but the "
+                                                 "layer has only 3 concepts")

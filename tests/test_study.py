@@ -250,6 +250,29 @@ def test_plan_says_dissection_skips_for_folder_data_without_masks_or_probe(tiny_
     assert not (tmp_path / "runs").exists()
 
 
+def test_plan_names_an_empty_class_folder_and_too_few_classifier_outputs(tiny_data, tmp_path, monkeypatch):
+    """What the data alone shows stops the plan (exit 1) with one line each: a class folder without an image
+    (torchvision's loader would stop the run only after the data stage), and ``model.num_classes`` below the
+    data's class count (a label past the classifier's outputs, an IndexError in the first step)."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "data"
+    for split in ("train", "val"):
+        shutil.copytree(tiny_data / split, data / split)
+    base = ["run", "--profile", "quick", "--plan", "--set", f'study.output_dir="{tmp_path / "runs"}"',
+            "--set", "data.source=folder", "--set", "data.image_size=32", "--set", f"data.path={data}"]
+    classes = sorted(p.name for p in (data / "train").iterdir())
+    fewer = CliRunner().invoke(main, base + ["--set", f"model.num_classes={len(classes) - 1}"])
+    assert fewer.exit_code == 1 and f"fewer outputs than the {len(classes)} class folders" in fewer.output
+    assert CliRunner().invoke(main, base + ["--set", f"model.num_classes={len(classes)}"]).exit_code == 0
+    for split in ("train", "val"):
+        (data / split / "empty").mkdir()
+    empty = CliRunner().invoke(main, base)
+    assert empty.exit_code == 1 and "class folder(s) without an image file: ['empty']" in empty.output
+    assert "Traceback" not in fewer.output + empty.output
+
+
 @pytest.mark.slow
 def test_prune_with_other_settings_does_not_replace_a_study_model(quick_run):
     """`sparsight prune RUN_DIR` with a setting of its own would overwrite one of the study's models (and leave

@@ -110,18 +110,37 @@ def class_difference(expected: list[str], found: list[str]) -> tuple[list[str], 
     return sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
 
 
+def _holds_an_image(folder: Path) -> bool:
+    with os.scandir(folder) as entries:     # stops at the first image: cheap on ImageNet's folders too
+        return any(e.is_file() and has_file_allowed_extension(e.name, IMG_EXTENSIONS) for e in entries)
+
+
 def check_split_classes(root: str | os.PathLike) -> None:
-    """Stop when ``root/train`` and ``root/val`` (both present) hold different class folders."""
+    """Stop when ``root/train`` and ``root/val`` (both present) hold different class folders, or a class folder
+    of a split holds no image."""
     train, val = Path(root) / "train", Path(root) / "val"
-    if not (train.is_dir() and val.is_dir()):
-        return
-    a, b = class_folders(train), class_folders(val)
-    if a != b:
-        lacks, extra = class_difference(a, b)
-        parts = ([f"val/ lacks {len(lacks)} class(es) train/ has: {lacks[:5]}"] if lacks else []) + \
-                ([f"val/ has {len(extra)} class(es) train/ lacks: {extra[:5]}"] if extra else [])
-        raise DataLayoutError(f"data folder {root}: {'; '.join(parts)}; both splits need the same class folders, "
-                              f"since a class's label is its place among them")
+    if train.is_dir() and val.is_dir():
+        a, b = class_folders(train), class_folders(val)
+        if a != b:
+            lacks, extra = class_difference(a, b)
+            parts = ([f"val/ lacks {len(lacks)} class(es) train/ has: {lacks[:5]}"] if lacks else []) + \
+                    ([f"val/ has {len(extra)} class(es) train/ lacks: {extra[:5]}"] if extra else [])
+            raise DataLayoutError(f"data folder {root}: {'; '.join(parts)}; both splits need the same class "
+                                  f"folders, since a class's label is its place among them")
+    for split in (train, val):
+        empty = [name for name in class_folders(split) if not _holds_an_image(split / name)] if split.is_dir() else []
+        if empty:
+            raise DataLayoutError(f"data folder {root}: {split.name}/ has {len(empty)} class folder(s) without an image "
+                                  f"file: {empty[:5]}; add images ({', '.join(IMG_EXTENSIONS[:4])}, …) or remove them")
+
+
+def check_num_classes(num_classes: int, classes: list[str]) -> int:
+    """``num_classes`` (0: the data's count) when the classifier has an output for every class of the data."""
+    if num_classes and num_classes < len(classes):
+        raise DataLayoutError(f"model.num_classes = {num_classes} gives fewer outputs than the {len(classes)} class "
+                              f"folders of the data ({classes[:5]}{', …' if len(classes) > 5 else ''}); set it to "
+                              f"{len(classes)} or to 0 (the data's count)")
+    return num_classes
 
 
 def folder_digest(root: str | os.PathLike) -> str:
