@@ -74,12 +74,14 @@ def synth(out: Path, profile: str, seed: int, train_per_class, val_per_class, im
               help="output folder for model.pt and meta.json (default: <run_dir>/models/<model-id>)")
 @click.option("--model-id", default="base", show_default=True, help="id written to meta.json")
 @click.option("--no-resume", is_flag=True, help="ignore a saved train_state.pt and start over")
+@click.option("--replace", is_flag=True, help="replace a model already trained in the output folder with other "
+                                              "settings (without it, train stops before touching it)")
 @click.option("--rewind-epoch", type=int, default=None,
               help="also save the weights at the start of this epoch as rewind.pt, for IMP "
                    "(default: prune.imp_rewind_epoch; -1: none)")
 @click.option("--list-models", is_flag=True, help="list the registered models and exit")
 def train_cmd(study_file, profile, overrides, device, data_path, arch, weights, epochs, lr, batch_size, out,
-              model_id, no_resume, rewind_epoch, list_models):
+              model_id, no_resume, replace, rewind_epoch, list_models):
     """Train a model (from scratch or from weights) and write model.pt + meta.json.
 
     Runs on CPU or a GPU (bf16 autocast, channels_last); under `torchrun --nproc_per_node=N`
@@ -112,14 +114,37 @@ def train_cmd(study_file, profile, overrides, device, data_path, arch, weights, 
         if no_resume and (out / "train_state.pt").exists() and study.is_main:
             (out / "train_state.pt").unlink()
         rewind = cfg.prune.imp_rewind_epoch if rewind_epoch is None else rewind_epoch
+        settings = TrainSettings.from_section(cfg.train, seed=cfg.study.seed)
+        rewind = rewind if rewind >= 0 and cfg.train.epochs > 0 else None
+        if not replace:
+            _check_kept(study, out, settings, rewind)
         checkpoint, _ = run_training(study, model_id, arch=cfg.model.arch, weights=cfg.model.weights,
-                                     settings=TrainSettings.from_section(cfg.train, seed=cfg.study.seed), out=out,
-                                     rewind_epoch=rewind if rewind >= 0 and cfg.train.epochs > 0 else None,
-                                     reuse=not no_resume)
+                                     settings=settings, out=out, rewind_epoch=rewind, reuse=not no_resume)
         if study.is_main:
             meta = read_meta(out)
             click.echo(f"{model_id}: val top1 {meta['top1']['after']:.4f}, top5 {meta['top5']['after']:.4f} "
                        f"→ {checkpoint}")
+
+
+def _check_kept(study, out: Path, settings, rewind: int | None) -> None:
+    """Stop before a training run with other settings replaces the model already trained in ``out`` (a study's
+    base model: its pruned models, stimuli and scores were made from it; on ImageNet, hours of training)."""
+    from .models import read_meta
+    from .workflows import reusable_meta, training_fingerprints
+
+    if not (out / CHECKPOINT_FILE).is_file():
+        return
+    cfg = study.config
+    fps = training_fingerprints(cfg, study.data_root, arch=cfg.model.arch, weights=cfg.model.weights,
+                                settings=settings, rewind_epoch=rewind)
+    if reusable_meta(out, *fps) is None:
+        try:
+            meta = read_meta(out)
+            what = f"a model ({meta.get('arch')}, top-1 {meta['top1']['after']:.3f})"
+        except (OSError, ValueError, KeyError, TypeError):
+            what = "a model"
+        raise click.UsageError(f"{out} already holds {what} trained with other settings or data; give --out for "
+                               f"a new folder, or --replace to overwrite it")
 
 
 def _data_flags(data_path) -> dict:

@@ -139,6 +139,19 @@ def refresh_robustness(cfg, data_root, out_dir: Path, meta: dict, ctx: DistConte
     return meta
 
 
+def training_fingerprints(cfg, data_root, *, arch: str, weights: str, settings: TrainSettings,
+                          rewind_epoch: int | None) -> tuple[str, str]:
+    """The job fingerprints of a training run (see :func:`data_places` for why two): a model folder holding
+    one of them holds this run's result."""
+    d = cfg.data
+    spec = {"arch": arch, "weights": weights, "weights_digest": weights_digest(arch, weights),
+            "settings": asdict(settings), "files": folder_digest(data_root),
+            "loader": [d.image_size, d.batch_size, d.augment, d.cache], "rewind": rewind_epoch,
+            "num_classes": cfg.model.num_classes}
+    fp, earlier = (job_fingerprint({**spec, "data": place}) for place in data_places(cfg, data_root))
+    return fp, earlier
+
+
 def train_and_save(cfg, data_root: str | Path, out_dir: str | Path, ctx: DistContext, *, model_id: str,
                    arch: str, weights: str = "", settings: TrainSettings, rewind_epoch: int | None = None,
                    robustness: bool = False, reuse: bool = True) -> dict:
@@ -148,12 +161,8 @@ def train_and_save(cfg, data_root: str | Path, out_dir: str | Path, ctx: DistCon
     ``robustness`` adds corruption accuracy to the meta.
     """
     out_dir = Path(out_dir)
-    d = cfg.data
-    spec = {"arch": arch, "weights": weights, "weights_digest": weights_digest(arch, weights),
-            "settings": asdict(settings), "files": folder_digest(data_root),
-            "loader": [d.image_size, d.batch_size, d.augment, d.cache], "rewind": rewind_epoch,
-            "num_classes": cfg.model.num_classes}
-    fp, earlier = (job_fingerprint({**spec, "data": place}) for place in data_places(cfg, data_root))
+    fp, earlier = training_fingerprints(cfg, data_root, arch=arch, weights=weights, settings=settings,
+                                        rewind_epoch=rewind_epoch)
     meta = reusable_meta(out_dir, fp, earlier) if reuse else None
     if meta is not None:
         return refresh_robustness(cfg, data_root, out_dir, meta, ctx) if robustness else meta

@@ -59,6 +59,25 @@ def test_data_synth_writes_the_dataset(runner, tmp_path):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
+def test_train_keeps_a_model_trained_with_other_settings_unless_told_to_replace_it(runner, tiny_data, tmp_path):
+    """`sparsight train` into a folder that holds a model from other settings (a study's base model, which its
+    pruned models and stimuli came from) stops with one line and leaves the file as it was; the same settings
+    reuse it; --replace trains anew."""
+    out = tmp_path / "m"
+    common = ["--data", str(tiny_data), "--arch", "observer-small", "--out", str(out), "--set", "data.image_size=32",
+              "--set", "study.progress=false", "--set", f'study.output_dir="{tmp_path}"']
+    assert runner.invoke(main, ["train", "--epochs", "1", *common]).exit_code == 0
+    before = (out / "model.pt").read_bytes()
+    refused = runner.invoke(main, ["train", "--epochs", "2", *common])
+    assert refused.exit_code == 2 and "already holds a model (observer-small, top-1" in refused.output
+    assert "--replace" in refused.output and (out / "model.pt").read_bytes() == before
+    again = runner.invoke(main, ["train", "--epochs", "1", *common])
+    assert again.exit_code == 0 and (out / "model.pt").read_bytes() == before
+    replaced = runner.invoke(main, ["train", "--epochs", "2", "--replace", *common])
+    assert replaced.exit_code == 0 and (out / "model.pt").read_bytes() != before
+    assert len(json.loads((out / "meta.json").read_text())["history"]) == 2
+
+
 def test_train_then_evaluate_agree(runner, tiny_data, tmp_path):
     out = tmp_path / "m"
     result = runner.invoke(main, ["train", "--data", str(tiny_data), "--arch", "observer-small", "--epochs", "1",
