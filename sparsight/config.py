@@ -545,21 +545,31 @@ def read_toml(path: str | Path, what: str, error: type[Exception] = ConfigError)
         raise error(f"{what} {path} is not valid TOML: {err}") from None
 
 
+def _profile_in(trees: list[dict]):
+    """The first ``study.profile`` the trees set (``--set study.profile=X`` chooses a profile as ``--profile X``
+    does, so the values are the profile's, not only its name)."""
+    for tree in trees:
+        section = tree.get("study")
+        if isinstance(section, dict) and section.get("profile"):
+            return section["profile"]
+    return None
+
+
 def load_study(path: str | Path | None = None, profile: str | None = None,
                overrides: typing.Iterable[str] = (), settings: dict | None = None) -> StudyConfig:
     """Resolve a study: defaults, profile, study file, ``section.key=value`` overrides, then ``settings``
     (``{section: {key: value}}``, e.g. from command-line flags)."""
     file_tree = read_toml(path, "study file") if path is not None else {}
-    file_profile = file_tree.get("study", {}).get("profile") if isinstance(file_tree.get("study"), dict) else None
-    chosen = profile or file_profile or "default"
-    if chosen not in PROFILES:
+    trees = [(text, parse_override(text)) for text in overrides]
+    chosen = profile or _profile_in([tree for _, tree in trees][::-1] + [file_tree]) or "default"
+    if not isinstance(chosen, str) or chosen not in PROFILES:
         raise ConfigError(f"unknown profile {chosen!r}; choose from {sorted(PROFILES)}")
     cfg = StudyConfig()
     _apply(cfg, PROFILES[chosen], f"profile {chosen}")
     cfg.study.profile = chosen
     _apply(cfg, file_tree, str(path) if path else "study")
-    for text in overrides:
-        _apply(cfg, parse_override(text), f"override {text!r}")
+    for text, tree in trees:
+        _apply(cfg, tree, f"override {text!r}")
     _apply(cfg, settings or {}, "command-line options")
     if profile:
         cfg.study.profile = profile

@@ -40,6 +40,20 @@ def test_profile_quick_overrides_defaults_and_file_wins(tmp_path):
     assert cfg.data.train_per_class == quick.data.train_per_class
 
 
+def test_a_profile_set_as_a_setting_is_the_profile_not_only_its_name(tmp_path):
+    """`--set study.profile=paper` on a quick study file resolves as `--profile paper` does: the paper profile's
+    values under the file's own, so the recorded profile is the one used."""
+    study = tmp_path / "s.toml"
+    study.write_text('[study]\nprofile = "quick"\nname = "mine"\n[train]\nepochs = 2\n')
+    by_setting = load_study(study, overrides=["study.profile=paper"])
+    by_option = load_study(study, profile="paper")
+    assert by_setting == by_option and by_setting.study.profile == "paper" and by_setting.train.epochs == 2
+    assert by_setting.survey.main_trials == PROFILES["paper"].get("survey", {}).get("main_trials", 40) != \
+        load_study(study).survey.main_trials
+    with pytest.raises(ConfigError, match="unknown profile 'papr'"):
+        load_study(study, overrides=["study.profile=papr"])
+
+
 @pytest.mark.parametrize("text, fragment", [
     ("[trian]\nepochs = 3\n", "unknown section [trian]; did you mean 'train'? valid sections: ["),
     ("[train]\nepoch = 3\n", "unknown key train.epoch; did you mean 'epochs'? valid keys in [train]: ["),
