@@ -77,10 +77,18 @@ class ModelStage:
             return o.arch, o.weights, TrainSettings.from_section(cfg.train, epochs=o.epochs, lr=o.lr, seed=seed + 1)
         return cfg.model.arch, cfg.model.weights, TrainSettings.from_section(cfg.train, seed=seed)
 
+    def skip_reason(self, study) -> str | None:
+        """Why the stage would train nothing anything uses (the observer network when the MIS embeds with
+        something else), else None."""
+        embedding = study.config.mis.embedding
+        if self.model_id != "observer" or embedding == "observer":
+            return None
+        return f"mis.embedding is {embedding!r}, so nothing uses the observer network"
+
     def check(self, study) -> list[str]:
         """The weights the network starts from can be found (a local file, or a torchvision name in the cache)."""
         arch, weights, _ = self._spec(study)
-        if not weights:
+        if not weights or self.skip_reason(study):
             return []
         try:
             resolve_weights(arch, weights)
@@ -89,6 +97,9 @@ class ModelStage:
         return []
 
     def inputs(self, study) -> dict:
+        reason = self.skip_reason(study)
+        if reason:
+            return {"skipped": reason}
         arch, weights, settings = self._spec(study)
         d = study.config.data
         extra = {"rewind_epoch": study.config.prune.imp_rewind_epoch,
@@ -99,6 +110,8 @@ class ModelStage:
                 "loader": {"image_size": d.image_size, "batch_size": d.batch_size, "augment": d.augment}, **extra}
 
     def run(self, study) -> list[Path]:
+        if self.skip_reason(study):
+            return []
         arch, weights, settings = self._spec(study)
         rewind = study.config.prune.imp_rewind_epoch if self.is_base and settings.epochs > 0 else None
         return run_training(study, self.model_id, arch=arch, weights=weights, settings=settings, rewind_epoch=rewind,

@@ -250,6 +250,18 @@ def test_plan_says_dissection_skips_for_folder_data_without_masks_or_probe(tiny_
     assert not (tmp_path / "runs").exists()
 
 
+def test_the_observer_network_is_trained_only_when_the_mis_embeds_with_it(tmp_path, monkeypatch):
+    """With another MIS embedding nothing uses the observer network (8 epochs over the data in the paper profile):
+    the plan says its stage skips and why; with the observer embedding it runs."""
+    monkeypatch.chdir(tmp_path)
+    base = ["run", "--profile", "quick", "--plan", "--set", f'study.output_dir="{tmp_path / "runs"}"']
+    pixels = CliRunner().invoke(main, base + ["--set", "mis.embedding=pixels"])
+    line = next(line for line in pixels.output.splitlines() if line.startswith("observer "))
+    assert line.split()[1] == "skips" and "(mis.embedding is 'pixels', so nothing uses" in pixels.output
+    observer = CliRunner().invoke(main, base)
+    assert next(line for line in observer.output.splitlines() if line.startswith("observer ")).split()[1] == "runs"
+
+
 def test_plan_names_an_empty_class_folder_and_too_few_classifier_outputs(tiny_data, tmp_path, monkeypatch):
     """What the data alone shows stops the plan (exit 1) with one line each: a class folder without an image
     (torchvision's loader would stop the run only after the data stage), and ``model.num_classes`` below the
