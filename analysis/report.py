@@ -300,7 +300,8 @@ def answers(entries: list, cfg: StudyConfig) -> list[dict]:
                         f"{res['rate_max']:g} is {fmt(change)} "
                         f"({_pct(1 - a.alpha_level)} CI {ci}): neither an effect nor equivalence within "
                         f"±{a.tost_margin:g}; {what}.")
-        out.append({"kind": kind, "observer": "MIS", "verdict": verdict, "sentence": sentence, "analysis": e.id})
+        out.append({"kind": kind, "observer": "MIS", "verdict": verdict, "sentence": sentence, "analysis": e.id,
+                    "model_noise": bool(res.get("two_way", True)), "models": res.get("n_models")})
     return out + [human_answer(e, cfg) for e in entries
                   if e.id.startswith("human_slope.") and e.id.endswith(".mixed") and e.status == "ok"]
 

@@ -572,6 +572,27 @@ def test_the_answer_follows_the_primary_total_effect(n_units, slope, noise, verd
         assert "units per model instead of 4" in answer["sentence"] or "needs more models" in answer["sentence"]
 
 
+def test_the_answer_says_when_model_level_noise_is_not_in_its_interval():
+    """With two models the primary slope clusters by unit only; the answer's heading must not claim the noise a
+    model's units share is in the interval (it is, from three models on)."""
+    from analysis.report import _templates, answers, mis_slope, run_analysis
+    from sparsight.config import load_study
+
+    heading_of = _templates().get_template("macros.html.j2").module.answer_heading
+
+    cfg = load_study()
+    units = _simulated_units(2, 30, 0.0)
+    for models, clustered in ((units[units["model_id"].isin(["m0", "m8"])], False), (units, True)):
+        entries = []
+        run_analysis(entries, "mis_slope.natural.all", "primary", "model",
+                     lambda m=models: mis_slope(m, "natural", None, cfg), family=True)
+        (answer,) = answers(entries, cfg)
+        assert answer["model_noise"] is clustered
+        heading = " ".join(str(heading_of([answer])).split())
+        assert ("the noise a model's units share in the intervals" in heading) is clustered
+        assert ("with 2 models too few to cluster on" in heading) is not clustered
+
+
 @pytest.mark.parametrize("share, needs", [(0.0, "units"), (0.1, "units"), (0.5, "models")])
 def test_an_inconclusive_answer_says_whether_units_or_models_would_decide(share, needs):
     """The slope's variance is split by ``model_variance_share``: only the units' part shrinks as 1/units."""
