@@ -122,8 +122,9 @@ def train_cmd(study_file, profile, overrides, device, data_path, arch, weights, 
                                      settings=settings, out=out, rewind_epoch=rewind, reuse=not no_resume)
         if study.is_main:
             meta = read_meta(out)
-            click.echo(f"{model_id}: val top1 {meta['top1']['after']:.4f}, top5 {meta['top5']['after']:.4f} "
-                       f"→ {checkpoint}")
+            top5 = meta["top5"]["after"]
+            top5 = f", top5 {top5:.4f}" if top5 is not None else ""
+            click.echo(f"{model_id}: val top1 {meta['top1']['after']:.4f}{top5} → {checkpoint}")
 
 
 def _check_kept(study, out: Path, settings, rewind: int | None) -> None:

@@ -134,3 +134,15 @@ def test_cuda_bf16_channels_last_training_steps(arch):
     history = trainer.fit(Loader(batches))
     assert history[0]["images"] == 48 and torch.isfinite(torch.tensor(history[0]["train_loss"]))
     assert next(trainer.model.parameters()).is_cuda
+
+
+def test_top5_is_left_out_where_it_cannot_fail():
+    """With five classes or fewer every label is among the top five: top-5 is None there, not a perfect 1.0."""
+    from pruning.data.common import Batch
+
+    torch.manual_seed(0)
+    for classes, defined in ((3, False), (5, False), (6, True)):
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, classes))
+        batches = [Batch(torch.randn(8, 3, 2, 2), torch.randint(0, min(classes, 3), (8,)))]
+        result = evaluate(model, batches)
+        assert (result["top5"] is not None) is defined and 0 <= result["top1"] <= 1
