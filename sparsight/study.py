@@ -127,10 +127,11 @@ def study_problems(config: StudyConfig, stages: list[Stage]) -> list[str]:
     not there, and each stage's own ``check``."""
     study = Study(config, planning=True)
     problems = missing_inputs(config)
+    missing = {p.split(":", 1)[0] for p in problems}        # a setting whose file is missing is named once
     for stage in stages:
         check = getattr(stage, "check", None)
         if check is not None:
-            problems += check(study)
+            problems += [p for p in check(study) if p.split(":", 1)[0] not in missing]
     return problems
 
 

@@ -262,6 +262,15 @@ def test_the_observer_network_is_trained_only_when_the_mis_embeds_with_it(tmp_pa
     assert next(line for line in observer.output.splitlines() if line.startswith("observer ")).split()[1] == "runs"
 
 
+def test_a_missing_weights_file_is_one_problem_not_two(tmp_path, monkeypatch):
+    """The missing file and the stage's own weights check describe one problem: the plan names it once."""
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["run", "--profile", "quick", "--plan", "--set", f"model.weights={tmp_path}/w.pt",
+                                       "--set", f'study.output_dir="{tmp_path / "runs"}"'])
+    assert result.exit_code == 1 and result.output.count("model.weights:") == 1, result.output
+    assert f"model.weights: {tmp_path}/w.pt does not exist" in result.output
+
+
 def test_plan_names_an_empty_class_folder_and_too_few_classifier_outputs(tiny_data, tmp_path, monkeypatch):
     """What the data alone shows stops the plan (exit 1) with one line each: a class folder without an image
     (torchvision's loader would stop the run only after the data stage), and ``model.num_classes`` below the
