@@ -53,6 +53,10 @@ def test_tied_minima_in_dataset_order_fail_and_spread_ones_pass(tmp_path):
     assert first["value"] == pytest.approx(sum(range(10)) / 10 / 99) and first["passed"] is False
     spread = v.tie_order_check(manifest(files[::10]), root, "val")
     assert 0.4 <= spread["value"] <= 0.6 and spread["passed"] is True
+    # two tied images late in the folder: as likely as 1 in 20 under a random choice, no evidence of an order;
+    # the range is three standard errors of the mean of two uniform positions, √(1/24) each
+    two = v.tie_order_check(manifest([files[80], files[88]]), root, "val")
+    assert two["value"] == pytest.approx(168 / 2 / 99) and two["passed"] is True and two["threshold"] == "0–1"
 
 
 def test_robustness_balance_reads_images_per_class_from_every_model(tmp_path):
