@@ -182,6 +182,9 @@ def layer_mis_vs_sparsity(units: pd.DataFrame, path, max_cols: int = 5) -> Path 
         for i, layer in enumerate(layers):
             ax = axes[k * blocks + i // ncols][i % ncols]
             rows = per[(per["layer"] == layer) & ((per["kind"] == kind) if kind else True)]
+            if rows.empty:      # e.g. no unit of this layer among the visualized ones
+                ax.text(0.5, 0.5, f"no {kind} units\nin this layer" if kind else "no units", ha="center",
+                        va="center", transform=ax.transAxes, fontsize=8, color="0.4")
             for s, curve in _curves(rows):
                 x = dodge(curve, order.index(s) if s in order else 0, len(order))
                 ax.errorbar(x, curve["mean"], yerr=curve["sem"], color=colors[s], marker="o", ms=3, capsize=2,

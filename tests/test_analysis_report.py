@@ -723,7 +723,8 @@ def test_the_layer_panels_give_each_kind_its_row_and_one_legend(tmp_path, monkey
                                   if line.get_linestyle() == "-"])
                 for ax in fig.axes if ax.get_visible()],
         hidden=sum(not ax.get_visible() for ax in fig.axes),
-        legends=[[t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes if ax.get_legend()]))
+        legends=[[t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes if ax.get_legend()],
+        notes=[(ax.get_title(), " ".join(t.get_text().split())) for ax in fig.axes for t in ax.texts]))
     five = pd.DataFrame([r for r in rows if r["layer"] < "l5"])
     figures.layer_mis_vs_sparsity(five, tmp_path / "l.png")
     assert [t for t, _ in seen["panels"]] == [f"l{i} · {k}" for k in ("natural", "synthetic") for i in range(5)]
@@ -738,7 +739,11 @@ def test_the_layer_panels_give_each_kind_its_row_and_one_legend(tmp_path, monkey
     # a series with live units in the first layer only keeps its legend entry (the legend sits by the last panel)
     first_only = [dict(r, series="c", model_id=f"c-{r['sparsity']}") for r in rows if r["layer"] == "l0"]
     figures.layer_mis_vs_sparsity(pd.DataFrame(rows + first_only), tmp_path / "l.png")
-    assert seen["legends"] == [["a", "b", "c"]]
+    assert seen["legends"] == [["a", "b", "c"]] and seen["notes"] == []
+    # visualized units in some layers only: the other layers' synthetic panels say why they are empty
+    partial = [r for r in rows if r["kind"] == "natural" or r["layer"] in ("l0", "l1")]
+    figures.layer_mis_vs_sparsity(pd.DataFrame(partial), tmp_path / "l.png")
+    assert seen["notes"] == [(f"l{i} · synthetic", "no synthetic units in this layer") for i in range(2, 7)]
 
 
 def test_legends_cover_no_data_and_captions_say_what_is_drawn(tmp_path, monkeypatch):
