@@ -137,7 +137,7 @@ def _check_kept(study, out: Path, settings, rewind: int | None) -> None:
         return
     cfg = study.config
     fps = training_fingerprints(cfg, study.data_root, arch=cfg.model.arch, weights=cfg.model.weights,
-                                settings=settings, rewind_epoch=rewind)
+                                settings=settings, rewind_epoch=rewind, new_classifier=cfg.model.new_classifier)
     if reusable_meta(out, *fps) is None:
         try:
             meta = read_meta(out)

@@ -104,6 +104,8 @@ class ModelStage:
         d = study.config.data
         extra = {"rewind_epoch": study.config.prune.imp_rewind_epoch,
                  "evaluate": asdict(study.config.evaluate)} if self.is_base else {}
+        if self.is_base and study.config.model.new_classifier:
+            extra["new_classifier"] = True
         return {"data": study.upstream("data"), "arch": arch, "weights": weights,
                 "weights_digest": weights_digest(arch, weights),
                 "num_classes": study.config.model.num_classes, "settings": asdict(settings),
@@ -235,10 +237,12 @@ def run_data(study) -> list[Path]:
 def run_training(study, model_id: str = "base", *, arch: str, weights: str, settings: TrainSettings,
                  data: Path | None = None, out: Path | None = None, rewind_epoch: int | None = None,
                  robustness: bool = False, reuse: bool = True) -> list[Path]:
-    """Train (or load and evaluate) one network into ``out`` (default ``models/<model_id>/``)."""
+    """Train (or load and evaluate) one network into ``out`` (default ``models/<model_id>/``); the studied network
+    (every id but the observer) takes ``model.new_classifier``."""
     out = out or study.layout.model_dir(model_id)
     train_and_save(study.config, data or study.data_root, out, study.ctx, model_id=model_id, arch=arch,
-                   weights=weights, settings=settings, rewind_epoch=rewind_epoch, robustness=robustness, reuse=reuse)
+                   weights=weights, settings=settings, rewind_epoch=rewind_epoch, robustness=robustness, reuse=reuse,
+                   new_classifier=model_id != "observer" and study.config.model.new_classifier)
     return [out / CHECKPOINT_FILE, out / META_FILE]
 
 

@@ -140,36 +140,36 @@ def refresh_robustness(cfg, data_root, out_dir: Path, meta: dict, ctx: DistConte
 
 
 def training_fingerprints(cfg, data_root, *, arch: str, weights: str, settings: TrainSettings,
-                          rewind_epoch: int | None) -> tuple[str, str]:
+                          rewind_epoch: int | None, new_classifier: bool = False) -> tuple[str, str]:
     """The job fingerprints of a training run (see :func:`data_places` for why two): a model folder holding
     one of them holds this run's result."""
     d = cfg.data
     spec = {"arch": arch, "weights": weights, "weights_digest": weights_digest(arch, weights),
             "settings": asdict(settings), "files": folder_digest(data_root),
             "loader": [d.image_size, d.batch_size, d.augment, d.cache], "rewind": rewind_epoch,
-            "num_classes": cfg.model.num_classes}
+            "num_classes": cfg.model.num_classes, **({"new_classifier": True} if new_classifier else {})}
     fp, earlier = (job_fingerprint({**spec, "data": place}) for place in data_places(cfg, data_root))
     return fp, earlier
 
 
 def train_and_save(cfg, data_root: str | Path, out_dir: str | Path, ctx: DistContext, *, model_id: str,
                    arch: str, weights: str = "", settings: TrainSettings, rewind_epoch: int | None = None,
-                   robustness: bool = False, reuse: bool = True) -> dict:
+                   robustness: bool = False, reuse: bool = True, new_classifier: bool = False) -> dict:
     """Build (or load) ``arch``, train ``settings.epochs`` epochs, save checkpoint and meta; return meta.
 
     ``rewind_epoch`` also saves the weights at the start of that epoch (``rewind.pt``, for IMP);
-    ``robustness`` adds corruption accuracy to the meta.
+    ``robustness`` adds corruption accuracy to the meta; ``new_classifier`` loads ``weights`` but their classifier.
     """
     out_dir = Path(out_dir)
     fp, earlier = training_fingerprints(cfg, data_root, arch=arch, weights=weights, settings=settings,
-                                        rewind_epoch=rewind_epoch)
+                                        rewind_epoch=rewind_epoch, new_classifier=new_classifier)
     meta = reusable_meta(out_dir, fp, earlier) if reuse else None
     if meta is not None:
         return refresh_robustness(cfg, data_root, out_dir, meta, ctx) if robustness else meta
     train_loader, val_loader = build_loaders(cfg, data_root, ctx, train=settings.epochs > 0)
     num_classes = check_num_classes(cfg.model.num_classes, val_loader.classes) or len(val_loader.classes)
     torch.manual_seed(settings.seed)  # the initial weights are a function of the seed, on every rank
-    model = create_model(arch, num_classes=num_classes, weights=weights or None)
+    model = create_model(arch, num_classes=num_classes, weights=weights or None, new_classifier=new_classifier)
     trace_blank(model, cfg.data.image_size)     # an input too small for the network: one line, before any epoch
     amp, cl = amp_dtype(settings.amp, ctx.device), use_channels_last(settings.channels_last)
     before = evaluate(model.to(ctx.device), val_loader, ctx=ctx, amp=amp) if weights else None

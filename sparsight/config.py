@@ -106,6 +106,8 @@ class ModelSection:
     weights: str = option("", "local weights file, or a torchvision weights name found in the TORCH_HOME cache",
                           path="file-or-name")
     num_classes: int = option(0, "classifier outputs; 0 takes the number of classes in the data", lo=0)
+    new_classifier: bool = option(False, "load model.weights but their classifier, which starts fresh with "
+                                         "num_classes outputs (ImageNet weights fine-tuned on other classes)")
 
 
 @dataclass

@@ -62,8 +62,32 @@ def test_shape_mismatch_and_wrong_arch_are_explained(tmp_path):
     with pytest.raises(WeightsError, match=r"plain\.pt does not fit model 'resnet18' with num_classes=1000: "
                                            r"shape mismatch fc\.weight: file \(10, 512\) vs model \(1000, 512\)"):
         create_model("resnet18", num_classes=1000, weights=tmp_path / "plain.pt")
-    with pytest.raises(WeightsError, match=r"only the classifier differs: the file's has 10 classes, the model's 5"):
+    with pytest.raises(WeightsError, match=r"only the classifier differs: the file's has 10 classes, the model's 5 .*"
+                                           r"model\.new_classifier = true"):
         create_model("resnet18", num_classes=5, weights=tmp_path / "plain.pt")
+
+
+@pytest.mark.parametrize("arch, head", [("resnet18", ["fc.weight", "fc.bias"]),
+                                        pytest.param("googlenet", ["fc.weight", "fc.bias", "aux1.fc2.weight",
+                                                                   "aux1.fc2.bias", "aux2.fc2.weight", "aux2.fc2.bias"],
+                                                     marks=pytest.mark.slow)])
+def test_new_classifier_loads_every_tensor_but_the_classifier(tmp_path, arch, head):
+    """Weights for 10 classes on a 5-class model with ``new_classifier``: every tensor equals the file's except the
+    classifier (and GoogLeNet's auxiliary ones), which keep the seeded fresh initialization of a model built
+    without weights; weights of another architecture still fail."""
+    kwargs = {"aux_logits": True} if arch == "googlenet" else {}
+    torch.manual_seed(1)
+    torch.save(create_model(arch, num_classes=10, **kwargs).state_dict(), tmp_path / "ten.pt")
+    file_state = torch.load(tmp_path / "ten.pt")
+    torch.manual_seed(2)
+    fresh = create_model(arch, num_classes=5, **kwargs).state_dict()
+    torch.manual_seed(2)
+    loaded = create_model(arch, num_classes=5, weights=tmp_path / "ten.pt", new_classifier=True, **kwargs).state_dict()
+    assert sorted(k for k in loaded if loaded[k].shape != file_state[k].shape) == sorted(head)
+    for key, value in loaded.items():
+        assert torch.equal(value, fresh[key] if key in head else file_state[key]), key
+    with pytest.raises(WeightsError, match="does not fit model 'observer-small'"):
+        create_model("observer-small", num_classes=5, weights=tmp_path / "ten.pt", new_classifier=True)
 
 
 @pytest.mark.slow

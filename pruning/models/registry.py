@@ -226,13 +226,19 @@ def _classifier_hint(own: dict, state: dict, num_classes: int) -> str:
                                for k in differ):
         return ""
     return (f" — only the classifier differs: the file's has {counts.pop()} classes, the model's {num_classes} (the "
-            f"data's class folders, or model.num_classes); these weights fit data with that many classes")
+            f"data's class folders, or model.num_classes); these weights fit data with that many classes, or set "
+            f"model.new_classifier = true to train a fresh classifier on them")
 
 
-def load_state_checked(model: nn.Module, state: dict, path: Path, arch: str, num_classes: int) -> None:
-    """``load_state_dict(strict=True)`` with an error that names the file, arch and mismatches."""
+def load_state_checked(model: nn.Module, state: dict, path: Path, arch: str, num_classes: int,
+                       new_classifier: bool = False) -> None:
+    """``load_state_dict(strict=True)`` with an error that names the file, arch and mismatches; with
+    ``new_classifier`` the tensors that differ only in their number of classes (the classifier, and GoogLeNet's
+    auxiliary ones) keep the model's fresh initialization."""
     own = model.state_dict()
     state = {k: v for k, v in state.items() if k in own or not k.startswith(("aux1.", "aux2."))}
+    if new_classifier and all(k in state for k in own) and _classifier_hint(own, state, num_classes):
+        state = {k: own[k] if k in own and state[k].shape != own[k].shape else v for k, v in state.items()}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
@@ -252,8 +258,9 @@ def load_state_checked(model: nn.Module, state: dict, path: Path, arch: str, num
 
 
 def create_model(name: str, num_classes: int = 1000, weights: str | os.PathLike | None = None,
-                 **kwargs) -> nn.Module:
-    """Build a registered model; load ``weights`` (local file or cached torchvision name) if given."""
+                 new_classifier: bool = False, **kwargs) -> nn.Module:
+    """Build a registered model; load ``weights`` (local file or cached torchvision name) if given, all but
+    their classifier with ``new_classifier``."""
     spec = get_spec(name)
     path, weight_kwargs = (None, {}) if not weights else resolve_weights(name, weights)
     state, header = ({}, {}) if path is None else read_state_dict(path, name)
@@ -262,7 +269,7 @@ def create_model(name: str, num_classes: int = 1000, weights: str | os.PathLike 
     model.arch = name
     model.build_kwargs = build_kwargs
     if path is not None:
-        load_state_checked(model, state, path, name, num_classes)
+        load_state_checked(model, state, path, name, num_classes, new_classifier)
     return model
 
 
