@@ -72,7 +72,7 @@ class StudyRun:
 
     @cached_property
     def models(self) -> pd.DataFrame:
-        """One row per model (:data:`analysis.load.MODEL_COLUMNS`: ``model_id``, ``method`` — ``"base"``
+        """One row per model (:data:`sparsight.modeltable.MODEL_COLUMNS`: ``model_id``, ``method`` — ``"base"``
         for the unpruned parent —, ``schedule``, ``series``, ``rate``, ``sparsity``, ``top1``, …)."""
         models = load_models(self.run_dir)
         if models.empty:

@@ -2,9 +2,10 @@
 
 Everything the analysis reads comes through here, from the files of DESIGN §3:
 
-* **model metadata** — ``models/<id>/meta.json`` (``evaluation.csv`` for models without one): one row
-  per model with ``method`` (``"base"`` for the unpruned parent), ``schedule``, ``rate`` (the
-  requested rate), ``sparsity`` (measured, after retraining) and ``top1`` (after retraining);
+* **model metadata** — :func:`sparsight.modeltable.load_models`: ``models/<id>/meta.json``
+  (``evaluation.csv`` for models without one), one row per model with ``method`` (``"base"`` for the
+  unpruned parent), ``schedule``, ``rate`` (the requested rate), ``sparsity`` (measured, after
+  retraining) and ``top1`` (after retraining);
 * **trial frame** — one row per response (:data:`TRIAL_COLUMNS`) from ``responses.csv`` (or
   ``responses.parquet``), else from the survey database, joined with the model metadata; or an
   external trial-level CSV through :func:`import_trials`;
@@ -27,6 +28,7 @@ import pandas as pd
 
 from sparsight.config import StudyConfig, read_toml, study_from_run_dir
 from sparsight.layout import Layout
+from sparsight.modeltable import BASE_METHOD, load_models, read_table
 from stimuli.units import Unit, split_unit_name
 
 #: Model metadata joined onto the per-unit and per-model MIS tables.
@@ -34,10 +36,6 @@ MODEL_KEYS = ("method", "schedule", "series", "rate", "sparsity", "top1")
 TRIAL_COLUMNS = ["participant", "unit_id", "model_id", "method", "schedule", "rate", "sparsity", "kind",
                  "correct", "confidence", "rt_ms", "trial_type", "is_machine", "excluded", "exclusion_reasons",
                  "layer", "unit", "task", "observer", "condition"]
-MODEL_COLUMNS = ["model_id", "arch", "method", "schedule", "series", "rate", "sparsity", "sparsity_effective", "top1",
-                 "top1_before", "top1_parent", "top5", "params_total", "params_nonzero", "flops", "corruption_top1",
-                 "physical"]
-BASE_METHOD = "base"
 
 # Canonical names an external CSV can map (``--map canonical=column``); the first two are required.
 REQUIRED_IMPORT = ("participant", "correct")
@@ -89,111 +87,6 @@ def study_config(run_dir: str | Path) -> StudyConfig:
     return study_from_run_dir(run_dir)
 
 
-def _read_table(path: Path) -> pd.DataFrame | None:
-    """A CSV or parquet table, ``None`` when the file is missing, an empty frame when it has no rows."""
-    if not path.is_file():
-        return None
-    if path.suffix == ".parquet":
-        return pd.read_parquet(path)
-    try:
-        return pd.read_csv(path)
-    except pd.errors.EmptyDataError:
-        return pd.DataFrame()
-
-
-# ---- model metadata -------------------------------------------------------------------------------
-def _sparsity(value, key: str = "total", fallback: bool = True) -> float:
-    """``value[key]`` of a meta.json sparsity dict (with ``fallback``, a missing ``effective`` is the
-    ``total``), or a number."""
-    if isinstance(value, dict):
-        value = value.get(key, value.get("total") if fallback else None)
-    return float("nan") if value is None else float(value)
-
-
-def _number(value) -> float:
-    try:
-        return float("nan") if value is None or value == "" else float(value)
-    except (TypeError, ValueError):
-        return float("nan")
-
-
-def _mean_corruption(meta: dict) -> float:
-    per = (meta.get("robustness") or {}).get("corruptions") or {}
-    values = [v for sev in per.values() for v in sev.values() if v is not None]
-    return float(np.mean(values)) if values else float("nan")
-
-
-def meta_row(meta: dict) -> dict:
-    """One model-table row from a ``meta.json`` dict (sparsity a dict with ``total`` or a number)."""
-    top1, top5 = meta.get("top1") or {}, meta.get("top5") or {}
-    if not isinstance(top1, dict):
-        top1 = {"after": top1}
-    if not isinstance(top5, dict):
-        top5 = {"after": top5}
-    return {"model_id": str(meta.get("model_id")), "arch": meta.get("arch") or "",
-            "method": meta.get("method") or BASE_METHOD, "schedule": meta.get("schedule") or "",
-            "rate": _number(meta.get("rate_requested", meta.get("rate", 0.0))) if meta.get("method") else 0.0,
-            "sparsity": _sparsity(meta.get("sparsity")),
-            # a pruned model whose meta.json predates the effective sparsity has none (its total understates it)
-            "sparsity_effective": _sparsity(meta.get("sparsity"), "effective", fallback=not meta.get("method")),
-            "top1": _number(top1.get("after")),
-            "top1_before": _number(top1.get("before")), "top1_parent": _number(top1.get("parent")),
-            "top5": _number(top5.get("after")), "params_total": _number(meta.get("params_total")),
-            "params_nonzero": _number(meta.get("params_nonzero")), "flops": _number(meta.get("flops")),
-            "corruption_top1": _mean_corruption(meta), "physical": bool(meta.get("physical"))}
-
-
-def _with_series(models: pd.DataFrame) -> pd.DataFrame:
-    """``series`` names a curve: the method, with the schedule when a method has several."""
-    models = models.copy()
-    pruned = models["method"] != BASE_METHOD
-    several = models[pruned].groupby("method")["schedule"].nunique()
-    models["series"] = [m if m == BASE_METHOD or several.get(m, 1) <= 1 else f"{m} ({s})"
-                        for m, s in zip(models["method"], models["schedule"])]
-    return models
-
-
-def load_models(run_dir: str | Path) -> pd.DataFrame:
-    """One row per model of the study (:data:`MODEL_COLUMNS`), the observer network left out.
-
-    ``models/<id>/meta.json`` is read first; ``evaluation.csv`` adds models without a meta file."""
-    run_dir = Path(run_dir)
-    rows = []
-    for meta_file in sorted(run_dir.glob("models/*/meta.json")):
-        try:
-            meta = json.loads(meta_file.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{meta_file} is not valid JSON: {err}") from None
-        meta.setdefault("model_id", meta_file.parent.name)
-        rows.append(meta_row(meta))
-    have = {r["model_id"] for r in rows}
-    evaluation = _read_table(Layout(run_dir).evaluation)
-    if evaluation is not None and len(evaluation):
-        for r in evaluation.to_dict("records"):
-            if str(r["model_id"]) in have:
-                continue
-            method = r.get("method")
-            method = method if isinstance(method, str) and method else None
-            rows.append(meta_row({"model_id": r["model_id"], "arch": r.get("arch"), "method": method,
-                                  "schedule": r.get("schedule") if isinstance(r.get("schedule"), str) else "",
-                                  "rate_requested": r.get("rate_requested"),
-                                  "sparsity": {"total": r.get("sparsity"),
-                                               "effective": r.get("sparsity_effective", r.get("sparsity"))},
-                                  "top1": {"after": r.get("top1"), "before": r.get("top1_before")},
-                                  "top5": {"after": r.get("top5")}, "params_total": r.get("params_total"),
-                                  "params_nonzero": r.get("params_nonzero"), "flops": r.get("flops")}))
-            rows[-1]["corruption_top1"] = _number(r.get("corruption_top1"))
-    models = pd.DataFrame(rows, columns=[c for c in MODEL_COLUMNS if c != "series"])
-    models = models[models["model_id"] != "observer"].reset_index(drop=True)
-    models = _with_series(models) if len(models) else models.assign(series=pd.Series(dtype=str))
-    return models[MODEL_COLUMNS].sort_values(["method", "schedule", "rate"], key=_base_first,
-                                             ignore_index=True)
-
-
-def _base_first(col: pd.Series) -> pd.Series:
-    return col.map(lambda v: "" if v == BASE_METHOD else v) if col.name == "method" else col
-
-
 def _attach_models(frame: pd.DataFrame, models: pd.DataFrame, keys=MODEL_KEYS) -> pd.DataFrame:
     """Join model metadata on ``model_id`` (columns already in ``frame`` are filled, not duplicated)."""
     keys = [k for k in keys if k in models.columns]
@@ -230,14 +123,14 @@ def read_responses(run_dir: str | Path, cfg: StudyConfig | None = None) -> tuple
     except Exception as err:  # noqa: BLE001 - an unreachable database server: the export, if there is one
         if path is None:
             raise
-        return _read_table(path), f"{path.name} (the survey database is unreachable: {type(err).__name__})"
+        return read_table(path), f"{path.name} (the survey database is unreachable: {type(err).__name__})"
     if len(table):
-        if path is not None and len(exported := _read_table(path)) != len(table):
+        if path is not None and len(exported := read_table(path)) != len(table):
             return table, (f"survey database ({len(table)} responses; {path.name}, an export of "
                            f"{len(exported)}, is not read)")
         return table, "survey database"
     if path is not None:
-        return _read_table(path), path.name
+        return read_table(path), path.name
     return table, "none"
 
 
@@ -551,7 +444,7 @@ def load_units(run_dir: str | Path, models: pd.DataFrame | None = None,
                dissection: pd.DataFrame | None = None) -> pd.DataFrame:
     """``mis/units.csv`` with ``unit_id``, the model metadata (method, schedule, series, rate, sparsity,
     top1) and, where dissected, the unit's ``concept``, ``iou`` and ``interpretable`` flag."""
-    units = _read_table(Layout(run_dir).mis_units)
+    units = read_table(Layout(run_dir).mis_units)
     if units is None or units.empty:
         from survey_app.mis import UNIT_COLUMNS
         return pd.DataFrame(columns=[*UNIT_COLUMNS, "unit_id", *MODEL_KEYS])
@@ -572,8 +465,8 @@ def load_units(run_dir: str | Path, models: pd.DataFrame | None = None,
 def load_dissection(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``dissection/units.csv`` and ``dissection/models.csv`` (empty frames when absent)."""
     layout = Layout(run_dir)
-    units = _read_table(layout.dissection_units)
-    models = _read_table(layout.dissection_models)
+    units = read_table(layout.dissection_units)
+    models = read_table(layout.dissection_models)
     units = pd.DataFrame() if units is None else units
     models = pd.DataFrame() if models is None else models
     if len(models) and "unique_concepts" not in models and len(units):
@@ -584,7 +477,7 @@ def load_dissection(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def load_mis_models(run_dir: str | Path, models: pd.DataFrame | None = None) -> pd.DataFrame:
     """``mis/models.csv`` (one row per model and reference kind, MIS with its bootstrap CI) plus metadata."""
-    table = _read_table(Layout(run_dir).mis_models)
+    table = read_table(Layout(run_dir).mis_models)
     if table is None or table.empty:
         from survey_app.mis import MODEL_COLUMNS
         return pd.DataFrame(columns=[*MODEL_COLUMNS, *MODEL_KEYS])
@@ -597,7 +490,7 @@ def load_robustness(run_dir: str | Path) -> dict[str, pd.DataFrame]:
     """``robustness/{accuracy,noise_similarity,prune_potential}.csv`` that exist and have rows."""
     out = {}
     for name in ("accuracy", "noise_similarity", "prune_potential"):
-        table = _read_table(Layout(run_dir).robustness / f"{name}.csv")
+        table = read_table(Layout(run_dir).robustness / f"{name}.csv")
         if table is not None and len(table):
             out[name] = table
     return out

@@ -5,7 +5,7 @@ import io
 
 from flask import (Blueprint, Response, current_app, redirect, render_template, request, url_for)
 
-from .export import declines_frame, events_frame, participants_frame, responses_frame, safe_csv
+from .export import declines_frame, events_frame, participants_frame, responses_frame, safe_csv, with_models
 from .security import (CSRF_FIELD, admin_configured, admin_required, check_admin_password, check_csrf,
                        end_admin_session, login_throttled, record_login, start_admin_session)
 from .service import SurveyError
@@ -53,10 +53,11 @@ def index():
     responses = responses_frame(sessions, service.study_name)
     humans = people[~people["is_machine"]] if len(people) else people
     stages = humans["stage"].value_counts().to_dict() if len(humans) else {}
-    # the main trials of the participants the analysis keeps: catch trials have their own rule, and an
-    # excluded participant's answers would move the accuracies the analysis never sees
+    # the main trials of the participants the analysis keeps: finished and checked, not excluded (a session under
+    # way or left was never checked, and the analysis drops it as incomplete); catch trials have their own rule
     main = (responses[(responses["trial_type"] == "main") & ~responses["is_machine"]
-                      & ~responses["excluded"].fillna(False).astype(bool)] if len(responses) else responses)
+                      & (responses["participant_stage"] == "complete") & responses["excluded"].eq(False)]
+            if len(responses) else responses)
     per_condition = _table(main, ["condition"])
     per_unit = _table(main, ["model_id", "kind", "layer", "unit"])
     with sessions() as s:
@@ -88,7 +89,7 @@ def _redacted(url: str) -> str:
 def export(name: str):
     sessions = current_app.config["SESSIONS"]
     study = current_app.extensions["survey"].study_name
-    tables = {"responses": lambda: responses_frame(sessions, study),
+    tables = {"responses": lambda: with_models(responses_frame(sessions, study), current_app.config["RUN_DIR"]),
               "participants": lambda: participants_frame(sessions, study),
               "events": lambda: events_frame(sessions, study),
               "declines": lambda: declines_frame(sessions, study)}

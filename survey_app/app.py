@@ -49,6 +49,16 @@ def survey_material(run_dir: Path, cfg: StudyConfig) -> Material:
                     every_kind=settings.units == "every-kind")
 
 
+def check_templates(settings) -> None:
+    """FileNotFoundError when ``survey.templates`` names a folder that is not there (the built-in pages would be
+    served instead of the study's own, consent page included)."""
+    folder = Path(settings.templates) if settings.templates else None
+    if folder is not None and not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise FileNotFoundError(f"survey.templates: {folder} {what} (a folder of Jinja pages that replace built-in "
+                                f"ones)")
+
+
 def create_app(test_config: dict | None = None) -> Flask:
     app = Flask(__name__)
     app.config.update({k: os.environ.get(v) for k, v in ENV.items()})
@@ -59,6 +69,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     run_dir = app.config["RUN_DIR"] = absolute(app.config["RUN_DIR"])   # send_file resolves against the package
     cfg = study_config(run_dir, app.config.get("SURVEY"))
     settings = cfg.survey
+    check_templates(settings)
     material = survey_material(run_dir, cfg)      # before the database: a wrong folder gets no survey.db
     url = database_url(run_dir, cfg, app.config.get("DATABASE_URL"))
     sessions = open_sessions(url)

@@ -106,11 +106,12 @@ def serve_cmd(run_dir, database, host, port, overrides, reset_admin_password):
       SPARSIGHT_RUN_DIR=RUN_DIR SPARSIGHT_DATABASE_URL=postgresql+psycopg://u:pw@db/survey \\
         gunicorn -w 4 -k gthread --threads 8 -b 0.0.0.0:8000 survey_app.wsgi:app
     """
-    from .app import study_config, survey_material
+    from .app import check_templates, study_config, survey_material
     from .readiness import launch_notes
     survey = _survey_overrides(overrides)
     try:
         cfg = study_config(run_dir, survey)
+        check_templates(cfg.survey)
         material = survey_material(run_dir, cfg)     # nothing is stored for a folder it cannot serve
     except (FileNotFoundError, ValueError) as err:
         raise click.UsageError(str(err)) from None
@@ -124,9 +125,24 @@ def serve_cmd(run_dir, database, host, port, overrides, reset_admin_password):
         click.echo(f"admin password (shown once): {shown['admin_password']}")
     if "api_token_file" in shown:
         click.echo(f"machine-participant API token in {shown['api_token_file']}")
-    for note in launch_notes(cfg.survey, material.refs_per_side):
+    changed = _overrides_note(run_dir, cfg, survey)
+    if changed:
+        click.echo(changed)
+    for note in launch_notes(cfg.survey, material.refs_per_side, material):
         click.echo(f"before real participants: {note}")
     app.run(host=host, port=port, threaded=True, debug=False)
+
+
+def _overrides_note(run_dir: Path, cfg, survey: dict) -> str | None:
+    """One line naming the ``--set`` values that differ from the study file's: they hold for this server only."""
+    from .app import study_config
+    filed = study_config(run_dir).survey
+    changed = [f"survey.{k}={getattr(cfg.survey, k)!r} (study file: {getattr(filed, k)!r})" for k in sorted(survey)
+               if getattr(cfg.survey, k) != getattr(filed, k)]
+    if not changed:
+        return None
+    return (f"--set {', '.join(changed)}: for this server only; write it into the [survey] section of "
+            f"{Layout(run_dir).study_toml} for gunicorn (survey_app.wsgi) and later servers")
 
 
 def _check_port(host: str, port: int) -> None:
@@ -231,7 +247,10 @@ def participant_cmd(run_dir, url, database, observer_name, weights, alpha, mode,
                                       "consent")
 def responses_cmd(run_dir, database, out, table):
     """Export every stored response (human and machine) as the tidy responses table, or the browser
-    events or the participants. Text cells a spreadsheet would run as formulas are quoted in CSV. Examples:
+    events or the participants. The responses carry each model's method, schedule, rate and sparsity where
+    the study directory has its models (meta.json or evaluation.csv), and the id of the survey settings
+    each participant ran under (protocol). Text cells a spreadsheet would run as formulas are quoted in CSV.
+    Examples:
 
     \b
       sparsight responses runs/default                          # runs/default/responses.csv
@@ -243,7 +262,7 @@ def responses_cmd(run_dir, database, out, table):
     from .app import database_url, study_config
     from .db import database as open_database
     from .db import missing_sqlite_file
-    from .export import declines_frame, events_frame, participants_frame, responses_frame, safe_csv
+    from .export import declines_frame, events_frame, participants_frame, responses_frame, safe_csv, with_models
     out = out or run_dir / f"{table}.csv"
     if out.suffix not in (".csv", ".parquet"):
         raise click.UsageError(f"--out {out}: choose a .csv or .parquet file")
@@ -259,6 +278,11 @@ def responses_cmd(run_dir, database, out, table):
               "events": lambda: events_frame(sessions, cfg.study.name),
               "participants": lambda: participants_frame(sessions, cfg.study.name),
               "declines": lambda: declines_frame(sessions, cfg.study.name)}[table]()
+    if table == "responses":
+        try:
+            df = with_models(df, run_dir)
+        except ValueError as err:           # a meta.json that is not JSON
+            raise click.ClickException(str(err)) from None
     if out.suffix == ".parquet":
         out.parent.mkdir(parents=True, exist_ok=True)
         df.to_parquet(out, index=False)

@@ -3,19 +3,28 @@
 Times are UTC.  ``rt_ms``: the browser's time from the trial being painted to the answer (it includes the
 ``min_response_ms`` lock); ``server_ms``: the server's time from first serving the trial to saving the answer;
 ``served_at``: when the trial was first served; ``catch_ref``: for a catch trial, which right example its query
-repeats (0-based)."""
+repeats (0-based); ``protocol``: a short id of the survey settings the participant was assigned under (the same id,
+the same settings; the participants table holds them).  :func:`with_models` adds each model's ``method``,
+``schedule``, ``rate`` and ``sparsity`` from the study directory."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
-from sqlalchemy import select
+from sqlalchemy import inspect, null, select
 from sqlalchemy.orm import sessionmaker
 
+from sparsight.modeltable import load_models
+
 from .models import Decline, Event, Exclusion, Participant, Response, SurveyStudy, Trial
+from .protocol import protocol_id
 
 RESPONSE_COLUMNS = ["study", "bank_hash", "participant", "external_id", "is_machine", "observer", "condition",
                     "block", "attempt", "position", "trial_type", "trial", "model_id", "kind", "layer", "unit",
                     "task", "max_position", "choice", "confidence", "correct", "rt_ms", "server_ms", "responded_at",
-                    "participant_stage", "excluded", "exclusion_reasons", "served_at", "catch_ref"]
+                    "participant_stage", "excluded", "exclusion_reasons", "served_at", "catch_ref", "protocol"]
+#: What :func:`with_models` joins onto the responses from the study's model table, after ``model_id``.
+MODEL_FIELDS = ("method", "schedule", "rate", "sparsity")
 
 
 #: A cell a spreadsheet would run as a formula starts with one of these (OWASP, CSV injection).
@@ -31,29 +40,26 @@ def safe_csv(df: pd.DataFrame) -> str:
     return df.assign(**{c: df[c].map(neutral) for c in text_columns}).to_csv(index=False)
 
 
+def _settings_column(s):
+    """``Participant.settings``, or NULL in a database made before participants kept their settings and read as it
+    is (read-only, as the analysis and ``--plan`` read it, so the column was never added)."""
+    present = {c["name"] for c in inspect(s.connection()).get_columns(Participant.__tablename__)}
+    return Participant.settings if "settings" in present else null()
+
+
 def responses_frame(sessions: sessionmaker, study_name: str | None = None) -> pd.DataFrame:
     """Every stored response joined with its trial, participant and exclusion verdict."""
-    q = (select(SurveyStudy.name, SurveyStudy.bank_hash, Participant.public_id, Participant.external_id,
-                Participant.is_machine, Participant.observer, Participant.condition, Trial.block, Trial.attempt,
-                Trial.position, Trial.trial_type, Trial.public_id, Trial.model_id, Trial.kind, Trial.layer,
-                Trial.unit, Trial.task, Trial.max_position, Response.choice, Response.confidence, Response.correct,
-                Response.rt_ms, Response.server_ms, Response.created_at, Participant.stage, Participant.excluded,
-                Trial.served_at, Trial.catch_ref, Participant.id)
-         .join(Trial, Response.trial_id == Trial.id)
-         .join(Participant, Response.participant_id == Participant.id)
-         .join(SurveyStudy, Participant.study_id == SurveyStudy.id)
-         .order_by(Participant.id, Response.id))
-    if study_name is not None:
-        q = q.where(SurveyStudy.name == study_name)
     with sessions() as s:
-        rows = s.execute(q).all()
+        rows = s.execute(_responses_query(_settings_column(s), study_name)).all()
         failed = s.execute(select(Exclusion.participant_id, Exclusion.rule).where(Exclusion.passed.is_(False))
                            .order_by(Exclusion.id)).all()
     reasons: dict[int, list[str]] = {}
     for pid, rule in failed:
         reasons.setdefault(pid, []).append(rule)
-    df = pd.DataFrame([tuple(r[:-3]) + (";".join(reasons.get(r[-1], [])),) + tuple(r[-3:-1]) for r in rows],
-                      columns=RESPONSE_COLUMNS)
+    records = []
+    for *fields, served_at, catch_ref, pid, settings in rows:
+        records.append((*fields, ";".join(reasons.get(pid, [])), served_at, catch_ref, protocol_id(settings)))
+    df = pd.DataFrame(records, columns=RESPONSE_COLUMNS)
     df["is_machine"] = df["is_machine"].astype(bool)
     df["correct"] = df["correct"].astype(bool)
     for col in ("unit", "task", "attempt", "position", "confidence"):
@@ -61,8 +67,37 @@ def responses_frame(sessions: sessionmaker, study_name: str | None = None) -> pd
     return df
 
 
+def _responses_query(settings, study_name: str | None):
+    q = (select(SurveyStudy.name, SurveyStudy.bank_hash, Participant.public_id, Participant.external_id,
+                Participant.is_machine, Participant.observer, Participant.condition, Trial.block, Trial.attempt,
+                Trial.position, Trial.trial_type, Trial.public_id, Trial.model_id, Trial.kind, Trial.layer,
+                Trial.unit, Trial.task, Trial.max_position, Response.choice, Response.confidence, Response.correct,
+                Response.rt_ms, Response.server_ms, Response.created_at, Participant.stage, Participant.excluded,
+                Trial.served_at, Trial.catch_ref, Participant.id, settings)
+         .join(Trial, Response.trial_id == Trial.id)
+         .join(Participant, Response.participant_id == Participant.id)
+         .join(SurveyStudy, Participant.study_id == SurveyStudy.id)
+         .order_by(Participant.id, Response.id))
+    return q if study_name is None else q.where(SurveyStudy.name == study_name)
+
+
+def with_models(responses: pd.DataFrame, run_dir: str | Path) -> pd.DataFrame:
+    """``responses`` with :data:`MODEL_FIELDS` of each ``model_id`` inserted after it, from the study's model table
+    (``models/<id>/meta.json``, else ``evaluation.csv``); unchanged when the study directory has neither."""
+    models = load_models(run_dir)
+    if models.empty:
+        return responses
+    meta = models.set_index("model_id")
+    out = responses.copy()
+    at = out.columns.get_loc("model_id") + 1
+    for offset, name in enumerate(MODEL_FIELDS):
+        out.insert(at + offset, name, responses["model_id"].astype(str).map(meta[name]))
+    return out
+
+
 def participants_frame(sessions: sessionmaker, study_name: str | None = None) -> pd.DataFrame:
-    """One row per participant with stage, timing and the exclusion verdict."""
+    """One row per participant with stage, timing, the exclusion verdict and the survey settings of their assignment
+    (``settings``, JSON; ``protocol``, its short id; both empty for a participant stored before they were kept)."""
     q = select(Participant).order_by(Participant.id)
     if study_name is not None:
         q = q.where(Participant.study_name == study_name)
@@ -82,7 +117,8 @@ def participants_frame(sessions: sessionmaker, study_name: str | None = None) ->
                           if p.instructions_done_at and p.instructions_started_at else None),
         "finished_at": p.finished_at, "last_seen_at": p.last_seen_at, "excluded": p.excluded,
         "failed_rules": ";".join(r for r, ok, _ in by_p.get(p.id, []) if not ok),
-        "reasons": " | ".join(why for _, ok, why in by_p.get(p.id, []) if not ok)} for p in ps])
+        "reasons": " | ".join(why for _, ok, why in by_p.get(p.id, []) if not ok),
+        "protocol": protocol_id(p.settings), "settings": p.settings} for p in ps])
 
 
 EVENT_COLUMNS = ["participant", "external_id", "is_machine", "kind", "detail", "trial", "client_ms", "client_epoch_ms",

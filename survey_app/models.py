@@ -64,6 +64,7 @@ class Participant(Base):
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     last_seen_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     excluded: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    settings: Mapped[str | None] = mapped_column(Text, nullable=True)     # the survey settings assigned under
 
     trials: Mapped[list[Trial]] = relationship(back_populates="participant", order_by="Trial.id")
     exclusions: Mapped[list[Exclusion]] = relationship(order_by="Exclusion.id")

@@ -3,7 +3,8 @@
 The browser holds only a signed cookie with its session id and token; where a participant is in
 the study is always read from the server, so a reload or a new tab resumes at the next trial.
 Prolific's ``PROLIFIC_PID``, ``STUDY_ID`` and ``SESSION_ID`` are recorded; one participant ID
-takes the study once (the same Prolific session may resume on another browser).
+takes the study once (the same Prolific session may resume on another browser, or, finished, see its
+completion or screen-out page again there).
 """
 from __future__ import annotations
 
@@ -122,8 +123,8 @@ def consent():
     if external:
         found = service.find_by_external(external)
         if found is not None:
-            public_id, prolific_session, stage = found
-            if session_id and session_id == prolific_session and stage not in ("complete", "screened_out"):
+            public_id, prolific_session, _ = found
+            if session_id and session_id == prolific_session:     # its own session: resume, or show its code
                 session.update(pid=public_id, tok=service.reissue_token(public_id))
                 return _to_stage(public_id)
             raise SurveyError(409, ALREADY_TOOK_PART)
@@ -149,8 +150,7 @@ def instructions():
     if _service().stage(pid) != "instructions":
         return _to_stage(pid)
     _service().instructions_seen(pid)
-    s = _settings()
-    return render_template("instructions.html", settings=s, prompt=PROMPT)
+    return render_template("instructions.html", settings=_service().settings_for(pid), prompt=PROMPT)
 
 
 @bp.post("/instructions")
@@ -175,7 +175,7 @@ def trials():
     pid = _require_session()
     if _service().stage(pid) not in ("practice", "main"):
         return _to_stage(pid)
-    s = _settings()
+    s = _service().settings_for(pid)      # the session's own timing, whatever this server was started with
     # the configured floor: the trial measures what else it needs once it is on screen
     timing = {"min_response_ms": s.min_response_ms, "feedback_delay_ms": s.feedback_delay_ms,
               "feedback_ms": s.feedback_ms, "min_width": s.min_window_width, "min_height": s.min_window_height,

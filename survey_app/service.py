@@ -22,6 +22,7 @@ from . import assignment, exclusions
 from .db import lock, transaction
 from .material import Item, Material
 from .models import Event, Exclusion, Participant, Response, SurveyStudy, Trial, utcnow
+from .protocol import settings_from, settings_record
 
 STAGES = ("consent", "instructions", "practice", "main", "complete", "screened_out")
 ACTIVE = ("instructions", "practice", "main")
@@ -77,10 +78,13 @@ def image_url(image: str) -> str:
 
 
 class SurveyService:
-    """One study served from one stimulus bank."""
+    """One study served from one stimulus bank.  ``settings`` are the server's: a new participant is assigned
+    under them and keeps them (:mod:`.protocol`), so a participant's own session is judged by their own."""
 
     def __init__(self, sessions: sessionmaker, material: Material, settings, study_name: str):
         self.sessions, self.material, self.settings, self.study_name = sessions, material, settings, study_name
+        self.settings_record = settings_record(settings)
+        self._settings_of: dict[str, object] = {self.settings_record: settings}
         # reads start a deferred transaction (SQLite: no write lock); writes go through ``transaction``
         self.readers = sessionmaker(sessions.kw["bind"].execution_options(read_only=True), expire_on_commit=False)
         self.conditions = material.conditions(settings.condition_by)
@@ -162,7 +166,7 @@ class SurveyService:
                                 prolific_study_id=prolific_study_id, prolific_session_id=prolific_session_id,
                                 is_machine=is_machine, observer=observer, seed=seed, condition=cond, stage=stage,
                                 practice_attempt=1 if has_practice else 0, user_agent=(user_agent or "")[:512],
-                                window=(window or "")[:64])
+                                window=(window or "")[:64], settings=self.settings_record)
                 s.add(p)
                 s.flush()
                 s.add_all(self._trial_rows(p.id, specs))
@@ -247,6 +251,19 @@ class SurveyService:
             self._participant(s, public_id, for_update=True).token_hash = token_hash(token)
         return token
 
+    def settings_of(self, p: Participant):
+        """The survey settings ``p`` was assigned under (the server's for a participant stored without them)."""
+        if not p.settings:
+            return self.settings
+        if p.settings not in self._settings_of:
+            self._settings_of[p.settings] = settings_from(p.settings, self.settings)
+        return self._settings_of[p.settings]
+
+    def settings_for(self, public_id: str):
+        """:meth:`settings_of` the session ``public_id``."""
+        with self.readers() as s:
+            return self.settings_of(self._participant(s, public_id))
+
     # ---- stages -------------------------------------------------------------------------
     def stage(self, public_id: str) -> str:
         with self.readers() as s:
@@ -286,7 +303,7 @@ class SurveyService:
                                                                              Trial.block == "main"))
         main_done = s.scalar(select(func.count()).select_from(Response).join(Trial, Response.trial_id == Trial.id)
                              .where(Response.participant_id == p.id, Trial.block == "main"))
-        practice = self.settings.practice_trials if p.practice_attempt else 0
+        practice = self.settings_of(p).practice_trials if p.practice_attempt else 0
         done = main_done + (practice if p.stage in ("main", "complete") else 0)
         if p.stage == "practice":
             block = self._block_trials(s, p)
@@ -312,7 +329,7 @@ class SurveyService:
         with self.readers() as s:
             p = self._participant(s, public_id)
             out = {"session": p.public_id, "stage": p.stage, "progress": self._progress(s, p),
-                   "practice_attempt": p.practice_attempt, "practice_attempts": self.settings.practice_attempts}
+                   "practice_attempt": p.practice_attempt, "practice_attempts": self.settings_of(p).practice_attempts}
             first_serve = None
             if p.stage in ("practice", "main"):
                 block = self._block_trials(s, p)
@@ -367,13 +384,14 @@ class SurveyService:
             pending = [x for x in block if x.id not in answered]
             if not pending or pending[0].id != t.id:
                 raise SurveyError(409, "this is not the current trial; fetch the session state for the current one")
-            if not p.is_machine and rt_ms < self.settings.min_response_ms:
-                raise SurveyError(422, f"responses are accepted after {self.settings.min_response_ms} ms "
+            settings = self.settings_of(p)
+            if not p.is_machine and rt_ms < settings.min_response_ms:
+                raise SurveyError(422, f"responses are accepted after {settings.min_response_ms} ms "
                                        f"(rt_ms was {rt_ms:g})")
             now = utcnow()
             server_ms = (now - t.served_at).total_seconds() * 1000 if t.served_at else None
-            if not p.is_machine and self.settings.check_server_time:
-                _check_server_time(server_ms, rt_ms, self.settings.min_response_ms)
+            if not p.is_machine and settings.check_server_time:
+                _check_server_time(server_ms, rt_ms, settings.min_response_ms)
             r = Response(trial_id=t.id, participant_id=p.id, idempotency_key=key, choice=choice,
                          confidence=confidence, correct=(choice == t.max_position), rt_ms=rt_ms, server_ms=server_ms,
                          created_at=now)
@@ -390,12 +408,12 @@ class SurveyService:
                 "progress": self._progress(s, p)}
 
     def _finish_block(self, s, p: Participant, block: list[Trial], answered_ids: set[int]) -> None:
-        now = utcnow()
+        now, settings = utcnow(), self.settings_of(p)
         if p.stage == "practice":
             correct = s.scalars(select(Response.correct).where(Response.trial_id.in_(answered_ids))).all()
             if all(correct):
                 p.stage = "main"
-            elif p.practice_attempt < self.settings.practice_attempts:
+            elif p.practice_attempt < settings.practice_attempts:
                 p.practice_attempt += 1
                 s.add_all([Trial(public_id=secrets.token_urlsafe(12), participant_id=p.id, block="practice",
                                  attempt=p.practice_attempt, position=t.position, trial_type="practice",
@@ -411,7 +429,7 @@ class SurveyService:
         if not p.is_machine:
             answered = s.execute(select(Trial, Response).join(Response, Response.trial_id == Trial.id)
                                  .where(Trial.participant_id == p.id)).all()
-            results = exclusions.evaluate(p, answered, self.settings)
+            results = exclusions.evaluate(p, answered, settings)
             s.add_all([Exclusion(participant_id=p.id, rule=r.rule, value=r.value, passed=r.passed, reason=r.reason)
                        for r in results])
             p.excluded = not all(r.passed for r in results)

@@ -136,7 +136,7 @@ def _responses(models, rng, participants: int = 12) -> pd.DataFrame:
                    position=np.arange(n) % 45, trial=[f"t{i}" for i in range(n)], task=0, max_position="upper",
                    choice="upper", confidence=rng.integers(1, 4, n), rt_ms=rng.normal(2500, 400, n).round(),
                    server_ms=2600, responded_at="2024-01-01T00:00:00", participant_stage="complete",
-                   served_at="2024-01-01T00:00:00", catch_ref=np.nan)
+                   served_at="2024-01-01T00:00:00", catch_ref=np.nan, protocol="0123456789ab")
     df["is_machine"] = df["is_machine"].fillna(False).astype(bool) if "is_machine" in df else False
     df["observer"] = df["observer"].fillna("") if "observer" in df else ""
     return df[RESPONSE_COLUMNS]
@@ -1048,7 +1048,7 @@ def test_the_model_table_shows_the_effective_sparsity_beside_the_measured_one(tm
     models table and the report; a pruned model's meta.json without it has none (its measured sparsity would
     understate it), an unpruned one's is its measured sparsity; evaluation.csv says the same."""
     from pruning.stages import _effective_sparsity
-    from analysis.load import meta_row
+    from sparsight.modeltable import meta_row
 
     row = meta_row({"model_id": "structured-oneshot-r0.50", "method": "structured", "rate_requested": 0.5,
                     "sparsity": {"total": 0.5, "effective": 0.746}, "top1": {"after": 0.6}})

@@ -161,3 +161,40 @@ def test_serve_lists_what_a_real_study_still_lacks():
                                       "participant who fails the practice gets no code to submit on Prolific"]
     ready.screenout_code = "S"
     assert launch_notes(ready, 9) == []
+
+
+def _finish(app, sid: str, *, correct: bool = True) -> str:
+    """Answer every trial of ``sid`` (right, or every one wrong); return the stage it ends in."""
+    from survey_app.models import Trial
+    service, n = app.extensions["survey"], 0
+    while "trial" in (state := service.state(sid)):
+        with app.config["SESSIONS"]() as s:
+            truth = s.scalars(select(Trial.max_position).where(Trial.public_id == state["trial"]["id"])).one()
+        service.record_response(sid, {"trial": state["trial"]["id"], "choice": truth if correct else
+                                      ("lower" if truth == "upper" else "upper"), "confidence": 2, "rt_ms": 1600.0,
+                                      "key": f"key-{n:05d}"})
+        n += 1
+    return state["stage"]
+
+
+def test_a_finished_participant_who_lost_the_code_sees_it_again_from_their_own_prolific_session(make_app):
+    """The same PROLIFIC_PID and SESSION_ID on another browser lead to the completion page (or the screen-out
+    redirect); another or no SESSION_ID is still refused."""
+    from survey_helpers import human_session
+    app = make_app(completion_code="DONE42", screenout_code="NOPE", practice_attempts=1)
+    done, out = LINK, {**LINK, "PROLIFIC_PID": "p-out", "SESSION_ID": "x-out"}
+    assert _finish(app, human_session(app.test_client(), **done)) == "complete"
+    assert _finish(app, human_session(app.test_client(), **out), correct=False) == "screened_out"
+    other = app.test_client()
+    r = _consent(other, done)
+    assert r.status_code == 302 and r.headers["Location"].endswith("/complete")
+    page = other.get("/complete")
+    assert page.status_code == 200 and 'id="completion-code">DONE42<' in page.text
+    third = app.test_client()
+    r = _consent(third, out)
+    assert r.status_code == 302 and r.headers["Location"].endswith("/screened-out")
+    assert third.get("/screened-out").headers["Location"].endswith("cc=NOPE")
+    for link in ({**done, "SESSION_ID": "x-other"}, {k: v for k, v in done.items() if k != "SESSION_ID"}):
+        r = _consent(app.test_client(), link)
+        assert r.status_code == 409 and "already taken part" in r.text
+    assert _count(app, Participant) == 2

@@ -250,3 +250,30 @@ def test_the_response_rules_count_main_trials_only_not_the_catch_trials_among_th
     assert rules["button_variability"].value == 1.0 and rules["button_variability"].passed is False
     assert rules["answers_per_position"].value == 0.0 and rules["answers_per_position"].passed is False
     assert person.excluded
+
+
+def test_admin_accuracies_count_only_completed_sessions_not_excluded(app, client):
+    """A participant who finished (every answer right) and one still under way (every main answer wrong, in
+    another condition): the admin accuracies, like the analysis, count only the finished, checked one."""
+    import re
+
+    from survey_helpers import ADMIN_PASSWORD, csrf_from
+    service = app.extensions["survey"]
+    done, left = human_session(app.test_client()), human_session(app.test_client())
+    n = 0
+    for sid, stop in ((done, "complete"), (left, None)):
+        while (state := service.state(sid))["stage"] != stop and "trial" in state:
+            correct = sid == done or state["stage"] == "practice"
+            if sid == left and state["stage"] == "main" and state["progress"]["done"] >= 5:
+                break                                   # left half-way through the main trials
+            service.record_response(sid, {"trial": state["trial"]["id"], "choice": answer(state["trial"], app, correct),
+                                          "confidence": 2, "rt_ms": 1600.0, "key": f"key-{n:05d}"})
+            n += 1
+    stages = {sid: service.stage(sid) for sid in (done, left)}
+    assert stages == {done: "complete", left: "main"}
+    token = csrf_from(client.get("/admin/login").text)
+    client.post("/admin/login", data={"csrf_token": token, "password": ADMIN_PASSWORD})
+    page = client.get("/admin/").text
+    rows = re.findall(r"<tr><td>([^<]+)</td><td>(\d+)</td><td>(\d+)</td><td>([\d.]+)</td></tr>", page)
+    assert [(responses, people, accuracy) for _, responses, people, accuracy in rows] == [("6", "1", "1.000")]
+    assert "who completed the study and were not excluded" in page
