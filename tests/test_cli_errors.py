@@ -204,7 +204,8 @@ class _BadProbe(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         from stimuli.probes import ProbeError
-        raise ProbeError("probe label map p05.png: mask layer 'object' holds value 9, but the layer has only 3 concepts")
+        raise ProbeError("probe label map p05.png: mask layer 'object' holds value 9, but the layer has only 3 "
+                         "concepts")
 
 
 def test_a_subcommand_gives_a_worker_error_as_the_worker_raised_it():

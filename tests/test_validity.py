@@ -116,8 +116,9 @@ def test_base_accuracy_check_flags_a_base_model_at_chance(tmp_path):
     def write(top1, classes=3, n=300):
         folder = tmp_path / "models" / "base"
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "meta.json").write_text(json.dumps({"top1": {"after": top1}, "classes": [f"c{i}" for i in range(classes)],
-                                                      "history": [{"val": {"top1": top1, "n": n}}]}))
+        meta = {"top1": {"after": top1}, "classes": [f"c{i}" for i in range(classes)],
+                "history": [{"val": {"top1": top1, "n": n}}]}
+        (folder / "meta.json").write_text(json.dumps(meta))
     write(0.36)
     at_chance = v.base_accuracy_check(tmp_path)
     tail = sum(comb(300, k) * (1 / 3) ** k * (2 / 3) ** (300 - k) for k in range(108, 301))

@@ -130,8 +130,9 @@ def check_split_classes(root: str | os.PathLike) -> None:
     for split in (train, val):
         empty = [name for name in class_folders(split) if not _holds_an_image(split / name)] if split.is_dir() else []
         if empty:
-            raise DataLayoutError(f"data folder {root}: {split.name}/ has {len(empty)} class folder(s) without an image "
-                                  f"file: {empty[:5]}; add images ({', '.join(IMG_EXTENSIONS[:4])}, …) or remove them")
+            raise DataLayoutError(f"data folder {root}: {split.name}/ has {len(empty)} class folder(s) without an "
+                                  f"image file: {empty[:5]}; add images ({', '.join(IMG_EXTENSIONS[:4])}, …) or "
+                                  f"remove them")
 
 
 def check_num_classes(num_classes: int, classes: list[str]) -> int:
