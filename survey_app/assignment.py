@@ -120,9 +120,9 @@ def _spare(items: list[Item], used: set[Item], n: int, rng: random.Random) -> li
     return [pool[k % len(pool)] for k in range(n)]
 
 
-def shown_queries(material: Material, specs) -> set[str]:
-    """The query images of trial specs."""
-    return set().union(*(queries(material, sp.item, sp.task) for sp in specs))
+def shown_queries(material: Material, pairs) -> set[str]:
+    """The query images of (item, task) pairs."""
+    return set().union(*(queries(material, item, task) for item, task in pairs))
 
 
 def reserved_material(material: Material, items: list[Item], avoid: set[Item], n: int, reserved: int,
@@ -164,7 +164,7 @@ def main_block(material: Material, items: list[Item], n_main: int, n_catch: int,
     shows images that make a main trial solvable by elimination."""
     main = choose_main(material, items, n_main, counts, rng_of("main"), reserved)
     rng = rng_of("catch")
-    shown = {image for item, task in main for image in queries(material, item, task)}
+    shown = shown_queries(material, main)
     catch = [(item, task, rng.randrange(len(material.task(item, task).ref_max)))
              for item, task in reserved_material(material, items, {i for i, _ in main}, n_catch, reserved, shown, rng)]
     # query positions balanced among the main trials themselves (the analysed ones) and among the catch trials

@@ -156,9 +156,9 @@ class SurveyService:
                     specs = assignment.main_block(self.material, items, self.settings.main_trials,
                                                   self.settings.catch_trials, counts, rng_of, reserved)
                     if practice and self.settings.practice_trials:
+                        shown = assignment.shown_queries(self.material, [(sp.item, sp.task) for sp in specs])
                         specs += assignment.practice_block(self.material, items, {sp.item for sp in specs},
-                                                           self.settings.practice_trials, 1, rng_of, reserved,
-                                                           assignment.shown_queries(self.material, specs))
+                                                           self.settings.practice_trials, 1, rng_of, reserved, shown)
                 has_practice = any(sp.block == "practice" for sp in specs)
                 stage = "main" if is_machine and not has_practice else ("practice" if is_machine else "instructions")
                 p = Participant(public_id=public_id, token_hash=token_hash(token), study_id=self.study_id,

@@ -40,7 +40,8 @@ def test_the_stored_trial_list_is_the_seeded_derivation(app):
     items = service.conditions[condition]
     specs = assignment.main_block(service.material, items, 6, 2, empty, rng_of)
     specs += assignment.practice_block(service.material, items, {sp.item for sp in specs}, 2, 1, rng_of,
-                                       shown=assignment.shown_queries(service.material, specs))
+                                       shown=assignment.shown_queries(service.material,
+                                                                      [(sp.item, sp.task) for sp in specs]))
     assert stored == [(sp.block, sp.attempt, sp.position, sp.trial_type, sp.item, sp.task, sp.max_position,
                        sp.catch_ref) for sp in specs]
     main = [sp for sp in specs if sp.block == "main"]
