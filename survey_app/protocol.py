@@ -7,6 +7,7 @@ study runs; each participant keeps the settings of their assignment, which judge
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 
@@ -21,6 +22,7 @@ def settings_record(settings) -> str:
     return json.dumps(values, sort_keys=True)
 
 
+@functools.lru_cache(maxsize=256)       # called once per exported response: one record per participant
 def protocol_id(record: str | None) -> str | None:
     """The first 12 hex digits of the record's SHA-256 (None for a participant stored without a record)."""
     return None if not record else hashlib.sha256(record.encode()).hexdigest()[:12]
