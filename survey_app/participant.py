@@ -121,20 +121,35 @@ def consent():
     session_id = request.form.get("SESSION_ID", "").strip()[:128] or None
     service = _service()
     if external:
-        found = service.find_by_external(external)
-        if found is not None:
-            public_id, prolific_session, _ = found
-            if session_id and session_id == prolific_session:     # its own session: resume, or show its code
-                session.update(pid=public_id, tok=service.reissue_token(public_id))
-                return _to_stage(public_id)
-            raise SurveyError(409, ALREADY_TOOK_PART)
+        if (resumed := _resume_started(external, session_id)) is not None:
+            return resumed
         if service.declined(external):          # a new session only: one already under way may resume
             raise SurveyError(409, DECLINED_BEFORE)
-    public_id, token = service.create_participant(
-        external_id=external, prolific_study_id=study_id, prolific_session_id=session_id,
-        user_agent=request.headers.get("User-Agent"), window=request.form.get("window", ""))
+    try:
+        public_id, token = service.create_participant(
+            external_id=external, prolific_study_id=study_id, prolific_session_id=session_id,
+            user_agent=request.headers.get("User-Agent"), window=request.form.get("window", ""))
+    except SurveyError as error:                # a concurrent consent (a double submit) created it first
+        resumed = _resume_started(external, session_id) if error.status == 409 and external else None
+        if resumed is None:
+            raise
+        return resumed
     session.update(pid=public_id, tok=token)
     return redirect(url_for("participant.instructions"))
+
+
+def _resume_started(external: str, session_id: str | None):
+    """The stage page of the participant ID's own session (same study-link SESSION_ID), this browser signed in
+    to it; a 409 for someone else's ID; None while the ID has not started."""
+    service = _service()
+    found = service.find_by_external(external)
+    if found is None:
+        return None
+    public_id, prolific_session, _ = found
+    if session_id and session_id == prolific_session:     # its own session: resume, or show its code
+        session.update(pid=public_id, tok=service.reissue_token(public_id))
+        return _to_stage(public_id)
+    raise SurveyError(409, ALREADY_TOOK_PART)
 
 
 def _require_session() -> str:

@@ -67,25 +67,41 @@ def test_a_template_folder_replaces_a_built_in_page(make_app, tmp_path):
     assert "Welcome" in client.get("/").text          # pages the folder lacks stay built in
 
 
-def test_one_participant_id_takes_part_once_under_concurrent_consents(make_app):
-    """Eight browsers consent with the same PROLIFIC_PID at once (SQLite and PostgreSQL): one session."""
+def _consent_at_once(app, sessions: list[str]) -> list[tuple[int, str]]:
+    """One browser per SESSION_ID consents with LINK's PROLIFIC_PID at the same moment; (status, Location)."""
     import threading
 
-    app = make_app(require_external_id="yes")
-    clients = [app.test_client() for _ in range(8)]
+    clients = [app.test_client() for _ in sessions]
     tokens = [csrf_from(c.get("/", query_string=LINK).text) for c in clients]
-    barrier, codes = threading.Barrier(len(clients)), []
+    barrier, answers = threading.Barrier(len(clients)), []
 
-    def consent(client, token):
+    def consent(client, token, session_id):
         barrier.wait()
-        codes.append(client.post("/consent", data={"csrf_token": token, "consent": "yes",
-                                                   **{**LINK, "SESSION_ID": f"s-{token[:6]}"}}).status_code)
-    threads = [threading.Thread(target=consent, args=pair) for pair in zip(clients, tokens)]
+        r = client.post("/consent", data={"csrf_token": token, "consent": "yes", **{**LINK, "SESSION_ID": session_id}})
+        answers.append((r.status_code, r.headers.get("Location", "")))
+    threads = [threading.Thread(target=consent, args=args) for args in zip(clients, tokens, sessions)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    return answers
+
+
+def test_one_participant_id_takes_part_once_under_concurrent_consents(make_app):
+    """Eight browsers consent with the same PROLIFIC_PID at once (SQLite and PostgreSQL): one session."""
+    app = make_app(require_external_id="yes")
+    codes = [code for code, _ in _consent_at_once(app, [f"s-{i}" for i in range(8)])]
     assert sorted(codes) == [302] + [409] * 7 and _count(app, Participant) == 1
+
+
+def test_a_double_submitted_consent_resumes_the_one_session_it_created(make_app):
+    """The same study link submitted four times at once (a double click, a retried request): every request
+    lands in the one session the first created, none is told the ID has already taken part."""
+    app = make_app(require_external_id="yes")
+    answers = _consent_at_once(app, [LINK["SESSION_ID"]] * 4)
+    assert [code for code, _ in answers] == [302] * 4, answers
+    assert {location.rsplit("/", 1)[-1] for _, location in answers} == {"instructions"}
+    assert _count(app, Participant) == 1
 
 
 def _consent(client, link: dict):
