@@ -13,7 +13,7 @@ from .data import concept_shapes
 from .data.folders import DataLayoutError, check_num_classes, class_folders, folder_digest, split_dir
 from .method_base import PruningError, method_class, prunable_layers
 from .models import create_model, read_meta
-from .models.registry import WeightsError, resolve_weights, weights_digest
+from .models.registry import WeightsError, check_weights_fit, resolve_weights, weights_digest
 from .schedule import PruneJob
 from .training import TrainSettings
 from .workflows import build_loaders, default_exclude, prune_and_save, retrain_settings, train_and_save
@@ -86,14 +86,23 @@ class ModelStage:
         return f"mis.embedding is {embedding!r}, so nothing uses the observer network"
 
     def check(self, study) -> list[str]:
-        """The weights the network starts from can be found (a local file, or a torchvision name in the cache)."""
+        """The weights the network starts from can be found (a local file, or a torchvision name in the cache)
+        and, where the data's classes are known, fit the network with its classifier for them."""
         arch, weights, _ = self._spec(study)
         if not weights or self.skip_reason(study):
             return []
+        key = f"{'observer' if self.model_id == 'observer' else 'model'}.weights"
         try:
             resolve_weights(arch, weights)
         except (WeightsError, ValueError) as err:
-            return [f"{'observer' if self.model_id == 'observer' else 'model'}.weights: {err}"]
+            return [f"{key}: {err}"]
+        classes = planned_class_count(study)
+        if classes:
+            try:
+                check_weights_fit(arch, weights, study.config.model.num_classes or classes,
+                                  new_classifier=self.model_id != "observer" and study.config.model.new_classifier)
+            except WeightsError as err:
+                return [f"{key}: {err}"]
         return []
 
     def inputs(self, study) -> dict:
@@ -118,6 +127,16 @@ class ModelStage:
         rewind = study.config.prune.imp_rewind_epoch if self.is_base and settings.epochs > 0 else None
         return run_training(study, self.model_id, arch=arch, weights=weights, settings=settings, rewind_epoch=rewind,
                             robustness=self.is_base, reuse=not study.forced)
+
+
+def planned_class_count(study) -> int | None:
+    """How many classes the study's data will have, as far as is known before the data stage runs: the
+    generated dataset's, or the class folders of an image folder's train/ (None where it is not there)."""
+    d = study.config.data
+    if d.source != "folder":
+        return len(concept_shapes.SHAPES)
+    train = study.data_root / "train"
+    return len(class_folders(train)) if train.is_dir() else None
 
 
 def prune_jobs(cfg) -> list[PruneJob]:

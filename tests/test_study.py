@@ -322,3 +322,25 @@ def test_a_copied_study_reuses_its_models_when_its_prune_stage_runs_again(quick_
     result = CliRunner().invoke(main, ["prune", str(copy), "--method", "structured", "--rate", "0.3"])
     assert result.exit_code == 0, result.output
     assert "epoch 1/1" not in result.output and checkpoint.read_bytes() == before
+
+
+def test_plan_names_weights_whose_classifier_does_not_fit_the_data(tmp_path, monkeypatch):
+    """Weights trained for another number of classes (ImageNet weights on 10 concept-shapes classes) would stop
+    the base stage after the data stage: the plan names them and the fix, and passes them once
+    ``model.new_classifier`` is set or the file fits; it builds no model tensors to find out."""
+    import torch
+    from pruning.models import create_model
+
+    monkeypatch.chdir(tmp_path)
+    arch = load_study(profile="quick").model.arch
+    torch.save(create_model(arch, num_classes=7).state_dict(), tmp_path / "seven.pt")
+    torch.save(create_model(arch, num_classes=10).state_dict(), tmp_path / "ten.pt")
+    base = ["run", "--profile", "quick", "--plan", "--set", f'study.output_dir="{tmp_path / "runs"}"']
+    seven = CliRunner().invoke(main, base + ["--set", f"model.weights={tmp_path}/seven.pt"])
+    assert seven.exit_code == 1 and "model.weights:" in seven.output, seven.output
+    assert "the file's has 7 classes, the model's 10" in seven.output and "Traceback" not in seven.output
+    fresh = CliRunner().invoke(main, base + ["--set", f"model.weights={tmp_path}/seven.pt",
+                                             "--set", "model.new_classifier=true"])
+    assert fresh.exit_code == 0, fresh.output
+    assert CliRunner().invoke(main, base + ["--set", f"model.weights={tmp_path}/ten.pt"]).exit_code == 0
+    assert not (tmp_path / "runs").exists()

@@ -235,7 +235,13 @@ def load_state_checked(model: nn.Module, state: dict, path: Path, arch: str, num
     """``load_state_dict(strict=True)`` with an error that names the file, arch and mismatches; with
     ``new_classifier`` the tensors that differ only in their number of classes (the classifier, and GoogLeNet's
     auxiliary ones) keep the model's fresh initialization."""
-    own = model.state_dict()
+    model.load_state_dict(fitted_state(model.state_dict(), state, path, arch, num_classes, new_classifier), strict=True)
+
+
+def fitted_state(own: dict, state: dict, path: Path, arch: str, num_classes: int,
+                 new_classifier: bool = False) -> dict:
+    """The tensors of ``state`` to load into a model whose state_dict is ``own`` (see :func:`load_state_checked`);
+    a :class:`WeightsError` naming the file, arch and mismatches where they do not fit."""
     state = {k: v for k, v in state.items() if k in own or not k.startswith(("aux1.", "aux2."))}
     if new_classifier and all(k in state for k in own) and _classifier_hint(own, state, num_classes):
         state = {k: own[k] if k in own and state[k].shape != own[k].shape else v for k, v in state.items()}
@@ -254,7 +260,19 @@ def load_state_checked(model: nn.Module, state: dict, path: Path, arch: str, num
         hint = "" if missing or unexpected else _classifier_hint(own, state, num_classes)
         raise WeightsError(f"weights file {path} does not fit model {arch!r} with num_classes={num_classes}: "
                            + ", ".join(parts) + hint)
-    model.load_state_dict(state, strict=True)
+    return state
+
+
+def check_weights_fit(arch: str, weights: str | os.PathLike, num_classes: int, new_classifier: bool = False) -> None:
+    """The :class:`WeightsError` :func:`create_model` would raise for these weights, found without allocating the
+    model (it is built on the meta device): for a study's plan."""
+    spec = get_spec(arch)
+    path, weight_kwargs = resolve_weights(arch, weights)
+    state, header = read_state_dict(path, arch)
+    with torch.device("meta"):
+        model = spec.builder(num_classes=num_classes, **{**spec.defaults, **header.get("model_kwargs", {}),
+                                                          **weight_kwargs})
+    fitted_state(model.state_dict(), state, path, arch, num_classes, new_classifier)
 
 
 def create_model(name: str, num_classes: int = 1000, weights: str | os.PathLike | None = None,
