@@ -296,6 +296,9 @@ def answers(entries: list, cfg: StudyConfig) -> list[dict]:
                 what = (f"the estimated change {fmt(change)} is as large as the margin ±{a.tost_margin:g}, so only "
                         f"more units and models can tell whether it is real")
             ci = f"{fmt(t['ci_low'] * span)} to {fmt(t['ci_high'] * span)}"
+            if tost is not None:
+                ci += (f"; {_pct(1 - 2 * a.alpha_level)} CI {fmt(tost['ci_low'])} to {fmt(tost['ci_high'])}, the one "
+                       f"equivalence needs inside ±{a.tost_margin:g}")
             sentence = (f"Inconclusive for {kind} references: the MIS change from rate {res['rate_min']:g} to "
                         f"{res['rate_max']:g} is {fmt(change)} "
                         f"({_pct(1 - a.alpha_level)} CI {ci}): neither an effect nor equivalence within "
@@ -395,7 +398,8 @@ def _what_decides(res: dict, t: dict, change: float, span: float, a) -> str | No
     target = (room / z) ** 2
     model_var = float(res.get("model_variance_share") or 0.0) * se ** 2
     unit_var = se ** 2 - model_var
-    head = (f"equivalence within ±{a.tost_margin:g} needs the interval about {fmt(se * z / room, 1)}× narrower, "
+    head = (f"equivalence within ±{a.tost_margin:g} needs its {_pct(1 - 2 * a.alpha_level)} interval about "
+            f"{fmt(se * z / room, 1)}× narrower, "
             f"if the change stays at {fmt(change)}")
     if model_var >= target:
         return (f"{head}; more units cannot do it, since the noise between models alone leaves it "
@@ -471,8 +475,27 @@ def mis_equivalence(units, kind, cfg: StudyConfig) -> Outcome:
     table = pd.DataFrame(rows).sort_values(["rate", "model_id"], ignore_index=True)
     n_eq = int((table["equivalent"] == True).sum())  # noqa: E712 - None stays out
     sentence = (f"{n_eq} of {len(table)} pruned models have {kind} MIS equivalent to the base model's within "
-                f"±{cfg.analysis.tost_margin:g} (paired TOST over units, α = {cfg.analysis.alpha_level:g}).")
+                f"±{cfg.analysis.tost_margin:g} (paired TOST over units, α = {cfg.analysis.alpha_level:g})."
+                + _retraining_note(table))
     return Outcome(sentence, {"models": table}, table=table)
+
+
+def _retraining_note(table: pd.DataFrame) -> str:
+    """The mean difference from the base at each rate and, without a model pruned at rate 0, that the base was not
+    retrained as every pruned model was: a difference already at the lowest rate may be retraining's, not
+    pruning's, and neither a line nor a hinge over rates separates the two."""
+    by_rate = table.groupby("rate")["difference"].mean().dropna()
+    if by_rate.empty:
+        return ""
+    lower = int((table["difference"] < 0).sum())
+    text = (f" Mean difference from the base by rate: "
+            f"{', '.join(f'{fmt(v)} at {r:g}' for r, v in by_rate.items())}; {lower} of "
+            f"{int(table['difference'].notna().sum())} models below it.")
+    if (table["rate"] == 0).any():
+        return text
+    return (text + " The base model was not retrained as the pruned models were, so a difference already at the "
+            "lowest rate may come from retraining, not pruning; models pruned at rate 0 (0 in prune.rates) are "
+            "the retrained controls that tell them apart.")
 
 
 def top1_summary(models: pd.DataFrame) -> Outcome:
@@ -1049,16 +1072,22 @@ def _models_display(table: pd.DataFrame) -> pd.DataFrame:
     return show
 
 
-def _entry_data(e: dict) -> dict:
-    """One statistics entry: its sentence or why it did not run, its numbers and warnings."""
+def _entry_data(e: dict, tost_level: str) -> dict:
+    """One statistics entry: its sentence or why it did not run, its numbers (with what their columns mean where
+    it differs from the rest of the report) and warnings."""
     numbers = e.get("table") if e["status"] == "ok" else None
-    per_rate = (isinstance(numbers, pd.DataFrame) and "term" in numbers and (numbers["term"] == "rate").any()
+    is_table = isinstance(numbers, pd.DataFrame)
+    per_rate = (is_table and "term" in numbers and (numbers["term"] == "rate").any()
                 and "per 10 %" in (e["sentence"] or ""))
+    note = None
+    if per_rate:
+        note = "rate per unit of pruning rate (0 to 1): ten times the per-10 % figures above"
+    elif is_table and "p_tost" in numbers and "ci_low" in numbers:
+        note = (f"ci_low, ci_high: the {tost_level} interval of the equivalence test (TOST), which is equivalence "
+                f"where it lies inside the margin")
     return {"id": e["id"], "title": e["title"], "status": e["status"], "sentence": e["sentence"],
             "reason": e["reason"], "warnings": (e.get("warnings") or [])[:20],
-            "numbers": table_data(numbers) if isinstance(numbers, pd.DataFrame) else None,
-            "numbers_note": "rate per unit of pruning rate (0 to 1): ten times the per-10 % figures above"
-                            if per_rate else None}
+            "numbers": table_data(numbers) if is_table else None, "numbers_note": note}
 
 
 def _human_data(results: dict) -> dict:
@@ -1119,7 +1148,7 @@ def robustness_subset_note(subset: dict | None) -> str:
     left_out = ""
     if subset.get("base_at_chance"):
         left_out = (f" Left out of the means: {', '.join(subset['base_at_chance'])}, on which the base model is not "
-                    "above chance.")
+                    "above chance at every severity.")
     return f" Measured on {subset['n']} validation images{per}{what}.{left_out}"
 
 
@@ -1194,8 +1223,10 @@ def report_context(results: dict, figures: dict, cfg: StudyConfig) -> dict:
         "answers": results.get("answers", []), "validity": _validity_data(results.get("validity", [])),
         "models": table_data(_models_display(results["models"])), "figures": plots, "gallery": sheets,
         "analysis": {"level": _pct(1 - a.alpha_level), "alpha": f"{a.alpha_level:g}", "margin": f"{a.tost_margin:g}",
-                     "bootstrap": a.bootstrap, "holm_tests": len(results["holm"]["tests"])},
-        "groups": [{"title": title, "entries": [_entry_data(e) for e in stats if e["group"] == group]}
+                     "bootstrap": a.bootstrap, "holm_tests": len(results["holm"]["tests"]),
+                     "tost_level": _pct(1 - 2 * a.alpha_level), "mis_bootstrap": cfg.mis.bootstrap},
+        "groups": [{"title": title, "entries": [_entry_data(e, _pct(1 - 2 * a.alpha_level)) for e in stats
+                                                if e["group"] == group]}
                    for group, title in STATISTICS_GROUPS],
         "power": _power_data(results.get("power")), "humans": _human_data(results), "no_responses": NO_RESPONSES,
         "prune_potential": None if robust is None else table_data(robust),

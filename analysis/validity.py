@@ -17,6 +17,9 @@ from sparsight.layout import META_FILE, Layout
 
 #: Share of max visualizations that may leave their unit at zero activation.
 MAX_ZERO_SHARE = 0.02
+#: How the checks count units: the same channel in two models is two units.
+EACH = " (a channel counts once per model)"
+
 #: Share of live units whose max visualizations must reach their natural max references.
 MIN_REACH_SHARE = 0.80
 #: Share of live units whose max visualizations must activate them more than the min visualizations.
@@ -82,9 +85,9 @@ def visualization_checks(manifest: pd.DataFrame | None, status: pd.DataFrame | N
         check(names[0], float(zero.mean()) if len(zero) else None, f"≤ {MAX_ZERO_SHARE:g}",
               zero.mean() <= MAX_ZERO_SHARE if len(zero) else None, f"{int(zero.sum())} of {len(zero)} max images"),
         check(names[1], float(reach.mean()) if n else None, f"≥ {MIN_REACH_SHARE:g}",
-              reach.mean() >= MIN_REACH_SHARE if n else None, f"{int(reach.sum())} of {n} live units"),
+              reach.mean() >= MIN_REACH_SHARE if n else None, f"{int(reach.sum())} of {n} live units{EACH}"),
         check(names[2], float(beats.mean()) if n else None, f"≥ {MIN_MAX_BEATS_MIN:g}",
-              beats.mean() >= MIN_MAX_BEATS_MIN if n else None, f"{int(beats.sum())} of {n} live units"),
+              beats.mean() >= MIN_MAX_BEATS_MIN if n else None, f"{int(beats.sum())} of {n} live units{EACH}"),
     ]
 
 
@@ -115,7 +118,8 @@ def tie_order_check(manifest: pd.DataFrame | None, data_root: Path, split: str) 
     # widens to three standard errors of their mean, so two tied images cannot fail the study
     half = max((hi - lo) / 2, 3 * math.sqrt(1 / (12 * len(where))))
     lo, hi = max(0.0, 0.5 - half), min(1.0, 0.5 + half)
-    return check(name, value, f"{lo:.2g}–{hi:.2g}", lo <= value <= hi, f"{len(where)} tied images of {units} units")
+    return check(name, value, f"{lo:.2g}–{hi:.2g}", lo <= value <= hi,
+                 f"{len(where)} tied images of {units} units{EACH}")
 
 
 def robustness_balance_check(run_dir: Path) -> dict:
@@ -132,8 +136,9 @@ def robustness_balance_check(run_dir: Path) -> dict:
     if not ratios:
         return check(name, None, f"≥ {MIN_CLASS_BALANCE:g}", None, "no model records images_per_class")
     worst = min(ratios, key=ratios.get)
-    return check(name, ratios[worst], f"≥ {MIN_CLASS_BALANCE:g}", ratios[worst] >= MIN_CLASS_BALANCE,
-                 f"worst: {worst}; {len(ratios)} models")
+    where = (f"every one of {len(ratios)} models" if len(set(ratios.values())) == 1
+             else f"worst: {worst}; {len(ratios)} models")
+    return check(name, ratios[worst], f"≥ {MIN_CLASS_BALANCE:g}", ratios[worst] >= MIN_CLASS_BALANCE, where)
 
 
 def fit_checks(entries: list) -> list[dict]:

@@ -491,14 +491,15 @@ def chance_level(meta: dict) -> float | None:
 
 
 def above_chance(robustness: dict, distribution: str, chance: float | None, alpha: float = CHANCE_ALPHA) -> bool | None:
-    """Whether top-1 on ``distribution`` (its severities pooled) beats ``chance``: exact one-sided binomial
-    test at ``alpha`` on the correct counts; None where the report lacks the image count or the chance level."""
+    """Whether top-1 on ``distribution`` beats ``chance`` at every one of its severities: an exact one-sided
+    binomial test at ``alpha`` on each severity's correct count (pooled, a severity at chance would hide behind a
+    milder one, and its points would still enter every mean over corruptions); None where the report lacks the
+    image count or the chance level."""
     n = int((robustness or {}).get("n") or 0)
     top1 = [v for (d, _), v in top1_by_distribution(robustness).items() if d == distribution]
     if not n or chance is None or not top1:
         return None
-    correct = sum(round(v * n) for v in top1)
-    return bool(binomtest(correct, n * len(top1), chance, alternative="greater").pvalue < alpha)
+    return all(binomtest(round(v * n), n, chance, alternative="greater").pvalue < alpha for v in top1)
 
 
 def base_above_chance(base: dict | None) -> dict[str, bool | None]:

@@ -186,6 +186,12 @@ def test_report_files_and_embedded_figures(report):
     assert "<script" not in html and "src='figures/" not in html      # self-contained
     assert "[analysis]" in html and "tost_margin = 0.05" in html       # the exact settings
     assert "MIS (natural, all methods" in html and "per 10 % pruning rate" in html
+    # the answer's label reads as an answer, not as "equivalent: No"; the intervals say their level
+    assert "<strong>pruning changes it</strong>: Yes, for natural references" in html
+    assert "(equivalence tests: their 90 % intervals" in html
+    assert "ci_low, ci_high: the 90 % interval of the equivalence test (TOST)" in html     # per-model TOST tables
+    text = " ".join(html.split())
+    assert "10 bootstrap resamples (200 for the models' MIS intervals, <code>mis.bootstrap</code>)" in text
 
 
 def test_results_json_holds_models_and_statistics(report):
@@ -570,6 +576,13 @@ def test_the_answer_follows_the_primary_total_effect(n_units, slope, noise, verd
     assert answer["verdict"] == verdict, answer["sentence"]
     if verdict == "inconclusive":
         assert "units per model instead of 4" in answer["sentence"] or "needs more models" in answer["sentence"]
+        # the interval equivalence needs is the TOST's 90 % one: quoted, and the narrowing it needs is its own
+        import re
+        tost, res = entries[0].result["tost"], entries[0].result
+        change = res["terms"]["rate"]["coef"] * res["rate_span"]
+        assert f"90 % CI {tost['ci_low']:.3f} to {tost['ci_high']:.3f}".replace("-", "−") in answer["sentence"]
+        factor = float(re.search(r"needs its 90 % interval about ([0-9.]+)× narrower", answer["sentence"]).group(1))
+        assert factor == pytest.approx((tost["ci_high"] - tost["ci_low"]) / 2 / (0.05 - abs(change)), rel=0.05)
 
 
 def test_the_answer_says_when_model_level_noise_is_not_in_its_interval():
@@ -1080,7 +1093,7 @@ def test_a_corruption_the_base_is_at_chance_on_stays_out_of_the_robustness_means
     assert curves["base"] == pytest.approx([0.7]) and curves["rate 0.50"] == pytest.approx([0.7])
     subset = {"n": 100, "base_at_chance": ["contrast"]}
     assert robustness_subset_note(subset).endswith(
-        "Left out of the means: contrast, on which the base model is not above chance.")
+        "Left out of the means: contrast, on which the base model is not above chance at every severity.")
     note = prune_potential_note(subset, 0.005)
     assert "one image moves the clean error by 0.01, more than δ" in note and "Empty for contrast" in note
     assert "more than δ" not in prune_potential_note({"n": 1000}, 0.005)
@@ -1198,3 +1211,27 @@ def test_the_mis_human_correlation_counts_units_not_cells():
         by_unit.append(result["p"] < 0.05)
     assert result["units"] == 10 and result["cells"] == 400
     assert np.mean(naive) > 0.5 and np.mean(by_unit) < 0.08       # 400 studies: 0.05 ± 0.011
+
+
+def test_a_step_from_the_base_at_every_rate_is_named_with_the_retraining_it_may_come_from():
+    """Every pruned model 0.02 below the base whatever its rate (what retraining alone can do): the per-model
+    equivalence entry gives that mean difference at each rate and says the base was not retrained; once the
+    design holds models pruned at rate 0 (the retrained controls) it reports their difference instead."""
+    from analysis.report import mis_equivalence
+    from sparsight.config import load_study
+
+    cfg = load_study(overrides=["analysis.tost_margin=0.05"])
+    units = _simulated_units(3, 60, 0.0, noise=0.005)
+    units["method"] = np.where(units["rate"] > 0, "structured", "base")
+    units.loc[units["rate"] > 0, "mis"] -= 0.02
+    out = mis_equivalence(units, "natural", cfg)
+    table = out.table.groupby("rate")["difference"].mean()
+    assert table.to_numpy() == pytest.approx([-0.02] * 4, abs=0.003)
+    assert "Mean difference from the base by rate: " + ", ".join(
+        f"{v:.3f} at {r:g}".replace("-", "−") for r, v in table.items()) in out.sentence
+    assert "8 of 8 models below it" in out.sentence and "base model was not retrained" in out.sentence
+    control = units[units["model_id"] == "m1"].assign(model_id="c0", rate=0.0)    # retrained, nothing pruned
+    with_control = mis_equivalence(pd.concat([units, control], ignore_index=True), "natural", cfg)
+    step = with_control.table.set_index("model_id").loc["c0", "difference"]
+    assert step == pytest.approx(-0.02, abs=0.003) and f"{step:.3f} at 0,".replace("-", "−") in with_control.sentence
+    assert "not retrained" not in with_control.sentence

@@ -458,7 +458,7 @@ def test_robustness_of_a_study_uses_a_balanced_subset_and_records_it(tiny_data):
 
 def test_a_distribution_the_parent_is_at_chance_on_has_no_prune_potential():
     """Contrast at chance for the parent (10 classes): the pruned model "keeps" its error by noise alone,
-    so its potential is left empty; the binomial decision equals scipy's test on the pooled counts."""
+    so its potential is left empty; the binomial decision equals scipy's test on each severity's count."""
     from scipy.stats import binomtest
 
     classes = {f"c{i}": 20 for i in range(10)}
@@ -467,8 +467,12 @@ def test_a_distribution_the_parent_is_at_chance_on_has_no_prune_potential():
               meta("w75", "weight", "oneshot", 0.75, 0.80, {"contrast": {"2": 0.16, "4": 0.10}, "jpeg": {"2": 0.60}})]
     for m in models:
         m["robustness"].update(n=200, images_per_class=classes)
-    pooled = binomtest(30 + 20, 400, 0.1, alternative="greater").pvalue
-    assert pooled > rb.CHANCE_ALPHA  # 50 of 400 correct: not above chance
+    assert binomtest(20, 200, 0.1, alternative="greater").pvalue > rb.CHANCE_ALPHA   # severity 4: at chance
+    # pooled over its severities (56 of 400) a corruption at chance at severity 4 would pass: it does not
+    milder = {**models[0]["robustness"], "corruptions": {"contrast": {"2": 0.18, "4": 0.10}}}
+    assert binomtest(36 + 20, 400, 0.1, alternative="greater").pvalue < rb.CHANCE_ALPHA
+    assert rb.above_chance(milder, "contrast", 0.1) is False
+    assert rb.above_chance({**milder, "corruptions": {"contrast": {"2": 0.18, "4": 0.15}}}, "contrast", 0.1) is True
     table = rb.prune_potential(models).set_index("distribution")
     assert table.loc["contrast", "parent_above_chance"] == False  # noqa: E712 (numpy bool)
     assert np.isnan(table.loc["contrast", "potential"]) and np.isnan(table.loc["contrast", "potential_drop"])
