@@ -492,10 +492,11 @@ def _retraining_note(table: pd.DataFrame) -> str:
             f"{', '.join(f'{fmt(v)} at {r:g}' for r, v in by_rate.items())}; {lower} of "
             f"{int(table['difference'].notna().sum())} models below it.")
     if (table["rate"] == 0).any():
-        return text
+        return text + (" At rate 0 nothing was pruned (the retrained control): that difference is what retraining "
+                       "alone does.")
     return (text + " The base model was not retrained as the pruned models were, so a difference already at the "
-            "lowest rate may come from retraining, not pruning; models pruned at rate 0 (0 in prune.rates) are "
-            "the retrained controls that tell them apart.")
+            "lowest rate may come from retraining, not pruning; the retrained control (prune.control) tells them "
+            "apart.")
 
 
 def top1_summary(models: pd.DataFrame) -> Outcome:
@@ -728,7 +729,9 @@ def model_side(data: StudyData, entries: list) -> None:
         run_analysis(entries, f"mis_slope_adjusted.{kind}.all", f"MIS vs pruning rate adjusted for top-1 ({kind}, "
                      f"all methods; secondary: top-1 is a mediator)", "model",
                      lambda kind=kind: mis_slope(units, kind, None, cfg, adjusted=True))
-        series = sorted(s for s in units.loc[units["kind"] == kind, "series"].dropna().unique() if s != BASE_METHOD)
+        of_kind = units[units["kind"] == kind]
+        # a series pruned at one rate only (the retrained control, at 0) has no slope of its own
+        series = sorted(s for s, g in of_kind.groupby("series") if s != BASE_METHOD and g["rate"].nunique() > 1)
         if len(series) > 1:
             for s in series:
                 run_analysis(entries, f"mis_slope.{kind}.{s}", f"MIS vs pruning rate ({kind}, {s})", "model",

@@ -320,7 +320,9 @@ def prune_cmd(run_dir, study_file, profile, overrides, device, parent, data_path
     flags = {"prune.methods": list(methods) or None, "prune.rates": list(rates) or None,
              "prune.schedules": list(schedules) or None, "prune.iterative_steps": steps,
              "prune.retrain_epochs": epochs, "prune.iterative_epochs": epochs, "prune.exclude": list(exclude) or None,
-             "prune.physical": True if physical else None, **_data_flags(data_path)}
+             "prune.physical": True if physical else None, **_data_flags(data_path),
+             # the jobs asked for, without the study's retrained control
+             "prune.control": False if (methods or rates or schedules) else None}
     cfg = resolve_study(run_dir, study_file, profile, overrides, device, flags)
     parent = parent or Layout(cfg.run_dir).model_dir("base")
     _check_prune_parent(cfg, parent)
@@ -356,7 +358,7 @@ def _check_prune_parent(cfg, parent: Path) -> None:
 
 
 #: settings that choose which jobs run or where, not what a job makes
-_JOB_CHOICE = {"prune.methods", "prune.rates", "prune.schedules", "study.device", "study.progress"}
+_JOB_CHOICE = {"prune.methods", "prune.rates", "prune.schedules", "prune.control", "study.device", "study.progress"}
 #: sections whose settings shape a pruned model (and its robustness report)
 _MODEL_SECTIONS = ("study", "data", "model", "train", "prune", "evaluate")
 

@@ -47,6 +47,19 @@ class GlobalMagnitude(PruningMethod):
         return out
 
 
+@register_method("control")
+class RetrainedControl(PruningMethod):
+    """Prunes nothing: the parent retrained as a pruned model is (``prune.control``), so what retraining alone does
+    to a unit can be told from what pruning does.  Its only rate is 0."""
+    criterion = "none: nothing is pruned (the retrained control)"
+    prunes = False
+
+    def compute(self, layers, rate):
+        if rate > 0:
+            raise PruningError(f"method 'control' prunes nothing, so its rate is 0, not {rate:g}")
+        return {f"{n}.weight": torch.ones_like(m.weight, dtype=torch.bool) for n, m in layers.items()}
+
+
 @register_method("random")
 class RandomUnstructured(PruningMethod):
     """Control: in every layer remove a random ``rate`` share of weights (seeded)."""

@@ -51,6 +51,7 @@ class PruningMethod:
     structured = False
     kinds: tuple = (nn.Conv2d, nn.Linear)
 
+    prunes = True        # False for the retrained control, whose only rate is 0
     needs_data = False   # scores filters on reference images (``data=`` batches)
     rewinds = False      # weights are rewound to an early checkpoint after pruning (IMP)
 

@@ -626,8 +626,8 @@ def prune_potential(metas: list[dict], delta: float = 0.005, bootstrap: int = 0,
     """
     groups: dict[tuple, list[dict]] = {}
     for meta in metas:
-        if is_base(meta) or not has_report(meta):
-            continue
+        if is_base(meta) or not has_report(meta) or not float(meta.get("rate_requested") or 0.0):
+            continue        # a model pruned at rate 0 (the retrained control) has no rate to reach
         k = _keys(meta)
         groups.setdefault((k["arch"], k["method"], k["schedule"]), []).append(meta)
     rows = []

@@ -71,7 +71,8 @@ class PruneJob:
     seed: int = 0
 
     def __post_init__(self):
-        method_class(self.method)
+        if not method_class(self.method).prunes and self.rate:
+            raise PruningError(f"method {self.method!r} prunes nothing, so its rate is 0, not {self.rate:g}")
         check_rate(self.rate)
         step_rates(self.rate, self.schedule, self.steps)
 

@@ -7,6 +7,7 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
+from sparsight.config import CONTROL_METHOD
 from sparsight.layout import CHECKPOINT_FILE, META_FILE
 
 from .data import concept_shapes
@@ -140,12 +141,14 @@ def planned_class_count(study) -> int | None:
 
 
 def prune_jobs(cfg) -> list[PruneJob]:
-    """Every (method, schedule, rate) of the study, in a stable order."""
+    """Every (method, schedule, rate) of the study, in a stable order; first the retrained control
+    (``prune.control``: nothing pruned, retrained as a one-shot model is)."""
     p = cfg.prune
     exclude = default_exclude(cfg, cfg.model.arch)
-    return [PruneJob(method=m, rate=float(r), schedule=s, steps=p.iterative_steps if s == "iterative" else 1,
-                     exclude=exclude, physical=p.physical, norm=p.norm, seed=cfg.study.seed)
-            for m in p.methods for s in p.schedules for r in sorted(p.rates)]
+    control = [PruneJob(method=CONTROL_METHOD, rate=0.0, exclude=exclude, seed=cfg.study.seed)] if p.control else []
+    return control + [PruneJob(method=m, rate=float(r), schedule=s, steps=p.iterative_steps if s == "iterative" else 1,
+                               exclude=exclude, physical=p.physical, norm=p.norm, seed=cfg.study.seed)
+                      for m in p.methods for s in p.schedules for r in sorted(p.rates)]
 
 
 def study_model_ids(study) -> list[str]:

@@ -52,6 +52,8 @@ EMBEDDING_NAMES = ("observer", "pixels", "dreamsim") + tuple(m for m in MODEL_NA
                                                              if m not in ("inception-small", "observer-small"))
 PRUNING_METHODS = ("unstructured-local", "unstructured-global", "random", "structured", "connection",
                    "lrp", "weight", "gradient", "taylor", "imp")
+#: The registered method that prunes nothing: ``prune.control`` adds it at rate 0, one-shot.
+CONTROL_METHOD = "control"
 CORRUPTIONS = ("gaussian_noise", "gaussian_blur", "contrast", "jpeg", "brightness", "shot_noise", "pixelate")
 SCHEDULES = ("oneshot", "iterative")
 STIMULUS_KINDS = ("natural", "synthetic")
@@ -147,6 +149,9 @@ class PruneSection:
                            "pruning methods", each=PRUNING_METHODS)
     rates: list = option([0.2, 0.4, 0.6, 0.8], "requested pruning rates", lo=0.0, hi=1.0, hi_open=True)
     schedules: list = option(["oneshot", "iterative"], "schedules", each=SCHEDULES)
+    control: bool = option(True, "also retrain the base model as a one-shot pruned model is retrained, pruning "
+                                 "nothing (model control-oneshot-r0.00): the rate-0 control that tells what "
+                                 "retraining does to the units from what pruning does")
     iterative_steps: int = option(3, "steps of the iterative schedule", lo=1)
     norm: str = option("l1", "filter norm of structured pruning", choices=("l1", "l2"))
     physical: bool = option(False, "physically remove pruned channels (Torch-Pruning)")

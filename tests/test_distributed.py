@@ -137,7 +137,7 @@ TINY_STUDY = ["--profile", "quick", "--set", "study.progress=false", "--set", "d
               "--set", "data.val_per_class=15", "--set", "data.image_size=32", "--set",
               'prune.methods=["structured","lrp"]', "--set", "prune.rates=[0.5]", "--set",
               'prune.schedules=["oneshot","iterative"]', "--set", "train.epochs=1", "--set", "observer.epochs=1",
-              "--device", "cpu"]
+              "--set", "prune.control=false", "--device", "cpu"]
 
 
 @pytest.mark.slow

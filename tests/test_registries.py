@@ -10,7 +10,7 @@ from sparsight import config
 
 REGISTRIES = {
     "models": (config.MODEL_NAMES, MODELS),
-    "methods": (config.PRUNING_METHODS, METHODS),
+    "methods": (config.PRUNING_METHODS + (config.CONTROL_METHOD,), METHODS),
     "schedules": (config.SCHEDULES, SCHEDULES),
     "corruptions": (config.CORRUPTIONS, CORRUPTIONS),
 }

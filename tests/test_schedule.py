@@ -45,7 +45,7 @@ def test_step_rates_compound_to_the_requested_rate():
         step_rates(0.5, "gradual")
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sorted(m for m in METHODS if METHODS[m].prunes))
 def test_measured_sparsity_after_retraining_meets_the_requested_rate(method, loaders, reference):
     model = _model()
     job = PruneJob(method, 0.5, exclude=STEM)
@@ -303,3 +303,25 @@ def test_robustness_reports_are_refreshed_when_the_noise_moves_to_another_device
     assert _robustness_fingerprint(table_only, "abc", "cpu") == cpu
     noisier = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, noise_eps_max=0.9))
     assert _robustness_fingerprint(noisier, "abc", "cpu") != cpu
+
+
+def test_the_retrained_control_prunes_nothing_and_retrains_as_a_oneshot_model_does(loaders, reference):
+    """``prune.control``: the control keeps every weight, and its retraining equals a one-shot job's from the same
+    start with nothing pruned (reference: plain retraining of the same model with the same settings); a rate
+    above 0 is a clear error, for the job and for the method."""
+    from pruning.training import Trainer
+
+    job = PruneJob("control", 0.0, exclude=STEM)
+    assert job.model_id == "control-oneshot-r0.00"
+    out = prune_and_retrain(_model(), job, settings=SETTINGS, train_loader=loaders[0], val_loader=loaders[1],
+                            reference=reference, progress=False, input_size=32)
+    assert out.masks and all(bool(m.all()) for m in out.masks.values())
+    assert measure_sparsity(out.model)["total"] == 0.0
+    plain = Trainer(_model(), SETTINGS, progress=False)
+    plain.fit(loaders[0], loaders[1])
+    for key, value in plain.model.state_dict().items():
+        assert torch.allclose(value, out.model.state_dict()[key], atol=1e-6), key
+    with pytest.raises(PruningError, match=r"method 'control' prunes nothing, so its rate is 0, not 0.5"):
+        PruneJob("control", 0.5)
+    with pytest.raises(PruningError, match="prunes nothing"):
+        create_method("control").masks(_model(), 0.3)

@@ -43,13 +43,15 @@ def test_quick_study_prunes_with_every_method_at_three_rates_with_robustness(qui
     table = pd.read_csv(run_dir / "evaluation.csv")
     pruned = table[table["method"].notna() & (table["method"] != "")]
     assert set(pruned["method"]) == set(METHODS)
-    assert (pruned.groupby("method")["rate_requested"].nunique() >= 3).all()
+    control = pruned[pruned["method"] == "control"]        # the retrained control: nothing pruned, rate 0
+    assert control["model_id"].tolist() == ["control-oneshot-r0.00"] and control["sparsity"].tolist() == [0.0]
+    assert (pruned[pruned["method"] != "control"].groupby("method")["rate_requested"].nunique() >= 3).all()
     assert (pruned["sparsity"] >= pruned["rate_requested"] - 0.005).all()
     for mid in pruned["model_id"]:
         meta = json.loads((run_dir / "models" / mid / "meta.json").read_text())
         assert meta["robustness"]["corruptions"] and meta["robustness"]["noise_similarity"]["agreement"]
     potential = pd.read_csv(run_dir / "robustness" / "prune_potential.csv")
-    assert set(potential["method"]) == set(METHODS) and "clean" in set(potential["distribution"])
+    assert set(potential["method"]) == set(METHODS) - {"control"} and "clean" in set(potential["distribution"])
 
 
 @pytest.mark.slow
