@@ -121,8 +121,17 @@ def _spare(items: list[Item], used: set[Item], n: int, rng: random.Random) -> li
 
 
 def shown_queries(material: Material, pairs) -> set[str]:
-    """The query images of (item, task) pairs."""
-    return set().union(*(queries(material, item, task) for item, task in pairs))
+    """The query images of (item, task) pairs, and those every participant has seen before any trial: the
+    instructions' example (:func:`example_task`)."""
+    return set().union(queries(material, *example_task(material)),
+                       *(queries(material, item, task) for item, task in pairs))
+
+
+def example_task(material: Material) -> tuple[Item, int]:
+    """The (item, task) the instructions' example shows, its answer framed: the last natural item's last task (a
+    reserved one, so no main trial uses it; practice and catch trials skip its queries as already seen)."""
+    natural = [i for i in material.items if i.kind == "natural"] or material.items
+    return natural[-1], len(material.tasks[natural[-1]]) - 1
 
 
 def reserved_material(material: Material, items: list[Item], avoid: set[Item], n: int, reserved: int,

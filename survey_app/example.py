@@ -7,6 +7,7 @@ import math
 
 from PIL import Image, ImageDraw, ImageFont
 
+from .assignment import example_task
 from .material import Material
 from .screen import GRID_COLUMNS
 
@@ -25,10 +26,9 @@ def _grid(material: Material, images: tuple[str, ...] | list[str], cols: int = 0
 
 
 def example_png(material: Material) -> bytes:
-    """PNG bytes of an example trial (the last natural item's last task; the answer is the upper image)."""
-    natural = [i for i in material.items if i.kind == "natural"] or material.items
-    item = natural[-1]
-    task = material.tasks[item][-1]
+    """PNG bytes of an example trial (:func:`~survey_app.assignment.example_task`; the answer is the upper image)."""
+    item, index = example_task(material)
+    task = material.tasks[item][index]
     left, right = _grid(material, task.ref_min), _grid(material, task.ref_max)
     centre = _grid(material, [task.query_max, task.query_min], cols=1)
     body = max(left.height, right.height, centre.height)

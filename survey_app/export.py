@@ -2,6 +2,9 @@
 
 Times are UTC.  ``rt_ms``: the browser's time from the trial being painted to the answer (it includes the
 ``min_response_ms`` lock); ``server_ms``: the server's time from first serving the trial to saving the answer;
+``hidden_ms``: of ``rt_ms``, the time an overlay (full-screen prompt, a window too small) or a hidden page covered
+the trial, so ``rt_ms − hidden_ms`` is the time it was seen; ``serves``: how often the trial was served while open
+(above 1, a reload or a second tab restarted it and ``rt_ms`` counts from its last painting);
 ``served_at``: when the trial was first served; ``catch_ref``: for a catch trial, which right example its query
 repeats (0-based); ``protocol``: a short id of the survey settings the participant was assigned under (the same id,
 the same settings; the participants table holds them).  :func:`with_models` adds each model's ``method``,
@@ -11,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
-from sqlalchemy import inspect, null, select
+from sqlalchemy import and_, inspect, null, select
 from sqlalchemy.orm import sessionmaker
 
 from sparsight.modeltable import load_models
@@ -22,7 +25,8 @@ from .protocol import protocol_id
 RESPONSE_COLUMNS = ["study", "bank_hash", "participant", "external_id", "is_machine", "observer", "condition",
                     "block", "attempt", "position", "trial_type", "trial", "model_id", "kind", "layer", "unit",
                     "task", "max_position", "choice", "confidence", "correct", "rt_ms", "server_ms", "responded_at",
-                    "participant_stage", "excluded", "exclusion_reasons", "served_at", "catch_ref", "protocol"]
+                    "participant_stage", "excluded", "exclusion_reasons", "served_at", "catch_ref", "protocol",
+                    "hidden_ms", "serves"]
 #: What :func:`with_models` joins onto the responses from the study's model table, after ``model_id``.
 MODEL_FIELDS = ("method", "schedule", "rate", "sparsity")
 
@@ -57,8 +61,9 @@ def responses_frame(sessions: sessionmaker, study_name: str | None = None) -> pd
     for pid, rule in failed:
         reasons.setdefault(pid, []).append(rule)
     records = []
-    for *fields, served_at, catch_ref, pid, settings in rows:
-        records.append((*fields, ";".join(reasons.get(pid, [])), served_at, catch_ref, protocol_id(settings)))
+    for *fields, served_at, catch_ref, pid, settings, hidden_ms, serves in rows:
+        records.append((*fields, ";".join(reasons.get(pid, [])), served_at, catch_ref, protocol_id(settings),
+                        hidden_ms, serves))
     df = pd.DataFrame(records, columns=RESPONSE_COLUMNS)
     df["is_machine"] = df["is_machine"].astype(bool)
     df["correct"] = df["correct"].astype(bool)
@@ -73,7 +78,7 @@ def _responses_query(settings, study_name: str | None):
                 Trial.position, Trial.trial_type, Trial.public_id, Trial.model_id, Trial.kind, Trial.layer,
                 Trial.unit, Trial.task, Trial.max_position, Response.choice, Response.confidence, Response.correct,
                 Response.rt_ms, Response.server_ms, Response.created_at, Participant.stage, Participant.excluded,
-                Trial.served_at, Trial.catch_ref, Participant.id, settings)
+                Trial.served_at, Trial.catch_ref, Participant.id, settings, Response.hidden_ms, Trial.serves)
          .join(Trial, Response.trial_id == Trial.id)
          .join(Participant, Response.participant_id == Participant.id)
          .join(SurveyStudy, Participant.study_id == SurveyStudy.id)
@@ -137,12 +142,15 @@ def events_frame(sessions: sessionmaker, study_name: str | None = None) -> pd.Da
     return pd.DataFrame([tuple(r) for r in rows], columns=EVENT_COLUMNS)
 
 
-DECLINE_COLUMNS = ["study", "external_id", "created_at"]
+DECLINE_COLUMNS = ["study", "external_id", "created_at", "participant", "participant_stage"]
 
 
 def declines_frame(sessions: sessionmaker, study_name: str | None = None) -> pd.DataFrame:
-    """Everyone who declined consent (the study link's participant ID, if any, and when)."""
-    q = select(Decline.study_name, Decline.external_id, Decline.created_at).order_by(Decline.id)
+    """Everyone who declined consent (the study link's participant ID, if any, and when); ``participant`` and
+    ``participant_stage``: the session that ID had started, where it had one (a decline on a second browser)."""
+    started = and_(Participant.study_name == Decline.study_name, Participant.external_id == Decline.external_id)
+    q = (select(Decline.study_name, Decline.external_id, Decline.created_at, Participant.public_id, Participant.stage)
+         .outerjoin(Participant, started).order_by(Decline.id))
     if study_name is not None:
         q = q.where(Decline.study_name == study_name)
     with sessions() as s:

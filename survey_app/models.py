@@ -89,6 +89,8 @@ class Trial(Base):
     max_position: Mapped[str] = mapped_column(String(8))    # upper | lower
     catch_ref: Mapped[int | None] = mapped_column(Integer, nullable=True)  # catch: index of the repeated reference
     served_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
+    # how often the session's state served it while open: more than once, a reload or a second tab restarted it
+    serves: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
     participant: Mapped[Participant] = relationship(back_populates="trials")
     response: Mapped[Response | None] = relationship(back_populates="trial", uselist=False)
@@ -106,6 +108,8 @@ class Response(Base):
     correct: Mapped[bool] = mapped_column(Boolean)
     rt_ms: Mapped[float] = mapped_column(Float)                       # client: performance.now(), images decoded
     server_ms: Mapped[float | None] = mapped_column(Float, nullable=True)  # server: first served → saved
+    # client: of rt_ms, the time an overlay or a hidden page covered the trial (None from older pages)
+    hidden_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
 
     trial: Mapped[Trial] = relationship(back_populates="response")

@@ -109,7 +109,8 @@ def consent():
         _service().record_decline(external)
         code = _settings().decline_code
         url = _settings().completion_url.format(code=code) if code else None
-        return render_template("declined.html", redirect_url=url)
+        started = bool(external) and _service().find_by_external(external) is not None
+        return render_template("declined.html", redirect_url=url, started=started, contact=_settings().contact)
     if request.form.get("consent") != "yes":
         raise SurveyError(400, "consent is required to take part; tick the box to agree")
     pid = _current_for(external)
@@ -215,7 +216,5 @@ def screened_out():
     if _service().stage(pid) != "screened_out":
         return _to_stage(pid)
     code = _settings().screenout_code
-    if code:
-        return redirect(_settings().completion_url.format(code=code))
-    return render_template("message.html", title="Thank you", message="The practice trials were not passed, so "
-                           "the study ends here. Thank you for your time.")
+    url = _settings().completion_url.format(code=code) if code else None
+    return render_template("screened_out.html", code=code, redirect_url=url)

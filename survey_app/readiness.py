@@ -9,7 +9,7 @@ from sparsight.config import SurveySection
 
 from .screen import minimum_window, trial_window
 
-CONSENT_FIELDS = {"researcher": "who runs the study", "contact": "a contact",
+CONSENT_FIELDS = {"researcher": "the researcher running the study", "contact": "a contact",
                   "ethics_reference": "the ethics approval"}
 #: Settings whose smaller value makes a session shorter or its exclusions laxer than the protocol's (DESIGN §7).
 PROTOCOL_FLOORS = ("practice_trials", "main_trials", "catch_trials", "min_response_ms", "catch_min_accuracy",
@@ -26,7 +26,7 @@ def launch_notes(settings, refs_per_side: int, material=None) -> list[str]:
                      f"sets its own in the [survey] section of study.toml (the demo profile's are for trying it)")
     missing = [f"{what} (survey.{key})" for key, what in CONSENT_FIELDS.items() if not getattr(settings, key)]
     if missing:
-        notes.append(f"the consent page names no {', '.join(missing)}")
+        notes.append(f"the consent page lacks {', '.join(missing)}")
     if not settings.completion_code:
         notes.append("no survey.completion_code: a finished participant sees a thank-you page without a code or a "
                      "redirect to Prolific, and the study's address can be taken again without a participant ID")

@@ -34,7 +34,7 @@ MAX_EVENT_DETAIL = 2000
 #: cannot fill the database through one session.
 MAX_EVENTS_PER_SESSION = 5000
 EVENT_KINDS = ("focus", "blur", "visibility", "fullscreen_enter", "fullscreen_exit", "resize", "reload",
-               "preload_error", "page", "note", "display")
+               "preload_error", "page", "note", "display", "covered", "uncovered")
 TRIAL_ID = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 
 
@@ -325,12 +325,13 @@ class SurveyService:
     def state(self, public_id: str, *, serve: bool = True) -> dict:
         """The session's stage, progress and (during practice/main) the current trial plus the next one's images.
 
-        A read; it writes only to stamp a trial's first serving and, at most every 30 s, the last-seen time."""
+        A read; it writes only to count the current trial's servings (stamping the first) and, at most every 30 s,
+        the last-seen time."""
         with self.readers() as s:
             p = self._participant(s, public_id)
             out = {"session": p.public_id, "stage": p.stage, "progress": self._progress(s, p),
                    "practice_attempt": p.practice_attempt, "practice_attempts": self.settings_of(p).practice_attempts}
-            first_serve = None
+            served = None
             if p.stage in ("practice", "main"):
                 block = self._block_trials(s, p)
                 answered = self._answered_ids(s, block)
@@ -344,16 +345,17 @@ class SurveyService:
                     if upcoming is None and p.stage == "practice":
                         upcoming = self._first_main(s, p)
                     out["prefetch"] = self._urls(self.payload(upcoming)) if upcoming is not None else []
-                    first_serve = current.id if current.served_at is None else None
+                    served = current.id
             stale = p.last_seen_at < utcnow() - dt.timedelta(seconds=30)
             pid = p.id
-        if serve and (first_serve is not None or stale):
-            from sqlalchemy import update
+        if serve and (served is not None or stale):
+            from sqlalchemy import func, update
             now = utcnow()
             with transaction(self.sessions) as s:
-                if first_serve is not None:
-                    s.execute(update(Trial).where(Trial.id == first_serve, Trial.served_at.is_(None))
-                              .values(served_at=now))
+                if served is not None:      # the first serving stamps the time; every serving counts
+                    s.execute(update(Trial).where(Trial.id == served)
+                              .values(served_at=func.coalesce(Trial.served_at, now),
+                                      serves=func.coalesce(Trial.serves, 0) + 1))
                 s.execute(update(Participant).where(Participant.id == pid).values(last_seen_at=now))
         return out
 
@@ -364,6 +366,7 @@ class SurveyService:
     def record_response(self, public_id: str, body: dict) -> dict:
         """Save one answer (idempotent by ``key``) and advance the session; return the feedback."""
         trial_id, choice, confidence, rt_ms, key = _parse_response(body)
+        hidden_ms = _parse_hidden(body, rt_ms)
         with transaction(self.sessions) as s:
             p = self._participant(s, public_id, for_update=True)
             t = s.scalars(select(Trial).where(Trial.public_id == trial_id)).first()
@@ -385,16 +388,16 @@ class SurveyService:
             if not pending or pending[0].id != t.id:
                 raise SurveyError(409, "this is not the current trial; fetch the session state for the current one")
             settings = self.settings_of(p)
-            if not p.is_machine and rt_ms < settings.min_response_ms:
-                raise SurveyError(422, f"responses are accepted after {settings.min_response_ms} ms "
-                                       f"(rt_ms was {rt_ms:g})")
+            if not p.is_machine and rt_ms - (hidden_ms or 0.0) < settings.min_response_ms:
+                raise SurveyError(422, f"responses are accepted after {settings.min_response_ms} ms on screen "
+                                       f"(rt_ms was {rt_ms:g}, hidden_ms {hidden_ms or 0:g})")
             now = utcnow()
             server_ms = (now - t.served_at).total_seconds() * 1000 if t.served_at else None
             if not p.is_machine and settings.check_server_time:
                 _check_server_time(server_ms, rt_ms, settings.min_response_ms)
             r = Response(trial_id=t.id, participant_id=p.id, idempotency_key=key, choice=choice,
                          confidence=confidence, correct=(choice == t.max_position), rt_ms=rt_ms, server_ms=server_ms,
-                         created_at=now)
+                         hidden_ms=hidden_ms, created_at=now)
             s.add(r)
             s.flush()
             p.last_seen_at = utcnow()
@@ -483,6 +486,16 @@ class SurveyService:
         with self.readers() as s:
             p = self._participant(s, public_id)
             return {"stage": p.stage, "excluded": p.excluded}
+
+
+def _parse_hidden(body: dict, rt_ms: float) -> float | None:
+    """The optional ``hidden_ms``: how much of ``rt_ms`` the trial was covered (an overlay, a hidden page)."""
+    hidden = body.get("hidden_ms")
+    if hidden is None:
+        return None
+    if isinstance(hidden, bool) or not isinstance(hidden, (int, float)) or not 0 <= hidden <= rt_ms:
+        raise SurveyError(422, f"hidden_ms {hidden!r} must be a number of milliseconds in [0, rt_ms = {rt_ms:g}]")
+    return float(hidden)
 
 
 def _parse_response(body) -> tuple[str, str, int, float, str]:

@@ -30,10 +30,15 @@
   }
   window.addEventListener("focus", () => logEvent("focus"));
   window.addEventListener("blur", () => logEvent("blur"));
-  document.addEventListener("visibilitychange", () => logEvent("visibility", document.visibilityState));
+  document.addEventListener("visibilitychange", () => {
+    logEvent("visibility", document.visibilityState);
+    trackCover();
+  });
   document.addEventListener("fullscreenchange", () => {
     logEvent(document.fullscreenElement ? "fullscreen_enter" : "fullscreen_exit");
     $("left-fullscreen").hidden = !!document.fullscreenElement || !started || !document.fullscreenEnabled;
+    if (!$("left-fullscreen").hidden) $("fullscreen-button").focus();
+    checkSize();
   });
   let resizeLog = null;      // one event per resize gesture (its final size), not one per frame of a drag
   window.addEventListener("resize", () => {
@@ -77,13 +82,39 @@
     $("too-small-text").textContent = phone ?
       "This study needs a computer with a mouse or keyboard; it cannot be done on a phone or a small tablet." :
       "Your window is too small to show the whole trial (it needs " + need.w + "×" + need.h + " pixels, the " +
-      "window has " + window.innerWidth + "×" + window.innerHeight + "). Please switch to full screen, enlarge " +
-      "the window, or reduce the browser zoom.";
+      "window has " + window.innerWidth + "×" + window.innerHeight + "). " + (document.fullscreenElement ?
+        "Please reduce the browser zoom (Ctrl and the minus key)." :
+        "Please switch to full screen, enlarge the window, or reduce the browser zoom.");
     $("too-small-fullscreen").hidden = phone || !document.fullscreenEnabled || !!document.fullscreenElement;
     $("too-small").hidden = !small;
+    trackCover();
     return !small;
   }
   const overlaid = () => Array.from(document.querySelectorAll(".overlay")).some((el) => !el.hidden);
+
+  // ---- time the trial on screen is covered (an overlay, a hidden page) --------------------------------
+  // The lock counts the time the trial was seen, and each answer reports the covered part of its rt_ms.
+  let coveredSince = null, coveredMs = 0;
+  function trackCover() {
+    if (onScreen === null) return;
+    const now = performance.now();
+    const covered = overlaid() || document.visibilityState === "hidden";
+    if (covered && coveredSince === null) {
+      coveredSince = now;
+      logEvent("covered", document.visibilityState === "hidden" ? "page hidden" :
+        Array.from(document.querySelectorAll(".overlay")).filter((el) => !el.hidden).map((el) => el.id).join(" "));
+    } else if (!covered && coveredSince !== null) {
+      coveredMs += now - coveredSince;
+      coveredSince = null;
+      logEvent("uncovered");
+    }
+  }
+  const coverWatch = new MutationObserver(trackCover);     // an overlay shown or hidden, whatever showed it
+  document.querySelectorAll(".overlay").forEach((el) =>
+    coverWatch.observe(el, {attributes: true, attributeFilter: ["hidden"]}));
+  function hiddenSoFar() {
+    return coveredMs + (coveredSince === null ? 0 : performance.now() - coveredSince);
+  }
 
   // What a participant reads when an answer is refused (the server's reason goes to the event log).
   function plainError(result) {
@@ -199,16 +230,27 @@
     checkSize();
     await new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)));  // painted
     const shown = performance.now();
+    coveredMs = 0;
+    coveredSince = null;
+    trackCover();
     prefetch(state.prefetch);
     setButtons(false);
-    const unlock = setTimeout(() => setButtons(true), S.timing.min_response_ms);
+    // unlocked after min_response_ms on screen: time under an overlay or on a hidden page does not count
+    const unlock = setInterval(() => {
+      if (performance.now() - shown - hiddenSoFar() >= S.timing.min_response_ms) {
+        clearInterval(unlock);
+        setButtons(true);
+      }
+    }, 50);
     const answer = await waitForAnswer();
-    clearTimeout(unlock);
+    clearInterval(unlock);
+    const hidden = Math.min(hiddenSoFar(), answer.t - shown);
     $(answer.choice).classList.add("chosen");
     const key = S.session.slice(0, 8) + "-" + t.id + "-" + Math.random().toString(36).slice(2, 10);
     const feedbackDue = sleep(S.timing.feedback_delay_ms);     // counted from the answer, not from the reply
     const result = await postResponse({trial: t.id, choice: answer.choice, confidence: answer.confidence,
-                                       rt_ms: Math.round((answer.t - shown) * 10) / 10, key: key});
+                                       rt_ms: Math.round((answer.t - shown) * 10) / 10,
+                                       hidden_ms: Math.round(hidden * 10) / 10, key: key});
     if (result.error) {
       $("status").textContent = plainError(result);
       await sleep(2500);
@@ -220,6 +262,9 @@
     chosen.classList.remove("chosen");
     chosen.classList.add(result.correct ? "right" : "wrong");
     if (!result.correct) right.classList.add("right");
+    // in words too, for whoever does not tell the frames' colours apart (and for screen readers)
+    $("status").textContent = result.correct ? "Right." : "Not right: the " + result.correct_position +
+                                                          " image was the one that matches the right examples.";
     await sleep(S.timing.feedback_ms);
     return result;
   }
@@ -233,6 +278,7 @@
       $("overlay-button").disabled = false;
       $("overlay").hidden = false;
       $("overlay-button").onclick = () => { $("overlay").hidden = true; resolve(); };
+      $("overlay-button").focus();          // Enter or Space goes on, without a Tab first
     });
   }
 
@@ -248,10 +294,13 @@
     $("too-small-fullscreen").onclick = () => requestFullscreen();
     let state = await getState();
     const resumed = state.trial && state.trial.number > 1;
-    await overlay(state.stage === "practice" && !resumed
-                    ? "The practice trials start now. The study switches to full-screen mode."
-                    : "Press the button to continue. The study switches to full-screen mode.",
-                  state.stage === "practice" && !resumed ? "Start practice" : "Continue");
+    const practice = state.stage === "practice" && !resumed;
+    const again = practice && state.practice_attempt > 1;     // a reload right after a failed attempt
+    await overlay(again ? "Not all practice answers were right. Please look carefully at the examples and try " +
+                          "again (attempt " + state.practice_attempt + " of " + S.practiceAttempts + ")."
+                  : practice ? "The practice trials start now. The study switches to full-screen mode."
+                  : "Press the button to continue. The study switches to full-screen mode.",
+                  again ? "Practice again" : practice ? "Start practice" : "Continue");
     requestFullscreen();
     started = true;
     while (true) {

@@ -442,7 +442,7 @@ def test_a_nine_reference_trial_fits_the_window_it_asks_for_and_answers_only_whe
         continue_past_overlay(page, "practice trials start now", "Start practice")    # it asks for full screen
         page.wait_for_function("() => !document.getElementById('trial').hidden && "
                                "!document.getElementById('too-small').hidden")     # the trial does not fit: covered
-        assert "Please switch to full screen" in page.text_content("#too-small-text")
+        assert "reduce the browser zoom" in page.text_content("#too-small-text")
         page.set_viewport_size({"width": width, "height": height})
         wait_for_trial(page)
         page.wait_for_function("() => innerWidth === %d && innerHeight === %d" % (width, height))
@@ -476,3 +476,39 @@ def test_a_nine_reference_trial_fits_the_window_it_asks_for_and_answers_only_whe
         with live.sessions() as s:
             answer = s.scalars(select(Response).where(Response.trial_id == trial.id)).one()
         assert (answer.choice, answer.confidence) == ("lower", 1)
+
+
+def test_the_lock_counts_only_the_time_a_trial_is_seen_and_the_answer_reports_the_rest(tmp_path, database_url,
+                                                                                      page):
+    """An overlay over a just-painted trial (left full screen) for 1.5 s: once it is gone the answer buttons stay
+    locked until the trial has been on screen for ``min_response_ms`` (1 s) in all, and the saved answer reports
+    the covered time as ``hidden_ms`` (reference: the time the test kept the overlay up), so ``rt_ms − hidden_ms``
+    is the time the trial was seen."""
+    settings = {**SETTINGS, "min_response_ms": 1000}
+    with _served(tmp_path, database_url, settings) as live:
+        open_trials(page, live)
+        continue_past_overlay(page, "practice trials start now", "Start practice")
+        page.wait_for_function("() => !document.getElementById('trial').hidden")
+        page.evaluate("() => { document.getElementById('left-fullscreen').hidden = false; }")
+        covered_at = time.monotonic()
+        time.sleep(1.5)
+        page.evaluate("() => { document.getElementById('left-fullscreen').hidden = true; }")
+        uncovered_at = time.monotonic()
+        time.sleep(0.3)
+        assert page.evaluate("() => Array.from(document.querySelectorAll('button.answer')).every((b) => b.disabled)")
+        wait_for_trial(page)
+        unlocked_after = time.monotonic() - uncovered_at
+        assert unlocked_after > 0.5, unlocked_after           # the 1.5 s under the overlay did not count
+        trial = current_trial(live)
+        page.locator(f'button.answer[data-choice="{trial.max_position}"][data-confidence="2"]').click()
+        wait_until(lambda: _stored_responses(live) > 0, what="the answer")
+        with live.sessions() as s:
+            answer = s.scalars(select(Response).where(Response.trial_id == trial.id)).one()
+        covered = (uncovered_at - covered_at) * 1000
+        assert covered - 150 <= answer.hidden_ms <= covered + 400, (answer.hidden_ms, covered)
+        assert answer.rt_ms - answer.hidden_ms >= 1000
+
+        def kinds():
+            with live.sessions() as s:
+                return [e.kind for e in s.scalars(select(Event).order_by(Event.id))]
+        wait_until(lambda: {"covered", "uncovered"} <= set(kinds()), what="the covered and uncovered events")

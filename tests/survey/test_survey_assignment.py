@@ -169,14 +169,16 @@ def test_no_participant_sees_a_query_image_twice_when_a_condition_holds_several_
                                                                                                    condition_by):
     """The kinds of a unit share their query pairs (as in a pipeline-built bank), so a condition holding both
     kinds could show one pair twice, and the feedback on the first trial would answer the second.  Main,
-    catch and practice trials of every participant show each query image once, and the study's validity
-    check, which reads the stimulus manifest, agrees; it flags a session that repeats a pair."""
+    catch and practice trials of every participant show each query image once, none of them the instructions'
+    example's (whose answer the example frames), and the study's validity check, which reads the stimulus
+    manifest, agrees; it flags a session that repeats a pair."""
     import pandas as pd
 
     from analysis.validity import practice_leak_check
 
-    app = make_app(bank={"shared_queries": True, "n_tasks": 6}, condition_by=condition_by, main_trials=8,
-                   catch_trials=2, practice_trials=2)
+    units = (("inception3a", 0), ("inception3a", 1), ("inception4a", 2), ("inception4a", 5), ("inception4a", 7))
+    app = make_app(bank={"shared_queries": True, "n_tasks": 6, "units": units}, condition_by=condition_by,
+                   main_trials=8, catch_trials=2, practice_trials=2)
     service = app.extensions["survey"]
     manifest = service.material.manifest
     for _ in range(12):
@@ -191,6 +193,7 @@ def test_no_participant_sees_a_query_image_twice_when_a_condition_holds_several_
         shown = [q for key in dict.fromkeys(g[["model_id", "kind", "layer", "unit", "task"]].itertuples(index=False))
                  for q in assignment.queries(service.material, Item(key[0], key[1], key[2], int(key[3])), key[4])]
         assert len(shown) == len(set(shown))
+        assert not set(shown) & assignment.queries(service.material, *assignment.example_task(service.material))
     assert practice_leak_check(trials, manifest)["value"] == 0
     main = trials[trials["trial_type"] == "main"]
     first = main.iloc[0]

@@ -151,11 +151,17 @@ def test_a_participant_id_that_declined_cannot_start_and_the_decline_is_exported
     assert _consent(app.test_client(), other).status_code == 302           # under way …
     second_tab = app.test_client()
     token = csrf_from(second_tab.get("/", query_string=other).text)
-    second_tab.post("/consent", data={"csrf_token": token, "decision": "decline", **other})
+    page = second_tab.post("/consent", data={"csrf_token": token, "decision": "decline", **other}).text
+    # what it answered stays stored: the page must not say nothing is, and says how to withdraw or go on
+    assert "Nothing about you is stored" not in page and "had already started" in page and "lab@example.org" in page
     assert _consent(app.test_client(), other).status_code == 302           # … and resumes on another browser
     from survey_app.export import declines_frame
     frame = declines_frame(app.config["SESSIONS"], app.extensions["survey"].study_name)
     assert frame["external_id"].tolist() == ["p-123", "p-777"]
+    with app.config["SESSIONS"]() as s:
+        started = s.scalar(select(Participant.public_id).where(Participant.external_id == "p-777"))
+    assert frame["participant"].isna().tolist() == [True, False] and frame["participant"].iloc[1] == started
+    assert frame["participant_stage"].tolist()[1] == "instructions"
     assert declines_frame(app.config["SESSIONS"], "another-study").empty
 
 
@@ -168,7 +174,8 @@ def test_serve_lists_what_a_real_study_still_lacks():
 
     notes = launch_notes(SurveySection(), 9)
     assert len(notes) == 3
-    assert "no who runs the study (survey.researcher), a contact (survey.contact), the ethics approval" in notes[0]
+    assert ("lacks the researcher running the study (survey.researcher), a contact (survey.contact), the ethics "
+            "approval") in notes[0]
     assert notes[1].startswith("no survey.completion_code")
     assert trial_window(128, 176, 9) == (1092, 643) and "participants are asked for 1092×643" in notes[2]
     ready = SurveySection(researcher="A", contact="a@b", ethics_reference="E-1", completion_code="C",
@@ -209,7 +216,9 @@ def test_a_finished_participant_who_lost_the_code_sees_it_again_from_their_own_p
     third = app.test_client()
     r = _consent(third, out)
     assert r.status_code == 302 and r.headers["Location"].endswith("/screened-out")
-    assert third.get("/screened-out").headers["Location"].endswith("cc=NOPE")
+    page = third.get("/screened-out")          # says why the study ended, then returns to Prolific with the code
+    assert 'id="screenout-code">NOPE<' in page.text
+    assert 'content="5;url=https://app.prolific.com/submissions/complete?cc=NOPE"' in page.text
     for link in ({**done, "SESSION_ID": "x-other"}, {k: v for k, v in done.items() if k != "SESSION_ID"}):
         r = _consent(app.test_client(), link)
         assert r.status_code == 409 and "already taken part" in r.text

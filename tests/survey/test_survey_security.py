@@ -5,6 +5,7 @@ import csv
 import io
 import re
 
+import pandas as pd
 from sqlalchemy import select
 
 from survey_app.models import Participant
@@ -148,5 +149,41 @@ def test_events_and_participant_fields_are_exported_and_bad_event_payloads_refus
         stored_seed = s.scalars(select(Participant.seed).where(Participant.external_id == "p-9")).one()
     assert person["seed"] == str(stored_seed)
     declines = admin.get("/admin/export/declines.csv")
-    assert declines.status_code == 200 and declines.text.splitlines()[0] == "study,external_id,created_at"
+    header = "study,external_id,created_at,participant,participant_stage"
+    assert declines.status_code == 200 and declines.text.splitlines()[0] == header
     assert 'id="declined">0<' in admin.get("/admin/").text
+
+
+def test_time_under_an_overlay_does_not_count_as_seen_and_a_restarted_trial_is_flagged(make_app):
+    """A trial covered by an overlay (full-screen prompt, a window too small) or a hidden page is not seen: the
+    minimum response time counts ``rt_ms − hidden_ms``; a bad ``hidden_ms`` is refused and changes nothing; a
+    trial served again while open (a reload, a second tab) carries its serving count into the export."""
+    from sqlalchemy import func, select
+
+    from survey_app.export import responses_frame
+    from survey_app.models import Response
+
+    app = make_app(min_response_ms=1500)
+    client = app.test_client()
+    sid = human_session(client)
+    with client.session_transaction() as s:
+        csrf = s["csrf"]
+    state = client.get(f"/api/sessions/{sid}").json
+    client.get(f"/api/sessions/{sid}")                                  # a reload: the same trial served again
+    body = {"trial": state["trial"]["id"], "choice": "upper", "confidence": 1, "rt_ms": 3000, "key": "hidden-key-01"}
+    post = lambda b: client.post(f"/api/sessions/{sid}/responses", json=b, headers={"X-CSRF-Token": csrf})  # noqa: E731
+    r = post({**body, "hidden_ms": 2000})                               # seen for 1000 ms only
+    assert r.status_code == 422 and "1500 ms on screen" in r.json["error"]
+    for bad in (-1, 3000.5, True, "2000"):
+        r = post({**body, "hidden_ms": bad})
+        assert r.status_code == 422 and "hidden_ms" in r.json["error"], bad
+    with app.config["SESSIONS"]() as s:
+        assert s.scalar(select(func.count(Response.id))) == 0
+    assert post({**body, "hidden_ms": 1200.5}).status_code == 200
+    row = responses_frame(app.config["SESSIONS"]).iloc[0]
+    assert row["rt_ms"] == 3000 and row["hidden_ms"] == 1200.5 and row["serves"] == 2
+    following = client.get(f"/api/sessions/{sid}").json["trial"]["id"]
+    r = post({**body, "trial": following, "key": "hidden-key-02"})      # an older page: no hidden_ms
+    assert r.status_code == 200
+    last = responses_frame(app.config["SESSIONS"]).iloc[-1]
+    assert pd.isna(last["hidden_ms"]) and last["serves"] == 1

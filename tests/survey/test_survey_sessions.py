@@ -102,7 +102,8 @@ def test_practice_failed_every_attempt_screens_out(make_app):
                        headers=head).status_code == 200
         n += 1
     assert state["stage"] == "screened_out" and n == 4
-    assert client.get("/screened-out").headers["Location"].endswith("cc=NOPE")
+    page = client.get("/screened-out").text
+    assert "the study ends here" in page and 'url=https://app.prolific.com/submissions/complete?cc=NOPE"' in page
     with app.config["SESSIONS"]() as s:
         assert s.scalar(select(func.count()).select_from(Trial).where(Trial.block == "main")) == 8   # never served
 
