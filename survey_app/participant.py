@@ -89,6 +89,12 @@ def _current_for(external: str | None) -> str | None:
     return pid
 
 
+@bp.get("/favicon.ico")
+def favicon():
+    """No icon: an empty answer instead of a 404 in every page's console."""
+    return Response(status=204)
+
+
 @bp.get("/")
 def start():
     pid = _current_for(request.args.get("PROLIFIC_PID", "").strip()[:128] or None)

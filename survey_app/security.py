@@ -27,7 +27,8 @@ def check_csrf(sent: str | None) -> None:
     if not sent:
         raise SurveyError(400, "missing CSRF token; reload the page and try again")
     if not expected or not hmac.compare_digest(expected, sent):
-        raise SurveyError(400, "invalid CSRF token; reload the page and try again")
+        raise SurveyError(400, "this page has expired (its security token, CSRF, does not match this browser's "
+                               "session); reload the page and try again")
 
 
 def bearer_token() -> str | None:

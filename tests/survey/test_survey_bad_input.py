@@ -109,7 +109,7 @@ def test_browser_requests_need_the_csrf_token_and_their_own_session(app, client)
     r = fresh.post("/consent", data={"consent": "yes"})
     assert r.status_code == 400 and "CSRF" in r.text
     r = fresh.post("/consent", data={"csrf_token": csrf_from(html)})
-    assert r.status_code == 400 and "consent is required" in r.text
+    assert r.status_code == 400 and "Consent is required" in r.text      # a sentence on the page
     assert snapshot(app) == before
     r = client.post(f"/api/sessions/{sid}/responses", json=body, headers={"X-CSRF-Token": csrf})
     assert r.status_code == 200
