@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
+from sparsight.config import CONTROL_METHOD
 from sparsight.layout import Layout
 
 from .load import BASE_METHOD
@@ -88,7 +89,7 @@ def unit_sheet(manifest: pd.DataFrame, models: pd.DataFrame, bank_root: str | Pa
     kinds = [k for k in ("natural", "synthetic") if k in set(manifest["kind"])]
     k = int(manifest[(manifest["role"] == "ref_max")].groupby(["model_id", "kind", "layer", "unit", "task"])
             .size().max())
-    pruned = models[models["method"] != BASE_METHOD]
+    pruned = models[~models["method"].isin([BASE_METHOD, CONTROL_METHOD])]     # rows of methods that prune
     schedules = sorted(pruned["schedule"].dropna().unique(), key=lambda x: (x != "oneshot", x))
     schedule = schedule or (schedules or [""])[0]
     pruned = pruned[pruned["schedule"] == schedule] if schedule else pruned

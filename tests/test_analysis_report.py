@@ -689,14 +689,16 @@ def test_the_default_design_recovers_a_known_slope_and_a_known_null(slope, verdi
 
 def test_gallery_cells_of_visualizations_carry_their_reach_and_flag_invalid_ones(tmp_path, monkeypatch):
     """Each cell of feature visualizations is labelled with its unit's reach from stimuli/units.csv, red where
-    not valid; natural cells and cells without a reach get no label (reference: the table itself)."""
+    not valid; natural cells and cells without a reach get no label (reference: the table itself).  The retrained
+    control, which prunes nothing, adds no row and no rate-0 column."""
     from matplotlib.figure import Figure
     from PIL import Image
 
     from analysis.gallery import INVALID_COLOUR, unit_sheet, visualization_reach
 
-    models = pd.DataFrame({"model_id": ["base", "s-r0.5", "s-r0.9"], "method": ["base", "structured", "structured"],
-                           "schedule": [None, "oneshot", "oneshot"], "rate": [0.0, 0.5, 0.9]})
+    models = pd.DataFrame({"model_id": ["base", "control-oneshot-r0.00", "s-r0.5", "s-r0.9"],
+                           "method": ["base", "control", "structured", "structured"],
+                           "schedule": [None, "oneshot", "oneshot", "oneshot"], "rate": [0.0, 0.0, 0.5, 0.9]})
     rows = []
     for mid in models.model_id:
         for kind in ("natural", "synthetic"):
@@ -718,6 +720,7 @@ def test_gallery_cells_of_visualizations_carry_their_reach_and_flag_invalid_ones
     unit_sheet(pd.DataFrame(rows), models, tmp_path, "l", 3, tmp_path / "sheet.png", reach=reach)
     labels = [(x, c) for y, x, c in drawn if x]
     assert labels == [("reach 1.73", "black"), ("reach 0.04 · not valid", INVALID_COLOUR)]
+    assert len(drawn) == 2 * 3            # structured × (natural, synthetic); base, rate 0.5, rate 0.9
 
 
 def test_the_layer_panels_give_each_kind_its_row_and_one_legend(tmp_path, monkeypatch):
