@@ -135,7 +135,8 @@ def read_responses(run_dir: str | Path, cfg: StudyConfig | None = None) -> tuple
 
 
 def trials_from_responses(responses: pd.DataFrame, models: pd.DataFrame | None = None) -> pd.DataFrame:
-    """The canonical trial frame (:data:`TRIAL_COLUMNS`) from a tidy responses table (survey export)."""
+    """The canonical trial frame (:data:`TRIAL_COLUMNS`) from a tidy responses table (survey export); ``rt_ms`` is
+    the time the trial was seen: the export's ``rt_ms`` less its ``hidden_ms`` (under an overlay, a hidden page)."""
     if responses is None or responses.empty:
         return empty_trials()
     r = responses.reset_index(drop=True)
@@ -155,7 +156,8 @@ def trials_from_responses(responses: pd.DataFrame, models: pd.DataFrame | None =
         "kind": col("kind", "").astype(str),
         "correct": to_bool(r["correct"], "correct").astype(float),
         "confidence": pd.to_numeric(col("confidence"), errors="coerce"),
-        "rt_ms": pd.to_numeric(col("rt_ms"), errors="coerce"),
+        "rt_ms": pd.to_numeric(col("rt_ms"), errors="coerce") - pd.to_numeric(col("hidden_ms", 0.0),
+                                                                              errors="coerce").fillna(0.0),
         "trial_type": col("trial_type", "main").fillna("main").astype(str),
         "is_machine": to_bool(col("is_machine", False), "is_machine", missing=False),
         "excluded": to_bool(col("excluded", False), "excluded", missing=False),

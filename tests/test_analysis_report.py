@@ -136,7 +136,8 @@ def _responses(models, rng, participants: int = 12) -> pd.DataFrame:
                    position=np.arange(n) % 45, trial=[f"t{i}" for i in range(n)], task=0, max_position="upper",
                    choice="upper", confidence=rng.integers(1, 4, n), rt_ms=rng.normal(2500, 400, n).round(),
                    server_ms=2600, responded_at="2024-01-01T00:00:00", participant_stage="complete",
-                   served_at="2024-01-01T00:00:00", catch_ref=np.nan, protocol="0123456789ab")
+                   served_at="2024-01-01T00:00:00", catch_ref=np.nan, protocol="0123456789ab", hidden_ms=0.0,
+                   serves=1)
     df["is_machine"] = df["is_machine"].fillna(False).astype(bool) if "is_machine" in df else False
     df["observer"] = df["observer"].fillna("") if "observer" in df else ""
     return df[RESPONSE_COLUMNS]
@@ -1238,3 +1239,16 @@ def test_a_step_from_the_base_at_every_rate_is_named_with_the_retraining_it_may_
     step = with_control.table.set_index("model_id").loc["c0", "difference"]
     assert step == pytest.approx(-0.02, abs=0.003) and f"{step:.3f} at 0,".replace("-", "−") in with_control.sentence
     assert "not retrained" not in with_control.sentence
+
+
+def test_the_analysis_reads_the_time_a_trial_was_seen_not_the_time_it_was_covered():
+    """The survey stores how long an overlay or a hidden page covered a trial (``hidden_ms``): the analysed
+    ``rt_ms`` is the time it was seen, ``rt_ms − hidden_ms``; an export without the column reads as before."""
+    from analysis.load import trials_from_responses
+
+    responses = _responses(_models(), np.random.default_rng(6), participants=2)
+    models = pd.DataFrame(_models()).assign(sparsity=0.0)
+    before = trials_from_responses(responses, models)["rt_ms"]
+    hidden = np.where(np.arange(len(responses)) % 3 == 0, 2500.0, np.nan)
+    after = trials_from_responses(responses.assign(hidden_ms=hidden), models)["rt_ms"]
+    assert after.to_numpy() == pytest.approx(before.to_numpy() - np.nan_to_num(hidden))
