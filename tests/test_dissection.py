@@ -351,7 +351,7 @@ def tiny_study(tiny_data, tmp_path_factory):
     common = ["--set", f'study.output_dir="{out}"', "--set", 'study.name="s"', "--set", "data.image_size=32",
               "--set", "study.progress=false", "--set", 'data.source="folder"', "--set", f'data.path="{tiny_data}"',
               "--set", 'prune.methods=["structured"]', "--set", "prune.rates=[0.5]",
-              "--set", 'prune.schedules=["oneshot"]', "--device", "cpu"]
+              "--set", 'prune.schedules=["oneshot"]', "--set", "prune.control=false", "--device", "cpu"]
     assert CliRunner().invoke(main, ["train", "--epochs", "1", *common]).exit_code == 0
     pruned = CliRunner().invoke(main, ["prune", "--method", "structured", "--rate", "0.5", "--epochs", "0",
                                        "--no-robustness", *common])
