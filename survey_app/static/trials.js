@@ -263,8 +263,8 @@
     chosen.classList.add(result.correct ? "right" : "wrong");
     if (!result.correct) right.classList.add("right");
     // in words too, for whoever does not tell the frames' colours apart (and for screen readers)
-    $("status").textContent = result.correct ? "Right." : "Not right: the " + result.correct_position +
-                                                          " image was the one that matches the right examples.";
+    $("status").textContent = result.correct ? "Correct." : "Wrong: the " + result.correct_position +
+                                                          " image is the one that matches the Right examples.";
     await sleep(S.timing.feedback_ms);
     return result;
   }

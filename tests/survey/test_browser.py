@@ -45,7 +45,11 @@ RELOAD_AFTER = 3                       # main trials answered before the page is
 # for the feedback of its answer however briefly it is shown.
 FEEDBACK_RECORDER = """
 window.__feedback = [];
+window.__status = [];
 document.addEventListener("DOMContentLoaded", () => {
+  const status = document.getElementById("status");
+  if (status) new MutationObserver(() => window.__status.push(status.textContent))
+    .observe(status, {childList: true, characterData: true, subtree: true});
   const seen = new MutationObserver((records) => records.forEach((r) => {
     if (/\\b(right|wrong)\\b/.test(r.target.className))
       window.__feedback.push({id: r.target.id, cls: r.target.className});
@@ -207,7 +211,7 @@ def answer_trial(page, live, *, correct: bool, confidence: int, by_key: bool) ->
     expect(page.locator("#upper")).to_have_attribute("src", shown["upper"])
     expect(page.locator("#lower")).to_have_attribute("src", shown["lower"])
     choice = trial.max_position if correct else {"upper": "lower", "lower": "upper"}[trial.max_position]
-    before = page.evaluate("window.__feedback.length")
+    before, said = page.evaluate("[window.__feedback.length, window.__status.length]")
     if by_key:
         page.keyboard.press(answer_key(choice, confidence))
     else:
@@ -220,6 +224,9 @@ def answer_trial(page, live, *, correct: bool, confidence: int, by_key: bool) ->
     except playwright_api.Error as err:   # say why: the page's status line and any failed request
         raise AssertionError(f"no feedback {frames} for trial {trial.public_id}; status line "
                              f"{page.text_content('#status')!r}; problems {page.problems}") from err
+    words = "Correct." if correct else f"Wrong: the {trial.max_position} image is the one that matches the Right"
+    page.wait_for_function("([n, w]) => window.__status.slice(n).some((s) => s.startsWith(w))",
+                           arg=[said, words])                                   # the feedback in words too
     return Answer(trial.public_id, trial.block, trial.attempt, trial.position, choice, confidence, correct, by_key)
 
 
