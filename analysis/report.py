@@ -474,7 +474,10 @@ def mis_equivalence(units, kind, cfg: StudyConfig) -> Outcome:
         raise Skip("no pruned model has MIS")
     table = pd.DataFrame(rows).sort_values(["rate", "model_id"], ignore_index=True)
     n_eq = int((table["equivalent"] == True).sum())  # noqa: E712 - None stays out
-    sentence = (f"{n_eq} of {len(table)} pruned models have {kind} MIS equivalent to the base model's within "
+    controls = int((table["rate"] == 0).sum())
+    models = (f"{len(table)} retrained models ({len(table) - controls} pruned, {controls} retrained control"
+              f"{'s' if controls > 1 else ''})" if controls else f"{len(table)} pruned models")
+    sentence = (f"{n_eq} of {models} have {kind} MIS equivalent to the base model's within "
                 f"±{cfg.analysis.tost_margin:g} (paired TOST over units, α = {cfg.analysis.alpha_level:g})."
                 + _retraining_note(table))
     return Outcome(sentence, {"models": table}, table=table)

@@ -1239,6 +1239,8 @@ def test_a_step_from_the_base_at_every_rate_is_named_with_the_retraining_it_may_
     step = with_control.table.set_index("model_id").loc["c0", "difference"]
     assert step == pytest.approx(-0.02, abs=0.003) and f"{step:.3f} at 0,".replace("-", "−") in with_control.sentence
     assert "not retrained" not in with_control.sentence
+    assert "of 9 retrained models (8 pruned, 1 retrained control) have" in with_control.sentence
+    assert "of 8 pruned models have" in out.sentence
 
 
 def test_the_analysis_reads_the_time_a_trial_was_seen_not_the_time_it_was_covered():
