@@ -270,9 +270,13 @@ def check_weights_fit(arch: str, weights: str | os.PathLike, num_classes: int, n
     path, weight_kwargs = resolve_weights(arch, weights)
     state, header = read_state_dict(path, arch)
     with torch.device("meta"):
-        model = spec.builder(num_classes=num_classes, **{**spec.defaults, **header.get("model_kwargs", {}),
-                                                          **weight_kwargs})
+        model = spec.builder(num_classes=num_classes, **_build_kwargs(spec, header, weight_kwargs))
     fitted_state(model.state_dict(), state, path, arch, num_classes, new_classifier)
+
+
+def _build_kwargs(spec, header: dict, weight_kwargs: dict, kwargs: dict | None = None) -> dict:
+    """The builder's keyword arguments: the spec's defaults, then a checkpoint's, the weights', the caller's."""
+    return {**spec.defaults, **header.get("model_kwargs", {}), **weight_kwargs, **(kwargs or {})}
 
 
 def create_model(name: str, num_classes: int = 1000, weights: str | os.PathLike | None = None,
@@ -282,7 +286,7 @@ def create_model(name: str, num_classes: int = 1000, weights: str | os.PathLike 
     spec = get_spec(name)
     path, weight_kwargs = (None, {}) if not weights else resolve_weights(name, weights)
     state, header = ({}, {}) if path is None else read_state_dict(path, name)
-    build_kwargs = {**spec.defaults, **header.get("model_kwargs", {}), **weight_kwargs, **kwargs}
+    build_kwargs = _build_kwargs(spec, header, weight_kwargs, kwargs)
     model = spec.builder(num_classes=num_classes, **build_kwargs)
     model.arch = name
     model.build_kwargs = build_kwargs
