@@ -97,9 +97,12 @@ def favicon():
 
 @bp.get("/")
 def start():
-    pid = _current_for(request.args.get("PROLIFIC_PID", "").strip()[:128] or None)
+    external = request.args.get("PROLIFIC_PID", "").strip()[:128] or None
+    pid = _current_for(external)
     if pid:
         return _to_stage(pid)
+    if external and (final := _finished_page(external, request.args.get("SESSION_ID", "").strip()[:128])):
+        return final
     params = {k: request.args.get(k, "") for k in PROLIFIC}
     if external_id_required(_settings()) and not params["PROLIFIC_PID"].strip():
         raise SurveyError(403, NEEDS_LINK)
@@ -159,6 +162,24 @@ def _resume_started(external: str, session_id: str | None):
     raise SurveyError(409, ALREADY_TOOK_PART)
 
 
+def _finished_page(external: str, session_id: str):
+    """The completion (or screen-out) page of a finished session reopened from its own study link (the same
+    PROLIFIC_PID and SESSION_ID) on another browser, without asking for consent again; None otherwise.  Nothing
+    is signed in or stored: the page only repeats the session's code."""
+    found = _service().find_by_external(external)
+    if found is None or not session_id or found[1] != session_id or found[2] not in ("complete", "screened_out"):
+        return None
+    return _final_page(found[2])
+
+
+def _final_page(stage: str):
+    """The page that ends a session at ``stage`` (complete or screened_out), with its code and redirect."""
+    code = _settings().completion_code if stage == "complete" else _settings().screenout_code
+    url = _settings().completion_url.format(code=code) if code else None
+    return render_template("complete.html" if stage == "complete" else "screened_out.html", code=code,
+                           redirect_url=url)
+
+
 def _require_session() -> str:
     pid = _current()
     if not pid:
@@ -211,9 +232,7 @@ def complete():
     state = _service().completion(pid)
     if state["stage"] != "complete":
         return _to_stage(pid)
-    code = _settings().completion_code
-    url = _settings().completion_url.format(code=code) if code else None
-    return render_template("complete.html", code=code, redirect_url=url)
+    return _final_page("complete")
 
 
 @bp.get("/screened-out")
@@ -221,6 +240,4 @@ def screened_out():
     pid = _require_session()
     if _service().stage(pid) != "screened_out":
         return _to_stage(pid)
-    code = _settings().screenout_code
-    url = _settings().completion_url.format(code=code) if code else None
-    return render_template("screened_out.html", code=code, redirect_url=url)
+    return _final_page("screened_out")

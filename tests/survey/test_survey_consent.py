@@ -105,7 +105,9 @@ def test_a_double_submitted_consent_resumes_the_one_session_it_created(make_app)
 
 
 def _consent(client, link: dict):
-    token = csrf_from(client.get("/", query_string=link).text)
+    """Consent with ``link`` from a consent page opened with the link's PROLIFIC_PID (a finished session's own
+    link would show its code instead of the form)."""
+    token = csrf_from(client.get("/", query_string={"PROLIFIC_PID": link.get("PROLIFIC_PID", "")}).text)
     return client.post("/consent", data={"csrf_token": token, "consent": "yes", **link})
 
 
@@ -201,8 +203,8 @@ def _finish(app, sid: str, *, correct: bool = True) -> str:
 
 
 def test_a_finished_participant_who_lost_the_code_sees_it_again_from_their_own_prolific_session(make_app):
-    """The same PROLIFIC_PID and SESSION_ID on another browser lead to the completion page (or the screen-out
-    redirect); another or no SESSION_ID is still refused."""
+    """Consenting with the same PROLIFIC_PID and SESSION_ID on another browser leads to the completion page (or
+    the screen-out redirect); another or no SESSION_ID is still refused."""
     from survey_helpers import human_session
     app = make_app(completion_code="DONE42", screenout_code="NOPE", practice_attempts=1)
     done, out = LINK, {**LINK, "PROLIFIC_PID": "p-out", "SESSION_ID": "x-out"}
@@ -222,4 +224,29 @@ def test_a_finished_participant_who_lost_the_code_sees_it_again_from_their_own_p
     for link in ({**done, "SESSION_ID": "x-other"}, {k: v for k, v in done.items() if k != "SESSION_ID"}):
         r = _consent(app.test_client(), link)
         assert r.status_code == 409 and "already taken part" in r.text
+    assert _count(app, Participant) == 2
+
+
+def test_reopening_a_finished_sessions_link_shows_its_code_without_consent_again(make_app):
+    """The study link of a finished session (its PROLIFIC_PID and SESSION_ID), opened on a new browser, shows the
+    completion or screen-out page at once; another SESSION_ID still gets the consent page, and nothing is
+    signed in or stored."""
+    from survey_helpers import human_session
+    app = make_app(completion_code="DONE42", screenout_code="NOPE", practice_attempts=1)
+    done, out = LINK, {**LINK, "PROLIFIC_PID": "p-out", "SESSION_ID": "x-out"}
+    assert _finish(app, human_session(app.test_client(), **done)) == "complete"
+    assert _finish(app, human_session(app.test_client(), **out), correct=False) == "screened_out"
+    with app.config["SESSIONS"]() as s:
+        tokens = sorted(s.scalars(select(Participant.token_hash)))
+    browser = app.test_client()
+    page = browser.get("/", query_string=done)
+    assert page.status_code == 200 and 'id="completion-code">DONE42<' in page.text and "consent" not in page.text
+    assert browser.get("/complete").status_code == 401          # shown, not signed in
+    page = app.test_client().get("/", query_string=out)
+    assert 'id="screenout-code">NOPE<' in page.text
+    for link in ({**done, "SESSION_ID": "x-other"}, {k: v for k, v in done.items() if k != "SESSION_ID"}):
+        page = app.test_client().get("/", query_string=link)
+        assert page.status_code == 200 and 'name="consent"' in page.text and "DONE42" not in page.text
+    with app.config["SESSIONS"]() as s:
+        assert sorted(s.scalars(select(Participant.token_hash))) == tokens
     assert _count(app, Participant) == 2
