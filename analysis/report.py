@@ -474,13 +474,20 @@ def mis_equivalence(units, kind, cfg: StudyConfig) -> Outcome:
         raise Skip("no pruned model has MIS")
     table = pd.DataFrame(rows).sort_values(["rate", "model_id"], ignore_index=True)
     n_eq = int((table["equivalent"] == True).sum())  # noqa: E712 - None stays out
-    controls = int((table["rate"] == 0).sum())
-    models = (f"{len(table)} retrained models ({len(table) - controls} pruned, {controls} retrained control"
-              f"{'s' if controls > 1 else ''})" if controls else f"{len(table)} pruned models")
-    sentence = (f"{n_eq} of {models} have {kind} MIS equivalent to the base model's within "
+    sentence = (f"{n_eq} of {_compared_models(table)} have {kind} MIS equivalent to the base model's within "
                 f"±{cfg.analysis.tost_margin:g} (paired TOST over units, α = {cfg.analysis.alpha_level:g})."
                 + _retraining_note(table))
     return Outcome(sentence, {"models": table}, table=table)
+
+
+def _compared_models(table: pd.DataFrame) -> str:
+    """The models compared with the base, counted: "N pruned models", or, with retrained controls (rate 0), "N
+    retrained models (k pruned, c retrained control(s))"."""
+    controls = int((table["rate"] == 0).sum())
+    if not controls:
+        return f"{len(table)} pruned models"
+    return (f"{len(table)} retrained models ({len(table) - controls} pruned, {controls} retrained control"
+            f"{'s' if controls > 1 else ''})")
 
 
 def _retraining_note(table: pd.DataFrame) -> str:
@@ -647,7 +654,7 @@ def human_equivalence(by_model: pd.DataFrame, kind: str, cfg: StudyConfig) -> Ou
         raise Skip(f"no pruned model has human {kind} responses")
     table = pd.DataFrame(rows)
     n_eq = int((table.get("equivalent", pd.Series(dtype=object)) == True).sum())  # noqa: E712
-    sentence = (f"{n_eq} of {len(table)} pruned models have human {kind} accuracy equivalent to the base model's "
+    sentence = (f"{n_eq} of {_compared_models(table)} have human {kind} accuracy equivalent to the base model's "
                 f"within ±{cfg.analysis.tost_margin:g} (TOST on the difference of participant means).")
     return Outcome(sentence, {"models": table}, table=table)
 

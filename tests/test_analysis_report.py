@@ -1254,3 +1254,23 @@ def test_the_analysis_reads_the_time_a_trial_was_seen_not_the_time_it_was_covere
     hidden = np.where(np.arange(len(responses)) % 3 == 0, 2500.0, np.nan)
     after = trials_from_responses(responses.assign(hidden_ms=hidden), models)["rt_ms"]
     assert after.to_numpy() == pytest.approx(before.to_numpy() - np.nan_to_num(hidden))
+
+
+def test_the_human_comparison_with_the_base_counts_the_retrained_control_apart_from_the_pruned_models():
+    """Human accuracy per model against the base: a model at rate 0 is the retrained control, not a pruned model,
+    and each difference's TOST uses the two participant SEMs combined."""
+    from analysis.report import human_equivalence
+    from sparsight.config import load_study
+
+    cfg = load_study(overrides=["analysis.tost_margin=0.05"])
+    rows = [("base", "base", 0.0, 0.80), ("c0", "control", 0.0, 0.79), ("s1", "structured", 0.5, 0.78),
+            ("s2", "structured", 0.75, 0.60)]
+    by_model = pd.DataFrame([{"model_id": m, "method": method, "rate": r, "kind": "natural", "participants": 40,
+                              "accuracy": a, "sem": 0.01} for m, method, r, a in rows])
+    out = human_equivalence(by_model, "natural", cfg)
+    assert out.sentence.startswith("2 of 3 retrained models (2 pruned, 1 retrained control) have human natural")
+    far = out.table.set_index("model_id").loc["s2"]
+    assert far["difference"] == pytest.approx(-0.20) and far["se"] == pytest.approx(np.hypot(0.01, 0.01))
+    assert not far["equivalent"]
+    pruned_only = human_equivalence(by_model[by_model["model_id"] != "c0"], "natural", cfg)
+    assert pruned_only.sentence.startswith("1 of 2 pruned models have")
