@@ -30,10 +30,10 @@ benchmarks: $(STAMP)
 # every CUDA path and GPU benchmark in one run (SMOKE=1: tiny sizes on the CPU; GPU_CHECK_ARGS: more flags).
 # WHEELS=DIR, on a GPU machine without a package index: PYTHON's own torch, and the wheels that
 # `python -m benchmarks.wheelhouse --out DIR` gathered installed into build/site beside it
+# (without make: `python3 -m benchmarks.gpu_check --wheels DIR`)
 ifdef WHEELS
 gpu-check:
-	$(PYTHON) -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target build/site $(WHEELS)/*.whl
-	PYTHONPATH=$(CURDIR)/build/site:$(CURDIR) $(PYTHON) -m benchmarks.gpu_check $(if $(SMOKE),--smoke) $(GPU_CHECK_ARGS)
+	$(PYTHON) -m benchmarks.gpu_check --wheels $(WHEELS) $(if $(SMOKE),--smoke) $(GPU_CHECK_ARGS)
 else
 gpu-check: $(STAMP)
 	$(BIN)/python -m benchmarks.gpu_check $(if $(SMOKE),--smoke) $(GPU_CHECK_ARGS)

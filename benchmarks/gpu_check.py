@@ -3,7 +3,8 @@
     python -m benchmarks.gpu_check             # on one H100/H200: every check at its GPU size (< 9 minutes)
     python -m benchmarks.gpu_check --smoke     # the same checks at tiny sizes on a CPU (< 10 minutes on 2 cores)
     make gpu-check [SMOKE=1]
-    make gpu-check WHEELS=build/wheels PYTHON=python3   # a PyTorch image without a package index (wheelhouse.py)
+    python3 -m benchmarks.gpu_check --wheels build/wheels   # a PyTorch image without a package index or make
+    make gpu-check WHEELS=build/wheels PYTHON=python3       # the same (the wheels come from wheelhouse.py)
 
 Checks, in order (each is timed, and a failure is recorded, never fatal to the others):
 
@@ -23,7 +24,10 @@ Checks, in order (each is timed, and a failure is recorded, never fatal to the o
 
 Writes ``benchmarks/results/gpu-check-<device>.json`` (``device``, ``torch``, ``smoke``, ``packages``, ``machine``
 and ``checks``: ``{name, status, value, target, seconds}`` with status passed | failed | measured | skipped)
-after every check, so a run cut short still leaves what it measured, and prints a table at the end.
+after every check, so a run cut short still leaves what it measured, and prints a table at the end.  The
+output of the checks that run a subprocess (the CUDA tests, the mini-study) goes to ``<out>-logs/``, so a
+failure or a hang shows where it happened (its last lines are printed too).  ``--wheels DIR`` installs a
+folder of wheels into ``build/site`` (``--site``) and runs the kit again with it on ``PYTHONPATH``.
 Before any check it makes sure every package the project needs imports (one line names the missing
 ones; ``python -m benchmarks.wheelhouse`` builds a folder of wheels for a machine without a package
 index).  ``--budget-s`` bounds the whole run: a check still running at the budget is stopped and
@@ -78,7 +82,8 @@ SIZES = {
     "train": (["--models", "googlenet", "--steps", "20", "--warmup", "8"],
               ["--device", "cpu", "--models", "googlenet", "--batch-size", "4", "--image-size", "64", "--steps", "2",
                "--warmup", "1", "--modes", "fp32 eager", "bf16 + channels_last"]),
-    "mis": (["--device", "cuda", "--backbone", "resnet50", "--images", "2048", "--units", "200"],
+    # 60 units: the bank's PNGs are written by the CPU, which is not what this check measures
+    "mis": (["--device", "cuda", "--backbone", "resnet50", "--images", "2048", "--units", "60"],
             ["--device", "cpu", "--backbone", "observer-small", "--images", "64", "--units", "20", "--tasks", "5"]),
 }
 
@@ -90,9 +95,56 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="JSON file (default: benchmarks/results/gpu-check-<device>.json)")
     p.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one)")
     p.add_argument("--budget-s", type=float, default=None,
-                   help="seconds for the whole run (default: 510 on a GPU, none on a CPU); a check still running "
-                        "then is stopped and recorded as failed, later ones as skipped")
+                   help=f"seconds for the whole run (default: {GPU_BUDGET_S:g} on a GPU, none on a CPU); a check still "
+                        "running then is stopped and recorded as failed, later ones as skipped")
+    p.add_argument("--wheels", default=None,
+                   help="a folder of wheels (python -m benchmarks.wheelhouse) to install first, for a machine "
+                        "without a package index")
+    p.add_argument("--site", default=str(ROOT / "build" / "site"), help="where --wheels installs them")
     return p
+
+
+#: seconds of checks on a GPU: with the wheels' install, the imports and the end, the run stays under 9 minutes
+GPU_BUDGET_S = 480.0
+
+
+# ---- a machine without a package index ----------------------------------------------------------------------
+def install_wheels(wheels: Path, site: Path) -> None:
+    """Install every wheel in ``wheels`` into ``site`` (no index, no dependencies: the folder holds them all)."""
+    found = sorted(wheels.glob("*.whl"))
+    if not found:
+        print(f"Error: no wheels in {wheels}; `python -m benchmarks.wheelhouse --out {wheels}` gathers them",
+              file=sys.stderr)
+        raise SystemExit(2)
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--no-compile",
+                    "--upgrade", "--target", str(site), *map(str, found)], check=True)
+    print(f"{len(found)} wheels installed into {site} in {time.perf_counter() - t0:.1f} s", flush=True)
+
+
+def without_option(argv: list[str], option: str) -> list[str]:
+    """``argv`` less ``option`` and its value (``--opt V`` or ``--opt=V``)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            out.append(arg)
+    return out
+
+
+def rerun_with_site(site: Path, argv: list[str]):
+    """Replace this process by the kit's run with ``site`` first on ``PYTHONPATH`` (output unbuffered)."""
+    inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site.resolve()), str(ROOT), *inherited]),
+           "PYTHONUNBUFFERED": "1", SITE_VARIABLE: str(site.resolve())}
+    os.execve(sys.executable, [sys.executable, "-m", "benchmarks.gpu_check", *without_option(argv, "--wheels")], env)
+
+
+#: set for the run that ``--wheels`` starts: the folder its wheels went to (the report says whether it was used)
+SITE_VARIABLE = "SPARSIGHT_GPU_CHECK_SITE"
 
 
 # ---- before any check -------------------------------------------------------------------------------------
@@ -167,17 +219,35 @@ def alarm(seconds: float | None):
         signal.signal(signal.SIGALRM, previous)
 
 
-def run_bounded(cmd: list[str], timeout: float | None, **kwargs) -> subprocess.CompletedProcess:
+def run_bounded(cmd: list[str], timeout: float | None, log: Path | None = None,
+                **kwargs) -> subprocess.CompletedProcess:
     """``subprocess.run`` (text output captured) in a process group of its own, which is ended when the
     command returns, times out or is interrupted: SIGTERM first (torchrun passes it to its workers, which
-    run in sessions of their own), SIGKILL 5 s later.  Nothing a check starts outlives it or keeps the GPU."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            **kwargs)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
+    run in sessions of their own), SIGKILL 5 s later.  Nothing a check starts outlives it or keeps the GPU.
+
+    With ``log`` its stdout and stderr go to that file as they come (returned as ``stdout``), so a command
+    that times out still leaves what it printed; its last lines are then printed here too."""
+    if log is None:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True, **kwargs)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        finally:
+            _end_group(proc)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                **kwargs)
+        try:
+            proc.wait(timeout=timeout)
+        except BaseException:
+            _end_group(proc)
+            print(f"... the last lines of {log}:\n" + "\n".join(log.read_text(errors="replace").splitlines()[-40:]),
+                  flush=True)
+            raise
         _end_group(proc)
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return subprocess.CompletedProcess(cmd, proc.returncode, log.read_text(errors="replace"), "")
 
 
 def _end_group(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
@@ -202,8 +272,9 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-class BudgetExceeded(Exception):
-    """A check ran past the run's time budget."""
+class BudgetExceeded(BaseException):
+    """A check ran past its time limit.  Not an ``Exception``: a benchmark that records its own failures (``except
+    Exception``) must not swallow it and run on past the limit."""
 
 
 def check(name: str, status: str, value, target, seconds: float) -> dict:
@@ -229,8 +300,9 @@ def cuda_test_files() -> list[str]:
 
 
 def cuda_tests(ctx) -> tuple:
-    proc = run_bounded([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
-                        *cuda_test_files()], timeout=ctx["limit_s"], cwd=ROOT, env=subprocess_env())
+    proc = run_bounded([sys.executable, "-m", "pytest", "-q", "-ra", "-m", "cuda", "-p", "no:cacheprovider",
+                        *cuda_test_files()], timeout=ctx["limit_s"], log=ctx["logs"] / "cuda-tests.log", cwd=ROOT,
+                       env=subprocess_env())
     counted = re.compile(r"\d+ (passed|failed|skipped|deselected|error)")
     summary = [line for line in proc.stdout.splitlines() if counted.search(line)]
     tail = summary[-1:] or (proc.stdout + proc.stderr).strip().splitlines()[-1:] or [""]
@@ -238,7 +310,8 @@ def cuda_tests(ctx) -> tuple:
     if not ctx["gpu"]:
         return "skipped", f"no CUDA device ({tail[0]})", "every CUDA test passes"
     ok = proc.returncode == 0 and counts.get("passed", 0) > 0 and not counts.get("failed") and not counts.get("error")
-    return ("passed" if ok else "failed"), tail[0], "every CUDA test passes"
+    failures = [line for line in proc.stdout.splitlines() if line.startswith(("FAILED ", "ERROR "))]
+    return ("passed" if ok else "failed"), "; ".join([tail[0], *failures]), "every CUDA test passes"
 
 
 def featurevis(ctx) -> tuple:
@@ -361,7 +434,7 @@ def googlenet_study(ctx) -> tuple:
     study.write_text(mini_study_toml(work, ctx["jpeg_data"], ctx["probe"], small=not ctx["gpu"]))
     env = subprocess_env(TORCH_HOME=str(torch_home), SPARSIGHT_DEBUG="1")
     proc = run_bounded([sys.executable, "-m", "sparsight", "run", "--study", str(study)], timeout=ctx["limit_s"],
-                       cwd=work, env=env)
+                       log=ctx["logs"] / "googlenet-study.log", cwd=work, env=env)
     run_dir = work / "runs" / "googlenet-mini"
     results = run_dir / "report" / "results.json"
     if proc.returncode != 0 or not results.is_file():
@@ -481,23 +554,25 @@ def main(args) -> dict:
     device = torch.cuda.get_device_name(0) if gpu else "cpu"
     names = args.only or CHECK_NAMES
     out = Path(args.out) if args.out else HERE / "results" / f"gpu-check-{re.sub(r'[^A-Za-z0-9]+', '-', device)}.json"
-    budget = TimeBudget(args.budget_s if args.budget_s is not None else (510.0 if gpu else None))
+    budget = TimeBudget(args.budget_s if args.budget_s is not None else (GPU_BUDGET_S if gpu else None))
     report = {"device": device, "torch": torch.__version__, "smoke": bool(args.smoke), "packages": packages,
               "machine": machine_facts(), "checks": []}
+    if site := os.environ.get(SITE_VARIABLE):
+        report["wheels"] = {"site": site, "on_path": site in sys.path}
     print(f"{device}; torch {torch.__version__}; {json.dumps(report['machine'])}", flush=True)
     with contextlib.ExitStack() as stack:
         work = Path(args.workdir) if args.workdir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         work.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         ctx = {"gpu": gpu, "smoke": args.smoke, "size": 0 if gpu else 1, "work": work, "budget": budget,
-               "caps": CHECK_CAPS_S if gpu else {}, **prepare_data(work, smoke=not gpu)}
+               "caps": CHECK_CAPS_S if gpu else {}, "logs": out.with_name(out.stem + "-logs"),
+               **prepare_data(work, smoke=not gpu)}
         print(f"data prepared in {time.perf_counter() - t0:.1f} s", flush=True)
         for name in names:
             report["checks"].append(run_check(name, ctx))
             write_report(out, report)
-    write_report(out, report)
-    print("\n" + table(report["checks"]))
-    print(f"\n{out}")
+        print("\n" + table(report["checks"]), flush=True)       # before the scratch folder is removed
+        print(f"\n{out}", flush=True)
     return report
 
 
@@ -525,5 +600,9 @@ def table(checks: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    report = main(get_args_parser().parse_args())
+    arguments = get_args_parser().parse_args()
+    if arguments.wheels:
+        install_wheels(Path(arguments.wheels), Path(arguments.site))
+        rerun_with_site(Path(arguments.site), sys.argv[1:])
+    report = main(arguments)
     sys.exit(1 if any(c["status"] == "failed" for c in report["checks"]) else 0)

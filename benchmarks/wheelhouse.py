@@ -10,8 +10,7 @@ that), leaves out what the target already has (``--have``: package names or ``pi
 ``benchmarks/gpu_image_packages.txt``) and the CUDA stack (torch, torchvision, triton, nvidia-*, which
 must be the machine's own), and downloads the rest with ``--no-deps``.  On the target::
 
-    python3 -m pip install --no-index --no-deps --target /tmp/site wheels/*.whl
-    PYTHONPATH=/tmp/site:. python3 -m benchmarks.gpu_check
+    python3 -m benchmarks.gpu_check --wheels wheels      # installs them into build/site, then runs with it
 
 or ``make gpu-check WHEELS=wheels PYTHON=python3``.
 """

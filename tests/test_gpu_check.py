@@ -248,3 +248,85 @@ def test_a_bounded_subprocess_takes_its_children_with_it(tmp_path, ends):
     while _running(child) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _running(child)
+
+
+def test_a_check_that_records_its_own_errors_still_stops_at_its_limit():
+    """A benchmark that catches ``Exception`` to record a failed mode and run the next (train_throughput does)
+    must not swallow the time limit and run on past it."""
+    import time
+
+    from benchmarks import gpu_check
+
+    def records_its_errors(ctx):
+        for _ in range(3):
+            try:
+                time.sleep(10)
+            except Exception:       # noqa: BLE001 - as a benchmark recording a failed mode
+                pass
+        return "measured", 1, None
+
+    t0 = time.monotonic()
+    with pytest.MonkeyPatch.context() as m:
+        m.setitem(gpu_check.CHECKS, "own-errors", records_its_errors)
+        result = gpu_check.run_check("own-errors", {"budget": gpu_check.TimeBudget(0.5)})
+    assert time.monotonic() - t0 < 5
+    assert result["status"] == "failed" and "time budget" in result["value"]
+
+
+def test_a_logged_subprocess_keeps_its_output_when_it_times_out(tmp_path, capsys):
+    """The CUDA tests and the mini-study write their output to a log as it comes: a hang leaves what was printed
+    on disk and its last lines in the kit's own output, so one GPU run shows where it stopped."""
+    from benchmarks.gpu_check import run_bounded
+
+    log = tmp_path / "logs" / "hang.log"
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_bounded(["sh", "-c", "echo stage one done; echo to stderr >&2; sleep 60"], timeout=1, log=log)
+    assert log.read_text().splitlines() == ["stage one done", "to stderr"]
+    assert "stage one done" in capsys.readouterr().out
+    done = run_bounded(["sh", "-c", "echo all; exit 3"], timeout=30, log=log)
+    assert done.returncode == 3 and done.stdout == "all\n" == log.read_text()
+
+
+def test_without_option_drops_an_option_and_its_value():
+    from benchmarks.gpu_check import without_option
+
+    argv = ["--wheels", "w", "--smoke", "--wheels=v", "--only", "mis", "--wheelsx"]
+    assert without_option(argv, "--wheels") == ["--smoke", "--only", "mis", "--wheelsx"]
+
+
+def _wheel(folder: Path, name: str) -> Path:
+    """A minimal pure-Python wheel of one module ``name``."""
+    import zipfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}-1.0-py3-none-any.whl"
+    info = f"{name}-1.0.dist-info"
+    files = {f"{name}.py": "VALUE = 7\n", f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n",
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files[f"{info}/RECORD"] = "".join(f"{f},,\n" for f in [*files, f"{info}/RECORD"])
+    with zipfile.ZipFile(path, "w") as z:
+        for f, text in files.items():
+            z.writestr(f, text)
+    return path
+
+
+@pytest.mark.slow
+def test_wheels_are_installed_and_the_kit_runs_again_with_them_on_its_path(tmp_path):
+    """``--wheels DIR`` (a machine with no package index and no make): the wheels go into ``--site``, and the
+    checks run in a process that has it on ``PYTHONPATH``; the subprocess check's output is in ``<out>-logs``."""
+    _wheel(tmp_path / "wheels", "kitprobe")
+    site, out = tmp_path / "site", tmp_path / "check.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--wheels", str(tmp_path / "wheels"),
+                           "--site", str(site), "--smoke", "--only", "cuda-tests", "--out", str(out),
+                           "--workdir", str(tmp_path / "work")], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (site / "kitprobe.py").is_file() and "1 wheels installed" in proc.stdout
+    report = json.loads(out.read_text())
+    assert report["wheels"] == {"site": str(site.resolve()), "on_path": True}
+    assert [c["name"] for c in report["checks"]] == ["cuda-tests"]
+    log = (tmp_path / "check-logs" / "cuda-tests.log").read_text()
+    assert report["checks"][0]["value"].startswith("no CUDA device (") and "skipped" in log
+    empty = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--wheels", str(tmp_path / "none"),
+                            "--smoke"], cwd=ROOT, capture_output=True, text=True)
+    assert empty.returncode == 2 and empty.stderr.strip().startswith("Error: no wheels in")
+    assert "\n" not in empty.stderr.strip()
