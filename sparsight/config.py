@@ -409,8 +409,9 @@ _DEMO = {
 }
 
 PROFILES: dict[str, dict] = {
-    # The protocol numbers of the papers (DESIGN §4, §6, §7): the built-in defaults unchanged.
-    "paper": {},
+    # The protocol numbers of the papers (DESIGN §4, §6, §7): the built-in defaults unchanged, under a study
+    # name of its own (not the demo's folder).
+    "paper": {"study": {"name": "paper"}},
     "default": _DEMO,
     # The test suite: the demo's data, every pruning method at three rates, one-shot, fewer tasks.
     "quick": _overlay(_DEMO, {

@@ -177,6 +177,7 @@ def test_every_profile_is_offered_and_paper_plans(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["run", "--profile", "paper", "--plan"])
     assert result.exit_code == 0, result.output
     assert 'profile = "paper"' in result.output and "fv_steps = 512" in result.output
+    assert f"study directory: {tmp_path / 'runs' / 'paper'}" in result.output      # not the demo's folder
 
 
 def test_a_copied_study_directory_runs_where_it_is_and_leaves_the_original_alone(quick_study, study_copy, tmp_path):
