@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from sparsight.layout import CHECKPOINT_FILE, META_FILE
+from sparsight.progress import note
 
 from .data.folders import (ImageFolderDataset, check_num_classes, folder_digest, make_loader, reference_batches,
                            split_dir, stratified_subset)
@@ -89,6 +90,12 @@ class RewindSaver:
     def __call__(self, trainer, epoch: int, batch: int) -> None:
         if epoch == self.epoch and batch == 0 and trainer.ctx.is_main and not self.path.exists():
             self.save(trainer.model)
+
+    def holds_its_epoch(self) -> bool:
+        """Whether the file is there and was saved at this saver's epoch."""
+        if not self.path.is_file():
+            return False
+        return torch.load(self.path, map_location="cpu", weights_only=True).get("epoch") == self.epoch
 
     def save(self, model) -> None:
         from .models.registry import unwrap
@@ -174,11 +181,10 @@ def train_and_save(cfg, data_root: str | Path, out_dir: str | Path, ctx: DistCon
     amp, cl = amp_dtype(settings.amp, ctx.device), use_channels_last(settings.channels_last)
     before = evaluate(model.to(ctx.device), val_loader, ctx=ctx, amp=amp) if weights else None
     rewind = RewindSaver(out_dir / REWIND_FILE, rewind_epoch) if rewind_epoch is not None else None
-    if rewind is not None and rewind.path.exists():
-        rewind.path.unlink()
     trainer = Trainer(model, settings, ctx=ctx, out_dir=out_dir, progress=cfg.study.progress,
                       batch_hooks=[rewind] if rewind else ())
-    history = trainer.fit(train_loader, val_loader) if settings.epochs > 0 else []
+    resume = _keep_rewind_point(trainer, rewind) if rewind is not None and settings.epochs > 0 else True
+    history = trainer.fit(train_loader, val_loader, resume=resume) if settings.epochs > 0 else []
     if rewind is not None and ctx.is_main and not rewind.path.exists():
         rewind.save(trainer.model)  # the rewind epoch is past the end: the trained weights
     after = history[-1]["val"] if history else evaluate(trainer.model, val_loader, ctx=ctx, amp=amp, channels_last=cl)
@@ -294,6 +300,26 @@ def _reference_set(cfg, data_root) -> list:
     p, d = cfg.prune, cfg.data
     return reference_batches(data_root, "train", image_size=d.image_size, per_class=p.lrp_images_per_class,
                              seed=cfg.study.seed, batch_size=d.eval_batch_size, on_corrupt=d.on_corrupt)
+
+
+def _keep_rewind_point(trainer: Trainer, rewind: RewindSaver) -> bool:
+    """Prepare ``rewind.pt`` for a training run that may resume an interrupted one; return whether it resumes.
+
+    Resumed past the rewind epoch, the run keeps the interrupted run's rewind weights, which its hook will not
+    save again; were they lost, it trains from scratch instead (resuming would leave IMP no rewind point).
+    Otherwise (from scratch, or resumed before that epoch) an old file goes, and the hook saves it anew."""
+    start = trainer.resume_point()
+    if start > rewind.epoch and rewind.holds_its_epoch():
+        return True
+    trainer.ctx.barrier()                       # every rank has read the file before it goes
+    if trainer.ctx.is_main:
+        rewind.path.unlink(missing_ok=True)
+    trainer.ctx.barrier()
+    if start > rewind.epoch:
+        note(f"{trainer.out_dir}: the interrupted training's IMP rewind point (epoch {rewind.epoch}) is missing; "
+             "training again from the start")
+        return False
+    return True
 
 
 def _rewind_target(parent_dir: Path, parent_ckpt, ctx: DistContext) -> tuple[dict, str]:

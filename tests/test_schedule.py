@@ -325,3 +325,47 @@ def test_the_retrained_control_prunes_nothing_and_retrains_as_a_oneshot_model_do
         PruneJob("control", 0.5)
     with pytest.raises(PruningError, match="prunes nothing"):
         create_method("control").masks(_model(), 0.3)
+
+
+def test_training_resumed_past_the_rewind_epoch_keeps_the_imp_rewind_point(tiny_data, tmp_path, monkeypatch):
+    """A base training interrupted after the rewind epoch and run again resumes; its ``rewind.pt`` is the one
+    the interrupted run saved at that epoch, as an uninterrupted run's (not the final weights under the rewind
+    epoch's name, which would hand every IMP model other weights), and ``metrics.jsonl`` lists each epoch once.
+    With the rewind point lost, the run trains again from the start and gets the same result."""
+    from pruning.training import StopTraining
+    from pruning.training.engine import Trainer
+
+    def train(name):
+        args = ["train", "--epochs", "3", "--rewind-epoch", "1", "--set", f'study.output_dir="{tmp_path}"',
+                "--set", f'study.name="{name}"', "--set", "data.image_size=32", "--set", "study.progress=false",
+                "--set", 'data.source="folder"', "--set", f'data.path="{tiny_data}"', "--device", "cpu"]
+        return CliRunner().invoke(main, args)
+
+    def weights(name):
+        base = tmp_path / name / "models" / "base"
+        return (torch.load(base / "rewind.pt", weights_only=True), load_checkpoint(base).model.state_dict(),
+                [json.loads(line)["epoch"] for line in (base / "metrics.jsonl").read_text().splitlines()])
+
+    assert train("whole").exit_code == 0
+    whole_rewind, whole_final, _ = weights("whole")
+    epoch_of = Trainer._train_epoch
+
+    def interrupted(self, net, loader, opt, sched, epoch):
+        if epoch == 2:
+            raise StopTraining("interrupted")
+        return epoch_of(self, net, loader, opt, sched, epoch)
+
+    for name, lose_rewind in (("resumed", False), ("lost", True)):
+        with monkeypatch.context() as m:
+            m.setattr(Trainer, "_train_epoch", interrupted)
+            assert train(name).exit_code != 0
+        base = tmp_path / name / "models" / "base"
+        assert torch.load(base / "train_state.pt", weights_only=True)["epoch"] == 1
+        if lose_rewind:
+            (base / "rewind.pt").unlink()
+        assert train(name).exit_code == 0
+        rewind, final, epochs = weights(name)
+        assert rewind["epoch"] == 1 and epochs == [0, 1, 2]
+        assert all(torch.equal(rewind["state_dict"][k], v) for k, v in whole_rewind["state_dict"].items())
+        assert all(torch.equal(final[k], v) for k, v in whole_final.items())
+        assert not any(torch.equal(rewind["state_dict"][k], final[k]) for k in final if k.endswith("conv.weight"))

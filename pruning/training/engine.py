@@ -19,6 +19,7 @@ from typing import Callable, Iterable
 
 import torch
 from torch import nn
+from sparsight.files import atomic_write_text
 from sparsight.progress import note, progress_bar
 
 from ..models.checkpoint import atomic_save
@@ -212,6 +213,15 @@ class Trainer:
                      "scheduler": sched.state_dict() if sched else {}, "scaler": self.scaler.state_dict(),
                      "global_step": self.global_step, "history": json.dumps(self.history)}, self._state_path())
 
+    def resume_point(self) -> int:
+        """The epoch :meth:`fit` would start from: after the last finished one of a resumable state written with
+        these settings, else 0."""
+        path = self._state_path()
+        if path is None or not path.is_file():
+            return 0
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return state["epoch"] + 1 if state.get("fingerprint") == self.settings.fingerprint() else 0
+
     def _load_state(self, opt, sched) -> int:
         """Restore the last finished epoch; return the epoch to start from."""
         path = self._state_path()
@@ -238,6 +248,7 @@ class Trainer:
         opt = build_optimizer([p for p in self.model.parameters() if p.requires_grad], s)
         sched, per_step = build_scheduler(opt, s, len(train_loader))
         start = self._load_state(opt, sched) if resume else 0
+        self._rewrite_log()
         net = self._wrapped()
         for epoch in range(start, s.epochs):
             metrics = self._train_epoch(net, train_loader, opt, sched if per_step else None, epoch)
@@ -304,6 +315,15 @@ class Trainer:
                             lr=opt.param_groups[0]["lr"], images=int(seen), seconds=round(seconds, 3),
                             images_per_s=round(seen / max(seconds, 1e-9), 1), skipped=int(skipped), val={},
                             dropped=int(dropped))
+
+    def _rewrite_log(self) -> None:
+        """``metrics.jsonl`` holds exactly the epochs of the history a fit starts from (none when it starts from
+        scratch), so an epoch an interrupted run logged before it is trained again is not there twice."""
+        if not (self.out_dir and self.ctx.is_main):
+            return
+        path = self.out_dir / METRICS_FILE
+        if self.history or path.exists():
+            atomic_write_text(path, "".join(json.dumps(h) + "\n" for h in self.history))
 
     def _log(self, m: EpochMetrics) -> None:
         if not self.ctx.is_main:
