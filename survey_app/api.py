@@ -47,9 +47,12 @@ def create_session():
     condition = body.get("condition")
     if condition is not None and not isinstance(condition, str):
         raise SurveyError(400, "'condition' must be a string")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31):
+        raise SurveyError(400, "'seed' must be an integer in [0, 2**31)")
     public_id, token = _service().create_participant(
         is_machine=True, observer=observer, mode=body.get("mode", "participant"), condition=condition,
-        practice=practice, user_agent=request.headers.get("User-Agent"))
+        practice=practice, user_agent=request.headers.get("User-Agent"), seed=seed)
     return jsonify(session=public_id, token=token, state=_service().state(public_id, serve=False)), 201
 
 

@@ -107,8 +107,10 @@ class SurveyClient:
             raise SurveyRequestError(status, reason)
         return json.loads(data)
 
-    def start(self, api_token: str, observer: str, *, mode: str = "exhaustive", condition: str | None = None) -> dict:
-        body = {"observer": observer, "mode": mode, **({"condition": condition} if condition else {})}
+    def start(self, api_token: str, observer: str, *, mode: str = "exhaustive", condition: str | None = None,
+              seed: int | None = None) -> dict:
+        body = {"observer": observer, "mode": mode, **({"condition": condition} if condition else {}),
+                **({"seed": seed} if seed is not None else {})}
         out = self._call("POST", "/api/sessions", body, token=api_token)
         self.session, self.token = out["session"], out["token"]
         return out["state"]
@@ -175,9 +177,11 @@ class SimilarityObserver:
 
 
 def run_session(client: SurveyClient, observer, *, api_token: str, mode: str = "exhaustive",
-                condition: str | None = None, progress: Callable[[int, int], None] | None = None) -> dict:
-    """Answer every trial of a new machine session; return a summary with per-trial decisions."""
-    state = client.start(api_token, observer.name, mode=mode, condition=condition)
+                condition: str | None = None, progress: Callable[[int, int], None] | None = None,
+                seed: int | None = None) -> dict:
+    """Answer every trial of a new machine session (``seed``: its draws, else random); return a summary with
+    per-trial decisions."""
+    state = client.start(api_token, observer.name, mode=mode, condition=condition, seed=seed)
     decisions = []
     while "trial" in state:
         trial = state["trial"]

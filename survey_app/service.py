@@ -117,10 +117,11 @@ class SurveyService:
                            prolific_study_id: str | None = None, prolific_session_id: str | None = None,
                            observer: str | None = None, user_agent: str | None = None, window: str | None = None,
                            mode: str = "participant", condition: str | None = None,
-                           practice: bool | None = None) -> tuple[str, str]:
+                           practice: bool | None = None, seed: int | None = None) -> tuple[str, str]:
         """A new participant with its stored trial list; returns ``(public_id, token)``.
 
-        ``mode='exhaustive'`` (machines only) assigns every task of the condition (or of all items).
+        ``mode='exhaustive'`` (machines only) assigns every task of the condition (or of all items).  ``seed``
+        (machines only) fixes the session's draws, so a study's machine sessions repeat; a person's is random.
         """
         if mode not in ("participant", "exhaustive"):
             raise SurveyError(400, f"unknown mode {mode!r}; choose from ['exhaustive', 'participant']")
@@ -130,9 +131,11 @@ class SurveyService:
             raise SurveyError(400, f"unknown condition {condition!r}; choose from {sorted(self.conditions)}")
         if external_id is not None and not external_id.strip():
             external_id = None
+        if seed is not None and not is_machine:
+            raise SurveyError(400, "a seed is for machine participants only")
         practice = (not is_machine) if practice is None else practice
         token, public_id = secrets.token_urlsafe(24), secrets.token_urlsafe(12)
-        seed = secrets.randbelow(2**31)
+        seed = secrets.randbelow(2**31) if seed is None else seed
         try:
             with transaction(self.sessions) as s:
                 lock(s, SurveyStudy, self.study_id)      # serializes assignment: balance counts are exact

@@ -169,6 +169,14 @@ class MisStage:
         return run_mis(study)
 
 
+def machine_seed(study_seed: int, condition: str, index: int) -> int:
+    """The seed of a study's ``index``-th machine session in ``condition``: the study's seed decides it, so the
+    machine participants (their trials, hence their accuracies) repeat when the study is run again."""
+    import hashlib
+    digest = hashlib.sha256(f"machine-session:{study_seed}:{condition}:{index}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") % 2**31
+
+
 def run_participants(study, *, log=print) -> list[Path]:
     """``survey.machine_participants`` machine sessions per condition, answered through the app's API
     (in-process) by the MIS observer; earlier sessions of the same observer are replaced."""
@@ -188,9 +196,9 @@ def run_participants(study, *, log=print) -> list[Path]:
     observer = SimilarityObserver(embedding, mis.alpha, name=name)
     rows = []
     for condition in sorted(service.conditions):
-        for _ in range(cfg.survey.machine_participants):
+        for index in range(cfg.survey.machine_participants):
             summary = run_session(SurveyClient(FlaskTransport(app)), observer, api_token=token, mode="participant",
-                                  condition=condition)
+                                  condition=condition, seed=machine_seed(cfg.study.seed, condition, index))
             rows.append({"session": summary["session"], "observer": name, "condition": condition,
                          "trials": summary["trials"], "accuracy": summary["accuracy"]})
     app.config["ENGINE"].dispose()

@@ -8,7 +8,7 @@ import pandas as pd
 import torch
 from click.testing import CliRunner
 from PIL import Image
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from sparsight.cli import main
 from survey_app.embeddings import create_embedding, penultimate
@@ -147,3 +147,41 @@ def test_machine_participants_stage_replaces_its_own_sessions_and_keeps_human_da
     df = responses_frame(app.config["SESSIONS"])
     assert (~df["is_machine"]).sum() == 1 and df.loc[~df["is_machine"], "trial"].item() == trial["id"]
     assert df["is_machine"].sum() == 8 * 4                                     # the second run replaced the first
+
+
+def test_a_seeded_machine_session_draws_the_same_trials_again(app):
+    """A study's machine sessions are seeded from the study's seed, so running the participants stage again gives
+    the same trials (hence the same accuracies); another seed draws others, and a bad seed is a 400 that stores
+    nothing.  A person's session is never seeded by a caller."""
+    import pytest
+
+    from survey_app.models import Participant
+    from survey_app.service import SurveyError
+    from survey_app.stages import machine_seed
+
+    client = app.test_client()
+    headers = {"Authorization": f"Bearer {API_TOKEN}"}
+
+    def drawn(seed):
+        r = client.post("/api/sessions", json={"observer": "m", "mode": "participant", "seed": seed}, headers=headers)
+        assert r.status_code == 201, r.json
+        with app.config["SESSIONS"]() as s:
+            p = s.scalars(select(Participant).where(Participant.public_id == r.json["session"])).one()
+            return p.condition, [(t.block, t.position, t.model_id, t.kind, t.layer, t.unit, t.task, t.max_position,
+                                  t.catch_ref) for t in s.scalars(select(Trial).where(Trial.participant_id == p.id)
+                                                                  .order_by(Trial.block, Trial.position))]
+
+    seed = machine_seed(0, "all", 0)
+    assert seed == machine_seed(0, "all", 0) != machine_seed(1, "all", 0) != machine_seed(0, "all", 1)
+    first = drawn(seed)
+    assert drawn(seed) == first and len(first[1]) > 4
+    assert any(drawn(s) != first for s in (seed + 1, seed + 2, seed + 3))
+    with app.config["SESSIONS"]() as s:
+        before = s.scalar(select(func.count(Participant.id)))
+    for bad in (-1, 2**31, 1.5, "7", True):
+        r = client.post("/api/sessions", json={"observer": "m", "seed": bad}, headers=headers)
+        assert r.status_code == 400 and "seed" in r.json["error"]
+    with app.config["SESSIONS"]() as s:
+        assert s.scalar(select(func.count(Participant.id))) == before
+    with pytest.raises(SurveyError, match="machine participants only"):
+        app.extensions["survey"].create_participant(seed=seed)
