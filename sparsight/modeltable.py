@@ -86,10 +86,17 @@ def _with_series(models: pd.DataFrame) -> pd.DataFrame:
 def load_models(run_dir: str | Path) -> pd.DataFrame:
     """One row per model of the study (:data:`MODEL_COLUMNS`), the observer network left out.
 
-    ``models/<id>/meta.json`` is read first; ``evaluation.csv`` adds models without a meta file."""
+    ``models/<id>/meta.json`` is read first; ``evaluation.csv`` adds models without a meta file.  Where the
+    study wrote ``evaluation.csv`` (its evaluate stage: one row per model of the study), a model folder it does not
+    list is left out: a model the study's settings no longer name (a rate dropped since) stays on disk, for a
+    later run to reuse, but is not the study's."""
     run_dir = Path(run_dir)
+    evaluation = read_table(Layout(run_dir).evaluation)
+    listed = {str(m) for m in evaluation["model_id"]} if evaluation is not None and len(evaluation) else None
     rows = []
     for meta_file in sorted(run_dir.glob("models/*/meta.json")):
+        if listed is not None and meta_file.parent.name not in listed:
+            continue
         try:
             meta = json.loads(meta_file.read_text())
         except json.JSONDecodeError as err:
@@ -97,8 +104,7 @@ def load_models(run_dir: str | Path) -> pd.DataFrame:
         meta.setdefault("model_id", meta_file.parent.name)
         rows.append(meta_row(meta))
     have = {r["model_id"] for r in rows}
-    evaluation = read_table(Layout(run_dir).evaluation)
-    if evaluation is not None and len(evaluation):
+    if listed is not None:
         for r in evaluation.to_dict("records"):
             if str(r["model_id"]) in have:
                 continue

@@ -1274,3 +1274,22 @@ def test_the_human_comparison_with_the_base_counts_the_retrained_control_apart_f
     assert not far["equivalent"]
     pruned_only = human_equivalence(by_model[by_model["model_id"] != "c0"], "natural", cfg)
     assert pruned_only.sentence.startswith("1 of 2 pruned models have")
+
+
+def test_a_model_folder_the_study_no_longer_names_stays_out_of_its_tables(tmp_path):
+    """A rate dropped from a finished study: its model folders stay on disk (a later run may reuse them), but the
+    study's evaluation.csv no longer lists them, and neither does the model table the report is made from."""
+    run_dir = tmp_path / "st"
+    for model_id, method, rate in (("base", None, 0.0), ("structured-oneshot-r0.50", "structured", 0.5),
+                                   ("structured-oneshot-r0.90", "structured", 0.9)):
+        folder = run_dir / "models" / model_id
+        folder.mkdir(parents=True)
+        (folder / "meta.json").write_text(json.dumps({
+            "model_id": model_id, "arch": "x", "method": method, "schedule": "oneshot" if method else "",
+            "rate_requested": rate, "sparsity": {"total": rate, "effective": rate}, "top1": {"after": 0.9 - rate}}))
+    assert len(load_models(run_dir)) == 3              # no evaluation.csv yet: every model folder
+    pd.DataFrame([{"model_id": m, "arch": "x"} for m in ("base", "structured-oneshot-r0.50")]).to_csv(
+        run_dir / "evaluation.csv", index=False)
+    models = load_models(run_dir).set_index("model_id")
+    assert list(models.index) == ["base", "structured-oneshot-r0.50"]
+    assert models.loc["structured-oneshot-r0.50", "top1"] == pytest.approx(0.4)      # from its meta.json
