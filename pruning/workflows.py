@@ -195,7 +195,7 @@ def train_and_save(cfg, data_root: str | Path, out_dir: str | Path, ctx: DistCon
                   "fingerprint": _robustness_fingerprint(cfg, None, ctx.device)}
     if ctx.is_main:
         sha = save_checkpoint(out_dir / CHECKPOINT_FILE, model, num_classes=num_classes,
-                              args={"settings": json.dumps(asdict(settings)), "data": str(data_root),
+                              args={"settings": json.dumps(asdict(settings)), "data": data_places(cfg, data_root)[0],
                                     "weights": weights, "classes": json.dumps(val_loader.classes)})
         meta = base_meta(model.cpu(), model_id=model_id, input_size=cfg.data.image_size, seed=settings.seed,
                          top1={"before": before and before["top1"], "after": after["top1"]},

@@ -369,3 +369,21 @@ def test_training_resumed_past_the_rewind_epoch_keeps_the_imp_rewind_point(tiny_
         assert all(torch.equal(rewind["state_dict"][k], v) for k, v in whole_rewind["state_dict"].items())
         assert all(torch.equal(final[k], v) for k, v in whole_final.items())
         assert not any(torch.equal(rewind["state_dict"][k], final[k]) for k in final if k.endswith("conv.weight"))
+
+
+def test_the_same_training_in_two_study_folders_writes_the_same_checkpoint_bytes(tiny_data, tmp_path):
+    """Two studies that train alike on data inside their own folders write byte-identical checkpoints (the data
+    is named relative to the study), so their checkpoint hashes, and every fingerprint built on them, agree."""
+    import shutil
+
+    shas = []
+    for name in ("first", "second"):
+        data = tmp_path / name / "data"
+        shutil.copytree(tiny_data, data)
+        args = ["train", "--epochs", "1", "--set", f'study.output_dir="{tmp_path}"', "--set", f'study.name="{name}"',
+                "--set", "data.image_size=32", "--set", "study.progress=false", "--set", 'data.source="folder"',
+                "--set", f'data.path="{data}"', "--device", "cpu"]
+        assert CliRunner().invoke(main, args).exit_code == 0
+        shas.append(read_meta(tmp_path / name / "models" / "base")["checkpoint_sha256"])
+    assert shas[0] == shas[1]
+    assert load_checkpoint(tmp_path / "first" / "models" / "base").args["data"] == "<study>/data"
