@@ -32,8 +32,9 @@ class ErrorBoundary(click.Group):
             super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.exceptions.Exit as stop:
             sys.exit(stop.exit_code)
-        except click.Abort:
-            click.echo("Error: aborted", err=True)
+        except click.Abort:             # Ctrl-C: every finished stage, model and epoch is on disk
+            click.echo("Error: interrupted; what was finished is kept, and the same command goes on from there",
+                       err=True)
             sys.exit(1)
         except click.ClickException as err:
             message = " ".join(err.format_message().split())

@@ -218,3 +218,18 @@ def test_a_subcommand_gives_a_worker_error_as_the_worker_raised_it():
     assert "Original Traceback" in str(caught.value)
     assert usage_error(caught.value).message == ("probe label map p05.png: mask layer 'object' holds value 9, but the "
                                                  "layer has only 3 concepts")
+
+
+def test_an_interrupted_command_says_that_the_same_command_goes_on(tmp_path, monkeypatch, capsys):
+    """Ctrl-C ends a command with one line that tells the researcher what was kept and how to go on."""
+    from pruning.data import concept_shapes
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(concept_shapes, "generate", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        main.main(["data", "synth", str(tmp_path / "shapes")], prog_name="sparsight")
+    assert stop.value.code == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert lines == ["Error: interrupted; what was finished is kept, and the same command goes on from there"]
