@@ -2,8 +2,9 @@
 
 A stage declares what it depends on (``inputs``: config values and upstream records) and what it
 writes (``outputs``).  After a run its record — an input fingerprint and the sha256 of every
-output — lands in ``<run_dir>/.stages/<name>.json``; a later run skips the stage only when the
-fingerprint matches and every output still has the recorded content.
+output, and the inputs themselves — lands in ``<run_dir>/.stages/<name>.json``; a later run skips the
+stage only when the fingerprint matches and every output still has the recorded content, and otherwise
+says why it runs (which settings or upstream results changed, which output is gone or was edited).
 """
 from __future__ import annotations
 
@@ -76,20 +77,66 @@ class Study:
             return None
 
 
-def fingerprint(stage: Stage, study: Study) -> str:
-    blob = json.dumps({"stage": stage.name, "inputs": stage.inputs(study)}, sort_keys=True, default=str)
+def stage_inputs(stage: Stage, study: Study) -> dict:
+    """What ``stage`` depends on, as JSON gives it back (what its record keeps)."""
+    return json.loads(json.dumps(stage.inputs(study), sort_keys=True, default=str))
+
+
+def _fingerprint_of(name: str, inputs: dict) -> str:
+    blob = json.dumps({"stage": name, "inputs": inputs}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def fingerprint(stage: Stage, study: Study) -> str:
+    return _fingerprint_of(stage.name, stage_inputs(stage, study))
+
+
 def is_current(stage: Stage, study: Study, fp: str) -> bool:
-    rec = study.load_record(stage.name)
-    if not rec or rec.get("fingerprint") != fp:
-        return False
+    return _why_it_runs(study.load_record(stage.name), study, fp, None) is None
+
+
+#: how many changed inputs a reason names before it says how many more there are
+NAMED_CHANGES = 4
+
+
+def changed_inputs(before: dict | None, now: dict) -> str:
+    """The inputs that differ between a stage's record and now, as dotted names two levels deep (``mis.alpha``,
+    ``upstream.stimuli``), or a general phrase for a record that kept no inputs."""
+    if before is None:
+        return "its settings or upstream results changed"
+
+    old, new = _two_levels(before), _two_levels(now)
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k, ...) != new.get(k, ...))
+    if not changed:
+        return "its settings or upstream results changed"
+    more = len(changed) - NAMED_CHANGES
+    return "changed: " + ", ".join(changed[:NAMED_CHANGES]) + (f" and {more} more" if more > 0 else "")
+
+
+def _two_levels(inputs: dict) -> dict:
+    """``{"mis": {"alpha": 4}}`` → ``{"mis.alpha": 4}``; deeper values are compared whole."""
+    out = {}
+    for key, value in inputs.items():
+        if isinstance(value, dict):
+            out.update({f"{key}.{inner}": v for inner, v in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
+def _why_it_runs(rec: dict | None, study: Study, fp: str, inputs: dict | None) -> str | None:
+    """Why a stage with record ``rec`` and fingerprint ``fp`` (of ``inputs``) runs; None when it is up to date."""
+    if not rec:
+        return "no earlier run"
+    if rec.get("fingerprint") != fp:
+        return changed_inputs(rec.get("inputs"), inputs) if inputs is not None else "its inputs changed"
     for rel, digest in rec.get("outputs", {}).items():
         path = study.path(rel)
-        if not path.is_file() or sha256_file(path) != digest:
-            return False
-    return True
+        if not path.is_file():
+            return f"{rel} is missing"
+        if sha256_file(path) != digest:
+            return f"{rel} was changed since"
+    return None
 
 
 def plan_study(config: StudyConfig, stages: list[Stage], *, force: tuple[str, ...] = ()):
@@ -105,20 +152,22 @@ def plan_study(config: StudyConfig, stages: list[Stage], *, force: tuple[str, ..
     plan = []
     for stage in stages:
         try:
-            current = is_current(stage, study, fingerprint(stage, study))
+            inputs = stage_inputs(stage, study)
+            reason = _why_it_runs(study.load_record(stage.name), study, _fingerprint_of(stage.name, inputs), inputs)
         except NotKnownWhilePlanning as why:
             plan.append((stage, f"may run ({why})"))
             continue
         except (OSError, ValueError):
-            current = False
-        current = current and "all" not in force and stage.name not in force
-        if current:
+            reason = "its record cannot be read"
+        if reason is None and ("all" in force or stage.name in force):
+            reason = "forced"
+        if reason is None:
             study.records[stage.name] = study.load_record(stage.name)
             plan.append((stage, "up to date"))
             continue
         skip = getattr(stage, "skip_reason", None)
         why = skip(study) if skip is not None else None
-        plan.append((stage, f"skips ({why})" if why else "runs"))
+        plan.append((stage, f"skips ({why})" if why else f"runs ({reason})"))
     return plan
 
 
@@ -161,21 +210,26 @@ def run_study(study: Study, stages: list[Stage], *, force: tuple[str, ...] = (),
         write_study(study.config, study.run_dir)
     for stage in stages:
         forced = "all" in force or stage.name in force
-        fp, record = decided_by_main(study, lambda: _current_record(stage, study, forced))
+        fp, inputs, record, reason = decided_by_main(study, lambda: _current_record(stage, study, forced))
         if record is not None:
             study.records[stage.name] = record
             log(f"[{stage.name}] up to date, skipped")
             continue
-        log(f"[{stage.name}] {stage.description}")
-        rec = _run_stage(stage, study, fp, forced)
+        log(f"[{stage.name}] {stage.description}" + ("" if reason == "no earlier run" else f" ({reason})"))
+        rec = _run_stage(stage, study, fp, forced, inputs)
         log(f"[{stage.name}] done in {rec['seconds']:.1f} s")
     return study
 
 
-def _current_record(stage: Stage, study: Study, forced: bool) -> tuple[str, dict | None]:
-    """``(fingerprint, the stage's record if it is up to date, else None)``."""
-    fp = fingerprint(stage, study)
-    return fp, (study.load_record(stage.name) if not forced and is_current(stage, study, fp) else None)
+def _current_record(stage: Stage, study: Study, forced: bool) -> tuple[str, dict, dict | None, str | None]:
+    """``(fingerprint, inputs, the stage's record if it is up to date else None, why it runs)``."""
+    inputs = stage_inputs(stage, study)
+    fp = _fingerprint_of(stage.name, inputs)
+    rec = study.load_record(stage.name)
+    reason = _why_it_runs(rec, study, fp, inputs)
+    if reason is None and forced:
+        reason = "forced"
+    return fp, inputs, (rec if reason is None else None), reason
 
 
 def decided_by_main(study: Study, decide):
@@ -197,7 +251,7 @@ def decided_by_main(study: Study, decide):
     return value
 
 
-def _run_stage(stage: Stage, study: Study, fp: str, forced: bool) -> dict:
+def _run_stage(stage: Stage, study: Study, fp: str, forced: bool, inputs: dict | None = None) -> dict:
     """Run one stage, wait for every process, and record its fingerprint and output digests (rank 0's
     record on every rank: the outputs are the ones rank 0 wrote)."""
     study.forced = forced
@@ -208,7 +262,7 @@ def _run_stage(stage: Stage, study: Study, fp: str, forced: bool) -> dict:
     rec = decided_by_main(study, lambda: {
         "fingerprint": fp, "seconds": round(time.perf_counter() - t0, 2),
         "outputs": {str(Path(p).relative_to(study.run_dir)): sha256_file(Path(p)) for p in outputs},
-        "environment": describe()})
+        "environment": describe(), **({"inputs": inputs} if inputs is not None else {})})
     study.records[stage.name] = rec
     if study.is_main:
         atomic_write_text(study.record_path(stage.name), json.dumps(rec, indent=2))

@@ -1,6 +1,7 @@
 """The kernel's small parts: atomic writes, the study layout, flags as settings, the study context."""
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
@@ -154,3 +155,46 @@ def test_an_error_deciding_on_rank_0_stops_every_rank(tmp_path):
     errors = _run_ranks(tmp_path, [_Written("mis", fail=True)])
     assert isinstance(errors[0], ValueError)
     assert isinstance(errors[1], RuntimeError) and "rank 0 stopped: ValueError: the survey database" in str(errors[1])
+
+
+class _Settable:
+    """A stage whose inputs are settings the test changes."""
+
+    def __init__(self):
+        self.name, self.description, self.settings = "scores", "score the units", {"alpha": 4.0, "beta": 1}
+
+    def inputs(self, study):
+        return {"scores": dict(self.settings), "seed": 0}
+
+    def run(self, study):
+        return [atomic_write_text(study.path("scores.txt"), f"{self.settings}")]
+
+
+def test_a_stage_that_runs_again_says_why(tmp_path):
+    """The run log and the plan name what made a stage run again: the settings that changed (dotted), an output
+    that is gone or was edited, or --force; a first run needs no reason, and an unchanged rerun skips."""
+    from sparsight.study import plan_study, run_study
+
+    cfg = load_study(overrides=[f'study.output_dir="{tmp_path}"', 'study.name="why"'])
+    stage = _Settable()
+
+    def logged(force=()):
+        lines = []
+        run_study(Study(cfg), [stage], force=force, log=lines.append)
+        return lines[0]
+
+    assert logged() == "[scores] score the units"
+    record = json.loads((tmp_path / "why" / ".stages" / "scores.json").read_text())
+    assert record["inputs"] == {"scores": {"alpha": 4.0, "beta": 1}, "seed": 0}
+    assert logged() == "[scores] up to date, skipped"
+    stage.settings = {"alpha": 8.0, "beta": 2, "gamma": True}
+    assert plan_study(cfg, [stage])[0][1] == "runs (changed: scores.alpha, scores.beta, scores.gamma)"
+    assert logged() == "[scores] score the units (changed: scores.alpha, scores.beta, scores.gamma)"
+    (tmp_path / "why" / "scores.txt").write_text("edited")
+    assert logged() == "[scores] score the units (scores.txt was changed since)"
+    (tmp_path / "why" / "scores.txt").unlink()
+    assert plan_study(cfg, [stage])[0][1] == "runs (scores.txt is missing)"
+    assert logged() == "[scores] score the units (scores.txt is missing)"
+    assert logged(force=("scores",)) == "[scores] score the units (forced)"
+    stage.settings = {f"k{i}": i for i in range(7)}
+    assert logged().endswith("(changed: scores.alpha, scores.beta, scores.gamma, scores.k0 and 6 more)")

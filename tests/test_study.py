@@ -181,6 +181,14 @@ def test_plan_reports_current_stages_without_running_them(quick_run):
               if len(line.split()) > 1 and line.split()[0] in names and line.split()[1] in ("up", "runs")}
     assert states["mis"] == "runs" and states["base"] == "up"
     assert record.stat().st_mtime_ns == before        # nothing ran
+    lines = forced.output.splitlines()
+    assert lines[lines.index(next(x for x in lines if x.startswith("mis ")))+1].strip() == "(forced)"
+    changed = CliRunner().invoke(main, args + ["--set", "mis.alpha=7.5", "--set", "survey.main_trials=5"])
+    lines = changed.output.splitlines()
+    mis_line = lines.index(next(x for x in lines if x.startswith("mis ")))
+    assert lines[mis_line].split()[1] == "runs" and lines[mis_line + 1].strip() == "(changed: mis.alpha)"
+    participants = lines.index(next(x for x in lines if x.startswith("participants ")))
+    assert "survey.main_trials" in lines[participants + 1] and "mis.alpha" in lines[participants + 1]
 
 
 @pytest.mark.slow
@@ -203,6 +211,9 @@ def test_rerun_skips_current_stages_and_detects_changed_outputs(quick_run):
     meta.write_text(original.replace('"model_id"', '"model_id" ', 1))  # same existence, other content
     try:
         assert not is_current(base, study, fingerprint(base, study))
+        edited = CliRunner().invoke(main, ["run", "--profile", "quick", "--set",
+                                           f'study.output_dir="{run_dir.parent}"', "--plan"])
+        assert "(models/base/meta.json was changed since)" in edited.output
     finally:
         meta.write_text(original)
     changed = Study(load_study(profile="quick", overrides=[f'study.output_dir="{run_dir.parent}"',
