@@ -12,8 +12,9 @@ from survey_helpers import auth, machine_session
 
 
 def test_the_responses_export_names_each_models_method_schedule_rate_and_sparsity(make_app, database_url):
-    """``base`` from its meta.json, ``m1`` from evaluation.csv (a model without a meta.json), as the analysis
-    reads them; a study directory without either exports the responses as they are stored."""
+    """``base`` from its meta.json (before its row in evaluation.csv), ``m1`` from evaluation.csv (a model without
+    a meta.json), as the analysis reads them; a study directory without either exports the responses as they are
+    stored."""
     app = make_app()
     run_dir = app.config["RUN_DIR"]
     client = app.test_client()
@@ -31,7 +32,9 @@ def test_the_responses_export_names_each_models_method_schedule_rate_and_sparsit
     (run_dir / "models" / "base" / "meta.json").write_text(json.dumps(
         {"model_id": "base", "arch": "inception-small", "method": None, "schedule": None, "rate_requested": 0.0,
          "sparsity": {"total": 0.0}, "top1": {"after": 0.9}}))
-    pd.DataFrame([{"model_id": "m1", "arch": "inception-small", "method": "structured", "schedule": "oneshot",
+    pd.DataFrame([{"model_id": "base", "arch": "inception-small", "method": "", "schedule": "",
+                   "rate_requested": 0.0, "sparsity": 0.25, "top1": 0.1},          # meta.json wins
+                  {"model_id": "m1", "arch": "inception-small", "method": "structured", "schedule": "oneshot",
                    "rate_requested": 0.5, "sparsity": 0.48, "top1": 0.8}]).to_csv(run_dir / "evaluation.csv",
                                                                                  index=False)
     result = runner.invoke(main, ["responses", str(run_dir), "--database", database_url])
