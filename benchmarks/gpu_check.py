@@ -137,9 +137,8 @@ def without_option(argv: list[str], option: str) -> list[str]:
 
 def rerun_with_site(site: Path, argv: list[str]):
     """Replace this process by the kit's run with ``site`` first on ``PYTHONPATH`` (output unbuffered)."""
-    inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site.resolve()), str(ROOT), *inherited]),
-           "PYTHONUNBUFFERED": "1", SITE_VARIABLE: str(site.resolve())}
+    env = subprocess_env(PYTHONUNBUFFERED="1", **{SITE_VARIABLE: str(site.resolve())})
+    env["PYTHONPATH"] = os.pathsep.join([str(site.resolve()), env["PYTHONPATH"]])
     os.execve(sys.executable, [sys.executable, "-m", "benchmarks.gpu_check", *without_option(argv, "--wheels")], env)
 
 

@@ -152,17 +152,14 @@ def plan_study(config: StudyConfig, stages: list[Stage], *, force: tuple[str, ..
     plan = []
     for stage in stages:
         try:
-            inputs = stage_inputs(stage, study)
-            reason = _why_it_runs(study.load_record(stage.name), study, _fingerprint_of(stage.name, inputs), inputs)
+            _, _, record, reason = _current_record(stage, study, "all" in force or stage.name in force)
         except NotKnownWhilePlanning as why:
             plan.append((stage, f"may run ({why})"))
             continue
         except (OSError, ValueError):
-            reason = "its record cannot be read"
-        if reason is None and ("all" in force or stage.name in force):
-            reason = "forced"
-        if reason is None:
-            study.records[stage.name] = study.load_record(stage.name)
+            record, reason = None, "its record cannot be read"
+        if record is not None:
+            study.records[stage.name] = record
             plan.append((stage, "up to date"))
             continue
         skip = getattr(stage, "skip_reason", None)
@@ -251,7 +248,7 @@ def decided_by_main(study: Study, decide):
     return value
 
 
-def _run_stage(stage: Stage, study: Study, fp: str, forced: bool, inputs: dict | None = None) -> dict:
+def _run_stage(stage: Stage, study: Study, fp: str, forced: bool, inputs: dict) -> dict:
     """Run one stage, wait for every process, and record its fingerprint and output digests (rank 0's
     record on every rank: the outputs are the ones rank 0 wrote)."""
     study.forced = forced
@@ -262,7 +259,7 @@ def _run_stage(stage: Stage, study: Study, fp: str, forced: bool, inputs: dict |
     rec = decided_by_main(study, lambda: {
         "fingerprint": fp, "seconds": round(time.perf_counter() - t0, 2),
         "outputs": {str(Path(p).relative_to(study.run_dir)): sha256_file(Path(p)) for p in outputs},
-        "environment": describe(), **({"inputs": inputs} if inputs is not None else {})})
+        "environment": describe(), "inputs": inputs})
     study.records[stage.name] = rec
     if study.is_main:
         atomic_write_text(study.record_path(stage.name), json.dumps(rec, indent=2))
