@@ -118,7 +118,7 @@ def echo_answers(items: list[dict]) -> None:
     """Does pruning change how interpretable units are? The report's answer per reference kind (and observer)."""
     if items:
         people = any(item.get("observer") == "people" for item in items)
-        click.echo(f"\nanswer (total effect of pruning rate, all methods: on MIS"
+        click.echo(f"\nanswer (total effect of pruning rate, all methods: on the MIS of the units that stay live"
                    f"{', and on human accuracy' if people else ''}):")
         for item in items:
             click.echo(f"  {item['sentence']}")

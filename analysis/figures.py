@@ -156,7 +156,7 @@ def top1_vs_sparsity(models: pd.DataFrame, path, chance: float | None = None) ->
     if chance is not None:
         ax.axhline(chance, color="0.5", lw=1, ls="--", label=f"chance ({chance:.2g})", zorder=0)
     ax.set(xlabel="sparsity (measured)", ylabel="top-1 accuracy (validation)",
-           title="accuracy after retraining (dotted: before)", xlim=(-0.03, 1.0), ylim=(0.0, 1.02))
+           title="accuracy after retraining (dotted: before the last retraining)", xlim=(-0.03, 1.0), ylim=(0.0, 1.02))
     ax.grid(alpha=0.3)
     _legend_outside(ax)
     return _save(fig, path)

@@ -42,6 +42,8 @@ from scipy import stats
 from scipy.integrate import quad
 from scipy.optimize import brentq
 
+from sparsight.modeltable import BASE_METHOD
+
 from .statistics import FEWEST_MODELS, GH_NODES, GH_WEIGHTS, averaged_accuracy
 
 #: Target power of the tables.
@@ -173,6 +175,15 @@ class TrialModel:
         return (a + b) / 2
 
 
+def _base_units(mis_units: pd.DataFrame, kind: str) -> pd.DataFrame:
+    """The live units of the base model under ``kind``: the rows of method ``base`` (a retrained control also
+    has rate 0, but it is another model: its units would count twice), else those at rate 0."""
+    if not len(mis_units):
+        return mis_units
+    parent = (mis_units["method"] == BASE_METHOD) if "method" in mis_units else (mis_units["rate"] == 0)
+    return mis_units[parent & (mis_units["kind"] == kind) & (mis_units["status"] == "ok")]
+
+
 def fit_trial_model(kind: str, mis_units: pd.DataFrame, trials: pd.DataFrame, rates, assumed_participant_sd: float,
                     mis_model_sd: float = 0.0) -> TrialModel:
     """β₀, σ_p, σ_u, σ_m of ``kind`` from human main trials (enough participants), else from the MIS.
@@ -182,8 +193,7 @@ def fit_trial_model(kind: str, mis_units: pd.DataFrame, trials: pd.DataFrame, ra
     for σ_m when the humans are too few or cannot separate it from σ_p."""
     rates = tuple(sorted(float(r) for r in rates))
     human = trials[(trials["kind"] == kind)] if len(trials) and "kind" in trials else trials
-    base = (mis_units[(mis_units["kind"] == kind) & (mis_units["rate"] == 0) & (mis_units["status"] == "ok")]
-            if len(mis_units) else mis_units)
+    base = _base_units(mis_units, kind)
     # a shift δ on the logit moves the units' mean P by δ·mean(p(1 − p)), not δ·p̄(1 − p̄)
     p = np.clip(base["mis"].to_numpy(float), 0.02, 0.98) if len(base) else np.array([0.5])
     mis_sigma_m = float(mis_model_sd) / float(np.mean(p * (1 - p)))

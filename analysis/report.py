@@ -56,8 +56,9 @@ FIGURE_CAPTIONS = {
                         "vs measured sparsity, per pruning method (points of one sparsity set slightly apart); "
                         "dotted line: chance (0.5). Each point averages the model's live units, a set that shrinks "
                         "where pruning silences units; the primary slope compares each unit with itself instead.",
-    "top1": "Top-1 validation accuracy vs sparsity after retraining (dotted: before retraining; dashed grey: "
-            "chance, one class for every image).",
+    "top1": "Top-1 validation accuracy vs sparsity after retraining (dotted: just after the last pruning step, "
+            "before its retraining; an iterative model was retrained after each earlier step, so its dotted point "
+            "is not the one-shot drop; dashed grey: chance, one class for every image).",
     "layers": "MIS per layer (mean ± SEM over the layer's units, not the bootstrap CIs of the other figures) vs "
               "sparsity, one row of layers per reference kind (synthetic: the visualized units of the layer only; "
               "points of one sparsity set slightly apart).",
@@ -237,7 +238,9 @@ def mis_slope(units, kind, series, cfg: StudyConfig, adjusted: bool = False) -> 
         sentence += (f" The unit mixed model, which takes a model's units as independent, gives "
                      f"{fmt(naive['coef'] * PER_STEP)} per 10 % with a standard error {fmt(ratio, 2)}× "
                      + ("smaller: it leaves out the noise a model's units share." if narrower else "larger."))
+    live = int((d["status"] == "ok").sum()) if "status" in d else len(d)
     result.update(kind=kind, scope=scope, rate_span=span, slope_per_10pct=t["coef"] * PER_STEP,
+                  live_pairs=live, unit_model_pairs=len(d),
                   rate_min=float(d["rate"].min()), rate_max=float(d["rate"].max()), adjusted=adjusted,
                   unit_pool=_unit_pool(units, kind, cfg))
     if a.tost_margin > 0 and t["se"] > 0:
@@ -304,7 +307,9 @@ def answers(entries: list, cfg: StudyConfig) -> list[dict]:
                         f"({_pct(1 - a.alpha_level)} CI {ci}): neither an effect nor equivalence within "
                         f"±{a.tost_margin:g}; {what}.")
         out.append({"kind": kind, "observer": "MIS", "verdict": verdict, "sentence": sentence, "analysis": e.id,
-                    "model_noise": bool(res.get("two_way", True)), "models": res.get("n_models")})
+                    "model_noise": bool(res.get("two_way", True)), "models": res.get("n_models"),
+                    "live_pairs": res.get("live_pairs"), "unit_model_pairs": res.get("unit_model_pairs"),
+                    "pool": (res.get("unit_pool") or {}).get("what")})
     return out + [human_answer(e, cfg) for e in entries
                   if e.id.startswith("human_slope.") and e.id.endswith(".mixed") and e.status == "ok"]
 
@@ -1095,6 +1100,8 @@ def _entry_data(e: dict, tost_level: str) -> dict:
     note = None
     if per_rate:
         note = "rate per unit of pruning rate (0 to 1): ten times the per-10 % figures above"
+    elif is_table and "top1_before" in numbers:
+        note = "top1_before: just after the last pruning step, before its retraining"
     elif is_table and "p_tost" in numbers and "ci_low" in numbers:
         note = (f"ci_low, ci_high: the {tost_level} interval of the equivalence test (TOST), which is equivalence "
                 f"where it lies inside the margin")

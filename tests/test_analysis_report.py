@@ -607,6 +607,24 @@ def test_the_answer_says_when_model_level_noise_is_not_in_its_interval():
         assert ("with 2 models too few to cluster on" in heading) is not clustered
 
 
+def test_the_answer_says_it_is_about_the_units_that_stay_live_and_how_many_unit_model_pairs_those_are():
+    """Units a model removes or silences have no MIS there: the heading counts the live pairs the slope used."""
+    from analysis.report import _templates, answers, mis_slope, run_analysis
+    from sparsight.config import load_study
+
+    cfg = load_study()
+    units = _simulated_units(3, 30, 0.0)
+    removed = (units["rate"] >= 0.6) & (units["unit_id"].str[2:].astype(int) < 10)
+    units.loc[removed, ["status", "mis"]] = ["pruned", np.nan]
+    entries = []
+    run_analysis(entries, "mis_slope.natural.all", "primary", "model", lambda: mis_slope(units, "natural", None, cfg),
+                 family=True)
+    (answer,) = answers(entries, cfg)
+    assert (answer["live_pairs"], answer["unit_model_pairs"]) == (len(units) - removed.sum(), len(units)) == (230, 270)
+    heading = " ".join(str(_templates().get_template("macros.html.j2").module.answer_heading([answer])).split())
+    assert "the MIS of the units that stay live" in heading and "natural: 230 of 270 unit × model pairs live" in heading
+
+
 @pytest.mark.parametrize("share, needs", [(0.0, "units"), (0.1, "units"), (0.5, "models")])
 def test_an_inconclusive_answer_says_whether_units_or_models_would_decide(share, needs):
     """The slope's variance is split by ``model_variance_share``: only the units' part shrinks as 1/units."""
@@ -990,7 +1008,7 @@ def test_sparsight_analyze_prints_the_answer_for_mis_and_for_people(report, tmp_
     out = CliRunner().invoke(analyze_cmd, [str(run_dir), "--out", str(tmp_path / "rep")])
     assert out.exit_code == 0, out.output
     lines = out.output.splitlines()
-    start = lines.index("answer (total effect of pruning rate, all methods: on MIS, and on human accuracy):")
+    start = lines.index("answer (total effect of pruning rate, all methods: on the MIS of the units that stay live, and on human accuracy):")
     answer = lines[start + 1:start + 5]
     assert [line.split(",")[0].strip() for line in answer] == ["Yes"] * 4
     assert sum("by people (11 included participants)" in line for line in answer) == 2

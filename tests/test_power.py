@@ -338,3 +338,20 @@ def test_participants_fill_the_models_one_rate_at_a_time():
     model = TrialModel("natural", intercept=1.0, participant_sd=0.5, unit_sd=0.5, rates=tuple(rates), source="")
     table = simulate_designs(model, changes=[-0.1], participants=[3, 7], trials=[12], margin=0.05, simulations=50)
     assert table["power_detect"].notna().all()
+
+
+def test_without_enough_humans_the_trial_model_takes_the_base_model_alone_not_the_retrained_control():
+    """The control also has rate 0; its units must not be counted as the base model's a second time."""
+    import pandas as pd
+
+    from analysis.power import _logit, fit_trial_model
+
+    rng = np.random.default_rng(7)
+    base_mis, control_mis = rng.uniform(0.6, 0.95, 40), rng.uniform(0.55, 0.7, 40)
+    units = pd.DataFrame({"model_id": ["base"] * 40 + ["control-oneshot-r0.00"] * 40,
+                          "method": ["base"] * 40 + ["control"] * 40, "kind": "natural", "rate": 0.0,
+                          "status": "ok", "mis": np.concatenate([base_mis, control_mis])})
+    model = fit_trial_model("natural", units, pd.DataFrame(), (0.0, 0.5), assumed_participant_sd=0.5)
+    assert model.intercept == pytest.approx(float(np.mean(_logit(base_mis))))
+    assert model.unit_sd == pytest.approx(float(np.std(_logit(base_mis), ddof=1)))
+    assert "base model's 40 unit MIS" in model.source
