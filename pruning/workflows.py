@@ -201,7 +201,7 @@ def train_and_save(cfg, data_root: str | Path, out_dir: str | Path, ctx: DistCon
                          top1={"before": before and before["top1"], "after": after["top1"]},
                          top5={"before": before and before["top5"], "after": after["top5"]},
                          retrain={k: getattr(settings, k) for k in ("epochs", "optimizer", "lr", "momentum",
-                                                                    "weight_decay", "scheduler")},
+                                                                    "nesterov", "weight_decay", "scheduler")},
                          weights=weights or None, classes=val_loader.classes, history=history,
                          stem=list(get_spec(arch).stem), robustness=robust, job_fingerprint=fp,
                          checkpoint_sha256=sha, rewind_epoch=rewind_epoch, batch=batch_record(cfg, ctx))
@@ -211,14 +211,23 @@ def train_and_save(cfg, data_root: str | Path, out_dir: str | Path, ctx: DistCon
     return meta
 
 
-def retrain_settings(cfg, epochs: int | None = None) -> TrainSettings:
-    """Retraining settings from ``cfg.prune`` (seed-paper defaults: SGD 0.01, momentum 0.9, wd 1e-4, γ 0.9)."""
+def retrain_seed(study_seed: int, model_id: str) -> int:
+    """The retraining seed of one model: its own (data order, augmentation, dropout), so the models of a study
+    are independent draws of retraining noise, as the analysis clustered by model takes them; stable under
+    adding or dropping other models."""
+    digest = hashlib.sha256(f"{study_seed}:{model_id}".encode()).digest()
+    return int.from_bytes(digest[:6], "big")
+
+
+def retrain_settings(cfg, epochs: int | None = None, model_id: str | None = None) -> TrainSettings:
+    """Retraining settings from ``cfg.prune`` (seed-paper defaults: SGD 0.01, momentum 0.9 without Nesterov,
+    wd 1e-4, γ 0.9); the seed is ``model_id``'s own (:func:`retrain_seed`), else the study's seed + 2."""
     p = cfg.prune
+    seed = cfg.study.seed + 2 if model_id is None else retrain_seed(cfg.study.seed, model_id)
     return TrainSettings.from_section(cfg.train, epochs=p.retrain_epochs if epochs is None else epochs,
                                       optimizer=p.retrain_optimizer, lr=p.retrain_lr, momentum=p.retrain_momentum,
                                       nesterov=False, weight_decay=p.retrain_weight_decay,
-                                      scheduler=p.retrain_scheduler, gamma=p.retrain_gamma,
-                                      seed=cfg.study.seed + 2)
+                                      scheduler=p.retrain_scheduler, gamma=p.retrain_gamma, seed=seed)
 
 
 def default_exclude(cfg, arch: str) -> tuple[str, ...]:
@@ -236,7 +245,8 @@ def prune_and_save(cfg, data_root: str | Path, parent_dir: str | Path, out_dir: 
     cache = {} if cache is None else cache
     parent_dir, out_dir = Path(parent_dir), Path(out_dir)
     parent_ckpt = load_checkpoint(parent_dir / CHECKPOINT_FILE, map_location=ctx.device)
-    settings = retrain_settings(cfg, cfg.prune.iterative_epochs if job.schedule == "iterative" else None)
+    settings = retrain_settings(cfg, cfg.prune.iterative_epochs if job.schedule == "iterative" else None,
+                                job.model_id)
     p, d = cfg.prune, cfg.data
     method = job.method_instance(d.image_size)
     fp, earlier = (_prune_fingerprint(cfg, place, job, parent_ckpt.sha256, settings, method)
@@ -363,8 +373,9 @@ def _pruned_meta_fields(job, outcome, settings: TrainSettings, parent_eval: dict
                 steps=[{k: v for k, v in st.items() if k != "history"} for st in outcome.steps],
                 history=[h for st in outcome.steps for h in st["history"]],
                 top1=accuracy("top1"), top5=accuracy("top5"),
-                retrain={k: getattr(settings, k) for k in ("epochs", "optimizer", "lr", "momentum",
-                                                           "weight_decay", "scheduler", "gamma")},
+                retrain={**{k: getattr(settings, k) for k in ("epochs", "optimizer", "lr", "momentum", "nesterov",
+                                                              "weight_decay", "scheduler", "gamma")},
+                         "epochs_in_all": len(outcome.steps) * settings.epochs},
                 exclude=list(job.exclude), physical=job.is_physical,
                 physical_removal=physical.summary() if physical is not None else None)
 

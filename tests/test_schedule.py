@@ -10,6 +10,7 @@ from pruning.methods import METHODS, PruningError, create_method
 from pruning.models import count_params, create_model, get_spec, load_checkpoint, measure_sparsity, read_meta
 from pruning.schedule import PruneJob, prune_and_retrain, step_rates
 from pruning.training import TrainSettings
+from pruning.workflows import retrain_seed
 from sparsight.cli import main
 
 STEM = get_spec("inception-small").stem
@@ -156,6 +157,11 @@ def test_prune_command_writes_models_with_measured_sparsity_and_robustness(train
         assert meta["robustness"]["noise_similarity"]["eps"][0] == 0.0
         assert set(meta["robustness"]["corruptions"]) == {"gaussian_noise", "gaussian_blur", "contrast", "jpeg"}
         assert json.loads(ckpt.args["job"])["method"] == meta["method"]
+        assert meta["retrain"]["nesterov"] is False and meta["retrain"]["epochs_in_all"] == 1
+    # each model retrains with its own seed (independent draws of retraining noise), the same on every run
+    seeds = {mid: read_meta(run_dir / "models" / mid)["seed"] for mid in ("unstructured-global-oneshot-r0.40",
+                                                                          "lrp-oneshot-r0.40")}
+    assert seeds == {mid: retrain_seed(0, mid) for mid in seeds} and len(set(seeds.values())) == 2
     # a rerun reuses finished models (same job fingerprint, unchanged checkpoint)
     before = (run_dir / "models" / "lrp-oneshot-r0.40" / "model.pt").stat().st_mtime_ns
     assert CliRunner().invoke(main, args).exit_code == 0
