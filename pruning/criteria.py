@@ -30,6 +30,7 @@ from torch import nn
 
 from . import magnitude  # noqa: F401  (its methods register first, whichever module is imported first)
 from .method_base import PruningError, PruningMethod, check_rate, prunable_layers, register_method
+from .models.modes import eval_mode
 from .models.registry import unwrap
 from .structured import filter_masks, following_batchnorms
 
@@ -143,28 +144,26 @@ class ActivationCriterion(FilterCriterion):
         sites = _sites(model, layers, self.input_size)
         p = next(model.parameters())
         totals = {n: torch.zeros(m.out_channels, dtype=torch.float64, device=p.device) for n, m in layers.items()}
-        was_training = model.training
-        model.eval()
         handles = []
-        try:
-            if composite is not None:
-                composite.register(model)
-            for name, site in sites.items():
-                handles.append(site.register_forward_hook(self._capture(name, totals)))
-            for batch in data:
-                x = batch.images.to(p.device, p.dtype).requires_grad_(True)
-                y = batch.targets.to(p.device)
-                logits = model(x)
-                logits = logits[0] if isinstance(logits, tuple) else logits
+        with eval_mode(model):
+            try:
+                if composite is not None:
+                    composite.register(model)
+                for name, site in sites.items():
+                    handles.append(site.register_forward_hook(self._capture(name, totals)))
+                for batch in data:
+                    x = batch.images.to(p.device, p.dtype).requires_grad_(True)
+                    y = batch.targets.to(p.device)
+                    logits = model(x)
+                    logits = logits[0] if isinstance(logits, tuple) else logits
+                    model.zero_grad(set_to_none=True)
+                    logits.gather(1, y[:, None]).sum().backward()
+            finally:
+                for h in handles:
+                    h.remove()
+                if composite is not None:
+                    composite.remove()
                 model.zero_grad(set_to_none=True)
-                logits.gather(1, y[:, None]).sum().backward()
-        finally:
-            for h in handles:
-                h.remove()
-            if composite is not None:
-                composite.remove()
-            model.zero_grad(set_to_none=True)
-            model.train(was_training)
         return totals
 
     def _capture(self, name: str, totals: dict[str, torch.Tensor]):

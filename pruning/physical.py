@@ -33,6 +33,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .masks import _params, masked
 from .method_base import PruningError
 from .models.counting import count_flops, count_params
+from .models.modes import module_mode
 from .models.registry import unwrap
 
 
@@ -178,17 +179,17 @@ def remove_pruned_filters(model: nn.Module, masks: dict[str, torch.Tensor], inpu
     params = _params(model, masks)  # unknown names / wrong shapes raise here, before any change
     masks = {k: v.detach().bool().to(params[k].device) for k, v in masks.items()}
     candidates = _removal_candidates(model, masks)
-    was_training = model.training
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     params_before = count_params(model)[0]
     flops_before = count_flops(model, input_size, device=next(model.parameters()).device)
     notes: list[str] = []
     try:
-        surgery, new_masks, channel_map = _remove_and_check(tp, model, masks, candidates, input_size, verify, notes)
+        with module_mode(model, training=model.training):     # whatever the surgery sets, the flags come back
+            surgery, new_masks, channel_map = _remove_and_check(tp, model, masks, candidates, input_size, verify,
+                                                                notes)
     finally:
         for n, p in model.named_parameters():
             p.requires_grad_(requires_grad.get(n, p.requires_grad))
-        model.train(was_training)
 
     if surgery.removed:
         model.physically_pruned = True

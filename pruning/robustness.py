@@ -31,6 +31,7 @@ from sparsight.files import atomic_write_text
 from sparsight.registry import Registry
 
 from .data.folders import IMAGENET_MEAN, IMAGENET_STD
+from .models.modes import eval_mode
 
 SEVERITIES = (1, 2, 3, 4, 5)
 
@@ -322,23 +323,18 @@ def corruption_accuracy(model: nn.Module, loader, corruptions, severities, *, de
     keys = ["clean"] + [f"{c}:{s}" for c in names for s in sevs]
     marks: dict[str, list] = {k: [] for k in keys}
     n, per_class = 0, torch.zeros(len(getattr(loader, "classes", None) or []), dtype=torch.long)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for b, start, x, y in _batches(loader, max_images, dev, shard):
-                marks["clean"].append((start, _hits(model, x, y)))
-                x01 = denormalize(x).clamp_(0, 1)
-                for c in names:
-                    for s in sevs:
-                        gen.manual_seed(derived_seed(seed, b, list(CORRUPTIONS).index(c), s))
-                        marks[f"{c}:{s}"].append((start, _hits(model, normalize(CORRUPTIONS[c](x01, s, gen)), y)))
-                n += len(y)
-                counts = torch.bincount(y.cpu(), minlength=len(per_class))
-                per_class = torch.cat([per_class, torch.zeros(len(counts) - len(per_class), dtype=torch.long)])
-                per_class += counts
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        for b, start, x, y in _batches(loader, max_images, dev, shard):
+            marks["clean"].append((start, _hits(model, x, y)))
+            x01 = denormalize(x).clamp_(0, 1)
+            for c in names:
+                for s in sevs:
+                    gen.manual_seed(derived_seed(seed, b, list(CORRUPTIONS).index(c), s))
+                    marks[f"{c}:{s}"].append((start, _hits(model, normalize(CORRUPTIONS[c](x01, s, gen)), y)))
+            n += len(y)
+            counts = torch.bincount(y.cpu(), minlength=len(per_class))
+            per_class = torch.cat([per_class, torch.zeros(len(counts) - len(per_class), dtype=torch.long)])
+            per_class += counts
     if reduce is not None:
         n, *counts = _summed(reduce, [n, *per_class.tolist()])
         per_class = torch.tensor(counts, dtype=torch.long)
@@ -371,20 +367,13 @@ def noise_similarity(model: nn.Module, parent: nn.Module, loader, *, levels: int
     gen = torch.Generator(device=dev)
     agree = [0] * len(eps)
     n = 0
-    modes = (model.training, parent.training)
-    model.eval()
-    parent.eval()
-    try:
-        with torch.no_grad():
-            for b, _, x, _ in _batches(loader, max_images, dev, shard):
-                for i, e in enumerate(eps):
-                    gen.manual_seed(derived_seed(seed, b, i))
-                    xn = x + 2 * e * (_noise_like(x, gen, "uniform") - 0.5) if e > 0 else x
-                    agree[i] += int((model(xn).argmax(dim=1) == parent(xn).argmax(dim=1)).sum())
-                n += len(x)
-    finally:
-        model.train(modes[0])
-        parent.train(modes[1])
+    with eval_mode(model, parent), torch.no_grad():
+        for b, _, x, _ in _batches(loader, max_images, dev, shard):
+            for i, e in enumerate(eps):
+                gen.manual_seed(derived_seed(seed, b, i))
+                xn = x + 2 * e * (_noise_like(x, gen, "uniform") - 0.5) if e > 0 else x
+                agree[i] += int((model(xn).argmax(dim=1) == parent(xn).argmax(dim=1)).sum())
+            n += len(x)
     if reduce is not None:
         n, *agree = _summed(reduce, [n, *agree])
     return {"eps": eps, "agreement": [a / n if n else None for a in agree], "n": n}

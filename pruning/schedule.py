@@ -20,6 +20,7 @@ from sparsight.registry import Registry
 
 from .masks import MaskEnforcer, apply_masks, mask_sparsity
 from .methods import PruningError, check_rate, create_method, method_class, method_options
+from .models.modes import module_mode
 from .training import DistContext, Trainer, TrainSettings, evaluate
 from .training.engine import amp_dtype
 
@@ -130,7 +131,6 @@ def recalibrate_batchnorm(model: nn.Module, loader, batches: int) -> int:
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms or batches <= 0:
         return 0
-    modes = [(m, m.training) for m in model.modules()]
     momenta = [(m, m.momentum) for m in norms]
     device = next(model.parameters()).device
     used = 0
@@ -138,8 +138,7 @@ def recalibrate_batchnorm(model: nn.Module, loader, batches: int) -> int:
         for m in norms:
             m.reset_running_stats()
             m.momentum = None
-        model.train()
-        with torch.no_grad():
+        with module_mode(model, training=True), torch.no_grad():
             for batch in loader:
                 if used >= batches:
                     break
@@ -150,8 +149,6 @@ def recalibrate_batchnorm(model: nn.Module, loader, batches: int) -> int:
     finally:
         for m, momentum in momenta:
             m.momentum = momentum
-        for m, training in modes:
-            m.training = training
     return used
 
 

@@ -665,10 +665,14 @@ def validate_study(cfg: StudyConfig) -> None:
 
 
 def write_study(cfg: StudyConfig, run_dir: str | Path) -> Path:
-    """Write the complete resolved configuration to ``run_dir/study.toml``."""
+    """Write the study's configuration (profile, study file and overrides applied; every key) to
+    ``run_dir/study.toml``."""
     from .files import atomic_write_text
     return atomic_write_text(Path(run_dir) / STUDY_FILE,
-                             "# resolved sparsight study configuration (complete)\n" + cfg.to_toml())
+                             "# sparsight study configuration: the profile with the study file and every --set applied,\n"
+                             "# every setting listed.  \"auto\" values and empty lists (default layers, exclusions) are\n"
+                             "# decided where they are used and recorded there: models/*/meta.json, stimuli/units.csv,\n"
+                             "# mis/units.csv, .stages/*.json.\n" + cfg.to_toml())
 
 
 def describe_options(cfg: StudyConfig | None = None) -> str:

@@ -47,9 +47,9 @@ from torch import nn
 from torchvision.transforms import functional as TF
 
 from pruning.data.folders import IMAGENET_MEAN, IMAGENET_STD
+from pruning.models.modes import eval_mode
 from pruning.models.registry import unwrap
 
-from .mining import _EvalMode
 from .probes import ImageLabels, ProbeSet
 from .units import Unit, layer_channels, parse_units
 
@@ -382,7 +382,7 @@ def dissect(model: nn.Module, probe: ProbeSet | ProbeLoader, units: Sequence[Uni
     run = _Run(model, probe, targets, device, params[0].dtype if params else torch.float32, progress)
     model.to(device)
     try:
-        with _EvalMode(model), _Capture(model, list(targets)) as capture:
+        with eval_mode(model), _Capture(model, list(targets)) as capture:
             quant = run.thresholds(capture, quantile)
             thresholds = {layer: q.result() for layer, q in quant.items()}
             # a constant unit has no pixel above its threshold (a rounding error in the upsampling must not add one)

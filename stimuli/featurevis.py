@@ -43,6 +43,7 @@ from torch.overrides import TorchFunctionMode
 from sparsight.progress import progress_bar
 
 from pruning.data.folders import IMAGENET_MEAN, IMAGENET_STD
+from pruning.models.modes import eval_mode
 from pruning.models.registry import find_layer, unwrap
 
 REFERENCE_SIZE = 224                       # the size the transform amounts below are defined at
@@ -382,18 +383,15 @@ class _LayerForward:
 @contextmanager
 def _frozen(model: nn.Module):
     """Eval mode and no parameter gradients for the duration; exact flags restored afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        model.eval()
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
-        for p, flag in flags:
-            p.requires_grad_(flag)
+    with eval_mode(model):
+        try:
+            for p, _ in flags:
+                p.requires_grad_(False)
+            yield
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
 
 
 def _canonical(device: torch.device) -> torch.device:

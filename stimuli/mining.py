@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from pruning.data.folders import DataLayoutError, ImageFolderDataset, build_transform, decodes_on_device, split_dir
 from pruning.data.jpeg import decoded_spans
+from pruning.models.modes import eval_mode
 from pruning.models.registry import find_layer, unwrap
 from sparsight.files import atomic_write
 
@@ -505,21 +506,6 @@ def _read_state(path: Path, fingerprint: str) -> dict | None:
     return state
 
 
-class _EvalMode:
-    """Eval mode inside the block; every module's own training flag restored afterwards."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __enter__(self):
-        self.flags = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
-
-    def __exit__(self, *exc):
-        for m, flag in self.flags:
-            m.training = flag
-
-
 def shard_positions(n: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[int]:
     """Dataset positions of ``rank``'s share: every ``world_size``-th batch of ``batch_size``, from batch ``rank``.
 
@@ -637,7 +623,7 @@ def mine(model: nn.Module, root: str | os.PathLike, split: str, layers: list[str
     model.to(device)
     try:
         with ActivationMiner(model, list(layers), k, device=device, record=record, tie_seed=tie_seed,
-                             channel_map=channel_map) as miner, _EvalMode(model):
+                             channel_map=channel_map) as miner, eval_mode(model):
             position, skipped = 0, 0
             saved = _read_state(state_path, fingerprint) if state_path is not None and state_path.is_file() else None
             if saved is not None:

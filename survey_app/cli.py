@@ -162,13 +162,14 @@ def _check_port(host: str, port: int) -> None:
                                    f"port: choose another with --port") from None
 
 
-def make_observer(name: str, run_dir: Path, alpha: float, device: str, weights: str = ""):
+def make_observer(name: str, run_dir: Path, alpha: float, device: str, weights: str = "", size: int = 0):
+    """The similarity observer on embedding ``name`` (``size``: its input size, 0 for its default)."""
     from pruning.training import resolve_device
 
     from .embeddings import create_embedding
     from .machine import SimilarityObserver
     try:
-        embedding = create_embedding(name, run_dir, weights=weights, device=str(resolve_device(device)))
+        embedding = create_embedding(name, run_dir, weights=weights, device=str(resolve_device(device)), size=size)
     except (FileNotFoundError, ValueError) as err:
         raise click.UsageError(str(err)) from None
     return SimilarityObserver(embedding, alpha, name=name)
@@ -207,8 +208,9 @@ def participant_cmd(run_dir, url, database, observer_name, weights, alpha, mode,
     from .machine import FlaskTransport, HttpTransport, SurveyClient, run_session
     mis = study_config(run_dir).mis
     alpha = mis.alpha if alpha is None else alpha
-    observer = make_observer(observer_name or mis.embedding, run_dir, alpha, device,
-                             mis.embedding_weights if weights is None else weights)
+    name = observer_name or mis.embedding
+    observer = make_observer(name, run_dir, alpha, device, mis.embedding_weights if weights is None else weights,
+                             size=mis.embedding_size if name == mis.embedding else 0)   # as the study's MIS sees
     if url:
         token = token or os.environ.get("SPARSIGHT_API_TOKEN") or (
             api_token_file(run_dir).read_text().strip() if api_token_file(run_dir).is_file() else None)

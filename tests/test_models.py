@@ -188,3 +188,37 @@ def test_renamed_torchvision_googlenet_weights_keep_their_input_transform(tmp_pa
     monkeypatch.setattr(torchvision.models, "get_model_weights", lambda name: [release])
     assert resolve_weights("googlenet", str(path))[1] == {"transform_input": True}
     assert resolve_weights("resnet18", str(path))[1] == {}
+
+
+def test_evaluating_counting_and_tracing_keep_every_modules_own_mode_even_after_an_error():
+    """A BatchNorm frozen in eval mode inside a training model stays frozen, and a failing pass leaves the
+    model in the mode it had (not the eval mode the pass asked for)."""
+    import torch
+    from torch import nn
+
+    from pruning.models import count_flops
+    from pruning.models.modes import eval_mode
+    from pruning.models.registry import trace_blank
+    from pruning.training import evaluate
+    from pruning.data.common import Batch
+
+    model = create_model("inception-small", num_classes=3)
+    model.train()
+    frozen = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    frozen.eval()
+    expected = {name: m.training for name, m in model.named_modules()}
+    modes = lambda: {name: m.training for name, m in model.named_modules()}  # noqa: E731
+    evaluate(model, [Batch(torch.rand(2, 3, 64, 64), torch.tensor([0, 1]))], device="cpu")
+    assert modes() == expected
+    count_flops(model, 64)
+    assert modes() == expected
+    trace_blank(model, 64)
+    assert modes() == expected
+    with pytest.raises(RuntimeError):
+        with eval_mode(model):
+            assert not any(modes().values())
+            raise RuntimeError("a failing pass")
+    assert modes() == expected
+    with pytest.raises(ValueError, match="too small"):
+        trace_blank(model, 4)
+    assert modes() == expected

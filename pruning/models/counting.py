@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .modes import eval_mode
 from .registry import unwrap
 
 
@@ -48,10 +49,7 @@ def count_flops(model: nn.Module, input_size: int, device: torch.device | str = 
     from torch.utils.flop_counter import FlopCounterMode
 
     model = unwrap(model)
-    was_training = model.training
-    model.eval()
     x = torch.zeros(1, 3, input_size, input_size, device=device, dtype=next(model.parameters()).dtype)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(x)
-    model.train(was_training)
     return int(counter.get_total_flops())

@@ -19,6 +19,7 @@ from sparsight.errors import closest, module_choices
 from sparsight.files import sha256_file
 from sparsight.registry import Registry
 
+from .modes import eval_mode
 from .small import InceptionSmall, ObserverNet
 
 
@@ -326,11 +327,10 @@ def trace_blank(model: nn.Module, input_size: int, handles: list = ()) -> None:
     """One forward pass of a blank ``input_size`` image in eval mode, for the hooks in ``handles`` to
     observe; the hooks are removed and the training flag restored afterwards, whatever happens.  An input
     too small for the network is a ``ValueError`` that says so."""
-    was_training = model.training
     try:
-        model.eval()
-        p = next(model.parameters())
-        model(torch.zeros(1, 3, input_size, input_size, device=p.device, dtype=p.dtype))
+        with eval_mode(model):
+            p = next(model.parameters())
+            model(torch.zeros(1, 3, input_size, input_size, device=p.device, dtype=p.dtype))
     except RuntimeError as err:
         if not any(m in str(err) for m in TOO_SMALL):
             raise
@@ -339,4 +339,3 @@ def trace_blank(model: nn.Module, input_size: int, handles: list = ()) -> None:
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)

@@ -225,3 +225,34 @@ def test_a_unit_made_for_one_model_only_stays_out_of_the_comparison(tmp_path):
     models = pd.read_csv(run_dir / "mis" / "models.csv")
     assert set(models["units"]) == {4}
     assert any("left out 2 unit(s) that not every model has" in line and "base inception5a:9" in line for line in said)
+
+
+def test_the_participant_command_sees_with_the_studys_embedding_size_as_the_mis_stage_does(tmp_path, monkeypatch):
+    """`sparsight participant` with the study's embedding uses the study's mis.embedding_size (2 px here), as
+    the MIS stage does: the same embedding key, and per-unit accuracies equal to the offline mis_hard."""
+    from click.testing import CliRunner
+
+    import survey_app.machine
+    from sparsight.cli import main
+    from sparsight.config import write_study
+
+    run_dir = make_study_dir(tmp_path / "study", {})
+    cfg = study_from_run_dir(run_dir, overrides=['mis.embedding="pixels"', "mis.embedding_size=2"])
+    write_study(cfg, run_dir)
+    run_mis(Study(cfg))
+    offline = pd.read_csv(run_dir / "mis" / "units.csv").set_index(["model_id", "kind", "layer", "unit"])
+    seen, session = [], survey_app.machine.run_session
+
+    def watched(client, observer, **kw):
+        seen.append(observer.embed.key)
+        return session(client, observer, **kw)
+    monkeypatch.setattr(survey_app.machine, "run_session", watched)
+    result = CliRunner().invoke(main, ["participant", str(run_dir), "--mode", "exhaustive"])
+    assert result.exit_code == 0, result.output
+    assert seen == [offline["embedding"].iloc[0]] == ["pixels-2"]
+    assert CliRunner().invoke(main, ["responses", str(run_dir)]).exit_code == 0
+    online = pd.read_csv(run_dir / "responses.csv")
+    per_unit = online.groupby(["model_id", "kind", "layer", "unit"])["correct"].mean().rename("accuracy")
+    both = offline.join(per_unit, how="inner")
+    assert len(both) == 16
+    np.testing.assert_allclose(both["accuracy"], both["mis_hard"], atol=1e-12)
