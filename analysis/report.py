@@ -974,7 +974,24 @@ def assemble(data: StudyData, humans: Humans, table: pd.DataFrame, desc: dict, e
         "robustness_subset": None if data.robustness_subset is None else {
             **data.robustness_subset, "base_at_chance": base_at_chance(data.robustness.get("accuracy"))},
         "figures": {k: str(Path(v).relative_to(out)) for k, v in figures.items()},
+        "mis": mis_settings(data),
     }
+
+
+def mis_settings(data: StudyData) -> dict | None:
+    """What the MIS numbers rest on: α and where it came from, the embedding, and (for the study's own observer
+    network) that network's validation top-1; None before the MIS stage ran."""
+    units = data.units
+    if not len(units) or "alpha" not in units or units["alpha"].isna().all():
+        return None
+    row = units[units["alpha"].notna()].iloc[0]
+    out = {"alpha": float(row["alpha"]), "alpha_source": str(row.get("alpha_source") or ""),
+           "embedding": str(row.get("embedding") or "")}
+    meta = Layout(data.run_dir).meta("observer")
+    if out["embedding"].startswith("observer") and meta.is_file():
+        top1 = (json.loads(meta.read_text()).get("top1") or {}).get("after")
+        out["observer_top1"] = float(top1) if top1 is not None else None
+    return out
 
 
 def plain(obj):
@@ -1253,7 +1270,23 @@ def report_context(results: dict, figures: dict, cfg: StudyConfig) -> dict:
         "prune_potential_note": prune_potential_note(results.get("robustness_subset"),
                                                      cfg.evaluate.prune_potential_delta),
         "settings_toml": results["settings_toml"],
+        "mis": _mis_sentence(results.get("mis"), cfg),
     }
+
+
+def _mis_sentence(mis: dict | None, cfg: StudyConfig) -> str | None:
+    """The MIS definition with this study's α, its source and the embedding, in words."""
+    if not mis:
+        return None
+    source = {"configured": "mis.alpha, stated: too few human responses to fit it" if cfg.mis.alpha_source == "auto"
+              else "mis.alpha, stated", "fitted": "fitted on the human responses"}.get(mis["alpha_source"],
+                                                                                           mis["alpha_source"])
+    observer = (f", the penultimate features of the study's observer network (validation top-1 "
+                f"{fmt(mis['observer_top1'])})" if mis.get("observer_top1") is not None else "")
+    return (f"MIS: per task P(correct) = σ(α·Δ) with Δ = [s(q⁺, E⁺) − s(q⁺, E⁻)] − [s(q⁻, E⁺) − s(q⁻, E⁻)], "
+            f"s(q, E) the mean cosine similarity of query q to references E in the {mis['embedding']} "
+            f"embedding{observer}; α = {mis['alpha']:g} ({source}); a unit's MIS is the mean over its tasks. The "
+            f"equivalence margin is on this scale.")
 
 
 def render(results: dict, figures: dict, cfg: StudyConfig) -> str:

@@ -262,12 +262,22 @@ def test_no_responses_still_reports_model_side(tmp_path):
     study = Study(cfg)
     assert stage.inputs(study)["analysis"] == {"tost_margin": 0.05, "bootstrap": 10, "alpha_level": 0.05,
                                               "power_participant_sd": 0.5, "power_simulations": 400}
+    observer = run_dir / "models" / "observer"
+    observer.mkdir(parents=True, exist_ok=True)
+    (observer / "meta.json").write_text(json.dumps({"model_id": "observer", "top1": {"after": 0.671}}))
     outputs = stage.run(study)
     assert {p.name for p in outputs} >= {"index.html", "results.json", "interpretability.png", "top1.png"}
     assert all(p.is_file() and p.is_relative_to(run_dir) for p in outputs)
     results = json.loads((run_dir / "report" / "results.json").read_text())
     html = (run_dir / "report" / "index.html").read_text()
     assert NO_RESPONSES in html and "no responses exist yet" in " ".join(results["notes"]).lower()
+    # what the MIS scale rests on: α, its source, the embedding and the observer network's accuracy
+    assert results["mis"] == {"alpha": 16.0, "alpha_source": "configured", "embedding": "observer",
+                              "observer_top1": 0.671}
+    from html import unescape
+    said = " ".join(unescape(html).split())
+    assert ("in the observer embedding, the penultimate features of the study's observer network (validation top-1 "
+            "0.671); α = 16 (mis.alpha, stated: too few human responses to fit it)") in said
     assert _entry(results, "mis_slope.natural.all")["status"] == "ok"
     assert _entry(results, "mis_equivalence.synthetic")["status"] == "ok"
     assert _entry(results, "humans")["status"] == "skipped"
