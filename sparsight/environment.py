@@ -27,6 +27,29 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def source_revision() -> dict | None:
+    """The git commit this code was run from (``revision``) and whether tracked files differ from it
+    (``modified``), when the package lives in a git work tree and git is installed; else None."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    top = git("rev-parse", "--show-toplevel")
+    revision = git("rev-parse", "HEAD") if top and Path(top).resolve() == root else None
+    if not revision:
+        return None
+    changes = git("status", "--porcelain", "--untracked-files=no")
+    return {"revision": revision, "modified": bool(changes)}
+
+
 @lru_cache(maxsize=1)
 def _static() -> dict:
     versions = {}
@@ -36,7 +59,8 @@ def _static() -> dict:
         except metadata.PackageNotFoundError:
             continue
     return {"python": platform.python_version(), "platform": platform.platform(terse=True),
-            "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "packages": versions}
+            "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "packages": versions,
+            **({"source": source} if (source := source_revision()) else {})}
 
 
 def describe() -> dict:
@@ -57,7 +81,7 @@ def describe() -> dict:
 
 
 def summary(env: dict) -> str:
-    """One line: CPU (kernel level), GPU, Python, torch."""
+    """One line: CPU (kernel level), GPU, Python, torch, the source commit."""
     parts = [f"{env.get('cpu', '?')}" + (f" ({env['cpu_capability']})" if env.get("cpu_capability") else "")
              + (f" × {env['cpu_count']}" if env.get("cpu_count") else "")]
     if env.get("gpu"):
@@ -66,4 +90,8 @@ def summary(env: dict) -> str:
     torch = env.get("packages", {}).get("torch")
     if torch:
         parts.append(f"torch {torch}")
+    source = env.get("source") or {}
+    if source.get("revision"):
+        parts.append(f"sparsight at commit {source['revision'][:12]}" + (" with local changes" if source.get("modified")
+                                                                      else ""))
     return ", ".join(parts)
