@@ -42,6 +42,7 @@ from sparsight.layout import REPORT_HTML, REPORT_JSON, Layout
 
 from . import figures as fig
 from .gallery import make_gallery
+from .methods import methods
 from .power import smallest_display, study_power
 from .validity import study_checks
 from .load import (BASE_METHOD, StudyData, base_at_chance, human_main, load_study_data, model_table, study_config,
@@ -975,6 +976,7 @@ def assemble(data: StudyData, humans: Humans, table: pd.DataFrame, desc: dict, e
             **data.robustness_subset, "base_at_chance": base_at_chance(data.robustness.get("accuracy"))},
         "figures": {k: str(Path(v).relative_to(out)) for k, v in figures.items()},
         "mis": mis_settings(data),
+        "methods": methods(data),
     }
 
 
@@ -1271,6 +1273,7 @@ def report_context(results: dict, figures: dict, cfg: StudyConfig) -> dict:
                                                      cfg.evaluate.prune_potential_delta),
         "settings_toml": results["settings_toml"],
         "mis": _mis_sentence(results.get("mis"), cfg),
+        "methods": results.get("methods") or [],
     }
 
 

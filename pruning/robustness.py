@@ -205,6 +205,22 @@ def pixelate(x01: torch.Tensor, severity: int, generator: torch.Generator | None
     return box_resize(small, h, w).clamp_(0, 1)
 
 
+#: The parameter each corruption's severity sets, and its values by severity (for the study's methods text).
+SEVERITY_PARAMETERS = {"gaussian_noise": ("σ", GAUSSIAN_NOISE_SIGMA), "shot_noise": ("photons", SHOT_NOISE_PHOTONS),
+                       "gaussian_blur": ("σ at 224 px", BLUR_SIGMA_AT_224), "contrast": ("factor", CONTRAST_FACTOR),
+                       "brightness": ("value shift", BRIGHTNESS_SHIFT), "jpeg": ("quality", JPEG_QUALITY),
+                       "pixelate": ("factor", PIXELATE_FACTOR)}
+
+
+def corruption_parameters(name: str, severities) -> str:
+    """What ``severities`` of corruption ``name`` mean, e.g. ``"σ 0.12, 0.26 at severities 2, 4"``."""
+    check_corruption(name)
+    label, values = SEVERITY_PARAMETERS[name]
+    sevs = [check_severity(s) for s in severities]
+    return (f"{label} {', '.join(f'{values[s - 1]:g}' for s in sevs)} at severit{'y' if len(sevs) == 1 else 'ies'} "
+            f"{', '.join(str(s) for s in sevs)}")
+
+
 def check_corruption(name: str) -> Corruption:
     """The corruption registered as ``name``, or a ``ValueError`` listing the registered ones."""
     if name not in CORRUPTIONS:

@@ -538,3 +538,18 @@ def test_a_potential_interval_needs_resamples_images_and_measured_models():
     assert rb.potential_interval(base, [pruned], "clean", 0.005, 50, rng) == (0.5, 0.5)
     for members, bootstrap in (([], 50), ([pruned], 0)):
         assert np.isnan(rb.potential_interval(base, members, "clean", 0.005, bootstrap, rng)).all()
+
+
+def test_every_corruption_names_the_parameter_its_severity_sets():
+    """The methods text reads each corruption's severity table; a corruption without one, or a bad severity,
+    is an error, not a silent gap."""
+    from pruning.robustness import (BLUR_SIGMA_AT_224, CORRUPTIONS, JPEG_QUALITY, SEVERITY_PARAMETERS,
+                                    corruption_parameters)
+
+    assert set(SEVERITY_PARAMETERS) == set(CORRUPTIONS)
+    assert corruption_parameters("jpeg", [2, 4]) == f"quality {JPEG_QUALITY[1]}, {JPEG_QUALITY[3]} at severities 2, 4"
+    assert corruption_parameters("gaussian_blur", [5]) == f"σ at 224 px {BLUR_SIGMA_AT_224[4]:g} at severity 5"
+    with pytest.raises(ValueError, match="gaussian_noise"):
+        corruption_parameters("fog", [1])
+    with pytest.raises(ValueError):
+        corruption_parameters("jpeg", [6])

@@ -109,6 +109,39 @@ def test_quick_study_scores_dissects_runs_machines_and_reports_every_model(quick
     assert "id='power'" in html and "id='gallery'" in html and results["gallery"]
 
 
+def test_the_reports_methods_say_what_the_run_recorded(quick_run):
+    """The Methods paragraphs come from the run's own records: the base network's epochs and top-1, each
+    method's criterion, the retraining seeds (one per model), the unit layers, the FV steps, the corruption
+    parameters, the commit."""
+    import pandas as pd
+
+    from pruning.robustness import GAUSSIAN_NOISE_SIGMA
+    from sparsight.config import study_from_run_dir
+
+    run_dir, _ = quick_run
+    results = json.loads((run_dir / "report" / "results.json").read_text())
+    text = {p["title"]: p["text"] for p in results["methods"]}
+    assert list(text) == ["Networks and data", "Pruning and retraining", "Units and stimuli", "Network Dissection",
+                          "Robustness", "Software and seeds"]
+    cfg = study_from_run_dir(run_dir)
+    base = json.loads((run_dir / "models" / "base" / "meta.json").read_text())
+    assert f"trained from scratch for {cfg.train.epochs} epochs" in text["Networks and data"]
+    assert f"validation top-1 is {base['top1']['after']:.3f}" in text["Networks and data"]
+    lrp = json.loads((run_dir / "models" / "lrp-oneshot-r0.30" / "meta.json").read_text())
+    assert f"lrp ({lrp['criterion']}; 30 convolutions, not conv1, conv2 and conv3)" in text["Pruning and retraining"]
+    assert "unstructured-global (l1-magnitude (global); 30 convolutions and the classifier" in text[
+        "Pruning and retraining"]
+    assert "each model with its own seed" in text["Pruning and retraining"]
+    layers = list(dict.fromkeys(pd.read_csv(run_dir / "mis" / "units.csv")["layer"]))
+    assert f"the channels of {', '.join(layers[:-1])} and {layers[-1]}" in text["Units and stimuli"]
+    assert f"for {cfg.stimuli.fv_steps} steps" in text["Units and stimuli"]
+    sigma = ", ".join(f"{GAUSSIAN_NOISE_SIGMA[s - 1]:g}" for s in cfg.evaluate.severities)
+    assert f"gaussian_noise (σ {sigma} at severities" in text["Robustness"]
+    assert "Study seed 0" in text["Software and seeds"]
+    html = (run_dir / "report" / "index.html").read_text()
+    assert "id=\"methods\"" in html and "Pruning and retraining" in html
+
+
 def test_the_gallery_shows_each_units_own_references(quick_run):
     """A gallery cell is the unit's max references of task 0 in rank order, each at its own size
     (reference: the manifest and the bank's image files)."""
