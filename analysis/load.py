@@ -198,9 +198,8 @@ def load_trials(run_dir: str | Path, cfg: StudyConfig | None = None,
 
 def human_main(trials: pd.DataFrame) -> pd.DataFrame:
     """Main (non-practice, non-catch) trials of human participants — excluded participants still in."""
-    if trials.empty:
-        return trials
-    return trials[(~trials["is_machine"].astype(bool)) & (trials["trial_type"] == "main")].reset_index(drop=True)
+    from survey_app.export import human_main_responses
+    return human_main_responses(trials)
 
 
 # ---- external trial-level data --------------------------------------------------------------------

@@ -166,7 +166,8 @@ def dissection(data: StudyData) -> str | None:
     if not len(d):
         return None
     row = d.iloc[0]
-    probe = data.config.dissection.probe or f"the concept masks of the study data's {data.config.dissection.split} split"
+    d_cfg = data.config.dissection
+    probe = d_cfg.probe or f"the concept masks of the study data's {d_cfg.split} split"
     return (f"Network Dissection on {probe} ({int(row['n_images'])} images): a unit's activation map is "
             f"thresholded at its {float(row['quantile']):g} quantile over the probe, upsampled to the masks, and "
             f"scored against every concept by IoU; a unit is interpretable when its best IoU exceeds "

@@ -31,6 +31,18 @@ RESPONSE_COLUMNS = ["study", "bank_hash", "participant", "external_id", "is_mach
 MODEL_FIELDS = ("method", "schedule", "rate", "sparsity")
 
 
+def human_main_responses(responses: pd.DataFrame, *, included_only: bool = False) -> pd.DataFrame:
+    """The main (not practice, not catch) trials of human participants, index reset; with ``included_only``
+    only those of participants not excluded.  The one definition the MIS fit, the stage messages and the
+    analysis share."""
+    if not len(responses):
+        return responses
+    keep = (~responses["is_machine"].astype(bool)) & (responses["trial_type"] == "main")
+    if included_only and "excluded" in responses:
+        keep &= ~responses["excluded"].astype("boolean").fillna(False).astype(bool)
+    return responses[keep].reset_index(drop=True)
+
+
 #: A cell a spreadsheet would run as a formula starts with one of these (OWASP, CSV injection).
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 

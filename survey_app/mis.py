@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from .embeddings import EmbeddingCache
+from .export import human_main_responses
 from .material import Material
 
 TASK_KEYS = ["model_id", "kind", "layer", "unit", "task"]
@@ -164,10 +165,7 @@ def fit_alpha(delta: np.ndarray, correct: np.ndarray) -> AlphaFit:
 
 def human_trials(responses: pd.DataFrame, deltas: pd.DataFrame) -> pd.DataFrame:
     """Main (non-catch) trials of included human participants, with the Δ of their task."""
-    r = responses[(~responses["is_machine"].astype(bool)) & (responses["trial_type"] == "main")]
-    if "excluded" in r:
-        r = r[~r["excluded"].fillna(False).astype(bool)]
-    return r.merge(deltas, on=TASK_KEYS, how="inner")
+    return human_main_responses(responses, included_only=True).merge(deltas, on=TASK_KEYS, how="inner")
 
 
 def calibration(trials: pd.DataFrame, folds: int = 5, seed: int = 0) -> dict:

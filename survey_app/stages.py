@@ -16,6 +16,7 @@ from sparsight.files import atomic_write_text
 from sparsight.layout import Layout
 
 from .embeddings import EmbeddingCache, create_embedding
+from .export import human_main_responses
 from .material import Material
 from .mis import (UNIT_COLUMNS, calibration, human_trials, model_scores, shared_units, task_deltas, unit_scores,
                   with_status)
@@ -109,8 +110,10 @@ def _alpha(run_dir: Path, cfg, deltas: pd.DataFrame, embedding_key: str, log) ->
 
 
 def _why_not_fitted(run_dir: Path, cfg, responses: pd.DataFrame, usable: int) -> str:
-    """Why α was not fitted on human responses, naming responses filed under another study."""
+    """Why α was not fitted on human responses, naming responses filed under another study and those of
+    excluded participants."""
     mine = len(human_main_responses(responses))
+    included = len(human_main_responses(responses, included_only=True))
     need = cfg.mis.min_human_responses
     if mine == 0:
         others = human_main_responses(read_responses(run_dir, cfg, every_study=True))
@@ -119,16 +122,15 @@ def _why_not_fitted(run_dir: Path, cfg, responses: pd.DataFrame, usable: int) ->
             return (f"no human responses for study {cfg.study.name!r}, although the survey database holds "
                     f"{len(others)} for {names} (run under that study name to use them)")
         return "no human responses yet"
-    if usable < mine:
-        return (f"{usable} of the study's {mine} human main-trial responses match tasks of the current stimulus bank, "
-                f"fewer than mis.min_human_responses = {need}")
+    excluded = (f" ({mine - included} more are from excluded participants and do not count)"
+                if included < mine else "")
+    if usable < included:
+        return (f"{usable} of the study's {included} human main-trial responses of included participants match tasks "
+                f"of the current stimulus bank{excluded}, fewer than mis.min_human_responses = {need}")
+    if included < mine:
+        return (f"{usable} human responses of included participants{excluded}, fewer than "
+                f"mis.min_human_responses = {need}")
     return f"{usable} human responses, fewer than mis.min_human_responses = {need}"
-
-
-def human_main_responses(responses: pd.DataFrame) -> pd.DataFrame:
-    if not len(responses):
-        return responses
-    return responses[(~responses["is_machine"].astype(bool)) & (responses["trial_type"] == "main")]
 
 
 def human_response_count(run_dir: Path, cfg, *, connect: bool = True) -> int:

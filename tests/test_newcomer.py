@@ -139,6 +139,26 @@ def test_mis_names_human_responses_filed_under_another_study(monkeypatch, tmp_pa
     assert "no human responses for study 'second-study'" in why and "3 for 'first-study'" in why
 
 
+def test_mis_counts_responses_of_excluded_participants_apart_from_a_stale_bank(tmp_path):
+    """10 human main trials, 4 of them from an excluded participant, all matching the bank: the reason α was
+    not fitted names the exclusions, not the stimulus bank; the fit's trials leave the excluded ones out."""
+    from sparsight.config import load_study
+    from survey_app import stages
+    from survey_app.mis import TASK_KEYS, human_trials
+
+    responses = pd.DataFrame({"study": "s", "is_machine": False, "trial_type": ["main"] * 10 + ["catch"],
+                              "excluded": [True] * 4 + [False] * 7, "model_id": "base", "kind": "natural",
+                              "layer": "l", "unit": 0, "task": range(11), "correct": True})
+    deltas = pd.DataFrame({**{k: responses[k] for k in TASK_KEYS}, "delta": 0.1})
+    fitted_on = human_trials(responses, deltas)
+    assert len(fitted_on) == 6 and not fitted_on["excluded"].any()
+    why = stages._why_not_fitted(tmp_path, load_study(), responses, len(fitted_on))
+    assert why == ("6 human responses of included participants (4 more are from excluded participants and do not "
+                   "count), fewer than mis.min_human_responses = 200")
+    why = stages._why_not_fitted(tmp_path, load_study(), responses, 5)
+    assert why.startswith("5 of the study's 6 human main-trial responses of included participants match tasks")
+
+
 def test_plan_of_a_study_with_a_database_server_connects_to_nothing(tmp_path, monkeypatch):
     """--plan on the GoogLeNet study (PostgreSQL survey, ImageNet folder) prints the plan and touches nothing."""
     import re
