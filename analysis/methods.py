@@ -104,18 +104,20 @@ def pruning(data: StudyData) -> str | None:
         steps = [f"{s.get('target_rate'):.3g}" for s in iterative.get("steps") or []]
         text += (f" Iterative schedules prune in {len(steps)} steps, each followed by retraining (for rate "
                  f"{iterative.get('rate_requested'):g}: {' → '.join(steps)}); one-shot schedules prune once.")
-    one = next((metas[m] for m in pruned["model_id"] if metas.get(m)), None)
+    oneshot = next((metas[m] for m in pruned.loc[pruned["schedule"] != "iterative", "model_id"] if metas.get(m)),
+                   None)
+    one = oneshot or iterative
     if one is not None:
-        retrain = one.get("retrain") or {}
         seeds = {m.get("seed") for m in metas.values() if m}
         seeding = ("each model with its own seed" if len(seeds) == sum(1 for m in metas.values() if m)
                    else f"seed {seeds.pop()} for every model" if len(seeds) == 1 else "seeds as each meta.json records")
-        text += (f" Each step is followed by {retrain.get('epochs')} epoch(s) of retraining with {_training(one)}, "
-                 f"{seeding}; masks stay applied throughout.")
-        if iterative is not None:
-            total = (iterative.get("retrain") or {}).get("epochs_in_all")
-            if total:
-                text += f" An iterative model thus retrains {total} epochs in all."
+        epochs = [f"{(m.get('retrain') or {}).get('epochs')} epoch(s) after a one-shot pruning" if m is oneshot
+                  else f"{(m.get('retrain') or {}).get('epochs')} after each iterative step"
+                  + (f", {m['retrain']['epochs_in_all']} in all" if (m.get("retrain") or {}).get("epochs_in_all")
+                     else "")
+                  for m in (oneshot, iterative) if m is not None]
+        text += (f" Retraining: {'; '.join(epochs)}, with {_training(one)}, {seeding}; masks stay applied "
+                 f"throughout.")
     if any(m and m.get("rewind") for m in metas.values()):
         text += f" IMP rewinds the surviving weights to epoch {cfg.prune.imp_rewind_epoch} of the base training."
     return text

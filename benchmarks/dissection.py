@@ -33,7 +33,6 @@ from stimuli.probes import ImageLabels, ProbeSet, open_probe, write_broden
 from .common import device_name, seeded_model, timed
 
 BRODEN_SIZES = {"color": 11, "object": 584, "part": 234, "material": 32, "scene": 468, "texture": 47}
-PIXEL_CATEGORIES = ("color", "object", "part", "material")
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -285,10 +285,6 @@ class ProbeSet:
         """About how many bytes every image's decoded labels take."""
         return self.decoder.label_bytes(self.entries)
 
-    def label_shape(self, index: int) -> tuple[int, int, int]:
-        """``(planes, h, w)`` of image ``index``'s labels, without decoding them."""
-        return self.decoder.shape(self.entries[index])
-
     def read_image(self, index: int) -> Image.Image:
         return open_image(self.images[index], what="probe image", error=ProbeError)
 

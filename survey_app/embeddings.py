@@ -14,7 +14,6 @@ name), in batches on the backbone's device, and keeps the vectors in one file pe
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,8 +184,3 @@ class EmbeddingCache:
         torch.save({"key": self.embedding.key, "ids": ids,
                     "features": torch.stack([self.vectors[i] for i in ids])}, buf)
         return atomic_write_bytes(self.path, buf.getvalue())
-
-
-def content_id(image: Image.Image) -> str:
-    """A stable id for an image that is not in a bank (its pixels' hash)."""
-    return hashlib.sha256(image.convert("RGB").tobytes() + bytes(str(image.size), "ascii")).hexdigest()

@@ -16,7 +16,6 @@ import pandas as pd
 from sparsight.files import sha256_file
 from sparsight.layout import MANIFEST_FILE
 from stimuli.bank import StimulusBank, validate_manifest
-from stimuli.units import Unit
 
 IMAGE_ID = re.compile(r"^[0-9a-f]{64}$")
 CONDITION_KEYS = {"model-kind": ("model_id", "kind"), "kind": ("kind",), "model": ("model_id",), "none": ()}
@@ -32,12 +31,6 @@ class Item:
     @property
     def key(self) -> str:
         return f"{self.model_id}|{self.kind}|{self.layer}:{self.unit}"
-
-    @classmethod
-    def from_key(cls, key: str) -> Item:
-        model_id, kind, name = key.split("|")
-        unit = Unit.parse(name)
-        return cls(model_id, kind, unit.layer, unit.unit)
 
     def condition(self, condition_by: str) -> str:
         return "|".join(str(getattr(self, k)) for k in CONDITION_KEYS[condition_by]) or "all"

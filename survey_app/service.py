@@ -26,7 +26,6 @@ from .protocol import settings_from, settings_record
 
 STAGES = ("consent", "instructions", "practice", "main", "complete", "screened_out")
 ACTIVE = ("instructions", "practice", "main")
-FINAL = ("complete", "screened_out")
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{8,64}$")
 #: Longest event detail stored (characters of its JSON); a longer one is refused, never cut.
 MAX_EVENT_DETAIL = 2000

@@ -115,10 +115,6 @@ class ObserverNet(nn.Module):
         self.fc = nn.Linear(in_ch, num_classes)
         _init_weights(self)
 
-    @property
-    def embedding_dim(self) -> int:
-        return self.fc.in_features
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return torch.flatten(self.avgpool(self.layers(self.stem(x))), 1)
 
