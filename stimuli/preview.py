@@ -13,14 +13,18 @@ from sparsight.errors import closest
 from sparsight.files import atomic_write_bytes
 
 TILE, GAP, MARGIN, HEADER, TITLE = 96, 6, 16, 28, 18
+#: References per row on the survey's trial page (``survey.css``: ``.grid``), which the sheets here copy.
+TRIAL_COLUMNS = 3
 
 
-def _grid(paths: list[Path], cols: int) -> Image.Image:
-    rows = math.ceil(len(paths) / cols)
-    sheet = Image.new("RGB", (cols * TILE + (cols - 1) * GAP, rows * TILE + (rows - 1) * GAP), "white")
-    for i, p in enumerate(paths):
-        img = Image.open(p).convert("RGB").resize((TILE, TILE), Image.Resampling.BICUBIC)
-        sheet.paste(img, ((i % cols) * (TILE + GAP), (i // cols) * (TILE + GAP)))
+def image_grid(images: list, cols: int = TRIAL_COLUMNS, tile: int = TILE, gap: int = GAP) -> Image.Image:
+    """``images`` (PIL images or paths) as ``tile``-pixel squares, ``cols`` per row, rows as many as needed."""
+    rows = math.ceil(len(images) / cols)
+    sheet = Image.new("RGB", (cols * tile + (cols - 1) * gap, rows * tile + (rows - 1) * gap), "white")
+    for i, image in enumerate(images):
+        image = image if isinstance(image, Image.Image) else Image.open(image)
+        image = image.convert("RGB").resize((tile, tile), Image.Resampling.BICUBIC)
+        sheet.paste(image, ((i % cols) * (tile + gap), (i // cols) * (tile + gap)))
     return sheet
 
 
@@ -83,9 +87,8 @@ def task_sheet(manifest: pd.DataFrame, bank_root: str | Path, *, model_id: str, 
         return [root / p for p in sel.image]
     order = ["query_max", "query_min"]
     random.Random(f"{seed}:{model_id}:{layer}:{unit}:{task}").shuffle(order)
-    cols = math.ceil(math.sqrt(len(paths("ref_max"))))
-    left, right = _grid(paths("ref_min"), cols), _grid(paths("ref_max"), cols)
-    centre = _grid([paths(role)[0] for role in order], 1)
+    left, right = image_grid(paths("ref_min")), image_grid(paths("ref_max"))
+    centre = image_grid([paths(role)[0] for role in order], 1)
     width = left.width + centre.width + right.width + 4 * MARGIN
     height = max(left.height, centre.height, right.height) + 2 * MARGIN + HEADER + TITLE
     sheet = Image.new("RGB", (width, height), "white")

@@ -3,9 +3,10 @@ that matches the right examples framed green."""
 from __future__ import annotations
 
 import io
-import math
 
 from PIL import Image, ImageDraw, ImageFont
+
+from stimuli.preview import image_grid
 
 from .assignment import example_task
 from .material import Material
@@ -15,14 +16,9 @@ TILE, GAP, PAD, HEAD = 88, 6, 18, 34
 GREEN, GREY = (22, 150, 60), (90, 90, 90)
 
 
-def _grid(material: Material, images: tuple[str, ...] | list[str], cols: int = 0) -> Image.Image:
-    cols = cols or GRID_COLUMNS          # as the trial page lays them out
-    rows = math.ceil(len(images) / cols)
-    sheet = Image.new("RGB", (cols * TILE + (cols - 1) * GAP, rows * TILE + (rows - 1) * GAP), "white")
-    for i, name in enumerate(images):
-        img = Image.open(material.image_path(name)).convert("RGB").resize((TILE, TILE), Image.Resampling.BICUBIC)
-        sheet.paste(img, ((i % cols) * (TILE + GAP), (i // cols) * (TILE + GAP)))
-    return sheet
+def _grid(material: Material, images: tuple[str, ...] | list[str], cols: int = GRID_COLUMNS) -> Image.Image:
+    """Bank images as the trial page lays them out (``GRID_COLUMNS`` per row)."""
+    return image_grid([material.image_path(name) for name in images], cols, TILE, GAP)
 
 
 def example_png(material: Material) -> bytes:

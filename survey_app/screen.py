@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import math
 
-GRID_COLUMNS = 3        # .grid: references per row
+from stimuli.preview import TRIAL_COLUMNS
+
+GRID_COLUMNS = TRIAL_COLUMNS    # .grid: references per row (the stimulus previews draw the same)
 GRID_GAP = 6            # .grid gap
 QUERY_FRAME = 6         # .query border, each side
 QUERY_GAP = 14          # .queries gap

@@ -145,6 +145,25 @@ def test_preview_lays_out_min_left_queries_centre_max_right(tmp_path):
         task_sheet(manifest, tmp_path, model_id="m", layer="l", unit=5)
 
 
+def test_preview_rows_hold_as_many_references_as_the_trial_pages_rows():
+    """4 references per side: the trial page shows 3 and 1 (``survey.css``, ``GRID_COLUMNS``); so does the
+    preview (a square layout would show 2 and 2)."""
+    import tempfile
+    from pathlib import Path
+
+    from stimuli.preview import GAP, TILE, TRIAL_COLUMNS
+    from survey_app.screen import GRID_COLUMNS
+
+    assert TRIAL_COLUMNS == GRID_COLUMNS == 3
+    with tempfile.TemporaryDirectory() as tmp:
+        bank = StimulusBank(Path(tmp))
+        manifest = pd.DataFrame(_task_rows(bank, k=4), columns=MANIFEST_COLUMNS)
+        sheet, _ = task_sheet(manifest, Path(tmp), model_id="m", layer="l", unit=0, task=0)
+    grid = 3 * TILE + 2 * GAP
+    assert sheet.width == 2 * grid + TILE + 4 * MARGIN
+    assert sheet.height == 2 * MARGIN + HEADER + TITLE + 2 * TILE + GAP
+
+
 @pytest.mark.parametrize("where, message", [
     ({"model_id": "n"}, r"model 'n' has none; models with natural stimuli: \['m'\]$"),
     ({"layer": "k"}, r"layer 'k' has none; layers with natural stimuli: \['l'\]$"),
