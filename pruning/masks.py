@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 
-def _params(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, nn.Parameter]:
+def masked_params(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, nn.Parameter]:
+    """The parameters ``masks`` name; an unknown name is a ``KeyError`` and a wrong shape a ``ValueError``."""
     params = dict(model.named_parameters())
     unknown = [k for k in masks if k not in params]
     if unknown:
@@ -28,14 +29,14 @@ def _params(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, nn.Pa
 @torch.no_grad()
 def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     """Zero the pruned entries in place (permanently)."""
-    for name, p in _params(model, masks).items():
+    for name, p in masked_params(model, masks).items():
         p.mul_(masks[name].to(device=p.device, dtype=p.dtype))
 
 
 @contextlib.contextmanager
 def masked(model: nn.Module, masks: dict[str, torch.Tensor]) -> Iterator[nn.Module]:
     """Within the block the model computes with pruned entries zeroed; afterwards it is unchanged."""
-    params = _params(model, masks)
+    params = masked_params(model, masks)
     saved = {k: p.detach().clone() for k, p in params.items()}
     try:
         apply_masks(model, masks)
@@ -56,7 +57,7 @@ class MaskEnforcer:
     """
 
     def __init__(self, model: nn.Module, masks: dict[str, torch.Tensor]):
-        params = _params(model, masks)
+        params = masked_params(model, masks)
         self.params = list(params.values())
         self.masks = [masks[k] for k in params]
         # .to() moves and re-lays out every parameter at once: one with a layout (a conv weight) tells

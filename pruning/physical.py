@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .masks import _params, masked
+from .masks import masked, masked_params
 from .method_base import PruningError
 from .models.counting import count_flops, count_params
 from .models.modes import module_mode
@@ -176,7 +176,7 @@ def remove_pruned_filters(model: nn.Module, masks: dict[str, torch.Tensor], inpu
     import torch_pruning as tp
 
     model = unwrap(model)
-    params = _params(model, masks)  # unknown names / wrong shapes raise here, before any change
+    params = masked_params(model, masks)  # unknown names / wrong shapes raise here, before any change
     masks = {k: v.detach().bool().to(params[k].device) for k, v in masks.items()}
     candidates = _removal_candidates(model, masks)
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}

@@ -222,3 +222,21 @@ def test_evaluating_counting_and_tracing_keep_every_modules_own_mode_even_after_
     with pytest.raises(ValueError, match="too small"):
         trace_blank(model, 4)
     assert modes() == expected
+
+
+def test_a_checkpoint_applies_its_masks_on_load_and_names_a_mask_that_does_not_fit(tmp_path):
+    import torch
+
+    model = create_model("inception-small", num_classes=3)
+    name = "inception3a.branch1.conv.weight"
+    weight = dict(model.named_parameters())[name]
+    mask = (torch.rand_like(weight) > 0.5)
+    save_checkpoint(tmp_path / "ok.pt", model, num_classes=3, masks={name: mask})
+    loaded = dict(load_checkpoint(tmp_path / "ok.pt").model.named_parameters())[name]
+    assert torch.equal(loaded, weight.detach() * mask)           # pruned entries are zero after loading
+    save_checkpoint(tmp_path / "shape.pt", model, num_classes=3, masks={name: mask[:1]})
+    with pytest.raises(WeightsError, match=rf"shape\.pt: its masks do not fit inception-small: mask '{name}' has shape"):
+        load_checkpoint(tmp_path / "shape.pt")
+    save_checkpoint(tmp_path / "name.pt", model, num_classes=3, masks={"conv9.weight": mask})
+    with pytest.raises(WeightsError, match=r"its masks do not fit inception-small: mask for unknown parameter 'conv9"):
+        load_checkpoint(tmp_path / "name.pt")

@@ -17,6 +17,7 @@ from torch import nn
 from sparsight.files import atomic_write, atomic_write_text, sha256_file
 from sparsight.layout import CHECKPOINT_FILE, META_FILE
 
+from ..masks import apply_masks
 from .counting import count_flops, count_params, layer_sizes, measure_sparsity, prunable_weights
 from .registry import CHECKPOINT_FORMAT, MODELS, WeightsError, create_model, load_state_checked, unwrap
 from .resize import resize_to_state
@@ -112,12 +113,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         resize_to_state(model, header["state_dict"])
     load_state_checked(model, header["state_dict"], path, arch, header["num_classes"])
     masks = header.get("masks", {})
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, mask in masks.items():
-            if name not in params or params[name].shape != mask.shape:
-                raise WeightsError(f"checkpoint {path}: mask {name!r} does not match a parameter of {arch}")
-            params[name].mul_(mask.to(params[name].dtype))
+    try:
+        apply_masks(model, masks)
+    except (KeyError, ValueError) as err:
+        raise WeightsError(f"checkpoint {path}: its masks do not fit {arch}: {err.args[0]}") from None
     return LoadedCheckpoint(model.to(map_location), arch, header["num_classes"], path, file_sha256(path),
                             masks, header.get("args", {}))
 
