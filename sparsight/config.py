@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import closest
-from .files import absolute
+from .files import absolute, looks_like_path
 from .layout import STUDY_FILE
 
 if sys.version_info >= (3, 11):
@@ -598,13 +598,7 @@ def study_from_run_dir(run_dir: str | Path, overrides: typing.Iterable[str] = ()
     return cfg
 
 
-_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".tar")
 _RELATIVE_SQLITE = re.compile(r"^(sqlite(?:\+\w+)?:///)(?!/)(.+)$")
-
-
-def _looks_like_path(value: str) -> bool:
-    return ("/" in value or value.startswith(("~", ".")) or value.lower().endswith(_WEIGHT_SUFFIXES)
-            or Path(value).exists())
 
 
 def absolutize_paths(cfg: StudyConfig) -> StudyConfig:
@@ -620,7 +614,7 @@ def absolutize_paths(cfg: StudyConfig) -> StudyConfig:
             kind, value = f.metadata.get("path"), getattr(section, f.name)
             if not kind or not value:
                 continue
-            if kind in ("always", "output") or (kind == "file-or-name" and _looks_like_path(value)):
+            if kind in ("always", "output") or (kind == "file-or-name" and looks_like_path(value)):
                 setattr(section, f.name, str(absolute(value)))
             elif kind == "database":
                 setattr(section, f.name, absolute_database_url(value))
@@ -637,7 +631,7 @@ def missing_inputs(cfg: StudyConfig) -> list[str]:
             kind, value = f.metadata.get("path"), getattr(section, f.name)
             if not value or kind not in ("always", "file-or-name"):
                 continue
-            if (kind == "always" or _looks_like_path(value)) and not Path(value).expanduser().exists():
+            if (kind == "always" or looks_like_path(value)) and not Path(value).expanduser().exists():
                 missing.append(f"{sec_name}.{f.name}: {value} does not exist")
     return missing
 

@@ -67,3 +67,14 @@ def atomic_write_frame(frame, path: str | os.PathLike) -> Path:
         else:
             frame.to_parquet(tmp, index=False)
     return path
+
+
+#: File name endings of weight files (any case).
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".tar")
+
+
+def looks_like_path(value: str) -> bool:
+    """Whether a setting such as ``model.weights`` names a file rather than a registered name (a path separator,
+    a leading ``~`` or ``.``, a weight file's ending, or an existing file)."""
+    return ("/" in value or os.sep in value or value.startswith(("~", ".")) or value.lower().endswith(WEIGHT_SUFFIXES)
+            or Path(value).exists())

@@ -198,3 +198,12 @@ def test_a_stage_that_runs_again_says_why(tmp_path):
     assert logged(force=("scores",)) == "[scores] score the units (forced)"
     stage.settings = {f"k{i}": i for i in range(7)}
     assert logged().endswith("(changed: scores.alpha, scores.beta, scores.gamma, scores.k0 and 6 more)")
+
+
+@pytest.mark.parametrize("value, path", [("runs/w.pt", True), ("./w", True), ("~/w", True), ("W.PTH", True),
+                                         ("model.safetensors", True), ("DEFAULT", False), ("IMAGENET1K_V1", False),
+                                         ("GoogLeNet_Weights.IMAGENET1K_V1", False)])
+def test_a_weights_setting_is_a_file_or_a_registered_name_by_one_rule(value, path):
+    """The study settings and the model registry read ``model.weights`` by the same rule."""
+    from sparsight.files import looks_like_path
+    assert looks_like_path(value) is path

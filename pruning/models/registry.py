@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from sparsight.errors import closest, module_choices
-from sparsight.files import sha256_file
+from sparsight.files import looks_like_path, sha256_file
 from sparsight.registry import Registry
 
 from .modes import eval_mode
@@ -133,10 +133,6 @@ def torchvision_weights(arch: str, name: str):
     if member not in valid:
         raise WeightsError(f"unknown weights {name!r} for {arch}; choose from {valid} or give a local file path")
     return enum.DEFAULT if member == "DEFAULT" else enum[member]
-
-
-def looks_like_path(weights: str) -> bool:
-    return os.sep in weights or weights.endswith((".pt", ".pth", ".bin", ".ckpt")) or Path(weights).exists()
 
 
 def resolve_weights(arch: str, weights: str | os.PathLike) -> tuple[Path, dict]:
