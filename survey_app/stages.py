@@ -1,8 +1,10 @@
-"""Study stage and driver for the MIS of every unit of every model in the stimulus bank.
+"""The survey's study stages: the MIS of every unit of every model in the stimulus bank, and the machine
+participants; and the reader of the survey database's responses that the MIS fit and the analysis share.
 
-Writes ``mis/tasks.csv`` (Δ per task), ``mis/units.csv`` (DESIGN §3), ``mis/models.csv`` (mean with a
-bootstrap CI per model and reference kind) and, once enough human responses exist,
-``mis/calibration.json`` (fitted α with its CI and the held-out check).
+The MIS stage writes ``mis/tasks.csv`` (Δ per task), ``mis/units.csv`` (DESIGN §3), ``mis/models.csv`` (mean
+with a bootstrap CI per model and reference kind) and, once enough human responses exist,
+``mis/calibration.json`` (fitted α with its CI and the held-out check).  The participants stage answers
+survey trials through the app's API with the MIS observer and writes ``survey/machine_participants.csv``.
 """
 from __future__ import annotations
 
@@ -197,13 +199,16 @@ def run_participants(study, *, log=print) -> list[Path]:
     removed = service.delete_machine_sessions(name)
     observer = SimilarityObserver(embedding, mis.alpha, name=name)
     rows = []
-    for condition in sorted(service.conditions):
-        for index in range(cfg.survey.machine_participants):
-            summary = run_session(SurveyClient(FlaskTransport(app)), observer, api_token=token, mode="participant",
-                                  condition=condition, seed=machine_seed(cfg.study.seed, condition, index))
-            rows.append({"session": summary["session"], "observer": name, "condition": condition,
-                         "trials": summary["trials"], "accuracy": summary["accuracy"]})
-    app.config["ENGINE"].dispose()
+    try:
+        for condition in sorted(service.conditions):
+            for index in range(cfg.survey.machine_participants):
+                summary = run_session(SurveyClient(FlaskTransport(app)), observer, api_token=token,
+                                      mode="participant", condition=condition,
+                                      seed=machine_seed(cfg.study.seed, condition, index))
+                rows.append({"session": summary["session"], "observer": name, "condition": condition,
+                             "trials": summary["trials"], "accuracy": summary["accuracy"]})
+    finally:
+        app.config["ENGINE"].dispose()      # the database connections go back, also after an error
     log(f"[participants] {len(rows)} machine sessions ({name}) over {len(service.conditions)} conditions"
         + (f"; replaced {removed} earlier ones" if removed else ""))
     return [atomic_write_text(study.layout.survey / "machine_participants.csv", pd.DataFrame(rows).to_csv(index=False))]
