@@ -577,8 +577,44 @@ def _need_participants(d: pd.DataFrame, n: int = 2):
         raise Skip(f"{have} included participant(s); this analysis needs at least {n}")
 
 
+def _mixed_fit(d: pd.DataFrame, groups: tuple, by_model: bool, nested: bool, why: str, cfg: StudyConfig,
+               level: float) -> tuple[dict, str]:
+    from .statistics import mixed_logistic
+    res = mixed_logistic(d, "correct ~ rate", groups=groups, n_boot=min(MIXED_BOOT, cfg.analysis.bootstrap),
+                         seed=cfg.study.seed, level=level)
+    return res, f"conditional (crossed random intercepts, parametric-bootstrap CI, p on the bootstrap SE; {why})"
+
+
+def _gee_fit(d: pd.DataFrame, groups: tuple, by_model: bool, nested: bool, why: str, cfg: StudyConfig,
+             level: float) -> tuple[dict, str]:
+    from .statistics import gee_logistic
+    group = "model_id" if by_model and nested else "participant"
+    res = gee_logistic(d, "correct ~ rate", group=group, level=level)
+    note = why if group == "model_id" or not by_model else (
+        "participants are crossed with models, which one GEE cluster cannot follow, so model-level variation "
+        "is not in the interval")
+    return res, (f"marginal (GEE, exchangeable within {group.removesuffix('_id')}, {res['covariance']} SEs, t with "
+                 f"{res['df']} df; {note})")
+
+
+def _clustered_fit(d: pd.DataFrame, groups: tuple, by_model: bool, nested: bool, why: str, cfg: StudyConfig,
+                   level: float) -> tuple[dict, str]:
+    from .statistics import clustered_logistic
+    res = clustered_logistic(d, "correct ~ rate", clusters=groups, level=level)
+    return res, f"marginal (logistic, {len(groups)}-way cluster-robust SEs, t with {res['df']} df; {why})"
+
+
+#: The trial-level fits of human accuracy on pruning rate: name → (title, in the Holm family, fit).  The mixed
+#: model is the primary one; the marginal fits check it.
+TRIAL_FITS = {"mixed": ("mixed logistic, primary", True, _mixed_fit), "gee": ("GEE", False, _gee_fit),
+              "clustered": ("cluster-robust logistic", False, _clustered_fit)}
+
+
 def human_slope(humans: pd.DataFrame, kind: str, model: str, cfg: StudyConfig) -> Outcome:
-    from .statistics import clustered_logistic, gee_logistic, mixed_logistic, model_intercept
+    """Human accuracy of ``kind`` on pruning rate by the trial-level fit ``model`` (:data:`TRIAL_FITS`)."""
+    from .statistics import model_intercept
+    if model not in TRIAL_FITS:
+        raise ValueError(f"unknown trial-level fit {model!r}; choose from {sorted(TRIAL_FITS)}")
     level, alpha = 1 - cfg.analysis.alpha_level, cfg.analysis.alpha_level
     d = humans[humans["kind"] == kind]
     if d["rate"].isna().all():
@@ -589,21 +625,7 @@ def human_slope(humans: pd.DataFrame, kind: str, model: str, cfg: StudyConfig) -
         raise Skip(f"human {kind} trials cover {d['rate'].nunique()} pruning rate(s); a slope needs two or more")
     by_model, nested, why = model_intercept(d)
     groups = ("participant", "unit_id", "model_id") if by_model else ("participant", "unit_id")
-    if model == "mixed":
-        res = mixed_logistic(d, "correct ~ rate", groups=groups,
-                             n_boot=min(MIXED_BOOT, cfg.analysis.bootstrap), seed=cfg.study.seed, level=level)
-        what = f"conditional (crossed random intercepts, parametric-bootstrap CI, p on the bootstrap SE; {why})"
-    elif model == "gee":
-        group = "model_id" if by_model and nested else "participant"
-        res = gee_logistic(d, "correct ~ rate", group=group, level=level)
-        note = why if group == "model_id" or not by_model else (
-            "participants are crossed with models, which one GEE cluster cannot follow, so model-level variation "
-            "is not in the interval")
-        what = (f"marginal (GEE, exchangeable within {group.removesuffix('_id')}, {res['covariance']} SEs, t with "
-                f"{res['df']} df; {note})")
-    else:
-        res = clustered_logistic(d, "correct ~ rate", clusters=groups, level=level)
-        what = f"marginal (logistic, {len(groups)}-way cluster-robust SEs, t with {res['df']} df; {why})"
+    res, what = TRIAL_FITS[model][2](d, groups, by_model, nested, why, cfg, level)
     t, b0 = _rate_term(res), res["terms"]["Intercept"]["coef"]
     odds = {k: math.exp(t[k] * PER_STEP) for k in ("coef", "ci_low", "ci_high")}
     lo_rate, hi_rate = float(d["rate"].min()), float(d["rate"].max())
@@ -787,8 +809,7 @@ def human_side(data: StudyData, humans: Humans, by_model: pd.DataFrame, per_unit
         run_analysis(entries, f"conditions.{a}-vs-{b}", f"Accuracy: {a} vs {b}", "human",
                      lambda a=a, b=b: kind_comparison(d, a, b, cfg))
     for kind in _kinds(d):
-        for model, title, family in (("mixed", "mixed logistic, primary", True), ("gee", "GEE", False),
-                                     ("clustered", "cluster-robust logistic", False)):
+        for model, (title, family, _) in TRIAL_FITS.items():
             run_analysis(entries, f"human_slope.{kind}.{model}", f"Human accuracy vs pruning rate ({kind}; {title})",
                          "human", lambda kind=kind, model=model: human_slope(d, kind, model, cfg), family=family)
         run_analysis(entries, f"human_equivalence.{kind}", f"Human accuracy of each pruned model vs the base "

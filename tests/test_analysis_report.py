@@ -1157,6 +1157,8 @@ def test_the_primary_human_fit_carries_a_model_intercept_when_participants_are_n
     assert out.table.set_index("term").loc["rate", "boot_se"] > 1.5 * naive["table"].loc["rate", "boot_se"]
     for kind in ("gee", "clustered"):
         assert "participants nested in models" in human_slope(trials, "natural", kind, cfg).sentence
+    with pytest.raises(ValueError, match=r"unknown trial-level fit 'glmm'; choose from \['clustered', 'gee', 'mixed'\]"):
+        human_slope(trials, "natural", "glmm", cfg)
 
 
 def test_without_a_probe_the_report_says_why_dissection_is_missing(tmp_path):
