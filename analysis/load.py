@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from sparsight.config import StudyConfig, read_toml, study_from_run_dir
-from sparsight.layout import Layout
+from sparsight.layout import ROBUSTNESS_TABLES, Layout
 from sparsight.modeltable import BASE_METHOD, load_models, read_table
 from stimuli.units import Unit, split_unit_name
 
@@ -490,8 +490,8 @@ def load_mis_models(run_dir: str | Path, models: pd.DataFrame | None = None) -> 
 def load_robustness(run_dir: str | Path) -> dict[str, pd.DataFrame]:
     """``robustness/{accuracy,noise_similarity,prune_potential}.csv`` that exist and have rows."""
     out = {}
-    for name in ("accuracy", "noise_similarity", "prune_potential"):
-        table = read_table(Layout(run_dir).robustness / f"{name}.csv")
+    for name in ROBUSTNESS_TABLES:
+        table = read_table(Layout(run_dir).robustness_table(name))
         if table is not None and len(table):
             out[name] = table
     return out
@@ -520,7 +520,7 @@ def load_robustness_subset(run_dir: str | Path) -> dict | None:
 
 
 def load_calibration(run_dir: str | Path) -> dict | None:
-    path = Layout(run_dir).mis / "calibration.json"
+    path = Layout(run_dir).calibration
     try:
         return json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):

@@ -369,7 +369,7 @@ def _environments(run_dir: Path) -> list[dict]:
     stages that ran there, in stage order; the analysis itself is the one running now."""
     from sparsight.environment import describe, summary
     groups: dict[str, dict] = {}
-    records = sorted((run_dir / ".stages").glob("*.json"), key=lambda p: p.stat().st_mtime)
+    records = sorted(Layout(run_dir).stage_records.glob("*.json"), key=lambda p: p.stat().st_mtime)
     found = []
     for path in records:
         try:

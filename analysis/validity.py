@@ -299,7 +299,7 @@ def study_checks(data, entries: list) -> list[dict]:
     cfg = data.config
     manifest = _read(layout.manifest)
     status = _read(layout.stimulus_units)
-    tasks = _read(layout.mis / "tasks.csv")
+    tasks = _read(layout.mis_tasks)
     data_root = layout.data if cfg.data.source == "concept-shapes" else Path(cfg.data.path)
     checks = visualization_checks(manifest, status)
     checks.append(tie_order_check(manifest, data_root, cfg.stimuli.split))

@@ -28,6 +28,7 @@ from scipy.stats import binomtest
 from torch import nn
 
 from sparsight.files import atomic_write_text
+from sparsight.layout import ROBUSTNESS_TABLES, Layout
 from sparsight.registry import Registry
 
 from .data.folders import IMAGENET_MEAN, IMAGENET_STD
@@ -664,8 +665,10 @@ def prune_potential(metas: list[dict], delta: float = 0.005, bootstrap: int = 0,
 
 def write_study_tables(out_dir: str | os.PathLike, metas: list[dict], delta: float = 0.005, bootstrap: int = 0,
                        seed: int = 0) -> list[Path]:
-    """Write ``robustness/{accuracy,noise_similarity,prune_potential}.csv`` under ``out_dir``."""
-    folder = Path(out_dir) / "robustness"
-    tables = {"accuracy.csv": accuracy_table(metas), "noise_similarity.csv": noise_table(metas),
-              "prune_potential.csv": prune_potential(metas, delta, bootstrap, seed)}
-    return [atomic_write_text(folder / name, df.to_csv(index=False)) for name, df in tables.items()]
+    """Write ``robustness/{accuracy,noise_similarity,prune_potential}.csv`` (:data:`ROBUSTNESS_TABLES`) under
+    ``out_dir``."""
+    layout = Layout(Path(out_dir))
+    tables = {"accuracy": accuracy_table(metas), "noise_similarity": noise_table(metas),
+              "prune_potential": prune_potential(metas, delta, bootstrap, seed)}
+    assert tuple(tables) == ROBUSTNESS_TABLES
+    return [atomic_write_text(layout.robustness_table(name), df.to_csv(index=False)) for name, df in tables.items()]

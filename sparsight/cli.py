@@ -153,7 +153,7 @@ def _recorded_study_dir(path: str | None):
                                    f"mis/); give a study file, or a folder that `sparsight run` made")
         return given
     folder = given.parent
-    if given.name == STUDY_FILE and ((folder / ".stages").is_dir() or Layout(folder).models.is_dir()):
+    if given.name == STUDY_FILE and (Layout(folder).stage_records.is_dir() or Layout(folder).models.is_dir()):
         return folder
     return None
 

@@ -21,6 +21,8 @@ MODELS_FILE = "models.csv"
 RESPONSE_FILES = ("responses.csv", "responses.parquet")
 REPORT_HTML = "index.html"
 REPORT_JSON = "results.json"
+#: The study-level robustness tables (``robustness/<name>.csv``).
+ROBUSTNESS_TABLES = ("accuracy", "noise_similarity", "prune_potential")
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,10 @@ class Layout:
     def robustness(self) -> Path:
         return self.root / "robustness"
 
+    def robustness_table(self, name: str) -> Path:
+        """One of :data:`ROBUSTNESS_TABLES`."""
+        return self.robustness / f"{name}.csv"
+
     # stimuli -----------------------------------------------------------------------------------
     @property
     def stimuli(self) -> Path:
@@ -103,6 +109,16 @@ class Layout:
     @property
     def mis_models(self) -> Path:
         return self.mis / MODELS_FILE
+
+    @property
+    def mis_tasks(self) -> Path:
+        """Δ of every task (the MIS stage's first table)."""
+        return self.mis / "tasks.csv"
+
+    @property
+    def calibration(self) -> Path:
+        """α fitted on the human responses, with its held-out check (only once there are enough)."""
+        return self.mis / "calibration.json"
 
     @property
     def dissection(self) -> Path:
@@ -147,5 +163,10 @@ class Layout:
         marks = (self.study_toml, self.models, self.mis_units, self.evaluation, self.dissection_units, self.survey_db)
         return any(p.exists() for p in marks) or self.responses() is not None
 
+    @property
+    def stage_records(self) -> Path:
+        """The folder of the study runner's records, one ``<stage>.json`` per stage."""
+        return self.root / ".stages"
+
     def stage_record(self, name: str) -> Path:
-        return self.root / ".stages" / f"{name}.json"
+        return self.stage_records / f"{name}.json"

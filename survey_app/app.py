@@ -38,7 +38,7 @@ def study_config(run_dir: Path, survey_overrides: dict | None = None) -> StudyCo
 def database_url(run_dir: Path, cfg: StudyConfig, explicit: str | None = None) -> str:
     """``explicit`` (--database, DATABASE_URL, SPARSIGHT_DATABASE_URL), else ``survey.database``, else SQLite in
     the study directory; a relative SQLite file is taken from the working directory and made absolute."""
-    return absolute_database_url(explicit or cfg.survey.database or f"sqlite:///{absolute(run_dir) / 'survey.db'}")
+    return absolute_database_url(explicit or cfg.survey.database or f"sqlite:///{Layout(absolute(run_dir)).survey_db}")
 
 
 def survey_material(run_dir: Path, cfg: StudyConfig) -> Material:

@@ -68,7 +68,7 @@ def run_mis(study, *, log=print) -> list[Path]:
     cache = EmbeddingCache(embedding, out / "embeddings" / f"{embedding.key}.pt", batch_size=mis.batch_size,
                            progress=cfg.study.progress)
     deltas = task_deltas(Material(layout.stimuli), cache)
-    files = [atomic_write_text(out / "tasks.csv", deltas.to_csv(index=False))]
+    files = [atomic_write_text(layout.mis_tasks, deltas.to_csv(index=False))]
     alpha, source, calibration_file = _alpha(run_dir, cfg, deltas, embedding.key, log)
     files += [calibration_file] if calibration_file else []
     status_csv = layout.stimulus_units
@@ -90,7 +90,7 @@ def _alpha(run_dir: Path, cfg, deltas: pd.DataFrame, embedding_key: str, log) ->
     """The MIS temperature α, its source, and ``mis/calibration.json`` when α was fitted on human
     responses (``mis.alpha_source = "auto"`` and enough of them), else the configured α and None."""
     mis = cfg.mis
-    out = Layout(run_dir).mis
+    layout = Layout(run_dir)
     alpha, source, written = mis.alpha, "configured", None
     if mis.alpha_source == "auto":
         responses = read_responses(run_dir, cfg)
@@ -98,13 +98,13 @@ def _alpha(run_dir: Path, cfg, deltas: pd.DataFrame, embedding_key: str, log) ->
         if len(trials) >= mis.min_human_responses:
             report = calibration(trials, seed=cfg.study.seed)
             report.update(embedding=embedding_key, configured_alpha=mis.alpha)
-            written = atomic_write_text(out / "calibration.json", json.dumps(report, indent=2))
+            written = atomic_write_text(layout.calibration, json.dumps(report, indent=2))
             alpha, source = report["alpha"], "fitted"
             log(f"[mis] α fitted on {report['responses']} human responses: {alpha:.3g} "
                 f"(95% CI {report['alpha_ci'][0]:.3g}–{report['alpha_ci'][1]:.3g})")
         else:
             log(f"[mis] {_why_not_fitted(run_dir, cfg, responses, len(trials))}; α stays the configured {alpha:.3g}")
-    stale = out / "calibration.json"
+    stale = layout.calibration
     if source != "fitted" and stale.is_file():
         stale.unlink()
         log(f"[mis] removed the earlier {stale.name}: it no longer describes this MIS (α {alpha:.3g}, {source})")
