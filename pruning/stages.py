@@ -151,8 +151,10 @@ def prune_jobs(cfg) -> list[PruneJob]:
                       for m in p.methods for s in p.schedules for r in sorted(p.rates)]
 
 
-def study_model_ids(study) -> list[str]:
-    return ["base", "observer"] + [job.model_id for job in prune_jobs(study.config)]
+def study_model_ids(study, *, observer: bool = True) -> list[str]:
+    """The study's models: the base, the observer network (unless ``observer=False``: it is not studied, only
+    the MIS embeds with it) and every pruned model."""
+    return ["base"] + (["observer"] if observer else []) + [job.model_id for job in prune_jobs(study.config)]
 
 
 class PruneStage:

@@ -288,7 +288,7 @@ def _study_models(study) -> list[str]:
     """Every model of the study but the observer."""
     from pruning.stages import study_model_ids
 
-    return [m for m in study_model_ids(study) if m != "observer"]
+    return study_model_ids(study, observer=False)
 
 
 def _current_parts(study, model_ids: list[str], settings: dict, parts: Path) -> list[Path]:

@@ -223,7 +223,7 @@ class ParticipantsStage:
         from pruning.stages import study_model_ids
 
         cfg = study.config
-        served = list(cfg.stimuli.models) or [m for m in study_model_ids(study) if m != "observer"]
+        served = list(cfg.stimuli.models) or study_model_ids(study, observer=False)
         unknown = [m for m in cfg.survey.models if m not in served]
         return [f"survey.models: {unknown[0]!r} gets no stimuli in this study; models with stimuli: {served}"
                 ] if unknown else []
