@@ -212,3 +212,105 @@ def format_power(power: dict) -> str:
 
 
 COMMANDS = [analyze_cmd, power_cmd]
+
+
+def echo_study_summary(layout) -> None:
+    """What ``sparsight run`` prints at the end: one line per model (method, rate, measured sparsity, top-1, MIS ±
+    CI per reference kind, interpretable units), then the report's answers, power and failed validity checks."""
+    import pandas as pd
+
+    def read(path):
+        return pd.read_csv(path) if path.is_file() and path.stat().st_size > 1 else None
+    models = read(layout.evaluation)
+    if models is not None:
+        mis, dis = read(layout.mis_models), read(layout.dissection_models)
+        kinds = sorted(mis["kind"].unique()) if mis is not None else []
+        w = max(5, int(models["model_id"].str.len().max()))
+        mw = max(6, int(models["method"].fillna("-").astype(str).str.len().max()))
+        head = f"{'model':{w}s} {'method':{mw}s} {'rate':>5s} {'sparsity':>8s} {'top1':>6s}"
+        head += "".join(f" {'MIS ' + k[:5]:>17s}" for k in kinds) + (f" {'interp.':>9s}" if dis is not None else "")
+        click.echo("\n" + head)
+        for r in models.itertuples():
+            top1 = "" if pd.isna(r.top1) else f"{r.top1:.3f}"
+            method = "" if pd.isna(r.method) else str(r.method)
+            line = f"{r.model_id:{w}s} {method or '-':{mw}s} {r.rate_requested:5.2f} {r.sparsity:8.3f} {top1:>6s}"
+            for k in kinds:
+                m = mis[(mis.model_id == r.model_id) & (mis.kind == k)]
+                if m.empty or pd.isna(m.mis.iloc[0]):
+                    cell = ""
+                elif pd.isna(m.mis_ci_low.iloc[0]):      # too few live units for a bootstrap interval
+                    cell = f"{m.mis.iloc[0]:.2f} ({int(m.units.iloc[0])} unit{'s' * (int(m.units.iloc[0]) != 1)})"
+                else:
+                    cell = f"{m.mis.iloc[0]:.2f} [{m.mis_ci_low.iloc[0]:.2f},{m.mis_ci_high.iloc[0]:.2f}]"
+                line += f" {cell:>17s}"
+            if dis is not None:
+                d = dis[dis.model_id == r.model_id]
+                line += f" {'' if d.empty else f'{int(d.interpretable.iloc[0])}/{int(d.units.iloc[0])}':>9s}"
+            click.echo(line)
+        if mis is not None:
+            click.echo(f"MIS: mean over live units with a 95 % bootstrap CI (the unit count where too few live "
+                       f"units are left for one); α = {mis.alpha.iloc[0]:.3g} "
+                       f"({mis.alpha_source.iloc[0]}), embedding {mis.embedding.iloc[0]}")
+    results = _report_results(layout.report_json)
+    echo_answers(results.get("answers", []))
+    echo_power(results.get("power") or {})
+    _echo_failed_checks(results.get("validity", []))
+
+
+def _report_results(results_json) -> dict:
+    """The report's results.json ({} when there is none yet)."""
+    import json
+    try:
+        return json.loads(results_json.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _design_phrase(s: dict) -> str:
+    """E.g. "160 participants × 12 trials to detect an accuracy change of −0.1", or "more than 640
+    participants …" when no design tried reaches the power."""
+    goal = (f"to detect an accuracy change of {s['change_over_span']:+g}".replace("-", "−") if s["goal"] == "detect"
+            else "for equivalence")
+    if s["participants"]:
+        return f"{s['participants']} participants × {s['trials']} trials {goal}"
+    return f"more than {s['largest_tried']} participants at {s['trials']} trials {goal}"
+
+
+def _per_kind(power: dict) -> str:
+    """How the participant counts of the power line are meant."""
+    kinds = {s["kind"] for s in power.get("smallest", [])}
+    return "; participants per reference kind" if len(kinds) > 1 else ""
+
+
+def echo_power(power: dict) -> None:
+    """Per kind: the smallest MIS slope the study detects, and the fewest participants a human study needs."""
+    pooled = [m for m in power.get("model", []) if m.get("scope") == "all methods"]
+    if not pooled:
+        return
+    click.echo(f"\npower ({power['target_power']:.0%}{_per_kind(power)}; `sparsight power RUN_DIR` plans other "
+               f"designs):")
+    for m in pooled:
+        models = f" in {m['models']} models" if m.get("models") else ""
+        line = (f"  {m['kind']}: {m['units']} units{models} detect an MIS slope of "
+                f"{m['detectable_slope_per_10pct']:.4f} per 10 % pruning rate (CI ±{m['ci_half_width_per_10pct']:.4f})")
+        designs = [s for s in power.get("smallest", []) if s["kind"] == m["kind"]]
+        best = {}
+        # per goal and change: the reaching design with the fewest trials in all, else the largest tried
+        for s in designs:
+            key = (s["goal"], s["change_over_span"])
+            cost = (0, s["participants"] * s["trials"]) if s["participants"] else (1, -s["trials"])
+            if key not in best or cost < best[key][0]:
+                best[key] = (cost, s)
+        parts = [_design_phrase(s) for _, (_, s) in sorted(best.items())]
+        click.echo(line + ("; a human study needs " + ", ".join(parts) if parts else "") + ".")
+
+
+def _echo_failed_checks(checks: list[dict]) -> None:
+    """The study's failed validity checks (report/results.json["validity"]), one line each."""
+    failed = [c for c in checks if c.get("passed") is False]
+    if not failed:
+        return
+    click.echo(f"\nvalidity: {len(failed)} of {len(checks)} checks failed (report: Validity section)")
+    from .validity import failed_line
+    for c in failed:
+        click.echo(f"  FAILED {failed_line(c)}")

@@ -161,7 +161,7 @@ def test_unknown_force_stage_lists_stages(runner, tmp_path):
 def test_the_run_summary_names_the_cheapest_design_per_goal_and_says_when_none_reaches_the_power(capsys):
     """Per goal and change the design with the fewest trials in all is printed (with a true minus sign);
     a goal no tried design reaches reads "more than <largest tried> participants", not nothing."""
-    from sparsight.cli import _print_power
+    from analysis.cli import echo_power as _print_power
 
     def design(change, goal, participants, trials):
         return {"kind": "natural", "change_over_span": change, "goal": goal, "trials": trials,
@@ -182,7 +182,7 @@ def test_the_run_summary_names_the_cheapest_design_per_goal_and_says_when_none_r
 
 
 def test_the_power_header_says_its_participant_counts_are_per_reference_kind_when_there_are_two(capsys):
-    from sparsight.cli import _print_power
+    from analysis.cli import echo_power as _print_power
 
     model = {"scope": "all methods", "units": 30, "models": 5, "detectable_slope_per_10pct": 0.01,
              "ci_half_width_per_10pct": 0.007}
