@@ -27,7 +27,7 @@ from sparsight.files import atomic_write_bytes
 from sparsight.layout import Layout
 from sparsight.registry import Registry
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+from pruning.data.common import IMAGENET_MEAN, IMAGENET_STD
 
 
 @dataclass
