@@ -27,7 +27,7 @@ from .bank import StimulusBank
 from .exemplars import OverlappingExemplars, select_tasks
 from .featurevis import FeatureVisSettings, render_units
 from .mining import mine
-from .units import Unit
+from .units import REMOVED_CHANNEL, ChannelMap, Unit
 
 
 @dataclass
@@ -139,21 +139,6 @@ def _dead_reason(layer_mining, unit: int, pruned_model: bool) -> str | None:
     return "pruned" if zero and pruned_model else "dead"
 
 
-class _Channels:
-    """Study units (the parent's channel indices) → one model's channels (a physically pruned model
-    renumbers them; ``None``: removed)."""
-
-    def __init__(self, channel_map: dict[str, list[int]] | None):
-        self.map = {layer: list(m) for layer, m in (channel_map or {}).items()}
-        self.position = {layer: {parent: child for child, parent in enumerate(m)} for layer, m in self.map.items()}
-
-    def __call__(self, u: Unit) -> int | None:
-        return self.position[u.layer].get(u.unit) if u.layer in self.position else u.unit
-
-    def for_layers(self, layers) -> dict[str, list[int]] | None:
-        return {k: v for k, v in self.map.items() if k in layers} or None
-
-
 def _state_path(work_dir: Path | None, model_id: str, layers: list[str], record, shard: tuple[int, int]) -> Path | None:
     """Where a model's mining pass keeps its state: one file per selection of layers and recorded units, so a
     pass for a few units (``sparsight stimuli --unit``) leaves the study's full pass in place.  A state file of
@@ -169,7 +154,7 @@ def _state_path(work_dir: Path | None, model_id: str, layers: list[str], record,
     return path
 
 
-def _mine_units(model, model_id: str, units: list[Unit], data_root, settings: StimuliSettings, channel: _Channels, *,
+def _mine_units(model, model_id: str, units: list[Unit], data_root, settings: StimuliSettings, channel: ChannelMap, *,
                 device, work_dir: Path | None, progress: bool, shard: tuple[int, int], gather):
     """One mining pass over the split for the layers of ``units`` (resumed from, and saved to, ``work_dir``:
     a second call for the same model and settings reads the finished state instead of the images)."""
@@ -189,7 +174,7 @@ def live_units(model, model_id: str, units: list[Unit], data_root, settings: Sti
                gather=None, channel_map: dict[str, list[int]] | None = None) -> set[Unit]:
     """The units of ``units`` that are alive in this model (kept, and not constant over the split)."""
     device = torch.device(device) if device else next(model.parameters()).device
-    channel = _Channels(channel_map)
+    channel = ChannelMap(channel_map)
     kept = [u for u in units if channel(u) is not None]
     if not kept:
         return set()
@@ -233,7 +218,7 @@ def make_stimuli(model, model_id: str, units: list[Unit], data_root: str | Path,
     unit) are the same on every rank.
     """
     device = torch.device(device) if device else next(model.parameters()).device
-    channel = _Channels(channel_map)
+    channel = ChannelMap(channel_map)
     synthetic = set(units) if synthetic_units is None else set(synthetic_units) & set(units)
     units_of = {kind: [u for u in units if kind != "synthetic" or u in synthetic] for kind in settings.kinds}
     rank, world = shard
@@ -279,10 +264,11 @@ def _status_row(model_id: str, kind: str, u: Unit, status: str, reason: str) -> 
             "reason": reason, "fv_reach": float("nan"), "fv_valid": None}
 
 
-def _removed_units(model_id: str, units_of: dict, channel: _Channels, bank: StimulusBank, *, write: bool) -> list[dict]:
+def _removed_units(model_id: str, units_of: dict, channel: ChannelMap, bank: StimulusBank, *,
+                   write: bool) -> list[dict]:
     """Status rows of the units whose channel physical pruning removed; with ``write`` they are also
     recorded in the bank as done, without rows."""
-    status = [_status_row(model_id, kind, u, "pruned", "channel removed by physical pruning")
+    status = [_status_row(model_id, kind, u, "pruned", REMOVED_CHANNEL)
               for kind, us in units_of.items() for u in us if channel(u) is None]
     if write:
         for kind, us in units_of.items():
@@ -292,7 +278,7 @@ def _removed_units(model_id: str, units_of: dict, channel: _Channels, bank: Stim
     return status
 
 
-def _unit_tasks(model_id: str, result, units: list[Unit], units_of: dict, channel: _Channels,
+def _unit_tasks(model_id: str, result, units: list[Unit], units_of: dict, channel: ChannelMap,
                 settings: StimuliSettings, pruned_model: bool) -> tuple[dict, dict, list[dict]]:
     """Per unit its tasks, or why it has none (dead, sparse); and its status row per kind."""
     member = {kind: set(us) for kind, us in units_of.items()}
@@ -326,7 +312,7 @@ def _visualization_settings(settings: StimuliSettings) -> FeatureVisSettings:
                               rescue_steps=settings.fv_rescue_steps, seed=settings.seed)
 
 
-def _render_visualizations(model, model_id: str, todo: list[Unit], tasks_of: dict, channel: _Channels,
+def _render_visualizations(model, model_id: str, todo: list[Unit], tasks_of: dict, channel: ChannelMap,
                            bank: StimulusBank, images: ExemplarImages, split_root: Path, settings: StimuliSettings,
                            *, device, progress: bool, shard: tuple[int, int], gather) -> None:
     """Feature visualizations of ``todo``, many units of a layer per batch, into the bank.  Under

@@ -16,7 +16,7 @@ from sparsight.progress import note, on_terminal, progress_bar
 
 from .bank import StimulusBank
 from .pipeline import StimuliSettings, live_units, make_stimuli
-from .units import Unit, layer_channels, resolve_units, sample_among, sample_units
+from .units import REMOVED_CHANNEL, ChannelMap, Unit, layer_channels, resolve_units, sample_among, sample_units
 
 
 def _base_model(study):
@@ -332,8 +332,8 @@ def _dissect_model(study, model_id: str, loader, units: list[Unit], settings: di
         units_df, iou_df = skipped_units(model_id, units, PHYSICAL_REASON), pd.DataFrame(columns=IOU_COLUMNS)
     else:
         d = study.config.dissection
-        position = {layer: {parent: child for child, parent in enumerate(m)} for layer, m in ckpt.channel_map.items()}
-        child = {u: (position[u.layer].get(u.unit) if u.layer in position else u.unit) for u in units}
+        channel = ChannelMap(ckpt.channel_map)
+        child = {u: channel(u) for u in units}
         kept = [u for u in units if child[u] is not None]
         result = dissect(ckpt.model, loader, [Unit(u.layer, child[u]) for u in kept], quantile=d.quantile,
                          iou_threshold=d.iou_threshold, device=device, pruned_model=bool(meta.get("method")),
@@ -342,7 +342,7 @@ def _dissect_model(study, model_id: str, loader, units: list[Unit], settings: di
         units_df, iou_df = (_rename_units(t, parent) for t in (result.unit_table(model_id), result.iou_table(model_id)))
         removed = [u for u in units if child[u] is None]
         if removed:
-            gone = skipped_units(model_id, removed, "channel removed by physical pruning").assign(status="pruned")
+            gone = skipped_units(model_id, removed, REMOVED_CHANNEL).assign(status="pruned")
             units_df = pd.concat([units_df, gone], ignore_index=True)
     shutil.rmtree(part, ignore_errors=True)
     atomic_write_frame(units_df, part / "units.parquet")

@@ -42,6 +42,26 @@ class Unit:
 _UNIT = re.compile(r"^(?P<layer>[A-Za-z_][\w.]*):(?P<start>\d+)(?:-(?P<stop>\d+))?$")
 
 
+#: Why a study unit has no stimuli or dissection in a physically pruned model that removed its channel.
+REMOVED_CHANNEL = "channel removed by physical pruning"
+
+
+class ChannelMap:
+    """Study units (the parent's channel indices) → one model's channels: a physically pruned model renumbers
+    them, from the checkpoint's ``channel_map`` (layer → the parent channel of each surviving channel); ``None``
+    where the channel was removed; the same index in a model that was not pruned physically."""
+
+    def __init__(self, channel_map: dict[str, list[int]] | None):
+        self.map = {layer: list(m) for layer, m in (channel_map or {}).items()}
+        self.position = {layer: {parent: child for child, parent in enumerate(m)} for layer, m in self.map.items()}
+
+    def __call__(self, u: Unit) -> int | None:
+        return self.position[u.layer].get(u.unit) if u.layer in self.position else u.unit
+
+    def for_layers(self, layers) -> dict[str, list[int]] | None:
+        return {k: v for k, v in self.map.items() if k in layers} or None
+
+
 def parse_units(text: str) -> list[Unit]:
     """``"layer:3"`` → one unit; ``"layer:0-7"`` → units 0..7 (inclusive)."""
     m = _UNIT.match(text.strip())

@@ -213,3 +213,14 @@ def test_a_sample_among_units_spreads_over_layers_as_they_allow():
     assert sample_among(units, 12, seed=3) == chosen and sample_among(units, 12, seed=4) != chosen
     assert sample_among(units, 100, seed=0) == sorted(units)
     assert set(sample_among(units, 6, seed=3)) <= set(chosen)      # a smaller sample is a prefix of the turns
+
+
+def test_a_channel_map_renumbers_study_units_in_a_physically_pruned_model():
+    """Layer l kept the parent's channels 0, 2 and 5: unit 5 is now channel 2, unit 1 is gone; other layers keep
+    their numbers."""
+    from stimuli.units import ChannelMap, Unit
+
+    channel = ChannelMap({"l": [0, 2, 5]})
+    assert [channel(Unit("l", u)) for u in (0, 1, 2, 5)] == [0, None, 1, 2]
+    assert channel(Unit("m", 3)) == 3
+    assert channel.for_layers(["m"]) is None and channel.for_layers(["l"]) == {"l": [0, 2, 5]}
