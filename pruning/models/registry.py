@@ -37,6 +37,7 @@ class ModelSpec:
     torchvision_name: str | None = None    # for torchvision weights names
     description: str = ""
     defaults: dict = field(default_factory=dict)
+    weights_kwargs: dict = field(default_factory=dict)   # builder kwargs torchvision's own weights need
 
 
 MODELS = Registry("model")
@@ -45,7 +46,8 @@ CHECKPOINT_FORMAT = "sparsight-checkpoint/1"   # header of a sparsight checkpoin
 
 
 def register_model(name: str, input_size: int, *, stem: tuple[str, ...] = (), unit_layers: tuple[str, ...] = (),
-                   torchvision_name: str | None = None, defaults: dict | None = None):
+                   torchvision_name: str | None = None, defaults: dict | None = None,
+                   weights_kwargs: dict | None = None):
     """Decorator: register a builder ``fn(num_classes=..., **kw) -> nn.Module`` as model ``name``.
 
     The builder's docstring is the model's one-line description.
@@ -53,7 +55,7 @@ def register_model(name: str, input_size: int, *, stem: tuple[str, ...] = (), un
     def spec(builder: Callable[..., nn.Module]) -> ModelSpec:
         return ModelSpec(name, builder, input_size, stem=stem, unit_layers=unit_layers,
                          torchvision_name=torchvision_name, description=(builder.__doc__ or "").strip(),
-                         defaults=dict(defaults or {}))
+                         defaults=dict(defaults or {}), weights_kwargs=dict(weights_kwargs or {}))
     return MODELS.register(name, spec)
 
 
@@ -84,8 +86,9 @@ def observer_small(num_classes: int = 10, **kw) -> nn.Module:
     return ObserverNet(num_classes=num_classes, **kw)
 
 
+# torchvision's GoogLeNet weights were converted from TensorFlow and expect transform_input
 @register_model("googlenet", 224, stem=("conv1", "conv2", "conv3"), unit_layers=GOOGLENET_BLOCKS,
-                torchvision_name="googlenet")
+                torchvision_name="googlenet", weights_kwargs={"transform_input": True})
 def googlenet(num_classes: int = 1000, aux_logits: bool = False, transform_input: bool = False, **kw) -> nn.Module:
     """torchvision GoogLeNet (aux heads optional)"""
     import torchvision
@@ -174,8 +177,8 @@ def weights_digest(arch: str, weights: str | os.PathLike | None) -> str:
 
 
 def _weights_kwargs(arch: str, member) -> dict:
-    # torchvision's GoogLeNet weights were converted from TensorFlow and expect transform_input
-    return {"transform_input": True} if arch == "googlenet" else {}
+    """The builder kwargs torchvision's weights ``member`` of ``arch`` need (its registry entry's)."""
+    return dict(get_spec(arch).weights_kwargs)
 
 
 def _known_file_kwargs(arch: str, path: Path) -> dict:
