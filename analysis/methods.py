@@ -96,8 +96,11 @@ def pruning(data: StudyData) -> str | None:
         else:
             methods.append(f"{method} ({meta.get('criterion') or method}; {_scope(meta)})")
     rates = sorted({float(r) for r in pruned["rate"] if r > 0})
+    copies = int(pruned.groupby(["method", "schedule", "rate"]).size().max())
     text = (f"Pruning: {len(pruned)} models from the base network: {_listing(methods)}, at rates "
-            f"{_listing(f'{r:g}' for r in rates)} (the share of weights removed within each method's layers).")
+            f"{_listing(f'{r:g}' for r in rates)} (the share of weights removed within each method's layers)"
+            + (f", each in {copies} retrained copies (the same pruning, its own retraining seed)" if copies > 1
+               else "") + ".")
     iterative = next((metas[m] for m in pruned.loc[pruned["schedule"] == "iterative", "model_id"] if metas.get(m)),
                      None)
     if iterative is not None:

@@ -515,6 +515,12 @@ def _retraining_note(table: pd.DataFrame) -> str:
             "apart.")
 
 
+def _at_top_rate(g: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """A series' models at its highest rate (several where the study retrains copies) and how to say so."""
+    at = g[g["rate"] == g["rate"].max()]
+    return at, (f", mean of {len(at)} retrained copies" if len(at) > 1 else "")
+
+
 def top1_summary(models: pd.DataFrame) -> Outcome:
     d = models[np.isfinite(models["top1"].astype(float))]
     if d.empty:
@@ -523,8 +529,9 @@ def top1_summary(models: pd.DataFrame) -> Outcome:
     pruned = d[d["method"] != BASE_METHOD]
     parts = [f"base top-1 {fmt(float(base['top1'].iloc[0]))}" if len(base) else "no base model"]
     for s, g in pruned.groupby("series"):
-        top = g.sort_values("rate").iloc[-1]
-        parts.append(f"{s}: {fmt(float(top['top1']))} at rate {top['rate']:g} (sparsity {fmt(top['sparsity'])})")
+        at, copies = _at_top_rate(g)
+        parts.append(f"{s}: {fmt(float(at['top1'].mean()))} at rate {at['rate'].iloc[0]:g} (sparsity "
+                     f"{fmt(float(at['sparsity'].mean()))}{copies})")
     table = d[["model_id", "series", "rate", "sparsity", "top1", "top1_before"]]
     return Outcome("Top-1 after retraining — " + "; ".join(parts) + ".", {"models": table}, table=table)
 
@@ -543,9 +550,14 @@ def dissection_summary(table: pd.DataFrame, why_none: str | None = None) -> Outc
     parts = [f"base {int(base['interpretable'].iloc[0])} interpretable units{share(base.iloc[0])}, "
              f"{int(base['unique_concepts'].iloc[0])} unique concepts" if len(base) else "no base model"]
     for s, g in d[d["method"] != BASE_METHOD].groupby("series"):
-        top = g.sort_values("rate").iloc[-1]
-        parts.append(f"{s} at rate {top['rate']:g}: {int(top['interpretable'])}{share(top)} and "
-                     f"{int(top['unique_concepts'])}")
+        at, copies = _at_top_rate(g)
+        if len(at) == 1:
+            top = at.iloc[0]
+            parts.append(f"{s} at rate {top['rate']:g}: {int(top['interpretable'])}{share(top)} and "
+                         f"{int(top['unique_concepts'])}")
+        else:
+            parts.append(f"{s} at rate {at['rate'].iloc[0]:g}: {fmt(float(at['interpretable'].mean()), 1)} and "
+                         f"{fmt(float(at['unique_concepts'].mean()), 1)}{copies}")
     cols = [c for c in ("model_id", "series", "rate", "sparsity", "interpretable", "interpretable_fraction_alive",
                         "unique_concepts", "dissection_units", "dissection_alive") if c in d]
     return Outcome("Network Dissection — " + "; ".join(parts) + ".", {"models": d[cols]}, table=d[cols])

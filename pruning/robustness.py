@@ -609,23 +609,36 @@ def potential_interval(base: dict, members: list[dict], dist: str, delta: float,
             owners += [who] * len(keys)
     flags, owners = np.stack(columns, axis=1).astype(np.float64), np.asarray(owners)
     rates = np.array([float(m.get("rate_requested") or 0.0) for m in members])
+    levels = np.unique(rates)
     potentials = []
     for start in range(0, bootstrap, chunk):
         errors = 1 - _resampled_weights(n, min(chunk, bootstrap - start), rng) @ flags / n   # (draws, columns)
-        keeps = np.stack([errors[:, owners == i].mean(axis=1) <= errors[:, owners == -1 - i].mean(axis=1)
-                          + delta + 1e-12 for i in range(len(members))], axis=1)
-        potentials.append(np.where(keeps, rates, 0.0).max(axis=1))
+        excess = np.stack([errors[:, owners == i].mean(axis=1) - errors[:, owners == -1 - i].mean(axis=1)
+                           for i in range(len(members))], axis=1)
+        # the retrained copies of one rate are averaged first, as the potential itself averages them
+        keeps = np.stack([excess[:, rates == r].mean(axis=1) <= delta + 1e-12 for r in levels], axis=1)
+        potentials.append(np.where(keeps, levels, 0.0).max(axis=1))
     tail = (1 - POTENTIAL_LEVEL) / 2
     low, high = np.quantile(np.concatenate(potentials), [tail, 1 - tail], method="inverted_cdf")
     return float(low), float(high)
 
 
+def _excess_by_rate(errors: list[tuple[float, dict]], dist: str) -> dict[float, float]:
+    """Rate → the models' error on ``dist`` above the base's, averaged over the retrained copies of that rate."""
+    by_rate: dict[float, list[float]] = {}
+    for rate, err in errors:
+        if dist in err:
+            by_rate.setdefault(rate, []).append(err[dist][0] - err[dist][1])
+    return {rate: sum(v) / len(v) for rate, v in by_rate.items()}
+
+
 def prune_potential(metas: list[dict], delta: float = 0.005, bootstrap: int = 0, seed: int = 0) -> pd.DataFrame:
     """Prune potential per (arch, method, schedule) and distribution (Liebenwein et al. 2021).
 
-    The potential is the largest requested rate whose error (corruptions: averaged over severities)
-    stays within ``base error + delta`` on that distribution, 0.0 if no rate does; with ``bootstrap``
-    resamples of the images, its interval (:func:`potential_interval`).
+    The potential is the largest requested rate whose error (corruptions: averaged over severities; retrained
+    copies of one rate, ``prune.copies``: averaged too) stays within ``base error + delta`` on that
+    distribution, 0.0 if no rate does; with ``bootstrap`` resamples of the images, its interval
+    (:func:`potential_interval`).
     ``potential_drop`` = clean potential − potential on the distribution.  Where the base is not above
     chance on a distribution (``parent_above_chance`` false) every rate "keeps" its error, so the
     potential and its drop are left empty (NaN) instead of reading noise at chance as robustness.
@@ -647,7 +660,7 @@ def prune_potential(metas: list[dict], delta: float = 0.005, bootstrap: int = 0,
                   for m in members]
         potentials, intervals, informative = {}, {}, base_above_chance(base)
         for dist in sorted(base_err, key=lambda d: (d != "clean", d)):
-            rates = [r for r, err in errors if dist in err and err[dist][0] <= err[dist][1] + delta + 1e-12]
+            rates = [r for r, excess in _excess_by_rate(errors, dist).items() if excess <= delta + 1e-12]
             at_chance = informative.get(dist) is False
             potentials[dist] = float("nan") if at_chance else max(rates, default=0.0)
             measured = [m for (_, err), m in zip(errors, members) if dist in err]
@@ -658,7 +671,7 @@ def prune_potential(metas: list[dict], delta: float = 0.005, bootstrap: int = 0,
                          "potential": pot, "potential_ci_low": intervals[dist][0],
                          "potential_ci_high": intervals[dist][1], "parent_error": base_err[dist],
                          "potential_drop": potentials["clean"] - pot,
-                         "n_rates": sum(dist in err for _, err in errors), "n_images": base["robustness"].get("n"),
+                         "n_rates": len(_excess_by_rate(errors, dist)), "n_images": base["robustness"].get("n"),
                          "parent_above_chance": informative.get(dist)})
     return pd.DataFrame(rows, columns=POTENTIAL_COLUMNS)
 

@@ -70,12 +70,15 @@ class PruneJob:
     physical: bool = False
     norm: str = "l1"
     seed: int = 0
+    copy: int = 1           # which retrained copy (``prune.copies``): the same pruning, its own retraining seed
 
     def __post_init__(self):
         if not method_class(self.method).prunes and self.rate:
             raise PruningError(f"method {self.method!r} prunes nothing, so its rate is 0, not {self.rate:g}")
         check_rate(self.rate)
         step_rates(self.rate, self.schedule, self.steps)
+        if self.copy < 1:
+            raise PruningError(f"copy {self.copy} of a job: copies count from 1")
 
     @property
     def is_physical(self) -> bool:
@@ -83,7 +86,7 @@ class PruneJob:
 
     @property
     def model_id(self) -> str:
-        suffix = "-physical" if self.is_physical else ""
+        suffix = ("-physical" if self.is_physical else "") + (f"-c{self.copy}" if self.copy > 1 else "")
         return f"{self.method}-{self.schedule}-r{self.rate:.2f}{suffix}"
 
     def method_instance(self, input_size: int):

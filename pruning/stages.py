@@ -141,14 +141,16 @@ def planned_class_count(study) -> int | None:
 
 
 def prune_jobs(cfg) -> list[PruneJob]:
-    """Every (method, schedule, rate) of the study, in a stable order; first the retrained control
-    (``prune.control``: nothing pruned, retrained as a one-shot model is)."""
+    """Every (method, schedule, rate) of the study, in a stable order, each in ``prune.copies`` retrained copies;
+    first the retrained control (``prune.control``: nothing pruned, retrained as a one-shot model is)."""
     p = cfg.prune
     exclude = default_exclude(cfg, cfg.model.arch)
-    control = [PruneJob(method=CONTROL_METHOD, rate=0.0, exclude=exclude, seed=cfg.study.seed)] if p.control else []
+    copies = range(1, p.copies + 1)
+    control = [PruneJob(method=CONTROL_METHOD, rate=0.0, exclude=exclude, seed=cfg.study.seed, copy=c)
+               for c in copies] if p.control else []
     return control + [PruneJob(method=m, rate=float(r), schedule=s, steps=p.iterative_steps if s == "iterative" else 1,
-                               exclude=exclude, physical=p.physical, norm=p.norm, seed=cfg.study.seed)
-                      for m in p.methods for s in p.schedules for r in sorted(p.rates)]
+                               exclude=exclude, physical=p.physical, norm=p.norm, seed=cfg.study.seed, copy=c)
+                      for m in p.methods for s in p.schedules for r in sorted(p.rates) for c in copies]
 
 
 def study_model_ids(study, *, observer: bool = True) -> list[str]:

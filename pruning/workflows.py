@@ -370,6 +370,7 @@ def _pruned_meta_fields(job, outcome, settings: TrainSettings, parent_eval: dict
         return {"parent": parent_eval[key], "before": before.get(key), "after": after.get(key),
                 **({"before_recalibrated": recalibrated[key]} if recalibrated else {})}
     return dict(method=job.method, criterion=criterion_name(job), schedule=job.schedule, rate_requested=job.rate,
+                copy=job.copy,
                 steps=[{k: v for k, v in st.items() if k != "history"} for st in outcome.steps],
                 history=[h for st in outcome.steps for h in st["history"]],
                 top1=accuracy("top1"), top5=accuracy("top5"),

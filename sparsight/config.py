@@ -153,6 +153,9 @@ class PruneSection:
                                  "nothing (model control-oneshot-r0.00): the rate-0 control that tells what "
                                  "retraining does to the units from what pruning does")
     iterative_steps: int = option(3, "steps of the iterative schedule", lo=1)
+    copies: int = option(1, "retrained copies of every pruned model and of the control, each retrained with its "
+                            "own seed (ids end in -c2, -c3, …): more models shrink the model-level noise of the "
+                            "slopes, which more units cannot", lo=1)
     norm: str = option("l1", "filter norm of structured pruning", choices=("l1", "l2"))
     physical: bool = option(False, "physically remove pruned channels (Torch-Pruning)")
     exclude: list = option([], "layers never pruned; empty takes the architecture's stem")

@@ -1323,3 +1323,19 @@ def test_a_model_folder_the_study_no_longer_names_stays_out_of_its_tables(tmp_pa
     models = load_models(run_dir).set_index("model_id")
     assert list(models.index) == ["base", "structured-oneshot-r0.50"]
     assert models.loc["structured-oneshot-r0.50", "top1"] == pytest.approx(0.4)      # from its meta.json
+
+
+def test_the_top1_and_dissection_sentences_average_the_retrained_copies_of_the_highest_rate():
+    from analysis.report import dissection_summary, top1_summary
+
+    models = pd.DataFrame({"model_id": ["base", "s-r0.50", "s-r0.75", "s-r0.75-c2"],
+                           "method": ["base", "structured", "structured", "structured"],
+                           "series": ["base", "structured", "structured", "structured"],
+                           "rate": [0.0, 0.5, 0.75, 0.75], "sparsity": [0.0, 0.5, 0.74, 0.76],
+                           "top1": [0.9, 0.8, 0.5, 0.7], "top1_before": [np.nan, 0.4, 0.1, 0.1],
+                           "interpretable": [20, 15, 10, 13], "unique_concepts": [8, 7, 5, 6]})
+    sentence = top1_summary(models).sentence
+    assert "structured: 0.600 at rate 0.75 (sparsity 0.750, mean of 2 retrained copies)" in sentence
+    assert "structured at rate 0.75: 11.5 and 5.5, mean of 2 retrained copies" in dissection_summary(models).sentence
+    single = models.iloc[:3]
+    assert "structured: 0.500 at rate 0.75 (sparsity 0.740)" in top1_summary(single).sentence

@@ -553,3 +553,27 @@ def test_every_corruption_names_the_parameter_its_severity_sets():
         corruption_parameters("fog", [1])
     with pytest.raises(ValueError):
         corruption_parameters("jpeg", [6])
+
+
+def test_retrained_copies_of_a_rate_are_averaged_before_the_potential_takes_it():
+    """Two copies at rate 0.5, one within δ and one far off: their mean error is off, so 0.5 is not the
+    potential (the better copy alone would have made it); the interval averages them the same way (slow loop)."""
+    rng = np.random.default_rng(11)
+    n = 200
+    base = rng.random(n) < 0.85
+    far = base & (rng.random(n) < 0.8)
+    metas = [_measured("base", None, 0.0, {"clean": base}), _measured("w25", "weight", 0.25, {"clean": base}),
+             _measured("w50", "weight", 0.5, {"clean": base}), _measured("w50-c2", "weight", 0.5, {"clean": far})]
+    table = rb.prune_potential(metas, delta=0.005, bootstrap=200, seed=5)
+    row = table.iloc[0]
+    assert row.potential == 0.25 and row.n_rates == 2
+    assert rb.prune_potential(metas[:3], delta=0.005).iloc[0].potential == 0.5      # one copy alone: 0.5
+    slow_rng, potentials = np.random.default_rng(5), []
+    for _ in range(200):
+        idx = slow_rng.integers(0, n, n)
+        flags = {m["model_id"]: rb.unpack_bits(m["robustness"]["correct"]["clean"], n)[idx] for m in metas}
+        excess = {0.25: [1 - flags["w25"].mean() - (1 - flags["base"].mean())],
+                  0.5: [1 - flags[k].mean() - (1 - flags["base"].mean()) for k in ("w50", "w50-c2")]}
+        potentials.append(max([r for r, e in excess.items() if np.mean(e) <= 0.005 + 1e-12], default=0.0))
+    low, high = np.quantile(potentials, [0.025, 0.975], method="inverted_cdf")
+    assert (row.potential_ci_low, row.potential_ci_high) == (low, high)

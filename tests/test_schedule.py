@@ -393,3 +393,22 @@ def test_the_same_training_in_two_study_folders_writes_the_same_checkpoint_bytes
         shas.append(read_meta(tmp_path / name / "models" / "base")["checkpoint_sha256"])
     assert shas[0] == shas[1]
     assert load_checkpoint(tmp_path / "first" / "models" / "base").args["data"] == "<study>/data"
+
+
+def test_retrained_copies_are_jobs_of_their_own_with_their_own_ids_and_seeds():
+    """prune.copies = 3: every job and the control three times, ids -c2/-c3 after the first, each retrained with
+    its own seed; copies = 1 keeps the ids a study had."""
+    from pruning.stages import prune_jobs
+    from sparsight.config import load_study
+
+    one = prune_jobs(load_study(overrides=["prune.methods=[\"structured\"]", "prune.rates=[0.5]",
+                                           "prune.schedules=[\"oneshot\"]"]))
+    assert [j.model_id for j in one] == ["control-oneshot-r0.00", "structured-oneshot-r0.50"]
+    cfg = load_study(overrides=["prune.methods=[\"structured\"]", "prune.rates=[0.5]", "prune.schedules=[\"oneshot\"]",
+                                "prune.copies=3"])
+    ids = [j.model_id for j in prune_jobs(cfg)]
+    assert ids == ["control-oneshot-r0.00", "control-oneshot-r0.00-c2", "control-oneshot-r0.00-c3",
+                   "structured-oneshot-r0.50", "structured-oneshot-r0.50-c2", "structured-oneshot-r0.50-c3"]
+    assert len({retrain_seed(cfg.study.seed, i) for i in ids}) == 6
+    with pytest.raises(PruningError, match="copies count from 1"):
+        PruneJob(method="structured", rate=0.5, copy=0)
