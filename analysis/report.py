@@ -408,9 +408,10 @@ def _what_decides(res: dict, t: dict, change: float, span: float, a) -> str | No
             f"{fmt(se * z / room, 1)}× narrower, "
             f"if the change stays at {fmt(change)}")
     if model_var >= target:
+        more = _models_needed(res, model_var, unit_var, target)
         return (f"{head}; more units cannot do it, since the noise between models alone leaves it "
                 f"{fmt(math.sqrt(model_var) * z / room, 1)}× too wide: it needs more models (rates, methods or "
-                f"retrained copies; the model-level variance shrinks as 1/models)")
+                f"retrained copies; the model-level variance shrinks as 1/models){more}")
     need = max(units, math.ceil(units * unit_var / (target - model_var))) if units else None
     pool = res.get("unit_pool") or {}
     share = round(100 * model_var / se ** 2)
@@ -420,6 +421,17 @@ def _what_decides(res: dict, t: dict, change: float, span: float, a) -> str | No
                 f"the models' share of the variance, {share} %, shrinks as 1/models)")
     return (f"{head}: roughly {need} units per model instead of {units} (the units' share of the variance "
             f"shrinks as 1/units, the models' share of {share} % does not)")
+
+
+def _models_needed(res: dict, model_var: float, unit_var: float, target: float) -> str:
+    """", roughly N models instead of M (prune.copies = k)": how many models would bring the slope's variance to
+    ``target`` with the units as they are (the model share shrinking as 1/models), where some number can."""
+    models = int(res.get("n_models") or 0)
+    if models < 2 or target <= unit_var:
+        return ""
+    needed = math.ceil(models * model_var / (target - unit_var))
+    return (f": roughly {needed} models instead of {models} with the units as they are "
+            f"(prune.copies = {math.ceil(needed / models)} retrains every model that many times)")
 
 
 def mis_dose(units, kind, cfg: StudyConfig) -> Outcome:

@@ -652,6 +652,14 @@ def test_an_inconclusive_answer_says_whether_units_or_models_would_decide(share,
         assert f"roughly {need} units per model instead of 30" in text, text
     else:
         assert "more units cannot do it" in text and "needs more models" in text, text
+        # with the model count known: how many models would do it, the units as they are (variance 1/models);
+        # none where the units' own share already exceeds what equivalence allows
+        assert "roughly" not in _what_decides({**res, "n_models": 26}, {"se": se / span}, change, span, a)
+        counted = _what_decides({**res, "n_models": 26, "model_variance_share": 0.9}, {"se": se / span}, change,
+                                span, a)
+        needed = math.ceil(26 * 0.9 * se ** 2 / (target - 0.1 * se ** 2))
+        assert f"roughly {needed} models instead of 26" in counted and (
+            f"prune.copies = {math.ceil(needed / 26)}") in counted, counted
     assert _what_decides(res, {"se": se / span}, 0.06, span, a) is None     # the change is beyond the margin
     if needs == "units":        # where the study has fewer units than that, only more models can get there
         small = _what_decides({**res, "unit_pool": {"units": need - 1, "what": "units alive in every model"}},
