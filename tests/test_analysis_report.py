@@ -1046,7 +1046,7 @@ def test_the_answer_describes_the_fit_the_primary_slope_uses(report):
     answer = " ".join(html.split("<section id='answer'>", 1)[1].split("</section>", 1)[0].split())
     primary = _entry(results, "mis_slope.natural.all")["sentence"]
     assert "unit fixed effects" in primary and "two-step" in primary      # 9 models: the model-level two-step
-    assert "each unit compared with itself across models" in answer
+    assert "each unit compared with itself across the models that keep it" in answer
     assert "the noise a model's units share in the intervals" in answer and "random effects" not in answer
 
 
