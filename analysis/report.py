@@ -424,8 +424,9 @@ def _what_decides(res: dict, t: dict, change: float, span: float, a) -> str | No
 
 
 def _models_needed(res: dict, model_var: float, unit_var: float, target: float) -> str:
-    """", roughly N models instead of M (prune.copies = k)": how many models would bring the slope's variance to
-    ``target`` with the units as they are (the model share shrinking as 1/models), where some number can."""
+    """The clause "roughly N models instead of M (prune.copies = k)": how many models would bring the slope's
+    variance to ``target`` with the units as they are (the model share shrinking as 1/models), where some number
+    can; empty where none can."""
     models = int(res.get("n_models") or 0)
     if models < 2 or target <= unit_var:
         return ""
