@@ -211,10 +211,12 @@ def _scope(units: pd.DataFrame, kind: str, series: str | None) -> pd.DataFrame:
     return d
 
 
-def mis_slope(units, kind, series, cfg: StudyConfig, adjusted: bool = False) -> Outcome:
+def mis_slope(units, kind, series, cfg: StudyConfig, adjusted: bool = False,
+              every_unit: pd.DataFrame | None = None) -> Outcome:
     """The total effect of pruning rate on MIS (primary), or with top-1 as a covariate (``adjusted``: a
     secondary analysis, since accuracy is itself an effect of pruning and adjusting for it removes part of
-    the effect asked about)."""
+    the effect asked about).  ``every_unit``: the unit table with the units a model removed or silenced too,
+    to count the unit × model pairs the live ones are of (default ``units``)."""
     from .statistics import tost_estimate, unit_mixed_model, within_unit_slope
     a = cfg.analysis
     level = 1 - a.alpha_level
@@ -240,8 +242,9 @@ def mis_slope(units, kind, series, cfg: StudyConfig, adjusted: bool = False) -> 
                      f"{fmt(naive['coef'] * PER_STEP)} per 10 % with a standard error {fmt(ratio, 2)}× "
                      + ("smaller: it leaves out the noise a model's units share." if narrower else "larger."))
     live = int((d["status"] == "ok").sum()) if "status" in d else len(d)
+    pairs = len(_scope(every_unit[every_unit["rate"].notna()], kind, series)) if every_unit is not None else len(d)
     result.update(kind=kind, scope=scope, rate_span=span, slope_per_10pct=t["coef"] * PER_STEP,
-                  live_pairs=live, unit_model_pairs=len(d),
+                  live_pairs=live, unit_model_pairs=pairs,
                   rate_min=float(d["rate"].min()), rate_max=float(d["rate"].max()), adjusted=adjusted,
                   unit_pool=_unit_pool(units, kind, cfg))
     if a.tost_margin > 0 and t["se"] > 0:
@@ -788,7 +791,8 @@ def model_side(data: StudyData, entries: list) -> None:
                      skipped("no MIS results (mis/units.csv) exist yet"))
     for kind in _kinds(units):
         run_analysis(entries, f"mis_slope.{kind}.all", f"MIS vs pruning rate ({kind}, all methods; primary: total "
-                     f"effect)", "model", lambda kind=kind: mis_slope(units, kind, None, cfg), family=True)
+                     f"effect)", "model", lambda kind=kind: mis_slope(units, kind, None, cfg, every_unit=data.units),
+                     family=True)
         run_analysis(entries, f"mis_slope_adjusted.{kind}.all", f"MIS vs pruning rate adjusted for top-1 ({kind}, "
                      f"all methods; secondary: top-1 is a mediator)", "model",
                      lambda kind=kind: mis_slope(units, kind, None, cfg, adjusted=True))

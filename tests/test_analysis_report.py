@@ -618,8 +618,9 @@ def test_the_answer_says_when_model_level_noise_is_not_in_its_interval():
 
 
 def test_the_answer_says_it_is_about_the_units_that_stay_live_and_how_many_unit_model_pairs_those_are():
-    """Units a model removes or silences have no MIS there: the heading counts the live pairs the slope used."""
-    from analysis.report import _templates, answers, mis_slope, run_analysis
+    """Units a model removes or silences have no MIS there: the heading counts the live pairs the slope used
+    among all pairs (the analysis fits the live units, as the report does, and counts the rest apart)."""
+    from analysis.report import _ok_units, _templates, answers, mis_slope, run_analysis
     from sparsight.config import load_study
 
     cfg = load_study()
@@ -627,8 +628,8 @@ def test_the_answer_says_it_is_about_the_units_that_stay_live_and_how_many_unit_
     removed = (units["rate"] >= 0.6) & (units["unit_id"].str[2:].astype(int) < 10)
     units.loc[removed, ["status", "mis"]] = ["pruned", np.nan]
     entries = []
-    run_analysis(entries, "mis_slope.natural.all", "primary", "model", lambda: mis_slope(units, "natural", None, cfg),
-                 family=True)
+    run_analysis(entries, "mis_slope.natural.all", "primary", "model",
+                 lambda: mis_slope(_ok_units(units), "natural", None, cfg, every_unit=units), family=True)
     (answer,) = answers(entries, cfg)
     assert (answer["live_pairs"], answer["unit_model_pairs"]) == (len(units) - removed.sum(), len(units)) == (230, 270)
     heading = " ".join(str(_templates().get_template("macros.html.j2").module.answer_heading([answer])).split())
