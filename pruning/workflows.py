@@ -7,13 +7,13 @@ recorded hash is reused, so an interrupted study resumes model by model.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from sparsight.files import json_digest, stable_int
 from sparsight.layout import CHECKPOINT_FILE, META_FILE
 from sparsight.progress import note
 
@@ -32,7 +32,7 @@ REWIND_FILE = "rewind.pt"
 
 
 def job_fingerprint(spec: dict) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return json_digest(spec, 16)
 
 
 def reusable_meta(out_dir: Path, *fingerprints: str) -> dict | None:
@@ -215,8 +215,7 @@ def retrain_seed(study_seed: int, model_id: str) -> int:
     """The retraining seed of one model: its own (data order, augmentation, dropout), so the models of a study
     are independent draws of retraining noise, as the analysis clustered by model takes them; stable under
     adding or dropping other models."""
-    digest = hashlib.sha256(f"{study_seed}:{model_id}".encode()).digest()
-    return int.from_bytes(digest[:6], "big")
+    return stable_int(f"{study_seed}:{model_id}", 6, "big")
 
 
 def retrain_settings(cfg, epochs: int | None = None, model_id: str | None = None) -> TrainSettings:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 from contextlib import contextmanager
@@ -24,6 +25,19 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def json_digest(obj, length: int = 64) -> str:
+    """The sha256 hex digest (its first ``length`` characters) of ``obj`` as sorted-key JSON (non-JSON values
+    as ``str``): the one fingerprint of settings and inputs that decides whether stored work is reused."""
+    blob = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+def stable_int(text: str, nbytes: int = 8, byteorder: str = "little") -> int:
+    """A non-negative integer from the sha256 of ``text`` (its first ``nbytes`` bytes): a seed that depends on
+    what it is for alone, the same on every machine and Python (unlike ``hash``)."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:nbytes], byteorder)
 
 
 @contextmanager

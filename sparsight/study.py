@@ -8,7 +8,6 @@ says why it runs (which settings or upstream results changed, which output is go
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from typing import Protocol
 from .config import StudyConfig, missing_inputs, write_study
 from .environment import describe
 from .errors import NotKnownWhilePlanning
-from .files import atomic_write_text, sha256_file
+from .files import atomic_write_text, json_digest, sha256_file
 from .layout import Layout
 
 
@@ -83,8 +82,7 @@ def stage_inputs(stage: Stage, study: Study) -> dict:
 
 
 def _fingerprint_of(name: str, inputs: dict) -> str:
-    blob = json.dumps({"stage": name, "inputs": inputs}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return json_digest({"stage": name, "inputs": inputs})
 
 
 def fingerprint(stage: Stage, study: Study) -> str:

@@ -18,11 +18,12 @@ depend on which other units are selected.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 
 import torch
+
+from sparsight.files import stable_int
 
 from .mining import LayerMining
 
@@ -61,8 +62,7 @@ class Task:
 
 def unit_generator(seed: int, layer: str, unit: int, purpose: str = "exemplars") -> torch.Generator:
     """A CPU generator seeded from ``(purpose, seed, layer, unit)`` alone."""
-    digest = hashlib.sha256(f"{purpose}:{seed}:{layer}:{unit}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2 ** 63 - 1))
+    return torch.Generator().manual_seed(stable_int(f"{purpose}:{seed}:{layer}:{unit}") & (2 ** 63 - 1))
 
 
 # an item is (dataset index, rank, activation)

@@ -39,9 +39,10 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from pruning.data.folders import DataLayoutError, ImageFolderDataset, build_transform, decodes_on_device, split_dir
 from pruning.data.jpeg import decoded_spans
+from pruning.models.checkpoint import atomic_save
 from pruning.models.modes import eval_mode
 from pruning.models.registry import find_layer, unwrap
-from sparsight.files import atomic_write
+from sparsight.files import json_digest
 
 STATE_FORMAT = "sparsight-mining-state/1"
 PRECISIONS = ("fp32", "bf16")
@@ -198,7 +199,7 @@ class MiningResult:
         obj = {"format": RESULT_FORMAT, "layers": {n: lm.to_dict() for n, lm in self.layers.items()},
                "n_images": int(self.n_images), "skipped": int(self.skipped), "files": list(self.files),
                "meta": dict(self.meta)}
-        return _atomic_torch_save(obj, path)
+        return atomic_save(obj, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> MiningResult:
@@ -479,17 +480,10 @@ def _weights_digest(model: nn.Module) -> str:
 def _fingerprint(model: nn.Module, split_root: Path, files: list[str], *, split: str, layers: list[str], k: int,
                  image_size: int, record, tie_seed: int = 0) -> str:
     rel = [Path(f).relative_to(split_root).as_posix() for f in files]
-    blob = json.dumps({"arch": getattr(unwrap(model), "arch", type(unwrap(model)).__name__),
-                       "weights": _weights_digest(model), "split": split, "layers": list(layers), "k": int(k),
-                       "image_size": int(image_size), "record": record, "ties": f"scrambled/{int(tie_seed)}",
-                       "files": hashlib.sha256("\n".join(rel).encode()).hexdigest()}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def _atomic_torch_save(obj, path: str | os.PathLike) -> Path:
-    with atomic_write(path) as tmp:
-        torch.save(obj, tmp)
-    return Path(path)
+    return json_digest({"arch": getattr(unwrap(model), "arch", type(unwrap(model)).__name__),
+                        "weights": _weights_digest(model), "split": split, "layers": list(layers), "k": int(k),
+                        "image_size": int(image_size), "record": record, "ties": f"scrambled/{int(tie_seed)}",
+                        "files": hashlib.sha256("\n".join(rel).encode()).hexdigest()})
 
 
 def _read_state(path: Path, fingerprint: str) -> dict | None:
@@ -617,7 +611,7 @@ def mine(model: nn.Module, root: str | os.PathLike, split: str, layers: list[str
 
     def save_state(miner, position, skipped):
         if state_path is not None:
-            _atomic_torch_save({"format": STATE_FORMAT, "fingerprint": fingerprint, "position": position,
+            atomic_save({"format": STATE_FORMAT, "fingerprint": fingerprint, "position": position,
                                 "skipped": skipped, "miner": miner.state_dict()}, state_path)
 
     model.to(device)

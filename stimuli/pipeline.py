@@ -8,8 +8,6 @@ zero in a pruned model), never silently dropped.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +17,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from sparsight.files import json_digest
 from sparsight.progress import progress_bar
 
 from pruning.data.folders import default_workers, eval_crop, open_image
@@ -146,7 +145,7 @@ def _state_path(work_dir: Path | None, model_id: str, layers: list[str], record,
     if work_dir is None:
         return None
     rank, world = shard
-    selection = hashlib.sha256(json.dumps([layers, record], sort_keys=True).encode()).hexdigest()[:12]
+    selection = json_digest([layers, record], 12)
     tail = "state.pt" if world == 1 else f"state.rank{rank}-of-{world}.pt"
     path, earlier = work_dir / f"{model_id}.{selection}.{tail}", work_dir / f"{model_id}.{tail}"
     if not path.exists() and earlier.is_file():

@@ -1,8 +1,6 @@
 """The study stage that fills the stimulus bank for every model of the study."""
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import warnings
@@ -11,7 +9,7 @@ from pathlib import Path
 
 from pruning.models import file_sha256, get_spec, load_checkpoint, read_meta
 
-from sparsight.files import atomic_write_frame
+from sparsight.files import atomic_write_frame, json_digest
 from sparsight.progress import note, on_terminal, progress_bar
 
 from .bank import StimulusBank
@@ -58,10 +56,8 @@ def checked_models(study, ids: list[str] | None = None) -> list[str]:
 def _model_fingerprint(settings: StimuliSettings, checkpoint_sha: str) -> str:
     """What every stored unit of a model depends on (not which units or kinds are asked for now: those
     are per-unit parts, so a run for some of them leaves the others in place)."""
-    blob = json.dumps({"settings": {k: v for k, v in asdict(settings).items()
-                                    if k not in ("kinds", "synthetic_units")},
-                       "checkpoint": checkpoint_sha}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return json_digest({"settings": {k: v for k, v in asdict(settings).items() if k not in ("kinds", "synthetic_units")},
+                        "checkpoint": checkpoint_sha}, 16)
 
 
 def run_stimuli(study, *, kinds: tuple[str, ...] | None = None, model_ids: list[str] | None = None,
@@ -304,9 +300,8 @@ def _current_parts(study, model_ids: list[str], settings: dict, parts: Path) -> 
 
 def _part_fingerprint(study, model_id: str, settings: dict) -> str:
     meta = read_meta(study.layout.model_dir(model_id))
-    return hashlib.sha256(json.dumps({**settings, "checkpoint": file_sha256(study.layout.checkpoint(model_id)),
-                                      "method": meta.get("method"), "physical": bool(meta.get("physical"))},
-                                     sort_keys=True).encode()).hexdigest()
+    return json_digest({**settings, "checkpoint": file_sha256(study.layout.checkpoint(model_id)),
+                        "method": meta.get("method"), "physical": bool(meta.get("physical"))})
 
 
 def _part_is_current(part: Path, fp: str) -> bool:

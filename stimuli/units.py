@@ -9,12 +9,13 @@ study is probed at the same units; units that are dead in a model are skipped th
 """
 from __future__ import annotations
 
-import hashlib
 import random
 import re
 from dataclasses import dataclass
 
 from typing import TYPE_CHECKING
+
+from sparsight.files import stable_int
 
 if TYPE_CHECKING:       # units are named and sampled without torch (the survey app reads them too)
     from torch import nn
@@ -106,8 +107,7 @@ def layer_channels(model: nn.Module, layers: list[str], input_size: int) -> dict
 
 
 def _rng(seed: int, *parts) -> random.Random:
-    digest = hashlib.sha256(":".join(map(str, (seed, *parts))).encode()).digest()
-    return random.Random(int.from_bytes(digest[:8], "little"))
+    return random.Random(stable_int(":".join(map(str, (seed, *parts)))))
 
 
 def sample_units(channels: dict[str, int], *, sampling: str = "per-layer", per_layer: int = 8,

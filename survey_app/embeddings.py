@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sparsight.files import atomic_write_bytes
 from sparsight.layout import Layout
 from sparsight.registry import Registry
 
 from pruning.data.common import IMAGENET_MEAN, IMAGENET_STD
+from pruning.models.checkpoint import atomic_save
 
 
 @dataclass
@@ -178,9 +178,6 @@ class EmbeddingCache:
         return torch.stack([self.vectors[i] for i in ids]) if ids else torch.empty(0)
 
     def save(self) -> Path:
-        import io
         ids = sorted(self.vectors)
-        buf = io.BytesIO()
-        torch.save({"key": self.embedding.key, "ids": ids,
-                    "features": torch.stack([self.vectors[i] for i in ids])}, buf)
-        return atomic_write_bytes(self.path, buf.getvalue())
+        return atomic_save({"key": self.embedding.key, "ids": ids,
+                            "features": torch.stack([self.vectors[i] for i in ids])}, self.path)

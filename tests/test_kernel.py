@@ -1,14 +1,16 @@
 """The kernel's small parts: atomic writes, the study layout, flags as settings, the study context."""
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
+from pathlib import Path
 
 import pytest
 
 from sparsight.config import load_study, settings_tree
 from sparsight.errors import closest, module_choices
-from sparsight.files import atomic_write, atomic_write_frame, atomic_write_text
+from sparsight.files import atomic_write, atomic_write_frame, atomic_write_text, json_digest, stable_int
 from sparsight.layout import Layout
 from sparsight.study import Study
 from thread_ranks import ThreadRanks
@@ -207,3 +209,22 @@ def test_a_weights_setting_is_a_file_or_a_registered_name_by_one_rule(value, pat
     """The study settings and the model registry read ``model.weights`` by the same rule."""
     from sparsight.files import looks_like_path
     assert looks_like_path(value) is path
+
+
+def test_the_fingerprint_is_sorted_key_json_hashed_whatever_the_insertion_order():
+    """Stored work is reused by this digest, so it must not depend on key order and must hash exactly the JSON text
+    (a digest that changed with the code's spelling would rerun every stage of every existing study)."""
+    a = {"lr": 0.1, "layers": ["conv1", "mixed3a"], "root": Path("/data/x"), "nested": {"b": 2, "a": 1}}
+    b = {"nested": {"a": 1, "b": 2}, "root": Path("/data/x"), "layers": ["conv1", "mixed3a"], "lr": 0.1}
+    reference = hashlib.sha256(b'{"layers": ["conv1", "mixed3a"], "lr": 0.1, "nested": {"a": 1, "b": 2}, '
+                               b'"root": "/data/x"}').hexdigest()
+    assert json_digest(a) == json_digest(b) == reference
+    assert json_digest(a, 16) == reference[:16]
+    assert json_digest({**a, "lr": 0.01}) != reference
+
+
+def test_a_stable_seed_is_the_leading_bytes_of_the_texts_sha256():
+    digest = hashlib.sha256(b"7:structured-oneshot-r0.50").digest()
+    assert stable_int("7:structured-oneshot-r0.50") == int.from_bytes(digest[:8], "little")
+    assert stable_int("7:structured-oneshot-r0.50", 6, "big") == int.from_bytes(digest[:6], "big") < 2 ** 48
+    assert stable_int("7:structured-oneshot-r0.50") != stable_int("7:structured-oneshot-r0.75")

@@ -13,7 +13,6 @@ background concept (Network Dissection ground truth).  Layout::
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from sparsight.files import stable_int
 
 GENERATOR_VERSION = 1
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "crescent", "heart", "arrow", "bowtie")
@@ -231,8 +232,7 @@ def label_maps(p: SceneParams, fg: np.ndarray) -> np.ndarray:
 
 
 def _split_rng(seed: int, split: str) -> np.random.Generator:
-    key = int.from_bytes(hashlib.sha256(f"concept-shapes/{seed}/{split}".encode()).digest()[:8], "little")
-    return np.random.default_rng(key)
+    return np.random.default_rng(stable_int(f"concept-shapes/{seed}/{split}"))
 
 
 def _write_chunk(root: Path, split: str, seed: int, chunk_no: int, params: SceneParams,

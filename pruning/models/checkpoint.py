@@ -38,10 +38,11 @@ def software_version() -> str:
 file_sha256 = sha256_file
 
 
-def atomic_save(obj, path: Path) -> None:
-    """``torch.save`` to ``path`` atomically (see :func:`sparsight.files.atomic_write`)."""
+def atomic_save(obj, path: str | os.PathLike) -> Path:
+    """``torch.save`` to ``path`` atomically (see :func:`sparsight.files.atomic_write`); return the path."""
     with atomic_write(path) as tmp:
         torch.save(obj, tmp)
+    return Path(path)
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, num_classes: int, masks: dict | None = None,

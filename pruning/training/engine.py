@@ -8,7 +8,6 @@ run restarts from the last finished epoch and ends with the same weights as an u
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -19,7 +18,7 @@ from typing import Callable, Iterable
 
 import torch
 from torch import nn
-from sparsight.files import atomic_write_text
+from sparsight.files import atomic_write_text, json_digest
 from sparsight.progress import note, progress_bar
 
 from ..models.checkpoint import atomic_save
@@ -57,7 +56,7 @@ class TrainSettings:
         return cls(**{**{k: v for k, v in src.items() if k in known}, **overrides})
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        return json_digest(asdict(self), 16)
 
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
