@@ -470,7 +470,7 @@ def unit_mixed_model(units: pd.DataFrame, formula: str = "mis ~ rate + top1", gr
         shown += " after " + "; ".join(f"{a['method']} failed the checks ({', '.join(a['problems'])})"
                                        for a in attempts[:-1])
     if boundary:
-        shown += f"; the random-intercept variance is at its boundary (0): units do not differ beyond noise"
+        shown += "; the random-intercept variance is at its boundary (0): units do not differ beyond noise"
     return dict(table=table, terms=_terms(table), group_sd=float(np.sqrt(group_var)),
                 residual_sd=float(np.sqrt(fit.scale)), n_obs=int(fit.nobs), n_groups=int(data[group].nunique()),
                 converged=bool(fit.converged), method=method, attempts=attempts, boundary=bool(boundary),
@@ -490,7 +490,8 @@ def within_unit_slope(units: pd.DataFrame, formula: str = "mis ~ rate", unit: st
     unit and gives intervals that are too narrow; a retrained model can then land outside them.  Here
     each unit's own mean is removed (unit fixed effects: the same unit is compared with itself across
     models), the deviations are fitted by OLS, and the covariance is two-way cluster-robust by unit and
-    by model (Cameron, Gelbach & Miller 2011; statsmodels' CRV1 with a two-column ``groups``).
+    by model (Cameron, Gelbach & Miller 2011; statsmodels' CRV1 with a two-column ``groups``), never below
+    clustering on either factor alone (see :func:`_clustered_fit`).
     Intervals and p-values use t with (fewer clusters − 1) degrees of freedom.  With fewer than
     :data:`FEW_CLUSTERS` models, where cluster-robust errors run small (with 4 models and t(3) the 95 %
     intervals of a per-method slope miss far more often than 5 %), the slope and its error come instead
@@ -531,8 +532,8 @@ def within_unit_slope(units: pd.DataFrame, formula: str = "mis ~ rate", unit: st
     two_step = two_way and n_models < FEW_CLUSTERS and n_models - xd.shape[1] - 1 >= 1
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fit, cov, fallback = _clustered_fit(sm.OLS(yd.to_numpy(), xd.to_numpy()), unit_codes,
-                                            model_codes if two_way and not two_step else None)
+        fit, variances, fallback = _clustered_fit(sm.OLS(yd.to_numpy(), xd.to_numpy()), unit_codes,
+                                                  model_codes if two_way and not two_step else None)
     if two_step:
         params, se, df = _model_level_two_step(yd.to_numpy(), xd, model_codes)
         shown = (f"unit fixed effects; model-level two-step (Donald & Lang 2007): the {n_units} units' deviations "
@@ -540,7 +541,7 @@ def within_unit_slope(units: pd.DataFrame, formula: str = "mis ~ rate", unit: st
                  f"{n_models} models, t with {df} df (clustered errors run small with fewer than {FEW_CLUSTERS} "
                  f"models)")
     else:
-        params, se = np.asarray(fit.params, dtype=float), np.sqrt(np.clip(np.diag(cov), 0.0, None))
+        params, se = np.asarray(fit.params, dtype=float), np.sqrt(np.clip(variances, 0.0, None))
         df = (min(n_units, n_models) if two_way else n_units) - 1
         shown = (f"unit fixed effects, OLS, standard errors clustered two-way by unit ({n_units}) and model "
                  f"({n_models}), t with {df} df{fallback}" if two_way else
@@ -560,21 +561,27 @@ def within_unit_slope(units: pd.DataFrame, formula: str = "mis ~ rate", unit: st
 
 
 def _clustered_fit(ols, unit_codes: np.ndarray, model_codes: np.ndarray | None):
-    """``(fit, covariance, note)``: OLS clustered by unit, and with ``model_codes`` two-way by unit and model
-    (CGM); where V_unit + V_model − V_both is not positive definite, the larger one-way covariance, and the
-    note says so."""
+    """``(fit, variances, note)``: OLS with its coefficients' variances clustered by unit, and with
+    ``model_codes`` two-way by unit and model (CGM: V_unit + V_model − V_both).  The inclusion–exclusion
+    sum can come out below a one-way variance (or negative) when the intersection term is large; a two-way
+    error smaller than clustering on either factor alone claims more precision than either dependence
+    allows, so each coefficient takes the largest of the two-way and the two one-way variances (the
+    conservative rule), and the note names where that happened."""
     fit = ols.fit(cov_type="cluster", cov_kwds={"groups": unit_codes})
-    cov = np.asarray(fit.cov_params(), dtype=float)
+    by_unit = np.diag(np.asarray(fit.cov_params(), dtype=float))
     if model_codes is None:
-        return fit, cov, ""
-    two_way = np.asarray(ols.fit(cov_type="cluster", cov_kwds={
-        "groups": np.column_stack([unit_codes, model_codes])}).cov_params(), dtype=float)
-    if np.linalg.eigvalsh((two_way + two_way.T) / 2).min() > 0:
+        return fit, by_unit, ""
+    two_way = np.diag(np.asarray(ols.fit(cov_type="cluster", cov_kwds={
+        "groups": np.column_stack([unit_codes, model_codes])}).cov_params(), dtype=float))
+    by_model = np.diag(np.asarray(ols.fit(cov_type="cluster", cov_kwds={"groups": model_codes}).cov_params(),
+                                  dtype=float))
+    variances = np.maximum.reduce([two_way, by_unit, by_model])
+    raised = variances > two_way
+    if not raised.any():
         return fit, two_way, ""
-    by_model = np.asarray(ols.fit(cov_type="cluster", cov_kwds={"groups": model_codes}).cov_params(), dtype=float)
-    larger = "model" if np.trace(by_model) > np.trace(cov) else "unit"
-    return (fit, by_model if larger == "model" else cov,
-            f"; the two-way covariance was not positive definite, so the larger one-way one (by {larger}) is used")
+    larger = "unit" if np.all(by_unit[raised] >= by_model[raised]) else "model"
+    return (fit, variances, f"; the two-way variance was below the one-way one (by {larger}), so the larger "
+                            f"one-way variance is used (conservative)")
 
 
 def _model_level_two_step(yd: np.ndarray, xd: pd.DataFrame, model_codes: np.ndarray

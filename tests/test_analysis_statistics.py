@@ -212,16 +212,42 @@ def test_within_unit_slope_is_the_unit_dummy_regression_with_two_way_clustered_e
     fit = st.within_unit_slope(data, formula="mis ~ rate + top1")
     ok = data[data["status"] == "ok"]
     codes = np.column_stack([pd.factorize(ok["unit_id"])[0], pd.factorize(ok["model_id"])[0]])
-    dummies = smf.ols("mis ~ rate + top1 + C(unit_id)", ok).fit(cov_type="cluster", cov_kwds={"groups": codes})
+    dummy_fit = smf.ols("mis ~ rate + top1 + C(unit_id)", ok)
+    dummies = dummy_fit.fit(cov_type="cluster", cov_kwds={"groups": codes})
     for term in ("rate", "top1"):
         assert fit["terms"][term]["coef"] == pytest.approx(dummies.params[term], rel=1e-9)
     # the dummy fit's small-sample factor counts the 40 unit dummies as regressors; the within fit does not
     n, k_dummies, k_within = len(ok), len(dummies.params), 2
     factor = (n - k_dummies) / (n - k_within)
-    assert fit["terms"]["rate"]["se"] == pytest.approx(dummies.bse["rate"] * np.sqrt(factor), rel=1e-6)
+    one_way = [dummy_fit.fit(cov_type="cluster", cov_kwds={"groups": codes[:, j]}).bse for j in (0, 1)]
+    for term in ("rate", "top1"):       # two-way, unless a one-way error is larger (the conservative rule)
+        largest = max(dummies.bse[term], *(bse[term] for bse in one_way))
+        assert fit["terms"][term]["se"] == pytest.approx(largest * np.sqrt(factor), rel=1e-6)
     assert fit["n_models"] == 13 and fit["n_groups"] == 40 and fit["df"] == 12 and fit["two_way"]
     half = fit["terms"]["rate"]["ci_high"] - fit["terms"]["rate"]["coef"]
     assert half == pytest.approx(stats.t.ppf(0.975, 12) * fit["terms"]["rate"]["se"])
+
+
+def test_a_two_way_error_never_claims_more_precision_than_clustering_by_unit_alone():
+    """Without model noise the CGM sum V_unit + V_model − V_both falls below V_unit for some draws; the slope then
+    takes the unit-clustered error (statsmodels' one-way CRV1 on the demeaned data), and the fit says so."""
+    import statsmodels.api as sm
+
+    for seed in range(40):
+        data = _models_with_shared_noise(np.random.default_rng(seed), model_sd=0.0)
+        ok = data[data["status"] == "ok"]
+        y = ok["mis"] - ok.groupby("unit_id")["mis"].transform("mean")
+        x = (ok["rate"] - ok.groupby("unit_id")["rate"].transform("mean")).to_numpy()[:, None]
+        codes = np.column_stack([pd.factorize(ok["unit_id"])[0], pd.factorize(ok["model_id"])[0]])
+        ses = [sm.OLS(y.to_numpy(), x).fit(cov_type="cluster", cov_kwds={"groups": g}).bse[0]
+               for g in (codes, codes[:, 0], codes[:, 1])]
+        if ses[0] < ses[1] and ses[1] >= ses[2]:
+            break
+    else:
+        pytest.fail("no draw with a two-way error below the unit-clustered one")
+    fit = st.within_unit_slope(data)
+    assert fit["terms"]["rate"]["se"] == pytest.approx(ses[1], rel=1e-9) and ses[1] > ses[0]
+    assert "the larger one-way variance is used (conservative)" in fit["fit"] and "(by unit)" in fit["fit"]
 
 
 def test_within_unit_slope_covers_the_true_slope_when_models_share_noise():
