@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sparsight.config import StudyConfig
+from sparsight.config import CONTROL_METHOD, StudyConfig
 from sparsight.files import atomic_write_text
 from sparsight.layout import REPORT_HTML, REPORT_JSON, Layout
 
@@ -203,9 +203,11 @@ def _mis_formula(d: pd.DataFrame) -> str:
 
 
 def _scope(units: pd.DataFrame, kind: str, series: str | None) -> pd.DataFrame:
+    """The rows of one kind's fit: every model, or one series with the rate-0 models the pooled fit has too (the
+    base and the retrained control, so a method's slope is not retraining's effect alone)."""
     d = units[units["kind"] == kind]
     if series is not None:
-        d = d[d["series"].isin([series, BASE_METHOD])]
+        d = d[d["series"].isin([series, BASE_METHOD, CONTROL_METHOD])]
     if d["rate"].nunique() < 2:
         raise Skip(f"MIS exists at {d['rate'].nunique()} pruning rate(s) only; a slope needs two or more")
     return d
@@ -230,7 +232,7 @@ def mis_slope(units, kind, series, cfg: StudyConfig, adjusted: bool = False,
     scope = "all methods" if series is None else series
     adjusted = "; adjusted for top-1" if "top1" in formula else ""
     sentence = slope_sentence(f"MIS ({kind}, {scope}{adjusted})", t, level, a.alpha_level)
-    sentence += f" Fit: {res['fit']}."
+    sentence += f" Rate 0: {_rate_zero(d)}. Fit: {res['fit']}."
     result = {k: v for k, v in res.items() if k != "table"}
     lmm = unit_mixed_model(d, formula=formula, group="unit_id", level=level)
     naive = lmm["terms"]["rate"]
@@ -255,6 +257,88 @@ def mis_slope(units, kind, series, cfg: StudyConfig, adjusted: bool = False,
     return Outcome(sentence, result, p=t["p"], table=res["table"].reset_index())
 
 
+def _rate_zero(d: pd.DataFrame) -> str:
+    zero = d[d["rate"] == 0].drop_duplicates("model_id")
+    names = [{BASE_METHOD: "the base model", CONTROL_METHOD: "the retrained control"}.get(m, m)
+             for m in dict.fromkeys(zero.get("method", zero["series"]))]
+    copies = f" ({len(zero)} models)" if len(zero) > len(names) else ""
+    return (" and ".join(names) or "no model") + copies
+
+
+def _live_everywhere(d: pd.DataFrame) -> pd.Index:
+    """The units live in every model of ``d`` (live rows only)."""
+    models = d.groupby("unit_id")["model_id"].nunique()
+    return models.index[models == d["model_id"].nunique()]
+
+
+def mis_slope_same_units(units, kind, cfg: StudyConfig) -> Outcome:
+    """The pooled slope on the units live in every model (a sensitivity analysis).  The primary fit compares
+    each unit with itself, but only in the models that keep it live, so which units a rate contributes depends
+    on the pruning; here every rate has the same units, at the cost of the units pruning removes."""
+    d = _scope(units, kind, None)
+    keep, total = _live_everywhere(d), d["unit_id"].nunique()
+    if len(keep) == total:
+        raise Skip(f"every {kind} unit is live in every model: the primary fit already has the same units throughout")
+    if len(keep) < 2:
+        raise Skip(f"{len(keep)} of {total} {kind} units are live in every model: too few to fit")
+    out = mis_slope(units[(units["kind"] != kind) | units["unit_id"].isin(keep)], kind, None, cfg)
+    out.result["subset"] = {"kind": kind, "what": "live in every model", "units": len(keep), "of": total}
+    out.sentence = f"On the {len(keep)} of {total} {kind} units live in every model: " + out.sentence
+    return out
+
+
+def mis_slope_matched(units, kind: str, other: str, cfg: StudyConfig) -> Outcome:
+    """The pooled slope of ``kind`` on the units ``other`` has references for, so two reference kinds are
+    compared on the same units (their primary fits may cover different ones)."""
+    d = _scope(units, kind, None)
+    keep = pd.Index(units.loc[units["kind"] == other, "unit_id"].unique()).intersection(d["unit_id"].unique())
+    if len(keep) == d["unit_id"].nunique():
+        raise Skip(f"{kind} and {other} references already cover the same units")
+    if len(keep) < 2:
+        raise Skip(f"{len(keep)} unit(s) have both {kind} and {other} references: too few to fit")
+    out = mis_slope(units[(units["kind"] != kind) | units["unit_id"].isin(keep)], kind, None, cfg)
+    out.result["subset"] = {"kind": kind, "what": f"with {other} references", "units": len(keep),
+                            "of": int(d["unit_id"].nunique())}
+    out.sentence = f"On the {len(keep)} units with {other} references: " + out.sentence
+    return out
+
+
+def _verdict(res: dict, p: float, alpha: float) -> str:
+    tost = res.get("tost")
+    return "effect" if p < alpha else "equivalent" if tost is not None and tost["equivalent"] else "inconclusive"
+
+
+def _change_text(res: dict, alpha: float) -> str:
+    """E.g. "−0.028 (95 % CI −0.055 to −0.002; p = 0.034)": a fit's change over its rate span."""
+    t, span = res["terms"]["rate"], res["rate_span"]
+    return (f"{fmt(t['coef'] * span)} ({_pct(1 - alpha)} CI {fmt(t['ci_low'] * span)} to {fmt(t['ci_high'] * span)}; "
+            f"{fmt_p(t['p'])})")
+
+
+def _sensitivity_sentences(kind: str, verdict: str, by_id: dict, alpha: float) -> tuple[list[str], list[dict]]:
+    """What the sensitivity fits say beside ``kind``'s answer: its fit on the units live in every model (and
+    whether that agrees), and the other kinds' fits on the units ``kind`` has references for."""
+    sentences, records = [], []
+    same, matched = f"mis_slope_same_units.{kind}", f"mis_slope_matched.{kind}."
+    for e in by_id.values():
+        if e.status != "ok" or not (e.id == same or e.id.startswith(matched)):
+            continue
+        res, sub = e.result, e.result["subset"]
+        own = _verdict(res, res["terms"]["rate"]["p"], alpha)
+        change = f"MIS changes by {_change_text(res, alpha)}"
+        if e.id == same:
+            sentences.append(
+                f"Same units throughout: on the {sub['units']} of {sub['of']} units live in every model, {change}, "
+                + ("which agrees." if own == verdict else
+                   f"{'an effect' if own == 'effect' else own}, where the answer above is {verdict}: the answer "
+                   f"depends on which units are counted (the units live in every model change differently from "
+                   f"those pruning removes somewhere)."))
+        else:
+            sentences.append(f"{sub['kind'].capitalize()} references on the same {sub['units']} units: {change}.")
+        records.append({"analysis": e.id, "verdict": own, "agrees": own == verdict, **sub})
+    return sentences, records
+
+
 def _unit_pool(units: pd.DataFrame, kind: str, cfg: StudyConfig) -> dict | None:
     """The most units ``kind`` could have in this study, where the study says: visualized units are drawn
     among the units alive in every model (``stimuli.synthetic_units``), and ``units.sampling = "all"``
@@ -275,6 +359,7 @@ def answers(entries: list, cfg: StudyConfig) -> list[dict]:
     methods): an effect, equivalence within the margin, or inconclusive with what it would take to decide."""
     a = cfg.analysis
     out = []
+    by_id = {e.id: e for e in entries}
     for e in entries:
         if not e.id.startswith("mis_slope.") or not e.id.endswith(".all") or e.status != "ok":
             continue
@@ -310,7 +395,10 @@ def answers(entries: list, cfg: StudyConfig) -> list[dict]:
                         f"{res['rate_max']:g} is {fmt(change)} "
                         f"({_pct(1 - a.alpha_level)} CI {ci}): neither an effect nor equivalence within "
                         f"±{a.tost_margin:g}; {what}.")
+        extra, sensitivity = _sensitivity_sentences(kind, verdict, by_id, a.alpha_level)
+        sentence = " ".join([sentence, *extra])
         out.append({"kind": kind, "observer": "MIS", "verdict": verdict, "sentence": sentence, "analysis": e.id,
+                    "sensitivity": sensitivity,
                     "model_noise": bool(res.get("two_way", True)), "models": res.get("n_models"),
                     "live_pairs": res.get("live_pairs"), "unit_model_pairs": res.get("unit_model_pairs"),
                     "pool": (res.get("unit_pool") or {}).get("what")})
@@ -796,6 +884,14 @@ def model_side(data: StudyData, entries: list) -> None:
         run_analysis(entries, f"mis_slope_adjusted.{kind}.all", f"MIS vs pruning rate adjusted for top-1 ({kind}, "
                      f"all methods; secondary: top-1 is a mediator)", "model",
                      lambda kind=kind: mis_slope(units, kind, None, cfg, adjusted=True))
+        run_analysis(entries, f"mis_slope_same_units.{kind}", f"MIS vs pruning rate on the units live in every model "
+                     f"({kind}; sensitivity: the same units at every rate)", "model",
+                     lambda kind=kind: mis_slope_same_units(units, kind, cfg))
+        for other in _kinds(units):
+            if other != kind and kind == "natural":
+                run_analysis(entries, f"mis_slope_matched.{other}.{kind}", f"MIS vs pruning rate ({kind}) on the "
+                             f"units with {other} references (the kinds compared on the same units)", "model",
+                             lambda kind=kind, other=other: mis_slope_matched(units, kind, other, cfg))
         of_kind = units[units["kind"] == kind]
         # a series pruned at one rate only (the retrained control, at 0) has no slope of its own
         series = sorted(s for s, g in of_kind.groupby("series") if s != BASE_METHOD and g["rate"].nunique() > 1)

@@ -1348,3 +1348,96 @@ def test_the_top1_and_dissection_sentences_average_the_retrained_copies_of_the_h
     assert "structured at rate 0.75: 11.5 and 5.5, mean of 2 retrained copies" in dissection_summary(models).sentence
     single = models.iloc[:3]
     assert "structured: 0.500 at rate 0.75 (sparsity 0.740)" in top1_summary(single).sentence
+
+
+def _entries_with_sensitivity(units, cfg):
+    """The primary fit of each kind with the report's sensitivity fits beside it, as the report runs them."""
+    from analysis.report import apply_holm, mis_slope, mis_slope_matched, mis_slope_same_units, run_analysis
+    entries = []
+    for kind in sorted(units["kind"].unique()):
+        run_analysis(entries, f"mis_slope.{kind}.all", "primary", "model",
+                     lambda kind=kind: mis_slope(units, kind, None, cfg), family=True)
+        run_analysis(entries, f"mis_slope_same_units.{kind}", "same units", "model",
+                     lambda kind=kind: mis_slope_same_units(units, kind, cfg))
+    if units["kind"].nunique() > 1:
+        run_analysis(entries, "mis_slope_matched.synthetic.natural", "matched", "model",
+                     lambda: mis_slope_matched(units, "natural", "synthetic", cfg))
+    apply_holm(entries)
+    return {e.id: e for e in entries}
+
+
+def test_the_same_units_fit_shows_when_the_answer_rests_on_which_units_survive():
+    """Known effect: 5 units kept by every model lose 0.2 MIS per unit rate; 195 flat units are each removed
+    by half the pruned models. The pooled fit finds equivalence; the same-units fit is the within-unit fit of
+    the units live in every model (reference), finds the decline, and the answer says the two disagree."""
+    from analysis import statistics as st
+    from analysis.report import _ok_units, answers
+    from sparsight.config import load_study
+
+    cfg = load_study(overrides=["analysis.tost_margin=0.05"])
+    units = _simulated_units(4, 200, 0.0)
+    number = units["unit_id"].str[2:].astype(int)
+    units.loc[number < 5, "mis"] -= 0.2 * units.loc[number < 5, "rate"]
+    removed = (number >= 5) & (units["rate"] > 0) & (np.random.default_rng(9).random(len(units)) < 0.5)
+    units.loc[removed, ["status", "mis"]] = ["pruned", np.nan]
+    everywhere = units[units["status"] == "ok"].groupby("unit_id")["model_id"].nunique() == 9
+    kept = set(everywhere.index[everywhere])
+    by_id = _entries_with_sensitivity(_ok_units(units), cfg)
+    same = by_id["mis_slope_same_units.natural"]
+    reference = st.within_unit_slope(units[units["unit_id"].isin(kept)])["terms"]["rate"]
+    assert same.result["terms"]["rate"]["coef"] == pytest.approx(reference["coef"], rel=1e-9)
+    assert same.result["terms"]["rate"]["ci_high"] < 0 and 5 <= len(kept) < 10
+    assert same.result["subset"] == {"kind": "natural", "what": "live in every model", "units": len(kept), "of": 200}
+    (answer,) = answers(list(by_id.values()), cfg)
+    assert answer["verdict"] == "equivalent", answer["sentence"]
+    assert answer["sensitivity"][0]["verdict"] == "effect" and answer["sensitivity"][0]["agrees"] is False
+    assert (f"Same units throughout: on the {len(kept)} of 200 units live in every model" in answer["sentence"]
+            and "the answer depends on which units are counted" in answer["sentence"])
+
+
+def test_with_every_unit_live_everywhere_there_is_no_same_units_fit():
+    from analysis.report import answers
+    from sparsight.config import load_study
+
+    by_id = _entries_with_sensitivity(_simulated_units(5, 30, 0.0), load_study())
+    assert by_id["mis_slope_same_units.natural"].status == "skipped"
+    assert "already has the same units" in by_id["mis_slope_same_units.natural"].reason
+    (answer,) = answers(list(by_id.values()), load_study())
+    assert answer["sensitivity"] == [] and "Same units" not in answer["sentence"]
+
+
+def test_the_synthetic_answer_gives_natural_references_on_its_own_units():
+    """Visualized units are a subset: the synthetic answer quotes the natural fit on those units (reference: the
+    within-unit fit of the natural rows of those units)."""
+    from analysis import statistics as st
+    from analysis.report import answers
+    from sparsight.config import load_study
+
+    natural = _simulated_units(6, 40, -0.1)
+    synthetic = _simulated_units(7, 40, 0.0).assign(kind="synthetic")
+    synthetic = synthetic[synthetic["unit_id"].str[2:].astype(int) < 12]
+    by_id = _entries_with_sensitivity(pd.concat([natural, synthetic], ignore_index=True), load_study())
+    matched = by_id["mis_slope_matched.synthetic.natural"]
+    mine = natural[natural["unit_id"].isin(synthetic["unit_id"])]
+    assert matched.result["terms"]["rate"]["coef"] == pytest.approx(
+        st.within_unit_slope(mine)["terms"]["rate"]["coef"], rel=1e-9)
+    answer = {a["kind"]: a for a in answers(list(by_id.values()), load_study())}
+    assert "Natural references on the same 12 units: MIS changes by" in answer["synthetic"]["sentence"]
+    assert "same 12 units" not in answer["natural"]["sentence"]
+
+
+def test_a_methods_slope_has_the_base_and_the_retrained_control_at_rate_0():
+    """Every pruned model was retrained and the base was not: a method's slope takes the retrained control at
+    rate 0 beside the base, as the pooled fit does, and no other method's models."""
+    from analysis import statistics as st
+    from analysis.report import mis_slope
+    from sparsight.config import load_study
+
+    units = _simulated_units(8, 30, -0.1)
+    control = units[units["model_id"] == "m0"].assign(model_id="control", series="control")
+    other = units[units["model_id"] == "m8"].assign(model_id="other", series="lrp")
+    units = pd.concat([units, control, other], ignore_index=True)
+    out = mis_slope(units, "natural", "structured", load_study())
+    assert out.result["n_models"] == 10 and "Rate 0: the base model and the retrained control." in out.sentence
+    reference = st.within_unit_slope(units[units["series"].isin(["base", "control", "structured"])])
+    assert out.result["terms"]["rate"]["coef"] == pytest.approx(reference["terms"]["rate"]["coef"], rel=1e-9)
