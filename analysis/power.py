@@ -52,8 +52,12 @@ POWER = 0.8
 MIN_HUMAN_PARTICIPANTS = 10
 
 
+#: Accuracies are taken into this range before a logit (an MIS of 1 has none).
+CLIP = (0.02, 0.98)
+
+
 def _logit(p):
-    p = np.clip(np.asarray(p, dtype=float), 0.02, 0.98)
+    p = np.clip(np.asarray(p, dtype=float), *CLIP)
     return np.log(p / (1 - p))
 
 
@@ -195,16 +199,21 @@ def fit_trial_model(kind: str, mis_units: pd.DataFrame, trials: pd.DataFrame, ra
     human = trials[(trials["kind"] == kind)] if len(trials) and "kind" in trials else trials
     base = _base_units(mis_units, kind)
     # a shift δ on the logit moves the units' mean P by δ·mean(p(1 − p)), not δ·p̄(1 − p̄)
-    p = np.clip(base["mis"].to_numpy(float), 0.02, 0.98) if len(base) else np.array([0.5])
+    p = np.clip(base["mis"].to_numpy(float), *CLIP) if len(base) else np.array([0.5])
     mis_sigma_m = float(mis_model_sd) / float(np.mean(p * (1 - p)))
     if len(human) and human["participant"].nunique() >= MIN_HUMAN_PARTICIPANTS:
         return _human_trial_model(kind, human, rates, mis_sigma_m)
     if base.empty:
         raise ValueError(f"no {kind} MIS of the base model and too few human participants to simulate from")
-    logits = _logit(base["mis"].to_numpy())
+    mis = base["mis"].to_numpy(float)
+    logits = _logit(mis)
+    outside = int(((mis < CLIP[0]) | (mis > CLIP[1])).sum())
+    clipped = (f"; {outside} of them outside [{CLIP[0]:g}, {CLIP[1]:g}] taken at its edge, where a logit stays finite, "
+               f"which narrows σ_u" if outside else "")
     return TrialModel(kind, float(np.mean(logits)), float(assumed_participant_sd),
                       float(np.std(logits, ddof=1)) if len(logits) > 1 else 0.0, rates,
-                      f"the base model's {len(base)} unit MIS (β₀, σ_u), the models' shared MIS deviation (σ_m) "
+                      f"the base model's {len(base)} unit MIS standing in for people's accuracy (β₀, σ_u{clipped}), "
+                      f"the models' shared MIS deviation (σ_m) "
                       f"and the assumed participant SD analysis.power_participant_sd = {assumed_participant_sd:g} "
                       f"(fewer than {MIN_HUMAN_PARTICIPANTS} human participants)",
                       model_sd=mis_sigma_m)

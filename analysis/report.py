@@ -1348,8 +1348,9 @@ def prune_potential_note(subset: dict | None, delta: float) -> str:
             f"one image moves the clean error by {1 / n:.2g}")
     text += (", more than δ, so a potential here reads single images." if 1 / n > delta else ".")
     if subset.get("base_at_chance"):
-        text += (f" Empty for {', '.join(subset['base_at_chance'])}: the base model is not above chance there "
-                 "(one-sided binomial test, α = 0.05), so no rate could lose accuracy.")
+        text += (f" Empty for {', '.join(subset['base_at_chance'])}: the base model is not above chance there at "
+                 "every severity (a one-sided binomial test at each, α = 0.05), so the mean over its severities "
+                 "would partly read chance rather than a loss.")
     return text
 
 

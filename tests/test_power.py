@@ -355,3 +355,21 @@ def test_without_enough_humans_the_trial_model_takes_the_base_model_alone_not_th
     assert model.intercept == pytest.approx(float(np.mean(_logit(base_mis))))
     assert model.unit_sd == pytest.approx(float(np.std(_logit(base_mis), ddof=1)))
     assert "base model's 40 unit MIS" in model.source
+
+
+def test_without_people_the_trial_model_says_it_takes_mis_for_accuracy_and_how_many_units_it_clipped():
+    """An MIS of 1 has no finite logit: such units enter at 0.98 (β₀ and σ_u are those of the clipped logits,
+    computed here), and the source counts them."""
+    import pandas as pd
+
+    from analysis.power import fit_trial_model
+
+    mis = np.array([0.6, 0.7, 0.8, 0.9, 0.99, 1.0, 0.01])
+    units = pd.DataFrame({"kind": "natural", "rate": 0.0, "status": "ok", "method": "base", "mis": mis})
+    model = fit_trial_model("natural", units, pd.DataFrame(), (0.0, 0.5), assumed_participant_sd=0.5)
+    logits = np.log(np.clip(mis, 0.02, 0.98) / (1 - np.clip(mis, 0.02, 0.98)))
+    assert model.intercept == pytest.approx(logits.mean()) and model.unit_sd == pytest.approx(logits.std(ddof=1))
+    assert "7 unit MIS standing in for people's accuracy" in model.source
+    assert "3 of them outside [0.02, 0.98] taken at its edge" in model.source
+    inside = fit_trial_model("natural", units[units["mis"].between(0.5, 0.95)], pd.DataFrame(), (0.0, 0.5), 0.5)
+    assert "outside" not in inside.source
