@@ -16,8 +16,9 @@
 
 and writes the figures (:mod:`analysis.figures`), a self-contained HTML page (figures embedded as
 base64 PNG) with a plain-language sentence generated from the numbers of every test, and a
-machine-readable JSON file.  Slope tests (MIS per kind × scope, human primary slope per kind) form
-one Holm family.  Each analysis runs only when its data exist; one that cannot run (too few
+machine-readable JSON file.  Slope tests form two Holm families: the primary ones (the pooled MIS
+slope and the primary human slope, per kind), which the answers rest on, and the exploratory per-method
+MIS slopes, adjusted among themselves.  Each analysis runs only when its data exist; one that cannot run (too few
 participants, no variation in rate, a fit that fails) becomes an entry saying why — never a crash.
 """
 from __future__ import annotations
@@ -73,6 +74,10 @@ FIGURE_CAPTIONS = {
 }
 
 
+#: The Holm families: the tests the answers rest on, and the exploratory per-method slopes.
+PRIMARY, PER_METHOD = "primary", "per-method"
+
+
 class Skip(Exception):
     """An analysis whose data do not exist: reported with the reason, not run."""
 
@@ -90,7 +95,7 @@ class Entry:
     id: str
     title: str
     group: str
-    family: bool = False
+    family: str = ""                # the Holm family it is adjusted in (PRIMARY, PER_METHOD), "" for none
     status: str = "ok"
     reason: str = ""
     sentence: str = ""
@@ -117,7 +122,7 @@ def skipped(reason: str):
     return fn
 
 
-def run_analysis(entries: list, id: str, title: str, group: str, fn, *, family: bool = False) -> Entry:
+def run_analysis(entries: list, id: str, title: str, group: str, fn, *, family: str = "") -> Entry:
     """Run ``fn() -> Outcome`` into an :class:`Entry`; Skip and any error become an explained entry."""
     entry = Entry(id, title, group, family=family)
     with warnings.catch_warnings(record=True) as caught:
@@ -542,6 +547,10 @@ def mis_dose(units, kind, cfg: StudyConfig) -> Outcome:
                     f"{fmt(hin['slope'] * PER_STEP)} per 10 % before rate {hin['breakpoint']:.2f} (bootstrap "
                     f"{_pct(1 - cfg.analysis.alpha_level)} CI {fmt(lo, 2)} to {fmt(hi, 2)}) and "
                     f"{fmt(hin['slope_after'] * PER_STEP)} per 10 % after it.")
+        grid = np.asarray(res.get("grid", []), dtype=float)
+        if len(grid) and lo <= grid.min() + 1e-9 and hi >= grid.max() - 1e-9:
+            sentence += (f" The interval spans every candidate breakpoint ({fmt(grid.min(), 2)} to {fmt(grid.max(), 2)}): "
+                         f"where the bend lies is not determined.")
     else:
         sentence = (f"MIS ({kind}) is described by a straight line at least as well as by a hinge "
                     f"(ΔAIC = {fmt(res['delta_aic'], 1)}): {fmt(lin['slope'] * PER_STEP)} per 10 % pruning rate.")
@@ -722,8 +731,8 @@ def _clustered_fit(d: pd.DataFrame, groups: tuple, by_model: bool, nested: bool,
 
 #: The trial-level fits of human accuracy on pruning rate: name → (title, in the Holm family, fit).  The mixed
 #: model is the primary one; the marginal fits check it.
-TRIAL_FITS = {"mixed": ("mixed logistic, primary", True, _mixed_fit), "gee": ("GEE", False, _gee_fit),
-              "clustered": ("cluster-robust logistic", False, _clustered_fit)}
+TRIAL_FITS = {"mixed": ("mixed logistic, primary", PRIMARY, _mixed_fit), "gee": ("GEE", "", _gee_fit),
+              "clustered": ("cluster-robust logistic", "", _clustered_fit)}
 
 
 def human_slope(humans: pd.DataFrame, kind: str, model: str, cfg: StudyConfig) -> Outcome:
@@ -880,7 +889,7 @@ def model_side(data: StudyData, entries: list) -> None:
     for kind in _kinds(units):
         run_analysis(entries, f"mis_slope.{kind}.all", f"MIS vs pruning rate ({kind}, all methods; primary: total "
                      f"effect)", "model", lambda kind=kind: mis_slope(units, kind, None, cfg, every_unit=data.units),
-                     family=True)
+                     family=PRIMARY)
         run_analysis(entries, f"mis_slope_adjusted.{kind}.all", f"MIS vs pruning rate adjusted for top-1 ({kind}, "
                      f"all methods; secondary: top-1 is a mediator)", "model",
                      lambda kind=kind: mis_slope(units, kind, None, cfg, adjusted=True))
@@ -898,7 +907,7 @@ def model_side(data: StudyData, entries: list) -> None:
         if len(series) > 1:
             for s in series:
                 run_analysis(entries, f"mis_slope.{kind}.{s}", f"MIS vs pruning rate ({kind}, {s})", "model",
-                             lambda kind=kind, s=s: mis_slope(units, kind, s, cfg), family=True)
+                             lambda kind=kind, s=s: mis_slope(units, kind, s, cfg), family=PER_METHOD)
         run_analysis(entries, f"mis_dose.{kind}", f"Dose–response shape of MIS ({kind})", "model",
                      lambda kind=kind: mis_dose(units, kind, cfg))
         run_analysis(entries, f"mis_equivalence.{kind}", f"MIS of each pruned model vs the base ({kind})", "model",
@@ -944,13 +953,19 @@ def human_side(data: StudyData, humans: Humans, by_model: pd.DataFrame, per_unit
 
 
 def apply_holm(entries: list[Entry]) -> dict:
+    """Holm-adjust each family's slope tests among themselves; return the primary family (``tests``, ``p``,
+    ``p_holm``) with every family under ``families``."""
     from .statistics import holm
-    family = [e for e in entries if e.family and e.status == "ok" and e.p is not None and np.isfinite(e.p)]
-    adjusted = holm([e.p for e in family]) if family else []
-    for e, p in zip(family, adjusted):
-        e.p_holm = float(p)
-        e.sentence += f" Holm-adjusted over {len(family)} slope tests: {fmt_p(float(p))}."
-    return {"tests": [e.id for e in family], "p": [e.p for e in family], "p_holm": [e.p_holm for e in family]}
+    families = {}
+    for name in (PRIMARY, PER_METHOD):
+        family = [e for e in entries if e.family == name and e.status == "ok" and e.p is not None and np.isfinite(e.p)]
+        adjusted = holm([e.p for e in family]) if family else []
+        for e, p in zip(family, adjusted):
+            e.p_holm = float(p)
+            e.sentence += f" Holm-adjusted over {len(family)} {name} slope tests: {fmt_p(float(p))}."
+        families[name] = {"tests": [e.id for e in family], "p": [e.p for e in family],
+                          "p_holm": [e.p_holm for e in family]}
+    return {**families[PRIMARY], "families": families}
 
 
 def descriptives(data: StudyData, humans: Humans) -> dict:
@@ -1410,6 +1425,7 @@ def report_context(results: dict, figures: dict, cfg: StudyConfig) -> dict:
         "models": table_data(_models_display(results["models"])), "figures": plots, "gallery": sheets,
         "analysis": {"level": _pct(1 - a.alpha_level), "alpha": f"{a.alpha_level:g}", "margin": f"{a.tost_margin:g}",
                      "bootstrap": a.bootstrap, "holm_tests": len(results["holm"]["tests"]),
+                     "holm_per_method": len(results["holm"].get("families", {}).get(PER_METHOD, {}).get("tests", [])),
                      "tost_level": _pct(1 - 2 * a.alpha_level), "mis_bootstrap": cfg.mis.bootstrap},
         "groups": [{"title": title, "entries": [_entry_data(e, _pct(1 - 2 * a.alpha_level)) for e in stats
                                                 if e["group"] == group]}

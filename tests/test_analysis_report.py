@@ -226,6 +226,9 @@ def test_results_json_holds_models_and_statistics(report):
     assert people["verdict"] == "effect" and "by people (11 included participants): accuracy falls" in people["sentence"]
     assert set(saved["holm"]["tests"]) >= {"mis_slope.natural.all", "mis_slope.synthetic.all",
                                            "human_slope.natural.mixed"}
+    per_method = saved["holm"]["families"]["per-method"]["tests"]
+    assert per_method and all(t.startswith("mis_slope.") and not t.endswith(".all") for t in per_method)
+    assert not set(per_method) & set(saved["holm"]["tests"])
     assert _entry(saved, "mis_dose.natural")["status"] == "ok"
     assert _entry(saved, "mis_equivalence.natural")["status"] == "ok"
 
@@ -578,7 +581,7 @@ def test_the_answer_follows_the_primary_total_effect(n_units, slope, noise, verd
     units = _simulated_units(1, n_units, slope, noise=noise)
     entries = []
     run_analysis(entries, "mis_slope.natural.all", "primary", "model", lambda: mis_slope(units, "natural", None, cfg),
-                 family=True)
+                 family="primary")
     run_analysis(entries, "mis_slope_adjusted.natural.all", "secondary", "model",
                  lambda: mis_slope(units, "natural", None, cfg, adjusted=True))
     apply_holm(entries)
@@ -609,7 +612,7 @@ def test_the_answer_says_when_model_level_noise_is_not_in_its_interval():
     for models, clustered in ((units[units["model_id"].isin(["m0", "m8"])], False), (units, True)):
         entries = []
         run_analysis(entries, "mis_slope.natural.all", "primary", "model",
-                     lambda m=models: mis_slope(m, "natural", None, cfg), family=True)
+                     lambda m=models: mis_slope(m, "natural", None, cfg), family="primary")
         (answer,) = answers(entries, cfg)
         assert answer["model_noise"] is clustered
         heading = " ".join(str(heading_of([answer])).split())
@@ -629,7 +632,7 @@ def test_the_answer_says_it_is_about_the_units_that_stay_live_and_how_many_unit_
     units.loc[removed, ["status", "mis"]] = ["pruned", np.nan]
     entries = []
     run_analysis(entries, "mis_slope.natural.all", "primary", "model",
-                 lambda: mis_slope(_ok_units(units), "natural", None, cfg, every_unit=units), family=True)
+                 lambda: mis_slope(_ok_units(units), "natural", None, cfg, every_unit=units), family="primary")
     (answer,) = answers(entries, cfg)
     assert (answer["live_pairs"], answer["unit_model_pairs"]) == (len(units) - removed.sum(), len(units)) == (230, 270)
     heading = " ".join(str(_templates().get_template("macros.html.j2").module.answer_heading([answer])).split())
@@ -716,7 +719,7 @@ def test_the_default_design_recovers_a_known_slope_and_a_known_null(slope, verdi
     units = _ok_units(_default_design_units(7, slope))
     entries = []
     run_analysis(entries, "mis_slope.natural.all", "primary", "model", lambda: mis_slope(units, "natural", None, cfg),
-                 family=True)
+                 family="primary")
     apply_holm(entries)
     t = entries[0].result["terms"]["rate"]
     assert t["ci_low"] <= slope <= t["ci_high"]
@@ -979,7 +982,7 @@ def test_the_answer_from_people_follows_the_primary_human_fit(beta1, participant
     trials = _simulated_people(5, beta1, participants, units)
     entries = []
     run_analysis(entries, "human_slope.natural.mixed", "primary", "human",
-                 lambda: human_slope(trials, "natural", "mixed", cfg), family=True)
+                 lambda: human_slope(trials, "natural", "mixed", cfg), family="primary")
     apply_holm(entries)
     assert entries[0].status == "ok", entries[0].reason
     (answer,) = answers(entries, cfg)
@@ -1356,7 +1359,7 @@ def _entries_with_sensitivity(units, cfg):
     entries = []
     for kind in sorted(units["kind"].unique()):
         run_analysis(entries, f"mis_slope.{kind}.all", "primary", "model",
-                     lambda kind=kind: mis_slope(units, kind, None, cfg), family=True)
+                     lambda kind=kind: mis_slope(units, kind, None, cfg), family="primary")
         run_analysis(entries, f"mis_slope_same_units.{kind}", "same units", "model",
                      lambda kind=kind: mis_slope_same_units(units, kind, cfg))
     if units["kind"].nunique() > 1:
@@ -1441,3 +1444,36 @@ def test_a_methods_slope_has_the_base_and_the_retrained_control_at_rate_0():
     assert out.result["n_models"] == 10 and "Rate 0: the base model and the retrained control." in out.sentence
     reference = st.within_unit_slope(units[units["series"].isin(["base", "control", "structured"])])
     assert out.result["terms"]["rate"]["coef"] == pytest.approx(reference["terms"]["rate"]["coef"], rel=1e-9)
+
+
+def test_the_answers_are_adjusted_among_the_primary_tests_and_the_per_method_slopes_among_themselves():
+    """Reference: statsmodels' Holm on each family's p-values alone."""
+    from statsmodels.stats.multitest import multipletests
+
+    from analysis.report import Outcome, apply_holm, run_analysis
+
+    entries = []
+    for i, (family, p) in enumerate([("primary", 0.02), ("primary", 0.03), ("per-method", 0.001),
+                                     ("per-method", 0.04), ("per-method", 0.01), ("", 0.001)]):
+        run_analysis(entries, f"t{i}", "test", "model", lambda p=p: Outcome("s.", {}, p=p), family=family)
+    holm = apply_holm(entries)
+    for family, ids in (("primary", [0, 1]), ("per-method", [2, 3, 4])):
+        expected = multipletests([entries[i].p for i in ids], method="holm")[1]
+        assert [entries[i].p_holm for i in ids] == pytest.approx(list(expected))
+        assert holm["families"][family]["tests"] == [f"t{i}" for i in ids]
+    assert holm["tests"] == ["t0", "t1"] and entries[5].p_holm is None
+    assert "Holm-adjusted over 2 primary slope tests" in entries[0].sentence
+
+
+@pytest.mark.parametrize("interval, undetermined", [((0.2, 0.6), True), ((0.3, 0.5), False)])
+def test_a_breakpoint_whose_interval_spans_the_grid_is_called_undetermined(monkeypatch, interval, undetermined):
+    from analysis import statistics
+    from analysis.report import mis_dose
+    from sparsight.config import load_study
+
+    def hinge(x, y, **kw):
+        return {"preferred": "hinge", "delta_aic": 3.0, "breakpoint_ci": interval, "grid": np.array([0.2, 0.4, 0.6]),
+                "linear": {"slope": -0.1}, "hinge": {"slope": 0.0, "breakpoint": 0.4, "slope_after": -0.2}}
+    monkeypatch.setattr(statistics, "dose_response", hinge)
+    out = mis_dose(_simulated_units(9, 10, -0.1), "natural", load_study())
+    assert ("where the bend lies is not determined" in out.sentence) is undetermined
