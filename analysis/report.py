@@ -308,6 +308,23 @@ def mis_slope_matched(units, kind: str, other: str, cfg: StudyConfig) -> Outcome
     return out
 
 
+def mis_slope_valid_fv(units, kind: str, cfg: StudyConfig) -> Outcome:
+    """The pooled slope of ``kind`` without the unit × model pairs whose feature visualizations are not valid
+    (they do not drive their unit as its natural max references do, so the task asks about something else)."""
+    d = _scope(units, kind, None)
+    if "fv_valid" not in d:
+        raise Skip(f"{kind} references record no visualization validity")
+    invalid = d["fv_valid"].astype(str).str.lower() == "false"
+    if not invalid.any():
+        raise Skip(f"every {kind} visualization is valid: the primary fit already has valid ones only")
+    out = mis_slope(units.drop(index=d.index[invalid]), kind, None, cfg)
+    out.result["subset"] = {"kind": kind, "what": "with valid visualizations", "units": int((~invalid).sum()),
+                            "of": len(d), "pairs": True}
+    out.sentence = f"On the {int((~invalid).sum())} of {len(d)} unit × model pairs with valid visualizations: " + \
+        out.sentence
+    return out
+
+
 def _verdict(res: dict, p: float, alpha: float) -> str:
     tost = res.get("tost")
     return "effect" if p < alpha else "equivalent" if tost is not None and tost["equivalent"] else "inconclusive"
@@ -320,24 +337,32 @@ def _change_text(res: dict, alpha: float) -> str:
             f"{fmt_p(t['p'])})")
 
 
+#: The sensitivity fits beside an answer: id prefix → how their sentence begins (``{n}``, ``{of}``: their counts).
+SENSITIVITY = {"mis_slope_same_units.": "Same units throughout: on the {n} of {of} units live in every model",
+               "mis_slope_valid_fv.": "Valid visualizations only: on the {n} of {of} unit × model pairs whose "
+                                      "visualizations drive their unit"}
+
+
 def _sensitivity_sentences(kind: str, verdict: str, by_id: dict, alpha: float) -> tuple[list[str], list[dict]]:
-    """What the sensitivity fits say beside ``kind``'s answer: its fit on the units live in every model (and
-    whether that agrees), and the other kinds' fits on the units ``kind`` has references for."""
+    """What the sensitivity fits say beside ``kind``'s answer (:data:`SENSITIVITY`: whether each agrees), and
+    the other kinds' fits on the units ``kind`` has references for."""
     sentences, records = [], []
-    same, matched = f"mis_slope_same_units.{kind}", f"mis_slope_matched.{kind}."
+    matched = f"mis_slope_matched.{kind}."
     for e in by_id.values():
-        if e.status != "ok" or not (e.id == same or e.id.startswith(matched)):
+        opening = next((text for prefix, text in SENSITIVITY.items() if e.id == f"{prefix}{kind}"), None)
+        if e.status != "ok" or (opening is None and not e.id.startswith(matched)):
             continue
         res, sub = e.result, e.result["subset"]
         own = _verdict(res, res["terms"]["rate"]["p"], alpha)
         change = f"MIS changes by {_change_text(res, alpha)}"
-        if e.id == same:
+        if opening is not None:
             sentences.append(
-                f"Same units throughout: on the {sub['units']} of {sub['of']} units live in every model, {change}, "
-                + ("which agrees." if own == verdict else
-                   f"{'an effect' if own == 'effect' else own}, where the answer above is {verdict}: the answer "
-                   f"depends on which units are counted (the units live in every model change differently from "
-                   f"those pruning removes somewhere)."))
+                opening.format(n=sub["units"], of=sub["of"]) + f", {change}, " +
+                ("which agrees." if own == verdict else
+                 f"{'an effect' if own == 'effect' else own}, where the answer above is {verdict}: "
+                 + ("the answer depends on which units are counted (the units live in every model change "
+                    "differently from those pruning removes somewhere)." if e.id.startswith("mis_slope_same_units.")
+                    else "the answer rests on visualizations that do not show what drives their unit.")))
         else:
             sentences.append(f"{sub['kind'].capitalize()} references on the same {sub['units']} units: {change}.")
         records.append({"analysis": e.id, "verdict": own, "agrees": own == verdict, **sub})
@@ -896,6 +921,9 @@ def model_side(data: StudyData, entries: list) -> None:
         run_analysis(entries, f"mis_slope_same_units.{kind}", f"MIS vs pruning rate on the units live in every model "
                      f"({kind}; sensitivity: the same units at every rate)", "model",
                      lambda kind=kind: mis_slope_same_units(units, kind, cfg))
+        if kind != "natural":
+            run_analysis(entries, f"mis_slope_valid_fv.{kind}", f"MIS vs pruning rate with valid visualizations only "
+                         f"({kind}; sensitivity)", "model", lambda kind=kind: mis_slope_valid_fv(units, kind, cfg))
         for other in _kinds(units):
             if other != kind and kind == "natural":
                 run_analysis(entries, f"mis_slope_matched.{other}.{kind}", f"MIS vs pruning rate ({kind}) on the "
@@ -1243,6 +1271,14 @@ def table_data(frame: pd.DataFrame | None, max_rows: int = 300) -> dict:
             "rows": [[_cell(v, p) for v, p in zip(rec, p_columns)] for rec in frame.itertuples(index=False)]}
 
 
+#: What the models table's MIS means can and cannot be compared for.
+MODELS_NOTE = ("Each model's MIS is the mean over its own live units (their number beside it), with an interval "
+               "that resamples those units: a model that removes or silences units averages over fewer, different "
+               "ones, and the interval leaves out the noise of retraining. Two models' means therefore differ by "
+               "which units they keep as well as by how the units changed; the slopes under Statistics compare each "
+               "unit with itself and include the noise a model's units share.")
+
+
 def _models_display(table: pd.DataFrame) -> pd.DataFrame:
     cols = {"model_id": "model", "method": "method", "schedule": "schedule", "rate": "rate", "sparsity": "sparsity",
             "sparsity_effective": "effective sparsity", "top1": "top-1"}
@@ -1256,6 +1292,9 @@ def _models_display(table: pd.DataFrame) -> pd.DataFrame:
                 "" if not np.isfinite(v) else f"{v:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if np.isfinite(lo) else "")
                 for v, lo, hi in zip(table[col].astype(float), table[f"{col}{low}"].astype(float),
                                      table[f"{col}{high}"].astype(float))]
+            if prefix == "mis_" and f"{col}_units" in table:      # what each mean is over: its own live units
+                show[f"live units {kind}"] = ["" if not np.isfinite(n) else str(int(n))
+                                              for n in table[f"{col}_units"].astype(float)]
     if "mis_synthetic_fv_invalid" in table:     # leaving units out silently would bias the comparison
         show["units with invalid FV"] = [
             "" if not np.isfinite(n) else f"{int(n)}/{int(u)}" for n, u in
@@ -1422,7 +1461,8 @@ def report_context(results: dict, figures: dict, cfg: StudyConfig) -> dict:
     return {
         "study": results["study"], "notes": results["notes"], "key_results": _key_results(stats),
         "answers": results.get("answers", []), "validity": _validity_data(results.get("validity", [])),
-        "models": table_data(_models_display(results["models"])), "figures": plots, "gallery": sheets,
+        "models": table_data(_models_display(results["models"])), "models_note": MODELS_NOTE,
+        "figures": plots, "gallery": sheets,
         "analysis": {"level": _pct(1 - a.alpha_level), "alpha": f"{a.alpha_level:g}", "margin": f"{a.tost_margin:g}",
                      "bootstrap": a.bootstrap, "holm_tests": len(results["holm"]["tests"]),
                      "holm_per_method": len(results["holm"].get("families", {}).get(PER_METHOD, {}).get("tests", [])),

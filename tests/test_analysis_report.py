@@ -193,6 +193,9 @@ def test_report_files_and_embedded_figures(report):
     assert "ci_low, ci_high: the 90 % interval of the equivalence test (TOST)" in html     # per-model TOST tables
     text = " ".join(html.split())
     assert "10 bootstrap resamples (200 for the models' MIS intervals, <code>mis.bootstrap</code>)" in text
+    # each model's MIS is over its own live units: the table says how many, the note why that matters
+    assert "Each model&#39;s MIS is the mean over its own live units" in text and "live units natural</th>" in text
+    assert f"Holm families: the {len(results['holm']['tests'])} primary slope tests" in text and "exploratory per-method slope tests" in text
 
 
 def test_results_json_holds_models_and_statistics(report):
@@ -637,6 +640,7 @@ def test_the_answer_says_it_is_about_the_units_that_stay_live_and_how_many_unit_
     assert (answer["live_pairs"], answer["unit_model_pairs"]) == (len(units) - removed.sum(), len(units)) == (230, 270)
     heading = " ".join(str(_templates().get_template("macros.html.j2").module.answer_heading([answer])).split())
     assert "the MIS of the units that stay live" in heading and "natural: 230 of 270 unit × model pairs live" in heading
+    assert "MIS is the machine observer's predicted 2-AFC accuracy, a stand-in for people's" in heading
 
 
 @pytest.mark.parametrize("share, needs", [(0.0, "units"), (0.1, "units"), (0.5, "models")])
@@ -1477,3 +1481,36 @@ def test_a_breakpoint_whose_interval_spans_the_grid_is_called_undetermined(monke
     monkeypatch.setattr(statistics, "dose_response", hinge)
     out = mis_dose(_simulated_units(9, 10, -0.1), "natural", load_study())
     assert ("where the bend lies is not determined" in out.sentence) is undetermined
+
+
+def test_the_synthetic_answer_says_whether_it_holds_on_valid_visualizations_only():
+    """Known effect carried by invalid visualizations only: their pairs lose 0.3 MIS per unit rate, the valid ones
+    none. The valid-only fit is the within-unit fit of the valid pairs (reference) and the answer says the two
+    disagree; with every visualization valid there is no such fit."""
+    from analysis import statistics as st
+    from analysis.report import answers, apply_holm, mis_slope, mis_slope_valid_fv, run_analysis
+    from sparsight.config import load_study
+
+    cfg = load_study(overrides=["analysis.tost_margin=0.05"])
+    units = _simulated_units(10, 60, 0.0).assign(kind="synthetic", fv_valid=True)
+    bad = (units["rate"] > 0) & (units["unit_id"].str[2:].astype(int) < 30)
+    units.loc[bad, "fv_valid"] = False
+    units.loc[bad, "mis"] -= 0.3 * units.loc[bad, "rate"]
+    entries = []
+    run_analysis(entries, "mis_slope.synthetic.all", "primary", "model",
+                 lambda: mis_slope(units, "synthetic", None, cfg), family="primary")
+    run_analysis(entries, "mis_slope_valid_fv.synthetic", "valid", "model",
+                 lambda: mis_slope_valid_fv(units, "synthetic", cfg))
+    apply_holm(entries)
+    valid = entries[1].result
+    assert valid["terms"]["rate"]["coef"] == pytest.approx(
+        st.within_unit_slope(units[~bad])["terms"]["rate"]["coef"], rel=1e-9)
+    assert valid["subset"]["units"] == int((~bad).sum()) and valid["subset"]["of"] == len(units)
+    (answer,) = answers(entries, cfg)
+    assert answer["verdict"] == "effect" and answer["sensitivity"][0]["verdict"] == "equivalent"
+    assert f"Valid visualizations only: on the {int((~bad).sum())} of {len(units)} unit × model pairs" in \
+        answer["sentence"] and "rests on visualizations that do not show what drives their unit" in answer["sentence"]
+    entries = []
+    run_analysis(entries, "v", "valid", "model", lambda: mis_slope_valid_fv(units.assign(fv_valid=True), "synthetic",
+                                                                             cfg))
+    assert entries[0].status == "skipped" and "every synthetic visualization is valid" in entries[0].reason
