@@ -319,7 +319,7 @@ def mis_slope_valid_fv(units, kind: str, cfg: StudyConfig) -> Outcome:
         raise Skip(f"every {kind} visualization is valid: the primary fit already has valid ones only")
     out = mis_slope(units.drop(index=d.index[invalid]), kind, None, cfg)
     out.result["subset"] = {"kind": kind, "what": "with valid visualizations", "units": int((~invalid).sum()),
-                            "of": len(d), "pairs": True}
+                            "of": len(d)}
     out.sentence = f"On the {int((~invalid).sum())} of {len(d)} unit × model pairs with valid visualizations: " + \
         out.sentence
     return out
@@ -574,8 +574,8 @@ def mis_dose(units, kind, cfg: StudyConfig) -> Outcome:
                     f"{fmt(hin['slope_after'] * PER_STEP)} per 10 % after it.")
         grid = np.asarray(res.get("grid", []), dtype=float)
         if len(grid) and lo <= grid.min() + 1e-9 and hi >= grid.max() - 1e-9:
-            sentence += (f" The interval spans every candidate breakpoint ({fmt(grid.min(), 2)} to {fmt(grid.max(), 2)}): "
-                         f"where the bend lies is not determined.")
+            sentence += (f" The interval spans every candidate breakpoint ({fmt(grid.min(), 2)} to "
+                         f"{fmt(grid.max(), 2)}): where the bend lies is not determined.")
     else:
         sentence = (f"MIS ({kind}) is described by a straight line at least as well as by a hinge "
                     f"(ΔAIC = {fmt(res['delta_aic'], 1)}): {fmt(lin['slope'] * PER_STEP)} per 10 % pruning rate.")
@@ -924,11 +924,10 @@ def model_side(data: StudyData, entries: list) -> None:
         if kind != "natural":
             run_analysis(entries, f"mis_slope_valid_fv.{kind}", f"MIS vs pruning rate with valid visualizations only "
                          f"({kind}; sensitivity)", "model", lambda kind=kind: mis_slope_valid_fv(units, kind, cfg))
-        for other in _kinds(units):
-            if other != kind and kind == "natural":
-                run_analysis(entries, f"mis_slope_matched.{other}.{kind}", f"MIS vs pruning rate ({kind}) on the "
-                             f"units with {other} references (the kinds compared on the same units)", "model",
-                             lambda kind=kind, other=other: mis_slope_matched(units, kind, other, cfg))
+        for other in (o for o in _kinds(units) if kind == "natural" and o != kind):
+            run_analysis(entries, f"mis_slope_matched.{other}.{kind}", f"MIS vs pruning rate ({kind}) on the units "
+                         f"with {other} references (the kinds compared on the same units)", "model",
+                         lambda kind=kind, other=other: mis_slope_matched(units, kind, other, cfg))
         of_kind = units[units["kind"] == kind]
         # a series pruned at one rate only (the retrained control, at 0) has no slope of its own
         series = sorted(s for s, g in of_kind.groupby("series") if s != BASE_METHOD and g["rate"].nunique() > 1)
