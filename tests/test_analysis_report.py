@@ -1399,6 +1399,9 @@ def test_the_same_units_fit_shows_when_the_answer_rests_on_which_units_survive()
     (answer,) = answers(list(by_id.values()), cfg)
     assert answer["verdict"] == "equivalent", answer["sentence"]
     assert answer["sensitivity"][0]["verdict"] == "effect" and answer["sensitivity"][0]["agrees"] is False
+    from analysis.report import _templates
+    label = " ".join(str(_templates().get_template("macros.html.j2").module.answer_label(answer, "0.05")).split())
+    assert label == "no change beyond ±0.05 (a sensitivity fit disagrees)"
     assert (f"Same units throughout: on the {len(kept)} of 200 units live in every model" in answer["sentence"]
             and "the answer depends on which units are counted" in answer["sentence"])
 
@@ -1412,6 +1415,9 @@ def test_with_every_unit_live_everywhere_there_is_no_same_units_fit():
     assert "already has the same units" in by_id["mis_slope_same_units.natural"].reason
     (answer,) = answers(list(by_id.values()), load_study())
     assert answer["sensitivity"] == [] and "Same units" not in answer["sentence"]
+    from analysis.report import _templates
+    label = str(_templates().get_template("macros.html.j2").module.answer_label(answer, "0.05")).strip()
+    assert label in ("pruning changes it", "no change beyond ±0.05", "undecided")
 
 
 def test_the_synthetic_answer_gives_natural_references_on_its_own_units():
