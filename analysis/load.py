@@ -32,7 +32,7 @@ from sparsight.modeltable import BASE_METHOD, load_models, read_table
 from stimuli.units import Unit, split_unit_name
 
 #: Model metadata joined onto the per-unit and per-model MIS tables.
-MODEL_KEYS = ("method", "schedule", "series", "rate", "sparsity", "top1")
+MODEL_KEYS = ("method", "schedule", "series", "rate", "sparsity", "sparsity_effective", "top1")
 TRIAL_COLUMNS = ["participant", "unit_id", "model_id", "method", "schedule", "rate", "sparsity", "kind",
                  "correct", "confidence", "rt_ms", "trial_type", "is_machine", "excluded", "exclusion_reasons",
                  "layer", "unit", "task", "observer", "condition"]

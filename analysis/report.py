@@ -257,8 +257,8 @@ def mis_slope(units, kind, series, cfg: StudyConfig, adjusted: bool = False,
     if a.tost_margin > 0 and t["se"] > 0:
         tost = tost_estimate(t["coef"] * span, t["se"] * span, a.tost_margin, df=res["df"], alpha=a.alpha_level)
         result["tost"] = tost
-        sentence += " " + tost_sentence(f"The predicted MIS change from rate {d['rate'].min():g} to "
-                                        f"{d['rate'].max():g}", tost)
+        sentence += " " + tost_sentence(f"The predicted MIS change from rate {d['rate'].min():.3g} to "
+                                        f"{d['rate'].max():.3g}", tost)
     return Outcome(sentence, result, p=t["p"], table=res["table"].reset_index())
 
 
@@ -325,6 +325,25 @@ def mis_slope_valid_fv(units, kind: str, cfg: StudyConfig) -> Outcome:
     return out
 
 
+def mis_slope_effective(units, kind: str, cfg: StudyConfig) -> Outcome:
+    """The pooled slope of ``kind`` on effective sparsity instead of the requested rate: the share of a model's
+    weights removed or left without effect (a structured method's removed channels silence the next layer's
+    inputs too), so methods that remove more than they were asked are placed where they are."""
+    d = _scope(units, kind, None)
+    if "sparsity_effective" not in d or d["sparsity_effective"].isna().any():
+        raise Skip(f"the effective sparsity of some {kind} model is not recorded")
+    if np.allclose(d["sparsity_effective"].to_numpy(float), d["rate"].to_numpy(float), atol=0.01):
+        raise Skip("every model's effective sparsity is its rate: the primary fit already has it")
+    as_rate = units.assign(rate=units["sparsity_effective"].where(units["kind"] == kind, units["rate"]))
+    out = mis_slope(as_rate, kind, None, cfg)
+    top = float(d["sparsity_effective"].max())
+    out.result["subset"] = {"kind": kind, "what": "effective sparsity as the dose", "units": int(len(d)),
+                            "of": int(len(d)), "dose": "sparsity_effective", "dose_max": top}
+    out.sentence = (f"With effective sparsity (up to {top:.2f}) in place of the pruning rate: "
+                    + out.sentence.replace("pruning rate", "effective sparsity").replace("from rate", "from sparsity"))
+    return out
+
+
 def _verdict(res: dict, p: float, alpha: float) -> str:
     tost = res.get("tost")
     return "effect" if p < alpha else "equivalent" if tost is not None and tost["equivalent"] else "inconclusive"
@@ -337,10 +356,18 @@ def _change_text(res: dict, alpha: float) -> str:
             f"{fmt_p(t['p'])})")
 
 
-#: The sensitivity fits beside an answer: id prefix → how their sentence begins (``{n}``, ``{of}``: their counts).
-SENSITIVITY = {"mis_slope_same_units.": "Same units throughout: on the {n} of {of} units live in every model",
-               "mis_slope_valid_fv.": "Valid visualizations only: on the {n} of {of} unit × model pairs whose "
-                                      "visualizations drive their unit"}
+#: The sensitivity fits beside an answer: id prefix → (how their sentence begins, with ``{n}``/``{of}`` their
+#: counts; what a disagreement means; whether an agreeing one is left out of the answer).
+SENSITIVITY = {
+    "mis_slope_same_units.": ("Same units throughout: on the {n} of {of} units live in every model",
+                              "the answer depends on which units are counted (the units live in every model change "
+                              "differently from those pruning removes somewhere)", False),
+    "mis_slope_valid_fv.": ("Valid visualizations only: on the {n} of {of} unit × model pairs whose visualizations "
+                            "drive their unit", "the answer rests on visualizations that do not show what drives "
+                            "their unit", False),
+    "mis_slope_effective.": ("With effective sparsity as the dose (up to {top:.2f}: what structured methods remove "
+                             "beyond their rate counted)", "the answer depends on whether the dose is the rate asked "
+                             "for or the weights in effect removed", True)}
 
 
 def _sensitivity_sentences(kind: str, verdict: str, by_id: dict, alpha: float) -> tuple[list[str], list[dict]]:
@@ -349,23 +376,23 @@ def _sensitivity_sentences(kind: str, verdict: str, by_id: dict, alpha: float) -
     sentences, records = [], []
     matched = f"mis_slope_matched.{kind}."
     for e in by_id.values():
-        opening = next((text for prefix, text in SENSITIVITY.items() if e.id == f"{prefix}{kind}"), None)
-        if e.status != "ok" or (opening is None and not e.id.startswith(matched)):
+        spec = next((v for prefix, v in SENSITIVITY.items() if e.id == f"{prefix}{kind}"), None)
+        if e.status != "ok" or (spec is None and not e.id.startswith(matched)):
             continue
         res, sub = e.result, e.result["subset"]
         own = _verdict(res, res["terms"]["rate"]["p"], alpha)
-        change = f"MIS changes by {_change_text(res, alpha)}"
-        if opening is not None:
-            sentences.append(
-                opening.format(n=sub["units"], of=sub["of"]) + f", {change}, " +
-                ("which agrees." if own == verdict else
-                 f"{'an effect' if own == 'effect' else own}, where the answer above is {verdict}: "
-                 + ("the answer depends on which units are counted (the units live in every model change "
-                    "differently from those pruning removes somewhere)." if e.id.startswith("mis_slope_same_units.")
-                    else "the answer rests on visualizations that do not show what drives their unit.")))
-        else:
-            sentences.append(f"{sub['kind'].capitalize()} references on the same {sub['units']} units: {change}.")
         records.append({"analysis": e.id, "verdict": own, "agrees": own == verdict, **sub})
+        change = f"MIS changes by {_change_text(res, alpha)}"
+        if spec is None:
+            sentences.append(f"{sub['kind'].capitalize()} references on the same {sub['units']} units: {change}.")
+            continue
+        opening, meaning, quiet = spec
+        if own == verdict and quiet:
+            continue
+        sentences.append(opening.format(n=sub["units"], of=sub["of"], top=sub.get("dose_max", 0.0)) + f", {change}, "
+                         + ("which agrees." if own == verdict else
+                            f"{'an effect' if own == 'effect' else own}, where the answer above is {verdict}: "
+                            f"{meaning}."))
     return sentences, records
 
 
@@ -921,6 +948,8 @@ def model_side(data: StudyData, entries: list) -> None:
         run_analysis(entries, f"mis_slope_same_units.{kind}", f"MIS vs pruning rate on the units live in every model "
                      f"({kind}; sensitivity: the same units at every rate)", "model",
                      lambda kind=kind: mis_slope_same_units(units, kind, cfg))
+        run_analysis(entries, f"mis_slope_effective.{kind}", f"MIS vs effective sparsity ({kind}; sensitivity: the "
+                     f"dose each model received)", "model", lambda kind=kind: mis_slope_effective(units, kind, cfg))
         if kind != "natural":
             run_analysis(entries, f"mis_slope_valid_fv.{kind}", f"MIS vs pruning rate with valid visualizations only "
                          f"({kind}; sensitivity)", "model", lambda kind=kind: mis_slope_valid_fv(units, kind, cfg))

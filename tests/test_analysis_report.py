@@ -1521,3 +1521,33 @@ def test_the_synthetic_answer_says_whether_it_holds_on_valid_visualizations_only
     run_analysis(entries, "v", "valid", "model", lambda: mis_slope_valid_fv(units.assign(fv_valid=True), "synthetic",
                                                                              cfg))
     assert entries[0].status == "skipped" and "every synthetic visualization is valid" in entries[0].reason
+
+
+def test_the_effective_sparsity_fit_puts_each_model_at_the_dose_it_received():
+    """Reference: the within-unit fit with each model's effective sparsity as its rate; no such fit where they are
+    equal; an agreeing one stays out of the answer."""
+    from analysis import statistics as st
+    from analysis.report import answers, apply_holm, mis_slope, mis_slope_effective, run_analysis
+    from sparsight.config import load_study
+
+    cfg = load_study()
+    units = _simulated_units(11, 40, -0.1)
+    structured = units["model_id"].isin(["m2", "m4", "m6", "m8"])
+    units["sparsity_effective"] = np.where(structured, np.minimum(units["rate"] * 1.25, 0.95), units["rate"])
+    entries = []
+    run_analysis(entries, "mis_slope.natural.all", "primary", "model", lambda: mis_slope(units, "natural", None, cfg),
+                 family="primary")
+    run_analysis(entries, "mis_slope_effective.natural", "dose", "model",
+                 lambda: mis_slope_effective(units, "natural", cfg))
+    apply_holm(entries)
+    reference = st.within_unit_slope(units.assign(rate=units["sparsity_effective"]))["terms"]["rate"]
+    assert entries[1].result["terms"]["rate"]["coef"] == pytest.approx(reference["coef"], rel=1e-9)
+    assert entries[1].result["rate_span"] == pytest.approx(0.95) and "effective sparsity" in entries[1].sentence
+    (answer,) = answers(entries, cfg)
+    record = answer["sensitivity"][0]
+    assert record["analysis"] == "mis_slope_effective.natural"
+    assert ("effective sparsity as the dose" in answer["sentence"]) is (not record["agrees"])
+    entries = []
+    run_analysis(entries, "e", "dose", "model",
+                 lambda: mis_slope_effective(units.assign(sparsity_effective=units["rate"]), "natural", cfg))
+    assert entries[0].status == "skipped" and "already has it" in entries[0].reason
