@@ -219,12 +219,13 @@ def _scope(units: pd.DataFrame, kind: str, series: str | None) -> pd.DataFrame:
 
 
 def mis_slope(units, kind, series, cfg: StudyConfig, adjusted: bool = False,
-              every_unit: pd.DataFrame | None = None) -> Outcome:
+              every_unit: pd.DataFrame | None = None, compare_mixed: bool = True) -> Outcome:
     """The total effect of pruning rate on MIS (primary), or with top-1 as a covariate (``adjusted``: a
     secondary analysis, since accuracy is itself an effect of pruning and adjusting for it removes part of
     the effect asked about).  ``every_unit``: the unit table with the units a model removed or silenced too,
-    to count the unit × model pairs the live ones are of (default ``units``)."""
-    from .statistics import tost_estimate, unit_mixed_model, within_unit_slope
+    to count the unit × model pairs the live ones are of (default ``units``).  ``compare_mixed``: fit the unit
+    mixed model beside it and say how much narrower its error is."""
+    from .statistics import tost_estimate, within_unit_slope
     a = cfg.analysis
     level = 1 - a.alpha_level
     d = _scope(units, kind, series)
@@ -239,15 +240,9 @@ def mis_slope(units, kind, series, cfg: StudyConfig, adjusted: bool = False,
     sentence = slope_sentence(f"MIS ({kind}, {scope}{adjusted})", t, level, a.alpha_level)
     sentence += f" Rate 0: {_rate_zero(d)}. Fit: {res['fit']}."
     result = {k: v for k, v in res.items() if k != "table"}
-    lmm = unit_mixed_model(d, formula=formula, group="unit_id", level=level)
-    naive = lmm["terms"]["rate"]
-    result["unit_mixed_model"] = {"coef": naive["coef"], "se": naive["se"], "method": lmm["method"], "fit": lmm["fit"]}
-    if naive["se"] > 0 and t["se"] > 0:
-        narrower = naive["se"] < t["se"]
-        ratio = t["se"] / naive["se"] if narrower else naive["se"] / t["se"]
-        sentence += (f" The unit mixed model, which takes a model's units as independent, gives "
-                     f"{fmt(naive['coef'] * PER_STEP)} per 10 % with a standard error {fmt(ratio, 2)}× "
-                     + ("smaller: it leaves out the noise a model's units share." if narrower else "larger."))
+    if compare_mixed:
+        result["unit_mixed_model"], text = _mixed_comparison(d, formula, level, t)
+        sentence += text
     live = int((d["status"] == "ok").sum()) if "status" in d else len(d)
     pairs = len(_scope(every_unit[every_unit["rate"].notna()], kind, series)) if every_unit is not None else len(d)
     result.update(kind=kind, scope=scope, rate_span=span, slope_per_10pct=t["coef"] * PER_STEP,
@@ -260,6 +255,22 @@ def mis_slope(units, kind, series, cfg: StudyConfig, adjusted: bool = False,
         sentence += " " + tost_sentence(f"The predicted MIS change from rate {d['rate'].min():.3g} to "
                                         f"{d['rate'].max():.3g}", tost)
     return Outcome(sentence, result, p=t["p"], table=res["table"].reset_index())
+
+
+def _mixed_comparison(d: pd.DataFrame, formula: str, level: float, t: dict) -> tuple[dict, str]:
+    """The unit mixed model's slope beside the within-unit one ``t``, and a sentence on how much narrower its
+    error is (it takes a model's units as independent)."""
+    from .statistics import unit_mixed_model
+    lmm = unit_mixed_model(d, formula=formula, group="unit_id", level=level)
+    naive = lmm["terms"]["rate"]
+    record = {"coef": naive["coef"], "se": naive["se"], "method": lmm["method"], "fit": lmm["fit"]}
+    if not (naive["se"] > 0 and t["se"] > 0):
+        return record, ""
+    narrower = naive["se"] < t["se"]
+    ratio = t["se"] / naive["se"] if narrower else naive["se"] / t["se"]
+    return record, (f" The unit mixed model, which takes a model's units as independent, gives "
+                    f"{fmt(naive['coef'] * PER_STEP)} per 10 % with a standard error {fmt(ratio, 2)}× "
+                    + ("smaller: it leaves out the noise a model's units share." if narrower else "larger."))
 
 
 def _rate_zero(d: pd.DataFrame) -> str:
@@ -276,6 +287,15 @@ def _live_everywhere(d: pd.DataFrame) -> pd.Index:
     return models.index[models == d["model_id"].nunique()]
 
 
+def _sensitivity_fit(fit_units: pd.DataFrame, kind: str, cfg: StudyConfig, subset: dict, opening: str) -> Outcome:
+    """The pooled slope of ``kind`` on ``fit_units`` (a subset or a changed dose), its ``subset`` recorded and its
+    sentence opened with what it is fitted on."""
+    out = mis_slope(fit_units, kind, None, cfg, compare_mixed=False)
+    out.result["subset"] = {"kind": kind, **subset}
+    out.sentence = opening + out.sentence
+    return out
+
+
 def mis_slope_same_units(units, kind, cfg: StudyConfig) -> Outcome:
     """The pooled slope on the units live in every model (a sensitivity analysis).  The primary fit compares
     each unit with itself, but only in the models that keep it live, so which units a rate contributes depends
@@ -286,10 +306,9 @@ def mis_slope_same_units(units, kind, cfg: StudyConfig) -> Outcome:
         raise Skip(f"every {kind} unit is live in every model: the primary fit already has the same units throughout")
     if len(keep) < 2:
         raise Skip(f"{len(keep)} of {total} {kind} units are live in every model: too few to fit")
-    out = mis_slope(units[(units["kind"] != kind) | units["unit_id"].isin(keep)], kind, None, cfg)
-    out.result["subset"] = {"kind": kind, "what": "live in every model", "units": len(keep), "of": total}
-    out.sentence = f"On the {len(keep)} of {total} {kind} units live in every model: " + out.sentence
-    return out
+    return _sensitivity_fit(units[(units["kind"] != kind) | units["unit_id"].isin(keep)], kind, cfg,
+                            {"what": "live in every model", "units": len(keep), "of": total},
+                            f"On the {len(keep)} of {total} {kind} units live in every model: ")
 
 
 def mis_slope_matched(units, kind: str, other: str, cfg: StudyConfig) -> Outcome:
@@ -301,11 +320,9 @@ def mis_slope_matched(units, kind: str, other: str, cfg: StudyConfig) -> Outcome
         raise Skip(f"{kind} and {other} references already cover the same units")
     if len(keep) < 2:
         raise Skip(f"{len(keep)} unit(s) have both {kind} and {other} references: too few to fit")
-    out = mis_slope(units[(units["kind"] != kind) | units["unit_id"].isin(keep)], kind, None, cfg)
-    out.result["subset"] = {"kind": kind, "what": f"with {other} references", "units": len(keep),
-                            "of": int(d["unit_id"].nunique())}
-    out.sentence = f"On the {len(keep)} units with {other} references: " + out.sentence
-    return out
+    return _sensitivity_fit(units[(units["kind"] != kind) | units["unit_id"].isin(keep)], kind, cfg,
+                            {"what": f"with {other} references", "units": len(keep), "of": int(d["unit_id"].nunique())},
+                            f"On the {len(keep)} units with {other} references: ")
 
 
 def mis_slope_valid_fv(units, kind: str, cfg: StudyConfig) -> Outcome:
@@ -317,12 +334,10 @@ def mis_slope_valid_fv(units, kind: str, cfg: StudyConfig) -> Outcome:
     invalid = d["fv_valid"].astype(str).str.lower() == "false"
     if not invalid.any():
         raise Skip(f"every {kind} visualization is valid: the primary fit already has valid ones only")
-    out = mis_slope(units.drop(index=d.index[invalid]), kind, None, cfg)
-    out.result["subset"] = {"kind": kind, "what": "with valid visualizations", "units": int((~invalid).sum()),
-                            "of": len(d)}
-    out.sentence = f"On the {int((~invalid).sum())} of {len(d)} unit × model pairs with valid visualizations: " + \
-        out.sentence
-    return out
+    valid = int((~invalid).sum())
+    return _sensitivity_fit(units.drop(index=d.index[invalid]), kind, cfg,
+                            {"what": "with valid visualizations", "units": valid, "of": len(d)},
+                            f"On the {valid} of {len(d)} unit × model pairs with valid visualizations: ")
 
 
 def mis_slope_effective(units, kind: str, cfg: StudyConfig) -> Outcome:
@@ -335,12 +350,12 @@ def mis_slope_effective(units, kind: str, cfg: StudyConfig) -> Outcome:
     if np.allclose(d["sparsity_effective"].to_numpy(float), d["rate"].to_numpy(float), atol=0.01):
         raise Skip("every model's effective sparsity is its rate: the primary fit already has it")
     as_rate = units.assign(rate=units["sparsity_effective"].where(units["kind"] == kind, units["rate"]))
-    out = mis_slope(as_rate, kind, None, cfg)
     top = float(d["sparsity_effective"].max())
-    out.result["subset"] = {"kind": kind, "what": "effective sparsity as the dose", "units": int(len(d)),
-                            "of": int(len(d)), "dose": "sparsity_effective", "dose_max": top}
-    out.sentence = (f"With effective sparsity (up to {top:.2f}) in place of the pruning rate: "
-                    + out.sentence.replace("pruning rate", "effective sparsity").replace("from rate", "from sparsity"))
+    out = _sensitivity_fit(as_rate, kind, cfg, {"what": "effective sparsity as the dose", "units": len(d),
+                                                "of": len(d), "dose": "sparsity_effective", "dose_max": top},
+                           f"With effective sparsity (up to {top:.2f}) in place of the pruning rate: ")
+    out.sentence = out.sentence.replace("per 10 % pruning rate", "per 10 % effective sparsity").replace(
+        "from rate", "from sparsity")
     return out
 
 
