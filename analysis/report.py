@@ -360,6 +360,7 @@ def mis_slope_effective(units, kind: str, cfg: StudyConfig) -> Outcome:
 
 
 def _verdict(res: dict, p: float, alpha: float) -> str:
+    """An effect (slope test at ``alpha``), equivalence (the fit's TOST) or inconclusive."""
     tost = res.get("tost")
     return "effect" if p < alpha else "equivalent" if tost is not None and tost["equivalent"] else "inconclusive"
 
@@ -385,12 +386,12 @@ SENSITIVITY = {
                              "for or the weights in effect removed", True)}
 
 
-def _sensitivity_sentences(kind: str, verdict: str, by_id: dict, alpha: float) -> tuple[list[str], list[dict]]:
+def _sensitivity_sentences(kind: str, verdict: str, entries: list, alpha: float) -> tuple[list[str], list[dict]]:
     """What the sensitivity fits say beside ``kind``'s answer (:data:`SENSITIVITY`: whether each agrees), and
     the other kinds' fits on the units ``kind`` has references for."""
     sentences, records = [], []
     matched = f"mis_slope_matched.{kind}."
-    for e in by_id.values():
+    for e in entries:
         spec = next((v for prefix, v in SENSITIVITY.items() if e.id == f"{prefix}{kind}"), None)
         if e.status != "ok" or (spec is None and not e.id.startswith(matched)):
             continue
@@ -431,7 +432,6 @@ def answers(entries: list, cfg: StudyConfig) -> list[dict]:
     methods): an effect, equivalence within the margin, or inconclusive with what it would take to decide."""
     a = cfg.analysis
     out = []
-    by_id = {e.id: e for e in entries}
     for e in entries:
         if not e.id.startswith("mis_slope.") or not e.id.endswith(".all") or e.status != "ok":
             continue
@@ -440,21 +440,19 @@ def answers(entries: list, cfg: StudyConfig) -> list[dict]:
         span, tost = res["rate_span"], res.get("tost")
         change = t["coef"] * span
         p = e.p_holm if e.p_holm is not None else t["p"]
-        if p < a.alpha_level:
-            verdict = "effect"
+        verdict = _verdict(res, p, a.alpha_level)
+        if verdict == "effect":
             sentence = (f"Yes, for {kind} references: MIS {'falls' if change < 0 else 'rises'} by {fmt(abs(change))} "
                         f"from rate {res['rate_min']:g} to {res['rate_max']:g} "
                         f"({fmt(t['coef'] * PER_STEP)} per 10 % pruning rate, {_pct(1 - a.alpha_level)} CI "
                         f"{fmt(t['ci_low'] * PER_STEP)} to {fmt(t['ci_high'] * PER_STEP)}; {fmt_p(p)}"
                         f"{', Holm-adjusted' if e.p_holm is not None else ''}).")
-        elif tost is not None and tost["equivalent"]:
-            verdict = "equivalent"
+        elif verdict == "equivalent":
             sentence = (f"No, for {kind} references: from rate {res['rate_min']:g} to {res['rate_max']:g} MIS changes "
                         f"by {fmt(change)} "
                         f"({_pct(1 - 2 * a.alpha_level)} CI {fmt(tost['ci_low'])} to {fmt(tost['ci_high'])}), "
                         f"inside the equivalence margin ±{a.tost_margin:g} (TOST {fmt_p(tost['p'])}).")
         else:
-            verdict = "inconclusive"
             what = _what_decides(res, t, change, span, a)
             if what is None:
                 what = (f"the estimated change {fmt(change)} is as large as the margin ±{a.tost_margin:g}, so only "
@@ -467,7 +465,7 @@ def answers(entries: list, cfg: StudyConfig) -> list[dict]:
                         f"{res['rate_max']:g} is {fmt(change)} "
                         f"({_pct(1 - a.alpha_level)} CI {ci}): neither an effect nor equivalence within "
                         f"±{a.tost_margin:g}; {what}.")
-        extra, sensitivity = _sensitivity_sentences(kind, verdict, by_id, a.alpha_level)
+        extra, sensitivity = _sensitivity_sentences(kind, verdict, entries, a.alpha_level)
         sentence = " ".join([sentence, *extra])
         out.append({"kind": kind, "observer": "MIS", "verdict": verdict, "sentence": sentence, "analysis": e.id,
                     "sensitivity": sensitivity,
