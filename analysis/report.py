@@ -7,7 +7,7 @@
   model, with the unit mixed model beside it) pooled over methods and per method,
   the dose–response shape (line vs hinge), equivalence of the MIS change over the studied rates
   within ``analysis.tost_margin`` (TOST), and per pruned model a paired TOST of its units' MIS
-  against the same units in the base model; top-1 and Network Dissection counts per model;
+  against the same units in the base model (also Holm-adjusted over the models); top-1 and Network Dissection counts per model;
 * **human side** (needs human main trials): exclusions, accuracy per condition (± 2 SEM over
   participants, Wilson intervals, d′), per-unit bootstrap CIs, RTs, accuracy by confidence, the
   natural-vs-synthetic paired comparison, the rate slope by a crossed mixed logistic model (primary)
@@ -656,12 +656,34 @@ def mis_equivalence(units, kind, cfg: StudyConfig) -> Outcome:
         rows.append(row)
     if not rows:
         raise Skip("no pruned model has MIS")
-    table = pd.DataFrame(rows).sort_values(["rate", "model_id"], ignore_index=True)
-    n_eq = int((table["equivalent"] == True).sum())  # noqa: E712 - None stays out
-    sentence = (f"{n_eq} of {_compared_models(table)} have {kind} MIS equivalent to the base model's within "
-                f"±{cfg.analysis.tost_margin:g} (paired TOST over units, α = {cfg.analysis.alpha_level:g})."
-                + _retraining_note(table))
+    table = _holm_equivalence(pd.DataFrame(rows).sort_values(["rate", "model_id"], ignore_index=True), cfg)
+    sentence = (f"{_equivalent_count(table)} of {_compared_models(table)} have {kind} MIS equivalent to the base "
+                f"model's within ±{cfg.analysis.tost_margin:g} (paired TOST over units, α = "
+                f"{cfg.analysis.alpha_level:g}){_holm_count(table)}." + _retraining_note(table))
     return Outcome(sentence, {"models": table}, table=table)
+
+
+def _holm_equivalence(table: pd.DataFrame, cfg: StudyConfig) -> pd.DataFrame:
+    """The per-model TOSTs Holm-adjusted among themselves (``p_tost_holm``, ``equivalent_holm``): each model's
+    equivalence is a claim of its own, and with many models some pass by chance."""
+    from .statistics import holm
+    p = table["p_tost"] if "p_tost" in table else pd.Series(np.nan, index=table.index)
+    adjusted = holm(p.to_numpy(dtype=float))
+    table = table.assign(p_tost_holm=adjusted)
+    table["equivalent_holm"] = [None if not np.isfinite(a) else bool(a < cfg.analysis.alpha_level) for a in adjusted]
+    return table
+
+
+def _equivalent_count(table: pd.DataFrame, column: str = "equivalent") -> int:
+    return int((table[column] == True).sum()) if column in table else 0  # noqa: E712 - None stays out
+
+
+def _holm_count(table: pd.DataFrame) -> str:
+    """How many stay equivalent once the models' tests are Holm-adjusted among themselves."""
+    tested = int(table["p_tost_holm"].notna().sum())
+    if tested < 2:
+        return ""
+    return f"; {_equivalent_count(table, 'equivalent_holm')} after Holm adjustment over the {tested} models"
 
 
 def _compared_models(table: pd.DataFrame) -> str:
@@ -870,10 +892,10 @@ def human_equivalence(by_model: pd.DataFrame, kind: str, cfg: StudyConfig) -> Ou
         rows.append(row)
     if not rows:
         raise Skip(f"no pruned model has human {kind} responses")
-    table = pd.DataFrame(rows)
-    n_eq = int((table.get("equivalent", pd.Series(dtype=object)) == True).sum())  # noqa: E712
-    sentence = (f"{n_eq} of {_compared_models(table)} have human {kind} accuracy equivalent to the base model's "
-                f"within ±{cfg.analysis.tost_margin:g} (TOST on the difference of participant means).")
+    table = _holm_equivalence(pd.DataFrame(rows), cfg)
+    sentence = (f"{_equivalent_count(table)} of {_compared_models(table)} have human {kind} accuracy equivalent to "
+                f"the base model's within ±{cfg.analysis.tost_margin:g} (TOST on the difference of participant "
+                f"means){_holm_count(table)}.")
     return Outcome(sentence, {"models": table}, table=table)
 
 
@@ -1364,7 +1386,8 @@ def _entry_data(e: dict, tost_level: str) -> dict:
         note = "top1_before: just after the last pruning step, before its retraining"
     elif is_table and "p_tost" in numbers and "ci_low" in numbers:
         note = (f"ci_low, ci_high: the {tost_level} interval of the equivalence test (TOST), which is equivalence "
-                f"where it lies inside the margin")
+                f"where it lies inside the margin; p_tost_holm, equivalent_holm: the same tests Holm-adjusted over "
+                f"the models in this table")
     return {"id": e["id"], "title": e["title"], "status": e["status"], "sentence": e["sentence"],
             "reason": e["reason"], "warnings": (e.get("warnings") or [])[:20],
             "numbers": table_data(numbers) if is_table else None, "numbers_note": note}

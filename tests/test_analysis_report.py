@@ -1290,6 +1290,28 @@ def test_a_step_from_the_base_at_every_rate_is_named_with_the_retraining_it_may_
     assert "of 8 pruned models have" in out.sentence
 
 
+def test_each_models_equivalence_to_the_base_is_also_counted_after_holm_over_the_models():
+    """Eight models 0.025 below the base, with a margin of 0.05 and noisy units: some pass their own TOST by
+    chance. The table carries the tests Holm-adjusted over the models (statsmodels' ``multipletests`` as the
+    reference) and the sentence counts both."""
+    from statsmodels.stats.multitest import multipletests
+
+    from analysis.report import mis_equivalence
+    from sparsight.config import load_study
+
+    cfg = load_study(overrides=["analysis.tost_margin=0.05"])
+    units = _simulated_units(2, 30, 0.0, noise=0.04)
+    units["method"] = np.where(units["rate"] > 0, "structured", "base")
+    units.loc[units["rate"] > 0, "mis"] -= 0.025
+    table = mis_equivalence(units, "natural", cfg)
+    reject, adjusted, _, _ = multipletests(table.table["p_tost"], alpha=0.05, method="holm")
+    assert table.table["p_tost_holm"].to_numpy() == pytest.approx(adjusted)
+    raw, held = int(table.table["equivalent"].sum()), int(reject.sum())
+    assert held < raw and table.table["equivalent_holm"].tolist() == reject.tolist()
+    assert f"{raw} of 8 pruned models have natural MIS equivalent" in table.sentence
+    assert f"; {held} after Holm adjustment over the 8 models." in table.sentence
+
+
 def test_the_analysis_reads_the_time_a_trial_was_seen_not_the_time_it_was_covered():
     """The survey stores how long an overlay or a hidden page covered a trial (``hidden_ms``): the analysed
     ``rt_ms`` is the time it was seen, ``rt_ms − hidden_ms``; an export without the column reads as before."""
