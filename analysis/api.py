@@ -108,7 +108,7 @@ class StudyRun:
     @cached_property
     def humans(self) -> pd.DataFrame:
         """Human main trials of the included participants: what the report's human-side analyses use."""
-        from .report import split_humans
+        from .human_fits import split_humans
         return split_humans(self.trials).included
 
     def _rerun_command(self) -> str:

@@ -18,8 +18,10 @@ from scipy import stats
 
 from analysis import figures
 from analysis.cli import analyze_cmd
+from analysis.entries import fmt, slope_sentence
 from analysis.load import IMPORT_NAMES, import_trials, load_models, load_study_data
-from analysis.report import NO_RESPONSES, analyze, fmt, slope_sentence, table_data
+from analysis.render import NO_RESPONSES, table_data
+from analysis.report import analyze
 from analysis.stages import AnalysisStage
 from sparsight.config import load_study, write_study
 from sparsight.study import Study
@@ -578,7 +580,9 @@ def _simulated_units(seed, n_units, slope, unit_sd=0.05, noise=0.03):
 @pytest.mark.parametrize("n_units, slope, noise, verdict", [(40, -0.15, 0.03, "effect"), (200, 0.0, 0.03, "equivalent"),
                                                               (4, 0.0, 0.2, "inconclusive")])
 def test_the_answer_follows_the_primary_total_effect(n_units, slope, noise, verdict):
-    from analysis.report import answers, apply_holm, mis_slope, run_analysis
+    from analysis.answers import answers
+    from analysis.entries import apply_holm, run_analysis
+    from analysis.model_fits import mis_slope
     from sparsight.config import load_study
 
     cfg = load_study(overrides=["analysis.tost_margin=0.05"])
@@ -606,7 +610,10 @@ def test_the_answer_follows_the_primary_total_effect(n_units, slope, noise, verd
 def test_the_answer_says_when_model_level_noise_is_not_in_its_interval():
     """With two models the primary slope clusters by unit only; the answer's heading must not claim the noise a
     model's units share is in the interval (it is, from three models on)."""
-    from analysis.report import _templates, answers, mis_slope, run_analysis
+    from analysis.answers import answers
+    from analysis.entries import run_analysis
+    from analysis.model_fits import mis_slope
+    from analysis.render import _templates
     from sparsight.config import load_study
 
     heading_of = _templates().get_template("macros.html.j2").module.answer_heading
@@ -627,7 +634,10 @@ def test_the_answer_says_when_model_level_noise_is_not_in_its_interval():
 def test_the_answer_says_it_is_about_the_units_that_stay_live_and_how_many_unit_model_pairs_those_are():
     """Units a model removes or silences have no MIS there: the heading counts the live pairs the slope used
     among all pairs (the analysis fits the live units, as the report does, and counts the rest apart)."""
-    from analysis.report import _ok_units, _templates, answers, mis_slope, run_analysis
+    from analysis.answers import answers
+    from analysis.entries import run_analysis
+    from analysis.model_fits import mis_slope, ok_units
+    from analysis.render import _templates
     from sparsight.config import load_study
 
     cfg = load_study()
@@ -636,7 +646,7 @@ def test_the_answer_says_it_is_about_the_units_that_stay_live_and_how_many_unit_
     units.loc[removed, ["status", "mis"]] = ["pruned", np.nan]
     entries = []
     run_analysis(entries, "mis_slope.natural.all", "primary", "model",
-                 lambda: mis_slope(_ok_units(units), "natural", None, cfg, every_unit=units), family="primary")
+                 lambda: mis_slope(ok_units(units), "natural", None, cfg, every_unit=units), family="primary")
     (answer,) = answers(entries, cfg)
     assert (answer["live_pairs"], answer["unit_model_pairs"]) == (len(units) - removed.sum(), len(units)) == (230, 270)
     heading = " ".join(str(_templates().get_template("macros.html.j2").module.answer_heading([answer])).split())
@@ -649,7 +659,7 @@ def test_an_inconclusive_answer_says_whether_units_or_models_would_decide(share,
     """The slope's variance is split by ``model_variance_share``: only the units' part shrinks as 1/units."""
     from types import SimpleNamespace
 
-    from analysis.report import _what_decides
+    from analysis.answers import _what_decides
 
     a = SimpleNamespace(alpha_level=0.05, tost_margin=0.05)
     res = {"df": 24, "n_groups": 30, "model_variance_share": share}
@@ -682,7 +692,7 @@ def test_an_inconclusive_answer_says_whether_units_or_models_would_decide(share,
 def test_the_unit_pool_is_what_the_study_could_give_each_kind():
     """Visualized units come from the units alive in every model; with sampling "all" natural units are all
     there are; a per-layer sample could grow, so it has no pool."""
-    from analysis.report import _unit_pool
+    from analysis.model_fits import _unit_pool
     from sparsight.config import load_study
 
     rows = [{"model_id": m, "kind": k, "unit_id": f"l:{u}", "status": "ok" if (m == "a" or u < 3) else "pruned"}
@@ -717,11 +727,13 @@ def _default_design_units(seed, slope, unit_sd=0.08, noise=0.05):
 def test_the_default_design_recovers_a_known_slope_and_a_known_null(slope, verdict):
     """Simulated data of the default design: the primary slope's CI covers the true slope, is at most
     ±0.005 per 10 % pruning rate wide, and the answer is an effect (slope) or equivalence (null)."""
-    from analysis.report import _ok_units, answers, apply_holm, mis_slope, run_analysis
+    from analysis.answers import answers
+    from analysis.entries import apply_holm, run_analysis
+    from analysis.model_fits import mis_slope, ok_units
     from sparsight.config import load_study
 
     cfg = load_study(profile="default")
-    units = _ok_units(_default_design_units(7, slope))
+    units = ok_units(_default_design_units(7, slope))
     entries = []
     run_analysis(entries, "mis_slope.natural.all", "primary", "model", lambda: mis_slope(units, "natural", None, cfg),
                  family="primary")
@@ -814,7 +826,7 @@ def test_legends_cover_no_data_and_captions_say_what_is_drawn(tmp_path, monkeypa
     dissection caption names the IoU threshold."""
     from matplotlib.figure import Figure
 
-    from analysis.report import _figures_data
+    from analysis.render import _figures_data
 
     drawn = {}
 
@@ -944,7 +956,7 @@ def test_dissection_reports_the_interpretable_share_of_live_units_beside_the_cou
     of the units that remain; the sentence, its table and the figure show both."""
     from matplotlib.figure import Figure
 
-    from analysis.report import dissection_summary
+    from analysis.model_fits import dissection_summary
 
     table = pd.DataFrame({"model_id": ["base", "s-r0.75"], "method": ["base", "s"], "series": ["base", "s"],
                           "rate": [0.0, 0.75], "sparsity": [0.0, 0.75], "interpretable": [60, 30],
@@ -980,7 +992,9 @@ def test_the_answer_from_people_follows_the_primary_human_fit(beta1, participant
     """Simulated people with a known slope: the answer gains a line for people (after the MIS lines), whose
     verdict follows the mixed logistic fit: a real drop is an effect, a large null study is equivalent,
     a tiny one inconclusive; its stated change lies inside its stated interval."""
-    from analysis.report import answers, apply_holm, human_slope, run_analysis
+    from analysis.answers import answers
+    from analysis.entries import apply_holm, run_analysis
+    from analysis.human_fits import human_slope
     from sparsight.config import load_study
 
     cfg = load_study(overrides=["analysis.tost_margin=0.05", "analysis.bootstrap=30"])
@@ -1011,7 +1025,7 @@ def test_the_robustness_caption_states_the_images_the_curves_rest_on(tmp_path):
     """The base model's record says how many validation images (per class) and which corruptions the
     robustness curves used; the caption repeats it, and says nothing when no record exists."""
     from analysis.load import load_robustness_subset
-    from analysis.report import robustness_subset_note
+    from analysis.render import robustness_subset_note
     from sparsight.layout import META_FILE, Layout
 
     run_dir = tmp_path / "run"
@@ -1073,7 +1087,7 @@ def test_a_person_who_left_part_way_is_excluded_as_incomplete_not_analysed_unche
     """The survey applies its rules when a session ends; a session left in the main block has
     ``excluded`` empty, and its answers must not count as an included participant's."""
     from analysis.load import trials_from_responses
-    from analysis.report import split_humans
+    from analysis.human_fits import split_humans
 
     responses = _responses(_models(), np.random.default_rng(5), participants=4)
     left = responses["participant"] == "p01"
@@ -1130,7 +1144,7 @@ def test_a_corruption_the_base_is_at_chance_on_stays_out_of_the_robustness_means
     what one image weighs against δ."""
     from matplotlib.figure import Figure
 
-    from analysis.report import prune_potential_note, robustness_subset_note
+    from analysis.render import prune_potential_note, robustness_subset_note
 
     models = pd.DataFrame({"model_id": ["base", "a-r0.5"], "series": ["base", "a"], "rate": [0.0, 0.5]})
     acc = pd.DataFrame([dict(model_id=m, distribution=d, severity=2, top1=top, base_above_chance=d != "contrast")
@@ -1153,7 +1167,7 @@ def test_the_primary_human_fit_carries_a_model_intercept_when_participants_are_n
     primary fit adds a random intercept per model, recovers its SD, and its bootstrap standard error of
     the slope is far larger than the fit with participant and unit alone (which counts each model once per
     participant); the sentence says which term it used."""
-    from analysis.report import human_slope
+    from analysis.human_fits import human_slope
     from analysis.statistics import mixed_logistic
 
     rng = np.random.default_rng(5)
@@ -1181,7 +1195,8 @@ def test_the_primary_human_fit_carries_a_model_intercept_when_participants_are_n
 def test_without_a_probe_the_report_says_why_dissection_is_missing(tmp_path):
     """A folder study with neither concept masks nor dissection.probe: the skipped entry names the setting
     that would give it dissection, and the note on missing human data promises no dissection."""
-    from analysis.report import Skip, dissection_summary
+    from analysis.entries import Skip
+    from analysis.model_fits import dissection_summary
     from stimuli.stages import no_probe_reason
 
     cfg = load_study(None, "quick", ["data.source=folder", f'data.path="{tmp_path}"'])
@@ -1247,7 +1262,7 @@ def test_the_mis_human_correlation_counts_units_not_cells():
     """Ten units seen in 40 models each, MIS and accuracy each carrying a unit effect but unrelated to each
     other: every cell counted as independent (a Fisher-z test on 400 cells) rejects the null most of the time;
     the calibration's test on the units' means keeps its nominal 5 %."""
-    from analysis.report import calibration_check, pearson_ci
+    from analysis.human_fits import calibration_check, pearson_ci
 
     cfg = load_study(None, "quick")
     rng = np.random.default_rng(2)
@@ -1268,7 +1283,7 @@ def test_a_step_from_the_base_at_every_rate_is_named_with_the_retraining_it_may_
     """Every pruned model 0.02 below the base whatever its rate (what retraining alone can do): the per-model
     equivalence entry gives that mean difference at each rate and says the base was not retrained; once the
     design holds models pruned at rate 0 (the retrained controls) it reports their difference instead."""
-    from analysis.report import mis_equivalence
+    from analysis.model_fits import mis_equivalence
     from sparsight.config import load_study
 
     cfg = load_study(overrides=["analysis.tost_margin=0.05"])
@@ -1296,7 +1311,7 @@ def test_each_models_equivalence_to_the_base_is_also_counted_after_holm_over_the
     reference) and the sentence counts both."""
     from statsmodels.stats.multitest import multipletests
 
-    from analysis.report import mis_equivalence
+    from analysis.model_fits import mis_equivalence
     from sparsight.config import load_study
 
     cfg = load_study(overrides=["analysis.tost_margin=0.05"])
@@ -1328,7 +1343,7 @@ def test_the_analysis_reads_the_time_a_trial_was_seen_not_the_time_it_was_covere
 def test_the_human_comparison_with_the_base_counts_the_retrained_control_apart_from_the_pruned_models():
     """Human accuracy per model against the base: a model at rate 0 is the retrained control, not a pruned model,
     and each difference's TOST uses the two participant SEMs combined."""
-    from analysis.report import human_equivalence
+    from analysis.human_fits import human_equivalence
     from sparsight.config import load_study
 
     cfg = load_study(overrides=["analysis.tost_margin=0.05"])
@@ -1365,7 +1380,7 @@ def test_a_model_folder_the_study_no_longer_names_stays_out_of_its_tables(tmp_pa
 
 
 def test_the_top1_and_dissection_sentences_average_the_retrained_copies_of_the_highest_rate():
-    from analysis.report import dissection_summary, top1_summary
+    from analysis.model_fits import dissection_summary, top1_summary
 
     models = pd.DataFrame({"model_id": ["base", "s-r0.50", "s-r0.75", "s-r0.75-c2"],
                            "method": ["base", "structured", "structured", "structured"],
@@ -1382,7 +1397,8 @@ def test_the_top1_and_dissection_sentences_average_the_retrained_copies_of_the_h
 
 def _entries_with_sensitivity(units, cfg):
     """The primary fit of each kind with the report's sensitivity fits beside it, as the report runs them."""
-    from analysis.report import apply_holm, mis_slope, mis_slope_matched, mis_slope_same_units, run_analysis
+    from analysis.entries import apply_holm, run_analysis
+    from analysis.model_fits import mis_slope, mis_slope_matched, mis_slope_same_units
     entries = []
     for kind in sorted(units["kind"].unique()):
         run_analysis(entries, f"mis_slope.{kind}.all", "primary", "model",
@@ -1401,7 +1417,8 @@ def test_the_same_units_fit_shows_when_the_answer_rests_on_which_units_survive()
     by half the pruned models. The pooled fit finds equivalence; the same-units fit is the within-unit fit of
     the units live in every model (reference), finds the decline, and the answer says the two disagree."""
     from analysis import statistics as st
-    from analysis.report import _ok_units, answers
+    from analysis.answers import answers
+    from analysis.model_fits import ok_units
     from sparsight.config import load_study
 
     cfg = load_study(overrides=["analysis.tost_margin=0.05"])
@@ -1412,7 +1429,7 @@ def test_the_same_units_fit_shows_when_the_answer_rests_on_which_units_survive()
     units.loc[removed, ["status", "mis"]] = ["pruned", np.nan]
     everywhere = units[units["status"] == "ok"].groupby("unit_id")["model_id"].nunique() == 9
     kept = set(everywhere.index[everywhere])
-    by_id = _entries_with_sensitivity(_ok_units(units), cfg)
+    by_id = _entries_with_sensitivity(ok_units(units), cfg)
     same = by_id["mis_slope_same_units.natural"]
     reference = st.within_unit_slope(units[units["unit_id"].isin(kept)])["terms"]["rate"]
     assert same.result["terms"]["rate"]["coef"] == pytest.approx(reference["coef"], rel=1e-9)
@@ -1421,7 +1438,7 @@ def test_the_same_units_fit_shows_when_the_answer_rests_on_which_units_survive()
     (answer,) = answers(list(by_id.values()), cfg)
     assert answer["verdict"] == "equivalent", answer["sentence"]
     assert answer["sensitivity"][0]["verdict"] == "effect" and answer["sensitivity"][0]["agrees"] is False
-    from analysis.report import _templates
+    from analysis.render import _templates
     label = " ".join(str(_templates().get_template("macros.html.j2").module.answer_label(answer, "0.05")).split())
     assert label == "no change beyond ±0.05 (a sensitivity fit disagrees)"
     assert (f"Same units throughout: on the {len(kept)} of 200 units live in every model" in answer["sentence"]
@@ -1429,7 +1446,7 @@ def test_the_same_units_fit_shows_when_the_answer_rests_on_which_units_survive()
 
 
 def test_with_every_unit_live_everywhere_there_is_no_same_units_fit():
-    from analysis.report import answers
+    from analysis.answers import answers
     from sparsight.config import load_study
 
     by_id = _entries_with_sensitivity(_simulated_units(5, 30, 0.0), load_study())
@@ -1437,7 +1454,7 @@ def test_with_every_unit_live_everywhere_there_is_no_same_units_fit():
     assert "already has the same units" in by_id["mis_slope_same_units.natural"].reason
     (answer,) = answers(list(by_id.values()), load_study())
     assert answer["sensitivity"] == [] and "Same units" not in answer["sentence"]
-    from analysis.report import _templates
+    from analysis.render import _templates
     label = str(_templates().get_template("macros.html.j2").module.answer_label(answer, "0.05")).strip()
     assert label in ("pruning changes it", "no change beyond ±0.05", "undecided")
 
@@ -1446,7 +1463,7 @@ def test_the_synthetic_answer_gives_natural_references_on_its_own_units():
     """Visualized units are a subset: the synthetic answer quotes the natural fit on those units (reference: the
     within-unit fit of the natural rows of those units)."""
     from analysis import statistics as st
-    from analysis.report import answers
+    from analysis.answers import answers
     from sparsight.config import load_study
 
     natural = _simulated_units(6, 40, -0.1)
@@ -1466,7 +1483,7 @@ def test_a_methods_slope_has_the_base_and_the_retrained_control_at_rate_0():
     """Every pruned model was retrained and the base was not: a method's slope takes the retrained control at
     rate 0 beside the base, as the pooled fit does, and no other method's models."""
     from analysis import statistics as st
-    from analysis.report import mis_slope
+    from analysis.model_fits import mis_slope
     from sparsight.config import load_study
 
     units = _simulated_units(8, 30, -0.1)
@@ -1483,7 +1500,7 @@ def test_the_answers_are_adjusted_among_the_primary_tests_and_the_per_method_slo
     """Reference: statsmodels' Holm on each family's p-values alone."""
     from statsmodels.stats.multitest import multipletests
 
-    from analysis.report import Outcome, apply_holm, run_analysis
+    from analysis.entries import Outcome, apply_holm, run_analysis
 
     entries = []
     for i, (family, p) in enumerate([("primary", 0.02), ("primary", 0.03), ("per-method", 0.001),
@@ -1501,7 +1518,7 @@ def test_the_answers_are_adjusted_among_the_primary_tests_and_the_per_method_slo
 @pytest.mark.parametrize("interval, undetermined", [((0.2, 0.6), True), ((0.3, 0.5), False)])
 def test_a_breakpoint_whose_interval_spans_the_grid_is_called_undetermined(monkeypatch, interval, undetermined):
     from analysis import statistics
-    from analysis.report import mis_dose
+    from analysis.model_fits import mis_dose
     from sparsight.config import load_study
 
     def hinge(x, y, **kw):
@@ -1517,7 +1534,9 @@ def test_the_synthetic_answer_says_whether_it_holds_on_valid_visualizations_only
     none. The valid-only fit is the within-unit fit of the valid pairs (reference) and the answer says the two
     disagree; with every visualization valid there is no such fit."""
     from analysis import statistics as st
-    from analysis.report import answers, apply_holm, mis_slope, mis_slope_valid_fv, run_analysis
+    from analysis.answers import answers
+    from analysis.entries import apply_holm, run_analysis
+    from analysis.model_fits import mis_slope, mis_slope_valid_fv
     from sparsight.config import load_study
 
     cfg = load_study(overrides=["analysis.tost_margin=0.05"])
@@ -1549,7 +1568,9 @@ def test_the_effective_sparsity_fit_puts_each_model_at_the_dose_it_received():
     """Reference: the within-unit fit with each model's effective sparsity as its rate; no such fit where they are
     equal; an agreeing one stays out of the answer."""
     from analysis import statistics as st
-    from analysis.report import answers, apply_holm, mis_slope, mis_slope_effective, run_analysis
+    from analysis.answers import answers
+    from analysis.entries import apply_holm, run_analysis
+    from analysis.model_fits import mis_slope, mis_slope_effective
     from sparsight.config import load_study
 
     cfg = load_study()
