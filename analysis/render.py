@@ -154,8 +154,8 @@ def _models_display(table: pd.DataFrame) -> pd.DataFrame:
                 for v, lo, hi in zip(table[col].astype(float), table[f"{col}{low}"].astype(float),
                                      table[f"{col}{high}"].astype(float))]
             if prefix == "mis_" and f"{col}_units" in table:      # what each mean is over: its own live units
-                show[f"live units {kind}"] = ["" if not np.isfinite(n) else str(int(n))
-                                              for n in table[f"{col}_units"].astype(float)]
+                counts = [None if not np.isfinite(n) else int(n) for n in table[f"{col}_units"].astype(float)]
+                show[f"live units {kind}"] = pd.Series(counts, index=show.index, dtype=object)   # right-aligned
     if "mis_synthetic_fv_invalid" in table:     # leaving units out silently would bias the comparison
         show["units with invalid FV"] = [
             "" if not np.isfinite(n) else f"{int(n)}/{int(u)}" for n, u in

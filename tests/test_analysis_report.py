@@ -1061,6 +1061,7 @@ def test_table_headers_align_with_their_columns(report):
     html = (run_dir / "report" / "index.html").read_text()
     assert "<th class='s'>check</th><th>value</th>" in html
     assert "<th class='s'>model</th><th class='s'>method</th>" in html and "<th>rate</th>" in html
+    assert "<th>live units natural</th>" in html and "<th class='s'>live units" not in html     # counts, not text
 
 
 def test_the_answer_describes_the_fit_the_primary_slope_uses(report):
