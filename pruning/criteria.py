@@ -31,7 +31,7 @@ from torch import nn
 from . import magnitude  # noqa: F401  (its methods register first, whichever module is imported first)
 from .method_base import PruningError, PruningMethod, check_rate, prunable_layers, register_method
 from .models.modes import eval_mode
-from .models.registry import unwrap
+from .models.layers import unwrap
 from .structured import filter_masks, following_batchnorms
 
 

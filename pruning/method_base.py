@@ -15,7 +15,7 @@ from torch import nn
 from sparsight.errors import closest
 from sparsight.registry import Registry
 
-from .models.registry import unwrap
+from .models.layers import unwrap
 
 
 class PruningError(ValueError):

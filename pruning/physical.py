@@ -34,7 +34,7 @@ from .masks import masked, masked_params
 from .method_base import PruningError
 from .models.counting import count_flops, count_params
 from .models.modes import module_mode
-from .models.registry import unwrap
+from .models.layers import unwrap
 
 
 @dataclass

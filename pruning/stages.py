@@ -14,7 +14,8 @@ from .data import concept_shapes
 from .data.folders import DataLayoutError, check_num_classes, class_folders, folder_digest, split_dir
 from .method_base import PruningError, method_class, prunable_layers
 from .models import create_model, read_meta
-from .models.registry import WeightsError, check_weights_fit, resolve_weights, weights_digest
+from .models.factory import check_weights_fit
+from .models.weights import WeightsError, resolve_weights, weights_digest
 from .schedule import PruneJob
 from .training import TrainSettings
 from .workflows import build_loaders, default_exclude, prune_and_save, retrain_settings, train_and_save

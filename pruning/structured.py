@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .models.registry import trace_blank, unwrap
+from .models.layers import trace_blank, unwrap
 
 
 @torch.no_grad()

@@ -23,7 +23,8 @@ from .methods import method_class, prunable_layers
 from .models import base_meta, create_model, file_sha256, get_spec, load_checkpoint, save_checkpoint, write_meta
 from .models.checkpoint import atomic_save
 from .models.counting import layer_sizes, measure_sparsity
-from .models.registry import trace_blank, weights_digest
+from .models.layers import trace_blank
+from .models.weights import weights_digest
 from .schedule import prune_and_retrain
 from .training import DistContext, Trainer, TrainSettings, evaluate
 from .training.engine import amp_dtype, use_channels_last
@@ -98,7 +99,7 @@ class RewindSaver:
         return torch.load(self.path, map_location="cpu", weights_only=True).get("epoch") == self.epoch
 
     def save(self, model) -> None:
-        from .models.registry import unwrap
+        from .models.layers import unwrap
         state = {k: v.detach().cpu().clone().contiguous() for k, v in unwrap(model).state_dict().items()}
         atomic_save({"epoch": self.epoch, "state_dict": state}, self.path)
 

@@ -48,7 +48,7 @@ from torchvision.transforms import functional as TF
 
 from pruning.data.folders import IMAGENET_MEAN, IMAGENET_STD
 from pruning.models.modes import eval_mode
-from pruning.models.registry import unwrap
+from pruning.models.layers import unwrap
 
 from .probes import ImageLabels, ProbeSet
 from .units import Unit, layer_channels, parse_units

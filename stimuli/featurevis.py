@@ -44,7 +44,7 @@ from sparsight.progress import progress_bar
 
 from pruning.data.folders import IMAGENET_MEAN, IMAGENET_STD
 from pruning.models.modes import eval_mode
-from pruning.models.registry import find_layer, unwrap
+from pruning.models.layers import find_layer, unwrap
 
 REFERENCE_SIZE = 224                       # the size the transform amounts below are defined at
 PAD, JITTER1, JITTER2 = 16, 16, 8

@@ -41,7 +41,7 @@ from pruning.data.folders import DataLayoutError, ImageFolderDataset, build_tran
 from pruning.data.jpeg import decoded_spans
 from pruning.models.checkpoint import atomic_save
 from pruning.models.modes import eval_mode
-from pruning.models.registry import find_layer, unwrap
+from pruning.models.layers import find_layer, unwrap
 from sparsight.files import json_digest
 
 STATE_FORMAT = "sparsight-mining-state/1"

@@ -86,7 +86,7 @@ def split_unit_name(text) -> tuple[str, int | None]:
 
 def layer_channels(model: nn.Module, layers: list[str], input_size: int) -> dict[str, int]:
     """Output channels of each named layer (traced with one forward pass on a blank image)."""
-    from pruning.models.registry import find_layer, trace_blank, unwrap
+    from pruning.models.layers import find_layer, trace_blank, unwrap
 
     model = unwrap(model)
     modules = {name: find_layer(model, name) for name in layers}

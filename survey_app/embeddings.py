@@ -104,7 +104,7 @@ def _observer(run_dir, _weights, device, size):
 def _registered(name: str):
     def build(_run_dir, weights, device, size):
         from pruning.models import create_model, get_spec
-        from pruning.models.registry import resolve_weights
+        from pruning.models.weights import resolve_weights
         if not weights:
             raise ValueError(f"mis.embedding = {name!r} needs local weights: set mis.embedding_weights to a file or a "
                              f"torchvision weights name present in the TORCH_HOME cache")

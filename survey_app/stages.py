@@ -146,7 +146,7 @@ class MisStage:
     def check(self, study) -> list[str]:
         """A registered network as the embedding: its weights can be found before anything runs."""
         from pruning.models import MODELS, WeightsError
-        from pruning.models.registry import resolve_weights
+        from pruning.models.weights import resolve_weights
 
         mis = study.config.mis
         if mis.embedding not in MODELS:

@@ -7,7 +7,7 @@ from torch import nn
 
 from pruning.models import (MODELS, WeightsError, count_flops, create_model, load_checkpoint, measure_sparsity,
                             save_checkpoint)
-from pruning.models.registry import torchvision_weights
+from pruning.models.weights import torchvision_weights
 from tiny_models import archs
 
 ROUND_TRIP = archs("inception-small", "observer-small", "googlenet", "resnet18", "resnet50")
@@ -117,7 +117,7 @@ def test_torchvision_weights_come_only_from_the_local_cache(tmp_path, monkeypatc
 def test_the_weights_digest_follows_the_file_content_and_the_cache_file(tmp_path, monkeypatch):
     """What a study fingerprints its starting weights by: a local file's content (the same path with other
     weights reruns training), a torchvision name's cache file; a missing one says why."""
-    from pruning.models.registry import weights_digest
+    from pruning.models.weights import weights_digest
 
     path = tmp_path / "w.pt"
     torch.manual_seed(0)
@@ -178,7 +178,7 @@ def test_renamed_torchvision_googlenet_weights_keep_their_input_transform(tmp_pa
 
     import torchvision
 
-    from pruning.models.registry import resolve_weights
+    from pruning.models.weights import resolve_weights
     from sparsight.files import sha256_file
 
     path = tmp_path / "my-googlenet.pth"
@@ -198,7 +198,7 @@ def test_evaluating_counting_and_tracing_keep_every_modules_own_mode_even_after_
 
     from pruning.models import count_flops
     from pruning.models.modes import eval_mode
-    from pruning.models.registry import trace_blank
+    from pruning.models.layers import trace_blank
     from pruning.training import evaluate
     from pruning.data.common import Batch
 

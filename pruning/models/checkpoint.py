@@ -19,8 +19,11 @@ from sparsight.layout import CHECKPOINT_FILE, META_FILE
 
 from ..masks import apply_masks
 from .counting import count_flops, count_params, layer_sizes, measure_sparsity, prunable_weights
-from .registry import CHECKPOINT_FORMAT, MODELS, WeightsError, create_model, load_state_checked, unwrap
+from .factory import create_model
+from .layers import unwrap
+from .registry import MODELS
 from .resize import resize_to_state
+from .weights import CHECKPOINT_FORMAT, WeightsError, load_state_checked
 
 __all__ = ["CHECKPOINT_FORMAT", "LoadedCheckpoint", "atomic_save", "base_meta", "count_flops", "count_params",
            "file_sha256", "layer_sizes", "load_checkpoint", "measure_sparsity", "prunable_weights", "read_meta",

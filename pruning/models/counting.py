@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .modes import eval_mode
-from .registry import unwrap
+from .layers import unwrap
 
 
 def prunable_weights(model: nn.Module) -> dict[str, torch.Tensor]:

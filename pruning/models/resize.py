@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .registry import unwrap
+from .layers import unwrap
 
 
 def resize_to_state(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Module:

@@ -22,7 +22,7 @@ from sparsight.files import atomic_write_text, json_digest
 from sparsight.progress import note, progress_bar
 
 from ..models.checkpoint import atomic_save
-from ..models.registry import unwrap
+from ..models.layers import unwrap
 from .distributed import DistContext
 
 STATE_FILE = "train_state.pt"
