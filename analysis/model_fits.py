@@ -19,6 +19,7 @@ DOSE_BOOT = 1000        # bootstrap resamples of the dose–response breakpoint 
 
 
 def ok_units(units: pd.DataFrame) -> pd.DataFrame:
+    """The unit × model rows the MIS fits use: live units (status ``ok``) with an MIS and a pruning rate."""
     if units.empty or "mis" not in units:
         return units
     ok = units["mis"].notna() & units["rate"].notna()
