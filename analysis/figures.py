@@ -65,6 +65,26 @@ def _curves(frame: pd.DataFrame):
         yield BASE_METHOD, base
 
 
+def _joined(rows: pd.DataFrame) -> str:
+    """The line style of a curve: solid from the base to its points, none for a series at sparsity 0 only (the
+    retrained control), whose line from the base would be a vertical stroke that reads as an error bar."""
+    own = rows[rows["series"] != BASE_METHOD]["sparsity"].astype(float) if "series" in rows else rows["sparsity"]
+    return "-" if (own > 0).any() else "none"
+
+
+def _mark_base(ax, rows: pd.DataFrame, y: str, lo: str | None = None, hi: str | None = None, **kw) -> None:
+    """The base model's point(s), drawn once in black above the curves that start from it (each curve draws
+    it too, in the curve's colour, under this one), labelled "base" in the legend."""
+    base = _finite(rows[rows["series"] == BASE_METHOD], y, "sparsity") if "series" in rows else rows.iloc[:0]
+    if base.empty:
+        return
+    kw = {"marker": "o", "color": "black", "ls": "none", "zorder": 5, "label": "base", **kw}
+    if lo is not None and lo in base and hi in base:
+        _errorbar(ax, base["sparsity"], base[y], base[lo], base[hi], **kw)
+    else:
+        ax.plot(base["sparsity"], base[y], **kw)
+
+
 def _finite(frame: pd.DataFrame, *cols) -> pd.DataFrame:
     if frame is None or frame.empty or any(c not in frame for c in cols):
         return pd.DataFrame()
@@ -117,25 +137,57 @@ def interpretability_vs_sparsity(mis_models: pd.DataFrame, human: pd.DataFrame |
         return None
     kinds = sorted(set(mis.get("kind", pd.Series(dtype=str))) | set(hum.get("kind", pd.Series(dtype=str))))
     colors = series_colors(list(mis.get("series", [])) + list(hum.get("series", [])))
-    fig, axes = _figure(1, len(kinds), sharey=True)
+    fig, axes = _figure(1, len(kinds))
     order = sorted(s for s in colors if s != BASE_METHOD)
     for ax, kind in zip(axes[0], kinds):
-        for s, rows in _curves(mis[mis["kind"] == kind] if len(mis) else mis):
+        own_mis = mis[mis["kind"] == kind] if len(mis) else mis
+        own_hum = hum[hum["kind"] == kind] if len(hum) else hum
+        if len(own_mis):
+            _mark_base(ax, own_mis, "mis", "mis_ci_low", "mis_ci_high", label="MIS · base")
+        if len(own_hum):
+            _mark_base(ax, own_hum, "accuracy", "wilson_low", "wilson_high", marker="s", mfc="white",
+                       label="humans · base")
+        for s, rows in _curves(own_mis):
             _errorbar(ax, dodge(rows, order.index(s) if s in order else 0, len(order)), rows["mis"],
                       rows.get("mis_ci_low", rows["mis"]), rows.get("mis_ci_high", rows["mis"]), color=colors[s],
-                      marker="o", label=f"MIS · {s}")
-        for s, rows in _curves(hum[hum["kind"] == kind] if len(hum) else hum):
+                      marker="o", ls=_joined(rows), label=f"MIS · {s}")
+        for s, rows in _curves(own_hum):
             _errorbar(ax, dodge(rows, order.index(s) if s in order else 0, len(order)), rows["accuracy"],
                       rows.get("wilson_low", rows["accuracy"]),
-                      rows.get("wilson_high", rows["accuracy"]), color=colors[s], marker="s", ls="--", mfc="white",
-                      label=f"humans · {s}")
-        _chance(ax)
+                      rows.get("wilson_high", rows["accuracy"]), color=colors[s], marker="s",
+                      ls="--" if _joined(rows) == "-" else "none", mfc="white", label=f"humans · {s}")
+        low, high = _proportion_range(own_mis, own_hum)
+        if low < CHANCE < high:
+            _chance(ax)
         ax.set(title=f"{kind} references", xlabel="sparsity (measured, after retraining)",
-               ylim=(0.3, 1.02), xlim=(-0.03, 1.0))
+               ylim=(low, high), xlim=(-0.03, 1.0))
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("proportion correct  /  MIS")
+    axes[0][0].set_ylabel("proportion correct  /  MIS" if len(hum) else "MIS")
     _legend_outside(axes[0][-1])
     return _save(fig, path)
+
+
+#: the least y span of an MIS / accuracy panel (four equivalence margins of 0.05), so a zoomed panel does not
+#: make differences of a few thousandths look large
+MIN_SPAN = 0.2
+
+
+def _proportion_range(*frames) -> tuple[float, float]:
+    """The y range of one panel of proportions: its points and intervals with a margin, at least
+    :data:`MIN_SPAN` wide, inside [0, 1.02]."""
+    values = [f[c].to_numpy(float) for f in frames if len(f)
+              for c in ("mis", "mis_ci_low", "mis_ci_high", "accuracy", "wilson_low", "wilson_high") if c in f]
+    values = np.concatenate(values) if values else np.array([])
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return 0.3, 1.02
+    low, high = float(values.min()) - 0.02, float(values.max()) + 0.02
+    if high - low < MIN_SPAN:
+        middle = (low + high) / 2
+        low, high = middle - MIN_SPAN / 2, middle + MIN_SPAN / 2
+    if high > 1.02:
+        low, high = low - (high - 1.02), 1.02
+    return max(0.0, low), high
 
 
 def top1_vs_sparsity(models: pd.DataFrame, path, chance: float | None = None) -> Path | None:
@@ -145,18 +197,23 @@ def top1_vs_sparsity(models: pd.DataFrame, path, chance: float | None = None) ->
     if data.empty:
         return None
     colors = series_colors(data["series"])
+    order = sorted(s for s in colors if s != BASE_METHOD)
     fig, axes = _figure()
     ax = axes[0][0]
+    _mark_base(ax, data, "top1")
     for s, rows in _curves(data):
-        ax.plot(rows["sparsity"], rows["top1"], marker="o", color=colors[s], label=f"{s}")
+        index = order.index(s) if s in order else 0
+        ax.plot(dodge(rows, index, len(order)), rows["top1"], marker="o", color=colors[s], ls=_joined(rows),
+                label=f"{s}")
         before = _finite(rows, "top1_before")
         before = before[before["method"] != BASE_METHOD] if len(before) else before
         if len(before):
-            ax.plot(before["sparsity"], before["top1_before"], marker=".", ls=":", color=colors[s], alpha=0.7)
+            ax.plot(dodge(before, index, len(order)), before["top1_before"], marker=".", ls=":", color=colors[s],
+                    alpha=0.7)
     if chance is not None:
         ax.axhline(chance, color="0.5", lw=1, ls="--", label=f"chance ({chance:.2g})", zorder=0)
     ax.set(xlabel="sparsity (measured)", ylabel="top-1 accuracy (validation)",
-           title="accuracy after retraining (dotted: before the last retraining)", xlim=(-0.03, 1.0), ylim=(0.0, 1.02))
+           title="top-1 after retraining", xlim=(-0.03, 1.0), ylim=(0.0, 1.02))
     ax.grid(alpha=0.3)
     _legend_outside(ax)
     return _save(fig, path)
@@ -185,10 +242,14 @@ def layer_mis_vs_sparsity(units: pd.DataFrame, path, max_cols: int = 5) -> Path 
             if rows.empty:      # e.g. no unit of this layer among the visualized ones
                 ax.text(0.5, 0.5, f"no {kind} units\nin this layer" if kind else "no units", ha="center",
                         va="center", transform=ax.transAxes, fontsize=8, color="0.4")
+            base = rows[rows["series"] == BASE_METHOD]
+            if len(base):
+                ax.errorbar(base["sparsity"], base["mean"], yerr=base["sem"], color="black", marker="o", ms=3,
+                            capsize=2, ls="none", zorder=5, label="base")
             for s, curve in _curves(rows):
                 x = dodge(curve, order.index(s) if s in order else 0, len(order))
                 ax.errorbar(x, curve["mean"], yerr=curve["sem"], color=colors[s], marker="o", ms=3, capsize=2,
-                            label=s)
+                            ls=_joined(curve), label=s)
             _chance(ax, label=False)
             ax.set_title(f"{layer} · {kind}" if kind else layer, fontsize=9)
             ax.set_xlabel("sparsity", fontsize=8)
@@ -236,12 +297,16 @@ def interpretable_vs_sparsity(dissection: pd.DataFrame, path) -> Path | None:
     panels = [p for p in panels if p[0] in data and data[p[0]].notna().any()]
     fig, axes = _figure(1, len(panels))
     colors = series_colors(data["series"])
+    order = sorted(s for s in colors if s != BASE_METHOD)
+    for ax, (col, _, _) in zip(axes[0], panels):
+        _mark_base(ax, data[data[col].notna()], col)
     for s, rows in _curves(data):
         for ax, (col, _, _) in zip(axes[0], panels):
             shown = rows[rows[col].notna()]
-            ax.plot(shown["sparsity"], shown[col], marker="o", color=colors[s], label=s)
+            ax.plot(dodge(shown, order.index(s) if s in order else 0, len(order)), shown[col], marker="o",
+                    color=colors[s], ls=_joined(shown), label=s)
     for ax, (_, ylabel, title) in zip(axes[0], panels):
-        ax.set(xlabel="sparsity", ylabel=ylabel, title=title)
+        ax.set(xlabel="sparsity (measured)", ylabel=ylabel, title=title, xlim=(-0.03, 1.0))
         ax.set_ylim(bottom=0.0)         # counts and shares from zero, so a drop reads at its size
         ax.grid(alpha=0.3)
     _legend_outside(axes[0][-1])
@@ -310,12 +375,14 @@ def robustness_curves(robustness: dict, models: pd.DataFrame, path, max_cols: in
                 is_base = g["series"].iloc[0] == BASE_METHOD
                 if name == "noise" and is_base:
                     continue
+                control = not is_base and g["rate"].iloc[0] == 0
                 color = "black" if is_base else shade.get(g["rate"].iloc[0], "0.5")
-                label = "base" if is_base else f"rate {g['rate'].iloc[0]:.2f}"
+                label = "base" if is_base else "retrained control" if control else f"rate {g['rate'].iloc[0]:.2f}"
                 if name == "accuracy":
                     curve = g.groupby("severity")["top1"].mean()
                     ax.plot(curve.index, curve.values, marker="o", ms=3, color=color, ls="--" if is_base else "-",
                             label=label)
+                    ax.set_xticks(sorted(table["severity"].dropna().unique()))
                 else:
                     g = g.sort_values("eps")
                     curve = g.set_index("eps")["agreement"]
@@ -326,8 +393,9 @@ def robustness_curves(robustness: dict, models: pd.DataFrame, path, max_cols: in
                 ax.set(title=s, xlabel="corruption severity (0 = clean)", ylabel="top-1 (mean over corruptions)")
             else:
                 ax.set(title=s if r == 0 else None, xlabel="noise ε", ylabel="agreement with parent")
-            if i % ncols == ncols - 1 or i == len(series) - 1:
-                ax.legend(fontsize=6)
+            own_rates = table.loc[table["series"] == s, "rate"]
+            if i % ncols == ncols - 1 or i == len(series) - 1 or (len(own_rates) and (own_rates == 0).all()):
+                ax.legend(fontsize=6)       # and beside a series at rate 0 only, whose line the others lack
     for group in panels.values():
         limits = np.array([ax.get_ylim() for ax in group])
         for ax in group:

@@ -20,24 +20,34 @@ from .power import smallest_display
 NO_RESPONSES = "No responses exist yet"
 
 
+#: What every sparsity axis is: the share of weights at zero, which for methods that remove whole filters or
+#: input slices understates what they take out of the network.
+SPARSITY_AXIS = ("Sparsity is the measured share of zero weights; structured and LRP pruning also leave the next "
+                 "layer's weights on removed channels without effect (the models table's effective sparsity).")
 FIGURE_CAPTIONS = {
     "interpretability": "MIS (circles, bootstrap 95 % CI over units) and human accuracy (squares, Wilson 95 % CI) "
-                        "vs measured sparsity, per pruning method (points of one sparsity set slightly apart); "
-                        "dotted line: chance (0.5). Each point averages the model's live units, a set that shrinks "
-                        "where pruning silences units; the primary slope compares each unit with itself instead.",
-    "top1": "Top-1 validation accuracy vs sparsity after retraining (dotted: just after the last pruning step, "
-            "before its retraining; an iterative model was retrained after each earlier step, so its dotted point "
-            "is not the one-shot drop; dashed grey: chance, one class for every image).",
+                        "vs measured sparsity, per pruning method (points of one sparsity set slightly apart; the "
+                        "base model in black; the retrained control, at sparsity 0, unjoined); dotted line: chance "
+                        "(0.5), where a panel reaches it. Each panel's y axis spans its own points (at least 0.2). "
+                        "Each point averages the model's live units, a set that shrinks where pruning silences "
+                        "units; the primary slope compares each unit with itself instead. " + SPARSITY_AXIS,
+    "top1": "Top-1 validation accuracy vs sparsity after retraining (the base model in black; dotted: just after "
+            "the last pruning step, before its retraining; an iterative model was retrained after each earlier "
+            "step, so its dotted point is not the one-shot drop; dashed grey: chance, one class for every image; "
+            "points of one sparsity set slightly apart). " + SPARSITY_AXIS,
     "layers": "MIS per layer (mean ± SEM over the layer's units, not the bootstrap CIs of the other figures) vs "
               "sparsity, one row of layers per reference kind (synthetic: the visualized units of the layer only; "
-              "points of one sparsity set slightly apart).",
+              "the base model in black; points of one sparsity set slightly apart; dotted: chance, 0.5).",
     "mis_vs_human": "Per unit: MIS against human accuracy, with the identity line.",
     "dissection": "Network Dissection: interpretable units, their share of the live (not removed, not dead) "
-                  "units, and unique concepts vs sparsity (axes from zero).",
+                  "units, and unique concepts vs sparsity (axes from zero; the base model in black; points of one "
+                  "sparsity set slightly apart). The share rises where pruning removes units faster than it "
+                  "removes interpretable ones, also while their count falls: a share, not a gain.",
     "robustness": "Robustness: top-1 under corruption vs severity, and noise similarity to the parent (top-1 "
                   "agreement) vs ε, the half-width of uniform noise added to the normalized input (units of a "
-                  "channel's standard deviation), one line per pruning rate (base in black); shaded: 95 % Wilson "
-                  "interval over the images.",
+                  "channel's standard deviation), one line per pruning rate (the base in black, dashed; the "
+                  "retrained control in grey); colour here is the rate, not the method; shaded: 95 % Wilson "
+                  "interval over the images (for the mean over corruptions, that of one corruption's images).",
 }
 
 

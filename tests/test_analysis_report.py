@@ -890,22 +890,37 @@ def test_report_tables_write_small_p_values_as_below_a_thousandth_like_the_prose
 
 
 def test_curves_at_one_sparsity_are_set_apart_and_keep_the_shared_base_point(tmp_path, monkeypatch):
-    """Three methods at sparsity 0.5: their points (and so their error bars) sit at three distinct x within
-    the dodge width, centred on 0.5; the base point every curve starts from stays at 0."""
+    """Three methods at sparsity 0.5 and the retrained control at 0: the methods' points (and so their error bars)
+    sit at distinct x within the dodge width about 0.5; the base point every curve starts from stays at 0, drawn
+    once more in black on top and named in the legend; the control is not joined to the base."""
+    from matplotlib.colors import to_rgba
     from matplotlib.figure import Figure
 
     rows = [dict(model_id="base", series="base", sparsity=0.0, kind="natural", mis=0.8, mis_ci_low=0.7,
                  mis_ci_high=0.9)]
     rows += [dict(model_id=f"{s}-r0.5", series=s, sparsity=0.5, kind="natural", mis=0.8, mis_ci_low=0.7,
                   mis_ci_high=0.9) for s in ("a", "b", "c")]
-    lines = []
-    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: lines.extend(
-        tuple(line.get_xdata()) for ax in fig.axes for line in ax.get_lines() if line.get_marker() == "o"))
+    rows += [dict(model_id="control", series="control", sparsity=0.0, kind="natural", mis=0.7, mis_ci_low=0.6,
+                  mis_ci_high=0.8)]
+    lines, black, labels = [], [], []
+
+    def capture(fig, *a, **k):
+        for ax in fig.axes:
+            labels.extend(ax.get_legend_handles_labels()[1])
+            for line in (line for line in ax.get_lines() if line.get_marker() == "o"):
+                black_line = to_rgba(line.get_color()) == (0, 0, 0, 1)
+                (black if black_line else lines).append((tuple(line.get_xdata()), line.get_linestyle()))
+
+    monkeypatch.setattr(Figure, "savefig", capture)
     figures.interpretability_vs_sparsity(pd.DataFrame(rows), None, tmp_path / "f.png")
-    assert [x[0] for x in lines] == [0.0, 0.0, 0.0]
-    pruned = [x[1] for x in lines]
-    assert len(set(pruned)) == 3 and np.isclose(np.mean(pruned), 0.5)
-    assert max(pruned) - min(pruned) == pytest.approx(figures.DODGE_WIDTH)
+    joined = [x for x, style in lines if style == "-"]
+    assert [x[0] for x in joined] == [0.0, 0.0, 0.0]
+    pruned = [x[1] for x in joined]
+    assert len(set(pruned)) == 3 and all(abs(x - 0.5) <= figures.DODGE_WIDTH / 2 + 1e-12 for x in pruned)
+    assert np.diff(sorted(pruned)) == pytest.approx([figures.DODGE_WIDTH / 3] * 2)     # four series' slots
+    # the base once, in black, in the legend; the control (sparsity 0 only) not joined to it by a vertical stroke
+    assert black == [((0.0,), "None")] and labels.count("MIS · base") == 1
+    assert [style for x, style in lines if len(x) == 2 and x[1] < 0.25] == ["None"]
 
 
 def test_robustness_panels_of_one_measure_share_their_y_range(tmp_path, monkeypatch):
@@ -968,7 +983,8 @@ def test_dissection_reports_the_interpretable_share_of_live_units_beside_the_cou
     assert list(outcome.table["interpretable_fraction_alive"]) == [0.1, 0.2]
     titles = []
     monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: titles.extend(
-        (ax.get_title(), list(ax.get_lines()[0].get_ydata())) for ax in fig.axes))
+        (ax.get_title(), list(next(line for line in ax.get_lines() if line.get_label() == "s").get_ydata()))
+        for ax in fig.axes))
     figures.interpretable_vs_sparsity(table, tmp_path / "d.png")
     assert titles == [("interpretable units (IoU > threshold)", [60, 30]),
                       ("interpretable share of live units", [0.1, 0.2]), ("unique concepts", [10, 6])]
