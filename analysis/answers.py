@@ -3,6 +3,7 @@ inconclusive with what it would take to decide, and what the sensitivity fits sa
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 from sparsight.config import StudyConfig
 
@@ -16,29 +17,54 @@ def _verdict(res: dict, p: float, alpha: float) -> str:
 
 
 def _change_text(res: dict, alpha: float) -> str:
-    """E.g. "−0.028 (95 % CI −0.055 to −0.002; p = 0.034)": a fit's change over its rate span."""
+    """E.g. "−0.028 (95 % CI −0.055 to −0.002; p = 0.034, unadjusted)": a sensitivity fit's change over its rate
+    span (its p is not adjusted for the other fits beside it)."""
     t, span = res["terms"]["rate"], res["rate_span"]
     return (f"{fmt(t['coef'] * span)} ({pct(1 - alpha)} CI {fmt(t['ci_low'] * span)} to {fmt(t['ci_high'] * span)}; "
-            f"{fmt_p(t['p'])})")
+            f"{fmt_p(t['p'])}, unadjusted)")
 
 
-#: The sensitivity fits beside an answer: id prefix → (how their sentence begins, with ``{n}``/``{of}`` their
-#: counts; what a disagreement means; whether an agreeing one is left out of the answer).
+class Sensitivity(NamedTuple):
+    """A sensitivity fit beside an answer: how its sentence begins (``{n}``/``{of}`` its counts, ``{top}`` its
+    largest dose, ``{alpha}`` the α it rescored MIS at), what a disagreement means, whether an agreeing one is left out of the answer, and its name in
+    the answer's label."""
+    opening: str
+    meaning: str
+    quiet: bool
+    name: str
+
+
+#: The sensitivity fits beside an answer, by id prefix.
 SENSITIVITY = {
-    "mis_slope_same_units.": ("Same units throughout: on the {n} of {of} units live in every model",
-                              "the answer depends on which units are counted (the units live in every model change "
-                              "differently from those pruning removes somewhere)", False),
-    "mis_slope_valid_fv.": ("Valid visualizations only: on the {n} of {of} unit × model pairs whose visualizations "
-                            "drive their unit", "the answer rests on visualizations that do not show what drives "
-                            "their unit", False),
-    "mis_slope_effective.": ("With effective sparsity as the dose (up to {top:.2f}: what structured methods remove "
-                             "beyond their rate counted)", "the answer depends on whether the dose is the rate asked "
-                             "for or the weights in effect removed", True)}
+    "mis_slope_same_units.": Sensitivity(
+        "Same units throughout: on the {n} of {of} units live in every model",
+        "the answer depends on which units are counted", False, "same units throughout"),
+    "mis_slope_valid_fv.": Sensitivity(
+        "Valid visualizations only: on the {n} of {of} unit × model pairs whose visualizations drive their unit",
+        "the answer rests on visualizations that do not show what drives their unit", False,
+        "valid visualizations only"),
+    "mis_slope_effective.": Sensitivity(
+        "With effective sparsity as the dose (up to {top:.2f}: what structured methods remove beyond their rate "
+        "counted)", "the answer depends on whether the dose is the rate asked for or the weights in effect removed",
+        True, "effective sparsity"),
+    "mis_slope_alpha_half.": Sensitivity(
+        "With MIS rescored at half the study's α (α = {alpha:g})",
+        "the answer depends on α, which sets the MIS scale the margin is on (fit it on people's answers: "
+        "mis.alpha_source)", True, "α halved"),
+    "mis_slope_alpha_double.": Sensitivity(
+        "With MIS rescored at twice the study's α (α = {alpha:g})",
+        "the answer depends on α, which sets the MIS scale the margin is on (fit it on people's answers: "
+        "mis.alpha_source)", True, "α doubled"),
+    "mis_slope_retrained.": Sensitivity(
+        "Retrained models only (the retrained control alone at rate 0, the base left out)",
+        "the answer depends on whether the reference is the base or a model retrained as the pruned ones were", True,
+        "retrained models only")}
 
 
 def _sensitivity_sentences(kind: str, verdict: str, entries: list, alpha: float) -> tuple[list[str], list[dict]]:
     """What the sensitivity fits say beside ``kind``'s answer (:data:`SENSITIVITY`: whether each agrees), and
-    the other kinds' fits on the units ``kind`` has references for."""
+    the other kinds' fits on the units ``kind`` has references for (another kind's answer, which neither agrees
+    nor disagrees: ``agrees`` is None)."""
     sentences, records = [], []
     matched = f"mis_slope_matched.{kind}."
     for e in entries:
@@ -47,18 +73,19 @@ def _sensitivity_sentences(kind: str, verdict: str, entries: list, alpha: float)
             continue
         res, sub = e.result, e.result["subset"]
         own = _verdict(res, res["terms"]["rate"]["p"], alpha)
-        records.append({"analysis": e.id, "verdict": own, "agrees": own == verdict, **sub})
+        records.append({"analysis": e.id, "verdict": own, "agrees": None if spec is None else own == verdict,
+                        "name": None if spec is None else spec.name, **sub})
         change = f"MIS changes by {_change_text(res, alpha)}"
         if spec is None:
             sentences.append(f"{sub['kind'].capitalize()} references on the same {sub['units']} units: {change}.")
             continue
-        opening, meaning, quiet = spec
-        if own == verdict and quiet:
+        if own == verdict and spec.quiet:
             continue
-        sentences.append(opening.format(n=sub["units"], of=sub["of"], top=sub.get("dose_max", 0.0)) + f", {change}, "
-                         + ("which agrees." if own == verdict else
-                            f"{'an effect' if own == 'effect' else own}, where the answer above is {verdict}: "
-                            f"{meaning}."))
+        sentences.append(spec.opening.format(n=sub["units"], of=sub["of"], top=sub.get("dose_max", 0.0),
+                                             alpha=sub.get("alpha", 0.0))
+                         + f", {change}, " + ("which agrees." if own == verdict else
+                                              f"{'an effect' if own == 'effect' else own}, where the answer above is "
+                                              f"{verdict}: {spec.meaning}."))
     return sentences, records
 
 

@@ -585,6 +585,7 @@ class StudyData:
     robustness_subset: dict | None = None
     calibration: dict | None = None
     responses_source: str = "none"
+    mis_tasks: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @property
     def human(self) -> pd.DataFrame:
@@ -611,7 +612,16 @@ def load_study_data(run_dir: str | Path, cfg: StudyConfig | None = None, trials:
                      units=load_units(run_dir, models, d_units), mis_models=load_mis_models(run_dir, models),
                      dissection_units=d_units, dissection_models=d_models, robustness=load_robustness(run_dir),
                      robustness_subset=load_robustness_subset(run_dir),
-                     calibration=load_calibration(run_dir), responses_source=source or "none")
+                     calibration=load_calibration(run_dir), responses_source=source or "none",
+                     mis_tasks=load_mis_tasks(run_dir))
+
+
+def load_mis_tasks(run_dir: str | Path) -> pd.DataFrame:
+    """``mis/tasks.csv``: Δ of every task, from which MIS at any α follows (empty where the MIS stage has not run)."""
+    tasks = read_table(Layout(run_dir).mis_tasks)
+    if tasks is None or tasks.empty:
+        return pd.DataFrame()
+    return tasks.assign(model_id=tasks["model_id"].astype(str))
 
 
 def unreadable_images(run_dir: str | Path) -> dict | None:

@@ -79,6 +79,11 @@ def _scope(meta: dict) -> str:
     return f"{where}{', not ' + _listing(excluded) if excluded else ''}"
 
 
+
+def _epochs(n) -> str:
+    """E.g. "1 epoch", "2 epochs"."""
+    return f"{n} epoch" if n == 1 else f"{n} epochs"
+
 def pruning(data: StudyData) -> str | None:
     models = data.models
     pruned = models[models["method"] != BASE_METHOD] if len(models) else models
@@ -114,7 +119,7 @@ def pruning(data: StudyData) -> str | None:
         seeds = {m.get("seed") for m in metas.values() if m}
         seeding = ("each model with its own seed" if len(seeds) == sum(1 for m in metas.values() if m)
                    else f"seed {seeds.pop()} for every model" if len(seeds) == 1 else "seeds as each meta.json records")
-        epochs = [f"{(m.get('retrain') or {}).get('epochs')} epoch(s) after a one-shot pruning" if m is oneshot
+        epochs = [f"{_epochs((m.get('retrain') or {}).get('epochs'))} after a one-shot pruning" if m is oneshot
                   else f"{(m.get('retrain') or {}).get('epochs')} after each iterative step"
                   + (f", {m['retrain']['epochs_in_all']} in all" if (m.get("retrain") or {}).get("epochs_in_all")
                      else "")

@@ -15,6 +15,8 @@ from .entries import (Outcome, PER_STEP, Skip, compared_models, equivalent_count
 from .load import BASE_METHOD
 
 
+#: a within-unit slope whose error has fewer degrees of freedom (models less coefficients) says it is uncertain itself
+FEW_DF = 5
 DOSE_BOOT = 1000        # bootstrap resamples of the dose–response breakpoint (at most analysis.bootstrap)
 
 
@@ -69,9 +71,13 @@ def mis_slope(units, kind, series, cfg: StudyConfig, adjusted: bool = False,
     adjusted = "; adjusted for top-1" if "top1" in formula else ""
     sentence = slope_sentence(f"MIS ({kind}, {scope}{adjusted})", t, level, a.alpha_level)
     sentence += f" Rate 0: {_rate_zero(d)}. Fit: {res['fit']}."
+    few = res.get("two_way", True) and res.get("df") is not None and res["df"] < FEW_DF
+    if few:
+        sentence += (f" Its error comes from how {res.get('n_models')} models scatter about the line (t with "
+                     f"{res['df']} df): with so few it is itself uncertain and may be too small by chance.")
     result = {k: v for k, v in res.items() if k != "table"}
     if compare_mixed:
-        result["unit_mixed_model"], text = _mixed_comparison(d, formula, level, t)
+        result["unit_mixed_model"], text = _mixed_comparison(d, formula, level, t, few)
         sentence += text
     live = int((d["status"] == "ok").sum()) if "status" in d else len(d)
     pairs = len(_scope(every_unit[every_unit["rate"].notna()], kind, series)) if every_unit is not None else len(d)
@@ -87,9 +93,10 @@ def mis_slope(units, kind, series, cfg: StudyConfig, adjusted: bool = False,
     return Outcome(sentence, result, p=t["p"], table=res["table"].reset_index())
 
 
-def _mixed_comparison(d: pd.DataFrame, formula: str, level: float, t: dict) -> tuple[dict, str]:
+def _mixed_comparison(d: pd.DataFrame, formula: str, level: float, t: dict, few: bool = False) -> tuple[dict, str]:
     """The unit mixed model's slope beside the within-unit one ``t``, and a sentence on how much narrower its
-    error is (it takes a model's units as independent)."""
+    error is (it takes a model's units as independent), or, where it is wider, that ``t``'s error rests on few
+    models (``few``)."""
     from .statistics import unit_mixed_model
     lmm = unit_mixed_model(d, formula=formula, group="unit_id", level=level)
     naive = lmm["terms"]["rate"]
@@ -100,7 +107,8 @@ def _mixed_comparison(d: pd.DataFrame, formula: str, level: float, t: dict) -> t
     ratio = t["se"] / naive["se"] if narrower else naive["se"] / t["se"]
     return record, (f" The unit mixed model, which takes a model's units as independent, gives "
                     f"{fmt(naive['coef'] * PER_STEP)} per 10 % with a standard error {fmt(ratio, 2)}× "
-                    + ("smaller: it leaves out the noise a model's units share." if narrower else "larger."))
+                    + ("smaller: it leaves out the noise a model's units share." if narrower else
+                       "larger: the error above, from few models, is likely too small." if few else "larger."))
 
 
 def _rate_zero(d: pd.DataFrame) -> str:
@@ -168,6 +176,47 @@ def mis_slope_valid_fv(units, kind: str, cfg: StudyConfig) -> Outcome:
     return _sensitivity_fit(units.drop(index=d.index[invalid]), kind, cfg,
                             {"what": "with valid visualizations", "units": valid, "of": len(d)},
                             f"On the {valid} of {len(d)} unit × model pairs with valid visualizations: ")
+
+
+def mis_slope_retrained(units, kind: str, cfg: StudyConfig) -> Outcome:
+    """The pooled slope of ``kind`` without the base model, so rate 0 is the retrained control alone: every model
+    then went through the same retraining, and retraining's own effect is not read as pruning's."""
+    d = _scope(units, kind, None)
+    if not (d["series"] == CONTROL_METHOD).any():
+        raise Skip("no retrained control (prune.control): the base is the only model at rate 0")
+    if not (d["series"] == BASE_METHOD).any():
+        raise Skip(f"the {kind} fit has no base model to leave out")
+    kept = units.drop(index=d.index[d["series"] == BASE_METHOD])
+    return _sensitivity_fit(kept, kind, cfg, {"what": "retrained models only", "units": int(d["unit_id"].nunique()),
+                                              "of": int(d["unit_id"].nunique())},
+                            "Without the base model (rate 0: the retrained control): ")
+
+
+#: the factors of α the MIS is rescored at beside each answer: α sets the MIS scale the margin is on, and a study
+#: without people's answers states it rather than fits it
+ALPHA_FACTORS = {"half": 0.5, "double": 2.0}
+
+
+def mis_slope_alpha(units, tasks: pd.DataFrame, kind: str, factor: float, cfg: StudyConfig) -> Outcome:
+    """The pooled slope of ``kind`` with every unit's MIS rescored from its tasks' Δ at ``factor`` × the study's
+    α (mean σ(α·Δ), as the MIS stage scores them), so an answer that rests on the chosen α shows it."""
+    from survey_app.mis import UNIT_KEYS, unit_scores
+    d = _scope(units, kind, None)
+    if tasks is None or tasks.empty or "delta" not in tasks:
+        raise Skip("no task Δ (mis/tasks.csv) to rescore MIS from")
+    alpha = d["alpha"].dropna() if "alpha" in d else pd.Series(dtype=float)
+    if alpha.empty:
+        raise Skip(f"the {kind} MIS records no α")
+    rescored_alpha = float(alpha.iloc[0]) * factor
+    scores = unit_scores(tasks[tasks["kind"] == kind], rescored_alpha)[UNIT_KEYS + ["mis"]]
+    rescored = d.drop(columns="mis").merge(scores, on=UNIT_KEYS, how="inner")
+    if len(rescored) < len(d):
+        raise Skip(f"{len(d) - len(rescored)} {kind} unit × model pairs have no task Δ to rescore")
+    fit_units = pd.concat([units[units["kind"] != kind], rescored], ignore_index=True)
+    return _sensitivity_fit(fit_units, kind, cfg, {"what": f"α × {factor:g}", "units": int(d["unit_id"].nunique()),
+                                                   "of": int(d["unit_id"].nunique()), "alpha": rescored_alpha},
+                            f"With MIS rescored at α = {rescored_alpha:g} (the study's {float(alpha.iloc[0]):g} × "
+                            f"{factor:g}): ")
 
 
 def mis_slope_effective(units, kind: str, cfg: StudyConfig) -> Outcome:
@@ -319,8 +368,13 @@ def dissection_summary(table: pd.DataFrame, why_none: str | None = None) -> Outc
 
     parts = [f"base {int(base['interpretable'].iloc[0])} interpretable units{share(base.iloc[0])}, "
              f"{int(base['unique_concepts'].iloc[0])} unique concepts" if len(base) else "no base model"]
+    thinned = []        # share up, count down: fewer units, not more interpretable ones
     for s, g in d[d["method"] != BASE_METHOD].groupby("series"):
         at, copies = _at_top_rate(g)
+        if len(base) and "interpretable_fraction_alive" in at and (
+                at["interpretable_fraction_alive"].mean() > base["interpretable_fraction_alive"].iloc[0]
+                and at["interpretable"].mean() < base["interpretable"].iloc[0]):
+            thinned.append(s)
         if len(at) == 1:
             top = at.iloc[0]
             parts.append(f"{s} at rate {top['rate']:g}: {int(top['interpretable'])}{share(top)} and "
@@ -330,4 +384,9 @@ def dissection_summary(table: pd.DataFrame, why_none: str | None = None) -> Outc
                          f"{fmt(float(at['unique_concepts'].mean()), 1)}{copies}")
     cols = [c for c in ("model_id", "series", "rate", "sparsity", "interpretable", "interpretable_fraction_alive",
                         "unique_concepts", "dissection_units", "dissection_alive") if c in d]
-    return Outcome("Network Dissection — " + "; ".join(parts) + ".", {"models": d[cols]}, table=d[cols])
+    sentence = "Network Dissection — " + "; ".join(parts) + "."
+    if thinned:
+        sentence += (f" For {', '.join(thinned)} the interpretable share of live units rises while their number "
+                     f"falls: pruning removed units faster than it removed interpretable ones, which is no gain in "
+                     f"interpretable units.")
+    return Outcome(sentence, {"models": d[cols]}, table=d[cols])

@@ -189,7 +189,8 @@ def _entry_data(e: dict, tost_level: str) -> dict:
                 and "per 10 %" in (e["sentence"] or ""))
     note = None
     if per_rate:
-        note = "rate per unit of pruning rate (0 to 1): ten times the per-10 % figures above"
+        dose = "effective sparsity" if "effective sparsity" in (e["sentence"] or "") else "pruning rate"
+        note = f"rate per unit of {dose} (0 to 1): ten times the per-10 % figures above"
     elif is_table and "top1_before" in numbers:
         note = "top1_before: just after the last pruning step, before its retraining"
     elif is_table and "p_tost" in numbers and "ci_low" in numbers:

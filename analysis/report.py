@@ -43,8 +43,9 @@ from .human_fits import (Humans, TRIAL_FITS, calibration_check, condition_pairs,
 from .load import (BASE_METHOD, StudyData, base_at_chance, load_study_data, model_table, study_config,
                    unreadable_images)
 from .methods import methods
-from .model_fits import (dissection_summary, mis_dose, mis_equivalence, mis_slope, mis_slope_effective,
-                         mis_slope_matched, mis_slope_same_units, mis_slope_valid_fv, ok_units, top1_summary)
+from .model_fits import (ALPHA_FACTORS, dissection_summary, mis_dose, mis_equivalence, mis_slope, mis_slope_alpha,
+                         mis_slope_effective, mis_slope_matched, mis_slope_retrained, mis_slope_same_units,
+                         mis_slope_valid_fv, ok_units, top1_summary)
 from .power import study_power
 from .render import NO_RESPONSES, plain, render
 from .validity import study_checks
@@ -92,6 +93,13 @@ def model_side(data: StudyData, entries: list) -> None:
         run_analysis(entries, f"mis_slope_same_units.{kind}", f"MIS vs pruning rate on the units live in every model "
                      f"({kind}; sensitivity: the same units at every rate)", "model",
                      lambda kind=kind: mis_slope_same_units(units, kind, cfg))
+        run_analysis(entries, f"mis_slope_retrained.{kind}", f"MIS vs pruning rate on retrained models only ({kind}; "
+                     f"sensitivity: the retrained control as the rate-0 reference)", "model",
+                     lambda kind=kind: mis_slope_retrained(units, kind, cfg))
+        for name, factor in ALPHA_FACTORS.items():
+            run_analysis(entries, f"mis_slope_alpha_{name}.{kind}", f"MIS vs pruning rate with α × {factor:g} "
+                         f"({kind}; sensitivity: the MIS scale)", "model",
+                         lambda kind=kind, factor=factor: mis_slope_alpha(units, data.mis_tasks, kind, factor, cfg))
         run_analysis(entries, f"mis_slope_effective.{kind}", f"MIS vs effective sparsity ({kind}; sensitivity: the "
                      f"dose each model received)", "model", lambda kind=kind: mis_slope_effective(units, kind, cfg))
         if kind != "natural":

@@ -980,6 +980,9 @@ def test_dissection_reports_the_interpretable_share_of_live_units_beside_the_cou
     outcome = dissection_summary(table)
     assert "base 60 interpretable units (10.0 % of 600 live)" in outcome.sentence
     assert "s at rate 0.75: 30 (20.0 % of 150 live) and 6" in outcome.sentence
+    assert "For s the interpretable share of live units rises while their number falls" in outcome.sentence
+    kept = dissection_summary(table.assign(interpretable=[60, 70], interpretable_fraction_alive=[0.1, 70 / 150]))
+    assert "rises while their number falls" not in kept.sentence      # more interpretable units: a real gain
     assert list(outcome.table["interpretable_fraction_alive"]) == [0.1, 0.2]
     titles = []
     monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: titles.extend(
@@ -1415,13 +1418,15 @@ def test_the_top1_and_dissection_sentences_average_the_retrained_copies_of_the_h
 def _entries_with_sensitivity(units, cfg):
     """The primary fit of each kind with the report's sensitivity fits beside it, as the report runs them."""
     from analysis.entries import apply_holm, run_analysis
-    from analysis.model_fits import mis_slope, mis_slope_matched, mis_slope_same_units
+    from analysis.model_fits import mis_slope, mis_slope_matched, mis_slope_retrained, mis_slope_same_units
     entries = []
     for kind in sorted(units["kind"].unique()):
         run_analysis(entries, f"mis_slope.{kind}.all", "primary", "model",
                      lambda kind=kind: mis_slope(units, kind, None, cfg), family="primary")
         run_analysis(entries, f"mis_slope_same_units.{kind}", "same units", "model",
                      lambda kind=kind: mis_slope_same_units(units, kind, cfg))
+        run_analysis(entries, f"mis_slope_retrained.{kind}", "retrained", "model",
+                     lambda kind=kind: mis_slope_retrained(units, kind, cfg))
     if units["kind"].nunique() > 1:
         run_analysis(entries, "mis_slope_matched.synthetic.natural", "matched", "model",
                      lambda: mis_slope_matched(units, "natural", "synthetic", cfg))
@@ -1457,9 +1462,69 @@ def test_the_same_units_fit_shows_when_the_answer_rests_on_which_units_survive()
     assert answer["sensitivity"][0]["verdict"] == "effect" and answer["sensitivity"][0]["agrees"] is False
     from analysis.render import _templates
     label = " ".join(str(_templates().get_template("macros.html.j2").module.answer_label(answer, "0.05")).split())
-    assert label == "no change beyond ±0.05 (a sensitivity fit disagrees)"
+    assert label == "no change beyond ±0.05 (a sensitivity fit disagrees: same units throughout)"
     assert (f"Same units throughout: on the {len(kept)} of 200 units live in every model" in answer["sentence"]
             and "the answer depends on which units are counted" in answer["sentence"])
+
+
+def test_a_step_that_retraining_alone_makes_is_told_apart_from_pruning_by_the_retrained_models_fit():
+    """Retraining lowers every retrained model's MIS by 0.06 whatever its rate, and pruning does nothing: with the
+    un-retrained base at rate 0 the pooled fit cannot show equivalence; the fit on the retrained models only (the control
+    at rate 0) finds none, and the answer says that it disagrees and why (reference: the within-unit fit of those
+    models' rows)."""
+    from analysis import statistics as st
+    from analysis.answers import answers
+    from analysis.render import _templates
+    from sparsight.config import load_study
+
+    cfg = load_study(overrides=["analysis.tost_margin=0.05"])
+    units = _simulated_units(11, 60, 0.0, noise=0.01)
+    control = units[units["model_id"] == "m0"].assign(model_id="control", series="control")
+    units = pd.concat([units, control], ignore_index=True)
+    units.loc[units["series"] != "base", "mis"] -= 0.06
+    by_id = _entries_with_sensitivity(units, cfg)
+    retrained = by_id["mis_slope_retrained.natural"]
+    reference = st.within_unit_slope(units[units["series"] != "base"])["terms"]["rate"]
+    assert retrained.result["terms"]["rate"]["coef"] == pytest.approx(reference["coef"], rel=1e-9)
+    assert "Rate 0: the retrained control." in retrained.sentence
+    (answer,) = answers(list(by_id.values()), cfg)
+    assert answer["verdict"] != "equivalent", answer["sentence"]          # the step reads as a decline or as noise
+    record = next(r for r in answer["sensitivity"] if r["analysis"] == "mis_slope_retrained.natural")
+    assert record["verdict"] == "equivalent" and record["agrees"] is False
+    assert "Retrained models only (the retrained control alone at rate 0, the base left out)" in answer["sentence"]
+    assert "unadjusted)" in answer["sentence"]
+    label = " ".join(str(_templates().get_template("macros.html.j2").module.answer_label(answer, "0.05")).split())
+    assert label.endswith("disagrees: retrained models only)")
+    by_id = _entries_with_sensitivity(units[units["series"] != "control"], cfg)
+    assert by_id["mis_slope_retrained.natural"].status == "skipped"
+
+
+def test_the_answer_is_refitted_with_mis_rescored_at_half_and_twice_alpha():
+    """MIS is mean σ(α·Δ) over a unit's tasks, so α sets the scale the margin is on: the α sensitivity fits rescore
+    every unit from its tasks' Δ (reference: the within-unit fit of that mean computed here with scipy's expit)
+    and skip without task Δ."""
+    from scipy.special import expit
+
+    from analysis import statistics as st
+    from analysis.model_fits import mis_slope_alpha
+    from sparsight.config import load_study
+
+    rng = np.random.default_rng(13)
+    units = _simulated_units(13, 20, -0.1).assign(layer="l", alpha=8.0)
+    units["unit"] = units["unit_id"].str[2:].astype(int)
+    tasks = pd.DataFrame([dict(model_id=r.model_id, kind="natural", layer="l", unit=r.unit, task=k,
+                               delta=0.3 - 0.2 * r.rate + rng.normal(0, 0.1))
+                          for r in units.itertuples() for k in range(4)])
+    for name, factor in (("half", 0.5), ("double", 2.0)):
+        out = mis_slope_alpha(units, tasks, "natural", factor, load_study())
+        mean = tasks.assign(p=expit(8.0 * factor * tasks["delta"])).groupby(["model_id", "unit"])["p"].mean()
+        reference_units = units.assign(mis=[mean[(m, u)] for m, u in zip(units["model_id"], units["unit"])])
+        reference = st.within_unit_slope(reference_units)["terms"]["rate"]
+        assert out.result["terms"]["rate"]["coef"] == pytest.approx(reference["coef"], rel=1e-9), name
+        assert out.result["subset"]["alpha"] == 8.0 * factor
+        assert out.sentence.startswith(f"With MIS rescored at α = {8.0 * factor:g} (the study's 8 × {factor:g}): ")
+    with pytest.raises(Exception, match="no task Δ"):
+        mis_slope_alpha(units, pd.DataFrame(), "natural", 2.0, load_study())
 
 
 def test_with_every_unit_live_everywhere_there_is_no_same_units_fit():
@@ -1511,6 +1576,26 @@ def test_a_methods_slope_has_the_base_and_the_retrained_control_at_rate_0():
     assert out.result["n_models"] == 10 and "Rate 0: the base model and the retrained control." in out.sentence
     reference = st.within_unit_slope(units[units["series"].isin(["base", "control", "structured"])])
     assert out.result["terms"]["rate"]["coef"] == pytest.approx(reference["terms"]["rate"]["coef"], rel=1e-9)
+
+
+def test_a_slope_from_few_models_says_its_error_is_uncertain_itself():
+    """A method with two pruned models, the base and the control: five models, so the two-step error has 3 df;
+    the sentence says so, and where the unit mixed model's error is the wider one it does not call that
+    narrower one trustworthy. The pooled fit over 10 models says neither."""
+    from analysis.model_fits import FEW_DF, mis_slope
+    from sparsight.config import load_study
+
+    units = _simulated_units(12, 30, -0.1)
+    control = units[units["model_id"] == "m0"].assign(model_id="control", series="control")
+    units = pd.concat([units, control], ignore_index=True)
+    units.loc[units["model_id"].isin(["m1", "m3", "m5"]), "series"] = "lrp"
+    few = mis_slope(units, "natural", "lrp", load_study())
+    assert few.result["n_models"] == 5 and few.result["df"] < FEW_DF
+    assert f"Its error comes from how 5 models scatter about the line (t with {few.result['df']} df)" in few.sentence
+    mixed, own = few.result["unit_mixed_model"]["se"], few.result["terms"]["rate"]["se"]
+    assert ("larger: the error above, from few models, is likely too small." in few.sentence) is (mixed > own)
+    pooled = mis_slope(units, "natural", None, load_study())
+    assert pooled.result["df"] >= FEW_DF and "scatter about the line" not in pooled.sentence
 
 
 def test_the_answers_are_adjusted_among_the_primary_tests_and_the_per_method_slopes_among_themselves():
