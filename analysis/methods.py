@@ -8,6 +8,7 @@ paper's Methods section that cannot drift from the run: change a setting and rer
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -155,6 +156,7 @@ def units_and_stimuli(data: StudyData) -> str | None:
         drawn = synthetic.groupby("model_id")["unit_id"].nunique().max()
         from stimuli.featurevis import ANGLES, JITTER1, JITTER2, PAD, REFERENCE_SIZE, SCALES
         size = s.fv_image_size or cfg.data.image_size
+        ratio = size / REFERENCE_SIZE
         text += (f" Synthetic stimuli, for {drawn} units drawn among those alive in every model"
                  f"{' (' + str(s.synthetic_units) + ' requested)' if s.synthetic_units else ''}: the references "
                  f"are feature visualizations ({k} per side: 1 plain and {k - 1} diverse, diversity weight "
@@ -164,9 +166,10 @@ def units_and_stimuli(data: StudyData) -> str | None:
                  + (f" (up to {s.fv_rescue_steps} more for an image that does not yet drive its unit)"
                     if s.fv_rescue_steps else "")
                  + f", the first {s.fv_redirect_steps} with redirected ReLUs, on the {s.fv_objective} channel "
-                 f"mean, under random transforms per step (defined at {REFERENCE_SIZE} px and scaled: pad {PAD}, "
-                 f"jitter {JITTER1}, scale {min(SCALES):g}–{max(SCALES):g}, rotation {min(ANGLES)}…{max(ANGLES)}°, "
-                 f"jitter {JITTER2}). A visualization set is valid when its max images reach the mean activation of "
+                 f"mean, under random transforms per step (defined at {REFERENCE_SIZE} px and scaled to {size}: "
+                 f"pad {math.ceil(PAD * ratio)} px, jitter {JITTER1 * ratio:.2g} px, scale "
+                 f"{min(SCALES):g}–{max(SCALES):g}, rotation {min(ANGLES)}…{max(ANGLES)}°, jitter "
+                 f"{JITTER2 * ratio:.2g} px). A visualization set is valid when its max images reach the mean activation of "
                  f"the unit's natural max references and exceed its min images.")
     return text
 

@@ -259,8 +259,8 @@ def robustness_subset_note(subset: dict | None) -> str:
             what += f" at severities {', '.join(str(s) for s in settings['severities'])}"
     left_out = ""
     if subset.get("base_at_chance"):
-        left_out = (f" Left out of the means: {', '.join(subset['base_at_chance'])}, on which the base model is not "
-                    "above chance at every severity.")
+        left_out = (f" Left out of the means: {', '.join(subset['base_at_chance'])}, on which the base model is at "
+                    "chance at one or more severities.")
     return f" Measured on {subset['n']} validation images{per}{what}.{left_out}"
 
 
@@ -273,10 +273,12 @@ def prune_potential_note(subset: dict | None, delta: float) -> str:
             f"(corruptions averaged over their severities), with its 95 % bootstrap interval over the images "
             f"(resampled alike for the base and every pruned model). Each error rests on {n} images a severity: "
             f"one image moves the clean error by {1 / n:.2g}")
-    text += (", more than δ, so a potential here reads single images." if 1 / n > delta else ".")
+    allowed = math.floor(delta * n + 1e-9)
+    text += (", more than δ, so a potential here reads single images." if 1 / n > delta else
+             f", so δ allows {allowed} image{'s' if allowed > 1 else ''} more misread than the base's.")
     if subset.get("base_at_chance"):
-        text += (f" Empty for {', '.join(subset['base_at_chance'])}: the base model is not above chance there at "
-                 "every severity (a one-sided binomial test at each, α = 0.05), so the mean over its severities "
+        text += (f" Empty for {', '.join(subset['base_at_chance'])}: at one or more of its severities the base "
+                 "model is not above chance (a one-sided binomial test at each, α = 0.05), so the mean over its severities "
                  "would partly read chance rather than a loss.")
     return text
 

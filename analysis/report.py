@@ -299,6 +299,11 @@ def assemble(data: StudyData, humans: Humans, table: pd.DataFrame, desc: dict, e
     n_kept = humans.included["participant"].nunique() if len(humans.included) else 0
     from sparsight import __version__ as version
     notes = []
+    if cfg.data.source == "concept-shapes":     # the embedded data: a check of the pipeline, not the research setting
+        notes.append(f"This study runs on the generated concept-shapes data ({cfg.data.image_size} px) with the "
+                     f"{cfg.model.arch} network: its answers hold for that setting, which exercises and checks every "
+                     f"step of the method; a study of ImageNet networks (studies/googlenet-imagenet.toml) is where "
+                     f"they speak to the question about real vision networks.")
     if not data.has_responses:
         shown = "MIS, top-1, dissection" if len(data.dissection_models) else "MIS, top-1"
         notes.append(f"{NO_RESPONSES} from human participants: the report shows the model-side results only "

@@ -119,7 +119,8 @@ def tie_order_check(manifest: pd.DataFrame | None, data_root: Path, split: str) 
     half = max((hi - lo) / 2, 3 * math.sqrt(1 / (12 * len(where))))
     lo, hi = max(0.0, 0.5 - half), min(1.0, 0.5 + half)
     return check(name, value, f"{lo:.2g}–{hi:.2g}", lo <= value <= hi,
-                 f"{len(where)} tied images of {units} units{EACH}")
+                 f"{len(where)} tied images of {units} units{EACH}; such a unit's min references are a seeded "
+                 f"draw among the images at its minimum, none less activating than another")
 
 
 def robustness_balance_check(run_dir: Path) -> dict:

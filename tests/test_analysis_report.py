@@ -280,6 +280,8 @@ def test_no_responses_still_reports_model_side(tmp_path):
     results = json.loads((run_dir / "report" / "results.json").read_text())
     html = (run_dir / "report" / "index.html").read_text()
     assert NO_RESPONSES in html and "no responses exist yet" in " ".join(results["notes"]).lower()
+    scope = [n for n in results["notes"] if "generated concept-shapes data" in n]    # what its answers are about
+    assert len(scope) == 1 and f"({cfg.data.image_size} px) with the {cfg.model.arch} network" in scope[0]
     # what the MIS scale rests on: α, its source, the embedding and the observer network's accuracy
     assert results["mis"] == {"alpha": 16.0, "alpha_source": "configured", "embedding": "observer",
                               "observer_top1": 0.671}
@@ -1176,9 +1178,11 @@ def test_a_corruption_the_base_is_at_chance_on_stays_out_of_the_robustness_means
     assert curves["base"] == pytest.approx([0.7]) and curves["rate 0.50"] == pytest.approx([0.7])
     subset = {"n": 100, "base_at_chance": ["contrast"]}
     assert robustness_subset_note(subset).endswith(
-        "Left out of the means: contrast, on which the base model is not above chance at every severity.")
+        "Left out of the means: contrast, on which the base model is at chance at one or more severities.")
     note = prune_potential_note(subset, 0.005)
     assert "one image moves the clean error by 0.01, more than δ" in note and "Empty for contrast" in note
+    wider = prune_potential_note({"n": 300}, 0.005)
+    assert "one image moves the clean error by 0.0033, so δ allows 1 image more misread than the base's." in wider
     assert "more than δ" not in prune_potential_note({"n": 1000}, 0.005)
 
 

@@ -135,6 +135,12 @@ def test_the_reports_methods_say_what_the_run_recorded(quick_run):
     layers = list(dict.fromkeys(pd.read_csv(run_dir / "mis" / "units.csv")["layer"]))
     assert f"the channels of {', '.join(layers[:-1])} and {layers[-1]}" in text["Units and stimuli"]
     assert f"for {cfg.stimuli.fv_steps} steps" in text["Units and stimuli"]
+    import math
+
+    from stimuli.featurevis import PAD, REFERENCE_SIZE
+    size = cfg.stimuli.fv_image_size or cfg.data.image_size     # the transforms as the images had them
+    assert f"scaled to {size}: pad {math.ceil(PAD * size / REFERENCE_SIZE)} px" in text["Units and stimuli"]
+    assert "epoch(s)" not in text["Pruning and retraining"]
     sigma = ", ".join(f"{GAUSSIAN_NOISE_SIGMA[s - 1]:g}" for s in cfg.evaluate.severities)
     assert f"gaussian_noise (σ {sigma} at severities" in text["Robustness"]
     assert "Study seed 0" in text["Software and seeds"]
