@@ -26,14 +26,16 @@ def _change_text(res: dict, alpha: float) -> str:
 
 class Sensitivity(NamedTuple):
     """A sensitivity fit beside an answer: how its sentence begins (``{n}``/``{of}`` its counts, ``{top}`` its
-    largest dose, ``{alpha}`` the α it rescored MIS at), what a disagreement means, whether an agreeing one is left out of the answer, and its name in
-    the answer's label."""
+    largest dose, ``{alpha}`` the α it rescored MIS at), what a disagreement means, whether an agreeing one is
+    left out of the answer, and its name in the answer's label."""
     opening: str
     meaning: str
     quiet: bool
     name: str
 
 
+ALPHA_MEANING = ("the answer depends on α, which sets the MIS scale the margin is on (fit it on people's answers: "
+                 "mis.alpha_source)")
 #: The sensitivity fits beside an answer, by id prefix.
 SENSITIVITY = {
     "mis_slope_same_units.": Sensitivity(
@@ -47,14 +49,10 @@ SENSITIVITY = {
         "With effective sparsity as the dose (up to {top:.2f}: what structured methods remove beyond their rate "
         "counted)", "the answer depends on whether the dose is the rate asked for or the weights in effect removed",
         True, "effective sparsity"),
-    "mis_slope_alpha_half.": Sensitivity(
-        "With MIS rescored at half the study's α (α = {alpha:g})",
-        "the answer depends on α, which sets the MIS scale the margin is on (fit it on people's answers: "
-        "mis.alpha_source)", True, "α halved"),
-    "mis_slope_alpha_double.": Sensitivity(
-        "With MIS rescored at twice the study's α (α = {alpha:g})",
-        "the answer depends on α, which sets the MIS scale the margin is on (fit it on people's answers: "
-        "mis.alpha_source)", True, "α doubled"),
+    "mis_slope_alpha_half.": Sensitivity("With MIS rescored at half the study's α (α = {alpha:g})", ALPHA_MEANING,
+                                         True, "α halved"),
+    "mis_slope_alpha_double.": Sensitivity("With MIS rescored at twice the study's α (α = {alpha:g})", ALPHA_MEANING,
+                                           True, "α doubled"),
     "mis_slope_retrained.": Sensitivity(
         "Retrained models only (the retrained control alone at rate 0, the base left out)",
         "the answer depends on whether the reference is the base or a model retrained as the pruned ones were", True,

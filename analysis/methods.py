@@ -169,8 +169,8 @@ def units_and_stimuli(data: StudyData) -> str | None:
                  f"mean, under random transforms per step (defined at {REFERENCE_SIZE} px and scaled to {size}: "
                  f"pad {math.ceil(PAD * ratio)} px, jitter {JITTER1 * ratio:.2g} px, scale "
                  f"{min(SCALES):g}–{max(SCALES):g}, rotation {min(ANGLES)}…{max(ANGLES)}°, jitter "
-                 f"{JITTER2 * ratio:.2g} px). A visualization set is valid when its max images reach the mean activation of "
-                 f"the unit's natural max references and exceed its min images.")
+                 f"{JITTER2 * ratio:.2g} px). A visualization set is valid when its max images reach the mean "
+                 f"activation of the unit's natural max references and exceed its min images.")
     return text
 
 

@@ -278,8 +278,8 @@ def prune_potential_note(subset: dict | None, delta: float) -> str:
              f", so δ allows {allowed} image{'s' if allowed > 1 else ''} more misread than the base's.")
     if subset.get("base_at_chance"):
         text += (f" Empty for {', '.join(subset['base_at_chance'])}: at one or more of its severities the base "
-                 "model is not above chance (a one-sided binomial test at each, α = 0.05), so the mean over its severities "
-                 "would partly read chance rather than a loss.")
+                 "model is not above chance (a one-sided binomial test at each, α = 0.05), so the mean over its "
+                 "severities would partly read chance rather than a loss.")
     return text
 
 

@@ -1473,8 +1473,8 @@ def test_the_same_units_fit_shows_when_the_answer_rests_on_which_units_survive()
 
 def test_a_step_that_retraining_alone_makes_is_told_apart_from_pruning_by_the_retrained_models_fit():
     """Retraining lowers every retrained model's MIS by 0.06 whatever its rate, and pruning does nothing: with the
-    un-retrained base at rate 0 the pooled fit cannot show equivalence; the fit on the retrained models only (the control
-    at rate 0) finds none, and the answer says that it disagrees and why (reference: the within-unit fit of those
+    un-retrained base at rate 0 the pooled fit cannot show equivalence; the fit on the retrained models only (the
+    control at rate 0) finds none, and the answer says that it disagrees and why (reference: the within-unit fit of those
     models' rows)."""
     from analysis import statistics as st
     from analysis.answers import answers
