@@ -16,10 +16,14 @@ def _verdict(res: dict, p: float, alpha: float) -> str:
     return "effect" if p < alpha else "equivalent" if tost is not None and tost["equivalent"] else "inconclusive"
 
 
-def _change_text(res: dict, alpha: float) -> str:
+def _change_text(res: dict, alpha: float, verdict: str) -> str:
     """E.g. "−0.028 (95 % CI −0.055 to −0.002; p = 0.034, unadjusted)": a sensitivity fit's change over its rate
-    span (its p is not adjusted for the other fits beside it)."""
-    t, span = res["terms"]["rate"], res["rate_span"]
+    span (its p is not adjusted for the other fits beside it); for equivalence the interval its TOST rests on,
+    e.g. "−0.007 (90 % CI −0.049 to 0.035; TOST p = 0.046, unadjusted)"."""
+    t, span, tost = res["terms"]["rate"], res["rate_span"], res.get("tost")
+    if verdict == "equivalent" and tost is not None:
+        return (f"{fmt(tost['estimate'])} ({pct(1 - 2 * alpha)} CI {fmt(tost['ci_low'])} to {fmt(tost['ci_high'])}; "
+                f"TOST {fmt_p(tost['p'])}, unadjusted)")
     return (f"{fmt(t['coef'] * span)} ({pct(1 - alpha)} CI {fmt(t['ci_low'] * span)} to {fmt(t['ci_high'] * span)}; "
             f"{fmt_p(t['p'])}, unadjusted)")
 
@@ -73,7 +77,7 @@ def _sensitivity_sentences(kind: str, verdict: str, entries: list, alpha: float)
         own = _verdict(res, res["terms"]["rate"]["p"], alpha)
         records.append({"analysis": e.id, "verdict": own, "agrees": None if spec is None else own == verdict,
                         "name": None if spec is None else spec.name, **sub})
-        change = f"MIS changes by {_change_text(res, alpha)}"
+        change = f"MIS changes by {_change_text(res, alpha, own)}"
         if spec is None:
             sentences.append(f"{sub['kind'].capitalize()} references on the same {sub['units']} units: {change}.")
             continue

@@ -1497,6 +1497,9 @@ def test_a_step_that_retraining_alone_makes_is_told_apart_from_pruning_by_the_re
     assert record["verdict"] == "equivalent" and record["agrees"] is False
     assert "Retrained models only (the retrained control alone at rate 0, the base left out)" in answer["sentence"]
     assert "unadjusted)" in answer["sentence"]
+    tost = retrained.result["tost"]         # an equivalent fit quotes the interval its TOST rests on
+    assert (f"MIS changes by {fmt(tost['estimate'])} (90 % CI {fmt(tost['ci_low'])} to {fmt(tost['ci_high'])}; "
+            f"TOST") in answer["sentence"]
     label = " ".join(str(_templates().get_template("macros.html.j2").module.answer_label(answer, "0.05")).split())
     assert label.endswith("disagrees: retrained models only)")
     by_id = _entries_with_sensitivity(units[units["series"] != "control"], cfg)
